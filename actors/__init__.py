@@ -1,0 +1,1 @@
+"""lockd's actors: connections, lockspaces, leases, owners and the journal, on one dispatcher."""

@@ -1,0 +1,233 @@
+"""Every event lockd journals, in one module.
+
+An event says what happened, in the past tense. The journal wraps each one in
+a :class:`JournalEntry` that adds the sequence number, UTC time and host. On
+disk and on the wire an entry is one flat CBOR map (see ``docs/journal.md``):
+``{"seq", "time", "host", "type", ...event fields}``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import attrs
+
+from actors.model import LeaseMode, Owner
+
+
+class ReleaseReason(enum.StrEnum):
+    """Why a lease ended."""
+
+    CLIENT = "client"
+    """The owner (or a client acting for it) released it."""
+    OWNER_EXIT = "owner-exit"
+    """The owner process exited."""
+    DISCONNECT = "disconnect"
+    """The owner's own connection closed while the owner still ran; the owner is fenced."""
+    ADMIN = "admin"
+    """An operator disconnected the owner's connection."""
+    RECOVERY = "recovery"
+    """Start-up recovery found the owner gone."""
+    ROLLBACK = "rollback"
+    """Part of a multi-lease acquire that failed as a whole."""
+
+
+@attrs.frozen
+class Event:
+    """Base of all events; subclasses set ``TYPE`` to their wire name."""
+
+    TYPE: ClassVar[str] = ""
+
+
+@attrs.frozen
+class DaemonStarted(Event):
+    """The daemon (or an embedded lock system) started serving."""
+
+    TYPE: ClassVar[str] = "daemon-started"
+    version: str
+    pid: int
+
+
+@attrs.frozen
+class DaemonStopped(Event):
+    """The daemon stopped; leases are not released by a stop."""
+
+    TYPE: ClassVar[str] = "daemon-stopped"
+    reason: str
+
+
+@attrs.frozen
+class LockspaceCreated(Event):
+    """A lockspace directory was created."""
+
+    TYPE: ClassVar[str] = "lockspace-created"
+    lockspace: str
+    path: str
+    conn: int
+
+
+@attrs.frozen
+class ResourceCreated(Event):
+    """A lease file was created explicitly (create-resource)."""
+
+    TYPE: ClassVar[str] = "resource-created"
+    lockspace: str
+    resource: str
+    conn: int
+
+
+@attrs.frozen
+class ResourceDeleted(Event):
+    """A lease file was deleted explicitly (delete-resource)."""
+
+    TYPE: ClassVar[str] = "resource-deleted"
+    lockspace: str
+    resource: str
+    conn: int
+
+
+@attrs.frozen
+class LeaseAcquired(Event):
+    """An owner now holds a lease."""
+
+    TYPE: ClassVar[str] = "lease-acquired"
+    lockspace: str
+    resource: str
+    mode: LeaseMode
+    owner: Owner
+    conn: int
+    autocreate: bool
+
+
+@attrs.frozen
+class LeaseReleased(Event):
+    """An owner no longer holds a lease."""
+
+    TYPE: ClassVar[str] = "lease-released"
+    lockspace: str
+    resource: str
+    mode: LeaseMode
+    owner: Owner
+    conn: int
+    reason: ReleaseReason
+
+
+@attrs.frozen
+class LeaseLost(Event):
+    """A lease the journal says is held could not be held again: another process or host has it."""
+
+    TYPE: ClassVar[str] = "lease-lost"
+    lockspace: str
+    resource: str
+    mode: LeaseMode
+    owner: Owner
+    reason: str
+
+
+@attrs.frozen
+class OwnerFenced(Event):
+    """lockd signalled an owner so that it stops writing to disks it no longer holds."""
+
+    TYPE: ClassVar[str] = "owner-fenced"
+    owner: Owner
+    signal: str
+    reason: str
+
+
+@attrs.frozen
+class RecoveryCompleted(Event):
+    """Start-up recovery finished; counts say what it found."""
+
+    TYPE: ClassVar[str] = "recovery-completed"
+    held: int
+    released: int
+    lost: int
+    duration_ms: float
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.TYPE: cls
+    for cls in (
+        DaemonStarted,
+        DaemonStopped,
+        LockspaceCreated,
+        ResourceCreated,
+        ResourceDeleted,
+        LeaseAcquired,
+        LeaseReleased,
+        LeaseLost,
+        OwnerFenced,
+        RecoveryCompleted,
+    )
+}
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "mode": LeaseMode,
+    "owner": Owner.from_wire,
+    "reason": lambda v: v,
+}
+
+
+def event_to_wire(event: Event) -> dict[str, Any]:
+    """Flat CBOR-ready map of an event's fields, with its ``type``."""
+    out: dict[str, Any] = {"type": event.TYPE}
+    for field in attrs.fields(type(event)):
+        value = getattr(event, field.name)
+        if isinstance(value, Owner):
+            value = value.to_wire()
+        elif isinstance(value, enum.Enum):
+            value = value.value
+        out[field.name] = value
+    return out
+
+
+def event_from_wire(data: dict[str, Any]) -> Event:
+    """Rebuild an event from its map; raises ValueError on an unknown type or bad fields."""
+    cls = EVENT_TYPES.get(data.get("type", ""))
+    if cls is None:
+        raise ValueError(f"unknown event type {data.get('type')!r}")
+    kwargs: dict[str, Any] = {}
+    for field in attrs.fields(cls):
+        if field.name not in data:
+            raise ValueError(f"{cls.TYPE} event lacks field {field.name!r}")
+        value = data[field.name]
+        if field.name == "reason" and cls is LeaseReleased:
+            value = ReleaseReason(value)
+        elif field.name in _DECODERS:
+            value = _DECODERS[field.name](value)
+        kwargs[field.name] = value
+    return cls(**kwargs)
+
+
+@attrs.frozen
+class JournalEntry:
+    """One journal record: an event with its sequence number, UTC time and host."""
+
+    seq: int
+    time: float
+    host: str
+    event: Event
+
+    def to_wire(self) -> dict[str, Any]:
+        """The flat map auditors read: seq, time, host, type, then the event's fields."""
+        return {"seq": self.seq, "time": self.time, "host": self.host, **event_to_wire(self.event)}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> JournalEntry:
+        """Rebuild from a decoded map; raises ValueError on anything malformed."""
+        if not isinstance(data, dict):
+            raise ValueError("journal entry must be a map")
+        try:
+            seq, time, host = data["seq"], data["time"], data["host"]
+        except KeyError as exc:
+            raise ValueError(f"journal entry lacks {exc}") from None
+        if not isinstance(seq, int) or not isinstance(time, int | float) or not isinstance(host, str):
+            raise ValueError("journal entry has a bad seq, time or host")
+        rest = {k: v for k, v in data.items() if k not in ("seq", "time", "host")}
+        try:
+            event = event_from_wire(rest)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"malformed event: {exc}") from None
+        return cls(seq=seq, time=float(time), host=host, event=event)

@@ -1,0 +1,99 @@
+"""Domain values shared by the actors: owners, lease modes, lease keys."""
+
+from __future__ import annotations
+
+import enum
+import uuid as uuidlib
+from typing import Any
+
+import attrs
+
+from protocol.names import check_lockspace_name, check_resource_name
+
+
+class LeaseMode(enum.StrEnum):
+    """How a lease is held: write lock (exclusive) or read lock (shared) on byte 0."""
+
+    EXCLUSIVE = "exclusive"
+    SHARED = "shared"
+
+
+def _check_uuid(_inst: object, _attr: object, value: bytes) -> None:
+    if not isinstance(value, bytes) or len(value) != 16:
+        raise ValueError("owner uuid must be exactly 16 bytes")
+
+
+def _check_positive(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"owner {attr.name} must be a positive integer")
+
+
+def _check_name(_inst: object, _attr: object, value: str) -> None:
+    if not isinstance(value, str) or not 1 <= len(value) <= 255 or "\0" in value:
+        raise ValueError("owner name must be 1-255 characters without NUL")
+
+
+@attrs.frozen
+class Owner:
+    """What a lease protects: a process, identified beyond its pid by its start time.
+
+    ``start_time`` is field 22 of ``/proc/PID/stat`` (clock ticks since boot), so
+    a pid reused by another process is never mistaken for the owner.
+    """
+
+    uuid: bytes = attrs.field(validator=_check_uuid)
+    name: str = attrs.field(validator=_check_name)
+    id: int = attrs.field(validator=_check_positive)
+    pid: int = attrs.field(validator=_check_positive)
+    start_time: int = attrs.field(validator=attrs.validators.ge(0))
+
+    @property
+    def key(self) -> OwnerKey:
+        """The identity leases are keyed by: the exact process, not its descriptive fields."""
+        return OwnerKey(self.pid, self.start_time)
+
+    def describe(self) -> str:
+        """Human-readable form used in error messages and logs."""
+        return f"{self.name} (uuid {uuidlib.UUID(bytes=self.uuid)}, pid {self.pid})"
+
+    def to_wire(self) -> dict[str, Any]:
+        """CBOR-ready map, as used on the wire and in the journal."""
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "id": self.id,
+            "pid": self.pid,
+            "start_time": self.start_time,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Owner:
+        """Build from a decoded map; raises ValueError/TypeError/KeyError on bad input."""
+        if not isinstance(data, dict):
+            raise TypeError("owner must be a map")
+        return cls(
+            uuid=data["uuid"],
+            name=data["name"],
+            id=data["id"],
+            pid=data["pid"],
+            start_time=data["start_time"],
+        )
+
+
+@attrs.frozen(order=True)
+class OwnerKey:
+    """(pid, start time): the process a lease belongs to."""
+
+    pid: int
+    start_time: int
+
+
+@attrs.frozen(order=True)
+class LeaseKey:
+    """One lease file: a resource name inside a lockspace."""
+
+    lockspace: str = attrs.field(validator=lambda _i, _a, v: check_lockspace_name(v))
+    resource: str = attrs.field(validator=lambda _i, _a, v: check_resource_name(v))
+
+    def __str__(self) -> str:
+        return f"{self.lockspace}/{self.resource}"

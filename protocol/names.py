@@ -1,0 +1,80 @@
+"""Names of lockspaces and resources, and the lease name of a disk path.
+
+These rules are part of the wire contract: a request carrying a bad name is
+refused before it reaches any actor, so no path outside the configured
+directories can ever be formed from client input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import re
+
+FILES_LOCKSPACE = "org.libvirt.lockd.files"
+LVM_LOCKSPACE = "org.libvirt.lockd.lvm"
+SCSI_LOCKSPACE = "org.libvirt.lockd.scsi"
+WELL_KNOWN_LOCKSPACES = (FILES_LOCKSPACE, LVM_LOCKSPACE, SCSI_LOCKSPACE)
+
+INDEX_NAME = "org.libvirt.lockd.index"
+"""Reserved file in every lockspace directory, locked around lease-file create and delete."""
+
+MAX_NAME_LENGTH = 255
+
+_LOCKSPACE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,255}")
+# Resource names also admit '_', '@', '+' and '=': SCSI ids from scsi_id(8) contain
+# underscores, and LVM UUIDs are letters, digits and '-'.
+_RESOURCE_NAME = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
+
+
+class NameError_(ValueError):  # noqa: N801 - trailing underscore avoids shadowing the builtin
+    """A lockspace or resource name that breaks the naming rules."""
+
+
+def check_lockspace_name(name: str) -> str:
+    """Return ``name`` if it is a valid lockspace name, else raise NameError_."""
+    if not isinstance(name, str) or not _LOCKSPACE_NAME.fullmatch(name):
+        raise NameError_(
+            f"invalid lockspace name {name!r}: use 1-255 characters of [A-Za-z0-9._:-]"
+        )
+    if name in (".", ".."):
+        raise NameError_(f"invalid lockspace name {name!r}")
+    return name
+
+
+def check_resource_name(name: str) -> str:
+    """Return ``name`` if it is a valid resource (lease file) name, else raise NameError_."""
+    if not isinstance(name, str) or not _RESOURCE_NAME.fullmatch(name):
+        raise NameError_(
+            f"invalid resource name {name!r}: use 1-255 characters of [A-Za-z0-9._:@+=-]"
+        )
+    if name in (".", ".."):
+        raise NameError_(f"invalid resource name {name!r}")
+    if name == INDEX_NAME:
+        raise NameError_(f"resource name {name!r} is reserved for the lockspace index lock")
+    return name
+
+
+def normalise_disk_path(path: str) -> str:
+    """Normalise an absolute disk path as a string, without touching the filesystem.
+
+    Every host must name a shared disk by the same string: no symlink
+    resolution is done, exactly as virtlockd hashes the path from the domain.
+    """
+    if not isinstance(path, str) or not path:
+        raise NameError_("disk path must be a non-empty string")
+    if "\0" in path:
+        raise NameError_("disk path must not contain NUL")
+    if not path.startswith("/"):
+        raise NameError_(f"disk path {path!r} is relative; give an absolute path")
+    normal = posixpath.normpath(path)
+    # POSIX keeps a leading '//' as implementation-defined; fold it so the
+    # lease name does not depend on how many slashes a caller typed.
+    if normal.startswith("//"):
+        normal = "/" + normal.lstrip("/")
+    return normal
+
+
+def lease_name_for_path(path: str) -> str:
+    """Lease name of a disk: lowercase hex SHA-256 of its normalised absolute path."""
+    return hashlib.sha256(normalise_disk_path(path).encode("utf-8")).hexdigest()
