@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/lockd serve --verbose
+	@# The daemon (`lockd serve`) lands with issue #2; until then this shows the CLI that exists.
+	$(BIN)/lockd --help
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

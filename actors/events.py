@@ -223,7 +223,11 @@ class JournalEntry:
             seq, time, host = data["seq"], data["time"], data["host"]
         except KeyError as exc:
             raise ValueError(f"journal entry lacks {exc}") from None
-        if not isinstance(seq, int) or not isinstance(time, int | float) or not isinstance(host, str):
+        if (
+            not isinstance(seq, int)
+            or not isinstance(time, int | float)
+            or not isinstance(host, str)
+        ):
             raise ValueError("journal entry has a bad seq, time or host")
         rest = {k: v for k, v in data.items() if k not in ("seq", "time", "host")}
         try:

@@ -22,36 +22,36 @@ INDEX_NAME = "org.libvirt.lockd.index"
 MAX_NAME_LENGTH = 255
 
 _LOCKSPACE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,255}")
-# Resource names also admit '_', '@', '+' and '=': SCSI ids from scsi_id(8) contain
-# underscores, and LVM UUIDs are letters, digits and '-'.
+# Resource names also admit '@', '+' and '=', which appear in device keys; SCSI ids
+# from scsi_id(8) use '_', and LVM UUIDs are letters, digits and '-'.
 _RESOURCE_NAME = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
 
 
-class NameError_(ValueError):  # noqa: N801 - trailing underscore avoids shadowing the builtin
+class InvalidNameError(ValueError):
     """A lockspace or resource name that breaks the naming rules."""
 
 
 def check_lockspace_name(name: str) -> str:
-    """Return ``name`` if it is a valid lockspace name, else raise NameError_."""
+    """Return ``name`` if it is a valid lockspace name, else raise InvalidNameError."""
     if not isinstance(name, str) or not _LOCKSPACE_NAME.fullmatch(name):
-        raise NameError_(
+        raise InvalidNameError(
             f"invalid lockspace name {name!r}: use 1-255 characters of [A-Za-z0-9._:-]"
         )
     if name in (".", ".."):
-        raise NameError_(f"invalid lockspace name {name!r}")
+        raise InvalidNameError(f"invalid lockspace name {name!r}")
     return name
 
 
 def check_resource_name(name: str) -> str:
-    """Return ``name`` if it is a valid resource (lease file) name, else raise NameError_."""
+    """Return ``name`` if it is a valid resource (lease file) name, else raise InvalidNameError."""
     if not isinstance(name, str) or not _RESOURCE_NAME.fullmatch(name):
-        raise NameError_(
+        raise InvalidNameError(
             f"invalid resource name {name!r}: use 1-255 characters of [A-Za-z0-9._:@+=-]"
         )
     if name in (".", ".."):
-        raise NameError_(f"invalid resource name {name!r}")
+        raise InvalidNameError(f"invalid resource name {name!r}")
     if name == INDEX_NAME:
-        raise NameError_(f"resource name {name!r} is reserved for the lockspace index lock")
+        raise InvalidNameError(f"resource name {name!r} is reserved for the lockspace index lock")
     return name
 
 
@@ -62,11 +62,11 @@ def normalise_disk_path(path: str) -> str:
     resolution is done, exactly as virtlockd hashes the path from the domain.
     """
     if not isinstance(path, str) or not path:
-        raise NameError_("disk path must be a non-empty string")
+        raise InvalidNameError("disk path must be a non-empty string")
     if "\0" in path:
-        raise NameError_("disk path must not contain NUL")
+        raise InvalidNameError("disk path must not contain NUL")
     if not path.startswith("/"):
-        raise NameError_(f"disk path {path!r} is relative; give an absolute path")
+        raise InvalidNameError(f"disk path {path!r} is relative; give an absolute path")
     normal = posixpath.normpath(path)
     # POSIX keeps a leading '//' as implementation-defined; fold it so the
     # lease name does not depend on how many slashes a caller typed.

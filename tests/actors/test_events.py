@@ -1,0 +1,74 @@
+"""Events and owners survive the trip to their CBOR map and back."""
+
+from __future__ import annotations
+
+import cbor2
+import pytest
+
+from actors.events import (
+    EVENT_TYPES,
+    JournalEntry,
+    LeaseAcquired,
+    LeaseReleased,
+    ReleaseReason,
+    event_from_wire,
+)
+from actors.model import LeaseKey, LeaseMode, Owner
+
+OWNER = Owner(uuid=b"\x01" * 16, name="vm1", id=3, pid=4242, start_time=99)
+
+
+def test_entry_round_trips_through_cbor() -> None:
+    """An entry encoded as a CBOR map decodes to an equal entry."""
+    entry = JournalEntry(
+        seq=7,
+        time=1764000000.5,
+        host="hv1",
+        event=LeaseReleased("ls", "r1", LeaseMode.SHARED, OWNER, 5, ReleaseReason.OWNER_EXIT),
+    )
+    data = cbor2.loads(cbor2.dumps(entry.to_wire()))
+    assert data["type"] == "lease-released"
+    assert data["reason"] == "owner-exit"
+    assert JournalEntry.from_wire(data) == entry
+
+
+def test_every_event_type_has_a_unique_wire_name() -> None:
+    """Auditors filter by type; no two event classes share one."""
+    assert len(EVENT_TYPES) == len({cls.TYPE for cls in EVENT_TYPES.values()})
+    assert all(name and name == name.lower() for name in EVENT_TYPES)
+
+
+def test_unknown_event_type_is_an_error() -> None:
+    """A record of a type this version does not know is refused, not skipped."""
+    with pytest.raises(ValueError, match="unknown event type"):
+        event_from_wire({"type": "lease-stolen"})
+
+
+def test_missing_field_is_an_error() -> None:
+    """A truncated event map is refused with the missing field named."""
+    data = {"type": LeaseAcquired.TYPE, "lockspace": "ls"}
+    with pytest.raises(ValueError, match="resource"):
+        event_from_wire(data)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"uuid": b"short"},
+        {"id": 0},
+        {"pid": -1},
+        {"name": ""},
+        {"start_time": -5},
+    ],
+)
+def test_invalid_owner_cannot_exist(kwargs: dict[str, object]) -> None:
+    """An owner with a bad uuid, id, pid, name or start time cannot be built."""
+    fields = {"uuid": b"\x01" * 16, "name": "vm", "id": 1, "pid": 1, "start_time": 0, **kwargs}
+    with pytest.raises(ValueError):  # noqa: PT011 - attrs validators raise plain ValueError
+        Owner(**fields)  # type: ignore[arg-type]
+
+
+def test_lease_key_refuses_path_tricks() -> None:
+    """A lease key cannot name a file outside its lockspace."""
+    with pytest.raises(ValueError):  # noqa: PT011
+        LeaseKey("org.libvirt.lockd.files", "../../etc/passwd")

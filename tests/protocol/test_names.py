@@ -1,0 +1,72 @@
+"""Name rules and lease names: the guard that keeps client input inside the lock dir."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol.names import (
+    INDEX_NAME,
+    InvalidNameError,
+    check_lockspace_name,
+    check_resource_name,
+    lease_name_for_path,
+    normalise_disk_path,
+)
+
+
+@pytest.mark.parametrize(
+    "name", ["org.libvirt.lockd.files", "a", "x" * 255, "host-1:pool_", "A.b-c:9"]
+)
+def test_valid_lockspace_names_are_accepted(name: str) -> None:
+    """Names of 1-255 characters from the allowed set pass unchanged."""
+    assert check_lockspace_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "a/b", "../etc", "/abs", "x" * 256, "nul\0", "sp ace", "é"]
+)
+def test_bad_lockspace_names_are_refused(name: str) -> None:
+    """Empty, dot names, separators, NUL, over-long and non-ASCII names are refused."""
+    with pytest.raises(InvalidNameError):
+        check_lockspace_name(name)
+
+
+def test_index_name_is_reserved_for_resources() -> None:
+    """A client can never lock or delete the lockspace's index lock file."""
+    with pytest.raises(InvalidNameError, match="reserved"):
+        check_resource_name(INDEX_NAME)
+
+
+def test_scsi_and_lvm_keys_are_valid_resource_names() -> None:
+    """Keys produced by scsi_id and lvs are usable as resource names."""
+    assert check_resource_name("SATA_QEMU_HARDDISK_QM00001")
+    assert check_resource_name("06UgP5-2rhb-w3Bo-3mdR-WeoL-pytO-SAa2ky")
+
+
+@given(st.text(max_size=300))
+def test_accepted_resource_names_never_escape_the_directory(name: str) -> None:
+    """Any name that passes the check is a single path component."""
+    try:
+        check_resource_name(name)
+    except InvalidNameError:
+        return
+    assert "/" not in name
+    assert "\0" not in name
+    assert name not in (".", "..")
+
+
+def test_lease_name_is_sha256_of_the_normalised_path() -> None:
+    """The lease name matches virtlockd's: hex SHA-256 of the path string."""
+    expected = hashlib.sha256(b"/vm/a.img").hexdigest()
+    assert lease_name_for_path("/vm/a.img") == expected
+    assert lease_name_for_path("//vm/./x/../a.img") == expected
+
+
+def test_relative_paths_are_refused() -> None:
+    """A relative path would name different disks on different hosts."""
+    with pytest.raises(InvalidNameError, match="relative"):
+        normalise_disk_path("vm/a.img")
