@@ -1,0 +1,127 @@
+"""Lease files and their locks: the one place lockd calls fcntl on a lease.
+
+A lease is an open-file-description (OFD) lock on byte 0, length 1 of a
+zero-byte file: write lock = exclusive, read lock = shared. OFD locks conflict
+with the classic POSIX locks virtlockd takes on the same byte, so lockd and
+virtlockd hosts sharing a lock directory exclude each other; unlike classic
+locks they are not dropped when some other fd on the file closes.
+
+Files are opened relative to the lockspace directory fd with O_NOFOLLOW, so a
+symlink planted in a lockspace never redirects lockd to another file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+
+import attrs
+
+from protocol.names import INDEX_NAME
+
+_FLOCK = struct.Struct("hhqqi4x")
+"""struct flock on Linux x86_64/aarch64: l_type, l_whence, l_start, l_len, l_pid."""
+
+LEASE_FILE_MODE = 0o600
+
+
+class LockBusyError(Exception):
+    """Another process or host holds a conflicting lock on the file."""
+
+
+def _ofd_lock(fd: int, lock_type: int) -> None:
+    """Set an OFD lock on byte 0, length 1, without waiting (l_pid must be 0)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 1, 0))
+
+
+def try_lock(fd: int, *, shared: bool) -> None:
+    """Take the lease lock on ``fd``; raise LockBusyError on conflict, OSError otherwise."""
+    try:
+        _ofd_lock(fd, fcntl.F_RDLCK if shared else fcntl.F_WRLCK)
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise LockBusyError from None
+        raise
+
+
+def unlock(fd: int) -> None:
+    """Drop the lease lock on ``fd`` (closing the fd drops it too)."""
+    _ofd_lock(fd, fcntl.F_UNLCK)
+
+
+@attrs.define
+class HeldFile:
+    """An open lease file descriptor and the inode it was opened on."""
+
+    fd: int
+    inode: tuple[int, int]
+
+
+class LockspaceDir:
+    """One lockspace directory, held open as a directory fd."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        """Close the directory fd; open lease fds are unaffected."""
+        os.close(self._dirfd)
+
+    def _index_locked(self) -> int:
+        """Open and exclusively lock the index file; the caller closes the fd to unlock."""
+        fd = os.open(
+            INDEX_NAME,
+            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+            LEASE_FILE_MODE,
+            dir_fd=self._dirfd,
+        )
+        try:
+            try_lock(fd, shared=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def open_lease(self, name: str, *, create: bool) -> HeldFile:
+        """Open a lease file, creating it under the index lock when ``create`` is set.
+
+        Raises FileNotFoundError when it does not exist and ``create`` is off,
+        LockBusyError when another host is creating or deleting a file in
+        this lockspace at this instant.
+        """
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        if not create:
+            fd = os.open(name, flags, dir_fd=self._dirfd)
+        else:
+            index = self._index_locked()
+            try:
+                fd = os.open(name, flags | os.O_CREAT, LEASE_FILE_MODE, dir_fd=self._dirfd)
+            finally:
+                os.close(index)
+        st = os.fstat(fd)
+        return HeldFile(fd=fd, inode=(st.st_dev, st.st_ino))
+
+    def still_linked(self, held: HeldFile, name: str) -> bool:
+        """True if ``name`` still names the inode ``held`` was opened on.
+
+        After locking, a file another host unlinked (or replaced) in between
+        must be reopened, as virtlockd's acquire loop does.
+        """
+        try:
+            st = os.stat(name, dir_fd=self._dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == held.inode
+
+    def unlink_lease(self, name: str) -> None:
+        """Remove a lease file under the index lock; a missing file is not an error."""
+        index = self._index_locked()
+        try:
+            os.unlink(name, dir_fd=self._dirfd)
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(index)

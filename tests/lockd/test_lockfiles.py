@@ -1,0 +1,114 @@
+"""Real OFD locks on lease files, checked from another process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lockd.lockfiles import LockBusyError, LockspaceDir, try_lock, unlock
+
+_PROBE = r"""
+import fcntl, os, struct, sys
+path, kind, mode = sys.argv[1:4]
+fd = os.open(path, os.O_RDWR)
+cmd = fcntl.F_OFD_SETLK if kind == "ofd" else fcntl.F_SETLK
+ltype = fcntl.F_RDLCK if mode == "read" else fcntl.F_WRLCK
+try:
+    fcntl.fcntl(fd, cmd, struct.pack("hhqqi4x", ltype, os.SEEK_SET, 0, 1, 0))
+except OSError:
+    print("busy")
+else:
+    print("free")
+"""
+
+
+def probe(path: Path, kind: str, mode: str = "write") -> str:
+    """Try the lock on byte 0 from a separate process, as another host's daemon would."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(path), kind, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def lockspace(tmp_path: Path) -> Iterator[LockspaceDir]:
+    ls = LockspaceDir(str(tmp_path))
+    yield ls
+    ls.close()
+
+
+@pytest.mark.parametrize("kind", ["ofd", "classic"])
+def test_exclusive_lease_blocks_other_processes_until_released(
+    lockspace: LockspaceDir, tmp_path: Path, kind: str
+) -> None:
+    """A held write lock on byte 0 stops OFD and virtlockd-style classic locks elsewhere."""
+    held = lockspace.open_lease("disk1", create=True)
+    try_lock(held.fd, shared=False)
+    assert probe(tmp_path / "disk1", kind, "read") == "busy"
+    unlock(held.fd)
+    assert probe(tmp_path / "disk1", kind) == "free"
+    os.close(held.fd)
+
+
+def test_shared_lease_admits_readers_and_refuses_writers(
+    lockspace: LockspaceDir, tmp_path: Path
+) -> None:
+    """A shared lease is a read lock: other shared holders fit, exclusive ones do not."""
+    held = lockspace.open_lease("disk2", create=True)
+    try_lock(held.fd, shared=True)
+    assert probe(tmp_path / "disk2", "ofd", "read") == "free"
+    assert probe(tmp_path / "disk2", "classic", "write") == "busy"
+    os.close(held.fd)
+
+
+def test_two_fds_in_one_process_conflict(lockspace: LockspaceDir) -> None:
+    """OFD locks conflict inside one process, unlike classic locks."""
+    first = lockspace.open_lease("disk3", create=True)
+    second = lockspace.open_lease("disk3", create=False)
+    try_lock(first.fd, shared=False)
+    with pytest.raises(LockBusyError):
+        try_lock(second.fd, shared=False)
+    os.close(second.fd)
+    os.close(first.fd)
+
+
+def test_lease_file_is_empty_and_private(lockspace: LockspaceDir, tmp_path: Path) -> None:
+    """Created lease files are zero bytes, mode 0600."""
+    held = lockspace.open_lease("disk4", create=True)
+    st = (tmp_path / "disk4").stat()
+    assert st.st_size == 0
+    assert st.st_mode & 0o777 == 0o600
+    os.close(held.fd)
+
+
+def test_planted_symlink_is_never_followed(lockspace: LockspaceDir, tmp_path: Path) -> None:
+    """A symlink in the lockspace pointing elsewhere is refused, and its target untouched."""
+    target = tmp_path.parent / f"{tmp_path.name}-outside"
+    (tmp_path / "evil").symlink_to(target)
+    with pytest.raises(OSError):  # noqa: PT011 - ELOOP from O_NOFOLLOW
+        lockspace.open_lease("evil", create=True)
+    assert not target.exists()
+
+
+def test_missing_file_without_create(lockspace: LockspaceDir) -> None:
+    """Without autocreate a missing lease file is reported, not created."""
+    with pytest.raises(FileNotFoundError):
+        lockspace.open_lease("absent", create=False)
+
+
+def test_unlinked_file_is_detected(lockspace: LockspaceDir) -> None:
+    """A file unlinked after open is noticed, so acquire reopens it."""
+    held = lockspace.open_lease("disk5", create=True)
+    assert lockspace.still_linked(held, "disk5")
+    lockspace.unlink_lease("disk5")
+    assert not lockspace.still_linked(held, "disk5")
+    lockspace.unlink_lease("disk5")
+    os.close(held.fd)
