@@ -1,0 +1,291 @@
+"""Many pykka actors on one dispatcher thread, with fd watches and timers.
+
+pykka's ``ThreadingActor`` gives each actor an OS thread. lockd runs one actor
+per lease and per connection (16,384 leases and 4,096 connections at the scale
+target), so instead every actor here is a pykka ``Actor`` whose inbox feeds a
+shared :class:`Dispatcher`. The dispatcher runs one message of one actor at a
+time, in the global order the messages were sent, and the same thread waits on
+sockets, pidfds and timers. A hop between actors costs a deque append, not a
+thread wake-up, and tests can drive everything step by step with
+:meth:`Dispatcher.run_until_idle` on the test thread.
+
+pykka semantics are kept: an exception in an ask goes back to the asker and
+the actor lives on; an exception in a tell kills the actor, and the dispatcher
+then records it as a crash so the daemon fails fast instead of running with a
+dead actor (pykka has no supervision). Handlers must never block, and never
+``get()`` a future of another actor: the dispatcher is the thread that would
+have to answer it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import itertools
+import os
+import selectors
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pykka
+from pykka import ActorDeadError, ActorRegistry, ThreadingFuture
+from pykka._envelope import Envelope
+from pykka.messages import _ActorStop
+
+Step = Callable[[], None]
+
+
+class ActorCrashedError(RuntimeError):
+    """An actor died from an exception raised while handling a tell."""
+
+
+class Timer:
+    """Handle of a scheduled callback; :meth:`cancel` makes it never run."""
+
+    __slots__ = ("callback", "cancelled", "deadline")
+
+    def __init__(self, deadline: float, callback: Step) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Stop the callback from running; harmless after it ran."""
+        self.cancelled = True
+
+
+class Dispatcher:
+    """Runs actor steps, fd callbacks and timers on one thread."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._ready: collections.deque[Step] = collections.deque()
+        self._timers: list[tuple[float, int, Timer]] = []
+        self._counter = itertools.count()
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop_ident: int | None = None
+        self.crashes: list[BaseException] = []
+
+    # -- scheduling -----------------------------------------------------------
+    def submit(self, step: Step) -> None:
+        """Queue a step; safe from any thread."""
+        self._ready.append(step)
+        if threading.get_ident() != self._loop_ident:
+            self._wake()
+
+    def _wake(self) -> None:
+        # A full pipe already holds a pending wake-up, which is all we need.
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"\0")
+
+    def call_later(self, delay: float, callback: Step) -> Timer:
+        """Run ``callback`` on the dispatcher after ``delay`` seconds. Loop thread only."""
+        timer = Timer(self._clock() + max(0.0, delay), callback)
+        heapq.heappush(self._timers, (timer.deadline, next(self._counter), timer))
+        return timer
+
+    def watch(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        """Call ``callback(ready_events)`` when ``fd`` is ready. Loop thread only."""
+        self._selector.register(fd, events, callback)
+
+    def modify(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
+        """Change what ``fd`` is watched for."""
+        self._selector.modify(fd, events, callback)
+
+    def unwatch(self, fd: int) -> None:
+        """Stop watching ``fd``; harmless if it was not watched."""
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
+
+    def report_crash(self, exc: BaseException) -> None:
+        """Record an actor death; the loop raises it once the current step ends."""
+        self.crashes.append(exc)
+
+    # -- running --------------------------------------------------------------
+    def _run_due_timers(self) -> None:
+        now = self._clock()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                self._ready.append(timer.callback)
+
+    def _run_ready(self, limit: int) -> int:
+        done = 0
+        while self._ready and done < limit:
+            self._ready.popleft()()
+            done += 1
+            if self.crashes:
+                raise ActorCrashedError("an actor died") from self.crashes[0]
+        return done
+
+    def _poll(self, timeout: float | None) -> None:
+        for key, mask in self._selector.select(timeout):
+            if key.data is None:
+                try:
+                    while os.read(self._wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            else:
+                key.data(mask)
+
+    def run_once(self, timeout: float | None = None) -> None:
+        """One loop turn: due timers, ready steps (bounded, so I/O is not starved), then I/O."""
+        self._loop_ident = threading.get_ident()
+        self._run_due_timers()
+        self._run_ready(limit=1024)
+        if self._ready:
+            wait: float | None = 0.0
+        elif self._timers:
+            wait = max(0.0, self._timers[0][0] - self._clock())
+            wait = wait if timeout is None else min(wait, timeout)
+        else:
+            wait = timeout
+        self._poll(wait)
+
+    def run_until_idle(self, *, poll_io: bool = True) -> None:
+        """Run until nothing is ready and no timer is due: deterministic tests, no thread."""
+        self._loop_ident = threading.get_ident()
+        while True:
+            self._run_due_timers()
+            if poll_io:
+                self._poll(0)
+            if not self._ready:
+                return
+            self._run_ready(limit=1 << 30)
+
+    def advance(self, seconds: float) -> None:
+        """Tests with a manual clock: fire timers as if ``seconds`` had passed."""
+        for _, _, timer in self._timers:
+            timer.deadline -= seconds
+        self._timers = [(t.deadline, n, t) for _, n, t in self._timers]
+        heapq.heapify(self._timers)
+        self.run_until_idle()
+
+    def run_forever(self) -> None:
+        """Serve until :meth:`stop`; re-raises actor crashes."""
+        while not self._stopping.is_set():
+            self.run_once(timeout=1.0)
+
+    def start(self, name: str = "lockd-dispatcher") -> None:
+        """Run the loop on a new thread (for embedding and threaded tests)."""
+        self._thread = threading.Thread(target=self._thread_main, name=name, daemon=True)
+        self._thread.start()
+
+    def _thread_main(self) -> None:
+        try:
+            self.run_forever()
+        except BaseException as exc:  # noqa: BLE001 - kept for the thread that stops us
+            self.crashes.append(exc)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the loop and wait for its thread; fail loudly if it will not stop."""
+        self._stopping.set()
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise RuntimeError("dispatcher thread did not stop")
+
+    def close(self) -> None:
+        """Release the wake-up pipe and the selector."""
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+class _Inbox:
+    """pykka inbox whose every put schedules one step of its actor on the dispatcher."""
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[Envelope[Any]] = collections.deque()
+        self._actor: DispatchedActor | None = None
+        self._early = 0
+
+    def bind(self, actor: DispatchedActor) -> None:
+        self._actor = actor
+        for _ in range(self._early):
+            actor.dispatcher.submit(actor._step)
+        self._early = 0
+
+    def put(self, envelope: Envelope[Any], /) -> None:
+        self._queue.append(envelope)
+        if self._actor is None:
+            self._early += 1
+        else:
+            self._actor.dispatcher.submit(self._actor._step)
+
+    def get(self) -> Envelope[Any]:
+        return self._queue.popleft()
+
+    def empty(self) -> bool:
+        return not self._queue
+
+
+class DispatchedActor(pykka.Actor):
+    """A pykka actor that runs on a shared :class:`Dispatcher` instead of its own thread."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        super().__init__()
+        self.dispatcher = dispatcher
+
+    @staticmethod
+    def _create_actor_inbox() -> _Inbox:
+        return _Inbox()
+
+    @staticmethod
+    def _create_future() -> ThreadingFuture[Any]:
+        return ThreadingFuture()
+
+    def _start_actor_loop(self) -> None:
+        self.dispatcher.submit(self._actor_loop_setup)
+        inbox = self.actor_inbox
+        assert isinstance(inbox, _Inbox)
+        inbox.bind(self)
+
+    def _step(self) -> None:
+        """Handle one envelope, exactly as pykka's threaded loop handles it."""
+        inbox = self.actor_inbox
+        if inbox.empty():
+            return
+        envelope = inbox.get()
+        if self.actor_stopped.is_set():
+            self._answer_dead(envelope)
+            return
+        try:
+            response = self._handle_receive(envelope.message)
+            if envelope.reply_to is not None:
+                envelope.reply_to.set(response)
+        except Exception:  # noqa: BLE001 - pykka semantics: any handler error goes to the asker
+            if envelope.reply_to is not None:
+                envelope.reply_to.set_exception()
+            else:
+                exc = sys.exc_info()[1]
+                self._handle_failure(*sys.exc_info())
+                try:
+                    self.on_failure(*sys.exc_info())
+                finally:
+                    assert exc is not None
+                    self.dispatcher.report_crash(exc)
+        except BaseException:
+            self._stop()
+            ActorRegistry.stop_all(block=False)
+            raise
+
+    def _answer_dead(self, envelope: Envelope[Any]) -> None:
+        if envelope.reply_to is None:
+            return
+        if isinstance(envelope.message, _ActorStop):
+            envelope.reply_to.set(None)
+        else:
+            envelope.reply_to.set_exception(
+                exc_info=(ActorDeadError, ActorDeadError(f"{self} stopped"), None)
+            )

@@ -1,0 +1,127 @@
+"""The dispatcher runtime keeps pykka's semantics without a thread per actor."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pykka
+import pytest
+
+from actors.runtime import ActorCrashedError, DispatchedActor, Dispatcher
+
+
+class Recorder(DispatchedActor):
+    def __init__(self, dispatcher: Dispatcher, log: list[Any]) -> None:
+        super().__init__(dispatcher)
+        self.log = log
+
+    def on_start(self) -> None:
+        self.log.append(("start", self.actor_urn))
+
+    def on_receive(self, message: Any) -> Any:
+        if message == "boom":
+            raise ValueError("boom")
+        self.log.append(message)
+        return f"got {message}"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def dispatcher() -> Iterator[Dispatcher]:
+    d = Dispatcher()
+    yield d
+    pykka.ActorRegistry.stop_all(block=False)
+    d.run_until_idle()
+    d.close()
+
+
+def test_messages_are_handled_in_the_order_they_were_sent(dispatcher: Dispatcher) -> None:
+    """Across actors, steps run in global send order, each actor one message at a time."""
+    log: list[Any] = []
+    a = Recorder.start(dispatcher, log)
+    b = Recorder.start(dispatcher, log)
+    for i in range(3):
+        a.tell(("a", i))
+        b.tell(("b", i))
+    dispatcher.run_until_idle()
+    assert [m for m in log if m[0] != "start"] == [
+        ("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)
+    ]  # fmt: skip
+
+
+def test_many_actors_share_one_thread(dispatcher: Dispatcher) -> None:
+    """Starting thousands of actors starts no thread."""
+    before = threading.active_count()
+    refs = [Recorder.start(dispatcher, []) for _ in range(2000)]
+    dispatcher.run_until_idle()
+    assert threading.active_count() == before
+    assert all(ref.is_alive() for ref in refs)
+
+
+def test_ask_from_another_thread_gets_the_reply(dispatcher: Dispatcher) -> None:
+    """Embedding code asks actors from its own thread while the dispatcher runs."""
+    dispatcher.start()
+    try:
+        ref = Recorder.start(dispatcher, [])
+        assert ref.ask("hi", timeout=5) == "got hi"
+    finally:
+        dispatcher.stop()
+
+
+def test_failed_ask_returns_the_error_and_the_actor_lives(dispatcher: Dispatcher) -> None:
+    """An exception in an ask goes to the asker, as in pykka."""
+    ref = Recorder.start(dispatcher, [])
+    future = ref.ask("boom", block=False)
+    dispatcher.run_until_idle()
+    with pytest.raises(ValueError, match="boom"):
+        future.get(timeout=0)
+    assert ref.is_alive()
+
+
+def test_failed_tell_is_a_crash_the_loop_reports(dispatcher: Dispatcher) -> None:
+    """A tell that raises kills the actor and surfaces as a crash, never silently."""
+    ref = Recorder.start(dispatcher, [])
+    ref.tell("boom")
+    with pytest.raises(ActorCrashedError):
+        dispatcher.run_until_idle()
+    assert not ref.is_alive()
+
+
+def test_stop_answers_queued_asks_with_actor_dead(dispatcher: Dispatcher) -> None:
+    """Asks behind a stop are answered, so no caller waits forever."""
+    ref = Recorder.start(dispatcher, [])
+    stop = ref.ask(pykka.messages._ActorStop(), block=False)
+    late = ref.ask("late", block=False)
+    dispatcher.run_until_idle()
+    assert stop.get(timeout=0) is None
+    with pytest.raises(pykka.ActorDeadError):
+        late.get(timeout=0)
+
+
+def test_timers_fire_in_deadline_order_and_can_be_cancelled() -> None:
+    """call_later runs callbacks when their time comes, on the dispatcher."""
+    clock = Clock()
+    d = Dispatcher(clock=clock)
+    fired: list[str] = []
+    d.call_later(2.0, lambda: fired.append("late"))
+    d.call_later(1.0, lambda: fired.append("early"))
+    cancelled = d.call_later(1.5, lambda: fired.append("never"))
+    cancelled.cancel()
+    d.run_until_idle()
+    assert fired == []
+    clock.now = 1.0
+    d.run_until_idle()
+    assert fired == ["early"]
+    clock.now = 5.0
+    d.run_until_idle()
+    assert fired == ["early", "late"]
+    d.close()
