@@ -1,0 +1,173 @@
+"""Pure core of a lockspace: who holds which lease, and what a command would change.
+
+``decide(state, command)`` returns the events a command produces, or a
+:class:`Refusal`; ``apply(state, event)`` folds an event into the state.
+Recovery is the same fold over the journal. No I/O and no threads: the
+LockspaceActor wraps this with the kernel locks and the journal.
+
+``apply`` updates the state in place and returns it: a lockspace holds up to
+thousands of leases, and copying the table per event would make every acquire
+cost O(leases).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from actors.events import Event, LeaseAcquired, LeaseReleased, ReleaseReason
+from actors.model import LeaseMode, Owner, OwnerKey
+from protocol.errors import ErrorCode
+
+
+@attrs.define
+class Holding:
+    """One held lease: its mode and owners (each counted once)."""
+
+    mode: LeaseMode
+    owners: dict[OwnerKey, Owner]
+    autocreate: bool
+
+
+@attrs.define
+class LockspaceState:
+    """Every lease this host holds in one lockspace."""
+
+    name: str
+    held: dict[str, Holding] = attrs.field(factory=dict)
+
+    def leases_of(self, owner: OwnerKey) -> list[str]:
+        """Resources held by ``owner``, sorted."""
+        return sorted(r for r, h in self.held.items() if owner in h.owners)
+
+
+@attrs.frozen
+class Refusal:
+    """A domain refusal returned to the client: a value, not an exception."""
+
+    code: ErrorCode
+    message: str
+    holders: tuple[Owner, ...] = ()
+
+
+@attrs.frozen
+class Acquire:
+    """Take leases for an owner, all or none."""
+
+    owner: Owner
+    items: tuple[tuple[str, LeaseMode], ...]
+    autocreate: bool
+    conn: int
+
+
+@attrs.frozen
+class Release:
+    """Give up leases an owner holds."""
+
+    owner: Owner
+    resources: tuple[str, ...]
+    conn: int
+    reason: ReleaseReason = ReleaseReason.CLIENT
+
+
+@attrs.frozen
+class ReleaseOwner:
+    """End every lease an owner holds in this lockspace (exit, disconnect, admin)."""
+
+    owner: OwnerKey
+    conn: int
+    reason: ReleaseReason
+
+
+Command = Acquire | Release | ReleaseOwner
+
+
+def _busy(state: LockspaceState, resource: str, holding: Holding) -> Refusal:
+    holders = tuple(holding.owners.values())
+    names = ", ".join(o.describe() for o in holders)
+    return Refusal(
+        ErrorCode.BUSY,
+        f"lease {state.name}/{resource} is held {holding.mode.value} by {names}",
+        holders,
+    )
+
+
+def decide(state: LockspaceState, command: Command) -> list[Event] | Refusal:
+    """Events the command produces against ``state``, or why it is refused."""
+    if isinstance(command, Acquire):
+        return _decide_acquire(state, command)
+    if isinstance(command, Release):
+        return _decide_release(state, command)
+    return [
+        LeaseReleased(state.name, r, h.mode, h.owners[command.owner], command.conn, command.reason)
+        for r, h in sorted(state.held.items())
+        if command.owner in h.owners
+    ]
+
+
+def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Refusal:
+    seen: set[str] = set()
+    events: list[Event] = []
+    key = command.owner.key
+    for resource, mode in command.items:
+        if resource in seen:
+            return Refusal(
+                ErrorCode.INVALID_ARGUMENT, f"lease {state.name}/{resource} is requested twice"
+            )
+        seen.add(resource)
+        holding = state.held.get(resource)
+        if holding is None:
+            events.append(
+                LeaseAcquired(
+                    state.name, resource, mode, command.owner, command.conn, command.autocreate
+                )
+            )
+        elif holding.mode is LeaseMode.SHARED and mode is LeaseMode.SHARED:
+            if key not in holding.owners:
+                events.append(
+                    LeaseAcquired(
+                        state.name, resource, mode, command.owner, command.conn, holding.autocreate
+                    )
+                )
+        else:
+            return _busy(state, resource, holding)
+    return events
+
+
+def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Refusal:
+    events: list[Event] = []
+    key = command.owner.key
+    for resource in dict.fromkeys(command.resources):
+        holding = state.held.get(resource)
+        if holding is None or key not in holding.owners:
+            return Refusal(
+                ErrorCode.NOT_HELD,
+                f"lease {state.name}/{resource} is not held by {command.owner.describe()}",
+            )
+        events.append(
+            LeaseReleased(
+                state.name,
+                resource,
+                holding.mode,
+                holding.owners[key],
+                command.conn,
+                command.reason,
+            )
+        )
+    return events
+
+
+def apply(state: LockspaceState, event: Event) -> LockspaceState:
+    """Fold one event into the state (in place) and return it."""
+    if isinstance(event, LeaseAcquired):
+        holding = state.held.get(event.resource)
+        if holding is None:
+            holding = Holding(event.mode, {}, event.autocreate)
+            state.held[event.resource] = holding
+        holding.owners[event.owner.key] = event.owner
+    elif isinstance(event, LeaseReleased):
+        holding = state.held.get(event.resource)
+        if holding is not None:
+            holding.owners.pop(event.owner.key, None)
+            if not holding.owners:
+                del state.held[event.resource]
+    return state
