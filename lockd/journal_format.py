@@ -1,0 +1,131 @@
+"""Journal segment format: a CBOR Sequence (RFC 8742) with per-record CRC and gapless seqs.
+
+Pure bytes in, entries out; the file handling lives beside it. A segment is::
+
+    header  = {"format": "lockd-journal", "version": 1, "first_seq": uint}
+    record  = [seq: uint, crc: uint, entry: bstr .cbor journal-entry]
+
+The CRC (zlib CRC-32) covers the entry bytes, so a record can be checked
+without trusting its decoding. Any CBOR tool can read a segment as a
+sequence; see ``docs/journal.md``.
+
+A torn tail (the last record cut short, or garbage that is only zero bytes)
+is what a crash mid-write leaves; it is reported so the writer can truncate
+it with a log line. Anything wrong before the tail is corruption: a lock
+daemon must never silently forget a lease, so that is an error.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+from typing import Any
+
+import attrs
+import cbor2
+
+from actors.events import JournalEntry
+
+FORMAT = "lockd-journal"
+VERSION = 1
+
+
+class JournalCorruptError(Exception):
+    """The journal is damaged before its tail; start-up must stop and say where."""
+
+    def __init__(self, offset: int, reason: str) -> None:
+        super().__init__(f"journal corrupt at byte {offset}: {reason}")
+        self.offset = offset
+        self.reason = reason
+
+
+@attrs.frozen
+class SegmentScan:
+    """What a segment holds: its entries, and how many bytes of it are valid."""
+
+    first_seq: int
+    entries: tuple[JournalEntry, ...]
+    valid_length: int
+    torn_bytes: int
+
+
+def encode_header(first_seq: int) -> bytes:
+    """The first item of every segment."""
+    return cbor2.dumps({"format": FORMAT, "version": VERSION, "first_seq": first_seq})
+
+
+def encode_record(entry: JournalEntry) -> bytes:
+    """One record: seq, CRC of the entry bytes, the entry bytes."""
+    payload = cbor2.dumps(entry.to_wire())
+    return cbor2.dumps([entry.seq, zlib.crc32(payload), payload])
+
+
+def _strict_decoder(stream: io.BytesIO) -> cbor2.CBORDecoder:
+    return cbor2.CBORDecoder(
+        stream, max_depth=16, allow_indefinite=False, allow_duplicate_keys=False
+    )
+
+
+def _check_header(item: Any) -> int:
+    if not isinstance(item, dict) or item.get("format") != FORMAT:
+        raise JournalCorruptError(0, "not a lockd journal segment (bad header)")
+    if item.get("version") != VERSION:
+        raise JournalCorruptError(0, f"unsupported journal version {item.get('version')!r}")
+    first_seq = item.get("first_seq")
+    if not isinstance(first_seq, int) or first_seq < 1:
+        raise JournalCorruptError(0, "header has no valid first_seq")
+    return first_seq
+
+
+def decode_segment(data: bytes) -> SegmentScan:
+    """Read a whole segment; raise JournalCorruptError for damage before the tail."""
+    stream = io.BytesIO(data)
+    decoder = _strict_decoder(stream)
+    try:
+        first_seq = _check_header(decoder.decode())
+    except JournalCorruptError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decode failure of the header is corruption
+        raise JournalCorruptError(0, f"unreadable header: {exc}") from None
+    entries: list[JournalEntry] = []
+    expected = first_seq
+    good = stream.tell()
+    while good < len(data):
+        reason = _read_record(decoder, expected, entries)
+        if reason is None:
+            good = stream.tell()
+            expected += 1
+            continue
+        tail = data[good:]
+        at_end = reason.endswith("(truncated)") or stream.tell() >= len(data)
+        if at_end or not tail.strip(b"\0"):
+            return SegmentScan(first_seq, tuple(entries), good, len(tail))
+        raise JournalCorruptError(good, reason)
+    return SegmentScan(first_seq, tuple(entries), good, 0)
+
+
+def _read_record(
+    decoder: cbor2.CBORDecoder, expected: int, entries: list[JournalEntry]
+) -> str | None:
+    """Decode one record into ``entries``; return why it is bad, or None."""
+    try:
+        item = decoder.decode()
+    except cbor2.CBORDecodeEOF:
+        return "record cut short (truncated)"
+    except Exception as exc:  # noqa: BLE001 - cbor2 raises several types for bad input
+        return f"undecodable record: {exc}"
+    if not (isinstance(item, list) and len(item) == 3):
+        return "record is not [seq, crc, entry]"
+    seq, crc, payload = item
+    if not isinstance(payload, bytes) or zlib.crc32(payload) != crc:
+        return f"CRC mismatch in record {seq!r}"
+    if seq != expected:
+        return f"sequence gap: expected {expected}, found {seq!r}"
+    try:
+        entry = JournalEntry.from_wire(cbor2.loads(payload))
+    except Exception as exc:  # noqa: BLE001 - a CRC-valid but unreadable entry is corruption
+        return f"unreadable entry {seq}: {exc}"
+    if entry.seq != seq:
+        return f"record {seq} holds entry {entry.seq}"
+    entries.append(entry)
+    return None
