@@ -162,14 +162,6 @@ class Dispatcher:
                 return
             self._run_ready(limit=1 << 30)
 
-    def advance(self, seconds: float) -> None:
-        """Tests with a manual clock: fire timers as if ``seconds`` had passed."""
-        for _, _, timer in self._timers:
-            timer.deadline -= seconds
-        self._timers = [(t.deadline, n, t) for _, n, t in self._timers]
-        heapq.heapify(self._timers)
-        self.run_until_idle()
-
     def run_forever(self) -> None:
         """Serve until :meth:`stop`; re-raises actor crashes."""
         while not self._stopping.is_set():

@@ -31,25 +31,22 @@ class InvalidNameError(ValueError):
     """A lockspace or resource name that breaks the naming rules."""
 
 
+def _check_name(name: str, pattern: re.Pattern[str], kind: str, allowed: str) -> str:
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        raise InvalidNameError(f"invalid {kind} name {name!r}: use 1-255 characters of {allowed}")
+    if name in (".", ".."):
+        raise InvalidNameError(f"invalid {kind} name {name!r}")
+    return name
+
+
 def check_lockspace_name(name: str) -> str:
     """Return ``name`` if it is a valid lockspace name, else raise InvalidNameError."""
-    if not isinstance(name, str) or not _LOCKSPACE_NAME.fullmatch(name):
-        raise InvalidNameError(
-            f"invalid lockspace name {name!r}: use 1-255 characters of [A-Za-z0-9._:-]"
-        )
-    if name in (".", ".."):
-        raise InvalidNameError(f"invalid lockspace name {name!r}")
-    return name
+    return _check_name(name, _LOCKSPACE_NAME, "lockspace", "[A-Za-z0-9._:-]")
 
 
 def check_resource_name(name: str) -> str:
     """Return ``name`` if it is a valid resource (lease file) name, else raise InvalidNameError."""
-    if not isinstance(name, str) or not _RESOURCE_NAME.fullmatch(name):
-        raise InvalidNameError(
-            f"invalid resource name {name!r}: use 1-255 characters of [A-Za-z0-9._:@+=-]"
-        )
-    if name in (".", ".."):
-        raise InvalidNameError(f"invalid resource name {name!r}")
+    _check_name(name, _RESOURCE_NAME, "resource", "[A-Za-z0-9._:@+=-]")
     if name == INDEX_NAME:
         raise InvalidNameError(f"resource name {name!r} is reserved for the lockspace index lock")
     return name
