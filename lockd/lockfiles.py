@@ -19,16 +19,15 @@ import struct
 
 import attrs
 
+from actors.lease import LockBusyError
 from protocol.names import INDEX_NAME
+
+__all__ = ["HeldFile", "LockBusyError", "LockspaceDir", "try_lock", "unlock"]
 
 _FLOCK = struct.Struct("hhqqi4x")
 """struct flock on Linux x86_64/aarch64: l_type, l_whence, l_start, l_len, l_pid."""
 
 LEASE_FILE_MODE = 0o600
-
-
-class LockBusyError(Exception):
-    """Another process or host holds a conflicting lock on the file."""
 
 
 def _ofd_lock(fd: int, lock_type: int) -> None:
@@ -65,6 +64,11 @@ class LockspaceDir:
     def __init__(self, path: str) -> None:
         self.path = path
         self._dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    @staticmethod
+    def try_lock(fd: int, *, shared: bool) -> None:
+        """Take the lease lock on ``fd`` (see :func:`try_lock`)."""
+        try_lock(fd, shared=shared)
 
     def close(self) -> None:
         """Close the directory fd; open lease fds are unaffected."""

@@ -1,0 +1,153 @@
+"""LeaseActor: exactly one open fd on one lease file, and the OFD lock on it.
+
+The lockspace decides who may hold a lease; the lease actor makes the kernel
+agree, which is what other processes and other hosts on the shared lock
+directory see. It replies to whoever asked with :class:`LockTaken` or
+:class:`LockRefused`, and stops itself once its lock is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol
+
+import attrs
+import pykka
+
+from actors.model import LeaseMode
+from actors.runtime import DispatchedActor, Dispatcher
+from protocol.errors import ErrorCode
+
+REOPEN_ATTEMPTS = 8
+"""How often to reopen a lease file another host unlinked between our open and our lock."""
+
+
+class LockBusyError(Exception):
+    """The kernel refused the lock: another process or host holds it."""
+
+
+class HeldFileLike(Protocol):
+    """An open lease file: its fd."""
+
+    fd: int
+
+
+class LeaseFiles(Protocol):
+    """The lockspace directory operations a lease actor needs (real: lockd.lockfiles)."""
+
+    def open_lease(self, name: str, *, create: bool) -> HeldFileLike: ...
+    def still_linked(self, held: Any, name: str) -> bool: ...
+    def unlink_lease(self, name: str) -> None: ...
+    def try_lock(self, fd: int, *, shared: bool) -> None: ...
+
+
+@attrs.frozen
+class TakeLock:
+    """Open (or create) the lease file and lock it in ``mode``."""
+
+    mode: LeaseMode
+    create: bool
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class DropLock:
+    """Drop the lock and close the fd; unlink the file first when it was autocreated."""
+
+    unlink: bool
+
+
+@attrs.frozen
+class LockTaken:
+    """Reply: the kernel lock is held."""
+
+    resource: str
+    token: int
+
+
+@attrs.frozen
+class LockRefused:
+    """Reply: the lock could not be taken, with the code to give the client."""
+
+    resource: str
+    token: int
+    code: ErrorCode
+    message: str
+
+
+class LeaseActor(DispatchedActor):
+    """Holds one lease file's fd and its OFD lock on byte 0."""
+
+    def __init__(self, dispatcher: Dispatcher, files: LeaseFiles, resource: str) -> None:
+        super().__init__(dispatcher)
+        self._files = files
+        self._resource = resource
+        self._fd: int | None = None
+        self._mode: LeaseMode | None = None
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, TakeLock):
+            message.reply_to.tell(self._take(message))
+            return None
+        if isinstance(message, DropLock):
+            self._drop(message.unlink)
+            self.stop()
+            return None
+        return super().on_receive(message)
+
+    def on_stop(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _refused(self, msg: TakeLock, code: ErrorCode, text: str) -> LockRefused:
+        return LockRefused(self._resource, msg.token, code, text)
+
+    def _take(self, msg: TakeLock) -> LockTaken | LockRefused:
+        if self._fd is not None:
+            return self._refused(msg, ErrorCode.INTERNAL, "lease actor already holds a lock")
+        for _ in range(REOPEN_ATTEMPTS):
+            try:
+                held = self._files.open_lease(self._resource, create=msg.create)
+            except FileNotFoundError:
+                return self._refused(
+                    msg, ErrorCode.NOT_FOUND, f"lease file {self._resource} does not exist"
+                )
+            except LockBusyError:
+                return self._refused(
+                    msg, ErrorCode.BUSY, "another host is creating or deleting a lease file here"
+                )
+            except OSError as exc:
+                return self._refused(msg, ErrorCode.IO_ERROR, f"cannot open lease file: {exc}")
+            try:
+                self._files.try_lock(held.fd, shared=msg.mode is LeaseMode.SHARED)
+            except LockBusyError:
+                os.close(held.fd)
+                return self._refused(
+                    msg,
+                    ErrorCode.BUSY,
+                    f"lease {self._resource} is held by another process or host",
+                )
+            except OSError as exc:
+                os.close(held.fd)
+                return self._refused(msg, ErrorCode.IO_ERROR, f"cannot lock lease file: {exc}")
+            if not msg.create or self._files.still_linked(held, self._resource):
+                self._fd, self._mode = held.fd, msg.mode
+                return LockTaken(self._resource, msg.token)
+            os.close(held.fd)  # another host unlinked it after our open: lock the new file
+        return self._refused(msg, ErrorCode.BUSY, "lease file keeps being replaced by another host")
+
+    def _drop(self, unlink: bool) -> None:
+        if self._fd is None:
+            return
+        if unlink:
+            try:
+                if self._mode is LeaseMode.SHARED:
+                    # Only the last holder anywhere may delete: win exclusive first.
+                    self._files.try_lock(self._fd, shared=False)
+                self._files.unlink_lease(self._resource)
+            except (LockBusyError, OSError):
+                pass  # someone else still holds or is creating it; the file stays
+        os.close(self._fd)
+        self._fd = None
