@@ -1,0 +1,90 @@
+"""The journal on disk: continues after restart, truncates torn tails, rotates."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from actors.events import DaemonStarted, JournalEntry
+from lockd.journal_file import FileJournal, list_segments, read_entries
+from lockd.journal_format import JournalCorruptError
+
+
+def entry(seq: int) -> JournalEntry:
+    return JournalEntry(seq, 1.0, "hv", DaemonStarted("0.1.0", seq))
+
+
+def write(journal: FileJournal, count: int) -> None:
+    for _ in range(count):
+        journal.append([entry(journal.next_seq)])
+
+
+def test_reopen_continues_the_sequence(tmp_path: Path) -> None:
+    """After a restart, sequence numbers carry on with no gap."""
+    journal = FileJournal(str(tmp_path))
+    write(journal, 3)
+    journal.close()
+    reopened = FileJournal(str(tmp_path))
+    assert reopened.next_seq == 4
+    write(reopened, 1)
+    reopened.close()
+    assert [e.seq for e in read_entries(str(tmp_path))] == [1, 2, 3, 4]
+
+
+def test_torn_tail_is_truncated_with_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash mid-write leaves a partial record; reopening drops it and says so."""
+    journal = FileJournal(str(tmp_path))
+    write(journal, 2)
+    journal.close()
+    segment = tmp_path / list_segments(str(tmp_path))[0]
+    with segment.open("ab") as f:
+        f.write(b"\x83\x03\x1a")
+    with caplog.at_level(logging.WARNING):
+        reopened = FileJournal(str(tmp_path))
+    assert "torn tail of 3 bytes" in caplog.text
+    assert reopened.next_seq == 3
+    write(reopened, 1)
+    reopened.close()
+    assert [e.seq for e in read_entries(str(tmp_path))] == [1, 2, 3]
+
+
+def test_corruption_stops_the_open(tmp_path: Path) -> None:
+    """Damage before the tail is an error naming the file, never skipped."""
+    journal = FileJournal(str(tmp_path))
+    write(journal, 3)
+    journal.close()
+    segment = tmp_path / list_segments(str(tmp_path))[0]
+    data = bytearray(segment.read_bytes())
+    data[40] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    with pytest.raises(JournalCorruptError, match="journal-"):
+        FileJournal(str(tmp_path))
+
+
+def test_rotation_starts_a_new_segment_and_reading_spans_them(tmp_path: Path) -> None:
+    """Segments rotate by size; readers see one gapless stream, from any seq."""
+    journal = FileJournal(str(tmp_path), segment_bytes=200)
+    write(journal, 10)
+    journal.close()
+    assert len(list_segments(str(tmp_path))) > 1
+    assert [e.seq for e in read_entries(str(tmp_path))] == list(range(1, 11))
+    assert [e.seq for e in read_entries(str(tmp_path), since_seq=7)] == [7, 8, 9, 10]
+
+
+def test_out_of_sequence_append_is_refused(tmp_path: Path) -> None:
+    """A second writer or a bug cannot leave a gap."""
+    journal = FileJournal(str(tmp_path))
+    with pytest.raises(ValueError, match="continue"):
+        journal.append([entry(5)])
+    journal.close()
+
+
+def test_segments_are_private(tmp_path: Path) -> None:
+    """Journal files are mode 0600: they name every VM's owner."""
+    FileJournal(str(tmp_path / "j")).close()
+    (segment,) = (tmp_path / "j").iterdir()
+    assert segment.stat().st_mode & 0o777 == 0o600
