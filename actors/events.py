@@ -9,12 +9,19 @@ disk and on the wire an entry is one flat CBOR map (see ``docs/journal.md``):
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
 
 from actors.model import LeaseMode, Owner
+
+
+def _owner(value: Owner | dict[str, Any]) -> Owner:
+    return value if isinstance(value, Owner) else Owner.from_wire(value)
+
+
+# Fields convert their wire form (a string, a map) into the domain value, so an
+# event is rebuilt from its map by passing the map's values straight in.
 
 
 class ReleaseReason(enum.StrEnum):
@@ -95,8 +102,8 @@ class LeaseAcquired(Event):
     TYPE: ClassVar[str] = "lease-acquired"
     lockspace: str
     resource: str
-    mode: LeaseMode
-    owner: Owner
+    mode: LeaseMode = attrs.field(converter=LeaseMode)
+    owner: Owner = attrs.field(converter=_owner)
     conn: int
     autocreate: bool
 
@@ -108,10 +115,10 @@ class LeaseReleased(Event):
     TYPE: ClassVar[str] = "lease-released"
     lockspace: str
     resource: str
-    mode: LeaseMode
-    owner: Owner
+    mode: LeaseMode = attrs.field(converter=LeaseMode)
+    owner: Owner = attrs.field(converter=_owner)
     conn: int
-    reason: ReleaseReason
+    reason: ReleaseReason = attrs.field(converter=ReleaseReason)
 
 
 @attrs.frozen
@@ -121,8 +128,8 @@ class LeaseLost(Event):
     TYPE: ClassVar[str] = "lease-lost"
     lockspace: str
     resource: str
-    mode: LeaseMode
-    owner: Owner
+    mode: LeaseMode = attrs.field(converter=LeaseMode)
+    owner: Owner = attrs.field(converter=_owner)
     reason: str
 
 
@@ -131,7 +138,7 @@ class OwnerFenced(Event):
     """lockd signalled an owner so that it stops writing to disks it no longer holds."""
 
     TYPE: ClassVar[str] = "owner-fenced"
-    owner: Owner
+    owner: Owner = attrs.field(converter=_owner)
     signal: str
     reason: str
 
@@ -163,12 +170,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
     )
 }
 
-_DECODERS: dict[str, Callable[[Any], Any]] = {
-    "mode": LeaseMode,
-    "owner": Owner.from_wire,
-    "reason": lambda v: v,
-}
-
 
 def event_to_wire(event: Event) -> dict[str, Any]:
     """Flat CBOR-ready map of an event's fields, with its ``type``."""
@@ -192,12 +193,7 @@ def event_from_wire(data: dict[str, Any]) -> Event:
     for field in attrs.fields(cls):
         if field.name not in data:
             raise ValueError(f"{cls.TYPE} event lacks field {field.name!r}")
-        value = data[field.name]
-        if field.name == "reason" and cls is LeaseReleased:
-            value = ReleaseReason(value)
-        elif field.name in _DECODERS:
-            value = _DECODERS[field.name](value)
-        kwargs[field.name] = value
+        kwargs[field.name] = data[field.name]
     return cls(**kwargs)
 
 

@@ -8,8 +8,6 @@ from typing import Any
 
 import attrs
 
-from protocol.names import check_lockspace_name, check_resource_name
-
 
 class LeaseMode(enum.StrEnum):
     """How a lease is held: write lock (exclusive) or read lock (shared) on byte 0."""
@@ -86,14 +84,3 @@ class OwnerKey:
 
     pid: int
     start_time: int
-
-
-@attrs.frozen(order=True)
-class LeaseKey:
-    """One lease file: a resource name inside a lockspace."""
-
-    lockspace: str = attrs.field(validator=lambda _i, _a, v: check_lockspace_name(v))
-    resource: str = attrs.field(validator=lambda _i, _a, v: check_resource_name(v))
-
-    def __str__(self) -> str:
-        return f"{self.lockspace}/{self.resource}"

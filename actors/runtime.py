@@ -96,10 +96,6 @@ class Dispatcher:
         """Call ``callback(ready_events)`` when ``fd`` is ready. Loop thread only."""
         self._selector.register(fd, events, callback)
 
-    def modify(self, fd: int, events: int, callback: Callable[[int], None]) -> None:
-        """Change what ``fd`` is watched for."""
-        self._selector.modify(fd, events, callback)
-
     def unwatch(self, fd: int) -> None:
         """Stop watching ``fd``; harmless if it was not watched."""
         with contextlib.suppress(KeyError, ValueError):

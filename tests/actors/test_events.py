@@ -13,7 +13,7 @@ from actors.events import (
     ReleaseReason,
     event_from_wire,
 )
-from actors.model import LeaseKey, LeaseMode, Owner
+from actors.model import LeaseMode, Owner
 
 OWNER = Owner(uuid=b"\x01" * 16, name="vm1", id=3, pid=4242, start_time=99)
 
@@ -66,9 +66,3 @@ def test_invalid_owner_cannot_exist(kwargs: dict[str, object]) -> None:
     fields = {"uuid": b"\x01" * 16, "name": "vm", "id": 1, "pid": 1, "start_time": 0, **kwargs}
     with pytest.raises(ValueError):  # noqa: PT011 - attrs validators raise plain ValueError
         Owner(**fields)  # type: ignore[arg-type]
-
-
-def test_lease_key_refuses_path_tricks() -> None:
-    """A lease key cannot name a file outside its lockspace."""
-    with pytest.raises(ValueError):  # noqa: PT011
-        LeaseKey("org.libvirt.lockd.files", "../../etc/passwd")

@@ -16,7 +16,7 @@ from actors.model import LeaseMode
 from actors.runtime import DispatchedActor, Dispatcher
 from lockd.lockfiles import LockspaceDir
 from protocol.errors import ErrorCode
-from tests.lockd.test_lockfiles import probe
+from tests.lockprobe import probe
 
 
 class Inbox(DispatchedActor):

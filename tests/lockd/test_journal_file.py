@@ -9,7 +9,7 @@ import pytest
 
 from actors.events import DaemonStarted, JournalEntry
 from lockd.journal_file import FileJournal, list_segments, read_entries
-from lockd.journal_format import JournalCorruptError
+from lockd.journal_format import JournalCorruptError, encode_header
 
 
 def entry(seq: int) -> JournalEntry:
@@ -59,9 +59,9 @@ def test_corruption_stops_the_open(tmp_path: Path) -> None:
     journal.close()
     segment = tmp_path / list_segments(str(tmp_path))[0]
     data = bytearray(segment.read_bytes())
-    data[40] ^= 0xFF
+    data[len(encode_header(1)) + 10] ^= 0xFF  # inside the first record
     segment.write_bytes(bytes(data))
-    with pytest.raises(JournalCorruptError, match="journal-"):
+    with pytest.raises(JournalCorruptError, match=r"journal-\d+\.cbor: CRC mismatch"):
         FileJournal(str(tmp_path))
 
 
