@@ -15,7 +15,7 @@ import attrs
 import pykka
 
 from actors.model import LeaseMode
-from actors.runtime import DispatchedActor, Dispatcher
+from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 from protocol.errors import ErrorCode
 
 REOPEN_ATTEMPTS = 8
@@ -88,7 +88,7 @@ class LeaseActor(DispatchedActor):
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, TakeLock):
-            message.reply_to.tell(self._take(message))
+            tell_if_alive(message.reply_to, self._take(message))
             return None
         if isinstance(message, DropLock):
             self._drop(message.unlink)

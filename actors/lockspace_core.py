@@ -81,7 +81,8 @@ class ReleaseOwner:
 Command = Acquire | Release | ReleaseOwner
 
 
-def _busy(state: LockspaceState, resource: str, holding: Holding) -> Refusal:
+def refuse_busy(state: LockspaceState, resource: str, holding: Holding) -> Refusal:
+    """The busy refusal for ``resource``, naming every holder on this host."""
     holders = tuple(holding.owners.values())
     names = ", ".join(o.describe() for o in holders)
     return Refusal(
@@ -129,7 +130,7 @@ def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Re
                     )
                 )
         else:
-            return _busy(state, resource, holding)
+            return refuse_busy(state, resource, holding)
     return events
 
 

@@ -190,6 +190,17 @@ class Dispatcher:
         os.close(self._wake_w)
 
 
+def tell_if_alive(ref: pykka.ActorRef[Any] | None, message: Any) -> None:
+    """Send a reply that may outlive its addressee (a connection that closed meanwhile).
+
+    ``ActorRef.tell`` raises on a stopped actor; a reply nobody waits for any
+    more is simply dropped, and must not kill the actor that sends it.
+    """
+    if ref is not None:
+        with contextlib.suppress(ActorDeadError):
+            ref.tell(message)
+
+
 class _Inbox:
     """pykka inbox whose every put schedules one step of its actor on the dispatcher."""
 

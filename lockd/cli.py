@@ -1,17 +1,20 @@
 """The ``lockd`` command line.
 
-Subcommands are added as the capabilities land (see the open issues); each one
-that exists here works end to end.
+Local subcommands (``lease-name``, ``events``) live here; the ones that talk
+to the daemon are in :mod:`lockd.commands`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lockd import __version__
+from lockd.config import default_paths
 from protocol.names import (
     FILES_LOCKSPACE,
     InvalidNameError,
@@ -81,32 +84,172 @@ def _json_ready(value: object) -> object:
     return value
 
 
+def _parse_since(text: str) -> tuple[int, float]:
+    """``--since``: a sequence number, or an ISO 8601 time (UTC unless it says otherwise)."""
+    import datetime
+
+    if text.isdigit():
+        return int(text), 0.0
+    try:
+        when = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since takes a sequence number or an ISO 8601 time, not {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return 1, when.timestamp()
+
+
+def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
+    if args.type and row["type"] not in args.type:
+        return False
+    if args.lockspace and row.get("lockspace") != args.lockspace:
+        return False
+    if args.resource and row.get("resource") != args.resource:
+        return False
+    if args.owner:
+        owner = row.get("owner")
+        if not isinstance(owner, dict):
+            return False
+        import uuid
+
+        names = {str(owner.get("name")), str(owner.get("pid"))}
+        raw = owner.get("uuid")
+        if isinstance(raw, bytes) and len(raw) == 16:
+            names.add(str(uuid.UUID(bytes=raw)))
+        if args.owner not in names:
+            return False
+    return True
+
+
 def _cmd_events(args: argparse.Namespace) -> int:
-    """Print the journal, read straight from its segment files."""
-    from lockd.journal_file import read_entries
+    """Print the journal, read straight from its segment files; --follow keeps reading."""
+    import time
+
+    from lockd.journal_file import JournalFollower
     from lockd.journal_format import JournalCorruptError
 
+    since_seq, since_time = args.since
+    directory = args.journal_dir or default_paths()["journal_dir"]
+    if not os.path.isdir(directory):
+        print(f"lockd events: no journal at {directory}", file=sys.stderr)
+        return 1
+    follower = JournalFollower(directory, since_seq)
     try:
-        for entry in read_entries(args.journal_dir, since_seq=args.since):
-            row = entry.to_wire()
-            if args.json:
-                print(json.dumps(_json_ready(row)))
-            else:
-                print(_format_event(row))
-    except FileNotFoundError:
-        print(f"lockd events: no journal at {args.journal_dir}", file=sys.stderr)
-        return 1
+        while True:
+            for entry in follower.poll():
+                row = entry.to_wire()
+                if row["time"] < since_time or not _matches(row, args):
+                    continue
+                if args.json:
+                    print(json.dumps(_json_ready(row)), flush=args.follow)
+                else:
+                    print(_format_event(row), flush=args.follow)
+            if not args.follow:
+                return 0
+            time.sleep(0.01)
     except JournalCorruptError as exc:
-        print(f"lockd events: {exc}", file=sys.stderr)
+        print(f"lockd events: {directory}: {exc}", file=sys.stderr)
         return 1
-    return 0
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
+    finally:
+        follower.close()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_client_options(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:
+    if admin:
+        parser.add_argument(
+            "--admin-socket",
+            default=None,
+            help="the daemon's admin socket (env LOCKD_ADMIN_SOCKET, else the per-user default)",
+        )
+    parser.add_argument(
+        "--socket",
+        default=None,
+        help="the daemon's socket (env LOCKD_SOCKET, else the per-user default)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table of subcommands
     """The argument parser, separate from main() so tests can inspect it."""
-    parser = argparse.ArgumentParser(prog="lockd", description="Disk lease daemon and client.")
+    from lockd import commands
+
+    parser = argparse.ArgumentParser(
+        prog="lockd",
+        description="Disk lease daemon and client.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage, 69 daemon unreachable, 75 lease busy.",
+    )
     parser.add_argument("--version", action="version", version=f"lockd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", help="TOML configuration file")
+    serve.add_argument("--socket", help="client socket path")
+    serve.add_argument("--admin-socket", help="admin socket path")
+    serve.add_argument("--lock-dir", help="directory of lockspaces (shared storage for hosts)")
+    serve.add_argument("--journal-dir", help="local directory of the event journal")
+    serve.add_argument("--pid-file", help="write (and lock) the daemon pid here")
+    serve.add_argument(
+        "--timeout", type=float, help="exit after this many seconds with no clients and no leases"
+    )
+    serve.add_argument(
+        "--journal-sync", choices=["none", "batch", "always"], help="journal durability"
+    )
+    serve.add_argument("--verbose", "-v", action="store_true", help="log at debug level")
+    serve.set_defaults(func=commands.cmd_serve)
+
+    for name, func, text in (
+        ("status", commands.cmd_status, "daemon version, uptime and counts"),
+        ("lockspaces", commands.cmd_lockspaces, "list lockspaces"),
+        ("clients", commands.cmd_clients, "list client connections"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_client_options(p)
+        p.set_defaults(func=func)
+
+    leases = sub.add_parser("leases", help="list held leases")
+    _add_client_options(leases)
+    leases.add_argument("--lockspace", help="only this lockspace")
+    leases.set_defaults(func=commands.cmd_leases)
+
+    disconnect = sub.add_parser(
+        "disconnect", help="close a client connection (its owner's leases end as on disconnect)"
+    )
+    _add_client_options(disconnect, admin=True)
+    disconnect.add_argument("client", type=int, metavar="ID", help="client id (see lockd clients)")
+    disconnect.set_defaults(func=commands.cmd_disconnect)
+
+    for name, func, text in (
+        ("acquire", commands.cmd_acquire, "acquire leases for an existing process"),
+        ("release", commands.cmd_release, "release leases of an existing process"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_client_options(p)
+        p.add_argument(
+            "--owner-pid", type=int, required=True, help="the process the lease protects"
+        )
+        p.add_argument("--name", help="owner name (default: pid-PID)")
+        p.add_argument("--uuid", help="owner uuid (default: derived from pid and start time)")
+        p.add_argument("--id", type=int, default=1, help="owner id (> 0)")
+        commands.add_lease_arguments(p, acquire=name == "acquire")
+        p.set_defaults(func=func)
+
+    run = sub.add_parser(
+        "run",
+        help="acquire leases, then exec a command holding them",
+        description="Acquire the leases (all or nothing), restrict the connection and exec "
+        "CMD with it: the leases last exactly as long as CMD. A busy lease exits 75.",
+    )
+    _add_client_options(run)
+    run.add_argument("--name", required=True, help="owner name (e.g. the VM name)")
+    run.add_argument("--uuid", help="owner uuid (default: random)")
+    run.add_argument("--id", type=int, default=1, help="owner id (> 0)")
+    commands.add_lease_arguments(run, acquire=True)
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS")
+    run.set_defaults(func=commands.cmd_run)
 
     lease_name = sub.add_parser(
         "lease-name",
@@ -123,10 +266,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the journal (works while the daemon is down)",
         description="Read journal segment files directly and print one event per line.",
     )
-    events.add_argument("--journal-dir", required=True, help="the daemon's journal directory")
-    events.add_argument("--since", type=int, default=1, metavar="SEQ", help="first seq to show")
+    events.add_argument(
+        "--journal-dir", help="the daemon's journal directory (default: per-user default)"
+    )
+    events.add_argument(
+        "--since",
+        type=_parse_since,
+        default=(1, 0.0),
+        metavar="SEQ|TIME",
+        help="first sequence number, or an ISO 8601 time",
+    )
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    events.add_argument("--type", action="append", help="only this event type (repeatable)")
+    events.add_argument("--lockspace", help="only events of this lockspace")
+    events.add_argument("--resource", help="only events of this resource")
+    events.add_argument("--owner", help="only events of this owner (name, uuid or pid)")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.set_defaults(func=_cmd_events)
+
+    bench = sub.add_parser("bench", help="measure acquire+release pairs against a daemon")
+    _add_client_options(bench)
+    bench.add_argument("--ops", type=int, default=2000, help="sequential pairs")
+    bench.add_argument(
+        "--concurrency",
+        default="1,4,16",
+        help="comma-separated connection counts for the concurrent runs ('' to skip)",
+    )
+    bench.add_argument("--tp-ops", type=int, default=8000, help="pairs per concurrent run")
+    bench.add_argument("--warmup", type=int, default=200, help="pairs before measuring")
+    bench.set_defaults(func=commands.cmd_bench)
     return parser
 
 

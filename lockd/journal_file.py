@@ -14,13 +14,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from actors.events import JournalEntry
 from lockd.journal_format import (
     JournalCorruptError,
+    decode_records,
     decode_segment,
     encode_header,
     encode_record,
+    header_length,
 )
 
 log = logging.getLogger(__name__)
@@ -142,3 +145,63 @@ class FileJournal:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+class JournalFollower:
+    """Reads new entries as the daemon appends them, across segment rotation.
+
+    Keeps the current segment open at the end of the last complete record, so
+    each poll costs only the new bytes.
+    """
+
+    def __init__(self, directory: str, since_seq: int = 1) -> None:
+        self.directory = directory
+        self.next_seq = since_seq
+        self._name: str | None = None
+        self._file: Any = None
+        self._pending = b""
+        self._expected = 0
+
+    def close(self) -> None:
+        """Close the open segment."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open(self, name: str) -> None:
+        self.close()
+        self._file = open(os.path.join(self.directory, name), "rb")  # noqa: SIM115 - kept open
+        self._name = name
+        head = self._file.read(256)
+        first_seq, length = header_length(head)
+        self._file.seek(length)
+        self._pending = b""
+        self._expected = first_seq
+
+    def poll(self) -> list[JournalEntry]:
+        """Entries with seq >= next_seq written since the last poll (may be empty)."""
+        names = list_segments(self.directory)
+        if not names:
+            return []
+        if self._name is None:
+            start = names[0]
+            for name in names:
+                if _first_seq(name) <= self.next_seq:
+                    start = name
+            self._open(start)
+        out: list[JournalEntry] = []
+        while True:
+            assert self._file is not None
+            self._pending += self._file.read()
+            entries, used = decode_records(self._pending, self._expected)
+            self._pending = self._pending[used:]
+            self._expected += len(entries)
+            out.extend(e for e in entries if e.seq >= self.next_seq)
+            later = [n for n in names if self._name is not None and n > self._name]
+            if later and not self._pending:
+                self._open(later[0])  # the writer rotated: go on in the next segment
+                continue
+            break
+        if out:
+            self.next_seq = out[-1].seq + 1
+        return out

@@ -129,3 +129,37 @@ def _read_record(
         return f"record {seq} holds entry {entry.seq}"
     entries.append(entry)
     return None
+
+
+def decode_records(data: bytes, expected: int) -> tuple[list[JournalEntry], int]:
+    """Complete records at the start of ``data`` (a segment body, after its header).
+
+    Returns the entries and how many bytes they took; an incomplete record at
+    the end is left for the next call (a follower reading while the daemon
+    writes). A damaged complete record raises JournalCorruptError.
+    """
+    stream = io.BytesIO(data)
+    decoder = _strict_decoder(stream)
+    entries: list[JournalEntry] = []
+    good = 0
+    while good < len(data):
+        reason = _read_record(decoder, expected, entries)
+        if reason is not None:
+            if reason.endswith("(truncated)"):
+                break
+            raise JournalCorruptError(good, reason)
+        good = stream.tell()
+        expected += 1
+    return entries, good
+
+
+def header_length(data: bytes) -> tuple[int, int]:
+    """(first_seq, bytes taken by the header) of a segment that starts with ``data``."""
+    stream = io.BytesIO(data)
+    try:
+        first_seq = _check_header(_strict_decoder(stream).decode())
+    except JournalCorruptError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decode failure of the header is corruption
+        raise JournalCorruptError(0, f"unreadable header: {exc}") from None
+    return first_seq, stream.tell()

@@ -1,0 +1,589 @@
+"""ConnectionActor: one client connection, whatever carries its bytes.
+
+It owns the connection's sans-I/O protocol state (``protocol.server``), the
+registered owner and the restricted flag, and serves one request at a time:
+while a request is in progress, later frames wait in the decoder, and the
+transport stops reading once that backlog passes a bound, so a client cannot
+make the daemon buffer without limit.
+
+Every cross-actor step is a tell with a token; the reply runs the
+continuation registered for that token. Nothing here blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+import pykka
+
+from actors.events import ReleaseReason
+from actors.journal import Published, Subscribe, Unsubscribe
+from actors.lockspace import AcquireLeases, CreateResource, DeleteResource, Done, ReleaseLeases
+from actors.model import LeaseMode, Owner
+from actors.owners import ConnectionClosed, Watch
+from actors.router import (
+    ClientChanged,
+    ClientGone,
+    ClientInfo,
+    CloseForAdmin,
+    CreateLockspace,
+    Found,
+    Gather,
+    Gathered,
+    Kick,
+    Kicked,
+    Lookup,
+    ReleaseOwnerEverywhere,
+)
+from actors.runtime import DispatchedActor, Dispatcher
+from protocol import messages as m
+from protocol.errors import ErrorCode
+from protocol.server import Refused, ServerProtocol
+
+log = logging.getLogger(__name__)
+
+MAX_PUSH_BACKLOG = 4 * 1024 * 1024
+"""Bytes of unsent events a subscriber may fall behind before it is disconnected."""
+WAIT_RETRY_SECONDS = (0.02, 0.05, 0.1, 0.2, 0.5)
+"""Back-off between attempts of an acquire that asked to wait for a busy lease."""
+
+
+class Transport(Protocol):
+    """Carries a connection's bytes (real: lockd.server.SocketTransport)."""
+
+    peer_pid: int
+    peer_uid: int
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the peer; never blocks."""
+        ...
+
+    @property
+    def backlog(self) -> int:
+        """Bytes queued and not yet sent."""
+        ...
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class ProcessInfo(Protocol):
+    """What registration needs to know about a process (real: lockd.procs)."""
+
+    def start_time(self, pid: int) -> int | None: ...
+    def uid_of(self, pid: int) -> int | None: ...
+
+
+@attrs.frozen
+class ServerInfo:
+    """Facts about the daemon that ``status`` reports."""
+
+    version: str
+    pid: int
+    started: float
+    host: str
+
+
+@attrs.frozen
+class Received:
+    """Bytes from the peer; ``b""`` means it closed its end."""
+
+    data: bytes
+
+
+@attrs.frozen
+class _Retry:
+    token: int
+
+
+@attrs.define
+class _Acquisition:
+    request: m.Acquire
+    groups: tuple[tuple[str, tuple[tuple[str, LeaseMode], ...]], ...]
+    deadline: float
+    attempt: int = 0
+    taken: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list)
+    """Per lockspace, the resources this acquire newly gave the owner (what a rollback undoes)."""
+
+
+class ConnectionActor(DispatchedActor):
+    """Serves one client connection."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        conn_id: int,
+        transport: Transport,
+        router: pykka.ActorRef[Any],
+        owners: pykka.ActorRef[Any],
+        journal: pykka.ActorRef[Any],
+        processes: ProcessInfo,
+        info: ServerInfo,
+        admin: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(dispatcher)
+        self.conn_id = conn_id
+        self._transport = transport
+        self._router = router
+        self._owners = owners
+        self._journal = journal
+        self._processes = processes
+        self._info = info
+        self._admin = admin
+        self._clock = clock
+        self._protocol = ServerProtocol()
+        self._owner: Owner | None = None
+        self._restricted = False
+        self._subscribed = False
+        self._busy = False
+        self._reading = True
+        self._closed = False
+        self._tokens = itertools.count(1)
+        self._waits: dict[int, Callable[[Any], None]] = {}
+        self._lockspaces: dict[str, pykka.ActorRef[Any]] = {}
+        self._client = ClientInfo(
+            conn_id, transport.peer_pid, transport.peer_uid, admin, wall_clock()
+        )
+
+    # -- lifecycle ------------------------------------------------------------------
+    def on_start(self) -> None:
+        self._publish_info()
+
+    def _publish_info(self) -> None:
+        self._client = attrs.evolve(
+            self._client, owner=self._owner, restricted=self._restricted, ref=self.actor_ref
+        )
+        self._router.tell(ClientChanged(self._client))
+
+    def _close(self, *, admin: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._transport.close()
+        self._router.tell(ClientGone(self.conn_id))
+        if self._subscribed:
+            self._journal.tell(Unsubscribe(self.actor_ref))
+        if self._owner is not None:
+            self._owners.tell(
+                ConnectionClosed(self._owner, self.conn_id, self._transport.peer_pid, admin)
+            )
+        if not self._waits:
+            self.stop()
+
+    # -- messages -------------------------------------------------------------------
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Received):
+            if not self._closed:
+                self._protocol.receive_data(message.data)
+                self._pump()
+        elif isinstance(message, Found | Done | Gathered | Kicked | _Retry):
+            then = self._waits.pop(message.token, None)
+            if then is not None:
+                then(message)
+            if self._closed and not self._waits:
+                self.stop()
+        elif isinstance(message, Published):
+            self._push(message)
+        elif isinstance(message, CloseForAdmin):
+            log.info("client %d disconnected by an operator", self.conn_id)
+            self._close(admin=True)
+        else:
+            return super().on_receive(message)
+        return None
+
+    def _wait(self, then: Callable[[Any], None]) -> int:
+        token = next(self._tokens)
+        self._waits[token] = then
+        return token
+
+    def _pump(self) -> None:
+        """Take the next request when idle; apply back-pressure when the backlog grows."""
+        while not self._busy and not self._closed:
+            incoming = self._protocol.next_incoming()
+            if incoming is None:
+                break
+            if isinstance(incoming, Refused):
+                self._transport.write(self._protocol.refusal(incoming))
+                if incoming.fatal:
+                    self._close()
+                continue
+            self._busy = True
+            self._handle(incoming)
+        if self._closed:
+            return
+        if self._protocol.closed and not self._busy:
+            self._close()
+            return
+        backlog = self._protocol.buffered > 2 * 65536
+        if backlog and self._reading:
+            self._reading = False
+            self._transport.pause_reading()
+        elif not backlog and not self._reading:
+            self._reading = True
+            self._transport.resume_reading()
+
+    def _reply(self, request: m.Request, result: dict[str, Any]) -> None:
+        if not self._closed:
+            self._transport.write(self._protocol.reply(request.id, result))
+        self._busy = False
+        self._pump()
+
+    def _error(self, request: m.Request, code: ErrorCode, message: str, **details: Any) -> None:
+        if not self._closed:
+            self._transport.write(self._protocol.error(request.id, code, message, **details))
+        self._busy = False
+        self._pump()
+
+    # -- requests --------------------------------------------------------------------
+    def _handle(self, request: m.Request) -> None:
+        if self._restricted:
+            self._error(
+                request, ErrorCode.RESTRICTED, f"{request.OP}: this connection is restricted"
+            )
+            return
+        if isinstance(request, m.Hello):
+            self._reply(request, self._protocol.hello_result(f"lockd {self._info.version}"))
+        elif isinstance(request, m.Register):
+            self._register(request)
+        elif isinstance(request, m.Restrict):
+            self._restricted = True
+            self._publish_info()
+            self._reply(request, {})
+        elif isinstance(request, m.CreateLockspace):
+            self._router.tell(
+                CreateLockspace(
+                    request.lockspace,
+                    self.conn_id,
+                    self._wait(lambda found: self._lockspace_created(request, found)),
+                    self.actor_ref,
+                )
+            )
+        elif isinstance(request, m.CreateResource | m.DeleteResource):
+            self._resource_op(request)
+        elif isinstance(request, m.Acquire):
+            self._acquire(request)
+        elif isinstance(request, m.Release):
+            self._release(request)
+        elif isinstance(request, m.Inquire | m.ListLeases | m.ListLockspaces | m.ListClients):
+            if isinstance(request, m.Inquire) and self._owner is None:
+                self._error(request, ErrorCode.NOT_REGISTERED, "inquire: register an owner first")
+                return
+            self._router.tell(Gather(self._wait(lambda g: self._query(request, g)), self.actor_ref))
+        elif isinstance(request, m.Status):
+            self._router.tell(
+                Gather(self._wait(lambda g: self._status(request, g)), self.actor_ref)
+            )
+        elif isinstance(request, m.Subscribe):
+            if not self._subscribed:
+                self._subscribed = True
+                self._journal.tell(Subscribe(self.actor_ref))
+            self._reply(request, {})
+        elif isinstance(request, m.Disconnect):
+            if not self._admin:
+                self._error(
+                    request,
+                    ErrorCode.PERMISSION_DENIED,
+                    "disconnect is served on the admin socket only",
+                )
+                return
+            token = self._wait(lambda k: self._kicked(request, k))
+            self._router.tell(Kick(request.client, token, self.actor_ref))
+        else:  # pragma: no cover - request_from_wire only builds the types above
+            self._error(request, ErrorCode.INTERNAL, f"{request.OP}: not implemented")
+
+    def _register(self, request: m.Register) -> None:
+        if self._owner is not None:
+            self._error(
+                request,
+                ErrorCode.INVALID_ARGUMENT,
+                "register: this connection already has an owner",
+            )
+            return
+        ident = request.owner
+        peer_uid = self._transport.peer_uid
+        started = self._processes.start_time(ident.pid)
+        uid = self._processes.uid_of(ident.pid)
+        if started is None or uid is None:
+            self._error(request, ErrorCode.NOT_FOUND, f"register: no process with pid {ident.pid}")
+            return
+        if ident.pid != self._transport.peer_pid and peer_uid not in (0, uid):
+            self._error(
+                request,
+                ErrorCode.PERMISSION_DENIED,
+                f"register: pid {ident.pid} runs as uid {uid}; "
+                f"only root or uid {uid} may register it",
+            )
+            return
+        self._owner = Owner(ident.uuid, ident.name, ident.id, ident.pid, started)
+        self._owners.tell(Watch(self._owner))
+        self._publish_info()
+        self._reply(request, {"client": self.conn_id, "owner": self._owner.to_wire()})
+
+    def _lockspace_created(self, request: m.CreateLockspace, found: Found) -> None:
+        if found.ref is None:
+            assert found.code is not None
+            self._error(request, found.code, found.message)
+            return
+        self._lockspaces[found.lockspace] = found.ref
+        self._reply(request, {"lockspace": found.lockspace, "created": found.created})
+
+    def _with_lockspaces(
+        self, request: m.Request, names: list[str], then: Callable[[], None]
+    ) -> None:
+        """Run ``then`` once every named lockspace's actor is known, or reply the lookup error."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._lockspaces]
+        if not missing:
+            then()
+            return
+        name = missing[0]
+
+        def found(reply: Found) -> None:
+            if reply.ref is None:
+                assert reply.code is not None
+                self._error(request, reply.code, reply.message)
+                return
+            self._lockspaces[name] = reply.ref
+            self._with_lockspaces(request, names, then)
+
+        self._router.tell(Lookup(name, self._wait(found), self.actor_ref))
+
+    def _resource_op(self, request: m.CreateResource | m.DeleteResource) -> None:
+        def send() -> None:
+            ref = self._lockspaces[request.lockspace]
+            token = self._wait(lambda done: self._resource_done(request, done))
+            cls = CreateResource if isinstance(request, m.CreateResource) else DeleteResource
+            ref.tell(cls(request.resource, self.conn_id, token, self.actor_ref))
+
+        self._with_lockspaces(request, [request.lockspace], send)
+
+    def _resource_done(self, request: m.CreateResource | m.DeleteResource, done: Done) -> None:
+        if done.refusal is not None:
+            self._refused(request, done)
+            return
+        key = "created" if isinstance(request, m.CreateResource) else "deleted"
+        self._reply(request, {key: True})
+
+    def _refused(self, request: m.Request, done: Done) -> None:
+        assert done.refusal is not None
+        details: dict[str, Any] = {}
+        if done.refusal.code is ErrorCode.BUSY:
+            details["holders"] = [o.to_wire() for o in done.refusal.holders]
+        self._error(request, done.refusal.code, done.refusal.message, **details)
+
+    # -- acquire ------------------------------------------------------------------------
+    def _acquire(self, request: m.Acquire) -> None:
+        if self._owner is None:
+            self._error(request, ErrorCode.NOT_REGISTERED, "acquire: register an owner first")
+            return
+        grouped: dict[str, list[tuple[str, LeaseMode]]] = {}
+        for lease in request.leases:
+            mode = LeaseMode.SHARED if lease.shared else LeaseMode.EXCLUSIVE
+            grouped.setdefault(lease.lockspace, []).append((lease.resource, mode))
+        job = _Acquisition(
+            request,
+            tuple((ls, tuple(items)) for ls, items in grouped.items()),
+            self._clock() + request.wait,
+        )
+        self._with_lockspaces(request, list(grouped), lambda: self._acquire_group(job, 0))
+
+    def _acquire_group(self, job: _Acquisition, index: int) -> None:
+        assert self._owner is not None
+        lockspace, items = job.groups[index]
+        token = self._wait(lambda done: self._acquired_group(job, index, done))
+        self._lockspaces[lockspace].tell(
+            AcquireLeases(
+                self._owner, items, job.request.autocreate, self.conn_id, token, self.actor_ref
+            )
+        )
+
+    def _rollback(self, job: _Acquisition) -> None:
+        """Release what this acquire took so far, and only that."""
+        assert self._owner is not None
+        for lockspace, resources in job.taken:
+            self._lockspaces[lockspace].tell(
+                ReleaseLeases(
+                    self._owner, resources, self.conn_id, ReleaseReason.ROLLBACK, 0, self.actor_ref
+                )
+            )  # token 0: nobody waits for it, and the lockspace orders it before our next command
+        job.taken.clear()
+
+    def _acquired_group(self, job: _Acquisition, index: int, done: Done) -> None:
+        lockspace = job.groups[index][0]
+        if done.entries:
+            job.taken.append((lockspace, tuple(e.event.resource for e in done.entries)))  # type: ignore[attr-defined]
+        if done.refusal is None and self._closed:
+            self._rollback(job)  # the client left mid-request: it changes nothing
+            return
+        if done.refusal is not None:
+            self._rollback(job)
+            if done.refusal.code is ErrorCode.BUSY and not self._closed:
+                delay = WAIT_RETRY_SECONDS[min(job.attempt, len(WAIT_RETRY_SECONDS) - 1)]
+                if self._clock() + delay <= job.deadline:
+                    job.attempt += 1
+                    token = self._wait(lambda _r: self._acquire_group(job, 0))
+                    ref = self.actor_ref
+                    self.dispatcher.call_later(delay, lambda: ref.tell(_Retry(token)))
+                    return
+            self._refused(job.request, done)
+            return
+        if index + 1 < len(job.groups):
+            self._acquire_group(job, index + 1)
+            return
+        self._reply(
+            job.request,
+            {
+                "leases": [
+                    {
+                        "lockspace": lease.lockspace,
+                        "resource": lease.resource,
+                        "mode": "shared" if lease.shared else "exclusive",
+                    }
+                    for lease in job.request.leases
+                ]
+            },
+        )
+
+    # -- release ------------------------------------------------------------------------
+    def _release(self, request: m.Release) -> None:
+        owner = self._owner
+        if owner is None:
+            self._error(request, ErrorCode.NOT_REGISTERED, "release: register an owner first")
+            return
+        if request.all:
+            token = self._wait(lambda r: self._reply(request, {"released": len(r.entries)}))
+            self._router.tell(
+                ReleaseOwnerEverywhere(
+                    owner.key, self.conn_id, ReleaseReason.CLIENT, token, self.actor_ref
+                )
+            )
+            return
+        grouped: dict[str, list[str]] = {}
+        for lockspace, resource in request.leases:
+            grouped.setdefault(lockspace, []).append(resource)
+        groups = list(grouped.items())
+
+        def step(index: int, released: int) -> None:
+            lockspace, resources = groups[index]
+
+            def done(reply: Done) -> None:
+                if reply.refusal is not None:
+                    self._refused(request, reply)
+                elif index + 1 < len(groups):
+                    step(index + 1, released + len(reply.entries))
+                else:
+                    self._reply(request, {"released": released + len(reply.entries)})
+
+            self._lockspaces[lockspace].tell(
+                ReleaseLeases(
+                    owner, tuple(resources), self.conn_id, ReleaseReason.CLIENT,
+                    self._wait(done), self.actor_ref,
+                )
+            )  # fmt: skip
+
+        self._with_lockspaces(request, list(grouped), lambda: step(0, 0))
+
+    # -- queries ---------------------------------------------------------------------------
+    def _query(self, request: m.Request, gathered: Gathered) -> None:
+        if isinstance(request, m.ListLockspaces):
+            self._reply(
+                request,
+                {
+                    "lockspaces": [
+                        {"name": s.name, "path": s.path, "leases": len(s.leases)}
+                        for s in gathered.lockspaces
+                    ]
+                },
+            )
+            return
+        if isinstance(request, m.ListClients):
+            self._reply(request, {"clients": [_client_to_wire(c) for c in gathered.clients]})
+            return
+        leases = [lease for s in gathered.lockspaces for lease in s.leases]
+        if isinstance(request, m.ListLeases) and request.lockspace is not None:
+            leases = [lease for lease in leases if lease.lockspace == request.lockspace]
+        if isinstance(request, m.Inquire):
+            assert self._owner is not None
+            key = self._owner.key
+            mine = [
+                {"lockspace": lease.lockspace, "resource": lease.resource, "mode": lease.mode.value}
+                for lease in leases
+                if any(h.owner.key == key for h in lease.holders)
+            ]
+            self._reply(request, {"owner": self._owner.to_wire(), "leases": mine})
+            return
+        self._reply(
+            request,
+            {
+                "leases": [
+                    {
+                        "lockspace": lease.lockspace,
+                        "resource": lease.resource,
+                        "mode": lease.mode.value,
+                        "owners": [{**h.owner.to_wire(), "since": h.since} for h in lease.holders],
+                    }
+                    for lease in leases
+                ]
+            },
+        )
+
+    def _status(self, request: m.Status, gathered: Gathered) -> None:
+        owners = {
+            h.owner.key for s in gathered.lockspaces for lease in s.leases for h in lease.holders
+        }
+        self._reply(
+            request,
+            {
+                "version": self._info.version,
+                "pid": self._info.pid,
+                "host": self._info.host,
+                "uptime_s": round(self._clock() - self._info.started, 3),
+                "clients": len(gathered.clients),
+                "lockspaces": len(gathered.lockspaces),
+                "leases": sum(len(s.leases) for s in gathered.lockspaces),
+                "owners": len(owners),
+                "journal_seq": gathered.last_seq,
+            },
+        )
+
+    def _kicked(self, request: m.Disconnect, kicked: Kicked) -> None:
+        if not kicked.found:
+            self._error(request, ErrorCode.NOT_FOUND, f"disconnect: no client {request.client}")
+            return
+        self._reply(request, {"client": request.client})
+
+    # -- events --------------------------------------------------------------------------
+    def _push(self, published: Published) -> None:
+        if self._closed or not self._subscribed:
+            return
+        for entry in published.entries:
+            self._transport.write(self._protocol.push({"event": entry.to_wire()}))
+        if self._transport.backlog > MAX_PUSH_BACKLOG:
+            log.warning(
+                "client %d fell %d bytes behind its event subscription; disconnecting it",
+                self.conn_id,
+                self._transport.backlog,
+            )
+            self._close()
+
+
+def _client_to_wire(client: ClientInfo) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": client.id,
+        "pid": client.pid,
+        "uid": client.uid,
+        "admin": client.admin,
+        "restricted": client.restricted,
+        "connected_since": client.connected_since,
+    }
+    if client.owner is not None:
+        out["owner"] = client.owner.to_wire()
+    return out

@@ -1,0 +1,180 @@
+"""JournalActor: every event reaches the journal before the reply that makes it visible.
+
+Actors send :class:`Append` and get :class:`Appended` back once the entries
+are written (``write()`` has returned, so they survive a crash of the daemon
+process) and, for ``journal_sync = batch | always``, flushed to the disk.
+
+Group commit: appends queue in this actor's inbox while the dispatcher runs
+other work. The first append of a batch sends :class:`Flush` to the actor
+itself, which lands behind every append already queued; the flush then
+writes them all with one ``write()`` and, for ``batch``, one ``fdatasync``.
+``always`` syncs every append on its own, which costs one fdatasync each.
+
+Subscribers (``subscribe`` connections, ``lockd events`` followers through
+the socket) get each written entry as :class:`Published`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import attrs
+import pykka
+
+from actors.events import Event, JournalEntry
+from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
+
+log = logging.getLogger(__name__)
+
+
+class SyncPolicy(enum.StrEnum):
+    """What an appended event survives before its reply goes out."""
+
+    NONE = "none"
+    """write() only: survives a daemon crash, not a host crash."""
+    BATCH = "batch"
+    """One fdatasync per group of appends queued together: survives a host crash."""
+    ALWAYS = "always"
+    """One fdatasync per append: survives a host crash, no grouping."""
+
+
+class JournalWriter(Protocol):
+    """Where entries go (real: lockd.journal_file.FileJournal)."""
+
+    next_seq: int
+
+    def append(self, entries: Sequence[JournalEntry]) -> None: ...
+    def sync(self) -> None: ...
+
+
+@attrs.frozen
+class Append:
+    """Journal ``events`` and tell ``reply_to`` :class:`Appended` or :class:`AppendFailed`."""
+
+    events: tuple[Event, ...]
+    token: int
+    reply_to: pykka.ActorRef[Any] | None
+
+
+@attrs.frozen
+class Appended:
+    """Reply: the events are in the journal as these entries."""
+
+    token: int
+    entries: tuple[JournalEntry, ...]
+
+
+@attrs.frozen
+class AppendFailed:
+    """Reply: the journal could not be written; nothing was appended."""
+
+    token: int
+    message: str
+
+
+@attrs.frozen
+class Flush:
+    """Self-sent: write every append queued so far."""
+
+
+@attrs.frozen
+class Subscribe:
+    """Send every entry written from now on to ``subscriber`` as :class:`Published`."""
+
+    subscriber: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class Unsubscribe:
+    """Stop sending entries to ``subscriber``."""
+
+    subscriber: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class Published:
+    """Entries just written, for a subscriber."""
+
+    entries: tuple[JournalEntry, ...]
+
+
+class JournalActor(DispatchedActor):
+    """The only writer of the journal."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        writer: JournalWriter,
+        *,
+        sync: SyncPolicy = SyncPolicy.NONE,
+        host: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(dispatcher)
+        self._writer = writer
+        self._sync = sync
+        self._host = host or socket.gethostname()
+        self._clock = clock
+        self._pending: list[Append] = []
+        self._subscribers: dict[str, pykka.ActorRef[Any]] = {}
+        self.failed_writes = 0
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Append):
+            if self._sync is SyncPolicy.ALWAYS:
+                self._write([message])
+            else:
+                if not self._pending:
+                    self.actor_ref.tell(Flush())
+                self._pending.append(message)
+            return None
+        if isinstance(message, Flush):
+            batch, self._pending = self._pending, []
+            if batch:
+                self._write(batch)
+            return None
+        if isinstance(message, Subscribe):
+            self._subscribers[message.subscriber.actor_urn] = message.subscriber
+            return None
+        if isinstance(message, Unsubscribe):
+            self._subscribers.pop(message.subscriber.actor_urn, None)
+            return None
+        return super().on_receive(message)
+
+    def _write(self, batch: list[Append]) -> None:
+        now = self._clock()
+        seq = self._writer.next_seq
+        groups: list[tuple[Append, tuple[JournalEntry, ...]]] = []
+        for append in batch:
+            entries = tuple(
+                JournalEntry(seq + i, now, self._host, event)
+                for i, event in enumerate(append.events)
+            )
+            seq += len(entries)
+            groups.append((append, entries))
+        everything = [e for _, entries in groups for e in entries]
+        try:
+            self._writer.append(everything)
+            if self._sync is not SyncPolicy.NONE:
+                self._writer.sync()
+        except OSError as exc:
+            self.failed_writes += 1
+            log.error("journal write failed, refusing the changes it carried: %s", exc)
+            for append, _ in groups:
+                if append.reply_to is not None:
+                    tell_if_alive(
+                        append.reply_to, AppendFailed(append.token, f"journal write failed: {exc}")
+                    )
+            return
+        for append, entries in groups:
+            if append.reply_to is not None:
+                tell_if_alive(append.reply_to, Appended(append.token, entries))
+        if self._subscribers and everything:
+            published = Published(tuple(everything))
+            for ref in list(self._subscribers.values()):
+                tell_if_alive(ref, published)

@@ -1,0 +1,430 @@
+"""LockspaceActor: one lockspace's lease table, its lease actors and its journal writes.
+
+Each command runs decide -> kernel locks (lease actors) -> journal -> apply ->
+reply, as messages on the dispatcher, so a command waiting for the journal
+never holds up the rest of the daemon. Commands touching the same resources
+or the same owner as one still in flight wait for it (in arrival order);
+others run alongside it, which lets the journal group their writes.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+from typing import Any
+
+import attrs
+import pykka
+
+from actors import lockspace_core as core
+from actors.events import (
+    Event,
+    JournalEntry,
+    LeaseAcquired,
+    LeaseReleased,
+    ReleaseReason,
+    ResourceCreated,
+    ResourceDeleted,
+)
+from actors.journal import Append, Appended, AppendFailed
+from actors.lease import (
+    DropLock,
+    LeaseActor,
+    LockBusyError,
+    LockRefused,
+    LockTaken,
+    TakeLock,
+)
+from actors.model import LeaseMode, Owner, OwnerKey
+from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
+from protocol.errors import ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+# -- messages --------------------------------------------------------------
+
+
+@attrs.frozen
+class AcquireLeases:
+    """Take ``items`` for ``owner``, all or none."""
+
+    owner: Owner
+    items: tuple[tuple[str, LeaseMode], ...]
+    autocreate: bool
+    conn: int
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class ReleaseLeases:
+    """Release ``resources`` held by ``owner``."""
+
+    owner: Owner
+    resources: tuple[str, ...]
+    conn: int
+    reason: ReleaseReason
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class ReleaseOwner:
+    """End every lease ``owner`` holds here (exit, disconnect, admin); reply may be None."""
+
+    owner: OwnerKey
+    conn: int
+    reason: ReleaseReason
+    token: int
+    reply_to: pykka.ActorRef[Any] | None
+
+
+@attrs.frozen
+class CreateResource:
+    """Create the lease file (idempotent)."""
+
+    resource: str
+    conn: int
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class DeleteResource:
+    """Delete the lease file when nobody holds it."""
+
+    resource: str
+    conn: int
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class Done:
+    """Reply to a command: the journal entries it produced, or why it was refused."""
+
+    token: int
+    lockspace: str
+    entries: tuple[JournalEntry, ...] = ()
+    refusal: core.Refusal | None = None
+
+
+@attrs.frozen
+class Holder:
+    """One owner of a held lease, and since when (UTC seconds)."""
+
+    owner: Owner
+    since: float
+
+
+@attrs.frozen
+class LeaseView:
+    """A held lease as queries see it."""
+
+    lockspace: str
+    resource: str
+    mode: LeaseMode
+    holders: tuple[Holder, ...]
+
+
+@attrs.frozen
+class Snapshot:
+    """What a lockspace holds right now."""
+
+    name: str
+    path: str
+    leases: tuple[LeaseView, ...]
+
+
+@attrs.frozen
+class TakeSnapshot:
+    """Query: reply with :class:`SnapshotTaken`."""
+
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class SnapshotTaken:
+    """Reply to :class:`TakeSnapshot`."""
+
+    token: int
+    snapshot: Snapshot
+
+
+Command = AcquireLeases | ReleaseLeases | ReleaseOwner | CreateResource | DeleteResource
+
+
+@attrs.define
+class _InFlight:
+    command: Command
+    resources: frozenset[str]
+    owner: OwnerKey | None
+    events: list[Event] = attrs.field(factory=list)
+    waiting_locks: int = 0
+    taken: list[str] = attrs.field(factory=list)
+    refused: LockRefused | None = None
+
+
+def _owner_key(command: Command) -> OwnerKey | None:
+    if isinstance(command, AcquireLeases | ReleaseLeases):
+        return command.owner.key
+    if isinstance(command, ReleaseOwner):
+        return command.owner
+    return None
+
+
+class LockspaceActor(DispatchedActor):
+    """Owns one lockspace: its table, its lease actors, its commands in flight."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        name: str,
+        files: Any,
+        journal: pykka.ActorRef[Any],
+    ) -> None:
+        super().__init__(dispatcher)
+        self.name = name
+        self._files = files
+        self._journal = journal
+        self._state = core.LockspaceState(name)
+        self._since: dict[tuple[str, OwnerKey], float] = {}
+        self._leases: dict[str, pykka.ActorRef[Any]] = {}
+        self._tokens = itertools.count(1)
+        self._inflight: dict[int, _InFlight] = {}
+        self._queued: collections.deque[Command] = collections.deque()
+
+    # -- entry ------------------------------------------------------------
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(
+            message, AcquireLeases | ReleaseLeases | ReleaseOwner | CreateResource | DeleteResource
+        ):
+            self._queued.append(message)
+            self._run_queued()
+        elif isinstance(message, LockTaken | LockRefused):
+            self._on_lock_reply(message)
+        elif isinstance(message, Appended | AppendFailed):
+            self._on_journal_reply(message)
+        elif isinstance(message, TakeSnapshot):
+            tell_if_alive(message.reply_to, SnapshotTaken(message.token, self.snapshot()))
+        else:
+            return super().on_receive(message)
+        return None
+
+    def on_stop(self) -> None:
+        # Stopping the daemon keeps every lock: lease actors close their fds
+        # only when told to drop, and the process exit closes them otherwise.
+        self._files.close()
+
+    def snapshot(self) -> Snapshot:
+        """The lockspace's held leases, sorted by resource."""
+        return Snapshot(
+            self.name,
+            self._files.path,
+            tuple(
+                LeaseView(
+                    self.name,
+                    resource,
+                    holding.mode,
+                    tuple(
+                        Holder(owner, self._since.get((resource, key), 0.0))
+                        for key, owner in sorted(holding.owners.items())
+                    ),
+                )
+                for resource, holding in sorted(self._state.held.items())
+            ),
+        )
+
+    # -- scheduling of commands ---------------------------------------------
+    def _resources_of(self, command: Command) -> frozenset[str]:
+        if isinstance(command, AcquireLeases):
+            return frozenset(r for r, _ in command.items)
+        if isinstance(command, ReleaseLeases):
+            return frozenset(command.resources)
+        if isinstance(command, ReleaseOwner):
+            return frozenset(self._state.leases_of(command.owner))
+        return frozenset({command.resource})
+
+    def _run_queued(self) -> None:
+        """Start every queued command that conflicts with nothing in flight or ahead of it."""
+        blocked_resources: set[str] = set()
+        blocked_owners: set[OwnerKey] = set()
+        for flight in self._inflight.values():
+            blocked_resources |= flight.resources
+            if flight.owner is not None:
+                blocked_owners.add(flight.owner)
+        still: collections.deque[Command] = collections.deque()
+        while self._queued:
+            command = self._queued.popleft()
+            resources = self._resources_of(command)
+            owner = _owner_key(command)
+            if resources & blocked_resources or (owner is not None and owner in blocked_owners):
+                still.append(command)
+            else:
+                self._start(command, resources, owner)
+            # Whatever ran or waits here blocks later commands on the same things.
+            blocked_resources |= resources
+            if owner is not None:
+                blocked_owners.add(owner)
+        self._queued = still
+
+    def _start(self, command: Command, resources: frozenset[str], owner: OwnerKey | None) -> None:
+        if isinstance(command, CreateResource | DeleteResource):
+            self._file_command(command)
+            return
+        if isinstance(command, AcquireLeases):
+            decision = core.decide(
+                self._state,
+                core.Acquire(command.owner, command.items, command.autocreate, command.conn),
+            )
+        elif isinstance(command, ReleaseLeases):
+            decision = core.decide(
+                self._state,
+                core.Release(command.owner, command.resources, command.conn, command.reason),
+            )
+        else:
+            decision = core.decide(
+                self._state, core.ReleaseOwner(command.owner, command.conn, command.reason)
+            )
+        if isinstance(decision, core.Refusal):
+            self._reply(command, Done(command.token, self.name, refusal=decision))
+            return
+        if not decision:
+            self._reply(command, Done(command.token, self.name))
+            return
+        token = next(self._tokens)
+        flight = _InFlight(command, resources, owner, list(decision))
+        self._inflight[token] = flight
+        if isinstance(command, AcquireLeases):
+            for event in decision:
+                assert isinstance(event, LeaseAcquired)
+                if event.resource not in self._state.held:
+                    ref = LeaseActor.start(self.dispatcher, self._files, event.resource)
+                    self._leases[event.resource] = ref
+                    flight.waiting_locks += 1
+                    ref.tell(TakeLock(event.mode, command.autocreate, token, self.actor_ref))
+            if flight.waiting_locks:
+                return
+        self._journal.tell(Append(tuple(flight.events), token, self.actor_ref))
+
+    def _reply(self, command: Command, done: Done) -> None:
+        if command.reply_to is not None:
+            tell_if_alive(command.reply_to, done)
+
+    def _finish(self, token: int) -> None:
+        del self._inflight[token]
+        if self._queued:
+            self._run_queued()
+
+    # -- kernel locks ---------------------------------------------------------
+    def _on_lock_reply(self, message: LockTaken | LockRefused) -> None:
+        flight = self._inflight[message.token]
+        flight.waiting_locks -= 1
+        if isinstance(message, LockTaken):
+            flight.taken.append(message.resource)
+        else:
+            self._leases.pop(message.resource, None)  # the lease actor has nothing to hold
+            if flight.refused is None:
+                flight.refused = message
+        if flight.waiting_locks:
+            return
+        command = flight.command
+        assert isinstance(command, AcquireLeases)
+        if flight.refused is not None:
+            self._drop_locks(flight.taken, unlink=command.autocreate)
+            refused = flight.refused
+            self._reply(
+                command,
+                Done(command.token, self.name, refusal=core.Refusal(refused.code, refused.message)),
+            )
+            self._finish(message.token)
+            return
+        self._journal.tell(Append(tuple(flight.events), message.token, self.actor_ref))
+
+    def _drop_locks(self, resources: list[str], *, unlink: bool) -> None:
+        for resource in resources:
+            ref = self._leases.pop(resource, None)
+            if ref is not None:
+                ref.tell(DropLock(unlink))
+
+    # -- journal --------------------------------------------------------------
+    def _on_journal_reply(self, message: Appended | AppendFailed) -> None:
+        flight = self._inflight[message.token]
+        command = flight.command
+        if isinstance(message, AppendFailed):
+            if isinstance(command, AcquireLeases):
+                self._drop_locks(flight.taken, unlink=command.autocreate)
+            # A release that cannot be journaled keeps the lease (and its lock):
+            # holding a lock too long is safe, dropping it unrecorded is not.
+            self._reply(
+                command,
+                Done(
+                    command.token,
+                    self.name,
+                    refusal=core.Refusal(ErrorCode.IO_ERROR, message.message),
+                ),
+            )
+            self._finish(message.token)
+            return
+        for entry in message.entries:
+            self._apply(entry)
+        self._reply(command, Done(command.token, self.name, entries=message.entries))
+        self._finish(message.token)
+
+    def _apply(self, entry: JournalEntry) -> None:
+        event = entry.event
+        if isinstance(event, LeaseAcquired):
+            core.apply(self._state, event)
+            self._since[(event.resource, event.owner.key)] = entry.time
+        elif isinstance(event, LeaseReleased):
+            holding = self._state.held.get(event.resource)
+            core.apply(self._state, event)
+            self._since.pop((event.resource, event.owner.key), None)
+            if holding is not None and event.resource not in self._state.held:
+                self._drop_locks([event.resource], unlink=holding.autocreate)
+
+    # -- create-resource / delete-resource --------------------------------------
+    def _file_command(self, command: CreateResource | DeleteResource) -> None:
+        """Plain file operations: fast syscalls, done inline under the index lock."""
+        resource = command.resource
+        if isinstance(command, DeleteResource) and resource in self._state.held:
+            holding = self._state.held[resource]
+            refusal = core.refuse_busy(self._state, resource, holding)
+            self._reply(command, Done(command.token, self.name, refusal=refusal))
+            return
+        try:
+            if isinstance(command, CreateResource):
+                held = self._files.open_lease(resource, create=True)
+                os.close(held.fd)
+                event: Event = ResourceCreated(self.name, resource, command.conn)
+            else:
+                held = self._files.open_lease(resource, create=False)
+                try:
+                    self._files.try_lock(held.fd, shared=False)
+                    self._files.unlink_lease(resource)
+                finally:
+                    os.close(held.fd)
+                event = ResourceDeleted(self.name, resource, command.conn)
+        except FileNotFoundError:
+            refusal = core.Refusal(
+                ErrorCode.NOT_FOUND, f"lease {self.name}/{resource} does not exist"
+            )
+            self._reply(command, Done(command.token, self.name, refusal=refusal))
+            return
+        except LockBusyError:
+            refusal = core.Refusal(
+                ErrorCode.BUSY, f"lease {self.name}/{resource} is in use by another process or host"
+            )
+            self._reply(command, Done(command.token, self.name, refusal=refusal))
+            return
+        except OSError as exc:
+            refusal = core.Refusal(ErrorCode.IO_ERROR, f"lease {self.name}/{resource}: {exc}")
+            self._reply(command, Done(command.token, self.name, refusal=refusal))
+            return
+        token = next(self._tokens)
+        self._inflight[token] = _InFlight(command, frozenset({resource}), None, [event])
+        self._journal.tell(Append((event,), token, self.actor_ref))

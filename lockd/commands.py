@@ -1,0 +1,432 @@
+"""Subcommands that talk to the daemon, and ``lockd serve`` itself.
+
+Exit codes are part of the interface (scripts and VM managers branch on
+them): 0 ok, 1 error, 2 usage, 69 daemon unreachable (EX_UNAVAILABLE),
+75 lease busy (EX_TEMPFAIL, "try again later").
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import sys
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lockd import procs
+from lockd.config import ConfigError, default_admin_socket, default_socket
+from protocol.client import Client, ConnectionLostError, RemoteError
+from protocol.names import FILES_LOCKSPACE, InvalidNameError, lease_name_for_path
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 69
+EXIT_BUSY = 75
+
+OWNER_NAMESPACE = uuidlib.UUID("5c1b7e3e-6f1e-4d0a-9a8b-2f3c4d5e6f70")
+"""Namespace of the owner uuids the CLI derives from (pid, start time)."""
+
+
+class CommandError(Exception):
+    """A failure already phrased for the user, with its exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(args: argparse.Namespace, exc: Exception) -> int:
+    name = f"lockd {args.command}"
+    if isinstance(exc, CommandError):
+        print(f"{name}: {exc}", file=sys.stderr)
+        return exc.code
+    if isinstance(exc, RemoteError):
+        print(f"{name}: {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_BUSY if exc.code == "busy" else EXIT_ERROR
+    print(f"{name}: {exc}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+@contextmanager
+def _connect(path: str | None, name: str) -> Iterator[Client]:
+    path = path or default_socket()
+    try:
+        client = Client(path, name=name)
+    except (FileNotFoundError, ConnectionRefusedError) as exc:
+        raise CommandError(
+            f"cannot reach lockd at {path}: {exc.strerror} (is `lockd serve` running?)",
+            EXIT_UNAVAILABLE,
+        ) from None
+    except ConnectionLostError as exc:
+        raise CommandError(
+            f"lockd at {path} closed the connection: {exc}", EXIT_UNAVAILABLE
+        ) from None
+    with client:
+        yield client
+
+
+def _run(args: argparse.Namespace, body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except (CommandError, RemoteError, ConnectionLostError, OSError) as exc:
+        return _fail(args, exc)
+
+
+def _uuid_text(raw: Any) -> str:
+    return str(uuidlib.UUID(bytes=raw)) if isinstance(raw, bytes) and len(raw) == 16 else str(raw)
+
+
+def _owner_json(owner: dict[str, Any]) -> dict[str, Any]:
+    return {**owner, "uuid": _uuid_text(owner.get("uuid"))}
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=None, sort_keys=False))
+
+
+# -- serve -------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground."""
+    from lockd import config as config_mod
+    from lockd.daemon import JournalInUseError, serve
+    from lockd.journal_format import JournalCorruptError
+
+    overrides = {
+        "socket": args.socket,
+        "admin_socket": args.admin_socket,
+        "lock_dir": args.lock_dir,
+        "journal_dir": args.journal_dir,
+        "pid_file": args.pid_file,
+        "timeout": args.timeout,
+        "journal_sync": args.journal_sync,
+        "log_level": "debug" if args.verbose else None,
+    }
+    try:
+        overrides = {k: (os.path.abspath(v) if k.endswith(("socket", "_dir", "_file")) and v else v)
+                     for k, v in overrides.items()}  # fmt: skip
+        config = config_mod.load(args.config, overrides)
+    except ConfigError as exc:
+        print(f"lockd serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="lockd[%(process)d]: %(levelname)s: %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("pykka").setLevel(logging.INFO)  # actor start/stop lines drown the rest
+    try:
+        return serve(config)
+    except (JournalInUseError, JournalCorruptError) as exc:
+        print(f"lockd serve: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        print(f"lockd serve: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+# -- queries -------------------------------------------------------------------------------
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print daemon status."""
+
+    def body() -> int:
+        with _connect(args.socket, "lockd-status") as client:
+            status = client.call("status")
+        if args.json:
+            _print_json(status)
+        else:
+            for key, value in status.items():
+                print(f"{key}: {value}")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_lockspaces(args: argparse.Namespace) -> int:
+    """List lockspaces."""
+
+    def body() -> int:
+        with _connect(args.socket, "lockd-lockspaces") as client:
+            rows = client.call("list-lockspaces")["lockspaces"]
+        if args.json:
+            _print_json(rows)
+        else:
+            for row in rows:
+                print(f"{row['name']}  leases={row['leases']}  {row['path']}")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_leases(args: argparse.Namespace) -> int:
+    """List held leases with their owners."""
+
+    def body() -> int:
+        extra = {"lockspace": args.lockspace} if args.lockspace else {}
+        with _connect(args.socket, "lockd-leases") as client:
+            rows = client.call("list-leases", **extra)["leases"]
+        if args.json:
+            _print_json(
+                [{**row, "owners": [_owner_json(o) for o in row["owners"]]} for row in rows]
+            )
+            return EXIT_OK
+        for row in rows:
+            owners = ", ".join(
+                f"{o['name']} (uuid {_uuid_text(o['uuid'])}, pid {o['pid']}, "
+                f"since {_when(o['since'])})"
+                for o in row["owners"]
+            )
+            print(f"{row['lockspace']}/{row['resource']}  {row['mode']}  {owners}")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_clients(args: argparse.Namespace) -> int:
+    """List client connections."""
+
+    def body() -> int:
+        with _connect(args.socket, "lockd-clients") as client:
+            rows = client.call("list-clients")["clients"]
+        if args.json:
+            _print_json(
+                [{**r, "owner": _owner_json(r["owner"])} if "owner" in r else r for r in rows]
+            )
+            return EXIT_OK
+        for r in rows:
+            owner = r.get("owner")
+            who = f"owner {owner['name']} (pid {owner['pid']})" if owner else "no owner"
+            flags = " restricted" if r["restricted"] else ""
+            flags += " admin" if r["admin"] else ""
+            print(
+                f"{r['id']}  pid={r['pid']} uid={r['uid']}  {who}{flags}  "
+                f"since {_when(r['connected_since'])}"
+            )
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_disconnect(args: argparse.Namespace) -> int:
+    """Close a client connection through the admin socket."""
+
+    def body() -> int:
+        with _connect(args.admin_socket or default_admin_socket(), "lockd-disconnect") as client:
+            client.call("disconnect", client=args.client)
+        if not args.json:
+            print(f"client {args.client} disconnected")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+# -- leases ----------------------------------------------------------------------------------
+def add_lease_arguments(parser: argparse.ArgumentParser, *, acquire: bool) -> None:
+    """--disk / --lease (and --wait, --no-autocreate or --all) for acquire, release and run."""
+    parser.add_argument(
+        "--disk",
+        action="append",
+        default=[],
+        metavar="PATH[:shared]",
+        help=f"a disk image or device: lease in {FILES_LOCKSPACE} named by SHA-256 of the path",
+    )
+    parser.add_argument(
+        "--lease",
+        action="append",
+        default=[],
+        metavar="LOCKSPACE/RESOURCE[:shared]",
+        help="an explicit lease",
+    )
+    if acquire:
+        parser.add_argument(
+            "--wait", type=float, default=0.0, metavar="SECONDS", help="wait for busy leases"
+        )
+        parser.add_argument(
+            "--no-autocreate",
+            action="store_true",
+            help="require existing lease files (default: create them, delete on last release)",
+        )
+    else:
+        parser.add_argument("--all", action="store_true", help="release every lease of the owner")
+
+
+def _split_mode(text: str) -> tuple[str, bool]:
+    for suffix, shared in ((":shared", True), (":exclusive", False)):
+        if text.endswith(suffix):
+            return text[: -len(suffix)], shared
+    return text, False
+
+
+def parse_leases(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
+    """The requested leases as wire maps, each with the label to show the user."""
+    out: list[tuple[dict[str, Any], str]] = []
+    for spec in args.disk:
+        path, shared = _split_mode(spec)
+        try:
+            resource = lease_name_for_path(path)
+        except InvalidNameError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        lease = {"lockspace": FILES_LOCKSPACE, "resource": resource, "shared": shared}
+        out.append((lease, f"disk {path}"))
+    for spec in args.lease:
+        text, shared = _split_mode(spec)
+        lockspace, sep, resource = text.partition("/")
+        if not sep or not lockspace or not resource:
+            raise CommandError(f"--lease takes LOCKSPACE/RESOURCE, not {spec!r}", EXIT_USAGE)
+        out.append(
+            ({"lockspace": lockspace, "resource": resource, "shared": shared}, f"lease {text}")
+        )
+    return out
+
+
+def _owner_map(pid: int, name: str | None, uuid_text: str | None, owner_id: int) -> dict[str, Any]:
+    if uuid_text:
+        try:
+            owner_uuid = uuidlib.UUID(uuid_text)
+        except ValueError:
+            raise CommandError(f"--uuid {uuid_text!r} is not a UUID", EXIT_USAGE) from None
+    else:
+        started = procs.start_time(pid)
+        if started is None:
+            raise CommandError(f"no process with pid {pid}")
+        owner_uuid = uuidlib.uuid5(OWNER_NAMESPACE, f"{pid}:{started}")
+    if owner_id < 1:
+        raise CommandError("--id must be greater than 0", EXIT_USAGE)
+    return {"uuid": owner_uuid.bytes, "name": name or f"pid-{pid}", "id": owner_id, "pid": pid}
+
+
+def _busy_message(exc: RemoteError, labels: dict[tuple[str, str], str]) -> str:
+    """Name the disk the user asked for, then who holds it."""
+    message = exc.message
+    for (lockspace, resource), label in labels.items():
+        if f"{lockspace}/{resource}" in message:
+            return f"{label} is busy: {message}"
+    return message
+
+
+def _acquire(
+    client: Client, args: argparse.Namespace, owner: dict[str, Any]
+) -> list[dict[str, Any]]:
+    leases = parse_leases(args)
+    if not leases:
+        raise CommandError("name at least one --disk or --lease", EXIT_USAGE)
+    client.call("register", owner=owner)
+    labels = {(lease["lockspace"], lease["resource"]): label for lease, label in leases}
+    try:
+        result = client.call(
+            "acquire",
+            leases=[lease for lease, _ in leases],
+            autocreate=not args.no_autocreate,
+            wait=args.wait,
+        )
+    except RemoteError as exc:
+        if exc.code == "busy":
+            raise CommandError(_busy_message(exc, labels), EXIT_BUSY) from None
+        raise
+    granted: list[dict[str, Any]] = result["leases"]
+    return granted
+
+
+def cmd_acquire(args: argparse.Namespace) -> int:
+    """Acquire leases for an existing process; they end when it exits or releases them."""
+
+    def body() -> int:
+        owner = _owner_map(args.owner_pid, args.name, args.uuid, args.id)
+        with _connect(args.socket, "lockd-acquire") as client:
+            granted = _acquire(client, args, owner)
+        if args.json:
+            _print_json({"owner": _owner_json(owner), "leases": granted})
+        else:
+            for lease in granted:
+                print(f"acquired {lease['lockspace']}/{lease['resource']} {lease['mode']} "
+                      f"for pid {args.owner_pid}")  # fmt: skip
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """Release leases of an existing process."""
+
+    def body() -> int:
+        owner = _owner_map(args.owner_pid, args.name, args.uuid, args.id)
+        leases = parse_leases(args)
+        if bool(leases) == bool(args.all):
+            raise CommandError("name --disk/--lease to release, or --all", EXIT_USAGE)
+        with _connect(args.socket, "lockd-release") as client:
+            client.call("register", owner=owner)
+            if args.all:
+                result = client.call("release", all=True)
+            else:
+                refs = [
+                    {"lockspace": le["lockspace"], "resource": le["resource"]} for le, _ in leases
+                ]
+                result = client.call("release", leases=refs)
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"released {result['released']} lease(s) of pid {args.owner_pid}")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Acquire, restrict, then exec the command with the connection open."""
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("lockd run: give the command to run after --", file=sys.stderr)
+        return EXIT_USAGE
+
+    def body() -> int:
+        owner = _owner_map(os.getpid(), args.name, args.uuid or str(uuidlib.uuid4()), args.id)
+        path = args.socket or default_socket()
+        with _connect(path, f"lockd-run {args.name}") as client:
+            _acquire(client, args, owner)
+            client.call("restrict")
+            fd = client.fileno()
+            os.set_inheritable(fd, True)
+            env = dict(os.environ, LOCKD_FD=str(fd), LOCKD_SOCKET=path)
+            try:
+                os.execvpe(cmd[0], cmd, env)  # noqa: S606 - running the user's command is the point
+            except OSError as exc:
+                raise CommandError(f"cannot run {cmd[0]}: {exc.strerror}", 127) from None
+        return EXIT_ERROR  # pragma: no cover - execvpe does not return
+
+    return _run(args, body)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Acquire+release pairs against a running daemon."""
+    from lockd import bench
+
+    def body() -> int:
+        try:
+            levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+        except ValueError:
+            raise CommandError("--concurrency takes numbers like 1,4,16", EXIT_USAGE) from None
+        result = bench.run(
+            args.socket or default_socket(),
+            ops=args.ops,
+            warmup=args.warmup,
+            levels=levels,
+            tp_ops=args.tp_ops,
+        )
+        if args.json:
+            _print_json(result)
+        else:
+            print(bench.format_table(result))
+        return EXIT_OK
+
+    return _run(args, body)

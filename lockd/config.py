@@ -1,0 +1,183 @@
+"""Daemon configuration: per-user defaults, an optional TOML file, then command-line flags.
+
+Defaults follow PRODUCT.md: a root daemon uses system paths, any other user
+their home and XDG directories. Unknown keys and wrong types in the file are
+errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from actors.journal import SyncPolicy
+from protocol.names import InvalidNameError, check_lockspace_name
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the file."""
+
+
+def _xdg(var: str, fallback: str) -> str:
+    value = os.environ.get(var)
+    return (
+        value if value and os.path.isabs(value) else os.path.join(os.path.expanduser("~"), fallback)
+    )
+
+
+def default_paths(uid: int | None = None) -> dict[str, str]:
+    """Socket, admin socket, lock dir, journal dir and config path for this user."""
+    uid = os.getuid() if uid is None else uid
+    if uid == 0:
+        return {
+            "socket": "/run/lockd/lockd.sock",
+            "admin_socket": "/run/lockd/lockd-admin.sock",
+            "lock_dir": "/var/lib/libvirt/lockd",
+            "journal_dir": "/var/lib/lockd/journal",
+            "config": "/etc/lockd/lockd.toml",
+        }
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lockd-{uid}"  # noqa: S108 - per-uid, 0700
+    return {
+        "socket": os.path.join(runtime, "lockd", "lockd.sock"),
+        "admin_socket": os.path.join(runtime, "lockd", "lockd-admin.sock"),
+        "lock_dir": os.path.join(os.path.expanduser("~"), ".libvirt", "lockd"),
+        "journal_dir": os.path.join(_xdg("XDG_STATE_HOME", ".local/state"), "lockd", "journal"),
+        "config": os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "lockd", "lockd.toml"),
+    }
+
+
+def default_socket() -> str:
+    """Where clients look for the daemon: ``$LOCKD_SOCKET`` or the per-user default."""
+    return os.environ.get("LOCKD_SOCKET") or default_paths()["socket"]
+
+
+def default_admin_socket() -> str:
+    """``$LOCKD_ADMIN_SOCKET`` or the per-user default."""
+    return os.environ.get("LOCKD_ADMIN_SOCKET") or default_paths()["admin_socket"]
+
+
+def _abs_path(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+        raise ConfigError(f"{key} must be an absolute path, got {value!r}")
+    return os.path.normpath(value)
+
+
+def _lockspace_dirs(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ConfigError("lockspaces must be a table of lockspace name = directory")
+    out = {}
+    for name, path in value.items():
+        try:
+            check_lockspace_name(name)
+        except InvalidNameError as exc:
+            raise ConfigError(f"lockspaces.{name}: {exc}") from None
+        out[name] = _abs_path(f"lockspaces.{name}", path)
+    return out
+
+
+def _uids(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+    ):
+        raise ConfigError("allowed_uids must be a list of uids")
+    return tuple(value)
+
+
+@attrs.frozen
+class Config:
+    """Everything ``lockd serve`` needs."""
+
+    socket: str
+    admin_socket: str
+    lock_dir: str
+    journal_dir: str
+    pid_file: str | None = None
+    timeout: float = 0.0
+    """Exit after this many idle seconds (no clients, no leases); 0 = never."""
+    max_clients: int = 1024
+    journal_sync: SyncPolicy = SyncPolicy.NONE
+    journal_segment_bytes: int = 64 * 1024 * 1024
+    allowed_uids: tuple[int, ...] = ()
+    """Peer uids served besides the daemon's own."""
+    lockspaces: Mapping[str, str] = attrs.field(factory=dict)
+    """Lockspaces mapped to explicit directories instead of ``<lock_dir>/<name>``."""
+    fence_grace: float = 1.6
+    log_level: str = "info"
+    config_file: str | None = None
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _check_int(key: str, value: Any, low: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{key} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_number(key: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _enum(key: str, value: Any) -> SyncPolicy:
+    try:
+        return SyncPolicy(value)
+    except ValueError:
+        choices = " | ".join(p.value for p in SyncPolicy)
+        raise ConfigError(f"{key} must be one of {choices}, got {value!r}") from None
+
+
+def _level(key: str, value: Any) -> str:
+    if value not in _LOG_LEVELS:
+        raise ConfigError(f"{key} must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
+    return str(value)
+
+
+_CONVERT: dict[str, Any] = {
+    "socket": _abs_path,
+    "admin_socket": _abs_path,
+    "lock_dir": _abs_path,
+    "journal_dir": _abs_path,
+    "pid_file": _abs_path,
+    "timeout": _check_number,
+    "max_clients": lambda k, v: _check_int(k, v, 1),
+    "journal_sync": _enum,
+    "journal_segment_bytes": lambda k, v: _check_int(k, v, 4096),
+    "allowed_uids": lambda _k, v: _uids(v),
+    "lockspaces": lambda _k, v: _lockspace_dirs(v),
+    "fence_grace": _check_number,
+    "log_level": _level,
+}
+
+
+def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
+    """Defaults, then the TOML file (if ``path`` or the default file exists), then overrides."""
+    defaults = default_paths()
+    values: dict[str, Any] = {k: v for k, v in defaults.items() if k != "config"}
+    config_path = path or defaults["config"]
+    if path is not None or os.path.exists(config_path):
+        try:
+            with open(config_path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{config_path}: no such file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: {exc}") from None
+        for key, value in data.items():
+            if key not in _CONVERT:
+                raise ConfigError(f"{config_path}: unknown key {key!r}")
+            try:
+                values[key] = _CONVERT[key](key, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{config_path}: {exc}") from None
+        values["config_file"] = config_path
+    for key, value in overrides.items():
+        if value is not None:
+            values[key] = _CONVERT[key](key, value) if key in _CONVERT else value
+    return Config(**values)

@@ -1,0 +1,276 @@
+"""``lockd serve``: the lock actors, the journal and the sockets, on one dispatcher.
+
+:class:`LockSystem` assembles the actors around a journal directory and a
+lock directory; :class:`Daemon` adds the listening sockets, signals, the pid
+file and the idle timeout. Stopping (SIGTERM, SIGINT) releases nothing and
+signals no owner: the journal records ``daemon-stopped`` and the process
+exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from types import FrameType
+from typing import Any
+
+import pykka
+
+from actors.connection import ConnectionActor, ServerInfo
+from actors.events import DaemonStarted, DaemonStopped
+from actors.journal import Append, JournalActor
+from actors.owners import OwnersActor
+from actors.router import Gather, Gathered, RouterActor
+from actors.runtime import DispatchedActor, Dispatcher
+from lockd import __version__, procs
+from lockd.config import Config
+from lockd.journal_file import FileJournal
+from lockd.lockfiles import LockspaceDir
+from lockd.server import Listener, SocketTransport, bind_unix, conn_ids, refuse
+from protocol.errors import ErrorCode
+from protocol.names import WELL_KNOWN_LOCKSPACES
+
+log = logging.getLogger("lockd")
+
+
+class JournalInUseError(RuntimeError):
+    """Another daemon (or embedded system) writes this journal directory."""
+
+
+class _ProcessInfo:
+    """Registration's view of /proc."""
+
+    @staticmethod
+    def start_time(pid: int) -> int | None:
+        return procs.start_time(pid)
+
+    @staticmethod
+    def uid_of(pid: int) -> int | None:
+        return procs.uid_of(pid)
+
+
+class LockSystem:
+    """The actor system without sockets: what the daemon serves and an orchestrator embeds."""
+
+    def __init__(self, config: Config, dispatcher: Dispatcher | None = None) -> None:
+        self.config = config
+        self.dispatcher = dispatcher or Dispatcher()
+        os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
+        os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
+        self._journal_lock = self._lock_journal_dir(config.journal_dir)
+        self.journal_file = FileJournal(config.journal_dir, config.journal_segment_bytes)
+        self.started = time.monotonic()
+        d = self.dispatcher
+        self.journal = JournalActor.start(d, self.journal_file, sync=config.journal_sync)
+        self.router = RouterActor.start(
+            d,
+            lock_dir=config.lock_dir,
+            journal=self.journal,
+            open_lockspace=LockspaceDir,
+            explicit=config.lockspaces,
+            last_seq=self.journal_file.next_seq - 1,
+        )
+        self.owners = OwnersActor.start(
+            d,
+            processes=procs.ProcTable(),
+            router=self.router,
+            journal=self.journal,
+            grace=config.fence_grace,
+        )
+        self.journal.tell(Append((DaemonStarted(__version__, os.getpid()),), 0, None))
+        router = self.router.proxy()
+        for name in WELL_KNOWN_LOCKSPACES:
+            router.ensure(name)
+        self.info = ServerInfo(__version__, os.getpid(), self.started, socket.gethostname())
+
+    @staticmethod
+    def _lock_journal_dir(directory: str) -> int:
+        fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise JournalInUseError(f"journal {directory} is in use by another lockd") from None
+        return fd
+
+    def connect(self, transport: Any, *, admin: bool = False) -> pykka.ActorRef[Any]:
+        """Start a ConnectionActor for ``transport`` (see actors.connection.Transport)."""
+        return ConnectionActor.start(
+            self.dispatcher,
+            conn_id=next(conn_ids),
+            transport=transport,
+            router=self.router,
+            owners=self.owners,
+            journal=self.journal,
+            processes=_ProcessInfo(),
+            info=self.info,
+            admin=admin,
+        )
+
+    def shutdown(self, reason: str) -> None:
+        """Journal the stop and close the journal; leases are not released. Loop thread only."""
+        self.journal.tell(Append((DaemonStopped(reason),), 0, None))
+        self.dispatcher.run_until_idle(poll_io=False)
+        self.journal_file.close()
+        os.close(self._journal_lock)
+
+
+class _IdleWatch(DispatchedActor):
+    """Stops the daemon after ``timeout`` seconds with no clients and no leases."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, router: pykka.ActorRef[Any], timeout: float, stop: Any
+    ) -> None:
+        super().__init__(dispatcher)
+        self._router = router
+        self._timeout = timeout
+        self._request_stop = stop
+        self._idle_since: float | None = None
+
+    def on_start(self) -> None:
+        self._schedule()
+
+    def _schedule(self) -> None:
+        ref = self.actor_ref
+        self.dispatcher.call_later(
+            min(1.0, self._timeout), lambda: self._router.tell(Gather(0, ref))
+        )
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Gathered):
+            busy = message.clients or any(s.leases for s in message.lockspaces)
+            now = time.monotonic()
+            if busy:
+                self._idle_since = None
+            elif self._idle_since is None:
+                self._idle_since = now
+            elif now - self._idle_since >= self._timeout:
+                log.info("idle for %.0f s with no clients and no leases: exiting", self._timeout)
+                self._request_stop("idle timeout")
+                return None
+            self._schedule()
+            return None
+        return super().on_receive(message)
+
+
+class Daemon:
+    """``lockd serve``: a LockSystem behind its sockets."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.system = LockSystem(config)
+        self.dispatcher = self.system.dispatcher
+        self._clients = 0
+        self._stop_reason = ""
+        allowed = {os.getuid(), *config.allowed_uids}
+        self.listeners = [
+            Listener(self.dispatcher, bind_unix(config.socket), admin=False,
+                     allowed_uids=allowed, on_accept=self._accept),
+            Listener(self.dispatcher, bind_unix(config.admin_socket), admin=True,
+                     allowed_uids=allowed, on_accept=self._accept),
+        ]  # fmt: skip
+        if config.timeout > 0:
+            _IdleWatch.start(self.dispatcher, self.system.router, config.timeout, self.request_stop)
+
+    def _accept(self, sock: socket.socket, peer: tuple[int, int, int], admin: bool) -> None:
+        if self._clients >= self.config.max_clients:
+            log.warning(
+                "refused a connection from pid %d: max_clients (%d) reached",
+                peer[0],
+                self.config.max_clients,
+            )
+            refuse(
+                sock,
+                ErrorCode.BUSY,
+                f"the daemon already serves max_clients={self.config.max_clients}",
+            )
+            return
+        self._clients += 1
+        transport = SocketTransport(self.dispatcher, sock, peer, self._closed)
+        ref = self.system.connect(transport, admin=admin)
+        transport.start(ref)
+        log.debug("client pid %d uid %d connected%s", peer[0], peer[1], " (admin)" if admin else "")
+
+    def _closed(self) -> None:
+        self._clients -= 1
+
+    def request_stop(self, reason: str) -> None:
+        """Make :meth:`run` return; safe from signal handlers."""
+        self._stop_reason = self._stop_reason or reason
+        self.dispatcher.stop()
+
+    def run(self) -> None:
+        """Serve until stopped, then journal the stop; the leases stay for the next start."""
+        pid_fd = self._write_pid_file()
+        log.info(
+            "lockd %s serving %s (admin %s), lock dir %s, journal %s (sync %s)",
+            __version__,
+            self.config.socket,
+            self.config.admin_socket,
+            self.config.lock_dir,
+            self.config.journal_dir,
+            self.config.journal_sync.value,
+        )
+        _notify("READY=1\nSTATUS=serving")
+        try:
+            self.dispatcher.run_forever()
+        finally:
+            _notify("STOPPING=1")
+            for listener in self.listeners:
+                listener.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path_of(listener))
+            self.system.shutdown(self._stop_reason or "stopped")
+            if pid_fd is not None and self.config.pid_file:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.config.pid_file)
+                os.close(pid_fd)
+            log.info("lockd stopped (%s); leases are kept for the next start", self._stop_reason)
+
+    def _path_of(self, listener: Listener) -> str:
+        return self.config.admin_socket if listener.admin else self.config.socket
+
+    def _write_pid_file(self) -> int | None:
+        path = self.config.pid_file
+        if not path:
+            return None
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise RuntimeError(f"pid file {path} is locked by a running daemon") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+
+def _notify(state: str) -> None:
+    """sd_notify, when run by a service manager that asked for it."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.send(state.encode())
+
+
+def serve(config: Config) -> int:
+    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+    daemon = Daemon(config)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        daemon.request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.run()
+    return 0

@@ -1,0 +1,92 @@
+"""The process table: start times from /proc, pidfds, and signals that cannot hit a reused pid."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+
+from actors.model import Owner
+
+PF_EXITING = 0x00000004
+"""Kernel task flag set once a process has begun exiting (``/proc/PID/stat`` field 9)."""
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    return data[data.rindex(")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks after boot), or None if no such process."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def uid_of(pid: int) -> int | None:
+    """Real uid of a process, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def is_exiting(pid: int, started: int) -> bool:
+    """True if the process is gone, a zombie, exiting, or its pid now names another process."""
+    fields = _stat_fields(pid)
+    if fields is None or int(fields[19]) != started:
+        return True
+    state, flags = fields[0], int(fields[6])
+    return state in ("Z", "X", "x") or bool(flags & PF_EXITING)
+
+
+class ProcTable:
+    """Real :class:`actors.owners.Processes`: pidfds and /proc."""
+
+    def open_watch(self, owner: Owner) -> int | None:
+        try:
+            fd = os.pidfd_open(owner.pid)
+        except ProcessLookupError:
+            return None
+        # The pid may have been reused between registration and pidfd_open.
+        if start_time(owner.pid) != owner.start_time:
+            os.close(fd)
+            return None
+        return fd
+
+    def close_watch(self, fd: int) -> None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+    def is_gone(self, owner: Owner) -> bool:
+        return is_exiting(owner.pid, owner.start_time)
+
+    def signal(self, owner: Owner, signum: int) -> bool:
+        try:
+            fd = os.pidfd_open(owner.pid)
+        except ProcessLookupError:
+            return False
+        try:
+            if start_time(owner.pid) != owner.start_time:
+                return False
+            signal.pidfd_send_signal(fd, signum)
+        except ProcessLookupError:
+            return False
+        finally:
+            os.close(fd)
+        return True
+
+
+def pidfd_readable(fd: int) -> bool:
+    """True once the process behind a pidfd has exited."""
+    return bool(select.select([fd], [], [], 0)[0])

@@ -1,0 +1,254 @@
+"""Sockets on the dispatcher: listeners, peer credentials, and the per-connection transport.
+
+All of it runs on the dispatcher thread as fd callbacks; nothing blocks.
+Accepted sockets are non-blocking; a reply the kernel cannot take at once is
+queued and sent when the socket becomes writable.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import selectors
+import socket
+import stat
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pykka
+
+from actors.connection import Received
+from actors.runtime import Dispatcher, tell_if_alive
+from protocol.codec import encode_item
+from protocol.errors import ErrorCode
+from protocol.framing import encode_frame
+from protocol.messages import error_to_wire
+
+log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")
+READ_CHUNK = 65536
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected, from SO_PEERCRED."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def bind_unix(path: str, backlog: int = 128) -> socket.socket:
+    """Listen on ``path`` with mode 0600, replacing a stale socket but never another file.
+
+    The directory is created 0700 if missing. A socket file that still
+    accepts connections belongs to a running daemon: refuse rather than steal.
+    """
+    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # stale: nobody listens any more
+        else:
+            raise OSError(errno.EADDRINUSE, f"another daemon is serving {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class SocketTransport:
+    """A connected client socket driven by dispatcher callbacks."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        sock: socket.socket,
+        peer: tuple[int, int, int],
+        on_closed: Callable[[], None],
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._sock = sock
+        self._fd = sock.fileno()
+        self.peer_pid, self.peer_uid, _ = peer
+        self._out: collections.deque[memoryview] = collections.deque()
+        self._backlog = 0
+        self._reading = True
+        self._closed = False
+        self._on_closed = on_closed
+        self.actor: pykka.ActorRef[Any] | None = None
+
+    def start(self, actor: pykka.ActorRef[Any]) -> None:
+        """Begin reading for ``actor``."""
+        self.actor = actor
+        self._update()
+
+    @property
+    def backlog(self) -> int:
+        return self._backlog
+
+    def _update(self) -> None:
+        if self._closed:
+            return
+        events = (selectors.EVENT_READ if self._reading else 0) | (
+            selectors.EVENT_WRITE if self._out else 0
+        )
+        self._dispatcher.unwatch(self._fd)
+        if events:
+            self._dispatcher.watch(self._fd, events, self._ready)
+
+    def _ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if mask & selectors.EVENT_READ and self._reading and not self._closed:
+            try:
+                data = self._sock.recv(READ_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._reading = False
+                self._update()
+            tell_if_alive(self.actor, Received(data))
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if not self._out:
+            try:
+                sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return  # the peer is gone; the read side reports the close
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self._out.append(memoryview(data))
+            self._backlog += len(data)
+            self._update()
+            return
+        self._out.append(memoryview(data))
+        self._backlog += len(data)
+
+    def _flush(self) -> None:
+        while self._out:
+            chunk = self._out[0]
+            try:
+                sent = self._sock.send(chunk)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._out.clear()
+                self._backlog = 0
+                break
+            self._backlog -= sent
+            if sent == len(chunk):
+                self._out.popleft()
+            else:
+                self._out[0] = chunk[sent:]
+                break
+        self._update()
+
+    def pause_reading(self) -> None:
+        self._reading = False
+        self._update()
+
+    def resume_reading(self) -> None:
+        self._reading = True
+        self._update()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._out:
+            # Best effort: push the last error reply out before closing.
+            with contextlib.suppress(OSError):
+                self._sock.send(b"".join(bytes(c) for c in self._out))
+        self._closed = True
+        self._dispatcher.unwatch(self._fd)
+        self._sock.close()
+        self._on_closed()
+
+    def fileno(self) -> int:
+        """The socket fd (for re-exec and the fd store)."""
+        return self._fd
+
+
+def refuse(conn: socket.socket, code: ErrorCode, message: str) -> None:
+    """Tell a connection why it is turned away (one error frame, id null), then close it."""
+    with contextlib.suppress(OSError):
+        conn.send(encode_frame(encode_item(error_to_wire(None, code, message))))
+    conn.close()
+
+
+class Listener:
+    """Accepts connections on one listening socket and hands them to ``on_accept``."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        sock: socket.socket,
+        *,
+        admin: bool,
+        allowed_uids: Iterable[int],
+        on_accept: Callable[[socket.socket, tuple[int, int, int], bool], None],
+    ) -> None:
+        self._dispatcher = dispatcher
+        self.sock = sock
+        self.admin = admin
+        self._allowed = frozenset(allowed_uids)
+        self._on_accept = on_accept
+        sock.setblocking(False)
+        dispatcher.watch(sock.fileno(), selectors.EVENT_READ, self._ready)
+
+    def _ready(self, _mask: int) -> None:
+        for _ in range(64):  # bounded, so one busy listener cannot starve the loop
+            try:
+                conn, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.error("cannot accept a connection: %s (out of descriptors or memory)", exc)
+                    return
+                raise
+            conn.setblocking(False)
+            peer = peer_credentials(conn)
+            if peer[1] not in self._allowed:
+                log.warning(
+                    "refused a connection from pid %d uid %d: uid not allowed", peer[0], peer[1]
+                )
+                refuse(conn, ErrorCode.PERMISSION_DENIED, f"uid {peer[1]} may not use this daemon")
+                continue
+            self._on_accept(conn, peer, self.admin)
+
+    def close(self) -> None:
+        """Stop accepting; the socket file stays for the next daemon to replace."""
+        self._dispatcher.unwatch(self.sock.fileno())
+        self.sock.close()
+
+
+conn_ids = itertools.count(1)
+"""Connection ids, unique for the daemon's lifetime (shown by ``lockd clients``)."""

@@ -1,0 +1,120 @@
+"""A blocking client for the lockd socket protocol.
+
+For the CLI, the hypervisor plugin and tests. One request at a time per
+connection, as the server serves them; subscribed events that arrive while a
+reply is awaited are kept for :meth:`Client.next_event`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import socket
+from typing import Any
+
+from protocol.codec import decode_item, encode_item
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from protocol.messages import PROTOCOL_VERSION
+
+
+class RemoteError(Exception):
+    """The daemon answered a request with an error."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any]) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+class ConnectionLostError(ConnectionError):
+    """The daemon closed the connection before replying."""
+
+
+class Client:
+    """One connection to the daemon, with the hello handshake done."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        timeout: float | None = 30.0,
+        name: str = "lockd-client",
+        max_frame: int = DEFAULT_MAX_FRAME,
+    ) -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.settimeout(timeout)
+            self._sock.connect(path)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._frames = FrameDecoder(max_frame)
+        self._max_frame = max_frame
+        self._ids = itertools.count(1)
+        self._events: collections.deque[dict[str, Any]] = collections.deque()
+        try:
+            self.server = self.call("hello", versions=[PROTOCOL_VERSION], client=name)
+        except BaseException:
+            self._sock.close()
+            raise
+
+    def fileno(self) -> int:
+        """The socket fd (``lockd run`` leaves it open across exec)."""
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        """Close the connection; leases owned by this process end with it."""
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply; raise :class:`RemoteError` on error."""
+        rid = next(self._ids)
+        self.send_raw(encode_item({"op": op, "id": rid, **args}))
+        while True:
+            message = self._read_message()
+            if "id" not in message:
+                self._events.append(message)
+                continue
+            if message["id"] != rid and message["id"] is not None:
+                raise ProtocolError(ErrorCode.INTERNAL, f"reply for id {message['id']}, sent {rid}")
+            if "error" in message:
+                error = dict(message["error"])
+                raise RemoteError(
+                    str(error.pop("code", "internal")), str(error.pop("message", "")), error
+                )
+            result: dict[str, Any] = message["result"]
+            return result
+
+    def next_event(self) -> dict[str, Any]:
+        """The next event pushed after ``subscribe`` (blocks up to the socket timeout)."""
+        if self._events:
+            return self._events.popleft()
+        message = self._read_message()
+        if "id" in message:
+            raise ProtocolError(ErrorCode.INTERNAL, "unexpected reply while waiting for an event")
+        return message
+
+    def send_raw(self, payload: bytes) -> None:
+        """Send one already-encoded payload as a frame (tests use it for bad input)."""
+        self._sock.sendall(encode_frame(payload, self._max_frame))
+
+    def _read_message(self) -> dict[str, Any]:
+        while True:
+            frame = self._frames.next_frame()
+            if frame is not None:
+                message = decode_item(frame)
+                if not isinstance(message, dict):
+                    raise ProtocolError(ErrorCode.INTERNAL, "daemon sent a non-map message")
+                return message
+            data = self._sock.recv(65536)
+            if not data:
+                raise ConnectionLostError("the daemon closed the connection")
+            self._frames.receive_data(data)

@@ -1,0 +1,140 @@
+"""Real daemons on temp paths, stopped (by pid) even when a test fails."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from protocol.client import Client
+
+LOCKD = [sys.executable, "-m", "lockd"]
+
+
+class DaemonProcess:
+    """One ``lockd serve`` subprocess and its paths."""
+
+    def __init__(
+        self, root: Path, lock_dir: Path, *extra: str, socket_dir: Path | None = None
+    ) -> None:
+        self.root = root
+        self.socket = (socket_dir or root) / "lockd.sock"
+        self.admin_socket = (socket_dir or root) / "lockd-admin.sock"
+        self.lock_dir = lock_dir
+        self.journal_dir = root / "journal"
+        self.log = root / "daemon.log"
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for CLI subprocesses aimed at this daemon."""
+        return {
+            **os.environ,
+            "LOCKD_SOCKET": str(self.socket),
+            "LOCKD_ADMIN_SOCKET": str(self.admin_socket),
+        }
+
+    def start(self) -> DaemonProcess:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    *LOCKD, "serve", "--verbose",
+                    "--socket", str(self.socket),
+                    "--admin-socket", str(self.admin_socket),
+                    "--lock-dir", str(self.lock_dir),
+                    "--journal-dir", str(self.journal_dir),
+                    *self.extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited at start:\n{self.log.read_text()}")
+            try:
+                with Client(str(self.socket), timeout=2) as client:
+                    client.call("status")
+                return self
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError(f"daemon did not serve in time:\n{self.log.read_text()}")
+
+    def client(self, name: str = "test") -> Client:
+        return Client(str(self.socket), name=name, timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def lockd(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        """Run the CLI against this daemon."""
+        return subprocess.run(
+            [*LOCKD, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
+            check=False,
+        )  # fmt: skip
+
+
+MakeDaemon = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
+    """Factory: ``make_daemon(name, lock_dir=None, *extra_flags)`` starts a daemon."""
+    started: list[DaemonProcess] = []
+
+    def make(
+        name: str = "d", lock_dir: Path | None = None, *extra: str, socket_dir: Path | None = None
+    ) -> DaemonProcess:
+        root = tmp_path / name
+        root.mkdir(exist_ok=True)
+        daemon = DaemonProcess(root, lock_dir or tmp_path / "locks", *extra, socket_dir=socket_dir)
+        started.append(daemon)
+        return daemon.start()
+
+    yield make
+    for daemon in started:
+        daemon.stop()
+
+
+@pytest.fixture
+def daemon(make_daemon: MakeDaemon) -> DaemonProcess:
+    """One running daemon on temp paths."""
+    return make_daemon()
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts; killed (SIGKILL, by pid) at the end whatever happens."""
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """Poll ``predicate()`` until true; fail the test with its last value otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)

@@ -1,0 +1,389 @@
+"""The daemon end to end: real sockets, real lease files, locks checked from other processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from protocol.client import Client, RemoteError
+from protocol.names import FILES_LOCKSPACE, lease_name_for_path
+from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, wait_for
+from tests.lockprobe import probe
+
+pytestmark = pytest.mark.e2e
+
+
+def lease_file(daemon: DaemonProcess, disk: str) -> Path:
+    return daemon.lock_dir / FILES_LOCKSPACE / lease_name_for_path(disk)
+
+
+def start_run(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], *args: str
+) -> subprocess.Popen[bytes]:
+    """`lockd run ... -- sleep 600`, returned once its lease is held."""
+    proc = subprocess.Popen(
+        [*LOCKD, "run", *args, "--", "sleep", "600"],
+        env=daemon.env,
+        stderr=subprocess.PIPE,
+    )
+    children.append(proc)
+    wait_for(lambda: proc.poll() is not None or _owner_pids(daemon) & {proc.pid})
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def _owner_pids(daemon: DaemonProcess) -> set[int]:
+    with daemon.client() as client:
+        leases = client.call("list-leases")["leases"]
+    return {o["pid"] for lease in leases for o in lease["owners"]}
+
+
+def events(daemon: DaemonProcess, *args: str) -> list[dict[str, object]]:
+    done = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir), "--json", *args)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def test_status_and_socket_modes(daemon: DaemonProcess) -> None:
+    """`lockd status` answers; both sockets are 0600; well-known lockspaces exist."""
+    done = daemon.lockd("status", "--json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["pid"] == daemon.proc.pid if daemon.proc else False
+    for path in (daemon.socket, daemon.admin_socket):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    names = {row["name"] for row in json.loads(daemon.lockd("lockspaces", "--json").stdout)}
+    assert {"org.libvirt.lockd.files", "org.libvirt.lockd.lvm", "org.libvirt.lockd.scsi"} <= names
+
+
+def test_run_holds_the_disk_lock_until_the_command_dies(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """The VM start path: lease held on byte 0 while CMD runs, gone when it is killed."""
+    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    path = lease_file(daemon, "/vm/a.img")
+    assert probe(path, "ofd") == "busy"
+    assert probe(path, "classic") == "busy"
+    assert probe(path, "classic", "read") == "busy"
+
+    second = daemon.lockd("run", "--disk", "/vm/a.img", "--name", "vm2", "--", "true")
+    assert second.returncode == 75
+    assert "vm1" in second.stderr
+    assert str(vm.pid) in second.stderr
+    assert "disk /vm/a.img is busy" in second.stderr
+
+    leases = json.loads(daemon.lockd("leases", "--json").stdout)
+    assert len(leases) == 1
+    (owner,) = leases[0]["owners"]
+    assert (owner["name"], owner["pid"], leases[0]["mode"]) == ("vm1", vm.pid, "exclusive")
+    uuid.UUID(owner["uuid"])
+
+    vm.send_signal(signal.SIGKILL)
+    vm.wait()
+    wait_for(lambda: not path.exists())  # autocreated: deleted on last release, like virtlockd
+    released = list(events(daemon, "--type", "lease-released"))
+    assert released[-1]["reason"] == "owner-exit"
+    assert daemon.lockd("leases", "--json").stdout.strip() == "[]"
+    third = daemon.lockd("run", "--disk", "/vm/a.img", "--name", "vm3", "--", "true")
+    assert third.returncode == 0, third.stderr
+
+
+def test_shared_disks_and_all_or_nothing(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """Shared leases coexist; a multi-disk run that hits one busy disk takes none."""
+    start_run(daemon, children, "--disk", "/vm/shared.img:shared", "--name", "vm1")
+    start_run(daemon, children, "--disk", "/vm/shared.img:shared", "--name", "vm2")
+    shared = lease_file(daemon, "/vm/shared.img")
+    assert probe(shared, "ofd", "read") == "free"
+    assert probe(shared, "ofd", "write") == "busy"
+
+    both = daemon.lockd(
+        "run", "--disk", "/vm/free.img", "--disk", "/vm/shared.img", "--name", "vm3", "--", "true"
+    )
+    assert both.returncode == 75
+    assert not lease_file(daemon, "/vm/free.img").exists()
+    leases = json.loads(daemon.lockd("leases", "--json").stdout)
+    assert [(lease["mode"], len(lease["owners"])) for lease in leases] == [("shared", 2)]
+
+
+def test_killed_run_child_frees_a_precreated_lease(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A lease file that was created beforehand stays, and is unlocked once the owner dies."""
+    with daemon.client() as client:
+        client.call("create-lockspace", lockspace="test.space")
+        client.call("create-resource", lockspace="test.space", resource="disk-1")
+    path = daemon.lock_dir / "test.space" / "disk-1"
+    vm = subprocess.Popen(
+        [*LOCKD, "run", "--lease", "test.space/disk-1", "--no-autocreate", "--name", "vm1",
+         "--", "sleep", "600"],
+        env=daemon.env,
+    )  # fmt: skip
+    children.append(vm)
+    wait_for(lambda: probe(path, "classic") == "busy")
+    vm.kill()
+    vm.wait()
+    wait_for(lambda: probe(path, "classic") == "free")
+    assert path.exists()
+
+
+def test_two_daemons_on_one_lock_dir_exclude_each_other(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """Two hosts on a shared lock directory: the second cannot take what the first holds."""
+    shared = tmp_path / "nfs"
+    a = make_daemon("host-a", shared)
+    b = make_daemon("host-b", shared)
+    start_run(a, children, "--disk", "/vm/a.img", "--name", "vm-on-a")
+    busy = b.lockd("run", "--disk", "/vm/a.img", "--name", "vm-on-b", "--", "true")
+    assert busy.returncode == 75
+    assert "another process or host" in busy.stderr
+    start_run(b, children, "--disk", "/vm/b.img", "--name", "vm-on-b")
+    assert a.lockd("run", "--disk", "/vm/b.img", "--name", "x", "--", "true").returncode == 75
+
+
+def test_acquire_for_another_process_ends_when_it_exits(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """`lockd acquire --owner-pid`: the lease outlives the CLI and ends with the process."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    done = daemon.lockd("acquire", "--owner-pid", str(sleeper.pid), "--name", "vm9",
+                        "--disk", "/vm/9.img")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    path = lease_file(daemon, "/vm/9.img")
+    assert probe(path, "ofd") == "busy"
+    assert _owner_pids(daemon) == {sleeper.pid}
+    sleeper.kill()
+    sleeper.wait()
+    wait_for(lambda: not _owner_pids(daemon))
+    assert events(daemon, "--type", "lease-released")[-1]["reason"] == "owner-exit"
+
+
+def test_release_cli_and_wait(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """`lockd release` frees a lease; an acquire with --wait gets it once it is free."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    pid = str(sleeper.pid)
+    assert daemon.lockd("acquire", "--owner-pid", pid, "--disk", "/vm/w.img").returncode == 0
+    other = subprocess.Popen(["sleep", "600"])
+    children.append(other)
+    waiter = subprocess.Popen(
+        [*LOCKD, "acquire", "--owner-pid", str(other.pid), "--disk", "/vm/w.img", "--wait", "20"],
+        env=daemon.env,
+    )
+    children.append(waiter)
+    time.sleep(0.3)
+    assert waiter.poll() is None
+    done = daemon.lockd("release", "--owner-pid", pid, "--disk", "/vm/w.img")
+    assert done.returncode == 0, done.stderr
+    assert waiter.wait(20) == 0
+    assert _owner_pids(daemon) == {other.pid}
+
+
+def test_owner_whose_connection_closes_is_fenced(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A running owner that drops its own connection loses its leases and gets SIGTERM."""
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import os, signal, sys, time, uuid\n"
+        "from protocol.client import Client\n"
+        "def term(*_):\n"
+        "    print('got SIGTERM', flush=True)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, term)\n"
+        f"c = Client({str(daemon.socket)!r})\n"
+        "c.call('register', owner={'uuid': uuid.uuid4().bytes, 'name': 'vm', 'id': 1,"
+        " 'pid': os.getpid()})\n"
+        "c.call('acquire', leases=[{'lockspace': 'org.libvirt.lockd.files', 'resource': 'r1'}],"
+        " autocreate=True)\n"
+        "print('held', flush=True)\n"
+        "c.close()\n"
+        "time.sleep(30)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    children.append(owner)  # type: ignore[arg-type]
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == "held"
+    assert owner.stdout.readline().strip() == "got SIGTERM"
+    assert owner.wait(10) == 0
+    kinds = [(e["type"], e.get("reason")) for e in events(daemon)]
+    assert ("lease-released", "disconnect") in kinds
+    fenced = list(events(daemon, "--type", "owner-fenced"))
+    assert fenced[0]["signal"] == "SIGTERM"
+
+
+def test_garbage_on_the_socket_leaves_others_untouched(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """Random bytes, a huge length prefix and bad requests: errors, and the VM keeps its lease."""
+    start_run(daemon, children, "--disk", "/vm/g.img", "--name", "vm1")
+    for junk in (b"\xff" * 64, struct.pack(">I", 2**31) + b"x", b"\x00\x00\x00\x02\xa1"):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(str(daemon.socket))
+            s.sendall(junk)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):
+                pass
+    with daemon.client() as client:
+        with pytest.raises(RemoteError) as bad:
+            client.call("acquire", leases=[{"lockspace": "../etc", "resource": "x"}])
+        assert bad.value.code == "invalid-argument"
+        with pytest.raises(RemoteError) as unregistered:
+            client.call("acquire", leases=[{"lockspace": FILES_LOCKSPACE, "resource": "x"}])
+        assert unregistered.value.code == "not-registered"
+        with pytest.raises(RemoteError) as unknown:
+            client.call("frobnicate")
+        assert unknown.value.code == "invalid-argument"
+        assert client.call("status")["leases"] == 1
+    assert probe(lease_file(daemon, "/vm/g.img"), "ofd") == "busy"
+
+
+def test_restrict_is_one_way(daemon: DaemonProcess) -> None:
+    """After restrict, every request is refused with `restricted`."""
+    with daemon.client() as client:
+        client.call("restrict")
+        for op in ("status", "restrict", "list-leases"):
+            with pytest.raises(RemoteError) as exc:
+                client.call(op)
+            assert exc.value.code == "restricted"
+
+
+def test_register_someone_elses_pid_as_root(daemon: DaemonProcess) -> None:
+    """Root may register any process as owner (as libvirtd does for its VMs)."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        owner = {"uuid": uuid.uuid4().bytes, "name": "x", "id": 1, "pid": sleeper.pid}
+        with daemon.client() as client:
+            assert client.call("register", owner=owner)["owner"]["pid"] == sleeper.pid
+        with daemon.client() as client:
+            owner["pid"] = 2**22 + 7  # above pid_max: no such process
+            with pytest.raises(RemoteError) as exc:
+                client.call("register", owner=owner)
+            assert exc.value.code == "not-found"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def _as_nobody(path: Path) -> bytes:
+    """Connect as uid 65534 from a forked child; return what the daemon sent before closing."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX) as s:
+                s.settimeout(5)
+                s.connect(str(path))
+                data = b""
+                while chunk := s.recv(4096):
+                    data += chunk
+            os.write(write_end, data)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return data
+
+
+def test_peer_of_another_uid_is_refused(make_daemon: MakeDaemon) -> None:
+    """Even with the socket opened up by mistake, SO_PEERCRED keeps other uids out."""
+    import tempfile
+
+    socket_dir = Path(tempfile.mkdtemp(prefix="lockd-peercred-"))
+    try:
+        os.chmod(socket_dir, 0o711)  # noqa: S103 - the misconfiguration under test
+        daemon = make_daemon("peercred", None, socket_dir=socket_dir)
+        os.chmod(daemon.socket, 0o666)  # noqa: S103 - the misconfiguration under test
+        reply = _as_nobody(daemon.socket)
+        assert b"permission-denied" in reply
+        assert b"uid 65534" in reply
+        assert daemon.lockd("status").returncode == 0
+    finally:
+        for name in os.listdir(socket_dir):
+            os.unlink(socket_dir / name)
+        os.rmdir(socket_dir)
+
+
+def test_admin_disconnect_ends_the_owners_leases(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """`lockd disconnect ID` on the admin socket: the VM's leases end and the VM is fenced."""
+    vm = start_run(daemon, children, "--disk", "/vm/d.img", "--name", "vm1")
+    rows = json.loads(daemon.lockd("clients", "--json").stdout)
+    (row,) = [r for r in rows if r.get("owner", {}).get("pid") == vm.pid]
+    assert row["restricted"] is True
+    refused = daemon.lockd("disconnect", "--admin-socket", str(daemon.socket), str(row["id"]))
+    assert refused.returncode == 1
+    assert "admin socket" in refused.stderr
+    done = daemon.lockd("disconnect", str(row["id"]))
+    assert done.returncode == 0, done.stderr
+    assert vm.wait(10) == -signal.SIGTERM
+    assert not lease_file(daemon, "/vm/d.img").exists()
+    reasons = [e.get("reason") for e in events(daemon, "--type", "lease-released")]
+    assert reasons[-1] == "admin"
+
+
+def test_events_follow_prints_new_events(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """`lockd events --follow --json` prints an acquire as it happens."""
+    follower = subprocess.Popen(
+        [*LOCKD, "events", "--follow", "--json", "--journal-dir", str(daemon.journal_dir),
+         "--type", "lease-acquired"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    children.append(follower)  # type: ignore[arg-type]
+    start_run(daemon, children, "--disk", "/vm/f.img", "--name", "vm-follow")
+    assert follower.stdout is not None
+    event = json.loads(follower.stdout.readline())
+    assert event["type"] == "lease-acquired"
+    assert event["owner"]["name"] == "vm-follow"
+    assert event["mode"] == "exclusive"
+
+
+def test_unreachable_daemon_exit_code(tmp_path: Path) -> None:
+    """No daemon: exit 69 and a hint."""
+    done = subprocess.run(
+        [*LOCKD, "status", "--socket", str(tmp_path / "none.sock")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 69
+    assert "lockd serve" in done.stderr
+
+
+def test_max_clients(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    """Past max_clients a connection gets a clear error; the others keep working."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("max_clients = 2\n")
+    daemon = make_daemon("small", None, "--config", str(config))
+    with daemon.client() as first, daemon.client() as second:
+        with pytest.raises(RemoteError) as exc:
+            Client(str(daemon.socket))
+        assert "max_clients=2" in exc.value.message
+        assert first.call("status")["clients"] == 2
+        assert second.call("status")["clients"] == 2
