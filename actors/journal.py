@@ -4,11 +4,12 @@ Actors send :class:`Append` and get :class:`Appended` back once the entries
 are written (``write()`` has returned, so they survive a crash of the daemon
 process) and, for ``journal_sync = batch | always``, flushed to the disk.
 
-Group commit: appends queue in this actor's inbox while the dispatcher runs
-other work. The first append of a batch sends :class:`Flush` to the actor
-itself, which lands behind every append already queued; the flush then
-writes them all with one ``write()`` and, for ``batch``, one ``fdatasync``.
-``always`` syncs every append on its own, which costs one fdatasync each.
+Group commit (``batch``): appends queue in this actor's inbox while the
+dispatcher runs other work. The first append of a batch sends :class:`Flush`
+to the actor itself, which lands behind every append already queued; the
+flush then writes them all with one ``write()`` and one ``fdatasync``.
+``none`` writes each append at once (a ``write()`` costs microseconds; a
+flush hop would cost more), and ``always`` syncs every append on its own.
 
 Subscribers (``subscribe`` connections, ``lockd events`` followers through
 the socket) get each written entry as :class:`Published`.
@@ -126,12 +127,14 @@ class JournalActor(DispatchedActor):
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Append):
-            if self._sync is SyncPolicy.ALWAYS:
-                self._write([message])
-            else:
+            if self._sync is SyncPolicy.BATCH:
                 if not self._pending:
                     self.actor_ref.tell(Flush())
                 self._pending.append(message)
+            else:
+                # none: a write() is cheap and grouping would only add a hop;
+                # always: every append gets its own fdatasync by definition.
+                self._write([message])
             return None
         if isinstance(message, Flush):
             batch, self._pending = self._pending, []

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pykka
-from pykka import ActorDeadError, ActorRegistry, ThreadingFuture
+from pykka import ActorDeadError, ThreadingFuture
 from pykka._envelope import Envelope
 from pykka.messages import _ActorStop
 
@@ -236,6 +236,26 @@ class DispatchedActor(pykka.Actor):
         super().__init__()
         self.dispatcher = dispatcher
 
+    @classmethod
+    def start(cls, *args: Any, **kwargs: Any) -> pykka.ActorRef[Any]:
+        """Start the actor on its dispatcher, without entering pykka's ActorRegistry.
+
+        The registry keeps every actor in one list under a lock and removes
+        stopped ones by linear search: with an actor per lease (16,384 at the
+        scale target) each stop would scan them all. Nothing here looks
+        actors up globally; refs are passed in messages.
+        """
+        obj = cls(*args, **kwargs)
+        obj._start_actor_loop()
+        return obj.actor_ref
+
+    def _stop(self) -> None:
+        self.actor_stopped.set()
+        try:
+            self.on_stop()
+        except Exception:  # noqa: BLE001 - pykka semantics: on_stop failures are logged
+            self._handle_failure(*sys.exc_info())
+
     @staticmethod
     def _create_actor_inbox() -> _Inbox:
         return _Inbox()
@@ -276,7 +296,6 @@ class DispatchedActor(pykka.Actor):
                     self.dispatcher.report_crash(exc)
         except BaseException:
             self._stop()
-            ActorRegistry.stop_all(block=False)
             raise
 
     def _answer_dead(self, envelope: Envelope[Any]) -> None:

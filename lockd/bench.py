@@ -99,7 +99,8 @@ def fcntl_floor(ops: int = 20000) -> float:
     return round(statistics.median(samples), 2)
 
 
-def _echo(sock: socket.socket) -> None:
+def _echo(sock: socket.socket, other: socket.socket) -> None:
+    other.close()  # else our copy of the parent's end keeps the pair open forever
     while data := sock.recv(4096):
         sock.sendall(data)
 
@@ -108,7 +109,7 @@ def socket_floor(ops: int = 5000) -> float:
     """Median µs of one request/reply on a Unix socketpair to another process (one RPC)."""
     a, b = socket.socketpair()
     ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=_echo, args=(b,))
+    proc = ctx.Process(target=_echo, args=(b, a))
     proc.start()
     b.close()
     samples = []
