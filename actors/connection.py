@@ -38,6 +38,7 @@ from actors.router import (
     Kick,
     Kicked,
     Lookup,
+    OwnerReleased,
     ReleaseOwnerEverywhere,
 )
 from actors.runtime import DispatchedActor, Dispatcher
@@ -182,10 +183,17 @@ class ConnectionActor(DispatchedActor):
     # -- messages -------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Received):
-            if not self._closed:
-                self._protocol.receive_data(message.data)
-                self._pump()
-        elif isinstance(message, Found | Done | Gathered | Kicked | _Retry):
+            if self._closed:
+                return None
+            if not message.data and self._busy:
+                # The client is gone with a request in flight. Like virtlockd,
+                # end of stream is the end of the client: an acquire still in
+                # flight is rolled back when it completes, never left to leak.
+                self._close()
+                return None
+            self._protocol.receive_data(message.data)
+            self._pump()
+        elif isinstance(message, Found | Done | Gathered | Kicked | OwnerReleased | _Retry):
             then = self._waits.pop(message.token, None)
             if then is not None:
                 then(message)

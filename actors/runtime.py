@@ -28,6 +28,7 @@ import selectors
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,8 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._loop_ident: int | None = None
         self.crashes: list[BaseException] = []
+        self.actors: weakref.WeakSet[DispatchedActor] = weakref.WeakSet()
+        """Actors started on this dispatcher and not yet collected (see :meth:`stop_all`)."""
 
     # -- scheduling -----------------------------------------------------------
     def submit(self, step: Step) -> None:
@@ -100,6 +103,12 @@ class Dispatcher:
         """Stop watching ``fd``; harmless if it was not watched."""
         with contextlib.suppress(KeyError, ValueError):
             self._selector.unregister(fd)
+
+    def stop_all(self) -> None:
+        """Ask every running actor to stop (they stop as the loop runs their inboxes)."""
+        for actor in list(self.actors):
+            if not actor.actor_stopped.is_set():
+                actor.actor_ref.tell(_ActorStop())
 
     def report_crash(self, exc: BaseException) -> None:
         """Record an actor death; the loop raises it once the current step ends."""
@@ -246,6 +255,7 @@ class DispatchedActor(pykka.Actor):
         actors up globally; refs are passed in messages.
         """
         obj = cls(*args, **kwargs)
+        obj.dispatcher.actors.add(obj)
         obj._start_actor_loop()
         return obj.actor_ref
 

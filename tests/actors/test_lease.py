@@ -44,7 +44,7 @@ def env(tmp_path: Path) -> Iterator[tuple[Dispatcher, LockspaceDir, Replies]]:
     files = LockspaceDir(str(tmp_path))
     got: list[Any] = []
     yield dispatcher, files, Replies(Inbox.start(dispatcher, got), got)
-    pykka.ActorRegistry.stop_all(block=False)
+    dispatcher.stop_all()
     dispatcher.run_until_idle()
     files.close()
     dispatcher.close()

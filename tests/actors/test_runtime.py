@@ -39,7 +39,7 @@ class Clock:
 def dispatcher() -> Iterator[Dispatcher]:
     d = Dispatcher()
     yield d
-    pykka.ActorRegistry.stop_all(block=False)
+    d.stop_all()
     d.run_until_idle()
     d.close()
 

@@ -130,9 +130,11 @@ def test_killed_run_child_frees_a_precreated_lease(
         [*LOCKD, "run", "--lease", "test.space/disk-1", "--no-autocreate", "--name", "vm1",
          "--", "sleep", "600"],
         env=daemon.env,
+        stderr=subprocess.PIPE,
     )  # fmt: skip
     children.append(vm)
-    wait_for(lambda: probe(path, "classic") == "busy")
+    wait_for(lambda: vm.poll() is not None or probe(path, "classic") == "busy")
+    assert vm.poll() is None, vm.stderr.read() if vm.stderr else ""
     vm.kill()
     vm.wait()
     wait_for(lambda: probe(path, "classic") == "free")

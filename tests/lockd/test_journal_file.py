@@ -88,3 +88,45 @@ def test_segments_are_private(tmp_path: Path) -> None:
     FileJournal(str(tmp_path / "j")).close()
     (segment,) = (tmp_path / "j").iterdir()
     assert segment.stat().st_mode & 0o777 == 0o600
+
+
+def test_follower_reads_appends_across_rotation_and_waits_for_whole_records(
+    tmp_path: Path,
+) -> None:
+    """`lockd events --follow` sees each entry once, across segment rotation."""
+    from lockd.journal_file import JournalFollower
+    from lockd.journal_format import encode_record
+
+    journal = FileJournal(str(tmp_path), segment_bytes=4096)
+    follower = JournalFollower(str(tmp_path))
+    assert follower.poll() == []
+    seen: list[int] = []
+    for seq in range(1, 120):
+        journal.append([entry(seq)])
+        if seq % 7 == 0:
+            seen.extend(e.seq for e in follower.poll())
+    seen.extend(e.seq for e in follower.poll())
+    assert seen == list(range(1, 120))
+    assert len(list_segments(str(tmp_path))) > 1
+    # A record written in two pieces is returned only once it is whole.
+    record = encode_record(entry(120))
+    segment = tmp_path / list_segments(str(tmp_path))[-1]
+    with open(segment, "ab") as f:
+        f.write(record[:5])
+    assert follower.poll() == []
+    with open(segment, "ab") as f:
+        f.write(record[5:])
+    assert [e.seq for e in follower.poll()] == [120]
+    follower.close()
+    journal.close()
+
+
+def test_follower_starts_at_since(tmp_path: Path) -> None:
+    from lockd.journal_file import JournalFollower
+
+    journal = FileJournal(str(tmp_path), segment_bytes=4096)
+    journal.append([entry(seq) for seq in range(1, 60)])
+    follower = JournalFollower(str(tmp_path), since_seq=50)
+    assert [e.seq for e in follower.poll()] == list(range(50, 60))
+    follower.close()
+    journal.close()

@@ -1,0 +1,269 @@
+"""The daemon's actors on one dispatcher, with fake transports, processes and journal.
+
+Lease files are real (a temp lock dir), so kernel locks can be checked; the
+rest is fake and driven step by step with ``run_until_idle`` on the test
+thread: no sockets, no threads, no sleeps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pykka
+
+from actors.connection import ConnectionActor, Received, ServerInfo
+from actors.events import Event, JournalEntry
+from actors.journal import JournalActor, SyncPolicy
+from actors.model import Owner
+from actors.owners import OwnersActor
+from actors.router import RouterActor
+from actors.runtime import Dispatcher
+from lockd.lockfiles import LockspaceDir
+from protocol.codec import decode_item, encode_item
+from protocol.framing import FrameDecoder, encode_frame
+from protocol.names import WELL_KNOWN_LOCKSPACES
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeTransport:
+    """Collects what the connection writes; records pause/resume and close."""
+
+    def __init__(self, pid: int, uid: int) -> None:
+        self.peer_pid = pid
+        self.peer_uid = uid
+        self.written: list[bytes] = []
+        self.closed = False
+        self.reading = True
+        self.stuck_bytes = 0
+        """Pretend this many bytes could not be sent (a client that does not read)."""
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.written.append(data)
+
+    @property
+    def backlog(self) -> int:
+        return self.stuck_bytes
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeProcesses:
+    """A process table: pids with start times and uids; watches are pipes the test fires."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, tuple[int, int]] = {}
+        self.gone: set[int] = set()
+        self.signals: list[tuple[int, str]] = []
+        self.ignores_sigterm: set[int] = set()
+        self._pipes: dict[int, tuple[int, int]] = {}
+
+    def spawn(self, pid: int, uid: int = 0, start: int = 100) -> int:
+        self.procs[pid] = (start, uid)
+        return pid
+
+    # ProcessInfo (registration)
+    def start_time(self, pid: int) -> int | None:
+        return None if pid in self.gone or pid not in self.procs else self.procs[pid][0]
+
+    def uid_of(self, pid: int) -> int | None:
+        return None if pid in self.gone or pid not in self.procs else self.procs[pid][1]
+
+    # Processes (owners actor)
+    def open_watch(self, owner: Owner) -> int | None:
+        if self.is_gone(owner):
+            return None
+        r, w = os.pipe()
+        self._pipes[r] = (owner.pid, w)
+        return r
+
+    def close_watch(self, fd: int) -> None:
+        _, w = self._pipes.pop(fd)
+        os.close(fd)
+        os.close(w)
+
+    def is_gone(self, owner: Owner) -> bool:
+        return owner.pid in self.gone or self.start_time(owner.pid) != owner.start_time
+
+    def signal(self, owner: Owner, signum: int) -> bool:
+        import signal as sig
+
+        if self.is_gone(owner):
+            return False
+        name = sig.Signals(signum).name
+        self.signals.append((owner.pid, name))
+        if name == "SIGKILL" or owner.pid not in self.ignores_sigterm:
+            self.exit(owner.pid)
+        return True
+
+    def exit(self, pid: int) -> None:
+        """The process exits: its pidfd-like pipe becomes readable."""
+        self.gone.add(pid)
+        for _r, (p, w) in self._pipes.items():
+            if p == pid:
+                os.write(w, b"x")
+
+    def close(self) -> None:
+        for r, (_, w) in list(self._pipes.items()):
+            os.close(r)
+            os.close(w)
+        self._pipes.clear()
+
+
+class MemoryJournal:
+    """JournalWriter in memory; ``fail`` makes appends raise like a full disk."""
+
+    def __init__(self) -> None:
+        self.next_seq = 1
+        self.entries: list[JournalEntry] = []
+        self.fail = False
+        self.syncs = 0
+
+    def append(self, entries: Sequence[JournalEntry]) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        self.entries.extend(entries)
+        self.next_seq += len(entries)
+
+    def sync(self) -> None:
+        self.syncs += 1
+
+    def events(self, kind: type[Event] | None = None) -> list[Any]:
+        return [e.event for e in self.entries if kind is None or isinstance(e.event, kind)]
+
+
+class Conn:
+    """A test client on a fake transport: call() sends one request and returns its reply."""
+
+    def __init__(
+        self, harness: Harness, ref: pykka.ActorRef[Any], transport: FakeTransport
+    ) -> None:
+        self.harness = harness
+        self.ref = ref
+        self.transport = transport
+        self._ids = itertools.count(1)
+        self._frames = FrameDecoder()
+
+    def send(self, op: str, **args: Any) -> int:
+        rid = next(self._ids)
+        self.send_raw(encode_frame(encode_item({"op": op, "id": rid, **args})))
+        return rid
+
+    def send_raw(self, data: bytes) -> None:
+        self.ref.tell(Received(data))
+
+    def messages(self) -> list[dict[str, Any]]:
+        """Everything written to this client since the last call, decoded."""
+        for chunk in self.transport.written:
+            self._frames.receive_data(chunk)
+        self.transport.written.clear()
+        out = []
+        while (frame := self._frames.next_frame()) is not None:
+            out.append(decode_item(frame))
+        return out
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        rid = self.send(op, **args)
+        self.harness.run()
+        replies = [m for m in self.messages() if m.get("id") == rid]
+        assert len(replies) == 1, replies
+        return replies[0]
+
+    def ok(self, op: str, **args: Any) -> dict[str, Any]:
+        reply = self.call(op, **args)
+        assert "result" in reply, reply
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    def error(self, op: str, **args: Any) -> dict[str, Any]:
+        reply = self.call(op, **args)
+        assert "error" in reply, reply
+        error: dict[str, Any] = reply["error"]
+        return error
+
+    def register(self, pid: int, name: str = "vm") -> dict[str, Any]:
+        owner = {"uuid": uuid.uuid4().bytes, "name": name, "id": 1, "pid": pid}
+        return self.ok("register", owner=owner)
+
+    def close(self) -> None:
+        """The peer closes its end."""
+        self.send_raw(b"")
+        self.harness.run()
+
+
+class Harness:
+    """Journal, router and owners actors on a manual-clock dispatcher."""
+
+    def __init__(self, lock_dir: Path, sync: SyncPolicy = SyncPolicy.NONE) -> None:
+        self.clock = Clock()
+        self.dispatcher = Dispatcher(clock=self.clock)
+        self.lock_dir = lock_dir
+        self.journal_writer = MemoryJournal()
+        self.processes = FakeProcesses()
+        self.journal = JournalActor.start(
+            self.dispatcher, self.journal_writer, sync=sync, host="test", clock=lambda: 0.0
+        )
+        self.router = RouterActor.start(
+            self.dispatcher, lock_dir=str(lock_dir), journal=self.journal,
+            open_lockspace=LockspaceDir,
+        )  # fmt: skip
+        self.owners = OwnersActor.start(
+            self.dispatcher, processes=self.processes, router=self.router, journal=self.journal,
+            grace=1.6,
+        )  # fmt: skip
+        self.run()
+        for name in WELL_KNOWN_LOCKSPACES:
+            os.makedirs(lock_dir / name, exist_ok=True)
+        self._ids = itertools.count(1)
+
+    def run(self) -> None:
+        self.dispatcher.run_until_idle()
+
+    def advance(self, seconds: float) -> None:
+        self.clock.now += seconds
+        self.run()
+
+    def connect(self, pid: int, uid: int = 0, *, admin: bool = False) -> Conn:
+        transport = FakeTransport(pid, uid)
+        ref = ConnectionActor.start(
+            self.dispatcher,
+            conn_id=next(self._ids),
+            transport=transport,
+            router=self.router,
+            owners=self.owners,
+            journal=self.journal,
+            processes=self.processes,
+            info=ServerInfo("test", 1, 0.0, "test"),
+            admin=admin,
+            clock=self.clock,
+        )
+        conn = Conn(self, ref, transport)
+        assert "result" in conn.call("hello", versions=[1])
+        return conn
+
+    def close(self) -> None:
+        self.dispatcher.stop_all()
+        self.run()
+        self.processes.close()
+        self.dispatcher.close()

@@ -1,0 +1,385 @@
+"""The daemon's actors together: connection, router, lockspaces, leases, journal, owners.
+
+Fakes stand in for the socket, the process table and the journal file; lease
+files and their OFD locks are real, so "is it locked" is asked of the kernel.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.events import (
+    LeaseAcquired,
+    LeaseReleased,
+    OwnerFenced,
+    ReleaseReason,
+)
+from actors.journal import SyncPolicy
+from actors.lease import LockBusyError
+from lockd.lockfiles import try_lock, unlock
+from protocol.codec import encode_item
+from protocol.framing import encode_frame
+from tests.actors.harness import Harness
+
+FILES = "org.libvirt.lockd.files"
+VM1, VM2, LIBVIRTD = 4001, 4002, 4000
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path / "locks")
+    for pid in (VM1, VM2, LIBVIRTD):
+        harness.processes.spawn(pid)
+    yield harness
+    harness.close()
+
+
+def lease(resource: str, lockspace: str = FILES, **extra: object) -> dict[str, object]:
+    return {"lockspace": lockspace, "resource": resource, **extra}
+
+
+def kernel_locked(path: Path) -> bool:
+    """Ask the kernel from a separate open file description (conflicts like another process)."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        try_lock(fd, shared=False)
+    except LockBusyError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_acquire_journals_before_replying_and_locks_the_file(h: Harness) -> None:
+    """The reply comes after the event is journaled; the file is locked in the kernel."""
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    result = vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    assert result["leases"] == [{"lockspace": FILES, "resource": "disk-a", "mode": "exclusive"}]
+    (acquired,) = h.journal_writer.events(LeaseAcquired)
+    assert (acquired.resource, acquired.owner.pid, acquired.autocreate) == ("disk-a", VM1, True)
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+    assert vm.ok("inquire")["leases"] == [
+        {"lockspace": FILES, "resource": "disk-a", "mode": "exclusive"}
+    ]
+
+
+def test_busy_names_the_holder_and_changes_nothing(h: Harness) -> None:
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1, "vm1")
+    vm2.register(VM2, "vm2")
+    vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    before = len(h.journal_writer.entries)
+    error = vm2.error("acquire", leases=[lease("disk-a")], autocreate=True)
+    assert error["code"] == "busy"
+    assert "vm1" in error["message"]
+    assert [o["pid"] for o in error["holders"]] == [VM1]
+    assert len(h.journal_writer.entries) == before
+
+
+def test_multi_lockspace_acquire_is_all_or_nothing(h: Harness) -> None:
+    """The second lockspace is busy: what the first lockspace gave is rolled back."""
+    (h.lock_dir / "other").mkdir()
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("x", "other")], autocreate=True)
+    error = vm2.error("acquire", leases=[lease("free"), lease("x", "other")], autocreate=True)
+    assert error["code"] == "busy"
+    rollback = [e for e in h.journal_writer.events(LeaseReleased) if e.owner.pid == VM2]
+    assert [(e.resource, e.reason) for e in rollback] == [("free", ReleaseReason.ROLLBACK)]
+    assert not (h.lock_dir / FILES / "free").exists()
+    assert vm2.ok("inquire")["leases"] == []
+
+
+def test_rollback_keeps_a_shared_lease_held_before(h: Harness) -> None:
+    """A failed acquire never releases what the owner already held."""
+    (h.lock_dir / "other").mkdir()
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm2.ok("acquire", leases=[lease("s", shared=True)], autocreate=True)
+    vm1.ok("acquire", leases=[lease("x", "other")], autocreate=True)
+    vm2.error("acquire", leases=[lease("s", shared=True), lease("x", "other")], autocreate=True)
+    assert vm2.ok("inquire")["leases"] == [{"lockspace": FILES, "resource": "s", "mode": "shared"}]
+
+
+def test_journal_failure_grants_nothing(h: Harness) -> None:
+    """ENOSPC on the journal: io-error, no lease, no kernel lock left behind."""
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    h.journal_writer.fail = True
+    error = vm.error("acquire", leases=[lease("disk-a")], autocreate=True)
+    assert error["code"] == "io-error"
+    assert not kernel_locked(h.lock_dir / FILES / "disk-a")
+    h.journal_writer.fail = False
+    assert vm.ok("inquire")["leases"] == []
+
+
+def test_unjournaled_release_keeps_the_lease(h: Harness) -> None:
+    """A release that cannot be journaled fails and the lock stays: too long beats too early."""
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    h.journal_writer.fail = True
+    assert vm.error("release", leases=[lease("disk-a")])["code"] == "io-error"
+    h.journal_writer.fail = False
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+    assert vm.ok("release", leases=[lease("disk-a")])["released"] == 1
+    assert not (h.lock_dir / FILES / "disk-a").exists()
+
+
+def test_pipelined_requests_are_answered_in_order(h: Harness) -> None:
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    requests: list[tuple[str, dict[str, object]]] = [
+        ("acquire", {"leases": [lease("a")], "autocreate": True}),
+        ("release", {"leases": [lease("a")]}),
+        ("acquire", {"leases": [lease("a")], "autocreate": True}),
+        ("inquire", {}),
+    ]
+    burst = b"".join(
+        encode_frame(encode_item({"op": op, "id": i, **args}))
+        for i, (op, args) in enumerate(requests, start=10)
+    )
+    vm.send_raw(burst)
+    h.run()
+    replies = vm.messages()
+    assert [r["id"] for r in replies] == [10, 11, 12, 13]
+    assert all("result" in r for r in replies)
+    assert len(replies[-1]["result"]["leases"]) == 1
+
+
+def test_register_rules(h: Harness) -> None:
+    """Own pid: fine. Someone else's: only root or that process's uid. Unknown pid: not-found."""
+    h.processes.spawn(5000, uid=1000)
+    h.processes.spawn(5001, uid=1001)
+    assert h.connect(5000, uid=1000).register(5000)
+    assert h.connect(5000, uid=0).register(5001)  # root (libvirtd) registers a VM
+    other = h.connect(5000, uid=1000)
+    error = other.error("register", owner={"uuid": b"u" * 16, "name": "x", "id": 1, "pid": 5001})
+    assert error["code"] == "permission-denied"
+    missing = h.connect(5000, uid=1000).error(
+        "register", owner={"uuid": b"u" * 16, "name": "x", "id": 1, "pid": 9999}
+    )
+    assert missing["code"] == "not-found"
+
+
+def test_order_rules(h: Harness) -> None:
+    """Acquire before register, register twice, anything after restrict."""
+    c = h.connect(VM1)
+    assert c.error("acquire", leases=[lease("a")])["code"] == "not-registered"
+    c.register(VM1)
+    assert (
+        c.error("register", owner={"uuid": b"u" * 16, "name": "x", "id": 1, "pid": VM1})["code"]
+        == "invalid-argument"
+    )
+    c.ok("restrict")
+    assert c.error("inquire")["code"] == "restricted"
+    assert c.error("hello", versions=[1])["code"] == "restricted"
+
+
+def test_owner_connection_closing_releases_and_fences(h: Harness) -> None:
+    """The VM's own connection drops while it runs: leases end, SIGTERM, then SIGKILL."""
+    h.processes.ignores_sigterm.add(VM1)
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    vm.close()
+    released = h.journal_writer.events(LeaseReleased)
+    assert [(e.resource, e.reason) for e in released] == [("disk-a", ReleaseReason.DISCONNECT)]
+    assert not (h.lock_dir / FILES / "disk-a").exists()
+    assert h.processes.signals == [(VM1, "SIGTERM")]
+    h.advance(1.0)
+    assert h.processes.signals == [(VM1, "SIGTERM")]
+    h.advance(1.0)
+    assert h.processes.signals == [(VM1, "SIGTERM"), (VM1, "SIGKILL")]
+    assert [e.signal for e in h.journal_writer.events(OwnerFenced)] == ["SIGTERM", "SIGKILL"]
+
+
+def test_fencing_does_not_stall_other_clients(h: Harness) -> None:
+    """During the grace period another client is served at once."""
+    h.processes.ignores_sigterm.add(VM1)
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    vm.close()
+    other = h.connect(VM2)
+    other.register(VM2)
+    assert other.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+
+
+def test_managers_connection_closing_keeps_the_vms_leases(h: Harness) -> None:
+    """libvirtd acquires for a VM then disconnects: the VM keeps the lease until it exits."""
+    mgr = h.connect(LIBVIRTD)
+    mgr.register(VM1)
+    mgr.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    mgr.close()
+    assert h.journal_writer.events(LeaseReleased) == []
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+    h.processes.exit(VM1)
+    h.run()
+    (released,) = h.journal_writer.events(LeaseReleased)
+    assert released.reason is ReleaseReason.OWNER_EXIT
+    assert h.processes.signals == []
+
+
+def test_exited_owner_is_released_not_fenced(h: Harness) -> None:
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    h.processes.gone.add(VM1)
+    vm.close()
+    (released,) = h.journal_writer.events(LeaseReleased)
+    assert released.reason is ReleaseReason.OWNER_EXIT
+    assert h.processes.signals == []
+
+
+def test_wait_gets_the_lease_once_it_is_released(h: Harness) -> None:
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    rid = vm2.send("acquire", leases=[lease("disk-a")], autocreate=True, wait=5)
+    h.advance(0.5)
+    assert vm2.messages() == []
+    vm1.ok("release", leases=[lease("disk-a")])
+    h.advance(0.6)
+    (reply,) = vm2.messages()
+    assert reply["id"] == rid
+    assert "result" in reply
+
+
+def test_wait_times_out_busy(h: Harness) -> None:
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    vm2.send("acquire", leases=[lease("disk-a")], autocreate=True, wait=1)
+    for _ in range(20):
+        h.advance(0.2)
+    (reply,) = vm2.messages()
+    assert reply["error"]["code"] == "busy"
+
+
+def test_client_leaving_mid_acquire_changes_nothing(h: Harness) -> None:
+    """The manager's connection closes before the reply: the lease is rolled back."""
+    mgr = h.connect(LIBVIRTD)
+    mgr.register(VM1)
+    mgr.send("acquire", leases=[lease("disk-a")], autocreate=True)
+    mgr.send_raw(b"")  # EOF queued right behind the request
+    h.run()
+    acquired = h.journal_writer.events(LeaseAcquired)
+    released = h.journal_writer.events(LeaseReleased)
+    assert len(acquired) == len(released) == 1
+    assert released[0].reason is ReleaseReason.ROLLBACK
+    assert not kernel_locked(h.lock_dir / FILES / "disk-a")
+
+
+def test_backlog_pauses_reading(h: Harness) -> None:
+    """A client that floods requests while one is in flight is read no further."""
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    h.journal_writer.fail = False
+    frame = encode_frame(encode_item({"op": "status", "id": 1}))
+    vm.send_raw(encode_frame(encode_item({"op": "acquire", "id": 0, "leases": [lease("a")],
+                                          "autocreate": True})) + frame * 20000)  # fmt: skip
+    h.dispatcher.run_once(0)  # the acquire is now in flight; the rest waits in the decoder
+    assert vm.transport.reading is False
+    h.run()
+    assert vm.transport.reading is True
+    assert len(vm.messages()) == 20001
+
+
+def test_subscriber_gets_events_and_a_stuck_one_is_dropped(h: Harness) -> None:
+    auditor = h.connect(LIBVIRTD)
+    auditor.ok("subscribe")
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    pushed = [m["event"] for m in auditor.messages() if "event" in m]
+    assert [e["type"] for e in pushed] == ["lease-acquired"]
+    auditor.transport.stuck_bytes = 5 * 1024 * 1024
+    vm.ok("release", leases=[lease("disk-a")])
+    assert auditor.transport.closed
+
+
+def test_admin_disconnect(h: Harness) -> None:
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    plain = h.connect(LIBVIRTD)
+    clients = plain.ok("list-clients")["clients"]
+    vm_id = next(c["id"] for c in clients if c.get("owner", {}).get("pid") == VM1)
+    assert plain.error("disconnect", client=vm_id)["code"] == "permission-denied"
+    admin = h.connect(LIBVIRTD, admin=True)
+    assert admin.ok("disconnect", client=vm_id) == {"client": vm_id}
+    assert vm.transport.closed
+    (released,) = h.journal_writer.events(LeaseReleased)
+    assert released.reason is ReleaseReason.ADMIN
+    assert h.processes.signals == [(VM1, "SIGTERM")]
+    assert admin.error("disconnect", client=9999)["code"] == "not-found"
+
+
+def test_lockspaces_resources_and_queries(h: Harness) -> None:
+    c = h.connect(VM1)
+    assert c.ok("create-lockspace", lockspace="pool") == {"lockspace": "pool", "created": True}
+    assert c.ok("create-lockspace", lockspace="pool")["created"] is False
+    assert c.error("create-resource", lockspace="nope", resource="r")["code"] == "not-found"
+    assert c.ok("create-resource", lockspace="pool", resource="r") == {"created": True}
+    assert (h.lock_dir / "pool" / "r").exists()
+    c.register(VM1)
+    c.ok("acquire", leases=[lease("r", "pool")])
+    assert c.error("delete-resource", lockspace="pool", resource="r")["code"] == "busy"
+    c.ok("release", all=True)
+    assert (h.lock_dir / "pool" / "r").exists()  # not autocreated: stays after release
+    assert c.ok("delete-resource", lockspace="pool", resource="r") == {"deleted": True}
+    assert not (h.lock_dir / "pool" / "r").exists()
+    names = [row["name"] for row in c.ok("list-lockspaces")["lockspaces"]]
+    assert "pool" in names
+    assert FILES in names
+    status = c.ok("status")
+    assert status["leases"] == 0
+    assert status["journal_seq"] == h.journal_writer.next_seq - 1
+
+
+def test_batch_sync_groups_appends(tmp_path: Path) -> None:
+    """journal_sync=batch: appends queued together share one fdatasync."""
+    h = Harness(tmp_path / "locks", sync=SyncPolicy.BATCH)
+    try:
+        conns = []
+        for pid in range(6000, 6008):
+            h.processes.spawn(pid)
+            conn = h.connect(pid)
+            conn.register(pid)
+            conns.append(conn)
+        syncs = h.journal_writer.syncs
+        for i, conn in enumerate(conns):
+            conn.send("acquire", leases=[lease(f"d{i}")], autocreate=True)
+        h.run()
+        assert all("result" in conn.messages()[0] for conn in conns)
+        assert h.journal_writer.syncs - syncs < len(conns)
+    finally:
+        h.close()
+
+
+def test_unlocked_file_check_helper(tmp_path: Path) -> None:
+    """kernel_locked() itself tells locked from free (so the tests above can fail)."""
+    path = tmp_path / "f"
+    path.touch()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert not kernel_locked(path)
+        try_lock(fd, shared=False)
+        assert kernel_locked(path)
+        unlock(fd)
+        assert not kernel_locked(path)
+    finally:
+        os.close(fd)

@@ -1,0 +1,69 @@
+"""Configuration: per-user defaults, the TOML file, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from actors.journal import SyncPolicy
+from lockd.config import ConfigError, default_paths, load
+
+
+def test_root_defaults_follow_the_product_table() -> None:
+    paths = default_paths(0)
+    assert paths["lock_dir"] == "/var/lib/libvirt/lockd"
+    assert paths["journal_dir"] == "/var/lib/lockd/journal"
+    assert paths["socket"] == "/run/lockd/lockd.sock"
+    assert paths["admin_socket"] == "/run/lockd/lockd-admin.sock"
+    assert paths["config"] == "/etc/lockd/lockd.toml"
+
+
+def test_user_defaults_use_home_and_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1000")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    paths = default_paths(1000)
+    assert paths["lock_dir"] == str(tmp_path / ".libvirt" / "lockd")
+    assert paths["journal_dir"] == str(tmp_path / "state" / "lockd" / "journal")
+    assert paths["socket"] == "/run/user/1000/lockd/lockd.sock"
+    assert paths["config"] == str(tmp_path / ".config" / "lockd" / "lockd.toml")
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "lockd.toml"
+    config.write_text(
+        'lock_dir = "/srv/locks"\nmax_clients = 8\njournal_sync = "batch"\n'
+        '[lockspaces]\n"org.libvirt.lockd.lvm" = "/srv/lvm-locks"\n'
+    )
+    loaded = load(str(config), {"lock_dir": "/override", "socket": None})
+    assert loaded.lock_dir == "/override"
+    assert loaded.max_clients == 8
+    assert loaded.journal_sync is SyncPolicy.BATCH
+    assert loaded.lockspaces == {"org.libvirt.lockd.lvm": "/srv/lvm-locks"}
+    assert loaded.config_file == str(config)
+
+
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ("max_client = 3\n", "unknown key 'max_client'"),
+        ('max_clients = "many"\n', "max_clients must be an integer"),
+        ('journal_sync = "sometimes"\n', "journal_sync must be one of none | batch | always"),
+        ('lock_dir = "relative"\n', "lock_dir must be an absolute path"),
+        ('[lockspaces]\n".." = "/x"\n', "lockspaces...:"),
+        ("max_clients = \n", "lockd.toml"),
+    ],
+)
+def test_bad_files_name_the_key(tmp_path: Path, text: str, names: str) -> None:
+    config = tmp_path / "lockd.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load(str(config), {})
+    assert names in str(exc.value)
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        load(str(tmp_path / "nope.toml"), {})
