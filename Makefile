@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	@# The daemon (`lockd serve`) lands with issue #2; until then this shows the CLI that exists.
-	$(BIN)/lockd --help
+	@# The daemon in the foreground with per-user defaults (root: /run/lockd, /var/lib/...).
+	$(BIN)/lockd serve --verbose
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

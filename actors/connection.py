@@ -437,7 +437,9 @@ class ConnectionActor(DispatchedActor):
                 delay = WAIT_RETRY_SECONDS[min(job.attempt, len(WAIT_RETRY_SECONDS) - 1)]
                 if self._clock() + delay <= job.deadline:
                     job.attempt += 1
-                    token = self._wait(lambda _r: self._acquire_group(job, 0))
+                    token = self._wait(
+                        lambda _r: None if self._closed else self._acquire_group(job, 0)
+                    )
                     ref = self.actor_ref
                     self.dispatcher.call_later(delay, lambda: ref.tell(_Retry(token)))
                     return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 
 from actors.model import Owner
@@ -85,8 +84,3 @@ class ProcTable:
         finally:
             os.close(fd)
         return True
-
-
-def pidfd_readable(fd: int) -> bool:
-    """True once the process behind a pidfd has exited."""
-    return bool(select.select([fd], [], [], 0)[0])

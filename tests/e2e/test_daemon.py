@@ -389,3 +389,30 @@ def test_max_clients(make_daemon: MakeDaemon, tmp_path: Path) -> None:
         assert "max_clients=2" in exc.value.message
         assert first.call("status")["clients"] == 2
         assert second.call("status")["clients"] == 2
+
+
+def test_sigterm_releases_nothing_and_journals_the_stop(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """Stopping the daemon neither releases leases in the journal nor signals the VM."""
+    vm = start_run(daemon, children, "--disk", "/vm/s.img", "--name", "vm1")
+    daemon.stop()
+    assert daemon.proc is not None
+    assert daemon.proc.returncode == 0
+    time.sleep(0.2)
+    assert vm.poll() is None  # the VM was not killed
+    kinds = [e["type"] for e in events(daemon)]
+    assert kinds[-1] == "daemon-stopped"
+    assert "lease-released" not in kinds
+    assert not daemon.socket.exists()
+
+
+def test_idle_timeout_and_pid_file(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    """--timeout: exits once idle with no clients and no leases; --pid-file holds its pid."""
+    pid_file = tmp_path / "run" / "lockd.pid"
+    daemon = make_daemon("idle", None, "--timeout", "1", "--pid-file", str(pid_file))
+    assert daemon.proc is not None
+    assert pid_file.read_text().strip() == str(daemon.proc.pid)
+    assert daemon.proc.wait(15) == 0
+    assert not pid_file.exists()
+    assert "idle" in daemon.log.read_text()

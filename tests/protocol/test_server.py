@@ -111,3 +111,18 @@ def test_any_bytes_yield_requests_or_refusals(data: bytes, chunk: int) -> None:
     proto.receive_data(b"")
     for item in drain(proto):
         assert isinstance(item, Request | Refused)
+
+
+def test_protocol_doc_examples_decode_to_what_they_say() -> None:
+    """Every hex frame in docs/protocol.md decodes, so an outside client can trust them."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
+    blocks = re.findall(r"```\n([0-9a-f\n]+)```", doc)
+    assert len(blocks) >= 4
+    for block in blocks:
+        data = bytes.fromhex(block.replace("\n", ""))
+        (length,) = struct.unpack(">I", data[:4])
+        assert length == len(data) - 4
+        assert isinstance(decode_item(data[4:]), dict)

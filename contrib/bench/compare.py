@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""lockd vs the real virtlockd, side by side in one run, same workload, same CPU pinning.
+
+Starts the virtlockd peer (``shared/peers/virtlockd``, needs root), runs its
+benchmark client, stops it; then starts ``lockd serve`` on temp paths for each
+journal_sync policy and runs ``lockd bench`` with the same shape: one
+connection per worker, one exclusive autocreated lease per worker, acquire +
+release pairs. Daemon and clients are pinned to the same CPU (``--cpu``).
+Prints a Markdown table with ratios to virtlockd (and to the floors measured
+in the same run) and, with ``--json``, everything raw.
+
+    sudo .venv/bin/python contrib/bench/compare.py --repeat 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_PEER = REPO.parent / "shared" / "peers" / "virtlockd"
+
+
+def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int, repeat: int) -> dict[str, Any]:
+    env = dict(os.environ, VIRTLOCKD_CPU=str(cpu))
+    subprocess.run(["bash", str(peer / "setup.sh")], env=env, check=True, stdout=subprocess.PIPE)
+    try:
+        done = subprocess.run(
+            [sys.executable, str(peer / "client.py"), "--pin-cpu", str(cpu), "--no-checks",
+             "--ops", str(ops), "--tp-ops", str(tp_ops), "--concurrency", "1,4,16",
+             "--repeat", str(repeat)],
+            check=True, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+    finally:
+        subprocess.run(["bash", str(peer / "setup.sh"), "stop"], check=False)
+    raw = json.loads(done.stdout)
+    seq = raw["latency_sequential"]
+    seq_m = seq.get("median_of_runs") or {
+        "pair_median_us": seq["acquire_release_pair"]["median_us"],
+        "pair_p99_us": seq["acquire_release_pair"]["p99_us"],
+        "pairs_per_s": seq["pairs_per_s"],
+    }
+    conc = []
+    for level in raw["throughput"]:
+        m = level.get("median_of_runs") or {
+            "pair_median_us": level["pair_latency"]["median_us"],
+            "pair_p99_us": level["pair_latency"]["p99_us"],
+            "pairs_per_s": level["pairs_per_s"],
+        }
+        conc.append({"concurrency": level["concurrency"], **m})
+    return {"sequential": seq_m, "concurrent": conc, "raw": raw}
+
+
+def run_lockd(sync: str, cpu: int, ops: int, tp_ops: int, repeat: int) -> dict[str, Any]:
+    lockd = [sys.executable, "-m", "lockd"]
+    with tempfile.TemporaryDirectory(prefix="lockd-bench-") as tmp:
+        sock = f"{tmp}/lockd.sock"
+        daemon = subprocess.Popen(
+            ["taskset", "-c", str(cpu), *lockd, "serve", "--socket", sock,
+             "--admin-socket", f"{tmp}/admin.sock", "--lock-dir", f"{tmp}/locks",
+             "--journal-dir", f"{tmp}/journal", "--journal-sync", sync],
+            stderr=subprocess.DEVNULL, cwd=REPO,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 15
+            while not os.path.exists(sock):
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise RuntimeError("lockd did not start")
+                time.sleep(0.05)
+            runs = []
+            for _ in range(repeat):
+                done = subprocess.run(
+                    ["taskset", "-c", str(cpu), *lockd, "bench", "--socket", sock, "--json",
+                     "--ops", str(ops), "--tp-ops", str(tp_ops)],
+                    check=True, stdout=subprocess.PIPE, text=True, cwd=REPO,
+                )  # fmt: skip
+                runs.append(json.loads(done.stdout))
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(30)
+    return {
+        "sequential": _median(r["sequential"] for r in runs),
+        "concurrent": [
+            {
+                "concurrency": lvl["concurrency"],
+                **_median(r["concurrent"][i] for r in runs),
+            }
+            for i, lvl in enumerate(runs[0]["concurrent"])
+        ],
+        "floor": _median(r["floor"] for r in runs),
+        "runs": runs,
+    }
+
+
+def _median(rows: Any) -> dict[str, float]:
+    rows = list(rows)
+    keys = [k for k, v in rows[0].items() if isinstance(v, int | float) and k != "concurrency"]
+    return {k: round(statistics.median(r[k] for r in rows), 1) for k in keys}
+
+
+def table(v: dict[str, Any], lockd: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| scenario | metric | virtlockd | "
+        + " | ".join(f"lockd ({s})" for s in lockd)
+        + " | "
+        + " | ".join(f"ratio ({s})" for s in lockd)
+        + " |",
+        "|---|---|---:|" + "---:|" * (2 * len(lockd)),
+    ]
+
+    def row(name: str, metric: str, base: float, values: list[float], higher_better: bool) -> None:
+        ratios = [(x / base if base else 0.0) for x in values]
+        lines.append(
+            f"| {name} | {metric} | {base:g} | "
+            + " | ".join(f"{x:g}" for x in values)
+            + " | "
+            + " | ".join(f"{r:.2f}x" for r in ratios)
+            + (" (higher is better)" if higher_better else "")
+            + " |"
+        )
+
+    for metric, better in (
+        ("pair_median_us", False),
+        ("pair_p99_us", False),
+        ("pairs_per_s", True),
+    ):
+        row("sequential", metric, v["sequential"][metric],
+            [r["sequential"][metric] for r in lockd.values()], better)  # fmt: skip
+    for i, level in enumerate(v["concurrent"]):
+        for metric, better in (("pair_median_us", False), ("pairs_per_s", True)):
+            row(f"concurrency {level['concurrency']}", metric, level[metric],
+                [r["concurrent"][i][metric] for r in lockd.values()], better)  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="virtlockd peer directory")
+    parser.add_argument("--cpu", type=int, default=0, help="CPU for every daemon and client")
+    parser.add_argument("--ops", type=int, default=3000, help="sequential pairs per run")
+    parser.add_argument("--tp-ops", type=int, default=6000, help="pairs per concurrent run")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per daemon; medians reported")
+    parser.add_argument("--sync", default="none,batch", help="lockd journal_sync policies to run")
+    parser.add_argument("--json", action="store_true", help="print raw JSON instead of the table")
+    args = parser.parse_args()
+    v = run_virtlockd(args.peer, args.cpu, args.ops, args.tp_ops, args.repeat)
+    lockd = {s: run_lockd(s, args.cpu, args.ops, args.tp_ops, args.repeat)
+             for s in args.sync.split(",")}  # fmt: skip
+    if args.json:
+        print(json.dumps({"virtlockd": v, "lockd": lockd}, indent=1))
+        return 0
+    floor = next(iter(lockd.values()))["floor"]
+    print(f"CPU {args.cpu} for daemons and clients; {args.repeat} runs each, medians.\n")
+    print(table(v, lockd))
+    print(
+        f"\nFloors (same run): OFD lock+unlock in-process {floor['fcntl_pair_us']} us; "
+        f"Unix-socket request/reply between two processes {floor['socket_rpc_us']} us "
+        f"(a pair is two RPCs)."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
