@@ -43,13 +43,17 @@ from actors.router import (
 )
 from actors.runtime import DispatchedActor, Dispatcher
 from protocol import messages as m
-from protocol.errors import ErrorCode
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.server import Refused, ServerProtocol
 
 log = logging.getLogger(__name__)
 
 MAX_PUSH_BACKLOG = 4 * 1024 * 1024
 """Bytes of unsent events a subscriber may fall behind before it is disconnected."""
+MAX_REPLY_BACKLOG = 1024 * 1024
+"""Unsent reply bytes past which no further request is read until the client catches up."""
+MAX_REQUEST_BACKLOG = 2 * 65536
+"""Unread request bytes past which the socket is no longer read."""
 WAIT_RETRY_SECONDS = (0.02, 0.05, 0.1, 0.2, 0.5)
 """Back-off between attempts of an acquire that asked to wait for a busy lease."""
 
@@ -96,6 +100,11 @@ class Received:
     """Bytes from the peer; ``b""`` means it closed its end."""
 
     data: bytes
+
+
+@attrs.frozen
+class Drained:
+    """From the transport: everything queued has been sent."""
 
 
 @attrs.frozen
@@ -182,6 +191,17 @@ class ConnectionActor(DispatchedActor):
 
     # -- messages -------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
+        try:
+            return self._receive(message)
+        except Exception:
+            # A bug met on one connection ends that connection (its owner's
+            # leases end as on any disconnect), never the daemon.
+            log.exception("client %d: internal error; closing the connection", self.conn_id)
+            self._busy = False
+            self._close()
+            return None
+
+    def _receive(self, message: Any) -> Any:
         if isinstance(message, Received):
             if self._closed:
                 return None
@@ -201,6 +221,8 @@ class ConnectionActor(DispatchedActor):
                 self.stop()
         elif isinstance(message, Published):
             self._push(message)
+        elif isinstance(message, Drained):
+            self._pump()
         elif isinstance(message, CloseForAdmin):
             log.info("client %d disconnected by an operator", self.conn_id)
             self._close(admin=True)
@@ -214,8 +236,8 @@ class ConnectionActor(DispatchedActor):
         return token
 
     def _pump(self) -> None:
-        """Take the next request when idle; apply back-pressure when the backlog grows."""
-        while not self._busy and not self._closed:
+        """Take the next request when idle; apply back-pressure when a backlog grows."""
+        while not self._busy and not self._closed and self._transport.backlog <= MAX_REPLY_BACKLOG:
             incoming = self._protocol.next_incoming()
             if incoming is None:
                 break
@@ -231,7 +253,10 @@ class ConnectionActor(DispatchedActor):
         if self._protocol.closed and not self._busy:
             self._close()
             return
-        backlog = self._protocol.buffered > 2 * 65536
+        backlog = (
+            self._protocol.buffered > MAX_REQUEST_BACKLOG
+            or self._transport.backlog > MAX_REPLY_BACKLOG
+        )
         if backlog and self._reading:
             self._reading = False
             self._transport.pause_reading()
@@ -241,7 +266,11 @@ class ConnectionActor(DispatchedActor):
 
     def _reply(self, request: m.Request, result: dict[str, Any]) -> None:
         if not self._closed:
-            self._transport.write(self._protocol.reply(request.id, result))
+            try:
+                data = self._protocol.reply(request.id, result)
+            except ProtocolError as exc:
+                data = self._protocol.error(request.id, ErrorCode.TOO_LARGE, exc.message)
+            self._transport.write(data)
         self._busy = False
         self._pump()
 
@@ -445,6 +474,12 @@ class ConnectionActor(DispatchedActor):
                     return
             self._refused(job.request, done)
             return
+        if done.entries:
+            # The owner may have exited while this acquire was on its way;
+            # watching it again makes the owners actor release what was just
+            # granted to a dead process (a no-op while it is alive).
+            assert self._owner is not None
+            self._owners.tell(Watch(self._owner))
         if index + 1 < len(job.groups):
             self._acquire_group(job, index + 1)
             return
@@ -469,7 +504,7 @@ class ConnectionActor(DispatchedActor):
             self._error(request, ErrorCode.NOT_REGISTERED, "release: register an owner first")
             return
         if request.all:
-            token = self._wait(lambda r: self._reply(request, {"released": len(r.entries)}))
+            token = self._wait(lambda r: self._released_all(request, r))
             self._router.tell(
                 ReleaseOwnerEverywhere(
                     owner.key, self.conn_id, ReleaseReason.CLIENT, token, self.actor_ref
@@ -500,6 +535,18 @@ class ConnectionActor(DispatchedActor):
             )  # fmt: skip
 
         self._with_lockspaces(request, list(grouped), lambda: step(0, 0))
+
+    def _released_all(self, request: m.Release, reply: OwnerReleased) -> None:
+        if reply.failed:
+            self._error(
+                request,
+                ErrorCode.IO_ERROR,
+                f"release: the journal could not record releases in {', '.join(reply.failed)}; "
+                "those leases are still held",
+                released=len(reply.entries),
+            )
+            return
+        self._reply(request, {"released": len(reply.entries)})
 
     # -- queries ---------------------------------------------------------------------------
     def _query(self, request: m.Request, gathered: Gathered) -> None:

@@ -124,6 +124,7 @@ class JournalActor(DispatchedActor):
         self._pending: list[Append] = []
         self._subscribers: dict[str, pykka.ActorRef[Any]] = {}
         self.failed_writes = 0
+        self.failed_syncs = 0
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Append):
@@ -163,8 +164,6 @@ class JournalActor(DispatchedActor):
         everything = [e for _, entries in groups for e in entries]
         try:
             self._writer.append(everything)
-            if self._sync is not SyncPolicy.NONE:
-                self._writer.sync()
         except OSError as exc:
             self.failed_writes += 1
             log.error("journal write failed, refusing the changes it carried: %s", exc)
@@ -174,6 +173,20 @@ class JournalActor(DispatchedActor):
                         append.reply_to, AppendFailed(append.token, f"journal write failed: {exc}")
                     )
             return
+        if self._sync is not SyncPolicy.NONE:
+            try:
+                self._writer.sync()
+            except OSError as exc:
+                # The records are written: the state they describe is what the
+                # daemon now holds, so the changes stand. Only host-crash
+                # durability of these seqs is lost; say so loudly.
+                self.failed_syncs += 1
+                log.error(
+                    "journal fdatasync failed after seq %d was written: %s; the changes stand "
+                    "but may not survive a host crash",
+                    everything[-1].seq,
+                    exc,
+                )
         for append, entries in groups:
             if append.reply_to is not None:
                 tell_if_alive(append.reply_to, Appended(append.token, entries))

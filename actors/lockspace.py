@@ -327,7 +327,9 @@ class LockspaceActor(DispatchedActor):
         if isinstance(message, LockTaken):
             flight.taken.append(message.resource)
         else:
-            self._leases.pop(message.resource, None)  # the lease actor has nothing to hold
+            ref = self._leases.pop(message.resource, None)
+            if ref is not None:
+                ref.tell(DropLock(unlink=False))  # it holds nothing: this just stops it
             if flight.refused is None:
                 flight.refused = message
         if flight.waiting_locks:

@@ -6,13 +6,17 @@ Two ways an owner's leases end without a release request:
   owners that have no connection open), and its exit releases every lease it
   holds with reason ``owner-exit``;
 - its own connection (peer pid = owner pid, as when a VM inherited the
-  connection) closes while the process still runs: the leases are released
-  with reason ``disconnect`` (``admin`` when an operator closed it) and the
-  process is fenced like virtlockd does: SIGTERM, then SIGKILL after a grace
-  period. The wait is a timer, so no other client waits for it.
+  connection) closes while the process still runs and holds leases: the
+  process is fenced like virtlockd does (SIGTERM, then SIGKILL after a grace
+  period), and its leases are released, with reason ``disconnect`` (``admin``
+  when an operator closed it), **once it has exited**. Unlike virtlockd,
+  the lock is not dropped while the process could still write: a VM stuck in
+  the kernel keeps its disk locked rather than sharing it with a second
+  writer.
 
-Process access sits behind :class:`Processes` so tests run without real
-processes.
+Waiting is done with timers and the pidfd, so no other client waits. A
+release that cannot be journaled is retried until it can be. Process access
+sits behind :class:`Processes` so tests run without real processes.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import pykka
 from actors.events import OwnerFenced, ReleaseReason
 from actors.journal import Append
 from actors.model import Owner, OwnerKey
-from actors.router import OwnerReleased, ReleaseOwnerEverywhere
+from actors.router import Gather, Gathered, OwnerReleased, ReleaseOwnerEverywhere
 from actors.runtime import DispatchedActor, Dispatcher, Timer
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,9 @@ log = logging.getLogger(__name__)
 FENCE_GRACE_SECONDS = 1.6
 """SIGTERM to SIGKILL: virtlockd's loop sends SIGKILL at its 8th 200 ms step."""
 FENCE_GIVE_UP_SECONDS = 1.4
-"""After SIGKILL, how long to wait before logging that the owner would not die."""
+"""After SIGKILL, how long until the owner is reported as refusing to die."""
+RELEASE_RETRY_SECONDS = 1.0
+"""Back-off before retrying a release the journal could not record."""
 
 
 class Processes(Protocol):
@@ -54,7 +60,7 @@ class Processes(Protocol):
         ...
 
     def signal(self, owner: Owner, signum: int) -> bool:
-        """Send ``signum`` to the owner process only; False if it is gone."""
+        """Send ``signum`` to the owner process only; False if it is gone or cannot be signalled."""
         ...
 
 
@@ -67,7 +73,7 @@ class Watch:
 
 @attrs.frozen
 class OwnerExited:
-    """Self-sent: the owner's pidfd became readable."""
+    """The owner's pidfd became readable (or the owner was found gone)."""
 
     owner: OwnerKey
 
@@ -85,7 +91,15 @@ class ConnectionClosed:
 @attrs.frozen
 class _FenceStep:
     owner: Owner
-    signum: int
+    signum: int | None
+    """None: the final check after SIGKILL."""
+
+
+@attrs.frozen
+class _RetryRelease:
+    owner: OwnerKey
+    conn: int
+    reason: ReleaseReason
 
 
 @attrs.define
@@ -94,8 +108,14 @@ class _Watched:
     fd: int | None
 
 
+@attrs.frozen
+class _Fencing:
+    conn: int
+    reason: ReleaseReason
+
+
 class OwnersActor(DispatchedActor):
-    """Watches owners and fences them when their own connection drops."""
+    """Watches owners, fences them when their own connection drops, ends their leases."""
 
     def __init__(
         self,
@@ -114,6 +134,8 @@ class OwnersActor(DispatchedActor):
         self._watched: dict[OwnerKey, _Watched] = {}
         self._tokens = itertools.count(1)
         self._closing: dict[int, ConnectionClosed] = {}
+        self._releasing: dict[int, _RetryRelease] = {}
+        self._fencing: dict[OwnerKey, _Fencing] = {}
         self._timers: dict[OwnerKey, Timer] = {}
 
     def on_receive(self, message: Any) -> Any:
@@ -123,8 +145,12 @@ class OwnersActor(DispatchedActor):
             self._exited(message.owner)
         elif isinstance(message, ConnectionClosed):
             self._connection_closed(message)
+        elif isinstance(message, Gathered):
+            self._checked_leases(message)
         elif isinstance(message, OwnerReleased):
             self._released(message)
+        elif isinstance(message, _RetryRelease):
+            self._release(message)
         elif isinstance(message, _FenceStep):
             self._fence_step(message)
         else:
@@ -139,15 +165,17 @@ class OwnersActor(DispatchedActor):
         for timer in self._timers.values():
             timer.cancel()
 
-    @property
-    def watched(self) -> int:
-        """How many owner processes are watched."""
-        return len(self._watched)
-
+    # -- watching -----------------------------------------------------------------
     def _watch(self, owner: Owner) -> None:
         if owner.key in self._watched:
             return
-        fd = self._processes.open_watch(owner)
+        try:
+            fd = self._processes.open_watch(owner)
+        except OSError as exc:
+            # Out of descriptors: the owner stays registered but unwatched;
+            # its own connection closing still ends its leases.
+            log.error("cannot watch %s: %s", owner.describe(), exc)
+            return
         self._watched[owner.key] = _Watched(owner, fd)
         if fd is None:
             self.actor_ref.tell(OwnerExited(owner.key))
@@ -161,16 +189,41 @@ class OwnersActor(DispatchedActor):
         if watched is not None and watched.fd is not None:
             self.dispatcher.unwatch(watched.fd)
             self._processes.close_watch(watched.fd)
+
+    def _exited(self, key: OwnerKey) -> None:
+        fencing = self._fencing.pop(key, None)
+        if key not in self._watched and fencing is None:
+            return
+        self._unwatch(key)
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
+        if fencing is None:
+            self._release(_RetryRelease(key, 0, ReleaseReason.OWNER_EXIT))
+        else:
+            self._release(_RetryRelease(key, fencing.conn, fencing.reason))
 
-    def _exited(self, key: OwnerKey) -> None:
-        if key not in self._watched:
+    def _release(self, release: _RetryRelease) -> None:
+        token = next(self._tokens)
+        self._releasing[token] = release
+        self._router.tell(
+            ReleaseOwnerEverywhere(
+                release.owner, release.conn, release.reason, token, self.actor_ref
+            )
+        )
+
+    def _released(self, message: OwnerReleased) -> None:
+        release = self._releasing.pop(message.token, None)
+        if release is None or not message.failed:
             return
-        self._unwatch(key)
-        self._router.tell(ReleaseOwnerEverywhere(key, 0, ReleaseReason.OWNER_EXIT, 0, None))
+        log.error(
+            "could not journal the release of pid %d's leases in %s; retrying",
+            release.owner.pid,
+            ", ".join(message.failed),
+        )
+        self.dispatcher.call_later(RELEASE_RETRY_SECONDS, lambda: self.actor_ref.tell(release))
 
+    # -- a dropped connection -------------------------------------------------------
     def _connection_closed(self, message: ConnectionClosed) -> None:
         owner = message.owner
         if message.peer_pid != owner.pid:
@@ -178,35 +231,63 @@ class OwnersActor(DispatchedActor):
             # which the pidfd keeps watching.
             return
         if self._processes.is_gone(owner):
-            reason = ReleaseReason.OWNER_EXIT
-        else:
-            reason = ReleaseReason.ADMIN if message.admin else ReleaseReason.DISCONNECT
+            if owner.key in self._watched:
+                self._exited(owner.key)
+            else:
+                self._release(_RetryRelease(owner.key, message.conn, ReleaseReason.OWNER_EXIT))
+            return
         token = next(self._tokens)
         self._closing[token] = message
-        self._router.tell(
-            ReleaseOwnerEverywhere(owner.key, message.conn, reason, token, self.actor_ref)
-        )
+        self._router.tell(Gather(token, self.actor_ref))
 
-    def _released(self, message: OwnerReleased) -> None:
-        closed = self._closing.pop(message.token, None)
-        if closed is None or not (message.entries or message.failed):
+    def _checked_leases(self, gathered: Gathered) -> None:
+        closed = self._closing.pop(gathered.token, None)
+        if closed is None:
             return
         owner = closed.owner
-        if self._processes.is_gone(owner):
+        holds = any(
+            h.owner.key == owner.key
+            for snapshot in gathered.lockspaces
+            for lease in snapshot.leases
+            for h in lease.holders
+        )
+        if not holds or owner.key in self._fencing:
             return
-        # It held leases and lost its connection while running: it must not
-        # go on writing to disks it no longer holds.
-        reason = "admin disconnect" if closed.admin else "connection closed while holding leases"
-        self._fence(owner, signal.SIGTERM, reason)
+        if self._processes.is_gone(owner):
+            self._release(_RetryRelease(owner.key, closed.conn, ReleaseReason.OWNER_EXIT))
+            return
+        reason = ReleaseReason.ADMIN if closed.admin else ReleaseReason.DISCONNECT
+        self._fencing[owner.key] = _Fencing(closed.conn, reason)
+        self._watch(owner)
+        why = "admin disconnect" if closed.admin else "connection closed while holding leases"
+        self._fence(owner, signal.SIGTERM, why)
+        self._schedule(owner, self._grace, signal.SIGKILL)
+
+    def _schedule(self, owner: Owner, delay: float, signum: int | None) -> None:
+        old = self._timers.pop(owner.key, None)
+        if old is not None:
+            old.cancel()
+        ref = self.actor_ref
         self._timers[owner.key] = self.dispatcher.call_later(
-            self._grace, lambda: self.actor_ref.tell(_FenceStep(owner, signal.SIGKILL))
+            delay, lambda: ref.tell(_FenceStep(owner, signum))
         )
 
     def _fence_step(self, step: _FenceStep) -> None:
-        self._timers.pop(step.owner.key, None)
+        key = step.owner.key
+        self._timers.pop(key, None)
+        if key not in self._fencing:
+            return  # it exited and its leases were released meanwhile
         if self._processes.is_gone(step.owner):
+            self._exited(key)  # gone, but its pidfd was not watched
+            return
+        if step.signum is None:
+            log.error(
+                "%s survived SIGKILL (stuck in the kernel?); its leases stay held until it exits",
+                step.owner.describe(),
+            )
             return
         self._fence(step.owner, step.signum, "still running after SIGTERM")
+        self._schedule(step.owner, FENCE_GIVE_UP_SECONDS, None)
 
     def _fence(self, owner: Owner, signum: int, reason: str) -> None:
         name = signal.Signals(signum).name

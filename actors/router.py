@@ -185,8 +185,10 @@ class RouterActor(DispatchedActor):
         open_lockspace: LockspaceFiles,
         explicit: Mapping[str, str] | None = None,
         last_seq: int = 0,
+        max_lockspaces: int = 4096,
     ) -> None:
         super().__init__(dispatcher)
+        self._max_lockspaces = max_lockspaces
         self._lock_dir = lock_dir
         self._journal = journal
         self._open = open_lockspace
@@ -269,6 +271,14 @@ class RouterActor(DispatchedActor):
                 ErrorCode.IO_ERROR,
                 f"lockspace {name}: {path} is not a directory",
             )
+        if len(self._lockspaces) >= self._max_lockspaces:
+            return Found(
+                token,
+                name,
+                None,
+                ErrorCode.IO_ERROR,
+                f"lockspace {name}: the daemon serves at most {self._max_lockspaces} lockspaces",
+            )
         try:
             files = self._open(path)
         except OSError as exc:
@@ -279,6 +289,9 @@ class RouterActor(DispatchedActor):
 
     def _create(self, message: CreateLockspace) -> None:
         path = self.path_of(message.lockspace)
+        if len(self._lockspaces) >= self._max_lockspaces:
+            message.reply_to.tell(self._lookup(message.lockspace, message.token))
+            return
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:

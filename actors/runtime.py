@@ -84,6 +84,10 @@ class Dispatcher:
         if threading.get_ident() != self._loop_ident:
             self._wake()
 
+    def wake(self) -> None:
+        """Interrupt the loop's wait (signal handlers: they run on the loop's own thread)."""
+        self._wake()
+
     def _wake(self) -> None:
         # A full pipe already holds a pending wake-up, which is all we need.
         with contextlib.suppress(BlockingIOError):

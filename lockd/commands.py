@@ -54,10 +54,10 @@ def _fail(args: argparse.Namespace, exc: Exception) -> int:
 
 
 @contextmanager
-def _connect(path: str | None, name: str) -> Iterator[Client]:
+def _connect(path: str | None, name: str, *, wait: float = 0.0) -> Iterator[Client]:
     path = path or default_socket()
     try:
-        client = Client(path, name=name)
+        client = Client(path, name=name, timeout=30.0 + wait)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise CommandError(
             f"cannot reach lockd at {path}: {exc.strerror} (is `lockd serve` running?)",
@@ -125,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     logging.getLogger("pykka").setLevel(logging.INFO)  # actor start/stop lines drown the rest
     try:
-        return serve(config)
+        return serve(config, frozenset(k for k, v in overrides.items() if v is not None))
     except (JournalInUseError, JournalCorruptError) as exc:
         print(f"lockd serve: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -341,7 +341,7 @@ def cmd_acquire(args: argparse.Namespace) -> int:
 
     def body() -> int:
         owner = _owner_map(args.owner_pid, args.name, args.uuid, args.id)
-        with _connect(args.socket, "lockd-acquire") as client:
+        with _connect(args.socket, "lockd-acquire", wait=args.wait) as client:
             granted = _acquire(client, args, owner)
         if args.json:
             _print_json({"owner": _owner_json(owner), "leases": granted})
@@ -392,10 +392,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     def body() -> int:
         owner = _owner_map(os.getpid(), args.name, args.uuid or str(uuidlib.uuid4()), args.id)
         path = args.socket or default_socket()
-        with _connect(path, f"lockd-run {args.name}") as client:
+        with _connect(path, f"lockd-run {args.name}", wait=args.wait) as client:
             _acquire(client, args, owner)
             client.call("restrict")
             fd = client.fileno()
+            client.settimeout(None)  # the command inherits a blocking socket
             os.set_inheritable(fd, True)
             env = dict(os.environ, LOCKD_FD=str(fd), LOCKD_SOCKET=path)
             try:

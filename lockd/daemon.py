@@ -19,6 +19,7 @@ import time
 from types import FrameType
 from typing import Any
 
+import attrs
 import pykka
 
 from actors.connection import ConnectionActor, ServerInfo
@@ -161,8 +162,11 @@ class _IdleWatch(DispatchedActor):
 class Daemon:
     """``lockd serve``: a LockSystem behind its sockets."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, overridden: frozenset[str] = frozenset()) -> None:
         self.config = config
+        self._overridden = overridden
+        """Settings given on the command line: a reload of the file does not change them."""
+        limit = procs.raise_fd_limit()
         self.system = LockSystem(config)
         self.dispatcher = self.system.dispatcher
         self._clients = 0
@@ -174,6 +178,7 @@ class Daemon:
             Listener(self.dispatcher, bind_unix(config.admin_socket), admin=True,
                      allowed_uids=allowed, on_accept=self._accept),
         ]  # fmt: skip
+        log.debug("file descriptor limit: %d", limit)
         if config.timeout > 0:
             _IdleWatch.start(self.dispatcher, self.system.router, config.timeout, self.request_stop)
 
@@ -198,6 +203,32 @@ class Daemon:
 
     def _closed(self) -> None:
         self._clients -= 1
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration; apply the log level, report what needs a restart."""
+        from lockd import config as config_mod
+
+        path = self.config.config_file
+        try:
+            fresh = config_mod.load(path, {})
+        except config_mod.ConfigError as exc:
+            log.error("reload: %s; keeping the running configuration", exc)
+            return
+        if fresh.log_level != self.config.log_level:
+            logging.getLogger().setLevel(fresh.log_level.upper())
+            log.info("reload: log level %s -> %s", self.config.log_level, fresh.log_level)
+        changed = [
+            field.name
+            for field in attrs.fields(Config)
+            if field.name not in ("log_level", "config_file")
+            and getattr(fresh, field.name) != getattr(self.config, field.name)
+            and field.name not in self._overridden
+        ]
+        if changed:
+            log.warning(
+                "reload: %s changed; they take effect at the next start", ", ".join(changed)
+            )
+        self.config = attrs.evolve(self.config, log_level=fresh.log_level)
 
     def request_stop(self, reason: str) -> None:
         """Make :meth:`run` return; safe from signal handlers."""
@@ -230,7 +261,10 @@ class Daemon:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.config.pid_file)
                 os.close(pid_fd)
-            log.info("lockd stopped (%s); leases are kept for the next start", self._stop_reason)
+            log.info(
+                "lockd stopped (%s): nothing released in the journal, no owner signalled",
+                self._stop_reason,
+            )
 
     def _path_of(self, listener: Listener) -> str:
         return self.config.admin_socket if listener.admin else self.config.socket
@@ -263,14 +297,23 @@ def _notify(state: str) -> None:
         s.send(state.encode())
 
 
-def serve(config: Config) -> int:
-    """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    daemon = Daemon(config)
+def serve(config: Config, overridden: frozenset[str] = frozenset()) -> int:
+    """Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP reloads."""
+    daemon = Daemon(config, overridden)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         daemon.request_stop(signal.Signals(signum).name)
 
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        daemon.dispatcher.submit(daemon.reload)
+        daemon.dispatcher.wake()
+
+    def on_usr1(_signum: int, _frame: FrameType | None) -> None:
+        log.warning("SIGUSR1 (re-exec in place) is not supported by this version; ignored")
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGUSR1, on_usr1)
     daemon.run()
     return 0

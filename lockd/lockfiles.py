@@ -63,7 +63,9 @@ class LockspaceDir:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # O_NOFOLLOW: a lockspace directory swapped for a symlink on the shared
+        # lock dir must not redirect lease files elsewhere.
+        self._dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
     @staticmethod
     def try_lock(fd: int, *, shared: bool) -> None:

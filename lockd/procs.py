@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 
 from actors.model import Owner
+
+log = logging.getLogger(__name__)
 
 PF_EXITING = 0x00000004
 """Kernel task flag set once a process has begun exiting (``/proc/PID/stat`` field 9)."""
@@ -16,8 +19,8 @@ def _stat_fields(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read().decode("ascii", "replace")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
+    except OSError:
+        return None  # gone, or hidden from us (hidepid): either way not a process we can own
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
     return data[data.rindex(")") + 2 :].split()
 
@@ -35,7 +38,7 @@ def uid_of(pid: int) -> int | None:
             for line in f:
                 if line.startswith(b"Uid:"):
                     return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:
         return None
     return None
 
@@ -56,7 +59,7 @@ class ProcTable:
         try:
             fd = os.pidfd_open(owner.pid)
         except ProcessLookupError:
-            return None
+            return None  # other errors (EMFILE) go to the caller, which logs them
         # The pid may have been reused between registration and pidfd_open.
         if start_time(owner.pid) != owner.start_time:
             os.close(fd)
@@ -75,12 +78,30 @@ class ProcTable:
             fd = os.pidfd_open(owner.pid)
         except ProcessLookupError:
             return False
+        except OSError as exc:
+            log.error("cannot signal %s: %s", owner.describe(), exc)
+            return False
         try:
             if start_time(owner.pid) != owner.start_time:
                 return False
             signal.pidfd_send_signal(fd, signum)
         except ProcessLookupError:
             return False
+        except OSError as exc:
+            log.error("cannot signal %s: %s", owner.describe(), exc)
+            return False
         finally:
             os.close(fd)
         return True
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit: one fd per lease, connection and owner."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            return hard
+    return soft

@@ -22,7 +22,7 @@ from typing import Any
 
 import pykka
 
-from actors.connection import Received
+from actors.connection import Drained, Received
 from actors.runtime import Dispatcher, tell_if_alive
 from protocol.codec import encode_item
 from protocol.errors import ErrorCode
@@ -170,6 +170,8 @@ class SocketTransport:
                 self._out[0] = chunk[sent:]
                 break
         self._update()
+        if not self._out:
+            tell_if_alive(self.actor, Drained())  # the connection may take requests again
 
     def pause_reading(self) -> None:
         self._reading = False

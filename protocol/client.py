@@ -14,7 +14,7 @@ from typing import Any
 
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from protocol.framing import DEFAULT_MAX_FRAME, MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from protocol.messages import PROTOCOL_VERSION
 
 
@@ -50,7 +50,7 @@ class Client:
         except BaseException:
             self._sock.close()
             raise
-        self._frames = FrameDecoder(max_frame)
+        self._frames = FrameDecoder(MAX_REPLY_FRAME)
         self._max_frame = max_frame
         self._ids = itertools.count(1)
         self._events: collections.deque[dict[str, Any]] = collections.deque()
@@ -63,6 +63,10 @@ class Client:
     def fileno(self) -> int:
         """The socket fd (``lockd run`` leaves it open across exec)."""
         return self._sock.fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        """Change how long a call may wait for its reply (None: forever)."""
+        self._sock.settimeout(timeout)
 
     def close(self) -> None:
         """Close the connection; leases owned by this process end with it."""

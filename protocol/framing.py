@@ -12,7 +12,10 @@ import struct
 from protocol.errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 DEFAULT_MAX_FRAME = 65536
-"""Default cap on a frame's payload, the same bound libvirt puts on lock-protocol strings."""
+"""Cap on a request frame's payload, the same bound libvirt puts on lock-protocol strings."""
+
+MAX_REPLY_FRAME = 16 * 1024 * 1024
+"""Cap on a frame the server sends: listings of 16,384 leases do not fit in 64 KiB."""
 
 _HEADER = struct.Struct(">I")
 

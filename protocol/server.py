@@ -18,7 +18,7 @@ import attrs
 
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.framing import DEFAULT_MAX_FRAME, FrameDecoder, encode_frame
+from protocol.framing import DEFAULT_MAX_FRAME, MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from protocol.messages import (
     PROTOCOL_VERSION,
     Hello,
@@ -112,16 +112,21 @@ class ServerProtocol:
 
     def hello_result(self, server: str) -> dict[str, Any]:
         """The result map of a successful hello."""
-        return {"version": self.version, "server": server, "max_frame": self._max_frame}
+        return {
+            "version": self.version,
+            "server": server,
+            "max_frame": self._max_frame,
+            "max_reply_frame": MAX_REPLY_FRAME,
+        }
 
     def reply(self, request_id: int | None, result: dict[str, Any]) -> bytes:
         """Frame a success reply."""
-        return encode_frame(encode_item(reply_to_wire(request_id, result)), self._max_frame)
+        return encode_frame(encode_item(reply_to_wire(request_id, result)), MAX_REPLY_FRAME)
 
     def error(self, request_id: int | None, code: ErrorCode, message: str, **details: Any) -> bytes:
         """Frame an error reply."""
         return encode_frame(
-            encode_item(error_to_wire(request_id, code, message, **details)), self._max_frame
+            encode_item(error_to_wire(request_id, code, message, **details)), MAX_REPLY_FRAME
         )
 
     def refusal(self, refused: Refused) -> bytes:
@@ -130,4 +135,4 @@ class ServerProtocol:
 
     def push(self, item: dict[str, Any]) -> bytes:
         """Frame an unsolicited message (a subscribed event): a map without ``id``."""
-        return encode_frame(encode_item(item), self._max_frame)
+        return encode_frame(encode_item(item), MAX_REPLY_FRAME)

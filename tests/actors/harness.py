@@ -25,7 +25,7 @@ from actors.router import RouterActor
 from actors.runtime import Dispatcher
 from lockd.lockfiles import LockspaceDir
 from protocol.codec import decode_item, encode_item
-from protocol.framing import FrameDecoder, encode_frame
+from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from protocol.names import WELL_KNOWN_LOCKSPACES
 
 
@@ -163,7 +163,7 @@ class Conn:
         self.ref = ref
         self.transport = transport
         self._ids = itertools.count(1)
-        self._frames = FrameDecoder()
+        self._frames = FrameDecoder(MAX_REPLY_FRAME)
 
     def send(self, op: str, **args: Any) -> int:
         rid = next(self._ids)

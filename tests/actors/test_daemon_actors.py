@@ -186,34 +186,64 @@ def test_order_rules(h: Harness) -> None:
     assert c.error("hello", versions=[1])["code"] == "restricted"
 
 
-def test_owner_connection_closing_releases_and_fences(h: Harness) -> None:
-    """The VM's own connection drops while it runs: leases end, SIGTERM, then SIGKILL."""
+def test_owner_connection_closing_fences_then_releases(h: Harness) -> None:
+    """The VM's own connection drops while it runs: SIGTERM, SIGKILL, and only once it is
+    dead are its leases released: a second writer never shares the disk with it."""
     h.processes.ignores_sigterm.add(VM1)
     vm = h.connect(VM1)
     vm.register(VM1)
     vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
     vm.close()
-    released = h.journal_writer.events(LeaseReleased)
-    assert [(e.resource, e.reason) for e in released] == [("disk-a", ReleaseReason.DISCONNECT)]
-    assert not (h.lock_dir / FILES / "disk-a").exists()
     assert h.processes.signals == [(VM1, "SIGTERM")]
+    assert h.journal_writer.events(LeaseReleased) == []
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
     h.advance(1.0)
     assert h.processes.signals == [(VM1, "SIGTERM")]
     h.advance(1.0)
     assert h.processes.signals == [(VM1, "SIGTERM"), (VM1, "SIGKILL")]
+    released = h.journal_writer.events(LeaseReleased)
+    assert [(e.resource, e.reason) for e in released] == [("disk-a", ReleaseReason.DISCONNECT)]
+    assert not (h.lock_dir / FILES / "disk-a").exists()
     assert [e.signal for e in h.journal_writer.events(OwnerFenced)] == ["SIGTERM", "SIGKILL"]
 
 
-def test_fencing_does_not_stall_other_clients(h: Harness) -> None:
-    """During the grace period another client is served at once."""
-    h.processes.ignores_sigterm.add(VM1)
+def test_owner_that_survives_sigkill_keeps_its_lock(h: Harness) -> None:
+    """A VM stuck in the kernel keeps the disk locked rather than sharing it."""
     vm = h.connect(VM1)
     vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    h.processes.signal = lambda owner, signum: True  # type: ignore[method-assign]
+    vm.close()
+    h.advance(2.0)
+    h.advance(2.0)
+    assert h.journal_writer.events(LeaseReleased) == []
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+    h.processes.exit(VM1)
+    h.run()
+    assert [e.reason for e in h.journal_writer.events(LeaseReleased)] == [ReleaseReason.DISCONNECT]
+
+
+def test_fencing_does_not_stall_other_clients(h: Harness) -> None:
+    """During the grace period another client is served at once (busy on the fenced disk)."""
+    h.processes.ignores_sigterm.add(VM1)
+    vm = h.connect(VM1)
+    vm.register(VM1, "vm1")
     vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
     vm.close()
     other = h.connect(VM2)
     other.register(VM2)
+    assert other.ok("acquire", leases=[lease("disk-b")], autocreate=True)
+    assert "vm1" in other.error("acquire", leases=[lease("disk-a")], autocreate=True)["message"]
+    h.advance(2.0)
     assert other.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+
+
+def test_no_fencing_without_leases(h: Harness) -> None:
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.close()
+    h.advance(5.0)
+    assert h.processes.signals == []
 
 
 def test_managers_connection_closing_keeps_the_vms_leases(h: Harness) -> None:
@@ -383,3 +413,105 @@ def test_unlocked_file_check_helper(tmp_path: Path) -> None:
         assert not kernel_locked(path)
     finally:
         os.close(fd)
+
+
+def test_acquire_landing_after_the_owner_exited_is_released(h: Harness) -> None:
+    """The VM dies between registration and the grant: the lease does not outlive it."""
+    mgr = h.connect(LIBVIRTD)
+    mgr.register(VM1)
+    mgr.send("acquire", leases=[lease("disk-a")], autocreate=True)
+    h.processes.exit(VM1)  # its pidfd fires while the acquire is on its way
+    h.run()
+    assert "result" in mgr.messages()[0]
+    assert mgr.ok("list-leases")["leases"] == []
+    assert not kernel_locked(h.lock_dir / FILES / "disk-a")
+
+
+def test_owner_exit_release_is_retried_until_journaled(h: Harness) -> None:
+    mgr = h.connect(LIBVIRTD)
+    mgr.register(VM1)
+    mgr.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    h.journal_writer.fail = True
+    h.processes.exit(VM1)
+    h.run()
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+    h.journal_writer.fail = False
+    h.advance(1.0)
+    (released,) = h.journal_writer.events(LeaseReleased)
+    assert released.reason is ReleaseReason.OWNER_EXIT
+    assert not kernel_locked(h.lock_dir / FILES / "disk-a")
+
+
+def test_release_all_reports_a_journal_failure(h: Harness) -> None:
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    h.journal_writer.fail = True
+    error = vm.error("release", all=True)
+    assert error["code"] == "io-error"
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+
+
+def test_sync_failure_after_write_keeps_the_change(tmp_path: Path) -> None:
+    """fdatasync fails after the records were written: the grant stands, it is not undone."""
+    h = Harness(tmp_path / "locks", sync=SyncPolicy.ALWAYS)
+    try:
+        h.processes.spawn(VM1)
+
+        def broken_sync() -> None:
+            raise OSError(5, "Input/output error")
+
+        h.journal_writer.sync = broken_sync  # type: ignore[method-assign]
+        vm = h.connect(VM1)
+        vm.register(VM1)
+        assert vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+        assert kernel_locked(h.lock_dir / FILES / "disk-a")
+        assert len(h.journal_writer.events(LeaseAcquired)) == 1
+    finally:
+        h.close()
+
+
+def test_unread_replies_stop_the_reading(h: Harness) -> None:
+    """A client that pipelines requests and never reads gets no more requests served."""
+    c = h.connect(VM1)
+    c.transport.stuck_bytes = 2 * 1024 * 1024
+    frame = encode_frame(encode_item({"op": "status", "id": 1}))
+    c.send_raw(frame * 50)
+    h.run()
+    assert c.messages() == []
+    assert c.transport.reading is False
+    c.transport.stuck_bytes = 0
+    from actors.connection import Drained
+
+    c.ref.tell(Drained())
+    h.run()
+    assert len(c.messages()) == 50
+    assert c.transport.reading is True
+
+
+def test_big_listings_fit_in_a_reply(h: Harness) -> None:
+    """600 leases list in one reply (more than the 64 KiB request cap)."""
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    for batch in range(6):
+        names = [lease(f"disk-{batch}-{i}") for i in range(100)]
+        vm.ok("acquire", leases=names, autocreate=True)
+    listing = vm.ok("list-leases")["leases"]
+    assert len(listing) == 600
+    assert len(encode_item(listing)) > 65536
+
+
+def test_a_bug_on_one_connection_closes_only_that_connection(h: Harness) -> None:
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    other = h.connect(VM2)
+
+    def broken_write(_data: bytes) -> None:
+        raise RuntimeError("injected bug")
+
+    vm.transport.write = broken_write  # type: ignore[method-assign,assignment]
+    vm.send("status")
+    h.run()
+    assert vm.transport.closed
+    assert other.ok("status")
+    assert h.dispatcher.crashes == []
