@@ -35,8 +35,10 @@ class ReleaseReason(enum.StrEnum):
     """The owner's own connection closed while the owner still ran; the owner is fenced."""
     ADMIN = "admin"
     """An operator disconnected the owner's connection."""
+    OWNER_GONE = "owner-gone"
+    """Start-up recovery found that the owner died while the daemon was down."""
     RECOVERY = "recovery"
-    """Start-up recovery found the owner gone."""
+    """Start-up recovery ended the lease for another reason (the message says why)."""
     ROLLBACK = "rollback"
     """Part of a multi-lease acquire that failed as a whole."""
 

@@ -28,6 +28,7 @@ import attrs
 import pykka
 
 from actors.events import Event, JournalEntry
+from actors.recovery_core import ReplayState
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 
 log = logging.getLogger(__name__)
@@ -115,9 +116,16 @@ class JournalActor(DispatchedActor):
         sync: SyncPolicy = SyncPolicy.NONE,
         host: str | None = None,
         clock: Callable[[], float] = time.time,
+        state: ReplayState | None = None,
+        snapshot: Callable[[ReplayState], None] | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self._writer = writer
+        self._state = state
+        """The journal's own fold of what it wrote: the source of snapshots."""
+        self._snapshot = snapshot
+        if state is not None and snapshot is not None and hasattr(writer, "on_rotate"):
+            writer.on_rotate = self._take_snapshot
         self._sync = sync
         self._host = host or socket.gethostname()
         self._clock = clock
@@ -149,6 +157,16 @@ class JournalActor(DispatchedActor):
             self._subscribers.pop(message.subscriber.actor_urn, None)
             return None
         return super().on_receive(message)
+
+    def _take_snapshot(self, seq: int) -> bool:
+        """At a segment boundary: write the state as of ``seq``; True once it is on disk."""
+        assert self._state is not None
+        assert self._snapshot is not None
+        if self._state.seq != seq:
+            log.error("journal state at seq %d, rotation at %d: no snapshot", self._state.seq, seq)
+            return False
+        self._snapshot(self._state)
+        return True
 
     def _write(self, batch: list[Append]) -> None:
         now = self._clock()
@@ -187,6 +205,9 @@ class JournalActor(DispatchedActor):
                     everything[-1].seq,
                     exc,
                 )
+        if self._state is not None:
+            for entry in everything:
+                self._state.fold(entry)
         for append, entries in groups:
             if append.reply_to is not None:
                 tell_if_alive(append.reply_to, Appended(append.token, entries))

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import attrs
 import pykka
 
+from actors.faults import crash_point
 from actors.model import LeaseMode
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 from protocol.errors import ErrorCode
@@ -52,6 +53,21 @@ class TakeLock:
 
 
 @attrs.frozen
+class AdoptLock:
+    """Take over ``fd`` (inherited across re-exec, or given back by the service manager).
+
+    Locking again through the same open file description is a no-op for the
+    kernel, so the lock is held without a gap; if the fd no longer carries
+    the lock and another process took it meanwhile, the adoption is refused.
+    """
+
+    fd: int
+    mode: LeaseMode
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
 class DropLock:
     """Drop the lock and close the fd; unlink the file first when it was autocreated."""
 
@@ -64,6 +80,8 @@ class LockTaken:
 
     resource: str
     token: int
+    fd: int = attrs.field(default=-1, eq=False)
+    """The lease fd (for the fd store and re-exec); the lease actor keeps owning it."""
 
 
 @attrs.frozen
@@ -90,6 +108,9 @@ class LeaseActor(DispatchedActor):
         if isinstance(message, TakeLock):
             tell_if_alive(message.reply_to, self._take(message))
             return None
+        if isinstance(message, AdoptLock):
+            tell_if_alive(message.reply_to, self._adopt(message))
+            return None
         if isinstance(message, DropLock):
             self._drop(message.unlink)
             self.stop()
@@ -103,6 +124,23 @@ class LeaseActor(DispatchedActor):
 
     def _refused(self, msg: TakeLock, code: ErrorCode, text: str) -> LockRefused:
         return LockRefused(self._resource, msg.token, code, text)
+
+    def _adopt(self, msg: AdoptLock) -> LockTaken | LockRefused:
+        try:
+            self._files.try_lock(msg.fd, shared=msg.mode is LeaseMode.SHARED)
+        except LockBusyError:
+            os.close(msg.fd)
+            return LockRefused(
+                self._resource, msg.token, ErrorCode.BUSY,
+                f"lease {self._resource} was taken by another process or host",
+            )  # fmt: skip
+        except OSError as exc:
+            os.close(msg.fd)
+            return LockRefused(
+                self._resource, msg.token, ErrorCode.IO_ERROR, f"cannot lock lease file: {exc}"
+            )
+        self._fd, self._mode = msg.fd, msg.mode
+        return LockTaken(self._resource, msg.token, msg.fd)
 
     def _take(self, msg: TakeLock) -> LockTaken | LockRefused:
         if self._fd is not None:
@@ -134,7 +172,7 @@ class LeaseActor(DispatchedActor):
                 return self._refused(msg, ErrorCode.IO_ERROR, f"cannot lock lease file: {exc}")
             if not msg.create or self._files.still_linked(held, self._resource):
                 self._fd, self._mode = held.fd, msg.mode
-                return LockTaken(self._resource, msg.token)
+                return LockTaken(self._resource, msg.token, held.fd)
             os.close(held.fd)  # another host unlinked it after our open: lock the new file
         return self._refused(msg, ErrorCode.BUSY, "lease file keeps being replaced by another host")
 
@@ -151,3 +189,4 @@ class LeaseActor(DispatchedActor):
                 pass  # someone else still holds or is creating it; the file stays
         os.close(self._fd)
         self._fd = None
+        crash_point("release-dropped")

@@ -23,13 +23,16 @@ from actors.events import (
     Event,
     JournalEntry,
     LeaseAcquired,
+    LeaseLost,
     LeaseReleased,
     ReleaseReason,
     ResourceCreated,
     ResourceDeleted,
 )
+from actors.faults import crash_point
 from actors.journal import Append, Appended, AppendFailed
 from actors.lease import (
+    AdoptLock,
     DropLock,
     LeaseActor,
     LockBusyError,
@@ -155,6 +158,50 @@ class SnapshotTaken:
     snapshot: Snapshot
 
 
+@attrs.frozen
+class RestoreLease:
+    """One lease the journal says is held, as recovery found its owners."""
+
+    resource: str
+    mode: LeaseMode
+    autocreate: bool
+    live: tuple[tuple[Owner, float], ...]
+    """Owners still running (pid and start time match), with since when they hold it."""
+    dead: tuple[Owner, ...]
+    """Owners that died while the daemon was down."""
+    fd: int | None = None
+    """An fd still carrying the lock (re-exec, fd store), adopted instead of reopening."""
+
+
+@attrs.frozen
+class Restore:
+    """Recovery: hold these leases again (before any client is served)."""
+
+    leases: tuple[RestoreLease, ...]
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class Restored:
+    """Reply to :class:`Restore`: what was held again, released and lost."""
+
+    token: int
+    lockspace: str
+    held: int
+    released: int
+    lost: tuple[tuple[Owner, str], ...]
+    """Live owners whose lease another process or host took, with the lease."""
+
+
+@attrs.define
+class _Restoring:
+    request: Restore
+    waiting: int = 0
+    taken: dict[str, int] = attrs.field(factory=dict)
+    refused: dict[str, LockRefused] = attrs.field(factory=dict)
+
+
 Command = AcquireLeases | ReleaseLeases | ReleaseOwner | CreateResource | DeleteResource
 
 
@@ -197,6 +244,10 @@ class LockspaceActor(DispatchedActor):
         self._tokens = itertools.count(1)
         self._inflight: dict[int, _InFlight] = {}
         self._queued: collections.deque[Command] = collections.deque()
+        self._restoring: dict[int, _Restoring] = {}
+        self._cleanups: set[int] = set()
+        self.fds: dict[str, int] = {}
+        """Lease fds by resource, for the fd store and re-exec (the lease actors own them)."""
 
     # -- entry ------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
@@ -206,9 +257,19 @@ class LockspaceActor(DispatchedActor):
             self._queued.append(message)
             self._run_queued()
         elif isinstance(message, LockTaken | LockRefused):
-            self._on_lock_reply(message)
+            if message.token in self._restoring:
+                self._on_restore_lock(message)
+            elif message.token in self._cleanups:
+                self._on_cleanup_lock(message)
+            else:
+                self._on_lock_reply(message)
         elif isinstance(message, Appended | AppendFailed):
-            self._on_journal_reply(message)
+            if message.token in self._restoring:
+                self._on_restore_journaled(message)
+            else:
+                self._on_journal_reply(message)
+        elif isinstance(message, Restore):
+            self._restore(message)
         elif isinstance(message, TakeSnapshot):
             tell_if_alive(message.reply_to, SnapshotTaken(message.token, self.snapshot()))
         else:
@@ -326,6 +387,7 @@ class LockspaceActor(DispatchedActor):
         flight.waiting_locks -= 1
         if isinstance(message, LockTaken):
             flight.taken.append(message.resource)
+            self.fds[message.resource] = message.fd
         else:
             ref = self._leases.pop(message.resource, None)
             if ref is not None:
@@ -345,10 +407,12 @@ class LockspaceActor(DispatchedActor):
             )
             self._finish(message.token)
             return
+        crash_point("acquire-locked")
         self._journal.tell(Append(tuple(flight.events), message.token, self.actor_ref))
 
     def _drop_locks(self, resources: list[str], *, unlink: bool) -> None:
         for resource in resources:
+            self.fds.pop(resource, None)
             ref = self._leases.pop(resource, None)
             if ref is not None:
                 ref.tell(DropLock(unlink))
@@ -372,6 +436,9 @@ class LockspaceActor(DispatchedActor):
             )
             self._finish(message.token)
             return
+        crash_point(
+            "acquire-journaled" if isinstance(command, AcquireLeases) else "release-journaled"
+        )
         for entry in message.entries:
             self._apply(entry)
         self._reply(command, Done(command.token, self.name, entries=message.entries))
@@ -430,3 +497,108 @@ class LockspaceActor(DispatchedActor):
         token = next(self._tokens)
         self._inflight[token] = _InFlight(command, frozenset({resource}), None, [event])
         self._journal.tell(Append((event,), token, self.actor_ref))
+
+    # -- recovery -------------------------------------------------------------------
+    def _restore(self, request: Restore) -> None:
+        """Take the kernel lock again for every lease with a live owner (or adopt its fd)."""
+        token = next(self._tokens)
+        restoring = _Restoring(request)
+        self._restoring[token] = restoring
+        for lease in request.leases:
+            if not lease.live:
+                if lease.fd is not None:
+                    os.close(lease.fd)
+                if lease.autocreate:
+                    self._cleanup(lease.resource)
+                continue
+            ref = LeaseActor.start(self.dispatcher, self._files, lease.resource)
+            self._leases[lease.resource] = ref
+            restoring.waiting += 1
+            if lease.fd is not None:
+                ref.tell(AdoptLock(lease.fd, lease.mode, token, self.actor_ref))
+            else:
+                ref.tell(TakeLock(lease.mode, True, token, self.actor_ref))
+        if not restoring.waiting:
+            self._restore_journal(token)
+
+    def _cleanup(self, resource: str) -> None:
+        """Remove an autocreated lease file whose owners all died, as their release would have.
+
+        Only after winning an exclusive lock on it: another host may use it.
+        """
+        token = next(self._tokens)
+        self._cleanups.add(token)
+        ref = LeaseActor.start(self.dispatcher, self._files, resource)
+        ref.tell(TakeLock(LeaseMode.EXCLUSIVE, False, token, self.actor_ref))
+        self._leases[resource] = ref
+
+    def _on_cleanup_lock(self, message: LockTaken | LockRefused) -> None:
+        self._cleanups.discard(message.token)
+        ref = self._leases.pop(message.resource, None)
+        if ref is not None:
+            ref.tell(DropLock(unlink=isinstance(message, LockTaken)))
+
+    def _on_restore_lock(self, message: LockTaken | LockRefused) -> None:
+        restoring = self._restoring[message.token]
+        restoring.waiting -= 1
+        if isinstance(message, LockTaken):
+            restoring.taken[message.resource] = message.fd
+        else:
+            restoring.refused[message.resource] = message
+            ref = self._leases.pop(message.resource, None)
+            if ref is not None:
+                ref.tell(DropLock(unlink=False))
+        if not restoring.waiting:
+            self._restore_journal(message.token)
+
+    def _restore_journal(self, token: int) -> None:
+        restoring = self._restoring[token]
+        events: list[Event] = []
+        for lease in restoring.request.leases:
+            events.extend(
+                LeaseReleased(
+                    self.name, lease.resource, lease.mode, owner, 0, ReleaseReason.OWNER_GONE
+                )
+                for owner in lease.dead
+            )
+            refused = restoring.refused.get(lease.resource)
+            if refused is not None:
+                events.extend(
+                    LeaseLost(self.name, lease.resource, lease.mode, owner, refused.message)
+                    for owner, _ in lease.live
+                )
+        if events:
+            self._journal.tell(Append(tuple(events), token, self.actor_ref))
+        else:
+            self._on_restore_journaled(Appended(token, ()))
+
+    def _on_restore_journaled(self, message: Appended | AppendFailed) -> None:
+        restoring = self._restoring.pop(message.token)
+        request = restoring.request
+        if isinstance(message, AppendFailed):
+            # The journal still says these leases are held; the next start
+            # will find the same and try again. Hold what we could lock.
+            log.error("lockspace %s: recovery could not journal its findings: %s",
+                      self.name, message.message)  # fmt: skip
+        lost: list[tuple[Owner, str]] = []
+        released = 0
+        for lease in request.leases:
+            released += len(lease.dead)
+            if lease.resource in restoring.refused:
+                lost.extend((owner, lease.resource) for owner, _ in lease.live)
+                continue
+            if not lease.live:
+                continue
+            self.fds[lease.resource] = restoring.taken[lease.resource]
+            for owner, since in lease.live:
+                core.apply(
+                    self._state,
+                    LeaseAcquired(
+                        self.name, lease.resource, lease.mode, owner, 0, lease.autocreate
+                    ),
+                )
+                self._since[(lease.resource, owner.key)] = since
+        tell_if_alive(
+            request.reply_to,
+            Restored(request.token, self.name, len(restoring.taken), released, tuple(lost)),
+        )

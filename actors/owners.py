@@ -89,6 +89,14 @@ class ConnectionClosed:
 
 
 @attrs.frozen
+class FenceLost:
+    """Recovery found that ``owner`` lost a lease while lockd was down: stop it writing."""
+
+    owner: Owner
+    reason: str
+
+
+@attrs.frozen
 class _FenceStep:
     owner: Owner
     signum: int | None
@@ -151,6 +159,8 @@ class OwnersActor(DispatchedActor):
             self._released(message)
         elif isinstance(message, _RetryRelease):
             self._release(message)
+        elif isinstance(message, FenceLost):
+            self._fence_lost(message)
         elif isinstance(message, _FenceStep):
             self._fence_step(message)
         else:
@@ -261,6 +271,16 @@ class OwnersActor(DispatchedActor):
         self._watch(owner)
         why = "admin disconnect" if closed.admin else "connection closed while holding leases"
         self._fence(owner, signal.SIGTERM, why)
+        self._schedule(owner, self._grace, signal.SIGKILL)
+
+    def _fence_lost(self, message: FenceLost) -> None:
+        owner = message.owner
+        if owner.key in self._fencing or self._processes.is_gone(owner):
+            return
+        # Its other leases end with it (owner-exit), like any exiting owner's.
+        self._fencing[owner.key] = _Fencing(0, ReleaseReason.OWNER_EXIT)
+        self._watch(owner)
+        self._fence(owner, signal.SIGTERM, message.reason)
         self._schedule(owner, self._grace, signal.SIGKILL)
 
     def _schedule(self, owner: Owner, delay: float, signum: int | None) -> None:

@@ -24,6 +24,7 @@ import attrs
 import pykka
 
 from actors.events import JournalEntry, LockspaceCreated, ReleaseReason
+from actors.faults import crash_point
 from actors.journal import Append, Appended, AppendFailed, Published, Subscribe
 from actors.lockspace import (
     Done,
@@ -303,6 +304,7 @@ class RouterActor(DispatchedActor):
                 Found(message.token, message.lockspace, None, ErrorCode.IO_ERROR, str(exc)),
             )
             return
+        crash_point("lockspace-mkdir")
         token = next(self._tokens)
         self._creating[token] = message
         event = LockspaceCreated(message.lockspace, path, message.conn)

@@ -100,7 +100,13 @@ class Config:
     """Exit after this many idle seconds (no clients, no leases); 0 = never."""
     max_clients: int = 1024
     journal_sync: SyncPolicy = SyncPolicy.NONE
-    journal_segment_bytes: int = 64 * 1024 * 1024
+    journal_segment_bytes: int = 8 * 1024 * 1024
+    """Segment size; a snapshot is taken at each rotation, so this bounds what recovery replays."""
+    journal_retain_segments: int = 16
+    """Old segments kept for auditors once a snapshot covers them (0 = keep all)."""
+    max_lockspaces: int = 4096
+    lost_lease_policy: str = "fence"
+    """``fence``: terminate an owner whose lease was taken while lockd was down; ``log``: log."""
     allowed_uids: tuple[int, ...] = ()
     """Peer uids served besides the daemon's own."""
     lockspaces: Mapping[str, str] = attrs.field(factory=dict)
@@ -133,6 +139,12 @@ def _enum(key: str, value: Any) -> SyncPolicy:
         raise ConfigError(f"{key} must be one of {choices}, got {value!r}") from None
 
 
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {' | '.join(choices)}, got {value!r}")
+    return str(value)
+
+
 def _level(key: str, value: Any) -> str:
     if value not in _LOG_LEVELS:
         raise ConfigError(f"{key} must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
@@ -149,6 +161,9 @@ _CONVERT: dict[str, Any] = {
     "max_clients": lambda k, v: _check_int(k, v, 1),
     "journal_sync": _enum,
     "journal_segment_bytes": lambda k, v: _check_int(k, v, 4096),
+    "journal_retain_segments": lambda k, v: _check_int(k, v, 0),
+    "max_lockspaces": lambda k, v: _check_int(k, v, 3),
+    "lost_lease_policy": lambda k, v: _choice(k, v, ("fence", "log")),
     "allowed_uids": lambda _k, v: _uids(v),
     "lockspaces": lambda _k, v: _lockspace_dirs(v),
     "fence_grace": _check_number,

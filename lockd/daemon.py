@@ -15,7 +15,9 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -26,13 +28,18 @@ from actors.connection import ConnectionActor, ServerInfo
 from actors.events import DaemonStarted, DaemonStopped
 from actors.journal import Append, JournalActor
 from actors.owners import OwnersActor
+from actors.recovery import RecoveryActor, RecoveryReport
+from actors.recovery_core import ReplayState
 from actors.router import Gather, Gathered, RouterActor
 from actors.runtime import DispatchedActor, Dispatcher
 from lockd import __version__, procs
 from lockd.config import Config
 from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
+from lockd.replay import replay
 from lockd.server import Listener, SocketTransport, bind_unix, conn_ids, refuse
+from lockd.snapshot import load_newest, write_snapshot
+from lockd.snapshot import prune as prune_snapshots
 from protocol.errors import ErrorCode
 from protocol.names import WELL_KNOWN_LOCKSPACES
 
@@ -58,16 +65,50 @@ class _ProcessInfo:
 class LockSystem:
     """The actor system without sockets: what the daemon serves and an orchestrator embeds."""
 
-    def __init__(self, config: Config, dispatcher: Dispatcher | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        dispatcher: Dispatcher | None = None,
+        *,
+        adopted: Mapping[tuple[str, str], int] | None = None,
+        on_ready: Callable[[RecoveryReport], None] | None = None,
+    ) -> None:
         self.config = config
         self.dispatcher = dispatcher or Dispatcher()
+        self.started = time.monotonic()
+        self.ready = threading.Event()
+        """Set once recovery is done and requests are served."""
+        self.report: RecoveryReport | None = None
+        self._on_ready = on_ready
         os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
         os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
         self._journal_lock = self._lock_journal_dir(config.journal_dir)
-        self.journal_file = FileJournal(config.journal_dir, config.journal_segment_bytes)
-        self.started = time.monotonic()
+        snapshot = load_newest(config.journal_dir)
+        self.journal_file = FileJournal(
+            config.journal_dir,
+            config.journal_segment_bytes,
+            retain_segments=config.journal_retain_segments,
+            first_seq=snapshot.seq + 1 if snapshot else 1,
+        )
+        state, replayed = replay(self.journal_file, snapshot)
+        log.info(
+            "journal replayed to seq %d (%s, %d entries after it): %d leases held by %d owners",
+            state.seq,
+            f"snapshot at {snapshot.seq}" if snapshot else "no snapshot",
+            replayed,
+            len(state.leases),
+            len(state.owners()),
+        )
         d = self.dispatcher
-        self.journal = JournalActor.start(d, self.journal_file, sync=config.journal_sync)
+        journal_dir = config.journal_dir
+
+        def take_snapshot(at: ReplayState) -> None:
+            write_snapshot(journal_dir, at)
+            prune_snapshots(journal_dir)
+
+        self.journal = JournalActor.start(
+            d, self.journal_file, sync=config.journal_sync, state=state, snapshot=take_snapshot
+        )
         self.router = RouterActor.start(
             d,
             lock_dir=config.lock_dir,
@@ -75,10 +116,12 @@ class LockSystem:
             open_lockspace=LockspaceDir,
             explicit=config.lockspaces,
             last_seq=self.journal_file.next_seq - 1,
+            max_lockspaces=config.max_lockspaces,
         )
+        processes = procs.ProcTable()
         self.owners = OwnersActor.start(
             d,
-            processes=procs.ProcTable(),
+            processes=processes,
             router=self.router,
             journal=self.journal,
             grace=config.fence_grace,
@@ -88,6 +131,24 @@ class LockSystem:
         for name in WELL_KNOWN_LOCKSPACES:
             router.ensure(name)
         self.info = ServerInfo(__version__, os.getpid(), self.started, socket.gethostname())
+        RecoveryActor.start(
+            d,
+            state=state,
+            router=self.router,
+            owners=self.owners,
+            journal=self.journal,
+            processes=processes,
+            on_done=self._recovered,
+            adopted=adopted,
+            fence_lost=config.lost_lease_policy == "fence",
+            started=self.started,
+        )
+
+    def _recovered(self, report: RecoveryReport) -> None:
+        self.report = report
+        self.ready.set()
+        if self._on_ready is not None:
+            self._on_ready(report)
 
     @staticmethod
     def _lock_journal_dir(directory: str) -> int:
@@ -167,7 +228,7 @@ class Daemon:
         self._overridden = overridden
         """Settings given on the command line: a reload of the file does not change them."""
         limit = procs.raise_fd_limit()
-        self.system = LockSystem(config)
+        self.system = LockSystem(config, on_ready=self._serve)
         self.dispatcher = self.system.dispatcher
         self._clients = 0
         self._stop_reason = ""
@@ -181,6 +242,15 @@ class Daemon:
         log.debug("file descriptor limit: %d", limit)
         if config.timeout > 0:
             _IdleWatch.start(self.dispatcher, self.system.router, config.timeout, self.request_stop)
+
+    def _serve(self, report: RecoveryReport) -> None:
+        """Recovery is done: accept the connections waiting in the backlog, tell systemd."""
+        for listener in self.listeners:
+            listener.start()
+        _notify(
+            f"READY=1\nSTATUS=serving; recovery held {report.held}, released {report.released}, "
+            f"lost {report.lost} leases"
+        )
 
     def _accept(self, sock: socket.socket, peer: tuple[int, int, int], admin: bool) -> None:
         if self._clients >= self.config.max_clients:
@@ -247,7 +317,6 @@ class Daemon:
             self.config.journal_dir,
             self.config.journal_sync.value,
         )
-        _notify("READY=1\nSTATUS=serving")
         try:
             self.dispatcher.run_forever()
         finally:

@@ -11,14 +11,17 @@ stops. Appends are one ``write()`` per batch, so a reply sent after
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from actors.events import JournalEntry
+from actors.faults import crash_point
 from lockd.journal_format import (
     JournalCorruptError,
+    SegmentScan,
     decode_records,
     decode_segment,
     encode_header,
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT_PREFIX = "journal-"
 SEGMENT_SUFFIX = ".cbor"
-DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
+DEFAULT_SEGMENT_BYTES = 8 * 1024 * 1024
 
 
 def segment_name(first_seq: int) -> str:
@@ -74,18 +77,30 @@ def read_entries(directory: str, since_seq: int = 1) -> Iterator[JournalEntry]:
 class FileJournal:
     """Appends journal entries to segment files; one writer per directory."""
 
-    def __init__(self, directory: str, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+    def __init__(
+        self,
+        directory: str,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        *,
+        retain_segments: int = 0,
+        first_seq: int = 1,
+    ) -> None:
         self.directory = directory
         self._segment_bytes = segment_bytes
+        self._retain = retain_segments
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._fd = -1
         self._size = 0
-        self.next_seq = 1
+        self.next_seq = first_seq
+        self.on_rotate: Callable[[int], bool] | None = None
+        """Called with the last seq before a new segment starts; True once a snapshot covers it."""
+        self.last_scan: SegmentScan | None = None
+        """The newest segment as read at open (recovery replays it without reading it again)."""
         names = list_segments(directory)
         if names:
             self._open_last(names[-1])
         else:
-            self._start_segment(1)
+            self._start_segment(first_seq)
 
     def _open_last(self, name: str) -> None:
         path = os.path.join(self.directory, name)
@@ -107,6 +122,7 @@ class FileJournal:
             os.fsync(self._fd)
         self._size = scan.valid_length
         self.next_seq = scan.first_seq + len(scan.entries)
+        self.last_scan = scan
 
     def _start_segment(self, first_seq: int) -> None:
         path = os.path.join(self.directory, segment_name(first_seq))
@@ -125,8 +141,7 @@ class FileJournal:
             if entry.seq != self.next_seq + offset:
                 raise ValueError(f"entry seq {entry.seq} does not continue the journal")
         if self._size >= self._segment_bytes:
-            self.sync()
-            self._start_segment(self.next_seq)
+            self.rotate()
         data = b"".join(encode_record(e) for e in entries)
         written = os.write(self._fd, data)
         if written != len(data):
@@ -135,6 +150,26 @@ class FileJournal:
             raise OSError(f"short journal write ({written} of {len(data)} bytes)")
         self._size += written
         self.next_seq += len(entries)
+
+    def rotate(self) -> None:
+        """Start a new segment; snapshot first (``on_rotate``), then apply retention."""
+        self.sync()
+        covered = False
+        if self.on_rotate is not None:
+            try:
+                covered = self.on_rotate(self.next_seq - 1)
+            except OSError as exc:
+                log.error("journal snapshot at seq %d failed: %s", self.next_seq - 1, exc)
+            crash_point("snapshot-written")
+        self._start_segment(self.next_seq)
+        self.last_scan = None
+        crash_point("segment-started")
+        if covered and self._retain > 0:
+            # Everything before the new segment is in the snapshot: old
+            # segments are history for auditors only, kept up to the limit.
+            for name in list_segments(self.directory)[: -self._retain - 1]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, name))
 
     def sync(self) -> None:
         """fdatasync the current segment (host-crash durability)."""

@@ -223,7 +223,10 @@ class Listener:
         self._allowed = frozenset(allowed_uids)
         self._on_accept = on_accept
         sock.setblocking(False)
-        dispatcher.watch(sock.fileno(), selectors.EVENT_READ, self._ready)
+
+    def start(self) -> None:
+        """Begin accepting (after recovery: until then, connections wait in the backlog)."""
+        self._dispatcher.watch(self.sock.fileno(), selectors.EVENT_READ, self._ready)
 
     def _ready(self, _mask: int) -> None:
         for _ in range(64):  # bounded, so one busy listener cannot starve the loop

@@ -30,6 +30,8 @@ class DaemonProcess:
         self.journal_dir = root / "journal"
         self.log = root / "daemon.log"
         self.extra = extra
+        self.env_extra: dict[str, str] = {}
+        """Extra environment for the next start (e.g. LOCKD_CRASH_AT)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,6 +56,7 @@ class DaemonProcess:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env_extra},
             )  # fmt: skip
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,7 +50,7 @@ def _owner_pids(daemon: DaemonProcess) -> set[int]:
     return {o["pid"] for lease in leases for o in lease["owners"]}
 
 
-def events(daemon: DaemonProcess, *args: str) -> list[dict[str, object]]:
+def events(daemon: DaemonProcess, *args: str) -> list[dict[str, Any]]:
     done = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir), "--json", *args)
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines()]

@@ -1,0 +1,178 @@
+"""RecoveryActor: after a restart, hold again what the journal says is held, before serving.
+
+For every lease in the replayed state:
+
+- owners still alive (pid and start time match) get their lease back: the
+  lockspace actor takes the kernel lock again, or adopts an fd that still
+  carries it (re-exec, the service manager's fd store), so there is no gap;
+- owners that died while the daemon was down are released (``owner-gone``);
+- when another process or host took the lease meanwhile, every live owner of
+  it gets ``lease-lost``, and the fencing policy applies (default: terminate
+  the owner, since it may be writing a disk someone else now holds).
+
+Then every live owner is watched with a pidfd, ``recovery-completed``
+records the counts and duration, and ``on_done`` lets the daemon serve.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+import pykka
+
+from actors.events import RecoveryCompleted
+from actors.journal import Append, Appended, AppendFailed
+from actors.lockspace import Restore, Restored, RestoreLease
+from actors.model import Owner
+from actors.owners import FenceLost, Processes, Watch
+from actors.recovery_core import ReplayState
+from actors.router import Found, Lookup
+from actors.runtime import DispatchedActor, Dispatcher
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What recovery did (also journaled as ``recovery-completed``)."""
+
+    held: int
+    released: int
+    lost: int
+    duration_ms: float
+    lost_owners: tuple[tuple[Owner, str], ...] = ()
+
+
+class RecoveryActor(DispatchedActor):
+    """Runs once at start-up, then stops."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        state: ReplayState,
+        router: pykka.ActorRef[Any],
+        owners: pykka.ActorRef[Any],
+        journal: pykka.ActorRef[Any],
+        processes: Processes,
+        on_done: Callable[[RecoveryReport], None],
+        adopted: Mapping[tuple[str, str], int] | None = None,
+        fence_lost: bool = True,
+        started: float | None = None,
+    ) -> None:
+        super().__init__(dispatcher)
+        self._state = state
+        self._router = router
+        self._owners = owners
+        self._journal = journal
+        self._processes = processes
+        self._on_done = on_done
+        self._adopted = dict(adopted or {})
+        self._fence_lost = fence_lost
+        self._started = time.monotonic() if started is None else started
+        self._tokens = itertools.count(1)
+        self._waiting = 0
+        self._held = self._released = 0
+        self._lost: list[tuple[Owner, str]] = []
+        self._plan: dict[str, list[RestoreLease]] = {}
+        self._live: dict[Any, Owner] = {}
+
+    def on_start(self) -> None:
+        # The plan is copied out of the replayed state here, before any
+        # recovery event is journaled (the journal actor folds into it).
+        gone: dict[Any, bool] = {}
+        for (lockspace, resource), held in self._state.leases.items():
+            live: list[tuple[Owner, float]] = []
+            dead: list[Owner] = []
+            for key, (owner, since) in held.owners.items():
+                if key not in gone:
+                    gone[key] = self._processes.is_gone(owner)
+                if gone[key]:
+                    dead.append(owner)
+                else:
+                    live.append((owner, since))
+                    self._live[key] = owner
+            fd = self._adopted.pop((lockspace, resource), None)
+            self._plan.setdefault(lockspace, []).append(
+                RestoreLease(resource, held.mode, held.autocreate, tuple(live), tuple(dead), fd)
+            )
+        for (lockspace, resource), fd in self._adopted.items():
+            log.warning("no journaled lease for adopted fd %d (%s/%s); closing it",
+                        fd, lockspace, resource)  # fmt: skip
+            os.close(fd)
+        self._waiting = len(self._plan)
+        for lockspace in self._plan:
+            self._router.tell(Lookup(lockspace, next(self._tokens), self.actor_ref))
+        if not self._plan:
+            self._complete()
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, Found):
+            self._found(message)
+        elif isinstance(message, Restored):
+            self._restored(message)
+        elif isinstance(message, Appended | AppendFailed):
+            self._journaled(message)
+        else:
+            return super().on_receive(message)
+        return None
+
+    def _found(self, found: Found) -> None:
+        leases = self._plan[found.lockspace]
+        if found.ref is None:
+            # The lockspace directory is gone or unusable: nothing can be held
+            # there, so its live owners lost their leases.
+            log.error("recovery: lockspace %s: %s", found.lockspace, found.message)
+            for lease in leases:
+                self._released += len(lease.dead)
+                self._lost.extend((owner, f"{found.lockspace}/{lease.resource}")
+                                  for owner, _ in lease.live)  # fmt: skip
+            self._part_done()
+            return
+        found.ref.tell(Restore(tuple(leases), found.token, self.actor_ref))
+
+    def _restored(self, restored: Restored) -> None:
+        self._held += restored.held
+        self._released += restored.released
+        self._lost.extend(
+            (owner, f"{restored.lockspace}/{resource}") for owner, resource in restored.lost
+        )
+        self._part_done()
+
+    def _part_done(self) -> None:
+        self._waiting -= 1
+        if self._waiting == 0:
+            self._complete()
+
+    def _complete(self) -> None:
+        for owner in self._live.values():
+            self._owners.tell(Watch(owner))
+        for owner, lease in self._lost:
+            log.error(
+                "recovery: %s lost lease %s to another process or host", owner.describe(), lease
+            )
+            if self._fence_lost:
+                self._owners.tell(FenceLost(owner, f"lease {lease} was taken while lockd was down"))
+        duration = round((time.monotonic() - self._started) * 1000, 3)
+        self._report = RecoveryReport(
+            self._held, self._released, len(self._lost), duration, tuple(self._lost)
+        )
+        event = RecoveryCompleted(self._held, self._released, len(self._lost), duration)
+        self._journal.tell(Append((event,), 0, self.actor_ref))
+
+    def _journaled(self, _message: Appended | AppendFailed) -> None:
+        log.info(
+            "recovery: %d leases held again, %d released (owner gone), %d lost, in %.1f ms",
+            self._report.held,
+            self._report.released,
+            self._report.lost,
+            self._report.duration_ms,
+        )
+        self._on_done(self._report)
+        self.stop()

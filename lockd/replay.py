@@ -1,0 +1,53 @@
+"""Read the journal back into a :class:`ReplayState`: newest snapshot, then the entries after it."""
+
+from __future__ import annotations
+
+import os
+
+from actors.recovery_core import ReplayState
+from lockd.journal_file import FileJournal, list_segments
+from lockd.journal_format import JournalCorruptError, decode_segment
+
+
+def _first_seq(name: str) -> int:
+    return int(name.split("-", 1)[1].split(".", 1)[0])
+
+
+def replay(journal: FileJournal, snapshot: ReplayState | None) -> tuple[ReplayState, int]:
+    """The state the journal describes, and how many entries were replayed after the snapshot.
+
+    Raises JournalCorruptError when entries after the snapshot are missing or damaged.
+    """
+    state = snapshot or ReplayState()
+    directory = journal.directory
+    names = list_segments(directory)
+    firsts = [_first_seq(n) for n in names]
+    needed = [
+        name for i, name in enumerate(names) if i + 1 == len(names) or firsts[i + 1] - 1 > state.seq
+    ]
+    if needed and _first_seq(needed[0]) > state.seq + 1:
+        raise JournalCorruptError(
+            0,
+            f"{os.path.join(directory, needed[0])}: entries {state.seq + 1} to "
+            f"{_first_seq(needed[0]) - 1} are missing and no snapshot covers them",
+        )
+    replayed = 0
+    for name in needed:
+        scan = journal.last_scan
+        if scan is None or scan.first_seq != _first_seq(name):
+            path = os.path.join(directory, name)
+            with open(path, "rb") as f:
+                try:
+                    scan = decode_segment(f.read())
+                except JournalCorruptError as exc:
+                    raise JournalCorruptError(exc.offset, f"{path}: {exc.reason}") from None
+        for entry in scan.entries:
+            if entry.seq > state.seq:
+                state.fold(entry)
+                replayed += 1
+    journal.last_scan = None  # recovery has what it needs; free the memory
+    if state.seq != journal.next_seq - 1:
+        raise JournalCorruptError(
+            0, f"{directory}: replay ends at seq {state.seq}, the journal at {journal.next_seq - 1}"
+        )
+    return state, replayed
