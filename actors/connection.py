@@ -41,9 +41,10 @@ from actors.router import (
     OwnerReleased,
     ReleaseOwnerEverywhere,
 )
-from actors.runtime import DispatchedActor, Dispatcher
+from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 from protocol import messages as m
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.framing import encode_frame
 from protocol.server import Refused, ServerProtocol
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class Transport(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def close(self) -> None: ...
+    def fileno(self) -> int:
+        """The socket fd, handed to a re-executed daemon (-1 when there is none)."""
+        ...
 
 
 class ProcessInfo(Protocol):
@@ -100,6 +104,33 @@ class Received:
     """Bytes from the peer; ``b""`` means it closed its end."""
 
     data: bytes
+
+
+@attrs.frozen
+class HandedOver:
+    """A connection's state, carried across a re-exec with its socket fd."""
+
+    conn_id: int
+    fd: int
+    peer_pid: int
+    peer_uid: int
+    admin: bool
+    connected_since: float
+    owner: Owner | None
+    restricted: bool
+    subscribed: bool
+    version: int | None
+    pending: bytes
+    """Request bytes not yet answered: unparsed input, and a waiting acquire's own frame."""
+    unsent: bytes
+    """Reply bytes the socket had not taken yet."""
+
+
+@attrs.frozen
+class Quiesce:
+    """Re-exec: stop reading, finish the request in progress, then reply :class:`HandedOver`."""
+
+    reply_to: pykka.ActorRef[Any]
 
 
 @attrs.frozen
@@ -139,6 +170,7 @@ class ConnectionActor(DispatchedActor):
         admin: bool = False,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        restored: HandedOver | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self.conn_id = conn_id
@@ -163,10 +195,32 @@ class ConnectionActor(DispatchedActor):
         self._client = ClientInfo(
             conn_id, transport.peer_pid, transport.peer_uid, admin, wall_clock()
         )
+        self._quiesce_to: pykka.ActorRef[Any] | None = None
+        self._waiting_retry = False
+        self._restored = restored
+        if restored is not None:
+            self._protocol = ServerProtocol(version=restored.version)
+            self._owner = restored.owner
+            self._restricted = restored.restricted
+            self._client = attrs.evolve(self._client, connected_since=restored.connected_since)
 
     # -- lifecycle ------------------------------------------------------------------
     def on_start(self) -> None:
         self._publish_info()
+        restored = self._restored
+        if restored is None:
+            return
+        self._restored = None
+        if restored.owner is not None:
+            self._owners.tell(Watch(restored.owner))
+        if restored.subscribed:
+            self._subscribed = True
+            self._journal.tell(Subscribe(self.actor_ref))
+        if restored.unsent:
+            self._transport.write(restored.unsent)
+        if restored.pending:
+            self._protocol.receive_data(restored.pending)
+            self._pump()
 
     def _publish_info(self) -> None:
         self._client = attrs.evolve(
@@ -223,6 +277,12 @@ class ConnectionActor(DispatchedActor):
             self._push(message)
         elif isinstance(message, Drained):
             self._pump()
+        elif isinstance(message, Quiesce):
+            self._quiesce_to = message.reply_to
+            self._transport.pause_reading()
+            self._reading = False
+            if not self._busy or self._waiting_retry:
+                self._hand_over()
         elif isinstance(message, CloseForAdmin):
             log.info("client %d disconnected by an operator", self.conn_id)
             self._close(admin=True)
@@ -235,8 +295,38 @@ class ConnectionActor(DispatchedActor):
         self._waits[token] = then
         return token
 
+    def _hand_over(self) -> None:
+        """Describe this connection for the next daemon; it takes the socket from here."""
+        assert self._quiesce_to is not None
+        pending = self._protocol.take_buffered()
+        if self._waiting_retry:
+            # An acquire waiting for a busy lease: the next daemon asks again.
+            pending = encode_frame(self._protocol.last_payload) + pending
+        take_unsent = getattr(self._transport, "take_unsent", None)
+        state = HandedOver(
+            self.conn_id,
+            self._transport.fileno(),
+            self._transport.peer_pid,
+            self._transport.peer_uid,
+            self._admin,
+            self._client.connected_since,
+            self._owner,
+            self._restricted,
+            self._subscribed,
+            self._protocol.version,
+            pending,
+            take_unsent() if take_unsent is not None else b"",
+        )
+        self._closed = True  # this process will not touch the connection again
+        tell_if_alive(self._quiesce_to, state)
+        self.stop()
+
     def _pump(self) -> None:
         """Take the next request when idle; apply back-pressure when a backlog grows."""
+        if self._quiesce_to is not None:
+            if not self._busy:
+                self._hand_over()
+            return
         while not self._busy and not self._closed and self._transport.backlog <= MAX_REPLY_BACKLOG:
             incoming = self._protocol.next_incoming()
             if incoming is None:
@@ -442,6 +532,10 @@ class ConnectionActor(DispatchedActor):
             )
         )
 
+    def _retry(self, job: _Acquisition) -> None:
+        self._waiting_retry = False
+        self._acquire_group(job, 0)
+
     def _rollback(self, job: _Acquisition) -> None:
         """Release what this acquire took so far, and only that."""
         assert self._owner is not None
@@ -466,9 +560,11 @@ class ConnectionActor(DispatchedActor):
                 delay = WAIT_RETRY_SECONDS[min(job.attempt, len(WAIT_RETRY_SECONDS) - 1)]
                 if self._clock() + delay <= job.deadline:
                     job.attempt += 1
-                    token = self._wait(
-                        lambda _r: None if self._closed else self._acquire_group(job, 0)
-                    )
+                    self._waiting_retry = True
+                    if self._quiesce_to is not None:
+                        self._hand_over()
+                        return
+                    token = self._wait(lambda _r: None if self._closed else self._retry(job))
                     ref = self.actor_ref
                     self.dispatcher.call_later(delay, lambda: ref.tell(_Retry(token)))
                     return

@@ -202,6 +202,23 @@ class _Restoring:
     refused: dict[str, LockRefused] = attrs.field(factory=dict)
 
 
+@attrs.frozen
+class HandOff:
+    """Re-exec: reply :class:`LeaseFds` once no command is in flight."""
+
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class LeaseFds:
+    """Every held lease's fd in one lockspace."""
+
+    token: int
+    lockspace: str
+    fds: tuple[tuple[str, int], ...]
+
+
 Command = AcquireLeases | ReleaseLeases | ReleaseOwner | CreateResource | DeleteResource
 
 
@@ -246,6 +263,8 @@ class LockspaceActor(DispatchedActor):
         self._queued: collections.deque[Command] = collections.deque()
         self._restoring: dict[int, _Restoring] = {}
         self._cleanups: set[int] = set()
+        self._handoff: HandOff | None = None
+        self._frozen = False
         self.fds: dict[str, int] = {}
         """Lease fds by resource, for the fd store and re-exec (the lease actors own them)."""
 
@@ -270,6 +289,9 @@ class LockspaceActor(DispatchedActor):
                 self._on_journal_reply(message)
         elif isinstance(message, Restore):
             self._restore(message)
+        elif isinstance(message, HandOff):
+            self._handoff = message
+            self._maybe_hand_off()
         elif isinstance(message, TakeSnapshot):
             tell_if_alive(message.reply_to, SnapshotTaken(message.token, self.snapshot()))
         else:
@@ -312,6 +334,8 @@ class LockspaceActor(DispatchedActor):
 
     def _run_queued(self) -> None:
         """Start every queued command that conflicts with nothing in flight or ahead of it."""
+        if self._frozen:
+            return
         blocked_resources: set[str] = set()
         blocked_owners: set[OwnerKey] = set()
         for flight in self._inflight.values():
@@ -380,6 +404,17 @@ class LockspaceActor(DispatchedActor):
         del self._inflight[token]
         if self._queued:
             self._run_queued()
+        self._maybe_hand_off()
+
+    def _maybe_hand_off(self) -> None:
+        if self._handoff is None or self._inflight or self._queued or self._restoring:
+            return
+        handoff, self._handoff = self._handoff, None
+        # Frozen from here on: the fds listed are about to pass to the next
+        # daemon, so nothing may drop or replace them.
+        self._frozen = True
+        fds = tuple(sorted(self.fds.items()))
+        tell_if_alive(handoff.reply_to, LeaseFds(handoff.token, self.name, fds))
 
     # -- kernel locks ---------------------------------------------------------
     def _on_lock_reply(self, message: LockTaken | LockRefused) -> None:

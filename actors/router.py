@@ -28,6 +28,8 @@ from actors.faults import crash_point
 from actors.journal import Append, Appended, AppendFailed, Published, Subscribe
 from actors.lockspace import (
     Done,
+    HandOff,
+    LeaseFds,
     LockspaceActor,
     ReleaseOwner,
     Snapshot,
@@ -160,6 +162,22 @@ class Kicked:
 
 
 @attrs.frozen
+class CollectFds:
+    """Re-exec: reply :class:`AllFds` with every lockspace's lease fds, once each is idle."""
+
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class AllFds:
+    """Reply to :class:`CollectFds`: (lockspace, resource, fd) of every held lease."""
+
+    token: int
+    fds: tuple[tuple[str, str, int], ...]
+
+
+@attrs.frozen
 class CloseForAdmin:
     """Sent to a connection: an operator disconnected it."""
 
@@ -199,6 +217,7 @@ class RouterActor(DispatchedActor):
         self._tokens = itertools.count(1)
         self._gatherings: dict[int, _Gathering] = {}
         self._creating: dict[int, CreateLockspace] = {}
+        self._collecting: tuple[CollectFds, int, list[tuple[str, str, int]]] | None = None
         self.last_seq = last_seq
 
     def on_start(self) -> None:
@@ -233,6 +252,10 @@ class RouterActor(DispatchedActor):
             self._clients[message.info.id] = message.info
         elif isinstance(message, ClientGone):
             self._clients.pop(message.id, None)
+        elif isinstance(message, CollectFds):
+            self._collect_fds(message)
+        elif isinstance(message, LeaseFds):
+            self._collected(message)
         elif isinstance(message, Kick):
             info = self._clients.get(message.client)
             if info is not None and info.ref is not None:
@@ -351,6 +374,22 @@ class RouterActor(DispatchedActor):
             except InvalidNameError:
                 continue  # not ours to serve: never build a path from an invalid name
             self._lookup(name, 0)
+
+    def _collect_fds(self, message: CollectFds) -> None:
+        self._collecting = (message, len(self._lockspaces), [])
+        for ref in self._lockspaces.values():
+            ref.tell(HandOff(message.token, self.actor_ref))
+        if not self._lockspaces:
+            tell_if_alive(message.reply_to, AllFds(message.token, ()))
+
+    def _collected(self, part: LeaseFds) -> None:
+        assert self._collecting is not None
+        request, waiting, fds = self._collecting
+        fds.extend((part.lockspace, resource, fd) for resource, fd in part.fds)
+        waiting -= 1
+        self._collecting = (request, waiting, fds)
+        if waiting == 0:
+            tell_if_alive(request.reply_to, AllFds(request.token, tuple(fds)))
 
     def _gather(self, message: Gather) -> None:
         self.adopt_all()

@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         "--journal-sync", choices=["none", "batch", "always"], help="journal durability"
     )
     serve.add_argument("--verbose", "-v", action="store_true", help="log at debug level")
+    serve.add_argument("--handoff-fd", type=int, help=argparse.SUPPRESS)  # set by SIGUSR1 re-exec
     serve.set_defaults(func=commands.cmd_serve)
 
     for name, func, text in (

@@ -125,7 +125,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     logging.getLogger("pykka").setLevel(logging.INFO)  # actor start/stop lines drown the rest
     try:
-        return serve(config, frozenset(k for k, v in overrides.items() if v is not None))
+        return serve(
+            config,
+            frozenset(k for k, v in overrides.items() if v is not None),
+            handoff_fd=args.handoff_fd,
+        )
     except (JournalInUseError, JournalCorruptError) as exc:
         print(f"lockd serve: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -24,7 +25,7 @@ from typing import Any
 import attrs
 import pykka
 
-from actors.connection import ConnectionActor, ServerInfo
+from actors.connection import ConnectionActor, HandedOver, ServerInfo
 from actors.events import DaemonStarted, DaemonStopped
 from actors.journal import Append, JournalActor
 from actors.owners import OwnersActor
@@ -36,6 +37,7 @@ from lockd import __version__, procs
 from lockd.config import Config
 from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
+from lockd.reexec import Handoff, ListenerFd, ReexecActor, read_handoff
 from lockd.replay import replay
 from lockd.server import Listener, SocketTransport, bind_unix, conn_ids, refuse
 from lockd.snapshot import load_newest, write_snapshot
@@ -160,11 +162,19 @@ class LockSystem:
             raise JournalInUseError(f"journal {directory} is in use by another lockd") from None
         return fd
 
-    def connect(self, transport: Any, *, admin: bool = False) -> pykka.ActorRef[Any]:
+    def connect(
+        self,
+        transport: Any,
+        *,
+        admin: bool = False,
+        conn_id: int | None = None,
+        restored: HandedOver | None = None,
+    ) -> pykka.ActorRef[Any]:
         """Start a ConnectionActor for ``transport`` (see actors.connection.Transport)."""
         return ConnectionActor.start(
             self.dispatcher,
-            conn_id=next(conn_ids),
+            conn_id=next(conn_ids) if conn_id is None else conn_id,
+            restored=restored,
             transport=transport,
             router=self.router,
             owners=self.owners,
@@ -223,28 +233,50 @@ class _IdleWatch(DispatchedActor):
 class Daemon:
     """``lockd serve``: a LockSystem behind its sockets."""
 
-    def __init__(self, config: Config, overridden: frozenset[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        config: Config,
+        overridden: frozenset[str] = frozenset(),
+        handoff: Handoff | None = None,
+    ) -> None:
         self.config = config
         self._overridden = overridden
         """Settings given on the command line: a reload of the file does not change them."""
+        self._handoff = handoff
         limit = procs.raise_fd_limit()
-        self.system = LockSystem(config, on_ready=self._serve)
+        adopted = {(ls, res): fd for ls, res, fd in handoff.leases} if handoff else None
+        self.system = LockSystem(config, adopted=adopted, on_ready=self._serve)
         self.dispatcher = self.system.dispatcher
         self._clients = 0
+        self._connections: dict[int, pykka.ActorRef[Any]] = {}
         self._stop_reason = ""
+        self._reexecing = False
         allowed = {os.getuid(), *config.allowed_uids}
-        self.listeners = [
-            Listener(self.dispatcher, bind_unix(config.socket), admin=False,
-                     allowed_uids=allowed, on_accept=self._accept),
-            Listener(self.dispatcher, bind_unix(config.admin_socket), admin=True,
-                     allowed_uids=allowed, on_accept=self._accept),
-        ]  # fmt: skip
+        if handoff is not None:
+            conn_ids.next = handoff.next_conn_id
+            self.listeners = [
+                Listener(self.dispatcher, socket.socket(fileno=item.fd), admin=item.admin,
+                         allowed_uids=allowed, on_accept=self._accept)
+                for item in handoff.listeners
+            ]  # fmt: skip
+        else:
+            self.listeners = [
+                Listener(self.dispatcher, bind_unix(config.socket), admin=False,
+                         allowed_uids=allowed, on_accept=self._accept),
+                Listener(self.dispatcher, bind_unix(config.admin_socket), admin=True,
+                         allowed_uids=allowed, on_accept=self._accept),
+            ]  # fmt: skip
         log.debug("file descriptor limit: %d", limit)
         if config.timeout > 0:
             _IdleWatch.start(self.dispatcher, self.system.router, config.timeout, self.request_stop)
 
     def _serve(self, report: RecoveryReport) -> None:
         """Recovery is done: accept the connections waiting in the backlog, tell systemd."""
+        if self._handoff is not None:
+            for state in self._handoff.connections:
+                self._adopt_connection(state)
+            log.info("re-exec: took over %d client connections", len(self._handoff.connections))
+            self._handoff = None
         for listener in self.listeners:
             listener.start()
         _notify(
@@ -266,13 +298,53 @@ class Daemon:
             )
             return
         self._clients += 1
-        transport = SocketTransport(self.dispatcher, sock, peer, self._closed)
-        ref = self.system.connect(transport, admin=admin)
+        conn_id = next(conn_ids)
+        transport = SocketTransport(self.dispatcher, sock, peer, lambda: self._closed(conn_id))
+        ref = self.system.connect(transport, admin=admin, conn_id=conn_id)
+        self._connections[conn_id] = ref
         transport.start(ref)
         log.debug("client pid %d uid %d connected%s", peer[0], peer[1], " (admin)" if admin else "")
 
-    def _closed(self) -> None:
+    def _adopt_connection(self, state: HandedOver) -> None:
+        sock = socket.socket(fileno=state.fd)
+        sock.setblocking(False)
+        self._clients += 1
+        conn_id = state.conn_id
+        peer = (state.peer_pid, state.peer_uid, -1)
+        transport = SocketTransport(self.dispatcher, sock, peer, lambda: self._closed(conn_id))
+        ref = self.system.connect(transport, admin=state.admin, conn_id=conn_id, restored=state)
+        self._connections[conn_id] = ref
+        transport.start(ref)
+
+    def _closed(self, conn_id: int) -> None:
         self._clients -= 1
+        self._connections.pop(conn_id, None)
+
+    def reexec(self) -> None:
+        """SIGUSR1: hand everything to a fresh copy of this program (see lockd.reexec)."""
+        if self._reexecing or not self.system.ready.is_set():
+            why = "a re-exec is under way" if self._reexecing else "recovery is running"
+            log.warning("SIGUSR1 ignored: %s", why)
+            return
+        self._reexecing = True
+        for listener in self.listeners:
+            listener.stop()
+        argv = list(sys.argv[1:])
+        if "--handoff-fd" in argv:
+            i = argv.index("--handoff-fd")
+            del argv[i : i + 2]
+        ReexecActor.start(
+            self.dispatcher,
+            connections=list(self._connections.values()),
+            router=self.system.router,
+            journal=self.system.journal,
+            listeners=[
+                ListenerFd(listener.sock.fileno(), self._path_of(listener), listener.admin)
+                for listener in self.listeners
+            ],
+            next_conn_id=conn_ids.next,
+            argv=[sys.executable, "-m", "lockd", *argv],
+        )
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration; apply the log level, report what needs a restart."""
@@ -366,9 +438,12 @@ def _notify(state: str) -> None:
         s.send(state.encode())
 
 
-def serve(config: Config, overridden: frozenset[str] = frozenset()) -> int:
-    """Run the daemon in the foreground until SIGTERM or SIGINT; SIGHUP reloads."""
-    daemon = Daemon(config, overridden)
+def serve(
+    config: Config, overridden: frozenset[str] = frozenset(), handoff_fd: int | None = None
+) -> int:
+    """Serve in the foreground until SIGTERM or SIGINT; SIGHUP reloads, SIGUSR1 re-execs."""
+    handoff = read_handoff(handoff_fd) if handoff_fd is not None else None
+    daemon = Daemon(config, overridden, handoff)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         daemon.request_stop(signal.Signals(signum).name)
@@ -378,7 +453,8 @@ def serve(config: Config, overridden: frozenset[str] = frozenset()) -> int:
         daemon.dispatcher.wake()
 
     def on_usr1(_signum: int, _frame: FrameType | None) -> None:
-        log.warning("SIGUSR1 (re-exec in place) is not supported by this version; ignored")
+        daemon.dispatcher.submit(daemon.reexec)
+        daemon.dispatcher.wake()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

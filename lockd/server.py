@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
-import itertools
 import logging
 import os
 import selectors
@@ -197,6 +196,14 @@ class SocketTransport:
         """The socket fd (for re-exec and the fd store)."""
         return self._fd
 
+    def take_unsent(self) -> bytes:
+        """Remove and return the bytes not yet sent (re-exec hands them to the next daemon)."""
+        data = b"".join(bytes(chunk) for chunk in self._out)
+        self._out.clear()
+        self._backlog = 0
+        self._dispatcher.unwatch(self._fd)
+        return data
+
 
 def refuse(conn: socket.socket, code: ErrorCode, message: str) -> None:
     """Tell a connection why it is turned away (one error frame, id null), then close it."""
@@ -249,11 +256,26 @@ class Listener:
                 continue
             self._on_accept(conn, peer, self.admin)
 
+    def stop(self) -> None:
+        """Stop accepting (connections wait in the backlog); the socket stays open."""
+        self._dispatcher.unwatch(self.sock.fileno())
+
     def close(self) -> None:
         """Stop accepting; the socket file stays for the next daemon to replace."""
         self._dispatcher.unwatch(self.sock.fileno())
         self.sock.close()
 
 
-conn_ids = itertools.count(1)
-"""Connection ids, unique for the daemon's lifetime (shown by ``lockd clients``)."""
+class ConnIds:
+    """Connection ids, unique for the daemon's lifetime, also across re-exec."""
+
+    def __init__(self) -> None:
+        self.next = 1
+
+    def __next__(self) -> int:
+        value = self.next
+        self.next += 1
+        return value
+
+
+conn_ids = ConnIds()

@@ -78,6 +78,12 @@ class FrameDecoder:
             )
         return None
 
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes not yet returned as frames (handing a stream over)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
     @property
     def closed(self) -> bool:
         """True once EOF was received and every complete frame has been taken."""

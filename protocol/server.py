@@ -48,11 +48,14 @@ Incoming = Request | Refused
 class ServerProtocol:
     """One connection's protocol state: framing, decoding, and the hello handshake."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, *, version: int | None = None) -> None:
         self._frames = FrameDecoder(max_frame)
         self._max_frame = max_frame
-        self.version: int | None = None
+        self.version: int | None = version
+        """The negotiated version; given when a connection is handed over (re-exec)."""
         self._failed = False
+        self.last_payload = b""
+        """The payload of the last request taken: re-exec replays a request still waiting."""
 
     @property
     def buffered(self) -> int:
@@ -63,6 +66,10 @@ class ServerProtocol:
     def closed(self) -> bool:
         """The peer ended the stream and every complete frame has been taken."""
         return self._failed or self._frames.closed
+
+    def take_buffered(self) -> bytes:
+        """Unparsed bytes, removed (handing the connection to a re-executed daemon)."""
+        return self._frames.take_buffered()
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer; ``b""`` is end of stream."""
@@ -80,6 +87,7 @@ class ServerProtocol:
             return Refused(None, exc.code, exc.message, fatal=True)
         if payload is None:
             return None
+        self.last_payload = payload
         try:
             request = request_from_wire(decode_item(payload))
         except RequestError as exc:

@@ -68,6 +68,9 @@ class FakeTransport:
     def close(self) -> None:
         self.closed = True
 
+    def fileno(self) -> int:
+        return -1
+
 
 class FakeProcesses:
     """A process table: pids with start times and uids; watches are pipes the test fires."""
