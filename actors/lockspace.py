@@ -13,7 +13,7 @@ import collections
 import itertools
 import logging
 import os
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import pykka
@@ -202,6 +202,13 @@ class _Restoring:
     refused: dict[str, LockRefused] = attrs.field(factory=dict)
 
 
+class FdStoreLike(Protocol):
+    """The service manager's fd store (real: lockd.systemd.FdStore)."""
+
+    def store(self, lockspace: str, resource: str, fd: int) -> None: ...
+    def remove(self, lockspace: str, resource: str) -> None: ...
+
+
 @attrs.frozen
 class HandOff:
     """Re-exec: reply :class:`LeaseFds` once no command is in flight."""
@@ -250,9 +257,11 @@ class LockspaceActor(DispatchedActor):
         name: str,
         files: Any,
         journal: pykka.ActorRef[Any],
+        fd_store: FdStoreLike | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self.name = name
+        self._fd_store = fd_store
         self._files = files
         self._journal = journal
         self._state = core.LockspaceState(name)
@@ -447,7 +456,8 @@ class LockspaceActor(DispatchedActor):
 
     def _drop_locks(self, resources: list[str], *, unlink: bool) -> None:
         for resource in resources:
-            self.fds.pop(resource, None)
+            if self.fds.pop(resource, None) is not None and self._fd_store is not None:
+                self._fd_store.remove(self.name, resource)
             ref = self._leases.pop(resource, None)
             if ref is not None:
                 ref.tell(DropLock(unlink))
@@ -476,6 +486,9 @@ class LockspaceActor(DispatchedActor):
         )
         for entry in message.entries:
             self._apply(entry)
+        if self._fd_store is not None and isinstance(command, AcquireLeases):
+            for resource in flight.taken:
+                self._fd_store.store(self.name, resource, self.fds[resource])
         self._reply(command, Done(command.token, self.name, entries=message.entries))
         self._finish(message.token)
 
@@ -625,6 +638,8 @@ class LockspaceActor(DispatchedActor):
             if not lease.live:
                 continue
             self.fds[lease.resource] = restoring.taken[lease.resource]
+            if self._fd_store is not None and lease.fd is None:  # adopted fds are stored already
+                self._fd_store.store(self.name, lease.resource, self.fds[lease.resource])
             for owner, since in lease.live:
                 core.apply(
                     self._state,

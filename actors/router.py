@@ -205,8 +205,10 @@ class RouterActor(DispatchedActor):
         explicit: Mapping[str, str] | None = None,
         last_seq: int = 0,
         max_lockspaces: int = 4096,
+        fd_store: Any = None,
     ) -> None:
         super().__init__(dispatcher)
+        self._fd_store = fd_store
         self._max_lockspaces = max_lockspaces
         self._lock_dir = lock_dir
         self._journal = journal
@@ -307,7 +309,7 @@ class RouterActor(DispatchedActor):
             files = self._open(path)
         except OSError as exc:
             return Found(token, name, None, ErrorCode.IO_ERROR, f"lockspace {name}: {exc}")
-        ref = LockspaceActor.start(self.dispatcher, name, files, self._journal)
+        ref = LockspaceActor.start(self.dispatcher, name, files, self._journal, self._fd_store)
         self._lockspaces[name] = ref
         return Found(token, name, ref)
 

@@ -42,10 +42,16 @@ from lockd.replay import replay
 from lockd.server import Listener, SocketTransport, bind_unix, conn_ids, refuse
 from lockd.snapshot import load_newest, write_snapshot
 from lockd.snapshot import prune as prune_snapshots
+from lockd.systemd import FdStore, lease_fd_name, listen_fds
+from lockd.systemd import notify as sd_notify
 from protocol.errors import ErrorCode
 from protocol.names import WELL_KNOWN_LOCKSPACES
 
 log = logging.getLogger("lockd")
+
+
+ACTIVATION_NAMES = ("lockd.socket", "lockd-admin.socket")
+"""FileDescriptorName= of the client and admin sockets in contrib/systemd."""
 
 
 class JournalInUseError(RuntimeError):
@@ -73,6 +79,7 @@ class LockSystem:
         dispatcher: Dispatcher | None = None,
         *,
         adopted: Mapping[tuple[str, str], int] | None = None,
+        stored: Mapping[str, int] | None = None,
         on_ready: Callable[[RecoveryReport], None] | None = None,
     ) -> None:
         self.config = config
@@ -93,6 +100,18 @@ class LockSystem:
             first_seq=snapshot.seq + 1 if snapshot else 1,
         )
         state, replayed = replay(self.journal_file, snapshot)
+        self.fd_store = FdStore()
+        adopted = dict(adopted or {})
+        stored = dict(stored or {})
+        for key in state.leases:
+            fd = stored.pop(lease_fd_name(*key), None)
+            if fd is not None and key not in adopted:
+                adopted[key] = fd
+            elif fd is not None:
+                os.close(fd)  # the re-exec handoff has this lease's fd already
+        for name, fd in stored.items():
+            log.info("fd store: %s belongs to no held lease; removing it", name)
+            self.fd_store.forget(name, fd)
         log.info(
             "journal replayed to seq %d (%s, %d entries after it): %d leases held by %d owners",
             state.seq,
@@ -119,6 +138,7 @@ class LockSystem:
             explicit=config.lockspaces,
             last_seq=self.journal_file.next_seq - 1,
             max_lockspaces=config.max_lockspaces,
+            fd_store=self.fd_store,
         )
         processes = procs.ProcTable()
         self.owners = OwnersActor.start(
@@ -245,7 +265,18 @@ class Daemon:
         self._handoff = handoff
         limit = procs.raise_fd_limit()
         adopted = {(ls, res): fd for ls, res, fd in handoff.leases} if handoff else None
-        self.system = LockSystem(config, adopted=adopted, on_ready=self._serve)
+        activated: dict[str, int] = {}
+        stored: dict[str, int] = {}
+        for name, fd in listen_fds():
+            if name.startswith("lease-"):
+                stored[name] = fd
+            elif name in ACTIVATION_NAMES and name not in activated:
+                activated[name] = fd
+            else:
+                log.error("refusing an fd named %r from the service manager: not ours", name)
+                os.close(fd)
+        self._activated = set(activated)
+        self.system = LockSystem(config, adopted=adopted, stored=stored, on_ready=self._serve)
         self.dispatcher = self.system.dispatcher
         self._clients = 0
         self._connections: dict[int, pykka.ActorRef[Any]] = {}
@@ -260,11 +291,16 @@ class Daemon:
                 for item in handoff.listeners
             ]  # fmt: skip
         else:
+
+            def listening(name: str, path: str) -> socket.socket:
+                fd = activated.get(name)
+                return bind_unix(path) if fd is None else socket.socket(fileno=fd)
+
             self.listeners = [
-                Listener(self.dispatcher, bind_unix(config.socket), admin=False,
+                Listener(self.dispatcher, listening("lockd.socket", config.socket), admin=False,
                          allowed_uids=allowed, on_accept=self._accept),
-                Listener(self.dispatcher, bind_unix(config.admin_socket), admin=True,
-                         allowed_uids=allowed, on_accept=self._accept),
+                Listener(self.dispatcher, listening("lockd-admin.socket", config.admin_socket),
+                         admin=True, allowed_uids=allowed, on_accept=self._accept),
             ]  # fmt: skip
         log.debug("file descriptor limit: %d", limit)
         if config.timeout > 0:
@@ -279,7 +315,7 @@ class Daemon:
             self._handoff = None
         for listener in self.listeners:
             listener.start()
-        _notify(
+        sd_notify(
             f"READY=1\nSTATUS=serving; recovery held {report.held}, released {report.released}, "
             f"lost {report.lost} leases"
         )
@@ -392,11 +428,12 @@ class Daemon:
         try:
             self.dispatcher.run_forever()
         finally:
-            _notify("STOPPING=1")
+            sd_notify("STOPPING=1")
             for listener in self.listeners:
                 listener.close()
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._path_of(listener))
+                if not self._activated:  # systemd owns activated socket files
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._path_of(listener))
             self.system.shutdown(self._stop_reason or "stopped")
             if pid_fd is not None and self.config.pid_file:
                 with contextlib.suppress(FileNotFoundError):
@@ -424,18 +461,6 @@ class Daemon:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
-
-
-def _notify(state: str) -> None:
-    """sd_notify, when run by a service manager that asked for it."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return
-    if path.startswith("@"):
-        path = "\0" + path[1:]
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(path)
-        s.send(state.encode())
 
 
 def serve(

@@ -32,6 +32,9 @@ class DaemonProcess:
         self.extra = extra
         self.env_extra: dict[str, str] = {}
         """Extra environment for the next start (e.g. LOCKD_CRASH_AT)."""
+        self.launcher: list[str] = []
+        """A command the daemon runs under (e.g. the fake service manager's launcher)."""
+        self.pass_fds: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -47,7 +50,7 @@ class DaemonProcess:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
-                    *LOCKD, "serve", "--verbose",
+                    *self.launcher, *LOCKD, "serve", "--verbose",
                     "--socket", str(self.socket),
                     "--admin-socket", str(self.admin_socket),
                     "--lock-dir", str(self.lock_dir),
@@ -57,6 +60,7 @@ class DaemonProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env_extra},
+                pass_fds=self.pass_fds,
             )  # fmt: skip
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
