@@ -565,7 +565,9 @@ class LockspaceActor(DispatchedActor):
             if lease.fd is not None:
                 ref.tell(AdoptLock(lease.fd, lease.mode, token, self.actor_ref))
             else:
-                ref.tell(TakeLock(lease.mode, True, token, self.actor_ref))
+                # The file normally exists: open it without the index lock, and
+                # only create it (under the index lock) if it went missing.
+                ref.tell(TakeLock(lease.mode, False, token, self.actor_ref))
         if not restoring.waiting:
             self._restore_journal(token)
 
@@ -588,6 +590,12 @@ class LockspaceActor(DispatchedActor):
 
     def _on_restore_lock(self, message: LockTaken | LockRefused) -> None:
         restoring = self._restoring[message.token]
+        if isinstance(message, LockRefused) and message.code is ErrorCode.NOT_FOUND:
+            lease = next(x for x in restoring.request.leases if x.resource == message.resource)
+            self._leases[message.resource].tell(
+                TakeLock(lease.mode, True, message.token, self.actor_ref)
+            )
+            return
         restoring.waiting -= 1
         if isinstance(message, LockTaken):
             restoring.taken[message.resource] = message.fd
@@ -640,13 +648,9 @@ class LockspaceActor(DispatchedActor):
             self.fds[lease.resource] = restoring.taken[lease.resource]
             if self._fd_store is not None and lease.fd is None:  # adopted fds are stored already
                 self._fd_store.store(self.name, lease.resource, self.fds[lease.resource])
+            owners = {owner.key: owner for owner, _ in lease.live}
+            self._state.held[lease.resource] = core.Holding(lease.mode, owners, lease.autocreate)
             for owner, since in lease.live:
-                core.apply(
-                    self._state,
-                    LeaseAcquired(
-                        self.name, lease.resource, lease.mode, owner, 0, lease.autocreate
-                    ),
-                )
                 self._since[(lease.resource, owner.key)] = since
         tell_if_alive(
             request.reply_to,

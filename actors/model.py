@@ -44,10 +44,14 @@ class Owner:
     id: int = attrs.field(validator=_check_positive)
     pid: int = attrs.field(validator=_check_positive)
     start_time: int = attrs.field(validator=attrs.validators.ge(0))
+    key: OwnerKey = attrs.field(init=False, eq=False, repr=False)
+    """The identity leases are keyed by: the exact process, not its descriptive fields.
 
-    @property
-    def key(self) -> OwnerKey:
-        """The identity leases are keyed by: the exact process, not its descriptive fields."""
+    Computed once: every table lookup on the acquire and recovery paths uses it.
+    """
+
+    @key.default
+    def _key(self) -> OwnerKey:
         return OwnerKey(self.pid, self.start_time)
 
     def describe(self) -> str:
@@ -78,7 +82,7 @@ class Owner:
         )
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class OwnerKey:
     """(pid, start time): the process a lease belongs to."""
 

@@ -242,11 +242,40 @@ class _Inbox:
         return not self._queue
 
 
+class _StoppedFlag:
+    """``actor_stopped`` without a Condition and a Lock per actor.
+
+    pykka only sets it and reads it (``is_alive``); both are single attribute
+    operations under the GIL. Starting 16,384 lease actors at recovery made
+    the ``threading.Event`` (and the uuid4 URN) a tenth of the start-up time.
+    """
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+_urns = itertools.count(1)
+
+
 class DispatchedActor(pykka.Actor):
     """A pykka actor that runs on a shared :class:`Dispatcher` instead of its own thread."""
 
     def __init__(self, dispatcher: Dispatcher) -> None:
-        super().__init__()
+        # pykka.Actor.__init__ builds exactly these four fields; this builds
+        # cheaper equivalents (as pykka's own actor types customise the inbox
+        # and futures): a process-unique URN, our inbox, a plain flag.
+        self.actor_urn = f"urn:lockd:{next(_urns)}"
+        self.actor_inbox = self._create_actor_inbox()
+        self.actor_stopped = _StoppedFlag()  # type: ignore[assignment]
+        self._actor_ref = pykka.ActorRef(self)
         self.dispatcher = dispatcher
 
     @classmethod

@@ -158,6 +158,36 @@ def _cmd_events(args: argparse.Namespace) -> int:
         follower.close()
 
 
+def _cmd_journal_check(args: argparse.Namespace) -> int:
+    """Report journal damage; with --repair, cut the journal at it."""
+    from lockd.journal_check import find_damage, repair
+
+    directory = args.journal_dir or default_paths()["journal_dir"]
+    if not os.path.isdir(directory):
+        print(f"lockd journal-check: no journal at {directory}", file=sys.stderr)
+        return 1
+    notes, damage = find_damage(directory)
+    for note in notes:
+        print(note)
+    if damage is None:
+        print("journal ok")
+        return 0
+    print(
+        f"DAMAGED: {damage.segment} at byte {damage.offset}: {damage.reason} "
+        f"(entries from seq {damage.first_bad_seq} on are affected)"
+    )
+    if not args.repair:
+        print("lockd serve will not start on it; see docs/recovery.md, then rerun with --repair")
+        return 1
+    for line in repair(directory, damage):
+        print(line)
+    print(
+        "repaired: leases acquired after the cut are not held again at the next start; "
+        "their owners must acquire them again"
+    )
+    return 0
+
+
 def _add_client_options(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:
     if admin:
         parser.add_argument(
@@ -284,6 +314,18 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     events.add_argument("--owner", help="only events of this owner (name, uuid or pid)")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.set_defaults(func=_cmd_events)
+
+    check = sub.add_parser(
+        "journal-check",
+        help="check the journal for damage; --repair cuts it at the damage (daemon stopped)",
+    )
+    check.add_argument("--journal-dir", help="the journal directory (default: per-user default)")
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="truncate at the last good record; damaged parts are kept as *.damaged-* files",
+    )
+    check.set_defaults(func=_cmd_journal_check)
 
     bench = sub.add_parser("bench", help="measure acquire+release pairs against a daemon")
     _add_client_options(bench)

@@ -107,7 +107,7 @@ class FileJournal:
         with open(path, "rb") as f:
             data = f.read()
         try:
-            scan = decode_segment(data)
+            scan = decode_segment(data, raw=True)
         except JournalCorruptError as exc:
             raise JournalCorruptError(exc.offset, f"{path}: {exc.reason}") from None
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -116,12 +116,12 @@ class FileJournal:
                 "journal %s: truncating a torn tail of %d bytes after seq %d",
                 path,
                 scan.torn_bytes,
-                scan.first_seq + len(scan.entries) - 1,
+                scan.first_seq + scan.count - 1,
             )
             os.ftruncate(self._fd, scan.valid_length)
             os.fsync(self._fd)
         self._size = scan.valid_length
-        self.next_seq = scan.first_seq + len(scan.entries)
+        self.next_seq = scan.first_seq + scan.count
         self.last_scan = scan
 
     def _start_segment(self, first_seq: int) -> None:

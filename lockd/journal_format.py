@@ -47,6 +47,13 @@ class SegmentScan:
     entries: tuple[JournalEntry, ...]
     valid_length: int
     torn_bytes: int
+    records: tuple[dict[str, Any], ...] = ()
+    """With ``raw=True``: the entries as decoded maps (integrity-checked, not yet typed)."""
+
+    @property
+    def count(self) -> int:
+        """How many records the segment holds."""
+        return len(self.entries) or len(self.records)
 
 
 def encode_header(first_seq: int) -> bytes:
@@ -77,8 +84,13 @@ def _check_header(item: Any) -> int:
     return first_seq
 
 
-def decode_segment(data: bytes) -> SegmentScan:
-    """Read a whole segment; raise JournalCorruptError for damage before the tail."""
+def decode_segment(data: bytes, *, raw: bool = False) -> SegmentScan:
+    """Read a whole segment; raise JournalCorruptError for damage before the tail.
+
+    ``raw=True`` skips building typed entries (recovery folds the maps
+    directly, several times faster); CRCs and sequence numbers are checked
+    either way.
+    """
     stream = io.BytesIO(data)
     decoder = _strict_decoder(stream)
     try:
@@ -87,11 +99,11 @@ def decode_segment(data: bytes) -> SegmentScan:
         raise
     except Exception as exc:  # noqa: BLE001 - any decode failure of the header is corruption
         raise JournalCorruptError(0, f"unreadable header: {exc}") from None
-    entries: list[JournalEntry] = []
+    entries: list[Any] = []
     expected = first_seq
     good = stream.tell()
     while good < len(data):
-        reason = _read_record(decoder, expected, entries)
+        reason = _read_record(decoder, expected, entries, raw=raw)
         if reason is None:
             good = stream.tell()
             expected += 1
@@ -99,13 +111,19 @@ def decode_segment(data: bytes) -> SegmentScan:
         tail = data[good:]
         at_end = reason.endswith("(truncated)") or stream.tell() >= len(data)
         if at_end or not tail.strip(b"\0"):
-            return SegmentScan(first_seq, tuple(entries), good, len(tail))
+            return _scan(first_seq, entries, good, len(tail), raw=raw)
         raise JournalCorruptError(good, reason)
-    return SegmentScan(first_seq, tuple(entries), good, 0)
+    return _scan(first_seq, entries, good, 0, raw=raw)
+
+
+def _scan(first_seq: int, items: list[Any], good: int, torn: int, *, raw: bool) -> SegmentScan:
+    if raw:
+        return SegmentScan(first_seq, (), good, torn, tuple(items))
+    return SegmentScan(first_seq, tuple(items), good, torn)
 
 
 def _read_record(
-    decoder: cbor2.CBORDecoder, expected: int, entries: list[JournalEntry]
+    decoder: cbor2.CBORDecoder, expected: int, entries: list[Any], *, raw: bool = False
 ) -> str | None:
     """Decode one record into ``entries``; return why it is bad, or None."""
     try:
@@ -121,6 +139,15 @@ def _read_record(
         return f"CRC mismatch in record {seq!r}"
     if seq != expected:
         return f"sequence gap: expected {expected}, found {seq!r}"
+    if raw:
+        try:
+            record = cbor2.loads(payload)
+        except Exception as exc:  # noqa: BLE001 - a CRC-valid but unreadable entry is corruption
+            return f"unreadable entry {seq}: {exc}"
+        if not isinstance(record, dict) or record.get("seq") != seq:
+            return f"record {seq} does not hold entry {seq}"
+        entries.append(record)
+        return None
     try:
         entry = JournalEntry.from_wire(cbor2.loads(payload))
     except Exception as exc:  # noqa: BLE001 - a CRC-valid but unreadable entry is corruption

@@ -38,12 +38,17 @@ def replay(journal: FileJournal, snapshot: ReplayState | None) -> tuple[ReplaySt
             path = os.path.join(directory, name)
             with open(path, "rb") as f:
                 try:
-                    scan = decode_segment(f.read())
+                    scan = decode_segment(f.read(), raw=True)
                 except JournalCorruptError as exc:
                     raise JournalCorruptError(exc.offset, f"{path}: {exc.reason}") from None
-        for entry in scan.entries:
-            if entry.seq > state.seq:
-                state.fold(entry)
+        for record in scan.records:
+            if record["seq"] > state.seq:
+                try:
+                    state.fold_wire(record)
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise JournalCorruptError(
+                        0, f"{directory}: entry {record['seq']} cannot be replayed: {exc!r}"
+                    ) from None
                 replayed += 1
     journal.last_scan = None  # recovery has what it needs; free the memory
     if state.seq != journal.next_seq - 1:

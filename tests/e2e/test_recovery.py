@@ -115,6 +115,16 @@ def test_corruption_stops_start_up_with_a_clear_message(
         restart(daemon)
     assert "journal corrupt" in str(exc.value)
     assert str(segment) in str(exc.value)
+    # The documented way out: check, then repair (keeping copies), then start.
+    check_run = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
+    assert check_run.returncode == 1
+    assert "DAMAGED" in check_run.stdout
+    repaired = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir), "--repair")
+    assert repaired.returncode == 0, repaired.stdout + repaired.stderr
+    assert list(daemon.journal_dir.glob("journal-*.cbor.damaged-*"))
+    restart(daemon)
+    check(daemon)
+    assert daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir)).returncode == 0
 
 
 CRASH_CASES = [

@@ -1,0 +1,125 @@
+"""RecoveryActor with fakes: held again, released (owner gone), lost and fenced."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.events import LeaseLost, LeaseReleased, RecoveryCompleted, ReleaseReason
+from actors.model import LeaseMode, Owner
+from actors.recovery import RecoveryActor, RecoveryReport
+from actors.recovery_core import HeldLease, ReplayState
+from lockd.lockfiles import try_lock
+from tests.actors.harness import Harness
+from tests.actors.test_daemon_actors import FILES, kernel_locked
+
+LIVE, DEAD, VICTIM = 5001, 5002, 5003
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path / "locks")
+    for pid in (LIVE, VICTIM):
+        harness.processes.spawn(pid, start=100)
+    yield harness
+    harness.close()
+
+
+def owner(pid: int) -> Owner:
+    return Owner(uuid.uuid4().bytes, f"vm{pid}", 1, pid, 100)
+
+
+def recover(h: Harness, state: ReplayState) -> RecoveryReport:
+    reports: list[RecoveryReport] = []
+    RecoveryActor.start(
+        h.dispatcher,
+        state=state,
+        router=h.router,
+        owners=h.owners,
+        journal=h.journal,
+        processes=h.processes,
+        on_done=reports.append,
+    )
+    h.run()
+    (report,) = reports
+    return report
+
+
+def held(
+    state: ReplayState, resource: str, who: Owner, mode: LeaseMode = LeaseMode.EXCLUSIVE
+) -> None:
+    lease = HeldLease(FILES, resource, mode, True)
+    lease.owners[who.key] = (who, 12.5)
+    state.leases[(FILES, resource)] = lease
+
+
+def test_recovery_holds_releases_and_reports_lost(h: Harness) -> None:
+    live, dead, victim = owner(LIVE), owner(DEAD), owner(VICTIM)
+    state = ReplayState()
+    for name, who in (("live", live), ("dead", dead), ("stolen", victim)):
+        held(state, name, who)
+        (h.lock_dir / FILES / name).touch()
+    thief = os.open(h.lock_dir / FILES / "stolen", os.O_RDWR)
+    try_lock(thief, shared=False)  # another host took it while lockd was down
+    h.processes.ignores_sigterm.add(VICTIM)
+    try:
+        report = recover(h, state)
+        assert (report.held, report.released, report.lost) == (1, 1, 1)
+        assert kernel_locked(h.lock_dir / FILES / "live")
+        assert not (h.lock_dir / FILES / "dead").exists()  # autocreated, owner gone: cleaned
+        (gone,) = h.journal_writer.events(LeaseReleased)
+        assert (gone.owner.pid, gone.reason) == (DEAD, ReleaseReason.OWNER_GONE)
+        (lost,) = h.journal_writer.events(LeaseLost)
+        assert lost.owner.pid == VICTIM
+        assert h.processes.signals == [(VICTIM, "SIGTERM")]
+        h.advance(2.0)
+        assert h.processes.signals == [(VICTIM, "SIGTERM"), (VICTIM, "SIGKILL")]
+        (done,) = h.journal_writer.events(RecoveryCompleted)
+        assert (done.held, done.released, done.lost) == (1, 1, 1)
+        # Served afterwards exactly as before the crash, with the journaled 'since'.
+        c = h.connect(LIVE)
+        (row,) = c.ok("list-leases")["leases"]
+        assert (row["resource"], row["owners"][0]["pid"], row["owners"][0]["since"]) == (
+            "live",
+            LIVE,
+            12.5,
+        )
+        # A recovered owner is watched: its exit ends the lease.
+        h.processes.exit(LIVE)
+        h.run()
+        assert not kernel_locked(h.lock_dir / FILES / "live")
+    finally:
+        os.close(thief)
+
+
+def test_a_missing_lease_file_is_created_again_for_a_live_owner(h: Harness) -> None:
+    live = owner(LIVE)
+    state = ReplayState()
+    held(state, "vanished", live)
+    report = recover(h, state)
+    assert report.held == 1
+    assert kernel_locked(h.lock_dir / FILES / "vanished")
+
+
+def test_an_adopted_fd_is_used_without_reopening(h: Harness) -> None:
+    live = owner(LIVE)
+    state = ReplayState()
+    held(state, "kept", live)
+    path = h.lock_dir / FILES / "kept"
+    path.touch()
+    fd = os.open(path, os.O_RDWR)
+    try_lock(fd, shared=False)  # the lock an inherited fd still carries
+    reports: list[RecoveryReport] = []
+    RecoveryActor.start(
+        h.dispatcher, state=state, router=h.router, owners=h.owners, journal=h.journal,
+        processes=h.processes, on_done=reports.append, adopted={(FILES, "kept"): fd},
+    )  # fmt: skip
+    h.run()
+    assert reports[0].held == 1
+    assert kernel_locked(path)
+    c = h.connect(LIVE)
+    assert c.ok("list-leases")["leases"][0]["resource"] == "kept"
