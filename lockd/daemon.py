@@ -392,7 +392,10 @@ class Daemon:
         except config_mod.ConfigError as exc:
             log.error("reload: %s; keeping the running configuration", exc)
             return
-        if fresh.log_level != self.config.log_level:
+        log.info("reload: configuration re-read from %s", path or "the defaults")
+        if "log_level" in self._overridden:
+            fresh = attrs.evolve(fresh, log_level=self.config.log_level)  # --verbose wins
+        elif fresh.log_level != self.config.log_level:
             logging.getLogger().setLevel(fresh.log_level.upper())
             log.info("reload: log level %s -> %s", self.config.log_level, fresh.log_level)
         changed = [

@@ -7,13 +7,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from actors.faults import POINTS
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
-from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
+from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import events, lease_file, start_run
 from tests.lockprobe import probe
@@ -234,3 +235,69 @@ def test_history_is_compacted_and_recovery_reads_only_the_tail(
     follow = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir), "--json")
     seqs = [json.loads(line)["seq"] for line in follow.stdout.splitlines()]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # retained history is gapless
+
+
+def test_requests_during_recovery_wait_for_it(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A client that connects while recovery runs is served after it, not refused."""
+    import importlib.util
+    import uuid
+
+    from actors.model import Owner
+    from lockd import procs
+    from protocol.client import Client
+
+    spec = importlib.util.spec_from_file_location(
+        "recovery_bench", Path(__file__).resolve().parents[2] / "contrib/bench/recovery.py"
+    )
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    started = procs.start_time(sleeper.pid)
+    assert started is not None
+    owner = Owner(uuid.uuid4().bytes, "vm", 1, sleeper.pid, started)
+    daemon = make_daemon("slow")
+    daemon.stop()
+    for path in daemon.journal_dir.iterdir():
+        path.unlink()
+    bench.build(daemon.journal_dir, tmp_path / "big-locks", [owner], 3000, 3100)
+    daemon.lock_dir = tmp_path / "big-locks"
+    daemon.proc = subprocess.Popen(
+        [*LOCKD, "serve", "--socket", str(daemon.socket), "--admin-socket",
+         str(daemon.admin_socket), "--lock-dir", str(daemon.lock_dir), "--journal-dir",
+         str(daemon.journal_dir)],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            client = Client(str(daemon.socket), timeout=30)  # waits in the backlog
+            break
+        except (FileNotFoundError, ConnectionRefusedError):
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+    with client:
+        status = client.call("status")
+    assert status["leases"] == 3000
+    done = events(daemon, "--type", "recovery-completed")[-1]
+    assert status["journal_seq"] >= done["seq"]
+
+
+def test_sighup_rereads_the_configuration(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    """SIGHUP re-reads the file, says what needs a restart, and drops nothing."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("max_clients = 50\n")
+    daemon = make_daemon("hup", None, "--config", str(config))
+    config.write_text("max_clients = 5\n")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload: configuration re-read" in daemon.log.read_text())
+    assert "max_clients changed; they take effect at the next start" in daemon.log.read_text()
+    config.write_text("max_clients = [\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the running configuration" in daemon.log.read_text())
+    assert daemon.lockd("status").returncode == 0
