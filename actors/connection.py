@@ -24,6 +24,7 @@ import pykka
 from actors.events import ReleaseReason
 from actors.journal import Published, Subscribe, Unsubscribe
 from actors.lockspace import AcquireLeases, CreateResource, DeleteResource, Done, ReleaseLeases
+from actors.metrics import REGISTRY
 from actors.model import LeaseMode, Owner
 from actors.owners import ConnectionClosed, Watch
 from actors.router import (
@@ -171,6 +172,7 @@ class ConnectionActor(DispatchedActor):
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         restored: HandedOver | None = None,
+        log_control: Callable[[str | None, str | None], dict[str, str]] | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self.conn_id = conn_id
@@ -195,6 +197,7 @@ class ConnectionActor(DispatchedActor):
         self._client = ClientInfo(
             conn_id, transport.peer_pid, transport.peer_uid, admin, wall_clock()
         )
+        self._log_control = log_control
         self._quiesce_to: pykka.ActorRef[Any] | None = None
         self._waiting_retry = False
         self._restored = restored
@@ -409,6 +412,11 @@ class ConnectionActor(DispatchedActor):
             self._router.tell(
                 Gather(self._wait(lambda g: self._status(request, g)), self.actor_ref)
             )
+        elif isinstance(request, m.Metrics):
+            token = self._wait(lambda g: self._metrics(request, g))
+            self._router.tell(Gather(token, self.actor_ref))
+        elif isinstance(request, m.SetLog):
+            self._set_log(request)
         elif isinstance(request, m.Subscribe):
             if not self._subscribed:
                 self._subscribed = True
@@ -556,6 +564,9 @@ class ConnectionActor(DispatchedActor):
             return
         if done.refusal is not None:
             self._rollback(job)
+            REGISTRY.inc("lockd_acquires_total", result=done.refusal.code.value)
+            if done.refusal.code is ErrorCode.BUSY:
+                REGISTRY.inc("lockd_conflicts_total")
             if done.refusal.code is ErrorCode.BUSY and not self._closed:
                 delay = WAIT_RETRY_SECONDS[min(job.attempt, len(WAIT_RETRY_SECONDS) - 1)]
                 if self._clock() + delay <= job.deadline:
@@ -579,6 +590,7 @@ class ConnectionActor(DispatchedActor):
         if index + 1 < len(job.groups):
             self._acquire_group(job, index + 1)
             return
+        REGISTRY.inc("lockd_acquires_total", result="ok")
         self._reply(
             job.request,
             {
@@ -658,7 +670,13 @@ class ConnectionActor(DispatchedActor):
             )
             return
         if isinstance(request, m.ListClients):
-            self._reply(request, {"clients": [_client_to_wire(c) for c in gathered.clients]})
+            counts: dict[Any, int] = {}
+            for s in gathered.lockspaces:
+                for lease in s.leases:
+                    for h in lease.holders:
+                        counts[h.owner.key] = counts.get(h.owner.key, 0) + 1
+            clients = [_client_to_wire(c, counts) for c in gathered.clients]
+            self._reply(request, {"clients": clients})
             return
         leases = [lease for s in gathered.lockspaces for lease in s.leases]
         if isinstance(request, m.ListLeases) and request.lockspace is not None:
@@ -707,6 +725,43 @@ class ConnectionActor(DispatchedActor):
             },
         )
 
+    def _metrics(self, request: m.Metrics, gathered: Gathered) -> None:
+        held: dict[tuple[tuple[str, str], ...], float] = {}
+        owners: set[Any] = set()
+        for snapshot in gathered.lockspaces:
+            for lease in snapshot.leases:
+                key = (("lockspace", snapshot.name), ("mode", lease.mode.value))
+                held[key] = held.get(key, 0) + 1
+                owners.update(h.owner.key for h in lease.holders)
+        uptime = round(self._clock() - self._info.started, 3)
+        text = REGISTRY.render(
+            [
+                ("lockd_leases_held", "Leases held now, by lockspace and mode.", held),
+                ("lockd_owners", "Owners holding leases now.", {(): len(owners)}),
+                ("lockd_clients", "Client connections now.", {(): len(gathered.clients)}),
+                ("lockd_lockspaces", "Lockspaces served.", {(): len(gathered.lockspaces)}),
+                ("lockd_journal_seq", "Seq of the last journal entry.", {(): gathered.last_seq}),
+                ("lockd_uptime_seconds", "Seconds since start.", {(): uptime}),
+            ]
+        )
+        self._reply(request, {"text": text})
+
+    def _set_log(self, request: m.SetLog) -> None:
+        if not self._admin:
+            self._error(
+                request, ErrorCode.PERMISSION_DENIED, "set-log is served on the admin socket only"
+            )
+            return
+        if self._log_control is None:
+            self._error(request, ErrorCode.INTERNAL, "set-log: logging is not controlled here")
+            return
+        try:
+            result = self._log_control(request.level, request.filters)
+        except ValueError as exc:
+            self._error(request, ErrorCode.INVALID_ARGUMENT, f"set-log: {exc}")
+            return
+        self._reply(request, dict(result))
+
     def _kicked(self, request: m.Disconnect, kicked: Kicked) -> None:
         if not kicked.found:
             self._error(request, ErrorCode.NOT_FOUND, f"disconnect: no client {request.client}")
@@ -728,8 +783,9 @@ class ConnectionActor(DispatchedActor):
             self._close()
 
 
-def _client_to_wire(client: ClientInfo) -> dict[str, Any]:
+def _client_to_wire(client: ClientInfo, lease_counts: dict[Any, int]) -> dict[str, Any]:
     out: dict[str, Any] = {
+        "leases": lease_counts.get(client.owner.key, 0) if client.owner is not None else 0,
         "id": client.id,
         "pid": client.pid,
         "uid": client.uid,

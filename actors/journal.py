@@ -28,6 +28,7 @@ import attrs
 import pykka
 
 from actors.events import Event, JournalEntry
+from actors.metrics import REGISTRY
 from actors.recovery_core import ReplayState
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 
@@ -180,10 +181,12 @@ class JournalActor(DispatchedActor):
             seq += len(entries)
             groups.append((append, entries))
         everything = [e for _, entries in groups for e in entries]
+        bytes_before = getattr(self._writer, "bytes_written", 0)
         try:
             self._writer.append(everything)
         except OSError as exc:
             self.failed_writes += 1
+            REGISTRY.inc("lockd_journal_write_errors_total")
             log.error("journal write failed, refusing the changes it carried: %s", exc)
             for append, _ in groups:
                 if append.reply_to is not None:
@@ -191,9 +194,16 @@ class JournalActor(DispatchedActor):
                         append.reply_to, AppendFailed(append.token, f"journal write failed: {exc}")
                     )
             return
+        REGISTRY.inc("lockd_journal_appends_total")
+        REGISTRY.inc("lockd_journal_entries_total", len(everything))
+        REGISTRY.inc(
+            "lockd_journal_bytes_total", getattr(self._writer, "bytes_written", 0) - bytes_before
+        )
         if self._sync is not SyncPolicy.NONE:
+            started = time.perf_counter()
             try:
                 self._writer.sync()
+                REGISTRY.observe("lockd_journal_fsync_seconds", time.perf_counter() - started)
             except OSError as exc:
                 # The records are written: the state they describe is what the
                 # daemon now holds, so the changes stand. Only host-crash

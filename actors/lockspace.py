@@ -40,6 +40,7 @@ from actors.lease import (
     LockTaken,
     TakeLock,
 )
+from actors.metrics import REGISTRY
 from actors.model import LeaseMode, Owner, OwnerKey
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 from protocol.errors import ErrorCode
@@ -498,6 +499,7 @@ class LockspaceActor(DispatchedActor):
             core.apply(self._state, event)
             self._since[(event.resource, event.owner.key)] = entry.time
         elif isinstance(event, LeaseReleased):
+            REGISTRY.inc("lockd_releases_total", reason=event.reason.value)
             holding = self._state.held.get(event.resource)
             core.apply(self._state, event)
             self._since.pop((event.resource, event.owner.key), None)
@@ -617,8 +619,11 @@ class LockspaceActor(DispatchedActor):
                 )
                 for owner in lease.dead
             )
+            if lease.dead:
+                REGISTRY.inc("lockd_releases_total", len(lease.dead), reason="owner-gone")
             refused = restoring.refused.get(lease.resource)
             if refused is not None:
+                REGISTRY.inc("lockd_leases_lost_total", len(lease.live))
                 events.extend(
                     LeaseLost(self.name, lease.resource, lease.mode, owner, refused.message)
                     for owner, _ in lease.live

@@ -32,6 +32,7 @@ import pykka
 
 from actors.events import OwnerFenced, ReleaseReason
 from actors.journal import Append
+from actors.metrics import REGISTRY
 from actors.model import Owner, OwnerKey
 from actors.router import Gather, Gathered, OwnerReleased, ReleaseOwnerEverywhere
 from actors.runtime import DispatchedActor, Dispatcher, Timer
@@ -314,4 +315,5 @@ class OwnersActor(DispatchedActor):
         if not self._processes.signal(owner, signum):
             return
         log.warning("fencing %s with %s: %s", owner.describe(), name, reason)
+        REGISTRY.inc("lockd_fence_actions_total", signal=name)
         self._journal.tell(Append((OwnerFenced(owner, name, reason),), 0, None))

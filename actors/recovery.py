@@ -29,6 +29,7 @@ import pykka
 from actors.events import RecoveryCompleted
 from actors.journal import Append, Appended, AppendFailed
 from actors.lockspace import Restore, Restored, RestoreLease
+from actors.metrics import REGISTRY
 from actors.model import Owner
 from actors.owners import FenceLost, Processes, Watch
 from actors.recovery_core import ReplayState
@@ -160,6 +161,7 @@ class RecoveryActor(DispatchedActor):
             if self._fence_lost:
                 self._owners.tell(FenceLost(owner, f"lease {lease} was taken while lockd was down"))
         duration = round((time.monotonic() - self._started) * 1000, 3)
+        REGISTRY.set("lockd_recovery_duration_seconds", duration / 1000)
         self._report = RecoveryReport(
             self._held, self._released, len(self._lost), duration, tuple(self._lost)
         )

@@ -229,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         "--journal-sync", choices=["none", "batch", "always"], help="journal durability"
     )
     serve.add_argument("--verbose", "-v", action="store_true", help="log at debug level")
+    serve.add_argument(
+        "--check-config", action="store_true", help="validate the configuration, print it, exit"
+    )
     serve.add_argument("--handoff-fd", type=int, help=argparse.SUPPRESS)  # set by SIGUSR1 re-exec
     serve.set_defaults(func=commands.cmd_serve)
 
@@ -245,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     _add_client_options(leases)
     leases.add_argument("--lockspace", help="only this lockspace")
     leases.set_defaults(func=commands.cmd_leases)
+
+    log_level = sub.add_parser(
+        "log-level", help="show or change the log level and filters (admin socket)"
+    )
+    _add_client_options(log_level, admin=True)
+    log_level.add_argument("level", nargs="?", choices=["debug", "info", "warning", "error"])
+    log_level.add_argument("--filters", help='e.g. "debug:actors.owners 3:lockd.server"')
+    log_level.set_defaults(func=commands.cmd_log_level)
+
+    metrics = sub.add_parser("metrics", help="Prometheus text metrics")
+    _add_client_options(metrics)
+    metrics.set_defaults(func=commands.cmd_metrics)
 
     disconnect = sub.add_parser(
         "disconnect", help="close a client connection (its owner's leases end as on disconnect)"

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import logging
 import os
 import sys
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+import attrs
 
 from lockd import procs
 from lockd.config import ConfigError, default_admin_socket, default_socket
@@ -118,12 +119,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"lockd serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="lockd[%(process)d]: %(levelname)s: %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("pykka").setLevel(logging.INFO)  # actor start/stop lines drown the rest
+    if args.check_config:
+        print(f"configuration ok ({config.config_file or 'defaults and flags only'})")
+        for field in attrs.fields(type(config)):
+            print(f"  {field.name} = {getattr(config, field.name)!r}")
+        return EXIT_OK
+    from lockd import logs
+
+    logs.configure(config.log_level, config.log_filters, config.log_outputs)
     try:
         return serve(
             config,
@@ -228,6 +231,40 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
             client.call("disconnect", client=args.client)
         if not args.json:
             print(f"client {args.client} disconnected")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_log_level(args: argparse.Namespace) -> int:
+    """Show or change logging on the admin socket."""
+
+    def body() -> int:
+        extra: dict[str, str] = {}
+        if args.level:
+            extra["level"] = args.level
+        if args.filters is not None:
+            extra["filters"] = args.filters
+        with _connect(args.admin_socket or default_admin_socket(), "lockd-log-level") as client:
+            result = client.call("set-log", **extra)
+        if args.json:
+            _print_json(result)
+        else:
+            print(
+                f"level {result['level']}, filters {result['filters']!r}, output {result['output']}"
+            )
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    """Print metrics in the Prometheus text format."""
+
+    def body() -> int:
+        with _connect(args.socket, "lockd-metrics") as client:
+            text = client.call("metrics")["text"]
+        print(text, end="")
         return EXIT_OK
 
     return _run(args, body)

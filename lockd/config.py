@@ -113,6 +113,10 @@ class Config:
     """Lockspaces mapped to explicit directories instead of ``<lock_dir>/<name>``."""
     fence_grace: float = 1.6
     log_level: str = "info"
+    log_filters: str = ""
+    """Space-separated ``LEVEL:module`` entries, as virtlockd's ``log_filters``."""
+    log_outputs: str = "stderr"
+    """``stderr`` or ``journald``."""
     config_file: str | None = None
 
 
@@ -145,6 +149,18 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
     return str(value)
 
 
+def _filters(key: str, value: Any) -> str:
+    from lockd.logs import LogFilterError, parse_filters
+
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string of LEVEL:module entries")
+    try:
+        parse_filters(value)
+    except LogFilterError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    return value
+
+
 def _level(key: str, value: Any) -> str:
     if value not in _LOG_LEVELS:
         raise ConfigError(f"{key} must be one of {', '.join(_LOG_LEVELS)}, got {value!r}")
@@ -168,7 +184,28 @@ _CONVERT: dict[str, Any] = {
     "lockspaces": lambda _k, v: _lockspace_dirs(v),
     "fence_grace": _check_number,
     "log_level": _level,
+    "log_filters": _filters,
+    "log_outputs": lambda k, v: _choice(k, v, ("stderr", "journald")),
 }
+
+
+def _line_of(text: str, key: str) -> int:
+    """Line number of ``key``'s assignment or table header (tomllib reports none)."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped in (f"[{key}]", f'["{key}"]'):
+            return number
+        name = stripped.split("=", 1)[0].strip().strip('"')
+        if "=" in stripped and name == key:
+            return number
+    return 0
+
+
+def _closest(key: str) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, list(_CONVERT), n=1)
+    return matches[0] if matches else None
 
 
 def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
@@ -179,18 +216,24 @@ def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
     if path is not None or os.path.exists(config_path):
         try:
             with open(config_path, "rb") as f:
-                data = tomllib.load(f)
+                raw = f.read()
+            data = tomllib.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{config_path}: no such file") from None
-        except tomllib.TOMLDecodeError as exc:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{config_path}: {exc}") from None
+        text = raw.decode("utf-8")
         for key, value in data.items():
+            where = f"{config_path}:{_line_of(text, key)}"
             if key not in _CONVERT:
-                raise ConfigError(f"{config_path}: unknown key {key!r}")
+                hint = _closest(key)
+                raise ConfigError(
+                    f"{where}: unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+                )
             try:
                 values[key] = _CONVERT[key](key, value)
             except ConfigError as exc:
-                raise ConfigError(f"{config_path}: {exc}") from None
+                raise ConfigError(f"{where}: {exc}") from None
         values["config_file"] = config_path
     for key, value in overrides.items():
         if value is not None:

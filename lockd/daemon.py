@@ -33,7 +33,7 @@ from actors.recovery import RecoveryActor, RecoveryReport
 from actors.recovery_core import ReplayState
 from actors.router import Gather, Gathered, RouterActor
 from actors.runtime import DispatchedActor, Dispatcher
-from lockd import __version__, procs
+from lockd import __version__, logs, procs
 from lockd.config import Config
 from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
@@ -68,6 +68,19 @@ class _ProcessInfo:
     @staticmethod
     def uid_of(pid: int) -> int | None:
         return procs.uid_of(pid)
+
+
+def _log_control(level: str | None, filters: str | None) -> dict[str, str]:
+    """The admin socket's ``set-log``: change level and filters now; returns what is in force."""
+    state = logs.current()
+    logs.configure(
+        level or state["level"],
+        state["filters"] if filters is None else filters,
+        state["output"],
+    )
+    result = logs.current()
+    log.info("logging set on the admin socket: %s", result)
+    return result
 
 
 class LockSystem:
@@ -202,6 +215,7 @@ class LockSystem:
             processes=_ProcessInfo(),
             info=self.info,
             admin=admin,
+            log_control=_log_control,
         )
 
     def shutdown(self, reason: str) -> None:
@@ -395,13 +409,14 @@ class Daemon:
         log.info("reload: configuration re-read from %s", path or "the defaults")
         if "log_level" in self._overridden:
             fresh = attrs.evolve(fresh, log_level=self.config.log_level)  # --verbose wins
-        elif fresh.log_level != self.config.log_level:
-            logging.getLogger().setLevel(fresh.log_level.upper())
-            log.info("reload: log level %s -> %s", self.config.log_level, fresh.log_level)
+        logging_keys = ("log_level", "log_filters", "log_outputs")
+        if any(getattr(fresh, k) != getattr(self.config, k) for k in logging_keys):
+            logs.configure(fresh.log_level, fresh.log_filters, fresh.log_outputs)
+            log.info("reload: logging is now %s", logs.current())
         changed = [
             field.name
             for field in attrs.fields(Config)
-            if field.name not in ("log_level", "config_file")
+            if field.name not in ("log_level", "log_filters", "log_outputs", "config_file")
             and getattr(fresh, field.name) != getattr(self.config, field.name)
             and field.name not in self._overridden
         ]
@@ -409,7 +424,12 @@ class Daemon:
             log.warning(
                 "reload: %s changed; they take effect at the next start", ", ".join(changed)
             )
-        self.config = attrs.evolve(self.config, log_level=fresh.log_level)
+        self.config = attrs.evolve(
+            self.config,
+            log_level=fresh.log_level,
+            log_filters=fresh.log_filters,
+            log_outputs=fresh.log_outputs,
+        )
 
     def request_stop(self, reason: str) -> None:
         """Make :meth:`run` return; safe from signal handlers."""

@@ -92,6 +92,8 @@ class FileJournal:
         self._fd = -1
         self._size = 0
         self.next_seq = first_seq
+        self.bytes_written = 0
+        """Bytes appended by this process (the journal metrics count them)."""
         self.on_rotate: Callable[[int], bool] | None = None
         """Called with the last seq before a new segment starts; True once a snapshot covers it."""
         self.last_scan: SegmentScan | None = None
@@ -149,6 +151,7 @@ class FileJournal:
             os.ftruncate(self._fd, self._size)
             raise OSError(f"short journal write ({written} of {len(data)} bytes)")
         self._size += written
+        self.bytes_written += written
         self.next_seq += len(entries)
 
     def rotate(self) -> None:

@@ -228,6 +228,26 @@ class Disconnect(Request):
     client: int
 
 
+@attrs.frozen
+class SetLog(Request):
+    """Admin socket only: change the log level and per-module filters at runtime."""
+
+    OP: ClassVar[str] = "set-log"
+    ARGS: ClassVar[frozenset[str]] = frozenset({"level", "filters"})
+    level: str | None = None
+    filters: str | None = None
+
+
+@attrs.frozen
+class Metrics(Request):
+    """Counters and gauges in the Prometheus text exposition format."""
+
+    OP: ClassVar[str] = "metrics"
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def _owner(value: Any) -> OwnerIdentity:
     if not isinstance(value, dict) or set(value) != {"uuid", "name", "id", "pid"}:
         raise _Invalid("owner must be a map of exactly uuid, name, id and pid")
@@ -288,6 +308,13 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
         return ListLeases(rid, None if ls is None else _lockspace(ls))
     if cls is Disconnect:
         return Disconnect(rid, _uint(args.get("client"), "client"))
+    if cls is SetLog:
+        level, filters = args.get("level"), args.get("filters")
+        if level is not None and level not in LOG_LEVELS:
+            raise _Invalid(f"level must be one of {', '.join(LOG_LEVELS)}")
+        if filters is not None and (not isinstance(filters, str) or len(filters) > 4096):
+            raise _Invalid("filters must be a string of at most 4096 characters")
+        return SetLog(rid, level, filters)
     return cls(rid)
 
 
@@ -296,6 +323,7 @@ REQUEST_TYPES: dict[str, type[Request]] = {
     for cls in (
         Hello, Register, Restrict, CreateLockspace, CreateResource, DeleteResource, Acquire,
         Release, Inquire, ListLeases, ListLockspaces, ListClients, Status, Subscribe, Disconnect,
+        SetLog, Metrics,
     )
 }  # fmt: skip
 

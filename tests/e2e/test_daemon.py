@@ -417,3 +417,44 @@ def test_idle_timeout_and_pid_file(make_daemon: MakeDaemon, tmp_path: Path) -> N
     assert daemon.proc.wait(15) == 0
     assert not pid_file.exists()
     assert "idle" in daemon.log.read_text()
+
+
+def test_metrics_and_log_level_on_the_admin_socket(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    start_run(daemon, children, "--disk", "/vm/m.img", "--name", "vm1")
+    assert (
+        daemon.lockd("run", "--disk", "/vm/m.img", "--name", "vm2", "--", "true").returncode == 75
+    )
+    text = daemon.lockd("metrics").stdout
+    assert "# TYPE lockd_acquires_total counter" in text
+    assert 'lockd_acquires_total{result="ok"} 1' in text
+    assert 'lockd_acquires_total{result="busy"} 1' in text
+    assert "lockd_conflicts_total 1" in text
+    assert 'lockd_leases_held{lockspace="org.libvirt.lockd.files",mode="exclusive"} 1' in text
+    assert "lockd_recovery_duration_seconds" in text
+    assert "lockd_journal_bytes_total" in text
+    shown = daemon.lockd("log-level", "--json")
+    assert shown.returncode == 0, shown.stderr
+    changed = daemon.lockd("log-level", "warning", "--filters", "debug:actors.owners", "--json")
+    assert json.loads(changed.stdout)["filters"] == "debug:actors.owners"
+    refused = daemon.lockd("log-level", "--filters", "loud:x")
+    assert refused.returncode == 1
+    assert "bad log filter" in refused.stderr
+    clients = json.loads(daemon.lockd("clients", "--json").stdout)
+    assert [c["leases"] for c in clients if "owner" in c] == [1]
+
+
+def test_check_config(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text('max_clients = 8\nlog_filters = "debug:actors"\n')
+    done = subprocess.run([*LOCKD, "serve", "--config", str(good), "--check-config"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "max_clients = 8" in done.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("\nmax_clients = 8\njournal_synk = 'batch'\n")
+    done = subprocess.run([*LOCKD, "serve", "--config", str(bad), "--check-config"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert done.returncode == 2
+    assert "bad.toml:3: unknown key 'journal_synk' (did you mean 'journal_sync'?)" in done.stderr

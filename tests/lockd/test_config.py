@@ -48,7 +48,11 @@ def test_file_then_flags(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "names"),
     [
-        ("max_client = 3\n", "unknown key 'max_client'"),
+        (
+            "max_client = 3\n",
+            "lockd.toml:1: unknown key 'max_client' (did you mean 'max_clients'?)",
+        ),
+        ("# comment\n\njournal_sync = 3\n", "lockd.toml:3: journal_sync must be one of"),
         ('max_clients = "many"\n', "max_clients must be an integer"),
         ('journal_sync = "sometimes"\n', "journal_sync must be one of none | batch | always"),
         ('lock_dir = "relative"\n', "lock_dir must be an absolute path"),

@@ -1,0 +1,100 @@
+"""Counters and histograms for ``lockd metrics``, in the Prometheus text format.
+
+One registry per process (``REGISTRY``): every actor runs on the dispatcher
+thread, so plain integers need no locks, and an embedding program that runs
+the lock system in-process shares it the way Prometheus client libraries
+share their default registry. Gauges that describe state (leases held,
+clients) are computed when asked, from a snapshot, not kept here.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Mapping
+
+LabelSet = tuple[tuple[str, str], ...]
+
+FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+HELP = {
+    "lockd_acquires_total": ("counter", "Acquire requests by result (ok or error code)."),
+    "lockd_releases_total": ("counter", "Leases released, by reason."),
+    "lockd_conflicts_total": ("counter", "Acquires refused because a lease was held (busy)."),
+    "lockd_fence_actions_total": ("counter", "Signals sent to fence owners, by signal."),
+    "lockd_leases_lost_total": ("counter", "Leases found taken by another process or host."),
+    "lockd_journal_appends_total": ("counter", "Journal write() calls."),
+    "lockd_journal_entries_total": ("counter", "Events written to the journal."),
+    "lockd_journal_bytes_total": ("counter", "Bytes written to the journal."),
+    "lockd_journal_write_errors_total": (
+        "counter",
+        "Journal writes that failed (nothing granted).",
+    ),
+    "lockd_recovery_duration_seconds": ("gauge", "How long the last start-up recovery took."),
+    "lockd_journal_fsync_seconds": ("histogram", "fdatasync latency of the journal."),
+}
+
+
+class Metrics:
+    """Named counters with labels, gauges, and fixed-bucket histograms."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, dict[LabelSet, float]] = {}
+        self.gauges: dict[str, dict[LabelSet, float]] = {}
+        self.histograms: dict[str, tuple[list[int], list[float]]] = {}
+
+    def inc(self, name: str, amount: float = 1, **labels: str) -> None:
+        series = self.counters.setdefault(name, {})
+        key = tuple(sorted(labels.items()))
+        series[key] = series.get(key, 0) + amount
+
+    def set(self, name: str, value: float, **labels: str) -> None:
+        self.gauges.setdefault(name, {})[tuple(sorted(labels.items()))] = value
+
+    def observe(self, name: str, value: float) -> None:
+        counts, sums = self.histograms.setdefault(name, ([0] * (len(FSYNC_BUCKETS) + 1), [0.0]))
+        counts[bisect.bisect_left(FSYNC_BUCKETS, value)] += 1
+        sums[0] += value
+
+    def render(self, extra_gauges: Iterable[tuple[str, str, Mapping[LabelSet, float]]] = ()) -> str:
+        """The exposition text; ``extra_gauges`` are (name, help, series) computed by the caller."""
+        lines: list[str] = []
+        for name, series in sorted(self.counters.items()):
+            lines.extend(_family(name, series))
+        for name, series in sorted(self.gauges.items()):
+            lines.extend(_family(name, series))
+        for name, (counts, sums) in sorted(self.histograms.items()):
+            kind, text = HELP.get(name, ("histogram", name))
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            running = 0
+            for bound, count in zip((*FSYNC_BUCKETS, float("inf")), counts, strict=True):
+                running += count
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                lines.append(f'{name}_bucket{{le="{le}"}} {running}')
+            lines += [f"{name}_sum {sums[0]:.6f}", f"{name}_count {running}"]
+        for name, text, extra in extra_gauges:
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+            lines.extend(f"{name}{_labels(k)} {_num(v)}" for k, v in sorted(extra.items()))
+        return "\n".join(lines) + "\n"
+
+
+def _family(name: str, series: Mapping[LabelSet, float]) -> list[str]:
+    kind, text = HELP.get(name, ("gauge", name))
+    out = [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+    out.extend(f"{name}{_labels(k)} {_num(v)}" for k, v in sorted(series.items()))
+    return out
+
+
+def _labels(labels: LabelSet) -> str:
+    if not labels:
+        return ""
+    inner = ",".join(f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                     for k, v in labels)  # fmt: skip
+    return "{" + inner + "}"
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.6f}"
+
+
+REGISTRY = Metrics()
+"""The process's registry."""

@@ -1,0 +1,73 @@
+"""Logging: virtlockd-style filters, journald's native protocol, runtime changes."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lockd import logs
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    logs.configure("warning", "", "stderr")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    for handler in handlers:
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_filters_parse_names_and_virtlockd_numbers() -> None:
+    assert logs.parse_filters("debug:actors.owners 3:lockd.server") == {
+        "actors.owners": "debug",
+        "lockd.server": "warning",
+    }
+    with pytest.raises(logs.LogFilterError, match="bad log filter 'loud:x'"):
+        logs.parse_filters("loud:x")
+    with pytest.raises(logs.LogFilterError):
+        logs.parse_filters("debug")
+
+
+def test_configure_sets_levels_and_forgets_old_filters() -> None:
+    logs.configure("warning", "debug:actors.owners", "stderr")
+    assert logging.getLogger("actors.owners").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("actors.router").getEffectiveLevel() == logging.WARNING
+    assert logs.current() == {
+        "level": "warning",
+        "filters": "debug:actors.owners",
+        "output": "stderr",
+    }
+    logs.configure("info", "", "stderr")
+    assert logging.getLogger("actors.owners").getEffectiveLevel() == logging.INFO
+    assert logs.current()["filters"] == ""
+
+
+def test_journald_handler_speaks_the_native_protocol(tmp_path: Path) -> None:
+    path = tmp_path / "journal.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    try:
+        handler = logs.JournaldHandler(str(path))
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        record = logging.LogRecord("actors.owners", logging.WARNING, __file__, 1,
+                                   "fencing\nvm1", None, None)  # fmt: skip
+        handler.emit(record)
+        data = server.recv(65536)
+        handler.close()
+    finally:
+        server.close()
+    assert b"PRIORITY=4\n" in data
+    assert b"SYSLOG_IDENTIFIER=lockd\n" in data
+    assert b"LOCKD_MODULE=actors.owners\n" in data
+    _, _, rest = data.partition(b"MESSAGE\n")
+    (length,) = struct.unpack("<Q", rest[:8])
+    assert rest[8 : 8 + length] == b"fencing\nvm1"
