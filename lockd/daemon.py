@@ -329,6 +329,7 @@ class Daemon:
             self._handoff = None
         for listener in self.listeners:
             listener.start()
+        self._start_watchdog()
         sd_notify(
             f"READY=1\nSTATUS=serving; recovery held {report.held}, released {report.released}, "
             f"lost {report.lost} leases"
@@ -354,6 +355,24 @@ class Daemon:
         self._connections[conn_id] = ref
         transport.start(ref)
         log.debug("client pid %d uid %d connected%s", peer[0], peer[1], " (admin)" if admin else "")
+
+    def _start_watchdog(self) -> None:
+        """Feed systemd's watchdog from the dispatcher: a stuck loop stops feeding it."""
+        try:
+            usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+            pid = int(os.environ.get("WATCHDOG_PID", str(os.getpid())))
+        except ValueError:
+            return
+        if usec <= 0 or pid != os.getpid():
+            return
+        interval = usec / 2_000_000
+
+        def feed() -> None:
+            sd_notify("WATCHDOG=1")
+            self.dispatcher.call_later(interval, feed)
+
+        log.info("feeding the service manager's watchdog every %.1f s", interval)
+        feed()
 
     def _adopt_connection(self, state: HandedOver) -> None:
         sock = socket.socket(fileno=state.fd)

@@ -1,0 +1,100 @@
+"""systemd integration without a running systemd: socket activation, notify, the units."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import LOCKD, wait_for
+from tests.e2e.fake_systemd import FakeServiceManager
+
+pytestmark = pytest.mark.e2e
+UNITS = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
+
+
+@pytest.mark.skipif(
+    not shutil.which("systemd-socket-activate"), reason="needs systemd-socket-activate"
+)
+def test_socket_activation_by_name(tmp_path: Path) -> None:
+    """The daemon serves the sockets systemd passes, claimed by their names."""
+    sock, admin = tmp_path / "lockd.sock", tmp_path / "admin.sock"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(sock), "-l", str(admin),
+         "--fdname=lockd.socket:lockd-admin.socket",
+         *LOCKD, "serve", "--lock-dir", str(tmp_path / "locks"),
+         "--journal-dir", str(tmp_path / "journal"), "--socket", str(tmp_path / "unused.sock"),
+         "--admin-socket", str(tmp_path / "unused2.sock")],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for(sock.exists)
+        status = subprocess.run(
+            [*LOCKD, "status", "--json", "--socket", str(sock)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        clients = subprocess.run(
+            [*LOCKD, "disconnect", "99", "--admin-socket", str(admin)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert "no client 99" in clients.stderr  # the admin socket answers as the admin socket
+        assert not (tmp_path / "unused.sock").exists()  # activated sockets replace binding
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert sock.exists()  # the activated socket file belongs to the manager: left in place
+
+
+def test_notify_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
+    fm = FakeServiceManager(tmp_path)
+    try:
+        env, _ = fm.env()
+        env.update({"WATCHDOG_USEC": "200000"})
+        import os
+
+        proc = subprocess.Popen(
+            [*fm.launcher(), *LOCKD, "serve", "--socket", str(tmp_path / "s"),
+             "--admin-socket", str(tmp_path / "a"), "--lock-dir", str(tmp_path / "locks"),
+             "--journal-dir", str(tmp_path / "journal")],
+            env={**os.environ, **env}, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: fm.ready_count() == 1)
+            wait_for(lambda: sum("WATCHDOG=1" in m for m in fm.messages) >= 3)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        ready = next(m for m in fm.messages if "READY=1" in m)
+        assert "STATUS=serving; recovery held 0" in ready
+        assert any("STOPPING=1" in m for m in fm.messages)
+    finally:
+        fm.close()
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
+def test_units_verify(tmp_path: Path) -> None:
+    """systemd-analyze verify accepts the shipped units (ExecStart pointed at a real binary)."""
+    for unit in UNITS.iterdir():
+        text = unit.read_text().replace("/usr/local/bin/lockd", "/bin/true")
+        (tmp_path / unit.name).write_text(text)
+    service = (UNITS / "lockd.service").read_text()
+    for needed in ("Type=notify", "OOMScoreAdjust=-900", "FileDescriptorStoreMax=",
+                   "ExecReload=/bin/kill -USR1 $MAINPID", "LimitNOFILE="):  # fmt: skip
+        assert needed in service
+    for sock in ("lockd.socket", "lockd-admin.socket"):
+        text = (UNITS / sock).read_text()
+        assert "SocketMode=0600" in text
+        assert f"FileDescriptorName={sock}" in text
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no",
+         "lockd.service", "lockd.socket", "lockd-admin.socket"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    if "Failed to" in done.stderr and "manager" in done.stderr.lower():
+        pytest.skip(f"systemd-analyze cannot run here: {done.stderr.strip()[:200]}")
+    assert done.returncode == 0, done.stderr
+    assert "lockd" not in done.stderr, done.stderr
