@@ -272,16 +272,21 @@ class Daemon:
         config: Config,
         overridden: frozenset[str] = frozenset(),
         handoff: Handoff | None = None,
+        *,
+        sockets: bool = True,
+        embedded: bool = False,
     ) -> None:
+        """``sockets=False``: no listening sockets (embedding). ``embedded``: a guest in
+        another program, so leave its fd limit and service-manager fds alone."""
         self.config = config
         self._overridden = overridden
         """Settings given on the command line: a reload of the file does not change them."""
         self._handoff = handoff
-        limit = procs.raise_fd_limit()
+        limit = procs.raise_fd_limit() if not embedded else 0
         adopted = {(ls, res): fd for ls, res, fd in handoff.leases} if handoff else None
         activated: dict[str, int] = {}
         stored: dict[str, int] = {}
-        for name, fd in listen_fds():
+        for name, fd in listen_fds() if not embedded else []:
             if name.startswith("lease-"):
                 stored[name] = fd
             elif name in ACTIVATION_NAMES and name not in activated:
@@ -297,7 +302,10 @@ class Daemon:
         self._stop_reason = ""
         self._reexecing = False
         allowed = {os.getuid(), *config.allowed_uids}
-        if handoff is not None:
+        self.listeners: list[Listener] = []
+        if not sockets:
+            pass
+        elif handoff is not None:
             conn_ids.next = handoff.next_conn_id
             self.listeners = [
                 Listener(self.dispatcher, socket.socket(fileno=item.fd), admin=item.admin,

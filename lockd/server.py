@@ -16,6 +16,7 @@ import selectors
 import socket
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -267,15 +268,20 @@ class Listener:
 
 
 class ConnIds:
-    """Connection ids, unique for the daemon's lifetime, also across re-exec."""
+    """Connection ids, unique for the daemon's lifetime, also across re-exec.
+
+    Embedding programs open connections from their own threads, hence the lock.
+    """
 
     def __init__(self) -> None:
         self.next = 1
+        self._lock = threading.Lock()
 
     def __next__(self) -> int:
-        value = self.next
-        self.next += 1
-        return value
+        with self._lock:
+            value = self.next
+            self.next += 1
+            return value
 
 
 conn_ids = ConnIds()

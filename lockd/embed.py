@@ -1,0 +1,175 @@
+"""Embedding: the lock actors inside your own program, no daemon needed.
+
+An orchestrator that already runs as a long-lived Python process can keep
+the VM disk leases itself, with the same journal, recovery and fencing as
+``lockd serve``::
+
+    from lockd.embed import LockService
+
+    with LockService(lock_dir="/srv/locks", journal_dir="/var/lib/orch/journal") as locks:
+        client = locks.client()
+        client.call("register", owner={"uuid": vm.uuid, "name": vm.name, "id": 1, "pid": vm.pid})
+        client.call("acquire", leases=[...], autocreate=True)
+
+``client()`` speaks the same protocol as the socket (``docs/protocol.md``)
+through an in-process transport, so every rule (all-or-nothing, busy holders,
+journal before reply) is the daemon's own. Pass ``socket=`` to also serve
+other processes (``lockd status``, a VM's plugin) on a Unix socket. Restart
+your program and ``start()`` recovers: leases of VMs still running are held
+again before it returns. ``stop()`` releases nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from types import TracebackType
+from typing import Any
+
+import pykka
+
+from actors.connection import Received
+from actors.recovery import RecoveryReport
+from lockd.config import Config
+from lockd.daemon import Daemon
+from protocol.client import RemoteError
+from protocol.codec import decode_item, encode_item
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
+from protocol.messages import PROTOCOL_VERSION
+
+
+class _InProcessTransport:
+    """A connection's bytes, without a socket: replies go to a queue the caller waits on."""
+
+    def __init__(self) -> None:
+        self.peer_pid = os.getpid()
+        self.peer_uid = os.getuid()
+        self.backlog = 0
+        self._frames = FrameDecoder(MAX_REPLY_FRAME)
+        self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def write(self, data: bytes) -> None:
+        self._frames.receive_data(data)
+        while (frame := self._frames.next_frame()) is not None:
+            self.replies.put(decode_item(frame))
+
+    def pause_reading(self) -> None:
+        """Nothing to pause: the caller sends one request at a time."""
+
+    def resume_reading(self) -> None:
+        """See :meth:`pause_reading`."""
+
+    def close(self) -> None:
+        self.replies.put(None)
+
+    def fileno(self) -> int:
+        return -1
+
+
+class EmbeddedClient:
+    """A connection to an embedded lock system: the ``call()`` of ``protocol.client.Client``."""
+
+    def __init__(self, ref: pykka.ActorRef[Any], transport: _InProcessTransport) -> None:
+        self._ref = ref
+        self._transport = transport
+        self._ids = iter(range(1, 2**63))
+        self._lock = threading.Lock()
+        self.server = self.call("hello", versions=[PROTOCOL_VERSION])
+
+    def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+        """Send one request and wait for its reply; raise RemoteError on an error reply."""
+        with self._lock:
+            rid = next(self._ids)
+            self._ref.tell(Received(encode_frame(encode_item({"op": op, "id": rid, **args}))))
+            while True:
+                message = self._transport.replies.get(timeout=timeout)
+                if message is None:
+                    raise ConnectionError("the embedded lock system closed this connection")
+                if message.get("id") == rid or message.get("id") is None:
+                    break
+            if "error" in message:
+                error = dict(message["error"])
+                raise RemoteError(
+                    str(error.pop("code", "internal")), str(error.pop("message", "")), error
+                )
+            result: dict[str, Any] = message["result"]
+            return result
+
+    def close(self) -> None:
+        """End this connection (leases belong to their owners and stay)."""
+        self._ref.tell(Received(b""))
+
+
+class LockService:
+    """The lock system on a background thread of this process."""
+
+    def __init__(
+        self,
+        *,
+        lock_dir: str,
+        journal_dir: str,
+        socket: str | None = None,
+        admin_socket: str | None = None,
+        **options: Any,
+    ) -> None:
+        """``options``: any other configuration key (``journal_sync``, ``fence_grace``, ...)."""
+        self.config = Config(
+            socket=socket or os.path.join(journal_dir, "unused.sock"),
+            admin_socket=admin_socket or os.path.join(journal_dir, "unused-admin.sock"),
+            lock_dir=lock_dir,
+            journal_dir=journal_dir,
+            **options,
+        )
+        self._sockets = socket is not None
+        self._daemon: Daemon | None = None
+        self._thread: threading.Thread | None = None
+        self.report: RecoveryReport | None = None
+
+    def start(self, timeout: float = 60.0) -> RecoveryReport:
+        """Recover from the journal and start serving; returns what recovery did."""
+        if self._daemon is not None:
+            raise RuntimeError("already started")
+        daemon = Daemon(self.config, sockets=self._sockets, embedded=True)
+        self._daemon = daemon
+        self._thread = threading.Thread(target=daemon.run, name="lockd", daemon=True)
+        self._thread.start()
+        if not daemon.system.ready.wait(timeout):
+            raise TimeoutError("lock system recovery did not finish in time")
+        assert daemon.system.report is not None
+        self.report = daemon.system.report
+        return self.report
+
+    def client(self, name: str = "embedded") -> EmbeddedClient:
+        """A new in-process connection."""
+        if self._daemon is None:
+            raise RuntimeError("start() the lock service first")
+        transport = _InProcessTransport()
+        ref = self._daemon.system.connect(transport)
+        return EmbeddedClient(ref, transport)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop: journal the stop, release nothing, signal nobody (like SIGTERM to the daemon)."""
+        if self._daemon is None or self._thread is None:
+            return
+        self._daemon.request_stop("embedding program stopped the lock service")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise RuntimeError("the lock service did not stop")
+        crashes = self._daemon.dispatcher.crashes
+        self._daemon = None
+        if crashes:
+            raise ProtocolError(ErrorCode.INTERNAL, f"the lock service failed: {crashes[0]!r}")
+
+    def __enter__(self) -> LockService:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

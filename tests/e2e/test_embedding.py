@@ -1,0 +1,84 @@
+"""Embedding: the example orchestrator runs, restarts, and its VMs keep their disks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lockd.embed import LockService
+from protocol.client import Client, RemoteError
+from protocol.names import FILES_LOCKSPACE, lease_name_for_path
+from tests.lockprobe import probe
+
+pytestmark = pytest.mark.e2e
+EXAMPLE = Path(__file__).resolve().parents[2] / "contrib" / "examples" / "orchestrator.py"
+
+
+def run(state: Path, phase: str) -> str:
+    done = subprocess.run([sys.executable, str(EXAMPLE), "--state", str(state), phase],
+                          capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_example_orchestrator_survives_its_restart(tmp_path: Path) -> None:
+    state = tmp_path / "orch"
+    out = run(state, "start")
+    assert "intruder refused: busy" in out
+    vms = json.loads((state / "vms.json").read_text())
+    try:
+        out = run(state, "resume")
+        assert "recovered: 4 leases held again, 0 released, 0 lost" in out
+        out = run(state, "stop")
+        assert "leases left: 0" in out
+    finally:
+        for pid in vms.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_lock_service_api_with_a_socket_for_others(tmp_path: Path) -> None:
+    """Embedded, plus a socket: other processes see the same leases."""
+    vm = subprocess.Popen(["sleep", "600"])
+    sock = tmp_path / "lockd.sock"
+    try:
+        service = LockService(
+            lock_dir=str(tmp_path / "locks"),
+            journal_dir=str(tmp_path / "j"),
+            socket=str(sock),
+            admin_socket=str(tmp_path / "a.sock"),
+        )
+        with service as locks:
+            client = locks.client()
+            owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": vm.pid}
+            client.call("register", owner=owner)
+            lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
+            client.call("acquire", leases=[lease], autocreate=True)
+            path = tmp_path / "locks" / FILES_LOCKSPACE / lease["resource"]
+            assert probe(path, "ofd") == "busy"
+            with Client(str(sock)) as other:
+                assert other.call("status")["leases"] == 1
+            with pytest.raises(RemoteError) as exc:
+                client.call("acquire", leases=[lease], autocreate=True)
+            assert exc.value.code == "busy"
+            vm.kill()
+            vm.wait()
+            import time
+
+            deadline = time.monotonic() + 10
+            while client.call("list-leases")["leases"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        assert not sock.exists()
+    finally:
+        if vm.poll() is None:
+            vm.kill()
+            vm.wait()
