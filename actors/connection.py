@@ -128,6 +128,13 @@ class HandedOver:
 
 
 @attrs.frozen
+class Gone:
+    """Reply to :class:`Quiesce`: the connection closed; nothing to hand over."""
+
+    conn_id: int
+
+
+@attrs.frozen
 class Quiesce:
     """Re-exec: stop reading, finish the request in progress, then reply :class:`HandedOver`."""
 
@@ -243,6 +250,9 @@ class ConnectionActor(DispatchedActor):
             self._owners.tell(
                 ConnectionClosed(self._owner, self.conn_id, self._transport.peer_pid, admin)
             )
+        if self._quiesce_to is not None:
+            tell_if_alive(self._quiesce_to, Gone(self.conn_id))  # nothing to hand over
+            self._quiesce_to = None
         if not self._waits:
             self.stop()
 
@@ -281,6 +291,9 @@ class ConnectionActor(DispatchedActor):
         elif isinstance(message, Drained):
             self._pump()
         elif isinstance(message, Quiesce):
+            if self._closed:
+                tell_if_alive(message.reply_to, Gone(self.conn_id))
+                return None
             self._quiesce_to = message.reply_to
             self._transport.pause_reading()
             self._reading = False
@@ -577,7 +590,7 @@ class ConnectionActor(DispatchedActor):
                         return
                     token = self._wait(lambda _r: None if self._closed else self._retry(job))
                     ref = self.actor_ref
-                    self.dispatcher.call_later(delay, lambda: ref.tell(_Retry(token)))
+                    self.dispatcher.call_later(delay, lambda: tell_if_alive(ref, _Retry(token)))
                     return
             self._refused(job.request, done)
             return

@@ -170,10 +170,16 @@ class LeaseActor(DispatchedActor):
             except OSError as exc:
                 os.close(held.fd)
                 return self._refused(msg, ErrorCode.IO_ERROR, f"cannot lock lease file: {exc}")
-            if not msg.create or self._files.still_linked(held, self._resource):
+            # Another host may have deleted (and recreated) the file between our
+            # open and our lock: a lock on an unlinked inode protects nothing.
+            if self._files.still_linked(held, self._resource):
                 self._fd, self._mode = held.fd, msg.mode
                 return LockTaken(self._resource, msg.token, held.fd)
             os.close(held.fd)  # another host unlinked it after our open: lock the new file
+            if not msg.create:
+                return self._refused(
+                    msg, ErrorCode.NOT_FOUND, f"lease file {self._resource} was deleted"
+                )
         return self._refused(msg, ErrorCode.BUSY, "lease file keeps being replaced by another host")
 
     def _drop(self, unlink: bool) -> None:

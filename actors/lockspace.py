@@ -201,6 +201,7 @@ class _Restoring:
     waiting: int = 0
     taken: dict[str, int] = attrs.field(factory=dict)
     refused: dict[str, LockRefused] = attrs.field(factory=dict)
+    recreated: set[str] = attrs.field(factory=set)
 
 
 class FdStoreLike(Protocol):
@@ -216,6 +217,11 @@ class HandOff:
 
     token: int
     reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class Unfreeze:
+    """The re-exec was abandoned: run commands again."""
 
 
 @attrs.frozen
@@ -302,6 +308,9 @@ class LockspaceActor(DispatchedActor):
         elif isinstance(message, HandOff):
             self._handoff = message
             self._maybe_hand_off()
+        elif isinstance(message, Unfreeze):
+            self._frozen = False  # the re-exec was abandoned: carry on serving
+            self._run_queued()
         elif isinstance(message, TakeSnapshot):
             tell_if_alive(message.reply_to, SnapshotTaken(message.token, self.snapshot()))
         else:
@@ -558,6 +567,8 @@ class LockspaceActor(DispatchedActor):
             if not lease.live:
                 if lease.fd is not None:
                     os.close(lease.fd)
+                    if self._fd_store is not None:
+                        self._fd_store.remove(self.name, lease.resource)
                 if lease.autocreate:
                     self._cleanup(lease.resource)
                 continue
@@ -592,7 +603,12 @@ class LockspaceActor(DispatchedActor):
 
     def _on_restore_lock(self, message: LockTaken | LockRefused) -> None:
         restoring = self._restoring[message.token]
-        if isinstance(message, LockRefused) and message.code is ErrorCode.NOT_FOUND:
+        if (
+            isinstance(message, LockRefused)
+            and message.code is ErrorCode.NOT_FOUND
+            and message.resource not in restoring.recreated
+        ):
+            restoring.recreated.add(message.resource)
             lease = next(x for x in restoring.request.leases if x.resource == message.resource)
             self._leases[message.resource].tell(
                 TakeLock(lease.mode, True, message.token, self.actor_ref)
@@ -603,6 +619,11 @@ class LockspaceActor(DispatchedActor):
             restoring.taken[message.resource] = message.fd
         else:
             restoring.refused[message.resource] = message
+            adopted = next(
+                (x.fd for x in restoring.request.leases if x.resource == message.resource), None
+            )
+            if adopted is not None and self._fd_store is not None:
+                self._fd_store.remove(self.name, message.resource)
             ref = self._leases.pop(message.resource, None)
             if ref is not None:
                 ref.tell(DropLock(unlink=False))

@@ -35,7 +35,7 @@ from actors.journal import Append
 from actors.metrics import REGISTRY
 from actors.model import Owner, OwnerKey
 from actors.router import Gather, Gathered, OwnerReleased, ReleaseOwnerEverywhere
-from actors.runtime import DispatchedActor, Dispatcher, Timer
+from actors.runtime import DispatchedActor, Dispatcher, Timer, tell_if_alive
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,20 @@ class FenceLost:
 
     owner: Owner
     reason: str
+
+
+@attrs.frozen
+class QueryFencing:
+    """Re-exec asks first: a re-exec must not interrupt a fence (its SIGKILL is a timer)."""
+
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
+class Fencing:
+    """Reply to :class:`QueryFencing`: owners being fenced right now."""
+
+    count: int
 
 
 @attrs.frozen
@@ -164,6 +178,8 @@ class OwnersActor(DispatchedActor):
             self._fence_lost(message)
         elif isinstance(message, _FenceStep):
             self._fence_step(message)
+        elif isinstance(message, QueryFencing):
+            tell_if_alive(message.reply_to, Fencing(len(self._fencing)))
         else:
             return super().on_receive(message)
         return None
@@ -232,7 +248,8 @@ class OwnersActor(DispatchedActor):
             release.owner.pid,
             ", ".join(message.failed),
         )
-        self.dispatcher.call_later(RELEASE_RETRY_SECONDS, lambda: self.actor_ref.tell(release))
+        ref = self.actor_ref
+        self.dispatcher.call_later(RELEASE_RETRY_SECONDS, lambda: tell_if_alive(ref, release))
 
     # -- a dropped connection -------------------------------------------------------
     def _connection_closed(self, message: ConnectionClosed) -> None:
@@ -290,7 +307,7 @@ class OwnersActor(DispatchedActor):
             old.cancel()
         ref = self.actor_ref
         self._timers[owner.key] = self.dispatcher.call_later(
-            delay, lambda: ref.tell(_FenceStep(owner, signum))
+            delay, lambda: tell_if_alive(ref, _FenceStep(owner, signum))
         )
 
     def _fence_step(self, step: _FenceStep) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import pykka
 
-from actors.events import RecoveryCompleted
+from actors.events import Event, LeaseLost, LeaseReleased, RecoveryCompleted, ReleaseReason
 from actors.journal import Append, Appended, AppendFailed
 from actors.lockspace import Restore, Restored, RestoreLease
 from actors.metrics import REGISTRY
@@ -34,9 +34,12 @@ from actors.model import Owner
 from actors.owners import FenceLost, Processes, Watch
 from actors.recovery_core import ReplayState
 from actors.router import Found, Lookup
-from actors.runtime import DispatchedActor, Dispatcher
+from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 
 log = logging.getLogger(__name__)
+
+LOOKUP_RETRIES = 30
+"""Seconds recovery waits for a missing lockspace directory (shared storage mounted late)."""
 
 
 @attrs.frozen
@@ -83,6 +86,7 @@ class RecoveryActor(DispatchedActor):
         self._lost: list[tuple[Owner, str]] = []
         self._plan: dict[str, list[RestoreLease]] = {}
         self._live: dict[Any, Owner] = {}
+        self._lookups: dict[str, int] = {}
 
     def on_start(self) -> None:
         # The plan is copied out of the replayed state here, before any
@@ -126,17 +130,43 @@ class RecoveryActor(DispatchedActor):
 
     def _found(self, found: Found) -> None:
         leases = self._plan[found.lockspace]
-        if found.ref is None:
-            # The lockspace directory is gone or unusable: nothing can be held
-            # there, so its live owners lost their leases.
-            log.error("recovery: lockspace %s: %s", found.lockspace, found.message)
-            for lease in leases:
-                self._released += len(lease.dead)
-                self._lost.extend((owner, f"{found.lockspace}/{lease.resource}")
-                                  for owner, _ in lease.live)  # fmt: skip
-            self._part_done()
+        if found.ref is not None:
+            found.ref.tell(Restore(tuple(leases), found.token, self.actor_ref))
             return
-        found.ref.tell(Restore(tuple(leases), found.token, self.actor_ref))
+        # The directory is missing or unusable: often shared storage mounted
+        # late. Wait for it (requests wait too) rather than fence VMs whose
+        # lease nobody took; give up only after LOOKUP_RETRIES seconds.
+        tries = self._lookups.get(found.lockspace, 0) + 1
+        self._lookups[found.lockspace] = tries
+        if tries < LOOKUP_RETRIES:
+            if tries == 1:
+                log.error("recovery: lockspace %s unavailable (%s); waiting for it",
+                          found.lockspace, found.message)  # fmt: skip
+            ref, name = self.actor_ref, found.lockspace
+            self.dispatcher.call_later(
+                1.0, lambda: tell_if_alive(self._router, Lookup(name, found.token, ref))
+            )
+            return
+        log.error("recovery: lockspace %s still unavailable; its leases are lost", found.lockspace)
+        events: list[Event] = []
+        for lease in leases:
+            if lease.fd is not None:
+                os.close(lease.fd)
+            self._released += len(lease.dead)
+            events.extend(
+                LeaseReleased(found.lockspace, lease.resource, lease.mode, owner, 0,
+                              ReleaseReason.OWNER_GONE)
+                for owner in lease.dead
+            )  # fmt: skip
+            for owner, _ in lease.live:
+                self._lost.append((owner, f"{found.lockspace}/{lease.resource}"))
+                events.append(
+                    LeaseLost(found.lockspace, lease.resource, lease.mode, owner,
+                              f"lockspace directory unavailable: {found.message}")
+                )  # fmt: skip
+        if events:
+            self._journal.tell(Append(tuple(events), 0, None))
+        self._part_done()
 
     def _restored(self, restored: Restored) -> None:
         self._held += restored.held

@@ -35,6 +35,7 @@ from actors.lockspace import (
     Snapshot,
     SnapshotTaken,
     TakeSnapshot,
+    Unfreeze,
 )
 from actors.model import Owner, OwnerKey
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
@@ -256,6 +257,9 @@ class RouterActor(DispatchedActor):
             self._clients.pop(message.id, None)
         elif isinstance(message, CollectFds):
             self._collect_fds(message)
+        elif isinstance(message, Unfreeze):
+            for ref in self._lockspaces.values():
+                ref.tell(message)
         elif isinstance(message, LeaseFds):
             self._collected(message)
         elif isinstance(message, Kick):

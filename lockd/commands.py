@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from lockd import procs
+from lockd import autospawn, procs
 from lockd.config import ConfigError, default_admin_socket, default_socket
 from protocol.client import Client, ConnectionLostError, RemoteError
 from protocol.names import FILES_LOCKSPACE, InvalidNameError, lease_name_for_path
@@ -55,10 +55,18 @@ def _fail(args: argparse.Namespace, exc: Exception) -> int:
 
 
 @contextmanager
-def _connect(path: str | None, name: str, *, wait: float = 0.0) -> Iterator[Client]:
+def _connect(
+    path: str | None, name: str, *, wait: float = 0.0, spawn: bool = False
+) -> Iterator[Client]:
     path = path or default_socket()
     try:
-        client = Client(path, name=name, timeout=30.0 + wait)
+        try:
+            client = Client(path, name=name, timeout=30.0 + wait)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if not (spawn and autospawn.wanted()):
+                raise
+            autospawn.spawn(path)
+            client = Client(path, name=name, timeout=30.0 + wait)
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise CommandError(
             f"cannot reach lockd at {path}: {exc.strerror} (is `lockd serve` running?)",
@@ -115,7 +123,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         overrides = {k: (os.path.abspath(v) if k.endswith(("socket", "_dir", "_file")) and v else v)
                      for k, v in overrides.items()}  # fmt: skip
-        config = config_mod.load(args.config, overrides)
+        config = config_mod.load(args.config or os.environ.get("LOCKD_CONFIG"), overrides)
     except ConfigError as exc:
         print(f"lockd serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -382,7 +390,7 @@ def cmd_acquire(args: argparse.Namespace) -> int:
 
     def body() -> int:
         owner = _owner_map(args.owner_pid, args.name, args.uuid, args.id)
-        with _connect(args.socket, "lockd-acquire", wait=args.wait) as client:
+        with _connect(args.socket, "lockd-acquire", wait=args.wait, spawn=True) as client:
             granted = _acquire(client, args, owner)
         if args.json:
             _print_json({"owner": _owner_json(owner), "leases": granted})
@@ -433,7 +441,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     def body() -> int:
         owner = _owner_map(os.getpid(), args.name, args.uuid or str(uuidlib.uuid4()), args.id)
         path = args.socket or default_socket()
-        with _connect(path, f"lockd-run {args.name}", wait=args.wait) as client:
+        with _connect(path, f"lockd-run {args.name}", wait=args.wait, spawn=True) as client:
             _acquire(client, args, owner)
             client.call("restrict")
             fd = client.fileno()

@@ -287,7 +287,12 @@ class Daemon:
         activated: dict[str, int] = {}
         stored: dict[str, int] = {}
         for name, fd in listen_fds() if not embedded else []:
-            if name.startswith("lease-"):
+            if name.startswith("lease-") and name in stored:
+                # The same lease stored twice: keep one; the other's lock goes
+                # when the manager drops it (FDSTOREREMOVE sends both away later).
+                log.warning("fd store returned %s twice; closing the extra fd", name)
+                os.close(fd)
+            elif name.startswith("lease-"):
                 stored[name] = fd
             elif name in ACTIVATION_NAMES and name not in activated:
                 activated[name] = fd
@@ -421,7 +426,20 @@ class Daemon:
             ],
             next_conn_id=conn_ids.next,
             argv=[sys.executable, "-m", "lockd", *argv],
+            owners=self.system.owners,
+            on_abort=self._reexec_abandoned,
         )
+
+    def _reexec_abandoned(self, handed: list[HandedOver], why: str) -> None:
+        """Take back the connections already handed over and serve on, in this process."""
+        for state in handed:
+            self._connections.pop(state.conn_id, None)
+            self._clients -= 1
+            self._adopt_connection(state)
+        for listener in self.listeners:
+            listener.start()
+        self._reexecing = False
+        sd_notify(f"STATUS=serving; re-exec abandoned: {why}")
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration; apply the log level, report what needs a restart."""

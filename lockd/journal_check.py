@@ -1,13 +1,19 @@
 """``lockd journal-check``: find journal damage, and cut the journal at it when told to.
 
-Start-up refuses a journal that is damaged before its tail, because replaying
-around a hole could forget a lease. This is the way out an operator takes,
-knowingly: ``--repair`` keeps a copy of everything it removes (``*.damaged``
-files the daemon ignores), truncates the damaged segment at the last good
-record and moves later segments aside. The daemon then recovers what the
-journal says up to that record; leases taken after it are not held again
-until their owners ask again, which is why the command prints the range of
-sequence numbers it cut.
+Start-up refuses a journal that is damaged where recovery needs it, because
+replaying around a hole could forget a lease. This is the way out an
+operator takes, knowingly:
+
+- damage in a segment the newest usable snapshot already covers is history
+  only: ``--repair`` moves that segment aside (recovery does not need it);
+- damage after the snapshot is cut: ``--repair`` keeps a copy of the
+  damaged segment, truncates it at the last good record, and moves later
+  segments and any snapshot newer than the cut aside. The daemon then
+  recovers what the journal says up to that record; leases taken after it
+  are not held again until their owners ask again, which is why the command
+  prints the sequence numbers it cut.
+
+Everything removed is kept as ``*.damaged-<time>`` files, which the daemon ignores.
 """
 
 from __future__ import annotations
@@ -23,53 +29,91 @@ from lockd.journal_format import JournalCorruptError, decode_segment
 from lockd.snapshot import decode_snapshot, list_snapshots
 
 
+def _first_seq(name: str) -> int:
+    return int(name.split("-", 1)[1].split(".", 1)[0])
+
+
 @attrs.frozen
 class Damage:
-    """Where the journal is damaged."""
+    """Where the journal is damaged, and whether recovery needs that part."""
 
     segment: str
     offset: int
     reason: str
     first_bad_seq: int
+    history_only: bool
+    """The newest usable snapshot covers the whole segment."""
 
 
-def find_damage(directory: str) -> tuple[list[str], Damage | None]:
-    """Check every segment and snapshot; return notes on snapshots and the first damage."""
-    notes = []
+def _snapshot_seq(directory: str, notes: list[str]) -> int:
+    best = 0
     for name in list_snapshots(directory):
         try:
             with open(os.path.join(directory, name), "rb") as f:
                 state = decode_snapshot(f.read())
             notes.append(f"{name}: ok, seq {state.seq}, {len(state.leases)} leases")
+            best = max(best, state.seq)
         except (OSError, ValueError) as exc:
             notes.append(f"{name}: unusable ({exc}); an older snapshot is used instead")
-    expected: int | None = None
-    for name in list_segments(directory):
-        path = os.path.join(directory, name)
-        with open(path, "rb") as f:
+    return best
+
+
+def find_damage(directory: str) -> tuple[list[str], Damage | None]:
+    """Check every segment and snapshot; return notes and the first damage found."""
+    notes: list[str] = []
+    covered = _snapshot_seq(directory, notes)
+    names = list_segments(directory)
+    for i, name in enumerate(names):
+        first = _first_seq(name)
+        last = _first_seq(names[i + 1]) - 1 if i + 1 < len(names) else None
+        history = last is not None and last <= covered
+        with open(os.path.join(directory, name), "rb") as f:
             data = f.read()
         try:
             scan = decode_segment(data, raw=True)
         except JournalCorruptError as exc:
-            first = expected if expected is not None else 0
-            return notes, Damage(name, exc.offset, exc.reason, first)
-        if expected is not None and scan.first_seq != expected:
-            return notes, Damage(name, 0, f"segment starts at {scan.first_seq}, not {expected}",
-                                 expected)  # fmt: skip
-        expected = scan.first_seq + scan.count
+            bad_seq = first + _good_records(data)
+            return notes, Damage(name, exc.offset, exc.reason, bad_seq, history)
+        end = scan.first_seq + scan.count - 1
         torn = f", torn tail of {scan.torn_bytes} bytes" if scan.torn_bytes else ""
-        notes.append(f"{name}: ok, seq {scan.first_seq}..{expected - 1}{torn}")
+        notes.append(f"{name}: ok, seq {first}..{end}{torn}" + (" (history)" if history else ""))
     return notes, None
 
 
+def _good_records(data: bytes) -> int:
+    """How many records of a damaged segment read back before the damage."""
+    from lockd.journal_format import decode_records, header_length
+
+    try:
+        first, length = header_length(data)
+    except JournalCorruptError:
+        return 0
+    good = 0
+    body = data[length:]
+    while body:
+        try:
+            entries, used = decode_records(body, first + good)
+        except JournalCorruptError as exc:
+            entries, used = decode_records(body[: exc.offset], first + good)
+            return good + len(entries)
+        good += len(entries)
+        if not used:
+            break
+        body = body[used:]
+    return good
+
+
 def repair(directory: str, damage: Damage) -> list[str]:
-    """Cut the journal at ``damage``; return what was done, for the operator."""
+    """Act on ``damage`` as the module docstring says; return what was done."""
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     done = []
     names = list_segments(directory)
-    index = names.index(damage.segment)
     path = os.path.join(directory, damage.segment)
     copy = f"{path}.damaged-{stamp}"
+    if damage.history_only:
+        os.rename(path, copy)
+        done.append(f"moved {damage.segment} aside (history only: the snapshot covers it)")
+        return done
     shutil.copy2(path, copy)
     done.append(f"copied {damage.segment} to {os.path.basename(copy)}")
     if damage.offset > 0:
@@ -78,11 +122,17 @@ def repair(directory: str, damage: Damage) -> list[str]:
             os.fsync(f.fileno())
         done.append(f"truncated {damage.segment} at byte {damage.offset}")
     else:
-        os.rename(path, copy.replace(".damaged-", ".removed-"))
-        done.append(f"moved {damage.segment} aside")
-    for later in names[index + 1 :]:
-        os.rename(
-            os.path.join(directory, later), os.path.join(directory, f"{later}.damaged-{stamp}")
-        )
+        os.unlink(path)
+        done.append(f"removed {damage.segment} (its header was unreadable)")
+    for later in names[names.index(damage.segment) + 1 :]:
+        aside = os.path.join(directory, f"{later}.damaged-{stamp}")
+        os.rename(os.path.join(directory, later), aside)
         done.append(f"moved {later} aside")
+    for snap in list_snapshots(directory):
+        if _first_seq(snap) >= damage.first_bad_seq:
+            os.rename(
+                os.path.join(directory, snap), os.path.join(directory, f"{snap}.damaged-{stamp}")
+            )
+            done.append(f"moved {snap} aside (newer than the cut)")
+    done.append(f"entries from seq {damage.first_bad_seq} on were cut")
     return done

@@ -98,6 +98,9 @@ class FileJournal:
         """Called with the last seq before a new segment starts; True once a snapshot covers it."""
         self.last_scan: SegmentScan | None = None
         """The newest segment as read at open (recovery replays it without reading it again)."""
+        for stray in os.listdir(directory):
+            if stray.startswith(f".{SEGMENT_PREFIX}") and stray.endswith(".tmp"):
+                os.unlink(os.path.join(directory, stray))  # a rotation cut short by a crash
         names = list_segments(directory)
         if names:
             self._open_last(names[-1])
@@ -127,11 +130,19 @@ class FileJournal:
         self.last_scan = scan
 
     def _start_segment(self, first_seq: int) -> None:
+        # Header first under a temporary name, then rename: a crash never
+        # leaves a segment without its header (which would stop start-up).
         path = os.path.join(self.directory, segment_name(first_seq))
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        tmp = os.path.join(self.directory, f".{segment_name(first_seq)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         header = encode_header(first_seq)
         os.write(fd, header)
         os.fsync(fd)
+        if os.path.exists(path):
+            os.close(fd)
+            os.unlink(tmp)
+            raise FileExistsError(f"journal segment {path} exists already")
+        os.rename(tmp, path)
         _fsync_dir(self.directory)
         if self._fd >= 0:
             os.close(self._fd)

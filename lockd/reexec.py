@@ -13,22 +13,25 @@ stopped (including bytes the client sent meanwhile).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
 import cbor2
 import pykka
 
-from actors.connection import HandedOver, Quiesce
+from actors.connection import Gone, HandedOver, Quiesce
 from actors.events import DaemonStopped
 from actors.journal import Append, Appended, AppendFailed
+from actors.lockspace import Unfreeze
 from actors.model import Owner
+from actors.owners import Fencing, QueryFencing
 from actors.router import AllFds, CollectFds
-from actors.runtime import DispatchedActor, Dispatcher
+from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 
 log = logging.getLogger(__name__)
 
@@ -101,30 +104,53 @@ def read_handoff(fd: int) -> Handoff:
     with os.fdopen(fd, "rb") as f:
         f.seek(0)
         handoff = Handoff.from_bytes(f.read())
-    for inherited in handoff.all_fds():
-        os.set_inheritable(inherited, False)
-    return handoff
+    good = []
+    for conn in handoff.connections:
+        try:
+            os.set_inheritable(conn.fd, False)
+        except OSError as exc:
+            log.error(
+                "re-exec: client %d's socket did not survive (%s); dropped", conn.conn_id, exc
+            )
+            continue
+        good.append(conn)
+    for inherited in [item.fd for item in handoff.listeners] + [f for _, _, f in handoff.leases]:
+        os.set_inheritable(inherited, False)  # these must be there: failing loudly is right
+    return attrs.evolve(handoff, connections=tuple(good))
 
 
 def exec_with(handoff: Handoff, argv: Sequence[str]) -> None:
-    """Replace this process by ``argv`` plus ``--handoff-fd``; the handed fds stay open."""
-    memfd = os.memfd_create("lockd-handoff", 0)
+    """Replace this process by ``argv`` plus ``--handoff-fd``; the handed fds stay open.
+
+    Raises OSError (and leaves this process as it was) when an fd is no longer
+    open or the exec itself fails.
+    """
+    for fd in handoff.all_fds():
+        os.fstat(fd)  # every fd handed over must still be open
+    memfd = os.memfd_create("lockd-handoff", os.MFD_CLOEXEC)
     os.write(memfd, handoff.to_bytes())
     for fd in handoff.all_fds():
         os.set_inheritable(fd, True)
     os.set_inheritable(memfd, True)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(argv[0], [*argv, "--handoff-fd", str(memfd)])  # noqa: S606 - our own binary
+    try:
+        os.execv(argv[0], [*argv, "--handoff-fd", str(memfd)])  # noqa: S606 - our own binary
+    finally:
+        os.close(memfd)  # only reached when the exec failed
+
+
+REEXEC_DEADLINE_SECONDS = 10.0
+"""How long a re-exec may wait for connections and lockspaces to go quiet before it gives up."""
 
 
 @attrs.frozen
-class _Done:
-    """Self-sent when a step completes with nothing to wait for."""
+class _Deadline:
+    """Self-sent when the re-exec took too long."""
 
 
 class ReexecActor(DispatchedActor):
-    """Quiesces the daemon and execs it; runs once."""
+    """Quiesces the daemon and execs it; on any failure, resumes serving instead. Runs once."""
 
     def __init__(
         self,
@@ -133,22 +159,36 @@ class ReexecActor(DispatchedActor):
         connections: Sequence[pykka.ActorRef[Any]],
         router: pykka.ActorRef[Any],
         journal: pykka.ActorRef[Any],
+        owners: pykka.ActorRef[Any],
         listeners: Sequence[ListenerFd],
         next_conn_id: int,
         argv: Sequence[str],
+        on_abort: Callable[[list[HandedOver], str], None],
     ) -> None:
         super().__init__(dispatcher)
         self._connections = list(connections)
         self._router = router
         self._journal = journal
+        self._owners = owners
         self._listeners = tuple(listeners)
         self._next_conn_id = next_conn_id
         self._argv = list(argv)
+        self._on_abort = on_abort
         self._waiting = 0
         self._handed: list[HandedOver] = []
         self._leases: tuple[tuple[str, str, int], ...] = ()
+        self._done = False
 
     def on_start(self) -> None:
+        ref = self.actor_ref
+        self.dispatcher.call_later(REEXEC_DEADLINE_SECONDS, lambda: tell_if_alive(ref, _Deadline()))
+        if not os.access(self._argv[0], os.X_OK):
+            self._abort(f"{self._argv[0]} is not executable")
+            return
+        # A fence in progress has its SIGKILL on a timer of this process: finish it first.
+        self._owners.tell(QueryFencing(self.actor_ref))
+
+    def _quiesce(self) -> None:
         log.info("re-exec: quiescing %d connections", len(self._connections))
         for ref in self._connections:
             if ref.is_alive():
@@ -158,8 +198,16 @@ class ReexecActor(DispatchedActor):
             self._router.tell(CollectFds(0, self.actor_ref))
 
     def on_receive(self, message: Any) -> Any:
-        if isinstance(message, HandedOver):
-            self._handed.append(message)
+        if self._done:
+            return None
+        if isinstance(message, Fencing):
+            if message.count:
+                self._abort(f"{message.count} owner(s) are being fenced; send SIGUSR1 again later")
+            else:
+                self._quiesce()
+        elif isinstance(message, HandedOver | Gone):
+            if isinstance(message, HandedOver):
+                self._handed.append(message)
             self._waiting -= 1
             if self._waiting == 0:
                 self._router.tell(CollectFds(0, self.actor_ref))
@@ -167,16 +215,33 @@ class ReexecActor(DispatchedActor):
             self._leases = message.fds
             self._journal.tell(Append((DaemonStopped("re-exec (SIGUSR1)"),), 0, self.actor_ref))
         elif isinstance(message, Appended | AppendFailed):
-            handoff = Handoff(
-                self._listeners, tuple(self._handed), self._leases, self._next_conn_id
-            )
-            log.info(
-                "re-exec: handing over %d listeners, %d connections, %d lease fds",
-                len(self._listeners),
-                len(self._handed),
-                len(self._leases),
-            )
-            exec_with(handoff, self._argv)
+            self._exec()
+        elif isinstance(message, _Deadline):
+            self._abort(f"not quiet after {REEXEC_DEADLINE_SECONDS:g} s")
         else:
             return super().on_receive(message)
         return None
+
+    def _exec(self) -> None:
+        handoff = Handoff(self._listeners, tuple(self._handed), self._leases, self._next_conn_id)
+        log.info(
+            "re-exec: handing over %d listeners, %d connections, %d lease fds",
+            len(self._listeners),
+            len(self._handed),
+            len(self._leases),
+        )
+        try:
+            exec_with(handoff, self._argv)
+        except OSError as exc:
+            for fd in handoff.all_fds():
+                with contextlib.suppress(OSError):
+                    os.set_inheritable(fd, False)
+            self._abort(f"exec {self._argv[0]} failed: {exc}")
+
+    def _abort(self, why: str) -> None:
+        """Give up the re-exec and go on serving: the same process, the same locks."""
+        self._done = True
+        log.error("re-exec abandoned: %s; serving on", why)
+        self._router.tell(Unfreeze())
+        self._on_abort(self._handed, why)
+        self.stop()

@@ -198,11 +198,17 @@ class SocketTransport:
         return self._fd
 
     def take_unsent(self) -> bytes:
-        """Remove and return the bytes not yet sent (re-exec hands them to the next daemon)."""
+        """Hand the socket over (re-exec): return the bytes not yet sent, and let go of the fd.
+
+        The Python socket object is detached so that collecting it never
+        closes the fd the next owner of the connection uses.
+        """
         data = b"".join(bytes(chunk) for chunk in self._out)
         self._out.clear()
         self._backlog = 0
         self._dispatcher.unwatch(self._fd)
+        self._closed = True
+        self._sock.detach()
         return data
 
 

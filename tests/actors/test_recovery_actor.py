@@ -123,3 +123,27 @@ def test_an_adopted_fd_is_used_without_reopening(h: Harness) -> None:
     assert kernel_locked(path)
     c = h.connect(LIVE)
     assert c.ok("list-leases")["leases"][0]["resource"] == "kept"
+
+
+def test_a_lockspace_mounted_late_is_waited_for_not_fenced(h: Harness) -> None:
+    """Shared storage that appears a few seconds late: the live owner keeps its lease."""
+    live = owner(LIVE)
+    state = ReplayState()
+    lease = HeldLease("late.pool", "disk", LeaseMode.EXCLUSIVE, False)
+    lease.owners[live.key] = (live, 1.0)
+    state.leases[("late.pool", "disk")] = lease
+    reports: list[RecoveryReport] = []
+    RecoveryActor.start(
+        h.dispatcher, state=state, router=h.router, owners=h.owners, journal=h.journal,
+        processes=h.processes, on_done=reports.append,
+    )  # fmt: skip
+    h.run()
+    for _ in range(3):
+        h.advance(1.0)
+    assert reports == []  # still waiting: requests wait with it
+    (h.lock_dir / "late.pool").mkdir()
+    (h.lock_dir / "late.pool" / "disk").touch()
+    h.advance(1.0)
+    assert reports[0].held == 1
+    assert h.processes.signals == []
+    assert kernel_locked(h.lock_dir / "late.pool" / "disk")

@@ -458,3 +458,42 @@ def test_check_config(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 2
     assert "bad.toml:3: unknown key 'journal_synk' (did you mean 'journal_sync'?)" in done.stderr
+
+
+def test_lockd_run_starts_a_per_user_daemon_when_none_runs(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """virtlockd's auto-spawn: one command works on a fresh login, and the daemon goes away."""
+    config = tmp_path / "lockd.toml"
+    config.write_text(
+        f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{tmp_path / "journal"}"\n'
+    )
+    sock = tmp_path / "run" / "lockd.sock"
+    env = {
+        **os.environ,
+        "LOCKD_AUTOSPAWN": "1",  # we run as root here; users other than root get it by default
+        "LOCKD_AUTOSPAWN_TIMEOUT": "1",
+        "LOCKD_CONFIG": str(config),
+        "LOCKD_SOCKET": str(sock),
+        "LOCKD_ADMIN_SOCKET": str(tmp_path / "run" / "admin.sock"),
+    }
+    vm = subprocess.Popen([*LOCKD, "run", "--disk", "/vm/auto.img", "--name", "vm", "--",
+                           "sleep", "600"], env=env)  # fmt: skip
+    children.append(vm)
+    path = tmp_path / "locks" / FILES_LOCKSPACE / lease_name_for_path("/vm/auto.img")
+    wait_for(lambda: path.exists() and probe(path, "ofd") == "busy", timeout=20)
+    status = subprocess.run([*LOCKD, "status", "--json"], env=env, capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    daemon_pid = json.loads(status.stdout)["pid"]
+    vm.kill()
+    vm.wait()
+    # Idle (no clients, no leases) for its timeout: the spawned daemon exits by itself.
+    wait_for(lambda: not os.path.exists(f"/proc/{daemon_pid}"), timeout=20)
+    assert "idle" in (tmp_path / "run" / "lockd.log").read_text()
+    done = subprocess.run([*LOCKD, "events", "--journal-dir", str(tmp_path / "journal"),
+                           "--json", "--type", "lease-released"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert json.loads(done.stdout.splitlines()[-1])["reason"] == "owner-exit"
+    no_spawn = subprocess.run([*LOCKD, "status"], env={**env, "LOCKD_AUTOSPAWN": "1"},
+                              capture_output=True, text=True, check=False)  # fmt: skip
+    assert no_spawn.returncode == 69  # status never spawns a daemon

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,36 @@ def test_sigusr1_keeps_every_lock_and_connection(
     assert events(daemon, "--type", "lease-released")[-1]["reason"] == "owner-exit"
     os.kill(sleeper.pid, signal.SIGKILL)
     time.sleep(0.1)
+
+
+def test_sigusr1_during_a_fence_is_put_off_and_the_fence_completes(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """The SIGKILL of a fence is a timer in this process: a re-exec must not drop it."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(
+        "import os, signal, time, uuid\n"
+        "from protocol.client import Client\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"c = Client({str(daemon.socket)!r})\n"
+        "c.call('register', owner={'uuid': uuid.uuid4().bytes, 'name': 'vm', 'id': 1,"
+        " 'pid': os.getpid()})\n"
+        "c.call('acquire', leases=[{'lockspace': 'org.libvirt.lockd.files', 'resource': 'r'}],"
+        " autocreate=True)\n"
+        "print('held', flush=True)\n"
+        "c.close()\n"
+        "time.sleep(60)\n"
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+    children.append(owner)  # type: ignore[arg-type]
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == "held"
+    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "re-exec abandoned" in daemon.log.read_text())
+    assert owner.wait(10) == -signal.SIGKILL
+    assert [e["signal"] for e in events(daemon, "--type", "owner-fenced")] == ["SIGTERM", "SIGKILL"]
+    assert daemon.lockd("status").returncode == 0
+    assert len(events(daemon, "--type", "daemon-started")) == 1  # no re-exec happened

@@ -1,0 +1,47 @@
+"""journal-check: damage is found where it is, and --repair cuts only what it must."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lockd.journal_check import find_damage, repair
+from lockd.journal_file import list_segments
+from lockd.snapshot import list_snapshots
+from tests.lockd.test_snapshot_replay import fill, reopen
+
+
+def flip(path: Path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_damage_in_covered_history_moves_only_that_segment(tmp_path: Path) -> None:
+    """The snapshot covers it: recovery never needed it, and nothing else is touched."""
+    written = fill(tmp_path, 200)
+    oldest = tmp_path / list_segments(str(tmp_path))[0]
+    flip(oldest, len(oldest.read_bytes()) // 2)
+    assert reopen(tmp_path)[0].seq == 200  # start-up is not affected
+    _, damage = find_damage(str(tmp_path))
+    assert damage is not None
+    assert damage.history_only
+    repair(str(tmp_path), damage)
+    state, _ = reopen(tmp_path)
+    assert set(state.leases) == set(written.leases)
+    assert find_damage(str(tmp_path))[1] is None
+
+
+def test_damage_after_the_snapshot_is_cut_and_reported(tmp_path: Path) -> None:
+    fill(tmp_path, 200)
+    newest = tmp_path / list_segments(str(tmp_path))[-1]
+    flip(newest, len(newest.read_bytes()) // 2)
+    _, damage = find_damage(str(tmp_path))
+    assert damage is not None
+    assert not damage.history_only
+    assert damage.first_bad_seq > 0
+    done = repair(str(tmp_path), damage)
+    assert any("were cut" in line for line in done)
+    state, _ = reopen(tmp_path)
+    assert state.seq == damage.first_bad_seq - 1
+    assert all(int(n[9:29]) < damage.first_bad_seq for n in list_snapshots(str(tmp_path)))
+    assert find_damage(str(tmp_path))[1] is None
