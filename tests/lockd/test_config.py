@@ -71,3 +71,31 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, names: str) -> None:
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load(str(tmp_path / "nope.toml"), {})
+
+
+def test_the_annotated_example_is_valid_and_complete() -> None:
+    """contrib/lockd.toml loads with every line uncommented, and documents every key."""
+    import attrs
+
+    from lockd.config import Config
+
+    example = Path(__file__).resolve().parents[2] / "contrib" / "lockd.toml"
+    text = example.read_text()
+    # Settings are commented as "#key = value"; prose comments start with "# ".
+    settings = [
+        line[1:]
+        for line in text.splitlines()
+        if line[:2] != "# " and line.startswith("#") and len(line) > 1
+    ]
+    config_file = example.parent / ".example-check.toml"
+    try:
+        config_file.write_text("\n".join(settings) + "\n")
+        loaded = load(str(config_file), {})
+    finally:
+        config_file.unlink()
+    assert loaded.journal_sync is SyncPolicy.NONE
+    documented = {line.split("=")[0].strip() for line in settings if "=" in line}
+    internal = {"config_file", "pid_file"}
+    keys = {f.name for f in attrs.fields(Config)} - internal
+    assert keys <= documented | {"lockspaces"}
+    assert "[lockspaces]" in settings
