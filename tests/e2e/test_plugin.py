@@ -1,0 +1,293 @@
+"""The hypervisor plugin against a real daemon: leases seen as fcntl locks from other processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lockd.plugin import LockError, LockManager, Owner, parse_state, socket_connector
+from protocol.names import FILES_LOCKSPACE, lease_name_for_path
+from tests.e2e.conftest import DaemonProcess, wait_for
+from tests.lockprobe import probe
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+WRAPPER = REPO / "contrib" / "qemu" / "lockd-qemu-wrapper"
+LOCK_DRIVER = REPO / "contrib" / "plugin" / "lockd-lock-driver"
+Children = list[subprocess.Popen[bytes]]
+
+
+def lease_file(daemon: DaemonProcess, disk: str) -> Path:
+    return daemon.lock_dir / FILES_LOCKSPACE / lease_name_for_path(disk)
+
+
+def locked(daemon: DaemonProcess, disk: str) -> bool:
+    """Whether another process (as another host would) finds the disk's lease locked.
+
+    The probe asks for a write lock, which any lock on byte 0, shared or not, refuses.
+    No lease file (never created, or unlinked on last release) means not locked.
+    """
+    path = lease_file(daemon, disk)
+    try:
+        return probe(path, "classic") == "busy"
+    except subprocess.CalledProcessError:
+        if path.exists():
+            raise
+        return False
+
+
+def sleeper(children: Children) -> subprocess.Popen[bytes]:
+    """A stand-in VM process."""
+    proc = subprocess.Popen(["sleep", "600"])
+    children.append(proc)
+    return proc
+
+
+def manager(daemon: DaemonProcess, pid: int, vm_uuid: bytes | None = None) -> LockManager:
+    owner = Owner(vm_uuid or uuid.uuid4().bytes, f"vm-{pid}", 1, pid)
+    return LockManager(owner, connect=socket_connector(str(daemon.socket), timeout=10))
+
+
+def leases_by_pid(daemon: DaemonProcess) -> dict[int, dict[str, str]]:
+    """pid -> {resource: mode}, from the daemon's own listing."""
+    out: dict[int, dict[str, str]] = {}
+    with daemon.client() as client:
+        for lease in client.call("list-leases")["leases"]:
+            for owner in lease["owners"]:
+                out.setdefault(owner["pid"], {})[lease["resource"]] = lease["mode"]
+    return out
+
+
+def clients(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    with daemon.client() as client:
+        rows: list[dict[str, Any]] = client.call("list-clients")["clients"]
+    return rows
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.kill()
+    proc.wait()
+
+
+def test_acquire_for_a_vm_process_outlives_the_manager_and_ends_with_the_vm(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """keep_fd+restrict for another pid: held after manager and fd close, freed when it exits."""
+    vm = sleeper(children)
+    mgr = manager(daemon, vm.pid)
+    mgr.add_disk("/vm/a.img")
+    assert mgr.add_disk("/vm/cd.iso", readonly=True) is None
+    got = mgr.acquire(restrict=True, keep_fd=True)
+    assert got.fd is not None
+    assert os.get_inheritable(got.fd)
+    assert locked(daemon, "/vm/a.img")
+    assert not lease_file(daemon, "/vm/cd.iso").exists()
+    restricted = [c for c in clients(daemon) if c["restricted"]]
+    assert [c["owner"]["pid"] for c in restricted] == [vm.pid]
+    mgr.close()
+    os.close(got.fd)
+    wait_for(lambda: not any(c["restricted"] for c in clients(daemon)))
+    assert locked(daemon, "/vm/a.img"), "closing a manager's connection ends no lease"
+    kill(vm)
+    wait_for(lambda: not locked(daemon, "/vm/a.img"))
+    assert leases_by_pid(daemon) == {}
+
+
+def test_libvirt_start_flow_the_vm_inherits_a_restricted_connection(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """Start: the VM registers itself (register-only, restrict, keep fd), execs; resume leases."""
+    code = textwrap.dedent(
+        f"""
+        import os, uuid
+        from lockd.plugin import LockManager, Owner, socket_connector
+        owner = Owner(uuid.uuid4().bytes, "vm-start", 1, os.getpid())
+        mgr = LockManager(owner, connect=socket_connector({str(daemon.socket)!r}))
+        mgr.add_disk("/vm/start.img")
+        got = mgr.acquire(register_only=True, restrict=True, keep_fd=True)
+        assert got.leases == ()
+        os.execvp("sleep", ["sleep", "600"])
+        """
+    )
+    vm = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    children.append(vm)
+    wait_for(lambda: vm.poll() is not None or any(c["pid"] == vm.pid for c in clients(daemon)))
+    assert vm.poll() is None
+    wait_for(lambda: Path(f"/proc/{vm.pid}/comm").read_text().strip() == "sleep")
+    (row,) = [c for c in clients(daemon) if c["pid"] == vm.pid]
+    assert row["restricted"]
+    assert row["owner"]["pid"] == vm.pid, "the exec'd VM holds its own registered connection"
+    assert not locked(daemon, "/vm/start.img"), "register-only takes no lease"
+    with manager(daemon, vm.pid) as resume:
+        resume.add_disk("/vm/start.img")
+        resume.acquire()
+    assert locked(daemon, "/vm/start.img")
+    kill(vm)
+    wait_for(lambda: not locked(daemon, "/vm/start.img"))
+
+
+def test_acquire_is_all_or_nothing_when_one_disk_is_busy(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """vm2 asks for a free disk and vm1's disk: refused with the holder named, nothing taken."""
+    vm1, vm2 = sleeper(children), sleeper(children)
+    with manager(daemon, vm1.pid) as first:
+        first.add_disk("/vm/busy.img")
+        first.acquire()
+    with manager(daemon, vm2.pid) as second:
+        second.add_disk("/vm/free.img")
+        second.add_disk("/vm/busy.img")
+        with pytest.raises(LockError) as caught:
+            second.acquire()
+        assert caught.value.code == "busy"
+        assert caught.value.message.startswith("disk /vm/busy.img is busy")
+        assert f"pid {vm1.pid}" in caught.value.message
+        assert [h["pid"] for h in caught.value.details["holders"]] == [vm1.pid]
+        assert second.inquire().count(";") == 1, "the state lists no lease"
+    assert not locked(daemon, "/vm/free.img")
+    assert leases_by_pid(daemon) == {vm1.pid: {lease_name_for_path("/vm/busy.img"): "exclusive"}}
+
+
+def test_migration_inquire_release_then_acquire_the_state_on_the_target(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """The target VM process gets exactly the source's leases, in the same modes."""
+    vm_uuid = uuid.uuid4().bytes
+    source_vm, target_vm = sleeper(children), sleeper(children)
+    with manager(daemon, source_vm.pid, vm_uuid) as source:
+        source.add_disk("/vm/root.img")
+        source.add_disk("/vm/base.img", shareable=True)
+        source.add_disk("/vm/seed.iso", readonly=True)
+        source.acquire()
+        state = source.inquire()
+        assert len(source.release()) == 2
+    assert not locked(daemon, "/vm/root.img")
+    expected = {
+        lease_name_for_path("/vm/root.img"): "exclusive",
+        lease_name_for_path("/vm/base.img"): "shared",
+    }
+    assert {le.resource: le.mode for le in parse_state(state).leases} == expected
+    with manager(daemon, target_vm.pid, vm_uuid) as target:
+        assert len(target.acquire(state).leases) == 2
+        assert target.inquire() == state
+    assert leases_by_pid(daemon) == {target_vm.pid: expected}
+    assert locked(daemon, "/vm/root.img")
+    assert locked(daemon, "/vm/base.img")
+    with manager(daemon, source_vm.pid) as other_vm, pytest.raises(LockError) as caught:
+        other_vm.acquire(state)
+    assert caught.value.code == "bad-state", "another VM's state is refused"
+
+
+def fake_qemu(tmp_path: Path, body: str) -> Path:
+    script = tmp_path / "fake-qemu"
+    script.write_text(f"#!/bin/sh\n{body}\n")
+    script.chmod(0o755)
+    return script
+
+
+def wrapper_env(daemon: DaemonProcess, qemu: Path) -> dict[str, str]:
+    return {**daemon.env, "LOCKD_QEMU": str(qemu), "LOCKD_CLI": f"{sys.executable} -m lockd"}
+
+
+def test_qemu_wrapper_leases_the_writable_drives_for_the_life_of_qemu(
+    daemon: DaemonProcess, children: Children, tmp_path: Path
+) -> None:
+    """-drive file= exclusive, share-rw device shared, readonly and cdrom skipped; ends at exit."""
+    vm_uuid = str(uuid.uuid4())
+    qemu_args = [
+        "-name", "guest=vm9,debug-threads=on", "-uuid", vm_uuid,
+        "-drive", "file=/vm/w.img,format=raw,if=virtio",
+        "-drive", "file=/vm/ro.img,readonly=on",
+        "-drive", "file=/vm/cd.iso,media=cdrom",
+        "-drive", "if=none,id=s0,file=/vm/s.img",
+        "-device", "virtio-blk-pci,drive=s0,share-rw=on",
+    ]  # fmt: skip
+    env = wrapper_env(daemon, fake_qemu(tmp_path, "exec sleep 600"))
+    vm = subprocess.Popen([str(WRAPPER), *qemu_args], env=env)
+    children.append(vm)
+    wait_for(lambda: vm.poll() is not None or vm.pid in leases_by_pid(daemon))
+    assert vm.poll() is None
+    assert leases_by_pid(daemon)[vm.pid] == {
+        lease_name_for_path("/vm/w.img"): "exclusive",
+        lease_name_for_path("/vm/s.img"): "shared",
+    }
+    (row,) = [c for c in clients(daemon) if c["pid"] == vm.pid]
+    assert row["restricted"]
+    assert row["owner"]["name"] == "vm9"
+    assert row["owner"]["uuid"] == uuid.UUID(vm_uuid).bytes
+    busy = subprocess.run(
+        [str(WRAPPER), "-name", "vm10", "-hda", "/vm/w.img"], env=env, capture_output=True,
+        text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert busy.returncode == 75, busy.stderr
+    assert "disk /vm/w.img is busy" in busy.stderr
+    kill(vm)
+    wait_for(lambda: not locked(daemon, "/vm/w.img") and not locked(daemon, "/vm/s.img"))
+
+
+def test_qemu_wrapper_without_writable_disks_runs_qemu_directly(tmp_path: Path) -> None:
+    """Capability probes and read-only guests need no daemon at all."""
+    echo = fake_qemu(tmp_path, 'echo "ran: $*"')
+    env = {**os.environ, "LOCKD_QEMU": str(echo), "LOCKD_SOCKET": str(tmp_path / "none.sock")}
+    done = subprocess.run(
+        [str(WRAPPER), "-drive", "file=/vm/ro.img,readonly=on", "-version"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "ran: -drive file=/vm/ro.img,readonly=on -version\n"
+
+
+def lock_driver(
+    daemon: DaemonProcess, *args: str, stdin: str | None = None
+) -> tuple[int, dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, str(LOCK_DRIVER), *args], env=daemon.env, input=stdin,
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    reply: dict[str, Any] = json.loads(done.stdout)
+    return done.returncode, reply
+
+
+def test_lock_driver_script_acquire_inquire_release(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """The command takes JSON or flags, prints JSON, and exits 75 on a busy disk."""
+    vm1, vm2 = sleeper(children), sleeper(children)
+    request = {
+        "owner": {"uuid": str(uuid.uuid4()), "name": "vm1", "id": 3, "pid": vm1.pid},
+        "disks": [
+            {"path": "/vm/d.img"},
+            {"path": "/vm/base.img", "shareable": True},
+            {"path": "/vm/cd.iso", "readonly": True},
+        ],
+    }
+    code, reply = lock_driver(daemon, "acquire", "--json", stdin=json.dumps(request))
+    assert code == 0, reply
+    assert sorted(le["mode"] for le in reply["leases"]) == ["exclusive", "shared"]
+    assert locked(daemon, "/vm/d.img")
+    code, reply = lock_driver(daemon, "inquire", "--json", stdin=json.dumps(request))
+    assert code == 0, reply
+    assert len(parse_state(reply["state"]).leases) == 2
+    flags = ["--uuid", str(uuid.uuid4()), "--name", "vm2", "--pid", str(vm2.pid)]
+    code, reply = lock_driver(daemon, "acquire", *flags, "--disk", "/vm/d.img")
+    assert code == 75
+    assert reply["error"]["code"] == "busy"
+    code, reply = lock_driver(daemon, "acquire", *flags, "--disk", "/vm/base.img:shareable")
+    assert code == 0, reply
+    code, reply = lock_driver(daemon, "release", "--json", stdin=json.dumps(request))
+    assert code == 0, reply
+    assert len(reply["released"]) == 2
+    assert not locked(daemon, "/vm/d.img")
+    assert locked(daemon, "/vm/base.img"), "vm2 still shares the base image"
+    code, reply = lock_driver(daemon, "acquire", *flags, "--state", "lockd-state:9")
+    assert code == 2
+    assert reply["error"]["code"] == "bad-state"

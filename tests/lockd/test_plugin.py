@@ -1,0 +1,688 @@
+"""The hypervisor plugin's decisions, against an in-memory daemon and fake device tools."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lockd.plugin import (
+    MAX_LEASES,
+    CommandDeviceKeys,
+    CommandOutput,
+    Connection,
+    DeviceKeys,
+    Lease,
+    LockError,
+    LockManager,
+    Owner,
+    PluginOptions,
+    disk_lease,
+    format_state,
+    parse_state,
+)
+from protocol.client import ConnectionLostError, RemoteError
+from protocol.names import FILES_LOCKSPACE, LVM_LOCKSPACE, SCSI_LOCKSPACE, lease_name_for_path
+
+VM_UUID = uuid.UUID("00010203-0405-0607-0809-0a0b0c0d0e0f").bytes
+
+
+# -- fakes ------------------------------------------------------------------------------------
+@attrs.define
+class Holding:
+    shared: bool
+    autocreate: bool
+    owners: set[int]
+
+
+@attrs.define
+class FakeDaemon:
+    """The daemon's lease rules in memory: register, acquire all-or-nothing, release, inquire."""
+
+    held: dict[tuple[str, str], Holding] = attrs.field(factory=dict)
+    files: set[tuple[str, str]] = attrs.field(factory=set)
+    requests: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
+    opened: int = 0
+    reachable: bool = True
+
+    def connect(self) -> FakeConnection:
+        if not self.reachable:
+            raise FileNotFoundError(2, "No such file or directory")
+        self.opened += 1
+        return FakeConnection(self)
+
+    def ops(self) -> list[str]:
+        return [op for op, _ in self.requests]
+
+    def leases_of(self, pid: int) -> dict[tuple[str, str], str]:
+        return {
+            ref: "shared" if h.shared else "exclusive"
+            for ref, h in self.held.items()
+            if pid in h.owners
+        }
+
+    def serve(self, conn: FakeConnection, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        self.requests.append((op, args))
+        if conn.restricted:
+            raise RemoteError("restricted", "restricted", {})
+        if op == "register":
+            conn.pid = args["owner"]["pid"]
+            return {}
+        if op in ("restrict", "create-lockspace"):
+            conn.restricted = op == "restrict"
+            return {}
+        pid = conn.pid
+        assert pid is not None, f"{op} before register"
+        if op == "inquire":
+            leases = [
+                {"lockspace": ls, "resource": res, "mode": mode}
+                for (ls, res), mode in sorted(self.leases_of(pid).items())
+            ]
+            return {"leases": leases}
+        if op == "acquire":
+            return self._acquire(pid, args["leases"], args["autocreate"])
+        if op == "release":
+            for ref in args["leases"]:
+                key = (ref["lockspace"], ref["resource"])
+                holding = self.held.get(key)
+                if holding is None or pid not in holding.owners:
+                    raise RemoteError("not-held", f"lease {key[0]}/{key[1]} is not held", {})
+                holding.owners.discard(pid)
+                if not holding.owners:
+                    del self.held[key]
+            return {"released": len(args["leases"])}
+        raise AssertionError(f"unexpected op {op}")
+
+    def _acquire(self, pid: int, leases: list[dict[str, Any]], autocreate: bool) -> dict[str, Any]:
+        for lease in leases:
+            key = (lease["lockspace"], lease["resource"])
+            holding = self.held.get(key)
+            if holding is not None and not (holding.shared and lease["shared"]):
+                raise RemoteError(
+                    "busy", f"lease {key[0]}/{key[1]} is held by pid {min(holding.owners)}", {}
+                )
+            if holding is None and not autocreate and key not in self.files:
+                raise RemoteError("not-found", f"no lease file {key[0]}/{key[1]}", {})
+        for lease in leases:
+            key = (lease["lockspace"], lease["resource"])
+            self.held.setdefault(key, Holding(lease["shared"], autocreate, set())).owners.add(pid)
+        return {"leases": leases}
+
+
+class FakeConnection:
+    """One connection to the fake daemon, with a real socket so its fd can be duplicated."""
+
+    def __init__(self, daemon: FakeDaemon) -> None:
+        self.daemon = daemon
+        self.pid: int | None = None
+        self.restricted = False
+        self.closed = False
+        self.timeouts: list[float | None] = []
+        self.sock, self.peer = socket.socketpair()
+        self.sock.settimeout(30)
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        assert not self.closed, "call on a closed connection"
+        return self.daemon.serve(self, op, args)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.timeouts.append(timeout)
+        self.sock.settimeout(timeout)
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+        self.peer.close()
+
+
+@attrs.define
+class FakeKeys:
+    """Device keys from tables; records which tool was asked about which path."""
+
+    lvm: dict[str, str] = attrs.field(factory=dict)
+    scsi: dict[str, str] = attrs.field(factory=dict)
+    asked: list[tuple[str, str]] = attrs.field(factory=list)
+
+    def lvm_key(self, path: str) -> str | None:
+        self.asked.append(("lvm", path))
+        return self.lvm.get(path)
+
+    def scsi_key(self, path: str) -> str | None:
+        self.asked.append(("scsi", path))
+        return self.scsi.get(path)
+
+
+@pytest.fixture
+def daemon() -> FakeDaemon:
+    return FakeDaemon()
+
+
+def manager(
+    daemon: FakeDaemon,
+    pid: int = 4242,
+    *,
+    options: PluginOptions | None = None,
+    keys: FakeKeys | None = None,
+) -> LockManager:
+    def connect() -> Connection:
+        return daemon.connect()
+
+    owner = Owner(VM_UUID, "vm1", 7, pid)
+    return LockManager(owner, connect=connect, options=options, keys=keys or FakeKeys())
+
+
+def file_lease(path: str, shared: bool = False) -> Lease:
+    return Lease(FILES_LOCKSPACE, lease_name_for_path(path), shared)
+
+
+# -- owners and options -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("uuid_bytes", "name", "owner_id", "pid"),
+    [
+        (b"short", "vm", 1, 1),
+        (VM_UUID, "", 1, 1),
+        (VM_UUID, "a\0b", 1, 1),
+        (VM_UUID, "x" * 256, 1, 1),
+        (VM_UUID, "vm", 0, 1),
+        (VM_UUID, "vm", 1, 0),
+        (VM_UUID, "vm", True, 1),
+    ],
+)
+def test_invalid_owner_is_refused(uuid_bytes: bytes, name: str, owner_id: int, pid: int) -> None:
+    """An owner libvirt's ``new`` would refuse (id 0, no name, bad uuid) cannot be built."""
+    with pytest.raises(LockError) as caught:
+        Owner(uuid_bytes, name, owner_id, pid)
+    assert caught.value.code == "invalid-argument"
+
+
+@pytest.mark.parametrize(
+    ("auto", "require", "expected"),
+    [(True, None, False), (False, None, True), (True, True, True), (False, False, False)],
+)
+def test_require_lease_defaults_to_not_auto_disk_leases(
+    auto: bool, require: bool | None, expected: bool
+) -> None:
+    """Unset require_lease_for_disks resolves to ``not auto_disk_leases``, as in virtlockd."""
+    options = PluginOptions(auto_disk_leases=auto, require_lease_for_disks=require)
+    assert options.requires_disk_lease is expected
+
+
+def test_options_from_a_config_mapping() -> None:
+    """Lockspace keys take true (well-known name), false (off) or a name; the rest is refused."""
+    options = PluginOptions.from_mapping(
+        {"auto_disk_leases": False, "lvm_lockspace": True, "scsi_lockspace": "site.scsi"}
+    )
+    assert options == PluginOptions(
+        auto_disk_leases=False, lvm_lockspace=LVM_LOCKSPACE, scsi_lockspace="site.scsi"
+    )
+    assert PluginOptions.from_mapping({"file_lockspace": False}).file_lockspace is None
+    for bad in (
+        {"auto_disk_leases": "yes"},
+        {"lvm_lockspace": 3},
+        {"file_lockspace": "../etc"},
+        {"file_lockspace_dir": "/var/lib/libvirt/lockd/files"},
+    ):
+        with pytest.raises(LockError) as caught:
+            PluginOptions.from_mapping(bad)
+        assert caught.value.code == "invalid-argument"
+
+
+# -- which disk gets which lease --------------------------------------------------------------
+def test_readonly_disk_gets_no_lease_and_needs_none(daemon: FakeDaemon) -> None:
+    """A read-only disk adds nothing, even with require_lease_for_disks on."""
+    mgr = manager(daemon, options=PluginOptions(require_lease_for_disks=True))
+    assert mgr.add_disk("/vm/cd.iso", readonly=True) is None
+    assert mgr.acquire().leases == ()
+    assert daemon.held == {}
+
+
+def test_writable_and_shareable_disks_get_exclusive_and_shared_file_leases(
+    daemon: FakeDaemon,
+) -> None:
+    """Leases are named by the SHA-256 of the normalised path; shareable means shared."""
+    mgr = manager(daemon)
+    assert mgr.add_disk("/vm//x/../a.img") == file_lease("/vm/a.img")
+    assert mgr.add_disk("/vm/base.img", shareable=True) == file_lease("/vm/base.img", True)
+    mgr.acquire()
+    assert daemon.leases_of(4242) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): "exclusive",
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/base.img")): "shared",
+    }
+    assert all(h.autocreate for h in daemon.held.values())
+
+
+def test_relative_disk_path_is_refused(daemon: FakeDaemon) -> None:
+    """Two hosts can only agree on a lease name for an absolute path."""
+    with pytest.raises(LockError) as caught:
+        manager(daemon).add_disk("vm/a.img")
+    assert caught.value.code == "invalid-argument"
+
+
+def test_same_disk_twice_is_one_lease_but_two_modes_are_refused(daemon: FakeDaemon) -> None:
+    """A disk listed twice is leased once; listed as both shareable and exclusive, refused."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    mgr.add_disk("/vm/a.img")
+    assert mgr.leases == (file_lease("/vm/a.img"),)
+    with pytest.raises(LockError, match="already added"):
+        mgr.add_disk("/vm/a.img", shareable=True)
+
+
+def test_without_auto_disk_leases_a_writable_disk_needs_some_lease(daemon: FakeDaemon) -> None:
+    """require_lease_for_disks (on by default then) refuses unleased RW disks before connecting."""
+    mgr = manager(daemon, options=PluginOptions(auto_disk_leases=False))
+    assert mgr.add_disk("/vm/a.img") is None
+    with pytest.raises(LockError) as caught:
+        mgr.acquire(register_only=True)
+    assert caught.value.code == "lease-required"
+    assert "/vm/a.img" in caught.value.message
+    assert daemon.opened == 0
+
+
+def test_an_explicit_lease_covers_the_vm_as_in_libvirt(daemon: FakeDaemon) -> None:
+    """With any lease at all, RW disks without their own lease are accepted (libvirt's rule)."""
+    daemon.files.add(("site.leases", "vm1"))
+    mgr = manager(daemon, options=PluginOptions(auto_disk_leases=False))
+    mgr.add_disk("/vm/a.img")
+    mgr.add_lease("site.leases", "vm1")
+    assert mgr.acquire().leases == (Lease("site.leases", "vm1"),)
+    assert daemon.held[("site.leases", "vm1")].autocreate is False
+
+
+def test_shareable_disks_alone_need_no_lease(daemon: FakeDaemon) -> None:
+    """Only read/write exclusive disks trigger require_lease_for_disks."""
+    mgr = manager(daemon, options=PluginOptions(auto_disk_leases=False))
+    mgr.add_disk("/vm/base.img", shareable=True)
+    assert mgr.acquire().leases == ()
+
+
+def test_require_off_lets_unleased_disks_through(daemon: FakeDaemon) -> None:
+    """require_lease_for_disks=false: the VM starts without any lease."""
+    options = PluginOptions(auto_disk_leases=False, require_lease_for_disks=False)
+    mgr = manager(daemon, options=options)
+    mgr.add_disk("/vm/a.img")
+    assert mgr.acquire().leases == ()
+
+
+def test_no_lockspace_for_a_writable_disk_is_an_error() -> None:
+    """With file_lockspace off, a non-device disk cannot be leased: refused, not left bare."""
+    options = PluginOptions(file_lockspace=None, lvm_lockspace=LVM_LOCKSPACE)
+    with pytest.raises(LockError) as caught:
+        disk_lease("/vm/a.img", readonly=False, shareable=False, options=options, keys=FakeKeys())
+    assert caught.value.code == "no-lockspace"
+
+
+LVM_UUID = "06UgP5-2rhb-w3Bo-3mdR-WeoL-pytO-SAa2ky"
+ALL_SPACES = PluginOptions(lvm_lockspace=LVM_LOCKSPACE, scsi_lockspace=SCSI_LOCKSPACE)
+
+
+def lease_of(path: str, keys: DeviceKeys, options: PluginOptions = ALL_SPACES) -> Lease | None:
+    return disk_lease(path, readonly=False, shareable=False, options=options, keys=keys)
+
+
+def test_lvm_volume_is_keyed_by_its_uuid() -> None:
+    """A /dev path with an LV UUID gets an LVM lease; SCSI is not even asked."""
+    keys = FakeKeys(lvm={"/dev/vg/lv": LVM_UUID}, scsi={"/dev/vg/lv": "3600"})
+    assert lease_of("/dev/vg/lv", keys) == Lease(LVM_LOCKSPACE, LVM_UUID)
+    assert keys.asked == [("lvm", "/dev/vg/lv")]
+
+
+def test_device_without_lvm_uuid_falls_through_to_scsi_then_file(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No LV UUID: SCSI id; no SCSI id either: the file lease, each step logged."""
+    keys = FakeKeys(scsi={"/dev/sdb": "3600508b400105e21"})
+    assert lease_of("/dev/sdb", keys) == Lease(SCSI_LOCKSPACE, "3600508b400105e21")
+    keys = FakeKeys()
+    with caplog.at_level(logging.INFO, logger="lockd.plugin"):
+        assert lease_of("/dev/sdc", keys) == file_lease("/dev/sdc")
+    assert keys.asked == [("lvm", "/dev/sdc"), ("scsi", "/dev/sdc")]
+    assert "no LVM UUID" in caplog.text
+    assert "no SCSI id" in caplog.text
+
+
+def test_device_keys_only_for_dev_paths_and_enabled_lockspaces() -> None:
+    """Files are never looked up; a disabled lockspace's tool is never run."""
+    keys = FakeKeys(lvm={"/dev/vg/lv": LVM_UUID})
+    assert lease_of("/vm/a.img", keys) == file_lease("/vm/a.img")
+    assert lease_of("/dev/vg/lv", keys, PluginOptions()) == file_lease("/dev/vg/lv")
+    assert keys.asked == []
+
+
+def test_readonly_device_runs_no_tool() -> None:
+    """Read-only returns before any lookup, as virtlockd ignores READONLY first."""
+    keys = FakeKeys(lvm={"/dev/vg/lv": LVM_UUID})
+    lease = disk_lease("/dev/vg/lv", readonly=True, shareable=False, options=ALL_SPACES, keys=keys)
+    assert lease is None
+    assert keys.asked == []
+
+
+def test_a_key_that_cannot_name_a_lease_is_an_error() -> None:
+    """Output that is no valid resource name stops the add instead of guessing."""
+    with pytest.raises(LockError) as caught:
+        lease_of("/dev/vg/lv", FakeKeys(lvm={"/dev/vg/lv": "two words"}))
+    assert caught.value.code == "key-lookup-failed"
+
+
+@attrs.define
+class FakeRunner:
+    """Stands in for subprocess: canned output per program, or the OSError of a missing one."""
+
+    outputs: dict[str, CommandOutput] = attrs.field(factory=dict)
+    calls: list[list[str]] = attrs.field(factory=list)
+
+    def __call__(self, argv: Sequence[str]) -> CommandOutput:
+        self.calls.append(list(argv))
+        if argv[0] not in self.outputs:
+            raise FileNotFoundError(2, "No such file or directory", argv[0])
+        return self.outputs[argv[0]]
+
+
+def test_lvs_and_scsi_id_are_run_and_parsed_as_virtlockd_does() -> None:
+    """Same argv as libvirt; lvs output left-trimmed, both cut at the first newline."""
+    runner = FakeRunner(
+        {
+            "lvs": CommandOutput(0, f"  {LVM_UUID}\n  ignored\n"),
+            "/lib/udev/scsi_id": CommandOutput(0, "3600508b400105e21\nignored\n"),
+        }
+    )
+    keys = CommandDeviceKeys(run=runner)
+    assert keys.lvm_key("/dev/vg/lv") == LVM_UUID
+    assert keys.scsi_key("/dev/sdb") == "3600508b400105e21"
+    assert runner.calls == [
+        ["lvs", "--noheadings", "--unbuffered", "--nosuffix", "--options", "uuid", "/dev/vg/lv"],
+        ["/lib/udev/scsi_id", "--replace-whitespace", "--whitelisted", "--device", "/dev/sdb"],
+    ]
+
+
+@pytest.mark.parametrize(
+    "output", [CommandOutput(0, ""), CommandOutput(0, "\n"), CommandOutput(5, "x\n")]
+)
+def test_empty_output_or_failure_status_means_no_key(output: CommandOutput) -> None:
+    """Nothing printed, or a non-zero exit ("not an LV"): no key, so the plugin falls through."""
+    keys = CommandDeviceKeys(run=FakeRunner({"lvs": output, "/lib/udev/scsi_id": output}))
+    assert keys.lvm_key("/dev/sdb") is None
+    assert keys.scsi_key("/dev/sdb") is None
+
+
+@pytest.mark.parametrize("tool", ["lvs", "/lib/udev/scsi_id"])
+def test_a_missing_tool_fails_the_disk_like_virtlockd(
+    tool: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """virtlockd fails the add when lvs/scsi_id cannot run: no silent fall-through to files."""
+    present = {"lvs": CommandOutput(0, ""), "/lib/udev/scsi_id": CommandOutput(0, "")}
+    del present[tool]
+    keys = CommandDeviceKeys(run=FakeRunner(present))
+    with caplog.at_level(logging.ERROR, logger="lockd.plugin"), pytest.raises(LockError) as caught:
+        lease_of("/dev/sdb", keys)
+    assert caught.value.code == "key-lookup-failed"
+    assert f"cannot run {tool}" in caught.value.message
+    assert f"cannot run {tool}" in caplog.text
+
+
+# -- acquire, release, inquire ----------------------------------------------------------------
+def test_acquire_registers_takes_restricts_and_keeps_a_blocking_inheritable_fd(
+    daemon: FakeDaemon,
+) -> None:
+    """The order is register, acquire (autocreate), restrict; the fd is a dup the VM can inherit."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    got = mgr.acquire(restrict=True, keep_fd=True)
+    assert got.fd is not None
+    try:
+        assert daemon.ops() == ["register", "inquire", "acquire", "restrict"]
+        assert daemon.requests[0][1]["owner"] == {
+            "uuid": VM_UUID, "name": "vm1", "id": 7, "pid": 4242,
+        }  # fmt: skip
+        assert daemon.requests[2][1]["autocreate"] is True
+        assert os.get_inheritable(got.fd)
+        assert os.get_blocking(got.fd)
+        assert got.leases == (file_lease("/vm/a.img"),)
+    finally:
+        os.close(got.fd)
+    mgr.inquire()
+    assert daemon.opened == 2, "a restricted connection is closed and a new one opened"
+
+
+def test_register_only_takes_nothing(daemon: FakeDaemon) -> None:
+    """A VM starting paused is registered; its disks are leased on resume."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    assert mgr.acquire(register_only=True).leases == ()
+    assert daemon.ops() == ["register"]
+    assert daemon.held == {}
+
+
+def test_acquire_is_all_or_nothing_across_explicit_and_disk_leases(daemon: FakeDaemon) -> None:
+    """A busy disk fails the whole acquire; the explicit lease already taken is given back."""
+    daemon.files.add(("site.leases", "vm1"))
+    other = manager(daemon, pid=9999)
+    other.add_disk("/vm/b.img")
+    other.acquire()
+    mgr = manager(daemon)
+    mgr.add_lease("site.leases", "vm1")
+    mgr.add_disk("/vm/a.img")
+    mgr.add_disk("/vm/b.img")
+    with pytest.raises(LockError) as caught:
+        mgr.acquire()
+    assert caught.value.code == "busy"
+    assert caught.value.message.startswith("disk /vm/b.img is busy: ")
+    assert daemon.leases_of(4242) == {}
+    assert ("site.leases", "vm1") not in daemon.held
+
+
+def test_explicit_lease_file_must_exist(daemon: FakeDaemon) -> None:
+    """Outside the disk lockspaces nothing is autocreated: a missing file is not-found."""
+    mgr = manager(daemon)
+    mgr.add_lease("site.leases", "nope")
+    with pytest.raises(LockError) as caught:
+        mgr.acquire()
+    assert caught.value.code == "not-found"
+    assert daemon.requests[-1][1]["autocreate"] is False
+
+
+def test_retried_acquire_asks_only_for_missing_leases(daemon: FakeDaemon) -> None:
+    """Leases already held in the same mode are not requested again (the daemon would say busy)."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    mgr.acquire()
+    mgr.add_disk("/vm/hotplug.img")
+    mgr.acquire()
+    acquires = [args for op, args in daemon.requests if op == "acquire"]
+    assert [len(a["leases"]) for a in acquires] == [1, 1]
+    assert acquires[1]["leases"][0]["resource"] == lease_name_for_path("/vm/hotplug.img")
+
+
+def test_custom_disk_lockspace_is_created_before_use(daemon: FakeDaemon) -> None:
+    """As virtlockd's init creates configured lockspaces, a non-default one is created first."""
+    mgr = manager(daemon, options=PluginOptions(file_lockspace="site.files"))
+    mgr.add_disk("/vm/a.img")
+    mgr.acquire()
+    assert daemon.ops() == ["register", "inquire", "create-lockspace", "acquire"]
+    assert daemon.requests[2][1] == {"lockspace": "site.files"}
+
+
+def test_too_many_leases_are_refused_before_asking(daemon: FakeDaemon) -> None:
+    """One all-or-nothing request holds at most 256 leases."""
+    mgr = manager(daemon)
+    for i in range(MAX_LEASES + 1):
+        mgr.add_disk(f"/vm/{i}.img")
+    with pytest.raises(LockError) as caught:
+        mgr.acquire()
+    assert caught.value.code == "invalid-argument"
+    assert "acquire" not in daemon.ops()
+
+
+def test_release_gives_back_what_is_held_and_skips_the_rest(daemon: FakeDaemon) -> None:
+    """Release of a disk not held is not an error; all_held ends every lease of the owner."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    mgr.acquire()
+    mgr.add_disk("/vm/never-acquired.img")
+    assert mgr.release() == (file_lease("/vm/a.img"),)
+    assert daemon.leases_of(4242) == {}
+    hot = manager(daemon)
+    hot.add_disk("/vm/b.img")
+    hot.add_disk("/vm/c.img")
+    hot.acquire()
+    assert len(manager(daemon).release(all_held=True)) == 2
+    assert daemon.held == {}
+
+
+def test_inquire_then_acquire_on_a_target_takes_exactly_those_leases(daemon: FakeDaemon) -> None:
+    """Migration: the state lists modes; the target gets the same leases, autocreate as before."""
+    daemon.files.add(("site.leases", "vm1"))
+    source = manager(daemon, pid=100)
+    source.add_disk("/vm/a.img")
+    source.add_disk("/vm/base.img", shareable=True)
+    source.add_lease("site.leases", "vm1")
+    source.acquire()
+    state = source.inquire()
+    before = daemon.leases_of(100)
+    assert len(before) == 3
+    assert len(source.release()) == 3
+    target = manager(daemon, pid=200)
+    assert target.acquire(state).leases == parse_state(state).leases
+    assert daemon.leases_of(200) == before
+    assert daemon.held[("site.leases", "vm1")].autocreate is False
+    assert daemon.held[file_lease("/vm/a.img").ref].autocreate is True
+    assert target.inquire() == state
+
+
+def test_state_of_another_vm_is_refused_before_asking(daemon: FakeDaemon) -> None:
+    """A state string carries the VM uuid; another VM's state cannot be applied."""
+    other = format_state(uuid.uuid4().bytes, [file_lease("/vm/a.img")])
+    with pytest.raises(LockError) as caught:
+        manager(daemon).acquire(other)
+    assert caught.value.code == "bad-state"
+    assert daemon.opened == 0
+
+
+def test_empty_state_means_no_state(daemon: FakeDaemon) -> None:
+    """An empty string (a source that had nothing to say, like virtlockd) uses the added disks."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    assert mgr.acquire("").leases == (file_lease("/vm/a.img"),)
+
+
+def test_state_string_format_is_stable() -> None:
+    """The documented grammar, canonical order whatever order the leases come in."""
+    leases = [Lease("b.space", "r2", True), Lease("a.space", "r:1")]
+    assert format_state(VM_UUID, leases) == (
+        "lockd-state:1;owner=00010203-0405-0607-0809-0a0b0c0d0e0f"
+        ";exclusive=a.space/r:1;shared=b.space/r2"
+    )
+    assert format_state(VM_UUID, []) == "lockd-state:1;owner=00010203-0405-0607-0809-0a0b0c0d0e0f"
+
+
+OWNER = "owner=00010203-0405-0607-0809-0a0b0c0d0e0f"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "lockd-state",
+        f"lockd:1;{OWNER}",
+        f"lockd-state:2;{OWNER}",
+        f"lockd-state:01;{OWNER}",
+        "lockd-state:1",
+        "lockd-state:1;owner=nope",
+        "lockd-state:1;owner=00010203-0405-0607-0809-0A0B0C0D0E0F",
+        "lockd-state:1;owner={00010203-0405-0607-0809-0a0b0c0d0e0f}",
+        f"lockd-state:1;{OWNER};",
+        f"lockd-state:1;{OWNER};exclusive=a/",
+        f"lockd-state:1;{OWNER};excl=a/b",
+        f"lockd-state:1;{OWNER};exclusive=a",
+        f"lockd-state:1;{OWNER};shared=../b",
+        f"lockd-state:1;{OWNER};shared=a/b/c",
+        f"lockd-state:1;{OWNER};shared=a/org.libvirt.lockd.index",
+        f"lockd-state:1;{OWNER};shared=a/b;exclusive=a/b",
+        f"lockd-state:1;{OWNER};shared=a/b c",
+        f"lockd-state:1;{OWNER} ;shared=a/b",
+        f"lockd-state:1;shared=a/b;{OWNER}",
+        f"lockd-state:1;{OWNER};" + ";".join(f"shared=a/r{i}" for i in range(MAX_LEASES + 1)),
+    ],
+)
+def test_bad_state_strings_are_refused(text: str) -> None:
+    """Anything outside the grammar, unknown versions, bad names and duplicates: bad-state."""
+    with pytest.raises(LockError) as caught:
+        parse_state(text)
+    assert caught.value.code == "bad-state"
+
+
+_names = st.from_regex(r"[A-Za-z0-9._:-]{1,20}", fullmatch=True).filter(
+    lambda s: s not in (".", "..")
+)
+_resources = st.from_regex(r"[A-Za-z0-9._:@+=-]{1,20}", fullmatch=True).filter(
+    lambda s: s not in (".", "..", "org.libvirt.lockd.index")
+)
+
+
+@given(
+    st.dictionaries(st.tuples(_names, _resources), st.booleans(), max_size=20),
+    st.binary(min_size=16, max_size=16),
+)
+def test_state_round_trip(leases: dict[tuple[str, str], bool], owner: bytes) -> None:
+    """format then parse gives back the same uuid and leases, in canonical order."""
+    values = [Lease(ls, res, shared) for (ls, res), shared in leases.items()]
+    parsed = parse_state(format_state(owner, values))
+    assert parsed.owner_uuid == owner
+    assert parsed.leases == tuple(sorted(values))
+
+
+# -- reaching the daemon ----------------------------------------------------------------------
+def test_unreachable_daemon_is_unavailable(daemon: FakeDaemon) -> None:
+    """No socket: code unavailable, which the CLI maps to exit 69."""
+    daemon.reachable = False
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    with pytest.raises(LockError) as caught:
+        mgr.acquire()
+    assert caught.value.code == "unavailable"
+
+
+def test_broken_connection_is_dropped_and_the_next_call_reconnects(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection lost mid-request fails that call only; the manager opens a fresh one."""
+    mgr = manager(daemon)
+    mgr.inquire()
+
+    def broken(self: FakeConnection, op: str, **args: Any) -> dict[str, Any]:
+        raise ConnectionLostError("the daemon closed the connection")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FakeConnection, "call", broken)
+        with pytest.raises(LockError) as caught:
+            mgr.inquire()
+    assert caught.value.code == "unavailable"
+    assert mgr.inquire().startswith("lockd-state:1;")
+    assert daemon.opened == 2
+    assert daemon.ops().count("register") == 2
+
+
+def test_register_refusal_keeps_the_daemon_code(daemon: FakeDaemon) -> None:
+    """A daemon error passes through with its code (here: no such process)."""
+
+    def refuse(self: FakeDaemon, conn: FakeConnection, op: str, args: dict[str, Any]) -> Any:
+        raise RemoteError("not-found", "register: no process with pid 4242", {})
+
+    mgr = manager(daemon)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FakeDaemon, "serve", refuse)
+        with pytest.raises(LockError) as caught:
+            mgr.inquire()
+    assert caught.value.code == "not-found"
+    assert "pid 4242" in caught.value.message
