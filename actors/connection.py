@@ -147,6 +147,11 @@ class Drained:
 
 
 @attrs.frozen
+class _IdleCheck:
+    """Self-sent ``idle_timeout`` after the connection opened."""
+
+
+@attrs.frozen
 class _Retry:
     token: int
 
@@ -180,6 +185,7 @@ class ConnectionActor(DispatchedActor):
         wall_clock: Callable[[], float] = time.time,
         restored: HandedOver | None = None,
         log_control: Callable[[str | None, str | None], dict[str, str]] | None = None,
+        idle_timeout: float = 0.0,
     ) -> None:
         super().__init__(dispatcher)
         self.conn_id = conn_id
@@ -205,6 +211,7 @@ class ConnectionActor(DispatchedActor):
             conn_id, transport.peer_pid, transport.peer_uid, admin, wall_clock()
         )
         self._log_control = log_control
+        self._idle_timeout = idle_timeout
         self._quiesce_to: pykka.ActorRef[Any] | None = None
         self._waiting_retry = False
         self._restored = restored
@@ -217,6 +224,9 @@ class ConnectionActor(DispatchedActor):
     # -- lifecycle ------------------------------------------------------------------
     def on_start(self) -> None:
         self._publish_info()
+        if self._idle_timeout > 0 and not self._admin:
+            ref = self.actor_ref
+            self.dispatcher.call_later(self._idle_timeout, lambda: tell_if_alive(ref, _IdleCheck()))
         restored = self._restored
         if restored is None:
             return
@@ -290,6 +300,12 @@ class ConnectionActor(DispatchedActor):
             self._push(message)
         elif isinstance(message, Drained):
             self._pump()
+        elif isinstance(message, _IdleCheck):
+            if not (self._closed or self._owner or self._subscribed or self._busy):
+                # Half-open or forgotten: it holds a slot of max_clients for nothing.
+                log.info("closing client %d: no owner registered after %g s",
+                         self.conn_id, self._idle_timeout)  # fmt: skip
+                self._close()
         elif isinstance(message, Quiesce):
             if self._closed:
                 tell_if_alive(message.reply_to, Gone(self.conn_id))

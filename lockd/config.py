@@ -99,6 +99,8 @@ class Config:
     timeout: float = 0.0
     """Exit after this many idle seconds (no clients, no leases); 0 = never."""
     max_clients: int = 1024
+    idle_timeout: float = 60.0
+    """Close connections with no registered owner (nor subscription) after this long; 0 = never."""
     journal_sync: SyncPolicy = SyncPolicy.NONE
     journal_segment_bytes: int = 8 * 1024 * 1024
     """Segment size; a snapshot is taken at each rotation, so this bounds what recovery replays."""
@@ -174,6 +176,7 @@ _CONVERT: dict[str, Any] = {
     "journal_dir": _abs_path,
     "pid_file": _abs_path,
     "timeout": _check_number,
+    "idle_timeout": _check_number,
     "max_clients": lambda k, v: _check_int(k, v, 1),
     "journal_sync": _enum,
     "journal_segment_bytes": lambda k, v: _check_int(k, v, 4096),

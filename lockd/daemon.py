@@ -216,6 +216,7 @@ class LockSystem:
             info=self.info,
             admin=admin,
             log_control=_log_control,
+            idle_timeout=self.config.idle_timeout,
         )
 
     def shutdown(self, reason: str) -> None:

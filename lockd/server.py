@@ -236,6 +236,7 @@ class Listener:
         self.admin = admin
         self._allowed = frozenset(allowed_uids)
         self._on_accept = on_accept
+        self._starved = False
         sock.setblocking(False)
 
     def start(self) -> None:
@@ -250,9 +251,19 @@ class Listener:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.error("cannot accept a connection: %s (out of descriptors or memory)", exc)
+                    # The pending connection stays readable: stop listening for a
+                    # moment instead of spinning, and say so once per episode.
+                    if not self._starved:
+                        log.error("cannot accept connections: %s (out of descriptors or "
+                                  "memory); retrying every 100 ms", exc)  # fmt: skip
+                    self._starved = True
+                    self._dispatcher.unwatch(self.sock.fileno())
+                    self._dispatcher.call_later(0.1, self.start)
                     return
                 raise
+            if self._starved:
+                log.warning("accepting connections again")
+                self._starved = False
             conn.setblocking(False)
             peer = peer_credentials(conn)
             if peer[1] not in self._allowed:

@@ -247,7 +247,9 @@ class Harness:
         self.clock.now += seconds
         self.run()
 
-    def connect(self, pid: int, uid: int = 0, *, admin: bool = False) -> Conn:
+    def connect(
+        self, pid: int, uid: int = 0, *, admin: bool = False, idle_timeout: float = 0.0
+    ) -> Conn:
         transport = FakeTransport(pid, uid)
         ref = ConnectionActor.start(
             self.dispatcher,
@@ -260,6 +262,7 @@ class Harness:
             info=ServerInfo("test", 1, 0.0, "test"),
             admin=admin,
             clock=self.clock,
+            idle_timeout=idle_timeout,
         )
         conn = Conn(self, ref, transport)
         assert "result" in conn.call("hello", versions=[1])

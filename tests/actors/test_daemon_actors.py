@@ -515,3 +515,17 @@ def test_a_bug_on_one_connection_closes_only_that_connection(h: Harness) -> None
     assert vm.transport.closed
     assert other.ok("status")
     assert h.dispatcher.crashes == []
+
+
+def test_idle_unregistered_connections_are_closed(h: Harness) -> None:
+    """A connection that never registers (half-open, forgotten) gives back its slot."""
+    idle = h.connect(VM1, idle_timeout=5.0)
+    working = h.connect(VM2, idle_timeout=5.0)
+    working.register(VM2)
+    admin = h.connect(LIBVIRTD, admin=True, idle_timeout=5.0)
+    h.advance(4.0)
+    assert not idle.transport.closed
+    h.advance(1.5)
+    assert idle.transport.closed
+    assert not working.transport.closed
+    assert not admin.transport.closed

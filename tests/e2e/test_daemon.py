@@ -497,3 +497,35 @@ def test_lockd_run_starts_a_per_user_daemon_when_none_runs(
     no_spawn = subprocess.run([*LOCKD, "status"], env={**env, "LOCKD_AUTOSPAWN": "1"},
                               capture_output=True, text=True, check=False)  # fmt: skip
     assert no_spawn.returncode == 69  # status never spawns a daemon
+
+
+def _cpu_ticks(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return sum(int(x) for x in stat.rsplit(")", 1)[1].split()[11:13])
+
+
+def test_running_out_of_descriptors_is_survived(daemon: DaemonProcess) -> None:
+    """EMFILE on accept: a log line, no busy loop, and service resumes when fds free up."""
+    import resource
+
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    used = len(os.listdir(f"/proc/{pid}/fd"))
+    old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (used + 5, old[1]))  # soft limit only
+    extra: list[socket.socket] = []
+    try:
+        for _ in range(15):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(daemon.socket))
+            extra.append(s)
+        wait_for(lambda: "cannot accept connections" in daemon.log.read_text())
+        before = _cpu_ticks(pid)
+        time.sleep(1.0)
+        assert _cpu_ticks(pid) - before < 50  # ticks: well under half a CPU, not spinning
+    finally:
+        for s in extra:
+            s.close()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
+    wait_for(lambda: daemon.lockd("status").returncode == 0)
+    assert "accepting connections again" in daemon.log.read_text()
