@@ -8,7 +8,6 @@ directory see. It replies to whoever asked with :class:`LockTaken` or
 
 from __future__ import annotations
 
-import os
 from typing import Any, Protocol
 
 import attrs
@@ -40,6 +39,9 @@ class LeaseFiles(Protocol):
     def still_linked(self, held: Any, name: str) -> bool: ...
     def unlink_lease(self, name: str) -> None: ...
     def try_lock(self, fd: int, *, shared: bool) -> None: ...
+    def close_fd(self, fd: int) -> None:
+        """Close a lease fd (and with it the lock; the simulation's fake kernel sees it)."""
+        ...
 
 
 @attrs.frozen
@@ -119,7 +121,7 @@ class LeaseActor(DispatchedActor):
 
     def on_stop(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            self._files.close_fd(self._fd)
             self._fd = None
 
     def _refused(self, msg: TakeLock, code: ErrorCode, text: str) -> LockRefused:
@@ -129,13 +131,13 @@ class LeaseActor(DispatchedActor):
         try:
             self._files.try_lock(msg.fd, shared=msg.mode is LeaseMode.SHARED)
         except LockBusyError:
-            os.close(msg.fd)
+            self._files.close_fd(msg.fd)
             return LockRefused(
                 self._resource, msg.token, ErrorCode.BUSY,
                 f"lease {self._resource} was taken by another process or host",
             )  # fmt: skip
         except OSError as exc:
-            os.close(msg.fd)
+            self._files.close_fd(msg.fd)
             return LockRefused(
                 self._resource, msg.token, ErrorCode.IO_ERROR, f"cannot lock lease file: {exc}"
             )
@@ -161,21 +163,21 @@ class LeaseActor(DispatchedActor):
             try:
                 self._files.try_lock(held.fd, shared=msg.mode is LeaseMode.SHARED)
             except LockBusyError:
-                os.close(held.fd)
+                self._files.close_fd(held.fd)
                 return self._refused(
                     msg,
                     ErrorCode.BUSY,
                     f"lease {self._resource} is held by another process or host",
                 )
             except OSError as exc:
-                os.close(held.fd)
+                self._files.close_fd(held.fd)
                 return self._refused(msg, ErrorCode.IO_ERROR, f"cannot lock lease file: {exc}")
             # Another host may have deleted (and recreated) the file between our
             # open and our lock: a lock on an unlinked inode protects nothing.
             if self._files.still_linked(held, self._resource):
                 self._fd, self._mode = held.fd, msg.mode
                 return LockTaken(self._resource, msg.token, held.fd)
-            os.close(held.fd)  # another host unlinked it after our open: lock the new file
+            self._files.close_fd(held.fd)  # another host unlinked it after our open: try again
             if not msg.create:
                 return self._refused(
                     msg, ErrorCode.NOT_FOUND, f"lease file {self._resource} was deleted"
@@ -193,6 +195,6 @@ class LeaseActor(DispatchedActor):
                 self._files.unlink_lease(self._resource)
             except (LockBusyError, OSError):
                 pass  # someone else still holds or is creating it; the file stays
-        os.close(self._fd)
+        self._files.close_fd(self._fd)
         self._fd = None
         crash_point("release-dropped")

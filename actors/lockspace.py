@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import os
 from typing import Any, Protocol
 
 import attrs
@@ -202,6 +201,7 @@ class _Restoring:
     taken: dict[str, int] = attrs.field(factory=dict)
     refused: dict[str, LockRefused] = attrs.field(factory=dict)
     recreated: set[str] = attrs.field(factory=set)
+    events: tuple[Event, ...] = ()
 
 
 class FdStoreLike(Protocol):
@@ -279,6 +279,8 @@ class LockspaceActor(DispatchedActor):
         self._queued: collections.deque[Command] = collections.deque()
         self._restoring: dict[int, _Restoring] = {}
         self._cleanups: set[int] = set()
+        self._unjournaled: dict[int, tuple[Event, ...]] = {}
+        """Recovery findings the journal refused, retried until recorded."""
         self._handoff: HandOff | None = None
         self._frozen = False
         self.fds: dict[str, int] = {}
@@ -301,6 +303,8 @@ class LockspaceActor(DispatchedActor):
         elif isinstance(message, Appended | AppendFailed):
             if message.token in self._restoring:
                 self._on_restore_journaled(message)
+            elif message.token in self._unjournaled:
+                self._retry_journal(message)
             else:
                 self._on_journal_reply(message)
         elif isinstance(message, Restore):
@@ -377,6 +381,17 @@ class LockspaceActor(DispatchedActor):
         self._queued = still
 
     def _start(self, command: Command, resources: frozenset[str], owner: OwnerKey | None) -> None:
+        pending = self._unjournaled_resources() & resources
+        if pending:
+            # Recovery's findings on these leases are not in the journal yet:
+            # a change now would be journaled before them, out of order.
+            refusal = core.Refusal(
+                ErrorCode.IO_ERROR,
+                f"the journal has not recorded recovery of {self.name}/{min(pending)} yet; "
+                "retry when it is writable again",
+            )
+            self._reply(command, Done(command.token, self.name, refusal=refusal))
+            return
         if isinstance(command, CreateResource | DeleteResource):
             self._file_command(command)
             return
@@ -527,7 +542,7 @@ class LockspaceActor(DispatchedActor):
         try:
             if isinstance(command, CreateResource):
                 held = self._files.open_lease(resource, create=True)
-                os.close(held.fd)
+                self._files.close_fd(held.fd)
                 event: Event = ResourceCreated(self.name, resource, command.conn)
             else:
                 held = self._files.open_lease(resource, create=False)
@@ -535,7 +550,7 @@ class LockspaceActor(DispatchedActor):
                     self._files.try_lock(held.fd, shared=False)
                     self._files.unlink_lease(resource)
                 finally:
-                    os.close(held.fd)
+                    self._files.close_fd(held.fd)
                 event = ResourceDeleted(self.name, resource, command.conn)
         except FileNotFoundError:
             refusal = core.Refusal(
@@ -566,7 +581,7 @@ class LockspaceActor(DispatchedActor):
         for lease in request.leases:
             if not lease.live:
                 if lease.fd is not None:
-                    os.close(lease.fd)
+                    self._files.close_fd(lease.fd)
                     if self._fd_store is not None:
                         self._fd_store.remove(self.name, lease.resource)
                 if lease.autocreate:
@@ -649,19 +664,45 @@ class LockspaceActor(DispatchedActor):
                     LeaseLost(self.name, lease.resource, lease.mode, owner, refused.message)
                     for owner, _ in lease.live
                 )
+        restoring.events = tuple(events)
         if events:
             self._journal.tell(Append(tuple(events), token, self.actor_ref))
         else:
             self._on_restore_journaled(Appended(token, ()))
 
+    def _unjournaled_resources(self) -> set[str]:
+        if not self._unjournaled:
+            return set()
+        return {
+            e.resource  # type: ignore[attr-defined]
+            for events in self._unjournaled.values()
+            for e in events
+        }
+
+    def _schedule_journal_retry(self, token: int) -> None:
+        ref = self.actor_ref
+        events = self._unjournaled[token]
+        self.dispatcher.call_later(
+            1.0, lambda: self._journal.tell(Append(events, token, ref)) if ref.is_alive() else None
+        )
+
+    def _retry_journal(self, message: Appended | AppendFailed) -> None:
+        if isinstance(message, AppendFailed):
+            self._schedule_journal_retry(message.token)
+        else:
+            del self._unjournaled[message.token]
+            log.info("lockspace %s: recovery findings journaled after a retry", self.name)
+
     def _on_restore_journaled(self, message: Appended | AppendFailed) -> None:
         restoring = self._restoring.pop(message.token)
         request = restoring.request
         if isinstance(message, AppendFailed):
-            # The journal still says these leases are held; the next start
-            # will find the same and try again. Hold what we could lock.
-            log.error("lockspace %s: recovery could not journal its findings: %s",
+            # What recovery found is what the daemon now holds: keep offering
+            # it to the journal until it is recorded, so journal and tables agree.
+            log.error("lockspace %s: recovery could not journal its findings (%s); retrying",
                       self.name, message.message)  # fmt: skip
+            self._unjournaled[message.token] = restoring.events
+            self._schedule_journal_retry(message.token)
         lost: list[tuple[Owner, str]] = []
         released = 0
         for lease in request.leases:

@@ -160,6 +160,8 @@ class OwnersActor(DispatchedActor):
         self._releasing: dict[int, _RetryRelease] = {}
         self._fencing: dict[OwnerKey, _Fencing] = {}
         self._timers: dict[OwnerKey, Timer] = {}
+        self.retries_pending = 0
+        """Releases the journal refused, waiting for their retry (the journal lags the tables)."""
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Watch):
@@ -173,6 +175,7 @@ class OwnersActor(DispatchedActor):
         elif isinstance(message, OwnerReleased):
             self._released(message)
         elif isinstance(message, _RetryRelease):
+            self.retries_pending -= 1
             self._release(message)
         elif isinstance(message, FenceLost):
             self._fence_lost(message)
@@ -249,6 +252,7 @@ class OwnersActor(DispatchedActor):
             ", ".join(message.failed),
         )
         ref = self.actor_ref
+        self.retries_pending += 1
         self.dispatcher.call_later(RELEASE_RETRY_SECONDS, lambda: tell_if_alive(ref, release))
 
     # -- a dropped connection -------------------------------------------------------

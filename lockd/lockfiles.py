@@ -72,6 +72,11 @@ class LockspaceDir:
         """Take the lease lock on ``fd`` (see :func:`try_lock`)."""
         try_lock(fd, shared=shared)
 
+    @staticmethod
+    def close_fd(fd: int) -> None:
+        """Close a lease fd: its OFD lock goes with it."""
+        os.close(fd)
+
     def close(self) -> None:
         """Close the directory fd; open lease fds are unaffected."""
         os.close(self._dirfd)

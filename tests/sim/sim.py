@@ -1,0 +1,388 @@
+"""Seeded schedules of VMs, daemons, crashes and thieves on two hosts sharing a lock directory.
+
+``Sim`` drives the real actors (connection, router, lockspace, lease,
+journal, owners, recovery) on per-host dispatchers with the fakes of
+``world.py``, one step at a time, and checks the invariants after every
+step:
+
+1. fcntl's rule holds on every lease file (at most one writer, never a
+   writer beside readers), whoever the holders are: daemons or a thief.
+2. every lease a running daemon's tables say is held is locked in the
+   kernel by that daemon, in the same mode, on the file's current inode;
+3. no resource is exclusive on one host and held on the other;
+4. replaying a host's journal gives exactly its daemon's tables;
+5. at the end, once the journal works and timers have run, no dead
+   process is listed as an owner.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from actors.connection import ConnectionActor, Received, ServerInfo
+from actors.events import DaemonStarted, LeaseLost
+from actors.journal import Append, JournalActor
+from actors.lockspace import LockspaceActor
+from actors.model import LeaseMode
+from actors.owners import OwnersActor
+from actors.recovery import RecoveryActor, RecoveryReport
+from actors.recovery_core import ReplayState
+from actors.router import RouterActor
+from actors.runtime import Dispatcher
+from protocol.codec import decode_item, encode_item
+from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
+from protocol.names import FILES_LOCKSPACE
+from tests.actors.harness import Clock, FakeTransport
+from tests.sim.world import FakeLockspaceDir, Kernel, ProcessTable, ProcessView, SimJournal
+
+RESOURCES = ("a", "b", "c", "d", "e")
+
+
+class SimConn:
+    """A client connection to one daemon incarnation."""
+
+    def __init__(self, host: Host, pid: int) -> None:
+        assert host.dispatcher is not None
+        self.host = host
+        self.transport = FakeTransport(pid, 0)
+        self.ref = ConnectionActor.start(
+            host.dispatcher, conn_id=next(host.sim.conn_ids), transport=self.transport,
+            router=host.router, owners=host.owners, journal=host.journal,
+            processes=host.view, info=ServerInfo("sim", 1, 0.0, host.name),
+            clock=host.sim.clock, wall_clock=host.sim.clock,
+        )  # fmt: skip
+        self.incarnation = host.incarnation
+        self._frames = FrameDecoder(MAX_REPLY_FRAME)
+        self._ids = itertools.count(1)
+        self.call("hello", versions=[1])
+
+    @property
+    def alive(self) -> bool:
+        return self.incarnation == self.host.incarnation and not self.transport.closed
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        rid = next(self._ids)
+        self.ref.tell(Received(encode_frame(encode_item({"op": op, "id": rid, **args}))))
+        self.host.run()
+        for chunk in self.transport.written:
+            self._frames.receive_data(chunk)
+        self.transport.written.clear()
+        replies = []
+        while (frame := self._frames.next_frame()) is not None:
+            replies.append(decode_item(frame))
+        mine = [r for r in replies if r.get("id") == rid]
+        return mine[0] if mine else {"error": {"code": "no-reply"}}
+
+    def close(self) -> None:
+        if self.alive:
+            self.ref.tell(Received(b""))
+            self.host.run()
+
+
+class VM:
+    """An owner process on a host."""
+
+    def __init__(self, host: Host, pid: int) -> None:
+        self.host = host
+        self.pid = pid
+        self.uuid = uuid.UUID(int=pid).bytes
+        self.start = host.processes.spawn(pid)
+        self.own: SimConn | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.host.processes.procs.get(self.pid) == self.start
+
+    def owner_map(self) -> dict[str, Any]:
+        return {"uuid": self.uuid, "name": f"vm{self.pid}", "id": 1, "pid": self.pid}
+
+
+class Host:
+    """One hypervisor: its process table, its journal, and its daemon when running."""
+
+    def __init__(self, sim: Sim, name: str) -> None:
+        self.sim = sim
+        self.name = name
+        self.processes = ProcessTable()
+        self.journal_file = SimJournal()
+        self.dispatcher: Dispatcher | None = None
+        self.incarnation = 0
+        self.report: RecoveryReport | None = None
+        self.manager_pid = 50 + len(sim.hosts)
+        self.processes.spawn(self.manager_pid)
+
+    @property
+    def up(self) -> bool:
+        return self.dispatcher is not None
+
+    def start(self) -> None:
+        assert self.dispatcher is None
+        self.incarnation += 1
+        state = ReplayState()
+        for entry in self.journal_file.entries:
+            state.fold(entry)
+        d = Dispatcher(clock=self.sim.clock)
+        self.dispatcher = d
+        self.view = ProcessView(self.processes)
+        self.journal = JournalActor.start(d, self.journal_file, host=self.name,
+                                          clock=self.sim.clock, state=state)  # fmt: skip
+        kernel, name = self.sim.kernel, self.name
+        self.router = RouterActor.start(
+            d, lock_dir=str(self.sim.lock_dir), journal=self.journal,
+            open_lockspace=lambda path: FakeLockspaceDir(kernel, name, path),
+            last_seq=self.journal_file.next_seq - 1,
+        )  # fmt: skip
+        self.owners = OwnersActor.start(d, processes=self.view, router=self.router,
+                                        journal=self.journal, grace=1.6)  # fmt: skip
+        self.journal.tell(Append((DaemonStarted("sim", self.incarnation),), 0, None))
+        reports: list[RecoveryReport] = []
+        RecoveryActor.start(
+            d, state=state, router=self.router, owners=self.owners, journal=self.journal,
+            processes=self.view, on_done=reports.append,
+        )  # fmt: skip
+        self.run()
+        assert reports, f"{self.name}: recovery did not finish"
+        self.report = reports[0]
+
+    def crash(self) -> None:
+        """kill -9: every fd and pipe of the process goes; the journal stays."""
+        assert self.dispatcher is not None
+        self.sim.kernel.close_all(self.name)
+        self.view.close()
+        self.dispatcher.close()
+        self.dispatcher = None
+
+    def run(self) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.run_until_idle()
+
+    def tables(self) -> dict[tuple[str, str], tuple[str, frozenset[Any]]]:
+        """What this daemon's lockspace actors hold: (lockspace, resource) -> (mode, owners)."""
+        assert self.dispatcher is not None
+        out = {}
+        for actor in list(self.dispatcher.actors):
+            if isinstance(actor, LockspaceActor) and not actor.actor_stopped.is_set():
+                for resource, holding in actor._state.held.items():
+                    out[(actor.name, resource)] = (holding.mode.value, frozenset(holding.owners))
+        return out
+
+    def journal_lags(self) -> bool:
+        """Changes the journal refused are still being retried: it may lag the tables."""
+        assert self.dispatcher is not None
+        for actor in list(self.dispatcher.actors):
+            if isinstance(actor, LockspaceActor) and actor._unjournaled:
+                return True
+            if isinstance(actor, OwnersActor) and actor.retries_pending:
+                return True
+        return False
+
+    def journal_view(self) -> dict[tuple[str, str], tuple[str, frozenset[Any]]]:
+        state = ReplayState()
+        for entry in self.journal_file.entries:
+            state.fold(entry)
+        return {k: (h.mode.value, frozenset(h.owners)) for k, h in state.leases.items()}
+
+
+class Sim:
+    """One seeded world; ``step()`` does one random thing and checks every invariant."""
+
+    def __init__(self, seed: int, lock_dir: Path, *, hosts: int = 2, vms: int = 4) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.clock = Clock()
+        self.kernel = Kernel()
+        self.lock_dir = lock_dir
+        (lock_dir / FILES_LOCKSPACE).mkdir(parents=True, exist_ok=True)
+        self.conn_ids = itertools.count(1)
+        self.hosts: list[Host] = []
+        for i in range(hosts):
+            self.hosts.append(Host(self, f"host-{'ab'[i]}"))
+        self.vms: list[VM] = []
+        for host in self.hosts:
+            for j in range(vms):
+                self.vms.append(VM(host, 100 * (len(self.vms) // vms + 1) + j))
+            host.start()
+        self.thief_fds: list[int] = []
+        self.log: list[str] = []
+        self.steps = 0
+
+    # -- operations -----------------------------------------------------------------------
+    def _live_vm(self) -> VM | None:
+        candidates = [v for v in self.vms if v.alive and v.host.up]
+        return self.rng.choice(candidates) if candidates else None
+
+    def _acquire(self) -> None:
+        vm = (
+            self.rng.choice([v for v in self.vms if v.alive and v.host.up] or [None])
+            if self.vms
+            else None
+        )
+        if vm is None:
+            return
+        picks = self.rng.sample(RESOURCES, self.rng.randint(1, 3))
+        leases = [{"lockspace": FILES_LOCKSPACE, "resource": r, "shared": self.rng.random() < 0.4}
+                  for r in picks]  # fmt: skip
+        if self.rng.random() < 0.5:  # as QEMU: its own connection, which it keeps
+            if vm.own is None or not vm.own.alive:
+                vm.own = SimConn(vm.host, vm.pid)
+                vm.own.call("register", owner=vm.owner_map())
+            reply = vm.own.call("acquire", leases=leases, autocreate=True)
+        else:  # as libvirtd: a manager connection registering the VM
+            conn = SimConn(vm.host, vm.host.manager_pid)
+            conn.call("register", owner=vm.owner_map())
+            reply = conn.call("acquire", leases=leases, autocreate=True)
+            conn.close()
+        self.log.append(f"acquire vm{vm.pid}@{vm.host.name} {picks} -> {list(reply)[-1]}")
+
+    def _release(self) -> None:
+        vm = (
+            self.rng.choice([v for v in self.vms if v.alive and v.host.up] or [None])
+            if self.vms
+            else None
+        )
+        if vm is None:
+            return
+        conn = SimConn(vm.host, vm.host.manager_pid)
+        conn.call("register", owner=vm.owner_map())
+        if self.rng.random() < 0.3:
+            reply = conn.call("release", all=True)
+        else:
+            res = self.rng.choice(RESOURCES)
+            reply = conn.call("release", leases=[{"lockspace": FILES_LOCKSPACE, "resource": res}])
+        conn.close()
+        self.log.append(f"release vm{vm.pid}@{vm.host.name} -> {list(reply)[-1]}")
+
+    def _vm_exit(self) -> None:
+        vm = self.rng.choice(self.vms)
+        if vm.alive:
+            vm.host.processes.exit(vm.pid)
+            self.log.append(f"vm{vm.pid}@{vm.host.name} exits")
+        else:  # a new process (maybe reusing the pid)
+            vm.start = vm.host.processes.spawn(vm.pid)
+            vm.own = None
+            self.log.append(f"pid {vm.pid}@{vm.host.name} reused")
+        vm.host.run()
+
+    def _drop_own_connection(self) -> None:
+        vm = self.rng.choice(self.vms)
+        if vm.own is not None and vm.own.alive:
+            if self.rng.random() < 0.5:
+                vm.host.processes.ignores_sigterm.add(vm.pid)
+            vm.own.close()
+            self.log.append(f"vm{vm.pid}@{vm.host.name} closes its own connection")
+
+    def _crash_or_restart(self) -> None:
+        host = self.rng.choice(self.hosts)
+        if host.up:
+            host.crash()
+            self.log.append(f"{host.name} crashes")
+        else:
+            host.start()
+            self.log.append(f"{host.name} restarts: {host.report}")
+
+    def _steal(self) -> None:
+        """Another host without a daemon takes a lease file's lock (only possible if free)."""
+        res = self.rng.choice(RESOURCES)
+        path = str(self.lock_dir / FILES_LOCKSPACE)
+        try:
+            fd = self.kernel.open("thief", path, res, create=True)
+        except FileNotFoundError:
+            return
+        try:
+            self.kernel.lock(fd, shared=False)
+        except Exception:  # noqa: BLE001 - busy: someone holds it, as expected
+            self.kernel.close(fd)
+            return
+        self.thief_fds.append(fd)
+        self.log.append(f"thief locks {res}")
+
+    def _thief_lets_go(self) -> None:
+        if self.thief_fds:
+            self.kernel.close(self.thief_fds.pop(0))
+            self.log.append("thief lets go")
+
+    def _journal_trouble(self) -> None:
+        host = self.rng.choice(self.hosts)
+        host.journal_file.fail = not host.journal_file.fail
+        self.log.append(f"{host.name} journal {'fails' if host.journal_file.fail else 'heals'}")
+
+    def _time_passes(self) -> None:
+        self.clock.now += self.rng.choice((0.3, 1.0, 2.0))
+        for host in self.hosts:
+            host.run()
+
+    OPS: tuple[tuple[Callable[[Sim], None], int], ...] = (
+        (_acquire, 30), (_release, 15), (_vm_exit, 10), (_drop_own_connection, 6),
+        (_crash_or_restart, 8), (_steal, 4), (_thief_lets_go, 4), (_journal_trouble, 3),
+        (_time_passes, 12),
+    )  # fmt: skip
+
+    def step(self) -> None:
+        ops, weights = zip(*self.OPS, strict=True)
+        op = self.rng.choices(ops, weights)[0]
+        op(self)
+        for host in self.hosts:
+            host.run()
+        self.steps += 1
+        self.check()
+
+    def finish(self) -> None:
+        """Heal everything, let timers run, restart every host; then the strict checks."""
+        for host in self.hosts:
+            host.journal_file.fail = False
+            if not host.up:
+                host.start()
+        for _ in range(4):
+            self._time_passes()
+        self.check()
+        for host in self.hosts:
+            for _, owners in host.tables().values():
+                for key in owners:
+                    assert host.processes.procs.get(key.pid) == key.start_time, self.explain(
+                        f"{host.name} lists a dead owner {key}"
+                    )
+
+    # -- invariants ----------------------------------------------------------------------------
+    def explain(self, what: str) -> str:
+        tail = "\n  ".join(self.log[-15:])
+        return f"{what}\nseed {self.seed}, step {self.steps}; last steps:\n  {tail}"
+
+    def check(self) -> None:
+        self.kernel.check()
+        path = str(self.lock_dir / FILES_LOCKSPACE)
+        tables = {h.name: h.tables() for h in self.hosts if h.up}
+        for host in self.hosts:
+            if not host.up:
+                continue
+            held = tables[host.name]
+            for (_, resource), (mode, owners) in held.items():
+                assert owners, self.explain(f"{host.name}: {resource} held by nobody")
+                kernel_mode = self.kernel.holders(path, resource).get(host.name)
+                want = "w" if mode == LeaseMode.EXCLUSIVE.value else "r"
+                assert kernel_mode == want, self.explain(
+                    f"{host.name} holds {resource} {mode} but the kernel says {kernel_mode!r}"
+                )
+            if not host.journal_file.fail and not host.journal_lags():
+                assert host.journal_view() == held, self.explain(
+                    f"{host.name}: journal {host.journal_view()} != tables {held}"
+                )
+        if len(tables) == 2:
+            (a, ta), (b, tb) = tables.items()
+            for key in ta.keys() & tb.keys():
+                assert ta[key][0] == tb[key][0] == "shared", self.explain(
+                    f"{key} held by {a} ({ta[key][0]}) and {b} ({tb[key][0]})"
+                )
+
+    def close(self) -> None:
+        for host in self.hosts:
+            if host.up:
+                host.crash()
+
+
+def lost_events(host: Host) -> int:
+    return sum(isinstance(e.event, LeaseLost) for e in host.journal_file.entries)

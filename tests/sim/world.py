@@ -1,0 +1,232 @@
+"""The simulated world the real actors run in: a kernel lock table, process tables, journals.
+
+Everything the lock daemon touches outside Python is faked here, and is
+deterministic: one thread, no real processes, no real lease files. The
+actors, their cores, the journal actor and recovery are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import signal as signals
+from collections.abc import Sequence
+
+import attrs
+
+from actors.events import JournalEntry
+from actors.lease import LockBusyError
+from actors.model import Owner
+
+INDEX = "org.libvirt.lockd.index"
+
+
+@attrs.define
+class Ofd:
+    """An open file description: who opened which inode."""
+
+    holder: str
+    """"host-a", "host-b" (a daemon), or "thief" (another host without a daemon)."""
+    inode: int
+
+
+class Kernel:
+    """Lease files on a shared lock directory, and the OFD locks on byte 0 of them.
+
+    Locks follow fcntl semantics: any number of read locks, or one write
+    lock, per file; a description may convert its own lock; closing the
+    description drops its lock. Locks belong to the inode: unlinking a file
+    keeps its locks on the old inode, and a new file of the same name is a
+    new inode, unlocked.
+    """
+
+    def __init__(self) -> None:
+        self.files: dict[tuple[str, str], int] = {}
+        self.ofds: dict[int, Ofd] = {}
+        self.locks: dict[int, dict[int, str]] = {}
+        self._next_inode = 1
+        self._next_fd = 100_000  # never a real fd: a bug passing one to os.* fails loudly
+
+    def open(self, holder: str, directory: str, name: str, *, create: bool) -> int:
+        key = (directory, name)
+        if key not in self.files:
+            if not create:
+                raise FileNotFoundError(name)
+            self.files[key] = self._next_inode
+            self._next_inode += 1
+        fd = self._next_fd
+        self._next_fd += 1
+        self.ofds[fd] = Ofd(holder, self.files[key])
+        return fd
+
+    def lock(self, fd: int, *, shared: bool) -> None:
+        ofd = self.ofds[fd]
+        held = self.locks.setdefault(ofd.inode, {})
+        others = {mode for other, mode in held.items() if other != fd}
+        if "w" in others or (not shared and others):
+            raise LockBusyError
+        held[fd] = "r" if shared else "w"
+
+    def close(self, fd: int) -> None:
+        ofd = self.ofds.pop(fd)
+        held = self.locks.get(ofd.inode, {})
+        held.pop(fd, None)
+
+    def close_all(self, holder: str) -> None:
+        """A process died: the kernel closes every description it had."""
+        for fd in [fd for fd, ofd in self.ofds.items() if ofd.holder == holder]:
+            self.close(fd)
+
+    def unlink(self, directory: str, name: str) -> None:
+        self.files.pop((directory, name), None)
+
+    def check(self) -> None:
+        """fcntl's own rule: never a write lock beside any other lock on one file."""
+        for inode, held in self.locks.items():
+            modes = list(held.values())
+            assert modes.count("w") <= 1, f"inode {inode}: two write locks {held}"
+            assert not ("w" in modes and "r" in modes), f"inode {inode}: write beside read"
+
+    def holders(self, directory: str, name: str) -> dict[str, str]:
+        """holder -> mode of the locks on the file now named ``directory/name``."""
+        inode = self.files.get((directory, name))
+        if inode is None:
+            return {}
+        return {self.ofds[fd].holder: mode for fd, mode in self.locks.get(inode, {}).items()}
+
+
+@attrs.frozen
+class FakeHeld:
+    fd: int
+    inode: tuple[int, int]
+
+
+class FakeLockspaceDir:
+    """``LeaseFiles`` over the fake kernel, for one daemon (``holder``) and one lockspace."""
+
+    def __init__(self, kernel: Kernel, holder: str, path: str) -> None:
+        self._kernel = kernel
+        self._holder = holder
+        self.path = path
+
+    def open_lease(self, name: str, *, create: bool) -> FakeHeld:
+        if create:
+            index = self._kernel.open(self._holder, self.path, INDEX, create=True)
+            try:
+                self._kernel.lock(index, shared=False)
+                fd = self._kernel.open(self._holder, self.path, name, create=True)
+            finally:
+                self._kernel.close(index)
+        else:
+            fd = self._kernel.open(self._holder, self.path, name, create=False)
+        return FakeHeld(fd, (0, self._kernel.ofds[fd].inode))
+
+    def still_linked(self, held: FakeHeld, name: str) -> bool:
+        return self._kernel.files.get((self.path, name)) == held.inode[1]
+
+    def unlink_lease(self, name: str) -> None:
+        index = self._kernel.open(self._holder, self.path, INDEX, create=True)
+        try:
+            self._kernel.lock(index, shared=False)
+            self._kernel.unlink(self.path, name)
+        finally:
+            self._kernel.close(index)
+
+    def try_lock(self, fd: int, *, shared: bool) -> None:
+        self._kernel.lock(fd, shared=shared)
+
+    def close_fd(self, fd: int) -> None:
+        self._kernel.close(fd)
+
+    def close(self) -> None:
+        """No directory fd to close."""
+
+
+class ProcessTable:
+    """One host's processes: pids with start times; exits; pid reuse."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, int] = {}
+        self.ignores_sigterm: set[int] = set()
+        self.views: list[ProcessView] = []
+        self.signals: list[tuple[int, str]] = []
+        self._boot = 1000
+
+    def spawn(self, pid: int) -> int:
+        """Start a process with ``pid`` (a new start time: pid reuse is a different process)."""
+        self._boot += 1
+        self.procs[pid] = self._boot
+        return self._boot
+
+    def exit(self, pid: int) -> None:
+        if self.procs.pop(pid, None) is not None:
+            for view in self.views:
+                view.fire(pid)
+
+
+class ProcessView:
+    """The process table as one daemon incarnation sees it; its pidfd-like pipes die with it."""
+
+    def __init__(self, table: ProcessTable) -> None:
+        self.table = table
+        self._pipes: dict[int, tuple[int, int]] = {}
+        table.views.append(self)
+
+    def start_time(self, pid: int) -> int | None:
+        return self.table.procs.get(pid)
+
+    def uid_of(self, pid: int) -> int | None:
+        return 0 if pid in self.table.procs else None
+
+    def is_gone(self, owner: Owner) -> bool:
+        return self.table.procs.get(owner.pid) != owner.start_time
+
+    def open_watch(self, owner: Owner) -> int | None:
+        if self.is_gone(owner):
+            return None
+        r, w = os.pipe()
+        self._pipes[r] = (owner.pid, w)
+        return r
+
+    def close_watch(self, fd: int) -> None:
+        _, w = self._pipes.pop(fd)
+        os.close(fd)
+        os.close(w)
+
+    def fire(self, pid: int) -> None:
+        for p, w in self._pipes.values():
+            if p == pid:
+                os.write(w, b"x")
+
+    def signal(self, owner: Owner, signum: int) -> bool:
+        if self.is_gone(owner):
+            return False
+        name = signals.Signals(signum).name
+        self.table.signals.append((owner.pid, name))
+        if name == "SIGKILL" or owner.pid not in self.table.ignores_sigterm:
+            self.table.exit(owner.pid)
+        return True
+
+    def close(self) -> None:
+        for r, (_, w) in list(self._pipes.items()):
+            os.close(r)
+            os.close(w)
+        self._pipes.clear()
+        self.table.views.remove(self)
+
+
+class SimJournal:
+    """A journal that survives daemon crashes (it is in the kernel once written)."""
+
+    def __init__(self) -> None:
+        self.entries: list[JournalEntry] = []
+        self.next_seq = 1
+        self.fail = False
+
+    def append(self, entries: Sequence[JournalEntry]) -> None:
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        self.entries.extend(entries)
+        self.next_seq += len(entries)
+
+    def sync(self) -> None:
+        """Survives a daemon crash either way; host crashes are not simulated."""
