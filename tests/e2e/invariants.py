@@ -61,3 +61,35 @@ def check(daemon: DaemonProcess, *, others: set[Path] = frozenset()) -> None:  #
             if name == INDEX or (lockspace, name) in reported or path in others:
                 continue
             assert probe(path, "ofd", "write") == "free", f"{path} is locked but not listed"
+
+
+def check_all(daemons: list[DaemonProcess]) -> int:
+    """:func:`check` for daemons sharing one lock directory; returns the leases checked.
+
+    Every lease each daemon reports is locked, with its journal agreeing; no
+    lease is reported by two daemons unless both hold it shared; and no lease
+    file is locked without some daemon reporting it.
+    """
+    lock_dir = daemons[0].lock_dir
+    reported: dict[tuple[str, str], list[str]] = {}
+    for daemon in daemons:
+        mine = listed(daemon)
+        state = journal_state(daemon.journal_dir)
+        from_journal = {
+            key: (held.mode.value, tuple(sorted(o.pid for o, _ in held.owners.values())))
+            for key, held in state.leases.items()
+        }
+        assert mine == from_journal, (daemon.root, mine, from_journal)
+        for key, (mode, _) in mine.items():
+            reported.setdefault(key, []).append(mode)
+            path = lock_dir / key[0] / key[1]
+            assert probe(path, "ofd", "write") == "busy", f"{path} is listed but not locked"
+    for key, modes in reported.items():
+        assert len(modes) == 1 or set(modes) == {"shared"}, f"{key} held by two daemons: {modes}"
+    for lockspace in os.listdir(lock_dir):
+        for name in os.listdir(lock_dir / lockspace):
+            if name == INDEX or (lockspace, name) in reported:
+                continue
+            path = lock_dir / lockspace / name
+            assert probe(path, "ofd", "write") == "free", f"{path} is locked but not listed"
+    return len(reported)
