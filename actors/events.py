@@ -173,16 +173,27 @@ EVENT_TYPES: dict[str, type[Event]] = {
 }
 
 
+_FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {}
+
+
 def event_to_wire(event: Event) -> dict[str, Any]:
-    """Flat CBOR-ready map of an event's fields, with its ``type``."""
+    """Flat CBOR-ready map of an event's fields, with its ``type``.
+
+    On the path of every acquire and release: field names are looked up once
+    per event class, not per event.
+    """
+    cls = type(event)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in attrs.fields(cls))
     out: dict[str, Any] = {"type": event.TYPE}
-    for field in attrs.fields(type(event)):
-        value = getattr(event, field.name)
+    for name in names:
+        value = getattr(event, name)
         if isinstance(value, Owner):
             value = value.to_wire()
         elif isinstance(value, enum.Enum):
             value = value.value
-        out[field.name] = value
+        out[name] = value
     return out
 
 

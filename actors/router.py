@@ -25,7 +25,7 @@ import pykka
 
 from actors.events import JournalEntry, LockspaceCreated, ReleaseReason
 from actors.faults import crash_point
-from actors.journal import Append, Appended, AppendFailed, Published, Subscribe
+from actors.journal import Append, Appended, AppendFailed
 from actors.lockspace import (
     Done,
     HandOff,
@@ -204,7 +204,7 @@ class RouterActor(DispatchedActor):
         journal: pykka.ActorRef[Any],
         open_lockspace: LockspaceFiles,
         explicit: Mapping[str, str] | None = None,
-        last_seq: int = 0,
+        journal_position: Callable[[], int] | None = None,
         max_lockspaces: int = 4096,
         fd_store: Any = None,
     ) -> None:
@@ -221,10 +221,8 @@ class RouterActor(DispatchedActor):
         self._gatherings: dict[int, _Gathering] = {}
         self._creating: dict[int, CreateLockspace] = {}
         self._collecting: tuple[CollectFds, int, list[tuple[str, str, int]]] | None = None
-        self.last_seq = last_seq
-
-    def on_start(self) -> None:
-        self._journal.tell(Subscribe(self.actor_ref))
+        self._journal_position = journal_position or (lambda: 0)
+        """The seq of the last journal entry (read, not subscribed: no message per append)."""
 
     def on_stop(self) -> None:
         for ref in self._lockspaces.values():
@@ -241,8 +239,6 @@ class RouterActor(DispatchedActor):
             self._create(message)
         elif isinstance(message, Appended | AppendFailed):
             self._created(message)
-        elif isinstance(message, Published):
-            self.last_seq = message.entries[-1].seq
         elif isinstance(message, ReleaseOwnerEverywhere):
             self._release_owner(message)
         elif isinstance(message, Done):
@@ -433,7 +429,7 @@ class RouterActor(DispatchedActor):
                     gathering.token,
                     tuple(sorted(gathering.snapshots, key=lambda s: s.name)),
                     tuple(sorted(self._clients.values(), key=lambda c: c.id)),
-                    self.last_seq,
+                    self._journal_position(),
                 ),
             )
         else:

@@ -149,7 +149,7 @@ class LockSystem:
             journal=self.journal,
             open_lockspace=LockspaceDir,
             explicit=config.lockspaces,
-            last_seq=self.journal_file.next_seq - 1,
+            journal_position=lambda: self.journal_file.next_seq - 1,
             max_lockspaces=config.max_lockspaces,
             fd_store=self.fd_store,
         )

@@ -230,6 +230,7 @@ class Harness:
         self.router = RouterActor.start(
             self.dispatcher, lock_dir=str(lock_dir), journal=self.journal,
             open_lockspace=LockspaceDir,
+            journal_position=lambda: self.journal_writer.next_seq - 1,
         )  # fmt: skip
         self.owners = OwnersActor.start(
             self.dispatcher, processes=self.processes, router=self.router, journal=self.journal,

@@ -93,3 +93,22 @@ def test_bad_header_is_an_error() -> None:
     """A file that is not a lockd segment is refused."""
     with pytest.raises(JournalCorruptError, match="header"):
         decode_segment(cbor2.dumps({"format": "other"}))
+
+
+def test_hand_written_record_heads_match_cbor2() -> None:
+    """encode_record writes the outer array by hand; it must be the bytes cbor2 would write."""
+    import uuid
+    import zlib
+
+    import cbor2
+
+    from actors.events import LeaseAcquired
+    from actors.model import LeaseMode, Owner
+
+    owner = Owner(uuid.uuid4().bytes, "vm", 1, 5, 100)
+    for seq in (1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**40):
+        entry = JournalEntry(
+            seq, 1.0, "h", LeaseAcquired("ls", "r", LeaseMode.EXCLUSIVE, owner, 1, True)
+        )
+        payload = cbor2.dumps(entry.to_wire())
+        assert encode_record(entry) == cbor2.dumps([seq, zlib.crc32(payload), payload])

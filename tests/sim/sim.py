@@ -135,7 +135,7 @@ class Host:
         self.router = RouterActor.start(
             d, lock_dir=str(self.sim.lock_dir), journal=self.journal,
             open_lockspace=lambda path: FakeLockspaceDir(kernel, name, path),
-            last_seq=self.journal_file.next_seq - 1,
+            journal_position=lambda: self.journal_file.next_seq - 1,
         )  # fmt: skip
         self.owners = OwnersActor.start(d, processes=self.view, router=self.router,
                                         journal=self.journal, grace=1.6)  # fmt: skip
