@@ -99,6 +99,8 @@ class Config:
     timeout: float = 0.0
     """Exit after this many idle seconds (no clients, no leases); 0 = never."""
     max_clients: int = 1024
+    admin_max_clients: int = 16
+    """Admin-socket connections, counted apart so a full client table never locks operators out."""
     idle_timeout: float = 60.0
     """Close connections with no registered owner (nor subscription) after this long; 0 = never."""
     journal_sync: SyncPolicy = SyncPolicy.NONE
@@ -178,6 +180,7 @@ _CONVERT: dict[str, Any] = {
     "timeout": _check_number,
     "idle_timeout": _check_number,
     "max_clients": lambda k, v: _check_int(k, v, 1),
+    "admin_max_clients": lambda k, v: _check_int(k, v, 1),
     "journal_sync": _enum,
     "journal_segment_bytes": lambda k, v: _check_int(k, v, 4096),
     "journal_retain_segments": lambda k, v: _check_int(k, v, 0),

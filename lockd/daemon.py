@@ -304,6 +304,7 @@ class Daemon:
         self.system = LockSystem(config, adopted=adopted, stored=stored, on_ready=self._serve)
         self.dispatcher = self.system.dispatcher
         self._clients = 0
+        self._admin_clients = 0
         self._connections: dict[int, pykka.ActorRef[Any]] = {}
         self._stop_reason = ""
         self._reexecing = False
@@ -350,21 +351,29 @@ class Daemon:
         )
 
     def _accept(self, sock: socket.socket, peer: tuple[int, int, int], admin: bool) -> None:
-        if self._clients >= self.config.max_clients:
-            log.warning(
-                "refused a connection from pid %d: max_clients (%d) reached",
-                peer[0],
-                self.config.max_clients,
-            )
+        # The admin socket has its own small budget: clients filling the client
+        # table must never lock the operator out (virtlockd: admin_max_clients).
+        count, limit, key = (
+            (self._admin_clients, self.config.admin_max_clients, "admin_max_clients")
+            if admin
+            else (self._clients, self.config.max_clients, "max_clients")
+        )
+        if count >= limit:
+            log.warning("refused a connection from pid %d: %s (%d) reached", peer[0], key, limit)
             refuse(
                 sock,
                 ErrorCode.BUSY,
-                f"the daemon already serves max_clients={self.config.max_clients}",
+                f"the daemon already serves {key}={limit}",
             )
             return
-        self._clients += 1
+        if admin:
+            self._admin_clients += 1
+        else:
+            self._clients += 1
         conn_id = next(conn_ids)
-        transport = SocketTransport(self.dispatcher, sock, peer, lambda: self._closed(conn_id))
+        transport = SocketTransport(
+            self.dispatcher, sock, peer, lambda: self._closed(conn_id, admin=admin)
+        )
         ref = self.system.connect(transport, admin=admin, conn_id=conn_id)
         self._connections[conn_id] = ref
         transport.start(ref)
@@ -391,16 +400,24 @@ class Daemon:
     def _adopt_connection(self, state: HandedOver) -> None:
         sock = socket.socket(fileno=state.fd)
         sock.setblocking(False)
-        self._clients += 1
         conn_id = state.conn_id
         peer = (state.peer_pid, state.peer_uid, -1)
-        transport = SocketTransport(self.dispatcher, sock, peer, lambda: self._closed(conn_id))
+        if state.admin:
+            self._admin_clients += 1
+        else:
+            self._clients += 1
+        transport = SocketTransport(
+            self.dispatcher, sock, peer, lambda: self._closed(conn_id, admin=state.admin)
+        )
         ref = self.system.connect(transport, admin=state.admin, conn_id=conn_id, restored=state)
         self._connections[conn_id] = ref
         transport.start(ref)
 
-    def _closed(self, conn_id: int) -> None:
-        self._clients -= 1
+    def _closed(self, conn_id: int, *, admin: bool = False) -> None:
+        if admin:
+            self._admin_clients -= 1
+        else:
+            self._clients -= 1
         self._connections.pop(conn_id, None)
 
     def reexec(self) -> None:
@@ -435,7 +452,10 @@ class Daemon:
         """Take back the connections already handed over and serve on, in this process."""
         for state in handed:
             self._connections.pop(state.conn_id, None)
-            self._clients -= 1
+            if state.admin:
+                self._admin_clients -= 1
+            else:
+                self._clients -= 1
             self._adopt_connection(state)
         for listener in self.listeners:
             listener.start()

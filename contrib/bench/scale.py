@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""A dense host: many owners holding many leases. Does an acquire get slower, does lockd grow?
+
+Starts ``lockd serve`` on temp paths, measures acquire+release pairs on the
+empty daemon, then registers ``--owners`` live processes (sleep) holding
+``--leases`` leases between them (through one manager connection, as
+libvirtd would), measures the same pairs again, and reports the ratio, the
+daemon's RSS and thread count, and how far ``lockd events --follow`` lags
+behind the replies (p50/p99) under that load. Prints one JSON object.
+
+    .venv/bin/python contrib/bench/scale.py --owners 4096 --leases 16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from protocol.client import Client  # noqa: E402
+
+FILES = "org.libvirt.lockd.files"
+
+
+def pairs(sock: str, count: int) -> list[float]:
+    """Acquire+release pairs by a fresh owner (this process), in microseconds."""
+    with Client(sock, name="scale-probe") as c:
+        c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "probe", "id": 1,
+                                  "pid": os.getpid()})  # fmt: skip
+        lease = {"lockspace": FILES, "resource": "probe-disk"}
+        out = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            c.call("acquire", leases=[lease], autocreate=True)
+            c.call("release", leases=[lease])
+            out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def p(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+def follow_lag(sock: str, journal: Path, count: int) -> list[float]:
+    """ms from an acquire's reply to ``lockd events --follow`` printing it."""
+    with Client(sock, name="scale-position") as c:
+        since = str(c.call("status")["journal_seq"] + 1)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "lockd", "events", "--follow", "--json",
+         "--journal-dir", str(journal), "--type", "lease-acquired", "--since", since],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen: dict[str, float] = {}
+
+    def read() -> None:
+        assert follower.stdout is not None
+        for line in follower.stdout:
+            seen[json.loads(line)["resource"]] = time.perf_counter()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    time.sleep(1.0)
+    lags = []
+    with Client(sock, name="scale-follow") as c:
+        c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "follow", "id": 1,
+                                  "pid": os.getpid()})  # fmt: skip
+        for i in range(count):
+            name = f"follow-{i}"
+            c.call("acquire", leases=[{"lockspace": FILES, "resource": name}], autocreate=True)
+            replied = time.perf_counter()
+            deadline = replied + 5
+            while name not in seen and time.perf_counter() < deadline:
+                time.sleep(0.0005)
+            lags.append((seen.get(name, deadline) - replied) * 1000)
+            c.call("release", leases=[{"lockspace": FILES, "resource": name}])
+    follower.send_signal(signal.SIGINT)
+    follower.wait(10)
+    return lags
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--owners", type=int, default=4096)
+    parser.add_argument("--leases", type=int, default=16384)
+    parser.add_argument("--pairs", type=int, default=2000)
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    tmp = Path(tempfile.mkdtemp(prefix="lockd-scale-"))
+    sock = str(tmp / "lockd.sock")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "lockd", "serve", "--socket", sock, "--admin-socket",
+         str(tmp / "admin.sock"), "--lock-dir", str(tmp / "locks"), "--journal-dir",
+         str(tmp / "journal")],
+        cwd=REPO, stderr=open(tmp / "daemon.log", "wb"),  # noqa: SIM115 - lives with the daemon
+    )  # fmt: skip
+    sleepers: list[subprocess.Popen[bytes]] = []
+    try:
+        while not os.path.exists(sock):
+            if daemon.poll() is not None:
+                raise RuntimeError((tmp / "daemon.log").read_text())
+            time.sleep(0.05)
+        time.sleep(0.3)
+        empty = pairs(sock, args.pairs)
+        sleepers = [subprocess.Popen(["sleep", "3600"]) for _ in range(args.owners)]
+        t0 = time.monotonic()
+        per_owner = args.leases // args.owners
+        with Client(sock, name="scale-manager", timeout=120) as manager:
+            for i, proc in enumerate(sleepers):
+                with Client(sock, name="scale-manager") as c:
+                    c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": f"vm{i}",
+                                              "id": i + 1, "pid": proc.pid})  # fmt: skip
+                    c.call("acquire", autocreate=True, leases=[
+                        {"lockspace": FILES, "resource": f"vm{i}-disk{j}"} for j in range(per_owner)
+                    ])  # fmt: skip
+            status = manager.call("status")
+        fill_s = time.monotonic() - t0
+        loaded = pairs(sock, args.pairs)
+        lags = follow_lag(sock, tmp / "journal", 200)
+        fields = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
+        )
+        result = {
+            "owners": args.owners,
+            "leases": status["leases"],
+            "fill_s": round(fill_s, 1),
+            "empty_pair_median_us": round(statistics.median(empty), 1),
+            "empty_pair_p99_us": p(empty, 0.99),
+            "loaded_pair_median_us": round(statistics.median(loaded), 1),
+            "loaded_pair_p99_us": p(loaded, 0.99),
+            "loaded_vs_empty_median": round(
+                statistics.median(loaded) / statistics.median(empty), 3
+            ),
+            "daemon_rss_mib": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
+            "daemon_threads": int(fields["Threads"]),
+            "daemon_fds": len(os.listdir(f"/proc/{daemon.pid}/fd")),
+            "follow_lag_p50_ms": p(lags, 0.5),
+            "follow_lag_p99_ms": p(lags, 0.99),
+        }
+        print(json.dumps(result))
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
