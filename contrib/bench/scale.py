@@ -99,7 +99,13 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=2000)
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    # One fd per lease and per watched owner: 16,384 + 4,096 is past many hosts'
+    # default hard limit (lockd.service sets LimitNOFILE=524288). Root may raise it.
+    want = max(hard, 2 * (args.leases + args.owners) + 1024)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = Path(tempfile.mkdtemp(prefix="lockd-scale-"))
     sock = str(tmp / "lockd.sock")
     daemon = subprocess.Popen(
