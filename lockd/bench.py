@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import socket
 import statistics
+import subprocess
 import tempfile
 import time
 import uuid
@@ -22,6 +23,7 @@ from lockd.lockfiles import try_lock, unlock
 from protocol.client import Client
 
 BENCH_LOCKSPACE = "lockd.bench"
+SCENARIOS = ("sequential", "concurrent", "shared", "many-owners")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -41,12 +43,18 @@ def _summary(samples_us: list[float], wall_s: float) -> dict[str, float]:
     }
 
 
-def _worker(path: str, name: str, ops: int, warmup: int, start: Any, out: Any) -> None:  # noqa: PLR0917 - a Process target takes positional args
+def _worker(  # noqa: PLR0917 - a Process target takes positional args
+    path: str, name: str, ops: int, warmup: int, start: Any, out: Any, shared: bool = False
+) -> None:
     with Client(path, name=name) as client:
         owner = {"uuid": uuid.uuid4().bytes, "name": name, "id": 1, "pid": os.getpid()}
         client.call("register", owner=owner)
-        lease = {"lockspace": BENCH_LOCKSPACE, "resource": f"{name}-{os.getpid()}"}
-        ref = dict(lease)
+        if shared:  # every worker on the same disk, all shared (a common base image)
+            lease: dict[str, Any] = {"lockspace": BENCH_LOCKSPACE, "resource": "shared-base",
+                                     "shared": True}  # fmt: skip
+        else:
+            lease = {"lockspace": BENCH_LOCKSPACE, "resource": f"{name}-{os.getpid()}"}
+        ref = {"lockspace": lease["lockspace"], "resource": lease["resource"]}
         for _ in range(warmup):
             client.call("acquire", leases=[lease], autocreate=True)
             client.call("release", leases=[ref])
@@ -62,12 +70,16 @@ def _worker(path: str, name: str, ops: int, warmup: int, start: Any, out: Any) -
     out.put(samples)
 
 
-def _run_workers(path: str, count: int, ops: int, warmup: int) -> dict[str, Any]:
+def _run_workers(
+    path: str, count: int, ops: int, warmup: int, *, shared: bool = False
+) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     start = ctx.Barrier(count + 1)
     out: Any = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(path, f"bench-{count}-{i}", ops, warmup, start, out))
+        ctx.Process(
+            target=_worker, args=(path, f"bench-{count}-{i}", ops, warmup, start, out, shared)
+        )
         for i in range(count)
     ]
     for p in procs:
@@ -124,37 +136,94 @@ def socket_floor(ops: int = 5000) -> float:
     return round(statistics.median(samples), 2)
 
 
-def run(path: str, *, ops: int, warmup: int, levels: list[int], tp_ops: int) -> dict[str, Any]:
-    """Run the sequential and concurrent scenarios; returns the JSON-ready result."""
+def _hold_many(path: str, owners: int, leases_each: int) -> list[subprocess.Popen[bytes]]:
+    """``owners`` live processes holding ``leases_each`` leases each: a dense host."""
+    procs = [subprocess.Popen(["sleep", "3600"]) for _ in range(owners)]
+    for i, proc in enumerate(procs):
+        with Client(path, name="lockd-bench-filler") as client:
+            client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": f"filler{i}",
+                                           "id": 1, "pid": proc.pid})  # fmt: skip
+            client.call("acquire", autocreate=True, leases=[
+                {"lockspace": BENCH_LOCKSPACE, "resource": f"filler{i}-{j}-{proc.pid}"}
+                for j in range(leases_each)
+            ])  # fmt: skip
+    return procs
+
+
+def run(
+    path: str,
+    *,
+    ops: int,
+    warmup: int,
+    levels: list[int],
+    tp_ops: int,
+    scenarios: tuple[str, ...] = ("sequential", "concurrent"),
+    owners: int = 256,
+) -> dict[str, Any]:
+    """Run the chosen scenarios; returns the JSON-ready result.
+
+    ``sequential``/``concurrent``: one exclusive lease per worker; ``shared``:
+    every worker on one shared lease; ``many-owners``: sequential pairs again
+    while ``owners`` other processes hold 4 leases each.
+    """
     with Client(path, name="lockd-bench") as client:
         client.call("create-lockspace", lockspace=BENCH_LOCKSPACE)
         server = client.server
-    seq = _run_workers(path, 1, ops, warmup)
-    sequential = {k: v for k, v in seq.items() if k not in ("concurrency", "total_pairs")}
-    concurrent = [
-        _run_workers(path, level, max(1, tp_ops // level), min(warmup, 50)) for level in levels
-    ]
-    return {
-        "server": server.get("server"),
-        "cpus": sorted(os.sched_getaffinity(0)),
-        "sequential": sequential,
-        "concurrent": concurrent,
-        "floor": {"fcntl_pair_us": fcntl_floor(), "socket_rpc_us": socket_floor()},
-    }
+
+    def strip(result: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in result.items() if k not in ("concurrency", "total_pairs")}
+
+    out: dict[str, Any] = {"server": server.get("server"), "cpus": sorted(os.sched_getaffinity(0))}
+    if "sequential" in scenarios or "many-owners" in scenarios:
+        out["sequential"] = strip(_run_workers(path, 1, ops, warmup))
+    if "concurrent" in scenarios:
+        out["concurrent"] = [
+            _run_workers(path, level, max(1, tp_ops // level), min(warmup, 50)) for level in levels
+        ]
+    if "shared" in scenarios:
+        out["shared"] = [
+            _run_workers(path, level, max(1, tp_ops // level), min(warmup, 50), shared=True)
+            for level in levels
+        ]
+    if "many-owners" in scenarios:
+        fillers = _hold_many(path, owners, 4)
+        try:
+            loaded = strip(_run_workers(path, 1, ops, warmup))
+        finally:
+            for proc in fillers:
+                proc.kill()
+                proc.wait()
+        base = out["sequential"]["pair_median_us"]
+        out["many_owners"] = {
+            "owners": owners,
+            "leases": owners * 4,
+            **loaded,
+            "median_vs_empty": round(loaded["pair_median_us"] / base, 3) if base else None,
+        }
+    out["floor"] = {"fcntl_pair_us": fcntl_floor(), "socket_rpc_us": socket_floor()}
+    return out
 
 
 def format_table(result: dict[str, Any]) -> str:
     """Human-readable form of :func:`run`'s result."""
-    s = result["sequential"]
-    lines = [
-        f"{result['server']}  client cpus {result['cpus']}",
-        f"sequential: median {s['pair_median_us']} us  p99 {s['pair_p99_us']} us  "
-        f"{s['pairs_per_s']} pairs/s",
-    ]
-    for c in result["concurrent"]:
+    lines = [f"{result['server']}  client cpus {result['cpus']}"]
+    s = result.get("sequential")
+    if s:
         lines.append(
-            f"concurrency {c['concurrency']:>3}: median {c['pair_median_us']} us  "
-            f"p99 {c['pair_p99_us']} us  {c['pairs_per_s']} pairs/s"
+            f"sequential: median {s['pair_median_us']} us  p99 {s['pair_p99_us']} us  "
+            f"{s['pairs_per_s']} pairs/s"
+        )
+    for label in ("concurrent", "shared"):
+        for c in result.get(label, []):
+            lines.append(
+                f"{label} {c['concurrency']:>3}: median {c['pair_median_us']} us  "
+                f"p99 {c['pair_p99_us']} us  {c['pairs_per_s']} pairs/s"
+            )
+    many = result.get("many_owners")
+    if many:
+        lines.append(
+            f"with {many['owners']} owners holding {many['leases']} leases: median "
+            f"{many['pair_median_us']} us ({many['median_vs_empty']}x empty)"
         )
     f = result["floor"]
     lines.append(

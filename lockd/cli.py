@@ -352,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     )
     bench.add_argument("--tp-ops", type=int, default=8000, help="pairs per concurrent run")
     bench.add_argument("--warmup", type=int, default=200, help="pairs before measuring")
+    bench.add_argument(
+        "--scenarios",
+        default="sequential,concurrent",
+        help="comma-separated: sequential, concurrent, shared, many-owners",
+    )
+    bench.add_argument(
+        "--owners", type=int, default=256, help="many-owners: processes holding 4 leases each"
+    )
     bench.set_defaults(func=commands.cmd_bench)
     return parser
 

@@ -466,12 +466,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
             levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
         except ValueError:
             raise CommandError("--concurrency takes numbers like 1,4,16", EXIT_USAGE) from None
+        scenarios = tuple(s for s in args.scenarios.split(",") if s)
+        unknown = set(scenarios) - set(bench.SCENARIOS)
+        if unknown:
+            raise CommandError(f"unknown scenarios {sorted(unknown)}", EXIT_USAGE)
         result = bench.run(
             args.socket or default_socket(),
             ops=args.ops,
             warmup=args.warmup,
             levels=levels,
             tp_ops=args.tp_ops,
+            scenarios=scenarios,
+            owners=args.owners,
         )
         if args.json:
             _print_json(result)

@@ -529,3 +529,24 @@ def test_running_out_of_descriptors_is_survived(daemon: DaemonProcess) -> None:
         resource.prlimit(pid, resource.RLIMIT_NOFILE, old)
     wait_for(lambda: daemon.lockd("status").returncode == 0)
     assert "accepting connections again" in daemon.log.read_text()
+
+
+def test_bench_scenarios_json(daemon: DaemonProcess) -> None:
+    """`lockd bench --json` runs every scenario and reports the documented keys."""
+    done = daemon.lockd(
+        "bench", "--json", "--ops", "30", "--warmup", "5", "--tp-ops", "40",
+        "--concurrency", "1,2", "--scenarios", "sequential,concurrent,shared,many-owners",
+        "--owners", "6", timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    for key in ("pair_median_us", "pair_p99_us", "pair_p999_us", "pairs_per_s"):
+        assert result["sequential"][key] > 0
+    assert [c["concurrency"] for c in result["concurrent"]] == [1, 2]
+    assert [c["total_pairs"] for c in result["shared"]] == [40, 40]
+    assert result["many_owners"]["leases"] == 24
+    assert result["many_owners"]["median_vs_empty"] > 0
+    assert result["floor"]["fcntl_pair_us"] > 0
+    wait_for(lambda: daemon.lockd("leases", "--json").stdout.strip() == "[]")  # fillers gone
+    bad = daemon.lockd("bench", "--scenarios", "warp-speed")
+    assert bad.returncode == 2
