@@ -147,3 +147,42 @@ def test_a_lockspace_mounted_late_is_waited_for_not_fenced(h: Harness) -> None:
     assert reports[0].held == 1
     assert h.processes.signals == []
     assert kernel_locked(h.lock_dir / "late.pool" / "disk")
+
+
+def test_a_lease_file_that_cannot_be_created_again_is_lost_not_retried_forever(
+    tmp_path: Path,
+) -> None:
+    """The lockspace directory vanished under recovery: one re-create attempt, then lost."""
+    from lockd.lockfiles import LockspaceDir
+
+    harness = Harness(tmp_path / "locks")
+    harness.processes.spawn(LIVE, start=100)
+    try:
+        (harness.lock_dir / "doomed").mkdir()
+
+        def vanishing(path: str) -> LockspaceDir:
+            files = LockspaceDir(path)
+            os.rmdir(path)  # the directory fd stays valid; creating files in it fails
+            return files
+
+        from actors.router import RouterActor
+
+        router = RouterActor.start(
+            harness.dispatcher, lock_dir=str(harness.lock_dir), journal=harness.journal,
+            open_lockspace=vanishing,
+        )  # fmt: skip
+        live = owner(LIVE)
+        state = ReplayState()
+        lease = HeldLease("doomed", "disk", LeaseMode.EXCLUSIVE, True)
+        lease.owners[live.key] = (live, 1.0)
+        state.leases[("doomed", "disk")] = lease
+        reports: list[RecoveryReport] = []
+        RecoveryActor.start(
+            harness.dispatcher, state=state, router=router, owners=harness.owners,
+            journal=harness.journal, processes=harness.processes, on_done=reports.append,
+        )  # fmt: skip
+        harness.run()
+        assert reports[0].lost == 1
+        assert [e.owner.pid for e in harness.journal_writer.events(LeaseLost)] == [LIVE]
+    finally:
+        harness.close()

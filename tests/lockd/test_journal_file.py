@@ -130,3 +130,18 @@ def test_follower_starts_at_since(tmp_path: Path) -> None:
     assert [e.seq for e in follower.poll()] == list(range(50, 60))
     follower.close()
     journal.close()
+
+
+def test_a_rotation_cut_short_leaves_no_headerless_segment(tmp_path: Path) -> None:
+    """Segments appear only once their header is on disk; a stray temporary is cleaned up."""
+    journal = FileJournal(str(tmp_path), segment_bytes=4096)
+    write(journal, 60)
+    journal.close()
+    stray = tmp_path / ".journal-00000000000000000999.cbor.tmp"
+    stray.write_bytes(b"")  # what a crash between create and rename leaves
+    reopened = FileJournal(str(tmp_path), segment_bytes=4096)
+    assert not stray.exists()
+    assert reopened.next_seq == 61
+    for name in list_segments(str(tmp_path)):
+        assert (tmp_path / name).stat().st_size > 0
+    reopened.close()
