@@ -134,8 +134,11 @@ def test_killed_run_child_frees_a_precreated_lease(
         stderr=subprocess.PIPE,
     )  # fmt: skip
     children.append(vm)
-    wait_for(lambda: vm.poll() is not None or probe(path, "classic") == "busy")
+    # Wait on the daemon's word, not on a probe: a probe is itself a lock taker,
+    # and one racing the acquire would make it fail busy.
+    wait_for(lambda: vm.poll() is not None or vm.pid in _owner_pids(daemon))
     assert vm.poll() is None, vm.stderr.read() if vm.stderr else ""
+    assert probe(path, "classic") == "busy"
     vm.kill()
     vm.wait()
     wait_for(lambda: probe(path, "classic") == "free")
@@ -481,7 +484,20 @@ def test_lockd_run_starts_a_per_user_daemon_when_none_runs(
                            "sleep", "600"], env=env)  # fmt: skip
     children.append(vm)
     path = tmp_path / "locks" / FILES_LOCKSPACE / lease_name_for_path("/vm/auto.img")
-    wait_for(lambda: path.exists() and probe(path, "ofd") == "busy", timeout=20)
+
+    def vm_holds_it() -> bool:  # the daemon's word first: a probe would race the acquire
+        if vm.poll() is not None or not sock.exists():
+            return vm.poll() is not None
+        try:
+            with Client(str(sock), timeout=5) as client:
+                leases = client.call("list-leases")["leases"]
+        except OSError:
+            return False
+        return any(o["pid"] == vm.pid for lease in leases for o in lease["owners"])
+
+    wait_for(vm_holds_it, timeout=20)
+    assert vm.poll() is None
+    assert probe(path, "ofd") == "busy"
     status = subprocess.run([*LOCKD, "status", "--json"], env=env, capture_output=True,
                             text=True, check=True)  # fmt: skip
     daemon_pid = json.loads(status.stdout)["pid"]
