@@ -436,7 +436,10 @@ class ConnectionActor(DispatchedActor):
             if isinstance(request, m.Inquire) and self._owner is None:
                 self._error(request, ErrorCode.NOT_REGISTERED, "inquire: register an owner first")
                 return
-            self._router.tell(Gather(self._wait(lambda g: self._query(request, g)), self.actor_ref))
+            token = self._wait(lambda g: self._query(request, g))
+            mine = self._owner.key if isinstance(request, m.Inquire) and self._owner else None
+            scan = isinstance(request, m.ListLockspaces)
+            self._router.tell(Gather(token, self.actor_ref, owner=mine, scan=scan))
         elif isinstance(request, m.Status):
             self._router.tell(
                 Gather(self._wait(lambda g: self._status(request, g)), self.actor_ref)

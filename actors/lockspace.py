@@ -144,10 +144,11 @@ class Snapshot:
 
 @attrs.frozen
 class TakeSnapshot:
-    """Query: reply with :class:`SnapshotTaken`."""
+    """Query: reply with :class:`SnapshotTaken` (only ``owner``'s leases when given)."""
 
     token: int
     reply_to: pykka.ActorRef[Any]
+    owner: OwnerKey | None = None
 
 
 @attrs.frozen
@@ -316,7 +317,8 @@ class LockspaceActor(DispatchedActor):
             self._frozen = False  # the re-exec was abandoned: carry on serving
             self._run_queued()
         elif isinstance(message, TakeSnapshot):
-            tell_if_alive(message.reply_to, SnapshotTaken(message.token, self.snapshot()))
+            snapshot = self.snapshot(message.owner)
+            tell_if_alive(message.reply_to, SnapshotTaken(message.token, snapshot))
         else:
             return super().on_receive(message)
         return None
@@ -326,8 +328,10 @@ class LockspaceActor(DispatchedActor):
         # only when told to drop, and the process exit closes them otherwise.
         self._files.close()
 
-    def snapshot(self) -> Snapshot:
-        """The lockspace's held leases, sorted by resource."""
+    def snapshot(self, owner: OwnerKey | None = None) -> Snapshot:
+        """The lockspace's held leases (or ``owner``'s), sorted by resource."""
+        held = self._state.held
+        resources = sorted(held) if owner is None else self._state.leases_of(owner)
         return Snapshot(
             self.name,
             self._files.path,
@@ -337,11 +341,11 @@ class LockspaceActor(DispatchedActor):
                     resource,
                     holding.mode,
                     tuple(
-                        Holder(owner, self._since.get((resource, key), 0.0))
-                        for key, owner in sorted(holding.owners.items())
+                        Holder(who, self._since.get((resource, key), 0.0))
+                        for key, who in sorted(holding.owners.items())
                     ),
                 )
-                for resource, holding in sorted(self._state.held.items())
+                for resource, holding in ((r, held[r]) for r in resources)
             ),
         )
 

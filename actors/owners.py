@@ -270,7 +270,7 @@ class OwnersActor(DispatchedActor):
             return
         token = next(self._tokens)
         self._closing[token] = message
-        self._router.tell(Gather(token, self.actor_ref))
+        self._router.tell(Gather(token, self.actor_ref, owner=owner.key))
 
     def _checked_leases(self, gathered: Gathered) -> None:
         closed = self._closing.pop(gathered.token, None)

@@ -129,10 +129,18 @@ class ClientGone:
 
 @attrs.frozen
 class Gather:
-    """Query: reply :class:`Gathered` with a snapshot of every lockspace and the clients."""
+    """Query: reply :class:`Gathered` with a snapshot of every lockspace and the clients.
+
+    ``owner``: only that owner's leases (inquire, the disconnect check), so the
+    reply does not grow with every lease on the host. ``scan``: first adopt
+    lockspace directories other hosts created (list-lockspaces only: it reads
+    the shared lock directory).
+    """
 
     token: int
     reply_to: pykka.ActorRef[Any]
+    owner: OwnerKey | None = None
+    scan: bool = False
 
 
 @attrs.frozen
@@ -394,12 +402,13 @@ class RouterActor(DispatchedActor):
             tell_if_alive(request.reply_to, AllFds(request.token, tuple(fds)))
 
     def _gather(self, message: Gather) -> None:
-        self.adopt_all()
+        if message.scan:
+            self.adopt_all()
         token = next(self._tokens)
         refs = list(self._lockspaces.values())
         self._gatherings[token] = _Gathering(message.reply_to, message.token, len(refs))
         for ref in refs:
-            ref.tell(TakeSnapshot(token, self.actor_ref))
+            ref.tell(TakeSnapshot(token, self.actor_ref, message.owner))
         self._maybe_done(token, query=True)
 
     def _gathered_part(

@@ -165,6 +165,7 @@ class LockSystem:
         router = self.router.proxy()
         for name in WELL_KNOWN_LOCKSPACES:
             router.ensure(name)
+        router.adopt_all()  # serve every lockspace directory there is, from the start
         self.info = ServerInfo(__version__, os.getpid(), self.started, socket.gethostname())
         RecoveryActor.start(
             d,

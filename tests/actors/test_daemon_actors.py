@@ -529,3 +529,22 @@ def test_idle_unregistered_connections_are_closed(h: Harness) -> None:
     assert idle.transport.closed
     assert not working.transport.closed
     assert not admin.transport.closed
+
+
+def test_inquire_and_the_disconnect_check_ask_only_for_the_owners_leases(h: Harness) -> None:
+    """Snapshots filtered by owner: a VM's inquiry does not carry the whole host's leases."""
+    from actors.lockspace import LockspaceActor
+
+    other = h.connect(VM2)
+    other.register(VM2)
+    other.ok("acquire", leases=[lease(f"other-{i}") for i in range(50)], autocreate=True)
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("mine")], autocreate=True)
+    (actor,) = [a for a in h.dispatcher.actors if isinstance(a, LockspaceActor)]
+    key = next(iter(actor._state.held["mine"].owners))
+    assert [v.resource for v in actor.snapshot(key).leases] == ["mine"]
+    assert len(actor.snapshot().leases) == 51
+    assert vm.ok("inquire")["leases"] == [
+        {"lockspace": FILES, "resource": "mine", "mode": "exclusive"}
+    ]
