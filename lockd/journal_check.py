@@ -24,13 +24,9 @@ import time
 
 import attrs
 
-from lockd.journal_file import list_segments
+from lockd.journal_file import first_seq_of, list_segments
 from lockd.journal_format import JournalCorruptError, decode_segment
-from lockd.snapshot import decode_snapshot, list_snapshots
-
-
-def _first_seq(name: str) -> int:
-    return int(name.split("-", 1)[1].split(".", 1)[0])
+from lockd.snapshot import decode_snapshot, list_snapshots, seq_of
 
 
 @attrs.frozen
@@ -64,8 +60,8 @@ def find_damage(directory: str) -> tuple[list[str], Damage | None]:
     covered = _snapshot_seq(directory, notes)
     names = list_segments(directory)
     for i, name in enumerate(names):
-        first = _first_seq(name)
-        last = _first_seq(names[i + 1]) - 1 if i + 1 < len(names) else None
+        first = first_seq_of(name)
+        last = first_seq_of(names[i + 1]) - 1 if i + 1 < len(names) else None
         history = last is not None and last <= covered
         with open(os.path.join(directory, name), "rb") as f:
             data = f.read()
@@ -129,7 +125,7 @@ def repair(directory: str, damage: Damage) -> list[str]:
         os.rename(os.path.join(directory, later), aside)
         done.append(f"moved {later} aside")
     for snap in list_snapshots(directory):
-        if _first_seq(snap) >= damage.first_bad_seq:
+        if seq_of(snap) >= damage.first_bad_seq:
             os.rename(
                 os.path.join(directory, snap), os.path.join(directory, f"{snap}.damaged-{stamp}")
             )

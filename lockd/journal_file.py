@@ -59,7 +59,8 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _first_seq(name: str) -> int:
+def first_seq_of(name: str) -> int:
+    """The first seq a segment holds, from its name."""
     return int(name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
 
 
@@ -67,7 +68,7 @@ def read_entries(directory: str, since_seq: int = 1) -> Iterator[JournalEntry]:
     """Every entry with seq >= ``since_seq``, across segments; works while the daemon is down."""
     names = list_segments(directory)
     for name, later in zip(names, [*names[1:], None], strict=True):
-        if later is not None and _first_seq(later) <= since_seq:
+        if later is not None and first_seq_of(later) <= since_seq:
             continue  # every entry of this segment is older than since_seq
         with open(os.path.join(directory, name), "rb") as f:
             scan = decode_segment(f.read())
@@ -235,7 +236,7 @@ class JournalFollower:
         if self._name is None:
             start = names[0]
             for name in names:
-                if _first_seq(name) <= self.next_seq:
+                if first_seq_of(name) <= self.next_seq:
                     start = name
             self._open(start)
         out: list[JournalEntry] = []

@@ -5,12 +5,8 @@ from __future__ import annotations
 import os
 
 from actors.recovery_core import ReplayState
-from lockd.journal_file import FileJournal, list_segments
+from lockd.journal_file import FileJournal, first_seq_of, list_segments
 from lockd.journal_format import JournalCorruptError, decode_segment
-
-
-def _first_seq(name: str) -> int:
-    return int(name.split("-", 1)[1].split(".", 1)[0])
 
 
 def replay(journal: FileJournal, snapshot: ReplayState | None) -> tuple[ReplayState, int]:
@@ -21,20 +17,20 @@ def replay(journal: FileJournal, snapshot: ReplayState | None) -> tuple[ReplaySt
     state = snapshot or ReplayState()
     directory = journal.directory
     names = list_segments(directory)
-    firsts = [_first_seq(n) for n in names]
+    firsts = [first_seq_of(n) for n in names]
     needed = [
         name for i, name in enumerate(names) if i + 1 == len(names) or firsts[i + 1] - 1 > state.seq
     ]
-    if needed and _first_seq(needed[0]) > state.seq + 1:
+    if needed and first_seq_of(needed[0]) > state.seq + 1:
         raise JournalCorruptError(
             0,
             f"{os.path.join(directory, needed[0])}: entries {state.seq + 1} to "
-            f"{_first_seq(needed[0]) - 1} are missing and no snapshot covers them",
+            f"{first_seq_of(needed[0]) - 1} are missing and no snapshot covers them",
         )
     replayed = 0
     for name in needed:
         scan = journal.last_scan
-        if scan is None or scan.first_seq != _first_seq(name):
+        if scan is None or scan.first_seq != first_seq_of(name):
             path = os.path.join(directory, name)
             with open(path, "rb") as f:
                 try:

@@ -30,6 +30,11 @@ def snapshot_name(seq: int) -> str:
     return f"{PREFIX}{seq:020d}{SUFFIX}"
 
 
+def seq_of(name: str) -> int:
+    """The last journal seq a snapshot includes, from its name."""
+    return int(name[len(PREFIX) : -len(SUFFIX)])
+
+
 def list_snapshots(directory: str) -> list[str]:
     """Snapshot file names, oldest first."""
     return sorted(n for n in os.listdir(directory) if n.startswith(PREFIX) and n.endswith(SUFFIX))

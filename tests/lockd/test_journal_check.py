@@ -6,7 +6,7 @@ from pathlib import Path
 
 from lockd.journal_check import find_damage, repair
 from lockd.journal_file import list_segments
-from lockd.snapshot import list_snapshots
+from lockd.snapshot import list_snapshots, seq_of
 from tests.lockd.test_snapshot_replay import fill, reopen
 
 
@@ -43,5 +43,5 @@ def test_damage_after_the_snapshot_is_cut_and_reported(tmp_path: Path) -> None:
     assert any("were cut" in line for line in done)
     state, _ = reopen(tmp_path)
     assert state.seq == damage.first_bad_seq - 1
-    assert all(int(n[9:29]) < damage.first_bad_seq for n in list_snapshots(str(tmp_path)))
+    assert all(seq_of(n) < damage.first_bad_seq for n in list_snapshots(str(tmp_path)))
     assert find_damage(str(tmp_path))[1] is None
