@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,19 +34,21 @@ def owner(pid: int) -> Owner:
     return Owner(uuid.uuid4().bytes, f"vm{pid}", 1, pid, 100)
 
 
-def recover(h: Harness, state: ReplayState) -> RecoveryReport:
+def start_recovery(h: Harness, state: ReplayState, **options: Any) -> list[RecoveryReport]:
+    """Start recovery on the harness (``options`` override its collaborators); run until idle.
+
+    Returns the list its report lands in: empty while recovery still waits.
+    """
     reports: list[RecoveryReport] = []
-    RecoveryActor.start(
-        h.dispatcher,
-        state=state,
-        router=h.router,
-        owners=h.owners,
-        journal=h.journal,
-        processes=h.processes,
-        on_done=reports.append,
-    )
+    collaborators = {"router": h.router, "owners": h.owners, "journal": h.journal,
+                     "processes": h.processes, **options}  # fmt: skip
+    RecoveryActor.start(h.dispatcher, state=state, on_done=reports.append, **collaborators)
     h.run()
-    (report,) = reports
+    return reports
+
+
+def recover(h: Harness, state: ReplayState, **options: Any) -> RecoveryReport:
+    (report,) = start_recovery(h, state, **options)
     return report
 
 
@@ -113,13 +116,7 @@ def test_an_adopted_fd_is_used_without_reopening(h: Harness) -> None:
     path.touch()
     fd = os.open(path, os.O_RDWR)
     try_lock(fd, shared=False)  # the lock an inherited fd still carries
-    reports: list[RecoveryReport] = []
-    RecoveryActor.start(
-        h.dispatcher, state=state, router=h.router, owners=h.owners, journal=h.journal,
-        processes=h.processes, on_done=reports.append, adopted={(FILES, "kept"): fd},
-    )  # fmt: skip
-    h.run()
-    assert reports[0].held == 1
+    assert recover(h, state, adopted={(FILES, "kept"): fd}).held == 1
     assert kernel_locked(path)
     c = h.connect(LIVE)
     assert c.ok("list-leases")["leases"][0]["resource"] == "kept"
@@ -132,12 +129,7 @@ def test_a_lockspace_mounted_late_is_waited_for_not_fenced(h: Harness) -> None:
     lease = HeldLease("late.pool", "disk", LeaseMode.EXCLUSIVE, False)
     lease.owners[live.key] = (live, 1.0)
     state.leases[("late.pool", "disk")] = lease
-    reports: list[RecoveryReport] = []
-    RecoveryActor.start(
-        h.dispatcher, state=state, router=h.router, owners=h.owners, journal=h.journal,
-        processes=h.processes, on_done=reports.append,
-    )  # fmt: skip
-    h.run()
+    reports = start_recovery(h, state)
     for _ in range(3):
         h.advance(1.0)
     assert reports == []  # still waiting: requests wait with it
@@ -176,13 +168,7 @@ def test_a_lease_file_that_cannot_be_created_again_is_lost_not_retried_forever(
         lease = HeldLease("doomed", "disk", LeaseMode.EXCLUSIVE, True)
         lease.owners[live.key] = (live, 1.0)
         state.leases[("doomed", "disk")] = lease
-        reports: list[RecoveryReport] = []
-        RecoveryActor.start(
-            harness.dispatcher, state=state, router=router, owners=harness.owners,
-            journal=harness.journal, processes=harness.processes, on_done=reports.append,
-        )  # fmt: skip
-        harness.run()
-        assert reports[0].lost == 1
+        assert recover(harness, state, router=router).lost == 1
         assert [e.owner.pid for e in harness.journal_writer.events(LeaseLost)] == [LIVE]
     finally:
         harness.close()

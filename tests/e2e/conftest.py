@@ -145,3 +145,39 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval)
+
+
+_DROPPING_OWNER = """
+import os, signal, sys, time, uuid
+from protocol.client import Client
+if sys.argv[2] == "ignore":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+else:
+    def term(*_):
+        print("got SIGTERM", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, term)
+c = Client(sys.argv[1])
+c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()})
+c.call("acquire", leases=[{"lockspace": "org.libvirt.lockd.files", "resource": "r1"}],
+       autocreate=True)
+print("held", flush=True)
+c.close()
+time.sleep(60)
+"""
+
+
+def start_dropping_owner(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], *, ignore_sigterm: bool
+) -> subprocess.Popen[str]:
+    """A VM that takes a lease over its own connection, then drops the connection and
+    keeps running (printing "held", and "got SIGTERM" unless it ignores SIGTERM)."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _DROPPING_OWNER, str(daemon.socket),
+         "ignore" if ignore_sigterm else "report"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    children.append(owner)  # type: ignore[arg-type]
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == "held"
+    return owner

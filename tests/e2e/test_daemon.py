@@ -9,7 +9,6 @@ import socket
 import stat
 import struct
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +18,7 @@ import pytest
 
 from protocol.client import Client, RemoteError
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
-from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, wait_for
+from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
 from tests.lockprobe import probe
 
 pytestmark = pytest.mark.e2e
@@ -202,33 +201,11 @@ def test_release_cli_and_wait(
 
 
 def test_owner_whose_connection_closes_is_fenced(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
     """A running owner that drops its own connection loses its leases and gets SIGTERM."""
-    script = tmp_path / "owner.py"
-    script.write_text(
-        "import os, signal, sys, time, uuid\n"
-        "from protocol.client import Client\n"
-        "def term(*_):\n"
-        "    print('got SIGTERM', flush=True)\n"
-        "    sys.exit(0)\n"
-        "signal.signal(signal.SIGTERM, term)\n"
-        f"c = Client({str(daemon.socket)!r})\n"
-        "c.call('register', owner={'uuid': uuid.uuid4().bytes, 'name': 'vm', 'id': 1,"
-        " 'pid': os.getpid()})\n"
-        "c.call('acquire', leases=[{'lockspace': 'org.libvirt.lockd.files', 'resource': 'r1'}],"
-        " autocreate=True)\n"
-        "print('held', flush=True)\n"
-        "c.close()\n"
-        "time.sleep(30)\n"
-    )
-    owner = subprocess.Popen(
-        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-        cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
-    children.append(owner)  # type: ignore[arg-type]
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=False)
     assert owner.stdout is not None
-    assert owner.stdout.readline().strip() == "held"
     assert owner.stdout.readline().strip() == "got SIGTERM"
     assert owner.wait(10) == 0
     kinds = [(e["type"], e.get("reason")) for e in events(daemon)]

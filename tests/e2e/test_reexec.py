@@ -9,12 +9,11 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from protocol.names import FILES_LOCKSPACE
-from tests.e2e.conftest import DaemonProcess, wait_for
+from tests.e2e.conftest import DaemonProcess, start_dropping_owner, wait_for
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import events, lease_file, start_run
 
@@ -105,28 +104,10 @@ def test_sigusr1_keeps_every_lock_and_connection(
 
 
 def test_sigusr1_during_a_fence_is_put_off_and_the_fence_completes(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
     """The SIGKILL of a fence is a timer in this process: a re-exec must not drop it."""
-    script = tmp_path / "stubborn.py"
-    script.write_text(
-        "import os, signal, time, uuid\n"
-        "from protocol.client import Client\n"
-        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-        f"c = Client({str(daemon.socket)!r})\n"
-        "c.call('register', owner={'uuid': uuid.uuid4().bytes, 'name': 'vm', 'id': 1,"
-        " 'pid': os.getpid()})\n"
-        "c.call('acquire', leases=[{'lockspace': 'org.libvirt.lockd.files', 'resource': 'r'}],"
-        " autocreate=True)\n"
-        "print('held', flush=True)\n"
-        "c.close()\n"
-        "time.sleep(60)\n"
-    )
-    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parents[2])  # fmt: skip
-    children.append(owner)  # type: ignore[arg-type]
-    assert owner.stdout is not None
-    assert owner.stdout.readline().strip() == "held"
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
     wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
