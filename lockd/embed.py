@@ -21,6 +21,7 @@ again before it returns. ``stop()`` releases nothing.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import threading
@@ -74,7 +75,7 @@ class EmbeddedClient:
     def __init__(self, ref: pykka.ActorRef[Any], transport: _InProcessTransport) -> None:
         self._ref = ref
         self._transport = transport
-        self._ids = iter(range(1, 2**63))
+        self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.server = self.call("hello", versions=[PROTOCOL_VERSION])
 
