@@ -29,6 +29,10 @@ HELP = {
         "counter",
         "Journal writes that failed (nothing granted).",
     ),
+    "lockd_owners_watched": (
+        "gauge",
+        "Registered owners watched for exit, by pidfd or by polling (beyond the pidfd budget).",
+    ),
     "lockd_recovery_duration_seconds": ("gauge", "How long the last start-up recovery took."),
     "lockd_journal_fsync_seconds": ("histogram", "fdatasync latency of the journal."),
 }

@@ -2,9 +2,14 @@
 
 Two ways an owner's leases end without a release request:
 
-- its process exits: each registered owner is watched with a pidfd (also
-  owners that have no connection open), and its exit releases every lease it
-  holds with reason ``owner-exit``;
+- its process exits: each registered owner is watched (also owners that
+  have no connection open), and its exit releases every lease it holds with
+  reason ``owner-exit``. Watching uses a pidfd, which wakes lockd the moment
+  the process exits, while pidfds stay within a budget (``max_pidfds``); the
+  owners beyond it, or whose pidfd could not be opened (EMFILE), are polled
+  instead, all of them within ``POLL_SECONDS``. Leases need descriptors more
+  than watches do: a lease cannot exist without its fd, an owner can be
+  polled, so at 16,384 leases under a 20,000-fd limit the owners still fit;
 - its own connection (peer pid = owner pid, as when a VM inherited the
   connection) closes while the process still runs and holds leases: the
   process is fenced like virtlockd does (SIGTERM, then SIGKILL after a grace
@@ -45,6 +50,11 @@ FENCE_GIVE_UP_SECONDS = 1.4
 """After SIGKILL, how long until the owner is reported as refusing to die."""
 RELEASE_RETRY_SECONDS = 1.0
 """Back-off before retrying a release the journal could not record."""
+POLL_SECONDS = 1.0
+"""Every owner watched without a pidfd is checked once per this period."""
+POLL_SLICES = 10
+"""The polled owners are checked in this many slices spread over the period:
+a few thousand /proc reads at once would delay every request behind them."""
 
 
 class Processes(Protocol):
@@ -125,10 +135,16 @@ class _RetryRelease:
     reason: ReleaseReason
 
 
+@attrs.frozen
+class _Poll:
+    """Timer tick: check the next slice of the owners watched by polling."""
+
+
 @attrs.define
 class _Watched:
     owner: Owner
     fd: int | None
+    """The pidfd; None for an owner that is polled."""
 
 
 @attrs.frozen
@@ -148,9 +164,17 @@ class OwnersActor(DispatchedActor):
         router: pykka.ActorRef[Any],
         journal: pykka.ActorRef[Any],
         grace: float = FENCE_GRACE_SECONDS,
+        max_pidfds: int | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self._processes = processes
+        self._max_pidfds = max_pidfds
+        """None: no budget (a pidfd for every owner, polling only after EMFILE)."""
+        self._pidfds = 0
+        self._polled: dict[OwnerKey, Owner] = {}
+        self._poll_queue: list[OwnerKey] = []
+        """What is left of the current polling round."""
+        self._poll_timer: Timer | None = None
         self._router = router
         self._journal = journal
         self._grace = grace
@@ -183,6 +207,8 @@ class OwnersActor(DispatchedActor):
             self._fence_step(message)
         elif isinstance(message, QueryFencing):
             tell_if_alive(message.reply_to, Fencing(len(self._fencing)))
+        elif isinstance(message, _Poll):
+            self._poll()
         else:
             return super().on_receive(message)
         return None
@@ -194,31 +220,88 @@ class OwnersActor(DispatchedActor):
                 self._processes.close_watch(watched.fd)
         for timer in self._timers.values():
             timer.cancel()
+        if self._poll_timer is not None:
+            self._poll_timer.cancel()
+
+    @property
+    def watch_counts(self) -> tuple[int, int]:
+        """(owners watched by pidfd, owners watched by polling): for metrics and tests."""
+        return self._pidfds, len(self._polled)
 
     # -- watching -----------------------------------------------------------------
     def _watch(self, owner: Owner) -> None:
         if owner.key in self._watched:
             return
+        if self._max_pidfds is not None and self._pidfds >= self._max_pidfds:
+            self._start_polling(owner, f"pidfd budget of {self._max_pidfds} used")
+            return
         try:
             fd = self._processes.open_watch(owner)
         except OSError as exc:
-            # Out of descriptors: the owner stays registered but unwatched;
-            # its own connection closing still ends its leases.
-            log.error("cannot watch %s: %s", owner.describe(), exc)
+            self._start_polling(owner, f"no pidfd: {exc}")
             return
         self._watched[owner.key] = _Watched(owner, fd)
         if fd is None:
             self.actor_ref.tell(OwnerExited(owner.key))
             return
+        self._pidfds += 1
+        self._count()
         ref = self.actor_ref
         key = owner.key
         self.dispatcher.watch(fd, selectors.EVENT_READ, lambda _mask: ref.tell(OwnerExited(key)))
 
+    def _start_polling(self, owner: Owner, why: str) -> None:
+        if not self._polled:
+            log.warning(
+                "watching %s by polling every %.1f s (%s); later owners too while it lasts",
+                owner.describe(),
+                POLL_SECONDS,
+                why,
+            )
+        self._watched[owner.key] = _Watched(owner, None)
+        self._polled[owner.key] = owner
+        self._count()
+        if self._poll_timer is None:
+            self._schedule_poll()
+
+    def _schedule_poll(self) -> None:
+        ref = self.actor_ref
+        self._poll_timer = self.dispatcher.call_later(
+            POLL_SECONDS / POLL_SLICES, lambda: tell_if_alive(ref, _Poll())
+        )
+
+    def _poll(self) -> None:
+        """Check one slice of the polled owners; a new round starts when the last one ends."""
+        self._poll_timer = None
+        if not self._polled:
+            self._poll_queue = []
+            return
+        if not self._poll_queue:
+            self._poll_queue = list(self._polled)
+        size = -(-len(self._polled) // POLL_SLICES)
+        batch, self._poll_queue = self._poll_queue[:size], self._poll_queue[size:]
+        for key in batch:
+            owner = self._polled.get(key)
+            if owner is not None and self._processes.is_gone(owner):
+                self._exited(key)
+        if self._polled:
+            self._schedule_poll()
+
     def _unwatch(self, key: OwnerKey) -> None:
         watched = self._watched.pop(key, None)
-        if watched is not None and watched.fd is not None:
+        if watched is None:
+            return
+        if watched.fd is not None:
+            self._pidfds -= 1
             self.dispatcher.unwatch(watched.fd)
             self._processes.close_watch(watched.fd)
+        else:
+            self._polled.pop(key, None)
+        self._count()
+
+    def _count(self) -> None:
+        REGISTRY.set("lockd_owners_watched", self._pidfds, by="pidfd")
+        REGISTRY.set("lockd_owners_watched", len(self._polled), by="poll")
 
     def _exited(self, key: OwnerKey) -> None:
         fencing = self._fencing.pop(key, None)

@@ -83,6 +83,10 @@ def _log_control(level: str | None, filters: str | None) -> dict[str, str]:
     return result
 
 
+PIDFD_SHARE = 8
+"""One descriptor in this many may be an owner's pidfd (see :class:`Daemon`)."""
+
+
 class LockSystem:
     """The actor system without sockets: what the daemon serves and an orchestrator embeds."""
 
@@ -94,7 +98,10 @@ class LockSystem:
         adopted: Mapping[tuple[str, str], int] | None = None,
         stored: Mapping[str, int] | None = None,
         on_ready: Callable[[RecoveryReport], None] | None = None,
+        max_pidfds: int | None = None,
     ) -> None:
+        """``max_pidfds``: owners watched by pidfd at most (the rest are polled), see
+        :class:`actors.owners.OwnersActor`; None for no budget."""
         self.config = config
         self.dispatcher = dispatcher or Dispatcher()
         self.started = time.monotonic()
@@ -160,6 +167,7 @@ class LockSystem:
             router=self.router,
             journal=self.journal,
             grace=config.fence_grace,
+            max_pidfds=max_pidfds,
         )
         self.journal.tell(Append((DaemonStarted(__version__, os.getpid()),), 0, None))
         router = self.router.proxy()
@@ -302,7 +310,17 @@ class Daemon:
                 log.error("refusing an fd named %r from the service manager: not ours", name)
                 os.close(fd)
         self._activated = set(activated)
-        self.system = LockSystem(config, adopted=adopted, stored=stored, on_ready=self._serve)
+        # An eighth of the descriptors for owner pidfds: leases cannot exist
+        # without their fd, owners beyond this are polled (16,384 leases and
+        # 4,096 owners then fit in 20,000 fds; 65,536 pidfds under the unit's
+        # LimitNOFILE).
+        self.system = LockSystem(
+            config,
+            adopted=adopted,
+            stored=stored,
+            on_ready=self._serve,
+            max_pidfds=limit // PIDFD_SHARE if limit else None,
+        )
         self.dispatcher = self.system.dispatcher
         self._clients = 0
         self._admin_clients = 0

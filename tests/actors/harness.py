@@ -7,6 +7,7 @@ thread: no sockets, no threads, no sleeps.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 import uuid
@@ -81,6 +82,8 @@ class FakeProcesses:
         self.signals: list[tuple[int, str]] = []
         self.ignores_sigterm: set[int] = set()
         self._pipes: dict[int, tuple[int, int]] = {}
+        self.no_pidfds = False
+        """True: open_watch fails like pidfd_open at the fd limit (EMFILE)."""
 
     def spawn(self, pid: int, uid: int = 0, start: int = 100) -> int:
         self.procs[pid] = (start, uid)
@@ -97,6 +100,8 @@ class FakeProcesses:
     def open_watch(self, owner: Owner) -> int | None:
         if self.is_gone(owner):
             return None
+        if self.no_pidfds:
+            raise OSError(errno.EMFILE, "Too many open files")
         r, w = os.pipe()
         self._pipes[r] = (owner.pid, w)
         return r
@@ -218,7 +223,9 @@ class Conn:
 class Harness:
     """Journal, router and owners actors on a manual-clock dispatcher."""
 
-    def __init__(self, lock_dir: Path, sync: SyncPolicy = SyncPolicy.NONE) -> None:
+    def __init__(
+        self, lock_dir: Path, sync: SyncPolicy = SyncPolicy.NONE, max_pidfds: int | None = None
+    ) -> None:
         self.clock = Clock()
         self.dispatcher = Dispatcher(clock=self.clock)
         self.lock_dir = lock_dir
@@ -234,7 +241,7 @@ class Harness:
         )  # fmt: skip
         self.owners = OwnersActor.start(
             self.dispatcher, processes=self.processes, router=self.router, journal=self.journal,
-            grace=1.6,
+            grace=1.6, max_pidfds=max_pidfds,
         )  # fmt: skip
         self.run()
         for name in WELL_KNOWN_LOCKSPACES:
@@ -243,6 +250,12 @@ class Harness:
 
     def run(self) -> None:
         self.dispatcher.run_until_idle()
+
+    def owners_actor(self) -> OwnersActor:
+        """The owners actor itself, for its counters (the test thread runs the dispatcher)."""
+        actor = self.owners._actor_weakref()
+        assert isinstance(actor, OwnersActor)
+        return actor
 
     def advance(self, seconds: float) -> None:
         self.clock.now += seconds

@@ -20,6 +20,7 @@ from actors.events import (
 )
 from actors.journal import SyncPolicy
 from actors.lease import LockBusyError
+from actors.owners import POLL_SECONDS
 from lockd.lockfiles import try_lock, unlock
 from protocol.codec import encode_item
 from protocol.framing import encode_frame
@@ -256,6 +257,51 @@ def test_managers_connection_closing_keeps_the_vms_leases(h: Harness) -> None:
     assert kernel_locked(h.lock_dir / FILES / "disk-a")
     h.processes.exit(VM1)
     h.run()
+    (released,) = h.journal_writer.events(LeaseReleased)
+    assert released.reason is ReleaseReason.OWNER_EXIT
+    assert h.processes.signals == []
+
+
+def test_owners_beyond_the_pidfd_budget_are_polled(tmp_path: Path) -> None:
+    """At the fd limit leases come first: owners past the budget are still released on exit."""
+    h = Harness(tmp_path / "locks", max_pidfds=1)
+    try:
+        h.processes.spawn(LIBVIRTD)
+        for pid, disk in ((VM1, "disk-a"), (VM2, "disk-b")):
+            h.processes.spawn(pid)
+            mgr = h.connect(LIBVIRTD)  # libvirtd: a connection per VM, closed after the acquire
+            mgr.register(pid)
+            mgr.ok("acquire", leases=[lease(disk)], autocreate=True)
+            mgr.close()
+        assert h.owners_actor().watch_counts == (1, 1)
+        h.processes.exit(VM2)  # polled: nothing wakes lockd at once
+        h.run()
+        assert h.journal_writer.events(LeaseReleased) == []
+        assert kernel_locked(h.lock_dir / FILES / "disk-b")
+        h.advance(POLL_SECONDS)
+        (released,) = h.journal_writer.events(LeaseReleased)
+        assert (released.resource, released.reason) == ("disk-b", ReleaseReason.OWNER_EXIT)
+        assert not kernel_locked(h.lock_dir / FILES / "disk-b")
+        assert h.owners_actor().watch_counts == (1, 0)
+        h.processes.exit(VM1)  # the pidfd-watched owner is released without waiting
+        h.run()
+        assert [e.resource for e in h.journal_writer.events(LeaseReleased)] == ["disk-b", "disk-a"]
+        assert h.owners_actor().watch_counts == (0, 0)
+    finally:
+        h.close()
+
+
+def test_owner_whose_pidfd_cannot_be_opened_is_polled(h: Harness) -> None:
+    """EMFILE on pidfd_open used to leave the owner unwatched; its leases would never end."""
+    h.processes.no_pidfds = True
+    mgr = h.connect(LIBVIRTD)
+    mgr.register(VM1)
+    mgr.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    mgr.close()
+    h.advance(POLL_SECONDS * 3)
+    assert h.journal_writer.events(LeaseReleased) == []  # alive: polling releases nothing
+    h.processes.exit(VM1)
+    h.advance(POLL_SECONDS)
     (released,) = h.journal_writer.events(LeaseReleased)
     assert released.reason is ReleaseReason.OWNER_EXIT
     assert h.processes.signals == []

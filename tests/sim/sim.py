@@ -29,7 +29,13 @@ from actors.events import DaemonStarted, LeaseLost
 from actors.journal import Append, JournalActor
 from actors.lockspace import LockspaceActor
 from actors.model import LeaseMode
-from actors.owners import OwnersActor
+from actors.owners import (
+    FENCE_GIVE_UP_SECONDS,
+    FENCE_GRACE_SECONDS,
+    POLL_SECONDS,
+    POLL_SLICES,
+    OwnersActor,
+)
 from actors.recovery import RecoveryActor, RecoveryReport
 from actors.recovery_core import ReplayState
 from actors.router import RouterActor
@@ -137,8 +143,11 @@ class Host:
             open_lockspace=lambda path: FakeLockspaceDir(kernel, name, path),
             journal_position=lambda: self.journal_file.next_seq - 1,
         )  # fmt: skip
+        # A pidfd budget of none, one or two: owners beyond it are polled.
+        budget = self.sim.rng.choice((None, 0, 1, 2))
         self.owners = OwnersActor.start(d, processes=self.view, router=self.router,
-                                        journal=self.journal, grace=1.6)  # fmt: skip
+                                        journal=self.journal, grace=1.6,
+                                        max_pidfds=budget)  # fmt: skip
         self.journal.tell(Append((DaemonStarted("sim", self.incarnation),), 0, None))
         reports: list[RecoveryReport] = []
         RecoveryActor.start(
@@ -339,6 +348,16 @@ class Sim:
                 host.start()
         for _ in range(4):
             self._time_passes()
+        # Owners past the pidfd budget are polled a slice per timer tick; a
+        # real clock moves through every tick, so let this one do so too, for
+        # longer than a fence (grace, SIGKILL, give-up) and a polling round.
+        tick = POLL_SECONDS / POLL_SLICES
+        for _ in range(
+            int((FENCE_GRACE_SECONDS + FENCE_GIVE_UP_SECONDS + POLL_SECONDS) / tick) + 1
+        ):
+            self.clock.now += tick
+            for host in self.hosts:
+                host.run()
         self.check()
         for host in self.hosts:
             for _, owners in host.tables().values():
