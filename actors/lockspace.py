@@ -363,6 +363,11 @@ class LockspaceActor(DispatchedActor):
         """Start every queued command that conflicts with nothing in flight or ahead of it."""
         if self._frozen:
             return
+        if not self._inflight and len(self._queued) == 1:
+            # The common case (one client at a time here): nothing to order against.
+            command = self._queued.popleft()
+            self._start(command, self._resources_of(command), _owner_key(command))
+            return
         blocked_resources: set[str] = set()
         blocked_owners: set[OwnerKey] = set()
         for flight in self._inflight.values():

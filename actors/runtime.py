@@ -35,9 +35,12 @@ from typing import Any
 import pykka
 from pykka import ActorDeadError, ThreadingFuture
 from pykka._envelope import Envelope
-from pykka.messages import _ActorStop
+from pykka.messages import ProxyCall, ProxyGetAttr, ProxySetAttr, _ActorStop
 
 Step = Callable[[], None]
+
+_PYKKA_MESSAGES = frozenset({_ActorStop, ProxyCall, ProxyGetAttr, ProxySetAttr})
+"""Messages pykka itself handles (stop and proxy calls), matched by exact type."""
 
 
 class ActorCrashedError(RuntimeError):
@@ -322,8 +325,14 @@ class DispatchedActor(pykka.Actor):
         if self.actor_stopped.is_set():
             self._answer_dead(envelope)
             return
+        message = envelope.message
         try:
-            response = self._handle_receive(envelope.message)
+            # pykka's _handle_receive tests four control types before calling
+            # on_receive; one set lookup does that for every ordinary message.
+            if type(message) in _PYKKA_MESSAGES:
+                response = self._handle_receive(message)
+            else:
+                response = self.on_receive(message)
             if envelope.reply_to is not None:
                 envelope.reply_to.set(response)
         except Exception:  # noqa: BLE001 - pykka semantics: any handler error goes to the asker
