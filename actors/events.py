@@ -9,6 +9,8 @@ disk and on the wire an entry is one flat CBOR map (see ``docs/journal.md``):
 from __future__ import annotations
 
 import enum
+import operator
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import attrs
@@ -174,26 +176,39 @@ EVENT_TYPES: dict[str, type[Event]] = {
 
 
 _FIELD_NAMES: dict[type[Event], tuple[str, ...]] = {}
+_TO_WIRE: dict[type, Callable[[Any], Any] | None] = {}
+"""Per value type: how it goes on the wire (None: as it is)."""
 
 
-def event_to_wire(event: Event) -> dict[str, Any]:
-    """Flat CBOR-ready map of an event's fields, with its ``type``.
+def _wire_converter(cls: type) -> Callable[[Any], Any] | None:
+    if issubclass(cls, Owner):
+        return Owner.to_wire
+    if issubclass(cls, enum.Enum):
+        return operator.attrgetter("value")
+    return None
+
+
+def event_to_wire(event: Event, out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Flat CBOR-ready map of an event's fields, with its ``type`` (added to ``out`` if given).
 
     On the path of every acquire and release: field names are looked up once
-    per event class, not per event.
+    per event class and conversions once per value type, not per event.
     """
     cls = type(event)
     names = _FIELD_NAMES.get(cls)
     if names is None:
         names = _FIELD_NAMES[cls] = tuple(f.name for f in attrs.fields(cls))
-    out: dict[str, Any] = {"type": event.TYPE}
+    if out is None:
+        out = {}
+    out["type"] = event.TYPE
     for name in names:
         value = getattr(event, name)
-        if isinstance(value, Owner):
-            value = value.to_wire()
-        elif isinstance(value, enum.Enum):
-            value = value.value
-        out[name] = value
+        kind = type(value)
+        try:
+            convert = _TO_WIRE[kind]
+        except KeyError:
+            convert = _TO_WIRE[kind] = _wire_converter(kind)
+        out[name] = value if convert is None else convert(value)
     return out
 
 
@@ -221,7 +236,7 @@ class JournalEntry:
 
     def to_wire(self) -> dict[str, Any]:
         """The flat map auditors read: seq, time, host, type, then the event's fields."""
-        return {"seq": self.seq, "time": self.time, "host": self.host, **event_to_wire(self.event)}
+        return event_to_wire(self.event, {"seq": self.seq, "time": self.time, "host": self.host})
 
     @classmethod
     def from_wire(cls, data: Any) -> JournalEntry:

@@ -156,7 +156,11 @@ class FileJournal:
                 raise ValueError(f"entry seq {entry.seq} does not continue the journal")
         if self._size >= self._segment_bytes:
             self.rotate()
-        data = b"".join(encode_record(e) for e in entries)
+        data = (
+            encode_record(entries[0])
+            if len(entries) == 1
+            else b"".join(map(encode_record, entries))
+        )
         written = os.write(self._fd, data)
         if written != len(data):
             # A short write leaves a torn record; truncate it back so the next append is clean.

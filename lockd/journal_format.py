@@ -18,6 +18,7 @@ daemon must never silently forget a lease, so that is an error.
 from __future__ import annotations
 
 import io
+import struct
 import zlib
 from typing import Any
 
@@ -61,13 +62,26 @@ def encode_header(first_seq: int) -> bytes:
     return cbor2.dumps({"format": FORMAT, "version": VERSION, "first_seq": first_seq})
 
 
+_SMALL_HEADS = tuple(tuple(bytes([major << 5 | v]) for v in range(24)) for major in range(8))
+_HEAD_1 = struct.Struct(">BB")
+_HEAD_2 = struct.Struct(">BH")
+_HEAD_4 = struct.Struct(">BI")
+_HEAD_8 = struct.Struct(">BQ")
+
+
 def _head(major: int, value: int) -> bytes:
-    """A CBOR item head (RFC 8949 3.1) in its shortest form."""
+    """A CBOR item head (RFC 8949 3.1) in its shortest form (three per journal record)."""
     if value < 24:
-        return bytes([major << 5 | value])
-    for info, size in ((24, 1), (25, 2), (26, 4), (27, 8)):
-        if value < 1 << (8 * size):
-            return bytes([major << 5 | info]) + value.to_bytes(size, "big")
+        return _SMALL_HEADS[major][value]
+    first = major << 5
+    if value < 0x100:
+        return _HEAD_1.pack(first | 24, value)
+    if value < 0x10000:
+        return _HEAD_2.pack(first | 25, value)
+    if value < 0x100000000:
+        return _HEAD_4.pack(first | 26, value)
+    if value < 0x10000000000000000:
+        return _HEAD_8.pack(first | 27, value)
     raise ValueError(f"{value} does not fit a CBOR head")
 
 
