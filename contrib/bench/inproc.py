@@ -4,10 +4,11 @@
 Runs a LockSystem on temp paths, drives one in-process connection on the
 test thread (``run_until_idle``), and prints the mean microseconds per pair;
 ``--profile`` adds a cProfile table. This is the number the hot-path changes
-in docs/performance.md are measured with; it varies by about 20% between
-runs on the 2-vCPU test VM, so compare runs made back to back.
+in docs/performance.md are measured with. On the 2-vCPU test VM single runs
+vary by about 20%, so it runs several rounds and reports the fastest (noise
+only adds time) with the median beside it; compare runs made back to back.
 
-    .venv/bin/python contrib/bench/inproc.py [--pairs 3000] [--profile]
+    .venv/bin/python contrib/bench/inproc.py [--pairs 3000] [--rounds 5] [--profile]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import cProfile
 import os
 import pstats
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -56,7 +58,8 @@ class Transport:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pairs", type=int, default=3000)
+    parser.add_argument("--pairs", type=int, default=3000, help="pairs per round")
+    parser.add_argument("--rounds", type=int, default=5, help="the minimum is the cost")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lockd-inproc-"))
@@ -84,9 +87,15 @@ def main() -> int:
                 call("acquire", leases=[lease], autocreate=True)
                 call("release", leases=[lease])
 
-        start = time.perf_counter()
-        loop()
-        print(f"{(time.perf_counter() - start) / args.pairs * 1e6:.1f} us per pair in-process")
+        rounds = []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            loop()
+            rounds.append((time.perf_counter() - start) / args.pairs * 1e6)
+        # On a shared VM interference only ever adds time: the fastest round
+        # is the best estimate of the code's own cost, the median shows the spread.
+        print(f"{min(rounds):.1f} us per pair in-process (min of {args.rounds} rounds; "
+              f"median {statistics.median(rounds):.1f})")  # fmt: skip
         if args.profile:
             cProfile.runctx("loop()", globals(), {"loop": loop}, str(tmp / "prof"))
             pstats.Stats(str(tmp / "prof")).sort_stats("tottime").print_stats(30)
