@@ -3,14 +3,20 @@
 Each worker is its own process with its own connection and owner (its pid),
 and loops acquire (exclusive, autocreate) + release of its own lease in the
 lockspace ``lockd.bench``, the same shape as the virtlockd peer's client. The
-floors are measured in the same run: an OFD lock+unlock pair on a local file
-and a request/reply round trip on a socketpair between two processes.
+floors are measured in the same run: an OFD lock+unlock pair on a local file,
+a request/reply round trip on a socketpair between two processes, and a
+minimal Python server answering the same client's requests without doing
+any lock work (what a Python daemon costs before it does anything).
+
+The ``recovery`` scenario (:mod:`lockd.bench_recovery`) starts its own daemon
+on temp paths instead, so it is not in the default set.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import socket
 import statistics
 import subprocess
@@ -19,11 +25,20 @@ import time
 import uuid
 from typing import Any
 
+from lockd import bench_recovery
+from lockd.bench_floor import work_floors
 from lockd.lockfiles import try_lock, unlock
 from protocol.client import Client
+from protocol.codec import decode_item, encode_item
+from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
+from protocol.messages import PROTOCOL_VERSION
 
 BENCH_LOCKSPACE = "lockd.bench"
-SCENARIOS = ("sequential", "concurrent", "shared", "many-owners")
+PAIR_SCENARIOS = ("sequential", "concurrent", "shared", "many-owners")
+"""Scenarios that measure pairs against the daemon at ``--socket``."""
+SCENARIOS = (*PAIR_SCENARIOS, "recovery")
+DEFAULT_SCENARIOS = ("sequential", "concurrent")
+"""Not ``recovery``: it starts (and SIGKILLs) a daemon of its own, which nobody asked for."""
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -136,36 +151,162 @@ def socket_floor(ops: int = 5000) -> float:
     return round(statistics.median(samples), 2)
 
 
+def _floor_server(listener: socket.socket) -> None:
+    """Answer every request with an empty result from an epoll loop: no locks, no journal.
+
+    Decodes and encodes with the daemon's own codec and framing, so the
+    difference to lockd is the lock work and the actor system, not the wire.
+    Returns when its one client disconnects.
+    """
+    listener.setblocking(False)
+    poller = select.epoll()
+    poller.register(listener.fileno(), select.EPOLLIN)
+    conns: dict[int, tuple[socket.socket, FrameDecoder]] = {}
+    served = False
+    while not served or conns:
+        for fd, _ in poller.poll():
+            if fd == listener.fileno():
+                conn, _ = listener.accept()
+                conn.setblocking(False)
+                poller.register(conn.fileno(), select.EPOLLIN)
+                conns[conn.fileno()] = (conn, FrameDecoder())
+                served = True
+                continue
+            conn, frames = conns[fd]
+            data = conn.recv(65536)
+            if not data:
+                poller.unregister(fd)
+                conn.close()
+                del conns[fd]
+                continue
+            frames.receive_data(data)
+            while (frame := frames.next_frame()) is not None:
+                request = decode_item(frame)
+                result = {"version": PROTOCOL_VERSION, "server": "floor"}
+                reply = {"id": request["id"], "result": result if request["op"] == "hello" else {}}
+                conn.sendall(encode_frame(encode_item(reply), MAX_REPLY_FRAME))
+    poller.close()
+
+
+def python_server_floor(ops: int = 5000, warmup: int = 200) -> float:
+    """Median µs of one request to a minimal Python epoll server in another process.
+
+    The same client, codec and request as a pair's acquire, so twice this is
+    what a pair costs a Python server and client that do no lock work at all:
+    the part of lockd's pair time no change to the lock path can remove.
+    """
+    with tempfile.TemporaryDirectory(prefix="lockd-bench-floor-") as tmp:
+        path = os.path.join(tmp, "floor.sock")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(4)
+        proc = multiprocessing.get_context("fork").Process(target=_floor_server, args=(listener,))
+        proc.start()
+        listener.close()
+        samples: list[float] = []
+        try:
+            lease = {"lockspace": BENCH_LOCKSPACE, "resource": "floor"}
+            with Client(path, name="lockd-bench-floor", timeout=30) as client:
+                for _ in range(warmup):
+                    client.call("acquire", leases=[lease], autocreate=True)
+                for _ in range(ops):
+                    t0 = time.perf_counter()
+                    client.call("acquire", leases=[lease], autocreate=True)
+                    samples.append((time.perf_counter() - t0) * 1e6)
+        finally:
+            proc.join(10)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
+    return round(statistics.median(samples), 2)
+
+
+def floors() -> dict[str, float]:
+    """Every floor, measured in the caller's CPU affinity (compare.py pins it).
+
+    Besides the wire floors: the file syscalls of one pair done the virtlockd
+    way and the lockd way, and lockd's two journal records
+    (:mod:`lockd.bench_floor`), so a pair's time splits into kernel work,
+    journal, and the rest.
+    """
+    return {
+        "fcntl_pair_us": fcntl_floor(),
+        "socket_rpc_us": socket_floor(),
+        "python_server_rpc_us": python_server_floor(),
+        **work_floors(),
+    }
+
+
 def _hold_many(path: str, owners: int, leases_each: int) -> list[subprocess.Popen[bytes]]:
-    """``owners`` live processes holding ``leases_each`` leases each: a dense host."""
-    procs = [subprocess.Popen(["sleep", "3600"]) for _ in range(owners)]
-    for i, proc in enumerate(procs):
-        with Client(path, name="lockd-bench-filler") as client:
-            client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": f"filler{i}",
-                                           "id": 1, "pid": proc.pid})  # fmt: skip
-            client.call("acquire", autocreate=True, leases=[
-                {"lockspace": BENCH_LOCKSPACE, "resource": f"filler{i}-{j}-{proc.pid}"}
-                for j in range(leases_each)
-            ])  # fmt: skip
+    """``owners`` live processes holding ``leases_each`` leases each: a dense host.
+
+    If filling fails part way (or is interrupted), the processes started so
+    far are killed before the error propagates: the caller never sees them.
+    """
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(owners):
+            proc = subprocess.Popen(["sleep", "3600"])
+            procs.append(proc)
+            with Client(path, name="lockd-bench-filler") as client:
+                client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": f"filler{i}",
+                                               "id": 1, "pid": proc.pid})  # fmt: skip
+                client.call("acquire", autocreate=True, leases=[
+                    {"lockspace": BENCH_LOCKSPACE, "resource": f"filler{i}-{j}-{proc.pid}"}
+                    for j in range(leases_each)
+                ])  # fmt: skip
+    except BaseException:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        raise
     return procs
 
 
 def run(
+    path: str | None,
+    *,
+    ops: int,
+    warmup: int,
+    levels: list[int],
+    tp_ops: int,
+    scenarios: tuple[str, ...] = DEFAULT_SCENARIOS,
+    owners: int = 256,
+    recovery_leases: int = bench_recovery.DEFAULT_LEASES,
+    recovery_owners: int = bench_recovery.DEFAULT_OWNERS,
+    recovery_events: int = bench_recovery.DEFAULT_EVENTS,
+) -> dict[str, Any]:
+    """Run the chosen scenarios; returns the JSON-ready result.
+
+    ``sequential``/``concurrent``: one exclusive lease per worker; ``shared``:
+    every worker on one shared lease; ``many-owners``: sequential pairs again
+    while ``owners`` other processes hold 4 leases each. Those use the daemon
+    at ``path`` and add the floors. ``recovery`` starts its own daemon on temp
+    paths (``path`` is not touched when it is the only scenario).
+    """
+    out: dict[str, Any] = {"cpus": sorted(os.sched_getaffinity(0))}
+    if set(scenarios) & set(PAIR_SCENARIOS):
+        if path is None:
+            raise ValueError("the pair scenarios need a daemon's socket")
+        out.update(_run_pairs(path, ops=ops, warmup=warmup, levels=levels, tp_ops=tp_ops,
+                              scenarios=scenarios, owners=owners))  # fmt: skip
+    if "recovery" in scenarios:
+        out["recovery"] = bench_recovery.run(
+            leases=recovery_leases, owners=recovery_owners, events=recovery_events
+        )
+    return out
+
+
+def _run_pairs(
     path: str,
     *,
     ops: int,
     warmup: int,
     levels: list[int],
     tp_ops: int,
-    scenarios: tuple[str, ...] = ("sequential", "concurrent"),
-    owners: int = 256,
+    scenarios: tuple[str, ...],
+    owners: int,
 ) -> dict[str, Any]:
-    """Run the chosen scenarios; returns the JSON-ready result.
-
-    ``sequential``/``concurrent``: one exclusive lease per worker; ``shared``:
-    every worker on one shared lease; ``many-owners``: sequential pairs again
-    while ``owners`` other processes hold 4 leases each.
-    """
     with Client(path, name="lockd-bench") as client:
         client.call("create-lockspace", lockspace=BENCH_LOCKSPACE)
         server = client.server
@@ -173,7 +314,7 @@ def run(
     def strip(result: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in result.items() if k not in ("concurrency", "total_pairs")}
 
-    out: dict[str, Any] = {"server": server.get("server"), "cpus": sorted(os.sched_getaffinity(0))}
+    out: dict[str, Any] = {"server": server.get("server")}
     if "sequential" in scenarios or "many-owners" in scenarios:
         out["sequential"] = strip(_run_workers(path, 1, ops, warmup))
     if "concurrent" in scenarios:
@@ -200,13 +341,13 @@ def run(
             **loaded,
             "median_vs_empty": round(loaded["pair_median_us"] / base, 3) if base else None,
         }
-    out["floor"] = {"fcntl_pair_us": fcntl_floor(), "socket_rpc_us": socket_floor()}
+    out["floor"] = floors()
     return out
 
 
 def format_table(result: dict[str, Any]) -> str:
     """Human-readable form of :func:`run`'s result."""
-    lines = [f"{result['server']}  client cpus {result['cpus']}"]
+    lines = [f"{result['server']}  client cpus {result['cpus']}"] if "server" in result else []
     s = result.get("sequential")
     if s:
         lines.append(
@@ -225,8 +366,16 @@ def format_table(result: dict[str, Any]) -> str:
             f"with {many['owners']} owners holding {many['leases']} leases: median "
             f"{many['pair_median_us']} us ({many['median_vs_empty']}x empty)"
         )
-    f = result["floor"]
-    lines.append(
-        f"floor: fcntl lock+unlock {f['fcntl_pair_us']} us, socket rpc {f['socket_rpc_us']} us"
-    )
+    f = result.get("floor")
+    if f:
+        lines.append(
+            f"floor: fcntl lock+unlock {f['fcntl_pair_us']} us, socket rpc {f['socket_rpc_us']} "
+            f"us, minimal python server {f['python_server_rpc_us']} us per request"
+        )
+        lines.append(
+            f"pair work: file syscalls virtlockd-style {f['virtlockd_files_pair_us']} us, "
+            f"lockd-style {f['lockd_files_pair_us']} us, journal records {f['journal_pair_us']} us"
+        )
+    if "recovery" in result:
+        lines.append(bench_recovery.format_result(result["recovery"]))
     return "\n".join(lines)

@@ -355,10 +355,20 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     bench.add_argument(
         "--scenarios",
         default="sequential,concurrent",
-        help="comma-separated: sequential, concurrent, shared, many-owners",
+        help="comma-separated: sequential, concurrent, shared, many-owners, recovery "
+        "(recovery starts, SIGKILLs and restarts a daemon of its own on temp paths)",
     )
     bench.add_argument(
         "--owners", type=int, default=256, help="many-owners: processes holding 4 leases each"
+    )
+    bench.add_argument(
+        "--recovery-leases", type=int, default=1024, help="recovery: leases held at the crash"
+    )
+    bench.add_argument(
+        "--recovery-owners", type=int, default=64, help="recovery: live processes holding them"
+    )
+    bench.add_argument(
+        "--recovery-events", type=int, default=20000, help="recovery: events of history"
     )
     bench.set_defaults(func=commands.cmd_bench)
     return parser

@@ -458,8 +458,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Acquire+release pairs against a running daemon."""
-    from lockd import bench
+    """Acquire+release pairs against a running daemon; ``recovery`` runs a daemon of its own."""
+    from lockd import bench, bench_recovery
 
     def body() -> int:
         try:
@@ -470,15 +470,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         unknown = set(scenarios) - set(bench.SCENARIOS)
         if unknown:
             raise CommandError(f"unknown scenarios {sorted(unknown)}", EXIT_USAGE)
-        result = bench.run(
-            args.socket or default_socket(),
-            ops=args.ops,
-            warmup=args.warmup,
-            levels=levels,
-            tp_ops=args.tp_ops,
-            scenarios=scenarios,
-            owners=args.owners,
-        )
+        if "recovery" in scenarios and (
+            args.recovery_leases < 1 or args.recovery_owners < 1 or args.recovery_events < 0
+        ):
+            raise CommandError(
+                "--recovery-leases and --recovery-owners take at least 1, --recovery-events 0",
+                EXIT_USAGE,
+            )
+        try:
+            result = bench.run(
+                args.socket or default_socket(),
+                ops=args.ops,
+                warmup=args.warmup,
+                levels=levels,
+                tp_ops=args.tp_ops,
+                scenarios=scenarios,
+                owners=args.owners,
+                recovery_leases=args.recovery_leases,
+                recovery_owners=args.recovery_owners,
+                recovery_events=args.recovery_events,
+            )
+        except bench_recovery.BenchError as exc:
+            raise CommandError(f"recovery: {exc}") from None
         if args.json:
             _print_json(result)
         else:

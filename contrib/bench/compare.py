@@ -164,7 +164,12 @@ def main() -> int:
     print(
         f"\nFloors (same run): OFD lock+unlock in-process {floor['fcntl_pair_us']} us; "
         f"Unix-socket request/reply between two processes {floor['socket_rpc_us']} us "
-        f"(a pair is two RPCs)."
+        f"(a pair is two RPCs); minimal Python epoll server "
+        f"{floor.get('python_server_rpc_us', '?')} us per request.\n"
+        f"A pair's own work: file syscalls the virtlockd way (open O_CREAT, lock; unlink, "
+        f"close) {floor.get('virtlockd_files_pair_us', '?')} us, the lockd way (under the "
+        f"index lock, with the link check) {floor.get('lockd_files_pair_us', '?')} us; "
+        f"lockd's two journal records {floor.get('journal_pair_us', '?')} us."
     )
     return 0
 

@@ -5,8 +5,12 @@ Starts ``lockd serve`` on temp paths, measures acquire+release pairs on the
 empty daemon, then registers ``--owners`` live processes (sleep) holding
 ``--leases`` leases between them (through one manager connection, as
 libvirtd would), measures the same pairs again, and reports the ratio, the
-daemon's RSS and thread count, and how far ``lockd events --follow`` lags
-behind the replies (p50/p99) under that load. Prints one JSON object.
+daemon's RSS and thread count (and both on the empty daemon, so a growing
+thread count shows), and how far ``lockd events --follow`` lags behind the
+replies (p50/p99) under that load. If the daemon refuses leases while
+filling (EMFILE on a host whose descriptor limit is too low), filling stops
+there and ``fill_error`` says why; ``leases`` is what it holds. Prints one
+JSON object.
 
     .venv/bin/python contrib/bench/scale.py --owners 4096 --leases 16384
 """
@@ -30,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from protocol.client import Client  # noqa: E402
+from protocol.client import Client, RemoteError  # noqa: E402
 
 FILES = "org.libvirt.lockd.files"
 
@@ -73,26 +77,37 @@ def follow_lag(sock: str, journal: Path, count: int) -> list[float]:
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
-    time.sleep(1.0)
     lags = []
-    with Client(sock, name="scale-follow") as c:
-        c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "follow", "id": 1,
-                                  "pid": os.getpid()})  # fmt: skip
-        for i in range(count):
-            name = f"follow-{i}"
-            c.call("acquire", leases=[{"lockspace": FILES, "resource": name}], autocreate=True)
-            replied = time.perf_counter()
-            deadline = replied + 5
-            while name not in seen and time.perf_counter() < deadline:
-                time.sleep(0.0005)
-            lags.append((seen.get(name, deadline) - replied) * 1000)
-            c.call("release", leases=[{"lockspace": FILES, "resource": name}])
-    follower.send_signal(signal.SIGINT)
-    follower.wait(10)
+    try:
+        time.sleep(1.0)
+        with Client(sock, name="scale-follow") as c:
+            c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "follow", "id": 1,
+                                      "pid": os.getpid()})  # fmt: skip
+            for i in range(count):
+                name = f"follow-{i}"
+                c.call("acquire", leases=[{"lockspace": FILES, "resource": name}], autocreate=True)
+                replied = time.perf_counter()
+                deadline = replied + 5
+                while name not in seen and time.perf_counter() < deadline:
+                    time.sleep(0.0005)
+                lags.append((seen.get(name, deadline) - replied) * 1000)
+                c.call("release", leases=[{"lockspace": FILES, "resource": name}])
+    finally:  # the follower never outlives the measurement, whatever happened
+        follower.send_signal(signal.SIGINT)
+        try:
+            follower.wait(10)
+        except subprocess.TimeoutExpired:
+            follower.kill()
+            follower.wait()
     return lags
 
 
-def main() -> int:
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a map (VmRSS, Threads, ...)."""
+    return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+
+
+def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--owners", type=int, default=4096)
     parser.add_argument("--leases", type=int, default=16384)
@@ -122,28 +137,35 @@ def main() -> int:
             time.sleep(0.05)
         time.sleep(0.3)
         empty = pairs(sock, args.pairs)
-        sleepers = [subprocess.Popen(["sleep", "3600"]) for _ in range(args.owners)]
+        empty_fields = proc_status(daemon.pid)
+        for _ in range(args.owners):
+            sleepers.append(subprocess.Popen(["sleep", "3600"]))
         t0 = time.monotonic()
         per_owner = args.leases // args.owners
+        fill_error = None
         with Client(sock, name="scale-manager", timeout=120) as manager:
             for i, proc in enumerate(sleepers):
                 with Client(sock, name="scale-manager") as c:
                     c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": f"vm{i}",
                                               "id": i + 1, "pid": proc.pid})  # fmt: skip
-                    c.call("acquire", autocreate=True, leases=[
-                        {"lockspace": FILES, "resource": f"vm{i}-disk{j}"} for j in range(per_owner)
-                    ])  # fmt: skip
+                    try:
+                        c.call("acquire", autocreate=True, leases=[
+                            {"lockspace": FILES, "resource": f"vm{i}-disk{j}"}
+                            for j in range(per_owner)
+                        ])  # fmt: skip
+                    except RemoteError as exc:
+                        fill_error = f"owner {i}: {exc}"
+                        break
             status = manager.call("status")
         fill_s = time.monotonic() - t0
         loaded = pairs(sock, args.pairs)
         lags = follow_lag(sock, tmp / "journal", 200)
-        fields = dict(
-            line.split(":", 1)
-            for line in Path(f"/proc/{daemon.pid}/status").read_text().splitlines()
-        )
+        fields = proc_status(daemon.pid)
         result = {
             "owners": args.owners,
+            "leases_requested": per_owner * args.owners,
             "leases": status["leases"],
+            "fill_error": fill_error,
             "fill_s": round(fill_s, 1),
             "empty_pair_median_us": round(statistics.median(empty), 1),
             "empty_pair_p99_us": p(empty, 0.99),
@@ -154,6 +176,8 @@ def main() -> int:
             ),
             "daemon_rss_mib": round(int(fields["VmRSS"].split()[0]) / 1024, 1),
             "daemon_threads": int(fields["Threads"]),
+            "empty_daemon_rss_mib": round(int(empty_fields["VmRSS"].split()[0]) / 1024, 1),
+            "empty_daemon_threads": int(empty_fields["Threads"]),
             "daemon_fds": len(os.listdir(f"/proc/{daemon.pid}/fd")),
             "follow_lag_p50_ms": p(lags, 0.5),
             "follow_lag_p99_ms": p(lags, 0.99),
@@ -161,7 +185,11 @@ def main() -> int:
         print(json.dumps(result))
     finally:
         daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
+        try:
+            daemon.wait(60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
         for proc in sleepers:
             proc.kill()
             proc.wait()
