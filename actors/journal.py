@@ -172,15 +172,16 @@ class JournalActor(DispatchedActor):
     def _write(self, batch: list[Append]) -> None:
         now = self._clock()
         seq = self._writer.next_seq
+        host = self._host
         groups: list[tuple[Append, tuple[JournalEntry, ...]]] = []
+        everything: list[JournalEntry] = []
         for append in batch:
             entries = tuple(
-                JournalEntry(seq + i, now, self._host, event)
-                for i, event in enumerate(append.events)
+                JournalEntry(seq + i, now, host, event) for i, event in enumerate(append.events)
             )
             seq += len(entries)
             groups.append((append, entries))
-        everything = [e for _, entries in groups for e in entries]
+            everything += entries
         bytes_before = getattr(self._writer, "bytes_written", 0)
         try:
             self._writer.append(everything)

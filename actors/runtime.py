@@ -213,8 +213,10 @@ def tell_if_alive(ref: pykka.ActorRef[Any] | None, message: Any) -> None:
     more is simply dropped, and must not kill the actor that sends it.
     """
     if ref is not None:
-        with contextlib.suppress(ActorDeadError):
+        try:  # noqa: SIM105 - not contextlib.suppress: a context manager per reply costs
             ref.tell(message)
+        except ActorDeadError:
+            pass
 
 
 class _Inbox:
@@ -222,21 +224,23 @@ class _Inbox:
 
     def __init__(self) -> None:
         self._queue: collections.deque[Envelope[Any]] = collections.deque()
-        self._actor: DispatchedActor | None = None
+        self._schedule: Callable[[], None] | None = None
+        """Submits one step of the bound actor (built once: every message pays for it)."""
         self._early = 0
 
     def bind(self, actor: DispatchedActor) -> None:
-        self._actor = actor
+        submit, step = actor.dispatcher.submit, actor._step
+        self._schedule = lambda: submit(step)
         for _ in range(self._early):
-            actor.dispatcher.submit(actor._step)
+            self._schedule()
         self._early = 0
 
     def put(self, envelope: Envelope[Any], /) -> None:
         self._queue.append(envelope)
-        if self._actor is None:
+        if self._schedule is None:
             self._early += 1
         else:
-            self._actor.dispatcher.submit(self._actor._step)
+            self._schedule()
 
     def get(self) -> Envelope[Any]:
         return self._queue.popleft()
