@@ -177,11 +177,10 @@ class LeaseActor(DispatchedActor):
             if self._files.still_linked(held, self._resource):
                 self._fd, self._mode = held.fd, msg.mode
                 return LockTaken(self._resource, msg.token, held.fd)
-            self._files.close_fd(held.fd)  # another host unlinked it after our open: try again
-            if not msg.create:
-                return self._refused(
-                    msg, ErrorCode.NOT_FOUND, f"lease file {self._resource} was deleted"
-                )
+            # Another host unlinked it after our open: open the name again, as
+            # virtlockd's acquire loop does. Without create, a file that is
+            # gone for good then ends as not-found; one re-created is locked.
+            self._files.close_fd(held.fd)
         return self._refused(msg, ErrorCode.BUSY, "lease file keeps being replaced by another host")
 
     def _drop(self, unlink: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,39 @@ def probe(path: Path, kind: str, mode: str = "write") -> str:
         check=True,
     )
     return done.stdout.strip()
+
+
+_WATCH = r"""
+import fcntl, os, signal, struct, sys
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+fd = os.open(sys.argv[1], os.O_RDWR)
+free = tries = 0
+print("watching", flush=True)
+while not stop:
+    tries += 1
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+    except OSError:
+        continue
+    free += 1
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_UNLCK, 0, 0, 1, 0))
+print(tries, free, flush=True)
+"""
+
+
+def start_watch(path: Path) -> subprocess.Popen[str]:
+    """A separate process that tries the lock on byte 0 in a tight loop until
+    :func:`stop_watch`; returned once it watches. The caller kills it on failure."""
+    proc = subprocess.Popen([sys.executable, "-c", _WATCH, str(path)],
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "watching"
+    return proc
+
+
+def stop_watch(proc: subprocess.Popen[str]) -> tuple[int, int]:
+    """Stop a watcher: (tries, how many of them found the lock free)."""
+    proc.send_signal(signal.SIGTERM)
+    tries, free = map(int, proc.communicate(timeout=10)[0].split())
+    return tries, free

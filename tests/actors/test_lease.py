@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,10 +12,10 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.lease import DropLock, LeaseActor, LockRefused, LockTaken, TakeLock
+from actors.lease import DropLock, LeaseActor, LockBusyError, LockRefused, LockTaken, TakeLock
 from actors.model import LeaseMode
 from actors.runtime import DispatchedActor, Dispatcher
-from lockd.lockfiles import LockspaceDir
+from lockd.lockfiles import HeldFile, LockspaceDir, try_lock, unlock
 from protocol.errors import ErrorCode
 from tests.lockprobe import probe
 
@@ -129,3 +130,88 @@ def test_missing_file_without_create_is_not_found(
     reply = inbox.got.pop()
     assert isinstance(reply, LockRefused)
     assert reply.code is ErrorCode.NOT_FOUND
+
+
+class ReplacedAfterFirstOpen(LockspaceDir):
+    """A lockspace where another host deletes and re-creates the lease file right after
+    our first open (so before our lock); keeps an fd on the old inode to ask about it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.opens = 0
+        self.old_inode: int | None = None
+
+    def open_lease(self, name: str, *, create: bool) -> HeldFile:
+        held = super().open_lease(name, create=create)
+        self.opens += 1
+        if self.opens == 1:
+            path = os.path.join(self.path, name)
+            self.old_inode = os.open(path, os.O_RDWR)
+            os.unlink(path)
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        return held
+
+
+def inode_locked(fd: int) -> bool:
+    """Whether someone else holds the lock on the inode ``fd`` is open on (linked or not)."""
+    try:
+        try_lock(fd, shared=False)
+    except LockBusyError:
+        return True
+    unlock(fd)
+    return False
+
+
+def test_a_file_replaced_between_open_and_lock_is_never_held_on_its_old_inode(
+    env: tuple[Dispatcher, LockspaceDir, Replies], tmp_path: Path
+) -> None:
+    """Without create too (recovery, acquire without autocreate): the lock is checked
+    against the name after it is taken, so the unlinked inode is let go and the
+    file the name names now is opened and locked instead."""
+    dispatcher, _, inbox = env
+    (tmp_path / "disk").touch()
+    files = ReplacedAfterFirstOpen(str(tmp_path))
+    try:
+        ref = LeaseActor.start(dispatcher, files, "disk")
+        ref.tell(TakeLock(LeaseMode.EXCLUSIVE, create=False, token=1, reply_to=inbox.actor_ref))
+        dispatcher.run_until_idle()
+        taken = inbox.got.pop()
+        assert taken == LockTaken("disk", 1), "refused or locked the unlinked inode"
+        assert os.fstat(taken.fd).st_ino == os.stat(tmp_path / "disk").st_ino
+        assert files.old_inode is not None
+        assert not inode_locked(files.old_inode)
+        assert probe(tmp_path / "disk", "ofd") == "busy"
+        assert files.opens == 2
+        ref.tell(DropLock(unlink=False))
+        dispatcher.run_until_idle()
+    finally:
+        if files.old_inode is not None:
+            os.close(files.old_inode)
+        files.close()
+
+
+class DeletedAfterFirstOpen(LockspaceDir):
+    """Another host deletes the lease file right after our first open, for good."""
+
+    def open_lease(self, name: str, *, create: bool) -> HeldFile:
+        held = super().open_lease(name, create=create)
+        os.unlink(os.path.join(self.path, name))
+        return held
+
+
+def test_a_file_deleted_between_open_and_lock_is_not_found_without_create(
+    env: tuple[Dispatcher, LockspaceDir, Replies], tmp_path: Path
+) -> None:
+    dispatcher, _, inbox = env
+    (tmp_path / "disk").touch()
+    files = DeletedAfterFirstOpen(str(tmp_path))
+    try:
+        ref = LeaseActor.start(dispatcher, files, "disk")
+        ref.tell(TakeLock(LeaseMode.EXCLUSIVE, create=False, token=1, reply_to=inbox.actor_ref))
+        dispatcher.run_until_idle()
+        refused = inbox.got.pop()
+        assert isinstance(refused, LockRefused)
+        assert refused.code is ErrorCode.NOT_FOUND
+        assert not (tmp_path / "disk").exists()
+    finally:
+        files.close()

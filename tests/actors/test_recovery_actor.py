@@ -172,3 +172,45 @@ def test_a_lease_file_that_cannot_be_created_again_is_lost_not_retried_forever(
         assert [e.owner.pid for e in harness.journal_writer.events(LeaseLost)] == [LIVE]
     finally:
         harness.close()
+
+
+class FakeFdStore:
+    """The service manager's fd store, recording what the lockspaces tell it."""
+
+    def __init__(self) -> None:
+        self.stored: list[tuple[str, str]] = []
+        self.removed: list[tuple[str, str]] = []
+
+    def store(self, lockspace: str, resource: str, fd: int) -> None:
+        self.stored.append((lockspace, resource))
+
+    def remove(self, lockspace: str, resource: str) -> None:
+        self.removed.append((lockspace, resource))
+
+
+def test_an_adopted_fd_that_lost_its_lock_is_removed_from_the_fd_store(h: Harness) -> None:
+    """The store gave back an fd whose lock another host holds now: the lease is lost,
+    and the manager is told to drop its copy (FDSTOREREMOVE), not left holding it."""
+    from actors.router import RouterActor
+    from lockd.lockfiles import LockspaceDir
+
+    fd_store = FakeFdStore()
+    router = RouterActor.start(
+        h.dispatcher, lock_dir=str(h.lock_dir), journal=h.journal,
+        open_lockspace=LockspaceDir, fd_store=fd_store,
+    )  # fmt: skip
+    victim = owner(VICTIM)
+    state = ReplayState()
+    held(state, "taken", victim)
+    path = h.lock_dir / FILES / "taken"
+    path.touch()
+    thief = os.open(path, os.O_RDWR)
+    try_lock(thief, shared=False)  # another host took it while lockd was down
+    stale = os.open(path, os.O_RDWR)  # the stored fd, no longer carrying the lock
+    try:
+        assert recover(h, state, adopted={(FILES, "taken"): stale}, router=router).lost == 1
+        assert fd_store.removed == [(FILES, "taken")]
+        assert fd_store.stored == []
+        assert [e.owner.pid for e in h.journal_writer.events(LeaseLost)] == [VICTIM]
+    finally:
+        os.close(thief)

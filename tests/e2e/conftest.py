@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from protocol.client import Client
+from tests.e2e.fake_systemd import FakeServiceManager
 
 LOCKD = [sys.executable, "-m", "lockd"]
 
@@ -121,6 +122,14 @@ def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
 def daemon(make_daemon: MakeDaemon) -> DaemonProcess:
     """One running daemon on temp paths."""
     return make_daemon()
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[FakeServiceManager]:
+    """A fake service manager (notify socket, fd store); its stored fds closed at the end."""
+    fm = FakeServiceManager(tmp_path)
+    yield fm
+    fm.close()
 
 
 @pytest.fixture

@@ -23,6 +23,9 @@ for i, fd in enumerate(high):
     os.dup2(fd, 3 + i)
     os.set_inheritable(3 + i, True)
     os.close(fd)
+for fd in fds:  # as systemd: the daemon gets 3.. only, not the numbers they had here
+    if not 3 <= fd < 3 + len(fds):
+        os.close(fd)
 if fds:
     os.environ["LISTEN_PID"] = str(os.getpid())
     os.environ["LISTEN_FDS"] = str(len(fds))

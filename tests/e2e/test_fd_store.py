@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,16 +15,19 @@ from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.fake_systemd import FakeServiceManager
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import events, lease_file, start_run
-from tests.lockprobe import probe
+from tests.lockprobe import probe, start_watch, stop_watch
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def manager(tmp_path: Path) -> Iterator[FakeServiceManager]:
-    fm = FakeServiceManager(tmp_path)
-    yield fm
-    fm.close()
+def fds_on(pid: int, path: Path) -> int:
+    """How many of ``pid``'s descriptors are open on ``path``."""
+    target = os.path.realpath(path)
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):  # one that closed meanwhile
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == target
+    return count
 
 
 def start_under(daemon: DaemonProcess, fm: FakeServiceManager, **extra: int) -> None:
@@ -78,3 +81,75 @@ def test_a_crash_keeps_the_lock_held_through_the_fd_store(
     check(daemon)
     os.close(stale)
     os.close(other)
+
+
+def test_a_lease_the_store_returns_twice_is_adopted_once_and_the_extra_fd_closed(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """LISTEN_FDNAMES names one lease twice: one fd is adopted, the other closed, not leaked."""
+    daemon = make_daemon("sd")
+    daemon.stop()
+    start_under(daemon, manager)
+    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    wait_for(lambda: len(manager.stored_names()) == 1)
+    (name,) = manager.stored_names()
+    with manager.lock:
+        (kept,) = manager.store[name]
+    path = lease_file(daemon, "/vm/a.img")
+    watcher = start_watch(path)
+    children.append(watcher)  # type: ignore[arg-type]
+
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    twin = os.dup(kept)  # the same lease fd, stored a second time under its name
+    try:
+        start_under(daemon, manager, **{name: twin})
+    finally:
+        os.close(twin)
+    assert probe(path, "ofd") == "busy"
+    tries, free = stop_watch(watcher)
+    assert tries > 100
+    assert free == 0, f"the lock was seen free {free} times across the restart"
+    assert listed(daemon) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
+    }
+    assert events(daemon, "--type", "recovery-completed")[-1]["held"] == 1
+    assert daemon.proc.pid is not None
+    assert fds_on(daemon.proc.pid, path) == 1, "the extra fd is still open in the daemon"
+    assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
+    check(daemon)
+
+
+def test_an_adopted_fd_whose_owner_died_meanwhile_is_removed_from_the_store(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """The store gives back the fd of a lease whose owner exited while lockd was down:
+    recovery releases it (owner-gone) and tells the manager to drop its copy, which
+    would otherwise keep the disk locked with nobody holding the lease."""
+    daemon = make_daemon("sd")
+    daemon.stop()
+    start_under(daemon, manager)
+    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    wait_for(lambda: len(manager.stored_names()) == 1)
+    (name,) = manager.stored_names()
+    path = lease_file(daemon, "/vm/a.img")
+
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    vm.kill()  # the owner dies while lockd is down
+    vm.wait()
+    assert probe(path, "ofd") == "busy"  # the manager's copy still holds it
+    start_under(daemon, manager)
+    assert events(daemon, "--type", "recovery-completed")[-1]["released"] == 1
+    wait_for(lambda: not manager.stored_names(), timeout=3)
+    with manager.lock:
+        assert f"FDSTOREREMOVE=1\nFDNAME={name}" in manager.messages
+    assert not path.exists() or probe(path, "ofd") == "free"
+    assert listed(daemon) == {}
+    check(daemon)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -9,13 +10,20 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
-from protocol.names import FILES_LOCKSPACE
-from tests.e2e.conftest import DaemonProcess, start_dropping_owner, wait_for
+from lockd.lockfiles import try_lock
+from lockd.reexec import Handoff, ListenerFd
+from lockd.server import bind_unix
+from protocol.names import FILES_LOCKSPACE, lease_name_for_path
+from tests.e2e.conftest import DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
+from tests.e2e.fake_systemd import FakeServiceManager
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import events, lease_file, start_run
+from tests.e2e.test_fd_store import fds_on
+from tests.lockprobe import probe, start_watch, stop_watch
 
 pytestmark = pytest.mark.e2e
 
@@ -116,3 +124,80 @@ def test_sigusr1_during_a_fence_is_put_off_and_the_fence_completes(
     assert [e["signal"] for e in events(daemon, "--type", "owner-fenced")] == ["SIGTERM", "SIGKILL"]
     assert daemon.lockd("status").returncode == 0
     assert len(events(daemon, "--type", "daemon-started")) == 1  # no re-exec happened
+
+
+def _high(fd: int) -> int:
+    """A copy of ``fd`` above the fake manager's LISTEN_FDS range (3..), closing ``fd``."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD, 200)
+    os.close(fd)
+    return high
+
+
+def test_stale_lease_fds_in_a_handoff_are_closed_and_held_leases_kept(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """The next daemon is handed a lease fd the journal does not list (its lock must not
+    stay held) and, for a held lease, an fd the fd store returns as well (one is kept):
+    every lease the journal lists stays locked throughout, and nothing else does."""
+    daemon = make_daemon("sd")
+    daemon.stop()
+    env, fds = manager.env()
+    daemon.env_extra, daemon.pass_fds, daemon.launcher = env, fds, manager.launcher()
+    daemon.start()
+    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    wait_for(lambda: len(manager.stored_names()) == 1)
+    (name,) = manager.stored_names()
+    with manager.lock:
+        (stored,) = manager.store[name]
+    path = lease_file(daemon, "/vm/a.img")
+    watcher = start_watch(path)
+    children.append(watcher)  # type: ignore[arg-type]
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGKILL)  # stands in for the old process's exec
+    daemon.proc.wait()
+
+    # What the old process would hand over: its listening sockets, the VM's lease
+    # fd (the same open file description the store holds), and a stale one.
+    ghost = daemon.lock_dir / FILES_LOCKSPACE / "ghost"
+    ghost.touch()
+    ghost_fd = _high(os.open(ghost, os.O_RDWR))
+    try_lock(ghost_fd, shared=False)
+    inherited = _high(os.dup(stored))
+    listeners = [_high(bind_unix(str(p)).detach()) for p in (daemon.socket, daemon.admin_socket)]
+    handoff = Handoff(
+        (ListenerFd(listeners[0], str(daemon.socket), False),
+         ListenerFd(listeners[1], str(daemon.admin_socket), True)),
+        (),
+        ((FILES_LOCKSPACE, lease_name_for_path("/vm/a.img"), inherited),
+         (FILES_LOCKSPACE, "ghost", ghost_fd)),
+        1,
+    )  # fmt: skip
+    memfd = _high(os.memfd_create("handoff"))
+    os.write(memfd, handoff.to_bytes())
+    passed = [*listeners, inherited, ghost_fd, memfd]
+    env, fds = manager.env()  # the store returns the VM's lease fd too
+    daemon.env_extra, daemon.pass_fds = env, [*fds, *passed]
+    extra = daemon.extra
+    daemon.extra = (*extra, "--handoff-fd", str(memfd))
+    try:
+        daemon.start()
+    finally:
+        daemon.extra = extra
+        for fd in passed:
+            os.close(fd)  # from here on, only the daemon (and the store) hold them
+
+    assert probe(ghost, "ofd") == "free", "the daemon kept the stale handoff fd's lock"
+    assert "no journaled lease for adopted fd" in daemon.log.read_text()
+    assert daemon.proc.pid is not None
+    assert fds_on(daemon.proc.pid, path) == 1, "the lease's fd from the store was kept as well"
+    tries, free = stop_watch(watcher)
+    assert tries > 100
+    assert free == 0, f"the lock was seen free {free} times across the handover"
+    assert listed(daemon) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
+    }
+    assert events(daemon, "--type", "recovery-completed")[-1]["held"] == 1
+    check(daemon)
