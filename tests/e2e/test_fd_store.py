@@ -38,6 +38,27 @@ def start_under(daemon: DaemonProcess, fm: FakeServiceManager, **extra: int) -> 
     daemon.start()
 
 
+def vm_with_stored_lease(
+    make_daemon: MakeDaemon, manager: FakeServiceManager, children: list[subprocess.Popen[bytes]]
+) -> tuple[DaemonProcess, subprocess.Popen[bytes], str, Path]:
+    """A daemon under ``manager`` and a VM holding /vm/a.img, once its lease fd is stored:
+    (daemon, VM, the lease's fd-store name, the lease file)."""
+    daemon = make_daemon("sd")
+    daemon.stop()
+    start_under(daemon, manager)
+    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    wait_for(lambda: len(manager.stored_names()) == 1)
+    (name,) = manager.stored_names()
+    return daemon, vm, name, lease_file(daemon, "/vm/a.img")
+
+
+def kill_daemon(daemon: DaemonProcess) -> None:
+    """SIGKILL, and reap it: everything it held that is not stored elsewhere is gone."""
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+
+
 def test_a_crash_keeps_the_lock_held_through_the_fd_store(
     make_daemon: MakeDaemon,
     manager: FakeServiceManager,
@@ -89,21 +110,12 @@ def test_a_lease_the_store_returns_twice_is_adopted_once_and_the_extra_fd_closed
     children: list[subprocess.Popen[bytes]],
 ) -> None:
     """LISTEN_FDNAMES names one lease twice: one fd is adopted, the other closed, not leaked."""
-    daemon = make_daemon("sd")
-    daemon.stop()
-    start_under(daemon, manager)
-    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
-    wait_for(lambda: len(manager.stored_names()) == 1)
-    (name,) = manager.stored_names()
+    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
     with manager.lock:
         (kept,) = manager.store[name]
-    path = lease_file(daemon, "/vm/a.img")
     watcher = start_watch(path)
     children.append(watcher)  # type: ignore[arg-type]
-
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait()
+    kill_daemon(daemon)
     twin = os.dup(kept)  # the same lease fd, stored a second time under its name
     try:
         start_under(daemon, manager, **{name: twin})
@@ -117,7 +129,7 @@ def test_a_lease_the_store_returns_twice_is_adopted_once_and_the_extra_fd_closed
         (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
     }
     assert events(daemon, "--type", "recovery-completed")[-1]["held"] == 1
-    assert daemon.proc.pid is not None
+    assert daemon.proc is not None
     assert fds_on(daemon.proc.pid, path) == 1, "the extra fd is still open in the daemon"
     assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
     check(daemon)
@@ -131,17 +143,8 @@ def test_an_adopted_fd_whose_owner_died_meanwhile_is_removed_from_the_store(
     """The store gives back the fd of a lease whose owner exited while lockd was down:
     recovery releases it (owner-gone) and tells the manager to drop its copy, which
     would otherwise keep the disk locked with nobody holding the lease."""
-    daemon = make_daemon("sd")
-    daemon.stop()
-    start_under(daemon, manager)
-    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
-    wait_for(lambda: len(manager.stored_names()) == 1)
-    (name,) = manager.stored_names()
-    path = lease_file(daemon, "/vm/a.img")
-
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait()
+    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
+    kill_daemon(daemon)
     vm.kill()  # the owner dies while lockd is down
     vm.wait()
     assert probe(path, "ofd") == "busy"  # the manager's copy still holds it

@@ -6,7 +6,6 @@ import fcntl
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,41 +21,18 @@ from tests.e2e.conftest import DaemonProcess, MakeDaemon, start_dropping_owner, 
 from tests.e2e.fake_systemd import FakeServiceManager
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import events, lease_file, start_run
-from tests.e2e.test_fd_store import fds_on
+from tests.e2e.test_fd_store import fds_on, kill_daemon, vm_with_stored_lease
 from tests.lockprobe import probe, start_watch, stop_watch
 
 pytestmark = pytest.mark.e2e
-
-_WATCH = r"""
-import fcntl, os, struct, sys, time
-path, seconds = sys.argv[1], float(sys.argv[2])
-fd = os.open(path, os.O_RDWR)
-free = tries = 0
-end = time.monotonic() + seconds
-print("watching", flush=True)
-while time.monotonic() < end:
-    tries += 1
-    try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
-    except OSError:
-        continue
-    free += 1
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_UNLCK, 0, 0, 1, 0))
-print(tries, free, flush=True)
-"""
 
 
 def test_sigusr1_keeps_every_lock_and_connection(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
     vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
-    watcher = subprocess.Popen(
-        [sys.executable, "-c", _WATCH, str(lease_file(daemon, "/vm/a.img")), "4"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    watcher = start_watch(lease_file(daemon, "/vm/a.img"))
     children.append(watcher)  # type: ignore[arg-type]
-    assert watcher.stdout is not None
-    assert watcher.stdout.readline().strip() == "watching"
 
     # A client under load across the re-exec: every call must succeed.
     errors: list[BaseException] = []
@@ -94,7 +70,7 @@ def test_sigusr1_keeps_every_lock_and_connection(
     assert errors == []
     assert idle.call("status")["pid"] == daemon.proc.pid  # same process, same connection
     idle.close()
-    tries, free = map(int, watcher.communicate(timeout=30)[0].split())
+    tries, free = stop_watch(watcher)
     assert tries > 100
     assert free == 0, f"the lock was seen free {free} times during the re-exec"
     stopped = events(daemon, "--type", "daemon-stopped")
@@ -142,22 +118,12 @@ def test_stale_lease_fds_in_a_handoff_are_closed_and_held_leases_kept(
     """The next daemon is handed a lease fd the journal does not list (its lock must not
     stay held) and, for a held lease, an fd the fd store returns as well (one is kept):
     every lease the journal lists stays locked throughout, and nothing else does."""
-    daemon = make_daemon("sd")
-    daemon.stop()
-    env, fds = manager.env()
-    daemon.env_extra, daemon.pass_fds, daemon.launcher = env, fds, manager.launcher()
-    daemon.start()
-    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
-    wait_for(lambda: len(manager.stored_names()) == 1)
-    (name,) = manager.stored_names()
+    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
     with manager.lock:
         (stored,) = manager.store[name]
-    path = lease_file(daemon, "/vm/a.img")
     watcher = start_watch(path)
     children.append(watcher)  # type: ignore[arg-type]
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGKILL)  # stands in for the old process's exec
-    daemon.proc.wait()
+    kill_daemon(daemon)  # stands in for the old process's exec
 
     # What the old process would hand over: its listening sockets, the VM's lease
     # fd (the same open file description the store holds), and a stale one.
@@ -191,7 +157,7 @@ def test_stale_lease_fds_in_a_handoff_are_closed_and_held_leases_kept(
 
     assert probe(ghost, "ofd") == "free", "the daemon kept the stale handoff fd's lock"
     assert "no journaled lease for adopted fd" in daemon.log.read_text()
-    assert daemon.proc.pid is not None
+    assert daemon.proc is not None
     assert fds_on(daemon.proc.pid, path) == 1, "the lease's fd from the store was kept as well"
     tries, free = stop_watch(watcher)
     assert tries > 100
