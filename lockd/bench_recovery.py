@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -192,13 +191,8 @@ class _Run:
     def stop_all(self) -> None:
         """Stop the daemon (SIGTERM, then SIGKILL) and every owner, each by its pid."""
         daemon, self.daemon = self.daemon, None
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
+        if daemon is not None:
+            procs.stop_child(daemon)
         while self.owners:
             proc = self.owners.pop()
             if proc.poll() is None:

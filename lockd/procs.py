@@ -6,6 +6,8 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
+from typing import Any
 
 from actors.model import Owner
 
@@ -112,3 +114,21 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             return hard
     return soft
+
+
+def stop_child(
+    proc: subprocess.Popen[Any], signum: int = signal.SIGTERM, wait: float = 30.0
+) -> None:
+    """Stop a child process by its pid: ``signum``, then SIGKILL after ``wait`` seconds; reaped.
+
+    For benchmarks and tools that start daemons and followers: nothing they
+    start may outlive them, even when the child ignores the polite signal.
+    """
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signum)
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from lockd.procs import stop_child  # noqa: E402
 from protocol.client import Client, RemoteError  # noqa: E402
 
 FILES = "org.libvirt.lockd.files"
@@ -93,12 +94,7 @@ def follow_lag(sock: str, journal: Path, count: int) -> list[float]:
                 lags.append((seen.get(name, deadline) - replied) * 1000)
                 c.call("release", leases=[{"lockspace": FILES, "resource": name}])
     finally:  # the follower never outlives the measurement, whatever happened
-        follower.send_signal(signal.SIGINT)
-        try:
-            follower.wait(10)
-        except subprocess.TimeoutExpired:
-            follower.kill()
-            follower.wait()
+        stop_child(follower, signal.SIGINT, wait=10)
     return lags
 
 
@@ -107,7 +103,7 @@ def proc_status(pid: int) -> dict[str, str]:
     return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
 
 
-def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--owners", type=int, default=4096)
     parser.add_argument("--leases", type=int, default=16384)
@@ -184,12 +180,7 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
         }
         print(json.dumps(result))
     finally:
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
+        stop_child(daemon, wait=60)
         for proc in sleepers:
             proc.kill()
             proc.wait()
