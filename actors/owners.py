@@ -26,6 +26,7 @@ sits behind :class:`Processes` so tests run without real processes.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import selectors
@@ -173,7 +174,7 @@ class OwnersActor(DispatchedActor):
         """None: no budget (a pidfd for every owner, polling only after EMFILE)."""
         self._pidfds = 0
         self._polled: dict[OwnerKey, Owner] = {}
-        self._poll_queue: list[OwnerKey] = []
+        self._poll_queue: collections.deque[OwnerKey] = collections.deque()
         """What is left of the current polling round."""
         self._poll_timer: Timer | None = None
         self._router = router
@@ -261,6 +262,8 @@ class OwnersActor(DispatchedActor):
             )
         self._watched[owner.key] = _Watched(owner, None)
         self._polled[owner.key] = owner
+        if self._poll_queue:
+            self._poll_queue.append(owner.key)  # a round is under way: it joins this one
         self._count()
         if self._poll_timer is None:
             self._schedule_poll()
@@ -275,16 +278,18 @@ class OwnersActor(DispatchedActor):
         """Check one slice of the polled owners; a new round starts when the last one ends."""
         self._poll_timer = None
         if not self._polled:
-            self._poll_queue = []
+            self._poll_queue.clear()
             return
         if not self._poll_queue:
-            self._poll_queue = list(self._polled)
-        size = -(-len(self._polled) // POLL_SLICES)
-        batch, self._poll_queue = self._poll_queue[:size], self._poll_queue[size:]
-        for key in batch:
-            owner = self._polled.get(key)
-            if owner is not None and self._processes.is_gone(owner):
-                self._exited(key)
+            self._poll_queue.extend(self._polled)
+        budget = -(-len(self._polled) // POLL_SLICES)
+        while budget and self._poll_queue:
+            owner = self._polled.get(self._poll_queue.popleft())
+            if owner is None:
+                continue  # released since the round began: costs no /proc read
+            budget -= 1
+            if self._processes.is_gone(owner):
+                self._exited(owner.key)
         if self._polled:
             self._schedule_poll()
 

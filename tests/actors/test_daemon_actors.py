@@ -20,7 +20,8 @@ from actors.events import (
 )
 from actors.journal import SyncPolicy
 from actors.lease import LockBusyError
-from actors.owners import POLL_SECONDS
+from actors.model import Owner
+from actors.owners import POLL_SECONDS, POLL_SLICES
 from lockd.lockfiles import try_lock, unlock
 from protocol.codec import encode_item
 from protocol.framing import encode_frame
@@ -287,6 +288,52 @@ def test_owners_beyond_the_pidfd_budget_are_polled(tmp_path: Path) -> None:
         h.run()
         assert [e.resource for e in h.journal_writer.events(LeaseReleased)] == ["disk-b", "disk-a"]
         assert h.owners_actor().watch_counts == (0, 0)
+    finally:
+        h.close()
+
+
+def test_polling_spreads_its_proc_reads_and_reaches_every_owner_within_a_second(
+    tmp_path: Path,
+) -> None:
+    """200 polled owners: at most ceil(200/slices) /proc reads per tick, so no request
+    waits behind a long scan; an owner that exits, also one registered in the middle of
+    a round, is released within one polling period."""
+    h = Harness(tmp_path / "locks", max_pidfds=0)
+    tick = POLL_SECONDS / POLL_SLICES
+    reads: list[int] = []
+    is_gone = h.processes.is_gone
+
+    def counted(owner: Owner) -> bool:
+        reads.append(owner.pid)
+        return is_gone(owner)
+
+    h.processes.is_gone = counted  # type: ignore[method-assign]
+    try:
+        pids = list(range(5000, 5200))
+        conns = []
+        for pid in pids:
+            h.processes.spawn(pid)
+            conn = h.connect(pid)
+            conn.register(pid)
+            conns.append(conn)
+        conns[7].ok("acquire", leases=[lease("disk-7")], autocreate=True)
+        per_tick = -(-len(pids) // POLL_SLICES)
+        for _ in range(POLL_SLICES // 2):  # half a round
+            reads.clear()
+            h.advance(tick)
+            assert 0 < len(reads) <= per_tick
+        late = 6000  # joins the round under way
+        h.processes.spawn(late)
+        conn = h.connect(late)
+        conn.register(late)
+        conn.ok("acquire", leases=[lease("disk-late")], autocreate=True)
+        h.processes.exit(late)
+        h.processes.exit(pids[7])
+        for _ in range(POLL_SLICES + 1):
+            h.advance(tick)
+        released = {e.resource for e in h.journal_writer.events(LeaseReleased)}
+        assert released == {"disk-7", "disk-late"}
+        assert h.owners_actor().watch_counts == (0, len(pids) - 1)
     finally:
         h.close()
 
