@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -17,21 +18,43 @@ PF_EXITING = 0x00000004
 """Kernel task flag set once a process has begun exiting (``/proc/PID/stat`` field 9)."""
 
 
-def _stat_fields(pid: int) -> list[bytes] | None:
-    # os.open/os.read, not open(): owners past the pidfd budget are polled
-    # through this, thousands per second at scale (8 us instead of 22).
+_GONE = (errno.ENOENT, errno.ESRCH)
+"""What reading /proc/PID/stat fails with when there is no such process."""
+
+
+def _read_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after comm; None if no such process.
+
+    Any other failure (EMFILE, ENFILE, ENOMEM...) raises OSError: "cannot
+    tell" must never be read as "gone", or a daemon short of descriptors
+    would release a running VM's leases. os.open/os.read, not open(): owners
+    past the pidfd budget are polled through this (12 us instead of 22).
+    """
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None  # gone, or hidden from us (hidepid): either way not a process we can own
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None
+        raise
     try:
         data = os.read(fd, 4096)
-    except OSError:
-        return None
+    except OSError as exc:
+        if exc.errno in _GONE:
+            return None  # reaped between open and read
+        raise
     finally:
         os.close(fd)
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
     return data[data.rindex(b")") + 2 :].split()
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """For registration: None also when /proc cannot be read (hidepid, EMFILE), since
+    a process lockd cannot see is not one it can own."""
+    try:
+        return _read_stat(pid)
+    except OSError:
+        return None
 
 
 def start_time(pid: int) -> int | None:
@@ -53,11 +76,24 @@ def uid_of(pid: int) -> int | None:
 
 
 def is_exiting(pid: int, started: int) -> bool:
-    """True if the process is gone, a zombie, exiting, or its pid now names another process."""
-    fields = _stat_fields(pid)
+    """True if the process is gone, a zombie, exiting, or its pid now names another process.
+
+    Like a pidfd, it waits for the whole thread group: a main thread that
+    called pthread_exit is a zombie with PF_EXITING while the other threads
+    (and the VM) run on. When /proc cannot be read for another reason than
+    the process being gone, the answer is "not known to be gone": holding a
+    lease longer is safe, releasing it under a running VM is not.
+    """
+    try:
+        fields = _read_stat(pid)
+    except OSError as exc:
+        log.debug("cannot read /proc/%d/stat (%s): taking the process as alive", pid, exc)
+        return False
     if fields is None or int(fields[19]) != started:
         return True
-    state, flags = fields[0], int(fields[6])
+    state, flags, threads = fields[0], int(fields[6]), int(fields[17])
+    if threads > 1:
+        return False
     return state in (b"Z", b"X", b"x") or bool(flags & PF_EXITING)
 
 
@@ -68,9 +104,14 @@ class ProcTable:
         try:
             fd = os.pidfd_open(owner.pid)
         except ProcessLookupError:
-            return None  # other errors (EMFILE) go to the caller, which logs them
+            return None  # other errors (EMFILE) go to the caller, which polls instead
         # The pid may have been reused between registration and pidfd_open.
-        if start_time(owner.pid) != owner.start_time:
+        try:
+            fields = _read_stat(owner.pid)
+        except OSError:
+            os.close(fd)  # cannot tell (the pidfd took the last fd?): the caller polls
+            raise
+        if fields is None or int(fields[19]) != owner.start_time:
             os.close(fd)
             return None
         return fd

@@ -70,3 +70,88 @@ def test_watch_signal_and_exit() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _out_of_descriptors() -> tuple[list[int], tuple[int, int]]:
+    """Fill this process's descriptor table (lowering the soft limit first); undo with
+    :func:`_restore_descriptors`."""
+    import resource
+
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, limits[1]))
+    filler: list[int] = []
+    try:
+        while True:
+            filler.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    return filler, limits
+
+
+def _restore_descriptors(filler: list[int], limits: tuple[int, int]) -> None:
+    import resource
+
+    for fd in filler:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+
+def test_out_of_descriptors_a_live_process_is_never_taken_for_gone() -> None:
+    """At the fd limit, exactly when owners are polled: "cannot read /proc" is not "exited",
+    and open_watch raises (the owner is then polled) instead of reporting it gone."""
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        started = procs.start_time(proc.pid)
+        assert started is not None
+        owner = Owner(uuid.uuid4().bytes, "vm", 1, proc.pid, started)
+        filler, limits = _out_of_descriptors()
+        try:
+            gone = procs.is_exiting(proc.pid, started)
+            os.close(filler.pop())  # one fd free: pidfd_open gets it, /proc then fails
+            try:
+                procs.ProcTable().open_watch(owner)
+                watch_error = None
+            except OSError as exc:
+                watch_error = exc
+        finally:
+            _restore_descriptors(filler, limits)
+        assert gone is False
+        assert watch_error is not None, "open_watch reported a live owner gone"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+_MAIN_THREAD_EXITS = """
+import ctypes, threading, time
+threading.Thread(target=time.sleep, args=(30,)).start()
+time.sleep(0.2)
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_process_whose_main_thread_exited_is_alive_while_other_threads_run() -> None:
+    """/proc shows the leader as a zombie with PF_EXITING, but the process (a VM's
+    other threads) runs on: a polled owner must not be released, as a pidfd would not fire."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _MAIN_THREAD_EXITS])
+    try:
+        started = procs.start_time(proc.pid)
+        assert started is not None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with open(f"/proc/{proc.pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+            if state == b"Z":
+                break
+            time.sleep(0.02)
+        assert state == b"Z", "the main thread did not exit"
+        assert len(os.listdir(f"/proc/{proc.pid}/task")) == 2
+        assert procs.is_exiting(proc.pid, started) is False
+        proc.kill()
+        proc.wait()
+        assert procs.is_exiting(proc.pid, started) is True
+    finally:
+        proc.kill()
+        proc.wait()
