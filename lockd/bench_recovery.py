@@ -45,6 +45,7 @@ from actors.events import (
 from actors.model import LeaseMode, Owner
 from actors.recovery_core import ReplayState
 from lockd import procs
+from lockd.daemon import PIDFD_SHARE
 from lockd.journal_file import FileJournal, read_entries
 from lockd.snapshot import prune, write_snapshot
 from protocol.client import Client
@@ -231,11 +232,13 @@ def run(
     if leases < 1 or owners < 1 or events < 0:
         raise BenchError("recovery needs at least 1 lease and 1 owner, and events >= 0")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = leases + _FD_MARGIN  # owners past the daemon's pidfd budget are polled, not fds
+    # One fd per lease, a pidfd per owner up to the daemon's budget (owners past
+    # it are polled), and a margin for clients and the journal.
+    need = leases + min(owners, hard // PIDFD_SHARE) + _FD_MARGIN
     if hard != resource.RLIM_INFINITY and need > hard:
         raise BenchError(
-            f"{leases} leases need about {need} descriptors in the daemon (one per lease); "
-            f"this host's hard limit is {hard}"
+            f"{leases} leases and {owners} owners need about {need} descriptors in the "
+            f"daemon; this host's hard limit is {hard}"
         )
     # The daemon inherits the limit: one fd per lease plus pidfds for (some) owners.
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

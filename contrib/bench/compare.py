@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from lockd.procs import stop_child  # noqa: E402
+
 DEFAULT_PEER = REPO.parent / "shared" / "peers" / "virtlockd"
 
 
@@ -85,8 +88,7 @@ def run_lockd(sync: str, cpu: int, ops: int, tp_ops: int, repeat: int) -> dict[s
                 )  # fmt: skip
                 runs.append(json.loads(done.stdout))
         finally:
-            daemon.send_signal(signal.SIGTERM)
-            daemon.wait(30)
+            stop_child(daemon)
     return {
         "sequential": _median(r["sequential"] for r in runs),
         "concurrent": [

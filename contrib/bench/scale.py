@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -98,16 +99,35 @@ def follow_lag(sock: str, journal: Path, count: int) -> list[float]:
     return lags
 
 
+def owners_watched(metrics: str) -> dict[str, int]:
+    """``lockd_owners_watched`` by ``by`` label from ``lockd metrics`` text."""
+    out = {}
+    for line in metrics.splitlines():
+        if line.startswith("lockd_owners_watched{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('by="', 1)[1].split('"', 1)[0]] = int(float(value))
+    return out
+
+
+def fd_limit(pid: int) -> int:
+    """The daemon's soft RLIMIT_NOFILE (its pidfd budget is an eighth of it)."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise RuntimeError(f"no fd limit in /proc/{pid}/limits")
+
+
 def proc_status(pid: int) -> dict[str, str]:
     """/proc/PID/status as a map (VmRSS, Threads, ...)."""
     return dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
 
 
-def main() -> int:
+def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--owners", type=int, default=4096)
     parser.add_argument("--leases", type=int, default=16384)
     parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, journal)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # One fd per lease and per watched owner: 16,384 + 4,096 is past many hosts'
@@ -139,6 +159,7 @@ def main() -> int:
         t0 = time.monotonic()
         per_owner = args.leases // args.owners
         fill_error = None
+        registered = 0
         with Client(sock, name="scale-manager", timeout=120) as manager:
             for i, proc in enumerate(sleepers):
                 with Client(sock, name="scale-manager") as c:
@@ -152,13 +173,19 @@ def main() -> int:
                     except RemoteError as exc:
                         fill_error = f"owner {i}: {exc}"
                         break
+                registered = i + 1
             status = manager.call("status")
+            watched = owners_watched(manager.call("metrics")["text"])
         fill_s = time.monotonic() - t0
         loaded = pairs(sock, args.pairs)
         lags = follow_lag(sock, tmp / "journal", 200)
         fields = proc_status(daemon.pid)
         result = {
-            "owners": args.owners,
+            "owners": registered,
+            "owners_requested": args.owners,
+            "owners_watched_by_pidfd": watched.get("pidfd", 0),
+            "owners_watched_by_poll": watched.get("poll", 0),
+            "daemon_fd_limit": fd_limit(daemon.pid),
             "leases_requested": per_owner * args.owners,
             "leases": status["leases"],
             "fill_error": fill_error,
@@ -185,6 +212,10 @@ def main() -> int:
             proc.kill()
             proc.wait()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        if args.keep:
+            print(f"scale.py: kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
