@@ -182,7 +182,7 @@ _TO_WIRE: dict[type, Callable[[Any], Any] | None] = {}
 
 def _wire_converter(cls: type) -> Callable[[Any], Any] | None:
     if issubclass(cls, Owner):
-        return Owner.to_wire
+        return operator.methodcaller("to_wire")
     if issubclass(cls, enum.Enum):
         return operator.attrgetter("value")
     return None

@@ -31,6 +31,7 @@ from actors.events import (
 from actors.faults import crash_point
 from actors.journal import Append, Appended, AppendFailed
 from actors.lease import (
+    REOPEN_ATTEMPTS,
     AdoptLock,
     DropLock,
     LeaseActor,
@@ -554,12 +555,7 @@ class LockspaceActor(DispatchedActor):
                 self._files.close_fd(held.fd)
                 event: Event = ResourceCreated(self.name, resource, command.conn)
             else:
-                held = self._files.open_lease(resource, create=False)
-                try:
-                    self._files.try_lock(held.fd, shared=False)
-                    self._files.unlink_lease(resource)
-                finally:
-                    self._files.close_fd(held.fd)
+                self._delete_file(resource)
                 event = ResourceDeleted(self.name, resource, command.conn)
         except FileNotFoundError:
             refusal = core.Refusal(
@@ -580,6 +576,24 @@ class LockspaceActor(DispatchedActor):
         token = next(self._tokens)
         self._inflight[token] = _InFlight(command, frozenset({resource}), None, [event])
         self._journal.tell(Append((event,), token, self.actor_ref))
+
+    def _delete_file(self, resource: str) -> None:
+        """Unlink a lease file only under an exclusive lock on the inode its name names.
+
+        A file another host replaced between our open and our lock is opened
+        again: unlinking the name then would delete the new file, which that
+        host may hold. Raises FileNotFoundError, LockBusyError or OSError.
+        """
+        for _ in range(REOPEN_ATTEMPTS):
+            held = self._files.open_lease(resource, create=False)
+            try:
+                self._files.try_lock(held.fd, shared=False)
+                if self._files.still_linked(held, resource):
+                    self._files.unlink_lease(resource)
+                    return
+            finally:
+                self._files.close_fd(held.fd)
+        raise LockBusyError(f"lease file {resource} keeps being replaced by another host")
 
     # -- recovery -------------------------------------------------------------------
     def _restore(self, request: Restore) -> None:

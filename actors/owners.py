@@ -55,8 +55,8 @@ POLL_SECONDS = 1.0
 """Every owner watched without a pidfd is checked once per this period."""
 POLL_SLICES = 100
 """The polled owners are checked in this many slices spread over the period:
-a /proc read costs ~8 us, so 1,600 polled owners at once would hold every
-request up by ~13 ms; in 100 slices of 10 ms, by ~0.13 ms."""
+a /proc read costs ~12 us, so 1,600 polled owners at once would hold every
+request up by ~20 ms; in 100 slices of 10 ms, by ~0.2 ms."""
 
 
 class Processes(Protocol):

@@ -227,7 +227,9 @@ def floors() -> dict[str, float]:
     Besides the wire floors: the file syscalls of one pair done the virtlockd
     way and the lockd way, and lockd's two journal records
     (:mod:`lockd.bench_floor`), so a pair's time splits into kernel work,
-    journal, and the rest.
+    journal, and the rest. They run in the client's temp directory (the
+    client does not know where the daemon's lock dir is): on a host whose
+    lock dir is on another file system, pass it to ``work_floors`` instead.
     """
     return {
         "fcntl_pair_us": fcntl_floor(),

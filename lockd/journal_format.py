@@ -71,6 +71,8 @@ _HEAD_8 = struct.Struct(">BQ")
 
 def _head(major: int, value: int) -> bytes:
     """A CBOR item head (RFC 8949 3.1) in its shortest form (three per journal record)."""
+    if value < 0:
+        raise ValueError(f"{value} is negative: not an unsigned CBOR head")
     if value < 24:
         return _SMALL_HEADS[major][value]
     first = major << 5

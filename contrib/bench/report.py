@@ -199,6 +199,13 @@ def _scale_rows(scale: dict[str, Any], target: dict[str, Any]) -> list[str]:
             f"{scale['fill_s']} s, {scale['daemon_fds']:,} fds",
             None,
         ),
+        (
+            "scale: owners watched by pidfd / by polling (daemon fd limit)",
+            "—",
+            f"{scale.get('owners_watched_by_pidfd', 0):,} / "
+            f"{scale.get('owners_watched_by_poll', 0):,} ({scale.get('daemon_fd_limit', 0):,})",
+            None,
+        ),
     ]
     return [f"| {a} | {b} | {c} | {_verdict(d)} |" for a, b, c, d in rows]
 

@@ -11,7 +11,7 @@ import errno
 import itertools
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +224,11 @@ class Harness:
     """Journal, router and owners actors on a manual-clock dispatcher."""
 
     def __init__(
-        self, lock_dir: Path, sync: SyncPolicy = SyncPolicy.NONE, max_pidfds: int | None = None
+        self,
+        lock_dir: Path,
+        sync: SyncPolicy = SyncPolicy.NONE,
+        max_pidfds: int | None = None,
+        open_lockspace: Callable[[str], LockspaceDir] = LockspaceDir,
     ) -> None:
         self.clock = Clock()
         self.dispatcher = Dispatcher(clock=self.clock)
@@ -236,7 +240,7 @@ class Harness:
         )
         self.router = RouterActor.start(
             self.dispatcher, lock_dir=str(lock_dir), journal=self.journal,
-            open_lockspace=LockspaceDir,
+            open_lockspace=open_lockspace,
             journal_position=lambda: self.journal_writer.next_seq - 1,
         )  # fmt: skip
         self.owners = OwnersActor.start(

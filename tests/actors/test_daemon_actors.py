@@ -22,7 +22,7 @@ from actors.journal import SyncPolicy
 from actors.lease import LockBusyError
 from actors.model import Owner
 from actors.owners import POLL_SECONDS, POLL_SLICES
-from lockd.lockfiles import try_lock, unlock
+from lockd.lockfiles import HeldFile, LockspaceDir, try_lock, unlock
 from protocol.codec import encode_item
 from protocol.framing import encode_frame
 from tests.actors.harness import Harness
@@ -641,3 +641,38 @@ def test_inquire_and_the_disconnect_check_ask_only_for_the_owners_leases(h: Harn
     assert vm.ok("inquire")["leases"] == [
         {"lockspace": FILES, "resource": "mine", "mode": "exclusive"}
     ]
+
+
+class ReplacedAndHeldElsewhere(LockspaceDir):
+    """Another host replaces lease file "r" right after our first open and locks the new one."""
+
+    thief: int | None = None
+
+    def open_lease(self, name: str, *, create: bool) -> HeldFile:
+        held = super().open_lease(name, create=create)
+        if name == "r" and ReplacedAndHeldElsewhere.thief is None:
+            path = os.path.join(self.path, name)
+            os.unlink(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try_lock(fd, shared=False)
+            ReplacedAndHeldElsewhere.thief = fd
+        return held
+
+
+def test_delete_resource_never_unlinks_a_file_replaced_and_held_by_another_host(
+    tmp_path: Path,
+) -> None:
+    """The lock taken on the inode opened first protects nothing once the name names
+    another file: deleting by name then would delete the other host's held lease."""
+    h = Harness(tmp_path / "locks", open_lockspace=ReplacedAndHeldElsewhere)
+    try:
+        c = h.connect(VM1)
+        c.ok("create-lockspace", lockspace="pool")
+        (h.lock_dir / "pool" / "r").touch()
+        assert c.error("delete-resource", lockspace="pool", resource="r")["code"] == "busy"
+        assert (h.lock_dir / "pool" / "r").exists()
+        assert kernel_locked(h.lock_dir / "pool" / "r")
+    finally:
+        if ReplacedAndHeldElsewhere.thief is not None:
+            os.close(ReplacedAndHeldElsewhere.thief)
+        h.close()

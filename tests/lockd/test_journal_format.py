@@ -112,3 +112,17 @@ def test_hand_written_record_heads_match_cbor2() -> None:
         )
         payload = cbor2.dumps(entry.to_wire())
         assert encode_record(entry) == cbor2.dumps([seq, zlib.crc32(payload), payload])
+
+
+def test_a_record_with_a_negative_seq_is_refused_not_misencoded() -> None:
+    """Heads are unsigned: a negative seq must fail loudly, not become another number."""
+    import pytest
+
+    from actors.events import LeaseAcquired
+    from actors.model import LeaseMode
+
+    entry = JournalEntry(
+        -1, 1.0, "h", LeaseAcquired("ls", "r", LeaseMode.EXCLUSIVE, OWNER, 1, True)
+    )
+    with pytest.raises(ValueError, match="negative"):
+        encode_record(entry)
