@@ -23,7 +23,15 @@ import pykka
 
 from actors.events import ReleaseReason
 from actors.journal import Published, Subscribe, Unsubscribe
-from actors.lockspace import AcquireLeases, CreateResource, DeleteResource, Done, ReleaseLeases
+from actors.lockspace import (
+    AcquireLeases,
+    Counts,
+    CreateResource,
+    DeleteResource,
+    Done,
+    ReleaseLeases,
+    Snapshot,
+)
 from actors.metrics import REGISTRY
 from actors.model import LeaseMode, Owner
 from actors.owners import ConnectionClosed, Watch
@@ -164,6 +172,15 @@ class _Acquisition:
     attempt: int = 0
     taken: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list)
     """Per lockspace, the resources this acquire newly gave the owner (what a rollback undoes)."""
+
+
+def _counts(snapshot: Snapshot) -> Counts:
+    """A lockspace's counts, also from a full snapshot (queries ask for counts only)."""
+    if snapshot.counts is not None:
+        return snapshot.counts
+    shared = sum(lease.mode is LeaseMode.SHARED for lease in snapshot.leases)
+    owners = frozenset(h.owner.key for lease in snapshot.leases for h in lease.holders)
+    return Counts(len(snapshot.leases) - shared, shared, owners)
 
 
 class ConnectionActor(DispatchedActor):
@@ -439,14 +456,15 @@ class ConnectionActor(DispatchedActor):
             token = self._wait(lambda g: self._query(request, g))
             mine = self._owner.key if isinstance(request, m.Inquire) and self._owner else None
             scan = isinstance(request, m.ListLockspaces)
-            self._router.tell(Gather(token, self.actor_ref, owner=mine, scan=scan))
-        elif isinstance(request, m.Status):
             self._router.tell(
-                Gather(self._wait(lambda g: self._status(request, g)), self.actor_ref)
+                Gather(token, self.actor_ref, owner=mine, scan=scan, counts_only=scan)
             )
+        elif isinstance(request, m.Status):
+            token = self._wait(lambda g: self._status(request, g))
+            self._router.tell(Gather(token, self.actor_ref, counts_only=True))
         elif isinstance(request, m.Metrics):
             token = self._wait(lambda g: self._metrics(request, g))
-            self._router.tell(Gather(token, self.actor_ref))
+            self._router.tell(Gather(token, self.actor_ref, counts_only=True))
         elif isinstance(request, m.SetLog):
             self._set_log(request)
         elif isinstance(request, m.Subscribe):
@@ -695,7 +713,7 @@ class ConnectionActor(DispatchedActor):
                 request,
                 {
                     "lockspaces": [
-                        {"name": s.name, "path": s.path, "leases": len(s.leases)}
+                        {"name": s.name, "path": s.path, "leases": _counts(s).leases}
                         for s in gathered.lockspaces
                     ]
                 },
@@ -739,9 +757,7 @@ class ConnectionActor(DispatchedActor):
         )
 
     def _status(self, request: m.Status, gathered: Gathered) -> None:
-        owners = {
-            h.owner.key for s in gathered.lockspaces for lease in s.leases for h in lease.holders
-        }
+        owners = set().union(*(_counts(s).owners for s in gathered.lockspaces))
         self._reply(
             request,
             {
@@ -751,7 +767,7 @@ class ConnectionActor(DispatchedActor):
                 "uptime_s": round(self._clock() - self._info.started, 3),
                 "clients": len(gathered.clients),
                 "lockspaces": len(gathered.lockspaces),
-                "leases": sum(len(s.leases) for s in gathered.lockspaces),
+                "leases": sum(_counts(s).leases for s in gathered.lockspaces),
                 "owners": len(owners),
                 "journal_seq": gathered.last_seq,
             },
@@ -761,10 +777,11 @@ class ConnectionActor(DispatchedActor):
         held: dict[tuple[tuple[str, str], ...], float] = {}
         owners: set[Any] = set()
         for snapshot in gathered.lockspaces:
-            for lease in snapshot.leases:
-                key = (("lockspace", snapshot.name), ("mode", lease.mode.value))
-                held[key] = held.get(key, 0) + 1
-                owners.update(h.owner.key for h in lease.holders)
+            counts = _counts(snapshot)
+            for mode, count in (("exclusive", counts.exclusive), ("shared", counts.shared)):
+                if count:
+                    held[(("lockspace", snapshot.name), ("mode", mode))] = count
+            owners |= counts.owners
         uptime = round(self._clock() - self._info.started, 3)
         text = REGISTRY.render(
             [

@@ -135,21 +135,41 @@ class LeaseView:
 
 
 @attrs.frozen
+class Counts:
+    """How much a lockspace holds, without a view of every lease."""
+
+    exclusive: int
+    shared: int
+    owners: frozenset[OwnerKey]
+
+    @property
+    def leases(self) -> int:
+        """Leases held, in either mode."""
+        return self.exclusive + self.shared
+
+
+@attrs.frozen
 class Snapshot:
-    """What a lockspace holds right now."""
+    """What a lockspace holds right now: every lease, or (``counts``) only how many."""
 
     name: str
     path: str
     leases: tuple[LeaseView, ...]
+    counts: Counts | None = None
 
 
 @attrs.frozen
 class TakeSnapshot:
-    """Query: reply with :class:`SnapshotTaken` (only ``owner``'s leases when given)."""
+    """Query: reply with :class:`SnapshotTaken` (only ``owner``'s leases when given).
+
+    ``counts_only``: no lease views, just :class:`Counts` (status, metrics, the
+    idle check): at 16,384 leases a full snapshot is that many objects.
+    """
 
     token: int
     reply_to: pykka.ActorRef[Any]
     owner: OwnerKey | None = None
+    counts_only: bool = False
 
 
 @attrs.frozen
@@ -318,7 +338,7 @@ class LockspaceActor(DispatchedActor):
             self._frozen = False  # the re-exec was abandoned: carry on serving
             self._run_queued()
         elif isinstance(message, TakeSnapshot):
-            snapshot = self.snapshot(message.owner)
+            snapshot = self.counts() if message.counts_only else self.snapshot(message.owner)
             tell_if_alive(message.reply_to, SnapshotTaken(message.token, snapshot))
         else:
             return super().on_receive(message)
@@ -328,6 +348,17 @@ class LockspaceActor(DispatchedActor):
         # Stopping the daemon keeps every lock: lease actors close their fds
         # only when told to drop, and the process exit closes them otherwise.
         self._files.close()
+
+    def counts(self) -> Snapshot:
+        """How many leases are held, by mode, and by which owners (no lease views)."""
+        shared = 0
+        owners: set[OwnerKey] = set()
+        for holding in self._state.held.values():
+            shared += holding.mode is LeaseMode.SHARED
+            owners.update(holding.owners)
+        total = len(self._state.held)
+        counts = Counts(total - shared, shared, frozenset(owners))
+        return Snapshot(self.name, self._files.path, (), counts)
 
     def snapshot(self, owner: OwnerKey | None = None) -> Snapshot:
         """The lockspace's held leases (or ``owner``'s), sorted by resource."""

@@ -139,14 +139,20 @@ class ReplayState:
     @classmethod
     def from_wire(cls, data: Any) -> ReplayState:
         """Rebuild from :meth:`to_wire`'s form; raises ValueError on anything malformed."""
+        # A VM holds several leases: each owner is built (and validated) once,
+        # not once per lease (16,384 leases of 1,024 owners at the scale target).
+        owners_seen: dict[tuple[Any, ...], Owner] = {}
         try:
             state = cls(int(data["seq"]), dict(data["lockspaces"]))
             for lockspace, resource, mode, autocreate, owners in data["leases"]:
                 held = HeldLease(lockspace, resource, LeaseMode(mode), bool(autocreate))
                 for owner_wire, since in owners:
-                    owner = Owner.from_wire(owner_wire)
+                    seen = tuple(owner_wire.items())
+                    owner = owners_seen.get(seen)
+                    if owner is None:
+                        owner = owners_seen[seen] = Owner.from_wire(owner_wire)
                     held.owners[owner.key] = (owner, float(since))
                 state.leases[(lockspace, resource)] = held
-        except (KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed snapshot: {exc!r}") from None
         return state

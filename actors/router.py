@@ -134,13 +134,15 @@ class Gather:
     ``owner``: only that owner's leases (inquire, the disconnect check), so the
     reply does not grow with every lease on the host. ``scan``: first adopt
     lockspace directories other hosts created (list-lockspaces only: it reads
-    the shared lock directory).
+    the shared lock directory). ``counts_only``: each lockspace's counts, no
+    lease views (status, metrics, list-lockspaces, the idle check).
     """
 
     token: int
     reply_to: pykka.ActorRef[Any]
     owner: OwnerKey | None = None
     scan: bool = False
+    counts_only: bool = False
 
 
 @attrs.frozen
@@ -408,7 +410,7 @@ class RouterActor(DispatchedActor):
         refs = list(self._lockspaces.values())
         self._gatherings[token] = _Gathering(message.reply_to, message.token, len(refs))
         for ref in refs:
-            ref.tell(TakeSnapshot(token, self.actor_ref, message.owner))
+            ref.tell(TakeSnapshot(token, self.actor_ref, message.owner, message.counts_only))
         self._maybe_done(token, query=True)
 
     def _gathered_part(

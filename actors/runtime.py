@@ -84,7 +84,9 @@ class Dispatcher:
     def submit(self, step: Step) -> None:
         """Queue a step; safe from any thread."""
         self._ready.append(step)
-        if threading.get_ident() != self._loop_ident:
+        # Before the loop first runs (start-up builds thousands of actors) nobody
+        # waits in select, and the loop runs ready steps before it ever does.
+        if self._loop_ident is not None and threading.get_ident() != self._loop_ident:
             self._wake()
 
     def wake(self) -> None:

@@ -254,12 +254,14 @@ class _IdleWatch(DispatchedActor):
     def _schedule(self) -> None:
         ref = self.actor_ref
         self.dispatcher.call_later(
-            min(1.0, self._timeout), lambda: self._router.tell(Gather(0, ref))
+            min(1.0, self._timeout), lambda: self._router.tell(Gather(0, ref, counts_only=True))
         )
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Gathered):
-            busy = message.clients or any(s.leases for s in message.lockspaces)
+            busy = message.clients or any(
+                s.leases or (s.counts is not None and s.counts.leases) for s in message.lockspaces
+            )
             now = time.monotonic()
             if busy:
                 self._idle_since = None

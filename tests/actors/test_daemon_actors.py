@@ -676,3 +676,25 @@ def test_delete_resource_never_unlinks_a_file_replaced_and_held_by_another_host(
         if ReplacedAndHeldElsewhere.thief is not None:
             os.close(ReplacedAndHeldElsewhere.thief)
         h.close()
+
+
+def test_status_metrics_and_lockspace_list_count_without_lease_views(h: Harness) -> None:
+    """These ask lockspaces for counts only (a dense host has 16,384 leases): the counts
+    must be what the full listing says, by mode and with each owner once."""
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("create-lockspace", lockspace="pool")
+    vm1.ok("acquire", leases=[lease("a"), {**lease("s"), "shared": True}], autocreate=True)
+    vm2.ok("acquire", leases=[{**lease("s"), "shared": True}, lease("p", "pool")], autocreate=True)
+    listed = vm1.ok("list-leases")["leases"]
+    assert len(listed) == 3
+    status = vm1.ok("status")
+    assert (status["leases"], status["owners"], status["lockspaces"]) == (3, 2, 2)
+    text = vm1.ok("metrics")["text"]
+    assert f'lockd_leases_held{{lockspace="{FILES}",mode="exclusive"}} 1' in text
+    assert f'lockd_leases_held{{lockspace="{FILES}",mode="shared"}} 1' in text
+    assert 'lockd_leases_held{lockspace="pool",mode="exclusive"} 1' in text
+    assert "lockd_owners 2" in text
+    rows = {r["name"]: r["leases"] for r in vm1.ok("list-lockspaces")["lockspaces"]}
+    assert (rows[FILES], rows["pool"]) == (2, 1)
