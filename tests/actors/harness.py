@@ -28,6 +28,7 @@ from lockd.lockfiles import LockspaceDir
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from protocol.names import WELL_KNOWN_LOCKSPACES
+from tests.fakes import PipeWatches
 
 
 class Clock:
@@ -81,7 +82,7 @@ class FakeProcesses:
         self.gone: set[int] = set()
         self.signals: list[tuple[int, str]] = []
         self.ignores_sigterm: set[int] = set()
-        self._pipes: dict[int, tuple[int, int]] = {}
+        self._watches = PipeWatches()
         self.no_pidfds = False
         """True: open_watch fails like pidfd_open at the fd limit (EMFILE)."""
 
@@ -102,14 +103,10 @@ class FakeProcesses:
             return None
         if self.no_pidfds:
             raise OSError(errno.EMFILE, "Too many open files")
-        r, w = os.pipe()
-        self._pipes[r] = (owner.pid, w)
-        return r
+        return self._watches.open(owner.pid)
 
     def close_watch(self, fd: int) -> None:
-        _, w = self._pipes.pop(fd)
-        os.close(fd)
-        os.close(w)
+        self._watches.close(fd)
 
     def is_gone(self, owner: Owner) -> bool:
         return owner.pid in self.gone or self.start_time(owner.pid) != owner.start_time
@@ -128,15 +125,10 @@ class FakeProcesses:
     def exit(self, pid: int) -> None:
         """The process exits: its pidfd-like pipe becomes readable."""
         self.gone.add(pid)
-        for _r, (p, w) in self._pipes.items():
-            if p == pid:
-                os.write(w, b"x")
+        self._watches.fire(pid)
 
     def close(self) -> None:
-        for r, (_, w) in list(self._pipes.items()):
-            os.close(r)
-            os.close(w)
-        self._pipes.clear()
+        self._watches.close_all()
 
 
 class MemoryJournal:

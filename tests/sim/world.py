@@ -7,7 +7,6 @@ actors, their cores, the journal actor and recovery are the real ones.
 
 from __future__ import annotations
 
-import os
 import signal as signals
 from collections.abc import Sequence
 
@@ -16,6 +15,7 @@ import attrs
 from actors.events import JournalEntry
 from actors.lease import LockBusyError
 from actors.model import Owner
+from tests.fakes import PipeWatches
 
 INDEX = "org.libvirt.lockd.index"
 
@@ -168,7 +168,7 @@ class ProcessView:
 
     def __init__(self, table: ProcessTable) -> None:
         self.table = table
-        self._pipes: dict[int, tuple[int, int]] = {}
+        self._watches = PipeWatches()
         table.views.append(self)
 
     def start_time(self, pid: int) -> int | None:
@@ -183,19 +183,13 @@ class ProcessView:
     def open_watch(self, owner: Owner) -> int | None:
         if self.is_gone(owner):
             return None
-        r, w = os.pipe()
-        self._pipes[r] = (owner.pid, w)
-        return r
+        return self._watches.open(owner.pid)
 
     def close_watch(self, fd: int) -> None:
-        _, w = self._pipes.pop(fd)
-        os.close(fd)
-        os.close(w)
+        self._watches.close(fd)
 
     def fire(self, pid: int) -> None:
-        for p, w in self._pipes.values():
-            if p == pid:
-                os.write(w, b"x")
+        self._watches.fire(pid)
 
     def signal(self, owner: Owner, signum: int) -> bool:
         if self.is_gone(owner):
@@ -207,10 +201,7 @@ class ProcessView:
         return True
 
     def close(self) -> None:
-        for r, (_, w) in list(self._pipes.items()):
-            os.close(r)
-            os.close(w)
-        self._pipes.clear()
+        self._watches.close_all()
         self.table.views.remove(self)
 
 

@@ -1,0 +1,42 @@
+"""Fakes shared by the actor tests and the simulation."""
+
+from __future__ import annotations
+
+import os
+
+
+class PipeWatches:
+    """pidfd stand-ins: one pipe per watch, made readable when its process exits.
+
+    The owners actor polls the read end exactly as it polls a pidfd, so the
+    same dispatcher code path runs in tests and in the simulation.
+    """
+
+    def __init__(self) -> None:
+        self._pipes: dict[int, tuple[int, int]] = {}
+        """read end -> (pid, write end)"""
+
+    def open(self, pid: int) -> int:
+        """A new watch on ``pid``: the fd to poll."""
+        r, w = os.pipe()
+        self._pipes[r] = (pid, w)
+        return r
+
+    def close(self, fd: int) -> None:
+        """Close one watch (both ends)."""
+        _, w = self._pipes.pop(fd)
+        os.close(fd)
+        os.close(w)
+
+    def fire(self, pid: int) -> None:
+        """``pid`` exited: every watch on it becomes readable."""
+        for p, w in self._pipes.values():
+            if p == pid:
+                os.write(w, b"x")
+
+    def close_all(self) -> None:
+        """The watcher is gone (test end, daemon crash): every pipe closes."""
+        for r, (_, w) in list(self._pipes.items()):
+            os.close(r)
+            os.close(w)
+        self._pipes.clear()
