@@ -176,6 +176,14 @@ def _scale_rows(scale: dict[str, Any], target: dict[str, Any]) -> list[str]:
             None,
         ),
         (
+            "scale: pair p50 of the two daemons before the fill (measurement noise)",
+            "about 1x",
+            f"{scale['twins_before_fill_median']:.2f}x"
+            if "twins_before_fill_median" in scale
+            else "—",
+            None,
+        ),
+        (
             "scale: daemon RSS with that state",
             f"< {MAX_RSS_MIB:.0f} MiB",
             f"{scale['daemon_rss_mib']} MiB",

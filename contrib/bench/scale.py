@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """A dense host: many owners holding many leases. Does an acquire get slower, does lockd grow?
 
-Starts ``lockd serve`` on temp paths, measures acquire+release pairs on the
-empty daemon, then registers ``--owners`` live processes (sleep) holding
-``--leases`` leases between them (through one manager connection, as
-libvirtd would), measures the same pairs again, and reports the ratio, the
+Starts ``lockd serve`` on temp paths, and a twin daemon that stays empty;
+registers ``--owners`` live processes (sleep) holding ``--leases`` leases
+between them on the first (through a manager connection each, as libvirtd
+would), then measures acquire+release pairs on both in turns of 100, so
+that "empty" and "loaded" see the same moments of a machine whose speed
+drifts (``twins_before_fill_median`` is the same comparison before the
+fill: it should be about 1). Reports the ratio, the
 daemon's RSS and thread count (and both on the empty daemon, so a growing
 thread count shows), and how far ``lockd events --follow`` lags behind the
 replies (p50/p99) under that load. If the daemon refuses leases while
@@ -54,6 +57,39 @@ def pairs(sock: str, count: int) -> list[float]:
             c.call("release", leases=[lease])
             out.append((time.perf_counter() - t0) * 1e6)
     return out
+
+
+def alternate(
+    sock: str, twin: str, count: int, batch: int = 100
+) -> tuple[list[float], list[float]]:
+    """``count`` pairs on each daemon, in turns of ``batch``: (pairs on sock, pairs on twin)."""
+    mine: list[float] = []
+    theirs: list[float] = []
+    while len(mine) < count:
+        n = min(batch, count - len(mine))
+        mine += pairs(sock, n)
+        theirs += pairs(twin, n)
+    return mine, theirs
+
+
+def start_daemon(tmp: Path, name: str) -> subprocess.Popen[bytes]:
+    """``lockd serve`` on paths under ``tmp`` (``name`` "" for the measured daemon)."""
+    base = name or "lockd"
+    prefix = f"{name}-" if name else ""
+    return subprocess.Popen(
+        [sys.executable, "-m", "lockd", "serve", "--socket", str(tmp / f"{base}.sock"),
+         "--admin-socket", str(tmp / f"{prefix}admin.sock"), "--lock-dir",
+         str(tmp / f"{prefix}locks"), "--journal-dir", str(tmp / f"{prefix}journal")],
+        cwd=REPO, stderr=open(tmp / f"{name or 'daemon'}.log", "wb"),
+    )  # fmt: skip
+
+
+def wait_socket(sock: str, daemon: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the daemon listens; its log if it died instead."""
+    while not os.path.exists(sock):
+        if daemon.poll() is not None:
+            raise RuntimeError(log.read_text())
+        time.sleep(0.05)
 
 
 def p(values: list[float], q: float) -> float:
@@ -139,20 +175,18 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     tmp = Path(tempfile.mkdtemp(prefix="lockd-scale-"))
     sock = str(tmp / "lockd.sock")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "lockd", "serve", "--socket", sock, "--admin-socket",
-         str(tmp / "admin.sock"), "--lock-dir", str(tmp / "locks"), "--journal-dir",
-         str(tmp / "journal")],
-        cwd=REPO, stderr=open(tmp / "daemon.log", "wb"),  # noqa: SIM115 - lives with the daemon
-    )  # fmt: skip
+    daemon = start_daemon(tmp, "")
+    # A twin that stays empty, measured in turns with the loaded daemon: on a
+    # shared VM the machine's speed drifts by more than the effect measured,
+    # so "empty" must be measured at the same moments as "loaded".
+    twin_sock = str(tmp / "twin.sock")
+    twin = start_daemon(tmp, "twin")
     sleepers: list[subprocess.Popen[bytes]] = []
     try:
-        while not os.path.exists(sock):
-            if daemon.poll() is not None:
-                raise RuntimeError((tmp / "daemon.log").read_text())
-            time.sleep(0.05)
+        wait_socket(sock, daemon, tmp / "daemon.log")
+        wait_socket(twin_sock, twin, tmp / "twin.log")
         time.sleep(0.3)
-        empty = pairs(sock, args.pairs)
+        empty_a, empty_b = alternate(sock, twin_sock, args.pairs)
         empty_fields = proc_status(daemon.pid)
         for _ in range(args.owners):
             sleepers.append(subprocess.Popen(["sleep", "3600"]))
@@ -177,7 +211,7 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
             status = manager.call("status")
             watched = owners_watched(manager.call("metrics")["text"])
         fill_s = time.monotonic() - t0
-        loaded = pairs(sock, args.pairs)
+        loaded, empty = alternate(sock, twin_sock, args.pairs)
         lags = follow_lag(sock, tmp / "journal", 200)
         fields = proc_status(daemon.pid)
         result = {
@@ -192,6 +226,9 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
             "fill_s": round(fill_s, 1),
             "empty_pair_median_us": round(statistics.median(empty), 1),
             "empty_pair_p99_us": p(empty, 0.99),
+            "twins_before_fill_median": round(
+                statistics.median(empty_a) / statistics.median(empty_b), 3
+            ),
             "loaded_pair_median_us": round(statistics.median(loaded), 1),
             "loaded_pair_p99_us": p(loaded, 0.99),
             "loaded_vs_empty_median": round(
@@ -208,6 +245,7 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
         print(json.dumps(result))
     finally:
         stop_child(daemon, wait=60)
+        stop_child(twin, wait=60)
         for proc in sleepers:
             proc.kill()
             proc.wait()
