@@ -53,6 +53,12 @@ RELEASE_RETRY_SECONDS = 1.0
 """Back-off before retrying a release the journal could not record."""
 POLL_SECONDS = 1.0
 """Every owner watched without a pidfd is checked once per this period."""
+POLL_FULL_EVERY = 5
+"""Polling rounds per full check. In between, a round only asks whether the pid
+exists (kill 0, ~1 us; a /proc read of another process costs ~25 us): an owner
+that exited and was reaped, as a VM manager reaps its VMs, is seen within a
+round; a zombie or a reused pid within this many. 1,600 polled owners then
+cost about 1% of a CPU instead of 6.6% (measured)."""
 POLL_SLICES = 100
 """The polled owners are checked in this many slices spread over the period:
 a /proc read costs ~12 us, so 1,600 polled owners at once would hold every
@@ -70,6 +76,13 @@ class Processes(Protocol):
 
     def is_gone(self, owner: Owner) -> bool:
         """True once the owner process exited or is exiting (or its pid was reused)."""
+        ...
+
+    def pid_gone(self, owner: Owner) -> bool:
+        """Cheap and partial: True if no process has the owner's pid any more.
+
+        False says nothing about a zombie or a reused pid; :meth:`is_gone` does.
+        """
         ...
 
     def signal(self, owner: Owner, signum: int) -> bool:
@@ -176,6 +189,9 @@ class OwnersActor(DispatchedActor):
         self._polled: dict[OwnerKey, Owner] = {}
         self._poll_queue: collections.deque[OwnerKey] = collections.deque()
         """What is left of the current polling round."""
+        self._poll_rounds = 0
+        self._round_ticks = 0
+        """Ticks left in the current polling round (0: the next tick starts one)."""
         self._poll_timer: Timer | None = None
         self._router = router
         self._journal = journal
@@ -266,32 +282,50 @@ class OwnersActor(DispatchedActor):
             self._poll_queue.append(owner.key)  # a round is under way: it joins this one
         self._count()
         if self._poll_timer is None:
-            self._schedule_poll()
+            self._schedule_poll(1)
 
-    def _schedule_poll(self) -> None:
+    def _schedule_poll(self, ticks: int) -> None:
         ref = self.actor_ref
         self._poll_timer = self.dispatcher.call_later(
-            POLL_SECONDS / POLL_SLICES, lambda: tell_if_alive(ref, _Poll())
+            ticks * POLL_SECONDS / POLL_SLICES, lambda: tell_if_alive(ref, _Poll())
         )
 
     def _poll(self) -> None:
-        """Check one slice of the polled owners; a new round starts when the last one ends."""
+        """One tick: check the next slice of this round's owners.
+
+        A round lasts POLL_SLICES ticks (POLL_SECONDS) however many owners are
+        polled: each is checked once per round, its share spread over the
+        ticks left (owners joining mid-round included); once a round's owners
+        are all checked, the timer sleeps until the next round begins.
+        """
         self._poll_timer = None
         if not self._polled:
             self._poll_queue.clear()
+            self._round_ticks = 0
             return
-        if not self._poll_queue:
-            self._poll_queue.extend(self._polled)
-        budget = -(-len(self._polled) // POLL_SLICES)
+        if self._round_ticks == 0:
+            self._poll_queue = collections.deque(self._polled)
+            self._round_ticks = POLL_SLICES
+            self._poll_rounds += 1
+        full = self._poll_rounds % POLL_FULL_EVERY == 0
+        gone = self._processes.is_gone if full else self._processes.pid_gone
+        budget = -(-len(self._poll_queue) // self._round_ticks)
+        self._round_ticks -= 1
         while budget and self._poll_queue:
             owner = self._polled.get(self._poll_queue.popleft())
             if owner is None:
                 continue  # released since the round began: costs no /proc read
             budget -= 1
-            if self._processes.is_gone(owner):
+            if gone(owner):
                 self._exited(owner.key)
-        if self._polled:
-            self._schedule_poll()
+        if not self._polled:
+            return
+        if self._poll_queue or self._round_ticks == 0:
+            self._schedule_poll(1)
+        else:
+            # All checked: sleep out the round (no wake-ups 100 times a second for nothing).
+            self._schedule_poll(self._round_ticks + 1)
+            self._round_ticks = 0
 
     def _unwatch(self, key: OwnerKey) -> None:
         watched = self._watched.pop(key, None)

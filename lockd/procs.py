@@ -123,6 +123,15 @@ class ProcTable:
     def is_gone(self, owner: Owner) -> bool:
         return is_exiting(owner.pid, owner.start_time)
 
+    def pid_gone(self, owner: Owner) -> bool:
+        try:
+            os.kill(owner.pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False  # EPERM: a process has that pid, just not ours to signal
+        return False
+
     def signal(self, owner: Owner, signum: int) -> bool:
         try:
             fd = os.pidfd_open(owner.pid)

@@ -7,7 +7,8 @@ between them on the first (through a manager connection each, as libvirtd
 would), then measures acquire+release pairs on both in turns of 100, so
 that "empty" and "loaded" see the same moments of a machine whose speed
 drifts (``twins_before_fill_median`` is the same comparison before the
-fill: it should be about 1). Reports the ratio, the
+fill: it should be about 1). Everything runs on one CPU (``--cpu``), as in
+compare.py. Reports the ratio, the
 daemon's RSS and thread count (and both on the empty daemon, so a growing
 thread count shows), and how far ``lockd events --follow`` lags behind the
 replies (p50/p99) under that load. If the daemon refuses leases while
@@ -164,7 +165,16 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
     parser.add_argument("--leases", type=int, default=16384)
     parser.add_argument("--pairs", type=int, default=2000)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, journal)")
+    parser.add_argument(
+        "--cpu", type=int, default=0, help="run everything on this CPU (-1: unpinned)"
+    )
     args = parser.parse_args()
+    if args.cpu >= 0:
+        # Unpinned, a pair costs ~0.7 ms when client and daemon share a CPU and
+        # ~2.5 ms when they do not (a cross-CPU wake-up on this VM), and the
+        # scheduler flips between the two: noise far above the effect measured.
+        # Children (the daemons, owners, follower) inherit the affinity.
+        os.sched_setaffinity(0, {args.cpu})
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     # One fd per lease and per watched owner: 16,384 + 4,096 is past many hosts'
     # default hard limit (lockd.service sets LimitNOFILE=524288). Root may raise it.

@@ -83,6 +83,8 @@ class FakeProcesses:
         self.signals: list[tuple[int, str]] = []
         self.ignores_sigterm: set[int] = set()
         self._watches = PipeWatches()
+        self.zombies: set[int] = set()
+        """Exited but not reaped: their pid still answers kill 0."""
         self.no_pidfds = False
         """True: open_watch fails like pidfd_open at the fd limit (EMFILE)."""
 
@@ -109,6 +111,13 @@ class FakeProcesses:
         self._watches.close(fd)
 
     def is_gone(self, owner: Owner) -> bool:
+        return self._gone(owner)
+
+    def pid_gone(self, owner: Owner) -> bool:
+        """A zombie (exited, not reaped) still has its pid: only is_gone sees it."""
+        return self._gone(owner) and owner.pid not in self.zombies
+
+    def _gone(self, owner: Owner) -> bool:
         return owner.pid in self.gone or self.start_time(owner.pid) != owner.start_time
 
     def signal(self, owner: Owner, signum: int) -> bool:

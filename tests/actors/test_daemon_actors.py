@@ -7,7 +7,7 @@ files and their OFD locks are real, so "is it locked" is asked of the kernel.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from actors.events import (
 from actors.journal import SyncPolicy
 from actors.lease import LockBusyError
 from actors.model import Owner
-from actors.owners import POLL_SECONDS, POLL_SLICES
+from actors.owners import POLL_FULL_EVERY, POLL_SECONDS, POLL_SLICES
 from lockd.lockfiles import HeldFile, LockspaceDir, try_lock, unlock
 from protocol.codec import encode_item
 from protocol.framing import encode_frame
@@ -301,13 +301,17 @@ def test_polling_spreads_its_proc_reads_and_reaches_every_owner_within_a_second(
     h = Harness(tmp_path / "locks", max_pidfds=0)
     tick = POLL_SECONDS / POLL_SLICES
     reads: list[int] = []
-    is_gone = h.processes.is_gone
+    is_gone, pid_gone = h.processes.is_gone, h.processes.pid_gone
 
-    def counted(owner: Owner) -> bool:
-        reads.append(owner.pid)
-        return is_gone(owner)
+    def counted(check: Callable[[Owner], bool]) -> Callable[[Owner], bool]:
+        def wrapped(owner: Owner) -> bool:
+            reads.append(owner.pid)
+            return check(owner)
 
-    h.processes.is_gone = counted  # type: ignore[method-assign]
+        return wrapped
+
+    h.processes.is_gone = counted(is_gone)  # type: ignore[method-assign,assignment]
+    h.processes.pid_gone = counted(pid_gone)  # type: ignore[method-assign,assignment]
     try:
         pids = list(range(5000, 5200))
         conns = []
@@ -334,6 +338,58 @@ def test_polling_spreads_its_proc_reads_and_reaches_every_owner_within_a_second(
         released = {e.resource for e in h.journal_writer.events(LeaseReleased)}
         assert released == {"disk-7", "disk-late"}
         assert h.owners_actor().watch_counts == (0, len(pids) - 1)
+    finally:
+        h.close()
+
+
+def test_a_few_polled_owners_are_checked_once_a_round_not_once_a_tick(tmp_path: Path) -> None:
+    """Three polled owners: three checks a second, not three per 10 ms tick (which would
+    be 300 /proc reads a second for nothing, a quarter of a CPU at 99 owners)."""
+    h = Harness(tmp_path / "locks", max_pidfds=0)
+    checks: list[int] = []
+    pid_gone = h.processes.pid_gone
+
+    def counted(owner: Owner) -> bool:
+        checks.append(owner.pid)
+        return pid_gone(owner)
+
+    h.processes.pid_gone = counted  # type: ignore[method-assign]
+    try:
+        for pid in (VM1, VM2, LIBVIRTD):
+            h.processes.spawn(pid)
+            h.connect(pid).register(pid)
+        for _ in range(POLL_SLICES * 3):  # three rounds
+            h.advance(POLL_SECONDS / POLL_SLICES)
+        assert sorted(checks) == sorted([VM1, VM2, LIBVIRTD] * 3)
+    finally:
+        h.close()
+
+
+def test_a_polled_owner_left_a_zombie_is_released_at_the_next_full_check(
+    tmp_path: Path,
+) -> None:
+    """Most polling rounds only ask whether the pid exists (cheap); a zombie still has
+    its pid, so the full /proc check, every POLL_FULL_EVERY rounds, is what ends it."""
+    h = Harness(tmp_path / "locks", max_pidfds=0)
+    try:
+        h.processes.spawn(LIBVIRTD)
+        h.processes.spawn(VM1)
+        mgr = h.connect(LIBVIRTD)
+        mgr.register(VM1)
+        mgr.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+        mgr.close()
+        tick = POLL_SECONDS / POLL_SLICES
+        for _ in range(POLL_SLICES + 1):  # round 1 (quick) done: the full check is round 5
+            h.advance(tick)
+        h.processes.exit(VM1)
+        h.processes.zombies.add(VM1)
+        for _ in range(POLL_SLICES):
+            h.advance(tick)
+        assert h.journal_writer.events(LeaseReleased) == []  # kill 0 still finds the pid
+        for _ in range(POLL_FULL_EVERY * POLL_SLICES):
+            h.advance(tick)
+        (released,) = h.journal_writer.events(LeaseReleased)
+        assert released.reason is ReleaseReason.OWNER_EXIT
     finally:
         h.close()
 

@@ -32,6 +32,7 @@ from actors.model import LeaseMode
 from actors.owners import (
     FENCE_GIVE_UP_SECONDS,
     FENCE_GRACE_SECONDS,
+    POLL_FULL_EVERY,
     POLL_SECONDS,
     POLL_SLICES,
     OwnersActor,
@@ -350,11 +351,11 @@ class Sim:
             self._time_passes()
         # Owners past the pidfd budget are polled a slice per timer tick; a
         # real clock moves through every tick, so let this one do so too, for
-        # longer than a fence (grace, SIGKILL, give-up) and a polling round.
+        # longer than a fence (grace, SIGKILL, give-up) and the polling rounds
+        # up to a full check (a reused pid is only seen by that).
         tick = POLL_SECONDS / POLL_SLICES
-        for _ in range(
-            int((FENCE_GRACE_SECONDS + FENCE_GIVE_UP_SECONDS + POLL_SECONDS) / tick) + 1
-        ):
+        settle = FENCE_GRACE_SECONDS + FENCE_GIVE_UP_SECONDS + POLL_SECONDS * POLL_FULL_EVERY
+        for _ in range(int(settle / tick) + 1):
             self.clock.now += tick
             for host in self.hosts:
                 host.run()

@@ -180,6 +180,10 @@ class ProcessView:
     def is_gone(self, owner: Owner) -> bool:
         return self.table.procs.get(owner.pid) != owner.start_time
 
+    def pid_gone(self, owner: Owner) -> bool:
+        """A reused pid answers kill 0: only the full check sees the owner gone."""
+        return owner.pid not in self.table.procs
+
     def open_watch(self, owner: Owner) -> int | None:
         if self.is_gone(owner):
             return None
