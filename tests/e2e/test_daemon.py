@@ -19,6 +19,7 @@ import pytest
 from protocol.client import Client, RemoteError
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
+from tests.e2e.invariants import check, listed
 from tests.lockprobe import probe
 
 pytestmark = pytest.mark.e2e
@@ -546,3 +547,42 @@ def test_bench_scenarios_json(daemon: DaemonProcess) -> None:
     wait_for(lambda: daemon.lockd("leases", "--json").stdout.strip() == "[]")  # fillers gone
     bad = daemon.lockd("bench", "--scenarios", "warp-speed")
     assert bad.returncode == 2
+
+
+def test_owners_past_the_pidfd_budget_are_released_when_they_exit(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A daemon short of descriptors (limit 128: 16 pidfds) polls the other owners: killed
+    and reaped, they are released within about a second; a zombie, within five."""
+    daemon = make_daemon("fewfds")
+    daemon.stop()
+    daemon.launcher = ["prlimit", "--nofile=128:128"]
+    daemon.start()
+    vms = []
+    for i in range(24):
+        vm = subprocess.Popen(["sleep", "600"])
+        children.append(vm)
+        vms.append(vm)
+        with daemon.client("libvirtd") as client:  # a manager's connection, closed after
+            client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": f"vm{i}",
+                                           "id": 1, "pid": vm.pid})  # fmt: skip
+            disk = {"lockspace": FILES_LOCKSPACE, "resource": f"disk{i}"}
+            client.call("acquire", autocreate=True, leases=[disk])
+    text = daemon.lockd("metrics").stdout
+    assert 'lockd_owners_watched{by="pidfd"} 16' in text
+    assert 'lockd_owners_watched{by="poll"} 8' in text
+    zombie = vms.pop()  # polled (registered last): killed but not reaped by its parent
+    zombie.kill()
+    for vm in vms:
+        vm.kill()
+        vm.wait()
+    # Reaped: gone at the next quick round (a second), pidfd or not; the zombie still
+    # answers kill 0 and waits for a full round (five seconds; when exactly depends
+    # on where the rounds stand, so only the bound is checked).
+    wait_for(lambda: set(listed(daemon)) <= {(FILES_LOCKSPACE, "disk23")}, timeout=5)
+    wait_for(lambda: not listed(daemon), timeout=10)
+    zombie.wait()
+    released = events(daemon, "--type", "lease-released")
+    assert len(released) == 24
+    assert {e["reason"] for e in released} == {"owner-exit"}
+    check(daemon)
