@@ -1376,6 +1376,9 @@ def test_request_shaped_junk_gets_documented_replies(target: Target) -> None:
             max_examples=300,
             deadline=None,
             database=None,
+            # Fixed examples: the counts asserted below depend on the draw, and a
+            # random draw made fewer than 30 valid requests once in CI (24 of 300).
+            derandomize=True,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
         @given(request_maps(target.sleeper.pid))
