@@ -381,3 +381,61 @@ def format_table(result: dict[str, Any]) -> str:
     if "recovery" in result:
         lines.append(bench_recovery.format_result(result["recovery"]))
     return "\n".join(lines)
+
+
+def format_number(value: float | None) -> str:
+    """A table cell: thousands grouped, one decimal below 100, "—" for no value."""
+    if value is None:
+        return "—"
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}"
+
+
+def format_ratio(value: float | None, base: float | None) -> str:
+    """``value / base`` as "1.23x", or "—" when either is missing."""
+    if value is None or not base:
+        return "—"
+    return f"{value / base:.2f}x"
+
+
+def compare_table(compare: dict[str, Any]) -> list[str]:
+    """Markdown rows of lockd vs virtlockd from compare.py's ``--json`` object.
+
+    The one rendering, used by compare.py's own output and report.py's
+    generated block in docs/performance.md.
+    """
+    virt = compare["virtlockd"]
+    lockd: dict[str, Any] = compare["lockd"]
+    syncs = list(lockd)
+    lines = [
+        "| scenario | metric | virtlockd | "
+        + " | ".join(f"lockd ({s})" for s in syncs)
+        + " | "
+        + " | ".join(f"ratio ({s})" for s in syncs)
+        + " |",
+        "|---|---|---:|" + "---:|" * (2 * len(syncs)),
+    ]
+
+    def row(scenario: str, metric: str, base: float | None, values: list[float | None]) -> None:
+        lines.append(
+            f"| {scenario} | {metric} | {format_number(base)} | "
+            + " | ".join(format_number(v) for v in values)
+            + " | "
+            + " | ".join(format_ratio(v, base) for v in values)
+            + " |"
+        )
+
+    for key, label in (
+        ("pair_median_us", "pair p50 µs"),
+        ("pair_p99_us", "pair p99 µs"),
+        ("pair_p999_us", "pair p999 µs"),
+        ("pairs_per_s", "pairs/s"),
+    ):
+        row("sequential", label, virt["sequential"].get(key),
+            [lockd[s]["sequential"].get(key) for s in syncs])  # fmt: skip
+    for i, level in enumerate(virt["concurrent"]):
+        for key, label in (("pair_median_us", "pair p50 µs"), ("pairs_per_s", "pairs/s")):
+            row(f"concurrency {level['concurrency']}", label, level.get(key),
+                [lockd[s]["concurrent"][i].get(key) for s in syncs])  # fmt: skip
+    return lines

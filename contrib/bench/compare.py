@@ -28,6 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from lockd.bench import compare_table  # noqa: E402
 from lockd.procs import stop_child  # noqa: E402
 
 DEFAULT_PEER = REPO.parent / "shared" / "peers" / "virtlockd"
@@ -109,41 +110,6 @@ def _median(rows: Any) -> dict[str, float]:
     return {k: round(statistics.median(r[k] for r in rows), 1) for k in keys}
 
 
-def table(v: dict[str, Any], lockd: dict[str, dict[str, Any]]) -> str:
-    lines = [
-        "| scenario | metric | virtlockd | "
-        + " | ".join(f"lockd ({s})" for s in lockd)
-        + " | "
-        + " | ".join(f"ratio ({s})" for s in lockd)
-        + " |",
-        "|---|---|---:|" + "---:|" * (2 * len(lockd)),
-    ]
-
-    def row(name: str, metric: str, base: float, values: list[float], higher_better: bool) -> None:
-        ratios = [(x / base if base else 0.0) for x in values]
-        lines.append(
-            f"| {name} | {metric} | {base:g} | "
-            + " | ".join(f"{x:g}" for x in values)
-            + " | "
-            + " | ".join(f"{r:.2f}x" for r in ratios)
-            + (" (higher is better)" if higher_better else "")
-            + " |"
-        )
-
-    for metric, better in (
-        ("pair_median_us", False),
-        ("pair_p99_us", False),
-        ("pairs_per_s", True),
-    ):
-        row("sequential", metric, v["sequential"][metric],
-            [r["sequential"][metric] for r in lockd.values()], better)  # fmt: skip
-    for i, level in enumerate(v["concurrent"]):
-        for metric, better in (("pair_median_us", False), ("pairs_per_s", True)):
-            row(f"concurrency {level['concurrency']}", metric, level[metric],
-                [r["concurrent"][i][metric] for r in lockd.values()], better)  # fmt: skip
-    return "\n".join(lines)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="virtlockd peer directory")
@@ -162,7 +128,7 @@ def main() -> int:
         return 0
     floor = next(iter(lockd.values()))["floor"]
     print(f"CPU {args.cpu} for daemons and clients; {args.repeat} runs each, medians.\n")
-    print(table(v, lockd))
+    print("\n".join(compare_table({"virtlockd": v, "lockd": lockd})))
     print(
         f"\nFloors (same run): OFD lock+unlock in-process {floor['fcntl_pair_us']} us; "
         f"Unix-socket request/reply between two processes {floor['socket_rpc_us']} us "

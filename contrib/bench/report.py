@@ -37,6 +37,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from lockd.bench import compare_table, format_number  # noqa: E402
+
 DOC = REPO / "docs" / "performance.md"
 DEFAULT_PEER = REPO.parent / "shared" / "peers" / "virtlockd"
 BEGIN = "<!-- BEGIN GENERATED: contrib/bench/report.py -->"
@@ -82,20 +84,6 @@ def rewrite(doc: str, results: dict[str, Any]) -> str:
     return replace_block(doc, render(results))
 
 
-def _num(value: float | None) -> str:
-    if value is None:
-        return "—"
-    if abs(value) >= 100:
-        return f"{value:,.0f}"
-    return f"{value:.1f}"
-
-
-def _ratio(value: float | None, base: float | None) -> str:
-    if value is None or not base:
-        return "—"
-    return f"{value / base:.2f}x"
-
-
 def _runs(repeat: int | None) -> str:
     if repeat == 1:
         return "one run per daemon"
@@ -109,43 +97,6 @@ def _cell(text: str) -> str:
 
 def _verdict(ok: bool | None) -> str:
     return "—" if ok is None else ("pass" if ok else "**fail**")
-
-
-def _compare_table(compare: dict[str, Any]) -> list[str]:
-    virt = compare["virtlockd"]
-    lockd: dict[str, Any] = compare["lockd"]
-    syncs = list(lockd)
-    lines = [
-        "| scenario | metric | virtlockd | "
-        + " | ".join(f"lockd ({s})" for s in syncs)
-        + " | "
-        + " | ".join(f"ratio ({s})" for s in syncs)
-        + " |",
-        "|---|---|---:|" + "---:|" * (2 * len(syncs)),
-    ]
-
-    def row(scenario: str, metric: str, base: float | None, values: list[float | None]) -> None:
-        lines.append(
-            f"| {scenario} | {metric} | {_num(base)} | "
-            + " | ".join(_num(v) for v in values)
-            + " | "
-            + " | ".join(_ratio(v, base) for v in values)
-            + " |"
-        )
-
-    for key, label in (
-        ("pair_median_us", "pair p50 µs"),
-        ("pair_p99_us", "pair p99 µs"),
-        ("pair_p999_us", "pair p999 µs"),
-        ("pairs_per_s", "pairs/s"),
-    ):
-        row("sequential", label, virt["sequential"].get(key),
-            [lockd[s]["sequential"].get(key) for s in syncs])  # fmt: skip
-    for i, level in enumerate(virt["concurrent"]):
-        for key, label in (("pair_median_us", "pair p50 µs"), ("pairs_per_s", "pairs/s")):
-            row(f"concurrency {level['concurrency']}", label, level.get(key),
-                [lockd[s]["concurrent"][i].get(key) for s in syncs])  # fmt: skip
-    return lines
 
 
 def _scale_rows(scale: dict[str, Any], target: dict[str, Any]) -> list[str]:
@@ -165,14 +116,15 @@ def _scale_rows(scale: dict[str, Any], target: dict[str, Any]) -> list[str]:
         (
             "scale: pair p50, loaded / empty",
             f"≤ {MAX_LOADED_VS_EMPTY}x",
-            f"{ratio:.2f}x ({_num(scale['loaded_pair_median_us'])} / "
-            f"{_num(scale['empty_pair_median_us'])} µs)",
+            f"{ratio:.2f}x ({format_number(scale['loaded_pair_median_us'])} / "
+            f"{format_number(scale['empty_pair_median_us'])} µs)",
             ratio <= MAX_LOADED_VS_EMPTY,
         ),
         (
             "scale: pair p99, loaded / empty",
             "—",
-            f"{_num(scale['loaded_pair_p99_us'])} / {_num(scale['empty_pair_p99_us'])} µs",
+            f"{format_number(scale['loaded_pair_p99_us'])} / "
+            f"{format_number(scale['empty_pair_p99_us'])} µs",
             None,
         ),
         (
@@ -240,7 +192,7 @@ def _recovery_rows(
         (
             "restart: `recovery-completed` duration",
             "—",
-            f"{_num(rec['recovery_completed_ms'])} ms",
+            f"{format_number(rec['recovery_completed_ms'])} ms",
             None,
         ),
         (
@@ -287,7 +239,7 @@ def render(results: dict[str, Any]) -> str:
     compare = results.get("compare")
     if compare and "error" not in compare:
         settings = results.get("compare_settings", {})
-        lines += _compare_table(compare)
+        lines += compare_table(compare)
         lines += [
             "",
             f"Daemons and clients pinned to CPU {settings.get('cpu', 0)}; "
@@ -306,17 +258,17 @@ def render(results: dict[str, Any]) -> str:
         "",
         "| floor | µs |",
         "|---|---:|",
-        f"| OFD lock + unlock, in-process | {_num(floor['fcntl_pair_us'])} |",
+        f"| OFD lock + unlock, in-process | {format_number(floor['fcntl_pair_us'])} |",
         f"| request/reply on a Unix socket between two processes | "
-        f"{_num(floor['socket_rpc_us'])} |",
+        f"{format_number(floor['socket_rpc_us'])} |",
         f"| minimal Python epoll server, per request (same client, no lock work) | "
-        f"{_num(floor.get('python_server_rpc_us'))} |",
+        f"{format_number(floor.get('python_server_rpc_us'))} |",
         f"| a pair's file syscalls, virtlockd's way (open O_CREAT + lock; unlink + close) | "
-        f"{_num(floor.get('virtlockd_files_pair_us'))} |",
+        f"{format_number(floor.get('virtlockd_files_pair_us'))} |",
         f"| a pair's file syscalls, lockd's way (index lock, link check) | "
-        f"{_num(floor.get('lockd_files_pair_us'))} |",
+        f"{format_number(floor.get('lockd_files_pair_us'))} |",
         f"| a pair's two journal records, encoded and written | "
-        f"{_num(floor.get('journal_pair_us'))} |",
+        f"{format_number(floor.get('journal_pair_us'))} |",
         "",
         "Measured "
         + (
