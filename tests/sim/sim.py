@@ -227,11 +227,7 @@ class Sim:
         return self.rng.choice(candidates) if candidates else None
 
     def _acquire(self) -> None:
-        vm = (
-            self.rng.choice([v for v in self.vms if v.alive and v.host.up] or [None])
-            if self.vms
-            else None
-        )
+        vm = self._live_vm()
         if vm is None:
             return
         picks = self.rng.sample(RESOURCES, self.rng.randint(1, 3))
@@ -250,11 +246,7 @@ class Sim:
         self.log.append(f"acquire vm{vm.pid}@{vm.host.name} {picks} -> {list(reply)[-1]}")
 
     def _release(self) -> None:
-        vm = (
-            self.rng.choice([v for v in self.vms if v.alive and v.host.up] or [None])
-            if self.vms
-            else None
-        )
+        vm = self._live_vm()
         if vm is None:
             return
         conn = SimConn(vm.host, vm.host.manager_pid)
