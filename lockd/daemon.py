@@ -260,7 +260,7 @@ class _IdleWatch(DispatchedActor):
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Gathered):
             busy = message.clients or any(
-                s.leases or (s.counts is not None and s.counts.leases) for s in message.lockspaces
+                s.counts is not None and s.counts.leases for s in message.lockspaces
             )
             now = time.monotonic()
             if busy:
