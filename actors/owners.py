@@ -7,7 +7,8 @@ Two ways an owner's leases end without a release request:
   reason ``owner-exit``. Watching uses a pidfd, which wakes lockd the moment
   the process exits, while pidfds stay within a budget (``max_pidfds``); the
   owners beyond it, or whose pidfd could not be opened (EMFILE), are polled
-  instead, all of them within ``POLL_SECONDS``. Leases need descriptors more
+  instead, all of them within ``POLL_SECONDS``, until an exiting owner frees
+  a pidfd for the owner polled longest. Leases need descriptors more
   than watches do: a lease cannot exist without its fd, an owner can be
   polled, so at 16,384 leases under a 20,000-fd limit the owners still fit;
 - its own connection (peer pid = owner pid, as when a VM inherited the
@@ -259,15 +260,38 @@ class OwnersActor(DispatchedActor):
         except OSError as exc:
             self._start_polling(owner, f"no pidfd: {exc}")
             return
-        self._watched[owner.key] = _Watched(owner, fd)
         if fd is None:
+            self._watched[owner.key] = _Watched(owner, None)
             self.actor_ref.tell(OwnerExited(owner.key))
             return
+        self._watch_pidfd(owner, fd)
+
+    def _watch_pidfd(self, owner: Owner, fd: int) -> None:
+        self._watched[owner.key] = _Watched(owner, fd)
         self._pidfds += 1
         self._count()
         ref = self.actor_ref
         key = owner.key
         self.dispatcher.watch(fd, selectors.EVENT_READ, lambda _mask: ref.tell(OwnerExited(key)))
+
+    def _promote(self) -> None:
+        """A pidfd came free: give it to the owners polled longest, while the budget lasts.
+
+        A pidfd sees an exit at once, a zombie and a reused pid included, where
+        polling takes up to POLL_SECONDS (POLL_FULL_EVERY times that for a
+        zombie). Still short of descriptors (EMFILE): they stay polled.
+        """
+        while self._polled and (self._max_pidfds is None or self._pidfds < self._max_pidfds):
+            key, owner = next(iter(self._polled.items()))
+            try:
+                fd = self._processes.open_watch(owner)
+            except OSError:
+                return
+            if fd is None:
+                self._exited(key)  # gone: released now rather than at its turn in the round
+                continue
+            del self._polled[key]  # a round under way skips it: its key no longer resolves
+            self._watch_pidfd(owner, fd)
 
     def _start_polling(self, owner: Owner, why: str) -> None:
         if not self._polled:
@@ -336,6 +360,7 @@ class OwnersActor(DispatchedActor):
             self._pidfds -= 1
             self.dispatcher.unwatch(watched.fd)
             self._processes.close_watch(watched.fd)
+            self._promote()
         else:
             self._polled.pop(key, None)
         self._count()

@@ -29,6 +29,7 @@ from tests.actors.harness import Harness
 
 FILES = "org.libvirt.lockd.files"
 VM1, VM2, LIBVIRTD = 4001, 4002, 4000
+VM3 = 4003
 
 
 @pytest.fixture
@@ -287,6 +288,67 @@ def test_owners_beyond_the_pidfd_budget_are_polled(tmp_path: Path) -> None:
         h.processes.exit(VM1)  # the pidfd-watched owner is released without waiting
         h.run()
         assert [e.resource for e in h.journal_writer.events(LeaseReleased)] == ["disk-b", "disk-a"]
+        assert h.owners_actor().watch_counts == (0, 0)
+    finally:
+        h.close()
+
+
+def test_a_freed_pidfd_goes_to_a_polled_owner(tmp_path: Path) -> None:
+    """Once an owner with a pidfd exits, the owner polled longest gets the pidfd, so its
+    exit (even as a zombie, which polling sees only at a full check) is seen at once."""
+    h = Harness(tmp_path / "locks", max_pidfds=1)
+    try:
+        h.processes.spawn(LIBVIRTD)
+        for pid, disk in ((VM1, "disk-a"), (VM2, "disk-b"), (VM3, "disk-c")):
+            h.processes.spawn(pid)
+            mgr = h.connect(LIBVIRTD)
+            mgr.register(pid)
+            mgr.ok("acquire", leases=[lease(disk)], autocreate=True)
+            mgr.close()
+        assert h.owners_actor().watch_counts == (1, 2)
+        h.processes.exit(VM1)
+        h.run()
+        assert h.owners_actor().watch_counts == (1, 1)  # VM2 took VM1's pidfd
+        h.processes.exit(VM2)
+        h.processes.zombies.add(VM2)
+        h.run()  # no polling tick: the pidfd alone wakes lockd
+        released = [(e.resource, e.reason) for e in h.journal_writer.events(LeaseReleased)]
+        assert released == [
+            ("disk-a", ReleaseReason.OWNER_EXIT),
+            ("disk-b", ReleaseReason.OWNER_EXIT),
+        ]
+        assert h.owners_actor().watch_counts == (1, 0)  # and then VM3 took it
+    finally:
+        h.close()
+
+
+def test_a_polled_owner_stays_polled_while_pidfds_cannot_be_opened(tmp_path: Path) -> None:
+    """A freed budget slot is no use at EMFILE: the owner stays polled and is still
+    released when it exits; one found gone while promoting is released at once."""
+    h = Harness(tmp_path / "locks", max_pidfds=1)
+    try:
+        h.processes.spawn(LIBVIRTD)
+        for pid, disk in ((VM1, "disk-a"), (VM2, "disk-b"), (VM3, "disk-c")):
+            h.processes.spawn(pid)
+            mgr = h.connect(LIBVIRTD)
+            mgr.register(pid)
+            mgr.ok("acquire", leases=[lease(disk)], autocreate=True)
+            mgr.close()
+        h.processes.no_pidfds = True
+        h.processes.exit(VM1)
+        h.run()
+        assert h.owners_actor().watch_counts == (0, 2)
+        h.processes.exit(VM2)
+        h.advance(POLL_SECONDS)
+        assert {e.resource for e in h.journal_writer.events(LeaseReleased)} == {"disk-a", "disk-b"}
+        h.processes.no_pidfds = False
+        vm4 = h.processes.spawn(VM3 + 1)
+        h.connect(LIBVIRTD).register(vm4)
+        assert h.owners_actor().watch_counts == (1, 1)  # a new owner takes the free slot
+        h.processes.gone.add(VM3)  # exited and reaped; no poll has looked yet
+        h.processes.exit(vm4)
+        h.run()  # no polling tick: VM3 is found gone as it is given vm4's pidfd
+        assert "disk-c" in {e.resource for e in h.journal_writer.events(LeaseReleased)}
         assert h.owners_actor().watch_counts == (0, 0)
     finally:
         h.close()
