@@ -28,6 +28,8 @@ from typing import Any
 from lockd import bench_recovery
 from lockd.bench_floor import work_floors
 from lockd.lockfiles import try_lock, unlock
+from lockd.procs import cpu_seconds
+from lockd.server import peer_credentials
 from protocol.client import Client
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
@@ -86,7 +88,13 @@ def _worker(  # noqa: PLR0917 - a Process target takes positional args
 
 
 def _run_workers(
-    path: str, count: int, ops: int, warmup: int, *, shared: bool = False
+    path: str,
+    count: int,
+    ops: int,
+    warmup: int,
+    *,
+    shared: bool = False,
+    daemon_pid: int | None = None,
 ) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     start = ctx.Barrier(count + 1)
@@ -100,17 +108,24 @@ def _run_workers(
     for p in procs:
         p.start()
     start.wait()
+    cpu0 = None if daemon_pid is None else cpu_seconds(daemon_pid)
     t0 = time.perf_counter()
     samples: list[float] = []
     for _ in procs:
         samples.extend(out.get())
     wall = time.perf_counter() - t0
+    cpu1 = None if daemon_pid is None else cpu_seconds(daemon_pid)
+    # The daemon's CPU over the measured pairs (warm-up excluded): clock ticks of
+    # 10 ms, so a few thousand pairs are needed for a figure good to a few percent.
+    cpu = {}
+    if cpu0 is not None and cpu1 is not None and samples:
+        cpu = {"daemon_cpu_us_per_pair": round((cpu1 - cpu0) / len(samples) * 1e6, 1)}
     for p in procs:
         p.join()
         if p.exitcode != 0:
             raise RuntimeError(f"bench worker failed with exit code {p.exitcode}")
     return {"concurrency": count, "total_pairs": len(samples), "wall_s": round(wall, 3),
-            **_summary(samples, wall)}  # fmt: skip
+            **_summary(samples, wall), **cpu}  # fmt: skip
 
 
 def fcntl_floor(ops: int = 20000) -> float:
@@ -312,16 +327,19 @@ def _run_pairs(
     with Client(path, name="lockd-bench") as client:
         client.call("create-lockspace", lockspace=BENCH_LOCKSPACE)
         server = client.server
+        with socket.socket(fileno=os.dup(client.fileno())) as sock:
+            pid = peer_credentials(sock)[0]  # the daemon: its CPU per pair is measured too
 
     def strip(result: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in result.items() if k not in ("concurrency", "total_pairs")}
 
     out: dict[str, Any] = {"server": server.get("server")}
     if "sequential" in scenarios or "many-owners" in scenarios:
-        out["sequential"] = strip(_run_workers(path, 1, ops, warmup))
+        out["sequential"] = strip(_run_workers(path, 1, ops, warmup, daemon_pid=pid))
     if "concurrent" in scenarios:
         out["concurrent"] = [
-            _run_workers(path, level, max(1, tp_ops // level), min(warmup, 50)) for level in levels
+            _run_workers(path, level, max(1, tp_ops // level), min(warmup, 50), daemon_pid=pid)
+            for level in levels
         ]
     if "shared" in scenarios:
         out["shared"] = [
@@ -354,13 +372,13 @@ def format_table(result: dict[str, Any]) -> str:
     if s:
         lines.append(
             f"sequential: median {s['pair_median_us']} us  p99 {s['pair_p99_us']} us  "
-            f"{s['pairs_per_s']} pairs/s"
+            f"{s['pairs_per_s']} pairs/s{_cpu(s)}"
         )
     for label in ("concurrent", "shared"):
         for c in result.get(label, []):
             lines.append(
                 f"{label} {c['concurrency']:>3}: median {c['pair_median_us']} us  "
-                f"p99 {c['pair_p99_us']} us  {c['pairs_per_s']} pairs/s"
+                f"p99 {c['pair_p99_us']} us  {c['pairs_per_s']} pairs/s{_cpu(c)}"
             )
     many = result.get("many_owners")
     if many:
@@ -381,6 +399,11 @@ def format_table(result: dict[str, Any]) -> str:
     if "recovery" in result:
         lines.append(bench_recovery.format_result(result["recovery"]))
     return "\n".join(lines)
+
+
+def _cpu(row: dict[str, Any]) -> str:
+    cpu = row.get("daemon_cpu_us_per_pair")
+    return "" if cpu is None else f"  daemon cpu {cpu} us/pair"
 
 
 def format_number(value: float | None) -> str:
@@ -431,6 +454,7 @@ def compare_table(compare: dict[str, Any]) -> list[str]:
         ("pair_p99_us", "pair p99 µs"),
         ("pair_p999_us", "pair p999 µs"),
         ("pairs_per_s", "pairs/s"),
+        ("daemon_cpu_us_per_pair", "daemon CPU µs per pair"),
     ):
         row("sequential", label, virt["sequential"].get(key),
             [lockd[s]["sequential"].get(key) for s in syncs])  # fmt: skip

@@ -63,6 +63,18 @@ def start_time(pid: int) -> int | None:
     return None if fields is None else int(fields[19])
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time the process has used (fields 14 and 15), None if gone.
+
+    For benchmarks: the daemon's own CPU per request, which neither the
+    client's time nor the scheduler's delays are part of.
+    """
+    fields = _stat_fields(pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def uid_of(pid: int) -> int | None:
     """Real uid of a process, or None if it does not exist."""
     try:

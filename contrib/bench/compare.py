@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -29,21 +30,43 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from lockd.bench import compare_table  # noqa: E402
-from lockd.procs import stop_child  # noqa: E402
+from lockd.procs import cpu_seconds, stop_child  # noqa: E402
 
 DEFAULT_PEER = REPO.parent / "shared" / "peers" / "virtlockd"
+
+
+CPU_WARMUP = 100
+"""Warm-up pairs of the virtlockd client's CPU run: counted in, since its client
+cannot say when they end (2% of the run at the default ``--ops``)."""
 
 
 def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int, repeat: int) -> dict[str, Any]:
     env = dict(os.environ, VIRTLOCKD_CPU=str(cpu))
     subprocess.run(["bash", str(peer / "setup.sh")], env=env, check=True, stdout=subprocess.PIPE)
     try:
+        client = [sys.executable, str(peer / "client.py"), "--pin-cpu", str(cpu), "--no-checks"]
         done = subprocess.run(
-            [sys.executable, str(peer / "client.py"), "--pin-cpu", str(cpu), "--no-checks",
-             "--ops", str(ops), "--tp-ops", str(tp_ops), "--concurrency", "1,4,16",
+            [*client, "--ops", str(ops), "--tp-ops", str(tp_ops), "--concurrency", "1,4,16",
              "--repeat", str(repeat)],
             check=True, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
+        status = subprocess.run(
+            ["bash", str(peer / "setup.sh"), "status"], check=True, capture_output=True, text=True
+        )
+        match = re.search(r"pid (\d+)", status.stdout + status.stderr)
+        if match is None:
+            raise RuntimeError(f"no virtlockd pid in {status.stdout!r}")
+        pid = int(match.group(1))
+        # The daemon's CPU over one more sequential run (lockd bench measures its own).
+        before = cpu_seconds(pid)
+        subprocess.run(
+            [*client, "--ops", str(ops), "--warmup", str(CPU_WARMUP), "--concurrency", ""],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        after = cpu_seconds(pid)
+        daemon_cpu = None
+        if before is not None and after is not None:
+            daemon_cpu = round((after - before) / (ops + CPU_WARMUP) * 1e6, 1)
     finally:
         subprocess.run(["bash", str(peer / "setup.sh"), "stop"], check=False)
     raw = json.loads(done.stdout)
@@ -53,6 +76,7 @@ def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int, repeat: int) -> d
         "pair_p99_us": seq["acquire_release_pair"]["p99_us"],
         "pairs_per_s": seq["pairs_per_s"],
     }
+    seq_m = {**seq_m, "daemon_cpu_us_per_pair": daemon_cpu}
     conc = []
     for level in raw["throughput"]:
         m = level.get("median_of_runs") or {

@@ -23,6 +23,19 @@ def test_start_time_and_uid_of_a_live_process() -> None:
     assert procs.uid_of(2**22 + 11) is None
 
 
+def test_cpu_seconds_counts_the_cpu_a_process_used() -> None:
+    """What `lockd bench` reports as the daemon's CPU per pair: /proc's user+system time."""
+    before = procs.cpu_seconds(os.getpid())
+    assert before is not None
+    spin_until = time.process_time() + 0.3
+    while time.process_time() < spin_until:
+        pass
+    after = procs.cpu_seconds(os.getpid())
+    assert after is not None
+    assert 0.25 <= after - before <= 0.5  # clock ticks of 10 ms, and the loop's own overshoot
+    assert procs.cpu_seconds(2**22 + 11) is None
+
+
 def test_comm_with_spaces_and_parens_does_not_confuse_the_parser(tmp_path: Path) -> None:
     """Field 22 is found after the last ')', whatever the command name holds."""
     odd = tmp_path / "a) 1 2 (b"
