@@ -61,6 +61,8 @@ that exited and was reaped, as a VM manager reaps its VMs, is seen within a
 round; a zombie or a reused pid within this many. 1,596 polled owners cost
 the idle daemon 3.4% of a CPU this way, 6.6% with a /proc read every round
 (measured on the 2-vCPU test VM)."""
+PROMOTE_TRIES = 16
+"""Polled owners tried for one freed pidfd (those found gone are released on the way)."""
 POLL_SLICES = 100
 """The polled owners are checked in this many slices spread over the period:
 a /proc read costs ~12 us, so 1,600 polled owners at once would hold every
@@ -257,6 +259,8 @@ class OwnersActor(DispatchedActor):
             return
         try:
             fd = self._processes.open_watch(owner)
+            if fd is not None:
+                self._watch_pidfd(owner, fd)
         except OSError as exc:
             self._start_polling(owner, f"no pidfd: {exc}")
             return
@@ -264,34 +268,50 @@ class OwnersActor(DispatchedActor):
             self._watched[owner.key] = _Watched(owner, None)
             self.actor_ref.tell(OwnerExited(owner.key))
             return
-        self._watch_pidfd(owner, fd)
+        self._count()
 
     def _watch_pidfd(self, owner: Owner, fd: int) -> None:
-        self._watched[owner.key] = _Watched(owner, fd)
-        self._pidfds += 1
-        self._count()
+        """Watch ``fd``, or close it and raise OSError (epoll out of watches, ENOSPC)."""
         ref = self.actor_ref
         key = owner.key
-        self.dispatcher.watch(fd, selectors.EVENT_READ, lambda _mask: ref.tell(OwnerExited(key)))
+        try:
+            self.dispatcher.watch(
+                fd, selectors.EVENT_READ, lambda _mask: ref.tell(OwnerExited(key))
+            )
+        except OSError:
+            self._processes.close_watch(fd)
+            raise
+        self._watched[key] = _Watched(owner, fd)
+        self._pidfds += 1
 
     def _promote(self) -> None:
-        """A pidfd came free: give it to the owners polled longest, while the budget lasts.
+        """A pidfd came free: it goes to the owner polled longest.
 
         A pidfd sees an exit at once, a zombie and a reused pid included, where
         polling takes up to POLL_SECONDS (POLL_FULL_EVERY times that for a
-        zombie). Still short of descriptors (EMFILE): they stay polled.
+        zombie). One owner per freed pidfd, so a burst of exits never turns
+        into thousands of pidfd_open calls in one step; owners found gone on
+        the way are released now rather than at their turn in the round. Still
+        short of descriptors (EMFILE): they stay polled.
         """
-        while self._polled and (self._max_pidfds is None or self._pidfds < self._max_pidfds):
+        for _ in range(PROMOTE_TRIES):
+            if not self._polled:
+                return
+            if self._max_pidfds is not None and self._pidfds >= self._max_pidfds:
+                return
             key, owner = next(iter(self._polled.items()))
             try:
                 fd = self._processes.open_watch(owner)
+                if fd is not None:
+                    self._watch_pidfd(owner, fd)
             except OSError:
                 return
             if fd is None:
-                self._exited(key)  # gone: released now rather than at its turn in the round
+                self._exited(key)
                 continue
             del self._polled[key]  # a round under way skips it: its key no longer resolves
-            self._watch_pidfd(owner, fd)
+            self._count()
+            return
 
     def _start_polling(self, owner: Owner, why: str) -> None:
         if not self._polled:
@@ -360,7 +380,6 @@ class OwnersActor(DispatchedActor):
             self._pidfds -= 1
             self.dispatcher.unwatch(watched.fd)
             self._processes.close_watch(watched.fd)
-            self._promote()
         else:
             self._polled.pop(key, None)
         self._count()
@@ -373,6 +392,7 @@ class OwnersActor(DispatchedActor):
         fencing = self._fencing.pop(key, None)
         if key not in self._watched and fencing is None:
             return
+        watched = self._watched.get(key)
         self._unwatch(key)
         timer = self._timers.pop(key, None)
         if timer is not None:
@@ -381,6 +401,8 @@ class OwnersActor(DispatchedActor):
             self._release(_RetryRelease(key, 0, ReleaseReason.OWNER_EXIT))
         else:
             self._release(_RetryRelease(key, fencing.conn, fencing.reason))
+        if watched is not None and watched.fd is not None:
+            self._promote()  # after the release is on its way, whatever promoting meets
 
     def _release(self, release: _RetryRelease) -> None:
         token = next(self._tokens)

@@ -28,6 +28,12 @@ class PipeWatches:
         os.close(fd)
         os.close(w)
 
+    def __contains__(self, fd: object) -> bool:
+        return fd in self._pipes
+
+    def __len__(self) -> int:
+        return len(self._pipes)
+
     def fire(self, pid: int) -> None:
         """``pid`` exited: every watch on it becomes readable."""
         for p, w in self._pipes.values():

@@ -37,7 +37,7 @@ DEFAULT_PEER = REPO.parent / "shared" / "peers" / "virtlockd"
 
 CPU_WARMUP = 100
 """Warm-up pairs of the virtlockd client's CPU run: counted in, since its client
-cannot say when they end (2% of the run at the default ``--ops``)."""
+cannot say when they end (3% of the run at the default ``--ops``)."""
 
 
 def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int, repeat: int) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int, repeat: int) -> d
         )
         match = re.search(r"pid (\d+)", status.stdout + status.stderr)
         if match is None:
-            raise RuntimeError(f"no virtlockd pid in {status.stdout!r}")
+            raise RuntimeError(f"no virtlockd pid in {status.stdout + status.stderr!r}")
         pid = int(match.group(1))
         # The daemon's CPU over one more sequential run (lockd bench measures its own).
         before = cpu_seconds(pid)
@@ -131,6 +131,7 @@ def run_lockd(sync: str, cpu: int, ops: int, tp_ops: int, repeat: int) -> dict[s
 def _median(rows: Any) -> dict[str, float]:
     rows = list(rows)
     keys = [k for k, v in rows[0].items() if isinstance(v, int | float) and k != "concurrency"]
+    keys = [k for k in keys if all(k in r for r in rows)]  # e.g. a run whose /proc read failed
     return {k: round(statistics.median(r[k] for r in rows), 1) for k in keys}
 
 

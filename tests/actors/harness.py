@@ -110,6 +110,14 @@ class FakeProcesses:
     def close_watch(self, fd: int) -> None:
         self._watches.close(fd)
 
+    def is_watch(self, fd: int) -> bool:
+        """True for a watch fd this table handed out and has not closed."""
+        return fd in self._watches
+
+    @property
+    def open_watches(self) -> int:
+        return len(self._watches)
+
     def is_gone(self, owner: Owner) -> bool:
         return self._gone(owner)
 

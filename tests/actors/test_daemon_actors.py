@@ -6,6 +6,7 @@ files and their OFD locks are real, so "is it locked" is asked of the kernel.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -470,6 +471,28 @@ def test_owner_whose_pidfd_cannot_be_opened_is_polled(h: Harness) -> None:
     (released,) = h.journal_writer.events(LeaseReleased)
     assert released.reason is ReleaseReason.OWNER_EXIT
     assert h.processes.signals == []
+
+
+def test_owner_whose_pidfd_epoll_cannot_watch_is_polled(h: Harness) -> None:
+    """epoll out of watches (ENOSPC): the pidfd is closed, not leaked, and the owner polled."""
+    real_watch = h.dispatcher.watch
+
+    def watch(fd: int, events: int, callback: Callable[[int], None]) -> None:
+        if h.processes.is_watch(fd):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_watch(fd, events, callback)
+
+    h.dispatcher.watch = watch  # type: ignore[method-assign]
+    mgr = h.connect(LIBVIRTD)
+    mgr.register(VM1)
+    mgr.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    mgr.close()
+    assert h.owners_actor().watch_counts == (0, 1)
+    assert h.processes.open_watches == 0
+    h.processes.exit(VM1)
+    h.advance(POLL_SECONDS)
+    (released,) = h.journal_writer.events(LeaseReleased)
+    assert released.reason is ReleaseReason.OWNER_EXIT
 
 
 def test_exited_owner_is_released_not_fenced(h: Harness) -> None:
