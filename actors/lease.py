@@ -8,6 +8,10 @@ directory see. It replies to whoever asked with :class:`LockTaken` or
 
 from __future__ import annotations
 
+import errno
+import logging
+import resource
+import time
 from typing import Any, Protocol
 
 import attrs
@@ -18,8 +22,53 @@ from actors.model import LeaseMode
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 from protocol.errors import ErrorCode
 
+log = logging.getLogger(__name__)
+
 REOPEN_ATTEMPTS = 8
 """How often to reopen a lease file another host unlinked between our open and our lock."""
+FD_WARNING_SECONDS = 60.0
+"""At most one log warning per this period about running out of descriptors."""
+
+
+class _Throttle:
+    """Says yes at most once per ``period`` seconds (monotonic clock)."""
+
+    def __init__(self, period: float) -> None:
+        self.period = period
+        self.last = -period
+
+    def ready(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.period:
+            return False
+        self.last = now
+        return True
+
+
+_fd_warnings = _Throttle(FD_WARNING_SECONDS)
+
+
+def open_failure(exc: OSError) -> str:
+    """The refusal text for a lease file that could not be opened.
+
+    Out of descriptors is the one an operator can fix, and the raw EMFILE
+    does not say how: every lease held keeps its file open, so the fix is
+    the daemon's fd limit. Said in the reply, and in the log (rate-limited:
+    a host at its limit refuses every new lease).
+    """
+    if exc.errno == errno.EMFILE:
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        text = (
+            f"cannot open lease file: lockd has all {limit} of its file descriptors open "
+            "(one per lease held); raise its limit (LimitNOFILE in lockd.service)"
+        )
+    elif exc.errno == errno.ENFILE:
+        text = "cannot open lease file: the system is out of file descriptors (fs.file-max)"
+    else:
+        return f"cannot open lease file: {exc}"
+    if _fd_warnings.ready():
+        log.warning("refusing new leases: %s", text.removeprefix("cannot open lease file: "))
+    return text
 
 
 class LockBusyError(Exception):
@@ -159,7 +208,7 @@ class LeaseActor(DispatchedActor):
                     msg, ErrorCode.BUSY, "another host is creating or deleting a lease file here"
                 )
             except OSError as exc:
-                return self._refused(msg, ErrorCode.IO_ERROR, f"cannot open lease file: {exc}")
+                return self._refused(msg, ErrorCode.IO_ERROR, open_failure(exc))
             try:
                 self._files.try_lock(held.fd, shared=msg.mode is LeaseMode.SHARED)
             except LockBusyError:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -12,7 +15,15 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.lease import DropLock, LeaseActor, LockBusyError, LockRefused, LockTaken, TakeLock
+from actors.lease import (
+    DropLock,
+    LeaseActor,
+    LockBusyError,
+    LockRefused,
+    LockTaken,
+    TakeLock,
+    open_failure,
+)
 from actors.model import LeaseMode
 from actors.runtime import DispatchedActor, Dispatcher
 from lockd.lockfiles import HeldFile, LockspaceDir, try_lock, unlock
@@ -215,3 +226,19 @@ def test_a_file_deleted_between_open_and_lock_is_not_found_without_create(
         assert not (tmp_path / "disk").exists()
     finally:
         files.close()
+
+
+def test_open_failures_say_what_to_do_about_descriptors(caplog: pytest.LogCaptureFixture) -> None:
+    """EMFILE names the daemon's limit and LimitNOFILE, ENFILE the system's; others pass
+    through; the log warning comes once however many acquires are refused."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    with caplog.at_level(logging.WARNING, logger="actors.lease"):
+        texts = [open_failure(OSError(errno.EMFILE, "Too many open files")) for _ in range(3)]
+    assert f"all {soft} of its file descriptors" in texts[0]
+    assert "LimitNOFILE" in texts[0]
+    assert len([r for r in caplog.records if "refusing new leases" in r.message]) <= 1
+    enfile = open_failure(OSError(errno.ENFILE, "Too many open files in system"))
+    assert "fs.file-max" in enfile
+    assert open_failure(OSError(errno.EACCES, "Permission denied")) == (
+        "cannot open lease file: [Errno 13] Permission denied"
+    )
