@@ -32,7 +32,7 @@ from actors.lockspace import (
     ReleaseLeases,
     Snapshot,
 )
-from actors.metrics import REGISTRY
+from actors.metrics import REGISTRY, LabelSet
 from actors.model import LeaseMode, Owner
 from actors.owners import ConnectionClosed, Watch
 from actors.router import (
@@ -106,6 +106,9 @@ class ServerInfo:
     pid: int
     started: float
     host: str
+    fd_usage: Callable[[], tuple[int, int]] | None = None
+    """(descriptors open, limit) of the daemon process, for ``metrics``; None: not reported
+    (tests, or a program embedding the actors whose descriptors are not lockd's alone)."""
 
 
 @attrs.frozen
@@ -788,9 +791,24 @@ class ConnectionActor(DispatchedActor):
                 ("lockd_lockspaces", "Lockspaces served.", {(): len(gathered.lockspaces)}),
                 ("lockd_journal_seq", "Seq of the last journal entry.", {(): gathered.last_seq}),
                 ("lockd_uptime_seconds", "Seconds since start.", {(): uptime}),
+                *self._fd_gauges(),
             ]
         )
         self._reply(request, {"text": text})
+
+    def _fd_gauges(self) -> list[tuple[str, str, dict[LabelSet, float]]]:
+        if self._info.fd_usage is None:
+            return []
+        try:
+            used, limit = self._info.fd_usage()
+        except OSError:
+            return []
+        return [
+            # Prometheus' standard process names: every lease holds a descriptor,
+            # so open/max is what to alert on before acquires fail.
+            ("process_open_fds", "Open file descriptors (one per lease held).", {(): used}),
+            ("process_max_fds", "Limit on open file descriptors.", {(): limit}),
+        ]
 
     def _set_log(self, request: m.SetLog) -> None:
         if not self._admin:

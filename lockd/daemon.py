@@ -174,7 +174,9 @@ class LockSystem:
         for name in WELL_KNOWN_LOCKSPACES:
             router.ensure(name)
         router.adopt_all()  # serve every lockspace directory there is, from the start
-        self.info = ServerInfo(__version__, os.getpid(), self.started, socket.gethostname())
+        self.info = ServerInfo(
+            __version__, os.getpid(), self.started, socket.gethostname(), procs.fd_usage
+        )
         RecoveryActor.start(
             d,
             state=state,

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import subprocess
 from typing import Any
@@ -73,6 +74,15 @@ def cpu_seconds(pid: int) -> float | None:
     if fields is None:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def fd_usage() -> tuple[int, int]:
+    """(descriptors this process has open, its soft limit): for ``lockd metrics``.
+
+    Lists /proc/self/fd (about 5 ms at 19,000 fds, once per scrape); the
+    listing's own directory fd is counted out.
+    """
+    return len(os.listdir("/proc/self/fd")) - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def uid_of(pid: int) -> int | None:
@@ -168,8 +178,6 @@ class ProcTable:
 
 def raise_fd_limit() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit: one fd per lease, connection and owner."""
-    import resource
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):

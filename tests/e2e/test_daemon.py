@@ -556,7 +556,8 @@ def test_a_daemon_out_of_descriptors_says_how_to_fix_it_and_recovers(
     make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]]
 ) -> None:
     """At its fd limit (64 here) an acquire is refused with io-error naming the limit and
-    LimitNOFILE, the log says so once, nothing is half-held, and a release makes room."""
+    LimitNOFILE, the log says so once, nothing is half-held, `lockd metrics` shows the
+    descriptors used, and a release makes room."""
     daemon = make_daemon("nofds")
     daemon.stop()
     daemon.launcher = ["prlimit", "--nofile=64:64"]
@@ -584,6 +585,13 @@ def test_a_daemon_out_of_descriptors_says_how_to_fix_it_and_recovers(
         assert len(held) == i
         assert daemon.log.read_text().count("refusing new leases") == 1
         client.call("release", leases=[{"lockspace": FILES_LOCKSPACE, "resource": "disk0"}])
+        # The freed descriptor serves an admin connection (one more waits in the backlog):
+        # the gauges to alert on before acquires fail.
+        text = daemon.lockd("metrics").stdout
+        assert "process_max_fds 64" in text
+        (used,) = [int(line.split()[1]) for line in text.splitlines()
+                   if line.startswith("process_open_fds ")]  # fmt: skip
+        assert i - 1 < used <= 64
         client.call("acquire", autocreate=True,
                     leases=[{"lockspace": FILES_LOCKSPACE, "resource": f"disk{i}"}])  # fmt: skip
         assert (FILES_LOCKSPACE, f"disk{i}") in listed(daemon)
