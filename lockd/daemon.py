@@ -175,7 +175,7 @@ class LockSystem:
             router.ensure(name)
         router.adopt_all()  # serve every lockspace directory there is, from the start
         self.info = ServerInfo(
-            __version__, os.getpid(), self.started, socket.gethostname(), procs.fd_usage
+            __version__, os.getpid(), self.started, socket.gethostname(), procs.fd_limit
         )
         RecoveryActor.start(
             d,

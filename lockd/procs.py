@@ -76,13 +76,9 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fd_usage() -> tuple[int, int]:
-    """(descriptors this process has open, its soft limit): for ``lockd metrics``.
-
-    Lists /proc/self/fd (about 5 ms at 19,000 fds, once per scrape); the
-    listing's own directory fd is counted out.
-    """
-    return len(os.listdir("/proc/self/fd")) - 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+def fd_limit() -> int:
+    """This process's soft limit on open descriptors (``process_max_fds`` in metrics)."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def uid_of(pid: int) -> int | None:
