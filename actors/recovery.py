@@ -10,8 +10,10 @@ For every lease in the replayed state:
   it gets ``lease-lost``, and the fencing policy applies (default: terminate
   the owner, since it may be writing a disk someone else now holds).
 
-Then every live owner is watched with a pidfd, ``recovery-completed``
-records the counts and duration, and ``on_done`` lets the daemon serve.
+Then every live owner is watched with a pidfd, a fence the previous daemon
+began (SIGTERM sent, SIGKILL not yet) is resumed if its owner still runs,
+``recovery-completed`` records the counts and duration, and ``on_done``
+lets the daemon serve.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 
 log = logging.getLogger(__name__)
 
+RESUMED = "; fence resumed after a lockd crash"
+"""Added to the reason of a resumed fence (once, however many crashes)."""
 LOOKUP_RETRIES = 30
 """Seconds recovery waits for a missing lockspace directory (shared storage mounted late)."""
 
@@ -86,6 +90,7 @@ class RecoveryActor(DispatchedActor):
         self._lost: list[tuple[Owner, str]] = []
         self._plan: dict[str, list[RestoreLease]] = {}
         self._live: dict[Any, Owner] = {}
+        self._fences: list[tuple[Owner, str]] = []
         self._lookups: dict[str, int] = {}
 
     def on_start(self) -> None:
@@ -107,6 +112,11 @@ class RecoveryActor(DispatchedActor):
             self._plan.setdefault(lockspace, []).append(
                 RestoreLease(resource, held.mode, held.autocreate, tuple(live), tuple(dead), fd)
             )
+        self._fences = [
+            (owner, reason)
+            for owner, reason, _ in self._state.fencing.values()
+            if not self._processes.is_gone(owner)
+        ]
         for (lockspace, resource), fd in self._adopted.items():
             log.warning("no journaled lease for adopted fd %d (%s/%s); closing it",
                         fd, lockspace, resource)  # fmt: skip
@@ -190,6 +200,12 @@ class RecoveryActor(DispatchedActor):
             )
             if self._fence_lost:
                 self._owners.tell(FenceLost(owner, f"lease {lease} was taken while lockd was down"))
+        for owner, reason in self._fences:
+            # SIGTERM again (harmless to a process already exiting), then SIGKILL
+            # after the grace period, as the interrupted fence would have done.
+            log.warning("recovery: resuming the fence of %s (%s)", owner.describe(), reason)
+            resumed = reason.removesuffix(RESUMED) + RESUMED
+            self._owners.tell(FenceLost(owner, resumed))
         duration = round((time.monotonic() - self._started) * 1000, 3)
         REGISTRY.set("lockd_recovery_duration_seconds", duration / 1000)
         self._report = RecoveryReport(

@@ -19,11 +19,20 @@ from actors.events import (
     LeaseLost,
     LeaseReleased,
     LockspaceCreated,
+    OwnerFenced,
+    RecoveryCompleted,
+    ReleaseReason,
 )
 from actors.model import LeaseMode, Owner, OwnerKey
 
 SNAPSHOT_FORMAT = "lockd-snapshot"
 SNAPSHOT_VERSION = 1
+
+_EXITS = frozenset(
+    {ReleaseReason.OWNER_EXIT, ReleaseReason.DISCONNECT, ReleaseReason.ADMIN,
+     ReleaseReason.OWNER_GONE}
+)  # fmt: skip
+"""Release reasons that mean the owner process is gone: its fence, if any, is over."""
 
 
 @attrs.define
@@ -44,6 +53,14 @@ class ReplayState:
     seq: int = 0
     lockspaces: dict[str, str] = attrs.field(factory=dict)
     leases: dict[tuple[str, str], HeldLease] = attrs.field(factory=dict)
+    fencing: dict[OwnerKey, tuple[Owner, str, float]] = attrs.field(factory=dict)
+    """Owners sent SIGTERM and not yet SIGKILL, nor seen gone: (owner, reason, when).
+
+    A daemon killed inside the grace period between the two would otherwise
+    forget the escalation; the next one resumes it. A daemon's start
+    (``recovery-completed``) clears them: the fences it resumes are journaled
+    again after it.
+    """
     _owner_cache: dict[tuple[Any, ...], Owner] = attrs.field(
         factory=dict, init=False, repr=False, eq=False
     )
@@ -77,13 +94,21 @@ class ReplayState:
         elif kind in ("lease-released", "lease-lost"):
             key = (record["lockspace"], record["resource"])
             held = self.leases.get(key)
+            wire = record["owner"]
+            owner_key = OwnerKey(wire["pid"], wire["start_time"])
             if held is not None:
-                wire = record["owner"]
-                held.owners.pop(OwnerKey(wire["pid"], wire["start_time"]), None)
+                held.owners.pop(owner_key, None)
                 if not held.owners:
                     del self.leases[key]
+            if self.fencing and kind == "lease-released" and record["reason"] in _EXITS:
+                self.fencing.pop(owner_key, None)
         elif kind == "lockspace-created":
             self.lockspaces[record["lockspace"]] = record["path"]
+        elif kind == "owner-fenced":
+            self._fenced(self._owner(record["owner"]), record["signal"], record["reason"],
+                         float(record["time"]))  # fmt: skip
+        elif kind == "recovery-completed":
+            self.fencing.clear()
         self.seq = seq
 
     def _owner(self, wire: dict[str, Any]) -> Owner:
@@ -110,8 +135,20 @@ class ReplayState:
                 held.owners.pop(event.owner.key, None)
                 if not held.owners:
                     del self.leases[key]
+            if self.fencing and isinstance(event, LeaseReleased) and event.reason in _EXITS:
+                self.fencing.pop(event.owner.key, None)
         elif isinstance(event, LockspaceCreated):
             self.lockspaces[event.lockspace] = event.path
+        elif isinstance(event, OwnerFenced):
+            self._fenced(event.owner, event.signal, event.reason, time)
+        elif isinstance(event, RecoveryCompleted):
+            self.fencing.clear()
+
+    def _fenced(self, owner: Owner, signal: str, reason: str, time: float) -> None:
+        if signal == "SIGTERM":
+            self.fencing[owner.key] = (owner, reason, time)
+        else:  # SIGKILL: the escalation happened; only the owner's exit is left to see
+            self.fencing.pop(owner.key, None)
 
     def owners(self) -> dict[OwnerKey, Owner]:
         """Every owner holding something."""
@@ -134,6 +171,9 @@ class ReplayState:
                 ]
                 for held in self.leases.values()
             ],
+            "fencing": [
+                [owner.to_wire(), reason, since] for owner, reason, since in self.fencing.values()
+            ],
         }
 
     @classmethod
@@ -153,6 +193,10 @@ class ReplayState:
                         owner = owners_seen[seen] = Owner.from_wire(owner_wire)
                     held.owners[owner.key] = (owner, float(since))
                 state.leases[(lockspace, resource)] = held
+            # Absent from snapshots written before fences were kept.
+            for owner_wire, reason, since in data.get("fencing", ()):
+                owner = Owner.from_wire(owner_wire)
+                state.fencing[owner.key] = (owner, str(reason), float(since))
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed snapshot: {exc!r}") from None
         return state

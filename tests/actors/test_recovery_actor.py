@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from actors.events import LeaseLost, LeaseReleased, RecoveryCompleted, ReleaseReason
+from actors.events import LeaseLost, LeaseReleased, OwnerFenced, RecoveryCompleted, ReleaseReason
 from actors.model import LeaseMode, Owner
-from actors.recovery import RecoveryActor, RecoveryReport
+from actors.recovery import RESUMED, RecoveryActor, RecoveryReport
 from actors.recovery_core import HeldLease, ReplayState
 from lockd.lockfiles import try_lock
 from tests.actors.harness import Harness
@@ -214,3 +214,25 @@ def test_an_adopted_fd_that_lost_its_lock_is_removed_from_the_fd_store(h: Harnes
         assert [e.owner.pid for e in h.journal_writer.events(LeaseLost)] == [VICTIM]
     finally:
         os.close(thief)
+
+
+def test_a_fence_the_crash_interrupted_is_resumed(h: Harness) -> None:
+    """The previous daemon sent SIGTERM and died before its SIGKILL: the owner, still
+    running (it ignores SIGTERM) and holding its lease, is signalled again and killed after
+    the grace period, and its lease then ends. A fenced owner already gone is left alone."""
+    live, gone = owner(LIVE), owner(DEAD)
+    state = ReplayState()
+    held(state, "disk", live)
+    state.fencing[live.key] = (live, "connection closed while holding leases", 3.0)
+    state.fencing[gone.key] = (gone, "connection closed while holding leases", 3.0)
+    h.processes.ignores_sigterm.add(LIVE)
+    report = recover(h, state)
+    assert report.held == 1
+    assert h.processes.signals == [(LIVE, "SIGTERM")]
+    (fenced,) = h.journal_writer.events(OwnerFenced)
+    assert fenced.reason == "connection closed while holding leases" + RESUMED
+    h.advance(2.0)
+    assert h.processes.signals == [(LIVE, "SIGTERM"), (LIVE, "SIGKILL")]
+    (released,) = h.journal_writer.events(LeaseReleased)
+    assert (released.owner.pid, released.reason) == (LIVE, ReleaseReason.OWNER_EXIT)
+    assert not kernel_locked(h.lock_dir / FILES / "disk")

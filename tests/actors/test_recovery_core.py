@@ -15,6 +15,8 @@ from actors.events import (
     LeaseLost,
     LeaseReleased,
     LockspaceCreated,
+    OwnerFenced,
+    RecoveryCompleted,
     ReleaseReason,
 )
 from actors.model import LeaseMode, Owner
@@ -52,6 +54,15 @@ events = st.one_of(
     ),
     st.builds(LockspaceCreated, st.sampled_from(["ls", "other"]), st.just("/x"), st.just(0)),
     st.builds(DaemonStarted, st.just("1"), st.just(1)),
+    st.builds(
+        OwnerFenced,
+        st.sampled_from(OWNERS),
+        st.sampled_from(["SIGTERM", "SIGKILL"]),
+        st.sampled_from(["connection closed", "lease a was taken"]),
+    ),
+    st.builds(
+        RecoveryCompleted, st.integers(0, 3), st.integers(0, 3), st.integers(0, 3), st.just(1.5)
+    ),
 )
 
 
@@ -71,6 +82,7 @@ def summary(state: ReplayState) -> object:
             )
             for key, held in state.leases.items()
         },
+        {key.pid: (reason, since) for key, (_, reason, since) in state.fencing.items()},
     )
 
 
@@ -100,6 +112,34 @@ def test_snapshot_then_tail_equals_the_whole_history(head: list[Event], tail: li
     for entry in all_entries[len(head) :]:
         resumed.fold(entry)
     assert summary(resumed) == summary(whole)
+
+
+def test_a_fence_is_pending_from_sigterm_until_sigkill_exit_or_restart() -> None:
+    """What recovery resumes: owners sent SIGTERM whose fence neither escalated nor ended."""
+    vm, other = OWNERS[0], OWNERS[1]
+
+    def fold(*evs: Event) -> ReplayState:
+        state = ReplayState()
+        for entry in entries(list(evs)):
+            state.fold(entry)
+        return state
+
+    term = OwnerFenced(vm, "SIGTERM", "connection closed")
+    assert list(fold(term).fencing) == [vm.key]
+    assert fold(term).fencing[vm.key] == (vm, "connection closed", 0.0)
+    assert not fold(term, OwnerFenced(vm, "SIGKILL", "still running")).fencing
+    exited = LeaseReleased("ls", "a", LeaseMode.EXCLUSIVE, vm, 0, ReleaseReason.DISCONNECT)
+    assert not fold(term, exited).fencing
+    by_client = LeaseReleased("ls", "a", LeaseMode.EXCLUSIVE, vm, 0, ReleaseReason.CLIENT)
+    assert list(fold(term, by_client).fencing) == [vm.key]  # it may hold others, still runs
+    someone_else = LeaseReleased("ls", "a", LeaseMode.EXCLUSIVE, other, 0, ReleaseReason.ADMIN)
+    assert list(fold(term, someone_else).fencing) == [vm.key]
+    assert not fold(term, RecoveryCompleted(1, 0, 0, 1.0)).fencing
+    restored = ReplayState.from_wire(fold(term).to_wire())
+    assert restored.fencing == fold(term).fencing
+    old_snapshot = fold(term).to_wire()
+    del old_snapshot["fencing"]  # written before fences were kept
+    assert ReplayState.from_wire(old_snapshot).fencing == {}
 
 
 def test_a_gap_is_refused() -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from actors.faults import POINTS
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
-from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, wait_for
+from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import events, lease_file, start_run
 from tests.lockprobe import probe
@@ -87,6 +87,37 @@ def test_lease_stolen_while_down_is_reported_lost_and_the_owner_fenced(
     assert fenced[0]["signal"] == "SIGTERM"
     assert listed(daemon) == {}
     check(daemon, others={path})
+
+
+def test_a_fence_cut_short_by_a_crash_is_finished_by_the_next_daemon(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A VM whose own connection dropped while it held a lease ignores SIGTERM; the daemon
+    is SIGKILLed inside the grace period, before its SIGKILL. The next daemon sends SIGTERM
+    again and, after its grace period, SIGKILL; the lease then ends as owner-exit."""
+    slow, quick = tmp_path / "slow.toml", tmp_path / "quick.toml"
+    slow.write_text("fence_grace = 60\n")
+    quick.write_text("fence_grace = 0.5\n")
+    daemon = make_daemon("fence", None, "--config", str(slow))
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
+    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    crash(daemon)
+    assert owner.poll() is None  # SIGTERM ignored, SIGKILL never sent
+    daemon.extra = ("--config", str(quick))
+    restart(daemon)
+    assert owner.wait(10) == -signal.SIGKILL
+    fenced = events(daemon, "--type", "owner-fenced")
+    assert [e["signal"] for e in fenced] == ["SIGTERM", "SIGTERM", "SIGKILL"]
+    assert fenced[1]["reason"].endswith("fence resumed after a lockd crash")
+    wait_for(lambda: not listed(daemon))
+    (released,) = events(daemon, "--type", "lease-released")
+    assert (released["owner"]["pid"], released["reason"]) == (owner.pid, "owner-exit")
+    check(daemon)
+    # Finished: a further crash and start resume nothing.
+    crash(daemon)
+    restart(daemon)
+    assert len(events(daemon, "--type", "owner-fenced")) == 3
+    check(daemon)
 
 
 def test_sigterm_then_start_recovers(
