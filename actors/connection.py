@@ -799,7 +799,7 @@ class ConnectionActor(DispatchedActor):
         # Every lease held, pidfd-watched owner and client holds a descriptor: their
         # sum against this limit is what to alert on before acquires fail. The exact
         # count (Prometheus' process_open_fds) would mean listing /proc/self/fd,
-        # 30-60 ms at 19,000 fds with every request waiting; these gauges are free.
+        # 30-60 ms at 19,000 fds with every request waiting; the limit is free.
         if self._info.fd_limit is None:
             return []
         limit = self._info.fd_limit()

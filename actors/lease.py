@@ -60,7 +60,8 @@ def open_failure(exc: OSError) -> str:
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         text = (
             f"cannot open lease file: lockd has all {limit} of its file descriptors open "
-            "(one per lease held); raise its limit (LimitNOFILE in lockd.service)"
+            "(one per lease held); raise its limit (LimitNOFILE in lockd.service, "
+            "ulimit -n where it is started by hand)"
         )
     elif exc.errno == errno.ENFILE:
         text = "cannot open lease file: the system is out of file descriptors (fs.file-max)"

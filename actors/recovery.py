@@ -73,6 +73,7 @@ class RecoveryActor(DispatchedActor):
         adopted: Mapping[tuple[str, str], int] | None = None,
         fence_lost: bool = True,
         started: float | None = None,
+        boot_time: float = 0.0,
     ) -> None:
         super().__init__(dispatcher)
         self._state = state
@@ -83,6 +84,9 @@ class RecoveryActor(DispatchedActor):
         self._on_done = on_done
         self._adopted = dict(adopted or {})
         self._fence_lost = fence_lost
+        self._boot_time = boot_time
+        """Wall-clock time of this boot: a fence begun before it was begun on processes
+        of another boot, whose (pid, start time) may now name an unrelated process."""
         self._started = time.monotonic() if started is None else started
         self._tokens = itertools.count(1)
         self._waiting = 0
@@ -114,9 +118,16 @@ class RecoveryActor(DispatchedActor):
             )
         self._fences = [
             (owner, reason)
-            for owner, reason, _ in self._state.fencing.values()
-            if not self._processes.is_gone(owner)
+            for owner, reason, since in self._state.fencing.values()
+            if since >= self._boot_time and not self._processes.is_gone(owner)
         ]
+        if self._fences and not self._fence_lost:
+            # lost_lease_policy = log is the operator's "kill no VM" switch: killing
+            # lockd mid-fence and starting it so configured stops the fence.
+            for owner, reason in self._fences:
+                log.warning("recovery: not resuming the fence of %s (%s): lost_lease_policy "
+                            "is log", owner.describe(), reason)  # fmt: skip
+            self._fences = []
         for (lockspace, resource), fd in self._adopted.items():
             log.warning("no journaled lease for adopted fd %d (%s/%s); closing it",
                         fd, lockspace, resource)  # fmt: skip

@@ -188,6 +188,7 @@ class LockSystem:
             adopted=adopted,
             fence_lost=config.lost_lease_policy == "fence",
             started=self.started,
+            boot_time=procs.boot_time(),
         )
 
     def _recovered(self, report: RecoveryReport) -> None:

@@ -76,6 +76,21 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def boot_time() -> float:
+    """When this boot began, in seconds since the epoch (``btime`` in /proc/stat); 0 if unknown.
+
+    A (pid, start time) pair names one process within one boot only.
+    """
+    try:
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
 def fd_limit() -> int:
     """This process's soft limit on open descriptors (``process_max_fds`` in metrics)."""
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]

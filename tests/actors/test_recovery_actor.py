@@ -236,3 +236,25 @@ def test_a_fence_the_crash_interrupted_is_resumed(h: Harness) -> None:
     (released,) = h.journal_writer.events(LeaseReleased)
     assert (released.owner.pid, released.reason) == (LIVE, ReleaseReason.OWNER_EXIT)
     assert not kernel_locked(h.lock_dir / FILES / "disk")
+
+
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        (
+            {"boot_time": 10.0},
+            "begun before this boot: its pid and start time name another one",
+        ),
+        ({"fence_lost": False}, "lost_lease_policy = log: the operator's way to stop a fence"),
+    ],
+)
+def test_an_interrupted_fence_is_not_resumed(h: Harness, options: dict[str, Any], why: str) -> None:
+    live = owner(LIVE)
+    state = ReplayState()
+    held(state, "disk", live)
+    state.fencing[live.key] = (live, "connection closed while holding leases", 3.0)
+    report = recover(h, state, **options)
+    assert report.held == 1, why
+    h.advance(5.0)
+    assert h.processes.signals == [], why
+    assert kernel_locked(h.lock_dir / FILES / "disk")
