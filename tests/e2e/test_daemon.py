@@ -32,16 +32,29 @@ def lease_file(daemon: DaemonProcess, disk: str) -> Path:
 def start_run(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], *args: str
 ) -> subprocess.Popen[bytes]:
-    """`lockd run ... -- sleep 600`, returned once its lease is held."""
+    """`lockd run ... -- sleep 600`, returned once its lease is held and it runs `sleep`.
+
+    Not as soon as the lease is listed: `lockd run` still calls `restrict` before its
+    exec, and a daemon stopped in between makes it fail (the VM never started), which
+    tests that stop daemons must not mistake for lockd losing a running VM's lease.
+    """
     proc = subprocess.Popen(
         [*LOCKD, "run", *args, "--", "sleep", "600"],
         env=daemon.env,
         stderr=subprocess.PIPE,
     )
     children.append(proc)
-    wait_for(lambda: proc.poll() is not None or _owner_pids(daemon) & {proc.pid})
+    wait_for(lambda: proc.poll() is not None or (_owner_pids(daemon) & {proc.pid}
+                                                 and _comm(proc.pid) == "sleep"))  # fmt: skip
     assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     return proc
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _owner_pids(daemon: DaemonProcess) -> set[int]:
