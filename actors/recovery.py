@@ -73,7 +73,7 @@ class RecoveryActor(DispatchedActor):
         adopted: Mapping[tuple[str, str], int] | None = None,
         fence_lost: bool = True,
         started: float | None = None,
-        rebooted: bool = False,
+        boot_time: float = 0.0,
     ) -> None:
         super().__init__(dispatcher)
         self._state = state
@@ -84,10 +84,10 @@ class RecoveryActor(DispatchedActor):
         self._on_done = on_done
         self._adopted = dict(adopted or {})
         self._fence_lost = fence_lost
-        self._rebooted = rebooted
-        """The host rebooted since the journal's last daemon ran: every lease it lists was
-        taken, and every fence begun, by processes of another boot, whose (pid, start
-        time) may now name an unrelated process (VMs autostarted at boot repeat them)."""
+        self._boot_time = boot_time
+        """Wall-clock time of this boot: leases taken and fences begun before it were
+        taken by or aimed at processes of another boot, whose (pid, start time) may now
+        name an unrelated process."""
         self._started = time.monotonic() if started is None else started
         self._tokens = itertools.count(1)
         self._waiting = 0
@@ -107,7 +107,9 @@ class RecoveryActor(DispatchedActor):
             dead: list[Owner] = []
             for key, (owner, since) in held.owners.items():
                 if key not in gone:
-                    gone[key] = self._rebooted or self._processes.is_gone(owner)
+                    # Acquired before this boot: whatever process has its pid and
+                    # start time now (a VM autostarted at boot may well) is another.
+                    gone[key] = since < self._boot_time or self._processes.is_gone(owner)
                 if gone[key]:
                     dead.append(owner)
                 else:
@@ -117,16 +119,10 @@ class RecoveryActor(DispatchedActor):
             self._plan.setdefault(lockspace, []).append(
                 RestoreLease(resource, held.mode, held.autocreate, tuple(live), tuple(dead), fd)
             )
-        if self._rebooted and self._state.leases:
-            log.info(
-                "recovery: the host rebooted since the journal was written; its %d leases "
-                "belonged to processes of the previous boot",
-                len(self._state.leases),
-            )
         self._fences = [
             (owner, reason)
-            for owner, reason, _ in self._state.fencing.values()
-            if not self._rebooted and not self._processes.is_gone(owner)
+            for owner, reason, since in self._state.fencing.values()
+            if since >= self._boot_time and not self._processes.is_gone(owner)
         ]
         if self._fences and not self._fence_lost:
             # lost_lease_policy = log is the operator's "kill no VM" switch: killing

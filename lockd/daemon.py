@@ -87,33 +87,6 @@ PIDFD_SHARE = 8
 """One descriptor in this many may be an owner's pidfd (see :class:`Daemon`)."""
 
 
-BOOT_ID_FILE = "boot-id"
-"""In the journal directory: the boot the journal's last daemon recovered in."""
-
-
-def read_boot_id(directory: str) -> str | None:
-    """The boot id :func:`write_boot_id` left, None if there is none (a journal from
-    before it was kept) or it cannot be read."""
-    try:
-        with open(os.path.join(directory, BOOT_ID_FILE)) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-def write_boot_id(directory: str, boot: str) -> None:
-    """Record ``boot`` (write, fsync, rename: a torn file reads as none)."""
-    path = os.path.join(directory, BOOT_ID_FILE)
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, f"{boot}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-
-
 class LockSystem:
     """The actor system without sockets: what the daemon serves and an orchestrator embeds."""
 
@@ -139,9 +112,6 @@ class LockSystem:
         os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
         os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
         self._journal_lock = self._lock_journal_dir(config.journal_dir)
-        self._journal_dir = config.journal_dir
-        self._boot = procs.boot_id()
-        previous_boot = read_boot_id(config.journal_dir)
         snapshot = load_newest(config.journal_dir)
         self.journal_file = FileJournal(
             config.journal_dir,
@@ -218,17 +188,10 @@ class LockSystem:
             adopted=adopted,
             fence_lost=config.lost_lease_policy == "fence",
             started=self.started,
-            rebooted=None not in (self._boot, previous_boot) and previous_boot != self._boot,
+            boot_time=procs.boot_time(),
         )
 
     def _recovered(self, report: RecoveryReport) -> None:
-        # Only now: a daemon that dies during recovery leaves the previous boot's id,
-        # so the next one still knows the journal's owners belong to another boot.
-        if self._boot is not None:
-            try:
-                write_boot_id(self._journal_dir, self._boot)
-            except OSError as exc:
-                log.error("cannot record the boot id in %s: %s", self._journal_dir, exc)
         self.report = report
         self.ready.set()
         if self._on_ready is not None:

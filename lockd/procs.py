@@ -76,18 +76,19 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def boot_id() -> str | None:
-    """This boot's random id (the kernel's ``boot_id``), None if unreadable.
+def boot_time() -> float:
+    """When this boot began, in seconds since the epoch (``btime`` in /proc/stat); 0 if unknown.
 
-    A (pid, start time) pair names one process within one boot only. Not the
-    boot's wall-clock time: a clock stepped after boot (NTP) would make
-    leases taken since look older than the boot.
+    A (pid, start time) pair names one process within one boot only.
     """
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip() or None
+        with open("/proc/stat", "rb") as f:
+            for line in f:
+                if line.startswith(b"btime "):
+                    return float(line.split()[1])
     except OSError:
-        return None
+        pass
+    return 0.0
 
 
 def fd_limit() -> int:

@@ -238,33 +238,37 @@ def test_a_fence_the_crash_interrupted_is_resumed(h: Harness) -> None:
     assert not kernel_locked(h.lock_dir / FILES / "disk")
 
 
-def test_no_fence_is_resumed_under_lost_lease_policy_log(h: Harness) -> None:
-    """lost_lease_policy = log is the operator's way to stop a fence: kill the daemon,
-    configure log, start it."""
+@pytest.mark.parametrize(
+    ("options", "why"),
+    [
+        (
+            {"boot_time": 10.0},
+            "begun before this boot: its pid and start time name another one",
+        ),
+        ({"fence_lost": False}, "lost_lease_policy = log: the operator's way to stop a fence"),
+    ],
+)
+def test_an_interrupted_fence_is_not_resumed(h: Harness, options: dict[str, Any], why: str) -> None:
     live = owner(LIVE)
     state = ReplayState()
     held(state, "disk", live)
     state.fencing[live.key] = (live, "connection closed while holding leases", 3.0)
-    report = recover(h, state, fence_lost=False)
-    assert report.held == 1
+    report = recover(h, state, **options)
+    assert report.held == 1, why
     h.advance(5.0)
-    assert h.processes.signals == []
+    assert h.processes.signals == [], why
     assert kernel_locked(h.lock_dir / FILES / "disk")
 
 
 def test_owners_from_before_this_boot_are_gone_whatever_runs_now(h: Harness) -> None:
     """After a host reboot a process may have the old VM's pid and start time (VMs
-    autostarted at boot): a lease taken before the boot is released, never held for it,
-    and a fence begun before it is not resumed against that process."""
+    autostarted at boot): a lease taken before the boot is released, never held for it."""
     live = owner(LIVE)  # a process with this pid and start time runs now
     state = ReplayState()
-    held(state, "disk", live)  # acquired in the previous boot
-    state.fencing[live.key] = (live, "connection closed while holding leases", 3.0)
+    held(state, "disk", live)  # acquired at 12.5, before the boot at 100
     (h.lock_dir / FILES / "disk").touch()
-    report = recover(h, state, rebooted=True)
+    report = recover(h, state, boot_time=100.0)
     assert (report.held, report.released) == (0, 1)
-    h.advance(5.0)
-    assert h.processes.signals == []
     (released,) = h.journal_writer.events(LeaseReleased)
     assert (released.owner.pid, released.reason) == (LIVE, ReleaseReason.OWNER_GONE)
     assert not kernel_locked(h.lock_dir / FILES / "disk")

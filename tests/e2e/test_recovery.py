@@ -120,30 +120,6 @@ def test_a_fence_cut_short_by_a_crash_is_finished_by_the_next_daemon(
     check(daemon)
 
 
-def test_after_a_reboot_no_journaled_owner_is_taken_for_a_process_running_now(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
-) -> None:
-    """The journal directory keeps the boot its daemon recovered in. A journal written in
-    another boot (faked here by changing that id) describes processes of that boot only:
-    its leases are released as owner-gone even when a process now has the same pid and
-    start time (here: the very same process), and nobody is signalled."""
-    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
-    boot_file = daemon.journal_dir / "boot-id"
-    this_boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    assert boot_file.read_text().strip() == this_boot
-    crash(daemon)
-    boot_file.write_text("00000000-0000-4000-8000-000000000000\n")  # "the previous boot"
-    restart(daemon)
-    assert listed(daemon) == {}
-    assert not lease_file(daemon, "/vm/a.img").exists()  # autocreated, owner gone: cleaned
-    gone = events(daemon, "--type", "lease-released")
-    assert [(e["owner"]["pid"], e["reason"]) for e in gone] == [(vm.pid, "owner-gone")]
-    assert events(daemon, "--type", "owner-fenced") == []
-    assert vm.poll() is None
-    assert boot_file.read_text().strip() == this_boot
-    check(daemon)
-
-
 def test_sigterm_then_start_recovers(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:

@@ -36,11 +36,13 @@ def test_cpu_seconds_counts_the_cpu_a_process_used() -> None:
     assert procs.cpu_seconds(2**22 + 11) is None
 
 
-def test_boot_id_is_this_boots_and_stable() -> None:
-    boot = procs.boot_id()
-    assert boot is not None
-    assert uuid.UUID(boot)  # the kernel's random boot id
-    assert procs.boot_id() == boot
+def test_boot_time_is_in_the_past_and_before_this_process() -> None:
+    booted = procs.boot_time()
+    assert 0 < booted < time.time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    started = procs.start_time(os.getpid())
+    assert started is not None
+    assert booted + started / ticks <= time.time() + 1
 
 
 def test_comm_with_spaces_and_parens_does_not_confuse_the_parser(tmp_path: Path) -> None:
