@@ -85,9 +85,8 @@ class RecoveryActor(DispatchedActor):
         self._adopted = dict(adopted or {})
         self._fence_lost = fence_lost
         self._boot_time = boot_time
-        """Wall-clock time of this boot: leases taken and fences begun before it were
-        taken by or aimed at processes of another boot, whose (pid, start time) may now
-        name an unrelated process."""
+        """Wall-clock time of this boot: a fence begun before it was begun on processes
+        of another boot, whose (pid, start time) may now name an unrelated process."""
         self._started = time.monotonic() if started is None else started
         self._tokens = itertools.count(1)
         self._waiting = 0
@@ -107,9 +106,7 @@ class RecoveryActor(DispatchedActor):
             dead: list[Owner] = []
             for key, (owner, since) in held.owners.items():
                 if key not in gone:
-                    # Acquired before this boot: whatever process has its pid and
-                    # start time now (a VM autostarted at boot may well) is another.
-                    gone[key] = since < self._boot_time or self._processes.is_gone(owner)
+                    gone[key] = self._processes.is_gone(owner)
                 if gone[key]:
                     dead.append(owner)
                 else:

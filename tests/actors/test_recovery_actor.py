@@ -258,17 +258,3 @@ def test_an_interrupted_fence_is_not_resumed(h: Harness, options: dict[str, Any]
     h.advance(5.0)
     assert h.processes.signals == [], why
     assert kernel_locked(h.lock_dir / FILES / "disk")
-
-
-def test_owners_from_before_this_boot_are_gone_whatever_runs_now(h: Harness) -> None:
-    """After a host reboot a process may have the old VM's pid and start time (VMs
-    autostarted at boot): a lease taken before the boot is released, never held for it."""
-    live = owner(LIVE)  # a process with this pid and start time runs now
-    state = ReplayState()
-    held(state, "disk", live)  # acquired at 12.5, before the boot at 100
-    (h.lock_dir / FILES / "disk").touch()
-    report = recover(h, state, boot_time=100.0)
-    assert (report.held, report.released) == (0, 1)
-    (released,) = h.journal_writer.events(LeaseReleased)
-    assert (released.owner.pid, released.reason) == (LIVE, ReleaseReason.OWNER_GONE)
-    assert not kernel_locked(h.lock_dir / FILES / "disk")
