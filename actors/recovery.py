@@ -86,7 +86,11 @@ class RecoveryActor(DispatchedActor):
         self._fence_lost = fence_lost
         self._boot_time = boot_time
         """Wall-clock time of this boot: a fence begun before it was begun on processes
-        of another boot, whose (pid, start time) may now name an unrelated process."""
+        of another boot, whose (pid, start time) may now name an unrelated process.
+        Comparing wall-clock times is only good enough for this one use: a clock
+        stepped after boot can only make a fence of this boot look older, which
+        leaves it unresumed, as before fences were resumed at all; it must never
+        decide that a lease's owner is gone."""
         self._started = time.monotonic() if started is None else started
         self._tokens = itertools.count(1)
         self._waiting = 0
