@@ -265,17 +265,22 @@ def test_managers_connection_closing_keeps_the_vms_leases(h: Harness) -> None:
     assert h.processes.signals == []
 
 
+def managed_vms(h: Harness, *vms: tuple[int, str]) -> None:
+    """libvirtd registers each VM and takes its disk, a connection per VM closed after."""
+    h.processes.spawn(LIBVIRTD)
+    for pid, disk in vms:
+        h.processes.spawn(pid)
+        mgr = h.connect(LIBVIRTD)
+        mgr.register(pid)
+        mgr.ok("acquire", leases=[lease(disk)], autocreate=True)
+        mgr.close()
+
+
 def test_owners_beyond_the_pidfd_budget_are_polled(tmp_path: Path) -> None:
     """At the fd limit leases come first: owners past the budget are still released on exit."""
     h = Harness(tmp_path / "locks", max_pidfds=1)
     try:
-        h.processes.spawn(LIBVIRTD)
-        for pid, disk in ((VM1, "disk-a"), (VM2, "disk-b")):
-            h.processes.spawn(pid)
-            mgr = h.connect(LIBVIRTD)  # libvirtd: a connection per VM, closed after the acquire
-            mgr.register(pid)
-            mgr.ok("acquire", leases=[lease(disk)], autocreate=True)
-            mgr.close()
+        managed_vms(h, (VM1, "disk-a"), (VM2, "disk-b"))
         assert h.owners_actor().watch_counts == (1, 1)
         h.processes.exit(VM2)  # polled: nothing wakes lockd at once
         h.run()
@@ -299,13 +304,7 @@ def test_a_freed_pidfd_goes_to_a_polled_owner(tmp_path: Path) -> None:
     exit (even as a zombie, which polling sees only at a full check) is seen at once."""
     h = Harness(tmp_path / "locks", max_pidfds=1)
     try:
-        h.processes.spawn(LIBVIRTD)
-        for pid, disk in ((VM1, "disk-a"), (VM2, "disk-b"), (VM3, "disk-c")):
-            h.processes.spawn(pid)
-            mgr = h.connect(LIBVIRTD)
-            mgr.register(pid)
-            mgr.ok("acquire", leases=[lease(disk)], autocreate=True)
-            mgr.close()
+        managed_vms(h, (VM1, "disk-a"), (VM2, "disk-b"), (VM3, "disk-c"))
         assert h.owners_actor().watch_counts == (1, 2)
         h.processes.exit(VM1)
         h.run()
@@ -328,13 +327,7 @@ def test_a_polled_owner_stays_polled_while_pidfds_cannot_be_opened(tmp_path: Pat
     released when it exits; one found gone while promoting is released at once."""
     h = Harness(tmp_path / "locks", max_pidfds=1)
     try:
-        h.processes.spawn(LIBVIRTD)
-        for pid, disk in ((VM1, "disk-a"), (VM2, "disk-b"), (VM3, "disk-c")):
-            h.processes.spawn(pid)
-            mgr = h.connect(LIBVIRTD)
-            mgr.register(pid)
-            mgr.ok("acquire", leases=[lease(disk)], autocreate=True)
-            mgr.close()
+        managed_vms(h, (VM1, "disk-a"), (VM2, "disk-b"), (VM3, "disk-c"))
         h.processes.no_pidfds = True
         h.processes.exit(VM1)
         h.run()
