@@ -50,6 +50,8 @@ FENCE_GRACE_SECONDS = 1.6
 """SIGTERM to SIGKILL: virtlockd's loop sends SIGKILL at its 8th 200 ms step."""
 FENCE_GIVE_UP_SECONDS = 1.4
 """After SIGKILL, how long until the owner is reported as refusing to die."""
+FENCE_RETRY_SECONDS = 0.2
+"""Back-off before sending again a SIGKILL that could not be sent (EMFILE on its pidfd)."""
 RELEASE_RETRY_SECONDS = 1.0
 """Back-off before retrying a release the journal could not record."""
 POLL_SECONDS = 1.0
@@ -499,13 +501,19 @@ class OwnersActor(DispatchedActor):
                 step.owner.describe(),
             )
             return
-        self._fence(step.owner, step.signum, "still running after SIGTERM")
+        if not self._fence(step.owner, step.signum, "still running after SIGTERM"):
+            # Not signalled, yet not gone: out of descriptors for the pidfd the
+            # signal goes through (EMFILE). Try again rather than give up on it.
+            self._schedule(step.owner, FENCE_RETRY_SECONDS, step.signum)
+            return
         self._schedule(step.owner, FENCE_GIVE_UP_SECONDS, None)
 
-    def _fence(self, owner: Owner, signum: int, reason: str) -> None:
+    def _fence(self, owner: Owner, signum: int, reason: str) -> bool:
+        """Signal the owner and journal it; False if it could not be signalled."""
         name = signal.Signals(signum).name
         if not self._processes.signal(owner, signum):
-            return
+            return False
         log.warning("fencing %s with %s: %s", owner.describe(), name, reason)
         REGISTRY.inc("lockd_fence_actions_total", signal=name)
         self._journal.tell(Append((OwnerFenced(owner, name, reason),), 0, None))
+        return True

@@ -87,6 +87,8 @@ class FakeProcesses:
         """Exited but not reaped: their pid still answers kill 0."""
         self.no_pidfds = False
         """True: open_watch fails like pidfd_open at the fd limit (EMFILE)."""
+        self.unsignallable: set[int] = set()
+        """Alive, but a signal cannot be sent to them (EMFILE on the pidfd it goes through)."""
 
     def spawn(self, pid: int, uid: int = 0, start: int = 100) -> int:
         self.procs[pid] = (start, uid)
@@ -131,7 +133,7 @@ class FakeProcesses:
     def signal(self, owner: Owner, signum: int) -> bool:
         import signal as sig
 
-        if self.is_gone(owner):
+        if self.is_gone(owner) or owner.pid in self.unsignallable:
             return False
         name = sig.Signals(signum).name
         self.signals.append((owner.pid, name))

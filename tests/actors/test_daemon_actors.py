@@ -227,6 +227,26 @@ def test_owner_that_survives_sigkill_keeps_its_lock(h: Harness) -> None:
     assert [e.reason for e in h.journal_writer.events(LeaseReleased)] == [ReleaseReason.DISCONNECT]
 
 
+def test_a_sigkill_that_cannot_be_sent_is_sent_again(h: Harness) -> None:
+    """Out of descriptors when the SIGKILL is due (its pidfd cannot be opened): not
+    "survived SIGKILL", but sent again once it can be, and the fence completes."""
+    h.processes.ignores_sigterm.add(VM1)
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    vm.close()
+    h.processes.unsignallable.add(VM1)
+    h.advance(2.0)
+    h.advance(2.0)
+    assert h.processes.signals == [(VM1, "SIGTERM")]
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+    h.processes.unsignallable.clear()
+    h.advance(0.5)
+    assert h.processes.signals == [(VM1, "SIGTERM"), (VM1, "SIGKILL")]
+    released = h.journal_writer.events(LeaseReleased)
+    assert [(e.resource, e.reason) for e in released] == [("disk-a", ReleaseReason.DISCONNECT)]
+
+
 def test_fencing_does_not_stall_other_clients(h: Harness) -> None:
     """During the grace period another client is served at once (busy on the fenced disk)."""
     h.processes.ignores_sigterm.add(VM1)
