@@ -39,7 +39,7 @@ from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
 from lockd.reexec import Handoff, ListenerFd, ReexecActor, read_handoff
 from lockd.replay import replay
-from lockd.server import Listener, SocketTransport, bind_unix, conn_ids, refuse
+from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
 from lockd.snapshot import load_newest, write_snapshot
 from lockd.snapshot import prune as prune_snapshots
 from lockd.systemd import FdStore, lease_fd_name, listen_fds
@@ -85,6 +85,10 @@ def _log_control(level: str | None, filters: str | None) -> dict[str, str]:
 
 PIDFD_SHARE = 8
 """One descriptor in this many may be an owner's pidfd (see :class:`Daemon`)."""
+FD_RESERVE = 2
+"""Spare descriptors kept per listening socket, so that each still accepts when leases
+fill the fd limit: an operator's ``lockd status``, a manager's release (which frees
+descriptors)."""
 
 
 class LockSystem:
@@ -333,6 +337,8 @@ class Daemon:
         self._stop_reason = ""
         self._reexecing = False
         allowed = {os.getuid(), *config.allowed_uids}
+        self.reserves = [FdReserve(FD_RESERVE if sockets else 0) for _ in range(2)]
+        reserve = dict(zip((False, True), self.reserves, strict=True))  # by admin
         self.listeners: list[Listener] = []
         if not sockets:
             pass
@@ -340,7 +346,8 @@ class Daemon:
             conn_ids.next = handoff.next_conn_id
             self.listeners = [
                 Listener(self.dispatcher, socket.socket(fileno=item.fd), admin=item.admin,
-                         allowed_uids=allowed, on_accept=self._accept)
+                         allowed_uids=allowed, on_accept=self._accept,
+                         reserve=reserve[item.admin])
                 for item in handoff.listeners
             ]  # fmt: skip
         else:
@@ -351,9 +358,10 @@ class Daemon:
 
             self.listeners = [
                 Listener(self.dispatcher, listening("lockd.socket", config.socket), admin=False,
-                         allowed_uids=allowed, on_accept=self._accept),
+                         allowed_uids=allowed, on_accept=self._accept, reserve=reserve[False]),
                 Listener(self.dispatcher, listening("lockd-admin.socket", config.admin_socket),
-                         admin=True, allowed_uids=allowed, on_accept=self._accept),
+                         admin=True, allowed_uids=allowed, on_accept=self._accept,
+                         reserve=reserve[True]),
             ]  # fmt: skip
         log.debug("file descriptor limit: %d", limit)
         if config.timeout > 0:
@@ -443,6 +451,8 @@ class Daemon:
         else:
             self._clients -= 1
         self._connections.pop(conn_id, None)
+        for spares in self.reserves:
+            spares.refill()  # a descriptor just freed: the listeners' spares come first
 
     def reexec(self) -> None:
         """SIGUSR1: hand everything to a fresh copy of this program (see lockd.reexec)."""

@@ -219,6 +219,47 @@ def refuse(conn: socket.socket, code: ErrorCode, message: str) -> None:
     conn.close()
 
 
+class FdReserve:
+    """Descriptors held back so a listener still accepts at the fd limit.
+
+    Every lease holds a descriptor, so a host with more leases than the limit
+    fills it; then no connection could be accepted: the operator could not
+    ask ``lockd status`` why, nor a manager release a lease (which would free
+    one). A few spare descriptors (``/dev/null``) are kept open; when an
+    accept fails with EMFILE one is closed and the accept tried again.
+    :meth:`refill` takes them back as descriptors free up (a connection
+    closing).
+    """
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._fds: list[int] = []
+        self.refill()
+
+    @property
+    def held(self) -> int:
+        return len(self._fds)
+
+    def refill(self) -> None:
+        """Hold ``count`` spares again, as far as the limit allows."""
+        while len(self._fds) < self._count:
+            try:
+                self._fds.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
+    def release_one(self) -> bool:
+        """Free one spare for an accept; False when none is left."""
+        if not self._fds:
+            return False
+        os.close(self._fds.pop())
+        return True
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.pop())
+
+
 class Listener:
     """Accepts connections on one listening socket and hands them to ``on_accept``."""
 
@@ -230,10 +271,12 @@ class Listener:
         admin: bool,
         allowed_uids: Iterable[int],
         on_accept: Callable[[socket.socket, tuple[int, int, int], bool], None],
+        reserve: FdReserve | None = None,
     ) -> None:
         self._dispatcher = dispatcher
         self.sock = sock
         self.admin = admin
+        self._reserve = reserve
         self._allowed = frozenset(allowed_uids)
         self._on_accept = on_accept
         self._starved = False
@@ -250,6 +293,9 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
+                reserve = self._reserve if exc.errno == errno.EMFILE else None
+                if reserve is not None and reserve.release_one():
+                    continue  # a spare descriptor freed for this accept
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     # The pending connection stays readable: stop listening for a
                     # moment instead of spinning, and say so once per episode.

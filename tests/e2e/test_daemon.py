@@ -569,8 +569,8 @@ def test_a_daemon_out_of_descriptors_says_how_to_fix_it_and_recovers(
     make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]]
 ) -> None:
     """At its fd limit (64 here) an acquire is refused with io-error naming the limit and
-    LimitNOFILE, the log says so once, nothing is half-held, `lockd metrics` shows the
-    descriptors used, and a release makes room."""
+    LimitNOFILE, the log says so once, nothing is half-held, both sockets still accept
+    (spare descriptors), `lockd metrics` shows the limit, and a release makes room."""
     daemon = make_daemon("nofds")
     daemon.stop()
     daemon.launcher = ["prlimit", "--nofile=64:64"]
@@ -597,6 +597,25 @@ def test_a_daemon_out_of_descriptors_says_how_to_fix_it_and_recovers(
         assert (FILES_LOCKSPACE, f"disk{i}") not in held
         assert len(held) == i
         assert daemon.log.read_text().count("refusing new leases") == 1
+        # Clients take the last descriptors, then the client socket's spares, until one
+        # waits unaccepted in the backlog; the admin socket's spares still let the
+        # operator in.
+        crowd: list[Client] = []
+        try:
+            for _ in range(16):
+                try:
+                    crowd.append(Client(str(daemon.socket), timeout=2, name="crowd"))
+                except OSError:
+                    break
+            else:
+                raise AssertionError("16 more clients fit: the fd limit was not reached")
+            status = daemon.lockd("status", "--json", "--socket", str(daemon.admin_socket),
+                                  timeout=10)  # fmt: skip
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout)["leases"] == i
+        finally:
+            for other in crowd:
+                other.close()
         client.call("release", leases=[{"lockspace": FILES_LOCKSPACE, "resource": "disk0"}])
         # The freed descriptor serves an admin connection: the gauges to alert on
         # before acquires fail (leases held + owners with a pidfd + clients vs the limit).
