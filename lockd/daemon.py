@@ -337,8 +337,8 @@ class Daemon:
         self._stop_reason = ""
         self._reexecing = False
         allowed = {os.getuid(), *config.allowed_uids}
-        self.reserves = [FdReserve(FD_RESERVE if sockets else 0) for _ in range(2)]
-        reserve = dict(zip((False, True), self.reserves, strict=True))  # by admin
+        # By listener, admin or not: closed only by exit (O_CLOEXEC: not by a re-exec).
+        self._spares = {admin: FdReserve(FD_RESERVE if sockets else 0) for admin in (False, True)}
         self.listeners: list[Listener] = []
         if not sockets:
             pass
@@ -347,7 +347,7 @@ class Daemon:
             self.listeners = [
                 Listener(self.dispatcher, socket.socket(fileno=item.fd), admin=item.admin,
                          allowed_uids=allowed, on_accept=self._accept,
-                         reserve=reserve[item.admin])
+                         reserve=self._spares[item.admin])
                 for item in handoff.listeners
             ]  # fmt: skip
         else:
@@ -358,10 +358,10 @@ class Daemon:
 
             self.listeners = [
                 Listener(self.dispatcher, listening("lockd.socket", config.socket), admin=False,
-                         allowed_uids=allowed, on_accept=self._accept, reserve=reserve[False]),
+                         allowed_uids=allowed, on_accept=self._accept, reserve=self._spares[False]),
                 Listener(self.dispatcher, listening("lockd-admin.socket", config.admin_socket),
                          admin=True, allowed_uids=allowed, on_accept=self._accept,
-                         reserve=reserve[True]),
+                         reserve=self._spares[True]),
             ]  # fmt: skip
         log.debug("file descriptor limit: %d", limit)
         if config.timeout > 0:
@@ -451,7 +451,7 @@ class Daemon:
         else:
             self._clients -= 1
         self._connections.pop(conn_id, None)
-        for spares in self.reserves:
+        for spares in self._spares.values():
             spares.refill()  # a descriptor just freed: the listeners' spares come first
 
     def reexec(self) -> None:

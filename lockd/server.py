@@ -236,10 +236,6 @@ class FdReserve:
         self._fds: list[int] = []
         self.refill()
 
-    @property
-    def held(self) -> int:
-        return len(self._fds)
-
     def refill(self) -> None:
         """Hold ``count`` spares again, as far as the limit allows."""
         while len(self._fds) < self._count:
@@ -254,10 +250,6 @@ class FdReserve:
             return False
         os.close(self._fds.pop())
         return True
-
-    def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.pop())
 
 
 class Listener:
