@@ -62,10 +62,17 @@ def env(tmp_path: Path) -> Iterator[tuple[Dispatcher, LockspaceDir, Replies]]:
     dispatcher.close()
 
 
-def take(env: tuple[Dispatcher, LockspaceDir, Replies], name: str, mode: LeaseMode) -> Any:
+def take(
+    env: tuple[Dispatcher, LockspaceDir, Replies],
+    name: str,
+    mode: LeaseMode = LeaseMode.EXCLUSIVE,
+    *,
+    create: bool = True,
+) -> Any:
+    """Start a lease actor on ``env``'s files, ask it to take the lock; (ref, its reply)."""
     dispatcher, files, inbox = env
     ref = LeaseActor.start(dispatcher, files, name)
-    ref.tell(TakeLock(mode, create=True, token=1, reply_to=inbox.actor_ref))
+    ref.tell(TakeLock(mode, create=create, token=1, reply_to=inbox.actor_ref))
     dispatcher.run_until_idle()
     return ref, inbox.got.pop()
 
@@ -134,11 +141,7 @@ def test_missing_file_without_create_is_not_found(
     env: tuple[Dispatcher, LockspaceDir, Replies],
 ) -> None:
     """Without autocreate, acquiring a lease whose file is absent is not-found."""
-    dispatcher, files, inbox = env
-    ref = LeaseActor.start(dispatcher, files, "absent")
-    ref.tell(TakeLock(LeaseMode.EXCLUSIVE, create=False, token=2, reply_to=inbox.actor_ref))
-    dispatcher.run_until_idle()
-    reply = inbox.got.pop()
+    _, reply = take(env, "absent", create=False)
     assert isinstance(reply, LockRefused)
     assert reply.code is ErrorCode.NOT_FOUND
 
@@ -183,10 +186,7 @@ def test_a_file_replaced_between_open_and_lock_is_never_held_on_its_old_inode(
     (tmp_path / "disk").touch()
     files = ReplacedAfterFirstOpen(str(tmp_path))
     try:
-        ref = LeaseActor.start(dispatcher, files, "disk")
-        ref.tell(TakeLock(LeaseMode.EXCLUSIVE, create=False, token=1, reply_to=inbox.actor_ref))
-        dispatcher.run_until_idle()
-        taken = inbox.got.pop()
+        ref, taken = take((dispatcher, files, inbox), "disk", create=False)
         assert taken == LockTaken("disk", 1), "refused or locked the unlinked inode"
         assert os.fstat(taken.fd).st_ino == os.stat(tmp_path / "disk").st_ino
         assert files.old_inode is not None
@@ -217,10 +217,7 @@ def test_a_file_deleted_between_open_and_lock_is_not_found_without_create(
     (tmp_path / "disk").touch()
     files = DeletedAfterFirstOpen(str(tmp_path))
     try:
-        ref = LeaseActor.start(dispatcher, files, "disk")
-        ref.tell(TakeLock(LeaseMode.EXCLUSIVE, create=False, token=1, reply_to=inbox.actor_ref))
-        dispatcher.run_until_idle()
-        refused = inbox.got.pop()
+        _, refused = take((dispatcher, files, inbox), "disk", create=False)
         assert isinstance(refused, LockRefused)
         assert refused.code is ErrorCode.NOT_FOUND
         assert not (tmp_path / "disk").exists()
