@@ -52,6 +52,19 @@ def vm_with_stored_lease(
     return daemon, vm, name, lease_file(daemon, "/vm/a.img")
 
 
+def assert_vm_lease_kept(
+    daemon: DaemonProcess, vm: subprocess.Popen[bytes], watcher: subprocess.Popen[str], across: str
+) -> None:
+    """The watcher never once found the VM's lease free, and the new daemon holds it again."""
+    tries, free = stop_watch(watcher)
+    assert tries > 100
+    assert free == 0, f"the lock was seen free {free} times across {across}"
+    assert listed(daemon) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
+    }
+    assert events(daemon, "--type", "recovery-completed")[-1]["held"] == 1
+
+
 def kill_daemon(daemon: DaemonProcess) -> None:
     """SIGKILL, and reap it: everything it held that is not stored elsewhere is gone."""
     assert daemon.proc is not None
@@ -65,17 +78,9 @@ def test_a_crash_keeps_the_lock_held_through_the_fd_store(
     children: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
-    daemon = make_daemon("sd")
-    daemon.stop()
-    start_under(daemon, manager)
+    daemon, vm, _, path = vm_with_stored_lease(make_daemon, manager, children)
     assert manager.ready_count() == 1
-    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
-    wait_for(lambda: len(manager.stored_names()) == 1)
-    path = lease_file(daemon, "/vm/a.img")
-
-    assert daemon.proc is not None
-    daemon.proc.send_signal(signal.SIGKILL)
-    daemon.proc.wait()
+    kill_daemon(daemon)
     # The daemon is dead, and the disk is still locked: the manager holds the fd.
     assert probe(path, "ofd") == "busy"
     assert probe(path, "classic") == "busy"
@@ -122,13 +127,7 @@ def test_a_lease_the_store_returns_twice_is_adopted_once_and_the_extra_fd_closed
     finally:
         os.close(twin)
     assert probe(path, "ofd") == "busy"
-    tries, free = stop_watch(watcher)
-    assert tries > 100
-    assert free == 0, f"the lock was seen free {free} times across the restart"
-    assert listed(daemon) == {
-        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
-    }
-    assert events(daemon, "--type", "recovery-completed")[-1]["held"] == 1
+    assert_vm_lease_kept(daemon, vm, watcher, "the restart")
     assert daemon.proc is not None
     assert fds_on(daemon.proc.pid, path) == 1, "the extra fd is still open in the daemon"
     assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
