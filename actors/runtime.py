@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import heapq
 import itertools
 import os
@@ -75,7 +76,15 @@ class Dispatcher:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._loop_ident: int | None = None
+        self.selecting = False
+        """True while the loop waits in ``select``: only then does a new step need a wake-up.
+
+        Set before the loop's last look at the ready queue and cleared as soon as
+        ``select`` returns, so a step queued by another thread is either seen by
+        that look or wakes the wait (the GIL orders the two threads' reads and
+        writes). Steps queued by the loop's own callbacks, one per request,
+        cost no ``write`` to the wake-up pipe.
+        """
         self.crashes: list[BaseException] = []
         self.actors: weakref.WeakSet[DispatchedActor] = weakref.WeakSet()
         """Actors started on this dispatcher and not yet collected (see :meth:`stop_all`)."""
@@ -84,9 +93,7 @@ class Dispatcher:
     def submit(self, step: Step) -> None:
         """Queue a step; safe from any thread."""
         self._ready.append(step)
-        # Before the loop first runs (start-up builds thousands of actors) nobody
-        # waits in select, and the loop runs ready steps before it ever does.
-        if self._loop_ident is not None and threading.get_ident() != self._loop_ident:
+        if self.selecting:
             self._wake()
 
     def wake(self) -> None:
@@ -141,7 +148,14 @@ class Dispatcher:
         return done
 
     def _poll(self, timeout: float | None) -> None:
-        for key, mask in self._selector.select(timeout):
+        self.selecting = True
+        try:
+            if self._ready:
+                timeout = 0.0  # queued by another thread before the flag went up
+            ready = self._selector.select(timeout)
+        finally:
+            self.selecting = False
+        for key, mask in ready:
             if key.data is None:
                 try:
                     while os.read(self._wake_r, 4096):
@@ -153,7 +167,6 @@ class Dispatcher:
 
     def run_once(self, timeout: float | None = None) -> None:
         """One loop turn: due timers, ready steps (bounded, so I/O is not starved), then I/O."""
-        self._loop_ident = threading.get_ident()
         self._run_due_timers()
         self._run_ready(limit=1024)
         if self._ready:
@@ -167,7 +180,6 @@ class Dispatcher:
 
     def run_until_idle(self, *, poll_io: bool = True) -> None:
         """Run until nothing is ready and no timer is due: deterministic tests, no thread."""
-        self._loop_ident = threading.get_ident()
         while True:
             self._run_due_timers()
             if poll_io:
@@ -222,33 +234,40 @@ def tell_if_alive(ref: pykka.ActorRef[Any] | None, message: Any) -> None:
 
 
 class _Inbox:
-    """pykka inbox whose every put schedules one step of its actor on the dispatcher."""
+    """pykka inbox whose every message schedules one step of its actor on the dispatcher.
+
+    It holds what :class:`DispatchedRef` tells as the bare message and what
+    pykka asks (proxy calls, stop) as an ``Envelope`` with its future: most
+    hops are tells, and each skips building an envelope.
+    """
+
+    __slots__ = ("_early", "queue", "schedule")
 
     def __init__(self) -> None:
-        self._queue: collections.deque[Envelope[Any]] = collections.deque()
-        self._schedule: Callable[[], None] | None = None
-        """Submits one step of the bound actor (built once: every message pays for it)."""
+        self.queue: collections.deque[Any] = collections.deque()
+        self.schedule: Callable[[], None] = self._count_early
+        """Submits one step of the bound actor; until bound, counts the steps owed."""
         self._early = 0
 
+    def _count_early(self) -> None:
+        self._early += 1
+
     def bind(self, actor: DispatchedActor) -> None:
-        submit, step = actor.dispatcher.submit, actor._step
-        self._schedule = lambda: submit(step)
+        self.schedule = functools.partial(actor.dispatcher.submit, actor._step)
         for _ in range(self._early):
-            self._schedule()
+            self.schedule()
         self._early = 0
 
     def put(self, envelope: Envelope[Any], /) -> None:
-        self._queue.append(envelope)
-        if self._schedule is None:
-            self._early += 1
-        else:
-            self._schedule()
+        self.queue.append(envelope)
+        self.schedule()
 
     def get(self) -> Envelope[Any]:
-        return self._queue.popleft()
+        item = self.queue.popleft()
+        return item if type(item) is Envelope else Envelope(item)
 
     def empty(self) -> bool:
-        return not self._queue
+        return not self.queue
 
 
 class _StoppedFlag:
@@ -271,6 +290,29 @@ class _StoppedFlag:
         return self._set
 
 
+class DispatchedRef(pykka.ActorRef[Any]):
+    """An ``ActorRef`` whose ``tell`` goes straight to the dispatcher.
+
+    pykka's ``tell`` costs eight Python calls (``is_alive``, the event,
+    the envelope, the inbox, the scheduling); a pair of requests makes
+    fifteen hops, so this one does the same in two: check the stopped
+    flag, queue the message, submit the step.
+    """
+
+    def __init__(self, actor: DispatchedActor) -> None:
+        super().__init__(actor)
+        self._stopped = actor.actor_stopped
+        self._inbox = actor.actor_inbox
+
+    def tell(self, message: Any) -> None:
+        """Queue ``message`` for the actor; raise ``ActorDeadError`` if it stopped."""
+        if self._stopped._set:
+            raise ActorDeadError(f"{self} not found")
+        inbox = self._inbox
+        inbox.queue.append(message)
+        inbox.schedule()
+
+
 _urns = itertools.count(1)
 
 
@@ -282,9 +324,9 @@ class DispatchedActor(pykka.Actor):
         # cheaper equivalents (as pykka's own actor types customise the inbox
         # and futures): a process-unique URN, our inbox, a plain flag.
         self.actor_urn = f"urn:lockd:{next(_urns)}"
-        self.actor_inbox = self._create_actor_inbox()
-        self.actor_stopped = _StoppedFlag()  # type: ignore[assignment]
-        self._actor_ref = pykka.ActorRef(self)
+        self.actor_inbox: _Inbox = self._create_actor_inbox()
+        self.actor_stopped: _StoppedFlag = _StoppedFlag()  # type: ignore[assignment]
+        self._actor_ref = DispatchedRef(self)
         self.dispatcher = dispatcher
 
     @classmethod
@@ -318,20 +360,21 @@ class DispatchedActor(pykka.Actor):
 
     def _start_actor_loop(self) -> None:
         self.dispatcher.submit(self._actor_loop_setup)
-        inbox = self.actor_inbox
-        assert isinstance(inbox, _Inbox)
-        inbox.bind(self)
+        self.actor_inbox.bind(self)
 
     def _step(self) -> None:
-        """Handle one envelope, exactly as pykka's threaded loop handles it."""
-        inbox = self.actor_inbox
-        if inbox.empty():
+        """Handle one message, exactly as pykka's threaded loop handles an envelope."""
+        queue = self.actor_inbox.queue
+        if not queue:
             return
-        envelope = inbox.get()
-        if self.actor_stopped.is_set():
-            self._answer_dead(envelope)
+        item = queue.popleft()
+        if type(item) is Envelope:
+            message, reply_to = item.message, item.reply_to
+        else:
+            message, reply_to = item, None
+        if self.actor_stopped._set:
+            self._answer_dead(message, reply_to)
             return
-        message = envelope.message
         try:
             # pykka's _handle_receive tests four control types before calling
             # on_receive; one set lookup does that for every ordinary message.
@@ -339,11 +382,11 @@ class DispatchedActor(pykka.Actor):
                 response = self._handle_receive(message)
             else:
                 response = self.on_receive(message)
-            if envelope.reply_to is not None:
-                envelope.reply_to.set(response)
+            if reply_to is not None:
+                reply_to.set(response)
         except Exception:  # noqa: BLE001 - pykka semantics: any handler error goes to the asker
-            if envelope.reply_to is not None:
-                envelope.reply_to.set_exception()
+            if reply_to is not None:
+                reply_to.set_exception()
             else:
                 exc = sys.exc_info()[1]
                 self._handle_failure(*sys.exc_info())
@@ -356,12 +399,12 @@ class DispatchedActor(pykka.Actor):
             self._stop()
             raise
 
-    def _answer_dead(self, envelope: Envelope[Any]) -> None:
-        if envelope.reply_to is None:
+    def _answer_dead(self, message: Any, reply_to: pykka.Future[Any] | None) -> None:
+        if reply_to is None:
             return
-        if isinstance(envelope.message, _ActorStop):
-            envelope.reply_to.set(None)
+        if isinstance(message, _ActorStop):
+            reply_to.set(None)
         else:
-            envelope.reply_to.set_exception(
+            reply_to.set_exception(
                 exc_info=(ActorDeadError, ActorDeadError(f"{self} stopped"), None)
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,3 +126,51 @@ def test_timers_fire_in_deadline_order_and_can_be_cancelled() -> None:
     d.run_until_idle()
     assert fired == ["early", "late"]
     d.close()
+
+
+def test_tell_to_a_stopped_actor_raises_actor_dead(dispatcher: Dispatcher) -> None:
+    """A tell after the stop is refused at once, as pykka's own refs refuse it."""
+    ref = Recorder.start(dispatcher, [])
+    ref.stop(block=False)
+    dispatcher.run_until_idle()
+    with pytest.raises(pykka.ActorDeadError):
+        ref.tell("late")
+
+
+def test_tells_and_asks_interleave_in_send_order(dispatcher: Dispatcher) -> None:
+    """Tells (queued bare) and asks (queued with their future) keep one order."""
+    log: list[Any] = []
+    ref = Recorder.start(dispatcher, log)
+    ref.tell(1)
+    future = ref.ask(2, block=False)
+    ref.tell(3)
+    dispatcher.run_until_idle()
+    assert log[1:] == [1, 2, 3]
+    assert future.get(timeout=0) == "got 2"
+
+
+def test_a_tell_from_another_thread_wakes_the_waiting_loop() -> None:
+    """The loop waits in select with no timeout; another thread's tell must end the wait."""
+    d = Dispatcher()
+    log: list[Any] = []
+    ref = Recorder.start(d, log)
+    d.run_until_idle()
+
+    def tell_once_waiting() -> None:
+        while not d.selecting:
+            threading.Event().wait(0.001)
+        ref.tell("from another thread")
+
+    teller = threading.Thread(target=tell_once_waiting)
+    teller.start()
+    try:
+        started = time.monotonic()
+        d.run_once(timeout=20.0)  # returns at once when woken, else after the timeout
+        assert time.monotonic() - started < 10.0, "the tell did not wake the loop"
+        d.run_until_idle()
+        assert log[1:] == ["from another thread"]
+    finally:
+        teller.join(timeout=60)
+        d.stop_all()
+        d.run_until_idle()
+        d.close()
