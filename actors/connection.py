@@ -108,6 +108,8 @@ class ServerInfo:
     host: str
     fd_limit: Callable[[], int] | None = None
     """The process's limit on open descriptors, for ``metrics``; None: not reported."""
+    boot: bytes | None = None
+    """The host's boot id, stamped on every owner registered (see ``Owner.boot``)."""
 
 
 @attrs.frozen
@@ -507,7 +509,7 @@ class ConnectionActor(DispatchedActor):
                 f"only root or uid {uid} may register it",
             )
             return
-        self._owner = Owner(ident.uuid, ident.name, ident.id, ident.pid, started)
+        self._owner = Owner(ident.uuid, ident.name, ident.id, ident.pid, started, self._info.boot)
         self._owners.tell(Watch(self._owner))
         self._publish_info()
         self._reply(request, {"client": self.conn_id, "owner": self._owner.to_wire()})

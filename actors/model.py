@@ -21,6 +21,11 @@ def _check_uuid(_inst: object, _attr: object, value: bytes) -> None:
         raise ValueError("owner uuid must be exactly 16 bytes")
 
 
+def _check_boot(_inst: object, _attr: object, value: bytes | None) -> None:
+    if value is not None and (not isinstance(value, bytes) or len(value) != 16):
+        raise ValueError("owner boot must be absent or exactly 16 bytes")
+
+
 def _check_positive(_inst: object, attr: attrs.Attribute[int], value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"owner {attr.name} must be a positive integer")
@@ -44,6 +49,14 @@ class Owner:
     id: int = attrs.field(validator=_check_positive)
     pid: int = attrs.field(validator=_check_positive)
     start_time: int = attrs.field(validator=attrs.validators.ge(0))
+    boot: bytes | None = attrs.field(default=None, validator=_check_boot)
+    """The host's boot id (``/proc/sys/kernel/random/boot_id``) when the owner registered.
+
+    A (pid, start time) pair names one process within one boot only: VMs a
+    host autostarts can get the same pid and start time after a reboot. None
+    in journals written before lockd recorded it. Leases are keyed by
+    :attr:`key`, which leaves it out: within one boot it adds nothing.
+    """
     key: OwnerKey = attrs.field(init=False, eq=False, repr=False)
     """The identity leases are keyed by: the exact process, not its descriptive fields.
 
@@ -54,19 +67,32 @@ class Owner:
     def _key(self) -> OwnerKey:
         return OwnerKey(self.pid, self.start_time)
 
+    def of_another_boot(self, boot: bytes | None) -> bool:
+        """True if this owner registered in another boot than ``boot`` (the current one).
+
+        Such an owner is gone, whatever process now has its pid and start
+        time. Unknown on either side (an old journal, no boot id in the
+        kernel) is not another boot: lockd then holds the lease as long as a
+        process with that pid and start time runs, which is late but safe.
+        """
+        return self.boot is not None and boot is not None and self.boot != boot
+
     def describe(self) -> str:
         """Human-readable form used in error messages and logs."""
         return f"{self.name} (uuid {uuidlib.UUID(bytes=self.uuid)}, pid {self.pid})"
 
     def to_wire(self) -> dict[str, Any]:
         """CBOR-ready map, as used on the wire and in the journal."""
-        return {
+        wire = {
             "uuid": self.uuid,
             "name": self.name,
             "id": self.id,
             "pid": self.pid,
             "start_time": self.start_time,
         }
+        if self.boot is not None:
+            wire["boot"] = self.boot
+        return wire
 
     @classmethod
     def from_wire(cls, data: Any) -> Owner:
@@ -79,6 +105,7 @@ class Owner:
             id=data["id"],
             pid=data["pid"],
             start_time=data["start_time"],
+            boot=data.get("boot"),
         )
 
 

@@ -74,6 +74,7 @@ class RecoveryActor(DispatchedActor):
         fence_lost: bool = True,
         started: float | None = None,
         boot_time: float = 0.0,
+        boot: bytes | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self._state = state
@@ -91,6 +92,8 @@ class RecoveryActor(DispatchedActor):
         stepped after boot can only make a fence of this boot look older, which
         leaves it unresumed, as before fences were resumed at all; it must never
         decide that a lease's owner is gone."""
+        self._boot = boot
+        """This boot's id: an owner journaled with another is gone (see ``Owner.boot``)."""
         self._started = time.monotonic() if started is None else started
         self._tokens = itertools.count(1)
         self._waiting = 0
@@ -101,16 +104,21 @@ class RecoveryActor(DispatchedActor):
         self._fences: list[tuple[Owner, str]] = []
         self._lookups: dict[str, int] = {}
 
+    def _gone(self, owner: Owner) -> bool:
+        return owner.of_another_boot(self._boot) or self._processes.is_gone(owner)
+
     def on_start(self) -> None:
         # The plan is copied out of the replayed state here, before any
         # recovery event is journaled (the journal actor folds into it).
         gone: dict[Any, bool] = {}
+        earlier_boot = 0
         for (lockspace, resource), held in self._state.leases.items():
             live: list[tuple[Owner, float]] = []
             dead: list[Owner] = []
             for key, (owner, since) in held.owners.items():
                 if key not in gone:
-                    gone[key] = self._processes.is_gone(owner)
+                    gone[key] = self._gone(owner)
+                    earlier_boot += owner.of_another_boot(self._boot)
                 if gone[key]:
                     dead.append(owner)
                 else:
@@ -120,10 +128,13 @@ class RecoveryActor(DispatchedActor):
             self._plan.setdefault(lockspace, []).append(
                 RestoreLease(resource, held.mode, held.autocreate, tuple(live), tuple(dead), fd)
             )
+        if earlier_boot:
+            log.info("recovery: %d owners registered before this boot of the host; "
+                     "their leases end as owner-gone", earlier_boot)  # fmt: skip
         self._fences = [
             (owner, reason)
             for owner, reason, since in self._state.fencing.values()
-            if since >= self._boot_time and not self._processes.is_gone(owner)
+            if since >= self._boot_time and not self._gone(owner)
         ]
         if self._fences and not self._fence_lost:
             # lost_lease_policy = log is the operator's "kill no VM" switch: killing

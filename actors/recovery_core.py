@@ -113,7 +113,10 @@ class ReplayState:
 
     def _owner(self, wire: dict[str, Any]) -> Owner:
         cache = self._owner_cache
-        ident = (wire["pid"], wire["start_time"], wire["uuid"], wire["name"], wire["id"])
+        # The boot belongs in the cache key: an autostarted VM can repeat pid, start
+        # time, uuid, name and id after a reboot.
+        ident = (wire["pid"], wire["start_time"], wire["uuid"], wire["name"], wire["id"],
+                 wire.get("boot"))  # fmt: skip
         owner = cache.get(ident)
         if owner is None:
             owner = cache[ident] = Owner.from_wire(wire)

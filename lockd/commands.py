@@ -92,7 +92,10 @@ def _uuid_text(raw: Any) -> str:
 
 
 def _owner_json(owner: dict[str, Any]) -> dict[str, Any]:
-    return {**owner, "uuid": _uuid_text(owner.get("uuid"))}
+    out = {**owner, "uuid": _uuid_text(owner.get("uuid"))}
+    if "boot" in owner:
+        out["boot"] = _uuid_text(owner["boot"])
+    return out
 
 
 def _when(ts: float) -> str:

@@ -165,6 +165,7 @@ class LockSystem:
             fd_store=self.fd_store,
         )
         processes = procs.ProcTable()
+        boot = procs.boot_id()
         self.owners = OwnersActor.start(
             d,
             processes=processes,
@@ -179,7 +180,7 @@ class LockSystem:
             router.ensure(name)
         router.adopt_all()  # serve every lockspace directory there is, from the start
         self.info = ServerInfo(
-            __version__, os.getpid(), self.started, socket.gethostname(), procs.fd_limit
+            __version__, os.getpid(), self.started, socket.gethostname(), procs.fd_limit, boot
         )
         RecoveryActor.start(
             d,
@@ -193,6 +194,7 @@ class LockSystem:
             fence_lost=config.lost_lease_policy == "fence",
             started=self.started,
             boot_time=procs.boot_time(),
+            boot=boot,
         )
 
     def _recovered(self, report: RecoveryReport) -> None:

@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import subprocess
+import uuid as uuidlib
 from typing import Any
 
 from actors.model import Owner
@@ -89,6 +90,24 @@ def boot_time() -> float:
     except OSError:
         pass
     return 0.0
+
+
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> bytes | None:
+    """This boot's random id, as 16 bytes; None if the kernel does not say.
+
+    The kernel draws it at boot and never changes it until the next one, in
+    every namespace: lockd stamps it on each owner it registers, so that after
+    a reboot no journaled owner is mistaken for a new process that happens to
+    have the same pid and start time.
+    """
+    try:
+        with open(BOOT_ID_PATH, encoding="ascii") as f:
+            return uuidlib.UUID(f.read().strip()).bytes
+    except (OSError, ValueError):
+        return None
 
 
 def fd_limit() -> int:

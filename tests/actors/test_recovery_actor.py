@@ -30,8 +30,11 @@ def h(tmp_path: Path) -> Iterator[Harness]:
     harness.close()
 
 
-def owner(pid: int) -> Owner:
-    return Owner(uuid.uuid4().bytes, f"vm{pid}", 1, pid, 100)
+BOOT, EARLIER_BOOT = b"\x02" * 16, b"\x01" * 16
+
+
+def owner(pid: int, boot: bytes | None = None) -> Owner:
+    return Owner(uuid.uuid4().bytes, f"vm{pid}", 1, pid, 100, boot)
 
 
 def start_recovery(h: Harness, state: ReplayState, **options: Any) -> list[RecoveryReport]:
@@ -236,6 +239,39 @@ def test_a_fence_the_crash_interrupted_is_resumed(h: Harness) -> None:
     (released,) = h.journal_writer.events(LeaseReleased)
     assert (released.owner.pid, released.reason) == (LIVE, ReleaseReason.OWNER_EXIT)
     assert not kernel_locked(h.lock_dir / FILES / "disk")
+
+
+@pytest.mark.parametrize(
+    ("journaled", "current", "kept"),
+    [
+        (EARLIER_BOOT, BOOT, False),
+        (BOOT, BOOT, True),
+        (None, BOOT, True),  # journaled before lockd recorded boots: pid and start time decide
+        (EARLIER_BOOT, None, True),  # the kernel gives no boot id now: likewise
+    ],
+    ids=["earlier-boot", "this-boot", "boot-not-journaled", "boot-unknown-now"],
+)
+def test_an_owner_of_an_earlier_boot_is_gone_though_its_pid_and_start_time_recur(
+    h: Harness, journaled: bytes | None, current: bytes | None, kept: bool
+) -> None:
+    """After a reboot, a VM autostarted in the same order can repeat the old owner's pid and
+    start time: a boot id recorded with the owner that differs from this boot's ends its
+    lease (owner-gone) and its interrupted fence (the process is never signalled); unknown
+    on either side leaves pid and start time to decide, as before boots were recorded."""
+    vm = owner(LIVE, journaled)
+    state = ReplayState()
+    held(state, "disk", vm)
+    state.fencing[vm.key] = (vm, "connection closed while holding leases", 3.0)
+    h.processes.ignores_sigterm.add(LIVE)
+    report = recover(h, state, boot=current)
+    assert (report.held, report.released) == ((1, 0) if kept else (0, 1))
+    assert kernel_locked(h.lock_dir / FILES / "disk") is kept
+    assert h.processes.signals == ([(LIVE, "SIGTERM")] if kept else [])
+    if not kept:
+        (released,) = h.journal_writer.events(LeaseReleased)
+        assert (released.owner, released.reason) == (vm, ReleaseReason.OWNER_GONE)
+        h.advance(5.0)
+        assert h.processes.signals == []
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,11 @@ from actors.events import (
 from actors.model import LeaseMode, Owner
 from actors.recovery_core import ReplayState
 
-OWNERS = [Owner(uuid.UUID(int=i).bytes, f"vm{i}", i + 1, 100 + i, 7) for i in range(4)]
+OWNERS = [
+    # Owners journaled before boots were recorded (boot None) and after.
+    Owner(uuid.UUID(int=i).bytes, f"vm{i}", i + 1, 100 + i, 7, None if i % 2 else bytes([i]) * 16)
+    for i in range(4)
+]
 RESOURCES = ["a", "b", "c"]
 
 events = st.one_of(

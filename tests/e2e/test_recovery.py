@@ -8,11 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
+import attrs
 import pytest
 
 from actors.faults import POINTS
+from lockd.journal_format import decode_records, encode_header, encode_record, header_length
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
 from tests.e2e.invariants import check, listed
@@ -58,6 +62,52 @@ def test_kill_9_then_restart_holds_live_owners_and_releases_dead_ones(
     vm1.wait()
     wait_for(lambda: not listed(daemon))
     assert events(daemon, "--type", "lease-released")[-1]["reason"] == "owner-exit"
+    check(daemon)
+
+
+def journal_owners_as_of_another_boot(journal_dir: Path, pid: int) -> None:
+    """Rewrite the journal as if the owner ``pid`` had registered in an earlier boot.
+
+    What a host reboot leaves, when a VM autostarted in the same order gets the
+    old owner's pid and start time (here: it is the very same process).
+    """
+    earlier = uuid.UUID(int=1).bytes
+    for segment in sorted(journal_dir.glob("journal-*.cbor")):
+        data = segment.read_bytes()
+        first_seq, start = header_length(data)
+        entries, _ = decode_records(data[start:], first_seq)
+        out = [encode_header(first_seq)]
+        for entry in entries:
+            event: Any = entry.event
+            owner = getattr(event, "owner", None)
+            if owner is not None and owner.pid == pid:
+                event = attrs.evolve(event, owner=attrs.evolve(owner, boot=earlier))
+                out.append(encode_record(attrs.evolve(entry, event=event)))
+            else:
+                out.append(encode_record(entry))
+        segment.write_bytes(b"".join(out))
+
+
+def test_after_a_reboot_an_owner_of_the_earlier_boot_is_gone_though_its_pid_recurs(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A process of the new boot with the old owner's pid and start time holds no lease."""
+    vm1 = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    vm2 = start_run(daemon, children, "--disk", "/vm/b.img", "--name", "vm2")
+    registered = [e["owner"] for e in events(daemon, "--type", "lease-acquired")]
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+        assert {o["boot"] for o in registered} == {f.read().strip()}  # as `events --json` shows it
+    crash(daemon)
+    journal_owners_as_of_another_boot(daemon.journal_dir, vm1.pid)
+    restart(daemon)
+    assert listed(daemon) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/b.img")): ("exclusive", (vm2.pid,))
+    }
+    assert not lease_file(daemon, "/vm/a.img").exists()  # autocreated: cleaned up
+    gone = events(daemon, "--type", "lease-released")
+    assert [(e["owner"]["pid"], e["reason"]) for e in gone] == [(vm1.pid, "owner-gone")]
+    assert vm1.poll() is None  # never signalled: it is not the owner that held the lease
+    assert not events(daemon, "--type", "owner-fenced")
     check(daemon)
 
 

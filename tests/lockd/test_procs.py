@@ -10,6 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from actors.model import Owner
 from lockd import procs
 
@@ -43,6 +45,21 @@ def test_boot_time_is_in_the_past_and_before_this_process() -> None:
     started = procs.start_time(os.getpid())
     assert started is not None
     assert booted + started / ticks <= time.time() + 1
+
+
+def test_boot_id_is_the_kernels_and_stays_put(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The id stamped on owners is the kernel's boot id; unreadable, it is unknown (None)."""
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+        expected = uuid.UUID(f.read().strip()).bytes
+    assert procs.boot_id() == expected == procs.boot_id()
+    monkeypatch.setattr(procs, "BOOT_ID_PATH", str(tmp_path / "missing"))
+    assert procs.boot_id() is None
+    garbled = tmp_path / "garbled"
+    garbled.write_text("not a uuid\n")
+    monkeypatch.setattr(procs, "BOOT_ID_PATH", str(garbled))
+    assert procs.boot_id() is None
 
 
 def test_comm_with_spaces_and_parens_does_not_confuse_the_parser(tmp_path: Path) -> None:

@@ -11,7 +11,10 @@ step:
    kernel by that daemon, in the same mode, on the file's current inode;
 3. no resource is exclusive on one host and held on the other;
 4. replaying a host's journal gives exactly its daemon's tables;
-5. at the end, once the journal works and timers have run, no dead
+5. every owner a running daemon lists asked for a lease in this boot of
+   its host (after a reboot, a process of the new boot can have an old
+   owner's pid and start time: only the boot id tells them apart);
+6. at the end, once the journal works and timers have run, no dead
    process is listed as an owner.
 """
 
@@ -60,7 +63,7 @@ class SimConn:
         self.ref = ConnectionActor.start(
             host.dispatcher, conn_id=next(host.sim.conn_ids), transport=self.transport,
             router=host.router, owners=host.owners, journal=host.journal,
-            processes=host.view, info=ServerInfo("sim", 1, 0.0, host.name),
+            processes=host.view, info=ServerInfo("sim", 1, 0.0, host.name, boot=host.boot_id),
             clock=host.sim.clock, wall_clock=host.sim.clock,
         )  # fmt: skip
         self.incarnation = host.incarnation
@@ -122,6 +125,25 @@ class Host:
         self.report: RecoveryReport | None = None
         self.manager_pid = 50 + len(sim.hosts)
         self.processes.spawn(self.manager_pid)
+        self.boot = 1
+        self.acquirers: set[tuple[int, int]] = set()
+        """(pid, start time) of every process that asked this host for a lease in this boot."""
+
+    @property
+    def boot_id(self) -> bytes:
+        return self.boot.to_bytes(16, "big")
+
+    def reboot(self) -> dict[int, int]:
+        """Every process ends; a new boot id. Returns the old processes' start times."""
+        assert not self.up
+        started = dict(self.processes.procs)
+        for pid in started:
+            self.processes.exit(pid)
+        self.processes.ignores_sigterm.clear()
+        self.boot += 1
+        self.acquirers.clear()
+        self.processes.spawn(self.manager_pid, started[self.manager_pid])
+        return started
 
     @property
     def up(self) -> bool:
@@ -153,7 +175,7 @@ class Host:
         reports: list[RecoveryReport] = []
         RecoveryActor.start(
             d, state=state, router=self.router, owners=self.owners, journal=self.journal,
-            processes=self.view, on_done=reports.append,
+            processes=self.view, on_done=reports.append, boot=self.boot_id,
         )  # fmt: skip
         self.run()
         assert reports, f"{self.name}: recovery did not finish"
@@ -233,6 +255,7 @@ class Sim:
         picks = self.rng.sample(RESOURCES, self.rng.randint(1, 3))
         leases = [{"lockspace": FILES_LOCKSPACE, "resource": r, "shared": self.rng.random() < 0.4}
                   for r in picks]  # fmt: skip
+        vm.host.acquirers.add((vm.pid, vm.start))
         if self.rng.random() < 0.5:  # as QEMU: its own connection, which it keeps
             if vm.own is None or not vm.own.alive:
                 vm.own = SimConn(vm.host, vm.pid)
@@ -287,6 +310,23 @@ class Sim:
             host.start()
             self.log.append(f"{host.name} restarts: {host.report}")
 
+    def _reboot(self) -> None:
+        """The whole host restarts. The VMs autostarted again get their old pids and start
+        times (the same boot order, the worst case): only the boot id shows they are new."""
+        host = self.rng.choice(self.hosts)
+        if host.up:
+            host.crash()
+        started = host.reboot()
+        back = []
+        for vm in self.vms:
+            if vm.host is host:
+                vm.own = None
+                if vm.pid in started and self.rng.random() < 0.7:
+                    host.processes.spawn(vm.pid, started[vm.pid])
+                    back.append(vm.pid)
+        host.start()
+        self.log.append(f"{host.name} reboots; vms {back} autostart: {host.report}")
+
     def _steal(self) -> None:
         """Another host without a daemon takes a lease file's lock (only possible if free)."""
         res = self.rng.choice(RESOURCES)
@@ -320,8 +360,8 @@ class Sim:
 
     OPS: tuple[tuple[Callable[[Sim], None], int], ...] = (
         (_acquire, 30), (_release, 15), (_vm_exit, 10), (_drop_own_connection, 6),
-        (_crash_or_restart, 8), (_steal, 4), (_thief_lets_go, 4), (_journal_trouble, 3),
-        (_time_passes, 12),
+        (_crash_or_restart, 8), (_reboot, 2), (_steal, 4), (_thief_lets_go, 4),
+        (_journal_trouble, 3), (_time_passes, 12),
     )  # fmt: skip
 
     def step(self) -> None:
@@ -374,6 +414,11 @@ class Sim:
             held = tables[host.name]
             for (_, resource), (mode, owners) in held.items():
                 assert owners, self.explain(f"{host.name}: {resource} held by nobody")
+                for key in owners:
+                    assert (key.pid, key.start_time) in host.acquirers, self.explain(
+                        f"{host.name} holds {resource} for {key}, which asked for no lease "
+                        f"in this boot"
+                    )
                 kernel_mode = self.kernel.holders(path, resource).get(host.name)
                 want = "w" if mode == LeaseMode.EXCLUSIVE.value else "r"
                 assert kernel_mode == want, self.explain(

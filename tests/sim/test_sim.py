@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from tests.sim.sim import Sim
+from tests.sim.sim import Sim, SimConn
 
 
 def run_schedule(seed: int, steps: int, root: Path) -> Sim:
@@ -36,12 +36,14 @@ def test_random_schedules(request: pytest.FixtureRequest, tmp_path: Path) -> Non
     schedules = request.config.getoption("--sim-schedules")
     steps = request.config.getoption("--sim-steps")
     seeds = [seed] if seed is not None else range(schedules)
-    total_steps = crashes = 0
+    total_steps = crashes = reboots = 0
     for s in seeds:
         sim = run_schedule(s, steps, tmp_path)
         total_steps += sim.steps
         crashes += sum(1 for line in sim.log if "crashes" in line)
-    print(f"\nsimulated {len(seeds)} schedules, {total_steps} steps, {crashes} daemon crashes")
+        reboots += sum(1 for line in sim.log if "reboots" in line)
+    print(f"\nsimulated {len(seeds)} schedules, {total_steps} steps, {crashes} daemon crashes, "
+          f"{reboots} host reboots")  # fmt: skip
     assert total_steps == len(seeds) * steps
 
 
@@ -53,15 +55,38 @@ def test_the_checks_can_fail(tmp_path: Path) -> None:
         sim.hosts[1].crash()
         sim.kernel.close_all(host.name)  # the locks vanish under the daemon's feet
         vm = next(v for v in sim.vms if v.host is host)
-        from tests.sim.sim import SimConn
-
         conn = SimConn(host, vm.pid)
+        host.acquirers.add((vm.pid, vm.start))
         conn.call("register", owner=vm.owner_map())
         conn.call("acquire", leases=[{"lockspace": "org.libvirt.lockd.files", "resource": "a"}],
                   autocreate=True)  # fmt: skip
         sim.kernel.close_all(host.name)
         with pytest.raises(AssertionError, match="the kernel says None"):
             sim.check()
+    finally:
+        sim.close()
+
+
+def test_a_reboot_ends_the_leases_of_the_earlier_boot(tmp_path: Path) -> None:
+    """A VM autostarted with its old pid and start time holds nothing it did not ask for."""
+    sim = Sim(1, tmp_path)
+    try:
+        host = sim.hosts[0]
+        vm = next(v for v in sim.vms if v.host is host)
+        conn = SimConn(host, vm.pid)
+        host.acquirers.add((vm.pid, vm.start))
+        conn.call("register", owner=vm.owner_map())
+        lease = {"lockspace": "org.libvirt.lockd.files", "resource": "a"}
+        assert "result" in conn.call("acquire", leases=[lease], autocreate=True)
+        host.crash()
+        started = host.reboot()
+        host.processes.spawn(vm.pid, started[vm.pid])
+        host.start()
+        assert vm.alive  # the same pid and start time, in the new boot
+        assert host.tables() == {}
+        assert host.report is not None
+        assert host.report.released == 1
+        sim.check()
     finally:
         sim.close()
 

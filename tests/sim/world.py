@@ -149,13 +149,19 @@ class ProcessTable:
         self.ignores_sigterm: set[int] = set()
         self.views: list[ProcessView] = []
         self.signals: list[tuple[int, str]] = []
-        self._boot = 1000
+        self._started = 1000
 
-    def spawn(self, pid: int) -> int:
-        """Start a process with ``pid`` (a new start time: pid reuse is a different process)."""
-        self._boot += 1
-        self.procs[pid] = self._boot
-        return self._boot
+    def spawn(self, pid: int, start: int | None = None) -> int:
+        """Start a process with ``pid`` (a new start time: pid reuse is a different process).
+
+        ``start`` gives it a start time of an earlier boot: after a reboot, VMs
+        autostarted in the same order repeat their old pids and start times.
+        """
+        if start is None:
+            self._started += 1
+            start = self._started
+        self.procs[pid] = start
+        return start
 
     def exit(self, pid: int) -> None:
         if self.procs.pop(pid, None) is not None:
