@@ -674,26 +674,37 @@ class ConnectionActor(DispatchedActor):
         for lockspace, resource in request.leases:
             grouped.setdefault(lockspace, []).append(resource)
         groups = list(grouped.items())
+        self._with_lockspaces(
+            request, list(grouped), lambda: self._release_group(request, owner, groups, 0, 0)
+        )
 
-        def step(index: int, released: int) -> None:
-            lockspace, resources = groups[index]
+    def _release_group(
+        self,
+        request: m.Release,
+        owner: Owner,
+        groups: list[tuple[str, list[str]]],
+        index: int,
+        released: int,
+    ) -> None:
+        # A method, not a closure that calls itself: such a closure is a reference
+        # cycle, left for the cyclic collector on every release.
+        lockspace, resources = groups[index]
 
-            def done(reply: Done) -> None:
-                if reply.refusal is not None:
-                    self._refused(request, reply)
-                elif index + 1 < len(groups):
-                    step(index + 1, released + len(reply.entries))
-                else:
-                    self._reply(request, {"released": released + len(reply.entries)})
+        def done(reply: Done) -> None:
+            if reply.refusal is not None:
+                self._refused(request, reply)
+            elif index + 1 < len(groups):
+                self._release_group(request, owner, groups, index + 1,
+                                    released + len(reply.entries))  # fmt: skip
+            else:
+                self._reply(request, {"released": released + len(reply.entries)})
 
-            self._lockspaces[lockspace].tell(
-                ReleaseLeases(
-                    owner, tuple(resources), self.conn_id, ReleaseReason.CLIENT,
-                    self._wait(done), self.actor_ref,
-                )
-            )  # fmt: skip
-
-        self._with_lockspaces(request, list(grouped), lambda: step(0, 0))
+        self._lockspaces[lockspace].tell(
+            ReleaseLeases(
+                owner, tuple(resources), self.conn_id, ReleaseReason.CLIENT,
+                self._wait(done), self.actor_ref,
+            )
+        )  # fmt: skip
 
     def _released_all(self, request: m.Release, reply: OwnerReleased) -> None:
         if reply.failed:

@@ -258,6 +258,19 @@ class _Inbox:
             self.schedule()
         self._early = 0
 
+    def unbind(self, dispatcher: Dispatcher, name: str) -> None:
+        """The actor stopped: answer what still arrives without it.
+
+        While bound, the actor holds this inbox and this inbox holds the
+        actor's ``_step``: a reference cycle, which only the cyclic collector
+        frees, and a full collection stalls every request (0.1 s with 16,384
+        leases held). Unbound, a stopped actor is freed as soon as its last
+        reference goes. An ask that raced the stop is still answered.
+        """
+        self.schedule = functools.partial(
+            dispatcher.submit, functools.partial(_answer_one_dead, self.queue, name)
+        )
+
     def put(self, envelope: Envelope[Any], /) -> None:
         self.queue.append(envelope)
         self.schedule()
@@ -268,6 +281,24 @@ class _Inbox:
 
     def empty(self) -> bool:
         return not self.queue
+
+
+def _answer_dead(message: Any, reply_to: pykka.Future[Any] | None, name: str) -> None:
+    """pykka's answer to a message its actor will never handle."""
+    if reply_to is None:
+        return
+    if isinstance(message, _ActorStop):
+        reply_to.set(None)
+    else:
+        reply_to.set_exception(exc_info=(ActorDeadError, ActorDeadError(f"{name} stopped"), None))
+
+
+def _answer_one_dead(queue: collections.deque[Any], name: str) -> None:
+    """The step of a stopped actor's inbox (see :meth:`_Inbox.unbind`)."""
+    if queue:
+        item = queue.popleft()
+        if type(item) is Envelope:
+            _answer_dead(item.message, item.reply_to, name)
 
 
 class _StoppedFlag:
@@ -345,6 +376,7 @@ class DispatchedActor(pykka.Actor):
 
     def _stop(self) -> None:
         self.actor_stopped.set()
+        self.actor_inbox.unbind(self.dispatcher, str(self.actor_ref))
         try:
             self.on_stop()
         except Exception:  # noqa: BLE001 - pykka semantics: on_stop failures are logged
@@ -373,7 +405,7 @@ class DispatchedActor(pykka.Actor):
         else:
             message, reply_to = item, None
         if self.actor_stopped._set:
-            self._answer_dead(message, reply_to)
+            _answer_dead(message, reply_to, str(self.actor_ref))
             return
         try:
             # pykka's _handle_receive tests four control types before calling
@@ -398,13 +430,3 @@ class DispatchedActor(pykka.Actor):
         except BaseException:
             self._stop()
             raise
-
-    def _answer_dead(self, message: Any, reply_to: pykka.Future[Any] | None) -> None:
-        if reply_to is None:
-            return
-        if isinstance(message, _ActorStop):
-            reply_to.set(None)
-        else:
-            reply_to.set_exception(
-                exc_info=(ActorDeadError, ActorDeadError(f"{self} stopped"), None)
-            )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import pykka
 import pytest
+from pykka._envelope import Envelope
 
 from actors.runtime import ActorCrashedError, DispatchedActor, Dispatcher
 
@@ -174,3 +177,30 @@ def test_a_tell_from_another_thread_wakes_the_waiting_loop() -> None:
         d.stop_all()
         d.run_until_idle()
         d.close()
+
+
+def test_a_stopped_actor_is_freed_without_the_cyclic_collector(dispatcher: Dispatcher) -> None:
+    """Once stopped and unreferenced, an actor is gone at once (one per released lease)."""
+    gc.disable()
+    try:
+        ref = Recorder.start(dispatcher, [])
+        actor = weakref.ref(ref._actor_weakref())
+        ref.stop(block=False)
+        dispatcher.run_until_idle()
+        del ref
+        assert actor() is None
+    finally:
+        gc.enable()
+
+
+def test_an_ask_that_races_the_stop_is_answered(dispatcher: Dispatcher) -> None:
+    """An ask queued after the actor stopped (another thread passed the alive check
+    just before) gets ActorDeadError, not a wait until its timeout."""
+    ref = Recorder.start(dispatcher, [])
+    ref.stop(block=False)
+    dispatcher.run_until_idle()
+    late: pykka.ThreadingFuture[Any] = pykka.ThreadingFuture()
+    ref.actor_inbox.put(Envelope("late", reply_to=late))
+    dispatcher.run_until_idle()
+    with pytest.raises(pykka.ActorDeadError):
+        late.get(timeout=0)
