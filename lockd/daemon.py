@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -285,6 +286,31 @@ class _IdleWatch(DispatchedActor):
         return super().on_receive(message)
 
 
+def _collector_off_for_recovery() -> None:
+    """Start-up recovery builds the state the daemon will keep: keep the collector out of it.
+
+    The cyclic collector runs whenever allocations outnumber frees, and
+    recovery allocates little else than what it keeps: at 16,384 leases and
+    a million events of history, 717 collections took 300-375 ms of a
+    1.1 s recovery and found nothing to free (measured). Start-up garbage
+    (imports, the command line) is collected first, while the heap is small.
+    """
+    gc.collect()
+    gc.disable()
+
+
+def _collector_on_after_recovery() -> None:
+    """Freeze what recovery built, then collect as usual.
+
+    Frozen objects are skipped by every later collection (a full one over
+    the restored state would stall requests about 0.1 s per 16,384
+    leases); they are still freed by reference counting when their lease
+    ends, as everything on the hot path is (no reference cycles there).
+    """
+    gc.freeze()
+    gc.enable()
+
+
 class Daemon:
     """``lockd serve``: a LockSystem behind its sockets."""
 
@@ -303,6 +329,9 @@ class Daemon:
         self._overridden = overridden
         """Settings given on the command line: a reload of the file does not change them."""
         self._handoff = handoff
+        self._embedded = embedded
+        if not embedded:  # the collector is the host program's business
+            _collector_off_for_recovery()
         limit = procs.raise_fd_limit() if not embedded else 0
         adopted = {(ls, res): fd for ls, res, fd in handoff.leases} if handoff else None
         activated: dict[str, int] = {}
@@ -371,6 +400,8 @@ class Daemon:
 
     def _serve(self, report: RecoveryReport) -> None:
         """Recovery is done: accept the connections waiting in the backlog, tell systemd."""
+        if not self._embedded:
+            _collector_on_after_recovery()
         if self._handoff is not None:
             for state in self._handoff.connections:
                 self._adopt_connection(state)
