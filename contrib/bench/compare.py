@@ -5,9 +5,11 @@ Starts the virtlockd peer (``shared/peers/virtlockd``, needs root), runs its
 benchmark client, stops it; then starts ``lockd serve`` on temp paths for each
 journal_sync policy and runs ``lockd bench`` with the same shape: one
 connection per worker, one exclusive autocreated lease per worker, acquire +
-release pairs. Daemon and clients are pinned to the same CPU (``--cpu``).
-Prints a Markdown table with ratios to virtlockd (and to the floors measured
-in the same run) and, with ``--json``, everything raw.
+release pairs. That is one round; ``--repeat`` rounds run in turn and each
+number is the median over them, so every daemon samples the same spells of a
+VM whose speed drifts over minutes. Daemon and clients are pinned to the same
+CPU (``--cpu``). Prints a Markdown table with ratios to virtlockd (and to the
+floors measured in the same run) and, with ``--json``, everything raw.
 
     sudo .venv/bin/python contrib/bench/compare.py --repeat 3
 """
@@ -40,14 +42,15 @@ CPU_WARMUP = 100
 cannot say when they end (3% of the run at the default ``--ops``)."""
 
 
-def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int, repeat: int) -> dict[str, Any]:
+def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]:
+    """One round of the peer's client (sequential, then 1, 4 and 16 connections)."""
     env = dict(os.environ, VIRTLOCKD_CPU=str(cpu))
     subprocess.run(["bash", str(peer / "setup.sh")], env=env, check=True, stdout=subprocess.PIPE)
     try:
         client = [sys.executable, str(peer / "client.py"), "--pin-cpu", str(cpu), "--no-checks"]
         done = subprocess.run(
             [*client, "--ops", str(ops), "--tp-ops", str(tp_ops), "--concurrency", "1,4,16",
-             "--repeat", str(repeat)],
+             "--repeat", "1"],
             check=True, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         status = subprocess.run(
@@ -76,7 +79,8 @@ def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int, repeat: int) -> d
         "pair_p99_us": seq["acquire_release_pair"]["p99_us"],
         "pairs_per_s": seq["pairs_per_s"],
     }
-    seq_m = {**seq_m, "daemon_cpu_us_per_pair": daemon_cpu}
+    if daemon_cpu is not None:
+        seq_m = {**seq_m, "daemon_cpu_us_per_pair": daemon_cpu}
     conc = []
     for level in raw["throughput"]:
         m = level.get("median_of_runs") or {
@@ -88,7 +92,8 @@ def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int, repeat: int) -> d
     return {"sequential": seq_m, "concurrent": conc, "raw": raw}
 
 
-def run_lockd(sync: str, cpu: int, ops: int, tp_ops: int, repeat: int) -> dict[str, Any]:
+def run_lockd(sync: str, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]:
+    """One round of ``lockd bench`` against a fresh daemon with this journal_sync."""
     lockd = [sys.executable, "-m", "lockd"]
     with tempfile.TemporaryDirectory(prefix="lockd-bench-") as tmp:
         sock = f"{tmp}/lockd.sock"
@@ -104,28 +109,30 @@ def run_lockd(sync: str, cpu: int, ops: int, tp_ops: int, repeat: int) -> dict[s
                 if time.monotonic() > deadline or daemon.poll() is not None:
                     raise RuntimeError("lockd did not start")
                 time.sleep(0.05)
-            runs = []
-            for _ in range(repeat):
-                done = subprocess.run(
-                    ["taskset", "-c", str(cpu), *lockd, "bench", "--socket", sock, "--json",
-                     "--ops", str(ops), "--tp-ops", str(tp_ops)],
-                    check=True, stdout=subprocess.PIPE, text=True, cwd=REPO,
-                )  # fmt: skip
-                runs.append(json.loads(done.stdout))
+            done = subprocess.run(
+                ["taskset", "-c", str(cpu), *lockd, "bench", "--socket", sock, "--json",
+                 "--ops", str(ops), "--tp-ops", str(tp_ops)],
+                check=True, stdout=subprocess.PIPE, text=True, cwd=REPO,
+            )  # fmt: skip
         finally:
             stop_child(daemon)
-    return {
-        "sequential": _median(r["sequential"] for r in runs),
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _rounds(rounds: list[dict[str, Any]], raw_key: str) -> dict[str, Any]:
+    """Medians over the rounds of one daemon; the rounds themselves under ``raw_key``."""
+    out: dict[str, Any] = {
+        "sequential": _median(r["sequential"] for r in rounds),
         "concurrent": [
-            {
-                "concurrency": lvl["concurrency"],
-                **_median(r["concurrent"][i] for r in runs),
-            }
-            for i, lvl in enumerate(runs[0]["concurrent"])
+            {"concurrency": lvl["concurrency"], **_median(r["concurrent"][i] for r in rounds)}
+            for i, lvl in enumerate(rounds[0]["concurrent"])
         ],
-        "floor": _median(r["floor"] for r in runs),
-        "runs": runs,
+        raw_key: rounds,
     }
+    if "floor" in rounds[0]:
+        out["floor"] = _median(r["floor"] for r in rounds)
+    return out
 
 
 def _median(rows: Any) -> dict[str, float]:
@@ -141,18 +148,24 @@ def main() -> int:
     parser.add_argument("--cpu", type=int, default=0, help="CPU for every daemon and client")
     parser.add_argument("--ops", type=int, default=3000, help="sequential pairs per run")
     parser.add_argument("--tp-ops", type=int, default=6000, help="pairs per concurrent run")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per daemon; medians reported")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds, in turn; medians reported")
     parser.add_argument("--sync", default="none,batch", help="lockd journal_sync policies to run")
     parser.add_argument("--json", action="store_true", help="print raw JSON instead of the table")
     args = parser.parse_args()
-    v = run_virtlockd(args.peer, args.cpu, args.ops, args.tp_ops, args.repeat)
-    lockd = {s: run_lockd(s, args.cpu, args.ops, args.tp_ops, args.repeat)
-             for s in args.sync.split(",")}  # fmt: skip
+    syncs = args.sync.split(",")
+    v_rounds: list[dict[str, Any]] = []
+    lockd_rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in syncs}
+    for _ in range(args.repeat):
+        v_rounds.append(run_virtlockd(args.peer, args.cpu, args.ops, args.tp_ops))
+        for s in syncs:
+            lockd_rounds[s].append(run_lockd(s, args.cpu, args.ops, args.tp_ops))
+    v = _rounds(v_rounds, "raw")
+    lockd = {s: _rounds(rounds, "runs") for s, rounds in lockd_rounds.items()}
     if args.json:
         print(json.dumps({"virtlockd": v, "lockd": lockd}, indent=1))
         return 0
     floor = next(iter(lockd.values()))["floor"]
-    print(f"CPU {args.cpu} for daemons and clients; {args.repeat} runs each, medians.\n")
+    print(f"CPU {args.cpu} for daemons and clients; {args.repeat} rounds in turn, medians.\n")
     print("\n".join(compare_table({"virtlockd": v, "lockd": lockd})))
     print(
         f"\nFloors (same run): OFD lock+unlock in-process {floor['fcntl_pair_us']} us; "

@@ -87,7 +87,7 @@ def rewrite(doc: str, results: dict[str, Any]) -> str:
 def _runs(repeat: int | None) -> str:
     if repeat == 1:
         return "one run per daemon"
-    return f"medians of {repeat or '?'} runs per daemon"
+    return f"medians of {repeat or '?'} rounds, the daemons in turn in each"
 
 
 def _cell(text: str) -> str:
