@@ -32,7 +32,7 @@ from actors.lockspace import (
     ReleaseLeases,
     Snapshot,
 )
-from actors.metrics import REGISTRY, LabelSet
+from actors.metrics import REGISTRY, LabelSet, gc_counters, gc_gauges
 from actors.model import LeaseMode, Owner
 from actors.owners import ConnectionClosed, Watch
 from actors.router import (
@@ -804,7 +804,9 @@ class ConnectionActor(DispatchedActor):
                 ("lockd_journal_seq", "Seq of the last journal entry.", {(): gathered.last_seq}),
                 ("lockd_uptime_seconds", "Seconds since start.", {(): uptime}),
                 *self._fd_gauges(),
-            ]
+                *gc_gauges(),
+            ],
+            gc_counters(),
         )
         self._reply(request, {"text": text})
 

@@ -10,6 +10,7 @@ clients) are computed when asked, from a snapshot, not kept here.
 from __future__ import annotations
 
 import bisect
+import gc
 from collections.abc import Iterable, Mapping
 
 LabelSet = tuple[tuple[str, str], ...]
@@ -60,8 +61,12 @@ class Metrics:
         counts[bisect.bisect_left(FSYNC_BUCKETS, value)] += 1
         sums[0] += value
 
-    def render(self, extra_gauges: Iterable[tuple[str, str, Mapping[LabelSet, float]]] = ()) -> str:
-        """The exposition text; ``extra_gauges`` are (name, help, series) computed by the caller."""
+    def render(
+        self,
+        extra_gauges: Iterable[tuple[str, str, Mapping[LabelSet, float]]] = (),
+        extra_counters: Iterable[tuple[str, str, Mapping[LabelSet, float]]] = (),
+    ) -> str:
+        """The exposition text; the extras are (name, help, series) computed by the caller."""
         lines: list[str] = []
         for name, series in sorted(self.counters.items()):
             lines.extend(_family(name, series))
@@ -76,10 +81,35 @@ class Metrics:
                 le = "+Inf" if bound == float("inf") else f"{bound:g}"
                 lines.append(f'{name}_bucket{{le="{le}"}} {running}')
             lines += [f"{name}_sum {sums[0]:.6f}", f"{name}_count {running}"]
-        for name, text, extra in extra_gauges:
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
-            lines.extend(f"{name}{_labels(k)} {_num(v)}" for k, v in sorted(extra.items()))
+        for kind, extras in (("gauge", extra_gauges), ("counter", extra_counters)):
+            for name, text, extra in extras:
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+                lines.extend(f"{name}{_labels(k)} {_num(v)}" for k, v in sorted(extra.items()))
         return "\n".join(lines) + "\n"
+
+
+def gc_counters() -> list[tuple[str, str, dict[LabelSet, float]]]:
+    """The cyclic collector's work, by generation, under the Prometheus client's names.
+
+    A full collection (generation 2) stops every request for as long as it
+    walks the heap: about 0.1 s with 16,384 leases held.
+    """
+    stats = gc.get_stats()
+    out: list[tuple[str, str, dict[LabelSet, float]]] = []
+    for name, key, text in (
+        ("python_gc_collections_total", "collections", "Collections, by generation."),
+        ("python_gc_objects_collected_total", "collected", "Objects freed, by generation."),
+        ("python_gc_objects_uncollectable_total", "uncollectable",
+         "Objects found uncollectable, by generation."),
+    ):  # fmt: skip
+        out.append((name, text, {(("generation", str(g)),): s[key] for g, s in enumerate(stats)}))
+    return out
+
+
+def gc_gauges() -> list[tuple[str, str, dict[LabelSet, float]]]:
+    """Objects frozen after start-up recovery: later collections skip them."""
+    return [("lockd_gc_frozen_objects", "Objects frozen after start-up recovery (the collector "
+             "skips them).", {(): gc.get_freeze_count()})]  # fmt: skip
 
 
 def _family(name: str, series: Mapping[LabelSet, float]) -> list[str]:

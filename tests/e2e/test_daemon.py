@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -428,6 +429,12 @@ def test_metrics_and_log_level_on_the_admin_socket(
     assert 'lockd_leases_held{lockspace="org.libvirt.lockd.files",mode="exclusive"} 1' in text
     assert "lockd_recovery_duration_seconds" in text
     assert "lockd_journal_bytes_total" in text
+    # The collector: counted by generation, and the state recovery built frozen.
+    assert "# TYPE python_gc_collections_total counter" in text
+    assert 'python_gc_collections_total{generation="2"}' in text
+    frozen = re.search(r"^lockd_gc_frozen_objects (\d+)$", text, re.MULTILINE)
+    assert frozen is not None
+    assert int(frozen.group(1)) > 0
     shown = daemon.lockd("log-level", "--json")
     assert shown.returncode == 0, shown.stderr
     changed = daemon.lockd("log-level", "warning", "--filters", "debug:actors.owners", "--json")
