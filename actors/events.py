@@ -148,6 +148,21 @@ class OwnerFenced(Event):
 
 
 @attrs.frozen
+class Fence:
+    """An owner being fenced, and why (``recovery-completed`` carries those it goes on with)."""
+
+    owner: Owner = attrs.field(converter=_owner)
+    reason: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"owner": self.owner.to_wire(), "reason": self.reason}
+
+
+def _fences(value: Any) -> tuple[Fence, ...]:
+    return tuple(item if isinstance(item, Fence) else Fence(**item) for item in value)
+
+
+@attrs.frozen
 class RecoveryCompleted(Event):
     """Start-up recovery finished; counts say what it found."""
 
@@ -156,6 +171,11 @@ class RecoveryCompleted(Event):
     released: int
     lost: int
     duration_ms: float
+    fencing: tuple[Fence, ...] = attrs.field(default=(), converter=_fences)
+    """The fences this daemon starts or resumes: owners of leases lost while lockd was
+    down, and fences a crash interrupted. Written in this one record, they outlive a
+    crash before the owners actor's own ``owner-fenced`` records; absent in journals of
+    an older lockd."""
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
@@ -183,6 +203,8 @@ _TO_WIRE: dict[type, Callable[[Any], Any] | None] = {}
 def _wire_converter(cls: type) -> Callable[[Any], Any] | None:
     if issubclass(cls, Owner):
         return operator.methodcaller("to_wire")
+    if cls is tuple:  # of values with a wire form (RecoveryCompleted.fencing)
+        return lambda items: [item.to_wire() for item in items]
     if issubclass(cls, enum.Enum):
         return operator.attrgetter("value")
     return None
@@ -219,9 +241,10 @@ def event_from_wire(data: dict[str, Any]) -> Event:
         raise ValueError(f"unknown event type {data.get('type')!r}")
     kwargs: dict[str, Any] = {}
     for field in attrs.fields(cls):
-        if field.name not in data:
+        if field.name in data:
+            kwargs[field.name] = data[field.name]
+        elif field.default is attrs.NOTHING:  # fields added later have defaults
             raise ValueError(f"{cls.TYPE} event lacks field {field.name!r}")
-        kwargs[field.name] = data[field.name]
     return cls(**kwargs)
 
 

@@ -28,11 +28,18 @@ from typing import Any
 import attrs
 import pykka
 
-from actors.events import Event, LeaseLost, LeaseReleased, RecoveryCompleted, ReleaseReason
+from actors.events import (
+    Event,
+    Fence,
+    LeaseLost,
+    LeaseReleased,
+    RecoveryCompleted,
+    ReleaseReason,
+)
 from actors.journal import Append, Appended, AppendFailed
 from actors.lockspace import Restore, Restored, RestoreLease
 from actors.metrics import REGISTRY
-from actors.model import Owner
+from actors.model import Owner, OwnerKey
 from actors.owners import FenceLost, Processes, Watch
 from actors.recovery_core import ReplayState
 from actors.router import Found, Lookup
@@ -220,25 +227,32 @@ class RecoveryActor(DispatchedActor):
     def _complete(self) -> None:
         for owner in self._live.values():
             self._owners.tell(Watch(owner))
+        fences: dict[OwnerKey, Fence] = {}
         for owner, lease in self._lost:
             log.error(
                 "recovery: %s lost lease %s to another process or host", owner.describe(), lease
             )
             if self._fence_lost:
-                self._owners.tell(FenceLost(owner, f"lease {lease} was taken while lockd was down"))
+                fence = Fence(owner, f"lease {lease} was taken while lockd was down")
+                fences.setdefault(owner.key, fence)
         for owner, reason in self._fences:
             # SIGTERM again (harmless to a process already exiting), then SIGKILL
             # after the grace period, as the interrupted fence would have done.
             log.warning("recovery: resuming the fence of %s (%s)", owner.describe(), reason)
-            resumed = reason.removesuffix(RESUMED) + RESUMED
-            self._owners.tell(FenceLost(owner, resumed))
+            fences.setdefault(owner.key, Fence(owner, reason.removesuffix(RESUMED) + RESUMED))
         duration = round((time.monotonic() - self._started) * 1000, 3)
         REGISTRY.set("lockd_recovery_duration_seconds", duration / 1000)
         self._report = RecoveryReport(
             self._held, self._released, len(self._lost), duration, tuple(self._lost)
         )
-        event = RecoveryCompleted(self._held, self._released, len(self._lost), duration)
+        # The fences go in the record that ends recovery, so a crash before the
+        # owners actor journals its signals still leaves them to the next start.
+        event = RecoveryCompleted(
+            self._held, self._released, len(self._lost), duration, tuple(fences.values())
+        )
         self._journal.tell(Append((event,), 0, self.actor_ref))
+        for fence in fences.values():
+            self._owners.tell(FenceLost(fence.owner, fence.reason))
 
     def _journaled(self, _message: Appended | AppendFailed) -> None:
         log.info(

@@ -54,12 +54,12 @@ class ReplayState:
     lockspaces: dict[str, str] = attrs.field(factory=dict)
     leases: dict[tuple[str, str], HeldLease] = attrs.field(factory=dict)
     fencing: dict[OwnerKey, tuple[Owner, str, float]] = attrs.field(factory=dict)
-    """Owners sent SIGTERM and not yet SIGKILL, nor seen gone: (owner, reason, when).
+    """Owners to fence, not yet SIGKILLed nor seen gone: (owner, reason, when).
 
-    A daemon killed inside the grace period between the two would otherwise
-    forget the escalation; the next one resumes it. A daemon's start
-    (``recovery-completed``) clears them: the fences it resumes are journaled
-    again after it.
+    An ``owner-fenced`` SIGTERM starts one, and so does a ``lease-lost`` (the
+    fence it owes). A daemon killed before the SIGKILL would otherwise forget
+    it; the next one resumes it. ``recovery-completed`` replaces them all
+    with the fences that daemon goes on with, which it lists in that record.
     """
     _owner_cache: dict[tuple[Any, ...], Owner] = attrs.field(
         factory=dict, init=False, repr=False, eq=False
@@ -100,7 +100,9 @@ class ReplayState:
                 held.owners.pop(owner_key, None)
                 if not held.owners:
                     del self.leases[key]
-            if self.fencing and kind == "lease-released" and record["reason"] in _EXITS:
+            if kind == "lease-lost":
+                self._lost(self._owner(wire), key, float(record["time"]))
+            elif self.fencing and record["reason"] in _EXITS:
                 self.fencing.pop(owner_key, None)
         elif kind == "lockspace-created":
             self.lockspaces[record["lockspace"]] = record["path"]
@@ -108,7 +110,11 @@ class ReplayState:
             self._fenced(self._owner(record["owner"]), record["signal"], record["reason"],
                          float(record["time"]))  # fmt: skip
         elif kind == "recovery-completed":
-            self.fencing.clear()
+            when = float(record["time"])
+            self.fencing = {}
+            for fence in record.get("fencing", ()):
+                owner = self._owner(fence["owner"])
+                self.fencing[owner.key] = (owner, fence["reason"], when)
         self.seq = seq
 
     def _owner(self, wire: dict[str, Any]) -> Owner:
@@ -138,14 +144,24 @@ class ReplayState:
                 held.owners.pop(event.owner.key, None)
                 if not held.owners:
                     del self.leases[key]
-            if self.fencing and isinstance(event, LeaseReleased) and event.reason in _EXITS:
+            if isinstance(event, LeaseLost):
+                self._lost(event.owner, key, time)
+            elif self.fencing and event.reason in _EXITS:
                 self.fencing.pop(event.owner.key, None)
         elif isinstance(event, LockspaceCreated):
             self.lockspaces[event.lockspace] = event.path
         elif isinstance(event, OwnerFenced):
             self._fenced(event.owner, event.signal, event.reason, time)
         elif isinstance(event, RecoveryCompleted):
-            self.fencing.clear()
+            self.fencing = {f.owner.key: (f.owner, f.reason, time) for f in event.fencing}
+
+    def _lost(self, owner: Owner, lease: tuple[str, str], time: float) -> None:
+        # A lost lease owes its owner a fence (under lost_lease_policy = fence), from
+        # the moment it is journaled: a crash before recovery completes must not
+        # leave a process writing to a disk another host now holds.
+        if owner.key not in self.fencing:
+            reason = f"lease {lease[0]}/{lease[1]} was taken while lockd was down"
+            self.fencing[owner.key] = (owner, reason, time)
 
     def _fenced(self, owner: Owner, signal: str, reason: str, time: float) -> None:
         if signal == "SIGTERM":

@@ -71,6 +71,8 @@ def _plain(value: object) -> object:
         if "name" in value and "pid" in value:
             return f"{value['name']}[pid={value['pid']}]"
         return ",".join(f"{k}:{_plain(v)}" for k, v in value.items())
+    if isinstance(value, list):  # recovery-completed's fences: owner:reason pairs
+        return "[" + ";".join(str(_plain(v)) for v in value) + "]"
     return value
 
 
@@ -81,6 +83,8 @@ def _json_ready(value: object) -> object:
         return str(uuid.UUID(bytes=value)) if len(value) == 16 else value.hex()
     if isinstance(value, dict):
         return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_ready(v) for v in value]
     return value
 
 

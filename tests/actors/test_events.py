@@ -7,9 +7,11 @@ import pytest
 
 from actors.events import (
     EVENT_TYPES,
+    Fence,
     JournalEntry,
     LeaseAcquired,
     LeaseReleased,
+    RecoveryCompleted,
     ReleaseReason,
     event_from_wire,
 )
@@ -30,6 +32,21 @@ def test_entry_round_trips_through_cbor() -> None:
     assert data["type"] == "lease-released"
     assert data["reason"] == "owner-exit"
     assert JournalEntry.from_wire(data) == entry
+
+
+def test_recovery_completed_carries_its_fences_and_reads_older_records() -> None:
+    """The fences a recovery goes on with round-trip with their owners (boot id included);
+    a record of an older lockd, without them, reads as none; a malformed one is refused."""
+    owner = Owner(b"\x01" * 16, "vm1", 3, 4242, 99, b"\x02" * 16)
+    event = RecoveryCompleted(5, 1, 1, 12.5, (Fence(owner, "lease ls/r1 was taken"),))
+    entry = JournalEntry(seq=9, time=1764000000.5, host="hv1", event=event)
+    data = cbor2.loads(cbor2.dumps(entry.to_wire()))
+    assert data["fencing"] == [{"owner": owner.to_wire(), "reason": "lease ls/r1 was taken"}]
+    assert JournalEntry.from_wire(data) == entry
+    del data["fencing"]
+    assert JournalEntry.from_wire(data).event == RecoveryCompleted(5, 1, 1, 12.5)
+    with pytest.raises(ValueError, match="malformed"):
+        JournalEntry.from_wire({**data, "fencing": [{"owner": owner.to_wire()}]})
 
 
 def test_every_event_type_has_a_unique_wire_name() -> None:

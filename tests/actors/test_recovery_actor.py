@@ -10,7 +10,16 @@ from typing import Any
 
 import pytest
 
-from actors.events import LeaseLost, LeaseReleased, OwnerFenced, RecoveryCompleted, ReleaseReason
+from actors.events import (
+    Fence,
+    JournalEntry,
+    LeaseAcquired,
+    LeaseLost,
+    LeaseReleased,
+    OwnerFenced,
+    RecoveryCompleted,
+    ReleaseReason,
+)
 from actors.model import LeaseMode, Owner
 from actors.recovery import RESUMED, RecoveryActor, RecoveryReport
 from actors.recovery_core import HeldLease, ReplayState
@@ -86,6 +95,11 @@ def test_recovery_holds_releases_and_reports_lost(h: Harness) -> None:
         assert h.processes.signals == [(VICTIM, "SIGTERM"), (VICTIM, "SIGKILL")]
         (done,) = h.journal_writer.events(RecoveryCompleted)
         assert (done.held, done.released, done.lost) == (1, 1, 1)
+        # The fence it starts is in that record: a crash before the SIGTERM is journaled
+        # leaves it to the next start.
+        assert done.fencing == (
+            Fence(victim, f"lease {FILES}/stolen was taken while lockd was down"),
+        )
         # Served afterwards exactly as before the crash, with the journaled 'since'.
         c = h.connect(LIVE)
         (row,) = c.ok("list-leases")["leases"]
@@ -217,6 +231,27 @@ def test_an_adopted_fd_that_lost_its_lock_is_removed_from_the_fd_store(h: Harnes
         assert [e.owner.pid for e in h.journal_writer.events(LeaseLost)] == [VICTIM]
     finally:
         os.close(thief)
+
+
+def test_a_lost_lease_journaled_before_a_crash_still_gets_its_owner_fenced(h: Harness) -> None:
+    """The previous daemon journaled the lost lease and died before it fenced the owner
+    (or before its recovery completed): the next one fences the owner all the same."""
+    victim = owner(VICTIM)
+    state = ReplayState()
+    history = [
+        LeaseAcquired(FILES, "stolen", LeaseMode.EXCLUSIVE, victim, 1, True),
+        LeaseLost(FILES, "stolen", LeaseMode.EXCLUSIVE, victim, "held by another host"),
+    ]
+    for seq, event in enumerate(history, 1):
+        state.fold(JournalEntry(seq, 5.0, "test", event))
+    h.processes.ignores_sigterm.add(VICTIM)
+    report = recover(h, state)
+    assert (report.held, report.lost) == (0, 0)  # nothing left to hold: it was lost before
+    assert h.processes.signals == [(VICTIM, "SIGTERM")]
+    (fenced,) = h.journal_writer.events(OwnerFenced)
+    assert fenced.reason == f"lease {FILES}/stolen was taken while lockd was down" + RESUMED
+    h.advance(2.0)
+    assert h.processes.signals == [(VICTIM, "SIGTERM"), (VICTIM, "SIGKILL")]
 
 
 def test_a_fence_the_crash_interrupted_is_resumed(h: Harness) -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from actors.events import (
     DaemonStarted,
     Event,
+    Fence,
     JournalEntry,
     LeaseAcquired,
     LeaseLost,
@@ -65,7 +66,15 @@ events = st.one_of(
         st.sampled_from(["connection closed", "lease a was taken"]),
     ),
     st.builds(
-        RecoveryCompleted, st.integers(0, 3), st.integers(0, 3), st.integers(0, 3), st.just(1.5)
+        RecoveryCompleted,
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.integers(0, 3),
+        st.just(1.5),
+        st.lists(
+            st.builds(Fence, st.sampled_from(OWNERS), st.sampled_from(["lease a was taken"])),
+            max_size=2,
+        ).map(tuple),
     ),
 )
 
@@ -118,8 +127,9 @@ def test_snapshot_then_tail_equals_the_whole_history(head: list[Event], tail: li
     assert summary(resumed) == summary(whole)
 
 
-def test_a_fence_is_pending_from_sigterm_until_sigkill_exit_or_restart() -> None:
-    """What recovery resumes: owners sent SIGTERM whose fence neither escalated nor ended."""
+def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_sigkill_exit_or_restart() -> None:
+    """What recovery resumes: owners sent SIGTERM, or owed a fence by a lost lease, whose
+    fence neither escalated nor ended; a completed recovery replaces them with its own list."""
     vm, other = OWNERS[0], OWNERS[1]
 
     def fold(*evs: Event) -> ReplayState:
@@ -139,6 +149,14 @@ def test_a_fence_is_pending_from_sigterm_until_sigkill_exit_or_restart() -> None
     someone_else = LeaseReleased("ls", "a", LeaseMode.EXCLUSIVE, other, 0, ReleaseReason.ADMIN)
     assert list(fold(term, someone_else).fencing) == [vm.key]
     assert not fold(term, RecoveryCompleted(1, 0, 0, 1.0)).fencing
+    handed = RecoveryCompleted(1, 0, 1, 1.0, (Fence(other, "lease ls/b was taken"),))
+    assert fold(term, handed).fencing == {other.key: (other, "lease ls/b was taken", 1.0)}
+    lost = LeaseLost("ls", "b", LeaseMode.EXCLUSIVE, vm, "taken by another host")
+    assert fold(lost).fencing == {
+        vm.key: (vm, "lease ls/b was taken while lockd was down", 0.0)
+    }  # a crash before recovery completes leaves the fence it owes to the next start
+    assert fold(term, lost).fencing[vm.key][1] == "connection closed"  # the first reason stays
+    assert not fold(lost, OwnerFenced(vm, "SIGKILL", "still running")).fencing
     restored = ReplayState.from_wire(fold(term).to_wire())
     assert restored.fencing == fold(term).fencing
     old_snapshot = fold(term).to_wire()

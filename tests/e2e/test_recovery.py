@@ -15,7 +15,9 @@ from typing import Any
 import attrs
 import pytest
 
+from actors.events import JournalEntry, LeaseAcquired, LeaseLost
 from actors.faults import POINTS
+from actors.recovery import RESUMED
 from lockd.journal_format import decode_records, encode_header, encode_record, header_length
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
@@ -137,6 +139,32 @@ def test_lease_stolen_while_down_is_reported_lost_and_the_owner_fenced(
     assert fenced[0]["signal"] == "SIGTERM"
     assert listed(daemon) == {}
     check(daemon, others={path})
+
+
+def test_a_lost_lease_whose_fence_a_crash_cut_off_is_fenced_by_the_next_daemon(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A recovery journaled a lost lease and died before it signalled the owner (and before
+    recovery-completed): the next daemon fences that owner, and its record says so."""
+    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    crash(daemon)
+    (segment,) = sorted(daemon.journal_dir.glob("journal-*.cbor"))
+    data = segment.read_bytes()
+    first_seq, start = header_length(data)
+    entries, _ = decode_records(data[start:], first_seq)
+    (acquired,) = [e.event for e in entries if isinstance(e.event, LeaseAcquired)]
+    lost = LeaseLost(FILES_LOCKSPACE, acquired.resource, acquired.mode, acquired.owner,
+                     "held by another host")  # fmt: skip
+    record = encode_record(JournalEntry(entries[-1].seq + 1, time.time(), "test", lost))
+    segment.write_bytes(data + record)
+    restart(daemon)
+    assert vm.wait(10) == -signal.SIGTERM
+    (fenced,) = events(daemon, "--type", "owner-fenced")
+    assert fenced["reason"].startswith(f"lease {FILES_LOCKSPACE}/{acquired.resource} was taken")
+    assert fenced["reason"].endswith(RESUMED)
+    done = events(daemon, "--type", "recovery-completed")[-1]
+    assert [f["owner"]["pid"] for f in done["fencing"]] == [vm.pid]
+    assert listed(daemon) == {}
 
 
 def test_a_fence_cut_short_by_a_crash_is_finished_by_the_next_daemon(
