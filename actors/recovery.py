@@ -41,7 +41,7 @@ from actors.lockspace import Restore, Restored, RestoreLease
 from actors.metrics import REGISTRY
 from actors.model import Owner, OwnerKey
 from actors.owners import FenceLost, Processes, Watch
-from actors.recovery_core import ReplayState
+from actors.recovery_core import ReplayState, lost_lease_reason
 from actors.router import Found, Lookup
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 
@@ -233,7 +233,7 @@ class RecoveryActor(DispatchedActor):
                 "recovery: %s lost lease %s to another process or host", owner.describe(), lease
             )
             if self._fence_lost:
-                fence = Fence(owner, f"lease {lease} was taken while lockd was down")
+                fence = Fence(owner, lost_lease_reason(lease))
                 fences.setdefault(owner.key, fence)
         for owner, reason in self._fences:
             # SIGTERM again (harmless to a process already exiting), then SIGKILL

@@ -46,6 +46,11 @@ class HeldLease:
     owners: dict[OwnerKey, tuple[Owner, float]] = attrs.field(factory=dict)
 
 
+def lost_lease_reason(lease: str) -> str:
+    """Why the owner of ``lease`` (``lockspace/resource``), lost while lockd was down, is fenced."""
+    return f"lease {lease} was taken while lockd was down"
+
+
 @attrs.define
 class ReplayState:
     """Everything recovery needs, as of journal entry ``seq``."""
@@ -160,8 +165,7 @@ class ReplayState:
         # the moment it is journaled: a crash before recovery completes must not
         # leave a process writing to a disk another host now holds.
         if owner.key not in self.fencing:
-            reason = f"lease {lease[0]}/{lease[1]} was taken while lockd was down"
-            self.fencing[owner.key] = (owner, reason, time)
+            self.fencing[owner.key] = (owner, lost_lease_reason(f"{lease[0]}/{lease[1]}"), time)
 
     def _fenced(self, owner: Owner, signal: str, reason: str, time: float) -> None:
         if signal == "SIGTERM":
