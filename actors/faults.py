@@ -13,6 +13,10 @@ the order an operation reaches them:
 - ``snapshot-written``: a rotation's snapshot is on disk, the new segment is not.
 - ``segment-started``: the new segment exists, old segments are not pruned.
 - ``snapshot-tmp``: a snapshot's temporary file is written, not yet renamed.
+- ``restore-journaled``: start-up recovery wrote a lockspace's findings
+  (``lease-released`` for owners gone, ``lease-lost``); recovery has not completed.
+- ``recovery-completed``: ``recovery-completed`` is written; the fences it lists
+  are not started.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ POINTS = (
     "snapshot-written",
     "segment-started",
     "snapshot-tmp",
+    "restore-journaled",
+    "recovery-completed",
 )
 
 _SPEC = os.environ.get("LOCKD_CRASH_AT", "")

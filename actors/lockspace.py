@@ -749,6 +749,8 @@ class LockspaceActor(DispatchedActor):
 
     def _on_restore_journaled(self, message: Appended | AppendFailed) -> None:
         restoring = self._restoring.pop(message.token)
+        if restoring.events and isinstance(message, Appended):
+            crash_point("restore-journaled")
         request = restoring.request
         if isinstance(message, AppendFailed):
             # What recovery found is what the daemon now holds: keep offering

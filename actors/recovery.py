@@ -36,6 +36,7 @@ from actors.events import (
     RecoveryCompleted,
     ReleaseReason,
 )
+from actors.faults import crash_point
 from actors.journal import Append, Appended, AppendFailed
 from actors.lockspace import Restore, Restored, RestoreLease
 from actors.metrics import REGISTRY
@@ -110,6 +111,8 @@ class RecoveryActor(DispatchedActor):
         self._live: dict[Any, Owner] = {}
         self._fences: list[tuple[Owner, str]] = []
         self._lookups: dict[str, int] = {}
+        self._handed: tuple[Fence, ...] = ()
+        """The fences ``recovery-completed`` lists, started once it is written."""
 
     def _gone(self, owner: Owner) -> bool:
         return owner.of_another_boot(self._boot) or self._processes.is_gone(owner)
@@ -247,14 +250,18 @@ class RecoveryActor(DispatchedActor):
         )
         # The fences go in the record that ends recovery, so a crash before the
         # owners actor journals its signals still leaves them to the next start.
+        self._handed = tuple(fences.values())
         event = RecoveryCompleted(
-            self._held, self._released, len(self._lost), duration, tuple(fences.values())
+            self._held, self._released, len(self._lost), duration, self._handed
         )
         self._journal.tell(Append((event,), 0, self.actor_ref))
-        for fence in fences.values():
-            self._owners.tell(FenceLost(fence.owner, fence.reason))
 
     def _journaled(self, _message: Appended | AppendFailed) -> None:
+        # Recorded first, then acted on. Should the record have failed, the
+        # fences still start: better a fenced VM than one writing a lost disk.
+        crash_point("recovery-completed")
+        for fence in self._handed:
+            self._owners.tell(FenceLost(fence.owner, fence.reason))
         log.info(
             "recovery: %d leases held again, %d released (owner gone), %d lost, in %.1f ms",
             self._report.held,

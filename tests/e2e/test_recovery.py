@@ -15,7 +15,6 @@ from typing import Any
 import attrs
 import pytest
 
-from actors.events import JournalEntry, LeaseAcquired, LeaseLost
 from actors.faults import POINTS
 from actors.recovery import RESUMED
 from lockd.journal_format import decode_records, encode_header, encode_record, header_length
@@ -37,6 +36,22 @@ def crash(daemon: DaemonProcess) -> None:
 def restart(daemon: DaemonProcess, **env: str) -> DaemonProcess:
     daemon.env_extra = env
     return daemon.start()
+
+
+def steal(path: Path, children: list[subprocess.Popen[bytes]]) -> None:
+    """Another host takes the lease file's lock (a classic POSIX lock, as virtlockd's)."""
+    thief = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, struct, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+         "fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack('hhqqi4x', fcntl.F_WRLCK, 0, 0, 1, 0))\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(600)\n", str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    children.append(thief)  # type: ignore[arg-type]
+    assert thief.stdout is not None
+    assert thief.stdout.readline().strip() == "locked"
 
 
 def test_kill_9_then_restart_holds_live_owners_and_releases_dead_ones(
@@ -119,18 +134,7 @@ def test_lease_stolen_while_down_is_reported_lost_and_the_owner_fenced(
     vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
     path = lease_file(daemon, "/vm/a.img")
     crash(daemon)
-    thief = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, struct, sys, time\n"
-         "fd = os.open(sys.argv[1], os.O_RDWR)\n"
-         "fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack('hhqqi4x', fcntl.F_WRLCK, 0, 0, 1, 0))\n"
-         "print('locked', flush=True)\n"
-         "time.sleep(600)\n", str(path)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    children.append(thief)  # type: ignore[arg-type]
-    assert thief.stdout is not None
-    assert thief.stdout.readline().strip() == "locked"
+    steal(path, children)
     restart(daemon)
     assert vm.wait(10) == -signal.SIGTERM  # fenced: it may be writing someone else's disk
     lost = events(daemon, "--type", "lease-lost")
@@ -139,32 +143,6 @@ def test_lease_stolen_while_down_is_reported_lost_and_the_owner_fenced(
     assert fenced[0]["signal"] == "SIGTERM"
     assert listed(daemon) == {}
     check(daemon, others={path})
-
-
-def test_a_lost_lease_whose_fence_a_crash_cut_off_is_fenced_by_the_next_daemon(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
-) -> None:
-    """A recovery journaled a lost lease and died before it signalled the owner (and before
-    recovery-completed): the next daemon fences that owner, and its record says so."""
-    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
-    crash(daemon)
-    (segment,) = sorted(daemon.journal_dir.glob("journal-*.cbor"))
-    data = segment.read_bytes()
-    first_seq, start = header_length(data)
-    entries, _ = decode_records(data[start:], first_seq)
-    (acquired,) = [e.event for e in entries if isinstance(e.event, LeaseAcquired)]
-    lost = LeaseLost(FILES_LOCKSPACE, acquired.resource, acquired.mode, acquired.owner,
-                     "held by another host")  # fmt: skip
-    record = encode_record(JournalEntry(entries[-1].seq + 1, time.time(), "test", lost))
-    segment.write_bytes(data + record)
-    restart(daemon)
-    assert vm.wait(10) == -signal.SIGTERM
-    (fenced,) = events(daemon, "--type", "owner-fenced")
-    assert fenced["reason"].startswith(f"lease {FILES_LOCKSPACE}/{acquired.resource} was taken")
-    assert fenced["reason"].endswith(RESUMED)
-    done = events(daemon, "--type", "recovery-completed")[-1]
-    assert [f["owner"]["pid"] for f in done["fencing"]] == [vm.pid]
-    assert listed(daemon) == {}
 
 
 def test_a_fence_cut_short_by_a_crash_is_finished_by_the_next_daemon(
@@ -249,8 +227,36 @@ CRASH_CASES = [
 ]
 
 
+RECOVERY_CRASH_POINTS = ["restore-journaled", "recovery-completed"]
+
+
 def test_every_crash_point_is_covered() -> None:
-    assert sorted(point for point, _ in CRASH_CASES) == sorted(POINTS)
+    covered = [point for point, _ in CRASH_CASES] + RECOVERY_CRASH_POINTS
+    assert sorted(covered) == sorted(POINTS)
+
+
+@pytest.mark.parametrize("point", RECOVERY_CRASH_POINTS)
+def test_a_crash_inside_recovery_still_fences_the_owner_of_a_lost_lease(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], point: str
+) -> None:
+    """Recovery finds a lease stolen while lockd was down and dies before it signals the
+    owner: the next start fences it (it may be writing a disk another host holds)."""
+    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    crash(daemon)
+    steal(lease_file(daemon, "/vm/a.img"), children)
+    with pytest.raises(RuntimeError, match="exited at start"):
+        restart(daemon, LOCKD_CRASH_AT=point)
+    assert daemon.proc is not None
+    assert daemon.proc.returncode == -signal.SIGKILL
+    assert vm.poll() is None  # not signalled yet
+    assert events(daemon, "--type", "lease-lost")  # what the crashed recovery found
+    restart(daemon)
+    assert vm.wait(10) == -signal.SIGTERM
+    (fenced,) = events(daemon, "--type", "owner-fenced")
+    assert fenced["reason"].endswith(RESUMED)
+    done = events(daemon, "--type", "recovery-completed")[-1]
+    assert [f["owner"]["pid"] for f in done["fencing"]] == [vm.pid]  # listed before signalled
+    assert listed(daemon) == {}
 
 
 @pytest.mark.parametrize(("point", "action"), CRASH_CASES)
