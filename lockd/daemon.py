@@ -299,15 +299,26 @@ def _collector_off_for_recovery() -> None:
     gc.disable()
 
 
+FULL_COLLECTION_AFTER = 100
+"""Generation-1 collections before a full one is considered (Python's default: 10)."""
+
+
 def _collector_on_after_recovery() -> None:
-    """Freeze what recovery built, then collect as usual.
+    """Freeze what recovery built, then collect, rarely walking the whole heap.
 
     Frozen objects are skipped by every later collection (a full one over
     the restored state would stall requests about 0.1 s per 16,384
     leases); they are still freed by reference counting when their lease
-    ends, as everything on the hot path is (no reference cycles there).
+    ends. Acquire, release and whole client connections make no reference
+    cycles (tests keep them so), so the young collections free what little
+    cyclic garbage there is, and a full collection walks the live state for
+    nothing while every request waits: measured in-process, Python's default
+    ran 5 of them (up to 89 ms each) over a 16,000-lease fill and 60,000
+    pairs after it, and ``FULL_COLLECTION_AFTER`` none.
     """
     gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
     gc.enable()
 
 

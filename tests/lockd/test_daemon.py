@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import gc
+import os
+import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lockd.config import Config
-from lockd.daemon import Daemon
+from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
+from protocol.client import Client
+from protocol.names import FILES_LOCKSPACE
 
 
 @pytest.fixture
 def config(tmp_path: Path) -> Iterator[Config]:
+    threshold = gc.get_threshold()
     yield Config(
         socket=str(tmp_path / "s"),
         admin_socket=str(tmp_path / "a"),
@@ -21,6 +28,7 @@ def config(tmp_path: Path) -> Iterator[Config]:
         journal_dir=str(tmp_path / "journal"),
     )
     gc.unfreeze()
+    gc.set_threshold(*threshold)
     gc.enable()
 
 
@@ -35,8 +43,48 @@ def test_serve_keeps_the_collector_out_of_recovery_and_on_afterwards(config: Con
         assert daemon.system.ready.is_set()
         assert gc.isenabled()
         assert gc.get_freeze_count() > 0
+        assert gc.get_threshold()[2] == FULL_COLLECTION_AFTER
     finally:
         daemon.system.shutdown("test done")
+
+
+def test_client_connections_leave_nothing_for_the_cyclic_collector(config: Config) -> None:
+    """Whole connections over the real socket (register, acquire, release, status, close)
+    free what they make by reference counting: why full collections can be rare."""
+    daemon = Daemon(config, embedded=True)
+    serving = threading.Thread(target=daemon.run, name="lockd-test")
+    serving.start()
+    try:
+        assert daemon.system.ready.wait(10)
+
+        def session() -> None:
+            with Client(config.socket) as client:
+                owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()}
+                client.call("register", owner=owner)
+                lease = {"lockspace": FILES_LOCKSPACE, "resource": "disk"}
+                client.call("acquire", leases=[lease], autocreate=True)
+                client.call("release", leases=[lease])
+                client.call("status")
+            # The daemon sees the close on its own thread: wait until it has.
+            deadline = time.monotonic() + 10
+            while True:
+                with Client(config.socket) as probe:
+                    if probe.call("status")["clients"] == 1:  # only the probe
+                        break
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+        session()  # the lockspace actor and the first client start
+        gc.collect()
+        gc.disable()
+        for _ in range(20):
+            session()
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+        daemon.request_stop("test done")
+        serving.join(10)
+        assert not serving.is_alive()
 
 
 def test_an_embedded_lock_system_leaves_the_collector_alone(config: Config) -> None:
