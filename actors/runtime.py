@@ -326,7 +326,7 @@ class DispatchedRef(pykka.ActorRef[Any]):
 
     pykka's ``tell`` costs eight Python calls (``is_alive``, the event,
     the envelope, the inbox, the scheduling); a pair of requests makes
-    fifteen hops, so this one does the same in two: check the stopped
+    fourteen hops, so this one does the same in two: check the stopped
     flag, queue the message, submit the step.
     """
 
