@@ -122,7 +122,8 @@ class ConnectionClosed:
 
 @attrs.frozen
 class FenceLost:
-    """Recovery found that ``owner`` lost a lease while lockd was down: stop it writing."""
+    """Recovery fences ``owner``: it lost a lease while lockd was down, or its fence was cut
+    short by a crash. SIGTERM, then SIGKILL after the grace period."""
 
     owner: Owner
     reason: str

@@ -10,10 +10,11 @@ For every lease in the replayed state:
   it gets ``lease-lost``, and the fencing policy applies (default: terminate
   the owner, since it may be writing a disk someone else now holds).
 
-Then every live owner is watched with a pidfd, a fence the previous daemon
-began (SIGTERM sent, SIGKILL not yet) is resumed if its owner still runs,
-``recovery-completed`` records the counts and duration, and ``on_done``
-lets the daemon serve.
+Then every live owner is watched with a pidfd; ``recovery-completed``
+records the counts, the duration and the fences to run (owners of leases
+lost now, and fences a previous daemon began or owed and did not finish,
+whose owner still runs); once it is written those fences start, and
+``on_done`` lets the daemon serve.
 """
 
 from __future__ import annotations
@@ -127,8 +128,9 @@ class RecoveryActor(DispatchedActor):
             dead: list[Owner] = []
             for key, (owner, since) in held.owners.items():
                 if key not in gone:
-                    gone[key] = self._gone(owner)
-                    earlier_boot += owner.of_another_boot(self._boot)
+                    earlier = owner.of_another_boot(self._boot)
+                    earlier_boot += earlier
+                    gone[key] = earlier or self._processes.is_gone(owner)
                 if gone[key]:
                     dead.append(owner)
                 else:

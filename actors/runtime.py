@@ -275,6 +275,8 @@ class _Inbox:
         self.queue.append(envelope)
         self.schedule()
 
+    # get and empty complete pykka's ActorInbox protocol; the dispatcher's step
+    # reads ``queue`` itself.
     def get(self) -> Envelope[Any]:
         item = self.queue.popleft()
         return item if type(item) is Envelope else Envelope(item)
