@@ -153,13 +153,24 @@ class Fence:
 
     owner: Owner = attrs.field(converter=_owner)
     reason: str
+    since: float | None = None
+    """Wall-clock time the fence was first owed or begun; None: it begins now. A resumed
+    fence keeps it, so its SIGKILL comes a grace period after that, however many crashes
+    fall in between (otherwise a daemon crashing within every grace period never kills)."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"owner": self.owner.to_wire(), "reason": self.reason}
+        wire: dict[str, Any] = {"owner": self.owner.to_wire(), "reason": self.reason}
+        if self.since is not None:
+            wire["since"] = self.since
+        return wire
 
 
 def _fences(value: Any) -> tuple[Fence, ...]:
-    return tuple(item if isinstance(item, Fence) else Fence(**item) for item in value)
+    # Keys a later lockd may add are ignored, as unknown event fields are.
+    return tuple(
+        item if isinstance(item, Fence) else Fence(item["owner"], item["reason"], item.get("since"))
+        for item in value
+    )
 
 
 @attrs.frozen

@@ -32,6 +32,8 @@ import itertools
 import logging
 import selectors
 import signal
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import attrs
@@ -123,10 +125,12 @@ class ConnectionClosed:
 @attrs.frozen
 class FenceLost:
     """Recovery fences ``owner``: it lost a lease while lockd was down, or its fence was cut
-    short by a crash. SIGTERM, then SIGKILL after the grace period."""
+    short by a crash. SIGTERM, then SIGKILL a grace period after ``since``."""
 
     owner: Owner
     reason: str
+    since: float | None = None
+    """Wall-clock time the fence was first owed or begun (None: now)."""
 
 
 @attrs.frozen
@@ -187,6 +191,7 @@ class OwnersActor(DispatchedActor):
         journal: pykka.ActorRef[Any],
         grace: float = FENCE_GRACE_SECONDS,
         max_pidfds: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(dispatcher)
         self._processes = processes
@@ -203,6 +208,8 @@ class OwnersActor(DispatchedActor):
         self._router = router
         self._journal = journal
         self._grace = grace
+        self._clock = clock
+        """Wall clock, the journal's: how much of a resumed fence's grace is left."""
         self._watched: dict[OwnerKey, _Watched] = {}
         self._tokens = itertools.count(1)
         self._closing: dict[int, ConnectionClosed] = {}
@@ -477,7 +484,18 @@ class OwnersActor(DispatchedActor):
         self._fencing[owner.key] = _Fencing(0, ReleaseReason.OWNER_EXIT)
         self._watch(owner)
         self._fence(owner, signal.SIGTERM, message.reason)
-        self._schedule(owner, self._grace, signal.SIGKILL)
+        self._schedule(owner, self._grace_left(message.since), signal.SIGKILL)
+
+    def _grace_left(self, since: float | None) -> float:
+        """What remains of the grace period of a fence owed or begun at ``since``.
+
+        A fence resumed after a crash keeps its deadline: with a full grace period
+        at each start, a daemon that crashes within every grace period would never
+        send the SIGKILL. A wall clock stepped back gives the full period (never more);
+        one stepped forward, less, down to SIGKILL right after the SIGTERM."""
+        if since is None:
+            return self._grace
+        return min(self._grace, max(0.0, self._grace - (self._clock() - since)))
 
     def _schedule(self, owner: Owner, delay: float, signum: int | None) -> None:
         old = self._timers.pop(owner.key, None)

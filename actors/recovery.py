@@ -110,7 +110,7 @@ class RecoveryActor(DispatchedActor):
         self._lost: list[tuple[Owner, str]] = []
         self._plan: dict[str, list[RestoreLease]] = {}
         self._live: dict[Any, Owner] = {}
-        self._fences: list[tuple[Owner, str]] = []
+        self._fences: list[tuple[Owner, str, float]] = []
         self._lookups: dict[str, int] = {}
         self._handed: tuple[Fence, ...] = ()
         """The fences ``recovery-completed`` lists, started once it is written."""
@@ -144,14 +144,14 @@ class RecoveryActor(DispatchedActor):
             log.info("recovery: %d owners registered before this boot of the host; "
                      "their leases end as owner-gone", earlier_boot)  # fmt: skip
         self._fences = [
-            (owner, reason)
+            (owner, reason, since)
             for owner, reason, since in self._state.fencing.values()
             if since >= self._boot_time and not self._gone(owner)
         ]
         if self._fences and not self._fence_lost:
             # lost_lease_policy = log is the operator's "kill no VM" switch: killing
             # lockd mid-fence and starting it so configured stops the fence.
-            for owner, reason in self._fences:
+            for owner, reason, _ in self._fences:
                 log.warning("recovery: not resuming the fence of %s (%s): lost_lease_policy "
                             "is log", owner.describe(), reason)  # fmt: skip
             self._fences = []
@@ -240,11 +240,12 @@ class RecoveryActor(DispatchedActor):
             if self._fence_lost:
                 fence = Fence(owner, lost_lease_reason(lease))
                 fences.setdefault(owner.key, fence)
-        for owner, reason in self._fences:
-            # SIGTERM again (harmless to a process already exiting), then SIGKILL
-            # after the grace period, as the interrupted fence would have done.
+        for owner, reason, since in self._fences:
+            # SIGTERM again (harmless to a process already exiting), then SIGKILL when
+            # the interrupted fence would have sent it: a grace period after it began.
             log.warning("recovery: resuming the fence of %s (%s)", owner.describe(), reason)
-            fences.setdefault(owner.key, Fence(owner, reason.removesuffix(RESUMED) + RESUMED))
+            resumed = Fence(owner, reason.removesuffix(RESUMED) + RESUMED, since)
+            fences.setdefault(owner.key, resumed)
         duration = round((time.monotonic() - self._started) * 1000, 3)
         REGISTRY.set("lockd_recovery_duration_seconds", duration / 1000)
         self._report = RecoveryReport(
@@ -263,7 +264,7 @@ class RecoveryActor(DispatchedActor):
         # fences still start: better a fenced VM than one writing a lost disk.
         crash_point("recovery-completed")
         for fence in self._handed:
-            self._owners.tell(FenceLost(fence.owner, fence.reason))
+            self._owners.tell(FenceLost(fence.owner, fence.reason, fence.since))
         log.info(
             "recovery: %d leases held again, %d released (owner gone), %d lost, in %.1f ms",
             self._report.held,

@@ -119,7 +119,7 @@ class ReplayState:
             self.fencing = {}
             for fence in record.get("fencing", ()):
                 owner = self._owner(fence["owner"])
-                self.fencing[owner.key] = (owner, fence["reason"], when)
+                self.fencing[owner.key] = (owner, fence["reason"], float(fence.get("since", when)))
         self.seq = seq
 
     def _owner(self, wire: dict[str, Any]) -> Owner:
@@ -158,7 +158,10 @@ class ReplayState:
         elif isinstance(event, OwnerFenced):
             self._fenced(event.owner, event.signal, event.reason, time)
         elif isinstance(event, RecoveryCompleted):
-            self.fencing = {f.owner.key: (f.owner, f.reason, time) for f in event.fencing}
+            self.fencing = {
+                f.owner.key: (f.owner, f.reason, time if f.since is None else f.since)
+                for f in event.fencing
+            }
 
     def _lost(self, owner: Owner, lease: tuple[str, str], time: float) -> None:
         # A lost lease owes its owner a fence (under lost_lease_policy = fence), from
@@ -169,7 +172,10 @@ class ReplayState:
 
     def _fenced(self, owner: Owner, signal: str, reason: str, time: float) -> None:
         if signal == "SIGTERM":
-            self.fencing[owner.key] = (owner, reason, time)
+            # A resumed fence journals SIGTERM again; its deadline still counts from
+            # when the fence was first owed or begun.
+            earlier = self.fencing.get(owner.key)
+            self.fencing[owner.key] = (owner, reason, time if earlier is None else earlier[2])
         else:  # SIGKILL: the escalation happened; only the owner's exit is left to see
             self.fencing.pop(owner.key, None)
 

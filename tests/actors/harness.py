@@ -256,7 +256,7 @@ class Harness:
         )  # fmt: skip
         self.owners = OwnersActor.start(
             self.dispatcher, processes=self.processes, router=self.router, journal=self.journal,
-            grace=1.6, max_pidfds=max_pidfds,
+            grace=1.6, max_pidfds=max_pidfds, clock=self.wall_clock,
         )  # fmt: skip
         self.run()
         for name in WELL_KNOWN_LOCKSPACES:
@@ -271,6 +271,10 @@ class Harness:
         actor = self.owners._actor_weakref()
         assert isinstance(actor, OwnersActor)
         return actor
+
+    def wall_clock(self) -> float:
+        """Wall-clock time for the owners actor: 0 at the start, moved by :meth:`advance`."""
+        return self.clock.now - 1000.0
 
     def advance(self, seconds: float) -> None:
         self.clock.now += seconds

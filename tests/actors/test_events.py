@@ -49,6 +49,18 @@ def test_recovery_completed_carries_its_fences_and_reads_older_records() -> None
         JournalEntry.from_wire({**data, "fencing": [{"owner": owner.to_wire()}]})
 
 
+def test_a_fence_keeps_the_time_it_began_and_ignores_keys_it_does_not_know() -> None:
+    """A resumed fence carries when it began (its deadline counts from then); a fence
+    that begins now carries none; keys a later lockd may add are skipped."""
+    owner = Owner(b"\x01" * 16, "vm1", 3, 4242, 99)
+    begun = Fence(owner, "connection closed", since=1764000000.25)
+    event = RecoveryCompleted(1, 0, 0, 3.0, (begun, Fence(owner, "lease ls/r1 was taken")))
+    data = cbor2.loads(cbor2.dumps(JournalEntry(2, 1764000001.0, "hv1", event).to_wire()))
+    assert [fence.get("since") for fence in data["fencing"]] == [1764000000.25, None]
+    data["fencing"][0]["later"] = "something"
+    assert JournalEntry.from_wire(data).event == event
+
+
 def test_every_event_type_has_a_unique_wire_name() -> None:
     """Auditors filter by type; no two event classes share one."""
     assert len(EVENT_TYPES) == len({cls.TYPE for cls in EVENT_TYPES.values()})

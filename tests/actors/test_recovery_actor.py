@@ -277,6 +277,34 @@ def test_a_fence_the_crash_interrupted_is_resumed(h: Harness) -> None:
 
 
 @pytest.mark.parametrize(
+    ("begun_ago", "kill_after"), [(1.0, 0.6), (5.0, 0.0), (-30.0, 1.6)],
+    ids=["part-of-the-grace-left", "grace-used-up", "clock-stepped-back"],
+)  # fmt: skip
+def test_a_resumed_fence_keeps_its_deadline(
+    h: Harness, begun_ago: float, kill_after: float
+) -> None:
+    """A fence begun before the crash ends a grace period (1.6 s here) after it began, not
+    after the restart: a daemon crashing within every grace period still kills in the end.
+    The time it began goes on in recovery-completed, for the next crash."""
+    vm = owner(LIVE)
+    state = ReplayState()
+    held(state, "disk", vm)
+    begun = h.wall_clock() - begun_ago
+    state.fencing[vm.key] = (vm, "connection closed while holding leases", begun)
+    h.processes.ignores_sigterm.add(LIVE)
+    recover(h, state, boot_time=begun - 60)  # the harness's wall clock starts at 0
+    (done,) = h.journal_writer.events(RecoveryCompleted)
+    assert [fence.since for fence in done.fencing] == [begun]
+    if kill_after:
+        assert h.processes.signals == [(LIVE, "SIGTERM")]
+        h.advance(kill_after - 0.05)
+        assert h.processes.signals == [(LIVE, "SIGTERM")]
+        h.advance(0.1)
+    # Used up: SIGKILL right after the SIGTERM (a process may handle that at once).
+    assert h.processes.signals == [(LIVE, "SIGTERM"), (LIVE, "SIGKILL")]
+
+
+@pytest.mark.parametrize(
     ("journaled", "current", "kept"),
     [
         (EARLIER_BOOT, BOOT, False),

@@ -72,7 +72,12 @@ events = st.one_of(
         st.integers(0, 3),
         st.just(1.5),
         st.lists(
-            st.builds(Fence, st.sampled_from(OWNERS), st.sampled_from(["lease a was taken"])),
+            st.builds(
+                Fence,
+                st.sampled_from(OWNERS),
+                st.sampled_from(["lease a was taken"]),
+                st.sampled_from([None, 0.25]),
+            ),
             max_size=2,
         ).map(tuple),
     ),
@@ -157,6 +162,13 @@ def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_sigkill_exit_or_res
     }  # a crash before recovery completes leaves the fence it owes to the next start
     assert fold(term, lost).fencing[vm.key][1] == "connection closed"  # the first reason stays
     assert not fold(lost, OwnerFenced(vm, "SIGKILL", "still running")).fencing
+    # A resumed fence journals SIGTERM again, and recovery-completed lists it with the
+    # time it began: its deadline does not move with either.
+    again = OwnerFenced(vm, "SIGTERM", "connection closed" + "; resumed")
+    assert fold(term, again).fencing[vm.key] == (vm, "connection closed; resumed", 0.0)
+    resumed = RecoveryCompleted(1, 0, 0, 1.0, (Fence(vm, "connection closed", since=0.0),))
+    assert fold(term, resumed, again).fencing[vm.key][2] == 0.0
+    assert fold(lost, resumed).fencing[vm.key][2] == 0.0
     restored = ReplayState.from_wire(fold(term).to_wire())
     assert restored.fencing == fold(term).fencing
     old_snapshot = fold(term).to_wire()

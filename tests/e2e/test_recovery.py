@@ -176,6 +176,35 @@ def test_a_fence_cut_short_by_a_crash_is_finished_by_the_next_daemon(
     check(daemon)
 
 
+def test_a_daemon_crashing_within_every_grace_period_still_kills_in_the_end(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A fence's SIGKILL is due a grace period after its first SIGTERM, however often lockd
+    restarts in between. Each daemon here lives about a second of a 3 s grace period; with
+    a full grace period at every start, the VM would never be killed."""
+    grace = 3.0
+    config = tmp_path / "lockd.toml"
+    config.write_text(f"fence_grace = {grace}\n")
+    daemon = make_daemon("loop", None, "--config", str(config))
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
+    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    deadline = time.monotonic() + grace + 2.5
+    while owner.poll() is None and time.monotonic() < deadline:
+        time.sleep(1.0)
+        crash(daemon)
+        restart(daemon)
+    assert owner.poll() == -signal.SIGKILL
+    fenced = events(daemon, "--type", "owner-fenced")
+    first, kill = fenced[0], fenced[-1]
+    assert (first["signal"], kill["signal"]) == ("SIGTERM", "SIGKILL")
+    resumed = fenced[1:-1]
+    assert resumed
+    assert all(e["signal"] == "SIGTERM" for e in resumed)
+    assert all(e["reason"].endswith(RESUMED) for e in resumed)
+    assert kill["time"] - first["time"] < grace + 2.5
+    check(daemon)
+
+
 def test_sigterm_then_start_recovers(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:

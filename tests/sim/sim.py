@@ -170,7 +170,7 @@ class Host:
         budget = self.sim.rng.choice((None, 0, 1, 2))
         self.owners = OwnersActor.start(d, processes=self.view, router=self.router,
                                         journal=self.journal, grace=1.6,
-                                        max_pidfds=budget)  # fmt: skip
+                                        max_pidfds=budget, clock=self.sim.clock)  # fmt: skip
         self.journal.tell(Append((DaemonStarted("sim", self.incarnation),), 0, None))
         reports: list[RecoveryReport] = []
         RecoveryActor.start(
