@@ -50,7 +50,9 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def _summary(samples_us: list[float], wall_s: float) -> dict[str, float]:
+def summary(samples_us: list[float], wall_s: float) -> dict[str, float]:
+    """Percentiles and rate of pair times, the one way every daemon's run is summarised
+    (``contrib/bench/compare.py`` uses it for virtlockd's too)."""
     return {
         "pair_median_us": round(statistics.median(samples_us), 1),
         "pair_p99_us": round(_percentile(samples_us, 0.99), 1),
@@ -124,7 +126,7 @@ def _run_workers(
         if p.exitcode != 0:
             raise RuntimeError(f"bench worker failed with exit code {p.exitcode}")
     return {"concurrency": count, "total_pairs": len(samples), "wall_s": round(wall, 3),
-            **_summary(samples, wall), **cpu}  # fmt: skip
+            **summary(samples, wall), **cpu}  # fmt: skip
 
 
 def fcntl_floor(ops: int = 20000) -> float:

@@ -17,7 +17,9 @@ floors measured in the same run) and, with ``--json``, everything raw.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import multiprocessing
 import os
 import re
 import statistics
@@ -31,15 +33,66 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lockd.bench import compare_table  # noqa: E402
+from lockd.bench import compare_table, summary  # noqa: E402
 from lockd.procs import cpu_seconds, stop_child  # noqa: E402
 
 DEFAULT_PEER = REPO.parent / "shared" / "peers" / "virtlockd"
 
 
-CPU_WARMUP = 100
-"""Warm-up pairs of the virtlockd client's CPU run: counted in, since its client
-cannot say when they end (3% of the run at the default ``--ops``)."""
+WARMUP = 100
+"""Warm-up pairs before virtlockd's timed sequential run (as ``lockd bench``'s)."""
+
+PEER_LOCKSPACE = "/tmp/virtlockd-peer/lockspace"  # noqa: S108 - the peer client's default
+"""The lockspace directory the peer's client uses by default."""
+
+
+def _virtlockd_pairs(peer: Path, cpu: int, ops: int, daemon_pid: int, out: Any) -> None:
+    """Child process: sequential pairs through the peer's own protocol client, timed and
+    summarised as ``lockd bench`` does lockd's (p999 included: the peer's client reports
+    none), and the daemon's CPU over exactly the timed pairs."""
+    os.sched_setaffinity(0, {cpu})
+    spec = importlib.util.spec_from_file_location("virtlockd_peer_client", peer / "client.py")
+    assert spec is not None
+    assert spec.loader is not None
+    peer_client = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_client)
+    client = peer_client.connect_and_register(peer_client.DEFAULT_SOCKET, "bench-seq", 1)
+    client.create_lockspace(PEER_LOCKSPACE)
+    name = f"seq-{os.getpid()}"
+    for _ in range(WARMUP):
+        client.acquire(PEER_LOCKSPACE, name, autocreate=True)
+        client.release(PEER_LOCKSPACE, name)
+    samples: list[float] = []
+    clock = time.perf_counter
+    cpu0 = cpu_seconds(daemon_pid)
+    t0 = clock()
+    for _ in range(ops):
+        started = clock()
+        client.acquire(PEER_LOCKSPACE, name, autocreate=True)
+        client.release(PEER_LOCKSPACE, name)
+        samples.append((clock() - started) * 1e6)
+    wall = clock() - t0
+    cpu1 = cpu_seconds(daemon_pid)
+    client.close()
+    result = summary(samples, wall)
+    if cpu0 is not None and cpu1 is not None:
+        result["daemon_cpu_us_per_pair"] = round((cpu1 - cpu0) / ops * 1e6, 1)
+    out.send(result)
+
+
+def virtlockd_sequential(peer: Path, cpu: int, ops: int, daemon_pid: int) -> dict[str, float]:
+    """:func:`_virtlockd_pairs` in a process of its own, pinned like the peer's client."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_virtlockd_pairs, args=(peer, cpu, ops, daemon_pid, send))
+    child.start()
+    try:
+        if not receive.poll(600):
+            raise RuntimeError("virtlockd sequential run: no result")
+        result: dict[str, float] = receive.recv()
+    finally:
+        child.join(10)
+    return result
 
 
 def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]:
@@ -60,27 +113,12 @@ def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]
         if match is None:
             raise RuntimeError(f"no virtlockd pid in {status.stdout + status.stderr!r}")
         pid = int(match.group(1))
-        # The daemon's CPU over one more sequential run (lockd bench measures its own).
-        before = cpu_seconds(pid)
-        subprocess.run(
-            [*client, "--ops", str(ops), "--warmup", str(CPU_WARMUP), "--concurrency", ""],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        after = cpu_seconds(pid)
-        daemon_cpu = None
-        if before is not None and after is not None:
-            daemon_cpu = round((after - before) / (ops + CPU_WARMUP) * 1e6, 1)
+        # The sequential row: the peer's client's protocol code, timed here, with
+        # the daemon's CPU read around exactly the timed pairs.
+        seq_m = virtlockd_sequential(peer, cpu, ops, pid)
     finally:
         subprocess.run(["bash", str(peer / "setup.sh"), "stop"], check=False)
     raw = json.loads(done.stdout)
-    seq = raw["latency_sequential"]
-    seq_m = seq.get("median_of_runs") or {
-        "pair_median_us": seq["acquire_release_pair"]["median_us"],
-        "pair_p99_us": seq["acquire_release_pair"]["p99_us"],
-        "pairs_per_s": seq["pairs_per_s"],
-    }
-    if daemon_cpu is not None:
-        seq_m = {**seq_m, "daemon_cpu_us_per_pair": daemon_cpu}
     conc = []
     for level in raw["throughput"]:
         m = level.get("median_of_runs") or {

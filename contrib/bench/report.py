@@ -245,8 +245,9 @@ def render(results: dict[str, Any]) -> str:
             f"Daemons and clients pinned to CPU {settings.get('cpu', 0)}; "
             + _runs(settings.get("repeat"))
             + ". Ratio = lockd / virtlockd (below 1x "
-            "is better for latency, above 1x for pairs/s). The virtlockd peer's client reports "
-            "no p999.",
+            "is better for latency, above 1x for pairs/s). virtlockd's sequential rows are "
+            "timed by compare.py through the peer's protocol client; its concurrency rows "
+            "are the peer's own benchmark.",
         ]
     else:
         reason = (compare or {}).get("error") or results.get("compare_skipped") or "not run"
