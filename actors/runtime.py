@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import functools
 import heapq
 import itertools
 import os
@@ -29,7 +28,6 @@ import selectors
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -86,8 +84,8 @@ class Dispatcher:
         cost no ``write`` to the wake-up pipe.
         """
         self.crashes: list[BaseException] = []
-        self.actors: weakref.WeakSet[DispatchedActor] = weakref.WeakSet()
-        """Actors started on this dispatcher and not yet collected (see :meth:`stop_all`)."""
+        self.actors: set[DispatchedActor] = set()
+        """Actors started on this dispatcher and not stopped (see :meth:`stop_all`)."""
 
     # -- scheduling -----------------------------------------------------------
     def submit(self, step: Step) -> None:
@@ -233,56 +231,110 @@ def tell_if_alive(ref: pykka.ActorRef[Any] | None, message: Any) -> None:
             pass
 
 
-class _Inbox:
-    """pykka inbox whose every message schedules one step of its actor on the dispatcher.
+class _Inbox(collections.deque[Any]):
+    """One dispatched actor's pykka inbox, its stopped flag and its step, in one object.
 
     It holds what :class:`DispatchedRef` tells as the bare message and what
     pykka asks (proxy calls, stop) as an ``Envelope`` with its future: most
-    hops are tells, and each skips building an envelope.
+    hops are tells, and each skips building an envelope. Each message
+    submits the inbox itself to the dispatcher, and calling it handles one
+    message. An actor is started and stopped per autocreated lease, and
+    16,384 lease actors live at the scale target: every object an actor
+    needs is one more allocation per acquire and one more for a full
+    collection to walk (which stops every request). So the inbox is also
+    the ``actor_stopped`` flag pykka reads, and no bound method, partial or
+    flag object exists per actor.
     """
 
-    __slots__ = ("_early", "queue", "schedule")
+    __slots__ = ("_name", "_set", "actor", "dispatcher")
 
     def __init__(self) -> None:
-        self.queue: collections.deque[Any] = collections.deque()
-        self.schedule: Callable[[], None] = self._count_early
-        """Submits one step of the bound actor; until bound, counts the steps owed."""
-        self._early = 0
+        super().__init__()
+        self._set = False
+        """Stopped (pykka's ``actor_stopped.is_set()``)."""
+        self.dispatcher: Dispatcher | None = None
+        """Set by :meth:`bind`; until then messages wait without a step submitted."""
+        self.actor: DispatchedActor | None = None
+        """The actor whose step this runs; None once it stopped (see :meth:`unbind`)."""
+        self._name = ""
 
-    def _count_early(self) -> None:
-        self._early += 1
+    # -- pykka's actor_stopped (a threading.Event there) --
+    def set(self) -> None:
+        self._set = True
 
-    def bind(self, actor: DispatchedActor) -> None:
-        self.schedule = functools.partial(actor.dispatcher.submit, actor._step)
-        for _ in range(self._early):
-            self.schedule()
-        self._early = 0
+    def is_set(self) -> bool:
+        return self._set
 
-    def unbind(self, dispatcher: Dispatcher, name: str) -> None:
-        """The actor stopped: answer what still arrives without it.
-
-        While bound, the actor holds this inbox and this inbox holds the
-        actor's ``_step``: a reference cycle, which only the cyclic collector
-        frees, and a full collection stalls every request (0.1 s with 16,384
-        leases held). Unbound, a stopped actor is freed as soon as its last
-        reference goes. An ask that raced the stop is still answered.
-        """
-        self.schedule = functools.partial(
-            dispatcher.submit, functools.partial(_answer_one_dead, self.queue, name)
-        )
-
+    # -- pykka's ActorInbox protocol --
     def put(self, envelope: Envelope[Any], /) -> None:
-        self.queue.append(envelope)
-        self.schedule()
+        self.append(envelope)
+        if self.dispatcher is not None:
+            self.dispatcher.submit(self)
 
-    # get and empty complete pykka's ActorInbox protocol; the dispatcher's step
-    # reads ``queue`` itself.
+    # get and empty complete pykka's ActorInbox protocol; the step reads the
+    # deque itself.
     def get(self) -> Envelope[Any]:
-        item = self.queue.popleft()
+        item = self.popleft()
         return item if type(item) is Envelope else Envelope(item)
 
     def empty(self) -> bool:
-        return not self.queue
+        return not self
+
+    def bind(self, actor: DispatchedActor) -> None:
+        """Start running ``actor``'s messages, those already queued included."""
+        self.actor = actor
+        self.dispatcher = dispatcher = actor.dispatcher
+        for _ in range(len(self)):
+            dispatcher.submit(self)
+
+    def unbind(self, name: str) -> None:
+        """The actor stopped: answer what still arrives without it.
+
+        While bound, the actor holds this inbox and this inbox holds the
+        actor: a reference cycle, which only the cyclic collector frees, and
+        a full collection stalls every request (0.1 s with 16,384 leases
+        held). Unbound, a stopped actor is freed as soon as its last
+        reference goes. An ask that raced the stop is still answered.
+        """
+        self._name = name
+        self.actor = None
+
+    def __call__(self) -> None:
+        """Handle one message, exactly as pykka's threaded loop handles an envelope."""
+        if not self:
+            return
+        item = self.popleft()
+        if type(item) is Envelope:
+            message, reply_to = item.message, item.reply_to
+        else:
+            message, reply_to = item, None
+        actor = self.actor
+        if actor is None or self._set:
+            _answer_dead(message, reply_to, self._name if actor is None else str(actor.actor_ref))
+            return
+        try:
+            # pykka's _handle_receive tests four control types before calling
+            # on_receive; one set lookup does that for every ordinary message.
+            if type(message) in _PYKKA_MESSAGES:
+                response = actor._handle_receive(message)
+            else:
+                response = actor.on_receive(message)
+            if reply_to is not None:
+                reply_to.set(response)
+        except Exception:  # noqa: BLE001 - pykka semantics: any handler error goes to the asker
+            if reply_to is not None:
+                reply_to.set_exception()
+            else:
+                exc = sys.exc_info()[1]
+                actor._handle_failure(*sys.exc_info())
+                try:
+                    actor.on_failure(*sys.exc_info())
+                finally:
+                    assert exc is not None
+                    actor.dispatcher.report_crash(exc)
+        except BaseException:
+            actor._stop()
+            raise
 
 
 def _answer_dead(message: Any, reply_to: pykka.Future[Any] | None, name: str) -> None:
@@ -293,34 +345,6 @@ def _answer_dead(message: Any, reply_to: pykka.Future[Any] | None, name: str) ->
         reply_to.set(None)
     else:
         reply_to.set_exception(exc_info=(ActorDeadError, ActorDeadError(f"{name} stopped"), None))
-
-
-def _answer_one_dead(queue: collections.deque[Any], name: str) -> None:
-    """The step of a stopped actor's inbox (see :meth:`_Inbox.unbind`)."""
-    if queue:
-        item = queue.popleft()
-        if type(item) is Envelope:
-            _answer_dead(item.message, item.reply_to, name)
-
-
-class _StoppedFlag:
-    """``actor_stopped`` without a Condition and a Lock per actor.
-
-    pykka only sets it and reads it (``is_alive``); both are single attribute
-    operations under the GIL. Starting 16,384 lease actors at recovery made
-    the ``threading.Event`` (and the uuid4 URN) a tenth of the start-up time.
-    """
-
-    __slots__ = ("_set",)
-
-    def __init__(self) -> None:
-        self._set = False
-
-    def set(self) -> None:
-        self._set = True
-
-    def is_set(self) -> bool:
-        return self._set
 
 
 class DispatchedRef(pykka.ActorRef[Any]):
@@ -334,16 +358,17 @@ class DispatchedRef(pykka.ActorRef[Any]):
 
     def __init__(self, actor: DispatchedActor) -> None:
         super().__init__(actor)
-        self._stopped = actor.actor_stopped
         self._inbox = actor.actor_inbox
 
     def tell(self, message: Any) -> None:
         """Queue ``message`` for the actor; raise ``ActorDeadError`` if it stopped."""
-        if self._stopped._set:
-            raise ActorDeadError(f"{self} not found")
         inbox = self._inbox
-        inbox.queue.append(message)
-        inbox.schedule()
+        if inbox._set:
+            raise ActorDeadError(f"{self} not found")
+        inbox.append(message)
+        dispatcher = inbox.dispatcher
+        if dispatcher is not None:
+            dispatcher.submit(inbox)
 
 
 _urns = itertools.count(1)
@@ -355,10 +380,13 @@ class DispatchedActor(pykka.Actor):
     def __init__(self, dispatcher: Dispatcher) -> None:
         # pykka.Actor.__init__ builds exactly these four fields; this builds
         # cheaper equivalents (as pykka's own actor types customise the inbox
-        # and futures): a process-unique URN, our inbox, a plain flag.
+        # and futures): a process-unique URN, and our inbox, which is also
+        # the stopped flag (pykka's is a threading.Event: a Condition and a
+        # Lock per actor, a tenth of recovery's start-up of 16,384 lease actors).
         self.actor_urn = f"urn:lockd:{next(_urns)}"
-        self.actor_inbox: _Inbox = self._create_actor_inbox()
-        self.actor_stopped: _StoppedFlag = _StoppedFlag()  # type: ignore[assignment]
+        inbox = self._create_actor_inbox()
+        self.actor_inbox: _Inbox = inbox
+        self.actor_stopped: _Inbox = inbox  # type: ignore[assignment]
         self._actor_ref = DispatchedRef(self)
         self.dispatcher = dispatcher
 
@@ -378,11 +406,20 @@ class DispatchedActor(pykka.Actor):
 
     def _stop(self) -> None:
         self.actor_stopped.set()
-        self.actor_inbox.unbind(self.dispatcher, str(self.actor_ref))
+        self._let_go()
         try:
             self.on_stop()
         except Exception:  # noqa: BLE001 - pykka semantics: on_stop failures are logged
             self._handle_failure(*sys.exc_info())
+
+    def _handle_failure(self, *exc_info: Any) -> None:
+        super()._handle_failure(*exc_info)  # logs it and sets the stopped flag
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Stopped: the inbox and the dispatcher no longer hold this actor."""
+        self.actor_inbox.unbind(str(self.actor_ref))
+        self.dispatcher.actors.discard(self)
 
     @staticmethod
     def _create_actor_inbox() -> _Inbox:
@@ -395,40 +432,3 @@ class DispatchedActor(pykka.Actor):
     def _start_actor_loop(self) -> None:
         self.dispatcher.submit(self._actor_loop_setup)
         self.actor_inbox.bind(self)
-
-    def _step(self) -> None:
-        """Handle one message, exactly as pykka's threaded loop handles an envelope."""
-        queue = self.actor_inbox.queue
-        if not queue:
-            return
-        item = queue.popleft()
-        if type(item) is Envelope:
-            message, reply_to = item.message, item.reply_to
-        else:
-            message, reply_to = item, None
-        if self.actor_stopped._set:
-            _answer_dead(message, reply_to, str(self.actor_ref))
-            return
-        try:
-            # pykka's _handle_receive tests four control types before calling
-            # on_receive; one set lookup does that for every ordinary message.
-            if type(message) in _PYKKA_MESSAGES:
-                response = self._handle_receive(message)
-            else:
-                response = self.on_receive(message)
-            if reply_to is not None:
-                reply_to.set(response)
-        except Exception:  # noqa: BLE001 - pykka semantics: any handler error goes to the asker
-            if reply_to is not None:
-                reply_to.set_exception()
-            else:
-                exc = sys.exc_info()[1]
-                self._handle_failure(*sys.exc_info())
-                try:
-                    self.on_failure(*sys.exc_info())
-                finally:
-                    assert exc is not None
-                    self.dispatcher.report_crash(exc)
-        except BaseException:
-            self._stop()
-            raise

@@ -307,8 +307,8 @@ def _collector_on_after_recovery() -> None:
     """Freeze what recovery built, then collect, rarely walking the whole heap.
 
     Frozen objects are skipped by every later collection (a full one over
-    the restored state would stall requests about 0.1 s per 16,384
-    leases); they are still freed by reference counting when their lease
+    the restored state would stall requests 40-60 ms per 16,384 leases);
+    they are still freed by reference counting when their lease
     ends. Acquire, release and whole client connections make no reference
     cycles (tests keep them so), so the young collections free what little
     cyclic garbage there is, and a full collection walks the live state for
