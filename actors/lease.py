@@ -149,12 +149,26 @@ class LockRefused:
 class LeaseActor(DispatchedActor):
     """Holds one lease file's fd and its OFD lock on byte 0."""
 
-    def __init__(self, dispatcher: Dispatcher, files: LeaseFiles, resource: str) -> None:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        files: LeaseFiles,
+        resource: str,
+        first: TakeLock | AdoptLock | None = None,
+    ) -> None:
         super().__init__(dispatcher)
         self._files = files
         self._resource = resource
         self._fd: int | None = None
         self._mode: LeaseMode | None = None
+        self._first = first
+        """Handled as the actor starts: the step that starts it takes the lock too (every
+        lease actor is started to take or adopt one; one hop fewer per new lease)."""
+
+    def on_start(self) -> None:
+        first, self._first = self._first, None
+        if first is not None:
+            self.on_receive(first)
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, TakeLock):

@@ -463,10 +463,10 @@ class LockspaceActor(DispatchedActor):
             for event in decision:
                 assert isinstance(event, LeaseAcquired)
                 if event.resource not in self._state.held:
-                    ref = LeaseActor.start(self.dispatcher, self._files, event.resource)
+                    take = TakeLock(event.mode, command.autocreate, token, self.actor_ref)
+                    ref = LeaseActor.start(self.dispatcher, self._files, event.resource, take)
                     self._leases[event.resource] = ref
                     flight.waiting_locks += 1
-                    ref.tell(TakeLock(event.mode, command.autocreate, token, self.actor_ref))
             if flight.waiting_locks:
                 return
         self._journal.tell(Append(tuple(flight.events), token, self.actor_ref))
@@ -641,15 +641,16 @@ class LockspaceActor(DispatchedActor):
                 if lease.autocreate:
                     self._cleanup(lease.resource)
                 continue
-            ref = LeaseActor.start(self.dispatcher, self._files, lease.resource)
-            self._leases[lease.resource] = ref
-            restoring.waiting += 1
+            first: AdoptLock | TakeLock
             if lease.fd is not None:
-                ref.tell(AdoptLock(lease.fd, lease.mode, token, self.actor_ref))
+                first = AdoptLock(lease.fd, lease.mode, token, self.actor_ref)
             else:
                 # The file normally exists: open it without the index lock, and
                 # only create it (under the index lock) if it went missing.
-                ref.tell(TakeLock(lease.mode, False, token, self.actor_ref))
+                first = TakeLock(lease.mode, False, token, self.actor_ref)
+            ref = LeaseActor.start(self.dispatcher, self._files, lease.resource, first)
+            self._leases[lease.resource] = ref
+            restoring.waiting += 1
         if not restoring.waiting:
             self._restore_journal(token)
 
@@ -660,9 +661,8 @@ class LockspaceActor(DispatchedActor):
         """
         token = next(self._tokens)
         self._cleanups.add(token)
-        ref = LeaseActor.start(self.dispatcher, self._files, resource)
-        ref.tell(TakeLock(LeaseMode.EXCLUSIVE, False, token, self.actor_ref))
-        self._leases[resource] = ref
+        take = TakeLock(LeaseMode.EXCLUSIVE, False, token, self.actor_ref)
+        self._leases[resource] = LeaseActor.start(self.dispatcher, self._files, resource, take)
 
     def _on_cleanup_lock(self, message: LockTaken | LockRefused) -> None:
         self._cleanups.discard(message.token)

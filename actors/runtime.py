@@ -10,11 +10,11 @@ thread wake-up, and tests can drive everything step by step with
 :meth:`Dispatcher.run_until_idle` on the test thread.
 
 pykka semantics are kept: an exception in an ask goes back to the asker and
-the actor lives on; an exception in a tell kills the actor, and the dispatcher
-then records it as a crash so the daemon fails fast instead of running with a
-dead actor (pykka has no supervision). Handlers must never block, and never
-``get()`` a future of another actor: the dispatcher is the thread that would
-have to answer it.
+the actor lives on; an exception in a tell (or in ``on_start``) kills the
+actor, and the dispatcher then records it as a crash so the daemon fails fast
+instead of running with a dead actor (pykka has no supervision). Handlers
+must never block, and never ``get()`` a future of another actor: the
+dispatcher is the thread that would have to answer it.
 """
 
 from __future__ import annotations
@@ -352,7 +352,7 @@ class DispatchedRef(pykka.ActorRef[Any]):
 
     pykka's ``tell`` costs eight Python calls (``is_alive``, the event,
     the envelope, the inbox, the scheduling); a pair of requests makes
-    fourteen hops, so this one does the same in two: check the stopped
+    thirteen hops, so this one does the same in two: check the stopped
     flag, queue the message, submit the step.
     """
 
@@ -411,6 +411,16 @@ class DispatchedActor(pykka.Actor):
             self.on_stop()
         except Exception:  # noqa: BLE001 - pykka semantics: on_stop failures are logged
             self._handle_failure(*sys.exc_info())
+
+    def _actor_loop_setup(self) -> None:
+        # pykka stops an actor whose on_start raises, and nothing else happens:
+        # whoever waits for its reply would wait forever. Like a failed tell, it
+        # is a crash the loop reports (the daemon fails fast).
+        try:
+            self.on_start()
+        except Exception as exc:  # noqa: BLE001 - reported, and re-raised by the loop
+            self._handle_failure(*sys.exc_info())
+            self.dispatcher.report_crash(exc)
 
     def _handle_failure(self, *exc_info: Any) -> None:
         super()._handle_failure(*exc_info)  # logs it and sets the stopped flag

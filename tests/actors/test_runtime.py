@@ -246,17 +246,20 @@ def test_tells_sent_before_an_actor_is_bound_wait_for_its_start(dispatcher: Disp
     assert log == [("start", ref.actor_urn), "sent during __init__"]
 
 
-def test_an_actor_whose_start_fails_is_let_go(dispatcher: Dispatcher) -> None:
-    """on_start raising stops the actor (pykka's semantics), and neither its inbox nor the
-    dispatcher holds it any more (the log record of the error may, for a while); a tell
-    to it says it is dead."""
+def test_an_actor_whose_start_fails_is_a_crash_and_is_let_go(dispatcher: Dispatcher) -> None:
+    """on_start raising stops the actor (pykka's semantics) and, like a failed tell, is a
+    crash the loop reports: whoever waits for the actor's reply must not wait forever.
+    Neither its inbox nor the dispatcher holds it any more (the log record of the error
+    may, for a while); a tell to it says it is dead."""
 
     class Broken(Recorder):
         def on_start(self) -> None:
             raise RuntimeError("cannot start")
 
     ref = Broken.start(dispatcher, [])
-    dispatcher.run_until_idle()
+    with pytest.raises(ActorCrashedError):
+        dispatcher.run_until_idle()
+    dispatcher.crashes.clear()
     inbox = ref.actor_inbox
     assert isinstance(inbox, _Inbox)
     assert inbox.actor is None
