@@ -244,8 +244,11 @@ class RecoveryActor(DispatchedActor):
             # SIGTERM again (harmless to a process already exiting), then SIGKILL when
             # the interrupted fence would have sent it: a grace period after it began.
             log.warning("recovery: resuming the fence of %s (%s)", owner.describe(), reason)
-            resumed = Fence(owner, reason.removesuffix(RESUMED) + RESUMED, since)
-            fences.setdefault(owner.key, resumed)
+            lost_now = fences.get(owner.key)
+            if lost_now is None:
+                fences[owner.key] = Fence(owner, reason.removesuffix(RESUMED) + RESUMED, since)
+            else:  # it lost a lease now too: the fence keeps that reason and its deadline
+                fences[owner.key] = attrs.evolve(lost_now, since=since)
         duration = round((time.monotonic() - self._started) * 1000, 3)
         REGISTRY.set("lockd_recovery_duration_seconds", duration / 1000)
         self._report = RecoveryReport(

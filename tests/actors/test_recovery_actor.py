@@ -304,6 +304,34 @@ def test_a_resumed_fence_keeps_its_deadline(
     assert h.processes.signals == [(LIVE, "SIGTERM"), (LIVE, "SIGKILL")]
 
 
+def test_an_owner_being_fenced_that_also_lost_a_lease_keeps_the_fences_deadline(
+    h: Harness,
+) -> None:
+    """Its fence was begun (SIGTERM) before the crash and one of its leases was taken while
+    lockd was down: one fence, named after the lost lease, due when the first was.
+    (The simulation found the deadline reset to a full grace period here.)"""
+    victim = owner(VICTIM)
+    state = ReplayState()
+    held(state, "stolen", victim)
+    (h.lock_dir / FILES / "stolen").touch()
+    begun = h.wall_clock() - 1.0
+    state.fencing[victim.key] = (victim, "connection closed while holding leases", begun)
+    thief = os.open(h.lock_dir / FILES / "stolen", os.O_RDWR)
+    try_lock(thief, shared=False)
+    h.processes.ignores_sigterm.add(VICTIM)
+    try:
+        recover(h, state, boot_time=begun - 60)
+        (done,) = h.journal_writer.events(RecoveryCompleted)
+        assert done.fencing == (
+            Fence(victim, f"lease {FILES}/stolen was taken while lockd was down", begun),
+        )
+        assert h.processes.signals == [(VICTIM, "SIGTERM")]
+        h.advance(0.7)
+        assert h.processes.signals == [(VICTIM, "SIGTERM"), (VICTIM, "SIGKILL")]
+    finally:
+        os.close(thief)
+
+
 @pytest.mark.parametrize(
     ("journaled", "current", "kept"),
     [

@@ -118,8 +118,8 @@ class Host:
     def __init__(self, sim: Sim, name: str) -> None:
         self.sim = sim
         self.name = name
-        self.processes = ProcessTable()
         self.journal_file = SimJournal()
+        self.processes = ProcessTable(sim.clock, lambda: self.journal_file.fail)
         self.dispatcher: Dispatcher | None = None
         self.incarnation = 0
         self.report: RecoveryReport | None = None
@@ -140,6 +140,8 @@ class Host:
         for pid in started:
             self.processes.exit(pid)
         self.processes.ignores_sigterm.clear()
+        self.processes.fenced.clear()
+        self.processes.unrecorded.clear()
         self.boot += 1
         self.acquirers.clear()
         self.processes.spawn(self.manager_pid, started[self.manager_pid])
@@ -351,10 +353,14 @@ class Sim:
     def _journal_trouble(self) -> None:
         host = self.rng.choice(self.hosts)
         host.journal_file.fail = not host.journal_file.fail
+        if host.journal_file.fail:  # a crash now may lose what these fences still record
+            host.processes.unrecorded.update(host.processes.fenced)
         self.log.append(f"{host.name} journal {'fails' if host.journal_file.fail else 'heals'}")
 
     def _time_passes(self) -> None:
-        self.clock.now += self.rng.choice((0.3, 1.0, 2.0))
+        step = self.rng.choice((0.3, 1.0, 2.0))
+        self.clock.now += step
+        self.log.append(f"{step} s pass")
         for host in self.hosts:
             host.run()
 
@@ -423,6 +429,14 @@ class Sim:
                 want = "w" if mode == LeaseMode.EXCLUSIVE.value else "r"
                 assert kernel_mode == want, self.explain(
                     f"{host.name} holds {resource} {mode} but the kernel says {kernel_mode!r}"
+                )
+            table = host.processes
+            for key, first in table.fenced.items():
+                if key in table.unrecorded or table.procs.get(key[0]) != key[1]:
+                    continue
+                assert self.clock.now <= first + FENCE_GRACE_SECONDS, self.explain(
+                    f"{host.name}: vm{key[0]} still runs {self.clock.now - first:.1f} s after "
+                    f"its fence's first SIGTERM (grace {FENCE_GRACE_SECONDS} s)"
                 )
             if not host.journal_file.fail and not host.journal_lags():
                 assert host.journal_view() == held, self.explain(

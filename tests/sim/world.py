@@ -8,7 +8,7 @@ actors, their cores, the journal actor and recovery are the real ones.
 from __future__ import annotations
 
 import signal as signals
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 
@@ -144,12 +144,23 @@ class FakeLockspaceDir:
 class ProcessTable:
     """One host's processes: pids with start times; exits; pid reuse."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = lambda: 0.0,
+        journal_failing: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.procs: dict[int, int] = {}
         self.ignores_sigterm: set[int] = set()
         self.views: list[ProcessView] = []
         self.signals: list[tuple[int, str]] = []
         self._started = 1000
+        self.clock = clock
+        self.journal_failing = journal_failing
+        self.fenced: dict[tuple[int, int], float] = {}
+        """(pid, start time) of each process that outlived a SIGTERM => when it got the first:
+        a fence's SIGKILL is due a grace period later, across daemon crashes."""
+        self.unrecorded: set[tuple[int, int]] = set()
+        """Fenced while the journal failed: the next daemon may not know of the fence."""
 
     def spawn(self, pid: int, start: int | None = None) -> int:
         """Start a process with ``pid`` (a new start time: pid reuse is a different process).
@@ -205,9 +216,15 @@ class ProcessView:
         if self.is_gone(owner):
             return False
         name = signals.Signals(signum).name
-        self.table.signals.append((owner.pid, name))
-        if name == "SIGKILL" or owner.pid not in self.table.ignores_sigterm:
-            self.table.exit(owner.pid)
+        table = self.table
+        table.signals.append((owner.pid, name))
+        if name == "SIGKILL" or owner.pid not in table.ignores_sigterm:
+            table.exit(owner.pid)
+        else:
+            key = (owner.pid, owner.start_time)
+            table.fenced.setdefault(key, table.clock())
+            if table.journal_failing():
+                table.unrecorded.add(key)
         return True
 
     def close(self) -> None:
