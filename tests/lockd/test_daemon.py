@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.connection import ConnectionActor
 from lockd.config import Config
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
 from protocol.client import Client
@@ -50,7 +51,8 @@ def test_serve_keeps_the_collector_out_of_recovery_and_on_afterwards(config: Con
 
 def test_client_connections_leave_nothing_for_the_cyclic_collector(config: Config) -> None:
     """Whole connections over the real socket (register, acquire, release, status, close)
-    free what they make by reference counting: why full collections can be rare."""
+    free what they make by reference counting (why full collections can be rare), and
+    the actors they start (connection, lease) stop."""
     daemon = Daemon(config, embedded=True)
     serving = threading.Thread(target=daemon.run, name="lockd-test")
     serving.start()
@@ -74,12 +76,24 @@ def test_client_connections_leave_nothing_for_the_cyclic_collector(config: Confi
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
 
+        def running() -> int:
+            # Closed connections stop (and leave the set) on the daemon's thread: wait.
+            deadline = time.monotonic() + 10
+            while True:
+                actors = list(daemon.system.dispatcher.actors)
+                if sum(isinstance(a, ConnectionActor) for a in actors) == 0:
+                    return len(actors)
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
         session()  # the lockspace actor and the first client start
+        before = running()
         gc.collect()
         gc.disable()
         for _ in range(20):
             session()
         assert gc.collect() == 0
+        assert running() == before  # and every actor they started has stopped
     finally:
         gc.enable()
         daemon.request_stop("test done")

@@ -30,6 +30,7 @@ from typing import Any
 from actors.connection import ConnectionActor, Received, ServerInfo
 from actors.events import DaemonStarted, LeaseLost
 from actors.journal import Append, JournalActor
+from actors.lease import LeaseActor
 from actors.lockspace import LockspaceActor
 from actors.model import LeaseMode
 from actors.owners import (
@@ -430,6 +431,18 @@ class Sim:
                 assert kernel_mode == want, self.explain(
                     f"{host.name} holds {resource} {mode} but the kernel says {kernel_mode!r}"
                 )
+            actors = list(host.dispatcher.actors) if host.dispatcher is not None else []
+            running = {id(a) for a in actors if isinstance(a, LeaseActor)}
+            mapped = {
+                id(ref._actor_weakref())
+                for a in actors
+                if isinstance(a, LockspaceActor)
+                for ref in a._leases.values()
+            }
+            assert running == mapped, self.explain(
+                f"{host.name}: {len(running - mapped)} lease actors run that no lockspace "
+                f"knows, {len(mapped - running)} known that do not run"
+            )
             table = host.processes
             for key, first in table.fenced.items():
                 if key in table.unrecorded or table.procs.get(key[0]) != key[1]:
