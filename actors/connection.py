@@ -34,7 +34,7 @@ from actors.lockspace import (
 )
 from actors.metrics import REGISTRY, LabelSet, gc_counters, gc_gauges
 from actors.model import LeaseMode, Owner
-from actors.owners import ConnectionClosed, Watch
+from actors.owners import ConnectionClosed, Fencing, QueryFencing, Watch
 from actors.router import (
     ClientChanged,
     ClientGone,
@@ -308,7 +308,9 @@ class ConnectionActor(DispatchedActor):
                 return None
             self._protocol.receive_data(message.data)
             self._pump()
-        elif isinstance(message, Found | Done | Gathered | Kicked | OwnerReleased | _Retry):
+        elif isinstance(
+            message, Found | Done | Gathered | Kicked | OwnerReleased | Fencing | _Retry
+        ):
             then = self._waits.pop(message.token, None)
             if then is not None:
                 then(message)
@@ -769,6 +771,12 @@ class ConnectionActor(DispatchedActor):
         )
 
     def _status(self, request: m.Status, gathered: Gathered) -> None:
+        # Then the fences in progress: what lockd is about to kill is what an
+        # operator looking at a host in trouble needs first.
+        token = self._wait(lambda fencing: self._status_reply(request, gathered, fencing))
+        self._owners.tell(QueryFencing(self.actor_ref, token))
+
+    def _status_reply(self, request: m.Status, gathered: Gathered, fencing: Fencing) -> None:
         owners = set().union(*(_counts(s).owners for s in gathered.lockspaces))
         self._reply(
             request,
@@ -782,6 +790,15 @@ class ConnectionActor(DispatchedActor):
                 "leases": sum(_counts(s).leases for s in gathered.lockspaces),
                 "owners": len(owners),
                 "journal_seq": gathered.last_seq,
+                "fencing": [
+                    {
+                        "owner": fence.owner.to_wire(),
+                        "reason": fence.reason,
+                        "next_signal": fence.next_signal,
+                        "due_in_s": fence.due_in,
+                    }
+                    for fence in fencing.fences
+                ],
             },
         )
 

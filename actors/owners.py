@@ -135,9 +135,24 @@ class FenceLost:
 
 @attrs.frozen
 class QueryFencing:
-    """Re-exec asks first: a re-exec must not interrupt a fence (its SIGKILL is a timer)."""
+    """Which owners are being fenced: re-exec asks first (a re-exec must not interrupt a
+    fence, its SIGKILL is a timer), and ``status`` shows them to the operator."""
 
     reply_to: pykka.ActorRef[Any]
+    token: int = 0
+
+
+@attrs.frozen
+class FenceStatus:
+    """One fence in progress."""
+
+    owner: Owner
+    reason: str
+    """Why it began (the SIGTERM's reason)."""
+    next_signal: str | None
+    """SIGKILL while the grace period runs; None once SIGKILL was sent (waiting for the exit)."""
+    due_in: float | None
+    """Seconds until ``next_signal``."""
 
 
 @attrs.frozen
@@ -145,6 +160,8 @@ class Fencing:
     """Reply to :class:`QueryFencing`: owners being fenced right now."""
 
     count: int
+    token: int = 0
+    fences: tuple[FenceStatus, ...] = ()
 
 
 @attrs.frozen
@@ -173,10 +190,16 @@ class _Watched:
     """The pidfd; None for an owner that is polled."""
 
 
-@attrs.frozen
+@attrs.define
 class _Fencing:
+    owner: Owner
     conn: int
     reason: ReleaseReason
+    """How its leases end once it exits."""
+    why: str
+    """Why the fence began, for ``status``."""
+    next_signal: int | None = None
+    """What its timer sends next (None: the check after SIGKILL)."""
 
 
 class OwnersActor(DispatchedActor):
@@ -238,7 +261,7 @@ class OwnersActor(DispatchedActor):
         elif isinstance(message, _FenceStep):
             self._fence_step(message)
         elif isinstance(message, QueryFencing):
-            tell_if_alive(message.reply_to, Fencing(len(self._fencing)))
+            tell_if_alive(message.reply_to, self._fences_now(message.token))
         elif isinstance(message, _Poll):
             self._poll()
         else:
@@ -470,9 +493,9 @@ class OwnersActor(DispatchedActor):
             self._release(_RetryRelease(owner.key, closed.conn, ReleaseReason.OWNER_EXIT))
             return
         reason = ReleaseReason.ADMIN if closed.admin else ReleaseReason.DISCONNECT
-        self._fencing[owner.key] = _Fencing(closed.conn, reason)
-        self._watch(owner)
         why = "admin disconnect" if closed.admin else "connection closed while holding leases"
+        self._fencing[owner.key] = _Fencing(owner, closed.conn, reason, why)
+        self._watch(owner)
         self._fence(owner, signal.SIGTERM, why)
         self._schedule(owner, self._grace, signal.SIGKILL)
 
@@ -481,10 +504,20 @@ class OwnersActor(DispatchedActor):
         if owner.key in self._fencing or self._processes.is_gone(owner):
             return
         # Its other leases end with it (owner-exit), like any exiting owner's.
-        self._fencing[owner.key] = _Fencing(0, ReleaseReason.OWNER_EXIT)
+        self._fencing[owner.key] = _Fencing(owner, 0, ReleaseReason.OWNER_EXIT, message.reason)
         self._watch(owner)
         self._fence(owner, signal.SIGTERM, message.reason)
         self._schedule(owner, self._grace_left(message.since), signal.SIGKILL)
+
+    def _fences_now(self, token: int) -> Fencing:
+        now = self.dispatcher.now()
+        fences = []
+        for key, fencing in self._fencing.items():
+            timer = self._timers.get(key)
+            due = None if timer is None else round(max(0.0, timer.deadline - now), 3)
+            name = None if fencing.next_signal is None else signal.Signals(fencing.next_signal).name
+            fences.append(FenceStatus(fencing.owner, fencing.why, name, due))
+        return Fencing(len(self._fencing), token, tuple(fences))
 
     def _grace_left(self, since: float | None) -> float:
         """What remains of the grace period of a fence owed or begun at ``since``.
@@ -501,6 +534,9 @@ class OwnersActor(DispatchedActor):
         old = self._timers.pop(owner.key, None)
         if old is not None:
             old.cancel()
+        fencing = self._fencing.get(owner.key)
+        if fencing is not None:
+            fencing.next_signal = signum
         ref = self.actor_ref
         self._timers[owner.key] = self.dispatcher.call_later(
             delay, lambda: tell_if_alive(ref, _FenceStep(owner, signum))

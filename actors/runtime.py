@@ -103,6 +103,10 @@ class Dispatcher:
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")
 
+    def now(self) -> float:
+        """The dispatcher's clock (monotonic; the one timers' deadlines use)."""
+        return self._clock()
+
     def call_later(self, delay: float, callback: Step) -> Timer:
         """Run ``callback`` on the dispatcher after ``delay`` seconds. Loop thread only."""
         timer = Timer(self._clock() + max(0.0, delay), callback)

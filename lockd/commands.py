@@ -160,13 +160,32 @@ def cmd_status(args: argparse.Namespace) -> int:
         with _connect(args.socket, "lockd-status") as client:
             status = client.call("status")
         if args.json:
-            _print_json(status)
+            fences = [{**f, "owner": _owner_json(f["owner"])} for f in status.get("fencing", [])]
+            _print_json({**status, "fencing": fences} if "fencing" in status else status)
         else:
+            fencing = status.pop("fencing", None)  # None: a daemon older than the field
             for key, value in status.items():
                 print(f"{key}: {value}")
+            if fencing is not None:
+                print(f"fencing: {len(fencing)}")
+                for fence in fencing:
+                    print(f"  {_fence_line(fence)}")
         return EXIT_OK
 
     return _run(args, body)
+
+
+def _fence_line(fence: dict[str, Any]) -> str:
+    """One fence in progress: who, what comes next and when, why."""
+    owner = fence["owner"]
+    who = f"{owner['name']} (pid {owner['pid']})"
+    if fence.get("next_signal") is None:
+        step = "SIGKILL sent, waiting for it to exit"
+    elif fence.get("due_in_s") is None:
+        step = f"{fence['next_signal']} next"
+    else:
+        step = f"{fence['next_signal']} in {fence['due_in_s']:.1f} s"
+    return f"{who}: {step}: {fence['reason']}"
 
 
 def cmd_lockspaces(args: argparse.Namespace) -> int:

@@ -212,6 +212,29 @@ def test_owner_connection_closing_fences_then_releases(h: Harness) -> None:
     assert [e.signal for e in h.journal_writer.events(OwnerFenced)] == ["SIGTERM", "SIGKILL"]
 
 
+def test_status_shows_each_fence_in_progress_and_when_its_sigkill_comes(h: Harness) -> None:
+    """What lockd is about to kill, why, and when: the grace period counting down, then
+    the wait for the exit after SIGKILL; nothing once the fence is over."""
+    h.processes.signal = lambda owner, signum: True  # type: ignore[method-assign]
+    vm = h.connect(VM1)
+    vm.register(VM1, "vm1")
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    admin = h.connect(LIBVIRTD, admin=True)
+    assert admin.ok("status")["fencing"] == []
+    vm.close()
+    h.advance(0.5)
+    (fence,) = admin.ok("status")["fencing"]
+    assert (fence["owner"]["name"], fence["owner"]["pid"]) == ("vm1", VM1)
+    assert fence["reason"] == "connection closed while holding leases"
+    assert (fence["next_signal"], fence["due_in_s"]) == ("SIGKILL", pytest.approx(1.1))
+    h.advance(1.5)  # SIGKILL sent; the process has not exited yet
+    (fence,) = admin.ok("status")["fencing"]
+    assert fence["next_signal"] is None
+    h.processes.exit(VM1)
+    h.run()
+    assert admin.ok("status")["fencing"] == []
+
+
 def test_owner_that_survives_sigkill_keeps_its_lock(h: Harness) -> None:
     """A VM stuck in the kernel keeps the disk locked rather than sharing it."""
     vm = h.connect(VM1)

@@ -176,6 +176,33 @@ def test_a_fence_cut_short_by_a_crash_is_finished_by_the_next_daemon(
     check(daemon)
 
 
+def test_status_shows_a_fence_in_progress_and_when_sigkill_comes(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """An operator asks what lockd is about to kill: `lockd status` names the VM, the next
+    signal and when, and why; a resumed fence after a crash keeps counting down."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("fence_grace = 60\n")
+    daemon = make_daemon("fence-status", None, "--config", str(config))
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
+    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    done = daemon.lockd("status", "--json")
+    assert done.returncode == 0, done.stderr
+    (fence,) = json.loads(done.stdout)["fencing"]
+    assert fence["owner"]["pid"] == owner.pid
+    assert fence["next_signal"] == "SIGKILL"
+    assert 50 < fence["due_in_s"] <= 60
+    assert fence["reason"] == "connection closed while holding leases"
+    crash(daemon)
+    restart(daemon)
+    text = daemon.lockd("status").stdout
+    (line,) = [row for row in text.splitlines() if f"(pid {owner.pid})" in row]
+    due = float(line.split("SIGKILL in ")[1].split(" s")[0])
+    assert due < 60 - 0.1  # the deadline of the fence begun before the crash
+    assert line.endswith(RESUMED)
+    assert "fencing: 1" in text
+
+
 def test_a_daemon_crashing_within_every_grace_period_still_kills_in_the_end(
     make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
