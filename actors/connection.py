@@ -249,6 +249,13 @@ class ConnectionActor(DispatchedActor):
         if restored is None:
             return
         self._restored = None
+        try:
+            self._resume(restored)
+        except Exception:  # noqa: BLE001 - as in on_receive: this connection ends, not lockd
+            self._internal_error()
+
+    def _resume(self, restored: HandedOver) -> None:
+        """Carry on a connection the previous process handed over (re-exec)."""
         if restored.owner is not None:
             self._owners.tell(Watch(restored.owner))
         if restored.subscribed:
@@ -288,13 +295,16 @@ class ConnectionActor(DispatchedActor):
     def on_receive(self, message: Any) -> Any:
         try:
             return self._receive(message)
-        except Exception:
-            # A bug met on one connection ends that connection (its owner's
-            # leases end as on any disconnect), never the daemon.
-            log.exception("client %d: internal error; closing the connection", self.conn_id)
-            self._busy = False
-            self._close()
+        except Exception:  # noqa: BLE001 - logged by _internal_error
+            self._internal_error()
             return None
+
+    def _internal_error(self) -> None:
+        # A bug met on one connection ends that connection (its owner's leases
+        # end as on any disconnect), never the daemon. Called in an except block.
+        log.exception("client %d: internal error; closing the connection", self.conn_id)
+        self._busy = False
+        self._close()
 
     def _receive(self, message: Any) -> Any:
         if isinstance(message, Received):

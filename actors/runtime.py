@@ -286,7 +286,8 @@ class _Inbox(collections.deque[Any]):
 
     def bind(self, actor: DispatchedActor) -> None:
         """Start running ``actor``'s messages, those already queued included."""
-        self.actor = actor
+        if not self._set:  # not already stopped (a failed on_start, run on another thread)
+            self.actor = actor
         self.dispatcher = dispatcher = actor.dispatcher
         for _ in range(len(self)):
             dispatcher.submit(self)
@@ -425,6 +426,9 @@ class DispatchedActor(pykka.Actor):
         except Exception as exc:  # noqa: BLE001 - reported, and re-raised by the loop
             self._handle_failure(*sys.exc_info())
             self.dispatcher.report_crash(exc)
+        except BaseException:
+            self._stop()
+            raise
 
     def _handle_failure(self, *exc_info: Any) -> None:
         super()._handle_failure(*exc_info)  # logs it and sets the stopped flag

@@ -895,3 +895,34 @@ def test_a_pair_leaves_nothing_for_the_cyclic_collector(h: Harness) -> None:
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_a_bug_in_a_handed_over_request_ends_that_connection_not_the_daemon(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a re-exec a connection replays the request bytes it carried over as it starts:
+    a bug met there closes that connection, as it would in any later message, and the
+    daemon serves on (an on_start failure is otherwise a crash of the whole loop)."""
+    from actors.connection import ConnectionActor, HandedOver
+    from actors.connection import ServerInfo as Info
+    from tests.actors.harness import FakeTransport
+
+    def broken(self: ConnectionActor, request: object) -> None:
+        raise RuntimeError("bug")
+
+    transport = FakeTransport(VM1, 0)
+    carried = HandedOver(
+        conn_id=99, fd=-1, peer_pid=VM1, peer_uid=0, admin=False, connected_since=0.0,
+        owner=None, restricted=False, subscribed=False, version=1,
+        pending=encode_frame(encode_item({"op": "status", "id": 5})), unsent=b"",
+    )  # fmt: skip
+    monkeypatch.setattr(ConnectionActor, "_handle", broken)
+    ConnectionActor.start(
+        h.dispatcher, conn_id=99, transport=transport, router=h.router, owners=h.owners,
+        journal=h.journal, processes=h.processes, info=Info("test", 1, 0.0, "test"),
+        clock=h.clock, restored=carried,
+    )  # fmt: skip
+    h.run()  # raises ActorCrashedError if the bug crashed the loop
+    assert transport.closed
+    monkeypatch.undo()
+    assert h.connect(VM2).ok("status")["clients"] >= 1
