@@ -154,9 +154,10 @@ class Fence:
     owner: Owner = attrs.field(converter=_owner)
     reason: str
     since: float | None = None
-    """Wall-clock time the fence was first owed or begun; None: it begins now. A resumed
-    fence keeps it, so its SIGKILL comes a grace period after that, however many crashes
-    fall in between (otherwise a daemon crashing within every grace period never kills)."""
+    """Wall-clock time of the fence's first SIGTERM; None: it begins now (a fence only owed
+    so far, or new). A resumed fence keeps it, so its SIGKILL comes a grace period after
+    that, however many crashes fall in between (otherwise a daemon crashing within every
+    grace period never kills)."""
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"owner": self.owner.to_wire(), "reason": self.reason}

@@ -130,7 +130,7 @@ class FenceLost:
     owner: Owner
     reason: str
     since: float | None = None
-    """Wall-clock time the fence was first owed or begun (None: now)."""
+    """Wall-clock time of the fence's first SIGTERM (None: it begins now)."""
 
 
 @attrs.frozen
@@ -520,7 +520,7 @@ class OwnersActor(DispatchedActor):
         return Fencing(len(self._fencing), token, tuple(fences))
 
     def _grace_left(self, since: float | None) -> float:
-        """What remains of the grace period of a fence owed or begun at ``since``.
+        """What remains of the grace period of a fence whose first SIGTERM was at ``since``.
 
         A fence resumed after a crash keeps its deadline: with a full grace period
         at each start, a daemon that crashes within every grace period would never

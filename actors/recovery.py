@@ -84,8 +84,10 @@ class RecoveryActor(DispatchedActor):
         started: float | None = None,
         boot_time: float = 0.0,
         boot: bytes | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(dispatcher)
+        self._wall_clock = wall_clock
         self._state = state
         self._router = router
         self._owners = owners
@@ -110,7 +112,8 @@ class RecoveryActor(DispatchedActor):
         self._lost: list[tuple[Owner, str]] = []
         self._plan: dict[str, list[RestoreLease]] = {}
         self._live: dict[Any, Owner] = {}
-        self._fences: list[tuple[Owner, str, float]] = []
+        self._fences: list[tuple[Owner, str, float | None]] = []
+        """Fences to resume: owner, reason, and the first SIGTERM's time (None: only owed)."""
         self._lookups: dict[str, int] = {}
         self._handed: tuple[Fence, ...] = ()
         """The fences ``recovery-completed`` lists, started once it is written."""
@@ -143,8 +146,9 @@ class RecoveryActor(DispatchedActor):
         if earlier_boot:
             log.info("recovery: %d owners registered before this boot of the host; "
                      "their leases end as owner-gone", earlier_boot)  # fmt: skip
+        owed = self._state.owed
         self._fences = [
-            (owner, reason, since)
+            (owner, reason, None if owner.key in owed else since)
             for owner, reason, since in self._state.fencing.values()
             if since >= self._boot_time and not self._gone(owner)
         ]
@@ -233,6 +237,7 @@ class RecoveryActor(DispatchedActor):
         for owner in self._live.values():
             self._owners.tell(Watch(owner))
         fences: dict[OwnerKey, Fence] = {}
+        now = self._wall_clock()
         for owner, lease in self._lost:
             log.error(
                 "recovery: %s lost lease %s to another process or host", owner.describe(), lease
@@ -240,9 +245,12 @@ class RecoveryActor(DispatchedActor):
             if self._fence_lost:
                 fence = Fence(owner, lost_lease_reason(lease))
                 fences.setdefault(owner.key, fence)
-        for owner, reason, since in self._fences:
+        for owner, reason, begun in self._fences:
             # SIGTERM again (harmless to a process already exiting), then SIGKILL when
             # the interrupted fence would have sent it: a grace period after it began.
+            # A start in the future (the clock stepped back) counts from now, so the
+            # next daemon does not get a full grace period again.
+            since = None if begun is None else min(begun, now)
             log.warning("recovery: resuming the fence of %s (%s)", owner.describe(), reason)
             lost_now = fences.get(owner.key)
             if lost_now is None:

@@ -59,13 +59,18 @@ class ReplayState:
     lockspaces: dict[str, str] = attrs.field(factory=dict)
     leases: dict[tuple[str, str], HeldLease] = attrs.field(factory=dict)
     fencing: dict[OwnerKey, tuple[Owner, str, float]] = attrs.field(factory=dict)
-    """Owners to fence, not yet SIGKILLed nor seen gone: (owner, reason, when).
+    """Owners to fence, not yet SIGKILLed nor seen gone: (owner, reason, since).
 
     An ``owner-fenced`` SIGTERM starts one, and so does a ``lease-lost`` (the
     fence it owes). A daemon killed before the SIGKILL would otherwise forget
     it; the next one resumes it. ``recovery-completed`` replaces them all
     with the fences that daemon goes on with, which it lists in that record.
+    ``since`` is when the first SIGTERM was sent (the SIGKILL is due a grace
+    period later), or for a fence still owed, when it became owed.
     """
+    owed: set[OwnerKey] = attrs.field(factory=set)
+    """Fences in ``fencing`` owed but never begun: no SIGTERM journaled yet, so their
+    grace period has not started (the next daemon gives a full one)."""
     _owner_cache: dict[tuple[Any, ...], Owner] = attrs.field(
         factory=dict, init=False, repr=False, eq=False
     )
@@ -109,6 +114,7 @@ class ReplayState:
                 self._lost(self._owner(wire), key, float(record["time"]))
             elif self.fencing and record["reason"] in _EXITS:
                 self.fencing.pop(owner_key, None)
+                self.owed.discard(owner_key)
         elif kind == "lockspace-created":
             self.lockspaces[record["lockspace"]] = record["path"]
         elif kind == "owner-fenced":
@@ -116,10 +122,13 @@ class ReplayState:
                          float(record["time"]))  # fmt: skip
         elif kind == "recovery-completed":
             when = float(record["time"])
-            self.fencing = {}
+            self.fencing, self.owed = {}, set()
             for fence in record.get("fencing", ()):
                 owner = self._owner(fence["owner"])
-                self.fencing[owner.key] = (owner, fence["reason"], float(fence.get("since", when)))
+                since = fence.get("since")
+                self.fencing[owner.key] = (owner, fence["reason"], when if since is None else since)
+                if since is None:
+                    self.owed.add(owner.key)
         self.seq = seq
 
     def _owner(self, wire: dict[str, Any]) -> Owner:
@@ -153,6 +162,7 @@ class ReplayState:
                 self._lost(event.owner, key, time)
             elif self.fencing and event.reason in _EXITS:
                 self.fencing.pop(event.owner.key, None)
+                self.owed.discard(event.owner.key)
         elif isinstance(event, LockspaceCreated):
             self.lockspaces[event.lockspace] = event.path
         elif isinstance(event, OwnerFenced):
@@ -162,6 +172,7 @@ class ReplayState:
                 f.owner.key: (f.owner, f.reason, time if f.since is None else f.since)
                 for f in event.fencing
             }
+            self.owed = {f.owner.key for f in event.fencing if f.since is None}
 
     def _lost(self, owner: Owner, lease: tuple[str, str], time: float) -> None:
         # A lost lease owes its owner a fence (under lost_lease_policy = fence), from
@@ -169,15 +180,20 @@ class ReplayState:
         # leave a process writing to a disk another host now holds.
         if owner.key not in self.fencing:
             self.fencing[owner.key] = (owner, lost_lease_reason(f"{lease[0]}/{lease[1]}"), time)
+            self.owed.add(owner.key)
 
     def _fenced(self, owner: Owner, signal: str, reason: str, time: float) -> None:
+        key = owner.key
         if signal == "SIGTERM":
             # A resumed fence journals SIGTERM again; its deadline still counts from
-            # when the fence was first owed or begun.
-            earlier = self.fencing.get(owner.key)
-            self.fencing[owner.key] = (owner, reason, time if earlier is None else earlier[2])
+            # the first SIGTERM (a fence only owed until now begins here).
+            earlier = self.fencing.get(key)
+            begun = earlier[2] if earlier is not None and key not in self.owed else time
+            self.fencing[key] = (owner, reason, begun)
+            self.owed.discard(key)
         else:  # SIGKILL: the escalation happened; only the owner's exit is left to see
-            self.fencing.pop(owner.key, None)
+            self.fencing.pop(key, None)
+            self.owed.discard(key)
 
     def owners(self) -> dict[OwnerKey, Owner]:
         """Every owner holding something."""
@@ -200,8 +216,10 @@ class ReplayState:
                 ]
                 for held in self.leases.values()
             ],
+            # A fourth item, true, marks a fence still owed (absent: begun).
             "fencing": [
-                [owner.to_wire(), reason, since] for owner, reason, since in self.fencing.values()
+                [owner.to_wire(), reason, since, *([True] if owner.key in self.owed else [])]
+                for owner, reason, since in self.fencing.values()
             ],
         }
 
@@ -223,9 +241,11 @@ class ReplayState:
                     held.owners[owner.key] = (owner, float(since))
                 state.leases[(lockspace, resource)] = held
             # Absent from snapshots written before fences were kept.
-            for owner_wire, reason, since in data.get("fencing", ()):
+            for owner_wire, reason, since, *owed in data.get("fencing", ()):
                 owner = Owner.from_wire(owner_wire)
                 state.fencing[owner.key] = (owner, str(reason), float(since))
+                if owed and owed[0] is True:
+                    state.owed.add(owner.key)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed snapshot: {exc!r}") from None
         return state

@@ -53,7 +53,8 @@ def start_recovery(h: Harness, state: ReplayState, **options: Any) -> list[Recov
     """
     reports: list[RecoveryReport] = []
     collaborators = {"router": h.router, "owners": h.owners, "journal": h.journal,
-                     "processes": h.processes, **options}  # fmt: skip
+                     "processes": h.processes, "wall_clock": h.wall_clock,
+                     **options}  # fmt: skip
     RecoveryActor.start(h.dispatcher, state=state, on_done=reports.append, **collaborators)
     h.run()
     return reports
@@ -235,22 +236,29 @@ def test_an_adopted_fd_that_lost_its_lock_is_removed_from_the_fd_store(h: Harnes
 
 def test_a_lost_lease_journaled_before_a_crash_still_gets_its_owner_fenced(h: Harness) -> None:
     """The previous daemon journaled the lost lease and died before it fenced the owner
-    (or before its recovery completed): the next one fences the owner all the same."""
+    (or before its recovery completed): the next one fences the owner all the same, with a
+    full grace period, however long ago the lease was lost: the fence was owed, never
+    begun (no SIGTERM), so its owner has had no warning yet."""
     victim = owner(VICTIM)
     state = ReplayState()
     history = [
         LeaseAcquired(FILES, "stolen", LeaseMode.EXCLUSIVE, victim, 1, True),
         LeaseLost(FILES, "stolen", LeaseMode.EXCLUSIVE, victim, "held by another host"),
     ]
+    lost_at = h.wall_clock() - 100.0
     for seq, event in enumerate(history, 1):
-        state.fold(JournalEntry(seq, 5.0, "test", event))
+        state.fold(JournalEntry(seq, lost_at, "test", event))
     h.processes.ignores_sigterm.add(VICTIM)
-    report = recover(h, state)
+    report = recover(h, state, boot_time=lost_at - 60)
     assert (report.held, report.lost) == (0, 0)  # nothing left to hold: it was lost before
     assert h.processes.signals == [(VICTIM, "SIGTERM")]
     (fenced,) = h.journal_writer.events(OwnerFenced)
     assert fenced.reason == f"lease {FILES}/stolen was taken while lockd was down" + RESUMED
-    h.advance(2.0)
+    (done,) = h.journal_writer.events(RecoveryCompleted)
+    assert [fence.since for fence in done.fencing] == [None]  # still to begin
+    h.advance(1.5)
+    assert h.processes.signals == [(VICTIM, "SIGTERM")]
+    h.advance(0.2)
     assert h.processes.signals == [(VICTIM, "SIGTERM"), (VICTIM, "SIGKILL")]
 
 
@@ -285,7 +293,9 @@ def test_a_resumed_fence_keeps_its_deadline(
 ) -> None:
     """A fence begun before the crash ends a grace period (1.6 s here) after it began, not
     after the restart: a daemon crashing within every grace period still kills in the end.
-    The time it began goes on in recovery-completed, for the next crash."""
+    The time it began goes on in recovery-completed, for the next crash; a time in the
+    future (the wall clock stepped back) goes on as now, so the next start does not give a
+    full grace period again."""
     vm = owner(LIVE)
     state = ReplayState()
     held(state, "disk", vm)
@@ -294,7 +304,7 @@ def test_a_resumed_fence_keeps_its_deadline(
     h.processes.ignores_sigterm.add(LIVE)
     recover(h, state, boot_time=begun - 60)  # the harness's wall clock starts at 0
     (done,) = h.journal_writer.events(RecoveryCompleted)
-    assert [fence.since for fence in done.fencing] == [begun]
+    assert [fence.since for fence in done.fencing] == [min(begun, h.wall_clock())]
     if kill_after:
         assert h.processes.signals == [(LIVE, "SIGTERM")]
         h.advance(kill_after - 0.05)

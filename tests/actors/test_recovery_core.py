@@ -101,6 +101,7 @@ def summary(state: ReplayState) -> object:
             for key, held in state.leases.items()
         },
         {key.pid: (reason, since) for key, (_, reason, since) in state.fencing.items()},
+        sorted(key.pid for key in state.owed),
     )
 
 
@@ -169,6 +170,15 @@ def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_sigkill_exit_or_res
     resumed = RecoveryCompleted(1, 0, 0, 1.0, (Fence(vm, "connection closed", since=0.0),))
     assert fold(term, resumed, again).fencing[vm.key][2] == 0.0
     assert fold(lost, resumed).fencing[vm.key][2] == 0.0
+    # Owed (by a lost lease) is not begun: the first SIGTERM starts the grace period.
+    assert fold(lost).owed == {vm.key}
+    assert fold(lost, term).fencing[vm.key][2] == 1.0
+    assert not fold(lost, term).owed
+    owed_on = RecoveryCompleted(1, 0, 1, 1.0, (Fence(vm, "lease ls/b was taken"),))
+    assert fold(term, owed_on).owed == {vm.key}
+    assert fold(term, owed_on, again).fencing[vm.key][2] == 2.0
+    assert ReplayState.from_wire(fold(lost).to_wire()).owed == {vm.key}
+    assert not ReplayState.from_wire(fold(term).to_wire()).owed
     restored = ReplayState.from_wire(fold(term).to_wire())
     assert restored.fencing == fold(term).fencing
     old_snapshot = fold(term).to_wire()
