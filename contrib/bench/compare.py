@@ -47,9 +47,17 @@ PEER_LOCKSPACE = "/tmp/virtlockd-peer/lockspace"  # noqa: S108 - the peer client
 
 
 def _virtlockd_pairs(peer: Path, cpu: int, ops: int, daemon_pid: int, out: Any) -> None:
-    """Child process: sequential pairs through the peer's own protocol client, timed and
-    summarised as ``lockd bench`` does lockd's (p999 included: the peer's client reports
-    none), and the daemon's CPU over exactly the timed pairs."""
+    """Child process: :func:`_timed_pairs`, its result or its error sent to the parent."""
+    try:
+        out.send(_timed_pairs(peer, cpu, ops, daemon_pid))
+    except BaseException as exc:  # noqa: BLE001 - reported, never left to hang the parent
+        out.send({"error": repr(exc)})
+
+
+def _timed_pairs(peer: Path, cpu: int, ops: int, daemon_pid: int) -> dict[str, Any]:
+    """Sequential pairs through the peer's own protocol client, timed and summarised as
+    ``lockd bench`` does lockd's (p999 included: the peer's client reports none), and the
+    daemon's CPU over exactly the timed pairs."""
     os.sched_setaffinity(0, {cpu})
     spec = importlib.util.spec_from_file_location("virtlockd_peer_client", peer / "client.py")
     assert spec is not None
@@ -74,24 +82,33 @@ def _virtlockd_pairs(peer: Path, cpu: int, ops: int, daemon_pid: int, out: Any) 
     wall = clock() - t0
     cpu1 = cpu_seconds(daemon_pid)
     client.close()
-    result = summary(samples, wall)
+    result: dict[str, Any] = summary(samples, wall)
     if cpu0 is not None and cpu1 is not None:
         result["daemon_cpu_us_per_pair"] = round((cpu1 - cpu0) / ops * 1e6, 1)
-    out.send(result)
+    return result
 
 
 def virtlockd_sequential(peer: Path, cpu: int, ops: int, daemon_pid: int) -> dict[str, float]:
-    """:func:`_virtlockd_pairs` in a process of its own, pinned like the peer's client."""
+    """:func:`_timed_pairs` in a process of its own, pinned like the peer's client."""
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_virtlockd_pairs, args=(peer, cpu, ops, daemon_pid, send))
     child.start()
+    send.close()  # the child's end only: a child that dies unheard ends the wait (EOF)
     try:
         if not receive.poll(600):
-            raise RuntimeError("virtlockd sequential run: no result")
-        result: dict[str, float] = receive.recv()
+            raise RuntimeError("virtlockd sequential run: no result in 600 s")
+        try:
+            result: dict[str, Any] = receive.recv()
+        except EOFError:
+            raise RuntimeError("virtlockd sequential run: the child died") from None
     finally:
         child.join(10)
+        if child.is_alive():
+            child.terminate()
+            child.join()
+    if "error" in result:
+        raise RuntimeError(f"virtlockd sequential run failed: {result['error']}")
     return result
 
 
