@@ -172,13 +172,14 @@ class Host:
         # A pidfd budget of none, one or two: owners beyond it are polled.
         budget = self.sim.rng.choice((None, 0, 1, 2))
         self.owners = OwnersActor.start(d, processes=self.view, router=self.router,
-                                        journal=self.journal, grace=1.6,
+                                        journal=self.journal, grace=FENCE_GRACE_SECONDS,
                                         max_pidfds=budget, clock=self.sim.clock)  # fmt: skip
         self.journal.tell(Append((DaemonStarted("sim", self.incarnation),), 0, None))
         reports: list[RecoveryReport] = []
         RecoveryActor.start(
             d, state=state, router=self.router, owners=self.owners, journal=self.journal,
             processes=self.view, on_done=reports.append, boot=self.boot_id,
+            wall_clock=self.sim.clock,
         )  # fmt: skip
         self.run()
         assert reports, f"{self.name}: recovery did not finish"
@@ -299,7 +300,7 @@ class Sim:
     def _drop_own_connection(self) -> None:
         vm = self.rng.choice(self.vms)
         if vm.own is not None and vm.own.alive:
-            if self.rng.random() < 0.5:
+            if self.rng.random() < 0.7:  # most do: the fence then runs its whole course
                 vm.host.processes.ignores_sigterm.add(vm.pid)
             vm.own.close()
             self.log.append(f"vm{vm.pid}@{vm.host.name} closes its own connection")
@@ -312,6 +313,16 @@ class Sim:
         else:
             host.start()
             self.log.append(f"{host.name} restarts: {host.report}")
+
+    def _bounce(self) -> None:
+        """A daemon crashes and its service manager starts it again at once: a crash loop
+        is this, over and over, and fences must still reach their SIGKILL."""
+        host = self.rng.choice(self.hosts)
+        for _ in range(self.rng.choice((1, 2, 3))):
+            if host.up:
+                host.crash()
+            host.start()
+            self.log.append(f"{host.name} bounces: {host.report}")
 
     def _reboot(self) -> None:
         """The whole host restarts. The VMs autostarted again get their old pids and start
@@ -366,8 +377,8 @@ class Sim:
             host.run()
 
     OPS: tuple[tuple[Callable[[Sim], None], int], ...] = (
-        (_acquire, 30), (_release, 15), (_vm_exit, 10), (_drop_own_connection, 6),
-        (_crash_or_restart, 8), (_reboot, 2), (_steal, 4), (_thief_lets_go, 4),
+        (_acquire, 30), (_release, 15), (_vm_exit, 10), (_drop_own_connection, 10),
+        (_crash_or_restart, 8), (_bounce, 4), (_reboot, 2), (_steal, 4), (_thief_lets_go, 4),
         (_journal_trouble, 3), (_time_passes, 12),
     )  # fmt: skip
 
