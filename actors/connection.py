@@ -784,7 +784,11 @@ class ConnectionActor(DispatchedActor):
         # Then the fences in progress: what lockd is about to kill is what an
         # operator looking at a host in trouble needs first.
         token = self._wait(lambda fencing: self._status_reply(request, gathered, fencing))
-        self._owners.tell(QueryFencing(self.actor_ref, token))
+        try:
+            self._owners.tell(QueryFencing(self.actor_ref, token))
+        except pykka.ActorDeadError:  # only as the daemon goes down: answer without fences
+            del self._waits[token]
+            self._status_reply(request, gathered, Fencing(0))
 
     def _status_reply(self, request: m.Status, gathered: Gathered, fencing: Fencing) -> None:
         owners = set().union(*(_counts(s).owners for s in gathered.lockspaces))

@@ -153,7 +153,7 @@ class Fence:
 
     owner: Owner = attrs.field(converter=_owner)
     reason: str
-    since: float | None = None
+    since: float | None = attrs.field(default=None, converter=attrs.converters.optional(float))
     """Wall-clock time of the fence's first SIGTERM; None: it begins now (a fence only owed
     so far, or new). A resumed fence keeps it, so its SIGKILL comes a grace period after
     that, however many crashes fall in between (otherwise a daemon crashing within every
@@ -291,6 +291,6 @@ class JournalEntry:
         rest = {k: v for k, v in data.items() if k not in ("seq", "time", "host")}
         try:
             event = event_from_wire(rest)
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed event: {exc}") from None
         return cls(seq=seq, time=float(time), host=host, event=event)

@@ -152,7 +152,7 @@ class FenceStatus:
     next_signal: str | None
     """SIGKILL while the grace period runs; None once SIGKILL was sent (waiting for the exit)."""
     due_in: float | None
-    """Seconds until ``next_signal``."""
+    """Seconds until ``next_signal`` (None with it)."""
 
 
 @attrs.frozen
@@ -514,8 +514,11 @@ class OwnersActor(DispatchedActor):
         fences = []
         for key, fencing in self._fencing.items():
             timer = self._timers.get(key)
-            due = None if timer is None else round(max(0.0, timer.deadline - now), 3)
-            name = None if fencing.next_signal is None else signal.Signals(fencing.next_signal).name
+            if fencing.next_signal is None or timer is None:
+                name, due = None, None  # SIGKILL sent: only its exit is awaited
+            else:
+                name = signal.Signals(fencing.next_signal).name
+                due = round(max(0.0, timer.deadline - now), 3)
             fences.append(FenceStatus(fencing.owner, fencing.why, name, due))
         return Fencing(len(self._fencing), token, tuple(fences))
 

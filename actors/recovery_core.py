@@ -126,7 +126,8 @@ class ReplayState:
             for fence in record.get("fencing", ()):
                 owner = self._owner(fence["owner"])
                 since = fence.get("since")
-                self.fencing[owner.key] = (owner, fence["reason"], when if since is None else since)
+                begun = when if since is None else float(since)
+                self.fencing[owner.key] = (owner, fence["reason"], begun)
                 if since is None:
                     self.owed.add(owner.key)
         self.seq = seq

@@ -229,7 +229,7 @@ def test_status_shows_each_fence_in_progress_and_when_its_sigkill_comes(h: Harne
     assert (fence["next_signal"], fence["due_in_s"]) == ("SIGKILL", pytest.approx(1.1))
     h.advance(1.5)  # SIGKILL sent; the process has not exited yet
     (fence,) = admin.ok("status")["fencing"]
-    assert fence["next_signal"] is None
+    assert (fence["next_signal"], fence["due_in_s"]) == (None, None)
     h.processes.exit(VM1)
     h.run()
     assert admin.ok("status")["fencing"] == []

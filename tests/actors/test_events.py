@@ -59,6 +59,9 @@ def test_a_fence_keeps_the_time_it_began_and_ignores_keys_it_does_not_know() -> 
     assert [fence.get("since") for fence in data["fencing"]] == [1764000000.25, None]
     data["fencing"][0]["later"] = "something"
     assert JournalEntry.from_wire(data).event == event
+    data["fencing"][0]["since"] = "soon"
+    with pytest.raises(ValueError, match="malformed"):
+        JournalEntry.from_wire(data)
 
 
 def test_every_event_type_has_a_unique_wire_name() -> None:
