@@ -65,8 +65,9 @@ class ReplayState:
     fence it owes). A daemon killed before the SIGKILL would otherwise forget
     it; the next one resumes it. ``recovery-completed`` replaces them all
     with the fences that daemon goes on with, which it lists in that record.
-    ``since`` is when the first SIGTERM was sent (the SIGKILL is due a grace
-    period later), or for a fence still owed, when it became owed.
+    ``since`` is when the first SIGTERM was journaled (the SIGKILL is due a
+    grace period later), or for a fence still owed, the time of the record
+    that owes it (``lease-lost``, or the ``recovery-completed`` handing it on).
     """
     owed: set[OwnerKey] = attrs.field(factory=set)
     """Fences in ``fencing`` owed but never begun: no SIGTERM journaled yet, so their

@@ -181,8 +181,6 @@ def _fence_line(fence: dict[str, Any]) -> str:
     who = f"{owner['name']} (pid {owner['pid']})"
     if fence.get("next_signal") is None:
         step = "SIGKILL sent, waiting for it to exit"
-    elif fence.get("due_in_s") is None:
-        step = f"{fence['next_signal']} next"
     else:
         step = f"{fence['next_signal']} in {fence['due_in_s']:.1f} s"
     return f"{who}: {step}: {fence['reason']}"

@@ -959,6 +959,15 @@ def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What the daemon's fds point at: says which kind leaked when a count is off."""
+    out = []
+    for fd in sorted(os.listdir(f"/proc/{pid}/fd"), key=int):
+        with contextlib.suppress(OSError):
+            out.append(f"{fd}->{os.readlink(f'/proc/{pid}/fd/{fd}')}")
+    return out
+
+
 def _mutate(rng: random.Random, payload: bytes) -> bytes:
     data = bytearray(payload)
     for _ in range(rng.randint(1, 4)):
@@ -1085,6 +1094,7 @@ def test_fuzz_keeps_memory_and_fds_bounded(target: Target) -> None:
                     assert replies[0]["error"]["code"] == "invalid-argument"
             else:
                 assert len(replies) <= 1, (kind, replies)
+        fds_listed = _fd_targets(pid)
         rss_fuzzed = _rss_kib(pid)
         # A client that pipelines requests and never reads its replies.
         sent = 0
@@ -1104,7 +1114,13 @@ def test_fuzz_keeps_memory_and_fds_bounded(target: Target) -> None:
             with daemon.client("bystander") as client:
                 client.call("status")
             rss_hogged = _rss_kib(pid)
-        wait_for(lambda: _fds(pid) <= fds_before, timeout=10)
+        try:
+            wait_for(lambda: _fds(pid) <= fds_before, timeout=10)
+        except AssertionError:
+            raise AssertionError(
+                f"{_fds(pid)} fds, {fds_before} before; after the fuzz {fds_listed}, "
+                f"now {_fd_targets(pid)}"
+            ) from None
         rss_after, fds_after = _rss_kib(pid), _fds(pid)
     print(
         f"\nfuzz: {connections} connections {kinds}; never-reading client sent {sent} bytes; "
