@@ -783,12 +783,16 @@ class ConnectionActor(DispatchedActor):
     def _status(self, request: m.Status, gathered: Gathered) -> None:
         # Then the fences in progress: what lockd is about to kill is what an
         # operator looking at a host in trouble needs first.
-        token = self._wait(lambda fencing: self._status_reply(request, gathered, fencing))
+        self._with_fences(lambda fencing: self._status_reply(request, gathered, fencing))
+
+    def _with_fences(self, then: Callable[[Fencing], None]) -> None:
+        """Ask the owners actor which fences run, then call ``then`` with its answer."""
+        token = self._wait(then)
         try:
             self._owners.tell(QueryFencing(self.actor_ref, token))
         except pykka.ActorDeadError:  # only as the daemon goes down: answer without fences
             del self._waits[token]
-            self._status_reply(request, gathered, Fencing(0))
+            then(Fencing(0))
 
     def _status_reply(self, request: m.Status, gathered: Gathered, fencing: Fencing) -> None:
         owners = set().union(*(_counts(s).owners for s in gathered.lockspaces))
@@ -817,6 +821,9 @@ class ConnectionActor(DispatchedActor):
         )
 
     def _metrics(self, request: m.Metrics, gathered: Gathered) -> None:
+        self._with_fences(lambda fencing: self._metrics_reply(request, gathered, fencing))
+
+    def _metrics_reply(self, request: m.Metrics, gathered: Gathered, fencing: Fencing) -> None:
         held: dict[tuple[tuple[str, str], ...], float] = {}
         owners: set[Any] = set()
         for snapshot in gathered.lockspaces:
@@ -834,6 +841,11 @@ class ConnectionActor(DispatchedActor):
                 ("lockd_lockspaces", "Lockspaces served.", {(): len(gathered.lockspaces)}),
                 ("lockd_journal_seq", "Seq of the last journal entry.", {(): gathered.last_seq}),
                 ("lockd_uptime_seconds", "Seconds since start.", {(): uptime}),
+                (
+                    "lockd_fences_in_progress",
+                    "Owners being fenced now (SIGTERM sent, not yet exited).",
+                    {(): fencing.count},
+                ),
                 *self._fd_gauges(),
                 *gc_gauges(),
             ],

@@ -214,15 +214,18 @@ def test_owner_connection_closing_fences_then_releases(h: Harness) -> None:
 
 def test_status_shows_each_fence_in_progress_and_when_its_sigkill_comes(h: Harness) -> None:
     """What lockd is about to kill, why, and when: the grace period counting down, then
-    the wait for the exit after SIGKILL; nothing once the fence is over."""
+    the wait for the exit after SIGKILL; nothing once the fence is over. Metrics count
+    them, for an alert."""
     h.processes.signal = lambda owner, signum: True  # type: ignore[method-assign]
     vm = h.connect(VM1)
     vm.register(VM1, "vm1")
     vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
     admin = h.connect(LIBVIRTD, admin=True)
     assert admin.ok("status")["fencing"] == []
+    assert "\nlockd_fences_in_progress 0\n" in admin.ok("metrics")["text"]
     vm.close()
     h.advance(0.5)
+    assert "\nlockd_fences_in_progress 1\n" in admin.ok("metrics")["text"]
     (fence,) = admin.ok("status")["fencing"]
     assert (fence["owner"]["name"], fence["owner"]["pid"]) == ("vm1", VM1)
     assert fence["reason"] == "connection closed while holding leases"
@@ -233,6 +236,7 @@ def test_status_shows_each_fence_in_progress_and_when_its_sigkill_comes(h: Harne
     h.processes.exit(VM1)
     h.run()
     assert admin.ok("status")["fencing"] == []
+    assert "\nlockd_fences_in_progress 0\n" in admin.ok("metrics")["text"]
 
 
 def test_owner_that_survives_sigkill_keeps_its_lock(h: Harness) -> None:

@@ -429,6 +429,7 @@ def test_metrics_and_log_level_on_the_admin_socket(
     assert 'lockd_leases_held{lockspace="org.libvirt.lockd.files",mode="exclusive"} 1' in text
     assert "lockd_recovery_duration_seconds" in text
     assert "lockd_journal_bytes_total" in text
+    assert "\nlockd_fences_in_progress 0\n" in text
     # The collector: counted by generation, and the state recovery built frozen.
     assert "# TYPE python_gc_collections_total counter" in text
     assert 'python_gc_collections_total{generation="2"}' in text
