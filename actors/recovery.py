@@ -49,8 +49,10 @@ from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 
 log = logging.getLogger(__name__)
 
-RESUMED = "; fence resumed after a lockd crash"
-"""Added to the reason of a resumed fence (once, however many crashes)."""
+RESUMED = "; fence resumed after a lockd restart"
+"""Added to the reason of a resumed fence (once, however many crashes or re-execs)."""
+_RESUMED_BEFORE = "; fence resumed after a lockd crash"
+"""What :data:`RESUMED` read until re-execs resumed fences too (in older journals)."""
 LOOKUP_RETRIES = 30
 """Seconds recovery waits for a missing lockspace directory (shared storage mounted late)."""
 
@@ -254,7 +256,8 @@ class RecoveryActor(DispatchedActor):
             log.warning("recovery: resuming the fence of %s (%s)", owner.describe(), reason)
             lost_now = fences.get(owner.key)
             if lost_now is None:
-                fences[owner.key] = Fence(owner, reason.removesuffix(RESUMED) + RESUMED, since)
+                plain = reason.removesuffix(RESUMED).removesuffix(_RESUMED_BEFORE)
+                fences[owner.key] = Fence(owner, plain + RESUMED, since)
             else:  # it lost a lease now too: the fence keeps that reason and its deadline
                 fences[owner.key] = attrs.evolve(lost_now, since=since)
         duration = round((time.monotonic() - self._started) * 1000, 3)

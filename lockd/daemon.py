@@ -524,6 +524,7 @@ class Daemon:
             argv=[sys.executable, "-m", "lockd", *argv],
             owners=self.system.owners,
             on_abort=self._reexec_abandoned,
+            fences_resume=self.config.lost_lease_policy == "fence",
         )
 
     def _reexec_abandoned(self, handed: list[HandedOver], why: str) -> None:

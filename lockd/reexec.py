@@ -164,8 +164,12 @@ class ReexecActor(DispatchedActor):
         next_conn_id: int,
         argv: Sequence[str],
         on_abort: Callable[[list[HandedOver], str], None],
+        fences_resume: bool = True,
     ) -> None:
         super().__init__(dispatcher)
+        self._fences_resume = fences_resume
+        """The next process resumes fences in progress, deadlines kept (lost_lease_policy
+        = fence); under ``log`` it would drop them, so a fence puts the re-exec off."""
         self._connections = list(connections)
         self._router = router
         self._journal = journal
@@ -185,7 +189,8 @@ class ReexecActor(DispatchedActor):
         if not os.access(self._argv[0], os.X_OK):
             self._abort(f"{self._argv[0]} is not executable")
             return
-        # A fence in progress has its SIGKILL on a timer of this process: finish it first.
+        # A fence in progress has its SIGKILL on a timer of this process: the next
+        # process must take it over (recovery resumes it, its deadline kept).
         self._owners.tell(QueryFencing(self.actor_ref))
 
     def _quiesce(self) -> None:
@@ -201,10 +206,19 @@ class ReexecActor(DispatchedActor):
         if self._done:
             return None
         if isinstance(message, Fencing):
-            if message.count:
-                self._abort(f"{message.count} owner(s) are being fenced; send SIGUSR1 again later")
-            else:
-                self._quiesce()
+            # A fence whose SIGKILL was sent only waits for the exit, which the next
+            # process sees too; one whose SIGKILL is still to come needs resuming.
+            timed = [f for f in message.fences if f.next_signal is not None]
+            if timed and not self._fences_resume:
+                self._abort(
+                    f"{len(timed)} owner(s) are being fenced and lost_lease_policy = log "
+                    "would not resume their fences; send SIGUSR1 again later"
+                )
+                return None
+            if timed:
+                log.info("re-exec: the next process resumes %d fence(s), deadlines kept",
+                         len(timed))  # fmt: skip
+            self._quiesce()
         elif isinstance(message, HandedOver | Gone):
             if isinstance(message, HandedOver):
                 self._handed.append(message)

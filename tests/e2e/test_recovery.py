@@ -164,7 +164,7 @@ def test_a_fence_cut_short_by_a_crash_is_finished_by_the_next_daemon(
     assert owner.wait(10) == -signal.SIGKILL
     fenced = events(daemon, "--type", "owner-fenced")
     assert [e["signal"] for e in fenced] == ["SIGTERM", "SIGTERM", "SIGKILL"]
-    assert fenced[1]["reason"].endswith("fence resumed after a lockd crash")
+    assert fenced[1]["reason"].endswith(RESUMED)
     wait_for(lambda: not listed(daemon))
     (released,) = events(daemon, "--type", "lease-released")
     assert (released["owner"]["pid"], released["reason"]) == (owner.pid, "owner-exit")

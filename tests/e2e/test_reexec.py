@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.recovery import RESUMED
 from lockd.lockfiles import try_lock
 from lockd.reexec import Handoff, ListenerFd
 from lockd.server import bind_unix
@@ -92,10 +93,37 @@ def test_sigusr1_keeps_every_lock_and_connection(
     time.sleep(0.1)
 
 
-def test_sigusr1_during_a_fence_is_put_off_and_the_fence_completes(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+def test_sigusr1_during_a_fence_hands_the_fence_over_with_its_deadline(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
-    """The SIGKILL of a fence is a timer in this process: a re-exec must not drop it."""
+    """The SIGKILL of a fence is a timer in the old process: the new one resumes the fence
+    from the journal, due when it was (a reload is not put off by a VM being killed)."""
+    grace = 4.0
+    config = tmp_path / "lockd.toml"
+    config.write_text(f"fence_grace = {grace}\n")
+    daemon = make_daemon("reexec-fence", None, "--config", str(config))
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
+    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    assert owner.wait(grace + 10) == -signal.SIGKILL
+    fenced = events(daemon, "--type", "owner-fenced")
+    assert [e["signal"] for e in fenced] == ["SIGTERM", "SIGTERM", "SIGKILL"]
+    assert fenced[1]["reason"].endswith(RESUMED)
+    assert fenced[2]["time"] - fenced[0]["time"] < grace + 1.5  # not a new grace period
+    assert daemon.proc.poll() is None  # the same pid serves on
+    check(daemon)
+
+
+def test_sigusr1_during_a_fence_under_policy_log_is_put_off_and_the_fence_completes(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """Under lost_lease_policy = log the next process would drop the fence (the operator's
+    way to stop one), so a re-exec is abandoned rather than ending a fence unasked."""
+    config = tmp_path / "lockd.toml"
+    config.write_text('lost_lease_policy = "log"\n')
+    daemon = make_daemon("reexec-log", None, "--config", str(config))
     owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
     wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
     assert daemon.proc is not None
