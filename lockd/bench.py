@@ -397,6 +397,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"pair work: file syscalls virtlockd-style {f['virtlockd_files_pair_us']} us, "
             f"lockd-style {f['lockd_files_pair_us']} us, journal records {f['journal_pair_us']} us"
+            f", actor hop {f.get('actor_hop_us', '?')} us"
         )
     if "recovery" in result:
         lines.append(bench_recovery.format_result(result["recovery"]))

@@ -8,7 +8,8 @@ just re-created) and checks after locking that the name still names the
 locked inode; it also writes a journal record per change. These functions
 time exactly those steps in-process, on the same file system as the daemon's
 lock directory, so the side-by-side table can say how much of each daemon's
-pair is kernel work and how much is the daemon itself.
+pair is kernel work and how much is the daemon itself; and one hop between
+two of lockd's actors, the unit of its actor system's own cost.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
+
+import attrs
+import pykka
 
 from actors.events import JournalEntry, LeaseAcquired, LeaseReleased, ReleaseReason
 from actors.model import LeaseMode, Owner
+from actors.runtime import DispatchedActor, Dispatcher
 from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
 
@@ -94,8 +100,54 @@ def journal_pair_us(directory: str, ops: int = 5000) -> float:
         journal.close()
 
 
+@attrs.frozen
+class _Ping:
+    left: int
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+class _PingActor(DispatchedActor):
+    def __init__(self, dispatcher: Dispatcher, handled: list[int]) -> None:
+        super().__init__(dispatcher)
+        self._handled = handled
+
+    def on_receive(self, message: Any) -> Any:
+        if isinstance(message, _Ping):
+            self._handled[0] += 1
+            if message.left:
+                message.reply_to.tell(_Ping(message.left - 1, message.token, self.actor_ref))
+            return None
+        return super().on_receive(message)
+
+
+def actor_hop_us(ops: int = 50_000) -> float:
+    """One message between two of lockd's actors: an attrs message built, told, dispatched
+    and handled, in-process. A pair makes 13 such hops, so this says how much of a pair
+    the actor system itself costs."""
+    dispatcher = Dispatcher()
+    handled = [0]
+    try:
+        a, b = _PingActor.start(dispatcher, handled), _PingActor.start(dispatcher, handled)
+        dispatcher.run_until_idle(poll_io=False)
+        a.tell(_Ping(1000, 0, b))  # warm-up
+        dispatcher.run_until_idle(poll_io=False)
+        handled[0] = 0
+        a.tell(_Ping(ops, 1, b))
+        start = time.perf_counter()
+        dispatcher.run_until_idle(poll_io=False)
+        elapsed = time.perf_counter() - start
+        dispatcher.stop_all()
+        dispatcher.run_until_idle(poll_io=False)
+    finally:
+        dispatcher.close()
+    if handled[0] != ops + 1:
+        raise RuntimeError(f"actor hop floor: {handled[0]} of {ops + 1} messages handled")
+    return round(elapsed / (ops + 1) * 1e6, 2)
+
+
 def work_floors(lock_dir: str | None = None, ops: int = 5000) -> dict[str, float]:
-    """The three floors, in a temp directory beside ``lock_dir`` (its file system matters)."""
+    """The floors, in a temp directory beside ``lock_dir`` (its file system matters)."""
     parent = lock_dir if lock_dir and os.path.isdir(lock_dir) else None
     with tempfile.TemporaryDirectory(prefix="lockd-floor-", dir=parent) as tmp:
         leases = os.path.join(tmp, "leases")
@@ -106,4 +158,5 @@ def work_floors(lock_dir: str | None = None, ops: int = 5000) -> dict[str, float
             "virtlockd_files_pair_us": virtlockd_files_pair_us(leases, ops),
             "lockd_files_pair_us": lockd_files_pair_us(leases, ops),
             "journal_pair_us": journal_pair_us(journal, ops),
+            "actor_hop_us": actor_hop_us(ops * 10),
         }

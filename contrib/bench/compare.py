@@ -230,7 +230,8 @@ def main() -> int:
         f"A pair's own work: file syscalls the virtlockd way (open O_CREAT, lock; unlink, "
         f"close) {floor.get('virtlockd_files_pair_us', '?')} us, the lockd way (under the "
         f"index lock, with the link check) {floor.get('lockd_files_pair_us', '?')} us; "
-        f"lockd's two journal records {floor.get('journal_pair_us', '?')} us."
+        f"lockd's two journal records {floor.get('journal_pair_us', '?')} us; one actor hop "
+        f"{floor.get('actor_hop_us', '?')} us (a pair makes 13)."
     )
     return 0
 

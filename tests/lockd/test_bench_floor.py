@@ -7,6 +7,7 @@ from pathlib import Path
 
 from actors.events import LeaseAcquired, LeaseReleased
 from lockd.bench_floor import (
+    actor_hop_us,
     journal_pair_us,
     lockd_files_pair_us,
     virtlockd_files_pair_us,
@@ -38,6 +39,14 @@ def test_journal_floor_writes_records_that_read_back_as_pairs(tmp_path: Path) ->
 
 def test_work_floors_uses_the_lock_dirs_file_system_and_cleans_up(tmp_path: Path) -> None:
     floors = work_floors(str(tmp_path), ops=20)
-    assert set(floors) == {"virtlockd_files_pair_us", "lockd_files_pair_us", "journal_pair_us"}
+    assert set(floors) == {
+        "virtlockd_files_pair_us", "lockd_files_pair_us", "journal_pair_us", "actor_hop_us"
+    }  # fmt: skip
     assert all(v > 0 for v in floors.values())
     assert os.listdir(tmp_path) == []
+
+
+def test_an_actor_hop_is_timed_over_real_dispatched_actors() -> None:
+    """Every hop is handled (the floor raises if a message was lost: a ping that did not
+    bounce would time nothing) and costs something."""
+    assert actor_hop_us(ops=2000) > 0
