@@ -792,7 +792,7 @@ class ConnectionActor(DispatchedActor):
             self._owners.tell(QueryFencing(self.actor_ref, token))
         except pykka.ActorDeadError:  # only as the daemon goes down: answer without fences
             del self._waits[token]
-            then(Fencing(0))
+            then(Fencing())
 
     def _status_reply(self, request: m.Status, gathered: Gathered, fencing: Fencing) -> None:
         owners = set().union(*(_counts(s).owners for s in gathered.lockspaces))
@@ -844,7 +844,7 @@ class ConnectionActor(DispatchedActor):
                 (
                     "lockd_fences_in_progress",
                     "Owners being fenced now (SIGTERM sent, not yet exited).",
-                    {(): fencing.count},
+                    {(): len(fencing.fences)},
                 ),
                 *self._fd_gauges(),
                 *gc_gauges(),

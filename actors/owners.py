@@ -159,7 +159,6 @@ class FenceStatus:
 class Fencing:
     """Reply to :class:`QueryFencing`: owners being fenced right now."""
 
-    count: int
     token: int = 0
     fences: tuple[FenceStatus, ...] = ()
 
@@ -520,7 +519,7 @@ class OwnersActor(DispatchedActor):
                 name = signal.Signals(fencing.next_signal).name
                 due = round(max(0.0, timer.deadline - now), 3)
             fences.append(FenceStatus(fencing.owner, fencing.why, name, due))
-        return Fencing(len(self._fencing), token, tuple(fences))
+        return Fencing(token, tuple(fences))
 
     def _grace_left(self, since: float | None) -> float:
         """What remains of the grace period of a fence whose first SIGTERM was at ``since``.

@@ -250,7 +250,7 @@ class _Inbox(collections.deque[Any]):
     flag object exists per actor.
     """
 
-    __slots__ = ("_name", "_set", "actor", "dispatcher")
+    __slots__ = ("_kind", "_set", "_urn", "actor", "dispatcher")
 
     def __init__(self) -> None:
         super().__init__()
@@ -260,7 +260,9 @@ class _Inbox(collections.deque[Any]):
         """Set by :meth:`bind`; until then messages wait without a step submitted."""
         self.actor: DispatchedActor | None = None
         """The actor whose step this runs; None once it stopped (see :meth:`unbind`)."""
-        self._name = ""
+        self._kind = ""
+        self._urn = ""
+        """Who it was, once unbound: named only if a late ask needs it."""
 
     # -- pykka's actor_stopped (a threading.Event there) --
     def set(self) -> None:
@@ -292,7 +294,7 @@ class _Inbox(collections.deque[Any]):
         for _ in range(len(self)):
             dispatcher.submit(self)
 
-    def unbind(self, name: str) -> None:
+    def unbind(self, actor: DispatchedActor) -> None:
         """The actor stopped: answer what still arrives without it.
 
         While bound, the actor holds this inbox and this inbox holds the
@@ -301,7 +303,9 @@ class _Inbox(collections.deque[Any]):
         held). Unbound, a stopped actor is freed as soon as its last
         reference goes. An ask that raced the stop is still answered.
         """
-        self._name = name
+        # Every release stops a lease actor: keep the parts of its name, and
+        # format it only for the rare ask that arrives too late.
+        self._kind, self._urn = type(actor).__name__, actor.actor_urn
         self.actor = None
 
     def __call__(self) -> None:
@@ -315,7 +319,9 @@ class _Inbox(collections.deque[Any]):
             message, reply_to = item, None
         actor = self.actor
         if actor is None or self._set:
-            _answer_dead(message, reply_to, self._name if actor is None else str(actor.actor_ref))
+            if reply_to is not None:
+                name = f"{self._kind} ({self._urn})" if actor is None else str(actor.actor_ref)
+                _answer_dead(message, reply_to, name)
             return
         try:
             # pykka's _handle_receive tests four control types before calling
@@ -436,7 +442,7 @@ class DispatchedActor(pykka.Actor):
 
     def _let_go(self) -> None:
         """Stopped: the inbox and the dispatcher no longer hold this actor."""
-        self.actor_inbox.unbind(str(self.actor_ref))
+        self.actor_inbox.unbind(self)
         self.dispatcher.actors.discard(self)
 
     @staticmethod

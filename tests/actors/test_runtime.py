@@ -107,7 +107,7 @@ def test_stop_answers_queued_asks_with_actor_dead(dispatcher: Dispatcher) -> Non
     late = ref.ask("late", block=False)
     dispatcher.run_until_idle()
     assert stop.get(timeout=0) is None
-    with pytest.raises(pykka.ActorDeadError):
+    with pytest.raises(pykka.ActorDeadError, match=r"Recorder \(urn:lockd:\d+\) stopped"):
         late.get(timeout=0)
 
 

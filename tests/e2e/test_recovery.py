@@ -54,6 +54,22 @@ def steal(path: Path, children: list[subprocess.Popen[bytes]]) -> None:
     assert thief.stdout.readline().strip() == "locked"
 
 
+def start_fence(
+    make_daemon: MakeDaemon,
+    children: list[subprocess.Popen[bytes]],
+    config: Path,
+    settings: str,
+    name: str,
+) -> tuple[DaemonProcess, subprocess.Popen[str]]:
+    """A daemon with ``settings`` fencing a VM that ignores SIGTERM (its own connection
+    dropped while it held a lease); returns once the first SIGTERM is journaled."""
+    config.write_text(settings)
+    daemon = make_daemon(name, None, "--config", str(config))
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
+    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    return daemon, owner
+
+
 def test_kill_9_then_restart_holds_live_owners_and_releases_dead_ones(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -152,11 +168,8 @@ def test_a_fence_cut_short_by_a_crash_is_finished_by_the_next_daemon(
     is SIGKILLed inside the grace period, before its SIGKILL. The next daemon sends SIGTERM
     again and, after its grace period, SIGKILL; the lease then ends as owner-exit."""
     slow, quick = tmp_path / "slow.toml", tmp_path / "quick.toml"
-    slow.write_text("fence_grace = 60\n")
     quick.write_text("fence_grace = 0.5\n")
-    daemon = make_daemon("fence", None, "--config", str(slow))
-    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
-    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    daemon, owner = start_fence(make_daemon, children, slow, "fence_grace = 60\n", "fence")
     crash(daemon)
     assert owner.poll() is None  # SIGTERM ignored, SIGKILL never sent
     daemon.extra = ("--config", str(quick))
@@ -182,10 +195,7 @@ def test_status_shows_a_fence_in_progress_and_when_sigkill_comes(
     """An operator asks what lockd is about to kill: `lockd status` names the VM, the next
     signal and when, and why; a resumed fence after a crash keeps counting down."""
     config = tmp_path / "lockd.toml"
-    config.write_text("fence_grace = 60\n")
-    daemon = make_daemon("fence-status", None, "--config", str(config))
-    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
-    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    daemon, owner = start_fence(make_daemon, children, config, "fence_grace = 60\n", "status")
     done = daemon.lockd("status", "--json")
     assert done.returncode == 0, done.stderr
     (fence,) = json.loads(done.stdout)["fencing"]
@@ -211,10 +221,7 @@ def test_a_daemon_crashing_within_every_grace_period_still_kills_in_the_end(
     a full grace period at every start, the VM would never be killed."""
     grace = 3.0
     config = tmp_path / "lockd.toml"
-    config.write_text(f"fence_grace = {grace}\n")
-    daemon = make_daemon("loop", None, "--config", str(config))
-    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
-    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    daemon, owner = start_fence(make_daemon, children, config, f"fence_grace = {grace}\n", "loop")
     deadline = time.monotonic() + grace + 2.5
     while owner.poll() is None and time.monotonic() < deadline:
         time.sleep(1.0)

@@ -18,7 +18,7 @@ from lockd.lockfiles import try_lock
 from lockd.reexec import Handoff, ListenerFd
 from lockd.server import bind_unix
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
-from tests.e2e.conftest import DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
+from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.fake_systemd import FakeServiceManager
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import events, lease_file, start_run
@@ -28,6 +28,7 @@ from tests.e2e.test_fd_store import (
     kill_daemon,
     vm_with_stored_lease,
 )
+from tests.e2e.test_recovery import start_fence
 from tests.lockprobe import probe, start_watch, stop_watch
 
 pytestmark = pytest.mark.e2e
@@ -100,10 +101,7 @@ def test_sigusr1_during_a_fence_hands_the_fence_over_with_its_deadline(
     from the journal, due when it was (a reload is not put off by a VM being killed)."""
     grace = 4.0
     config = tmp_path / "lockd.toml"
-    config.write_text(f"fence_grace = {grace}\n")
-    daemon = make_daemon("reexec-fence", None, "--config", str(config))
-    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
-    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    daemon, owner = start_fence(make_daemon, children, config, f"fence_grace = {grace}\n", "fence")
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
@@ -122,10 +120,7 @@ def test_sigusr1_during_a_fence_under_policy_log_is_put_off_and_the_fence_comple
     """Under lost_lease_policy = log the next process would drop the fence (the operator's
     way to stop one), so a re-exec is abandoned rather than ending a fence unasked."""
     config = tmp_path / "lockd.toml"
-    config.write_text('lost_lease_policy = "log"\n')
-    daemon = make_daemon("reexec-log", None, "--config", str(config))
-    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
-    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    daemon, owner = start_fence(make_daemon, children, config, 'lost_lease_policy = "log"\n', "log")
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: "re-exec abandoned" in daemon.log.read_text())
