@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -277,6 +278,15 @@ def _owner_key(command: Command) -> OwnerKey | None:
     return None
 
 
+def _count(counts: dict[Any, int], keys: Iterable[Any], delta: int) -> None:
+    for key in keys:
+        n = counts.get(key, 0) + delta
+        if n:
+            counts[key] = n
+        else:
+            del counts[key]
+
+
 class LockspaceActor(DispatchedActor):
     """Owns one lockspace: its table, its lease actors, its commands in flight."""
 
@@ -298,6 +308,15 @@ class LockspaceActor(DispatchedActor):
         self._leases: dict[str, pykka.ActorRef[Any]] = {}
         self._tokens = itertools.count(1)
         self._inflight: dict[int, _InFlight] = {}
+        # What the commands in flight hold up, kept as they start and finish so a
+        # scheduling pass never walks every flight (thousands when VMs exit at once).
+        self._busy: dict[str, int] = {}
+        """Resources of changes in flight other than releases: they block every command."""
+        self._busy_releasing: dict[str, int] = {}
+        """Resources of releases in flight: they block all but other owners' releases."""
+        self._flying_owners: dict[OwnerKey, int] = {}
+        self._flying_releases: dict[OwnerKey, int] = {}
+        """Owners with a ReleaseOwner in flight."""
         self._queued: collections.deque[Command] = collections.deque()
         self._restoring: dict[int, _Restoring] = {}
         self._cleanups: set[int] = set()
@@ -392,7 +411,20 @@ class LockspaceActor(DispatchedActor):
         return frozenset({command.resource})
 
     def _run_queued(self) -> None:
-        """Start every queued command that conflicts with nothing in flight or ahead of it."""
+        """Start every queued command that conflicts with nothing in flight or ahead of it.
+
+        Commands on a resource run in the order they came, except that releases
+        by different owners never wait for each other: each removes only its own
+        holder, and whichever is applied last drops the kernel lock. So when
+        every VM sharing a base image exits at once, the releases all start in
+        one pass instead of one per pass (1,024 such owners took 685 s to
+        release when they queued one behind the other).
+
+        This runs at every enqueue and every finish, so its cost per queued
+        command must not grow with the leases held: a release of an owner
+        queued behind another release of the same owner is passed over without
+        listing its leases (the one ahead covers them all).
+        """
         if self._frozen:
             return
         if not self._inflight and len(self._queued) == 1:
@@ -400,25 +432,43 @@ class LockspaceActor(DispatchedActor):
             command = self._queued.popleft()
             self._start(command, self._resources_of(command), _owner_key(command))
             return
-        blocked_resources: set[str] = set()
+        busy, busy_releasing = self._busy.keys(), self._busy_releasing.keys()
+        flying, flying_releases = self._flying_owners, self._flying_releases
         blocked_owners: set[OwnerKey] = set()
-        for flight in self._inflight.values():
-            blocked_resources |= flight.resources
-            if flight.owner is not None:
-                blocked_owners.add(flight.owner)
+        """Owners of the commands started or left waiting in this pass."""
+        releasing: set[OwnerKey] = set()
+        ahead: set[str] = set()
+        """Resources of the commands other than releases started or left waiting in this pass."""
+        ahead_releasing: set[str] = set()
         still: collections.deque[Command] = collections.deque()
         while self._queued:
             command = self._queued.popleft()
-            resources = self._resources_of(command)
             owner = _owner_key(command)
-            if resources & blocked_resources or (owner is not None and owner in blocked_owners):
+            if isinstance(command, ReleaseOwner) and (
+                command.owner in releasing or command.owner in flying_releases
+            ):
+                still.append(command)  # the same owner's release ahead covers all it holds
+                continue
+            resources = self._resources_of(command)
+            release = isinstance(command, ReleaseLeases | ReleaseOwner)
+            blocked = (
+                (owner is not None and (owner in blocked_owners or owner in flying))
+                or not resources.isdisjoint(ahead)
+                or not busy.isdisjoint(resources)
+            )
+            if not blocked and not release:
+                releases = not resources.isdisjoint(ahead_releasing)
+                blocked = releases or not busy_releasing.isdisjoint(resources)
+            if blocked:
                 still.append(command)
             else:
                 self._start(command, resources, owner)
             # Whatever ran or waits here blocks later commands on the same things.
-            blocked_resources |= resources
+            (ahead_releasing if release else ahead).update(resources)
             if owner is not None:
                 blocked_owners.add(owner)
+                if isinstance(command, ReleaseOwner):
+                    releasing.add(owner)
         self._queued = still
 
     def _start(self, command: Command, resources: frozenset[str], owner: OwnerKey | None) -> None:
@@ -458,7 +508,7 @@ class LockspaceActor(DispatchedActor):
             return
         token = next(self._tokens)
         flight = _InFlight(command, resources, owner, list(decision))
-        self._inflight[token] = flight
+        self._fly(token, flight)
         if isinstance(command, AcquireLeases):
             for event in decision:
                 assert isinstance(event, LeaseAcquired)
@@ -475,8 +525,21 @@ class LockspaceActor(DispatchedActor):
         if command.reply_to is not None:
             tell_if_alive(command.reply_to, done)
 
+    def _fly(self, token: int, flight: _InFlight) -> None:
+        self._inflight[token] = flight
+        self._track(flight, 1)
+
+    def _track(self, flight: _InFlight, delta: int) -> None:
+        """Count ``flight`` in (1) or out (-1) of what the commands in flight hold up."""
+        release = isinstance(flight.command, ReleaseLeases | ReleaseOwner)
+        _count(self._busy_releasing if release else self._busy, flight.resources, delta)
+        if flight.owner is not None:
+            _count(self._flying_owners, (flight.owner,), delta)
+            if isinstance(flight.command, ReleaseOwner):
+                _count(self._flying_releases, (flight.owner,), delta)
+
     def _finish(self, token: int) -> None:
-        del self._inflight[token]
+        self._track(self._inflight.pop(token), -1)
         if self._queued:
             self._run_queued()
         self._maybe_hand_off()
@@ -605,7 +668,7 @@ class LockspaceActor(DispatchedActor):
             self._reply(command, Done(command.token, self.name, refusal=refusal))
             return
         token = next(self._tokens)
-        self._inflight[token] = _InFlight(command, frozenset({resource}), None, [event])
+        self._fly(token, _InFlight(command, frozenset({resource}), None, [event]))
         self._journal.tell(Append((event,), token, self.actor_ref))
 
     def _delete_file(self, resource: str) -> None:
@@ -771,9 +834,8 @@ class LockspaceActor(DispatchedActor):
             self.fds[lease.resource] = restoring.taken[lease.resource]
             if self._fd_store is not None and lease.fd is None:  # adopted fds are stored already
                 self._fd_store.store(self.name, lease.resource, self.fds[lease.resource])
-            owners = {owner.key: owner for owner, _ in lease.live}
-            self._state.held[lease.resource] = core.Holding(lease.mode, owners, lease.autocreate)
             for owner, since in lease.live:
+                self._state.add(lease.resource, owner, lease.mode, lease.autocreate)
                 self._since[(lease.resource, owner.key)] = since
         tell_if_alive(
             request.reply_to,

@@ -34,10 +34,42 @@ class LockspaceState:
 
     name: str
     held: dict[str, Holding] = attrs.field(factory=dict)
+    by_owner: dict[OwnerKey, set[str]] = attrs.field(factory=dict)
+    """The resources each owner holds: ``held`` indexed by owner. An owner's leases
+    are looked up for every owner that ends (and every queued command of one is
+    looked at again each time the lockspace schedules); a scan of ``held`` there
+    made a mass exit of VMs quadratic: 256 owners ending at once with 16,384
+    leases held kept a stopping daemon busy for minutes."""
 
     def leases_of(self, owner: OwnerKey) -> list[str]:
         """Resources held by ``owner``, sorted."""
-        return sorted(r for r, h in self.held.items() if owner in h.owners)
+        return sorted(self.by_owner.get(owner, ()))
+
+    def add(self, resource: str, owner: Owner, mode: LeaseMode, autocreate: bool) -> None:
+        """``owner`` holds ``resource`` (a new lease takes ``mode`` and ``autocreate``)."""
+        holding = self.held.get(resource)
+        if holding is None:
+            holding = self.held[resource] = Holding(mode, {}, autocreate)
+        holding.owners[owner.key] = owner
+        mine = self.by_owner.get(owner.key)
+        if mine is None:
+            self.by_owner[owner.key] = {resource}
+        else:
+            mine.add(resource)
+
+    def remove(self, resource: str, owner: OwnerKey) -> None:
+        """``owner`` no longer holds ``resource``; the lease ends with its last owner."""
+        holding = self.held.get(resource)
+        if holding is None:
+            return
+        holding.owners.pop(owner, None)
+        if not holding.owners:
+            del self.held[resource]
+        mine = self.by_owner.get(owner)
+        if mine is not None:
+            mine.discard(resource)
+            if not mine:
+                del self.by_owner[owner]
 
 
 @attrs.frozen
@@ -98,10 +130,12 @@ def decide(state: LockspaceState, command: Command) -> list[Event] | Refusal:
         return _decide_acquire(state, command)
     if isinstance(command, Release):
         return _decide_release(state, command)
+    held = state.held
     return [
-        LeaseReleased(state.name, r, h.mode, h.owners[command.owner], command.conn, command.reason)
-        for r, h in sorted(state.held.items())
-        if command.owner in h.owners
+        LeaseReleased(
+            state.name, r, held[r].mode, held[r].owners[command.owner], command.conn, command.reason
+        )
+        for r in state.leases_of(command.owner)
     ]
 
 
@@ -160,15 +194,7 @@ def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Re
 def apply(state: LockspaceState, event: Event) -> LockspaceState:
     """Fold one event into the state (in place) and return it."""
     if isinstance(event, LeaseAcquired):
-        holding = state.held.get(event.resource)
-        if holding is None:
-            holding = Holding(event.mode, {}, event.autocreate)
-            state.held[event.resource] = holding
-        holding.owners[event.owner.key] = event.owner
+        state.add(event.resource, event.owner, event.mode, event.autocreate)
     elif isinstance(event, LeaseReleased):
-        holding = state.held.get(event.resource)
-        if holding is not None:
-            holding.owners.pop(event.owner.key, None)
-            if not holding.owners:
-                del state.held[event.resource]
+        state.remove(event.resource, event.owner.key)
     return state

@@ -15,7 +15,7 @@ from actors.lockspace_core import (
     apply,
     decide,
 )
-from actors.model import LeaseMode, Owner
+from actors.model import LeaseMode, Owner, OwnerKey
 from protocol.errors import ErrorCode
 
 EX, SH = LeaseMode.EXCLUSIVE, LeaseMode.SHARED
@@ -149,6 +149,11 @@ def test_never_two_exclusive_holders_and_replay_rebuilds_the_state(
             assert holding.owners
             if holding.mode is EX:
                 assert len(holding.owners) == 1
+        derived: dict[OwnerKey, set[str]] = {}
+        for resource, holding in state.held.items():
+            for key in holding.owners:
+                derived.setdefault(key, set()).add(resource)
+        assert state.by_owner == derived  # the owner index never drifts from the table
     replayed = LockspaceState("ls")
     for event in journal:
         apply(replayed, event)
