@@ -10,9 +10,11 @@ the order an operation reaches them:
 - ``release-journaled``: ``lease-released`` is written, the kernel lock is still held.
 - ``release-dropped``: the kernel lock is dropped, the client has no reply.
 - ``lockspace-mkdir``: a lockspace directory exists, ``lockspace-created`` is not written.
-- ``snapshot-written``: a rotation's snapshot is on disk, the new segment is not.
-- ``segment-started``: the new segment exists, old segments are not pruned.
-- ``snapshot-tmp``: a snapshot's temporary file is written, not yet renamed.
+- ``segment-started``: a rotation's new segment exists; its snapshot is being
+  written (by a forked child in ``lockd serve``, which goes on without the daemon).
+- ``snapshot-tmp``: a snapshot's temporary file is written, not yet renamed
+  (reached in the snapshot's child: it kills the daemon, then itself).
+- ``snapshot-written``: a rotation's snapshot is on disk, old segments are not pruned.
 - ``restore-journaled``: start-up recovery wrote a lockspace's findings
   (``lease-released`` for owners gone, ``lease-lost``); recovery has not completed.
 - ``recovery-completed``: ``recovery-completed`` is written; the fences it lists
@@ -30,9 +32,9 @@ POINTS = (
     "release-journaled",
     "release-dropped",
     "lockspace-mkdir",
-    "snapshot-written",
     "segment-started",
     "snapshot-tmp",
+    "snapshot-written",
     "restore-journaled",
     "recovery-completed",
 )
@@ -40,6 +42,13 @@ POINTS = (
 _SPEC = os.environ.get("LOCKD_CRASH_AT", "")
 _POINT, _, _NTH = _SPEC.partition(":")
 _remaining = int(_NTH) if _NTH.isdigit() else 1
+_also: int | None = None
+
+
+def also_kill(pid: int) -> None:
+    """In a helper process the daemon forked: a crash point kills the daemon (``pid``) too."""
+    global _also  # noqa: PLW0603 - set once, in the child
+    _also = pid
 
 
 def crash_point(name: str) -> None:
@@ -49,4 +58,6 @@ def crash_point(name: str) -> None:
         return
     _remaining -= 1
     if _remaining <= 0:
+        if _also is not None:
+            os.kill(_also, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

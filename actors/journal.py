@@ -55,6 +55,16 @@ class JournalWriter(Protocol):
     def sync(self) -> None: ...
 
 
+class Snapshots(Protocol):
+    """Where snapshots of the journal's state go (real: lockd.snapshot.SnapshotWriter)."""
+
+    def write(
+        self, state: ReplayState, segment_fd: int, done: Callable[[int, bool], None] | None = None
+    ) -> bool:
+        """Sync the closing segment, write ``state``; True if on disk now, else ``done`` follows."""
+        ...
+
+
 @attrs.frozen
 class Append:
     """Journal ``events`` and tell ``reply_to`` :class:`Appended` or :class:`AppendFailed`."""
@@ -83,6 +93,14 @@ class AppendFailed:
 @attrs.frozen
 class Flush:
     """Self-sent: write every append queued so far."""
+
+
+@attrs.frozen
+class SnapshotWritten:
+    """Self-sent when a snapshot written in the background is done (``ok``: on disk)."""
+
+    seq: int
+    ok: bool
 
 
 @attrs.frozen
@@ -118,14 +136,14 @@ class JournalActor(DispatchedActor):
         host: str | None = None,
         clock: Callable[[], float] = time.time,
         state: ReplayState | None = None,
-        snapshot: Callable[[ReplayState], None] | None = None,
+        snapshots: Snapshots | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self._writer = writer
         self._state = state
         """The journal's own fold of what it wrote: the source of snapshots."""
-        self._snapshot = snapshot
-        if state is not None and snapshot is not None and hasattr(writer, "on_rotate"):
+        self._snapshots = snapshots
+        if state is not None and snapshots is not None and hasattr(writer, "on_rotate"):
             writer.on_rotate = self._take_snapshot
         self._sync = sync
         self._host = host or socket.gethostname()
@@ -151,6 +169,10 @@ class JournalActor(DispatchedActor):
             if batch:
                 self._write(batch)
             return None
+        if isinstance(message, SnapshotWritten):
+            if message.ok and hasattr(self._writer, "retain"):
+                self._writer.retain(message.seq)  # the segments it covers may go
+            return None
         if isinstance(message, Subscribe):
             self._subscribers[message.subscriber.actor_urn] = message.subscriber
             return None
@@ -159,15 +181,20 @@ class JournalActor(DispatchedActor):
             return None
         return super().on_receive(message)
 
-    def _take_snapshot(self, seq: int) -> bool:
-        """At a segment boundary: write the state as of ``seq``; True once it is on disk."""
+    def _take_snapshot(self, seq: int, segment_fd: int) -> bool:
+        """At a segment boundary: snapshot the state as of ``seq``; True once it is on disk.
+
+        False while a child process writes it: :class:`SnapshotWritten` follows.
+        """
         assert self._state is not None
-        assert self._snapshot is not None
+        assert self._snapshots is not None
         if self._state.seq != seq:
             log.error("journal state at seq %d, rotation at %d: no snapshot", self._state.seq, seq)
             return False
-        self._snapshot(self._state)
-        return True
+        ref = self.actor_ref
+        return self._snapshots.write(
+            self._state, segment_fd, lambda at, ok: tell_if_alive(ref, SnapshotWritten(at, ok))
+        )
 
     def _write(self, batch: list[Append]) -> None:
         now = self._clock()

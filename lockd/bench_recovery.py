@@ -47,7 +47,7 @@ from actors.recovery_core import ReplayState
 from lockd import procs
 from lockd.daemon import PIDFD_SHARE
 from lockd.journal_file import FileJournal, read_entries
-from lockd.snapshot import prune, write_snapshot
+from lockd.snapshot import SnapshotWriter
 from protocol.client import Client
 from protocol.names import FILES_LOCKSPACE
 
@@ -79,11 +79,11 @@ def build(
     state = ReplayState()
     journal = FileJournal(str(journal_dir), retain_segments=4)
 
-    def snapshot(seq: int) -> bool:
+    writer = SnapshotWriter(str(journal_dir))
+
+    def snapshot(seq: int, segment_fd: int) -> bool:
         assert state.seq == seq
-        write_snapshot(str(journal_dir), state)
-        prune(str(journal_dir))
-        return True
+        return writer.write(state, segment_fd)
 
     journal.on_rotate = snapshot
     seq = 0

@@ -31,7 +31,6 @@ from actors.events import DaemonStarted, DaemonStopped
 from actors.journal import Append, JournalActor
 from actors.owners import OwnersActor
 from actors.recovery import RecoveryActor, RecoveryReport
-from actors.recovery_core import ReplayState
 from actors.router import Gather, Gathered, RouterActor
 from actors.runtime import DispatchedActor, Dispatcher
 from lockd import __version__, logs, procs
@@ -41,8 +40,7 @@ from lockd.lockfiles import LockspaceDir
 from lockd.reexec import Handoff, ListenerFd, ReexecActor, read_handoff
 from lockd.replay import replay
 from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
-from lockd.snapshot import load_newest, write_snapshot
-from lockd.snapshot import prune as prune_snapshots
+from lockd.snapshot import SnapshotWriter, load_newest
 from lockd.systemd import FdStore, lease_fd_name, listen_fds
 from lockd.systemd import notify as sd_notify
 from protocol.errors import ErrorCode
@@ -146,14 +144,9 @@ class LockSystem:
             len(state.owners()),
         )
         d = self.dispatcher
-        journal_dir = config.journal_dir
-
-        def take_snapshot(at: ReplayState) -> None:
-            write_snapshot(journal_dir, at)
-            prune_snapshots(journal_dir)
-
+        self.snapshots = SnapshotWriter(config.journal_dir, d)
         self.journal = JournalActor.start(
-            d, self.journal_file, sync=config.journal_sync, state=state, snapshot=take_snapshot
+            d, self.journal_file, sync=config.journal_sync, state=state, snapshots=self.snapshots
         )
         self.router = RouterActor.start(
             d,
@@ -242,6 +235,7 @@ class LockSystem:
         """Journal the stop and close the journal; leases are not released. Loop thread only."""
         self.journal.tell(Append((DaemonStopped(reason),), 0, None))
         self.dispatcher.run_until_idle(poll_io=False)
+        self.snapshots.wait()  # a snapshot being written is finished, not orphaned
         self.journal_file.close()
         os.close(self._journal_lock)
 
@@ -525,6 +519,7 @@ class Daemon:
             owners=self.system.owners,
             on_abort=self._reexec_abandoned,
             fences_resume=self.config.lost_lease_policy == "fence",
+            before_exec=self.system.snapshots.wait,
         )
 
     def _reexec_abandoned(self, handed: list[HandedOver], why: str) -> None:

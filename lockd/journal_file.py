@@ -12,6 +12,7 @@ stops. Appends are one ``write()`` per batch, so a reply sent after
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -95,8 +96,10 @@ class FileJournal:
         self.next_seq = first_seq
         self.bytes_written = 0
         """Bytes appended by this process (the journal metrics count them)."""
-        self.on_rotate: Callable[[int], bool] | None = None
-        """Called with the last seq before a new segment starts; True once a snapshot covers it."""
+        self.on_rotate: Callable[[int, int], bool] | None = None
+        """Called before a new segment starts with the last seq and the fd of the segment
+        being closed, which it syncs before writing a snapshot. True: a snapshot
+        covering that seq is on disk now; otherwise call :meth:`retain` once one is."""
         self.last_scan: SegmentScan | None = None
         """The newest segment as read at open (recovery replays it without reading it again)."""
         for stray in os.listdir(directory):
@@ -172,23 +175,38 @@ class FileJournal:
 
     def rotate(self) -> None:
         """Start a new segment; snapshot first (``on_rotate``), then apply retention."""
-        self.sync()
         covered = False
-        if self.on_rotate is not None:
+        if self.on_rotate is None:
+            self.sync()
+        else:
             try:
-                covered = self.on_rotate(self.next_seq - 1)
+                covered = self.on_rotate(self.next_seq - 1, self._fd)
             except OSError as exc:
                 log.error("journal snapshot at seq %d failed: %s", self.next_seq - 1, exc)
-            crash_point("snapshot-written")
+        covered_seq = self.next_seq - 1
         self._start_segment(self.next_seq)
         self.last_scan = None
         crash_point("segment-started")
-        if covered and self._retain > 0:
-            # Everything before the new segment is in the snapshot: old
-            # segments are history for auditors only, kept up to the limit.
-            for name in list_segments(self.directory)[: -self._retain - 1]:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(self.directory, name))
+        if covered:
+            self.retain(covered_seq)
+
+    def retain(self, covered_seq: int) -> None:
+        """A snapshot up to ``covered_seq`` is on disk: delete the segments it covers
+        beyond the newest ``retain_segments`` of them (0 keeps all).
+
+        Old segments are history for auditors only once a snapshot covers them.
+        """
+        if self._retain <= 0:
+            return
+        names = list_segments(self.directory)
+        covered = [
+            name
+            for name, later in itertools.pairwise(names)
+            if first_seq_of(later) - 1 <= covered_seq
+        ]
+        for name in covered[: -self._retain]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, name))
 
     def sync(self) -> None:
         """fdatasync the current segment (host-crash durability)."""

@@ -165,8 +165,12 @@ class ReexecActor(DispatchedActor):
         argv: Sequence[str],
         on_abort: Callable[[list[HandedOver], str], None],
         fences_resume: bool = True,
+        before_exec: Callable[[], None] | None = None,
     ) -> None:
+        """``before_exec``: last work of this process (a snapshot being written by a
+        child is finished, so the next process is not left a child it does not know)."""
         super().__init__(dispatcher)
+        self._before_exec = before_exec
         self._fences_resume = fences_resume
         """The next process resumes fences in progress, deadlines kept (lost_lease_policy
         = fence); under ``log`` it would drop them, so a fence puts the re-exec off."""
@@ -237,6 +241,8 @@ class ReexecActor(DispatchedActor):
         return None
 
     def _exec(self) -> None:
+        if self._before_exec is not None:
+            self._before_exec()
         handoff = Handoff(self._listeners, tuple(self._handed), self._leases, self._next_conn_id)
         log.info(
             "re-exec: handing over %d listeners, %d connections, %d lease fds",

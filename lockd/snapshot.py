@@ -10,14 +10,23 @@ never leaves a half-written snapshot under the real name.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
+import resource
+import selectors
+import signal
+import threading
 import zlib
+from collections.abc import Callable
 
+import attrs
 import cbor2
 
+from actors import faults
 from actors.faults import crash_point
 from actors.recovery_core import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, ReplayState
+from actors.runtime import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +126,191 @@ def prune(directory: str, keep: int = 2) -> None:
         if name.startswith(f".{PREFIX}") and name.endswith(".tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, name))
+
+
+KEEP_SNAPSHOTS = 2
+"""Snapshots kept: the newest, and one fallback should it read back damaged."""
+
+
+@attrs.define
+class _Child:
+    """A snapshot being written by a forked child."""
+
+    pid: int
+    fd: int
+    """Read end of a pipe the child holds the write end of: EOF when it exits."""
+    seq: int
+    done: Callable[[int, bool], None]
+    message: bytes = b""
+    """What the child wrote on the pipe: why it failed."""
+
+
+class SnapshotWriter:
+    """Writes the journal's snapshots, in a forked child where that is safe.
+
+    Building, encoding and syncing a snapshot of 16,384 leases took 125-200 ms
+    on the 2-vCPU test VM; written by the daemon itself, every request waited
+    that long at each segment rotation (measured: a 147 ms pair). A forked
+    child gets the state as of the fork, copy-on-write, for the 2-3 ms a fork
+    of that daemon takes, and writes it while the daemon serves, as Redis's
+    BGSAVE does. Its exit, seen through a pipe the dispatcher watches, reports
+    whether the snapshot is on disk; only then may covered segments go.
+
+    A child is forked only while this process runs a single thread, as
+    ``lockd serve`` does: in a program embedding lockd, another thread may
+    hold a lock at the fork that the child would inherit held. There, and
+    whenever the fork fails, the snapshot is written inline, as before.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        dispatcher: Dispatcher | None = None,
+        *,
+        may_fork: Callable[[], bool] = lambda: threading.active_count() == 1,
+    ) -> None:
+        """``dispatcher``: where to watch for a child's exit; None writes inline only.
+        ``may_fork``: asked at each snapshot (tests that fork from a threaded runner
+        say yes; the child takes no lock another thread could hold)."""
+        self.directory = directory
+        self._dispatcher = dispatcher
+        self._may_fork = may_fork
+        self._child: _Child | None = None
+
+    def write(
+        self,
+        state: ReplayState,
+        segment_fd: int,
+        done: Callable[[int, bool], None] | None = None,
+    ) -> bool:
+        """Sync the segment being closed (``segment_fd``), then write ``state``'s snapshot.
+
+        True: written inline, on disk now. False: a child is writing it, and
+        ``done(seq, ok)`` is called from the dispatcher loop when it exits (or
+        the inline write failed, which is logged). Call it from the loop thread.
+        """
+        self.wait()  # one at a time: a rotation comes once per segment of records
+        if done is not None and self._dispatcher is not None and self._may_fork():
+            try:
+                self._fork(state, segment_fd, done)
+            except OSError as exc:
+                log.warning("snapshot at seq %d: fork failed (%s); writing it inline",
+                            state.seq, exc)  # fmt: skip
+            else:
+                return False
+        try:
+            os.fdatasync(segment_fd)
+            write_snapshot(self.directory, state)
+        except OSError as exc:
+            log.error("journal snapshot at seq %d failed: %s", state.seq, exc)
+            return False
+        self._written()
+        return True
+
+    def wait(self) -> None:
+        """Block until a snapshot being written by a child is done (and reported)."""
+        child = self._child
+        if child is None:
+            return
+        while data := os.read(child.fd, 4096):
+            child.message += data
+        self._reap(child)
+
+    def _fork(self, state: ReplayState, segment_fd: int, done: Callable[[int, bool], None]) -> None:
+        assert self._dispatcher is not None
+        rfd, wfd = os.pipe()
+        # Signals stay blocked across the fork, so none reaches the child
+        # while it still has the daemon's handlers and wake-up fd.
+        daemon = os.getpid()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child; it always ends in os._exit
+                _child_main(self.directory, state, segment_fd, wfd, mask, daemon)
+        except OSError:
+            os.close(rfd)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            os.close(wfd)
+        self._child = _Child(pid, rfd, state.seq, done)
+        self._dispatcher.watch(rfd, selectors.EVENT_READ, self._readable)
+
+    def _readable(self, _mask: int) -> None:
+        child = self._child
+        assert child is not None
+        data = os.read(child.fd, 4096)
+        if data:
+            child.message += data
+            return
+        self._reap(child)
+
+    def _reap(self, child: _Child) -> None:
+        self._child = None
+        if self._dispatcher is not None:
+            self._dispatcher.unwatch(child.fd)
+        os.close(child.fd)
+        _, status = os.waitpid(child.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        ok = code == 0
+        if not ok:
+            why = child.message.decode(errors="replace") or (
+                f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            )
+            log.error("journal snapshot at seq %d failed: %s", child.seq, why)
+        else:
+            self._written()
+        child.done(child.seq, ok)
+
+    def _written(self) -> None:
+        crash_point("snapshot-written")
+        prune(self.directory, KEEP_SNAPSHOTS)
+
+
+def _max_fds() -> int:
+    """One past the highest fd this process can have open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limits = [n for n in (soft, hard) if n != resource.RLIM_INFINITY]
+    return min(max(limits, default=1 << 20), (1 << 31) - 1)
+
+
+def _child_main(  # noqa: PLR0917 - one call site, the fork
+    directory: str,
+    state: ReplayState,
+    segment_fd: int,
+    report_fd: int,
+    mask: set[int | signal.Signals],
+    daemon: int,
+) -> None:  # pragma: no cover - runs in the forked child (coverage is not measured there)
+    """Write the snapshot and exit: 0 once it is on disk, 1 with the reason on ``report_fd``."""
+    code = 1
+    gc.disable()  # a collection would touch, and so copy, every page of the daemon
+    try:
+        # Only the fds this child uses stay open: a copy of the journal lock,
+        # the pid file or a listener must not outlive a crashed daemon in an
+        # orphaned child (lease locks are shared with the daemon either way).
+        keep = sorted({segment_fd, report_fd})
+        low = 3
+        for fd in keep:
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, _max_fds())
+        signal.set_wakeup_fd(-1)
+        for signum in signal.valid_signals():
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                signal.signal(signum, signal.SIG_DFL)  # SIGTERM ends the child, as it should
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # Requests first: at nice 10 the child gets about a tenth of a CPU the
+        # daemon keeps busy (CFS weights 110 against 1024) and all of an idle one.
+        # SCHED_IDLE was tried: a request once waited 36 s behind a starved child.
+        os.nice(10)
+        faults.also_kill(daemon)
+        os.fdatasync(segment_fd)
+        write_snapshot(directory, state)
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - reported to the daemon, which logs it
+        with contextlib.suppress(BaseException):
+            os.write(report_fd, f"{type(exc).__name__}: {exc}".encode()[:4000])
+    finally:
+        os._exit(code)

@@ -13,7 +13,7 @@ from actors.recovery_core import ReplayState
 from lockd.journal_file import FileJournal, list_segments
 from lockd.journal_format import JournalCorruptError
 from lockd.replay import replay
-from lockd.snapshot import list_snapshots, load_newest, prune, write_snapshot
+from lockd.snapshot import SnapshotWriter, list_snapshots, load_newest, prune
 
 OWNER = Owner(uuid.uuid4().bytes, "vm", 1, 42, 9)
 
@@ -29,11 +29,11 @@ def fill(directory: Path, count: int, segment_bytes: int = 4096) -> ReplayState:
     state = ReplayState()
     journal = FileJournal(str(directory), segment_bytes, retain_segments=1)
 
-    def snap(seq: int) -> bool:
+    writer = SnapshotWriter(str(directory))
+
+    def snap(seq: int, segment_fd: int) -> bool:
         assert state.seq == seq
-        write_snapshot(str(directory), state)
-        prune(str(directory))
-        return True
+        return writer.write(state, segment_fd)
 
     journal.on_rotate = snap
     for seq in range(1, count + 1):

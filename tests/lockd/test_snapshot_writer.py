@@ -1,0 +1,159 @@
+"""Snapshots written by a forked child: the daemon goes on, and hears when it is on disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.events import JournalEntry, LeaseAcquired
+from actors.model import LeaseMode, Owner
+from actors.recovery_core import ReplayState
+from actors.runtime import Dispatcher
+from lockd.journal_file import FileJournal, list_segments
+from lockd.snapshot import SnapshotWriter, list_snapshots, load_newest, snapshot_name
+
+OWNER = Owner(uuid.uuid4().bytes, "vm", 1, 42, 9)
+
+
+def acquired(seq: int) -> JournalEntry:
+    return JournalEntry(
+        seq, 1.0, "h", LeaseAcquired("ls", f"r{seq}", LeaseMode.EXCLUSIVE, OWNER, 1, True)
+    )
+
+
+def state_of(count: int) -> ReplayState:
+    state = ReplayState()
+    for seq in range(1, count + 1):
+        state.fold(acquired(seq))
+    return state
+
+
+@pytest.fixture
+def dispatcher() -> Iterator[Dispatcher]:
+    d = Dispatcher()
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def segment(tmp_path: Path) -> Iterator[int]:
+    fd = os.open(tmp_path / "segment", os.O_WRONLY | os.O_CREAT, 0o600)
+    yield fd
+    os.close(fd)
+
+
+def run_until(dispatcher: Dispatcher, done: list[tuple[int, bool]]) -> None:
+    deadline = time.monotonic() + 30
+    while not done:
+        assert time.monotonic() < deadline, "the snapshot child never reported"
+        dispatcher.run_once(timeout=0.1)
+
+
+def children() -> set[int]:
+    """This process's children, zombies included (until reaped)."""
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        pids.update(int(p) for p in (task / "children").read_text().split())
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_child_left() -> Iterator[None]:
+    """Every test here reaps the snapshot children it forked."""
+    before = children()
+    yield
+    assert children() <= before
+
+
+def test_the_child_writes_the_state_as_of_the_call_while_the_caller_goes_on(
+    tmp_path: Path, dispatcher: Dispatcher, segment: int
+) -> None:
+    """The daemon's state keeps changing after the fork; the snapshot is the one asked for."""
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    writer = SnapshotWriter(str(journal_dir), dispatcher, may_fork=lambda: True)
+    state = state_of(500)
+    done: list[tuple[int, bool]] = []
+    assert not writer.write(state, segment, lambda seq, ok: done.append((seq, ok)))
+    assert done == []  # reported from the loop, once the child has exited
+    state.fold(acquired(501))  # the daemon goes on
+    run_until(dispatcher, done)
+    assert done == [(500, True)]
+    written = load_newest(str(journal_dir))
+    assert written is not None
+    assert written.seq == 500
+    assert len(written.leases) == 500
+
+
+def test_a_failed_child_reports_why_and_covers_nothing(
+    tmp_path: Path, dispatcher: Dispatcher, segment: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal_dir = tmp_path / "journal"
+    (journal_dir / snapshot_name(7) / "in-the-way").mkdir(parents=True)  # rename cannot replace it
+    writer = SnapshotWriter(str(journal_dir), dispatcher, may_fork=lambda: True)
+    done: list[tuple[int, bool]] = []
+    with caplog.at_level(logging.ERROR):
+        writer.write(state_of(7), segment, lambda seq, ok: done.append((seq, ok)))
+        run_until(dispatcher, done)
+    assert done == [(7, False)]
+    assert "journal snapshot at seq 7 failed" in caplog.text
+    assert "Error" in caplog.text  # the child's own reason, not only its exit status
+
+
+def test_wait_finishes_a_snapshot_in_progress(
+    tmp_path: Path, dispatcher: Dispatcher, segment: int
+) -> None:
+    """Shutdown and re-exec wait: no snapshot is cut short, no child outlives the daemon."""
+    writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
+    done: list[tuple[int, bool]] = []
+    writer.write(state_of(3), segment, lambda seq, ok: done.append((seq, ok)))
+    writer.wait()
+    assert done == [(3, True)]
+    assert list_snapshots(str(tmp_path)) == [snapshot_name(3)]
+    writer.wait()  # nothing in progress: returns at once
+
+
+def test_without_a_dispatcher_or_when_forking_is_unsafe_it_writes_inline(
+    tmp_path: Path, dispatcher: Dispatcher, segment: int
+) -> None:
+    """An embedding program with other threads: written before write() returns."""
+    writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: False)
+    done: list[tuple[int, bool]] = []
+    assert writer.write(state_of(4), segment, lambda seq, ok: done.append((seq, ok)))
+    assert list_snapshots(str(tmp_path)) == [snapshot_name(4)]
+    assert done == []  # on disk already: the caller applies retention itself
+
+
+def test_segments_go_only_once_the_childs_snapshot_is_on_disk(
+    tmp_path: Path, dispatcher: Dispatcher
+) -> None:
+    """Retention waits for the background snapshot that covers the segments."""
+    journal = FileJournal(str(tmp_path), 4096, retain_segments=1)
+    writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
+    state = ReplayState()
+    done: list[tuple[int, bool]] = []
+
+    def rotate(seq: int, segment_fd: int) -> bool:
+        assert state.seq == seq
+        return writer.write(state, segment_fd, lambda at, ok: done.append((at, ok)))
+
+    journal.on_rotate = rotate
+    seq = 0
+    while len(done) < 2:  # two rotations, each snapshot reported
+        seq += 1
+        journal.append([acquired(seq)])
+        state.fold(acquired(seq))
+        dispatcher.run_once(timeout=0)
+    writer.wait()
+    assert len(list_segments(str(tmp_path))) >= 3  # nothing pruned before being told
+    for at, ok in done:
+        assert ok
+        journal.retain(at)
+    assert len(list_segments(str(tmp_path))) == 2  # retention 1 + the current one
+    journal.close()
