@@ -154,6 +154,16 @@ def _scale_rows(scale: dict[str, Any], target: dict[str, Any]) -> list[str]:
             scale["follow_lag_p99_ms"] < MAX_FOLLOW_LAG_P99_MS,
         ),
         (
+            "scale: every owner killed at once, until no lease is held",
+            "—",
+            "over 300 s"
+            if scale.get("mass_exit_release_s", 0) is None
+            else f"{scale['mass_exit_release_s']} s"
+            if "mass_exit_release_s" in scale
+            else "—",
+            None,
+        ),
+        (
             "scale: time to fill, daemon fds",
             "—",
             f"{scale['fill_s']} s, {scale['daemon_fds']:,} fds",

@@ -11,7 +11,9 @@ fill: it should be about 1). Everything runs on one CPU (``--cpu``), as in
 compare.py. Reports the ratio, the
 daemon's RSS and thread count (and both on the empty daemon, so a growing
 thread count shows), and how far ``lockd events --follow`` lags behind the
-replies (p50/p99) under that load. If the daemon refuses leases while
+replies (p50/p99) under that load. Last, every owner is killed at once (a
+host shutting its VMs down) and ``mass_exit_release_s`` is how long until
+the daemon holds no lease. If the daemon refuses leases while
 filling (EMFILE on a host whose descriptor limit is too low), filling stops
 there and ``fill_error`` says why; ``leases`` is what it holds. Prints one
 JSON object.
@@ -136,6 +138,22 @@ def follow_lag(sock: str, journal: Path, count: int) -> list[float]:
     return lags
 
 
+def mass_exit(sock: str, sleepers: list[subprocess.Popen[bytes]]) -> float | None:
+    """Kill every owner at once (a host shutting its VMs down): seconds until the
+    daemon holds no lease, None if that took over 300 s."""
+    t0 = time.monotonic()
+    for proc in sleepers:
+        proc.kill()
+    for proc in sleepers:
+        proc.wait()
+    with Client(sock, name="scale-mass-exit", timeout=120) as client:
+        while client.call("status")["leases"]:
+            if time.monotonic() - t0 > 300:
+                return None
+            time.sleep(0.1)  # status counts every lease: not too often
+    return round(time.monotonic() - t0, 2)
+
+
 def owners_watched(metrics: str) -> dict[str, int]:
     """``lockd_owners_watched`` by ``by`` label from ``lockd metrics`` text."""
     out = {}
@@ -224,6 +242,8 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
         loaded, empty = alternate(sock, twin_sock, args.pairs)
         lags = follow_lag(sock, tmp / "journal", 200)
         fields = proc_status(daemon.pid)
+        daemon_fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+        released_s = mass_exit(sock, sleepers)
         result = {
             "owners": registered,
             "owners_requested": args.owners,
@@ -248,9 +268,10 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
             "daemon_threads": int(fields["Threads"]),
             "empty_daemon_rss_mib": round(int(empty_fields["VmRSS"].split()[0]) / 1024, 1),
             "empty_daemon_threads": int(empty_fields["Threads"]),
-            "daemon_fds": len(os.listdir(f"/proc/{daemon.pid}/fd")),
+            "daemon_fds": daemon_fds,
             "follow_lag_p50_ms": p(lags, 0.5),
             "follow_lag_p99_ms": p(lags, 0.99),
+            "mass_exit_release_s": released_s,
         }
         print(json.dumps(result))
     finally:
