@@ -120,6 +120,17 @@ class Received:
 
 
 @attrs.frozen
+class PeerGone:
+    """A send failed: the peer receives nothing more, so no request it sent will be answered.
+
+    The connection ends at once, as at end of stream with a request in flight;
+    the requests still buffered are dropped, not worked through one by one for
+    a client that is gone (a client that pipelined thousands and closed kept
+    its connection open for seconds).
+    """
+
+
+@attrs.frozen
 class HandedOver:
     """A connection's state, carried across a re-exec with its socket fd."""
 
@@ -330,6 +341,8 @@ class ConnectionActor(DispatchedActor):
             self._push(message)
         elif isinstance(message, Drained):
             self._pump()
+        elif isinstance(message, PeerGone):
+            self._close()
         elif isinstance(message, _IdleCheck):
             if not (self._closed or self._owner or self._subscribed or self._busy):
                 # Half-open or forgotten: it holds a slot of max_clients for nothing.

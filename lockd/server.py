@@ -22,7 +22,7 @@ from typing import Any
 
 import pykka
 
-from actors.connection import Drained, Received
+from actors.connection import Drained, PeerGone, Received
 from actors.runtime import Dispatcher, tell_if_alive
 from protocol.codec import encode_item
 from protocol.errors import ErrorCode
@@ -95,6 +95,8 @@ class SocketTransport:
         self._backlog = 0
         self._reading = True
         self._closed = False
+        self._gone = False
+        """A send failed: the peer is gone (EPIPE, ECONNRESET)."""
         self._on_closed = on_closed
         self.actor: pykka.ActorRef[Any] | None = None
 
@@ -141,7 +143,8 @@ class SocketTransport:
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
-                return  # the peer is gone; the read side reports the close
+                self._peer_gone()
+                return
             if sent == len(data):
                 return
             data = data[sent:]
@@ -160,8 +163,7 @@ class SocketTransport:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self._out.clear()
-                self._backlog = 0
+                self._peer_gone()
                 break
             self._backlog -= sent
             if sent == len(chunk):
@@ -170,8 +172,15 @@ class SocketTransport:
                 self._out[0] = chunk[sent:]
                 break
         self._update()
-        if not self._out:
+        if not self._out and not self._gone:
             tell_if_alive(self.actor, Drained())  # the connection may take requests again
+
+    def _peer_gone(self) -> None:
+        self._out.clear()
+        self._backlog = 0
+        if not self._gone:
+            self._gone = True
+            tell_if_alive(self.actor, PeerGone())
 
     def pause_reading(self) -> None:
         self._reading = False

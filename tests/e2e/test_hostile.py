@@ -1136,6 +1136,45 @@ def test_fuzz_keeps_memory_and_fds_bounded(target: Target) -> None:
     assert fds_after <= fds_before
 
 
+def test_requests_of_a_client_gone_before_its_replies_are_dropped(target: Target) -> None:
+    """A client pipelines requests, never reads, and vanishes: as soon as a reply cannot be
+    sent the connection ends, and the requests still buffered are not carried out for it
+    (before, the daemon worked through them all, seconds at a time, its fd held open)."""
+    daemon = target.daemon
+
+    def clients() -> int:
+        with Raw(daemon.socket) as conn:
+            conn.hello()
+            count: int = assert_result(conn.call({"op": "status", "id": 1}), 1)["clients"]
+            return count
+
+    before = clients()
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": f"never-{target.token}"}
+    with Raw(daemon.socket) as hog:
+        hog.hello()
+        # A manager's connection (the owner is another process): its close fences no one.
+        assert_result(hog.call(register_request(1, target.sleeper.pid)), 1)
+        # Metrics replies are kilobytes: the daemon stops reading once 1 MiB of them is
+        # unsent or 128 KiB of requests wait, the acquire among those still unread.
+        metrics = frame(enc({"op": "metrics", "id": 2}))
+        acquire = frame(enc({"op": "acquire", "id": 3, "leases": [lease], "autocreate": True}))
+        stream = metrics * 4000 + acquire + metrics * 20000
+        hog.sock.setblocking(False)
+        sent, stop = 0, time.monotonic() + 3
+        while sent < len(stream) and time.monotonic() < stop:
+            try:
+                sent += hog.sock.send(stream[sent:])
+            except BlockingIOError:
+                time.sleep(0.01)
+        assert sent > 4000 * len(metrics) + len(acquire)  # the acquire is on its way
+    wait_for(lambda: clients() <= before, timeout=5)
+    with Raw(daemon.socket) as conn:
+        conn.hello()
+        reply = assert_result(conn.call({"op": "list-leases", "id": 1}), 1)
+    assert lease["resource"] not in {item["resource"] for item in reply["leases"]}
+    assert not (daemon.lock_dir / FILES_LOCKSPACE / lease["resource"]).exists()
+
+
 # -- stalled clients, max_clients, idle_timeout -------------------------------------------------
 
 
