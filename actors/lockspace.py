@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-from collections.abc import Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -278,15 +277,6 @@ def _owner_key(command: Command) -> OwnerKey | None:
     return None
 
 
-def _count(counts: dict[Any, int], keys: Iterable[Any], delta: int) -> None:
-    for key in keys:
-        n = counts.get(key, 0) + delta
-        if n:
-            counts[key] = n
-        else:
-            del counts[key]
-
-
 class LockspaceActor(DispatchedActor):
     """Owns one lockspace: its table, its lease actors, its commands in flight."""
 
@@ -508,7 +498,8 @@ class LockspaceActor(DispatchedActor):
             return
         token = next(self._tokens)
         flight = _InFlight(command, resources, owner, list(decision))
-        self._fly(token, flight)
+        self._inflight[token] = flight
+        self._track(flight, 1)
         if isinstance(command, AcquireLeases):
             for event in decision:
                 assert isinstance(event, LeaseAcquired)
@@ -525,18 +516,33 @@ class LockspaceActor(DispatchedActor):
         if command.reply_to is not None:
             tell_if_alive(command.reply_to, done)
 
-    def _fly(self, token: int, flight: _InFlight) -> None:
-        self._inflight[token] = flight
-        self._track(flight, 1)
-
     def _track(self, flight: _InFlight, delta: int) -> None:
-        """Count ``flight`` in (1) or out (-1) of what the commands in flight hold up."""
-        release = isinstance(flight.command, ReleaseLeases | ReleaseOwner)
-        _count(self._busy_releasing if release else self._busy, flight.resources, delta)
-        if flight.owner is not None:
-            _count(self._flying_owners, (flight.owner,), delta)
-            if isinstance(flight.command, ReleaseOwner):
-                _count(self._flying_releases, (flight.owner,), delta)
+        """Count ``flight`` in (1) or out (-1) of what the commands in flight hold up.
+
+        On every command's path: loops inline, no helper calls."""
+        command = flight.command
+        counts = (
+            self._busy_releasing
+            if isinstance(command, ReleaseLeases | ReleaseOwner)
+            else self._busy
+        )
+        for resource in flight.resources:
+            n = counts.get(resource, 0) + delta
+            if n:
+                counts[resource] = n
+            else:
+                del counts[resource]
+        owner = flight.owner
+        if owner is not None:
+            tables: tuple[dict[OwnerKey, int], ...] = (self._flying_owners,)
+            if isinstance(command, ReleaseOwner):
+                tables = (self._flying_owners, self._flying_releases)
+            for table in tables:
+                n = table.get(owner, 0) + delta
+                if n:
+                    table[owner] = n
+                else:
+                    del table[owner]
 
     def _finish(self, token: int) -> None:
         self._track(self._inflight.pop(token), -1)
@@ -668,7 +674,9 @@ class LockspaceActor(DispatchedActor):
             self._reply(command, Done(command.token, self.name, refusal=refusal))
             return
         token = next(self._tokens)
-        self._fly(token, _InFlight(command, frozenset({resource}), None, [event]))
+        flight = _InFlight(command, frozenset({resource}), None, [event])
+        self._inflight[token] = flight
+        self._track(flight, 1)
         self._journal.tell(Append((event,), token, self.actor_ref))
 
     def _delete_file(self, resource: str) -> None:
