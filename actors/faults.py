@@ -10,8 +10,8 @@ the order an operation reaches them:
 - ``release-journaled``: ``lease-released`` is written, the kernel lock is still held.
 - ``release-dropped``: the kernel lock is dropped, the client has no reply.
 - ``lockspace-mkdir``: a lockspace directory exists, ``lockspace-created`` is not written.
-- ``segment-started``: a rotation's new segment exists; its snapshot is being
-  written (by a forked child in ``lockd serve``, which goes on without the daemon).
+- ``segment-started``: a rotation's new segment exists; its snapshot may still be
+  being written (by a forked child in ``lockd serve``, which goes on without the daemon).
 - ``snapshot-tmp``: a snapshot's temporary file is written, not yet renamed
   (reached in the snapshot's child: it kills the daemon, then itself).
 - ``snapshot-written``: a rotation's snapshot is on disk, old segments are not pruned.

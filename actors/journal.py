@@ -58,10 +58,8 @@ class JournalWriter(Protocol):
 class Snapshots(Protocol):
     """Where snapshots of the journal's state go (real: lockd.snapshot.SnapshotWriter)."""
 
-    def write(
-        self, state: ReplayState, segment_fd: int, done: Callable[[int, bool], None] | None = None
-    ) -> bool:
-        """Sync the closing segment, write ``state``; True if on disk now, else ``done`` follows."""
+    def write(self, state: ReplayState, done: Callable[[int, bool], None] | None = None) -> bool:
+        """Write ``state``'s snapshot; True if on disk now, else ``done`` may follow."""
         ...
 
 
@@ -181,7 +179,7 @@ class JournalActor(DispatchedActor):
             return None
         return super().on_receive(message)
 
-    def _take_snapshot(self, seq: int, segment_fd: int) -> bool:
+    def _take_snapshot(self, seq: int) -> bool:
         """At a segment boundary: snapshot the state as of ``seq``; True once it is on disk.
 
         False while a child process writes it: :class:`SnapshotWritten` follows.
@@ -193,7 +191,7 @@ class JournalActor(DispatchedActor):
             return False
         ref = self.actor_ref
         return self._snapshots.write(
-            self._state, segment_fd, lambda at, ok: tell_if_alive(ref, SnapshotWritten(at, ok))
+            self._state, lambda at, ok: tell_if_alive(ref, SnapshotWritten(at, ok))
         )
 
     def _write(self, batch: list[Append]) -> None:

@@ -81,9 +81,9 @@ def build(
 
     writer = SnapshotWriter(str(journal_dir))
 
-    def snapshot(seq: int, segment_fd: int) -> bool:
+    def snapshot(seq: int) -> bool:
         assert state.seq == seq
-        return writer.write(state, segment_fd)
+        return writer.write(state)
 
     journal.on_rotate = snapshot
     seq = 0

@@ -96,10 +96,10 @@ class FileJournal:
         self.next_seq = first_seq
         self.bytes_written = 0
         """Bytes appended by this process (the journal metrics count them)."""
-        self.on_rotate: Callable[[int, int], bool] | None = None
-        """Called before a new segment starts with the last seq and the fd of the segment
-        being closed, which it syncs before writing a snapshot. True: a snapshot
-        covering that seq is on disk now; otherwise call :meth:`retain` once one is."""
+        self.on_rotate: Callable[[int], bool] | None = None
+        """Called with the last seq before a new segment starts (the closing segment is
+        synced). True: a snapshot covering that seq is on disk now; otherwise call
+        :meth:`retain` once one is."""
         self.last_scan: SegmentScan | None = None
         """The newest segment as read at open (recovery replays it without reading it again)."""
         for stray in os.listdir(directory):
@@ -175,12 +175,14 @@ class FileJournal:
 
     def rotate(self) -> None:
         """Start a new segment; snapshot first (``on_rotate``), then apply retention."""
+        # Synced here, before the next segment's header is made durable: otherwise
+        # a host crash could keep the next segment and lose the end of this one, a
+        # gap in the middle of the journal that stops start-up.
+        self.sync()
         covered = False
-        if self.on_rotate is None:
-            self.sync()
-        else:
+        if self.on_rotate is not None:
             try:
-                covered = self.on_rotate(self.next_seq - 1, self._fd)
+                covered = self.on_rotate(self.next_seq - 1)
             except OSError as exc:
                 log.error("journal snapshot at seq %d failed: %s", self.next_seq - 1, exc)
         covered_seq = self.next_seq - 1

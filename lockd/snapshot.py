@@ -128,6 +128,9 @@ def prune(directory: str, keep: int = 2) -> None:
                 os.unlink(os.path.join(directory, name))
 
 
+_CLOSED = b"."
+"""The child's first byte on its pipe: it has closed every fd it inherited but the pipe."""
+
 KEEP_SNAPSHOTS = 2
 """Snapshots kept: the newest, and one fallback should it read back damaged."""
 
@@ -180,10 +183,9 @@ class SnapshotWriter:
     def write(
         self,
         state: ReplayState,
-        segment_fd: int,
         done: Callable[[int, bool], None] | None = None,
     ) -> bool:
-        """Sync the segment being closed (``segment_fd``), then write ``state``'s snapshot.
+        """Write ``state``'s snapshot.
 
         True: written inline, on disk now. False: a child is writing it, and
         ``done(seq, ok)`` is called from the dispatcher loop when it exits (or
@@ -192,14 +194,13 @@ class SnapshotWriter:
         self.wait()  # one at a time: a rotation comes once per segment of records
         if done is not None and self._dispatcher is not None and self._may_fork():
             try:
-                self._fork(state, segment_fd, done)
+                self._fork(state, done)
             except OSError as exc:
                 log.warning("snapshot at seq %d: fork failed (%s); writing it inline",
                             state.seq, exc)  # fmt: skip
             else:
                 return False
         try:
-            os.fdatasync(segment_fd)
             write_snapshot(self.directory, state)
         except OSError as exc:
             log.error("journal snapshot at seq %d failed: %s", state.seq, exc)
@@ -216,7 +217,7 @@ class SnapshotWriter:
             child.message += data
         self._reap(child)
 
-    def _fork(self, state: ReplayState, segment_fd: int, done: Callable[[int, bool], None]) -> None:
+    def _fork(self, state: ReplayState, done: Callable[[int, bool], None]) -> None:
         assert self._dispatcher is not None
         rfd, wfd = os.pipe()
         # Signals stay blocked across the fork, so none reaches the child
@@ -226,14 +227,19 @@ class SnapshotWriter:
         try:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child; it always ends in os._exit
-                _child_main(self.directory, state, segment_fd, wfd, mask, daemon)
+                _child_main(self.directory, state, wfd, mask, daemon)
         except OSError:
             os.close(rfd)
             raise
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(wfd)
-        self._child = _Child(pid, rfd, state.seq, done)
+        # Until the child has closed what it inherited, its copies keep alive what
+        # this process lets go of: the OFD lock of a lease released meanwhile (it
+        # goes with the last fd of its open file description), a client socket's
+        # end of stream, the journal lock. So wait for it: microseconds.
+        first = os.read(rfd, 1)
+        self._child = _Child(pid, rfd, state.seq, done, b"" if first == _CLOSED else first)
         self._dispatcher.watch(rfd, selectors.EVENT_READ, self._readable)
 
     def _readable(self, _mask: int) -> None:
@@ -274,10 +280,9 @@ def _max_fds() -> int:
     return min(max(limits, default=1 << 20), (1 << 31) - 1)
 
 
-def _child_main(  # noqa: PLR0917 - one call site, the fork
+def _child_main(
     directory: str,
     state: ReplayState,
-    segment_fd: int,
     report_fd: int,
     mask: set[int | signal.Signals],
     daemon: int,
@@ -286,15 +291,11 @@ def _child_main(  # noqa: PLR0917 - one call site, the fork
     code = 1
     gc.disable()  # a collection would touch, and so copy, every page of the daemon
     try:
-        # Only the fds this child uses stay open: a copy of the journal lock,
-        # the pid file or a listener must not outlive a crashed daemon in an
-        # orphaned child (lease locks are shared with the daemon either way).
-        keep = sorted({segment_fd, report_fd})
-        low = 3
-        for fd in keep:
-            os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, _max_fds())
+        # Only the report pipe stays open: the daemon waits for that (_CLOSED),
+        # since copies of its fds here would keep released locks held.
+        os.closerange(3, report_fd)
+        os.closerange(report_fd + 1, _max_fds())
+        os.write(report_fd, _CLOSED)
         signal.set_wakeup_fd(-1)
         for signum in signal.valid_signals():
             handler = signal.getsignal(signum)
@@ -306,7 +307,6 @@ def _child_main(  # noqa: PLR0917 - one call site, the fork
         # SCHED_IDLE was tried: a request once waited 36 s behind a starved child.
         os.nice(10)
         faults.also_kill(daemon)
-        os.fdatasync(segment_fd)
         write_snapshot(directory, state)
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the daemon, which logs it

@@ -31,9 +31,9 @@ def fill(directory: Path, count: int, segment_bytes: int = 4096) -> ReplayState:
 
     writer = SnapshotWriter(str(directory))
 
-    def snap(seq: int, segment_fd: int) -> bool:
+    def snap(seq: int) -> bool:
         assert state.seq == seq
-        return writer.write(state, segment_fd)
+        return writer.write(state)
 
     journal.on_rotate = snap
     for seq in range(1, count + 1):

@@ -16,6 +16,7 @@ from actors.model import LeaseMode, Owner
 from actors.recovery_core import ReplayState
 from actors.runtime import Dispatcher
 from lockd.journal_file import FileJournal, list_segments
+from lockd.lockfiles import try_lock
 from lockd.snapshot import SnapshotWriter, list_snapshots, load_newest, snapshot_name
 
 OWNER = Owner(uuid.uuid4().bytes, "vm", 1, 42, 9)
@@ -39,13 +40,6 @@ def dispatcher() -> Iterator[Dispatcher]:
     d = Dispatcher()
     yield d
     d.close()
-
-
-@pytest.fixture
-def segment(tmp_path: Path) -> Iterator[int]:
-    fd = os.open(tmp_path / "segment", os.O_WRONLY | os.O_CREAT, 0o600)
-    yield fd
-    os.close(fd)
 
 
 def run_until(dispatcher: Dispatcher, done: list[tuple[int, bool]]) -> None:
@@ -72,7 +66,7 @@ def no_child_left() -> Iterator[None]:
 
 
 def test_the_child_writes_the_state_as_of_the_call_while_the_caller_goes_on(
-    tmp_path: Path, dispatcher: Dispatcher, segment: int
+    tmp_path: Path, dispatcher: Dispatcher
 ) -> None:
     """The daemon's state keeps changing after the fork; the snapshot is the one asked for."""
     journal_dir = tmp_path / "journal"
@@ -80,7 +74,7 @@ def test_the_child_writes_the_state_as_of_the_call_while_the_caller_goes_on(
     writer = SnapshotWriter(str(journal_dir), dispatcher, may_fork=lambda: True)
     state = state_of(500)
     done: list[tuple[int, bool]] = []
-    assert not writer.write(state, segment, lambda seq, ok: done.append((seq, ok)))
+    assert not writer.write(state, lambda seq, ok: done.append((seq, ok)))
     assert done == []  # reported from the loop, once the child has exited
     state.fold(acquired(501))  # the daemon goes on
     run_until(dispatcher, done)
@@ -92,40 +86,59 @@ def test_the_child_writes_the_state_as_of_the_call_while_the_caller_goes_on(
 
 
 def test_a_failed_child_reports_why_and_covers_nothing(
-    tmp_path: Path, dispatcher: Dispatcher, segment: int, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, dispatcher: Dispatcher, caplog: pytest.LogCaptureFixture
 ) -> None:
     journal_dir = tmp_path / "journal"
     (journal_dir / snapshot_name(7) / "in-the-way").mkdir(parents=True)  # rename cannot replace it
     writer = SnapshotWriter(str(journal_dir), dispatcher, may_fork=lambda: True)
     done: list[tuple[int, bool]] = []
     with caplog.at_level(logging.ERROR):
-        writer.write(state_of(7), segment, lambda seq, ok: done.append((seq, ok)))
+        writer.write(state_of(7), lambda seq, ok: done.append((seq, ok)))
         run_until(dispatcher, done)
     assert done == [(7, False)]
     assert "journal snapshot at seq 7 failed" in caplog.text
     assert "Error" in caplog.text  # the child's own reason, not only its exit status
 
 
-def test_wait_finishes_a_snapshot_in_progress(
-    tmp_path: Path, dispatcher: Dispatcher, segment: int
+def test_a_lease_released_right_after_the_fork_is_free_at_once(
+    tmp_path: Path, dispatcher: Dispatcher
 ) -> None:
+    """The child inherits the lease fds; until it has closed them, an OFD lock released
+    here would stay held by its copy. write() returns only once the child closed them."""
+    journal_dir = tmp_path / "journal"
+    journal_dir.mkdir()
+    writer = SnapshotWriter(str(journal_dir), dispatcher, may_fork=lambda: True)
+    lease = tmp_path / "lease"
+    lease.touch()
+    for seq in range(1, 21):
+        held = os.open(lease, os.O_RDWR)
+        try_lock(held, shared=False)
+        writer.write(state_of(seq), lambda _seq, _ok: None)
+        os.close(held)  # the release: its lock must go now, not when the child exits
+        probe = os.open(lease, os.O_RDWR)
+        try:
+            try_lock(probe, shared=False)  # raises LockBusyError if the child still holds it
+        finally:
+            os.close(probe)
+        writer.wait()
+
+
+def test_wait_finishes_a_snapshot_in_progress(tmp_path: Path, dispatcher: Dispatcher) -> None:
     """Shutdown and re-exec wait: no snapshot is cut short, no child outlives the daemon."""
     writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
     done: list[tuple[int, bool]] = []
-    writer.write(state_of(3), segment, lambda seq, ok: done.append((seq, ok)))
+    writer.write(state_of(3), lambda seq, ok: done.append((seq, ok)))
     writer.wait()
     assert done == [(3, True)]
     assert list_snapshots(str(tmp_path)) == [snapshot_name(3)]
     writer.wait()  # nothing in progress: returns at once
 
 
-def test_without_a_dispatcher_or_when_forking_is_unsafe_it_writes_inline(
-    tmp_path: Path, dispatcher: Dispatcher, segment: int
-) -> None:
+def test_when_forking_is_unsafe_it_writes_inline(tmp_path: Path, dispatcher: Dispatcher) -> None:
     """An embedding program with other threads: written before write() returns."""
     writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: False)
     done: list[tuple[int, bool]] = []
-    assert writer.write(state_of(4), segment, lambda seq, ok: done.append((seq, ok)))
+    assert writer.write(state_of(4), lambda seq, ok: done.append((seq, ok)))
     assert list_snapshots(str(tmp_path)) == [snapshot_name(4)]
     assert done == []  # on disk already: the caller applies retention itself
 
@@ -139,9 +152,9 @@ def test_segments_go_only_once_the_childs_snapshot_is_on_disk(
     state = ReplayState()
     done: list[tuple[int, bool]] = []
 
-    def rotate(seq: int, segment_fd: int) -> bool:
+    def rotate(seq: int) -> bool:
         assert state.seq == seq
-        return writer.write(state, segment_fd, lambda at, ok: done.append((at, ok)))
+        return writer.write(state, lambda at, ok: done.append((at, ok)))
 
     journal.on_rotate = rotate
     seq = 0
