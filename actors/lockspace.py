@@ -452,7 +452,13 @@ class LockspaceActor(DispatchedActor):
             if blocked:
                 still.append(command)
             else:
+                started = len(self._inflight)
                 self._start(command, resources, owner)
+                if len(self._inflight) == started:
+                    # Answered at once (refused, or nothing to do): it holds nothing up.
+                    # Kept as blocking, it could leave the rest waiting for a pass that
+                    # nothing in flight would ever start.
+                    continue
             # Whatever ran or waits here blocks later commands on the same things.
             (ahead_releasing if release else ahead).update(resources)
             if owner is not None:
