@@ -73,6 +73,9 @@ class Transport(Protocol):
 
     peer_pid: int
     peer_uid: int
+    gone: bool
+    """A send failed because the peer closed its socket: nothing more reaches it
+    (:class:`PeerGone` follows)."""
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the peer; never blocks."""
@@ -402,7 +405,13 @@ class ConnectionActor(DispatchedActor):
             if not self._busy:
                 self._hand_over()
             return
-        while not self._busy and not self._closed and self._transport.backlog <= MAX_REPLY_BACKLOG:
+        transport = self._transport
+        while (
+            not self._busy
+            and not self._closed
+            and not transport.gone  # the requests left are for no one: PeerGone ends it
+            and transport.backlog <= MAX_REPLY_BACKLOG
+        ):
             incoming = self._protocol.next_incoming()
             if incoming is None:
                 break

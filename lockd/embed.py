@@ -48,6 +48,7 @@ class _InProcessTransport:
         self.peer_pid = os.getpid()
         self.peer_uid = os.getuid()
         self.backlog = 0
+        self.gone = False
         self._frames = FrameDecoder(MAX_REPLY_FRAME)
         self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
 

@@ -95,8 +95,8 @@ class SocketTransport:
         self._backlog = 0
         self._reading = True
         self._closed = False
-        self._gone = False
-        """A send failed: the peer is gone (EPIPE, ECONNRESET)."""
+        self.gone = False
+        """A send failed because the peer closed its socket (EPIPE, ECONNRESET)."""
         self._on_closed = on_closed
         self.actor: pykka.ActorRef[Any] | None = None
 
@@ -135,15 +135,15 @@ class SocketTransport:
             tell_if_alive(self.actor, Received(data))
 
     def write(self, data: bytes) -> None:
-        if self._closed:
+        if self._closed or self.gone:
             return
         if not self._out:
             try:
                 sent = self._sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
-            except OSError:
-                self._peer_gone()
+            except OSError as exc:
+                self._send_failed(exc)
                 return
             if sent == len(data):
                 return
@@ -162,8 +162,8 @@ class SocketTransport:
                 sent = self._sock.send(chunk)
             except (BlockingIOError, InterruptedError):
                 break
-            except OSError:
-                self._peer_gone()
+            except OSError as exc:
+                self._send_failed(exc)
                 break
             self._backlog -= sent
             if sent == len(chunk):
@@ -172,15 +172,21 @@ class SocketTransport:
                 self._out[0] = chunk[sent:]
                 break
         self._update()
-        if not self._out and not self._gone:
+        if not self._out and not self.gone:
             tell_if_alive(self.actor, Drained())  # the connection may take requests again
 
-    def _peer_gone(self) -> None:
+    def _send_failed(self, exc: OSError) -> None:
+        """Drop what was queued; if the peer closed its socket, the connection ends."""
         self._out.clear()
         self._backlog = 0
-        if not self._gone:
-            self._gone = True
-            tell_if_alive(self.actor, PeerGone())
+        if isinstance(exc, ConnectionError) or exc.errno == errno.ENOTCONN:
+            if not self.gone:
+                self.gone = True
+                tell_if_alive(self.actor, PeerGone())
+        else:
+            # Not the peer's doing (ENOBUFS, ENOMEM): the reply is lost, as before,
+            # but the connection, and with it the owner's leases, is kept.
+            log.warning("client socket: send failed (%s); a reply was lost", exc)
 
     def pause_reading(self) -> None:
         self._reading = False

@@ -44,6 +44,7 @@ class Transport:
     peer_pid = os.getpid()
     peer_uid = os.getuid()
     backlog = 0
+    gone = False
 
     def __init__(self) -> None:
         self.out: list[bytes] = []

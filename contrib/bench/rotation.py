@@ -42,7 +42,9 @@ def main() -> int:
     os.sched_setaffinity(0, {args.cpu})
     with tempfile.TemporaryDirectory(prefix="lockd-rotation-") as tmp:
         config = Path(tmp, "lockd.toml")
-        config.write_text(f"journal_segment_bytes = {args.segment_bytes}\n")
+        config.write_text(  # every segment kept, so that they count the rotations
+            f"journal_segment_bytes = {args.segment_bytes}\njournal_retain_segments = 0\n"
+        )
         sock = f"{tmp}/lockd.sock"
         daemon = subprocess.Popen(
             [sys.executable, "-m", "lockd", "serve", "--config", str(config), "--socket", sock,

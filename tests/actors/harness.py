@@ -47,6 +47,7 @@ class FakeTransport:
     def __init__(self, pid: int, uid: int) -> None:
         self.peer_pid = pid
         self.peer_uid = uid
+        self.gone = False
         self.written: list[bytes] = []
         self.closed = False
         self.reading = True
