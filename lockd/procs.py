@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import subprocess
+import time
 import uuid as uuidlib
 from typing import Any
 
@@ -214,6 +215,25 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             return hard
     return soft
+
+
+def wait_listening(
+    path: str, proc: subprocess.Popen[Any], timeout: float = 15.0, log: str | None = None
+) -> None:
+    """Until ``proc``, a daemon just started, has created its socket ``path``.
+
+    Raises RuntimeError if it exits first or takes over ``timeout`` seconds,
+    with the text of its ``log`` file when given.
+    """
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            detail = ""
+            if log is not None:
+                with contextlib.suppress(OSError), open(log, encoding="utf-8") as f:
+                    detail = ": " + f.read()
+            raise RuntimeError(f"lockd did not start{detail}")
+        time.sleep(0.05)
 
 
 def stop_child(

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from lockd.bench import compare_table, summary  # noqa: E402
-from lockd.procs import cpu_seconds, stop_child  # noqa: E402
+from lockd.procs import cpu_seconds, stop_child, wait_listening  # noqa: E402
 
 DEFAULT_PEER = REPO.parent / "shared" / "peers" / "virtlockd"
 
@@ -159,11 +159,7 @@ def run_lockd(sync: str, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]:
             stderr=subprocess.DEVNULL, cwd=REPO,
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 15
-            while not os.path.exists(sock):
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise RuntimeError("lockd did not start")
-                time.sleep(0.05)
+            wait_listening(sock, daemon)
             done = subprocess.run(
                 ["taskset", "-c", str(cpu), *lockd, "bench", "--socket", sock, "--json",
                  "--ops", str(ops), "--tp-ops", str(tp_ops)],

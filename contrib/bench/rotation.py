@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from lockd.procs import wait_listening  # noqa: E402
 from protocol.client import Client  # noqa: E402
 
 LOCKSPACE = "lockd.bench.rotation"
@@ -54,11 +55,7 @@ def main() -> int:
         )  # fmt: skip
         holders: list[Client] = []
         try:
-            deadline = time.monotonic() + 15
-            while not os.path.exists(sock):
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise RuntimeError("lockd did not start")
-                time.sleep(0.05)
+            wait_listening(sock, daemon)
             with Client(sock) as admin:
                 admin.call("create-lockspace", lockspace=LOCKSPACE)
             for i in range(args.leases // PER_OWNER):

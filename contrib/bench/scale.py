@@ -41,7 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from lockd.procs import stop_child  # noqa: E402
+from lockd.procs import stop_child, wait_listening  # noqa: E402
 from protocol.client import Client, RemoteError  # noqa: E402
 
 FILES = "org.libvirt.lockd.files"
@@ -85,14 +85,6 @@ def start_daemon(tmp: Path, name: str) -> subprocess.Popen[bytes]:
          str(tmp / f"{prefix}locks"), "--journal-dir", str(tmp / f"{prefix}journal")],
         cwd=REPO, stderr=open(tmp / f"{name or 'daemon'}.log", "wb"),
     )  # fmt: skip
-
-
-def wait_socket(sock: str, daemon: subprocess.Popen[bytes], log: Path) -> None:
-    """Until the daemon listens; its log if it died instead."""
-    while not os.path.exists(sock):
-        if daemon.poll() is not None:
-            raise RuntimeError(log.read_text())
-        time.sleep(0.05)
 
 
 def p(values: list[float], q: float) -> float:
@@ -211,8 +203,8 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
     twin = start_daemon(tmp, "twin")
     sleepers: list[subprocess.Popen[bytes]] = []
     try:
-        wait_socket(sock, daemon, tmp / "daemon.log")
-        wait_socket(twin_sock, twin, tmp / "twin.log")
+        wait_listening(sock, daemon, timeout=60, log=str(tmp / "daemon.log"))
+        wait_listening(twin_sock, twin, timeout=60, log=str(tmp / "twin.log"))
         time.sleep(0.3)
         empty_a, empty_b = alternate(sock, twin_sock, args.pairs)
         empty_fields = proc_status(daemon.pid)

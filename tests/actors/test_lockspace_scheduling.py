@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from actors.events import JournalEntry, ReleaseReason
 from actors.journal import Append, Appended, AppendFailed
@@ -52,15 +49,6 @@ class Replies(DispatchedActor):
             self.done[message.token] = message
             return None
         return super().on_receive(message)
-
-
-@pytest.fixture
-def dispatcher() -> Iterator[Dispatcher]:
-    d = Dispatcher()
-    yield d
-    d.stop_all()
-    d.run_until_idle()
-    d.close()
 
 
 def owner(n: int) -> Owner:

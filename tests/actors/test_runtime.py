@@ -6,7 +6,6 @@ import gc
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import pykka
@@ -37,15 +36,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def dispatcher() -> Iterator[Dispatcher]:
-    d = Dispatcher()
-    yield d
-    d.stop_all()
-    d.run_until_idle()
-    d.close()
 
 
 def test_messages_are_handled_in_the_order_they_were_sent(dispatcher: Dispatcher) -> None:
