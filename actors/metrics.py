@@ -30,6 +30,10 @@ HELP = {
         "counter",
         "Journal writes that failed (nothing granted).",
     ),
+    "lockd_journal_snapshots_total": (
+        "counter",
+        "Snapshots at segment rotations, by result (written or failed: old segments stay).",
+    ),
     "lockd_owners_watched": (
         "gauge",
         "Registered owners watched for exit, by pidfd or by polling (beyond the pidfd budget).",

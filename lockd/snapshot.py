@@ -25,6 +25,7 @@ import cbor2
 
 from actors import faults
 from actors.faults import crash_point
+from actors.metrics import REGISTRY
 from actors.recovery_core import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, ReplayState
 from actors.runtime import Dispatcher
 
@@ -204,6 +205,7 @@ class SnapshotWriter:
             write_snapshot(self.directory, state)
         except OSError as exc:
             log.error("journal snapshot at seq %d failed: %s", state.seq, exc)
+            REGISTRY.inc("lockd_journal_snapshots_total", result="failed")
             return False
         self._written()
         return True
@@ -264,11 +266,13 @@ class SnapshotWriter:
                 f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             )
             log.error("journal snapshot at seq %d failed: %s", child.seq, why)
+            REGISTRY.inc("lockd_journal_snapshots_total", result="failed")
         else:
             self._written()
         child.done(child.seq, ok)
 
     def _written(self) -> None:
+        REGISTRY.inc("lockd_journal_snapshots_total", result="written")
         crash_point("snapshot-written")
         prune(self.directory, KEEP_SNAPSHOTS)
 

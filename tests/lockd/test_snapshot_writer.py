@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from actors.events import JournalEntry, LeaseAcquired
+from actors.metrics import REGISTRY
 from actors.model import LeaseMode, Owner
 from actors.recovery_core import ReplayState
 from actors.runtime import Dispatcher
@@ -40,6 +41,11 @@ def dispatcher() -> Iterator[Dispatcher]:
     d = Dispatcher()
     yield d
     d.close()
+
+
+def snapshots(result: str) -> float:
+    """``lockd_journal_snapshots_total{result}`` so far (operators alert on failed)."""
+    return REGISTRY.counters.get("lockd_journal_snapshots_total", {}).get((("result", result),), 0)
 
 
 def run_until(dispatcher: Dispatcher, done: list[tuple[int, bool]]) -> None:
@@ -73,12 +79,14 @@ def test_the_child_writes_the_state_as_of_the_call_while_the_caller_goes_on(
     journal_dir.mkdir()
     writer = SnapshotWriter(str(journal_dir), dispatcher, may_fork=lambda: True)
     state = state_of(500)
+    written_before = snapshots("written")
     done: list[tuple[int, bool]] = []
     assert not writer.write(state, lambda seq, ok: done.append((seq, ok)))
     assert done == []  # reported from the loop, once the child has exited
     state.fold(acquired(501))  # the daemon goes on
     run_until(dispatcher, done)
     assert done == [(500, True)]
+    assert snapshots("written") == written_before + 1
     written = load_newest(str(journal_dir))
     assert written is not None
     assert written.seq == 500
@@ -91,11 +99,13 @@ def test_a_failed_child_reports_why_and_covers_nothing(
     journal_dir = tmp_path / "journal"
     (journal_dir / snapshot_name(7) / "in-the-way").mkdir(parents=True)  # rename cannot replace it
     writer = SnapshotWriter(str(journal_dir), dispatcher, may_fork=lambda: True)
+    failed = snapshots("failed")
     done: list[tuple[int, bool]] = []
     with caplog.at_level(logging.ERROR):
         writer.write(state_of(7), lambda seq, ok: done.append((seq, ok)))
         run_until(dispatcher, done)
     assert done == [(7, False)]
+    assert snapshots("failed") == failed + 1
     assert "journal snapshot at seq 7 failed" in caplog.text
     assert "Error" in caplog.text  # the child's own reason, not only its exit status
 
