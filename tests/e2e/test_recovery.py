@@ -398,10 +398,10 @@ def test_history_is_compacted_and_recovery_reads_only_the_tail(
         for _ in range(300):
             client.call("acquire", leases=[lease], autocreate=True)
             client.call("release", leases=[lease])
-    segments = sorted(daemon.journal_dir.glob("journal-*.cbor"))
+    # The last rotation's snapshot is written by a child: its segments go once it has.
+    wait_for(lambda: len(list(daemon.journal_dir.glob("journal-*.cbor"))) <= 3, timeout=10)
     snapshots = sorted(daemon.journal_dir.glob("snapshot-*.cbor"))
     assert 1 <= len(snapshots) <= 2
-    assert len(segments) <= 3
     crash(daemon)
     restart(daemon)
     assert listed(daemon) == {
