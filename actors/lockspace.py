@@ -446,9 +446,10 @@ class LockspaceActor(DispatchedActor):
                 or not resources.isdisjoint(ahead)
                 or not busy.isdisjoint(resources)
             )
-            if not blocked and not release:
-                releases = not resources.isdisjoint(ahead_releasing)
-                blocked = releases or not busy_releasing.isdisjoint(resources)
+            if not blocked and not release:  # only a release may overlap releases
+                blocked = not (
+                    resources.isdisjoint(ahead_releasing) and busy_releasing.isdisjoint(resources)
+                )
             if blocked:
                 still.append(command)
             else:

@@ -179,18 +179,18 @@ class FileJournal:
         # a host crash could keep the next segment and lose the end of this one, a
         # gap in the middle of the journal that stops start-up.
         self.sync()
+        last_seq = self.next_seq - 1
         covered = False
         if self.on_rotate is not None:
             try:
-                covered = self.on_rotate(self.next_seq - 1)
+                covered = self.on_rotate(last_seq)
             except OSError as exc:
-                log.error("journal snapshot at seq %d failed: %s", self.next_seq - 1, exc)
-        covered_seq = self.next_seq - 1
+                log.error("journal snapshot at seq %d failed: %s", last_seq, exc)
         self._start_segment(self.next_seq)
         self.last_scan = None
         crash_point("segment-started")
         if covered:
-            self.retain(covered_seq)
+            self.retain(last_seq)
 
     def retain(self, covered_seq: int) -> None:
         """A snapshot up to ``covered_seq`` is on disk: delete the segments it covers

@@ -23,8 +23,7 @@ from collections.abc import Callable
 import attrs
 import cbor2
 
-from actors import faults
-from actors.faults import crash_point
+from actors.faults import also_kill, crash_point
 from actors.metrics import REGISTRY
 from actors.recovery_core import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, ReplayState
 from actors.runtime import Dispatcher
@@ -204,8 +203,7 @@ class SnapshotWriter:
         try:
             write_snapshot(self.directory, state)
         except OSError as exc:
-            log.error("journal snapshot at seq %d failed: %s", state.seq, exc)
-            REGISTRY.inc("lockd_journal_snapshots_total", result="failed")
+            _failed(state.seq, str(exc))
             return False
         self._written()
         return True
@@ -265,8 +263,7 @@ class SnapshotWriter:
             why = child.message.decode(errors="replace") or (
                 f"killed by signal {-code}" if code < 0 else f"exit status {code}"
             )
-            log.error("journal snapshot at seq %d failed: %s", child.seq, why)
-            REGISTRY.inc("lockd_journal_snapshots_total", result="failed")
+            _failed(child.seq, why)
         else:
             self._written()
         child.done(child.seq, ok)
@@ -275,6 +272,12 @@ class SnapshotWriter:
         REGISTRY.inc("lockd_journal_snapshots_total", result="written")
         crash_point("snapshot-written")
         prune(self.directory, KEEP_SNAPSHOTS)
+
+
+def _failed(seq: int, why: str) -> None:
+    """Say so, and count it: old segments stay until a snapshot is written."""
+    log.error("journal snapshot at seq %d failed: %s", seq, why)
+    REGISTRY.inc("lockd_journal_snapshots_total", result="failed")
 
 
 def _max_fds() -> int:
@@ -310,7 +313,7 @@ def _child_main(
         # daemon keeps busy (CFS weights 110 against 1024) and all of an idle one.
         # SCHED_IDLE was tried: a request once waited 36 s behind a starved child.
         os.nice(10)
-        faults.also_kill(daemon)
+        also_kill(daemon)
         write_snapshot(directory, state)
         code = 0
     except BaseException as exc:  # noqa: BLE001 - reported to the daemon, which logs it
