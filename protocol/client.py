@@ -80,8 +80,20 @@ class Client:
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its reply; raise :class:`RemoteError` on error."""
+        return self.result(self.request(op, **args))
+
+    def request(self, op: str, **args: Any) -> int:
+        """Send one request without waiting for its reply; :meth:`result` gets it.
+
+        Requests on one connection are answered in the order sent, so take
+        their results in that order.
+        """
         rid = next(self._ids)
         self.send_raw(encode_item({"op": op, "id": rid, **args}))
+        return rid
+
+    def result(self, rid: int) -> dict[str, Any]:
+        """Wait for the reply to request ``rid``; raise :class:`RemoteError` on error."""
         while True:
             message = self._read_message()
             if "id" not in message:

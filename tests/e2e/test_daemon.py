@@ -677,3 +677,42 @@ def test_owners_past_the_pidfd_budget_are_released_when_they_exit(
     assert len(released) == 24
     assert {e["reason"] for e in released} == {"owner-exit"}
     check(daemon)
+
+
+def test_vms_booting_at_once_share_their_base_image(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A host starting 16 VMs together: each VM's connection sends one acquire for its own
+    disk and the shared base image, all before any reply is read. Every VM gets both, the
+    base image is locked shared (another host can read it, not write it), and it is free
+    once the last VM is gone."""
+    base = {"lockspace": FILES_LOCKSPACE, "resource": "base", "shared": True}
+    clients: list[Client] = []
+    try:
+        for i in range(16):
+            vm = subprocess.Popen(["sleep", "600"])
+            children.append(vm)
+            client = daemon.client(f"vm{i}")
+            clients.append(client)
+            client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": f"vm{i}",
+                                           "id": i + 1, "pid": vm.pid})  # fmt: skip
+        own = [{"lockspace": FILES_LOCKSPACE, "resource": f"vm{i}"} for i in range(16)]
+        sent = [c.request("acquire", autocreate=True, leases=[base, own[i]])
+                for i, c in enumerate(clients)]  # fmt: skip
+        for client, rid in zip(clients, sent, strict=True):
+            client.result(rid)
+    finally:
+        for client in clients:
+            client.close()
+    pids = tuple(sorted(vm.pid for vm in children))
+    assert listed(daemon)[(FILES_LOCKSPACE, "base")] == ("shared", pids)
+    base_file = daemon.lock_dir / FILES_LOCKSPACE / "base"
+    assert probe(base_file, "ofd", "read") == "free"
+    assert probe(base_file, "ofd") == "busy"
+    check(daemon)
+    for vm in children:
+        vm.kill()
+        vm.wait()
+    wait_for(lambda: not listed(daemon))
+    assert not base_file.exists()  # autocreated: deleted with its last holder
+    check(daemon)
