@@ -154,6 +154,13 @@ def _scale_rows(scale: dict[str, Any], target: dict[str, Any]) -> list[str]:
             scale["follow_lag_p99_ms"] < MAX_FOLLOW_LAG_P99_MS,
         ),
         (
+            f"scale: {scale.get('boot_storm_owners', 0):,} VMs booting at once, each its own "
+            "disk and a shared base image (twin daemon), until the last reply",
+            "—",
+            f"{scale['boot_storm_s']} s" if "boot_storm_s" in scale else "—",
+            None,
+        ),
+        (
             "scale: every owner killed at once, until no lease is held",
             "—",
             "over 300 s"

@@ -11,9 +11,13 @@ fill: it should be about 1). Everything runs on one CPU (``--cpu``), as in
 compare.py. Reports the ratio, the
 daemon's RSS and thread count (and both on the empty daemon, so a growing
 thread count shows), and how far ``lockd events --follow`` lags behind the
-replies (p50/p99) under that load. Last, every owner is killed at once (a
-host shutting its VMs down) and ``mass_exit_release_s`` is how long until
-the daemon holds no lease. If the daemon refuses leases while
+replies (p50/p99) under that load. Then ``--storm`` of the owners (1,000:
+the default ``max_clients`` is 1,024) start at once on the twin, as a host
+booting its VMs does: each VM's connection sends one acquire for its own
+disk and the base image they all share, before any reply is read, and
+``boot_storm_s`` is how long until the last reply. Last, every owner is
+killed at once (a host shutting its VMs down) and ``mass_exit_release_s``
+is how long until the daemon holds no lease. If the daemon refuses leases while
 filling (EMFILE on a host whose descriptor limit is too low), filling stops
 there and ``fill_error`` says why; ``leases`` is what it holds. Prints one
 JSON object.
@@ -130,6 +134,29 @@ def follow_lag(sock: str, journal: Path, count: int) -> list[float]:
     return lags
 
 
+def boot_storm(sock: str, sleepers: list[subprocess.Popen[bytes]]) -> float:
+    """Every owner's connection asks at once for its own disk and the shared base image:
+    seconds from the first request sent to the last reply."""
+    base = {"lockspace": FILES, "resource": "base-image", "shared": True}
+    clients: list[Client] = []
+    try:
+        for i, proc in enumerate(sleepers):
+            client = Client(sock, name="scale-boot", timeout=300)
+            clients.append(client)
+            client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": f"boot{i}",
+                                           "id": i + 1, "pid": proc.pid})  # fmt: skip
+        t0 = time.monotonic()
+        sent = [client.request("acquire", autocreate=True, leases=[
+                    base, {"lockspace": FILES, "resource": f"boot{i}-disk"}])
+                for i, client in enumerate(clients)]  # fmt: skip
+        for client, rid in zip(clients, sent, strict=True):
+            client.result(rid)
+        return round(time.monotonic() - t0, 2)
+    finally:
+        for client in clients:
+            client.close()
+
+
 def mass_exit(sock: str, sleepers: list[subprocess.Popen[bytes]]) -> float | None:
     """Kill every owner at once (a host shutting its VMs down): seconds until the
     daemon holds no lease, None if that took over 300 s."""
@@ -174,6 +201,9 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
     parser.add_argument("--owners", type=int, default=4096)
     parser.add_argument("--leases", type=int, default=16384)
     parser.add_argument("--pairs", type=int, default=2000)
+    parser.add_argument(
+        "--storm", type=int, default=1000, help="owners booting at once (on the twin daemon)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, journal)")
     parser.add_argument(
         "--cpu", type=int, default=0, help="run everything on this CPU (-1: unpinned)"
@@ -235,6 +265,9 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
         lags = follow_lag(sock, tmp / "journal", 200)
         fields = proc_status(daemon.pid)
         daemon_fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
+        # On the twin: the loaded daemon's descriptors are near this host's limit.
+        storm = sleepers[: args.storm]
+        storm_s = boot_storm(twin_sock, storm)
         released_s = mass_exit(sock, sleepers)
         result = {
             "owners": registered,
@@ -263,6 +296,8 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
             "daemon_fds": daemon_fds,
             "follow_lag_p50_ms": p(lags, 0.5),
             "follow_lag_p99_ms": p(lags, 0.99),
+            "boot_storm_owners": len(storm),
+            "boot_storm_s": storm_s,
             "mass_exit_release_s": released_s,
         }
         print(json.dumps(result))
