@@ -32,7 +32,8 @@ HELP = {
     ),
     "lockd_journal_snapshots_total": (
         "counter",
-        "Snapshots at segment rotations, by result (written or failed: old segments stay).",
+        "Snapshots at segment rotations, by result (written; failed or skipped while the "
+        "last was still being written: old segments stay).",
     ),
     "lockd_owners_watched": (
         "gauge",

@@ -40,7 +40,7 @@ from lockd.lockfiles import LockspaceDir
 from lockd.reexec import Handoff, ListenerFd, ReexecActor, read_handoff
 from lockd.replay import replay
 from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
-from lockd.snapshot import SnapshotWriter, load_newest
+from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
 from lockd.systemd import FdStore, lease_fd_name, listen_fds
 from lockd.systemd import notify as sd_notify
 from protocol.errors import ErrorCode
@@ -235,7 +235,7 @@ class LockSystem:
         """Journal the stop and close the journal; leases are not released. Loop thread only."""
         self.journal.tell(Append((DaemonStopped(reason),), 0, None))
         self.dispatcher.run_until_idle(poll_io=False)
-        self.snapshots.wait()  # a snapshot being written is finished, not orphaned
+        self.snapshots.wait(STOP_WAIT_S)  # a snapshot being written is finished, not orphaned
         self.journal_file.close()
         os.close(self._journal_lock)
 
@@ -519,7 +519,7 @@ class Daemon:
             owners=self.system.owners,
             on_abort=self._reexec_abandoned,
             fences_resume=self.config.lost_lease_policy == "fence",
-            before_exec=self.system.snapshots.wait,
+            before_exec=lambda: self.system.snapshots.wait(STOP_WAIT_S),
         )
 
     def _reexec_abandoned(self, handed: list[HandedOver], why: str) -> None:

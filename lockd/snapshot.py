@@ -14,9 +14,11 @@ import gc
 import logging
 import os
 import resource
+import select
 import selectors
 import signal
 import threading
+import time
 import zlib
 from collections.abc import Callable
 
@@ -134,6 +136,10 @@ _CLOSED = b"."
 KEEP_SNAPSHOTS = 2
 """Snapshots kept: the newest, and one fallback should it read back damaged."""
 
+STOP_WAIT_S = 10.0
+"""How long a stop or a re-exec waits for a snapshot child before killing it: well
+inside lockd.service's TimeoutStopSec (30 s), so the daemon still journals its stop."""
+
 
 @attrs.define
 class _Child:
@@ -189,9 +195,20 @@ class SnapshotWriter:
 
         True: written inline, on disk now. False: a child is writing it, and
         ``done(seq, ok)`` is called from the dispatcher loop when it exits (or
-        the inline write failed, which is logged). Call it from the loop thread.
+        the inline write failed, which is logged), or it is skipped because the
+        child writing the previous snapshot has not finished: waiting for it
+        would stall every request, and the next rotation tries again (old
+        segments stay meanwhile). Call it from the loop thread.
         """
-        self.wait()  # one at a time: a rotation comes once per segment of records
+        child = self._child
+        if child is not None and self._exited(child):
+            self._reap(child)  # done, its report not yet read by the loop
+        elif child is not None:
+            log.warning("journal snapshot at seq %d skipped: the one at seq %d is still "
+                        "being written; segments stay until one is",
+                        state.seq, child.seq)  # fmt: skip
+            REGISTRY.inc("lockd_journal_snapshots_total", result="skipped")
+            return False
         if done is not None and self._dispatcher is not None and self._may_fork():
             try:
                 self._fork(state, done)
@@ -208,14 +225,61 @@ class SnapshotWriter:
         self._written()
         return True
 
-    def wait(self) -> None:
-        """Block until a snapshot being written by a child is done (and reported)."""
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until a snapshot being written by a child is done (and reported).
+
+        After ``timeout`` seconds the child is killed and the snapshot counts as
+        failed: a child stuck in I/O must not hold up a stop or a re-exec for
+        ever (the segments it would have covered stay).
+        """
         child = self._child
         if child is None:
             return
-        while data := os.read(child.fd, 4096):
-            child.message += data
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with selectors.DefaultSelector() as pipe:
+            pipe.register(child.fd, selectors.EVENT_READ)
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not pipe.select(left):
+                    self._kill(child, timeout)
+                    return
+                data = os.read(child.fd, 4096)
+                if not data:
+                    break
+                child.message += data
         self._reap(child)
+
+    @staticmethod
+    def _exited(child: _Child) -> bool:
+        """Read what the child reported so far without blocking; True at its end of stream."""
+        while select.select([child.fd], [], [], 0)[0]:
+            data = os.read(child.fd, 4096)
+            if not data:
+                return True
+            child.message += data
+        return False
+
+    def _kill(self, child: _Child, timeout: float | None) -> None:
+        """SIGKILL a child that outlived ``timeout``; reap it if it dies within a second.
+
+        A child in uninterruptible I/O dies only when that I/O ends: then it is
+        left to be reaped by whoever inherits it, rather than waited for.
+        """
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signal.SIGKILL)
+        self._child = None
+        if self._dispatcher is not None:
+            self._dispatcher.unwatch(child.fd)
+        os.close(child.fd)
+        for _ in range(100):
+            if os.waitpid(child.pid, os.WNOHANG) != (0, 0):
+                break
+            time.sleep(0.01)
+        else:
+            log.error("snapshot child %d does not die (stuck in I/O?); not waiting for it",
+                      child.pid)  # fmt: skip
+        _failed(child.seq, f"not done after {timeout} s; killed")
+        child.done(child.seq, False)
 
     def _fork(self, state: ReplayState, done: Callable[[int, bool], None]) -> None:
         assert self._dispatcher is not None

@@ -16,7 +16,8 @@ from actors.metrics import REGISTRY
 from actors.model import LeaseMode, Owner
 from actors.recovery_core import ReplayState
 from actors.runtime import Dispatcher
-from lockd.journal_file import FileJournal, list_segments
+from lockd import snapshot as snapshot_module
+from lockd.journal_file import FileJournal, first_seq_of, list_segments
 from lockd.lockfiles import try_lock
 from lockd.snapshot import SnapshotWriter, list_snapshots, load_newest, snapshot_name
 
@@ -144,6 +145,63 @@ def test_wait_finishes_a_snapshot_in_progress(tmp_path: Path, dispatcher: Dispat
     writer.wait()  # nothing in progress: returns at once
 
 
+def slow_snapshots(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Children forked from here on take ``seconds`` before writing (a slow or hung disk)."""
+    real = snapshot_module.write_snapshot
+
+    def slow(directory: str, state: ReplayState) -> str:
+        time.sleep(seconds)
+        return real(directory, state)
+
+    monkeypatch.setattr(snapshot_module, "write_snapshot", slow)
+
+
+def test_a_rotation_while_the_last_snapshot_is_still_written_skips_it_without_waiting(
+    tmp_path: Path, dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for the previous child would stall every request; the next rotation's
+    snapshot covers what this one would have."""
+    writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
+    slow_snapshots(monkeypatch, 1.0)
+    skipped = snapshots("skipped")
+    done: list[tuple[int, bool]] = []
+    writer.write(state_of(3), lambda seq, ok: done.append((seq, ok)))
+    started = time.monotonic()
+    assert not writer.write(state_of(5), lambda seq, ok: done.append((seq, ok)))
+    assert time.monotonic() - started < 0.5
+    assert snapshots("skipped") == skipped + 1
+    run_until(dispatcher, done)
+    assert done == [(3, True)]
+    monkeypatch.undo()
+    writer.write(state_of(8), lambda seq, ok: done.append((seq, ok)))  # the child is done
+    writer.wait()
+    assert done == [(3, True), (8, True)]
+    assert list_snapshots(str(tmp_path)) == [snapshot_name(3), snapshot_name(8)]
+
+
+def test_wait_kills_a_child_that_does_not_finish_in_time(
+    tmp_path: Path,
+    dispatcher: Dispatcher,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stop or re-exec waits a bounded time: a child stuck on the disk is killed, its
+    snapshot counts as failed (so nothing is pruned on its account), and none is left."""
+    writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
+    slow_snapshots(monkeypatch, 60.0)
+    failed = snapshots("failed")
+    done: list[tuple[int, bool]] = []
+    writer.write(state_of(3), lambda seq, ok: done.append((seq, ok)))
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR):
+        writer.wait(0.3)
+    assert time.monotonic() - started < 5
+    assert done == [(3, False)]
+    assert snapshots("failed") == failed + 1
+    assert "not done after 0.3 s; killed" in caplog.text
+    assert list_snapshots(str(tmp_path)) == []
+
+
 def test_when_forking_is_unsafe_it_writes_inline(tmp_path: Path, dispatcher: Dispatcher) -> None:
     """An embedding program with other threads: written before write() returns."""
     writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: False)
@@ -174,9 +232,14 @@ def test_segments_go_only_once_the_childs_snapshot_is_on_disk(
         state.fold(acquired(seq))
         dispatcher.run_once(timeout=0)
     writer.wait()
-    assert len(list_segments(str(tmp_path))) >= 3  # nothing pruned before being told
+    before = list_segments(str(tmp_path))
+    assert len(before) >= 3  # nothing pruned before being told
     for at, ok in done:
         assert ok
         journal.retain(at)
-    assert len(list_segments(str(tmp_path))) == 2  # retention 1 + the current one
+    # Rotations that came while a child was still writing were skipped: the segments
+    # after the last snapshot stay, with the newest one it covers (retention 1).
+    last = done[-1][0]
+    uncovered = [name for name in before if first_seq_of(name) > last]
+    assert list_segments(str(tmp_path)) == [before[-len(uncovered) - 1], *uncovered]
     journal.close()
