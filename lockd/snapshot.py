@@ -252,7 +252,9 @@ class SnapshotWriter:
     @staticmethod
     def _exited(child: _Child) -> bool:
         """Read what the child reported so far without blocking; True at its end of stream."""
-        while select.select([child.fd], [], [], 0)[0]:
+        pipe = select.poll()  # not select(): a daemon holding leases has fds past 1024
+        pipe.register(child.fd, select.POLLIN)
+        while pipe.poll(0):
             data = os.read(child.fd, 4096)
             if not data:
                 return True

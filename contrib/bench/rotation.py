@@ -4,8 +4,9 @@ At each segment rotation the daemon snapshots its whole state. This starts
 ``lockd serve`` on temp paths with small segments (so rotations come often),
 fills it with ``--leases`` leases held through connections of this process,
 then times ``--pairs`` sequential acquire+release pairs and prints their
-p50/p99/p999, the slowest, and how many took over 50 ms (one per rotation
-when the snapshot is written by the daemon itself)::
+p50/p99/p999, the slowest, how many took over 50 ms (one per rotation
+when the snapshot is written by the daemon itself), and the snapshots by
+result (``skipped``: the rotation came while the last was being written)::
 
     .venv/bin/python contrib/bench/rotation.py [--leases 16384] [--pairs 20000] [--cpu 0]
 
@@ -79,6 +80,13 @@ def main() -> int:
                 client.call("release", leases=[lease])
                 samples.append((time.perf_counter() - t0) * 1e3)
             rotations = len(list(Path(tmp, "journal").glob("journal-*.cbor"))) - 1
+            with Client(sock, name="rotation-metrics") as asking:
+                metrics = asking.call("metrics")["text"]
+            snapshots = {
+                line.split('result="', 1)[1].split('"', 1)[0]: int(float(line.rsplit(" ", 1)[1]))
+                for line in metrics.splitlines()
+                if line.startswith("lockd_journal_snapshots_total{")
+            }
         finally:
             # Stopped first: a holder connection closing under a live daemon would
             # have it fence this process, the leases' owner.
@@ -94,7 +102,8 @@ def main() -> int:
     print(
         f"{args.leases} leases held, {args.pairs} pairs, {rotations} rotations: "
         f"p50 {pct(0.5):.2f} ms, p99 {pct(0.99):.2f}, p999 {pct(0.999):.2f}, "
-        f"max {samples[-1]:.1f} ms; {sum(s > 50 for s in samples)} pairs over 50 ms"
+        f"max {samples[-1]:.1f} ms; {sum(s > 50 for s in samples)} pairs over 50 ms; "
+        f"snapshots {', '.join(f'{k} {v}' for k, v in sorted(snapshots.items())) or 'none'}"
     )
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 import uuid
 from collections.abc import Iterator
@@ -177,6 +178,31 @@ def test_a_rotation_while_the_last_snapshot_is_still_written_skips_it_without_wa
     writer.wait()
     assert done == [(3, True), (8, True)]
     assert list_snapshots(str(tmp_path)) == [snapshot_name(3), snapshot_name(8)]
+
+
+def test_a_daemon_with_thousands_of_fds_still_checks_on_its_snapshot_child(
+    tmp_path: Path, dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon holding leases has fds past 1024, where select() cannot look: the check
+    for a finished child at the next rotation must work there too (select() raised, and
+    took the journal, and so the daemon, down)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"fd hard limit {hard} is too low to open 1,100 fds")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
+        done: list[tuple[int, bool]] = []
+        writer.write(state_of(3), lambda seq, ok: done.append((seq, ok)))
+        writer.write(state_of(5), lambda seq, ok: done.append((seq, ok)))  # skipped or next
+        writer.wait()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert done[0] == (3, True)
+    assert snapshot_name(3) in list_snapshots(str(tmp_path))
 
 
 def test_wait_kills_a_child_that_does_not_finish_in_time(
