@@ -242,7 +242,10 @@ class ReexecActor(DispatchedActor):
 
     def _exec(self) -> None:
         if self._before_exec is not None:
-            self._before_exec()
+            try:
+                self._before_exec()
+            except OSError as exc:  # the next program does without what it finishes
+                log.warning("re-exec: before exec: %s; going on", exc)
         handoff = Handoff(self._listeners, tuple(self._handed), self._leases, self._next_conn_id)
         log.info(
             "re-exec: handing over %d listeners, %d connections, %d lease fds",

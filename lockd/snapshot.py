@@ -140,6 +140,10 @@ STOP_WAIT_S = 10.0
 """How long a stop or a re-exec waits for a snapshot child before killing it: well
 inside lockd.service's TimeoutStopSec (30 s), so the daemon still journals its stop."""
 
+CHILD_MAX_S = 300.0
+"""A child still writing this long after its fork is stuck (16,384 leases take well under a
+second): the next rotation kills it and forks afresh, rather than skip for ever."""
+
 
 @attrs.define
 class _Child:
@@ -150,6 +154,8 @@ class _Child:
     """Read end of a pipe the child holds the write end of: EOF when it exits."""
     seq: int
     done: Callable[[int, bool], None]
+    started: float
+    """``time.monotonic()`` at the fork."""
     message: bytes = b""
     """What the child wrote on the pipe: why it failed."""
 
@@ -185,6 +191,8 @@ class SnapshotWriter:
         self._dispatcher = dispatcher
         self._may_fork = may_fork
         self._child: _Child | None = None
+        self._unreaped: list[int] = []
+        """Children killed but not dead yet (stuck in I/O): reaped when they do die."""
 
     def write(
         self,
@@ -200,9 +208,12 @@ class SnapshotWriter:
         would stall every request, and the next rotation tries again (old
         segments stay meanwhile). Call it from the loop thread.
         """
+        self._reap_killed()
         child = self._child
         if child is not None and self._exited(child):
             self._reap(child)  # done, its report not yet read by the loop
+        elif child is not None and time.monotonic() - child.started > CHILD_MAX_S:
+            self._kill(child, f"still writing after {CHILD_MAX_S:g} s; killed")
         elif child is not None:
             log.warning("journal snapshot at seq %d skipped: the one at seq %d is still "
                         "being written; segments stay until one is",
@@ -232,21 +243,24 @@ class SnapshotWriter:
         failed: a child stuck in I/O must not hold up a stop or a re-exec for
         ever (the segments it would have covered stay).
         """
+        self._reap_killed()
         child = self._child
         if child is None:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
-        with selectors.DefaultSelector() as pipe:
-            pipe.register(child.fd, selectors.EVENT_READ)
-            while True:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                if not pipe.select(left):
-                    self._kill(child, timeout)
-                    return
-                data = os.read(child.fd, 4096)
-                if not data:
-                    break
-                child.message += data
+        # poll(), which needs no fd of its own: a daemon holding leases may be at its
+        # fd limit (and past 1024, where select() cannot look).
+        pipe = select.poll()
+        pipe.register(child.fd, select.POLLIN)
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not pipe.poll(None if left is None else left * 1000):
+                self._kill(child, f"not done after {timeout} s; killed")
+                return
+            data = os.read(child.fd, 4096)
+            if not data:
+                break
+            child.message += data
         self._reap(child)
 
     @staticmethod
@@ -261,11 +275,12 @@ class SnapshotWriter:
             child.message += data
         return False
 
-    def _kill(self, child: _Child, timeout: float | None) -> None:
-        """SIGKILL a child that outlived ``timeout``; reap it if it dies within a second.
+    def _kill(self, child: _Child, why: str) -> None:
+        """SIGKILL a child that took too long; its snapshot failed for ``why``.
 
-        A child in uninterruptible I/O dies only when that I/O ends: then it is
-        left to be reaped by whoever inherits it, rather than waited for.
+        It is reaped if it dies within a second. A child in uninterruptible I/O
+        dies only when that I/O ends: it is not waited for, but reaped at a
+        later snapshot or stop once it has died.
         """
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signal.SIGKILL)
@@ -273,18 +288,30 @@ class SnapshotWriter:
         if self._dispatcher is not None:
             self._dispatcher.unwatch(child.fd)
         os.close(child.fd)
-        for _ in range(100):
-            if os.waitpid(child.pid, os.WNOHANG) != (0, 0):
-                break
+        self._unreaped.append(child.pid)
+        deadline = time.monotonic() + 1.0
+        while self._reap_killed() and time.monotonic() < deadline:
             time.sleep(0.01)
-        else:
+        if self._unreaped:
             log.error("snapshot child %d does not die (stuck in I/O?); not waiting for it",
                       child.pid)  # fmt: skip
-        _failed(child.seq, f"not done after {timeout} s; killed")
+        _failed(child.seq, why)
         child.done(child.seq, False)
 
+    def _reap_killed(self) -> bool:
+        """Reap the killed children that have died since; True while some are left."""
+        for pid in list(self._unreaped):
+            try:
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    continue
+            except ChildProcessError:
+                pass
+            self._unreaped.remove(pid)
+        return bool(self._unreaped)
+
     def _fork(self, state: ReplayState, done: Callable[[int, bool], None]) -> None:
-        assert self._dispatcher is not None
+        dispatcher = self._dispatcher
+        assert dispatcher is not None
         rfd, wfd = os.pipe()
         # Signals stay blocked across the fork, so none reaches the child
         # while it still has the daemon's handlers and wake-up fd.
@@ -305,8 +332,21 @@ class SnapshotWriter:
         # goes with the last fd of its open file description), a client socket's
         # end of stream, the journal lock. So wait for it: microseconds.
         first = os.read(rfd, 1)
-        self._child = _Child(pid, rfd, state.seq, done, b"" if first == _CLOSED else first)
-        self._dispatcher.watch(rfd, selectors.EVENT_READ, self._readable)
+        said = b"" if first == _CLOSED else first
+        self._child = _Child(pid, rfd, state.seq, done, time.monotonic(), said)
+        try:
+            dispatcher.watch(rfd, selectors.EVENT_READ, self._readable)
+        except OSError as exc:
+            # Not watched (epoll out of memory): wait for this one here, as an
+            # inline write would take as long. Not written inline: the child
+            # is writing the same file.
+            log.warning("snapshot at seq %d: cannot watch its child (%s); waiting for it",
+                        state.seq, exc)  # fmt: skip
+            self._dispatcher = None
+            try:
+                self.wait()
+            finally:
+                self._dispatcher = dispatcher
 
     def _readable(self, _mask: int) -> None:
         child = self._child

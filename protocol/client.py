@@ -54,6 +54,8 @@ class Client:
         self._max_frame = max_frame
         self._ids = itertools.count(1)
         self._events: collections.deque[dict[str, Any]] = collections.deque()
+        self._early: dict[Any, dict[str, Any]] = {}
+        """Replies read while waiting for another request's (pipelined requests)."""
         try:
             self.server = self.call("hello", versions=[PROTOCOL_VERSION], client=name)
         except BaseException:
@@ -93,21 +95,26 @@ class Client:
         return rid
 
     def result(self, rid: int) -> dict[str, Any]:
-        """Wait for the reply to request ``rid``; raise :class:`RemoteError` on error."""
-        while True:
+        """Wait for the reply to request ``rid``; raise :class:`RemoteError` on error.
+
+        Replies to other requests read meanwhile are kept for their own ``result``.
+        """
+        message = self._early.pop(rid, None)
+        while message is None:
             message = self._read_message()
             if "id" not in message:
                 self._events.append(message)
-                continue
-            if message["id"] != rid and message["id"] is not None:
-                raise ProtocolError(ErrorCode.INTERNAL, f"reply for id {message['id']}, sent {rid}")
-            if "error" in message:
-                error = dict(message["error"])
-                raise RemoteError(
-                    str(error.pop("code", "internal")), str(error.pop("message", "")), error
-                )
-            result: dict[str, Any] = message["result"]
-            return result
+                message = None
+            elif message["id"] != rid and message["id"] is not None:
+                self._early[message["id"]] = message
+                message = None
+        if "error" in message:
+            error = dict(message["error"])
+            raise RemoteError(
+                str(error.pop("code", "internal")), str(error.pop("message", "")), error
+            )
+        result: dict[str, Any] = message["result"]
+        return result
 
     def next_event(self) -> dict[str, Any]:
         """The next event pushed after ``subscribe`` (blocks up to the socket timeout)."""

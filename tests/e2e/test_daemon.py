@@ -716,3 +716,20 @@ def test_vms_booting_at_once_share_their_base_image(
     wait_for(lambda: not listed(daemon))
     assert not base_file.exists()  # autocreated: deleted with its last holder
     check(daemon)
+
+
+def test_a_client_pipelines_requests_and_takes_their_replies_in_any_order(
+    daemon: DaemonProcess,
+) -> None:
+    """`Client.request` sends without waiting; `result` finds each reply by its id, keeping
+    the ones read while waiting for another, and a refusal stays with its own request."""
+    with daemon.client() as client:
+        lease = {"lockspace": FILES_LOCKSPACE, "resource": "never-registered"}
+        first = client.request("status")
+        refused = client.request("acquire", leases=[lease], autocreate=True)
+        last = client.request("list-leases")
+        assert client.result(last) == {"leases": []}
+        with pytest.raises(RemoteError):
+            client.result(refused)  # no owner registered on this connection
+        assert client.result(first)["leases"] == 0
+        assert client.call("status")["leases"] == 0  # the connection is still in step

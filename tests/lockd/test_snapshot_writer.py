@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -20,7 +21,13 @@ from actors.runtime import Dispatcher
 from lockd import snapshot as snapshot_module
 from lockd.journal_file import FileJournal, first_seq_of, list_segments
 from lockd.lockfiles import try_lock
-from lockd.snapshot import SnapshotWriter, list_snapshots, load_newest, snapshot_name
+from lockd.snapshot import (
+    STOP_WAIT_S,
+    SnapshotWriter,
+    list_snapshots,
+    load_newest,
+    snapshot_name,
+)
 
 OWNER = Owner(uuid.uuid4().bytes, "vm", 1, 42, 9)
 
@@ -203,6 +210,50 @@ def test_a_daemon_with_thousands_of_fds_still_checks_on_its_snapshot_child(
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert done[0] == (3, True)
     assert snapshot_name(3) in list_snapshots(str(tmp_path))
+
+
+def test_a_stop_at_the_fd_limit_still_waits_for_the_snapshot(
+    tmp_path: Path, dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every lease is an fd: a daemon may stop at its fd limit, and waiting for the child
+    must not need one more (an epoll fd raised EMFILE there)."""
+    writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
+    slow_snapshots(monkeypatch, 0.5)
+    done: list[tuple[int, bool]] = []
+    writer.write(state_of(3), lambda seq, ok: done.append((seq, ok)))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filler: list[int] = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+        writer.wait(STOP_WAIT_S)
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert done == [(3, True)]
+
+
+def test_a_child_stuck_for_minutes_is_killed_at_the_next_rotation(
+    tmp_path: Path, dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Skipping while the last child writes must not go on for ever: a child that has
+    been at it far longer than any snapshot takes is killed, and a new one forked."""
+    writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
+    real = snapshot_module.write_snapshot
+    slow_snapshots(monkeypatch, 60.0)
+    monkeypatch.setattr(snapshot_module, "CHILD_MAX_S", 0.3)
+    done: list[tuple[int, bool]] = []
+    writer.write(state_of(3), lambda seq, ok: done.append((seq, ok)))
+    assert not writer.write(state_of(4), lambda seq, ok: done.append((seq, ok)))  # skipped
+    time.sleep(0.4)
+    monkeypatch.setattr(snapshot_module, "write_snapshot", real)  # the disk is back
+    writer.write(state_of(5), lambda seq, ok: done.append((seq, ok)))
+    writer.wait()
+    assert done == [(3, False), (5, True)]
+    assert list_snapshots(str(tmp_path)) == [snapshot_name(5)]
 
 
 def test_wait_kills_a_child_that_does_not_finish_in_time(
