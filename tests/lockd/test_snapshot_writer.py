@@ -256,6 +256,25 @@ def test_a_child_stuck_for_minutes_is_killed_at_the_next_rotation(
     assert list_snapshots(str(tmp_path)) == [snapshot_name(5)]
 
 
+def test_a_child_the_loop_cannot_watch_is_waited_for_not_raced_inline(
+    tmp_path: Path, dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """epoll may refuse another fd (out of memory): the child is then waited for, as an
+    inline write would take as long, instead of a second writer on the same file."""
+
+    def refuse(*_args: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(dispatcher, "watch", refuse)
+    writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
+    done: list[tuple[int, bool]] = []
+    writer.write(state_of(3), lambda seq, ok: done.append((seq, ok)))
+    assert done == [(3, True)]
+    assert list_snapshots(str(tmp_path)) == [snapshot_name(3)]
+    writer.write(state_of(4), lambda seq, ok: done.append((seq, ok)))  # not skipped
+    assert done == [(3, True), (4, True)]
+
+
 def test_wait_kills_a_child_that_does_not_finish_in_time(
     tmp_path: Path,
     dispatcher: Dispatcher,
