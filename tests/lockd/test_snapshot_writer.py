@@ -45,13 +45,6 @@ def state_of(count: int) -> ReplayState:
     return state
 
 
-@pytest.fixture
-def dispatcher() -> Iterator[Dispatcher]:
-    d = Dispatcher()
-    yield d
-    d.close()
-
-
 def snapshots(result: str) -> float:
     """``lockd_journal_snapshots_total{result}`` so far (operators alert on failed)."""
     return REGISTRY.counters.get("lockd_journal_snapshots_total", {}).get((("result", result),), 0)

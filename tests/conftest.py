@@ -1,4 +1,4 @@
-"""Fixtures for the actor tests: a dispatcher driven by the test thread."""
+"""Fixtures shared by the tests: a dispatcher driven by the test thread."""
 
 from __future__ import annotations
 

@@ -1,0 +1,100 @@
+"""The client socket's send errors: a closed peer ends the connection; others lose a reply."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from actors.connection import PeerGone
+from actors.runtime import DispatchedActor, Dispatcher
+from lockd.server import SocketTransport
+
+
+class Inbox(DispatchedActor):
+    """Stands in for the connection actor: keeps what the transport tells it."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        super().__init__(dispatcher)
+        self.got: list[Any] = []
+
+    def on_receive(self, message: Any) -> Any:
+        self.got.append(message)
+
+
+class FailingSocket:
+    """A real socket whose sends raise ``error`` while it is set."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.error: OSError | None = None
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        return self._sock.send(data)
+
+    def recv(self, size: int) -> bytes:
+        return self._sock.recv(size)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def transport_on(dispatcher: Dispatcher, sock: FailingSocket) -> tuple[SocketTransport, Inbox]:
+    transport = SocketTransport(dispatcher, sock, (1, 0, 0), lambda: None)  # type: ignore[arg-type]
+    ref = Inbox.start(dispatcher)
+    transport.start(ref)
+    dispatcher.run_until_idle(poll_io=False)
+    (inbox,) = [a for a in dispatcher.actors if isinstance(a, Inbox)]
+    return transport, inbox
+
+
+def test_a_send_failing_for_lack_of_buffers_loses_the_reply_not_the_connection(
+    dispatcher: Dispatcher, pair: tuple[socket.socket, socket.socket]
+) -> None:
+    """ENOBUFS is the host's trouble, not the client's: closing the connection would end
+    a live VM's leases (or fence it). The reply is lost; the next one goes out."""
+    ours, theirs = pair
+    sock = FailingSocket(ours)
+    transport, inbox = transport_on(dispatcher, sock)
+    sock.error = OSError(errno.ENOBUFS, "No buffer space available")
+    transport.write(b"lost")
+    sock.error = None
+    transport.write(b"sent")
+    dispatcher.run_until_idle(poll_io=False)
+    assert not transport.gone
+    assert not any(isinstance(m, PeerGone) for m in inbox.got)
+    assert theirs.recv(64) == b"sent"
+
+
+@pytest.mark.parametrize("code", [errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN])
+def test_a_send_to_a_closed_peer_ends_the_connection(
+    dispatcher: Dispatcher, pair: tuple[socket.socket, socket.socket], code: int
+) -> None:
+    """The client is gone: the connection actor hears it at once, and nothing more is sent."""
+    ours, _theirs = pair
+    sock = FailingSocket(ours)
+    transport, inbox = transport_on(dispatcher, sock)
+    sock.error = (
+        OSError(code, "not connected") if code == errno.ENOTCONN else ConnectionError(code, "gone")
+    )
+    transport.write(b"reply")
+    dispatcher.run_until_idle(poll_io=False)
+    assert transport.gone
+    assert [m for m in inbox.got if isinstance(m, PeerGone)] == [PeerGone()]
