@@ -10,13 +10,23 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
-from actors.connection import ConnectionActor
+from actors.connection import ConnectionActor, Received
+from actors.events import DaemonStopped
+from actors.recovery_core import ReplayState
+from lockd import daemon as daemon_module
+from lockd import snapshot as snapshot_module
 from lockd.config import Config
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
+from lockd.journal_file import read_entries
+from lockd.snapshot import list_snapshots
 from protocol.client import Client
+from protocol.codec import encode_item
+from protocol.framing import encode_frame
 from protocol.names import FILES_LOCKSPACE
+from tests.actors.harness import FakeTransport
 
 
 @pytest.fixture
@@ -112,3 +122,86 @@ def test_an_embedded_lock_system_leaves_the_collector_alone(config: Config) -> N
         assert gc.get_freeze_count() == 0
     finally:
         daemon.system.shutdown("test done")
+
+
+def _children() -> set[int]:
+    """This process's children, zombies included (until reaped)."""
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        pids.update(int(p) for p in (task / "children").read_text().split())
+    return pids
+
+
+def _rotate_until_a_snapshot_child_runs(daemon: Daemon) -> int:
+    """Acquire+release pairs through a connection until a rotation forks a snapshot
+    child; its pid."""
+    transport = FakeTransport(os.getpid(), os.getuid())
+    ref = daemon.system.connect(transport)
+
+    def call(op: str, **fields: object) -> None:
+        ref.tell(Received(encode_frame(encode_item({"op": op, "id": 1, **fields}))))
+        daemon.dispatcher.run_until_idle(poll_io=False)
+
+    owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()}
+    call("hello", versions=[1])
+    call("register", owner=owner)
+    before = _children()
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": "disk"}
+    for _ in range(1000):  # 4 KiB segments: a rotation every dozen pairs or so
+        call("acquire", leases=[lease], autocreate=True)
+        call("release", leases=[lease])
+        forked = _children() - before
+        if forked:
+            return forked.pop()
+    raise AssertionError("no snapshot child was forked")
+
+
+def _slow_snapshots(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    real = snapshot_module.write_snapshot
+
+    def slow(directory: str, state: ReplayState) -> str:
+        time.sleep(seconds)
+        return real(directory, state)
+
+    monkeypatch.setattr(snapshot_module, "write_snapshot", slow)
+
+
+def test_a_stop_waits_for_the_snapshot_being_written(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM during a rotation: the child finishes its snapshot before the daemon is
+    gone, so the next start reads it instead of replaying the segments it covers."""
+    if threading.active_count() != 1:
+        pytest.skip("snapshots are forked only by a single-threaded process")
+    config = attrs.evolve(config, journal_segment_bytes=4096)
+    _slow_snapshots(monkeypatch, 0.5)
+    daemon = Daemon(config, sockets=False)
+    daemon.dispatcher.run_until_idle()
+    child = _rotate_until_a_snapshot_child_runs(daemon)
+    daemon.system.shutdown("test done")
+    assert child not in _children()  # finished and reaped
+    assert list_snapshots(config.journal_dir)
+
+
+def test_a_stop_kills_a_snapshot_child_that_does_not_finish(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child stuck on the disk: the stop waits STOP_WAIT_S, not for ever, then kills it,
+    and still journals the stop."""
+    if threading.active_count() != 1:
+        pytest.skip("snapshots are forked only by a single-threaded process")
+    config = attrs.evolve(config, journal_segment_bytes=4096)
+    _slow_snapshots(monkeypatch, 60.0)
+    monkeypatch.setattr(daemon_module, "STOP_WAIT_S", 0.3)
+    daemon = Daemon(config, sockets=False)
+    daemon.dispatcher.run_until_idle()
+    child = _rotate_until_a_snapshot_child_runs(daemon)
+    started = time.monotonic()
+    daemon.system.shutdown("test done")
+    assert time.monotonic() - started < 5
+    assert child not in _children()  # killed and reaped
+    assert list_snapshots(config.journal_dir) == []
+    stopped = [
+        e.event for e in read_entries(config.journal_dir) if isinstance(e.event, DaemonStopped)
+    ]
+    assert [e.reason for e in stopped] == ["test done"]
