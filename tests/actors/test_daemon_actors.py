@@ -27,7 +27,7 @@ from actors.owners import POLL_FULL_EVERY, POLL_SECONDS, POLL_SLICES
 from lockd.lockfiles import HeldFile, LockspaceDir, try_lock, unlock
 from protocol.codec import encode_item
 from protocol.framing import encode_frame
-from tests.actors.harness import Harness
+from tests.actors.harness import Conn, Harness
 
 FILES = "org.libvirt.lockd.files"
 VM1, VM2, LIBVIRTD = 4001, 4002, 4000
@@ -1004,6 +1004,41 @@ def test_vms_sharing_a_base_image_starting_at_once_are_scheduled_in_linear_work(
     assert len(base["owners"]) == 200
     assert kernel_locked(h.lock_dir / FILES / "base")
     assert looked_up[0] <= 2 * 200, looked_up[0]
+
+
+def test_vms_stopping_while_others_start_are_scheduled_in_linear_work(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rolling restart: 150 VMs sharing a base image stop while 150 others start, their
+    requests interleaved. Every stop and start goes through, and a finish that frees
+    nothing a waiting command needs runs no pass over the waiting ones (1,000 of each
+    took 3.4 s when every finish and every arrival walked the queue)."""
+    from actors.lockspace import LockspaceActor
+
+    stopping: list[Conn] = []
+    starting: list[Conn] = []
+    for i in range(300):
+        pid = 5000 + i
+        h.processes.spawn(pid)
+        vm = h.connect(pid)
+        vm.register(pid)
+        (stopping if i < 150 else starting).append(vm)
+    for i, vm in enumerate(stopping):
+        vm.ok("acquire", leases=[lease("base", shared=True), lease(f"vm{i}")], autocreate=True)
+    looked_up = _count_calls(monkeypatch, LockspaceActor, "_resources_of")
+    for i in range(150):
+        stopping[i].send("release", leases=[lease("base"), lease(f"vm{i}")])
+        starting[i].send(
+            "acquire", leases=[lease("base", shared=True), lease(f"vm{150 + i}")], autocreate=True
+        )
+    h.run()
+    for vm in stopping + starting:
+        (reply,) = vm.messages()
+        assert reply.get("error") is None, reply
+    (base,) = [x for x in h.connect(VM1).ok("list-leases")["leases"] if x["resource"] == "base"]
+    assert {o["pid"] for o in base["owners"]} == {5150 + i for i in range(150)}
+    assert kernel_locked(h.lock_dir / FILES / "base")
+    assert looked_up[0] <= 4 * 300, looked_up[0]
 
 
 def test_one_process_with_many_connections_ending_is_released_once(
