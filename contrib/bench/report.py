@@ -161,6 +161,13 @@ def _scale_rows(scale: dict[str, Any], target: dict[str, Any]) -> list[str]:
             None,
         ),
         (
+            f"scale: then {scale.get('rolling_restart_vms', 0):,} of them stopping while as "
+            "many others start, requests interleaved, until the last reply",
+            "—",
+            f"{scale['rolling_restart_s']} s" if scale.get("rolling_restart_s") else "—",
+            None,
+        ),
+        (
             "scale: every owner killed at once, until no lease is held",
             "—",
             "over 300 s"

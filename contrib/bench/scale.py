@@ -15,7 +15,9 @@ replies (p50/p99) under that load. Then ``--storm`` of the owners (1,000:
 the default ``max_clients`` is 1,024) start at once on the twin, as a host
 booting its VMs does: each VM's connection sends one acquire for its own
 disk and the base image they all share, before any reply is read, and
-``boot_storm_s`` is how long until the last reply. Last, every owner is
+``boot_storm_s`` is how long until the last reply; then half of them stop
+while as many others start (``rolling_restart_s``), each stop and start a
+connection's one request, interleaved. Last, every owner is
 killed at once (a host shutting its VMs down) and ``mass_exit_release_s``
 is how long until the daemon holds no lease. If the daemon refuses leases while
 filling (EMFILE on a host whose descriptor limit is too low), filling stops
@@ -41,6 +43,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -134,27 +137,72 @@ def follow_lag(sock: str, journal: Path, count: int) -> list[float]:
     return lags
 
 
-def boot_storm(sock: str, sleepers: list[subprocess.Popen[bytes]]) -> float:
-    """Every owner's connection asks at once for its own disk and the shared base image:
-    seconds from the first request sent to the last reply."""
-    base = {"lockspace": FILES, "resource": "base-image", "shared": True}
+BASE = {"lockspace": FILES, "resource": "base-image", "shared": True}
+
+
+def boot_owner(i: int, proc: subprocess.Popen[bytes]) -> dict[str, object]:
+    """The owner VM ``i`` of the boot storm registers as (the same at each connection)."""
+    return {"uuid": uuid.UUID(int=i + 1).bytes, "name": f"boot{i}", "id": i + 1, "pid": proc.pid}
+
+
+def at_once(sock: str, owners: list[dict[str, object]], requests: list[dict[str, Any]]) -> float:
+    """A connection per owner sends its request, all before any reply is read: seconds
+    from the first request sent to the last reply."""
     clients: list[Client] = []
     try:
-        for i, proc in enumerate(sleepers):
+        for owner in owners:
             client = Client(sock, name="scale-boot", timeout=300)
             clients.append(client)
-            client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": f"boot{i}",
-                                           "id": i + 1, "pid": proc.pid})  # fmt: skip
+            client.call("register", owner=owner)
         t0 = time.monotonic()
-        sent = [client.request("acquire", autocreate=True, leases=[
-                    base, {"lockspace": FILES, "resource": f"boot{i}-disk"}])
-                for i, client in enumerate(clients)]  # fmt: skip
+        sent = [
+            client.request(**request) for client, request in zip(clients, requests, strict=True)
+        ]
         for client, rid in zip(clients, sent, strict=True):
             client.result(rid)
         return round(time.monotonic() - t0, 2)
     finally:
-        for client in clients:
+        for client in clients:  # the leases stay: they are the owners', who live on
             client.close()
+
+
+def boot_storm(sock: str, sleepers: list[subprocess.Popen[bytes]]) -> float:
+    """Every owner asks at once for its own disk and the shared base image."""
+    return at_once(sock, [boot_owner(i, proc) for i, proc in enumerate(sleepers)], [
+        {"op": "acquire", "autocreate": True,
+         "leases": [BASE, {"lockspace": FILES, "resource": f"boot{i}-disk"}]}
+        for i in range(len(sleepers))
+    ])  # fmt: skip
+
+
+def rolling_restart(
+    sock: str, booted: list[subprocess.Popen[bytes]], fresh: list[subprocess.Popen[bytes]]
+) -> float:
+    """After :func:`boot_storm`: the first ``len(fresh)`` VMs booted stop (release their
+    disk and the base image) while as many new ones start, the requests interleaved."""
+    owners: list[dict[str, object]] = []
+    requests: list[dict[str, Any]] = []
+    for i, proc in enumerate(fresh):
+        owners.append(boot_owner(i, booted[i]))
+        requests.append(
+            {
+                "op": "release",
+                "leases": [
+                    {"lockspace": FILES, "resource": BASE["resource"]},
+                    {"lockspace": FILES, "resource": f"boot{i}-disk"},
+                ],
+            }
+        )
+        n = len(booted) + i
+        owners.append(boot_owner(n, proc))
+        requests.append(
+            {
+                "op": "acquire",
+                "autocreate": True,
+                "leases": [BASE, {"lockspace": FILES, "resource": f"boot{n}-disk"}],
+            }
+        )
+    return at_once(sock, owners, requests)
 
 
 def mass_exit(sock: str, sleepers: list[subprocess.Popen[bytes]]) -> float | None:
@@ -268,6 +316,8 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
         # On the twin: the loaded daemon's descriptors are near this host's limit.
         storm = sleepers[: args.storm]
         storm_s = boot_storm(twin_sock, storm)
+        fresh = sleepers[args.storm : args.storm + len(storm) // 2]
+        restart_s = rolling_restart(twin_sock, storm, fresh) if fresh else None
         released_s = mass_exit(sock, sleepers)
         result = {
             "owners": registered,
@@ -298,6 +348,8 @@ def main() -> int:  # noqa: PLR0915 - one measurement story, top to bottom
             "follow_lag_p99_ms": p(lags, 0.99),
             "boot_storm_owners": len(storm),
             "boot_storm_s": storm_s,
+            "rolling_restart_vms": len(fresh),
+            "rolling_restart_s": restart_s,
             "mass_exit_release_s": released_s,
         }
         print(json.dumps(result))
