@@ -34,7 +34,7 @@ from actors.connection import Received
 from actors.recovery import RecoveryReport
 from lockd.config import Config
 from lockd.daemon import Daemon
-from protocol.client import RemoteError
+from protocol.client import result_of
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
@@ -91,13 +91,7 @@ class EmbeddedClient:
                     raise ConnectionError("the embedded lock system closed this connection")
                 if message.get("id") == rid or message.get("id") is None:
                     break
-            if "error" in message:
-                error = dict(message["error"])
-                raise RemoteError(
-                    str(error.pop("code", "internal")), str(error.pop("message", "")), error
-                )
-            result: dict[str, Any] = message["result"]
-            return result
+            return result_of(message)
 
     def close(self) -> None:
         """End this connection (leases belong to their owners and stay)."""

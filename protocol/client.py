@@ -28,6 +28,15 @@ class RemoteError(Exception):
         self.details = details
 
 
+def result_of(reply: dict[str, Any]) -> dict[str, Any]:
+    """A reply's result; :class:`RemoteError` if it is an error reply."""
+    if "error" in reply:
+        error = dict(reply["error"])
+        raise RemoteError(str(error.pop("code", "internal")), str(error.pop("message", "")), error)
+    result: dict[str, Any] = reply["result"]
+    return result
+
+
 class ConnectionLostError(ConnectionError):
     """The daemon closed the connection before replying."""
 
@@ -108,13 +117,7 @@ class Client:
             elif message["id"] != rid and message["id"] is not None:
                 self._early[message["id"]] = message
                 message = None
-        if "error" in message:
-            error = dict(message["error"])
-            raise RemoteError(
-                str(error.pop("code", "internal")), str(error.pop("message", "")), error
-            )
-        result: dict[str, Any] = message["result"]
-        return result
+        return result_of(message)
 
     def next_event(self) -> dict[str, Any]:
         """The next event pushed after ``subscribe`` (blocks up to the socket timeout)."""

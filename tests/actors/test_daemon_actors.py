@@ -945,6 +945,17 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> lis
     return calls
 
 
+def _registered_vms(h: Harness, count: int) -> list[Conn]:
+    """``count`` VM processes (pids from 5000), each registered on a connection of its own."""
+    vms = []
+    for i in range(count):
+        h.processes.spawn(5000 + i)
+        vm = h.connect(5000 + i)
+        vm.register(5000 + i)
+        vms.append(vm)
+    return vms
+
+
 def test_vms_sharing_a_base_image_exiting_at_once_are_released_in_linear_work(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -955,19 +966,14 @@ def test_vms_sharing_a_base_image_exiting_at_once_are_released_in_linear_work(
     685 s to release when each release waited for the one before)."""
     from actors.lockspace import LockspaceActor
 
-    vms = []
-    for i in range(200):
-        pid = 5000 + i
-        h.processes.spawn(pid)
-        vm = h.connect(pid)
-        vm.register(pid)
+    vms = _registered_vms(h, 200)
+    for i, vm in enumerate(vms):
         disks = [lease(f"vm{i}-{d}") for d in range(2)]
         vm.ok("acquire", leases=[*disks, lease("base", shared=True)], autocreate=True)
-        vms.append((pid, vm))
     assert kernel_locked(h.lock_dir / FILES / "base")
     looked_up = _count_calls(monkeypatch, LockspaceActor, "_resources_of")
-    for pid, vm in vms:
-        h.processes.gone.add(pid)
+    for i, vm in enumerate(vms):
+        h.processes.gone.add(5000 + i)
         vm.send_raw(b"")  # every connection closes before the daemon runs again
     h.run()
     assert len(h.journal_writer.events(LeaseReleased)) == 600
@@ -986,13 +992,7 @@ def test_vms_sharing_a_base_image_starting_at_once_are_scheduled_in_linear_work(
     start when each join waited for the one before)."""
     from actors.lockspace import LockspaceActor
 
-    vms = []
-    for i in range(200):
-        pid = 5000 + i
-        h.processes.spawn(pid)
-        vm = h.connect(pid)
-        vm.register(pid)
-        vms.append(vm)
+    vms = _registered_vms(h, 200)
     looked_up = _count_calls(monkeypatch, LockspaceActor, "_resources_of")
     for i, vm in enumerate(vms):
         vm.send("acquire", leases=[lease(f"vm{i}"), lease("base", shared=True)], autocreate=True)
@@ -1015,14 +1015,8 @@ def test_vms_stopping_while_others_start_are_scheduled_in_linear_work(
     took 3.4 s when every finish and every arrival walked the queue)."""
     from actors.lockspace import LockspaceActor
 
-    stopping: list[Conn] = []
-    starting: list[Conn] = []
-    for i in range(300):
-        pid = 5000 + i
-        h.processes.spawn(pid)
-        vm = h.connect(pid)
-        vm.register(pid)
-        (stopping if i < 150 else starting).append(vm)
+    vms = _registered_vms(h, 300)
+    stopping, starting = vms[:150], vms[150:]
     for i, vm in enumerate(stopping):
         vm.ok("acquire", leases=[lease("base", shared=True), lease(f"vm{i}")], autocreate=True)
     looked_up = _count_calls(monkeypatch, LockspaceActor, "_resources_of")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import uuid
 from pathlib import Path
@@ -25,7 +24,8 @@ from actors.lockspace import (
 )
 from actors.model import LeaseMode, Owner, OwnerKey
 from actors.runtime import DispatchedActor, Dispatcher
-from lockd.lockfiles import LockBusyError, LockspaceDir, try_lock
+from lockd.lockfiles import LockspaceDir
+from tests.actors.test_daemon_actors import kernel_locked
 
 
 class HeldJournal(DispatchedActor):
@@ -70,18 +70,29 @@ def owner(n: int) -> Owner:
     return Owner(uuid.UUID(int=n).bytes, f"vm{n}", 1, 1000 + n, 9)
 
 
+def lockspace_on(
+    dispatcher: Dispatcher, tmp_path: Path
+) -> tuple[Any, HeldJournal, Replies, LockspaceActor]:
+    """A lockspace on ``tmp_path`` whose journal answers when told: its ref, the journal,
+    where its answers go (a ref is ``answers.actor_ref``) and the actor itself."""
+    journal = HeldJournal.start(dispatcher)
+    Replies.start(dispatcher)
+    ref = LockspaceActor.start(dispatcher, "ls", LockspaceDir(str(tmp_path)), journal)
+    dispatcher.run_until_idle()
+    (held,) = [a for a in dispatcher.actors if isinstance(a, HeldJournal)]
+    (answers,) = [a for a in dispatcher.actors if isinstance(a, Replies)]
+    (actor,) = [a for a in dispatcher.actors if isinstance(a, LockspaceActor)]
+    return ref, held, answers, actor
+
+
 def test_a_command_answered_at_once_holds_up_nothing_behind_it(
     dispatcher: Dispatcher, tmp_path: Path
 ) -> None:
     """A release of an owner that holds nothing ends as it starts. The commands queued
     behind it must start in the same pass: with nothing left in flight, no later pass
     would come, and they would wait for some unrelated request."""
-    journal = HeldJournal.start(dispatcher)
-    replies = Replies.start(dispatcher)
-    lockspace = LockspaceActor.start(dispatcher, "ls", LockspaceDir(str(tmp_path)), journal)
-    dispatcher.run_until_idle()
-    (held,) = [a for a in dispatcher.actors if isinstance(a, HeldJournal)]
-    (answers,) = [a for a in dispatcher.actors if isinstance(a, Replies)]
+    lockspace, held, answers, _ = lockspace_on(dispatcher, tmp_path)
+    replies = answers.actor_ref
     vm = owner(1)
     exclusive = (("c", LeaseMode.EXCLUSIVE),)
     lockspace.tell(AcquireLeases(vm, exclusive, True, 1, 1, replies))
@@ -115,20 +126,6 @@ def _touches(append: Append) -> dict[str, list[tuple[str, OwnerKey | None]]]:
     return touched
 
 
-def _kernel_locked(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return False
-    try:
-        try_lock(fd, shared=False)
-    except LockBusyError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 @pytest.mark.parametrize("seed", range(60))
 def test_random_schedules_keep_conflicting_commands_apart_and_answer_every_one(
     dispatcher: Dispatcher, tmp_path: Path, seed: int
@@ -142,13 +139,8 @@ def test_random_schedules_keep_conflicting_commands_apart_and_answer_every_one(
     one answer, and the kernel locks end up exactly on the leases held. At random
     moments a full scheduling pass checks that nothing waiting could have started."""
     rnd = random.Random(seed)
-    journal = HeldJournal.start(dispatcher)
-    replies = Replies.start(dispatcher)
-    lockspace = LockspaceActor.start(dispatcher, "ls", LockspaceDir(str(tmp_path)), journal)
-    dispatcher.run_until_idle()
-    (held,) = [a for a in dispatcher.actors if isinstance(a, HeldJournal)]
-    (answers,) = [a for a in dispatcher.actors if isinstance(a, Replies)]
-    (actor,) = [a for a in dispatcher.actors if isinstance(a, LockspaceActor)]
+    lockspace, held, answers, actor = lockspace_on(dispatcher, tmp_path)
+    replies = answers.actor_ref
     owners = [owner(n) for n in range(1, 5)]
     names = ["a", "b", "c"]
     tokens = itertools.count(1)
@@ -221,4 +213,4 @@ def test_random_schedules_keep_conflicting_commands_apart_and_answer_every_one(
         check_in_flight()
     assert sorted(answers.answered) == asked, "a command was left waiting, or answered twice"
     for name in names:
-        assert _kernel_locked(tmp_path / name) == (name in actor._state.held), name
+        assert kernel_locked(tmp_path / name) == (name in actor._state.held), name

@@ -15,9 +15,7 @@ import pytest
 
 from actors.connection import ConnectionActor, Received
 from actors.events import DaemonStopped
-from actors.recovery_core import ReplayState
 from lockd import daemon as daemon_module
-from lockd import snapshot as snapshot_module
 from lockd.config import Config
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
 from lockd.journal_file import read_entries
@@ -27,6 +25,7 @@ from protocol.codec import encode_item
 from protocol.framing import encode_frame
 from protocol.names import FILES_LOCKSPACE
 from tests.actors.harness import FakeTransport
+from tests.lockd.test_snapshot_writer import children, slow_snapshots
 
 
 @pytest.fixture
@@ -124,14 +123,6 @@ def test_an_embedded_lock_system_leaves_the_collector_alone(config: Config) -> N
         daemon.system.shutdown("test done")
 
 
-def _children() -> set[int]:
-    """This process's children, zombies included (until reaped)."""
-    pids: set[int] = set()
-    for task in Path("/proc/self/task").iterdir():
-        pids.update(int(p) for p in (task / "children").read_text().split())
-    return pids
-
-
 def _rotate_until_a_snapshot_child_runs(daemon: Daemon) -> int:
     """Acquire+release pairs through a connection until a rotation forks a snapshot
     child; its pid."""
@@ -145,25 +136,15 @@ def _rotate_until_a_snapshot_child_runs(daemon: Daemon) -> int:
     owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()}
     call("hello", versions=[1])
     call("register", owner=owner)
-    before = _children()
+    before = children()
     lease = {"lockspace": FILES_LOCKSPACE, "resource": "disk"}
     for _ in range(1000):  # 4 KiB segments: a rotation every dozen pairs or so
         call("acquire", leases=[lease], autocreate=True)
         call("release", leases=[lease])
-        forked = _children() - before
+        forked = children() - before
         if forked:
             return forked.pop()
     raise AssertionError("no snapshot child was forked")
-
-
-def _slow_snapshots(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
-    real = snapshot_module.write_snapshot
-
-    def slow(directory: str, state: ReplayState) -> str:
-        time.sleep(seconds)
-        return real(directory, state)
-
-    monkeypatch.setattr(snapshot_module, "write_snapshot", slow)
 
 
 def test_a_stop_waits_for_the_snapshot_being_written(
@@ -174,12 +155,12 @@ def test_a_stop_waits_for_the_snapshot_being_written(
     if threading.active_count() != 1:
         pytest.skip("snapshots are forked only by a single-threaded process")
     config = attrs.evolve(config, journal_segment_bytes=4096)
-    _slow_snapshots(monkeypatch, 0.5)
+    slow_snapshots(monkeypatch, 0.5)
     daemon = Daemon(config, sockets=False)
     daemon.dispatcher.run_until_idle()
     child = _rotate_until_a_snapshot_child_runs(daemon)
     daemon.system.shutdown("test done")
-    assert child not in _children()  # finished and reaped
+    assert child not in children()  # finished and reaped
     assert list_snapshots(config.journal_dir)
 
 
@@ -191,7 +172,7 @@ def test_a_stop_kills_a_snapshot_child_that_does_not_finish(
     if threading.active_count() != 1:
         pytest.skip("snapshots are forked only by a single-threaded process")
     config = attrs.evolve(config, journal_segment_bytes=4096)
-    _slow_snapshots(monkeypatch, 60.0)
+    slow_snapshots(monkeypatch, 60.0)
     monkeypatch.setattr(daemon_module, "STOP_WAIT_S", 0.3)
     daemon = Daemon(config, sockets=False)
     daemon.dispatcher.run_until_idle()
@@ -199,7 +180,7 @@ def test_a_stop_kills_a_snapshot_child_that_does_not_finish(
     started = time.monotonic()
     daemon.system.shutdown("test done")
     assert time.monotonic() - started < 5
-    assert child not in _children()  # killed and reaped
+    assert child not in children()  # killed and reaped
     assert list_snapshots(config.journal_dir) == []
     stopped = [
         e.event for e in read_entries(config.journal_dir) if isinstance(e.event, DaemonStopped)
