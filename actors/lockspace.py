@@ -378,10 +378,10 @@ class LockspaceActor(DispatchedActor):
         self._ahead: _Ahead | None = None
         """What stands ahead of a command arriving now, if nothing but arrivals
         came since the last scheduling pass (None: the next arrival runs a pass)."""
+        # The resources and owners of the queued commands (since the last pass; a
+        # superset): a finish that frees none of them can start none of them.
         self._waited_on: set[str] = set()
         self._waited_by: set[OwnerKey] = set()
-        """The resources and owners of the queued commands (since the last pass; a
-        superset): a finish that frees none of them can start none of them."""
         self._restoring: dict[int, _Restoring] = {}
         self._cleanups: set[int] = set()
         self._unjournaled: dict[int, tuple[Event, ...]] = {}
@@ -733,7 +733,10 @@ class LockspaceActor(DispatchedActor):
         release = isinstance(flight.command, ReleaseLeases | ReleaseOwner)
         if not freed and ((applied and flight.joining) or (release and not applied)):
             # A join applied adds a holder, a release refused keeps one: either may
-            # let a waiting release or join through (_outlives).
+            # let a waiting release or join through (_outlives). A release applied
+            # takes away one holder and one release in flight together, which lets
+            # nothing through; that holds because a release is all or nothing and
+            # covers only what its owner holds (core.decide, leases_of).
             waited = self._waited_on
             freed = any(r in waited for r in (flight.joining or flight.resources))
         ahead = self._ahead
