@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from typing import Any, Protocol
 
 import attrs
@@ -325,13 +325,20 @@ class _Ahead:
                 _count(self.releasing_owners, (owner,), delta)
 
 
-def _count(table: dict[Any, int], keys: Iterable[Any], delta: int) -> None:
+def _count(
+    table: dict[Any, int], keys: Iterable[Any], delta: int, watched: Container[Any] = ()
+) -> bool:
+    """Add ``delta`` to each key's count (a count of 0 is no entry); True if the
+    count of a key in ``watched`` fell to 0."""
+    freed = False
     for key in keys:
         n = table.get(key, 0) + delta
         if n:
             table[key] = n
         else:
             del table[key]
+            freed = freed or key in watched
+    return freed
 
 
 def _owner_key(command: Command) -> OwnerKey | None:
@@ -534,8 +541,8 @@ class LockspaceActor(DispatchedActor):
     def _consider(self, command: Command, ahead: _Ahead) -> None:
         """Start ``command`` unless something in flight or ``ahead`` of it blocks it.
 
-        Commands on a resource run in the order they came, except two kinds
-        that commute:
+        Commands on a resource run in the order they came, except where they
+        commute:
 
         - releases by different owners: each removes only its own holder, and
           whichever is applied last drops the kernel lock. When every VM
@@ -565,38 +572,7 @@ class LockspaceActor(DispatchedActor):
         resources = self._resources_of(command)
         release = isinstance(command, ReleaseLeases | ReleaseOwner)
         joining = _NOTHING if release else self._joins(command)
-        busy, joined, releasing = (
-            self._busy.keys(),
-            self._busy_joining.keys(),
-            self._busy_releasing.keys(),
-        )
-        blocked = owner is not None and (owner in ahead.owners or owner in self._flying_owners)
-        if blocked:
-            pass
-        elif release:  # waits for changes, and for joins if it could end the lease
-            # Releases queued ahead count too: overtaking a queued join, this one
-            # must not let them end the lease before the join runs.
-            joins, queued = ahead.joins, ahead.queued_releases
-            blocked = not (
-                resources.isdisjoint(ahead.changes) and busy.isdisjoint(resources)
-            ) or any(
-                (r in joined or r in joins) and not self._outlives(r, 1 + queued.get(r, 0))
-                for r in resources
-            )
-        else:
-            changing = resources - joining if joining else resources
-            blocked = not (
-                changing.isdisjoint(ahead.changes)
-                and changing.isdisjoint(ahead.joins)
-                and changing.isdisjoint(ahead.releases)
-                and busy.isdisjoint(changing)
-                and joined.isdisjoint(changing)
-                and releasing.isdisjoint(changing)
-            )
-            if joining and not blocked:  # for changes, and for releases in flight that
-                blocked = not (  # could end the lease
-                    joining.isdisjoint(ahead.changes) and busy.isdisjoint(joining)
-                ) or any(r in releasing and not self._outlives(r, 0) for r in joining)
+        blocked = self._blocked(owner, resources, joining, release, ahead)
         if blocked:
             self._queued.append(command)
             if release:
@@ -614,6 +590,45 @@ class LockspaceActor(DispatchedActor):
             flight.ahead = ahead
         # Whatever ran or waits here blocks later commands on the same things.
         ahead.count(command, owner, resources, joining, 1)
+
+    def _blocked(
+        self,
+        owner: OwnerKey | None,
+        resources: frozenset[str],
+        joining: frozenset[str],
+        release: bool,
+        ahead: _Ahead,
+    ) -> bool:
+        """Whether something in flight or ``ahead`` keeps a command waiting (``_consider``)."""
+        if owner is not None and (owner in ahead.owners or owner in self._flying_owners):
+            return True
+        busy, joined, releasing = self._busy, self._busy_joining, self._busy_releasing
+        if release:  # waits for changes, and for joins if it could end the lease
+            if not (resources.isdisjoint(ahead.changes) and busy.keys().isdisjoint(resources)):
+                return True
+            # Releases queued ahead count too: overtaking a queued join, this one
+            # must not let them end the lease before the join runs.
+            joins, queued = ahead.joins, ahead.queued_releases
+            return any(
+                (r in joined or r in joins) and not self._outlives(r, 1 + queued.get(r, 0))
+                for r in resources
+            )
+        changing = resources - joining if joining else resources
+        if not (
+            changing.isdisjoint(ahead.changes)
+            and changing.isdisjoint(ahead.joins)
+            and changing.isdisjoint(ahead.releases)
+            and busy.keys().isdisjoint(changing)
+            and joined.keys().isdisjoint(changing)
+            and releasing.keys().isdisjoint(changing)
+        ):
+            return True
+        # A join waits for changes, and for releases in flight only if they could
+        # end the lease.
+        return bool(joining) and (
+            not (joining.isdisjoint(ahead.changes) and busy.keys().isdisjoint(joining))
+            or any(r in releasing and not self._outlives(r, 0) for r in joining)
+        )
 
     def _outlives(self, resource: str, releases: int) -> bool:
         """Whether ``resource`` keeps a holder that no release in flight, nor
@@ -691,36 +706,21 @@ class LockspaceActor(DispatchedActor):
         """Count ``flight`` in (1) or out (-1) of what the commands in flight hold up.
 
         True if that freed a resource or owner some queued command waits on: only
-        then can a queued command start. On every command's path: loops inline, no
-        helper calls."""
-        freed = False
+        then can a queued command start."""
         command = flight.command
-        counts = (
-            self._busy_releasing
-            if isinstance(command, ReleaseLeases | ReleaseOwner)
-            else self._busy
-        )
-        joining, joined = flight.joining, self._busy_joining
-        for resource in flight.resources:
-            per = joined if joining and resource in joining else counts
-            n = per.get(resource, 0) + delta
-            if n:
-                per[resource] = n
-            else:
-                del per[resource]
-                freed = freed or resource in self._waited_on
+        release = isinstance(command, ReleaseLeases | ReleaseOwner)
+        counts = self._busy_releasing if release else self._busy
+        joining, waited = flight.joining, self._waited_on
+        if joining:
+            freed = _count(self._busy_joining, joining, delta, waited)
+            freed = _count(counts, flight.resources - joining, delta, waited) or freed
+        else:
+            freed = _count(counts, flight.resources, delta, waited)
         owner = flight.owner
         if owner is not None:
-            tables: tuple[dict[OwnerKey, int], ...] = (self._flying_owners,)
+            freed = _count(self._flying_owners, (owner,), delta, self._waited_by) or freed
             if isinstance(command, ReleaseOwner):
-                tables = (self._flying_owners, self._flying_releases)
-            for table in tables:
-                n = table.get(owner, 0) + delta
-                if n:
-                    table[owner] = n
-                else:
-                    del table[owner]
-                    freed = freed or owner in self._waited_by
+                freed = _count(self._flying_releases, (owner,), delta, self._waited_by) or freed
         return freed
 
     def _finish(self, token: int, *, applied: bool = False) -> None:
