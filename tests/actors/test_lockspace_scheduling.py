@@ -112,6 +112,48 @@ def test_a_command_answered_at_once_holds_up_nothing_behind_it(
     assert answers.done[3].refusal is None
 
 
+def test_a_release_and_the_releases_queued_ahead_of_it_leave_a_queued_join_its_lease(
+    dispatcher: Dispatcher, tmp_path: Path
+) -> None:
+    """vm1 and vm2 hold a base image shared. vm2's release of it waits behind vm2's
+    own acquire, vm3's shared acquire of it behind vm3's own. In arrival order vm3
+    joins before vm1's release, so the lease never ends. vm1's release may go ahead
+    of vm3's join only if the lease outlives it *and* vm2's release queued ahead of
+    it: if it went, vm2's release could start next, the two would end the lease, and
+    vm3 would find it free (another host could have taken it meanwhile)."""
+    lockspace, held, answers, actor = lockspace_on(dispatcher, tmp_path)
+    replies = answers.actor_ref
+    vm1, vm2, vm3 = owner(1), owner(2), owner(3)
+    base = (("base", LeaseMode.SHARED),)
+    lockspace.tell(AcquireLeases(vm1, base, True, 1, 1, replies))
+    lockspace.tell(AcquireLeases(vm2, base, True, 1, 2, replies))
+    dispatcher.run_until_idle()
+    while held.pending:
+        held.answer(0, ok=True)
+        dispatcher.run_until_idle()
+    assert set(actor._state.held["base"].owners) == {vm1.key, vm2.key}
+    # vm2 and vm3 each have an acquire in flight, so their next commands wait.
+    lockspace.tell(AcquireLeases(vm2, (("disk2", LeaseMode.EXCLUSIVE),), True, 1, 3, replies))
+    lockspace.tell(AcquireLeases(vm3, (("disk3", LeaseMode.EXCLUSIVE),), True, 1, 4, replies))
+    dispatcher.run_until_idle()
+    lockspace.tell(ReleaseLeases(vm2, ("base",), 1, ReleaseReason.CLIENT, 5, replies))
+    lockspace.tell(AcquireLeases(vm3, base, True, 1, 6, replies))
+    lockspace.tell(ReleaseLeases(vm1, ("base",), 1, ReleaseReason.CLIENT, 7, replies))
+    dispatcher.run_until_idle()
+    # vm2's acquire is written first, then everything in the order it was asked for.
+    while held.pending:
+        held.answer(0, ok=True)
+        dispatcher.run_until_idle()
+        lease = actor._state.held.get("base")
+        assert lease is not None, "the lease ended before vm3 joined it"
+        changes = [c for a in held.pending for c in _touches(a).get("base", [])]
+        releasing = {o for kind, o in changes if kind == "release"}
+        assert set(lease.owners) - releasing, "the releases in flight would end the lease"
+    assert all(answers.done[t].refusal is None for t in range(1, 8))
+    assert set(actor._state.held["base"].owners) == {vm3.key}
+    assert kernel_locked(tmp_path / "base")
+
+
 def _touches(append: Append) -> dict[str, list[tuple[str, OwnerKey | None]]]:
     """What a pending journal write changes: per resource, (kind, owner) of each event."""
     touched: dict[str, list[tuple[str, OwnerKey | None]]] = {}
