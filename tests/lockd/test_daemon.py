@@ -16,9 +16,11 @@ import pytest
 from actors.connection import ConnectionActor, Received
 from actors.events import DaemonStopped
 from lockd import daemon as daemon_module
+from lockd import reexec as reexec_module
 from lockd.config import Config
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
 from lockd.journal_file import read_entries
+from lockd.reexec import Handoff
 from lockd.snapshot import list_snapshots
 from protocol.client import Client
 from protocol.codec import encode_item
@@ -123,9 +125,9 @@ def test_an_embedded_lock_system_leaves_the_collector_alone(config: Config) -> N
         daemon.system.shutdown("test done")
 
 
-def _rotate_until_a_snapshot_child_runs(daemon: Daemon) -> int:
+def _rotate_until_a_snapshot_child_runs(daemon: Daemon, *, keep: str | None = None) -> int:
     """Acquire+release pairs through a connection until a rotation forks a snapshot
-    child; its pid."""
+    child; its pid. ``keep``: a lease the connection takes first and keeps."""
     transport = FakeTransport(os.getpid(), os.getuid())
     ref = daemon.system.connect(transport)
 
@@ -136,6 +138,8 @@ def _rotate_until_a_snapshot_child_runs(daemon: Daemon) -> int:
     owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()}
     call("hello", versions=[1])
     call("register", owner=owner)
+    if keep is not None:
+        call("acquire", leases=[{"lockspace": FILES_LOCKSPACE, "resource": keep}], autocreate=True)
     before = children()
     lease = {"lockspace": FILES_LOCKSPACE, "resource": "disk"}
     for _ in range(1000):  # 4 KiB segments: a rotation every dozen pairs or so
@@ -186,3 +190,41 @@ def test_a_stop_kills_a_snapshot_child_that_does_not_finish(
         e.event for e in read_entries(config.journal_dir) if isinstance(e.event, DaemonStopped)
     ]
     assert [e.reason for e in stopped] == ["test done"]
+
+
+def test_a_reexec_kills_a_snapshot_child_that_does_not_finish_then_execs(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGUSR1 during a rotation whose child is stuck on the disk: the re-exec waits
+    STOP_WAIT_S for it, not for ever (the daemon is frozen meanwhile: every request
+    waits), kills and reaps it, and still execs with everything handed over. The
+    next program's first rotation writes the snapshot this one lost."""
+    if threading.active_count() != 1:
+        pytest.skip("snapshots are forked only by a single-threaded process")
+    config = attrs.evolve(config, journal_segment_bytes=4096)
+    slow_snapshots(monkeypatch, 60.0)
+    monkeypatch.setattr(daemon_module, "STOP_WAIT_S", 0.3)
+    execs: list[tuple[Handoff, float]] = []
+    monkeypatch.setattr(
+        reexec_module, "exec_with", lambda handoff, _argv: execs.append((handoff, time.monotonic()))
+    )
+    daemon = Daemon(config, sockets=False)
+    try:
+        daemon.dispatcher.run_until_idle()
+        child = _rotate_until_a_snapshot_child_runs(daemon, keep="kept")
+        started = time.monotonic()
+        daemon.reexec()
+        while not execs and time.monotonic() - started < 20:
+            daemon.dispatcher.run_once(timeout=0.05)
+        assert execs, "the re-exec never reached exec"
+        handoff, at = execs[0]
+        assert at - started < 5
+        assert child not in children()  # killed and reaped
+        assert list_snapshots(config.journal_dir) == []
+        assert [resource for _, resource, _ in handoff.leases] == ["kept"]  # its fd goes on
+        stopped = [
+            e.event for e in read_entries(config.journal_dir) if isinstance(e.event, DaemonStopped)
+        ]
+        assert [e.reason for e in stopped] == ["re-exec (SIGUSR1)"]
+    finally:
+        daemon.system.shutdown("test done")
