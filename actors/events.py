@@ -139,7 +139,10 @@ class LeaseLost(Event):
 
 @attrs.frozen
 class OwnerFenced(Event):
-    """lockd signalled an owner so that it stops writing to disks it no longer holds."""
+    """lockd signals an owner so that it stops writing to disks it no longer holds.
+
+    Written before the signal is sent: a crash in between leaves the record of
+    a signal that may not have gone, which the next daemon sends."""
 
     TYPE: ClassVar[str] = "owner-fenced"
     owner: Owner = attrs.field(converter=_owner)

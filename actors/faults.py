@@ -19,6 +19,8 @@ the order an operation reaches them:
   (``lease-released`` for owners gone, ``lease-lost``); recovery has not completed.
 - ``recovery-completed``: ``recovery-completed`` is written; the fences it lists
   are not started.
+- ``fence-journaled``: a fence's ``owner-fenced`` is written, its signal not sent
+  (``:1`` the SIGTERM, ``:2`` the SIGKILL of a fence that began in this daemon).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ POINTS = (
     "snapshot-written",
     "restore-journaled",
     "recovery-completed",
+    "fence-journaled",
 )
 
 _SPEC = os.environ.get("LOCKD_CRASH_AT", "")

@@ -40,7 +40,8 @@ import attrs
 import pykka
 
 from actors.events import OwnerFenced, ReleaseReason
-from actors.journal import Append
+from actors.faults import crash_point
+from actors.journal import Append, Appended, AppendFailed
 from actors.metrics import REGISTRY
 from actors.model import Owner, OwnerKey
 from actors.router import Gather, Gathered, OwnerReleased, ReleaseOwnerEverywhere
@@ -171,6 +172,15 @@ class _FenceStep:
 
 
 @attrs.frozen
+class _Signal:
+    """A fence's signal, journaled and then sent (and sent again after EMFILE)."""
+
+    owner: Owner
+    signum: int
+    reason: str
+
+
+@attrs.frozen
 class _RetryRelease:
     owner: OwnerKey
     conn: int
@@ -238,6 +248,8 @@ class OwnersActor(DispatchedActor):
         self._releasing: dict[int, _RetryRelease] = {}
         self._fencing: dict[OwnerKey, _Fencing] = {}
         self._timers: dict[OwnerKey, Timer] = {}
+        self._signalling: dict[int, _Signal] = {}
+        """Signals whose ``owner-fenced`` record the journal has not answered yet."""
         self.retries_pending = 0
         """Releases the journal refused, waiting for their retry (the journal lags the tables)."""
 
@@ -259,6 +271,10 @@ class OwnersActor(DispatchedActor):
             self._fence_lost(message)
         elif isinstance(message, _FenceStep):
             self._fence_step(message)
+        elif isinstance(message, Appended | AppendFailed):
+            self._recorded(message)
+        elif isinstance(message, _Signal):
+            self._send(message)
         elif isinstance(message, QueryFencing):
             tell_if_alive(message.reply_to, self._fences_now(message.token))
         elif isinstance(message, _Poll):
@@ -558,19 +574,53 @@ class OwnersActor(DispatchedActor):
                 step.owner.describe(),
             )
             return
-        if not self._fence(step.owner, step.signum, "still running after SIGTERM"):
-            # Not signalled, yet not gone: out of descriptors for the pidfd the
-            # signal goes through (EMFILE). Try again rather than give up on it.
-            self._schedule(step.owner, FENCE_RETRY_SECONDS, step.signum)
-            return
-        self._schedule(step.owner, FENCE_GIVE_UP_SECONDS, None)
+        self._fence(step.owner, step.signum, "still running after SIGTERM")
 
-    def _fence(self, owner: Owner, signum: int, reason: str) -> bool:
-        """Signal the owner and journal it; False if it could not be signalled."""
+    def _fence(self, owner: Owner, signum: int, reason: str) -> None:
+        """Journal the signal, then send it (:meth:`_recorded`).
+
+        Recorded first, as every change is: a daemon killed between the two
+        leaves a record of a signal it did not send, which the next daemon
+        resumes (sending it again is harmless to a process being fenced).
+        Sent first, a crash in between would leave a signal no record tells
+        of, and a fence begun on a dropped connection no next daemon knows of.
+        """
+        token = next(self._tokens)
+        self._signalling[token] = _Signal(owner, signum, reason)
         name = signal.Signals(signum).name
-        if not self._processes.signal(owner, signum):
-            return False
-        log.warning("fencing %s with %s: %s", owner.describe(), name, reason)
-        REGISTRY.inc("lockd_fence_actions_total", signal=name)
-        self._journal.tell(Append((OwnerFenced(owner, name, reason),), 0, None))
-        return True
+        self._journal.tell(Append((OwnerFenced(owner, name, reason),), token, self.actor_ref))
+
+    def _recorded(self, message: Appended | AppendFailed) -> None:
+        pending = self._signalling.pop(message.token, None)
+        if pending is None:
+            return
+        crash_point("fence-journaled")
+        if isinstance(message, AppendFailed):
+            # Sent all the same: better a fenced VM than one writing a disk it lost.
+            log.error("could not journal fencing %s with %s: %s; sending it anyway",
+                      pending.owner.describe(), signal.Signals(pending.signum).name,
+                      message.message)  # fmt: skip
+        self._send(pending)
+
+    def _send(self, pending: _Signal) -> None:
+        owner, signum = pending.owner, pending.signum
+        if owner.key not in self._fencing:
+            return  # it exited meanwhile, and its leases were released
+        if signum == signal.SIGKILL:
+            self._timers.pop(owner.key, None)  # the retry below, if this is one
+        name = signal.Signals(signum).name
+        if self._processes.signal(owner, signum):
+            log.warning("fencing %s with %s: %s", owner.describe(), name, pending.reason)
+            REGISTRY.inc("lockd_fence_actions_total", signal=name)
+            if signum == signal.SIGKILL:
+                self._schedule(owner, FENCE_GIVE_UP_SECONDS, None)
+        elif self._processes.is_gone(owner):
+            self._exited(owner.key)  # gone before the signal, perhaps not seen by its watch
+        elif signum == signal.SIGKILL:
+            # Not signalled, yet not gone: out of descriptors for the pidfd the
+            # signal goes through (EMFILE). Send it again (not journal it again)
+            # rather than give up on it. A SIGTERM is not retried: its SIGKILL follows.
+            ref = self.actor_ref
+            self._timers[owner.key] = self.dispatcher.call_later(
+                FENCE_RETRY_SECONDS, lambda: tell_if_alive(ref, pending)
+            )

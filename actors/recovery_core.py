@@ -193,8 +193,16 @@ class ReplayState:
             begun = earlier[2] if earlier is not None and key not in self.owed else time
             self.fencing[key] = (owner, reason, begun)
             self.owed.discard(key)
-        else:  # SIGKILL: the escalation happened; only the owner's exit is left to see
-            self.fencing.pop(key, None)
+        else:
+            # SIGKILL. It is journaled before it is sent, so a daemon killed in
+            # between leaves it unsent: the fence lasts until a release says the
+            # owner is gone, and a next daemon that finds the owner running
+            # resumes it, SIGKILL at once (its deadline has passed).
+            earlier = self.fencing.get(key)
+            if earlier is None:
+                self.fencing[key] = (owner, reason, time)
+            elif key in self.owed:
+                self.fencing[key] = (owner, earlier[1], time)
             self.owed.discard(key)
 
     def owners(self) -> dict[OwnerKey, Owner]:

@@ -133,9 +133,11 @@ def test_snapshot_then_tail_equals_the_whole_history(head: list[Event], tail: li
     assert summary(resumed) == summary(whole)
 
 
-def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_sigkill_exit_or_restart() -> None:
+def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_exit_or_restart() -> None:
     """What recovery resumes: owners sent SIGTERM, or owed a fence by a lost lease, whose
-    fence neither escalated nor ended; a completed recovery replaces them with its own list."""
+    fence has not ended with their exit; a completed recovery replaces them with its own
+    list. A SIGKILL does not end it: it is journaled before it is sent, and a crash in
+    between must leave the next daemon something to send."""
     vm, other = OWNERS[0], OWNERS[1]
 
     def fold(*evs: Event) -> ReplayState:
@@ -147,9 +149,12 @@ def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_sigkill_exit_or_res
     term = OwnerFenced(vm, "SIGTERM", "connection closed")
     assert list(fold(term).fencing) == [vm.key]
     assert fold(term).fencing[vm.key] == (vm, "connection closed", 0.0)
-    assert not fold(term, OwnerFenced(vm, "SIGKILL", "still running")).fencing
+    kill = OwnerFenced(vm, "SIGKILL", "still running")
+    assert fold(term, kill).fencing == fold(term).fencing  # begun at the SIGTERM, as it was
+    assert not fold(term, kill).owed
     exited = LeaseReleased("ls", "a", LeaseMode.EXCLUSIVE, vm, 0, ReleaseReason.DISCONNECT)
     assert not fold(term, exited).fencing
+    assert not fold(term, kill, exited).fencing
     by_client = LeaseReleased("ls", "a", LeaseMode.EXCLUSIVE, vm, 0, ReleaseReason.CLIENT)
     assert list(fold(term, by_client).fencing) == [vm.key]  # it may hold others, still runs
     someone_else = LeaseReleased("ls", "a", LeaseMode.EXCLUSIVE, other, 0, ReleaseReason.ADMIN)
@@ -162,7 +167,8 @@ def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_sigkill_exit_or_res
         vm.key: (vm, "lease ls/b was taken while lockd was down", 0.0)
     }  # a crash before recovery completes leaves the fence it owes to the next start
     assert fold(term, lost).fencing[vm.key][1] == "connection closed"  # the first reason stays
-    assert not fold(lost, OwnerFenced(vm, "SIGKILL", "still running")).fencing
+    assert fold(lost, kill).fencing[vm.key] == (vm, fold(lost).fencing[vm.key][1], 1.0)
+    assert not fold(lost, kill).owed
     # A resumed fence journals SIGTERM again, and recovery-completed lists it with the
     # time it began: its deadline does not move with either.
     again = OwnerFenced(vm, "SIGTERM", "connection closed" + "; resumed")

@@ -291,11 +291,70 @@ CRASH_CASES = [
 
 
 RECOVERY_CRASH_POINTS = ["restore-journaled", "recovery-completed"]
+FENCE_CRASH_POINTS = ["fence-journaled"]
 
 
 def test_every_crash_point_is_covered() -> None:
-    covered = [point for point, _ in CRASH_CASES] + RECOVERY_CRASH_POINTS
+    covered = [point for point, _ in CRASH_CASES] + RECOVERY_CRASH_POINTS + FENCE_CRASH_POINTS
     assert sorted(covered) == sorted(POINTS)
+
+
+def _fencing_daemon_that_crashes(
+    make_daemon: MakeDaemon, tmp_path: Path, name: str, crash_at: str
+) -> DaemonProcess:
+    config = tmp_path / "lockd.toml"
+    config.write_text("fence_grace = 1.0\n")
+    daemon = make_daemon(name, None, "--config", str(config))
+    daemon.stop()  # armed in a fresh process: the variable is read at start
+    return restart(daemon, LOCKD_CRASH_AT=crash_at)
+
+
+def test_a_crash_between_journaling_a_sigterm_and_sending_it_loses_no_fence(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A VM's own connection drops while it holds a lease. lockd journals the SIGTERM and
+    is killed before it sends it. The fence is not lost with it: the next daemon reads
+    the record and sends the SIGTERM. (Sent first, as it once was, a crash in between
+    left a fence no record told of, on a VM still holding its disk.)"""
+    daemon = _fencing_daemon_that_crashes(make_daemon, tmp_path, "term", "fence-journaled")
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=False)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == -signal.SIGKILL
+    assert owner.poll() is None  # journaled, not sent
+    assert [e["signal"] for e in events(daemon, "--type", "owner-fenced")] == ["SIGTERM"]
+    restart(daemon)
+    assert owner.wait(10) == 0
+    assert owner.stdout is not None
+    assert owner.stdout.read().strip() == "got SIGTERM"
+    fenced = events(daemon, "--type", "owner-fenced")
+    assert [e["signal"] for e in fenced] == ["SIGTERM", "SIGTERM"]
+    assert fenced[1]["reason"].endswith(RESUMED)
+    wait_for(lambda: not listed(daemon))
+    check(daemon)
+
+
+def test_a_crash_between_journaling_a_sigkill_and_sending_it_still_kills(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """The VM ignores SIGTERM; lockd journals the SIGKILL a grace period later and is
+    killed before it sends it. The next daemon finds the VM still running: the fence
+    goes on, SIGKILL at once, its deadline having passed, not a new grace period."""
+    daemon = _fencing_daemon_that_crashes(make_daemon, tmp_path, "kill", "fence-journaled:2")
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == -signal.SIGKILL
+    assert owner.poll() is None
+    restart(daemon)
+    assert owner.wait(10) == -signal.SIGKILL
+    fenced = events(daemon, "--type", "owner-fenced")
+    assert [e["signal"] for e in fenced] == ["SIGTERM", "SIGKILL", "SIGTERM", "SIGKILL"]
+    assert fenced[2]["reason"].endswith(RESUMED)
+    assert fenced[3]["time"] - fenced[2]["time"] < 1.0  # not a grace period of its own
+    wait_for(lambda: not listed(daemon))
+    check(daemon)
+    crash(daemon)  # finished: the next start resumes nothing
+    restart(daemon)
+    assert len(events(daemon, "--type", "owner-fenced")) == 4
 
 
 @pytest.mark.parametrize("point", RECOVERY_CRASH_POINTS)
