@@ -56,7 +56,7 @@ FENCE_GIVE_UP_SECONDS = 1.4
 FENCE_RETRY_SECONDS = 0.2
 """Back-off before sending again a SIGKILL that could not be sent (EMFILE on its pidfd)."""
 RELEASE_RETRY_SECONDS = 1.0
-"""Back-off before retrying a release the journal could not record."""
+"""Back-off before retrying a release (or a fence's signal) the journal could not record."""
 POLL_SECONDS = 1.0
 """Every owner watched without a pidfd is checked once per this period."""
 POLL_FULL_EVERY = 5
@@ -181,6 +181,13 @@ class _Signal:
 
 
 @attrs.frozen
+class _Record:
+    """Timer: journal again a signal whose record the journal refused (it was sent)."""
+
+    signal: _Signal
+
+
+@attrs.frozen
 class _RetryRelease:
     owner: OwnerKey
     conn: int
@@ -248,8 +255,9 @@ class OwnersActor(DispatchedActor):
         self._releasing: dict[int, _RetryRelease] = {}
         self._fencing: dict[OwnerKey, _Fencing] = {}
         self._timers: dict[OwnerKey, Timer] = {}
-        self._signalling: dict[int, _Signal] = {}
-        """Signals whose ``owner-fenced`` record the journal has not answered yet."""
+        self._signalling: dict[int, tuple[_Signal, bool]] = {}
+        """Signals whose ``owner-fenced`` record the journal has not answered yet, and
+        whether to send it then (False: a record written again after a failure)."""
         self.retries_pending = 0
         """Releases the journal refused, waiting for their retry (the journal lags the tables)."""
 
@@ -275,6 +283,8 @@ class OwnersActor(DispatchedActor):
             self._recorded(message)
         elif isinstance(message, _Signal):
             self._send(message)
+        elif isinstance(message, _Record):
+            self._record(message.signal, send=False)
         elif isinstance(message, QueryFencing):
             tell_if_alive(message.reply_to, self._fences_now(message.token))
         elif isinstance(message, _Poll):
@@ -585,22 +595,35 @@ class OwnersActor(DispatchedActor):
         Sent first, a crash in between would leave a signal no record tells
         of, and a fence begun on a dropped connection no next daemon knows of.
         """
+        self._record(_Signal(owner, signum, reason), send=True)
+
+    def _record(self, pending: _Signal, *, send: bool) -> None:
+        if not send and pending.owner.key not in self._fencing:
+            return  # the fence is over: its release tells the rest
         token = next(self._tokens)
-        self._signalling[token] = _Signal(owner, signum, reason)
-        name = signal.Signals(signum).name
-        self._journal.tell(Append((OwnerFenced(owner, name, reason),), token, self.actor_ref))
+        self._signalling[token] = (pending, send)
+        event = OwnerFenced(pending.owner, signal.Signals(pending.signum).name, pending.reason)
+        self._journal.tell(Append((event,), token, self.actor_ref))
 
     def _recorded(self, message: Appended | AppendFailed) -> None:
-        pending = self._signalling.pop(message.token, None)
+        pending, send = self._signalling.pop(message.token, (None, False))
         if pending is None:
             return
-        crash_point("fence-journaled")
+        if send:
+            crash_point("fence-journaled")
         if isinstance(message, AppendFailed):
             # Sent all the same: better a fenced VM than one writing a disk it lost.
-            log.error("could not journal fencing %s with %s: %s; sending it anyway",
+            # The record is written again until it is in, so that a crash after
+            # the journal heals still leaves the next daemon this fence.
+            log.error("could not journal fencing %s with %s: %s; %s, and the record retried",
                       pending.owner.describe(), signal.Signals(pending.signum).name,
-                      message.message)  # fmt: skip
-        self._send(pending)
+                      message.message, "sending it anyway" if send else "sent")  # fmt: skip
+            ref = self.actor_ref
+            self.dispatcher.call_later(
+                RELEASE_RETRY_SECONDS, lambda: tell_if_alive(ref, _Record(pending))
+            )
+        if send:
+            self._send(pending)
 
     def _send(self, pending: _Signal) -> None:
         owner, signum = pending.owner, pending.signum

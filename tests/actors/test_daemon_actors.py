@@ -212,6 +212,35 @@ def test_owner_connection_closing_fences_then_releases(h: Harness) -> None:
     assert [e.signal for e in h.journal_writer.events(OwnerFenced)] == ["SIGTERM", "SIGKILL"]
 
 
+def test_a_fence_the_journal_cannot_record_is_signalled_anyway_and_recorded_later(
+    h: Harness,
+) -> None:
+    """The disk under the journal is full when the VM's own connection drops: the SIGTERM
+    goes all the same (better a fenced VM than a writer on a disk it lost), and its
+    record is written once the journal heals, so a crash after that still leaves the
+    next daemon the fence; the signal is not sent again."""
+    h.processes.ignores_sigterm.add(VM1)
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    h.journal_writer.fail = True
+    vm.close()
+    assert h.processes.signals == [(VM1, "SIGTERM")]
+    assert h.journal_writer.events(OwnerFenced) == []
+    h.advance(0.5)
+    h.journal_writer.fail = False
+    h.advance(0.6)  # the retry, a second after the failure
+    assert [e.signal for e in h.journal_writer.events(OwnerFenced)] == ["SIGTERM"]
+    assert h.processes.signals == [(VM1, "SIGTERM")]
+    h.advance(1.0)
+    assert h.processes.signals == [(VM1, "SIGTERM"), (VM1, "SIGKILL")]
+    assert [e.signal for e in h.journal_writer.events(OwnerFenced)] == ["SIGTERM", "SIGKILL"]
+    released = h.journal_writer.events(LeaseReleased)
+    assert [(e.resource, e.reason) for e in released] == [("disk-a", ReleaseReason.DISCONNECT)]
+    h.advance(5.0)
+    assert len(h.journal_writer.events(OwnerFenced)) == 2  # nothing left to retry
+
+
 def test_status_shows_each_fence_in_progress_and_when_its_sigkill_comes(h: Harness) -> None:
     """What lockd is about to kill, why, and when: the grace period counting down, then
     the wait for the exit after SIGKILL; nothing once the fence is over. Metrics count
