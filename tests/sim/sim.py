@@ -197,6 +197,18 @@ class Host:
         if self.dispatcher is not None:
             self.dispatcher.run_until_idle()
 
+    def run_partly(self, steps: int) -> None:
+        """Run at most ``steps`` actor messages, so that a crash can fall between any two:
+        between a journal record and what it records, a signal and its record."""
+        d = self.dispatcher
+        assert d is not None
+        for _ in range(steps):
+            d._run_due_timers()
+            d._poll(0)
+            if not d._ready:
+                return
+            d._run_ready(1)
+
     def tables(self) -> dict[tuple[str, str], tuple[str, frozenset[Any]]]:
         """What this daemon's lockspace actors hold: (lockspace, resource) -> (mode, owners)."""
         assert self.dispatcher is not None
@@ -341,6 +353,49 @@ class Sim:
         host.start()
         self.log.append(f"{host.name} reboots; vms {back} autostart: {host.report}")
 
+    def _crash_mid_run(self) -> None:
+        """Something sets a chain of actor messages going, and the daemon is killed a
+        random number of messages in (the other operations crash it only once every
+        chain has run out). Every window inside an acquire, a release, an exit, a fence
+        or a fence's timer is then a crash point."""
+        host = self.rng.choice(self.hosts)
+        if not host.up:
+            return
+        vms = [v for v in self.vms if v.host is host and v.alive]
+        vm = self.rng.choice(vms) if vms else None
+        trigger = self.rng.choice(("acquire", "release", "exit", "drop", "time"))
+        if vm is None or trigger == "time":
+            self.clock.now += self.rng.choice((0.3, 1.0, 2.0))
+            trigger = "time"
+        elif trigger == "exit":
+            host.processes.exit(vm.pid)
+        elif trigger == "drop":
+            if vm.own is None or not vm.own.alive:
+                return
+            if self.rng.random() < 0.7:
+                host.processes.ignores_sigterm.add(vm.pid)
+            vm.own.ref.tell(Received(b""))
+        else:
+            conn = SimConn(host, host.manager_pid)
+            conn.call("register", owner=vm.owner_map())
+            res = self.rng.choice(RESOURCES)
+            lease: dict[str, Any] = {"lockspace": FILES_LOCKSPACE, "resource": res}
+            if trigger == "acquire":
+                host.acquirers.add((vm.pid, vm.start))
+                request = {"op": "acquire", "id": 9, "autocreate": True,
+                           "leases": [{**lease, "shared": self.rng.random() < 0.4}]}  # fmt: skip
+            else:
+                request = {"op": "release", "id": 9, "leases": [lease]}
+            conn.ref.tell(Received(encode_frame(encode_item(request))))
+        steps = self.rng.randint(0, 40)
+        host.run_partly(steps)
+        host.crash()
+        if self.rng.random() < 0.7:
+            host.start()
+        after = "restarts" if host.up else "stays down"
+        who = f"vm{vm.pid}" if vm is not None else "no vm"
+        self.log.append(f"{host.name} crashes {steps} messages after a {trigger} ({who}), {after}")
+
     def _steal(self) -> None:
         """Another host without a daemon takes a lease file's lock (only possible if free)."""
         res = self.rng.choice(RESOURCES)
@@ -379,7 +434,7 @@ class Sim:
     OPS: tuple[tuple[Callable[[Sim], None], int], ...] = (
         (_acquire, 30), (_release, 15), (_vm_exit, 10), (_drop_own_connection, 10),
         (_crash_or_restart, 8), (_bounce, 4), (_reboot, 2), (_steal, 4), (_thief_lets_go, 4),
-        (_journal_trouble, 3), (_time_passes, 12),
+        (_journal_trouble, 3), (_time_passes, 12), (_crash_mid_run, 6),
     )  # fmt: skip
 
     def step(self) -> None:

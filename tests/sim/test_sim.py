@@ -36,15 +36,17 @@ def test_random_schedules(request: pytest.FixtureRequest, tmp_path: Path) -> Non
     schedules = request.config.getoption("--sim-schedules")
     steps = request.config.getoption("--sim-steps")
     seeds = [seed] if seed is not None else range(schedules)
-    total_steps = crashes = bounces = reboots = 0
+    total_steps = crashes = inside = bounces = reboots = 0
     for s in seeds:
         sim = run_schedule(s, steps, tmp_path)
         total_steps += sim.steps
         crashes += sum(1 for line in sim.log if "crashes" in line)
+        inside += sum(1 for line in sim.log if "messages after" in line)
         bounces += sum(1 for line in sim.log if "bounces" in line)
         reboots += sum(1 for line in sim.log if "reboots" in line)
-    print(f"\nsimulated {len(seeds)} schedules, {total_steps} steps, {crashes} daemon crashes, "
-          f"{bounces} crash-and-restarts in crash loops, {reboots} host reboots")  # fmt: skip
+    print(f"\nsimulated {len(seeds)} schedules, {total_steps} steps, {crashes} daemon crashes "
+          f"({inside} inside an operation), {bounces} crash-and-restarts in crash loops, "
+          f"{reboots} host reboots")  # fmt: skip
     assert total_steps == len(seeds) * steps
 
 
