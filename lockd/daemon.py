@@ -37,7 +37,7 @@ from lockd import __version__, logs, procs
 from lockd.config import Config
 from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
-from lockd.reexec import Handoff, ListenerFd, ReexecActor, read_handoff
+from lockd.reexec import DAEMON_SIGNALS, Handoff, ListenerFd, ReexecActor, read_handoff
 from lockd.replay import replay
 from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
 from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
@@ -630,6 +630,9 @@ def serve(
     config: Config, overridden: frozenset[str] = frozenset(), handoff_fd: int | None = None
 ) -> int:
     """Serve in the foreground until SIGTERM or SIGINT; SIGHUP reloads, SIGUSR1 re-execs."""
+    # Blocked until the handlers below are installed (already, after a re-exec):
+    # by default each of these signals would end the daemon mid-start.
+    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     handoff = read_handoff(handoff_fd) if handoff_fd is not None else None
     daemon = Daemon(config, overridden, handoff)
 
@@ -648,5 +651,6 @@ def serve(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
     signal.signal(signal.SIGUSR1, on_usr1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)  # those sent meanwhile arrive now
     daemon.run()
     return 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -119,11 +120,20 @@ def read_handoff(fd: int) -> Handoff:
     return attrs.evolve(handoff, connections=tuple(good))
 
 
+DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1})
+"""The signals ``lockd serve`` handles. Until its handlers are installed they keep
+their default action, which ends the process, so they are blocked meanwhile: across
+a re-exec (the mask survives ``execve``) and during start-up. They wait, pending,
+and reach the handlers once installed; an operator's second SIGUSR1 or a reload
+sent just after a re-exec no longer kills the daemon and drops every lock."""
+
+
 def exec_with(handoff: Handoff, argv: Sequence[str]) -> None:
     """Replace this process by ``argv`` plus ``--handoff-fd``; the handed fds stay open.
 
     Raises OSError (and leaves this process as it was) when an fd is no longer
-    open or the exec itself fails.
+    open or the exec itself fails. The daemon's signals are blocked across the
+    exec (:data:`DAEMON_SIGNALS`).
     """
     for fd in handoff.all_fds():
         os.fstat(fd)  # every fd handed over must still be open
@@ -134,10 +144,12 @@ def exec_with(handoff: Handoff, argv: Sequence[str]) -> None:
     os.set_inheritable(memfd, True)
     sys.stdout.flush()
     sys.stderr.flush()
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
     try:
         os.execv(argv[0], [*argv, "--handoff-fd", str(memfd)])  # noqa: S606 - our own binary
-    finally:
-        os.close(memfd)  # only reached when the exec failed
+    finally:  # only reached when the exec failed
+        os.close(memfd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 REEXEC_DEADLINE_SECONDS = 10.0

@@ -414,7 +414,10 @@ def _child_main(
             handler = signal.getsignal(signum)
             if callable(handler):
                 signal.signal(signum, signal.SIG_DFL)  # SIGTERM ends the child, as it should
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # Not the daemon's mask as it is during start-up (its signals blocked until
+        # its handlers exist): nothing in the child waits for handlers.
+        daemons = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
+        signal.pthread_sigmask(signal.SIG_SETMASK, set(mask) - daemons)
         # Requests first: at nice 10 the child gets about a tenth of a CPU the
         # daemon keeps busy (CFS weights 110 against 1024) and all of an idle one.
         # SCHED_IDLE was tried: a request once waited 36 s behind a starved child.

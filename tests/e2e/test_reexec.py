@@ -94,6 +94,34 @@ def test_sigusr1_keeps_every_lock_and_connection(
     time.sleep(0.1)
 
 
+def test_signals_sent_while_the_new_program_starts_do_not_end_it(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """An operator sends SIGUSR1 twice, or a reload right after it. Until the new
+    program has installed its handlers, SIGUSR1 and SIGHUP would end it by their
+    default action, every lock with it; they are blocked across the exec instead,
+    and handled once it serves."""
+    start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    watcher = start_watch(lease_file(daemon, "/vm/a.img"))
+    children.append(watcher)  # type: ignore[arg-type]
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 1.5  # the new program's start-up falls in this
+    while time.monotonic() < deadline and daemon.proc.poll() is None:
+        daemon.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.02)
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) >= 2)
+    time.sleep(0.5)
+    assert daemon.proc.poll() is None, "a signal ended the daemon"
+    with daemon.client() as client:
+        assert client.call("status")["pid"] == daemon.proc.pid
+    tries, free = stop_watch(watcher)
+    assert tries > 100
+    assert free == 0, f"the lock was seen free {free} times"
+    check(daemon)
+
+
 def test_sigusr1_during_a_fence_hands_the_fence_over_with_its_deadline(
     make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
