@@ -102,9 +102,11 @@ class LockSystem:
         stored: Mapping[str, int] | None = None,
         on_ready: Callable[[RecoveryReport], None] | None = None,
         max_pidfds: int | None = None,
+        journal_lock: int | None = None,
     ) -> None:
         """``max_pidfds``: owners watched by pidfd at most (the rest are polled), see
-        :class:`actors.owners.OwnersActor`; None for no budget."""
+        :class:`actors.owners.OwnersActor`; None for no budget. ``journal_lock``: the
+        journal directory's lock, still held, from the program before a re-exec."""
         self.config = config
         self.dispatcher = dispatcher or Dispatcher()
         self.started = time.monotonic()
@@ -114,7 +116,8 @@ class LockSystem:
         self._on_ready = on_ready
         os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
         os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
-        self._journal_lock = self._lock_journal_dir(config.journal_dir)
+        self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock)
+        """The fd whose flock keeps every other lockd out of this journal directory."""
         snapshot = load_newest(config.journal_dir)
         self.journal_file = FileJournal(
             config.journal_dir,
@@ -198,8 +201,18 @@ class LockSystem:
             self._on_ready(report)
 
     @staticmethod
-    def _lock_journal_dir(directory: str) -> int:
-        fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _lock_journal_dir(directory: str, inherited: int | None = None) -> int:
+        path = os.path.join(directory, ".lock")
+        if inherited is not None:
+            try:
+                same = os.path.samestat(os.fstat(inherited), os.stat(path))
+            except OSError:
+                same = False
+            if same:  # its open file description holds the flock already: keep it
+                fcntl.flock(inherited, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return inherited
+            os.close(inherited)  # the configuration names another directory now
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -237,7 +250,7 @@ class LockSystem:
         self.dispatcher.run_until_idle(poll_io=False)
         self.snapshots.wait(STOP_WAIT_S)  # a snapshot being written is finished, not orphaned
         self.journal_file.close()
-        os.close(self._journal_lock)
+        os.close(self.journal_lock)
 
 
 class _IdleWatch(DispatchedActor):
@@ -365,7 +378,10 @@ class Daemon:
             stored=stored,
             on_ready=self._serve,
             max_pidfds=limit // PIDFD_SHARE if limit else None,
+            journal_lock=handoff.journal_lock if handoff else None,
         )
+        self._pid_fd: int | None = handoff.pid_file if handoff else None
+        """The locked pid file (inherited across a re-exec, else opened by :meth:`run`)."""
         self.dispatcher = self.system.dispatcher
         self._clients = 0
         self._admin_clients = 0
@@ -520,6 +536,7 @@ class Daemon:
             on_abort=self._reexec_abandoned,
             fences_resume=self.config.lost_lease_policy == "fence",
             before_exec=lambda: self.system.snapshots.wait(STOP_WAIT_S),
+            own_fds=(self.system.journal_lock, self._pid_fd),
         )
 
     def _reexec_abandoned(self, handed: list[HandedOver], why: str) -> None:
@@ -578,7 +595,7 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until stopped, then journal the stop; the leases stay for the next start."""
-        pid_fd = self._write_pid_file()
+        pid_fd = self._pid_fd = self._write_pid_file(self._pid_fd)
         log.info(
             "lockd %s serving %s (admin %s), lock dir %s, journal %s (sync %s)",
             __version__,
@@ -610,8 +627,18 @@ class Daemon:
     def _path_of(self, listener: Listener) -> str:
         return self.config.admin_socket if listener.admin else self.config.socket
 
-    def _write_pid_file(self) -> int | None:
+    def _write_pid_file(self, inherited: int | None) -> int | None:
+        """Open, lock and fill the pid file; ``inherited``: its fd from before a re-exec,
+        whose POSIX lock this process holds still (a new fd's close would drop it)."""
         path = self.config.pid_file
+        if inherited is not None:
+            try:
+                same = os.path.samestat(os.fstat(inherited), os.stat(path)) if path else False
+            except OSError:
+                same = False
+            if same:
+                return inherited
+            os.close(inherited)  # no pid file now, or another one
         if not path:
             return None
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)

@@ -56,6 +56,17 @@ class Handoff:
     connections: tuple[HandedOver, ...]
     leases: tuple[tuple[str, str, int], ...]
     next_conn_id: int
+    journal_lock: int | None = None
+    """The journal directory's locked ``.lock`` fd: its flock goes with its open file
+    description, so the journal is never unguarded while the new program starts
+    (a second ``lockd serve`` could take it then, and the re-exec would fail)."""
+    pid_file: int | None = None
+    """The locked pid file's fd: its POSIX lock is the process's, and stays only while
+    an fd of the file stays open."""
+
+    def own_fds(self) -> list[int]:
+        """The daemon's own locks handed over (journal directory, pid file)."""
+        return [fd for fd in (self.journal_lock, self.pid_file) if fd is not None]
 
     def all_fds(self) -> list[int]:
         """Every fd this handoff passes on."""
@@ -63,6 +74,7 @@ class Handoff:
             [item.fd for item in self.listeners]
             + [c.fd for c in self.connections]
             + [fd for _, _, fd in self.leases]
+            + self.own_fds()
         )
 
     def to_bytes(self) -> bytes:
@@ -73,6 +85,8 @@ class Handoff:
                 "connections": [_conn_to_wire(c) for c in self.connections],
                 "leases": [list(lease) for lease in self.leases],
                 "next_conn_id": self.next_conn_id,
+                "journal_lock": self.journal_lock,
+                "pid_file": self.pid_file,
             }
         )
 
@@ -86,6 +100,8 @@ class Handoff:
             tuple(_conn_from_wire(c) for c in raw["connections"]),
             tuple((ls, res, fd) for ls, res, fd in raw["leases"]),
             raw["next_conn_id"],
+            raw.get("journal_lock"),  # absent in a handoff from before they were passed
+            raw.get("pid_file"),
         )
 
 
@@ -115,7 +131,8 @@ def read_handoff(fd: int) -> Handoff:
             )
             continue
         good.append(conn)
-    for inherited in [item.fd for item in handoff.listeners] + [f for _, _, f in handoff.leases]:
+    listeners = [item.fd for item in handoff.listeners]
+    for inherited in listeners + [f for _, _, f in handoff.leases] + handoff.own_fds():
         os.set_inheritable(inherited, False)  # these must be there: failing loudly is right
     return attrs.evolve(handoff, connections=tuple(good))
 
@@ -178,11 +195,14 @@ class ReexecActor(DispatchedActor):
         on_abort: Callable[[list[HandedOver], str], None],
         fences_resume: bool = True,
         before_exec: Callable[[], None] | None = None,
+        own_fds: tuple[int | None, int | None] = (None, None),
     ) -> None:
         """``before_exec``: last work of this process (a snapshot being written by a
         child is finished, so the next process is not left a child it does not know)."""
         super().__init__(dispatcher)
         self._before_exec = before_exec
+        self._own_fds = own_fds
+        """The journal directory's lock and the pid file (see :class:`Handoff`)."""
         self._fences_resume = fences_resume
         """The next process resumes fences in progress, deadlines kept (lost_lease_policy
         = fence); under ``log`` it would drop them, so a fence puts the re-exec off."""
@@ -258,7 +278,10 @@ class ReexecActor(DispatchedActor):
                 self._before_exec()
             except OSError as exc:  # the next program does without what it finishes
                 log.warning("re-exec: before exec: %s; going on", exc)
-        handoff = Handoff(self._listeners, tuple(self._handed), self._leases, self._next_conn_id)
+        handoff = Handoff(
+            self._listeners, tuple(self._handed), self._leases, self._next_conn_id,
+            *self._own_fds,
+        )  # fmt: skip
         log.info(
             "re-exec: handing over %d listeners, %d connections, %d lease fds",
             len(self._listeners),

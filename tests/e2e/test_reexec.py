@@ -6,6 +6,7 @@ import fcntl
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -120,6 +121,56 @@ def test_signals_sent_while_the_new_program_starts_do_not_end_it(
     assert tries > 100
     assert free == 0, f"the lock was seen free {free} times"
     check(daemon)
+
+
+_GRAB = """
+import fcntl, os, sys, time
+journal = os.open(sys.argv[1], os.O_RDWR)
+pid_file = os.open(sys.argv[2], os.O_RDWR)
+print("ready", flush=True)
+tries = won = 0
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
+    tries += 1
+    for fd, lock in ((journal, fcntl.flock), (pid_file, fcntl.lockf)):
+        try:
+            lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue
+        won += 1
+        lock(fd, fcntl.LOCK_UN)
+print(tries, won, flush=True)
+"""
+
+
+def test_a_reexec_never_lets_go_of_the_journal_directory_or_the_pid_file(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A second ``lockd serve`` started on the same paths while the daemon re-executes
+    must find both still taken. Its flock and its pid file's lock went with their fds
+    at the exec before: a second daemon could win the journal directory, the new
+    program then exited ("in use"), and every lock was gone with no daemon left."""
+    pid_file = tmp_path / "run" / "lockd.pid"
+    daemon = make_daemon("own", None, "--pid-file", str(pid_file))
+    wait_for(pid_file.exists)
+    grab = subprocess.Popen(
+        [sys.executable, "-c", _GRAB, str(daemon.journal_dir / ".lock"), str(pid_file), "3"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    children.append(grab)  # type: ignore[arg-type]
+    assert grab.stdout is not None
+    assert grab.stdout.readline().strip() == "ready"
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    tries, won = map(int, grab.stdout.readline().split())
+    assert grab.wait(10) == 0
+    assert tries > 100
+    assert won == 0, f"another process took the daemon's locks {won} times during the re-exec"
+    assert daemon.proc.poll() is None
+    assert pid_file.read_text().strip() == str(daemon.proc.pid)
+    daemon.stop()
+    assert not pid_file.exists()
 
 
 def test_sigusr1_during_a_fence_hands_the_fence_over_with_its_deadline(
