@@ -9,6 +9,7 @@ object cannot exist: every class validates itself at construction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import attrs
@@ -264,6 +265,19 @@ def _lease_list(value: Any, *, with_shared: bool) -> list[dict[str, Any]]:
     return value
 
 
+def _once_each(leases: Sequence[tuple[str, str]]) -> None:
+    """Refuse a lease named twice in one request, before any of it runs.
+
+    Each lockspace would refuse it too, but only when its turn came: the leases
+    of the lockspaces before it would be granted (journaled, seen by others)
+    and then rolled back."""
+    seen: set[tuple[str, str]] = set()
+    for lease in leases:
+        if lease in seen:
+            raise _Invalid(f"lease {lease[0]}/{lease[1]} is requested twice")
+        seen.add(lease)
+
+
 def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
     if cls is Hello:
         versions = args.get("versions")
@@ -286,6 +300,7 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
             LeaseRequest(i["lockspace"], i["resource"], i.get("shared", False))
             for i in _lease_list(args.get("leases"), with_shared=True)
         )
+        _once_each([(lease.lockspace, lease.resource) for lease in leases])
         wait = args.get("wait", 0.0)
         if not isinstance(wait, int | float) or isinstance(wait, bool):
             raise _Invalid("wait must be a number of seconds")
@@ -302,6 +317,7 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
             (_lockspace(i["lockspace"]), _resource(i["resource"]))
             for i in _lease_list(args["leases"], with_shared=False)
         )
+        _once_each(pairs)
         return Release(rid, pairs, False)
     if cls is ListLeases:
         ls = args.get("lockspace")
@@ -345,7 +361,10 @@ def request_from_wire(data: Any) -> Request:
     unknown = set(args) - cls.ARGS
     if unknown:
         raise RequestError(
-            rid, ErrorCode.INVALID_ARGUMENT, f"{op}: unknown arguments {sorted(unknown)}"
+            # repr: keys may be bytes and text at once, which do not sort together
+            rid,
+            ErrorCode.INVALID_ARGUMENT,
+            f"{op}: unknown arguments {sorted(map(repr, unknown))}",
         )
     try:
         return _build(cls, rid, args)

@@ -527,6 +527,9 @@ def wrong_type_requests(token: str, pid: int) -> list[dict[str, Any]]:
     leases_bad: list[Any] = [
         None, 1, "x", {}, [], [None], [1], ["x"], [[]], [lease] * 257,
         [{"lockspace": FILES_LOCKSPACE}], [{"resource": "r"}], [{**lease, "extra": 1}],
+        # Named twice, the second time after a lease of another lockspace.
+        [lease, {"lockspace": "org.libvirt.lockd.lvm", "resource": "x"},
+         {"lockspace": "org.libvirt.lockd.lvm", "resource": "x"}],
     ]
     # fmt: on
     base: dict[str, dict[str, Any]] = {
@@ -606,6 +609,8 @@ def wrong_type_requests(token: str, pid: int) -> list[dict[str, Any]]:
     for op in OPS:
         requests.append({"op": op, **base.get(op, {}), "x-unknown": 1})
         requests.append({"op": op, **base.get(op, {}), "": None})
+        mixed: dict[Any, Any] = {"op": op, **base.get(op, {}), b"x-bytes": 1, "x-unknown": 1}
+        requests.append(mixed)  # keys of both kinds
     return requests
 
 

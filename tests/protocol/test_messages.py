@@ -85,6 +85,33 @@ def test_hello_and_register() -> None:
         ),
         ({"op": "release", "id": 1}, "either leases or all"),
         ({"op": "disconnect", "id": 1, "client": "x"}, "unsigned"),
+        # Keys of both kinds: the message must still be built (bytes and text do not sort).
+        ({"op": "status", "id": 1, b"k": 1, "x": 2}, "unknown arguments"),
+        # Named twice in a later lockspace: refused before the first lockspace grants.
+        (
+            {
+                "op": "acquire",
+                "id": 1,
+                "leases": [
+                    {"lockspace": "a", "resource": "x"},
+                    {"lockspace": "b", "resource": "y"},
+                    {"lockspace": "b", "resource": "y", "shared": True},
+                ],
+            },
+            "lease b/y is requested twice",
+        ),
+        (
+            {
+                "op": "release",
+                "id": 1,
+                "leases": [
+                    {"lockspace": "a", "resource": "x"},
+                    {"lockspace": "b", "resource": "y"},
+                    {"lockspace": "b", "resource": "y"},
+                ],
+            },
+            "lease b/y is requested twice",
+        ),
     ],
 )
 def test_invalid_requests_keep_their_id(data: dict[str, Any], fragment: str) -> None:
@@ -129,7 +156,9 @@ json_like = st.recursive(
 @given(
     st.sampled_from(["hello", "register", "acquire", "release", "status", "disconnect", "x"]),
     st.dictionaries(
-        st.sampled_from(["id", "versions", "owner", "leases", "all", "wait", "client", "zz"]),
+        st.sampled_from(
+            ["id", "versions", "owner", "leases", "all", "wait", "client", "zz", b"zz", b"id", 1]
+        ),
         json_like,
         max_size=4,
     ),
