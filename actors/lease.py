@@ -144,6 +144,10 @@ class LockRefused:
     token: int
     code: ErrorCode
     message: str
+    held_elsewhere: bool = False
+    """The lease file's own lock is held by another process or host. Anything else
+    (the index lock busy while another host creates or deletes a file, a file being
+    replaced, an I/O error) says nothing about who holds the lease."""
 
 
 class LeaseActor(DispatchedActor):
@@ -201,7 +205,7 @@ class LeaseActor(DispatchedActor):
             self._files.close_fd(msg.fd)
             return LockRefused(
                 self._resource, msg.token, ErrorCode.BUSY,
-                f"lease {self._resource} was taken by another process or host",
+                f"lease {self._resource} was taken by another process or host", True,
             )  # fmt: skip
         except OSError as exc:
             self._files.close_fd(msg.fd)
@@ -231,11 +235,10 @@ class LeaseActor(DispatchedActor):
                 self._files.try_lock(held.fd, shared=msg.mode is LeaseMode.SHARED)
             except LockBusyError:
                 self._files.close_fd(held.fd)
-                return self._refused(
-                    msg,
-                    ErrorCode.BUSY,
-                    f"lease {self._resource} is held by another process or host",
-                )
+                return LockRefused(
+                    self._resource, msg.token, ErrorCode.BUSY,
+                    f"lease {self._resource} is held by another process or host", True,
+                )  # fmt: skip
             except OSError as exc:
                 self._files.close_fd(held.fd)
                 return self._refused(msg, ErrorCode.IO_ERROR, f"cannot lock lease file: {exc}")

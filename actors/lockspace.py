@@ -51,6 +51,12 @@ from protocol.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
+RESTORE_RETRY_SECONDS = 5.0
+"""How long recovery tries again to lock a live owner's lease refused for a reason
+other than another holder's lock, before it records the lease lost."""
+RESTORE_RETRIES = 50
+"""Tries in that time (every 0.1 s: another host holds the index lock for microseconds)."""
+
 
 # -- messages --------------------------------------------------------------
 
@@ -227,6 +233,7 @@ class _Restoring:
     taken: dict[str, int] = attrs.field(factory=dict)
     refused: dict[str, LockRefused] = attrs.field(factory=dict)
     recreated: set[str] = attrs.field(factory=set)
+    retries: dict[str, int] = attrs.field(factory=dict)
     events: tuple[Event, ...] = ()
 
 
@@ -951,6 +958,8 @@ class LockspaceActor(DispatchedActor):
                 TakeLock(lease.mode, True, message.token, self.actor_ref)
             )
             return
+        if isinstance(message, LockRefused) and self._retry_restore(restoring, message):
+            return
         restoring.waiting -= 1
         if isinstance(message, LockTaken):
             restoring.taken[message.resource] = message.fd
@@ -966,6 +975,31 @@ class LockspaceActor(DispatchedActor):
                 ref.tell(DropLock(unlink=False))
         if not restoring.waiting:
             self._restore_journal(message.token)
+
+    def _retry_restore(self, restoring: _Restoring, refused: LockRefused) -> bool:
+        """Try a live owner's lease again later, unless someone else holds it.
+
+        A refusal that is not another holder's lock (another host holding the
+        index lock while it creates or deletes some file, a file being replaced,
+        an I/O error) does not mean the lease was taken: recorded as lost, it
+        would get a live VM fenced whose disk nobody else holds. Recovery (and
+        with it every request) waits up to RESTORE_RETRY_SECONDS for it.
+        """
+        resource = refused.resource
+        tries = restoring.retries.get(resource, 0)
+        if refused.held_elsewhere or tries >= RESTORE_RETRIES:
+            return False
+        restoring.retries[resource] = tries + 1
+        if tries == 0:
+            log.warning("recovery: lease %s/%s: %s; trying again for up to %g s",
+                        self.name, resource, refused.message, RESTORE_RETRY_SECONDS)  # fmt: skip
+        lease = next(x for x in restoring.request.leases if x.resource == resource)
+        take = TakeLock(lease.mode, resource in restoring.recreated, refused.token, self.actor_ref)
+        ref = self._leases[resource]
+        self.dispatcher.call_later(
+            RESTORE_RETRY_SECONDS / RESTORE_RETRIES, lambda: tell_if_alive(ref, take)
+        )
+        return True
 
     def _restore_journal(self, token: int) -> None:
         restoring = self._restoring[token]

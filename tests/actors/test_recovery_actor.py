@@ -20,10 +20,12 @@ from actors.events import (
     RecoveryCompleted,
     ReleaseReason,
 )
+from actors.lockspace import RESTORE_RETRY_SECONDS
 from actors.model import LeaseMode, Owner
 from actors.recovery import RESUMED, RecoveryActor, RecoveryReport
 from actors.recovery_core import HeldLease, ReplayState
 from lockd.lockfiles import try_lock
+from protocol.names import INDEX_NAME
 from tests.actors.harness import Harness
 from tests.actors.test_daemon_actors import FILES, kernel_locked
 
@@ -126,6 +128,47 @@ def test_a_missing_lease_file_is_created_again_for_a_live_owner(h: Harness) -> N
     assert kernel_locked(h.lock_dir / FILES / "vanished")
 
 
+def test_a_busy_index_while_the_file_is_created_again_is_waited_for_not_fenced(
+    h: Harness,
+) -> None:
+    """The lease file went missing while lockd was down, and another host holds the
+    lockspace's index lock (creating or deleting a file of its own) when recovery
+    creates it again. Nobody holds the lease: the live owner keeps it, once the
+    index is free, and is not fenced (it was recorded lost and fenced at once)."""
+    live = owner(LIVE)
+    state = ReplayState()
+    held(state, "vanished", live)
+    (h.lock_dir / FILES).mkdir(parents=True, exist_ok=True)
+    index = os.open(h.lock_dir / FILES / INDEX_NAME, os.O_RDWR | os.O_CREAT)
+    try:
+        try_lock(index, shared=False)  # another host, mid-create
+        reports = start_recovery(h, state)
+        h.advance(0.5)
+        assert reports == []  # waiting for the index; requests wait too
+    finally:
+        os.close(index)
+    h.advance(0.2)
+    assert reports[0].held == 1
+    assert reports[0].lost == 0
+    assert h.journal_writer.events(LeaseLost) == []
+    assert h.processes.signals == []
+    assert kernel_locked(h.lock_dir / FILES / "vanished")
+
+
+def test_a_lease_someone_else_holds_is_lost_at_once(h: Harness) -> None:
+    """Another process holds the lease file's own lock: lost without waiting."""
+    live = owner(LIVE)
+    state = ReplayState()
+    held(state, "taken", live)
+    (h.lock_dir / FILES).mkdir(parents=True, exist_ok=True)
+    fd = os.open(h.lock_dir / FILES / "taken", os.O_RDWR | os.O_CREAT)
+    try:
+        try_lock(fd, shared=False)
+        assert recover(h, state).lost == 1  # no timer ran: answered at once
+    finally:
+        os.close(fd)
+
+
 def test_an_adopted_fd_is_used_without_reopening(h: Harness) -> None:
     live = owner(LIVE)
     state = ReplayState()
@@ -162,7 +205,8 @@ def test_a_lockspace_mounted_late_is_waited_for_not_fenced(h: Harness) -> None:
 def test_a_lease_file_that_cannot_be_created_again_is_lost_not_retried_forever(
     tmp_path: Path,
 ) -> None:
-    """The lockspace directory vanished under recovery: one re-create attempt, then lost."""
+    """The lockspace directory vanished under recovery: tried again for
+    RESTORE_RETRY_SECONDS (shared storage back from a hiccup would do), then lost."""
     from lockd.lockfiles import LockspaceDir
 
     harness = Harness(tmp_path / "locks")
@@ -186,7 +230,13 @@ def test_a_lease_file_that_cannot_be_created_again_is_lost_not_retried_forever(
         lease = HeldLease("doomed", "disk", LeaseMode.EXCLUSIVE, True)
         lease.owners[live.key] = (live, 1.0)
         state.leases[("doomed", "disk")] = lease
-        assert recover(harness, state, router=router).lost == 1
+        reports = start_recovery(harness, state, router=router)
+        for _ in range(int(RESTORE_RETRY_SECONDS * 10) - 5):
+            harness.advance(0.1)
+        assert reports == []  # still trying
+        for _ in range(10):
+            harness.advance(0.1)
+        assert reports[0].lost == 1
         assert [e.owner.pid for e in harness.journal_writer.events(LeaseLost)] == [LIVE]
     finally:
         harness.close()
