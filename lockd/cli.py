@@ -20,6 +20,7 @@ from protocol.names import (
     InvalidNameError,
     lease_name_for_path,
     normalise_disk_path,
+    printable,
 )
 
 EXIT_USAGE = 2
@@ -69,7 +70,7 @@ def _plain(value: object) -> object:
         return uuid.UUID(bytes=value)
     if isinstance(value, dict):
         if "name" in value and "pid" in value:
-            return f"{value['name']}[pid={value['pid']}]"
+            return f"{printable(str(value['name']))}[pid={value['pid']}]"
         return ",".join(f"{k}:{_plain(v)}" for k, v in value.items())
     if isinstance(value, list):  # recovery-completed's fences: owner:reason pairs
         return "[" + ";".join(str(_plain(v)) for v in value) + "]"

@@ -22,7 +22,7 @@ import attrs
 from lockd import autospawn, procs
 from lockd.config import ConfigError, default_admin_socket, default_socket
 from protocol.client import Client, ConnectionLostError, RemoteError
-from protocol.names import FILES_LOCKSPACE, InvalidNameError, lease_name_for_path
+from protocol.names import FILES_LOCKSPACE, InvalidNameError, lease_name_for_path, printable
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -178,7 +178,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _fence_line(fence: dict[str, Any]) -> str:
     """One fence in progress: who, what comes next and when, why."""
     owner = fence["owner"]
-    who = f"{owner['name']} (pid {owner['pid']})"
+    who = f"{printable(owner['name'])} (pid {owner['pid']})"
     if fence.get("next_signal") is None:
         step = "SIGKILL sent, waiting for it to exit"
     else:
@@ -216,7 +216,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
             return EXIT_OK
         for row in rows:
             owners = ", ".join(
-                f"{o['name']} (uuid {_uuid_text(o['uuid'])}, pid {o['pid']}, "
+                f"{printable(o['name'])} (uuid {_uuid_text(o['uuid'])}, pid {o['pid']}, "
                 f"since {_when(o['since'])})"
                 for o in row["owners"]
             )
@@ -239,7 +239,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
             return EXIT_OK
         for r in rows:
             owner = r.get("owner")
-            who = f"owner {owner['name']} (pid {owner['pid']})" if owner else "no owner"
+            who = f"owner {printable(owner['name'])} (pid {owner['pid']})" if owner else "no owner"
             flags = " restricted" if r["restricted"] else ""
             flags += " admin" if r["admin"] else ""
             print(

@@ -15,7 +15,12 @@ from typing import Any, ClassVar
 import attrs
 
 from protocol.errors import ErrorCode, RemoteProtocolError
-from protocol.names import InvalidNameError, check_lockspace_name, check_resource_name
+from protocol.names import (
+    CONTROL_CHARACTERS,
+    InvalidNameError,
+    check_lockspace_name,
+    check_resource_name,
+)
 
 PROTOCOL_VERSION = 1
 MAX_ID = 2**64 - 1
@@ -35,8 +40,10 @@ def _uint(value: Any, what: str, *, positive: bool = False) -> int:
 
 
 def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 255 or "\0" in value:
-        raise _Invalid(f"{what} must be 1-255 characters without NUL")
+    if not isinstance(value, str) or not 1 <= len(value) <= 255:
+        raise _Invalid(f"{what} must be 1-255 characters without control characters")
+    if CONTROL_CHARACTERS.search(value):
+        raise _Invalid(f"{what} must be 1-255 characters without control characters")
     return value
 
 

@@ -27,6 +27,18 @@ _LOCKSPACE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,255}")
 _RESOURCE_NAME = re.compile(r"[A-Za-z0-9._:@+=-]{1,255}")
 
 
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+"""C0 and C1 controls and DEL: refused in owner and client names, which lockd's text
+output prints (a newline in one would forge a line of ``lockd events``; an escape
+sequence would drive the operator's terminal)."""
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as ``\\xNN``: for names in text output,
+    also those journaled before they were refused."""
+    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class InvalidNameError(ValueError):
     """A lockspace or resource name that breaks the naming rules."""
 

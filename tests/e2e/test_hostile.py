@@ -519,7 +519,9 @@ def wrong_type_requests(token: str, pid: int) -> list[dict[str, Any]]:
     """
     owner = {"uuid": b"\x01" * 16, "name": "hostile", "id": 1, "pid": pid}
     lease = {"lockspace": FILES_LOCKSPACE, "resource": "hostile-typed"}
-    text_bad: list[Any] = [None, 0, 1.5, True, b"x", [], {}, "", "a" * 256, "a\0b"]
+    text_bad: list[Any] = [
+        None, 0, 1.5, True, b"x", [], {}, "", "a" * 256, "a\0b", "a\nb", "a\x1b[2Jb", "a\x9bb",
+    ]  # fmt: skip
     uint_bad: list[Any] = [None, -1, -(2**64), 1.5, True, False, "1", b"\x01", [], {}, [1]]
     bool_bad: list[Any] = [None, 0, 1, 1.0, "true", b"", [], {}]
     names = bad_names(token)

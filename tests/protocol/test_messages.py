@@ -85,6 +85,11 @@ def test_hello_and_register() -> None:
         ),
         ({"op": "release", "id": 1}, "either leases or all"),
         ({"op": "disconnect", "id": 1, "client": "x"}, "unsigned"),
+        # Names lockd prints: a newline would forge a line of `lockd events`.
+        ({"op": "register", "id": 1, "owner": {**OWNER, "name": "vm\n7 x"}}, "control"),
+        ({"op": "register", "id": 1, "owner": {**OWNER, "name": "vm\x1b[31m"}}, "control"),
+        ({"op": "register", "id": 1, "owner": {**OWNER, "name": "vm\x85"}}, "control"),
+        ({"op": "hello", "id": 1, "versions": [1], "client": "c\r"}, "control"),
         # Keys of both kinds: the message must still be built (bytes and text do not sort).
         ({"op": "status", "id": 1, b"k": 1, "x": 2}, "unknown arguments"),
         # Named twice in a later lockspace: refused before the first lockspace grants.

@@ -15,6 +15,7 @@ from protocol.names import (
     check_resource_name,
     lease_name_for_path,
     normalise_disk_path,
+    printable,
 )
 
 
@@ -70,3 +71,11 @@ def test_relative_paths_are_refused() -> None:
     """A relative path would name different disks on different hosts."""
     with pytest.raises(InvalidNameError, match="relative"):
         normalise_disk_path("vm/a.img")
+
+
+def test_printable_shows_control_characters_as_escapes() -> None:
+    """Names journaled before control characters were refused still print on one line."""
+    assert printable("vm1\n7 2026 lease-released\x1b[31m\x7f\x85é") == (
+        "vm1\\x0a7 2026 lease-released\\x1b[31m\\x7f\\x85é"
+    )
+    assert printable("vm-1 (web)") == "vm-1 (web)"
