@@ -38,6 +38,8 @@ def parse_filters(text: str) -> dict[str, str]:
         level = _NUMERIC.get(level, level.lower())
         if not sep or not module or level not in _NUMERIC.values():
             raise LogFilterError(f"bad log filter {item!r}: use LEVEL:module, LEVEL 1-4 or a name")
+        if module == "root":  # logging's name for the root logger, which log_level sets
+            raise LogFilterError(f"bad log filter {item!r}: set the root's level with log_level")
         out[module] = level
     return out
 

@@ -37,6 +37,17 @@ def test_filters_parse_names_and_virtlockd_numbers() -> None:
         logs.parse_filters("debug")
 
 
+def test_a_filter_on_the_root_logger_is_refused_and_changes_nothing() -> None:
+    """ "root" names the root logger: a filter on it, once cleared, left the root at
+    NOTSET, logging everything at debug while reporting level "notset"."""
+    logs.configure("info", "", "stderr")
+    with pytest.raises(logs.LogFilterError, match="log_level"):
+        logs.configure("info", "info:root", "stderr")
+    logs.configure("info", "", "stderr")
+    assert logs.current()["level"] == "info"
+    assert logging.getLogger().getEffectiveLevel() == logging.INFO
+
+
 def test_configure_sets_levels_and_forgets_old_filters() -> None:
     logs.configure("warning", "debug:actors.owners", "stderr")
     assert logging.getLogger("actors.owners").getEffectiveLevel() == logging.DEBUG
