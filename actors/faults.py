@@ -54,6 +54,15 @@ def also_kill(pid: int) -> None:
     _also = pid
 
 
+def counted_in_child(name: str) -> None:
+    """A child just forked will reach ``name`` in its own copy of the countdown: count it
+    here too, so that ``<point>:<n>`` counts over the children (``snapshot-tmp:2`` is
+    the second snapshot child's), not n within each child, which never came."""
+    global _remaining  # noqa: PLW0603 - the same process-wide countdown
+    if name == _POINT:
+        _remaining -= 1
+
+
 def crash_point(name: str) -> None:
     """SIGKILL this process if ``LOCKD_CRASH_AT`` names this point (and its count is reached)."""
     global _remaining  # noqa: PLW0603 - a process-wide countdown, by design

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import attrs
 import cbor2
 
-from actors.faults import also_kill, crash_point
+from actors.faults import also_kill, counted_in_child, crash_point
 from actors.metrics import REGISTRY
 from actors.recovery_core import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, ReplayState
 from actors.runtime import Dispatcher
@@ -321,6 +321,7 @@ class SnapshotWriter:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child; it always ends in os._exit
                 _child_main(self.directory, state, wfd, mask, daemon)
+            counted_in_child("snapshot-tmp")
         except OSError:
             os.close(rfd)
             raise
