@@ -290,11 +290,10 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
         versions = args.get("versions")
         if not isinstance(versions, list) or not versions:
             raise _Invalid("versions must be a non-empty list")
-        client = args.get("client")
         return Hello(
             rid,
             tuple(_uint(v, "version") for v in versions),
-            None if client is None else _text(client, "client"),
+            _text(args["client"], "client") if "client" in args else None,
         )
     if cls is Register:
         return Register(rid, _owner(args.get("owner")))
@@ -327,15 +326,15 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
         _once_each(pairs)
         return Release(rid, pairs, False)
     if cls is ListLeases:
-        ls = args.get("lockspace")
-        return ListLeases(rid, None if ls is None else _lockspace(ls))
+        return ListLeases(rid, _lockspace(args["lockspace"]) if "lockspace" in args else None)
     if cls is Disconnect:
         return Disconnect(rid, _uint(args.get("client"), "client"))
     if cls is SetLog:
+        # Absent means unchanged; null is not absent (the CDDL's values are text).
         level, filters = args.get("level"), args.get("filters")
-        if level is not None and level not in LOG_LEVELS:
+        if "level" in args and level not in LOG_LEVELS:
             raise _Invalid(f"level must be one of {', '.join(LOG_LEVELS)}")
-        if filters is not None and (not isinstance(filters, str) or len(filters) > 4096):
+        if "filters" in args and (not isinstance(filters, str) or len(filters) > 4096):
             raise _Invalid("filters must be a string of at most 4096 characters")
         return SetLog(rid, level, filters)
     return cls(rid)

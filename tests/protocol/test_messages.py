@@ -90,6 +90,11 @@ def test_hello_and_register() -> None:
         ({"op": "register", "id": 1, "owner": {**OWNER, "name": "vm\x1b[31m"}}, "control"),
         ({"op": "register", "id": 1, "owner": {**OWNER, "name": "vm\x85"}}, "control"),
         ({"op": "hello", "id": 1, "versions": [1], "client": "c\r"}, "control"),
+        # An optional argument given as null is a wrong type, not an absent argument.
+        ({"op": "hello", "id": 1, "versions": [1], "client": None}, "client"),
+        ({"op": "list-leases", "id": 1, "lockspace": None}, "lockspace"),
+        ({"op": "set-log", "id": 1, "level": None}, "level"),
+        ({"op": "set-log", "id": 1, "filters": None}, "filters"),
         # Keys of both kinds: the message must still be built (bytes and text do not sort).
         ({"op": "status", "id": 1, b"k": 1, "x": 2}, "unknown arguments"),
         # Named twice in a later lockspace: refused before the first lockspace grants.
