@@ -37,7 +37,7 @@ from lockd import __version__, logs, procs
 from lockd.config import Config
 from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
-from lockd.reexec import DAEMON_SIGNALS, Handoff, ListenerFd, ReexecActor, read_handoff
+from lockd.reexec import Handoff, ListenerFd, ReexecActor, read_handoff
 from lockd.replay import replay
 from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
 from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
@@ -203,15 +203,10 @@ class LockSystem:
     @staticmethod
     def _lock_journal_dir(directory: str, inherited: int | None = None) -> int:
         path = os.path.join(directory, ".lock")
-        if inherited is not None:
-            try:
-                same = os.path.samestat(os.fstat(inherited), os.stat(path))
-            except OSError:
-                same = False
-            if same:  # its open file description holds the flock already: keep it
-                fcntl.flock(inherited, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return inherited
-            os.close(inherited)  # the configuration names another directory now
+        kept = _if_still(path, inherited)
+        if kept is not None:
+            fcntl.flock(kept, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held already, by its description
+            return kept
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -291,6 +286,20 @@ class _IdleWatch(DispatchedActor):
             self._schedule()
             return None
         return super().on_receive(message)
+
+
+def _if_still(path: str, inherited: int | None) -> int | None:
+    """An fd handed over by a re-exec, if it is still the file at ``path``; else it is
+    closed (the configuration names another file now, or none) and None is returned."""
+    if inherited is None:
+        return None
+    try:
+        if os.path.samestat(os.fstat(inherited), os.stat(path)):
+            return inherited
+    except OSError:
+        pass
+    os.close(inherited)
+    return None
 
 
 def _collector_off_for_recovery() -> None:
@@ -631,14 +640,9 @@ class Daemon:
         """Open, lock and fill the pid file; ``inherited``: its fd from before a re-exec,
         whose POSIX lock this process holds still (a new fd's close would drop it)."""
         path = self.config.pid_file
-        if inherited is not None:
-            try:
-                same = os.path.samestat(os.fstat(inherited), os.stat(path)) if path else False
-            except OSError:
-                same = False
-            if same:
-                return inherited
-            os.close(inherited)  # no pid file now, or another one
+        kept = _if_still(path or "", inherited)
+        if kept is not None:
+            return kept
         if not path:
             return None
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
@@ -659,7 +663,7 @@ def serve(
     """Serve in the foreground until SIGTERM or SIGINT; SIGHUP reloads, SIGUSR1 re-execs."""
     # Blocked until the handlers below are installed (already, after a re-exec):
     # by default each of these signals would end the daemon mid-start.
-    signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, procs.DAEMON_SIGNALS)
     handoff = read_handoff(handoff_fd) if handoff_fd is not None else None
     daemon = Daemon(config, overridden, handoff)
 
@@ -678,6 +682,8 @@ def serve(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_hup)
     signal.signal(signal.SIGUSR1, on_usr1)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)  # those sent meanwhile arrive now
+    signal.pthread_sigmask(
+        signal.SIG_UNBLOCK, procs.DAEMON_SIGNALS
+    )  # those sent meanwhile arrive now
     daemon.run()
     return 0

@@ -17,6 +17,13 @@ from actors.model import Owner
 
 log = logging.getLogger(__name__)
 
+DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1})
+"""The signals ``lockd serve`` handles. Until its handlers are installed they keep
+their default action, which ends the process, so they are blocked meanwhile: across
+a re-exec (the mask survives ``execve``) and during start-up. They wait, pending,
+and reach the handlers once installed; an operator's second SIGUSR1 or a reload
+sent just after a re-exec no longer kills the daemon and drops every lock."""
+
 PF_EXITING = 0x00000004
 """Kernel task flag set once a process has begun exiting (``/proc/PID/stat`` field 9)."""
 

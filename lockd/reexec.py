@@ -33,6 +33,7 @@ from actors.model import Owner
 from actors.owners import Fencing, QueryFencing
 from actors.router import AllFds, CollectFds
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
+from lockd.procs import DAEMON_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -137,20 +138,12 @@ def read_handoff(fd: int) -> Handoff:
     return attrs.evolve(handoff, connections=tuple(good))
 
 
-DAEMON_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1})
-"""The signals ``lockd serve`` handles. Until its handlers are installed they keep
-their default action, which ends the process, so they are blocked meanwhile: across
-a re-exec (the mask survives ``execve``) and during start-up. They wait, pending,
-and reach the handlers once installed; an operator's second SIGUSR1 or a reload
-sent just after a re-exec no longer kills the daemon and drops every lock."""
-
-
 def exec_with(handoff: Handoff, argv: Sequence[str]) -> None:
     """Replace this process by ``argv`` plus ``--handoff-fd``; the handed fds stay open.
 
     Raises OSError (and leaves this process as it was) when an fd is no longer
     open or the exec itself fails. The daemon's signals are blocked across the
-    exec (:data:`DAEMON_SIGNALS`).
+    exec (:data:`lockd.procs.DAEMON_SIGNALS`).
     """
     for fd in handoff.all_fds():
         os.fstat(fd)  # every fd handed over must still be open

@@ -29,6 +29,7 @@ from actors.faults import also_kill, counted_in_child, crash_point
 from actors.metrics import REGISTRY
 from actors.recovery_core import SNAPSHOT_FORMAT, SNAPSHOT_VERSION, ReplayState
 from actors.runtime import Dispatcher
+from lockd.procs import DAEMON_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +418,7 @@ def _child_main(
                 signal.signal(signum, signal.SIG_DFL)  # SIGTERM ends the child, as it should
         # Not the daemon's mask as it is during start-up (its signals blocked until
         # its handlers exist): nothing in the child waits for handlers.
-        daemons = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1}
-        signal.pthread_sigmask(signal.SIG_SETMASK, set(mask) - daemons)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set(mask) - DAEMON_SIGNALS)
         # Requests first: at nice 10 the child gets about a tenth of a CPU the
         # daemon keeps busy (CFS weights 110 against 1024) and all of an idle one.
         # SCHED_IDLE was tried: a request once waited 36 s behind a starved child.

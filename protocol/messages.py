@@ -40,9 +40,11 @@ def _uint(value: Any, what: str, *, positive: bool = False) -> int:
 
 
 def _text(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not 1 <= len(value) <= 255:
-        raise _Invalid(f"{what} must be 1-255 characters without control characters")
-    if CONTROL_CHARACTERS.search(value):
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value) <= 255
+        or CONTROL_CHARACTERS.search(value) is not None
+    ):
         raise _Invalid(f"{what} must be 1-255 characters without control characters")
     return value
 
