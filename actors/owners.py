@@ -629,8 +629,9 @@ class OwnersActor(DispatchedActor):
         owner, signum = pending.owner, pending.signum
         if owner.key not in self._fencing:
             return  # it exited meanwhile, and its leases were released
-        if signum == signal.SIGKILL:
-            self._timers.pop(owner.key, None)  # the retry below, if this is one
+        retry = self._timers.pop(owner.key, None) if signum == signal.SIGKILL else None
+        if retry is not None:
+            retry.cancel()  # the retry below, come due (or about to: this send replaces it)
         name = signal.Signals(signum).name
         if self._processes.signal(owner, signum):
             log.warning("fencing %s with %s: %s", owner.describe(), name, pending.reason)
