@@ -234,6 +234,8 @@ class _Restoring:
     refused: dict[str, LockRefused] = attrs.field(factory=dict)
     recreated: set[str] = attrs.field(factory=set)
     retries: dict[str, int] = attrs.field(factory=dict)
+    unstored: set[str] = attrs.field(factory=set)
+    """Adopted fds that were refused (and closed): their fd-store entries are gone."""
     events: tuple[Event, ...] = ()
 
 
@@ -947,6 +949,8 @@ class LockspaceActor(DispatchedActor):
 
     def _on_restore_lock(self, message: LockTaken | LockRefused) -> None:
         restoring = self._restoring[message.token]
+        if isinstance(message, LockRefused):
+            self._unstore_refused(restoring, message.resource)
         if (
             isinstance(message, LockRefused)
             and message.code is ErrorCode.NOT_FOUND
@@ -965,16 +969,28 @@ class LockspaceActor(DispatchedActor):
             restoring.taken[message.resource] = message.fd
         else:
             restoring.refused[message.resource] = message
-            adopted = next(
-                (x.fd for x in restoring.request.leases if x.resource == message.resource), None
-            )
-            if adopted is not None and self._fd_store is not None:
-                self._fd_store.remove(self.name, message.resource)
             ref = self._leases.pop(message.resource, None)
             if ref is not None:
                 ref.tell(DropLock(unlink=False))
         if not restoring.waiting:
             self._restore_journal(message.token)
+
+    def _unstore_refused(self, restoring: _Restoring, resource: str) -> None:
+        """Tell the service manager to drop its copy of an adopted fd that was refused.
+
+        The lease actor closed the adopted fd: the store's copy names a file
+        description that no longer carries the lease (and would keep a lock
+        alive behind lockd's back if it still did). A retry that takes the
+        lock on a new fd stores that one when recovery is journaled.
+        """
+        if resource in restoring.unstored:
+            return
+        lease = next(x for x in restoring.request.leases if x.resource == resource)
+        if lease.fd is None:
+            return
+        restoring.unstored.add(resource)
+        if self._fd_store is not None:
+            self._fd_store.remove(self.name, resource)
 
     def _retry_restore(self, restoring: _Restoring, refused: LockRefused) -> bool:
         """Try a live owner's lease again later, unless someone else holds it.
@@ -1071,7 +1087,10 @@ class LockspaceActor(DispatchedActor):
             if not lease.live:
                 continue
             self.fds[lease.resource] = restoring.taken[lease.resource]
-            if self._fd_store is not None and lease.fd is None:  # adopted fds are stored already
+            # An adopted fd is in the store already, unless it was refused and retried.
+            if self._fd_store is not None and (
+                lease.fd is None or lease.resource in restoring.unstored
+            ):
                 self._fd_store.store(self.name, lease.resource, self.fds[lease.resource])
             for owner, since in lease.live:
                 self._state.add(lease.resource, owner, lease.mode, lease.autocreate)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Iterator
@@ -282,6 +283,43 @@ def test_an_adopted_fd_that_lost_its_lock_is_removed_from_the_fd_store(h: Harnes
         assert [e.owner.pid for e in h.journal_writer.events(LeaseLost)] == [VICTIM]
     finally:
         os.close(thief)
+
+
+def test_an_adopted_fd_refused_then_locked_again_is_replaced_in_the_fd_store(
+    h: Harness,
+) -> None:
+    """Locking the fd the store gave back failed with an I/O error (not another holder):
+    the retry takes the lease on a new fd, and the store is told to drop the old copy and
+    keep the new one, so the next restart gets back the fd that carries the lock."""
+    from actors.router import RouterActor
+    from lockd.lockfiles import LockspaceDir
+
+    class FlakyOnce(LockspaceDir):
+        failed = False
+
+        def try_lock(self, fd: int, *, shared: bool) -> None:  # type: ignore[override]
+            if not FlakyOnce.failed:
+                FlakyOnce.failed = True
+                raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+            super().try_lock(fd, shared=shared)
+
+    fd_store = FakeFdStore()
+    router = RouterActor.start(
+        h.dispatcher, lock_dir=str(h.lock_dir), journal=h.journal,
+        open_lockspace=FlakyOnce, fd_store=fd_store,
+    )  # fmt: skip
+    state = ReplayState()
+    held(state, "disk", owner(LIVE))
+    path = h.lock_dir / FILES / "disk"
+    path.touch()
+    stored = os.open(path, os.O_RDWR)  # closed by the refused adoption
+    reports = start_recovery(h, state, adopted={(FILES, "disk"): stored}, router=router)
+    h.advance(0.1)
+    assert (reports[0].held, reports[0].lost) == (1, 0)
+    assert kernel_locked(path)
+    assert fd_store.removed == [(FILES, "disk")]
+    assert fd_store.stored == [(FILES, "disk")]
+    assert h.journal_writer.events(LeaseLost) == []
 
 
 def test_a_lost_lease_journaled_before_a_crash_still_gets_its_owner_fenced(h: Harness) -> None:
