@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         "--check-config", action="store_true", help="validate the configuration, print it, exit"
     )
     serve.add_argument("--handoff-fd", type=int, help=argparse.SUPPRESS)  # set by SIGUSR1 re-exec
+    # Run by SIGUSR1 before it execs: read the configuration, import the daemon, say what
+    # handoff this program reads, exit (lockd.reexec.check_target).
+    serve.add_argument("--handoff-check", action="store_true", help=argparse.SUPPRESS)
     serve.set_defaults(func=commands.cmd_serve)
 
     for name, func, text in (

@@ -135,6 +135,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for field in attrs.fields(type(config)):
             print(f"  {field.name} = {getattr(config, field.name)!r}")
         return EXIT_OK
+    if args.handoff_check:
+        import lockd.daemon  # noqa: F401 - a broken install fails here, not after the exec
+        from lockd.reexec import check_line
+
+        print(check_line())
+        return EXIT_OK
     from lockd import logs
 
     logs.configure(config.log_level, config.log_filters, config.log_outputs)

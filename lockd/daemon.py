@@ -524,15 +524,14 @@ class Daemon:
             log.warning("SIGUSR1 ignored: %s", why)
             return
         self._reexecing = True
-        for listener in self.listeners:
-            listener.stop()
         argv = list(sys.argv[1:])
         if "--handoff-fd" in argv:
             i = argv.index("--handoff-fd")
             del argv[i : i + 2]
         ReexecActor.start(
             self.dispatcher,
-            connections=list(self._connections.values()),
+            connections=lambda: list(self._connections.values()),
+            stop_accepting=self._stop_accepting,
             router=self.system.router,
             journal=self.system.journal,
             listeners=[
@@ -548,6 +547,10 @@ class Daemon:
             own_fds=(self.system.journal_lock, self._pid_fd),
         )
 
+    def _stop_accepting(self) -> None:
+        for listener in self.listeners:
+            listener.stop()
+
     def _reexec_abandoned(self, handed: list[HandedOver], why: str) -> None:
         """Take back the connections already handed over and serve on, in this process."""
         for state in handed:
@@ -558,6 +561,7 @@ class Daemon:
                 self._clients -= 1
             self._adopt_connection(state)
         for listener in self.listeners:
+            listener.stop()  # harmless if the re-exec was abandoned before it stopped them
             listener.start()
         self._reexecing = False
         sd_notify(f"STATUS=serving; re-exec abandoned: {why}")

@@ -9,6 +9,12 @@ throughout. The new process replays the journal as after any restart, but
 adopts the inherited lease fds instead of reopening files, takes over the
 listening sockets, and goes on serving each client connection where it
 stopped (including bytes the client sent meanwhile).
+
+Before any of that, the new program is run once with ``--handoff-check``:
+it reads the configuration the exec would give it and imports its daemon,
+then prints the handoff it understands. A reload after a bad config edit or
+a broken install is then abandoned, the old program serving on, instead of
+exec'ing into a program that exits at once and takes every lock with it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +46,67 @@ from lockd.procs import DAEMON_SIGNALS
 log = logging.getLogger(__name__)
 
 HANDOFF_VERSION = 1
+
+HANDOFF_FEATURES = ("own-fds",)
+"""What this build takes over beyond version 1's fds, as ``--handoff-check`` prints it.
+``own-fds``: the journal directory's lock and the pid file, with the daemon's signals
+blocked across the exec (this build unblocks them once its handlers are in). A build
+from before the check takes both locks itself and never unblocks those signals."""
+
+CHECK_SECONDS = 10.0
+"""How long the new program's start-up check may take before the re-exec is abandoned."""
+
+_SERVICE_ENV = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+"""Kept from the check: it must never look like the service to the service manager."""
+
+
+def check_line() -> str:
+    """What ``lockd serve --handoff-check`` prints: handoff versions read, then features."""
+    return f"lockd-handoff {HANDOFF_VERSION} {' '.join(HANDOFF_FEATURES)}"
+
+
+@attrs.frozen
+class TargetCheck:
+    """What the program a re-exec would run said to ``--handoff-check``."""
+
+    ok: bool
+    own_fds: bool = False
+    """It takes over the journal lock and the pid file (and expects its signals blocked)."""
+    why: str = ""
+
+    @classmethod
+    def of(cls, returncode: int, stdout: str, stderr: str) -> TargetCheck:
+        """Read the check's outcome (pure, so every answer is tested without processes)."""
+        for line in stdout.splitlines():
+            words = line.split()
+            if words[:1] != ["lockd-handoff"]:
+                continue
+            versions = words[1].split(",") if len(words) > 1 else []
+            if str(HANDOFF_VERSION) not in versions:
+                read = ",".join(versions) or "none"
+                why = f"the new program reads handoff versions {read}, not {HANDOFF_VERSION}"
+                return cls(False, why=why)
+            return cls(True, own_fds="own-fds" in words[2:])
+        if returncode == 2 and "unrecognized arguments: --handoff-check" in stderr:
+            return cls(True, why="the new program is a lockd from before --handoff-check")
+        last = stderr.strip().splitlines()[-1:] or [f"exit status {returncode}"]
+        return cls(False, why=f"the new program fails its start-up check: {last[0]}")
+
+
+def check_target(argv: Sequence[str]) -> TargetCheck:
+    """Run ``argv --handoff-check`` and read its answer (blocks: run it off the loop)."""
+    env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ENV}
+    try:
+        done = subprocess.run(
+            [*argv, "--handoff-check"], stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, errors="replace", env=env, timeout=CHECK_SECONDS, check=False,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        why = f"the new program did not finish its start-up check within {CHECK_SECONDS:g} s"
+        return TargetCheck(False, why=why)
+    except OSError as exc:
+        return TargetCheck(False, why=f"cannot run {argv[0]}: {exc}")
+    return TargetCheck.of(done.returncode, done.stdout, done.stderr)
 
 
 @attrs.frozen
@@ -138,12 +207,13 @@ def read_handoff(fd: int) -> Handoff:
     return attrs.evolve(handoff, connections=tuple(good))
 
 
-def exec_with(handoff: Handoff, argv: Sequence[str]) -> None:
+def exec_with(handoff: Handoff, argv: Sequence[str], *, block_signals: bool = True) -> None:
     """Replace this process by ``argv`` plus ``--handoff-fd``; the handed fds stay open.
 
     Raises OSError (and leaves this process as it was) when an fd is no longer
     open or the exec itself fails. The daemon's signals are blocked across the
-    exec (:data:`lockd.procs.DAEMON_SIGNALS`).
+    exec (:data:`lockd.procs.DAEMON_SIGNALS`) unless ``block_signals`` is off
+    (a program from before the check would never unblock them).
     """
     for fd in handoff.all_fds():
         os.fstat(fd)  # every fd handed over must still be open
@@ -154,7 +224,7 @@ def exec_with(handoff: Handoff, argv: Sequence[str]) -> None:
     os.set_inheritable(memfd, True)
     sys.stdout.flush()
     sys.stderr.flush()
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS if block_signals else ())
     try:
         os.execv(argv[0], [*argv, "--handoff-fd", str(memfd)])  # noqa: S606 - our own binary
     finally:  # only reached when the exec failed
@@ -171,6 +241,13 @@ class _Deadline:
     """Self-sent when the re-exec took too long."""
 
 
+@attrs.frozen
+class _Checked:
+    """Self-sent (from the check's thread) with the new program's answer."""
+
+    result: TargetCheck
+
+
 class ReexecActor(DispatchedActor):
     """Quiesces the daemon and execs it; on any failure, resumes serving instead. Runs once."""
 
@@ -178,7 +255,8 @@ class ReexecActor(DispatchedActor):
         self,
         dispatcher: Dispatcher,
         *,
-        connections: Sequence[pykka.ActorRef[Any]],
+        connections: Callable[[], Sequence[pykka.ActorRef[Any]]],
+        stop_accepting: Callable[[], None],
         router: pykka.ActorRef[Any],
         journal: pykka.ActorRef[Any],
         owners: pykka.ActorRef[Any],
@@ -190,8 +268,11 @@ class ReexecActor(DispatchedActor):
         before_exec: Callable[[], None] | None = None,
         own_fds: tuple[int | None, int | None] = (None, None),
     ) -> None:
-        """``before_exec``: last work of this process (a snapshot being written by a
-        child is finished, so the next process is not left a child it does not know)."""
+        """``connections``: the open client connections, asked once the new program
+        passed its check and ``stop_accepting`` was called (until then the daemon
+        serves as usual). ``before_exec``: last work of this process (a snapshot
+        being written by a child is finished, so the next process is not left a
+        child it does not know)."""
         super().__init__(dispatcher)
         self._before_exec = before_exec
         self._own_fds = own_fds
@@ -199,7 +280,10 @@ class ReexecActor(DispatchedActor):
         self._fences_resume = fences_resume
         """The next process resumes fences in progress, deadlines kept (lost_lease_policy
         = fence); under ``log`` it would drop them, so a fence puts the re-exec off."""
-        self._connections = list(connections)
+        self._list_connections = connections
+        self._stop_accepting = stop_accepting
+        self._connections: list[pykka.ActorRef[Any]] = []
+        self._block_signals = True
         self._router = router
         self._journal = journal
         self._owners = owners
@@ -213,11 +297,33 @@ class ReexecActor(DispatchedActor):
         self._done = False
 
     def on_start(self) -> None:
-        ref = self.actor_ref
-        self.dispatcher.call_later(REEXEC_DEADLINE_SECONDS, lambda: tell_if_alive(ref, _Deadline()))
         if not os.access(self._argv[0], os.X_OK):
             self._abort(f"{self._argv[0]} is not executable")
             return
+        ref, argv = self.actor_ref, tuple(self._argv)
+        log.info("re-exec: checking that the new program starts")
+        threading.Thread(
+            target=lambda: tell_if_alive(ref, _Checked(check_target(argv))),
+            name="lockd-reexec-check",
+            daemon=True,
+        ).start()
+
+    def _checked(self, result: TargetCheck) -> None:
+        if not result.ok:
+            self._abort(result.why)
+            return
+        if not result.own_fds:
+            log.warning(
+                "re-exec: %s: it takes the journal directory lock and the pid file itself "
+                "(both are free while it starts), and signals are not blocked across the exec",
+                result.why,
+            )
+            self._own_fds = (None, None)
+            self._block_signals = False
+        ref = self.actor_ref
+        self.dispatcher.call_later(REEXEC_DEADLINE_SECONDS, lambda: tell_if_alive(ref, _Deadline()))
+        self._stop_accepting()
+        self._connections = list(self._list_connections())
         # A fence in progress has its SIGKILL on a timer of this process: the next
         # process must take it over (recovery resumes it, its deadline kept).
         self._owners.tell(QueryFencing(self.actor_ref))
@@ -234,7 +340,9 @@ class ReexecActor(DispatchedActor):
     def on_receive(self, message: Any) -> Any:
         if self._done:
             return None
-        if isinstance(message, Fencing):
+        if isinstance(message, _Checked):
+            self._checked(message.result)
+        elif isinstance(message, Fencing):
             # A fence whose SIGKILL was sent only waits for the exit, which the next
             # process sees too; one whose SIGKILL is still to come needs resuming.
             timed = [f for f in message.fences if f.next_signal is not None]
@@ -282,7 +390,7 @@ class ReexecActor(DispatchedActor):
             len(self._leases),
         )
         try:
-            exec_with(handoff, self._argv)
+            exec_with(handoff, self._argv, block_signals=self._block_signals)
         except OSError as exc:
             for fd in handoff.all_fds():
                 with contextlib.suppress(OSError):

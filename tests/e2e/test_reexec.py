@@ -268,3 +268,37 @@ def test_stale_lease_fds_in_a_handoff_are_closed_and_held_leases_kept(
     assert fds_on(daemon.proc.pid, path) == 1, "the lease's fd from the store was kept as well"
     assert_vm_lease_kept(daemon, vm, watcher, "the handover")
     check(daemon)
+
+
+def test_a_reload_after_a_bad_config_edit_serves_on_and_keeps_every_lock(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """The operator broke the config file, then reloaded: the new program would exit at
+    once and take every lock with it. Its start-up check fails first, so the old program
+    serves on, the lock never free; once the file is mended, SIGUSR1 re-execs."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("fence_grace = 5\n")
+    daemon = make_daemon("bad", None, "--config", str(config))
+    start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    watcher = start_watch(lease_file(daemon, "/vm/a.img"))
+    children.append(watcher)  # type: ignore[arg-type]
+    config.write_text("fence_grace = 5\njournal_sync = 'sometimes'\n")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "re-exec abandoned" in daemon.log.read_text())
+    abandoned = next(
+        line for line in daemon.log.read_text().splitlines() if "re-exec abandoned" in line
+    )
+    assert "start-up check" in abandoned
+    assert "journal_sync" in abandoned
+    assert daemon.proc.poll() is None
+    assert daemon.lockd("status").returncode == 0
+    assert len(events(daemon, "--type", "daemon-started")) == 1
+    config.write_text("fence_grace = 5\n")
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    tries, free = stop_watch(watcher)
+    assert tries > 100
+    assert free == 0, f"the lock was seen free {free} times"
+    assert daemon.proc.poll() is None
+    check(daemon)

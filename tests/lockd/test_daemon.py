@@ -20,7 +20,7 @@ from lockd import reexec as reexec_module
 from lockd.config import Config
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
 from lockd.journal_file import read_entries
-from lockd.reexec import Handoff
+from lockd.reexec import Handoff, TargetCheck
 from lockd.snapshot import list_snapshots
 from protocol.client import Client
 from protocol.codec import encode_item
@@ -206,8 +206,11 @@ def test_a_reexec_kills_a_snapshot_child_that_does_not_finish_then_execs(
     monkeypatch.setattr(daemon_module, "STOP_WAIT_S", 0.3)
     execs: list[tuple[Handoff, float]] = []
     monkeypatch.setattr(
-        reexec_module, "exec_with", lambda handoff, _argv: execs.append((handoff, time.monotonic()))
+        reexec_module,
+        "exec_with",
+        lambda handoff, _argv, **_: execs.append((handoff, time.monotonic())),
     )
+    monkeypatch.setattr(reexec_module, "check_target", lambda _argv: TargetCheck(True, True))
     daemon = Daemon(config, sockets=False)
     try:
         daemon.dispatcher.run_until_idle()
@@ -226,5 +229,60 @@ def test_a_reexec_kills_a_snapshot_child_that_does_not_finish_then_execs(
             e.event for e in read_entries(config.journal_dir) if isinstance(e.event, DaemonStopped)
         ]
         assert [e.reason for e in stopped] == ["re-exec (SIGUSR1)"]
+    finally:
+        daemon.system.shutdown("test done")
+
+
+def _reexec_with(
+    config: Config, monkeypatch: pytest.MonkeyPatch, check: TargetCheck
+) -> tuple[Daemon, list[tuple[Handoff, bool]]]:
+    """Send the daemon SIGUSR1's work with the new program answering ``check``."""
+    execs: list[tuple[Handoff, bool]] = []
+
+    def exec_with(handoff: Handoff, _argv: list[str], *, block_signals: bool = True) -> None:
+        execs.append((handoff, block_signals))
+
+    monkeypatch.setattr(reexec_module, "exec_with", exec_with)
+    monkeypatch.setattr(reexec_module, "check_target", lambda _argv: check)
+    daemon = Daemon(config, sockets=False)
+    daemon.dispatcher.run_until_idle()
+    daemon.reexec()
+    started = time.monotonic()
+    while not execs and daemon._reexecing and time.monotonic() - started < 10:
+        daemon.dispatcher.run_once(timeout=0.05)
+    return daemon, execs
+
+
+@pytest.mark.parametrize("own_fds", [True, False])
+def test_a_reexec_hands_over_its_own_locks_only_to_a_program_that_takes_them(
+    config: Config, monkeypatch: pytest.MonkeyPatch, own_fds: bool
+) -> None:
+    """A lockd from before --handoff-check takes the journal lock and the pid file itself
+    and never unblocks the daemon's signals: handed the journal's lock, it would find the
+    journal "in use" and exit, every lock going with it; so it gets neither (nor the pid
+    file, handed with it), nor blocked signals."""
+    daemon, execs = _reexec_with(config, monkeypatch, TargetCheck(True, own_fds=own_fds))
+    try:
+        ((handoff, blocked),) = execs
+        assert blocked is own_fds
+        assert (handoff.journal_lock is not None) is own_fds
+    finally:
+        daemon.system.shutdown("test done")
+
+
+def test_a_reexec_into_a_program_that_fails_its_check_is_abandoned(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new program cannot start (a bad config edit, a broken install): exec'ing it
+    would end the daemon and free every lock, so the old program serves on instead."""
+    why = "the new program fails its start-up check: lockd serve: bad config"
+    daemon, execs = _reexec_with(config, monkeypatch, TargetCheck(False, why=why))
+    try:
+        assert execs == []
+        assert not daemon._reexecing  # a later SIGUSR1 is not ignored
+        stopped = [
+            e for e in read_entries(config.journal_dir) if isinstance(e.event, DaemonStopped)
+        ]
+        assert stopped == []  # nothing was journaled as if the daemon went away
     finally:
         daemon.system.shutdown("test done")
