@@ -295,6 +295,7 @@ class ReexecActor(DispatchedActor):
         self._handed: list[HandedOver] = []
         self._leases: tuple[tuple[str, str, int], ...] = ()
         self._done = False
+        self._check_started = 0.0
 
     def on_start(self) -> None:
         if not os.access(self._argv[0], os.X_OK):
@@ -302,6 +303,7 @@ class ReexecActor(DispatchedActor):
             return
         ref, argv = self.actor_ref, tuple(self._argv)
         log.info("re-exec: checking that the new program starts")
+        self._check_started = self.dispatcher.now()
         threading.Thread(
             target=lambda: tell_if_alive(ref, _Checked(check_target(argv))),
             name="lockd-reexec-check",
@@ -312,6 +314,8 @@ class ReexecActor(DispatchedActor):
         if not result.ok:
             self._abort(result.why)
             return
+        took = (self.dispatcher.now() - self._check_started) * 1000
+        log.info("re-exec: the new program passed its start-up check in %.0f ms", took)
         if not result.own_fds:
             log.warning(
                 "re-exec: %s: it takes the journal directory lock and the pid file itself "
