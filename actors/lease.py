@@ -202,13 +202,17 @@ class LeaseActor(DispatchedActor):
         try:
             self._files.try_lock(msg.fd, shared=msg.mode is LeaseMode.SHARED)
         except LockBusyError:
+            self._fd = None  # a retried adoption kept it: it is closed here
             self._files.close_fd(msg.fd)
             return LockRefused(
                 self._resource, msg.token, ErrorCode.BUSY,
                 f"lease {self._resource} was taken by another process or host", True,
             )  # fmt: skip
         except OSError as exc:
-            self._files.close_fd(msg.fd)
+            # Kept open: if it still carries the lease (the previous daemon's lock, or
+            # the service manager's copy), closing it could free the lease, and the
+            # lockspace tries this fd again. DropLock closes it if it gives up.
+            self._fd, self._mode = msg.fd, msg.mode
             return LockRefused(
                 self._resource, msg.token, ErrorCode.IO_ERROR, f"cannot lock lease file: {exc}"
             )

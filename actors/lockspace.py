@@ -234,8 +234,6 @@ class _Restoring:
     refused: dict[str, LockRefused] = attrs.field(factory=dict)
     recreated: set[str] = attrs.field(factory=set)
     retries: dict[str, int] = attrs.field(factory=dict)
-    unstored: set[str] = attrs.field(factory=set)
-    """Adopted fds that were refused (and closed): their fd-store entries are gone."""
     events: tuple[Event, ...] = ()
 
 
@@ -949,8 +947,6 @@ class LockspaceActor(DispatchedActor):
 
     def _on_restore_lock(self, message: LockTaken | LockRefused) -> None:
         restoring = self._restoring[message.token]
-        if isinstance(message, LockRefused):
-            self._unstore_refused(restoring, message.resource)
         if (
             isinstance(message, LockRefused)
             and message.code is ErrorCode.NOT_FOUND
@@ -969,27 +965,21 @@ class LockspaceActor(DispatchedActor):
             restoring.taken[message.resource] = message.fd
         else:
             restoring.refused[message.resource] = message
+            self._unstore(restoring, message.resource)
             ref = self._leases.pop(message.resource, None)
             if ref is not None:
                 ref.tell(DropLock(unlink=False))
         if not restoring.waiting:
             self._restore_journal(message.token)
 
-    def _unstore_refused(self, restoring: _Restoring, resource: str) -> None:
-        """Tell the service manager to drop its copy of an adopted fd that was refused.
+    def _unstore(self, restoring: _Restoring, resource: str) -> None:
+        """The lease is lost: the service manager drops its copy of the adopted fd.
 
-        The lease actor closed the adopted fd: the store's copy names a file
-        description that no longer carries the lease (and would keep a lock
-        alive behind lockd's back if it still did). A retry that takes the
-        lock on a new fd stores that one when recovery is journaled.
+        Kept, that copy would hold on to a lock lockd no longer tracks (a
+        lease-lost VM's lock, for one), and the next restart would adopt it.
         """
-        if resource in restoring.unstored:
-            return
         lease = next(x for x in restoring.request.leases if x.resource == resource)
-        if lease.fd is None:
-            return
-        restoring.unstored.add(resource)
-        if self._fd_store is not None:
+        if lease.fd is not None and self._fd_store is not None:
             self._fd_store.remove(self.name, resource)
 
     def _retry_restore(self, restoring: _Restoring, refused: LockRefused) -> bool:
@@ -1010,10 +1000,18 @@ class LockspaceActor(DispatchedActor):
             log.warning("recovery: lease %s/%s: %s; trying again for up to %g s",
                         self.name, resource, refused.message, RESTORE_RETRY_SECONDS)  # fmt: skip
         lease = next(x for x in restoring.request.leases if x.resource == resource)
-        take = TakeLock(lease.mode, resource in restoring.recreated, refused.token, self.actor_ref)
+        again: AdoptLock | TakeLock
+        if lease.fd is not None:
+            # The lease actor kept the adopted fd open: the same open file description
+            # as the previous daemon's (and the fd store's copy), so its lock, if it
+            # still has one, is never let go; a new open would conflict with it.
+            again = AdoptLock(lease.fd, lease.mode, refused.token, self.actor_ref)
+        else:
+            again = TakeLock(lease.mode, resource in restoring.recreated, refused.token,
+                             self.actor_ref)  # fmt: skip
         ref = self._leases[resource]
         self.dispatcher.call_later(
-            RESTORE_RETRY_SECONDS / RESTORE_RETRIES, lambda: tell_if_alive(ref, take)
+            RESTORE_RETRY_SECONDS / RESTORE_RETRIES, lambda: tell_if_alive(ref, again)
         )
         return True
 
@@ -1087,10 +1085,7 @@ class LockspaceActor(DispatchedActor):
             if not lease.live:
                 continue
             self.fds[lease.resource] = restoring.taken[lease.resource]
-            # An adopted fd is in the store already, unless it was refused and retried.
-            if self._fd_store is not None and (
-                lease.fd is None or lease.resource in restoring.unstored
-            ):
+            if self._fd_store is not None and lease.fd is None:  # adopted fds are stored already
                 self._fd_store.store(self.name, lease.resource, self.fds[lease.resource])
             for owner, since in lease.live:
                 self._state.add(lease.resource, owner, lease.mode, lease.autocreate)

@@ -25,7 +25,7 @@ from actors.lockspace import RESTORE_RETRY_SECONDS
 from actors.model import LeaseMode, Owner
 from actors.recovery import RESUMED, RecoveryActor, RecoveryReport
 from actors.recovery_core import HeldLease, ReplayState
-from lockd.lockfiles import try_lock
+from lockd.lockfiles import LockspaceDir, try_lock
 from protocol.names import INDEX_NAME
 from tests.actors.harness import Harness
 from tests.actors.test_daemon_actors import FILES, kernel_locked
@@ -285,41 +285,78 @@ def test_an_adopted_fd_that_lost_its_lock_is_removed_from_the_fd_store(h: Harnes
         os.close(thief)
 
 
-def test_an_adopted_fd_refused_then_locked_again_is_replaced_in_the_fd_store(
-    h: Harness,
-) -> None:
-    """Locking the fd the store gave back failed with an I/O error (not another holder):
-    the retry takes the lease on a new fd, and the store is told to drop the old copy and
-    keep the new one, so the next restart gets back the fd that carries the lock."""
+class Flaky(LockspaceDir):
+    """Lease files whose next ``failures`` locks fail with ENOLCK (an NFS lock hiccup)."""
+
+    failures = 0
+
+    def try_lock(self, fd: int, *, shared: bool) -> None:  # type: ignore[override]
+        if Flaky.failures:
+            Flaky.failures -= 1
+            raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+        super().try_lock(fd, shared=shared)
+
+
+def _adopting(
+    h: Harness, failures: int
+) -> tuple[FakeFdStore, Path, int, int, list[RecoveryReport]]:
+    """Recovery adopting a stored fd that carries the lease, whose first ``failures`` locks
+    fail; the service manager keeps its own copy of the fd meanwhile."""
     from actors.router import RouterActor
-    from lockd.lockfiles import LockspaceDir
 
-    class FlakyOnce(LockspaceDir):
-        failed = False
-
-        def try_lock(self, fd: int, *, shared: bool) -> None:  # type: ignore[override]
-            if not FlakyOnce.failed:
-                FlakyOnce.failed = True
-                raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
-            super().try_lock(fd, shared=shared)
-
+    Flaky.failures = failures
     fd_store = FakeFdStore()
     router = RouterActor.start(
         h.dispatcher, lock_dir=str(h.lock_dir), journal=h.journal,
-        open_lockspace=FlakyOnce, fd_store=fd_store,
+        open_lockspace=Flaky, fd_store=fd_store,
     )  # fmt: skip
     state = ReplayState()
     held(state, "disk", owner(LIVE))
     path = h.lock_dir / FILES / "disk"
     path.touch()
-    stored = os.open(path, os.O_RDWR)  # closed by the refused adoption
+    stored = os.open(path, os.O_RDWR)
+    try_lock(stored, shared=False)  # the previous daemon's lock, on this open file description
+    copy = os.dup(stored)  # the service manager's copy of it
     reports = start_recovery(h, state, adopted={(FILES, "disk"): stored}, router=router)
-    h.advance(0.1)
-    assert (reports[0].held, reports[0].lost) == (1, 0)
+    return fd_store, path, stored, copy, reports
+
+
+def test_an_adopted_fd_whose_lock_fails_once_is_tried_again_and_never_let_go(
+    h: Harness,
+) -> None:
+    """Locking the fd the store gave back failed with an I/O error, not another holder:
+    the same fd is tried again, so the lease is never free (a new open would also
+    conflict with the store's copy of the old one, and be taken for another holder's
+    lock: the lease lost, the VM fenced)."""
+    fd_store, path, stored, copy, reports = _adopting(h, failures=1)
+    try:
+        assert reports == []  # waiting to try again
+        assert kernel_locked(path)
+        h.advance(0.1)
+        assert (reports[0].held, reports[0].lost) == (1, 0)
+        assert h.journal_writer.events(LeaseLost) == []
+        assert (fd_store.removed, fd_store.stored) == ([], [])  # the store's fd is the one
+        os.fstat(stored)  # still open: lockd holds the lease on it
+    finally:
+        os.close(copy)
     assert kernel_locked(path)
-    assert fd_store.removed == [(FILES, "disk")]
-    assert fd_store.stored == [(FILES, "disk")]
-    assert h.journal_writer.events(LeaseLost) == []
+
+
+def test_an_adopted_fd_that_cannot_be_locked_for_the_whole_retry_is_lost_and_unstored(
+    h: Harness,
+) -> None:
+    fd_store, _, stored, copy, reports = _adopting(h, failures=10**6)
+    try:
+        for _ in range(int(RESTORE_RETRY_SECONDS * 10) + 5):
+            h.advance(0.1)
+        assert reports[0].lost == 1
+        assert [e.owner.pid for e in h.journal_writer.events(LeaseLost)] == [LIVE]
+        assert fd_store.removed == [(FILES, "disk")]
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            os.fstat(stored)  # closed by lockd; the manager drops its copy when told
+    finally:
+        os.close(copy)
+        Flaky.failures = 0
 
 
 def test_a_lost_lease_journaled_before_a_crash_still_gets_its_owner_fenced(h: Harness) -> None:
