@@ -137,9 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.handoff_check:
         import lockd.daemon  # noqa: F401 - a broken install fails here, not after the exec
-        from lockd.reexec import check_line
+        from lockd.reexec import check_output
 
-        print(check_line())
+        print(check_output(config))
         return EXIT_OK
     from lockd import logs
 

@@ -37,7 +37,7 @@ from lockd import __version__, logs, procs
 from lockd.config import Config
 from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
-from lockd.reexec import Handoff, ListenerFd, ReexecActor, read_handoff
+from lockd.reexec import PATH_KEYS, Handoff, ListenerFd, ReexecActor, read_handoff
 from lockd.replay import replay
 from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
 from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
@@ -545,6 +545,7 @@ class Daemon:
             fences_resume=self.config.lost_lease_policy == "fence",
             before_exec=lambda: self.system.snapshots.wait(STOP_WAIT_S),
             own_fds=(self.system.journal_lock, self._pid_fd),
+            paths={key: getattr(self.config, key) for key in PATH_KEYS},
         )
 
     def _stop_accepting(self) -> None:

@@ -19,7 +19,9 @@ exec'ing into a program that exits at once and takes every lock with it.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -50,8 +52,12 @@ HANDOFF_VERSION = 1
 HANDOFF_FEATURES = ("own-fds",)
 """What this build takes over beyond version 1's fds, as ``--handoff-check`` prints it.
 ``own-fds``: the journal directory's lock and the pid file, with the daemon's signals
-blocked across the exec (this build unblocks them once its handlers are in). A build
-from before the check takes both locks itself and never unblocks those signals."""
+blocked across the exec (this build unblocks them once its handlers are in). The first
+builds took both locks themselves and never unblocked those signals."""
+
+PATH_KEYS = ("socket", "admin_socket", "lock_dir", "journal_dir", "pid_file")
+"""Settings a re-exec cannot change: the new program carries on with the running
+daemon's sockets, lease files, journal and pid file, which it finds through them."""
 
 CHECK_SECONDS = 10.0
 """How long the new program's start-up check may take before the re-exec is abandoned."""
@@ -59,54 +65,122 @@ CHECK_SECONDS = 10.0
 _SERVICE_ENV = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 """Kept from the check: it must never look like the service to the service manager."""
 
+Paths = dict[str, str | None]
 
-def check_line() -> str:
-    """What ``lockd serve --handoff-check`` prints: handoff versions read, then features."""
-    return f"lockd-handoff {HANDOFF_VERSION} {' '.join(HANDOFF_FEATURES)}"
+
+def check_output(config: Any) -> str:
+    """What ``lockd serve --handoff-check`` prints: handoff versions read and features,
+    then the paths its configuration gives (a :class:`lockd.config.Config`)."""
+    paths = {key: getattr(config, key) for key in PATH_KEYS}
+    return (
+        f"lockd-handoff {HANDOFF_VERSION} {' '.join(HANDOFF_FEATURES)}\n"
+        f"lockd-paths {json.dumps(paths, sort_keys=True)}"
+    )
 
 
 @attrs.frozen
 class TargetCheck:
-    """What the program a re-exec would run said to ``--handoff-check``."""
+    """What the program a re-exec would run said about itself."""
 
     ok: bool
     own_fds: bool = False
     """It takes over the journal lock and the pid file (and expects its signals blocked)."""
     why: str = ""
+    paths: Paths = attrs.field(factory=dict, eq=True, hash=False)
+    """The :data:`PATH_KEYS` its configuration gives."""
 
     @classmethod
     def of(cls, returncode: int, stdout: str, stderr: str) -> TargetCheck:
-        """Read the check's outcome (pure, so every answer is tested without processes)."""
+        """Read the answer to ``--handoff-check`` (pure: every answer is tested without
+        processes). A build from before the check gets ``why`` = :data:`BEFORE_CHECK`."""
+        handoff: list[str] | None = None
+        paths: Paths | None = None
         for line in stdout.splitlines():
-            words = line.split()
-            if words[:1] != ["lockd-handoff"]:
-                continue
-            versions = words[1].split(",") if len(words) > 1 else []
+            head, _, rest = line.partition(" ")
+            if head == "lockd-handoff":
+                handoff = rest.split()
+            elif head == "lockd-paths":
+                paths = json.loads(rest)
+        if handoff is not None:
+            versions = handoff[0].split(",") if handoff else []
             if str(HANDOFF_VERSION) not in versions:
                 read = ",".join(versions) or "none"
                 why = f"the new program reads handoff versions {read}, not {HANDOFF_VERSION}"
                 return cls(False, why=why)
-            return cls(True, own_fds="own-fds" in words[2:])
+            if paths is None:
+                return cls(False, why="the new program did not say which paths it would use")
+            return cls(True, own_fds="own-fds" in handoff[1:], paths=paths)
         if returncode == 2 and "unrecognized arguments: --handoff-check" in stderr:
-            return cls(True, why="the new program is a lockd from before --handoff-check")
-        last = stderr.strip().splitlines()[-1:] or [f"exit status {returncode}"]
-        return cls(False, why=f"the new program fails its start-up check: {last[0]}")
+            return cls(False, why=BEFORE_CHECK)
+        return cls(
+            False, why=f"the new program fails its start-up check: {_last(stderr, returncode)}"
+        )
+
+    @classmethod
+    def before_check(cls, returncode: int, stdout: str, stderr: str) -> TargetCheck:
+        """Read the answer of a build from before the check to ``--check-config``: its
+        configuration, printed as ``  name = repr`` lines."""
+        if returncode != 0:
+            last = _last(stderr, returncode)
+            return cls(False, why=f"{BEFORE_CHECK}, and it fails --check-config: {last}")
+        paths: Paths = {}
+        for line in stdout.splitlines():
+            name, sep, value = line.strip().partition(" = ")
+            if sep and name in PATH_KEYS:
+                paths[name] = ast.literal_eval(value)
+        if set(paths) != set(PATH_KEYS):
+            return cls(False, why=f"{BEFORE_CHECK}, and --check-config did not print its paths")
+        return cls(True, own_fds=False, why=BEFORE_CHECK, paths=paths)
+
+
+BEFORE_CHECK = "the new program is a lockd from before --handoff-check"
+
+
+def _last(stderr: str, returncode: int) -> str:
+    lines = stderr.strip().splitlines()
+    return lines[-1] if lines else f"exit status {returncode}"
+
+
+def moved_paths(running: Paths, new: Paths) -> list[str]:
+    """The settings of :data:`PATH_KEYS` the new program would not share with this one."""
+    return [
+        f"{key} ({running.get(key)} -> {new.get(key)})"
+        for key in PATH_KEYS
+        if running.get(key) != new.get(key)
+    ]
 
 
 def check_target(argv: Sequence[str]) -> TargetCheck:
-    """Run ``argv --handoff-check`` and read its answer (blocks: run it off the loop)."""
+    """Ask the program a re-exec would run whether it starts, and with which paths.
+
+    ``argv --handoff-check``; a build from before that option is asked for
+    ``--check-config`` instead, so a broken configuration is caught there too.
+    Blocks for the check's run: call it off the loop.
+    """
+    done = _run([*argv, "--handoff-check"])
+    if isinstance(done, TargetCheck):
+        return done
+    check = TargetCheck.of(done.returncode, done.stdout, done.stderr)
+    if check.why != BEFORE_CHECK:
+        return check
+    again = _run([*argv, "--check-config"])
+    if isinstance(again, TargetCheck):
+        return again
+    return TargetCheck.before_check(again.returncode, again.stdout, again.stderr)
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | TargetCheck:
     env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ENV}
     try:
-        done = subprocess.run(
-            [*argv, "--handoff-check"], stdin=subprocess.DEVNULL, capture_output=True,
-            text=True, errors="replace", env=env, timeout=CHECK_SECONDS, check=False,
+        return subprocess.run(
+            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            errors="replace", env=env, timeout=CHECK_SECONDS, check=False,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
         why = f"the new program did not finish its start-up check within {CHECK_SECONDS:g} s"
         return TargetCheck(False, why=why)
     except OSError as exc:
         return TargetCheck(False, why=f"cannot run {argv[0]}: {exc}")
-    return TargetCheck.of(done.returncode, done.stdout, done.stderr)
 
 
 @attrs.frozen
@@ -267,6 +341,7 @@ class ReexecActor(DispatchedActor):
         fences_resume: bool = True,
         before_exec: Callable[[], None] | None = None,
         own_fds: tuple[int | None, int | None] = (None, None),
+        paths: Paths | None = None,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
@@ -276,6 +351,8 @@ class ReexecActor(DispatchedActor):
         super().__init__(dispatcher)
         self._before_exec = before_exec
         self._own_fds = own_fds
+        self._paths = paths
+        """This daemon's :data:`PATH_KEYS` (None: not compared, for tests)."""
         """The journal directory's lock and the pid file (see :class:`Handoff`)."""
         self._fences_resume = fences_resume
         """The next process resumes fences in progress, deadlines kept (lost_lease_policy
@@ -314,12 +391,20 @@ class ReexecActor(DispatchedActor):
         if not result.ok:
             self._abort(result.why)
             return
+        moved = moved_paths(self._paths, result.paths) if self._paths is not None else []
+        if moved:
+            self._abort(
+                f"the configuration now moves {', '.join(moved)}; a re-exec carries on with "
+                "the running paths: restart lockd to change them, or undo the edit"
+            )
+            return
         took = (self.dispatcher.now() - self._check_started) * 1000
         log.info("re-exec: the new program passed its start-up check in %.0f ms", took)
         if not result.own_fds:
             log.warning(
-                "re-exec: %s: it takes the journal directory lock and the pid file itself "
-                "(both are free while it starts), and signals are not blocked across the exec",
+                "re-exec: %s (its configuration passed --check-config): it takes the journal "
+                "directory lock and the pid file itself (both are free while it starts), and "
+                "signals are not blocked across the exec",
                 result.why,
             )
             self._own_fds = (None, None)

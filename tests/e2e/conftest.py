@@ -22,7 +22,12 @@ class DaemonProcess:
     """One ``lockd serve`` subprocess and its paths."""
 
     def __init__(
-        self, root: Path, lock_dir: Path, *extra: str, socket_dir: Path | None = None
+        self,
+        root: Path,
+        lock_dir: Path,
+        *extra: str,
+        socket_dir: Path | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.root = root
         self.socket = (socket_dir or root) / "lockd.sock"
@@ -36,6 +41,9 @@ class DaemonProcess:
         self.launcher: list[str] = []
         """A command the daemon runs under (e.g. the fake service manager's launcher)."""
         self.pass_fds: list[int] = []
+        self.cwd = cwd
+        """Where ``python -m lockd`` runs: a directory holding another build of the packages
+        runs that build (the current directory comes first on its import path)."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,6 +70,7 @@ class DaemonProcess:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **self.env_extra},
                 pass_fds=self.pass_fds,
+                cwd=self.cwd,
             )  # fmt: skip
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -105,11 +114,17 @@ def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
     started: list[DaemonProcess] = []
 
     def make(
-        name: str = "d", lock_dir: Path | None = None, *extra: str, socket_dir: Path | None = None
+        name: str = "d",
+        lock_dir: Path | None = None,
+        *extra: str,
+        socket_dir: Path | None = None,
+        cwd: Path | None = None,
     ) -> DaemonProcess:
         root = tmp_path / name
         root.mkdir(exist_ok=True)
-        daemon = DaemonProcess(root, lock_dir or tmp_path / "locks", *extra, socket_dir=socket_dir)
+        daemon = DaemonProcess(
+            root, lock_dir or tmp_path / "locks", *extra, socket_dir=socket_dir, cwd=cwd
+        )
         started.append(daemon)
         return daemon.start()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from tests.e2e.test_recovery import start_fence
 from tests.lockprobe import probe, start_watch, stop_watch
 
 pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_sigusr1_keeps_every_lock_and_connection(
@@ -270,33 +273,81 @@ def test_stale_lease_fds_in_a_handoff_are_closed_and_held_leases_kept(
     check(daemon)
 
 
+BAD_EDITS = {
+    "error": ("journal_sync = 'sometimes'\n", "journal_sync"),
+    "moved pid file": ("pid_file = '{tmp}/elsewhere.pid'\n", "restart lockd to change them"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(BAD_EDITS))
 def test_a_reload_after_a_bad_config_edit_serves_on_and_keeps_every_lock(
-    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path, edit: str
 ) -> None:
-    """The operator broke the config file, then reloaded: the new program would exit at
-    once and take every lock with it. Its start-up check fails first, so the old program
-    serves on, the lock never free; once the file is mended, SIGUSR1 re-execs."""
+    """The operator broke the config file, or moved a path the running daemon serves
+    from, then reloaded: the new program would exit at once and take every lock with it,
+    or carry on from paths that hold none of them. Its start-up check says so first, so
+    the old program serves on, the lock never free; once the edit is undone, SIGUSR1
+    re-execs."""
+    added, expected = BAD_EDITS[edit]
     config = tmp_path / "lockd.toml"
     config.write_text("fence_grace = 5\n")
     daemon = make_daemon("bad", None, "--config", str(config))
     start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
     watcher = start_watch(lease_file(daemon, "/vm/a.img"))
     children.append(watcher)  # type: ignore[arg-type]
-    config.write_text("fence_grace = 5\njournal_sync = 'sometimes'\n")
+    config.write_text("fence_grace = 5\n" + added.format(tmp=tmp_path))
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: "re-exec abandoned" in daemon.log.read_text())
     abandoned = next(
         line for line in daemon.log.read_text().splitlines() if "re-exec abandoned" in line
     )
-    assert "start-up check" in abandoned
-    assert "journal_sync" in abandoned
+    assert expected in abandoned
     assert daemon.proc.poll() is None
     assert daemon.lockd("status").returncode == 0
     assert len(events(daemon, "--type", "daemon-started")) == 1
     config.write_text("fence_grace = 5\n")
     daemon.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    tries, free = stop_watch(watcher)
+    assert tries > 100
+    assert free == 0, f"the lock was seen free {free} times"
+    assert daemon.proc.poll() is None
+    check(daemon)
+
+
+def test_a_downgrade_to_a_build_without_the_check_is_checked_with_check_config(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A build from before --handoff-check (here: this one with the option taken out,
+    as a downgrade would leave the files on disk) has its configuration checked with
+    --check-config instead: broken, the re-exec is abandoned; mended, it execs the old
+    way (the journal lock and the pid file taken by the new program itself), and the
+    lease is never free."""
+    build = tmp_path / "build"
+    for package in ("actors", "protocol", "lockd"):
+        shutil.copytree(REPO / package, build / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    config = tmp_path / "lockd.toml"
+    config.write_text("fence_grace = 5\n")
+    daemon = make_daemon("old", None, "--config", str(config), cwd=build)
+    start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    watcher = start_watch(lease_file(daemon, "/vm/a.img"))
+    children.append(watcher)  # type: ignore[arg-type]
+    cli = build / "lockd" / "cli.py"
+    option = 'serve.add_argument("--handoff-check", action="store_true", help=argparse.SUPPRESS)'
+    assert option in cli.read_text()
+    cli.write_text(cli.read_text().replace(option, "serve.set_defaults(handoff_check=False)"))
+    config.write_text("fence_grace = 5\njournal_sync = 'sometimes'\n")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "re-exec abandoned" in daemon.log.read_text())
+    assert "fails --check-config" in daemon.log.read_text()
+    assert daemon.proc.poll() is None
+    config.write_text("fence_grace = 5\n")
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    assert "from before --handoff-check" in daemon.log.read_text()
     tries, free = stop_watch(watcher)
     assert tries > 100
     assert free == 0, f"the lock was seen free {free} times"

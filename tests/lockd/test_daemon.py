@@ -20,7 +20,7 @@ from lockd import reexec as reexec_module
 from lockd.config import Config
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
 from lockd.journal_file import read_entries
-from lockd.reexec import Handoff, TargetCheck
+from lockd.reexec import PATH_KEYS, Handoff, TargetCheck
 from lockd.snapshot import list_snapshots
 from protocol.client import Client
 from protocol.codec import encode_item
@@ -210,7 +210,8 @@ def test_a_reexec_kills_a_snapshot_child_that_does_not_finish_then_execs(
         "exec_with",
         lambda handoff, _argv, **_: execs.append((handoff, time.monotonic())),
     )
-    monkeypatch.setattr(reexec_module, "check_target", lambda _argv: TargetCheck(True, True))
+    passed = TargetCheck(True, True, paths=_paths(config))
+    monkeypatch.setattr(reexec_module, "check_target", lambda _argv: passed)
     daemon = Daemon(config, sockets=False)
     try:
         daemon.dispatcher.run_until_idle()
@@ -231,6 +232,10 @@ def test_a_reexec_kills_a_snapshot_child_that_does_not_finish_then_execs(
         assert [e.reason for e in stopped] == ["re-exec (SIGUSR1)"]
     finally:
         daemon.system.shutdown("test done")
+
+
+def _paths(config: Config) -> dict[str, str | None]:
+    return {key: getattr(config, key) for key in PATH_KEYS}
 
 
 def _reexec_with(
@@ -261,7 +266,8 @@ def test_a_reexec_hands_over_its_own_locks_only_to_a_program_that_takes_them(
     and never unblocks the daemon's signals: handed the journal's lock, it would find the
     journal "in use" and exit, every lock going with it; so it gets neither (nor the pid
     file, handed with it), nor blocked signals."""
-    daemon, execs = _reexec_with(config, monkeypatch, TargetCheck(True, own_fds=own_fds))
+    check = TargetCheck(True, own_fds=own_fds, paths=_paths(config))
+    daemon, execs = _reexec_with(config, monkeypatch, check)
     try:
         ((handoff, blocked),) = execs
         assert blocked is own_fds

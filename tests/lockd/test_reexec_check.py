@@ -2,40 +2,67 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from lockd import reexec
-from lockd.reexec import TargetCheck, check_line, check_target
+from lockd.config import Config
+from lockd.reexec import BEFORE_CHECK, PATH_KEYS, TargetCheck, check_output, check_target
 
 LOCKD = [sys.executable, "-m", "lockd", "serve"]
 
 
-def test_this_build_reads_its_own_handoff_with_every_fd() -> None:
-    assert TargetCheck.of(0, check_line() + "\n", "") == TargetCheck(True, own_fds=True)
+PATHS = {"socket": "/run/l.sock", "admin_socket": "/run/a.sock", "lock_dir": "/locks",
+         "journal_dir": "/journal", "pid_file": None}  # fmt: skip
+
+
+def test_this_build_reads_its_own_handoff_with_every_fd_and_says_its_paths() -> None:
+    config = Config(
+        socket="/run/l.sock", admin_socket="/run/a.sock", lock_dir="/locks", journal_dir="/journal"
+    )
+    assert TargetCheck.of(0, check_output(config) + "\n", "") == TargetCheck(
+        True, own_fds=True, paths=PATHS
+    )
 
 
 def test_a_build_that_also_reads_later_versions_is_accepted() -> None:
-    assert TargetCheck.of(0, "lockd-handoff 1,2 own-fds later-thing\n", "").ok
+    stdout = f"lockd-handoff 1,2 own-fds later-thing\nlockd-paths {json.dumps(PATHS)}\n"
+    assert TargetCheck.of(0, stdout, "").ok
 
 
 def test_a_build_that_no_longer_reads_this_version_is_refused() -> None:
-    check = TargetCheck.of(0, "lockd-handoff 2 own-fds\n", "")
+    check = TargetCheck.of(0, f"lockd-handoff 2 own-fds\nlockd-paths {json.dumps(PATHS)}", "")
     assert check == TargetCheck(False, why="the new program reads handoff versions 2, not 1")
 
 
-def test_a_build_from_before_the_check_is_exec_ed_without_the_daemon_s_own_fds() -> None:
-    """argparse's answer to an option it does not know: such a build can start, and takes
-    the journal lock and the pid file itself."""
-    stderr = (
-        "usage: lockd [-h] {serve,status} ...\n"
-        "lockd: error: unrecognized arguments: --handoff-check\n"
+def test_a_build_that_does_not_say_its_paths_is_refused() -> None:
+    assert not TargetCheck.of(0, "lockd-handoff 1 own-fds\n", "").ok
+
+
+ARGPARSE = "usage: lockd [-h] {serve,status} ...\nlockd: error: unrecognized arguments: "
+
+
+def test_a_build_from_before_the_check_is_asked_for_check_config_instead() -> None:
+    """argparse's answer to an option it does not know: such a build is asked for
+    ``--check-config``, and exec'd without the daemon's own fds if that passes."""
+    assert TargetCheck.of(2, "", ARGPARSE + "--handoff-check\n").why == BEFORE_CHECK
+    printed = "configuration ok (/etc/lockd.toml)\n" + "".join(
+        f"  {k} = {v!r}\n" for k, v in {**PATHS, "fence_grace": 30.0}.items()
     )
-    check = TargetCheck.of(2, "", stderr)
-    assert (check.ok, check.own_fds) == (True, False)
-    assert "before --handoff-check" in check.why
+    assert TargetCheck.before_check(0, printed, "") == TargetCheck(
+        True, own_fds=False, why=BEFORE_CHECK, paths=PATHS
+    )
+
+
+def test_a_build_from_before_the_check_with_a_broken_configuration_is_refused() -> None:
+    check = TargetCheck.before_check(2, "", "lockd serve: /etc/lockd.toml: bad value\n")
+    assert not check.ok
+    assert check.why.endswith("fails --check-config: lockd serve: /etc/lockd.toml: bad value")
+    assert not TargetCheck.before_check(2, "", ARGPARSE + "--check-config\n").ok
 
 
 @pytest.mark.parametrize(
@@ -56,10 +83,15 @@ def test_a_program_that_cannot_start_is_refused_with_its_last_words(
     assert check == TargetCheck(False, why=f"the new program fails its start-up check: {why}")
 
 
-def test_the_real_program_passes_its_check_without_serving() -> None:
+def test_the_real_program_passes_its_check_without_serving(tmp_path: Path) -> None:
     """What SIGUSR1 runs: this build's ``serve --handoff-check`` (config read, daemon
-    imported), with no socket bound and nothing written."""
-    assert check_target(LOCKD) == TargetCheck(True, own_fds=True)
+    imported), with no socket bound and nothing written; flags resolved as serve does."""
+    check = check_target([*LOCKD, "--journal-dir", "j", "--lock-dir", str(tmp_path)])
+    assert (check.ok, check.own_fds) == (True, True)
+    assert set(check.paths) == set(PATH_KEYS)
+    assert check.paths["journal_dir"] == os.path.abspath("j")
+    assert check.paths["lock_dir"] == str(tmp_path)
+    assert not os.path.exists("j")
 
 
 def test_a_bad_configuration_fails_the_real_check(tmp_path: Path) -> None:
