@@ -562,7 +562,6 @@ class Daemon:
                 self._clients -= 1
             self._adopt_connection(state)
         for listener in self.listeners:
-            listener.stop()  # harmless if the re-exec was abandoned before it stopped them
             listener.start()
         self._reexecing = False
         sd_notify(f"STATUS=serving; re-exec abandoned: {why}")

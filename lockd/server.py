@@ -23,7 +23,7 @@ from typing import Any
 import pykka
 
 from actors.connection import Drained, PeerGone, Received
-from actors.runtime import Dispatcher, tell_if_alive
+from actors.runtime import Dispatcher, Timer, tell_if_alive
 from protocol.codec import encode_item
 from protocol.errors import ErrorCode
 from protocol.framing import encode_frame
@@ -287,11 +287,24 @@ class Listener:
         self._allowed = frozenset(allowed_uids)
         self._on_accept = on_accept
         self._starved = False
+        self._retry: Timer | None = None
+        """Accepting again after running out of descriptors: cancelled by :meth:`stop`
+        (else a re-exec's quiesce would start accepting again under it)."""
         sock.setblocking(False)
 
     def start(self) -> None:
-        """Begin accepting (after recovery: until then, connections wait in the backlog)."""
-        self._dispatcher.watch(self.sock.fileno(), selectors.EVENT_READ, self._ready)
+        """Begin accepting (after recovery: until then, connections wait in the backlog).
+
+        Harmless when already accepting."""
+        self._cancel_retry()
+        fd = self.sock.fileno()
+        self._dispatcher.unwatch(fd)
+        self._dispatcher.watch(fd, selectors.EVENT_READ, self._ready)
+
+    def _cancel_retry(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
 
     def _ready(self, _mask: int) -> None:
         for _ in range(64):  # bounded, so one busy listener cannot starve the loop
@@ -311,7 +324,7 @@ class Listener:
                                   "memory); retrying every 100 ms", exc)  # fmt: skip
                     self._starved = True
                     self._dispatcher.unwatch(self.sock.fileno())
-                    self._dispatcher.call_later(0.1, self.start)
+                    self._retry = self._dispatcher.call_later(0.1, self.start)
                     return
                 raise
             if self._starved:
@@ -329,11 +342,12 @@ class Listener:
 
     def stop(self) -> None:
         """Stop accepting (connections wait in the backlog); the socket stays open."""
+        self._cancel_retry()
         self._dispatcher.unwatch(self.sock.fileno())
 
     def close(self) -> None:
         """Stop accepting; the socket file stays for the next daemon to replace."""
-        self._dispatcher.unwatch(self.sock.fileno())
+        self.stop()
         self.sock.close()
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from actors.connection import PeerGone
 from actors.runtime import DispatchedActor, Dispatcher
-from lockd.server import SocketTransport
+from lockd.server import Listener, SocketTransport
 
 
 class Inbox(DispatchedActor):
@@ -98,3 +98,61 @@ def test_a_send_to_a_closed_peer_ends_the_connection(
     dispatcher.run_until_idle(poll_io=False)
     assert transport.gone
     assert [m for m in inbox.got if isinstance(m, PeerGone)] == [PeerGone()]
+
+
+class _Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Starved:
+    """A listening socket whose accept fails as at the descriptor limit."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def accept(self) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+
+def test_a_listener_stopped_while_starved_of_descriptors_stays_stopped(
+    tmp_path: Any,
+) -> None:
+    """Out of descriptors, a listener stops watching and starts again 100 ms later. A
+    stop meanwhile (a re-exec quiescing) must win: accepting again under the quiesce
+    would take connections nobody hands over. A start on a started listener is harmless."""
+    clock = _Clock()
+    dispatcher = Dispatcher(clock)
+    real = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    real.bind(str(tmp_path / "s"))
+    real.listen()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener = Listener(
+        dispatcher, _Starved(real), admin=False, allowed_uids=[0],  # type: ignore[arg-type]
+        on_accept=lambda *_: None,
+    )  # fmt: skip
+    try:
+        listener.start()
+        listener.start()
+        client.connect(str(tmp_path / "s"))
+        dispatcher.run_once(timeout=1.0)  # EMFILE: unwatched, a retry in 100 ms
+        watched = dispatcher._selector.get_map()
+        assert real.fileno() not in watched
+        listener.stop()
+        clock.now += 1.0
+        dispatcher.run_once(timeout=0.0)
+        assert real.fileno() not in dispatcher._selector.get_map()
+        listener.start()
+        assert real.fileno() in dispatcher._selector.get_map()
+    finally:
+        client.close()
+        real.close()
+        dispatcher.close()
