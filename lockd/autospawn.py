@@ -50,13 +50,34 @@ def spawn(path: str, wait: float = 15.0) -> None:
     timeout = os.environ.get("LOCKD_AUTOSPAWN_TIMEOUT", "30")
     log_path = os.path.join(runtime, "lockd.log")
     with open(log_path, "ab") as log:
-        subprocess.Popen(
+        started = log.tell()
+        daemon = subprocess.Popen(
             [sys.executable, "-m", "lockd", "serve", "--socket", path, "--admin-socket", admin,
              "--timeout", timeout],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
     deadline = time.monotonic() + wait
     while not _answers(path):
+        if daemon.poll() is not None:
+            # It will not answer: say why now, not after the whole wait.
+            raise SpawnFailed(
+                f"started lockd for {path}, but it exited ({_last_line(log_path, started)}); "
+                f"see {log_path}"
+            )
         if time.monotonic() > deadline:
-            raise TimeoutError(f"started lockd for {path}, but it did not answer; see {log_path}")
+            raise SpawnFailed(f"started lockd for {path}, but it did not answer; see {log_path}")
         time.sleep(0.02)
+
+
+class SpawnFailed(OSError):
+    """The daemon started for a client did not come up."""
+
+
+def _last_line(log_path: str, since: int) -> str:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(since)
+            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return "no log"
+    return lines[-1] if lines else "nothing logged"

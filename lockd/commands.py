@@ -11,6 +11,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import sys
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from typing import Any
 import attrs
 
 from lockd import autospawn, procs
-from lockd.config import ConfigError, default_admin_socket, default_socket
+from lockd.config import ConfigError, admin_socket_beside, default_admin_socket, default_socket
 from protocol.client import Client, ConnectionLostError, RemoteError
 from protocol.names import FILES_LOCKSPACE, InvalidNameError, lease_name_for_path, printable
 
@@ -29,6 +30,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 EXIT_BUSY = 75
+EXIT_NOT_FOUND = 127
+"""``lockd run``: the command cannot be run (as a shell says)."""
 
 OWNER_NAMESPACE = uuidlib.UUID("5c1b7e3e-6f1e-4d0a-9a8b-2f3c4d5e6f70")
 """Namespace of the owner uuids the CLI derives from (pid, start time)."""
@@ -67,6 +70,8 @@ def _connect(
                 raise
             autospawn.spawn(path)
             client = Client(path, name=name, timeout=30.0 + wait)
+    except autospawn.SpawnFailed as exc:
+        raise CommandError(str(exc), EXIT_UNAVAILABLE) from None
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise CommandError(
             f"cannot reach lockd at {path}: {exc.strerror} (is `lockd serve` running?)",
@@ -78,6 +83,15 @@ def _connect(
         ) from None
     with client:
         yield client
+
+
+def _admin_socket(args: argparse.Namespace) -> str:
+    """``--admin-socket``, else the admin socket beside ``--socket``, else the default."""
+    if args.admin_socket:
+        return str(args.admin_socket)
+    if args.socket:
+        return admin_socket_beside(args.socket)
+    return default_admin_socket()
 
 
 def _run(args: argparse.Namespace, body: Callable[[], int]) -> int:
@@ -261,7 +275,7 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     """Close a client connection through the admin socket."""
 
     def body() -> int:
-        with _connect(args.admin_socket or default_admin_socket(), "lockd-disconnect") as client:
+        with _connect(_admin_socket(args), "lockd-disconnect") as client:
             client.call("disconnect", client=args.client)
         if not args.json:
             print(f"client {args.client} disconnected")
@@ -279,7 +293,7 @@ def cmd_log_level(args: argparse.Namespace) -> int:
             extra["level"] = args.level
         if args.filters is not None:
             extra["filters"] = args.filters
-        with _connect(args.admin_socket or default_admin_socket(), "lockd-log-level") as client:
+        with _connect(_admin_socket(args), "lockd-log-level") as client:
             result = client.call("set-log", **extra)
         if args.json:
             _print_json(result)
@@ -463,6 +477,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         print("lockd run: give the command to run after --", file=sys.stderr)
         return EXIT_USAGE
+    if shutil.which(cmd[0]) is None:
+        # Found out only after the leases were taken, the failed exec would close a
+        # connection still holding them: the daemon would fence this very process.
+        print(f"lockd run: cannot run {cmd[0]}: no such executable", file=sys.stderr)
+        return EXIT_NOT_FOUND
 
     def body() -> int:
         owner = _owner_map(os.getpid(), args.name, args.uuid or str(uuidlib.uuid4()), args.id)
@@ -477,7 +496,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             try:
                 os.execvpe(cmd[0], cmd, env)  # noqa: S606 - running the user's command is the point
             except OSError as exc:
-                raise CommandError(f"cannot run {cmd[0]}: {exc.strerror}", 127) from None
+                raise CommandError(f"cannot run {cmd[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
         return EXIT_ERROR  # pragma: no cover - execvpe does not return
 
     return _run(args, body)

@@ -55,9 +55,21 @@ def default_socket() -> str:
     return os.environ.get("LOCKD_SOCKET") or default_paths()["socket"]
 
 
+ADMIN_SOCKET_NAME = "lockd-admin.sock"
+
+
+def admin_socket_beside(socket_path: str) -> str:
+    """The admin socket's default place once the client socket is given: beside it."""
+    return os.path.join(os.path.dirname(socket_path), ADMIN_SOCKET_NAME)
+
+
 def default_admin_socket() -> str:
-    """``$LOCKD_ADMIN_SOCKET`` or the per-user default."""
-    return os.environ.get("LOCKD_ADMIN_SOCKET") or default_paths()["admin_socket"]
+    """``$LOCKD_ADMIN_SOCKET``, else beside ``$LOCKD_SOCKET``, else the per-user default."""
+    explicit = os.environ.get("LOCKD_ADMIN_SOCKET")
+    if explicit:
+        return explicit
+    socket_path = os.environ.get("LOCKD_SOCKET")
+    return admin_socket_beside(socket_path) if socket_path else default_paths()["admin_socket"]
 
 
 def _abs_path(key: str, value: Any) -> str:
@@ -218,6 +230,7 @@ def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
     """Defaults, then the TOML file (if ``path`` or the default file exists), then overrides."""
     defaults = default_paths()
     values: dict[str, Any] = {k: v for k, v in defaults.items() if k != "config"}
+    given: set[str] = {k for k, v in overrides.items() if v is not None}
     config_path = path or defaults["config"]
     if path is not None or os.path.exists(config_path):
         try:
@@ -241,7 +254,14 @@ def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
         values["config_file"] = config_path
+        given.update(data)
     for key, value in overrides.items():
         if value is not None:
             values[key] = _CONVERT[key](key, value) if key in _CONVERT else value
+    if "socket" in given and "admin_socket" not in given:
+        # Moved with the client socket: left at the default, it would be another
+        # daemon's (or a directory the daemon cannot create).
+        values["admin_socket"] = admin_socket_beside(values["socket"])
+    if values["admin_socket"] == values["socket"]:
+        raise ConfigError(f"socket and admin_socket are both {values['socket']}")
     return Config(**values)

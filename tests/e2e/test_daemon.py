@@ -733,3 +733,50 @@ def test_a_client_pipelines_requests_and_takes_their_replies_in_any_order(
             client.result(refused)  # no owner registered on this connection
         assert client.result(first)["leases"] == 0
         assert client.call("status")["leases"] == 0  # the connection is still in step
+
+
+def test_a_daemon_spawned_for_a_client_that_dies_at_once_is_reported_at_once(
+    tmp_path: Path,
+) -> None:
+    """The started daemon exits (here: its config file is broken): the client says so,
+    with the daemon's last words, instead of waiting out the whole start-up wait."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("journal_sync = 'sometimes'\n")
+    env = {**os.environ, "LOCKD_AUTOSPAWN": "1", "LOCKD_CONFIG": str(config),
+           "LOCKD_SOCKET": str(tmp_path / "run" / "lockd.sock")}  # fmt: skip
+    env.pop("LOCKD_ADMIN_SOCKET", None)
+    started = time.monotonic()
+    done = subprocess.run(
+        [*LOCKD, "run", "--disk", "/vm/a.img", "--name", "vm", "--", "true"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert time.monotonic() - started < 10  # the wait is 15 s
+    assert done.returncode == 69
+    assert "it exited" in done.stderr
+    assert "journal_sync" in done.stderr
+
+
+def test_lockd_run_with_a_command_that_does_not_exist_takes_no_lease(
+    daemon: DaemonProcess,
+) -> None:
+    """A typo after ``--``: found before any lease is taken. Found after, the failed exec
+    closed a connection still holding the lease, and the daemon fenced the caller."""
+    done = daemon.lockd("run", "--disk", "/vm/a.img", "--name", "vm1", "--", "/nonexistent")
+    assert done.returncode == 127
+    assert "cannot run /nonexistent" in done.stderr
+    assert events(daemon, "--type", "lease-acquired") == []
+    assert events(daemon, "--type", "owner-fenced") == []
+
+
+def test_admin_commands_find_the_admin_socket_beside_the_given_socket(
+    daemon: DaemonProcess,
+) -> None:
+    """``--socket`` alone: the admin socket beside it, as ``lockd serve`` puts it, never
+    the default one (another daemon's, whose log level or clients it would change)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCKD_SOCKET", "LOCKD_ADMIN_SOCKET")}
+    done = subprocess.run(
+        [*LOCKD, "log-level", "--socket", str(daemon.socket), "--json"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert daemon.admin_socket == daemon.socket.parent / "lockd-admin.sock"

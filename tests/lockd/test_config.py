@@ -99,3 +99,27 @@ def test_the_annotated_example_is_valid_and_complete() -> None:
     keys = {f.name for f in attrs.fields(Config)} - internal
     assert keys <= documented | {"lockspaces"}
     assert "[lockspaces]" in settings
+
+
+def test_the_admin_socket_moves_with_the_socket_unless_it_is_given(tmp_path: Path) -> None:
+    """Left at the default while the socket moved, it was another daemon's (``lockd
+    serve --socket X`` failed: the default admin socket was in use)."""
+    moved = load(str(_empty(tmp_path)), {"socket": "/srv/l/lockd.sock"})
+    assert moved.admin_socket == "/srv/l/lockd-admin.sock"
+    toml = tmp_path / "sockets.toml"
+    toml.write_text('socket = "/srv/f/c.sock"\n')
+    assert load(str(toml), {}).admin_socket == "/srv/f/lockd-admin.sock"
+    both = load(str(toml), {"admin_socket": "/srv/a.sock"})
+    assert (both.socket, both.admin_socket) == ("/srv/f/c.sock", "/srv/a.sock")
+    assert load(str(_empty(tmp_path)), {}).admin_socket == default_paths()["admin_socket"]
+
+
+def test_one_path_for_both_sockets_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"both /srv/x\.sock"):
+        load(str(_empty(tmp_path)), {"socket": "/srv/x.sock", "admin_socket": "/srv/x.sock"})
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    return path
