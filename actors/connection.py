@@ -649,9 +649,8 @@ class ConnectionActor(DispatchedActor):
             return
         if done.refusal is not None:
             self._rollback(job)
-            REGISTRY.inc("lockd_acquires_total", result=done.refusal.code.value)
             if done.refusal.code is ErrorCode.BUSY:
-                REGISTRY.inc("lockd_conflicts_total")
+                REGISTRY.inc("lockd_conflicts_total")  # each attempt that met a holder
             if done.refusal.code is ErrorCode.BUSY and not self._closed:
                 delay = WAIT_RETRY_SECONDS[min(job.attempt, len(WAIT_RETRY_SECONDS) - 1)]
                 if self._clock() + delay <= job.deadline:
@@ -664,6 +663,8 @@ class ConnectionActor(DispatchedActor):
                     ref = self.actor_ref
                     self.dispatcher.call_later(delay, lambda: tell_if_alive(ref, _Retry(token)))
                     return
+            # Counted once per request, by its answer (not per attempt of a --wait).
+            REGISTRY.inc("lockd_acquires_total", result=done.refusal.code.value)
             self._refused(job.request, done)
             return
         if done.entries:

@@ -20,7 +20,10 @@ FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0
 HELP = {
     "lockd_acquires_total": ("counter", "Acquire requests by result (ok or error code)."),
     "lockd_releases_total": ("counter", "Leases released, by reason."),
-    "lockd_conflicts_total": ("counter", "Acquires refused because a lease was held (busy)."),
+    "lockd_conflicts_total": (
+        "counter",
+        "Acquire attempts that found a lease held (busy); each retry of a waiting acquire counts.",
+    ),
     "lockd_fence_actions_total": ("counter", "Signals sent to fence owners, by signal."),
     "lockd_leases_lost_total": ("counter", "Leases found taken by another process or host."),
     "lockd_journal_appends_total": ("counter", "Journal write() calls."),
@@ -44,11 +47,37 @@ HELP = {
 }
 
 
+ZERO: dict[str, tuple[LabelSet, ...]] = {
+    "lockd_acquires_total": ((("result", "ok"),), (("result", "busy"),)),
+    "lockd_releases_total": tuple(
+        (("reason", reason),)
+        for reason in ("client", "owner-exit", "disconnect", "admin", "owner-gone", "recovery")
+    ),
+    "lockd_conflicts_total": ((),),
+    "lockd_fence_actions_total": ((("signal", "SIGTERM"),), (("signal", "SIGKILL"),)),
+    "lockd_leases_lost_total": ((),),
+    "lockd_journal_appends_total": ((),),
+    "lockd_journal_entries_total": ((),),
+    "lockd_journal_bytes_total": ((),),
+    "lockd_journal_write_errors_total": ((),),
+    "lockd_journal_snapshots_total": tuple(
+        (("result", result),) for result in ("written", "skipped", "failed")
+    ),
+}
+"""Series exported at 0 from the start. A series that first appears at its first
+increment hides that increment from ``rate()`` and ``increase()``, so alerts on
+``lockd_leases_lost_total`` or ``lockd_journal_write_errors_total`` would miss the
+first loss or failure. Error codes other than busy stay out: they are rare, and
+their series appear as they happen."""
+
+
 class Metrics:
     """Named counters with labels, gauges, and fixed-bucket histograms."""
 
     def __init__(self) -> None:
-        self.counters: dict[str, dict[LabelSet, float]] = {}
+        self.counters: dict[str, dict[LabelSet, float]] = {
+            name: dict.fromkeys(series, 0) for name, series in ZERO.items()
+        }
         self.gauges: dict[str, dict[LabelSet, float]] = {}
         self.histograms: dict[str, tuple[list[int], list[float]]] = {}
 
