@@ -384,8 +384,16 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lockd`` console script."""
+    from lockd import commands
+
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not commands.reader_gone():
+            raise
+        return commands.EXIT_PIPE
     return result
 
 

@@ -11,7 +11,9 @@ import argparse
 import datetime
 import json
 import os
+import select
 import shutil
+import signal
 import sys
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -45,8 +47,31 @@ class CommandError(Exception):
         self.code = code
 
 
+EXIT_PIPE = 128 + signal.SIGPIPE
+"""The reader of our output left (``lockd status | head -2``): what a shell reports for a
+program killed by SIGPIPE, which Python ignores."""
+
+
+def reader_gone() -> bool:
+    """Whether standard output is a pipe nobody reads any more; then it is quietly
+    pointed at /dev/null, so nothing more is written to it (nor fails at exit)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return gone
+
+
 def _fail(args: argparse.Namespace, exc: Exception) -> int:
     name = f"lockd {args.command}"
+    if isinstance(exc, BrokenPipeError) and reader_gone():
+        return EXIT_PIPE
     if isinstance(exc, CommandError):
         print(f"{name}: {exc}", file=sys.stderr)
         return exc.code
@@ -259,7 +284,12 @@ def cmd_clients(args: argparse.Namespace) -> int:
             return EXIT_OK
         for r in rows:
             owner = r.get("owner")
-            who = f"owner {printable(owner['name'])} (pid {owner['pid']})" if owner else "no owner"
+            who = (
+                f"owner {printable(owner['name'])} (pid {owner['pid']}), "
+                f"{r.get('leases', 0)} lease(s)"
+                if owner
+                else "no owner"
+            )
             flags = " restricted" if r["restricted"] else ""
             flags += " admin" if r["admin"] else ""
             print(

@@ -507,12 +507,20 @@ def socket_connector(path: str, *, timeout: float = 30.0, name: str = "lockd-plu
 
     def connect() -> Connection:
         try:
-            return Client(path, timeout=timeout, name=name)
-        except (FileNotFoundError, ConnectionRefusedError):
-            if not autospawn.wanted():
-                raise
-            autospawn.spawn(path)
-            return Client(path, timeout=timeout, name=name)
+            try:
+                return Client(path, timeout=timeout, name=name)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if not autospawn.wanted():
+                    raise
+                autospawn.spawn(path)
+                return Client(path, timeout=timeout, name=name)
+        except autospawn.SpawnFailed:
+            raise  # names the socket and the daemon's log already
+        except OSError as exc:
+            # The operator's first question: which socket (a hypervisor's config may
+            # point elsewhere than the daemon listens).
+            why = exc.strerror or str(exc)
+            raise OSError(exc.errno, f"{why}: {path} (is `lockd serve` running?)") from None
 
     return connect
 

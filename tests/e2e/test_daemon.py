@@ -335,6 +335,8 @@ def test_admin_disconnect_ends_the_owners_leases(
     rows = json.loads(daemon.lockd("clients", "--json").stdout)
     (row,) = [r for r in rows if r.get("owner", {}).get("pid") == vm.pid]
     assert row["restricted"] is True
+    text = daemon.lockd("clients").stdout
+    assert f"owner vm1 (pid {vm.pid}), 1 lease(s) restricted" in text
     refused = daemon.lockd("disconnect", "--admin-socket", str(daemon.socket), str(row["id"]))
     assert refused.returncode == 1
     assert "admin socket" in refused.stderr
@@ -794,3 +796,21 @@ def test_admin_commands_find_the_admin_socket_beside_the_given_socket(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert daemon.admin_socket == daemon.socket.parent / "lockd-admin.sock"
+
+
+@pytest.mark.parametrize("command", [["status"], ["metrics"], ["clients"]])
+def test_output_to_a_reader_that_left_ends_quietly(
+    daemon: DaemonProcess, command: list[str]
+) -> None:
+    """``lockd status | head -1``: the reader closes the pipe before lockd writes. That is
+    no error of lockd's to report: no message, and the status a shell gives SIGPIPE."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [*LOCKD, *command], env=daemon.env, stdout=write, stderr=subprocess.PIPE,
+            text=True, timeout=30, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (141, "")

@@ -28,6 +28,7 @@ from lockd.plugin import (
     disk_lease,
     format_state,
     parse_state,
+    socket_connector,
 )
 from protocol.client import ConnectionLostError, RemoteError
 from protocol.names import FILES_LOCKSPACE, LVM_LOCKSPACE, SCSI_LOCKSPACE, lease_name_for_path
@@ -686,3 +687,19 @@ def test_register_refusal_keeps_the_daemon_code(daemon: FakeDaemon) -> None:
             mgr.inquire()
     assert caught.value.code == "not-found"
     assert "pid 4242" in caught.value.message
+
+
+def test_an_unreachable_daemon_is_named_by_its_socket(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hypervisor's config may point elsewhere than the daemon listens: the error
+    names the socket it tried."""
+    monkeypatch.setenv("LOCKD_AUTOSPAWN", "0")
+    path = str(tmp_path / "nowhere.sock")
+    manager = LockManager(Owner(VM_UUID, "vm1", 7, os.getpid()), connect=socket_connector(path))
+    manager.add_disk("/vm/a.img")
+    with pytest.raises(LockError) as caught:
+        manager.acquire()
+    assert caught.value.code == "unavailable"
+    assert path in str(caught.value)
+    assert "lockd serve" in str(caught.value)
