@@ -130,8 +130,7 @@ def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
 
 def _cmd_events(args: argparse.Namespace) -> int:
     """Print the journal, read straight from its segment files; --follow keeps reading."""
-    import time
-
+    from lockd.dirwatch import DirWatch
     from lockd.journal_file import JournalFollower
     from lockd.journal_format import JournalCorruptError
 
@@ -141,6 +140,9 @@ def _cmd_events(args: argparse.Namespace) -> int:
         print(f"lockd events: no journal at {directory}", file=sys.stderr)
         return 1
     follower = JournalFollower(directory, since_seq)
+    # Set up before the first read: a write between that read and the first wait
+    # still wakes it.
+    watch = DirWatch(directory) if args.follow else None
     try:
         while True:
             for entry in follower.poll():
@@ -151,9 +153,9 @@ def _cmd_events(args: argparse.Namespace) -> int:
                     print(json.dumps(_json_ready(row)), flush=args.follow)
                 else:
                     print(_format_event(row), flush=args.follow)
-            if not args.follow:
+            if watch is None:
                 return 0
-            time.sleep(0.01)
+            watch.wait(FOLLOW_LOOK_SECONDS)
     except JournalCorruptError as exc:
         print(f"lockd events: {directory}: {exc}", file=sys.stderr)
         return 1
@@ -161,6 +163,13 @@ def _cmd_events(args: argparse.Namespace) -> int:
         return 0
     finally:
         follower.close()
+        if watch is not None:
+            watch.close()
+
+
+FOLLOW_LOOK_SECONDS = 1.0
+"""``events --follow`` sleeps until the journal directory changes, but looks at least
+this often anyway (a change inotify could not report: a replaced directory)."""
 
 
 def _cmd_journal_check(args: argparse.Namespace) -> int:
