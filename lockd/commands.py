@@ -423,13 +423,18 @@ def _owner_map(pid: int, name: str | None, uuid_text: str | None, owner_id: int)
     return {"uuid": owner_uuid.bytes, "name": name or f"pid-{pid}", "id": owner_id, "pid": pid}
 
 
+def _label_of(exc: RemoteError, labels: dict[tuple[str, str], str]) -> str | None:
+    """The user's name (``disk PATH``) of the lease the daemon's message is about."""
+    for (lockspace, resource), label in labels.items():
+        if f"{lockspace}/{resource}" in exc.message:
+            return label
+    return None
+
+
 def _busy_message(exc: RemoteError, labels: dict[tuple[str, str], str]) -> str:
     """Name the disk the user asked for, then who holds it."""
-    message = exc.message
-    for (lockspace, resource), label in labels.items():
-        if f"{lockspace}/{resource}" in message:
-            return f"{label} is busy: {message}"
-    return message
+    label = _label_of(exc, labels)
+    return f"{label} is busy: {exc.message}" if label else exc.message
 
 
 def _acquire(
@@ -489,7 +494,18 @@ def cmd_release(args: argparse.Namespace) -> int:
                 refs = [
                     {"lockspace": le["lockspace"], "resource": le["resource"]} for le, _ in leases
                 ]
-                result = client.call("release", leases=refs)
+                try:
+                    result = client.call("release", leases=refs)
+                except RemoteError as exc:
+                    if exc.code != "not-held":
+                        raise
+                    labels = {(le["lockspace"], le["resource"]): label for le, label in leases}
+                    label = _label_of(exc, labels)
+                    raise CommandError(
+                        f"{label} is not held by pid {args.owner_pid}: {exc.message}"
+                        if label
+                        else exc.message
+                    ) from None
         if args.json:
             _print_json(result)
         else:

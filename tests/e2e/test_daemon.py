@@ -213,6 +213,9 @@ def test_release_cli_and_wait(
     assert done.returncode == 0, done.stderr
     assert waiter.wait(20) == 0
     assert _owner_pids(daemon) == {other.pid}
+    again = daemon.lockd("release", "--owner-pid", pid, "--disk", "/vm/w.img")
+    assert again.returncode == 1
+    assert f"disk /vm/w.img is not held by pid {pid}:" in again.stderr  # the disk, not a hash
 
 
 def test_owner_whose_connection_closes_is_fenced(
