@@ -103,13 +103,17 @@ class LockSystem:
         on_ready: Callable[[RecoveryReport], None] | None = None,
         max_pidfds: int | None = None,
         journal_lock: int | None = None,
+        serving_since: float | None = None,
     ) -> None:
         """``max_pidfds``: owners watched by pidfd at most (the rest are polled), see
         :class:`actors.owners.OwnersActor`; None for no budget. ``journal_lock``: the
-        journal directory's lock, still held, from the program before a re-exec."""
+        journal directory's lock, still held, from the program before a re-exec.
+        ``serving_since``: when the process started, before re-execs (monotonic)."""
         self.config = config
         self.dispatcher = dispatcher or Dispatcher()
         self.started = time.monotonic()
+        self.serving_since = self.started if serving_since is None else serving_since
+        """What ``status`` counts uptime from: the pid's, so a re-exec is no restart."""
         self.ready = threading.Event()
         """Set once recovery is done and requests are served."""
         self.report: RecoveryReport | None = None
@@ -177,8 +181,9 @@ class LockSystem:
             router.ensure(name)
         router.adopt_all()  # serve every lockspace directory there is, from the start
         self.info = ServerInfo(
-            __version__, os.getpid(), self.started, socket.gethostname(), procs.fd_limit, boot
-        )
+            __version__, os.getpid(), self.serving_since, socket.gethostname(), procs.fd_limit,
+            boot,
+        )  # fmt: skip
         RecoveryActor.start(
             d,
             state=state,
@@ -388,6 +393,7 @@ class Daemon:
             on_ready=self._serve,
             max_pidfds=limit // PIDFD_SHARE if limit else None,
             journal_lock=handoff.journal_lock if handoff else None,
+            serving_since=handoff.started if handoff else None,
         )
         self._pid_fd: int | None = handoff.pid_file if handoff else None
         """The locked pid file (inherited across a re-exec, else opened by :meth:`run`)."""
@@ -546,6 +552,7 @@ class Daemon:
             before_exec=lambda: self.system.snapshots.wait(STOP_WAIT_S),
             own_fds=(self.system.journal_lock, self._pid_fd),
             paths={key: getattr(self.config, key) for key in PATH_KEYS},
+            started=self.system.serving_since,
         )
 
     def _stop_accepting(self) -> None:

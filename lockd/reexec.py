@@ -207,6 +207,9 @@ class Handoff:
     pid_file: int | None = None
     """The locked pid file's fd: its POSIX lock is the process's, and stays only while
     an fd of the file stays open."""
+    started: float | None = None
+    """When the process first started (CLOCK_MONOTONIC, which an exec keeps): uptime
+    counts from it, so ``status`` does not show a reload as a restart."""
 
     def own_fds(self) -> list[int]:
         """The daemon's own locks handed over (journal directory, pid file)."""
@@ -231,6 +234,7 @@ class Handoff:
                 "next_conn_id": self.next_conn_id,
                 "journal_lock": self.journal_lock,
                 "pid_file": self.pid_file,
+                "started": self.started,
             }
         )
 
@@ -246,6 +250,7 @@ class Handoff:
             raw["next_conn_id"],
             raw.get("journal_lock"),  # absent in a handoff from before they were passed
             raw.get("pid_file"),
+            raw.get("started"),
         )
 
 
@@ -342,6 +347,7 @@ class ReexecActor(DispatchedActor):
         before_exec: Callable[[], None] | None = None,
         own_fds: tuple[int | None, int | None] = (None, None),
         paths: Paths | None = None,
+        started: float | None = None,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
@@ -352,6 +358,7 @@ class ReexecActor(DispatchedActor):
         self._before_exec = before_exec
         self._own_fds = own_fds
         self._paths = paths
+        self._started = started
         """This daemon's :data:`PATH_KEYS` (None: not compared, for tests)."""
         """The journal directory's lock and the pid file (see :class:`Handoff`)."""
         self._fences_resume = fences_resume
@@ -470,7 +477,7 @@ class ReexecActor(DispatchedActor):
                 log.warning("re-exec: before exec: %s; going on", exc)
         handoff = Handoff(
             self._listeners, tuple(self._handed), self._leases, self._next_conn_id,
-            *self._own_fds,
+            *self._own_fds, self._started,
         )  # fmt: skip
         log.info(
             "re-exec: handing over %d listeners, %d connections, %d lease fds",

@@ -70,6 +70,7 @@ def test_sigusr1_keeps_every_lock_and_connection(
     idle = daemon.client("idle")  # an idle connection opened before the re-exec
     try:
         wait_for(lambda: calls[0] > 20)
+        uptime = idle.call("status")["uptime_s"]
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
@@ -79,7 +80,9 @@ def test_sigusr1_keeps_every_lock_and_connection(
         stop.set()
         loader.join(30)
     assert errors == []
-    assert idle.call("status")["pid"] == daemon.proc.pid  # same process, same connection
+    status = idle.call("status")
+    assert status["pid"] == daemon.proc.pid  # same process, same connection
+    assert status["uptime_s"] > uptime  # a reload is no restart
     idle.close()
     tries, free = stop_watch(watcher)
     assert tries > 100
