@@ -169,6 +169,16 @@ def check_target(argv: Sequence[str]) -> TargetCheck:
     return TargetCheck.before_check(again.returncode, again.stdout, again.stderr)
 
 
+def _check_or_say_why(argv: Sequence[str]) -> TargetCheck:
+    """:func:`check_target` on the check's thread: whatever goes wrong there must still
+    answer the actor, or the re-exec would wait for ever (and every SIGUSR1 after it be
+    ignored as "a re-exec is under way")."""
+    try:
+        return check_target(argv)
+    except Exception as exc:  # noqa: BLE001 - reported as the reason the re-exec is abandoned
+        return TargetCheck(False, why=f"the new program's answer could not be read: {exc!r}")
+
+
 def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | TargetCheck:
     env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ENV}
     try:
@@ -389,7 +399,7 @@ class ReexecActor(DispatchedActor):
         log.info("re-exec: checking that the new program starts")
         self._check_started = self.dispatcher.now()
         threading.Thread(
-            target=lambda: tell_if_alive(ref, _Checked(check_target(argv))),
+            target=lambda: tell_if_alive(ref, _Checked(_check_or_say_why(argv))),
             name="lockd-reexec-check",
             daemon=True,
         ).start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,3 +109,17 @@ def test_a_check_that_hangs_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None
     assert check == TargetCheck(
         False, why="the new program did not finish its start-up check within 0.3 s"
     )
+
+
+def test_an_answer_that_cannot_be_read_abandons_the_re_exec_rather_than_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check runs on a thread: an exception there would leave the re-exec waiting for
+    an answer that never comes, and every later SIGUSR1 ignored."""
+    garbled = "lockd-handoff 1 own-fds\nlockd-paths {not json\n"
+    monkeypatch.setattr(
+        reexec, "_run", lambda argv: subprocess.CompletedProcess(argv, 0, garbled, "")
+    )
+    check = reexec._check_or_say_why(LOCKD)
+    assert not check.ok
+    assert "could not be read" in check.why
