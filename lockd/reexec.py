@@ -367,10 +367,11 @@ class ReexecActor(DispatchedActor):
         super().__init__(dispatcher)
         self._before_exec = before_exec
         self._own_fds = own_fds
-        self._paths = paths
-        self._started = started
-        """This daemon's :data:`PATH_KEYS` (None: not compared, for tests)."""
         """The journal directory's lock and the pid file (see :class:`Handoff`)."""
+        self._paths = paths
+        """This daemon's :data:`PATH_KEYS` (None: not compared, for tests)."""
+        self._started = started
+        """When this process first started (see :attr:`Handoff.started`)."""
         self._fences_resume = fences_resume
         """The next process resumes fences in progress, deadlines kept (lost_lease_policy
         = fence); under ``log`` it would drop them, so a fence puts the re-exec off."""
