@@ -59,11 +59,12 @@ def spawn(path: str, wait: float = 15.0) -> None:
     deadline = time.monotonic() + wait
     while not _answers(path):
         if daemon.poll() is not None:
-            # It will not answer: say why now, not after the whole wait.
-            raise SpawnFailed(
-                f"started lockd for {path}, but it exited ({_last_line(log_path, started)}); "
-                f"see {log_path}"
-            )
+            last = _last_line(log_path, started)
+            # Lost a race with another client's daemon, which serves once it has read
+            # its journal: wait for that one. Otherwise it will not answer: say why now.
+            if "in use" not in last:
+                raise SpawnFailed(f"started lockd for {path}, but it exited ({last}); "
+                                  f"see {log_path}")  # fmt: skip
         if time.monotonic() > deadline:
             raise SpawnFailed(f"started lockd for {path}, but it did not answer; see {log_path}")
         time.sleep(0.02)

@@ -579,7 +579,9 @@ class Daemon:
 
         path = self.config.config_file
         try:
-            fresh = config_mod.load(path, {})
+            # The flags' paths again: an admin socket placed beside --socket is no change.
+            flags = {k: getattr(self.config, k) for k in PATH_KEYS if k in self._overridden}
+            fresh = config_mod.load(path, flags)
         except config_mod.ConfigError as exc:
             log.error("reload: %s; keeping the running configuration", exc)
             return

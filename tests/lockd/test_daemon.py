@@ -292,3 +292,20 @@ def test_a_reexec_into_a_program_that_fails_its_check_is_abandoned(
         assert stopped == []  # nothing was journaled as if the daemon went away
     finally:
         daemon.system.shutdown("test done")
+
+
+def test_sighup_does_not_report_the_admin_socket_beside_socket_as_changed(
+    config: Config, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Started with ``--socket`` alone, the admin socket is beside it: re-reading the
+    file must place it there again, not report it moved at every SIGHUP."""
+    from lockd.config import admin_socket_beside
+
+    config = attrs.evolve(config, admin_socket=admin_socket_beside(config.socket))
+    daemon = Daemon(config, frozenset({"socket", "lock_dir", "journal_dir"}), sockets=False)
+    try:
+        daemon.dispatcher.run_until_idle()
+        daemon.reload()
+        assert "changed" not in caplog.text
+    finally:
+        daemon.system.shutdown("test done")
