@@ -159,7 +159,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     except JournalCorruptError as exc:
         print(f"lockd events: {directory}: {exc}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, BrokenPipeError):
+    except KeyboardInterrupt:
         return 0
     finally:
         follower.close()

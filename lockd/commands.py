@@ -424,9 +424,13 @@ def _owner_map(pid: int, name: str | None, uuid_text: str | None, owner_id: int)
 
 
 def _label_of(exc: RemoteError, labels: dict[tuple[str, str], str]) -> str | None:
-    """The user's name (``disk PATH``) of the lease the daemon's message is about."""
+    """The user's name (``disk PATH``) of the lease the daemon's message is about.
+
+    Whole words, as the plugin matches them: a substring would take ``ls/vm`` for
+    ``ls/vm1``."""
+    words = set(exc.message.split())
     for (lockspace, resource), label in labels.items():
-        if f"{lockspace}/{resource}" in exc.message:
+        if f"{lockspace}/{resource}" in words:
             return label
     return None
 

@@ -86,7 +86,7 @@ class TargetCheck:
     own_fds: bool = False
     """It takes over the journal lock and the pid file (and expects its signals blocked)."""
     why: str = ""
-    paths: Paths = attrs.field(factory=dict, eq=True, hash=False)
+    paths: Paths = attrs.field(factory=dict, hash=False)
     """The :data:`PATH_KEYS` its configuration gives."""
 
     @classmethod

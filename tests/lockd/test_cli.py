@@ -92,3 +92,13 @@ def test_events_without_a_journal_is_an_error(tmp_path: Path) -> None:
     done = _lockd("events", "--journal-dir", str(tmp_path / "nope"))
     assert done.returncode == 1
     assert "no journal" in done.stderr
+
+
+def test_a_daemon_message_names_the_lease_asked_for_not_one_it_prefixes() -> None:
+    """``--lease ls/vm --lease ls/vm1``: a message about ls/vm1 is about that lease."""
+    from lockd.commands import _label_of
+    from protocol.client import RemoteError
+
+    labels = {("ls", "vm"): "lease ls/vm", ("ls", "vm1"): "lease ls/vm1"}
+    exc = RemoteError("not-held", "lease ls/vm1 is not held by pid-7", {})
+    assert _label_of(exc, labels) == "lease ls/vm1"
