@@ -18,7 +18,7 @@ import sys
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 import attrs
 
@@ -32,6 +32,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 EXIT_BUSY = 75
+EXIT_CANNOT_EXEC = 126
+"""``lockd run``: the command was found but the exec failed (as a shell says)."""
 EXIT_NOT_FOUND = 127
 """``lockd run``: the command cannot be run (as a shell says)."""
 
@@ -527,7 +529,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cmd:
         print("lockd run: give the command to run after --", file=sys.stderr)
         return EXIT_USAGE
-    if shutil.which(cmd[0]) is None:
+    program = shutil.which(cmd[0])
+    if program is None:
         # Found out only after the leases were taken, the failed exec would close a
         # connection still holding them: the daemon would fence this very process.
         print(f"lockd run: cannot run {cmd[0]}: no such executable", file=sys.stderr)
@@ -544,12 +547,31 @@ def cmd_run(args: argparse.Namespace) -> int:
             os.set_inheritable(fd, True)
             env = dict(os.environ, LOCKD_FD=str(fd), LOCKD_SOCKET=path)
             try:
-                os.execvpe(cmd[0], cmd, env)  # noqa: S606 - running the user's command is the point
+                # The path found above: a PATH search again could find another file.
+                os.execve(program, cmd, env)  # noqa: S606 - running the user's command is the point
             except OSError as exc:
-                raise CommandError(f"cannot run {cmd[0]}: {exc.strerror}", EXIT_NOT_FOUND) from None
-        return EXIT_ERROR  # pragma: no cover - execvpe does not return
+                _give_back(path, owner, cmd[0], exc)
+        return EXIT_ERROR  # pragma: no cover - execve does not return
 
     return _run(args, body)
+
+
+def _give_back(path: str, owner: dict[str, Any], command: str, failure: OSError) -> NoReturn:
+    """Release what ``lockd run`` took when its exec failed, then fail with the reason.
+
+    ``which`` cannot see every failure (a script without ``#!``, a missing
+    interpreter, a noexec mount). The restricted connection can no longer
+    release, and closing it with the leases held would make the daemon fence
+    this process, the owner. A second connection of the same owner releases
+    them first, so both close holding nothing."""
+    what = f"cannot run {command}: {failure.strerror or failure}"
+    try:
+        with _connect(path, "lockd-run-give-back") as client:
+            client.call("register", owner=owner)
+            client.call("release", all=True)
+    except (CommandError, RemoteError, ConnectionLostError, OSError) as exc:
+        raise CommandError(f"{what}; and its leases were not released: {exc}") from None
+    raise CommandError(what, EXIT_CANNOT_EXEC)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

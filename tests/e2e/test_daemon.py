@@ -793,6 +793,31 @@ def test_lockd_run_with_a_command_that_does_not_exist_takes_no_lease(
     assert events(daemon, "--type", "owner-fenced") == []
 
 
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param("echo no interpreter line\n", id="no-shebang"),
+        pytest.param("#!/nonexistent/interpreter\necho\n", id="missing-interpreter"),
+    ],
+)
+def test_lockd_run_whose_exec_fails_gives_its_leases_back_unfenced(
+    daemon: DaemonProcess, tmp_path: Path, script: str
+) -> None:
+    """An exec that fails where ``which`` cannot tell: the leases were already taken and
+    the connection restricted. They are released, not left to a fence of the caller."""
+    command = tmp_path / "start-vm"
+    command.write_text(script)
+    command.chmod(0o755)
+    disk = tmp_path / "a.img"
+    done = daemon.lockd("run", "--disk", str(disk), "--name", "vm1", "--", str(command))
+    assert done.returncode == 126, done.stderr
+    assert f"cannot run {command}" in done.stderr
+    assert [e["reason"] for e in events(daemon, "--type", "lease-released")] == ["client"]
+    assert events(daemon, "--type", "owner-fenced") == []
+    again = daemon.lockd("run", "--disk", str(disk), "--name", "vm2", "--", "true")
+    assert again.returncode == 0, again.stderr
+
+
 def test_admin_commands_find_the_admin_socket_beside_the_given_socket(
     daemon: DaemonProcess,
 ) -> None:
