@@ -24,7 +24,7 @@ import attrs
 
 from lockd import autospawn, procs
 from lockd.config import ConfigError, admin_socket_beside, default_admin_socket, default_socket
-from protocol.client import Client, ConnectionLostError, RemoteError
+from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
 from protocol.names import FILES_LOCKSPACE, InvalidNameError, lease_name_for_path, printable
 
 EXIT_OK = 0
@@ -99,14 +99,13 @@ def _connect(
             client = Client(path, name=name, timeout=30.0 + wait)
     except autospawn.SpawnFailed as exc:
         raise CommandError(str(exc), EXIT_UNAVAILABLE) from None
-    except (FileNotFoundError, ConnectionRefusedError) as exc:
-        raise CommandError(
-            f"cannot reach lockd at {path}: {exc.strerror} (is `lockd serve` running?)",
-            EXIT_UNAVAILABLE,
-        ) from None
     except ConnectionLostError as exc:
         raise CommandError(
             f"lockd at {path} closed the connection: {exc}", EXIT_UNAVAILABLE
+        ) from None
+    except OSError as exc:
+        raise CommandError(
+            f"cannot reach lockd: {unreachable(path, exc)}", EXIT_UNAVAILABLE
         ) from None
     with client:
         yield client

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import attrs
 
 from lockd import autospawn
-from protocol.client import Client, ConnectionLostError, RemoteError
+from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.names import (
     FILES_LOCKSPACE,
@@ -517,10 +517,10 @@ def socket_connector(path: str, *, timeout: float = 30.0, name: str = "lockd-plu
         except autospawn.SpawnFailed:
             raise  # names the socket and the daemon's log already
         except OSError as exc:
-            # The operator's first question: which socket (a hypervisor's config may
-            # point elsewhere than the daemon listens).
-            why = exc.strerror or str(exc)
-            raise OSError(exc.errno, f"{why}: {path} (is `lockd serve` running?)") from None
+            message = unreachable(path, exc)
+            if exc.errno is None:
+                raise type(exc)(message) from None
+            raise OSError(exc.errno, message) from None
 
     return connect
 

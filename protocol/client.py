@@ -8,6 +8,7 @@ reply is awaited are kept for :meth:`Client.next_event`.
 from __future__ import annotations
 
 import collections
+import errno
 import itertools
 import socket
 from typing import Any
@@ -39,6 +40,30 @@ def result_of(reply: dict[str, Any]) -> dict[str, Any]:
 
 class ConnectionLostError(ConnectionError):
     """The daemon closed the connection before replying."""
+
+
+_HINTS = {
+    errno.ENOENT: "is `lockd serve` running?",
+    errno.ECONNREFUSED: "is `lockd serve` running?",
+    errno.EACCES: "the socket is another user's: run as that user or give your own socket",
+    errno.EPERM: "the socket is another user's: run as that user or give your own socket",
+    errno.EAGAIN: "the daemon is not keeping up with new connections",
+}
+
+
+def unreachable(path: str, exc: OSError) -> str:
+    """Why connecting to the daemon at ``path`` failed, in words for an operator.
+
+    The socket is named (a hypervisor's config may point elsewhere than the
+    daemon listens), and the hint fits the failure: "is it running?" answers a
+    missing socket, not a permission or a timeout. A timeout has no errno, and
+    ``OSError(None, ...)`` would print ``[Errno None]``.
+    """
+    if isinstance(exc, TimeoutError):
+        return f"no answer within the timeout: {path} (is the daemon stuck?)"
+    why = exc.strerror or str(exc) or type(exc).__name__
+    hint = _HINTS.get(exc.errno) if exc.errno is not None else None
+    return f"{why}: {path}" + (f" ({hint})" if hint else "")
 
 
 class Client:

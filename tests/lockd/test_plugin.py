@@ -703,3 +703,21 @@ def test_an_unreachable_daemon_is_named_by_its_socket(
     assert caught.value.code == "unavailable"
     assert path in str(caught.value)
     assert "lockd serve" in str(caught.value)
+
+
+def test_a_daemon_that_never_answers_is_a_timeout_with_the_socket_named(tmp_path: Any) -> None:
+    """A listener that accepts nothing (a stuck daemon): the handshake times out. The
+    error names the socket and says so, without a bogus ``[Errno None]``."""
+    path = str(tmp_path / "stuck.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
+        stuck.bind(path)
+        stuck.listen(1)
+        connect = socket_connector(path, timeout=0.2)
+        manager = LockManager(Owner(VM_UUID, "vm1", 7, os.getpid()), connect=connect)
+        manager.add_disk("/vm/a.img")
+        with pytest.raises(LockError) as caught:
+            manager.acquire()
+    assert caught.value.code == "unavailable"
+    assert path in caught.value.message
+    assert "no answer" in caught.value.message
+    assert "Errno" not in caught.value.message
