@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import gc
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 LabelSet = tuple[tuple[str, str], ...]
 
@@ -94,6 +95,42 @@ class Metrics:
         counts, sums = self.histograms.setdefault(name, ([0] * (len(FSYNC_BUCKETS) + 1), [0.0]))
         counts[bisect.bisect_left(FSYNC_BUCKETS, value)] += 1
         sums[0] += value
+
+    def carried(self) -> dict[str, Any]:
+        """Counters and histograms as plain data, for the next program of a re-exec.
+
+        A re-exec is not a restart (the pid, the leases and the uptime stay), so
+        the counts go on from where they were rather than dropping to 0, which
+        ``rate()`` would read as a restart."""
+        return {
+            "counters": [
+                [name, [[list(map(list, key)), value] for key, value in series.items()]]
+                for name, series in self.counters.items()
+            ],
+            "histograms": [
+                [name, list(counts), sums[0]] for name, (counts, sums) in self.histograms.items()
+            ],
+        }
+
+    def carry_on(self, state: Mapping[str, Any]) -> None:
+        """Add the counts a previous program of this process handed over (see :meth:`carried`).
+
+        Histograms with other buckets than this build's are left behind: their
+        counts would land in the wrong bounds."""
+        for name, series in state.get("counters", ()):
+            for key, value in series:
+                self._add(name, tuple((k, v) for k, v in key), value)
+        for name, counts, total in state.get("histograms", ()):
+            if len(counts) != len(FSYNC_BUCKETS) + 1:
+                continue
+            mine, sums = self.histograms.setdefault(name, ([0] * len(counts), [0.0]))
+            for i, count in enumerate(counts):
+                mine[i] += count
+            sums[0] += total
+
+    def _add(self, name: str, key: LabelSet, amount: float) -> None:
+        series = self.counters.setdefault(name, {})
+        series[key] = series.get(key, 0) + amount
 
     def render(
         self,

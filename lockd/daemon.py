@@ -29,6 +29,7 @@ import pykka
 from actors.connection import ConnectionActor, HandedOver, ServerInfo
 from actors.events import DaemonStarted, DaemonStopped
 from actors.journal import Append, JournalActor
+from actors.metrics import REGISTRY
 from actors.owners import OwnersActor
 from actors.recovery import RecoveryActor, RecoveryReport
 from actors.router import Gather, Gathered, RouterActor
@@ -395,6 +396,8 @@ class Daemon:
             journal_lock=handoff.journal_lock if handoff else None,
             serving_since=handoff.started if handoff else None,
         )
+        if handoff is not None:
+            self._carry_on(handoff)
         self._pid_fd: int | None = handoff.pid_file if handoff else None
         """The locked pid file (inherited across a re-exec, else opened by :meth:`run`)."""
         self.dispatcher = self.system.dispatcher
@@ -523,6 +526,30 @@ class Daemon:
         for spares in self._spares.values():
             spares.refill()  # a descriptor just freed: the listeners' spares come first
 
+    def _carry_on(self, handoff: Handoff) -> None:
+        """Keep what a re-exec is not meant to reset: the counts, and logging set at runtime."""
+        if handoff.metrics is not None:
+            REGISTRY.carry_on(handoff.metrics)
+        carried = handoff.logging
+        if carried is None or self._embedded:
+            return
+        unchanged = (carried.get("config_level"), carried.get("config_filters")) == (
+            self.config.log_level,
+            self.config.log_filters,
+        )
+        if not unchanged:
+            log.info("re-exec: the configuration's logging changed; it applies")
+            return
+        now = logs.current()
+        if (carried["level"], carried["filters"]) == (now["level"], now["filters"]):
+            return
+        try:
+            logs.configure(carried["level"], carried["filters"], self.config.log_outputs)
+        except (ValueError, logs.LogFilterError) as exc:
+            log.warning("re-exec: logging set at runtime not kept: %s", exc)
+            return
+        log.info("re-exec: logging set at runtime kept: %s", logs.current())
+
     def reexec(self) -> None:
         """SIGUSR1: hand everything to a fresh copy of this program (see lockd.reexec)."""
         if self._reexecing or not self.system.ready.is_set():
@@ -553,6 +580,7 @@ class Daemon:
             own_fds=(self.system.journal_lock, self._pid_fd),
             paths={key: getattr(self.config, key) for key in PATH_KEYS},
             started=self.system.serving_since,
+            log_config=(self.config.log_level, self.config.log_filters),
         )
 
     def _stop_accepting(self) -> None:

@@ -39,10 +39,12 @@ from actors.connection import Gone, HandedOver, Quiesce
 from actors.events import DaemonStopped
 from actors.journal import Append, Appended, AppendFailed
 from actors.lockspace import Unfreeze
+from actors.metrics import REGISTRY
 from actors.model import Owner
 from actors.owners import Fencing, QueryFencing
 from actors.router import AllFds, CollectFds
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
+from lockd import logs
 from lockd.procs import DAEMON_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,12 @@ class Handoff:
     started: float | None = None
     """When the process first started (CLOCK_MONOTONIC, which an exec keeps): uptime
     counts from it, so ``status`` does not show a reload as a restart."""
+    metrics: dict[str, Any] | None = None
+    """The counters and histograms so far (:meth:`Metrics.carried`): they go on counting."""
+    logging: dict[str, str] | None = None
+    """The logging in force (``level``, ``filters``) and the configuration's when the
+    re-exec began (``config_level``, ``config_filters``). The next program keeps a level
+    set at runtime (``lockd log-level``) unless the file's changed since, as SIGHUP does."""
 
     def own_fds(self) -> list[int]:
         """The daemon's own locks handed over (journal directory, pid file)."""
@@ -245,6 +253,8 @@ class Handoff:
                 "journal_lock": self.journal_lock,
                 "pid_file": self.pid_file,
                 "started": self.started,
+                "metrics": self.metrics,
+                "logging": self.logging,
             }
         )
 
@@ -261,6 +271,8 @@ class Handoff:
             raw.get("journal_lock"),  # absent in a handoff from before they were passed
             raw.get("pid_file"),
             raw.get("started"),
+            raw.get("metrics"),
+            raw.get("logging"),
         )
 
 
@@ -358,6 +370,7 @@ class ReexecActor(DispatchedActor):
         own_fds: tuple[int | None, int | None] = (None, None),
         paths: Paths | None = None,
         started: float | None = None,
+        log_config: tuple[str, str] | None = None,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
@@ -372,6 +385,8 @@ class ReexecActor(DispatchedActor):
         """This daemon's :data:`PATH_KEYS` (None: not compared, for tests)."""
         self._started = started
         """When this process first started (see :attr:`Handoff.started`)."""
+        self._log_config = log_config
+        """The configuration's ``log_level`` and ``log_filters`` (None: logging not handed on)."""
         self._fences_resume = fences_resume
         """The next process resumes fences in progress, deadlines kept (lost_lease_policy
         = fence); under ``log`` it would drop them, so a fence puts the re-exec off."""
@@ -480,6 +495,14 @@ class ReexecActor(DispatchedActor):
             return super().on_receive(message)
         return None
 
+    def _logging(self) -> dict[str, str] | None:
+        if self._log_config is None:
+            return None
+        now = logs.current()
+        level, filters = self._log_config
+        return {"level": now["level"], "filters": now["filters"],
+                "config_level": level, "config_filters": filters}  # fmt: skip
+
     def _exec(self) -> None:
         if self._before_exec is not None:
             try:
@@ -488,7 +511,7 @@ class ReexecActor(DispatchedActor):
                 log.warning("re-exec: before exec: %s; going on", exc)
         handoff = Handoff(
             self._listeners, tuple(self._handed), self._leases, self._next_conn_id,
-            *self._own_fds, self._started,
+            *self._own_fds, self._started, REGISTRY.carried(), self._logging(),
         )  # fmt: skip
         log.info(
             "re-exec: handing over %d listeners, %d connections, %d lease fds",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shutil
 import signal
@@ -356,3 +357,41 @@ def test_a_downgrade_to_a_build_without_the_check_is_checked_with_check_config(
     assert free == 0, f"the lock was seen free {free} times"
     assert daemon.proc.poll() is None
     check(daemon)
+
+
+def _acquires_ok(daemon: DaemonProcess) -> int:
+    lines = daemon.lockd("metrics").stdout.splitlines()
+    line = next(ln for ln in lines if ln.startswith('lockd_acquires_total{result="ok"}'))
+    return int(line.split()[-1])
+
+
+@pytest.mark.parametrize("file_changed", [False, True], ids=["runtime-kept", "file-wins"])
+def test_a_reexec_keeps_the_counts_and_the_log_level_set_at_runtime(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path,
+    file_changed: bool,
+) -> None:  # fmt: skip
+    """A reload is not a restart: counters go on from where they were (``rate()`` would
+    read a drop to 0 as one), and a level set with ``lockd log-level`` stays, unless the
+    file's logging was edited since, which then applies (as SIGHUP). The daemon runs
+    with ``--verbose``, so its configured level is debug whatever the file says."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("fence_grace = 5\n")
+    daemon = make_daemon("counts", None, "--config", str(config))
+    start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    start_run(daemon, children, "--disk", "/vm/b.img", "--name", "vm2")
+    assert _acquires_ok(daemon) == 2
+    assert daemon.lockd("log-level", "warning").returncode == 0
+    if file_changed:
+        config.write_text('fence_grace = 5\nlog_filters = "error:actors.owners"\n')
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    assert _acquires_ok(daemon) == 2
+    logging_now = json.loads(daemon.lockd("log-level", "--json").stdout)
+    if file_changed:
+        assert logging_now["level"] == "debug"
+        assert logging_now["filters"] == "error:actors.owners"
+    else:
+        assert logging_now["level"] == "warning"
+    start_run(daemon, children, "--disk", "/vm/c.img", "--name", "vm3")
+    assert _acquires_ok(daemon) == 3
