@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import enum
 import json
 import os
 import select
@@ -16,7 +17,7 @@ import shutil
 import signal
 import sys
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NoReturn
 
@@ -147,6 +148,19 @@ def _print_json(value: Any) -> None:
 
 
 # -- serve -------------------------------------------------------------------------------
+def _config_value(value: Any) -> str:
+    """A setting as ``--check-config`` prints it: JSON, as near the file's TOML as a
+    value can be (``"none"`` for a policy, not ``<SyncPolicy.NONE: 'none'>``; unset
+    is ``null``)."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, Mapping):
+        value = dict(value)
+    if isinstance(value, tuple | frozenset):
+        value = sorted(value) if isinstance(value, frozenset) else list(value)
+    return json.dumps(value)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     from lockd import config as config_mod
@@ -173,7 +187,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.check_config:
         print(f"configuration ok ({config.config_file or 'defaults and flags only'})")
         for field in attrs.fields(type(config)):
-            print(f"  {field.name} = {getattr(config, field.name)!r}")
+            print(f"  {field.name} = {_config_value(getattr(config, field.name))}")
         return EXIT_OK
     if args.handoff_check:
         import lockd.daemon  # noqa: F401 - a broken install fails here, not after the exec

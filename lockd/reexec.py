@@ -121,7 +121,9 @@ class TargetCheck:
     @classmethod
     def before_check(cls, returncode: int, stdout: str, stderr: str) -> TargetCheck:
         """Read the answer of a build from before the check to ``--check-config``: its
-        configuration, printed as ``  name = repr`` lines."""
+        configuration, printed as ``  name = value`` lines, the value a Python repr in
+        those builds (JSON from this one on, read too: the downgrade test runs a copy
+        of this build)."""
         if returncode != 0:
             last = _last(stderr, returncode)
             return cls(False, why=f"{BEFORE_CHECK}, and it fails --check-config: {last}")
@@ -129,7 +131,10 @@ class TargetCheck:
         for line in stdout.splitlines():
             name, sep, value = line.strip().partition(" = ")
             if sep and name in PATH_KEYS:
-                paths[name] = ast.literal_eval(value)
+                try:
+                    paths[name] = json.loads(value)
+                except ValueError:
+                    paths[name] = ast.literal_eval(value)
         if set(paths) != set(PATH_KEYS):
             return cls(False, why=f"{BEFORE_CHECK}, and --check-config did not print its paths")
         return cls(True, own_fds=False, why=BEFORE_CHECK, paths=paths)

@@ -479,6 +479,10 @@ def test_check_config(tmp_path: Path) -> None:
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "max_clients = 8" in done.stdout
+    # Values as the file writes them (JSON), not Python reprs.
+    assert '  log_filters = "debug:actors"\n' in done.stdout
+    assert '  journal_sync = "none"\n' in done.stdout
+    assert "  pid_file = null\n" in done.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("\nmax_clients = 8\njournal_synk = 'batch'\n")
     done = subprocess.run([*LOCKD, "serve", "--config", str(bad), "--check-config"],

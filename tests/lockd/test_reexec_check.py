@@ -51,12 +51,13 @@ def test_a_build_from_before_the_check_is_asked_for_check_config_instead() -> No
     """argparse's answer to an option it does not know: such a build is asked for
     ``--check-config``, and exec'd without the daemon's own fds if that passes."""
     assert TargetCheck.of(2, "", ARGPARSE + "--handoff-check\n").why == BEFORE_CHECK
-    printed = "configuration ok (/etc/lockd.toml)\n" + "".join(
-        f"  {k} = {v!r}\n" for k, v in {**PATHS, "fence_grace": 30.0}.items()
-    )
-    assert TargetCheck.before_check(0, printed, "") == TargetCheck(
-        True, own_fds=False, why=BEFORE_CHECK, paths=PATHS
-    )
+    for form in (repr, json.dumps):  # those builds print reprs; this one JSON
+        printed = "configuration ok (/etc/lockd.toml)\n" + "".join(
+            f"  {k} = {form(v)}\n" for k, v in {**PATHS, "fence_grace": 30.0}.items()
+        )
+        assert TargetCheck.before_check(0, printed, "") == TargetCheck(
+            True, own_fds=False, why=BEFORE_CHECK, paths=PATHS
+        )
 
 
 def test_a_build_from_before_the_check_with_a_broken_configuration_is_refused() -> None:
