@@ -59,10 +59,12 @@ def spawn(path: str, wait: float = 15.0) -> None:
     deadline = time.monotonic() + wait
     while not _answers(path):
         if daemon.poll() is not None:
-            last = _last_line(log_path, started)
+            said = _lines_since(log_path, started)
             # Lost a race with another client's daemon, which serves once it has read
             # its journal: wait for that one. Otherwise it will not answer: say why now.
-            if "in use" not in last:
+            # Any line, not the last: the winner shares the log and may have written since.
+            if not any("in use" in line for line in said):
+                last = said[-1] if said else "nothing logged"
                 raise SpawnFailed(f"started lockd for {path}, but it exited ({last}); "
                                   f"see {log_path}")  # fmt: skip
         if time.monotonic() > deadline:
@@ -74,11 +76,10 @@ class SpawnFailed(OSError):
     """The daemon started for a client did not come up."""
 
 
-def _last_line(log_path: str, since: int) -> str:
+def _lines_since(log_path: str, since: int) -> list[str]:
     try:
         with open(log_path, "rb") as f:
             f.seek(since)
-            lines = f.read().decode("utf-8", "replace").strip().splitlines()
+            return f.read().decode("utf-8", "replace").strip().splitlines()
     except OSError:
-        return "no log"
-    return lines[-1] if lines else "nothing logged"
+        return ["no log"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -541,6 +542,60 @@ def test_lockd_run_starts_a_per_user_daemon_when_none_runs(
     no_spawn = subprocess.run([*LOCKD, "status"], env={**env, "LOCKD_AUTOSPAWN": "1"},
                               capture_output=True, text=True, check=False)  # fmt: skip
     assert no_spawn.returncode == 69  # status never spawns a daemon
+
+
+def test_a_client_whose_daemon_lost_the_start_race_waits_for_the_winner(
+    tmp_path: Path, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """Two VMs start on a fresh login at once: each client starts a daemon, and one
+    daemon wins the journal. The other exits "journal in use" before the winner
+    listens; its client must wait for the winner, not fail. The test holds the journal
+    lock as the winner would, then starts the winner itself."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    config = tmp_path / "lockd.toml"
+    config.write_text(f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{journal}"\n')
+    sock = tmp_path / "run" / "lockd.sock"
+    admin = tmp_path / "run" / "admin.sock"
+    env = {**os.environ, "LOCKD_AUTOSPAWN": "1", "LOCKD_AUTOSPAWN_TIMEOUT": "1",
+           "LOCKD_CONFIG": str(config), "LOCKD_SOCKET": str(sock),
+           "LOCKD_ADMIN_SOCKET": str(admin)}  # fmt: skip
+    vm = subprocess.Popen(["sleep", "600"])
+    children.append(vm)
+    winner_lock = os.open(journal / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(winner_lock, fcntl.LOCK_EX)
+    client = subprocess.Popen(
+        [*LOCKD, "acquire", "--owner-pid", str(vm.pid), "--disk", "/vm/a.img", "--name", "vm"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    children.append(client)  # type: ignore[arg-type]
+    winner: subprocess.Popen[bytes] | None = None
+    try:
+        wait_for(
+            lambda: "in use" in _text_of(sock.parent / "lockd.log") or client.poll() is not None
+        )
+        assert client.poll() is None, client.communicate()
+        os.close(winner_lock)  # the winner, done with its start-up, now listens
+        winner = subprocess.Popen(
+            [*LOCKD, "serve", "--socket", str(sock), "--admin-socket", str(admin),
+             "--timeout", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        children.append(winner)
+        _, err = client.communicate(timeout=30)
+        assert client.returncode == 0, err
+        status = subprocess.run([*LOCKD, "status", "--json"], env=env, capture_output=True,
+                                text=True, check=True)  # fmt: skip
+        assert json.loads(status.stdout)["pid"] == winner.pid
+        assert json.loads(status.stdout)["leases"] == 1
+    finally:
+        vm.kill()
+        vm.wait()
+        if winner is not None:  # idle once its owner is gone: it exits by itself
+            winner.wait(timeout=20)
+
+
+def _text_of(path: Path) -> str:
+    return path.read_text() if path.exists() else ""
 
 
 def _cpu_ticks(pid: int) -> int:
