@@ -220,9 +220,9 @@ class JournalActor(DispatchedActor):
                         append.reply_to, AppendFailed(append.token, f"journal write failed: {exc}")
                     )
             return
-        REGISTRY.inc("lockd_journal_appends_total")
-        REGISTRY.inc("lockd_journal_entries_total", len(everything))
-        REGISTRY.inc(
+        REGISTRY.add("lockd_journal_appends_total")
+        REGISTRY.add("lockd_journal_entries_total", len(everything))
+        REGISTRY.add(
             "lockd_journal_bytes_total", getattr(self._writer, "bytes_written", 0) - bytes_before
         )
         if self._sync is not SyncPolicy.NONE:

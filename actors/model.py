@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import uuid as uuidlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -109,9 +109,13 @@ class Owner:
         )
 
 
-@attrs.frozen(order=True, cache_hash=True)
-class OwnerKey:
-    """(pid, start time): the process a lease belongs to."""
+class OwnerKey(NamedTuple):
+    """(pid, start time): the process a lease belongs to.
+
+    A named tuple, not an attrs class: leases, owners and fences are all
+    tables keyed by it, and a pair of requests hashes it about twenty times.
+    A tuple hashes and compares in C; an attrs class calls its generated
+    ``__hash__`` each time, even with the hash cached."""
 
     pid: int
     start_time: int

@@ -141,12 +141,15 @@ class Dispatcher:
                 self._ready.append(timer.callback)
 
     def _run_ready(self, limit: int) -> int:
+        # Every actor hop passes here: locals, not attribute lookups, per step.
+        ready, crashes = self._ready, self.crashes
+        popleft = ready.popleft
         done = 0
-        while self._ready and done < limit:
-            self._ready.popleft()()
+        while ready and done < limit:
+            popleft()()
             done += 1
-            if self.crashes:
-                raise ActorCrashedError("an actor died") from self.crashes[0]
+            if crashes:
+                raise ActorCrashedError("an actor died") from crashes[0]
         return done
 
     def _poll(self, timeout: float | None) -> None:
@@ -378,8 +381,10 @@ class DispatchedRef(pykka.ActorRef[Any]):
             raise ActorDeadError(f"{self} not found")
         inbox.append(message)
         dispatcher = inbox.dispatcher
-        if dispatcher is not None:
-            dispatcher.submit(inbox)
+        if dispatcher is not None:  # Dispatcher.submit, inlined: one call less per hop
+            dispatcher._ready.append(inbox)
+            if dispatcher.selecting:
+                dispatcher.wake()
 
 
 _urns = itertools.count(1)

@@ -11,7 +11,10 @@ only adds time) with the median beside it; compare runs made back to back.
     .venv/bin/python contrib/bench/inproc.py [--pairs 3000] [--rounds 5] [--profile]
 
 ``--profile`` also prints the function calls per pair, which, unlike the
-time, this VM's noise does not move.
+time, this VM's noise does not move; ``--opcodes`` counts the Python
+bytecode instructions a pair executes (a trace function sees each one; code
+in C, the kernel's and cbor2's, is not counted): the most direct measure of
+interpreter work, and as deterministic as the calls.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=3000, help="pairs per round")
     parser.add_argument("--rounds", type=int, default=5, help="the minimum is the cost")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--opcodes", action="store_true", help="count bytecodes per pair")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lockd-inproc-"))
     try:
@@ -109,10 +113,34 @@ def main() -> int:
             print(f"{calls:.0f} function calls per pair (cProfile's count, this benchmark's "
                   f"own encoding and decoding included)")  # fmt: skip
             stats.sort_stats("tottime").print_stats(30)
+        if args.opcodes:
+            counted = _opcodes(loop) / args.pairs
+            print(f"{counted:.0f} bytecode instructions per pair (Python code only, this "
+                  f"benchmark's own included)")  # fmt: skip
         system.shutdown("benchmark done")
     finally:
         shutil.rmtree(tmp)
     return 0
+
+
+def _opcodes(run: Any) -> int:
+    """Bytecode instructions executed by ``run()``, counted by a trace function."""
+    count = 0
+
+    def trace(frame: Any, event: str, arg: Any) -> Any:
+        nonlocal count
+        if event == "call":
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            count += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        run()
+    finally:
+        sys.settrace(None)
+    return count
 
 
 if __name__ == "__main__":
