@@ -192,6 +192,13 @@ class _Acquisition:
     """Per lockspace, the resources this acquire newly gave the owner (what a rollback undoes)."""
 
 
+# Built once (``A | B`` in an isinstance call builds a union each time it runs).
+_ANSWERS = (Found, Done, Gathered, Kicked, OwnerReleased, Fencing, _Retry)
+"""Answers to something this connection asked; each carries the token it waits on."""
+_RESOURCE_REQUESTS = (m.CreateResource, m.DeleteResource)
+_LIST_REQUESTS = (m.Inquire, m.ListLeases, m.ListLockspaces, m.ListClients)
+
+
 def _counts(snapshot: Snapshot) -> Counts:
     """A lockspace's counts, from a query that asked for counts only."""
     assert snapshot.counts is not None, "the query did not ask for counts"
@@ -332,9 +339,7 @@ class ConnectionActor(DispatchedActor):
                 return None
             self._protocol.receive_data(message.data)
             self._pump()
-        elif isinstance(
-            message, Found | Done | Gathered | Kicked | OwnerReleased | Fencing | _Retry
-        ):
+        elif isinstance(message, _ANSWERS):
             then = self._waits.pop(message.token, None)
             if then is not None:
                 then(message)
@@ -478,13 +483,13 @@ class ConnectionActor(DispatchedActor):
                     self.actor_ref,
                 )
             )
-        elif isinstance(request, m.CreateResource | m.DeleteResource):
+        elif isinstance(request, _RESOURCE_REQUESTS):
             self._resource_op(request)
         elif isinstance(request, m.Acquire):
             self._acquire(request)
         elif isinstance(request, m.Release):
             self._release(request)
-        elif isinstance(request, m.Inquire | m.ListLeases | m.ListLockspaces | m.ListClients):
+        elif isinstance(request, _LIST_REQUESTS):
             if isinstance(request, m.Inquire) and self._owner is None:
                 self._error(request, ErrorCode.NOT_REGISTERED, "inquire: register an owner first")
                 return

@@ -330,7 +330,7 @@ class JournalEntry:
             raise ValueError(f"journal entry lacks {exc}") from None
         if (
             not isinstance(seq, int)
-            or not isinstance(time, int | float)
+            or not isinstance(time, (int, float))
             or not isinstance(host, str)
         ):
             raise ValueError("journal entry has a bad seq, time or host")

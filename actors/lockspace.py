@@ -271,6 +271,15 @@ Command = AcquireLeases | ReleaseLeases | ReleaseOwner | CreateResource | Delete
 
 _NOTHING: frozenset[str] = frozenset()
 
+# The type tests every message makes, as tuples built once: ``A | B`` in an
+# isinstance call builds a union object each time it runs.
+_COMMANDS = (AcquireLeases, ReleaseLeases, ReleaseOwner, CreateResource, DeleteResource)
+_RELEASES = (ReleaseLeases, ReleaseOwner)
+_FILE_COMMANDS = (CreateResource, DeleteResource)
+_LEASE_COMMANDS = (AcquireLeases, ReleaseLeases)
+_LOCK_REPLIES = (LockTaken, LockRefused)
+_JOURNAL_REPLIES = (Appended, AppendFailed)
+
 
 @attrs.define
 class _InFlight:
@@ -319,7 +328,7 @@ class _Ahead:
         delta: int,
     ) -> None:
         """Count ``command`` in (1) or out (-1)."""
-        if isinstance(command, ReleaseLeases | ReleaseOwner):
+        if isinstance(command, _RELEASES):
             _count(self.releases, resources, delta)
         elif joining:
             _count(self.joins, joining, delta)
@@ -349,7 +358,7 @@ def _count(
 
 
 def _owner_key(command: Command) -> OwnerKey | None:
-    if isinstance(command, AcquireLeases | ReleaseLeases):
+    if isinstance(command, _LEASE_COMMANDS):
         return command.owner.key
     if isinstance(command, ReleaseOwner):
         return command.owner
@@ -407,32 +416,30 @@ class LockspaceActor(DispatchedActor):
 
     # -- entry ------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
-        if isinstance(
-            message, AcquireLeases | ReleaseLeases | ReleaseOwner | CreateResource | DeleteResource
-        ):
+        if isinstance(message, _COMMANDS):
             if self._ahead is not None and self._queued and not self._frozen:
                 self._consider(message, self._ahead)
             else:
                 self._queued.append(message)
                 self._run_queued()
             return None
-        if isinstance(message, LockTaken | LockRefused) and message.token in self._inflight:
+        if isinstance(message, _LOCK_REPLIES) and message.token in self._inflight:
             self._on_lock_reply(message)  # _finish keeps the scheduling view exact
             return None
-        if isinstance(message, Appended | AppendFailed) and message.token in self._inflight:
+        if isinstance(message, _JOURNAL_REPLIES) and message.token in self._inflight:
             self._on_journal_reply(message)
             return None
         # Anything else may change what the queued commands wait for: the next
         # arrival runs a full pass.
         self._ahead = None
-        if isinstance(message, LockTaken | LockRefused):
+        if isinstance(message, _LOCK_REPLIES):
             if message.token in self._restoring:
                 self._on_restore_lock(message)
             elif message.token in self._cleanups:
                 self._on_cleanup_lock(message)
             else:
                 self._on_lock_reply(message)  # for no flight: a bug, which it raises
-        elif isinstance(message, Appended | AppendFailed):
+        elif isinstance(message, _JOURNAL_REPLIES):
             if message.token in self._restoring:
                 self._on_restore_journaled(message)
             elif message.token in self._unjournaled:
@@ -577,7 +584,7 @@ class LockspaceActor(DispatchedActor):
             self._waited_by.add(command.owner)
             return
         resources = self._resources_of(command)
-        release = isinstance(command, ReleaseLeases | ReleaseOwner)
+        release = isinstance(command, _RELEASES)
         joining = _NOTHING if release else self._joins(command)
         blocked = self._blocked(owner, resources, joining, release, ahead)
         if blocked:
@@ -666,7 +673,7 @@ class LockspaceActor(DispatchedActor):
             )
             self._reply(command, Done(command.token, self.name, refusal=refusal))
             return None
-        if isinstance(command, CreateResource | DeleteResource):
+        if isinstance(command, _FILE_COMMANDS):
             return self._file_command(command)
         if isinstance(command, AcquireLeases):
             decision = core.decide(
@@ -715,7 +722,7 @@ class LockspaceActor(DispatchedActor):
         True if that freed a resource or owner some queued command waits on: only
         then can a queued command start."""
         command = flight.command
-        release = isinstance(command, ReleaseLeases | ReleaseOwner)
+        release = isinstance(command, _RELEASES)
         counts = self._busy_releasing if release else self._busy
         joining, waited = flight.joining, self._waited_on
         if joining:
@@ -737,7 +744,7 @@ class LockspaceActor(DispatchedActor):
         # every waiting start per stop (1,000 of each: 3.4 s, quadratic).
         flight = self._inflight.pop(token)
         freed = self._track(flight, -1)
-        release = isinstance(flight.command, ReleaseLeases | ReleaseOwner)
+        release = isinstance(flight.command, _RELEASES)
         if not freed and ((applied and flight.joining) or (release and not applied)):
             # A join applied adds a holder, a release refused keeps one: either may
             # let a waiting release or join through (_outlives). A release applied

@@ -316,11 +316,25 @@ class _Inbox(collections.deque[Any]):
         if not self:
             return
         item = self.popleft()
+        actor = self.actor
+        if type(item) is not Envelope and actor is not None and not self._set:
+            # A tell to a live actor, as almost every hop is: the same steps as
+            # below, without the reply to see to.
+            try:
+                if type(item) in _PYKKA_MESSAGES:
+                    actor._handle_receive(item)
+                else:
+                    actor.on_receive(item)
+            except Exception:  # noqa: BLE001 - pykka semantics: a failed tell kills the actor
+                _crashed(actor)
+            except BaseException:
+                actor._stop()
+                raise
+            return
         if type(item) is Envelope:
             message, reply_to = item.message, item.reply_to
         else:
             message, reply_to = item, None
-        actor = self.actor
         if actor is None or self._set:
             if reply_to is not None:
                 name = f"{self._kind} ({self._urn})" if actor is None else str(actor.actor_ref)
@@ -339,16 +353,22 @@ class _Inbox(collections.deque[Any]):
             if reply_to is not None:
                 reply_to.set_exception()
             else:
-                exc = sys.exc_info()[1]
-                actor._handle_failure(*sys.exc_info())
-                try:
-                    actor.on_failure(*sys.exc_info())
-                finally:
-                    assert exc is not None
-                    actor.dispatcher.report_crash(exc)
+                _crashed(actor)
         except BaseException:
             actor._stop()
             raise
+
+
+def _crashed(actor: DispatchedActor) -> None:
+    """A tell failed (called in its except block): pykka stops the actor and calls
+    ``on_failure``; the dispatcher then records the crash (see the module docstring)."""
+    exc = sys.exc_info()[1]
+    actor._handle_failure(*sys.exc_info())
+    try:
+        actor.on_failure(*sys.exc_info())
+    finally:
+        assert exc is not None
+        actor.dispatcher.report_crash(exc)
 
 
 def _answer_dead(message: Any, reply_to: pykka.Future[Any] | None, name: str) -> None:
