@@ -264,12 +264,16 @@ def _owner(value: Any) -> OwnerIdentity:
     return OwnerIdentity(value["uuid"], value["name"], value["id"], value["pid"])
 
 
+_LEASE_KEYS = frozenset({"lockspace", "resource"})
+_LEASE_KEYS_SHARED = frozenset({"lockspace", "resource", "shared"})
+
+
 def _lease_list(value: Any, *, with_shared: bool) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not 1 <= len(value) <= 256:
         raise _Invalid("leases must be a list of 1-256 maps")
-    allowed = {"lockspace", "resource", "shared"} if with_shared else {"lockspace", "resource"}
+    allowed = _LEASE_KEYS_SHARED if with_shared else _LEASE_KEYS
     for item in value:
-        if not isinstance(item, dict) or not {"lockspace", "resource"} <= set(item) <= allowed:
+        if not isinstance(item, dict) or not _LEASE_KEYS <= item.keys() <= allowed:
             raise _Invalid(f"each lease must be a map of {sorted(allowed)}")
     return value
 
@@ -352,6 +356,9 @@ REQUEST_TYPES: dict[str, type[Request]] = {
 }  # fmt: skip
 
 
+_ENVELOPE = frozenset({"op", "id"})
+
+
 def request_from_wire(data: Any) -> Request:
     """Build a request from a decoded map; raise RemoteProtocolError(invalid-argument)."""
     if not isinstance(data, dict):
@@ -365,8 +372,9 @@ def request_from_wire(data: Any) -> Request:
     cls = REQUEST_TYPES.get(op) if isinstance(op, str) else None
     if cls is None:
         raise RequestError(rid, ErrorCode.INVALID_ARGUMENT, f"unknown operation {op!r}")
-    args = {k: v for k, v in data.items() if k not in ("op", "id")}
-    unknown = set(args) - cls.ARGS
+    # The arguments are the map's other keys; _build reads them from the map itself
+    # (no copy without op and id on every request: no argument has either name).
+    unknown = data.keys() - cls.ARGS - _ENVELOPE
     if unknown:
         raise RequestError(
             # repr: keys may be bytes and text at once, which do not sort together
@@ -375,7 +383,7 @@ def request_from_wire(data: Any) -> Request:
             f"{op}: unknown arguments {sorted(map(repr, unknown))}",
         )
     try:
-        return _build(cls, rid, args)
+        return _build(cls, rid, data)
     except _Invalid as exc:
         raise RequestError(rid, ErrorCode.INVALID_ARGUMENT, f"{op}: {exc}") from None
 
