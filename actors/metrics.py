@@ -118,7 +118,8 @@ class Metrics:
                 for name, series in self.counters.items()
             ],
             "histograms": [
-                [name, list(counts), sums[0]] for name, (counts, sums) in self.histograms.items()
+                [name, list(counts), sums[0], list(FSYNC_BUCKETS)]
+                for name, (counts, sums) in self.histograms.items()
             ],
         }
 
@@ -130,8 +131,8 @@ class Metrics:
         for name, series in state.get("counters", ()):
             for key, value in series:
                 self._add(name, tuple((k, v) for k, v in key), value)
-        for name, counts, total in state.get("histograms", ()):
-            if len(counts) != len(FSYNC_BUCKETS) + 1:
+        for name, counts, total, bounds in state.get("histograms", ()):
+            if bounds != list(FSYNC_BUCKETS) or len(counts) != len(FSYNC_BUCKETS) + 1:
                 continue
             mine, sums = self.histograms.setdefault(name, ([0] * len(counts), [0.0]))
             for i, count in enumerate(counts):

@@ -96,7 +96,14 @@ def _connect(
         except (FileNotFoundError, ConnectionRefusedError):
             if not (spawn and autospawn.wanted()):
                 raise
-            autospawn.spawn(path)
+            try:
+                autospawn.spawn(path)
+            except autospawn.SpawnFailed:
+                raise
+            except OSError as exc:  # its runtime directory, its log, the exec
+                raise CommandError(
+                    f"cannot start lockd for {path}: {exc}", EXIT_UNAVAILABLE
+                ) from None
             client = Client(path, name=name, timeout=30.0 + wait)
     except autospawn.SpawnFailed as exc:
         raise CommandError(str(exc), EXIT_UNAVAILABLE) from None
@@ -546,7 +553,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if program is None:
         # Found out only after the leases were taken, the failed exec would close a
         # connection still holding them: the daemon would fence this very process.
-        print(f"lockd run: cannot run {cmd[0]}: no such executable", file=sys.stderr)
+        # A path that exists is not executable (mode, noexec mount), as a shell says.
+        if os.sep in cmd[0] and os.path.exists(cmd[0]):
+            print(f"lockd run: cannot run {cmd[0]}: not executable", file=sys.stderr)
+            return EXIT_CANNOT_EXEC
+        print(f"lockd run: cannot run {cmd[0]}: no such command", file=sys.stderr)
         return EXIT_NOT_FOUND
 
     def body() -> int:
@@ -573,17 +584,21 @@ def _give_back(path: str, owner: dict[str, Any], command: str, failure: OSError)
     """Release what ``lockd run`` took when its exec failed, then fail with the reason.
 
     ``which`` cannot see every failure (a script without ``#!``, a missing
-    interpreter, a noexec mount). The restricted connection can no longer
-    release, and closing it with the leases held would make the daemon fence
-    this process, the owner. A second connection of the same owner releases
-    them first, so both close holding nothing."""
+    interpreter). The restricted connection can no longer release, and closing
+    it with the leases held would make the daemon fence this process, the
+    owner. A second connection of the same owner releases them first, so both
+    close holding nothing. If that fails too, the reason is printed while the
+    restricted connection is still open: its close brings the fence's SIGTERM,
+    which would end this process before any later message."""
     what = f"cannot run {command}: {failure.strerror or failure}"
     try:
         with _connect(path, "lockd-run-give-back") as client:
             client.call("register", owner=owner)
             client.call("release", all=True)
     except (CommandError, RemoteError, ConnectionLostError, OSError) as exc:
-        raise CommandError(f"{what}; and its leases were not released: {exc}") from None
+        print(f"lockd run: {what}; its leases could not be given back ({exc}): lockd ends "
+              f"them as for a VM whose connection closed", file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(EXIT_ERROR) from None
     raise CommandError(what, EXIT_CANNOT_EXEC)
 
 

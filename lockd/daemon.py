@@ -533,10 +533,10 @@ class Daemon:
         carried = handoff.logging
         if carried is None or self._embedded:
             return
-        unchanged = (carried.get("config_level"), carried.get("config_filters")) == (
-            self.config.log_level,
-            self.config.log_filters,
-        )
+        # What SIGHUP compares: a file whose logging was edited applies.
+        was = (carried.get("config_level"), carried.get("config_filters"),
+               carried.get("config_outputs"))  # fmt: skip
+        unchanged = was == (self.config.log_level, self.config.log_filters, self.config.log_outputs)
         if not unchanged:
             log.info("re-exec: the configuration's logging changed; it applies")
             return
@@ -580,7 +580,7 @@ class Daemon:
             own_fds=(self.system.journal_lock, self._pid_fd),
             paths={key: getattr(self.config, key) for key in PATH_KEYS},
             started=self.system.serving_since,
-            log_config=(self.config.log_level, self.config.log_filters),
+            log_config=(self.config.log_level, self.config.log_filters, self.config.log_outputs),
         )
 
     def _stop_accepting(self) -> None:

@@ -231,8 +231,9 @@ class Handoff:
     """The counters and histograms so far (:meth:`Metrics.carried`): they go on counting."""
     logging: dict[str, str] | None = None
     """The logging in force (``level``, ``filters``) and the configuration's when the
-    re-exec began (``config_level``, ``config_filters``). The next program keeps a level
-    set at runtime (``lockd log-level``) unless the file's changed since, as SIGHUP does."""
+    re-exec began (``config_level``, ``config_filters``, ``config_outputs``). The next
+    program keeps a level set at runtime (``lockd log-level``) unless the file's logging
+    changed since, as SIGHUP does."""
 
     def own_fds(self) -> list[int]:
         """The daemon's own locks handed over (journal directory, pid file)."""
@@ -375,7 +376,7 @@ class ReexecActor(DispatchedActor):
         own_fds: tuple[int | None, int | None] = (None, None),
         paths: Paths | None = None,
         started: float | None = None,
-        log_config: tuple[str, str] | None = None,
+        log_config: tuple[str, str, str] | None = None,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
@@ -391,7 +392,8 @@ class ReexecActor(DispatchedActor):
         self._started = started
         """When this process first started (see :attr:`Handoff.started`)."""
         self._log_config = log_config
-        """The configuration's ``log_level`` and ``log_filters`` (None: logging not handed on)."""
+        """The configuration's ``log_level``, ``log_filters`` and ``log_outputs`` (None:
+        logging not handed on)."""
         self._fences_resume = fences_resume
         """The next process resumes fences in progress, deadlines kept (lost_lease_policy
         = fence); under ``log`` it would drop them, so a fence puts the re-exec off."""
@@ -504,9 +506,9 @@ class ReexecActor(DispatchedActor):
         if self._log_config is None:
             return None
         now = logs.current()
-        level, filters = self._log_config
-        return {"level": now["level"], "filters": now["filters"],
-                "config_level": level, "config_filters": filters}  # fmt: skip
+        level, filters, outputs = self._log_config
+        return {"level": now["level"], "filters": now["filters"], "config_level": level,
+                "config_filters": filters, "config_outputs": outputs}  # fmt: skip
 
     def _exec(self) -> None:
         if self._before_exec is not None:

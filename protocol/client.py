@@ -46,7 +46,6 @@ _HINTS = {
     errno.ENOENT: "is `lockd serve` running?",
     errno.ECONNREFUSED: "is `lockd serve` running?",
     errno.EACCES: "the socket is another user's: run as that user or give your own socket",
-    errno.EPERM: "the socket is another user's: run as that user or give your own socket",
     errno.EAGAIN: "the daemon is not keeping up with new connections",
 }
 

@@ -29,7 +29,10 @@ def test_counts_handed_over_go_on_from_where_they_were() -> None:
 def test_a_histogram_with_other_buckets_is_left_behind() -> None:
     """Another build's bounds: its counts would land in the wrong buckets."""
     after = Metrics()
-    after.carry_on({"histograms": [["lockd_journal_fsync_seconds", [1, 2], 0.5]]})
-    assert "lockd_journal_fsync_seconds" not in after.histograms
-    after.carry_on({"histograms": [["h", [0] * (len(FSYNC_BUCKETS) + 1), 0.0]]})
+    counts = [0] * (len(FSYNC_BUCKETS) + 1)
+    moved = [*FSYNC_BUCKETS[:-1], 2.0]  # as many bounds, one of them moved
+    after.carry_on({"histograms": [["lockd_journal_fsync_seconds", [1, 2], 0.5, [0.1]],
+                                   ["h1", counts, 0.0, moved]]})  # fmt: skip
+    assert after.histograms == {}
+    after.carry_on({"histograms": [["h", counts, 0.0, list(FSYNC_BUCKETS)]]})
     assert "h" in after.histograms

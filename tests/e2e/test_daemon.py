@@ -877,6 +877,38 @@ def test_lockd_run_whose_exec_fails_gives_its_leases_back_unfenced(
     assert again.returncode == 0, again.stderr
 
 
+def test_lockd_run_of_a_file_that_is_not_executable_takes_no_lease(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """A path that exists but cannot be executed (its mode, a noexec mount): 126, as a
+    shell says, found before any lease is taken."""
+    command = tmp_path / "start-vm"
+    command.write_text("#!/bin/sh\n")
+    command.chmod(0o644)
+    done = daemon.lockd("run", "--disk", "/vm/a.img", "--name", "vm1", "--", str(command))
+    assert done.returncode == 126
+    assert f"cannot run {command}: not executable" in done.stderr
+    assert events(daemon, "--type", "lease-acquired") == []
+
+
+def test_lockd_run_whose_leases_cannot_be_given_back_says_why_before_it_is_fenced(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """The exec failed and the second connection is refused (``max_clients`` is 1): the
+    leases stay, and closing the restricted connection brings the fence. The reason is
+    on stderr before that, not lost to the SIGTERM."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("max_clients = 1\n")
+    daemon = make_daemon("full", None, "--config", str(config))
+    command = tmp_path / "start-vm"
+    command.write_text("echo no interpreter line\n")
+    command.chmod(0o755)
+    done = daemon.lockd("run", "--disk", "/vm/a.img", "--name", "vm1", "--", str(command))
+    assert done.returncode in (1, -signal.SIGTERM), done.stderr
+    assert f"cannot run {command}" in done.stderr
+    assert "could not be given back" in done.stderr
+
+
 def test_admin_commands_find_the_admin_socket_beside_the_given_socket(
     daemon: DaemonProcess,
 ) -> None:

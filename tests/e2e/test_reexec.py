@@ -365,10 +365,14 @@ def _acquires_ok(daemon: DaemonProcess) -> int:
     return int(line.split()[-1])
 
 
-@pytest.mark.parametrize("file_changed", [False, True], ids=["runtime-kept", "file-wins"])
+@pytest.mark.parametrize(
+    "edit",
+    ["", 'log_filters = "error:actors.owners"\n', 'log_outputs = "journald"\n'],
+    ids=["runtime-kept", "filters-edited", "outputs-edited"],
+)
 def test_a_reexec_keeps_the_counts_and_the_log_level_set_at_runtime(
     make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path,
-    file_changed: bool,
+    edit: str,
 ) -> None:  # fmt: skip
     """A reload is not a restart: counters go on from where they were (``rate()`` would
     read a drop to 0 as one), and a level set with ``lockd log-level`` stays, unless the
@@ -381,16 +385,15 @@ def test_a_reexec_keeps_the_counts_and_the_log_level_set_at_runtime(
     start_run(daemon, children, "--disk", "/vm/b.img", "--name", "vm2")
     assert _acquires_ok(daemon) == 2
     assert daemon.lockd("log-level", "warning").returncode == 0
-    if file_changed:
-        config.write_text('fence_grace = 5\nlog_filters = "error:actors.owners"\n')
+    config.write_text("fence_grace = 5\n" + edit)
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
     assert _acquires_ok(daemon) == 2
     logging_now = json.loads(daemon.lockd("log-level", "--json").stdout)
-    if file_changed:
+    if edit:  # the file applies: the level --verbose gives, the file's filters
         assert logging_now["level"] == "debug"
-        assert logging_now["filters"] == "error:actors.owners"
+        assert logging_now["filters"] == ("error:actors.owners" if "filters" in edit else "")
     else:
         assert logging_now["level"] == "warning"
     start_run(daemon, children, "--disk", "/vm/c.img", "--name", "vm3")
