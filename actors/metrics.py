@@ -131,8 +131,9 @@ class Metrics:
         for name, series in state.get("counters", ()):
             for key, value in series:
                 self._add(name, tuple((k, v) for k, v in key), value)
-        for name, counts, total, bounds in state.get("histograms", ()):
-            if bounds != list(FSYNC_BUCKETS) or len(counts) != len(FSYNC_BUCKETS) + 1:
+        for name, counts, total, *bounds in state.get("histograms", ()):
+            # Without bounds (the first builds to hand histograms over) they are unknown.
+            if bounds != [list(FSYNC_BUCKETS)] or len(counts) != len(FSYNC_BUCKETS) + 1:
                 continue
             mine, sums = self.histograms.setdefault(name, ([0] * len(counts), [0.0]))
             for i, count in enumerate(counts):

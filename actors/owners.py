@@ -279,7 +279,7 @@ class OwnersActor(DispatchedActor):
             self._fence_lost(message)
         elif isinstance(message, _FenceStep):
             self._fence_step(message)
-        elif isinstance(message, Appended | AppendFailed):
+        elif isinstance(message, (Appended, AppendFailed)):
             self._recorded(message)
         elif isinstance(message, _Signal):
             self._send(message)

@@ -176,7 +176,7 @@ class RecoveryActor(DispatchedActor):
             self._found(message)
         elif isinstance(message, Restored):
             self._restored(message)
-        elif isinstance(message, Appended | AppendFailed):
+        elif isinstance(message, (Appended, AppendFailed)):
             self._journaled(message)
         else:
             return super().on_receive(message)

@@ -247,7 +247,7 @@ class RouterActor(DispatchedActor):
             tell_if_alive(message.reply_to, self._lookup(message.lockspace, message.token))
         elif isinstance(message, CreateLockspace):
             self._create(message)
-        elif isinstance(message, Appended | AppendFailed):
+        elif isinstance(message, (Appended, AppendFailed)):
             self._created(message)
         elif isinstance(message, ReleaseOwnerEverywhere):
             self._release_owner(message)

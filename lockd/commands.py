@@ -553,8 +553,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if program is None:
         # Found out only after the leases were taken, the failed exec would close a
         # connection still holding them: the daemon would fence this very process.
-        # A path that exists is not executable (mode, noexec mount), as a shell says.
-        if os.sep in cmd[0] and os.path.exists(cmd[0]):
+        # A file that exists is not executable (mode, noexec mount), as a shell says.
+        if _exists(cmd[0]):
             print(f"lockd run: cannot run {cmd[0]}: not executable", file=sys.stderr)
             return EXIT_CANNOT_EXEC
         print(f"lockd run: cannot run {cmd[0]}: no such command", file=sys.stderr)
@@ -578,6 +578,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_ERROR  # pragma: no cover - execve does not return
 
     return _run(args, body)
+
+
+def _exists(command: str) -> bool:
+    """``command`` names a file, executable or not: a path, or a name on ``PATH``."""
+    if os.sep in command:
+        return os.path.exists(command)
+    path = os.environ.get("PATH", os.defpath).split(os.pathsep)
+    return any(os.path.isfile(os.path.join(d or ".", command)) for d in path)
 
 
 def _give_back(path: str, owner: dict[str, Any], command: str, failure: OSError) -> NoReturn:

@@ -529,13 +529,18 @@ class Daemon:
     def _carry_on(self, handoff: Handoff) -> None:
         """Keep what a re-exec is not meant to reset: the counts, and logging set at runtime."""
         if handoff.metrics is not None:
-            REGISTRY.carry_on(handoff.metrics)
+            try:
+                REGISTRY.carry_on(handoff.metrics)
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                # Counts are not worth a failed start: it would free every lease.
+                log.warning("re-exec: counters not carried over (%r); they start again", exc)
         carried = handoff.logging
         if carried is None or self._embedded:
             return
         # What SIGHUP compares: a file whose logging was edited applies.
+        # (A handoff without outputs comes from a build that did not compare them.)
         was = (carried.get("config_level"), carried.get("config_filters"),
-               carried.get("config_outputs"))  # fmt: skip
+               carried.get("config_outputs", self.config.log_outputs))  # fmt: skip
         unchanged = was == (self.config.log_level, self.config.log_filters, self.config.log_outputs)
         if not unchanged:
             log.info("re-exec: the configuration's logging changed; it applies")

@@ -314,7 +314,7 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
         )
         _once_each([(lease.lockspace, lease.resource) for lease in leases])
         wait = args.get("wait", 0.0)
-        if not isinstance(wait, int | float) or isinstance(wait, bool):
+        if not isinstance(wait, (int, float)) or isinstance(wait, bool):
             raise _Invalid("wait must be a number of seconds")
         if not 0 <= wait <= MAX_WAIT_SECONDS:
             raise _Invalid(f"wait must be between 0 and {MAX_WAIT_SECONDS:g} seconds")

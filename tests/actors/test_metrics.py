@@ -34,5 +34,7 @@ def test_a_histogram_with_other_buckets_is_left_behind() -> None:
     after.carry_on({"histograms": [["lockd_journal_fsync_seconds", [1, 2], 0.5, [0.1]],
                                    ["h1", counts, 0.0, moved]]})  # fmt: skip
     assert after.histograms == {}
+    after.carry_on({"histograms": [["h0", counts, 0.0]]})  # an earlier build's: no bounds
+    assert after.histograms == {}
     after.carry_on({"histograms": [["h", counts, 0.0, list(FSYNC_BUCKETS)]]})
     assert "h" in after.histograms

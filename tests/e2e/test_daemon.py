@@ -888,6 +888,13 @@ def test_lockd_run_of_a_file_that_is_not_executable_takes_no_lease(
     done = daemon.lockd("run", "--disk", "/vm/a.img", "--name", "vm1", "--", str(command))
     assert done.returncode == 126
     assert f"cannot run {command}: not executable" in done.stderr
+    on_path = subprocess.run(
+        [*LOCKD, "run", "--disk", "/vm/a.img", "--name", "vm1", "--", "start-vm"],
+        env={**daemon.env, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert on_path.returncode == 126
+    assert "cannot run start-vm: not executable" in on_path.stderr
     assert events(daemon, "--type", "lease-acquired") == []
 
 

@@ -398,3 +398,41 @@ def test_a_reexec_keeps_the_counts_and_the_log_level_set_at_runtime(
         assert logging_now["level"] == "warning"
     start_run(daemon, children, "--disk", "/vm/c.img", "--name", "vm3")
     assert _acquires_ok(daemon) == 3
+
+
+def test_a_handoff_from_an_earlier_build_starts_whatever_its_counts_look_like(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """Counts and logging in the shape an earlier build hands over (histograms without
+    their bounds, logging without outputs), and counts that make no sense: the new
+    program starts and serves. A failed start would free every lease; counts are not
+    worth that. The level set at runtime is kept: the file's logging did not change."""
+    daemon = make_daemon("earlier", None)
+    kill_daemon(daemon)  # stands in for the old process's exec
+    listeners = [_high(bind_unix(str(p)).detach()) for p in (daemon.socket, daemon.admin_socket)]
+    metrics = {
+        "counters": [["lockd_acquires_total", [[[["result", "ok"]], 7]]], ["nonsense", 3]],
+        "histograms": [["lockd_journal_fsync_seconds", [1] * 11, 0.5]],
+    }
+    handoff = Handoff(
+        (ListenerFd(listeners[0], str(daemon.socket), False),
+         ListenerFd(listeners[1], str(daemon.admin_socket), True)),
+        (), (), 1, metrics=metrics,
+        logging={"level": "warning", "filters": "", "config_level": "debug",
+                 "config_filters": ""},
+    )  # fmt: skip
+    memfd = _high(os.memfd_create("handoff"))
+    os.write(memfd, handoff.to_bytes())
+    passed = [*listeners, memfd]
+    daemon.pass_fds = passed
+    extra = daemon.extra
+    daemon.extra = (*extra, "--handoff-fd", str(memfd))
+    try:
+        daemon.start()
+    finally:
+        daemon.extra = extra
+        for fd in passed:
+            os.close(fd)
+    assert daemon.lockd("status").returncode == 0
+    assert "counters not carried over" in daemon.log.read_text()
+    assert json.loads(daemon.lockd("log-level", "--json").stdout)["level"] == "warning"
