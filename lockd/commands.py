@@ -34,9 +34,9 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 EXIT_BUSY = 75
 EXIT_CANNOT_EXEC = 126
-"""``lockd run``: the command was found but the exec failed (as a shell says)."""
+"""``lockd run``: the command is not executable, or its exec failed (as a shell says)."""
 EXIT_NOT_FOUND = 127
-"""``lockd run``: the command cannot be run (as a shell says)."""
+"""``lockd run``: no such command (as a shell says)."""
 
 OWNER_NAMESPACE = uuidlib.UUID("5c1b7e3e-6f1e-4d0a-9a8b-2f3c4d5e6f70")
 """Namespace of the owner uuids the CLI derives from (pid, start time)."""

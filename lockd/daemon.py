@@ -537,6 +537,13 @@ class Daemon:
         carried = handoff.logging
         if carried is None or self._embedded:
             return
+        try:
+            self._keep_logging(carried)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            log.warning("re-exec: logging set at runtime not kept (%r)", exc)
+
+    def _keep_logging(self, carried: dict[str, str]) -> None:
+        """The level and filters set at runtime, unless the file's logging changed."""
         # What SIGHUP compares: a file whose logging was edited applies.
         # (A handoff without outputs comes from a build that did not compare them.)
         was = (carried.get("config_level"), carried.get("config_filters"),
@@ -548,11 +555,7 @@ class Daemon:
         now = logs.current()
         if (carried["level"], carried["filters"]) == (now["level"], now["filters"]):
             return
-        try:
-            logs.configure(carried["level"], carried["filters"], self.config.log_outputs)
-        except (ValueError, logs.LogFilterError) as exc:
-            log.warning("re-exec: logging set at runtime not kept: %s", exc)
-            return
+        logs.configure(carried["level"], carried["filters"], self.config.log_outputs)
         log.info("re-exec: logging set at runtime kept: %s", logs.current())
 
     def reexec(self) -> None:

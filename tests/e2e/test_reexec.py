@@ -436,3 +436,32 @@ def test_a_handoff_from_an_earlier_build_starts_whatever_its_counts_look_like(
     assert daemon.lockd("status").returncode == 0
     assert "counters not carried over" in daemon.log.read_text()
     assert json.loads(daemon.lockd("log-level", "--json").stdout)["level"] == "warning"
+
+
+def test_a_handoff_with_logging_that_makes_no_sense_starts_too(
+    make_daemon: MakeDaemon,
+) -> None:
+    """The logging part of a handoff is as little worth a failed start as the counts."""
+    daemon = make_daemon("nonsense", None)
+    kill_daemon(daemon)
+    listeners = [_high(bind_unix(str(p)).detach()) for p in (daemon.socket, daemon.admin_socket)]
+    handoff = Handoff(
+        (ListenerFd(listeners[0], str(daemon.socket), False),
+         ListenerFd(listeners[1], str(daemon.admin_socket), True)),
+        (), (), 1,
+        logging={"filters": 7, "config_level": "debug", "config_filters": ""},  # no level
+    )  # fmt: skip
+    memfd = _high(os.memfd_create("handoff"))
+    os.write(memfd, handoff.to_bytes())
+    passed = [*listeners, memfd]
+    daemon.pass_fds = passed
+    extra = daemon.extra
+    daemon.extra = (*extra, "--handoff-fd", str(memfd))
+    try:
+        daemon.start()
+    finally:
+        daemon.extra = extra
+        for fd in passed:
+            os.close(fd)
+    assert daemon.lockd("status").returncode == 0
+    assert "logging set at runtime not kept" in daemon.log.read_text()
