@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -400,26 +401,16 @@ def test_a_reexec_keeps_the_counts_and_the_log_level_set_at_runtime(
     assert _acquires_ok(daemon) == 3
 
 
-def test_a_handoff_from_an_earlier_build_starts_whatever_its_counts_look_like(
-    make_daemon: MakeDaemon, tmp_path: Path
-) -> None:
-    """Counts and logging in the shape an earlier build hands over (histograms without
-    their bounds, logging without outputs), and counts that make no sense: the new
-    program starts and serves. A failed start would free every lease; counts are not
-    worth that. The level set at runtime is kept: the file's logging did not change."""
-    daemon = make_daemon("earlier", None)
+def _start_handed(make_daemon: MakeDaemon, name: str, **fields: Any) -> DaemonProcess:
+    """A daemon started as a re-exec would start it: from a handoff with its listening
+    sockets, no connection and no lease, and ``fields`` (an earlier build's, or nonsense)."""
+    daemon = make_daemon(name, None)
     kill_daemon(daemon)  # stands in for the old process's exec
     listeners = [_high(bind_unix(str(p)).detach()) for p in (daemon.socket, daemon.admin_socket)]
-    metrics = {
-        "counters": [["lockd_acquires_total", [[[["result", "ok"]], 7]]], ["nonsense", 3]],
-        "histograms": [["lockd_journal_fsync_seconds", [1] * 11, 0.5]],
-    }
     handoff = Handoff(
         (ListenerFd(listeners[0], str(daemon.socket), False),
          ListenerFd(listeners[1], str(daemon.admin_socket), True)),
-        (), (), 1, metrics=metrics,
-        logging={"level": "warning", "filters": "", "config_level": "debug",
-                 "config_filters": ""},
+        (), (), 1, **fields,
     )  # fmt: skip
     memfd = _high(os.memfd_create("handoff"))
     os.write(memfd, handoff.to_bytes())
@@ -433,6 +424,22 @@ def test_a_handoff_from_an_earlier_build_starts_whatever_its_counts_look_like(
         daemon.extra = extra
         for fd in passed:
             os.close(fd)
+    return daemon
+
+
+def test_a_handoff_from_an_earlier_build_starts_whatever_its_counts_look_like(
+    make_daemon: MakeDaemon,
+) -> None:
+    """Counts and logging in the shape an earlier build hands over (histograms without
+    their bounds, logging without outputs), and counts that make no sense: the new
+    program starts and serves. A failed start would free every lease; counts are not
+    worth that. The level set at runtime is kept: the file's logging did not change."""
+    metrics = {
+        "counters": [["lockd_acquires_total", [[[["result", "ok"]], 7]]], ["nonsense", 3]],
+        "histograms": [["lockd_journal_fsync_seconds", [1] * 11, 0.5]],
+    }
+    logging = {"level": "warning", "filters": "", "config_level": "debug", "config_filters": ""}
+    daemon = _start_handed(make_daemon, "earlier", metrics=metrics, logging=logging)
     assert daemon.lockd("status").returncode == 0
     assert "counters not carried over" in daemon.log.read_text()
     assert json.loads(daemon.lockd("log-level", "--json").stdout)["level"] == "warning"
@@ -442,26 +449,7 @@ def test_a_handoff_with_logging_that_makes_no_sense_starts_too(
     make_daemon: MakeDaemon,
 ) -> None:
     """The logging part of a handoff is as little worth a failed start as the counts."""
-    daemon = make_daemon("nonsense", None)
-    kill_daemon(daemon)
-    listeners = [_high(bind_unix(str(p)).detach()) for p in (daemon.socket, daemon.admin_socket)]
-    handoff = Handoff(
-        (ListenerFd(listeners[0], str(daemon.socket), False),
-         ListenerFd(listeners[1], str(daemon.admin_socket), True)),
-        (), (), 1,
-        logging={"filters": 7, "config_level": "debug", "config_filters": ""},  # no level
-    )  # fmt: skip
-    memfd = _high(os.memfd_create("handoff"))
-    os.write(memfd, handoff.to_bytes())
-    passed = [*listeners, memfd]
-    daemon.pass_fds = passed
-    extra = daemon.extra
-    daemon.extra = (*extra, "--handoff-fd", str(memfd))
-    try:
-        daemon.start()
-    finally:
-        daemon.extra = extra
-        for fd in passed:
-            os.close(fd)
+    logging = {"filters": 7, "config_level": "debug", "config_filters": ""}  # no level
+    daemon = _start_handed(make_daemon, "nonsense", logging=logging)
     assert daemon.lockd("status").returncode == 0
     assert "logging set at runtime not kept" in daemon.log.read_text()
