@@ -129,8 +129,10 @@ class Metrics:
         Histograms with other buckets than this build's are left behind: their
         counts would land in the wrong bounds."""
         for name, series in state.get("counters", ()):
+            counted = self.counters.setdefault(name, {})
             for key, value in series:
-                self._add(name, tuple((k, v) for k, v in key), value)
+                label_set = tuple((k, v) for k, v in key)
+                counted[label_set] = counted.get(label_set, 0) + value
         for name, counts, total, *bounds in state.get("histograms", ()):
             # Without bounds (the first builds to hand histograms over) they are unknown.
             if bounds != [list(FSYNC_BUCKETS)] or len(counts) != len(FSYNC_BUCKETS) + 1:
@@ -139,10 +141,6 @@ class Metrics:
             for i, count in enumerate(counts):
                 mine[i] += count
             sums[0] += total
-
-    def _add(self, name: str, key: LabelSet, amount: float) -> None:
-        series = self.counters.setdefault(name, {})
-        series[key] = series.get(key, 0) + amount
 
     def render(
         self,

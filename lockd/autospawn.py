@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 
-from lockd.config import default_paths
+from lockd.config import admin_socket_beside
 
 
 def wanted() -> bool:
@@ -42,11 +42,8 @@ def spawn(path: str, wait: float = 15.0) -> None:
     """Start ``lockd serve`` for ``path`` in the background and wait until it accepts."""
     runtime = os.path.dirname(path)
     os.makedirs(runtime, mode=0o700, exist_ok=True)
-    admin = os.environ.get("LOCKD_ADMIN_SOCKET") or (
-        default_paths()["admin_socket"]
-        if path == default_paths()["socket"]
-        else os.path.join(runtime, "lockd-admin.sock")
-    )
+    # Beside the socket, as ``lockd serve`` would put it (the defaults are so placed too).
+    admin = os.environ.get("LOCKD_ADMIN_SOCKET") or admin_socket_beside(path)
     timeout = os.environ.get("LOCKD_AUTOSPAWN_TIMEOUT", "30")
     log_path = os.path.join(runtime, "lockd.log")
     with open(log_path, "ab") as log:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -224,6 +225,36 @@ def _high(fd: int) -> int:
     return high
 
 
+def _start_handed(
+    daemon: DaemonProcess,
+    *,
+    leases: tuple[tuple[str, str, int], ...] = (),
+    also_pass: Sequence[int] = (),
+    **fields: Any,
+) -> None:
+    """Start ``daemon`` (stopped) as a re-exec would: from a handoff with its listening
+    sockets, no connection, ``leases`` (their fds), and ``fields`` (an earlier build's,
+    or nonsense). The handed fds are closed here once the daemon has them."""
+    listeners = [_high(bind_unix(str(p)).detach()) for p in (daemon.socket, daemon.admin_socket)]
+    handoff = Handoff(
+        (ListenerFd(listeners[0], str(daemon.socket), False),
+         ListenerFd(listeners[1], str(daemon.admin_socket), True)),
+        (), leases, 1, **fields,
+    )  # fmt: skip
+    memfd = _high(os.memfd_create("handoff"))
+    os.write(memfd, handoff.to_bytes())
+    passed = [*listeners, *(fd for _, _, fd in leases), memfd]
+    daemon.pass_fds = [*also_pass, *passed]
+    extra = daemon.extra
+    daemon.extra = (*extra, "--handoff-fd", str(memfd))
+    try:
+        daemon.start()
+    finally:
+        daemon.extra = extra
+        for fd in passed:
+            os.close(fd)  # from here on, only the daemon (and the fd store) hold them
+
+
 def test_stale_lease_fds_in_a_handoff_are_closed_and_held_leases_kept(
     make_daemon: MakeDaemon,
     manager: FakeServiceManager,
@@ -247,28 +278,11 @@ def test_stale_lease_fds_in_a_handoff_are_closed_and_held_leases_kept(
     ghost_fd = _high(os.open(ghost, os.O_RDWR))
     try_lock(ghost_fd, shared=False)
     inherited = _high(os.dup(stored))
-    listeners = [_high(bind_unix(str(p)).detach()) for p in (daemon.socket, daemon.admin_socket)]
-    handoff = Handoff(
-        (ListenerFd(listeners[0], str(daemon.socket), False),
-         ListenerFd(listeners[1], str(daemon.admin_socket), True)),
-        (),
-        ((FILES_LOCKSPACE, lease_name_for_path("/vm/a.img"), inherited),
-         (FILES_LOCKSPACE, "ghost", ghost_fd)),
-        1,
-    )  # fmt: skip
-    memfd = _high(os.memfd_create("handoff"))
-    os.write(memfd, handoff.to_bytes())
-    passed = [*listeners, inherited, ghost_fd, memfd]
+    leases = ((FILES_LOCKSPACE, lease_name_for_path("/vm/a.img"), inherited),
+              (FILES_LOCKSPACE, "ghost", ghost_fd))  # fmt: skip
     env, fds = manager.env()  # the store returns the VM's lease fd too
-    daemon.env_extra, daemon.pass_fds = env, [*fds, *passed]
-    extra = daemon.extra
-    daemon.extra = (*extra, "--handoff-fd", str(memfd))
-    try:
-        daemon.start()
-    finally:
-        daemon.extra = extra
-        for fd in passed:
-            os.close(fd)  # from here on, only the daemon (and the store) hold them
+    daemon.env_extra = env
+    _start_handed(daemon, leases=leases, also_pass=fds)
 
     assert probe(ghost, "ofd") == "free", "the daemon kept the stale handoff fd's lock"
     assert "no journaled lease for adopted fd" in daemon.log.read_text()
@@ -401,32 +415,6 @@ def test_a_reexec_keeps_the_counts_and_the_log_level_set_at_runtime(
     assert _acquires_ok(daemon) == 3
 
 
-def _start_handed(make_daemon: MakeDaemon, name: str, **fields: Any) -> DaemonProcess:
-    """A daemon started as a re-exec would start it: from a handoff with its listening
-    sockets, no connection and no lease, and ``fields`` (an earlier build's, or nonsense)."""
-    daemon = make_daemon(name, None)
-    kill_daemon(daemon)  # stands in for the old process's exec
-    listeners = [_high(bind_unix(str(p)).detach()) for p in (daemon.socket, daemon.admin_socket)]
-    handoff = Handoff(
-        (ListenerFd(listeners[0], str(daemon.socket), False),
-         ListenerFd(listeners[1], str(daemon.admin_socket), True)),
-        (), (), 1, **fields,
-    )  # fmt: skip
-    memfd = _high(os.memfd_create("handoff"))
-    os.write(memfd, handoff.to_bytes())
-    passed = [*listeners, memfd]
-    daemon.pass_fds = passed
-    extra = daemon.extra
-    daemon.extra = (*extra, "--handoff-fd", str(memfd))
-    try:
-        daemon.start()
-    finally:
-        daemon.extra = extra
-        for fd in passed:
-            os.close(fd)
-    return daemon
-
-
 def test_a_handoff_from_an_earlier_build_starts_whatever_its_counts_look_like(
     make_daemon: MakeDaemon,
 ) -> None:
@@ -439,7 +427,9 @@ def test_a_handoff_from_an_earlier_build_starts_whatever_its_counts_look_like(
         "histograms": [["lockd_journal_fsync_seconds", [1] * 11, 0.5]],
     }
     logging = {"level": "warning", "filters": "", "config_level": "debug", "config_filters": ""}
-    daemon = _start_handed(make_daemon, "earlier", metrics=metrics, logging=logging)
+    daemon = make_daemon("earlier", None)
+    kill_daemon(daemon)  # stands in for the old process's exec
+    _start_handed(daemon, metrics=metrics, logging=logging)
     assert daemon.lockd("status").returncode == 0
     assert "counters not carried over" in daemon.log.read_text()
     assert json.loads(daemon.lockd("log-level", "--json").stdout)["level"] == "warning"
@@ -450,6 +440,8 @@ def test_a_handoff_with_logging_that_makes_no_sense_starts_too(
 ) -> None:
     """The logging part of a handoff is as little worth a failed start as the counts."""
     logging = {"filters": 7, "config_level": "debug", "config_filters": ""}  # no level
-    daemon = _start_handed(make_daemon, "nonsense", logging=logging)
+    daemon = make_daemon("nonsense", None)
+    kill_daemon(daemon)
+    _start_handed(daemon, logging=logging)
     assert daemon.lockd("status").returncode == 0
     assert "logging set at runtime not kept" in daemon.log.read_text()
