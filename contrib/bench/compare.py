@@ -8,7 +8,8 @@ connection per worker, one exclusive autocreated lease per worker, acquire +
 release pairs. That is one round; ``--repeat`` rounds run in turn and each
 number is the median over them, so every daemon samples the same spells of a
 VM whose speed drifts over minutes. Daemon and clients are pinned to the same
-CPU (``--cpu``). Prints a Markdown table with ratios to virtlockd (and to the
+CPU (``--cpu``), or the clients to another (``--client-cpu``, as a client on
+another core of a real host would be). Prints a Markdown table with ratios to virtlockd (and to the
 floors measured in the same run) and, with ``--json``, everything raw.
 
     sudo .venv/bin/python contrib/bench/compare.py --repeat 3
@@ -112,12 +113,15 @@ def virtlockd_sequential(peer: Path, cpu: int, ops: int, daemon_pid: int) -> dic
     return result
 
 
-def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]:
+def run_virtlockd(
+    peer: Path, cpu: int, ops: int, tp_ops: int, client_cpu: int | None = None
+) -> dict[str, Any]:
     """One round of the peer's client (sequential, then 1, 4 and 16 connections)."""
     env = dict(os.environ, VIRTLOCKD_CPU=str(cpu))
+    ccpu = cpu if client_cpu is None else client_cpu
     subprocess.run(["bash", str(peer / "setup.sh")], env=env, check=True, stdout=subprocess.PIPE)
     try:
-        client = [sys.executable, str(peer / "client.py"), "--pin-cpu", str(cpu), "--no-checks"]
+        client = [sys.executable, str(peer / "client.py"), "--pin-cpu", str(ccpu), "--no-checks"]
         done = subprocess.run(
             [*client, "--ops", str(ops), "--tp-ops", str(tp_ops), "--concurrency", "1,4,16",
              "--repeat", "1"],
@@ -132,7 +136,7 @@ def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]
         pid = int(match.group(1))
         # The sequential row: the peer's client's protocol code, timed here, with
         # the daemon's CPU read around exactly the timed pairs.
-        seq_m = virtlockd_sequential(peer, cpu, ops, pid)
+        seq_m = virtlockd_sequential(peer, ccpu, ops, pid)
     finally:
         subprocess.run(["bash", str(peer / "setup.sh"), "stop"], check=False)
     raw = json.loads(done.stdout)
@@ -147,9 +151,12 @@ def run_virtlockd(peer: Path, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]
     return {"sequential": seq_m, "concurrent": conc, "raw": raw}
 
 
-def run_lockd(sync: str, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]:
+def run_lockd(
+    sync: str, cpu: int, ops: int, tp_ops: int, client_cpu: int | None = None
+) -> dict[str, Any]:
     """One round of ``lockd bench`` against a fresh daemon with this journal_sync."""
     lockd = [sys.executable, "-m", "lockd"]
+    ccpu = cpu if client_cpu is None else client_cpu
     with tempfile.TemporaryDirectory(prefix="lockd-bench-") as tmp:
         sock = f"{tmp}/lockd.sock"
         daemon = subprocess.Popen(
@@ -161,7 +168,7 @@ def run_lockd(sync: str, cpu: int, ops: int, tp_ops: int) -> dict[str, Any]:
         try:
             wait_listening(sock, daemon)
             done = subprocess.run(
-                ["taskset", "-c", str(cpu), *lockd, "bench", "--socket", sock, "--json",
+                ["taskset", "-c", str(ccpu), *lockd, "bench", "--socket", sock, "--json",
                  "--ops", str(ops), "--tp-ops", str(tp_ops)],
                 check=True, stdout=subprocess.PIPE, text=True, cwd=REPO,
             )  # fmt: skip
@@ -197,6 +204,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peer", type=Path, default=DEFAULT_PEER, help="virtlockd peer directory")
     parser.add_argument("--cpu", type=int, default=0, help="CPU for every daemon and client")
+    parser.add_argument(
+        "--client-cpu", type=int, default=None, help="CPU for the clients (default: --cpu)"
+    )
     parser.add_argument("--ops", type=int, default=3000, help="sequential pairs per run")
     parser.add_argument("--tp-ops", type=int, default=6000, help="pairs per concurrent run")
     parser.add_argument("--repeat", type=int, default=3, help="rounds, in turn; medians reported")
@@ -207,16 +217,21 @@ def main() -> int:
     v_rounds: list[dict[str, Any]] = []
     lockd_rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in syncs}
     for _ in range(args.repeat):
-        v_rounds.append(run_virtlockd(args.peer, args.cpu, args.ops, args.tp_ops))
+        v_rounds.append(run_virtlockd(args.peer, args.cpu, args.ops, args.tp_ops, args.client_cpu))
         for s in syncs:
-            lockd_rounds[s].append(run_lockd(s, args.cpu, args.ops, args.tp_ops))
+            lockd_rounds[s].append(run_lockd(s, args.cpu, args.ops, args.tp_ops, args.client_cpu))
     v = _rounds(v_rounds, "raw")
     lockd = {s: _rounds(rounds, "runs") for s, rounds in lockd_rounds.items()}
     if args.json:
         print(json.dumps({"virtlockd": v, "lockd": lockd}, indent=1))
         return 0
     floor = next(iter(lockd.values()))["floor"]
-    print(f"CPU {args.cpu} for daemons and clients; {args.repeat} rounds in turn, medians.\n")
+    where = (
+        f"CPU {args.cpu} for daemons and clients"
+        if args.client_cpu in (None, args.cpu)
+        else f"CPU {args.cpu} for daemons, CPU {args.client_cpu} for clients and floors"
+    )
+    print(f"{where}; {args.repeat} rounds in turn, medians.\n")
     print("\n".join(compare_table({"virtlockd": v, "lockd": lockd})))
     print(
         f"\nFloors (same run): OFD lock+unlock in-process {floor['fcntl_pair_us']} us; "
