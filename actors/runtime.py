@@ -41,6 +41,9 @@ Step = Callable[[], None]
 _PYKKA_MESSAGES = frozenset({_ActorStop, ProxyCall, ProxyGetAttr, ProxySetAttr})
 """Messages pykka itself handles (stop and proxy calls), matched by exact type."""
 
+_NOT_PLAIN = _PYKKA_MESSAGES | {Envelope}
+"""What a step cannot hand straight to ``on_receive``: pykka's messages and asks."""
+
 
 class ActorCrashedError(RuntimeError):
     """An actor died from an exception raised while handling a tell."""
@@ -140,17 +143,17 @@ class Dispatcher:
             if not timer.cancelled:
                 self._ready.append(timer.callback)
 
-    def _run_ready(self, limit: int) -> int:
-        # Every actor hop passes here: locals, not attribute lookups, per step.
+    def _run_ready(self, limit: int) -> None:
+        # Every actor hop passes here: locals, not attribute lookups, per step,
+        # and the bound kept by the loop itself, not by a counter of our own.
         ready, crashes = self._ready, self.crashes
         popleft = ready.popleft
-        done = 0
-        while ready and done < limit:
+        for _ in range(limit):
+            if not ready:
+                return
             popleft()()
-            done += 1
             if crashes:
                 raise ActorCrashedError("an actor died") from crashes[0]
-        return done
 
     def _poll(self, timeout: float | None) -> None:
         self.selecting = True
@@ -253,7 +256,7 @@ class _Inbox(collections.deque[Any]):
     flag object exists per actor.
     """
 
-    __slots__ = ("_kind", "_set", "_urn", "actor", "dispatcher")
+    __slots__ = ("_kind", "_live", "_set", "_urn", "actor", "dispatcher")
 
     def __init__(self) -> None:
         super().__init__()
@@ -263,6 +266,9 @@ class _Inbox(collections.deque[Any]):
         """Set by :meth:`bind`; until then messages wait without a step submitted."""
         self.actor: DispatchedActor | None = None
         """The actor whose step this runs; None once it stopped (see :meth:`unbind`)."""
+        self._live: DispatchedActor | None = None
+        """``actor`` while it runs: None once it is stopped, even before it is unbound
+        (one test per step instead of two)."""
         self._kind = ""
         self._urn = ""
         """Who it was, once unbound: named only if a late ask needs it."""
@@ -270,6 +276,7 @@ class _Inbox(collections.deque[Any]):
     # -- pykka's actor_stopped (a threading.Event there) --
     def set(self) -> None:
         self._set = True
+        self._live = None
 
     def is_set(self) -> bool:
         return self._set
@@ -292,7 +299,7 @@ class _Inbox(collections.deque[Any]):
     def bind(self, actor: DispatchedActor) -> None:
         """Start running ``actor``'s messages, those already queued included."""
         if not self._set:  # not already stopped (a failed on_start, run on another thread)
-            self.actor = actor
+            self.actor = self._live = actor
         self.dispatcher = dispatcher = actor.dispatcher
         for _ in range(len(self)):
             dispatcher.submit(self)
@@ -309,28 +316,26 @@ class _Inbox(collections.deque[Any]):
         # Every release stops a lease actor: keep the parts of its name, and
         # format it only for the rare ask that arrives too late.
         self._kind, self._urn = type(actor).__name__, actor.actor_urn
-        self.actor = None
+        self.actor = self._live = None
 
     def __call__(self) -> None:
         """Handle one message, exactly as pykka's threaded loop handles an envelope."""
         if not self:
             return
         item = self.popleft()
-        actor = self.actor
-        if type(item) is not Envelope and actor is not None and not self._set:
-            # A tell to a live actor, as almost every hop is: the same steps as
-            # below, without the reply to see to.
+        actor = self._live
+        if actor is not None and type(item) not in _NOT_PLAIN:
+            # A tell of an actor's own message to a live actor, as almost every
+            # hop is: the same steps as below, without the reply to see to.
             try:
-                if type(item) in _PYKKA_MESSAGES:
-                    actor._handle_receive(item)
-                else:
-                    actor.on_receive(item)
+                actor.on_receive(item)
             except Exception:  # noqa: BLE001 - pykka semantics: a failed tell kills the actor
                 _crashed(actor)
             except BaseException:
                 actor._stop()
                 raise
             return
+        actor = self.actor
         if type(item) is Envelope:
             message, reply_to = item.message, item.reply_to
         else:
