@@ -126,9 +126,13 @@ class Metrics:
     def carry_on(self, state: Mapping[str, Any]) -> None:
         """Add the counts a previous program of this process handed over (see :meth:`carried`).
 
-        Histograms with other buckets than this build's are left behind: their
-        counts would land in the wrong bounds."""
+        Counters and histograms this build does not declare (in :data:`HELP`) are
+        left behind: a series nothing counts any more would be exported, frozen,
+        until the next restart. So are histograms with other buckets than this
+        build's: their counts would land in the wrong bounds."""
         for name, series in state.get("counters", ()):
+            if HELP.get(name, ("",))[0] != "counter":
+                continue
             counted = self.counters.setdefault(name, {})
             for key, value in series:
                 label_set = tuple((k, v) for k, v in key)
@@ -136,6 +140,8 @@ class Metrics:
         for name, counts, total, *bounds in state.get("histograms", ()):
             # Without bounds (the first builds to hand histograms over) they are unknown.
             if bounds != [list(FSYNC_BUCKETS)] or len(counts) != len(FSYNC_BUCKETS) + 1:
+                continue
+            if HELP.get(name, ("",))[0] != "histogram":
                 continue
             mine, sums = self.histograms.setdefault(name, ([0] * len(counts), [0.0]))
             for i, count in enumerate(counts):

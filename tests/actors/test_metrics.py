@@ -13,17 +13,33 @@ def test_counts_handed_over_go_on_from_where_they_were() -> None:
     before.inc("lockd_acquires_total", result="ok")
     before.inc("lockd_acquires_total", 2, result="busy")
     before.inc("lockd_releases_total", reason="client")
-    before.inc("custom_total", 3, b="2", a="1")  # two labels: a sorted key
+    before.inc("lockd_journal_snapshots_total", 3, result="written", why="rotation")
     before.observe("lockd_journal_fsync_seconds", 0.002)
     after = Metrics()
     after.inc("lockd_acquires_total", result="ok")  # counted by the new program already
     after.carry_on(cbor2.loads(cbor2.dumps(before.carried())))
     assert after.counters["lockd_acquires_total"][(("result", "ok"),)] == 2
     assert after.counters["lockd_acquires_total"][(("result", "busy"),)] == 2
-    assert after.counters["custom_total"][(("a", "1"), ("b", "2"))] == 3
-    after.inc("custom_total", a="1", b="2")
-    assert after.counters["custom_total"][(("a", "1"), ("b", "2"))] == 4
+    snapshots = after.counters["lockd_journal_snapshots_total"]
+    assert snapshots[(("result", "written"), ("why", "rotation"))] == 3  # two labels: sorted
+    after.inc("lockd_journal_snapshots_total", why="rotation", result="written")
+    assert snapshots[(("result", "written"), ("why", "rotation"))] == 4
     assert 'lockd_journal_fsync_seconds_bucket{le="0.0025"} 1' in after.render()
+
+
+def test_what_this_build_does_not_count_is_left_behind() -> None:
+    """A counter or histogram an earlier build had and this one dropped: exported, it
+    would stay frozen at its last value until the next restart."""
+    before = Metrics()
+    before.inc("lockd_dropped_total", 3, reason="gone")
+    before.observe("lockd_dropped_seconds", 0.002)
+    before.inc("lockd_conflicts_total")
+    after = Metrics()
+    after.carry_on(before.carried())
+    assert after.counters["lockd_conflicts_total"] == {(): 1}
+    assert "lockd_dropped_total" not in after.counters
+    assert after.histograms == {}
+    assert "lockd_dropped" not in after.render()
 
 
 def test_a_histogram_with_other_buckets_is_left_behind() -> None:
@@ -36,5 +52,6 @@ def test_a_histogram_with_other_buckets_is_left_behind() -> None:
     assert after.histograms == {}
     after.carry_on({"histograms": [["h0", counts, 0.0]]})  # an earlier build's: no bounds
     assert after.histograms == {}
-    after.carry_on({"histograms": [["h", counts, 0.0, list(FSYNC_BUCKETS)]]})
-    assert "h" in after.histograms
+    fsync = "lockd_journal_fsync_seconds"
+    after.carry_on({"histograms": [[fsync, counts, 0.0, list(FSYNC_BUCKETS)]]})
+    assert fsync in after.histograms
