@@ -539,11 +539,12 @@ class OwnersActor(DispatchedActor):
         fences = []
         for key, fencing in self._fencing.items():
             timer = self._timers.get(key)
-            if fencing.next_signal is None or timer is None:
+            if fencing.next_signal is None:
                 name, due = None, None  # SIGKILL sent: only its exit is awaited
             else:
                 name = signal.Signals(fencing.next_signal).name
-                due = round(max(0.0, timer.deadline - now), 3)
+                # No timer: its time came, and its record is being written (then it goes).
+                due = 0.0 if timer is None else round(max(0.0, timer.deadline - now), 3)
             fences.append(FenceStatus(fencing.owner, fencing.why, name, due))
         return Fencing(token, tuple(fences))
 

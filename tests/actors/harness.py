@@ -152,15 +152,19 @@ class FakeProcesses:
 
 
 class MemoryJournal:
-    """JournalWriter in memory; ``fail`` makes appends raise like a full disk."""
+    """JournalWriter in memory; ``fail`` makes appends raise like a full disk, and
+    ``during_append`` runs inside each write (what the daemon looks like meanwhile)."""
 
     def __init__(self) -> None:
         self.next_seq = 1
         self.entries: list[JournalEntry] = []
         self.fail = False
         self.syncs = 0
+        self.during_append: Callable[[Sequence[JournalEntry]], None] | None = None
 
     def append(self, entries: Sequence[JournalEntry]) -> None:
+        if self.during_append is not None:
+            self.during_append(entries)
         if self.fail:
             raise OSError(28, "No space left on device")
         self.entries.extend(entries)

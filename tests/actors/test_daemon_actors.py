@@ -9,12 +9,13 @@ from __future__ import annotations
 import errno
 import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from actors.events import (
+    JournalEntry,
     LeaseAcquired,
     LeaseReleased,
     OwnerFenced,
@@ -259,7 +260,18 @@ def test_status_shows_each_fence_in_progress_and_when_its_sigkill_comes(h: Harne
     assert (fence["owner"]["name"], fence["owner"]["pid"]) == ("vm1", VM1)
     assert fence["reason"] == "connection closed while holding leases"
     assert (fence["next_signal"], fence["due_in_s"]) == ("SIGKILL", pytest.approx(1.1))
+    seen_while_recorded: list[tuple[str | None, float | None]] = []
+
+    def look(entries: Sequence[JournalEntry]) -> None:
+        if any(isinstance(e.event, OwnerFenced) for e in entries):
+            (now,) = h.owners_actor()._fences_now(0).fences
+            seen_while_recorded.append((now.next_signal, now.due_in))
+
+    h.journal_writer.during_append = look
     h.advance(1.5)  # SIGKILL sent; the process has not exited yet
+    # While its record is written, the SIGKILL is due now, not yet sent.
+    assert seen_while_recorded == [("SIGKILL", 0.0)]
+    h.journal_writer.during_append = None
     (fence,) = admin.ok("status")["fencing"]
     assert (fence["next_signal"], fence["due_in_s"]) == (None, None)
     h.processes.exit(VM1)
