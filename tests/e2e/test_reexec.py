@@ -423,7 +423,10 @@ def test_a_handoff_from_an_earlier_build_starts_whatever_its_counts_look_like(
     program starts and serves. A failed start would free every lease; counts are not
     worth that. The level set at runtime is kept: the file's logging did not change."""
     metrics = {
-        "counters": [["lockd_acquires_total", [[[["result", "ok"]], 7]]], ["nonsense", 3]],
+        "counters": [
+            ["lockd_acquires_total", [[[["result", "ok"]], 7]]],
+            ["lockd_conflicts_total", 3],
+        ],
         "histograms": [["lockd_journal_fsync_seconds", [1] * 11, 0.5]],
     }
     logging = {"level": "warning", "filters": "", "config_level": "debug", "config_filters": ""}
