@@ -157,47 +157,101 @@ def moved_paths(running: Paths, new: Paths) -> list[str]:
     ]
 
 
-def check_target(argv: Sequence[str]) -> TargetCheck:
+Spawn = Callable[[list[str]], "subprocess.Popen[str]"]
+"""Starts a check's process and returns once it has exec'd (as ``Popen`` does)."""
+
+
+def check_target(argv: Sequence[str], spawn: Spawn | None = None) -> TargetCheck:
     """Ask the program a re-exec would run whether it starts, and with which paths.
 
     ``argv --handoff-check``; a build from before that option is asked for
     ``--check-config`` instead, so a broken configuration is caught there too.
-    Blocks for the check's run: call it off the loop.
+    Blocks for the check's run: call it off the loop, and give it a ``spawn``
+    that starts the process on the loop (:func:`spawn_on`).
     """
-    done = _run([*argv, "--handoff-check"])
+    done = _run([*argv, "--handoff-check"], spawn or _popen)
     if isinstance(done, TargetCheck):
         return done
     check = TargetCheck.of(done.returncode, done.stdout, done.stderr)
     if check.why != BEFORE_CHECK:
         return check
-    again = _run([*argv, "--check-config"])
+    again = _run([*argv, "--check-config"], spawn or _popen)
     if isinstance(again, TargetCheck):
         return again
     return TargetCheck.before_check(again.returncode, again.stdout, again.stderr)
 
 
-def _check_or_say_why(argv: Sequence[str]) -> TargetCheck:
+def _check_or_say_why(argv: Sequence[str], spawn: Spawn | None = None) -> TargetCheck:
     """:func:`check_target` on the check's thread: whatever goes wrong there must still
     answer the actor, or the re-exec would wait for ever (and every SIGUSR1 after it be
     ignored as "a re-exec is under way")."""
     try:
-        return check_target(argv)
+        return check_target(argv, spawn)
     except Exception as exc:  # noqa: BLE001 - reported as the reason the re-exec is abandoned
         return TargetCheck(False, why=f"the new program's answer could not be read: {exc!r}")
 
 
-def _run(argv: list[str]) -> subprocess.CompletedProcess[str] | TargetCheck:
+def _popen(argv: list[str]) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ENV}
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, errors="replace", env=env,
+    )  # fmt: skip
+
+
+def spawn_on(dispatcher: Dispatcher) -> Spawn:
+    """A :data:`Spawn` for a thread of the daemon: the process starts on the loop.
+
+    Between its fork and its exec a child holds a copy of every fd the daemon
+    has open, and so a share of every OFD lock on them: a lease closed
+    meanwhile stays locked (its release already answered), and the lockspace
+    index lock refuses the daemon's next create as "busy". ``Popen`` returns
+    only once the child has exec'd (which closes those copies), so run on the
+    loop it lets no request through in that window. The snapshot writer's
+    fork guards against the same (lockd.snapshot).
+    """
+
+    def spawn(argv: list[str]) -> subprocess.Popen[str]:
+        box: list[subprocess.Popen[str] | Exception] = []
+        spawned = threading.Event()
+
+        def step() -> None:
+            try:
+                if not cancelled.is_set():
+                    box.append(_popen(argv))
+            except Exception as exc:  # noqa: BLE001 - handed to the check's thread
+                box.append(exc)
+            finally:
+                spawned.set()
+
+        cancelled = threading.Event()
+        dispatcher.submit(step)
+        if not spawned.wait(CHECK_SECONDS):
+            cancelled.set()
+            raise OSError("the daemon's loop did not start it in time")
+        if not box:
+            raise OSError("the daemon's loop did not start it in time")
+        started = box[0]
+        if isinstance(started, Exception):
+            raise started
+        return started
+
+    return spawn
+
+
+def _run(argv: list[str], spawn: Spawn) -> subprocess.CompletedProcess[str] | TargetCheck:
     try:
-        return subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            errors="replace", env=env, timeout=CHECK_SECONDS, check=False,
-        )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        why = f"the new program did not finish its start-up check within {CHECK_SECONDS:g} s"
-        return TargetCheck(False, why=why)
+        proc = spawn(argv)
     except OSError as exc:
         return TargetCheck(False, why=f"cannot run {argv[0]}: {exc}")
+    try:
+        stdout, stderr = proc.communicate(timeout=CHECK_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        why = f"the new program did not finish its start-up check within {CHECK_SECONDS:g} s"
+        return TargetCheck(False, why=why)
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
 @attrs.frozen
@@ -419,10 +473,11 @@ class ReexecActor(DispatchedActor):
             self._abort(f"{self._argv[0]} is not executable")
             return
         ref, argv = self.actor_ref, tuple(self._argv)
+        spawn = spawn_on(self.dispatcher)
         log.info("re-exec: checking that the new program starts")
         self._check_started = self.dispatcher.now()
         threading.Thread(
-            target=lambda: tell_if_alive(ref, _Checked(_check_or_say_why(argv))),
+            target=lambda: tell_if_alive(ref, _Checked(_check_or_say_why(argv, spawn))),
             name="lockd-reexec-check",
             daemon=True,
         ).start()

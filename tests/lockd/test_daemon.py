@@ -211,7 +211,7 @@ def test_a_reexec_kills_a_snapshot_child_that_does_not_finish_then_execs(
         lambda handoff, _argv, **_: execs.append((handoff, time.monotonic())),
     )
     passed = TargetCheck(True, True, paths=_paths(config))
-    monkeypatch.setattr(reexec_module, "check_target", lambda _argv: passed)
+    monkeypatch.setattr(reexec_module, "check_target", lambda _argv, _spawn=None: passed)
     daemon = Daemon(config, sockets=False)
     try:
         daemon.dispatcher.run_until_idle()
@@ -248,7 +248,7 @@ def _reexec_with(
         execs.append((handoff, block_signals))
 
     monkeypatch.setattr(reexec_module, "exec_with", exec_with)
-    monkeypatch.setattr(reexec_module, "check_target", lambda _argv: check)
+    monkeypatch.setattr(reexec_module, "check_target", lambda _argv, _spawn=None: check)
     daemon = Daemon(config, sockets=False)
     daemon.dispatcher.run_until_idle()
     daemon.reexec()

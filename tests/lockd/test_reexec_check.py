@@ -6,10 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from actors.runtime import Dispatcher
 from lockd import reexec
 from lockd.config import Config
 from lockd.reexec import BEFORE_CHECK, PATH_KEYS, TargetCheck, check_output, check_target
@@ -119,8 +122,58 @@ def test_an_answer_that_cannot_be_read_abandons_the_re_exec_rather_than_hang(
     an answer that never comes, and every later SIGUSR1 ignored."""
     garbled = "lockd-handoff 1 own-fds\nlockd-paths {not json\n"
     monkeypatch.setattr(
-        reexec, "_run", lambda argv: subprocess.CompletedProcess(argv, 0, garbled, "")
+        reexec, "_run", lambda argv, _spawn: subprocess.CompletedProcess(argv, 0, garbled, "")
     )
     check = reexec._check_or_say_why(LOCKD)
     assert not check.ok
     assert "could not be read" in check.why
+
+
+def test_the_check_process_is_started_on_the_loop_and_read_off_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between its fork and its exec a child holds a copy of every fd of the daemon, and
+    with it a share of each OFD lock: a lease closed meanwhile stays locked after its
+    release was answered, and the index lock refuses the next create as busy. Started
+    on the loop, no request runs in that window (``Popen`` returns once the child has
+    exec'd); the wait for its answer is the check thread's."""
+    dispatcher = Dispatcher()
+    dispatcher.start("loop")
+    started_on: list[str] = []
+    real_popen = reexec._popen
+
+    def popen(argv: list[str]) -> Any:
+        started_on.append(threading.current_thread().name)
+        return real_popen(argv)
+
+    monkeypatch.setattr(reexec, "_popen", popen)
+    answered: list[TargetCheck] = []
+    try:
+        thread = threading.Thread(
+            target=lambda: answered.append(
+                reexec._check_or_say_why(LOCKD, reexec.spawn_on(dispatcher))
+            ),
+            name="check",
+        )
+        thread.start()
+        thread.join(30)
+    finally:
+        dispatcher.stop()
+        dispatcher.close()
+    assert started_on == ["loop"]
+    assert answered == [TargetCheck(True, own_fds=True, paths=answered[0].paths)]
+
+
+def test_a_check_the_loop_cannot_start_is_abandoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loop that does not run the start in time (stopped, or stuck): the re-exec is
+    abandoned with the reason, and the start, should the loop run it later, is dropped."""
+    monkeypatch.setattr(reexec, "CHECK_SECONDS", 0.2)
+    dispatcher = Dispatcher()  # never run
+    try:
+        check = check_target(LOCKD, reexec.spawn_on(dispatcher))
+        assert not check.ok
+        assert "did not start it in time" in check.why
+        monkeypatch.setattr(reexec, "_popen", lambda argv: pytest.fail("started late"))
+        dispatcher.run_until_idle()
+    finally:
+        dispatcher.close()
