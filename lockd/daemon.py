@@ -413,7 +413,10 @@ class Daemon:
         if not sockets:
             pass
         elif handoff is not None:
-            conn_ids.next = handoff.next_conn_id
+            # Past every connection handed over, whatever the handoff's counter says.
+            conn_ids.next = max(
+                [handoff.next_conn_id, *(c.conn_id + 1 for c in handoff.connections)]
+            )
             self.listeners = [
                 Listener(self.dispatcher, socket.socket(fileno=item.fd), admin=item.admin,
                          allowed_uids=allowed, on_accept=self._accept,
@@ -579,7 +582,8 @@ class Daemon:
                 ListenerFd(listener.sock.fileno(), self._path_of(listener), listener.admin)
                 for listener in self.listeners
             ],
-            next_conn_id=conn_ids.next,
+            # Read at the exec, not now: the listeners accept until the check passes.
+            next_conn_id=lambda: conn_ids.next,
             argv=[sys.executable, "-m", "lockd", *argv],
             owners=self.system.owners,
             on_abort=self._reexec_abandoned,

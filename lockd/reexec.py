@@ -422,7 +422,7 @@ class ReexecActor(DispatchedActor):
         journal: pykka.ActorRef[Any],
         owners: pykka.ActorRef[Any],
         listeners: Sequence[ListenerFd],
-        next_conn_id: int,
+        next_conn_id: Callable[[], int],
         argv: Sequence[str],
         on_abort: Callable[[list[HandedOver], str], None],
         fences_resume: bool = True,
@@ -572,7 +572,7 @@ class ReexecActor(DispatchedActor):
             except OSError as exc:  # the next program does without what it finishes
                 log.warning("re-exec: before exec: %s; going on", exc)
         handoff = Handoff(
-            self._listeners, tuple(self._handed), self._leases, self._next_conn_id,
+            self._listeners, tuple(self._handed), self._leases, self._next_conn_id(),
             *self._own_fds, self._started, REGISTRY.carried(), self._logging(),
         )  # fmt: skip
         log.info(

@@ -132,6 +132,40 @@ def test_signals_sent_while_the_new_program_starts_do_not_end_it(
     check(daemon)
 
 
+def test_a_client_accepted_while_the_new_program_is_checked_keeps_a_unique_id(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """The daemon accepts until the new program passes its check. A client accepted
+    meanwhile is handed over with its id, so the new program must not give that id
+    again: ids key the daemon's table of connections, and the next re-exec hands over
+    only those in it (the other's socket would be closed by the exec)."""
+    sleeper = subprocess.Popen(["sleep", "120"])
+    children.append(sleeper)
+
+    def registered(name: str, pid: int) -> tuple[Any, int]:
+        client = daemon.client(name)
+        owner = {"uuid": uuid.uuid4().bytes, "name": name, "id": 1, "pid": pid}
+        return client, client.call("register", owner=owner)["client"]
+
+    before, before_id = registered("before", sleeper.pid)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "re-exec: checking that the new program starts" in daemon.log.read_text(),
+             interval=0.005)  # fmt: skip
+    during, during_id = registered("during", os.getpid())  # the check takes 0.3 s or more
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    after, after_id = registered("after", os.getpid())
+    assert len({before_id, during_id, after_id}) == 3
+    listed_clients = json.loads(daemon.lockd("clients", "--json").stdout)
+    names = sorted(c["owner"]["name"] for c in listed_clients if c.get("owner"))
+    assert names == ["after", "before", "during"]
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 3)
+    for client in (before, during, after):
+        assert client.call("status")["pid"] == daemon.proc.pid  # all three handed over
+        client.close()
+
+
 _GRAB = """
 import fcntl, os, sys, time
 journal = os.open(sys.argv[1], os.O_RDWR)
