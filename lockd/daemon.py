@@ -382,7 +382,10 @@ class Daemon:
             else:
                 log.error("refusing an fd named %r from the service manager: not ours", name)
                 os.close(fd)
-        self._activated = set(activated)
+        self._bound: set[str] = set()
+        """The listeners' socket files this daemon created: removed when it stops. Not
+        those of socket activation, which belong to the service manager (its socket
+        units keep listening on them across a stop)."""
         # An eighth of the descriptors for owner pidfds: leases cannot exist
         # without their fd, owners beyond this are polled (16,384 leases and
         # 4,096 owners then fit in 20,000 fds; 65,536 pidfds under the unit's
@@ -406,39 +409,49 @@ class Daemon:
         self._connections: dict[int, pykka.ActorRef[Any]] = {}
         self._stop_reason = ""
         self._reexecing = False
-        allowed = {os.getuid(), *config.allowed_uids}
         # By listener, admin or not: closed only by exit (O_CLOEXEC: not by a re-exec).
         self._spares = {admin: FdReserve(FD_RESERVE if sockets else 0) for admin in (False, True)}
-        self.listeners: list[Listener] = []
-        if not sockets:
-            pass
-        elif handoff is not None:
+        self.listeners: list[Listener] = self._listen(config, handoff, activated) if sockets else []
+        log.debug("file descriptor limit: %d", limit)
+        if config.timeout > 0:
+            _IdleWatch.start(self.dispatcher, self.system.router, config.timeout, self.request_stop)
+
+    def _listen(
+        self, config: Config, handoff: Handoff | None, activated: dict[str, int]
+    ) -> list[Listener]:
+        """The two listeners: handed over by a re-exec, from socket activation, or bound
+        here (only those are this daemon's files to remove when it stops)."""
+        allowed = {os.getuid(), *config.allowed_uids}
+        if handoff is not None:
             # Past every connection handed over, whatever the handoff's counter says.
             conn_ids.next = max(
                 [handoff.next_conn_id, *(c.conn_id + 1 for c in handoff.connections)]
             )
-            self.listeners = [
+            self._bound = set(
+                handoff.bound if handoff.bound is not None else (i.path for i in handoff.listeners)
+            )
+            return [
                 Listener(self.dispatcher, socket.socket(fileno=item.fd), admin=item.admin,
                          allowed_uids=allowed, on_accept=self._accept,
                          reserve=self._spares[item.admin])
                 for item in handoff.listeners
             ]  # fmt: skip
-        else:
 
-            def listening(name: str, path: str) -> socket.socket:
-                fd = activated.get(name)
-                return bind_unix(path) if fd is None else socket.socket(fileno=fd)
+        def listening(name: str, path: str) -> socket.socket:
+            fd = activated.get(name)
+            if fd is not None:
+                return socket.socket(fileno=fd)
+            bound = bind_unix(path)
+            self._bound.add(path)
+            return bound
 
-            self.listeners = [
-                Listener(self.dispatcher, listening("lockd.socket", config.socket), admin=False,
-                         allowed_uids=allowed, on_accept=self._accept, reserve=self._spares[False]),
-                Listener(self.dispatcher, listening("lockd-admin.socket", config.admin_socket),
-                         admin=True, allowed_uids=allowed, on_accept=self._accept,
-                         reserve=self._spares[True]),
-            ]  # fmt: skip
-        log.debug("file descriptor limit: %d", limit)
-        if config.timeout > 0:
-            _IdleWatch.start(self.dispatcher, self.system.router, config.timeout, self.request_stop)
+        return [
+            Listener(self.dispatcher, listening("lockd.socket", config.socket), admin=False,
+                     allowed_uids=allowed, on_accept=self._accept, reserve=self._spares[False]),
+            Listener(self.dispatcher, listening("lockd-admin.socket", config.admin_socket),
+                     admin=True, allowed_uids=allowed, on_accept=self._accept,
+                     reserve=self._spares[True]),
+        ]  # fmt: skip
 
     def _serve(self, report: RecoveryReport) -> None:
         """Recovery is done: accept the connections waiting in the backlog, tell systemd."""
@@ -593,6 +606,7 @@ class Daemon:
             paths={key: getattr(self.config, key) for key in PATH_KEYS},
             started=self.system.serving_since,
             log_config=(self.config.log_level, self.config.log_filters, self.config.log_outputs),
+            bound=sorted(self._bound),
         )
 
     def _stop_accepting(self) -> None:
@@ -658,11 +672,12 @@ class Daemon:
     def run(self) -> None:
         """Serve until stopped, then journal the stop; the leases stay for the next start."""
         pid_fd = self._pid_fd = self._write_pid_file(self._pid_fd)
+        serving = {listener.admin: self._path_of(listener) for listener in self.listeners}
         log.info(
             "lockd %s serving %s (admin %s), lock dir %s, journal %s (sync %s)",
             __version__,
-            self.config.socket,
-            self.config.admin_socket,
+            serving.get(False, self.config.socket),
+            serving.get(True, self.config.admin_socket),
             self.config.lock_dir,
             self.config.journal_dir,
             self.config.journal_sync.value,
@@ -672,10 +687,11 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             for listener in self.listeners:
+                path = self._path_of(listener)
                 listener.close()
-                if not self._activated:  # systemd owns activated socket files
+                if path in self._bound:  # not systemd's: its socket units listen on
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self._path_of(listener))
+                        os.unlink(path)
             self.system.shutdown(self._stop_reason or "stopped")
             if pid_fd is not None and self.config.pid_file:
                 with contextlib.suppress(FileNotFoundError):
@@ -687,6 +703,13 @@ class Daemon:
             )
 
     def _path_of(self, listener: Listener) -> str:
+        """Where ``listener`` listens: the configured path, or socket activation's."""
+        try:
+            name = listener.sock.getsockname()
+        except OSError:
+            name = None
+        if isinstance(name, str) and name:
+            return name
         return self.config.admin_socket if listener.admin else self.config.socket
 
     def _write_pid_file(self, inherited: int | None) -> int | None:

@@ -288,6 +288,10 @@ class Handoff:
     re-exec began (``config_level``, ``config_filters``, ``config_outputs``). The next
     program keeps a level set at runtime (``lockd log-level``) unless the file's logging
     changed since, as SIGHUP does."""
+    bound: tuple[str, ...] | None = None
+    """The listeners' socket files this daemon created, to remove when it stops; not
+    those of socket activation, which are the service manager's (None, from an earlier
+    build: every listener's)."""
 
     def own_fds(self) -> list[int]:
         """The daemon's own locks handed over (journal directory, pid file)."""
@@ -315,6 +319,7 @@ class Handoff:
                 "started": self.started,
                 "metrics": self.metrics,
                 "logging": self.logging,
+                "bound": None if self.bound is None else list(self.bound),
             }
         )
 
@@ -333,7 +338,16 @@ class Handoff:
             raw.get("started"),
             raw.get("metrics"),
             raw.get("logging"),
+            _paths_or_none(raw.get("bound")),
         )
+
+
+def _paths_or_none(value: Any) -> tuple[str, ...] | None:
+    """A list of paths as handed over, or None for anything else (an earlier build's
+    absent key, or nonsense: removing more socket files at the stop beats not starting)."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    return None
 
 
 def _conn_to_wire(c: HandedOver) -> dict[str, Any]:
@@ -431,6 +445,7 @@ class ReexecActor(DispatchedActor):
         paths: Paths | None = None,
         started: float | None = None,
         log_config: tuple[str, str, str] | None = None,
+        bound: Sequence[str] | None = None,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
@@ -445,6 +460,8 @@ class ReexecActor(DispatchedActor):
         """This daemon's :data:`PATH_KEYS` (None: not compared, for tests)."""
         self._started = started
         """When this process first started (see :attr:`Handoff.started`)."""
+        self._bound = None if bound is None else tuple(bound)
+        """Socket files this daemon created (see :attr:`Handoff.bound`)."""
         self._log_config = log_config
         """The configuration's ``log_level``, ``log_filters`` and ``log_outputs`` (None:
         logging not handed on)."""
@@ -573,7 +590,7 @@ class ReexecActor(DispatchedActor):
                 log.warning("re-exec: before exec: %s; going on", exc)
         handoff = Handoff(
             self._listeners, tuple(self._handed), self._leases, self._next_conn_id(),
-            *self._own_fds, self._started, REGISTRY.carried(), self._logging(),
+            *self._own_fds, self._started, REGISTRY.carried(), self._logging(), self._bound,
         )  # fmt: skip
         log.info(
             "re-exec: handing over %d listeners, %d connections, %d lease fds",

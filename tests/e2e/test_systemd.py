@@ -49,6 +49,53 @@ def test_socket_activation_by_name(tmp_path: Path) -> None:
     assert sock.exists()  # the activated socket file belongs to the manager: left in place
 
 
+@pytest.mark.skipif(
+    not shutil.which("systemd-socket-activate"), reason="needs systemd-socket-activate"
+)
+def test_a_reexec_of_a_socket_activated_daemon_leaves_the_managers_files_at_the_stop(
+    tmp_path: Path,
+) -> None:
+    """`systemctl reload lockd` (SIGUSR1), then a stop: the socket files stay, as
+    without the reload, since lockd.socket keeps listening on them; and so does what
+    lies at the configured paths, which this daemon never bound (another daemon's)."""
+    sock, admin = tmp_path / "lockd.sock", tmp_path / "admin.sock"
+    others = [tmp_path / "configured.sock", tmp_path / "configured-admin.sock"]
+    for other in others:
+        other.write_text("another daemon's\n")
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(sock), "-l", str(admin),
+             "--fdname=lockd.socket:lockd-admin.socket",
+             *LOCKD, "serve", "--lock-dir", str(tmp_path / "locks"),
+             "--journal-dir", str(tmp_path / "journal"), "--socket", str(others[0]),
+             "--admin-socket", str(others[1])],
+            stderr=out,
+        )  # fmt: skip
+
+    def status() -> None:
+        done = subprocess.run(
+            [*LOCKD, "status", "--json", "--socket", str(sock)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    try:
+        wait_for(sock.exists)
+        status()  # the first connection starts the service
+        assert f"serving {sock} (admin {admin})" in log.read_text()  # where it listens
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "re-exec: took over" in log.read_text())
+        status()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    assert "lockd stopped" in log.read_text()
+    assert sock.exists()
+    assert admin.exists()
+    assert all(other.read_text() == "another daemon's\n" for other in others)
+
+
 def test_notify_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
     fm = FakeServiceManager(tmp_path)
     try:
