@@ -243,6 +243,8 @@ class ConnectionActor(DispatchedActor):
         self._busy = False
         self._reading = True
         self._closed = False
+        self._closed_by_admin = False
+        """Closed by an operator (`lockd disconnect`): its owner's leases end as ``admin``."""
         self._tokens = itertools.count(1)
         self._waits: dict[int, Callable[[Any], None]] = {}
         self._lockspaces: dict[str, pykka.ActorRef[Any]] = {}
@@ -298,19 +300,29 @@ class ConnectionActor(DispatchedActor):
         if self._closed:
             return
         self._closed = True
+        self._closed_by_admin = admin
         self._transport.close()
         self._router.tell(ClientGone(self.conn_id))
         if self._subscribed:
             self._journal.tell(Unsubscribe(self.actor_ref))
-        if self._owner is not None:
-            self._owners.tell(
-                ConnectionClosed(self._owner, self.conn_id, self._transport.peer_pid, admin)
-            )
         if self._quiesce_to is not None:
             tell_if_alive(self._quiesce_to, Gone(self.conn_id))  # nothing to hand over
             self._quiesce_to = None
         if not self._waits:
-            self.stop()
+            self._closed_and_done()
+
+    def _closed_and_done(self) -> None:
+        """Closed, and nothing it asked is in flight any more: an acquire granted
+        meanwhile is rolled back and that rollback applied. Only now does the owners
+        actor hear of the close: it fences an owner that still holds leases, and
+        while a rollback was in flight the owner seemed to hold what it never got."""
+        if self._owner is not None:
+            self._owners.tell(
+                ConnectionClosed(
+                    self._owner, self.conn_id, self._transport.peer_pid, self._closed_by_admin
+                )
+            )
+        self.stop()
 
     # -- messages -------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
@@ -344,7 +356,7 @@ class ConnectionActor(DispatchedActor):
             if then is not None:
                 then(message)
             if self._closed and not self._waits:
-                self.stop()
+                self._closed_and_done()
         elif isinstance(message, Published):
             self._push(message)
         elif isinstance(message, Drained):
@@ -638,11 +650,15 @@ class ConnectionActor(DispatchedActor):
         """Release what this acquire took so far, and only that."""
         assert self._owner is not None
         for lockspace, resources in job.taken:
+            # Its answer changes nothing here (the lockspace orders it before our next
+            # command), but a closed connection waits for it: see _closed_and_done.
+            token = self._wait(lambda _done: None)
             self._lockspaces[lockspace].tell(
                 ReleaseLeases(
-                    self._owner, resources, self.conn_id, ReleaseReason.ROLLBACK, 0, self.actor_ref
+                    self._owner, resources, self.conn_id, ReleaseReason.ROLLBACK, token,
+                    self.actor_ref,
                 )
-            )  # token 0: nobody waits for it, and the lockspace orders it before our next command
+            )  # fmt: skip
         job.taken.clear()
 
     def _acquired_group(self, job: _Acquisition, index: int, done: Done) -> None:

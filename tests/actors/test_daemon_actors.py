@@ -629,6 +629,38 @@ def test_client_leaving_mid_acquire_changes_nothing(h: Harness) -> None:
     assert not kernel_locked(h.lock_dir / FILES / "disk-a")
 
 
+@pytest.mark.parametrize("steps", range(1, 25))
+def test_an_owner_whose_abandoned_acquire_was_rolled_back_is_not_fenced(
+    tmp_path: Path, steps: int
+) -> None:
+    """A VM's own connection closes while its acquire is in flight (a plugin timing
+    out, say); the VM runs on. The acquire is rolled back: the VM holds nothing, so
+    its connection closing must not get it SIGTERM, then SIGKILL. Whenever the close
+    comes (each step count puts it elsewhere, granted or not yet), the owners actor
+    must not see the rolled-back leases as held. Once the reply went out, the VM
+    holds them: then the close fences it."""
+    h = Harness(tmp_path / "locks")
+    try:
+        h.processes.spawn(VM1)
+        vm = h.connect(VM1)
+        vm.register(VM1)
+        rid = vm.send("acquire", leases=[lease("disk-a"), lease("disk-b")], autocreate=True)
+        for _ in range(steps):
+            h.dispatcher._run_ready(1)
+        vm.close()
+        h.advance(5.0)  # past the grace period
+        if any(m.get("id") == rid for m in vm.messages()):  # answered before the close
+            assert h.processes.signals[:1] == [(VM1, "SIGTERM")]
+            return
+        assert h.processes.signals == []
+        assert h.journal_writer.events(OwnerFenced) == []
+        released = h.journal_writer.events(LeaseReleased)
+        assert len(h.journal_writer.events(LeaseAcquired)) == len(released)
+        assert all(e.reason is ReleaseReason.ROLLBACK for e in released)
+    finally:
+        h.close()
+
+
 def test_backlog_pauses_reading(h: Harness) -> None:
     """A client that floods requests while one is in flight is read no further."""
     vm = h.connect(VM1)
