@@ -12,6 +12,7 @@ import datetime
 import enum
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -377,15 +378,17 @@ def add_lease_arguments(parser: argparse.ArgumentParser, *, acquire: bool) -> No
         "--disk",
         action="append",
         default=[],
-        metavar="PATH[:shared]",
-        help=f"a disk image or device: lease in {FILES_LOCKSPACE} named by SHA-256 of the path",
+        metavar="PATH[:exclusive|:shared|:shareable]",
+        help=f"a disk image or device: lease in {FILES_LOCKSPACE} named by SHA-256 of the path; "
+        "exclusive unless :shared (or libvirt's :shareable); :readonly is refused (no lease); "
+        "a path ending in :WORD takes an explicit mode after it (PATH:WORD:exclusive)",
     )
     parser.add_argument(
         "--lease",
         action="append",
         default=[],
-        metavar="LOCKSPACE/RESOURCE[:shared]",
-        help="an explicit lease",
+        metavar="LOCKSPACE/RESOURCE[:exclusive|:shared]",
+        help="an explicit lease, exclusive unless :shared",
     )
     if acquire:
         parser.add_argument(
@@ -400,26 +403,99 @@ def add_lease_arguments(parser: argparse.ArgumentParser, *, acquire: bool) -> No
         parser.add_argument("--all", action="store_true", help="release every lease of the owner")
 
 
-def _split_mode(text: str) -> tuple[str, bool]:
-    for suffix, shared in ((":shared", True), (":exclusive", False)):
-        if text.endswith(suffix):
-            return text[: -len(suffix)], shared
-    return text, False
+DISK_MODES: Mapping[str, str] = {
+    "exclusive": "exclusive",
+    "shared": "shared",
+    "shareable": "shared",
+    "readonly": "readonly",
+}
+"""The mode words of ``--disk PATH[:MODE]`` in ``lockd`` and ``lockd-lock-driver``, and what
+each means: ``shareable`` and ``readonly`` are libvirt's (``<shareable/>``, ``<readonly/>``).
+A read-only disk gets no lease (``lockd.plugin.disk_lease``), so ``lockd`` refuses it."""
+
+LEASE_MODES: Mapping[str, str] = {"exclusive": "exclusive", "shared": "shared"}
+"""The mode words of ``--lease LOCKSPACE/RESOURCE[:MODE]`` in both tools."""
+
+READONLY_REFUSED = (
+    "a read-only disk gets no lease (as in libvirt's lockd driver and lockd-lock-driver), "
+    "so there is nothing to hold: leave the disk out, or give :shared for a shared lease, "
+    "which keeps exclusive holders out while it is in use"
+)
+"""Why ``lockd acquire/release/run --disk PATH:readonly`` is refused."""
+
+CLI_DISK_MODES: Mapping[str, str] = {
+    word: mode for word, mode in DISK_MODES.items() if mode != "readonly"
+}
+"""What ``lockd acquire/release/run --disk`` take: :data:`DISK_MODES` but ``readonly``."""
+
+_MODE_LIKE = re.compile(r"(?:[^\W\d]|-)*")
+"""Text after a name's last colon that reads as a mode word: letters (also ``-``, ``_``,
+as in ``read-only``), or nothing at all (``"$DISK:$MODE"`` with ``MODE`` unset)."""
+
+
+class ModeError(ValueError):
+    """A ``NAME:MODE`` whose mode is not one the option accepts."""
+
+
+def split_mode(
+    option: str,
+    spec: str,
+    modes: Mapping[str, str],
+    *,
+    what: str = "name",
+    refused: Mapping[str, str] | None = None,
+) -> tuple[str, str]:
+    """``spec`` (``NAME[:MODE]``) as its name and what its mode means (see :data:`DISK_MODES`);
+    no mode means ``exclusive``.
+
+    Only the text after the last colon can be a mode. One that reads as a mode word
+    (see ``_MODE_LIKE``) but is not in ``modes`` is refused, never taken as part of the
+    name: ``/vm/base.img:shareable`` would otherwise lease a path nobody uses and leave
+    the disk unprotected. ``refused`` maps a known word to why this tool refuses it;
+    ``what`` is what the message calls the name (``path``).
+    Any other colon is part of the name (``/data/vm:1/disk.img``, ``/x/a:1.img``); a
+    name that does end in ``:WORD`` is given with its mode after it (``/x/a:b:exclusive``).
+    """
+    name, colon, word = spec.rpartition(":")
+    if not colon:
+        return spec, "exclusive"
+    if word in modes:
+        return name, modes[word]
+    escape = (
+        f"A {what} that really ends in ':{word}' is given with an explicit mode after it: "
+        f"{spec + ':exclusive'!r} (or ':shared')"
+    )
+    if refused and word in refused:
+        raise ModeError(f"{option} {spec!r}: {refused[word]}. {escape}")
+    if _MODE_LIKE.fullmatch(word) is None:
+        return spec, "exclusive"
+    listing = ", ".join(f":{mode}" for mode in modes)
+    problem = f"{':' + word!r} is not a mode" if word else "no mode follows its last ':'"
+    raise ModeError(
+        f"{option} {spec!r}: {problem} (the modes are {listing}; none means exclusive). {escape}"
+    )
 
 
 def parse_leases(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
     """The requested leases as wire maps, each with the label to show the user."""
     out: list[tuple[dict[str, Any], str]] = []
     for spec in args.disk:
-        path, shared = _split_mode(spec)
         try:
+            path, mode = split_mode(
+                "--disk", spec, CLI_DISK_MODES, what="path", refused={"readonly": READONLY_REFUSED}
+            )
             resource = lease_name_for_path(path)
-        except InvalidNameError as exc:
+        except (ModeError, InvalidNameError) as exc:
             raise CommandError(str(exc), EXIT_USAGE) from None
+        shared = mode == "shared"
         lease = {"lockspace": FILES_LOCKSPACE, "resource": resource, "shared": shared}
         out.append((lease, f"disk {path}"))
     for spec in args.lease:
-        text, shared = _split_mode(spec)
+        try:
+            text, mode = split_mode("--lease", spec, LEASE_MODES, what="lease name")
+        except ModeError as exc:
+            raise CommandError(str(exc), EXIT_USAGE) from None
+        shared = mode == "shared"
         lockspace, sep, resource = text.partition("/")
         if not sep or not lockspace or not resource:
             raise CommandError(f"--lease takes LOCKSPACE/RESOURCE, not {spec!r}", EXIT_USAGE)
@@ -463,12 +539,21 @@ def _busy_message(exc: RemoteError, labels: dict[tuple[str, str], str]) -> str:
     return f"{label} is busy: {exc.message}" if label else exc.message
 
 
-def _acquire(
-    client: Client, args: argparse.Namespace, owner: dict[str, Any]
-) -> list[dict[str, Any]]:
+def _leases_to_acquire(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
+    """:func:`parse_leases`, at least one: read before connecting, so that a usage error
+    is reported as one whether or not a daemon runs (and starts none)."""
     leases = parse_leases(args)
     if not leases:
         raise CommandError("name at least one --disk or --lease", EXIT_USAGE)
+    return leases
+
+
+def _acquire(
+    client: Client,
+    leases: list[tuple[dict[str, Any], str]],
+    args: argparse.Namespace,
+    owner: dict[str, Any],
+) -> list[dict[str, Any]]:
     client.call("register", owner=owner)
     labels = {(lease["lockspace"], lease["resource"]): label for lease, label in leases}
     try:
@@ -491,8 +576,9 @@ def cmd_acquire(args: argparse.Namespace) -> int:
 
     def body() -> int:
         owner = _owner_map(args.owner_pid, args.name, args.uuid, args.id)
+        leases = _leases_to_acquire(args)
         with _connect(args.socket, "lockd-acquire", wait=args.wait, spawn=True) as client:
-            granted = _acquire(client, args, owner)
+            granted = _acquire(client, leases, args, owner)
         if args.json:
             _print_json({"owner": _owner_json(owner), "leases": granted})
         else:
@@ -562,9 +648,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     def body() -> int:
         owner = _owner_map(os.getpid(), args.name, args.uuid or str(uuidlib.uuid4()), args.id)
+        leases = _leases_to_acquire(args)
         path = args.socket or default_socket()
         with _connect(path, f"lockd-run {args.name}", wait=args.wait, spawn=True) as client:
-            _acquire(client, args, owner)
+            _acquire(client, leases, args, owner)
             client.call("restrict")
             fd = client.fileno()
             client.settimeout(None)  # the command inherits a blocking socket

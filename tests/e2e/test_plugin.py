@@ -15,7 +15,7 @@ import pytest
 
 from lockd.plugin import LockError, LockManager, Owner, parse_state, socket_connector
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
-from tests.e2e.conftest import DaemonProcess, wait_for
+from tests.e2e.conftest import LOCKD, DaemonProcess, wait_for
 from tests.lockprobe import probe
 
 pytestmark = pytest.mark.e2e
@@ -291,3 +291,36 @@ def test_lock_driver_script_acquire_inquire_release(
     code, reply = lock_driver(daemon, "acquire", *flags, "--state", "lockd-state:9")
     assert code == 2
     assert reply["error"]["code"] == "bad-state"
+
+
+def test_lockd_run_and_the_lock_driver_share_the_disk_modes(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """``lockd run --disk P:shareable`` holds P itself, shared: an exclusive run is busy, the
+    driver's ``P:shared`` joins it; ``P:bogus`` is refused by both, leasing nothing."""
+    vm1 = subprocess.Popen(
+        [*LOCKD, "run", "--disk", "/vm/base.img:shareable", "--name", "vm1", "--", "sleep", "600"],
+        env=daemon.env,
+    )
+    children.append(vm1)
+    wait_for(lambda: vm1.poll() is not None or vm1.pid in leases_by_pid(daemon))
+    assert vm1.poll() is None
+    base = lease_name_for_path("/vm/base.img")
+    assert leases_by_pid(daemon) == {vm1.pid: {base: "shared"}}
+    busy = daemon.lockd("run", "--disk", "/vm/base.img", "--name", "vm2", "--", "true")
+    assert busy.returncode == 75, busy.stderr
+    assert "disk /vm/base.img is busy" in busy.stderr
+
+    vm3 = sleeper(children)
+    flags = ["--uuid", str(uuid.uuid4()), "--name", "vm3", "--pid", str(vm3.pid)]
+    code, reply = lock_driver(daemon, "acquire", *flags, "--disk", "/vm/base.img:shared")
+    assert code == 0, reply
+    assert reply["leases"] == [{"lockspace": FILES_LOCKSPACE, "resource": base, "mode": "shared"}]
+
+    code, reply = lock_driver(daemon, "acquire", *flags, "--disk", "/vm/base.img:bogus")
+    assert code == 2
+    assert reply["error"]["code"] == "invalid-argument"
+    bogus = daemon.lockd("run", "--disk", "/vm/base.img:bogus", "--name", "vm4", "--", "true")
+    assert bogus.returncode == 2
+    assert "'/vm/base.img:bogus:exclusive'" in bogus.stderr
+    assert leases_by_pid(daemon) == {vm1.pid: {base: "shared"}, vm3.pid: {base: "shared"}}

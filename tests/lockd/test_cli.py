@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from actors.events import DaemonStarted, JournalEntry, LeaseAcquired, LeaseReleased, ReleaseReason
 from actors.model import LeaseMode, Owner
+from lockd.commands import EXIT_USAGE, CommandError, parse_leases
 from lockd.journal_file import FileJournal
-from protocol.names import lease_name_for_path
+from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 
 
 def _lockd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -102,3 +108,106 @@ def test_a_daemon_message_names_the_lease_asked_for_not_one_it_prefixes() -> Non
     labels = {("ls", "vm"): "lease ls/vm", ("ls", "vm1"): "lease ls/vm1"}
     exc = RemoteError("not-held", "lease ls/vm1 is not held by pid-7", {})
     assert _label_of(exc, labels) == "lease ls/vm1"
+
+
+# -- --disk and --lease modes -----------------------------------------------------------------
+def _parsed(disks: list[str], leases: list[str] = []) -> list[tuple[dict[str, Any], str]]:  # noqa: B006
+    return parse_leases(argparse.Namespace(disk=disks, lease=leases))
+
+
+def _usage_error(disks: list[str], leases: list[str] = []) -> str:  # noqa: B006
+    with pytest.raises(CommandError) as caught:
+        _parsed(disks, leases)
+    assert caught.value.code == EXIT_USAGE
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "shared"),
+    [("", False), (":exclusive", False), (":shared", True), (":shareable", True)],
+)
+def test_disk_modes_of_lockd_and_libvirt_lease_the_disk_itself(suffix: str, shared: bool) -> None:
+    """``:shareable`` (libvirt's word, as lockd-lock-driver takes it) is ``:shared``, never a
+    path ``/vm/base.img:shareable`` that would leave base.img unprotected."""
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}
+    assert _parsed([f"/vm/base.img{suffix}"]) == [
+        ({**lease, "shared": shared}, "disk /vm/base.img")
+    ]
+
+
+@pytest.mark.parametrize("suffix", [":bogus", ":Shared", ":EXCLUSIVE", ":read-only", ":"])
+def test_a_word_after_the_last_colon_that_is_no_mode_is_a_usage_error(suffix: str) -> None:
+    """Refused with the modes named and the way to give a path that does end in it."""
+    message = _usage_error([f"/vm/base.img{suffix}"])
+    assert "the modes are :exclusive, :shared, :shareable" in message
+    assert f"'/vm/base.img{suffix}:exclusive'" in message
+
+
+def test_a_readonly_disk_is_refused_by_the_cli_as_it_gets_no_lease() -> None:
+    """lockd-lock-driver (as libvirt) takes no lease for a read-only disk: lockd run, whose
+    only job is to lease, refuses the word rather than run with the disk left out."""
+    message = _usage_error(["/vm/a.img", "/vm/cd.iso:readonly"])
+    assert "read-only disk gets no lease" in message
+    assert ":shared" in message
+    assert "'/vm/cd.iso:readonly:exclusive'" in message
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "shared"),
+    [
+        ("/data/vm:1/disk.img", "/data/vm:1/disk.img", False),
+        ("/x/a:1.img", "/x/a:1.img", False),
+        ("/x/disk:2", "/x/disk:2", False),
+        ("/vm/a:bogus:exclusive", "/vm/a:bogus", False),
+        ("/vm/a:shared:exclusive", "/vm/a:shared", False),
+        ("/vm/a:readonly:shared", "/vm/a:readonly", True),
+    ],
+)
+def test_any_other_colon_is_part_of_the_path(spec: str, path: str, shared: bool) -> None:
+    """Only a mode word after the last colon is a mode; an explicit mode frees the rest."""
+    ((lease, label),) = _parsed([spec])
+    assert (lease["resource"], lease["shared"], label) == (
+        lease_name_for_path(path), shared, f"disk {path}"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("spec", "resource", "shared"),
+    [
+        ("site/vm1", "vm1", False),
+        ("site/vm1:exclusive", "vm1", False),
+        ("site/vm1:shared", "vm1", True),
+        ("site/vm1:1", "vm1:1", False),
+        ("site/vm1:a:shared", "vm1:a", True),
+        ("a:b/vm1", "vm1", False),
+    ],
+)
+def test_lease_modes(spec: str, resource: str, shared: bool) -> None:
+    """--lease takes :exclusive or :shared after the last colon; other colons are the name's."""
+    ((lease, _),) = _parsed([], [spec])
+    assert (lease["resource"], lease["shared"]) == (resource, shared)
+
+
+@pytest.mark.parametrize("suffix", [":bogus", ":Shared", ":shareable", ":readonly"])
+def test_a_lease_word_that_is_no_lease_mode_is_a_usage_error(suffix: str) -> None:
+    """A lease has no disk words: ``site/vm1:shareable`` is refused, not a lease of that name."""
+    message = _usage_error([], [f"site/vm1{suffix}"])
+    assert "the modes are :exclusive, :shared;" in message
+    assert f"'site/vm1{suffix}:exclusive'" in message
+
+
+@pytest.mark.parametrize("command", ["run", "acquire", "release"])
+def test_an_unknown_mode_is_refused_before_any_daemon_is_asked(
+    command: str, tmp_path: Path
+) -> None:
+    """Exit 2 naming the modes, whether or not a daemon runs (none is started either)."""
+    env = {**os.environ, "LOCKD_SOCKET": str(tmp_path / "none.sock"), "LOCKD_AUTOSPAWN": "0"}
+    who = ["--name", "vm1"] if command == "run" else ["--owner-pid", str(os.getpid())]
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", command, *who, "--disk", "/vm/base.img:bogus",
+         *(["--", "true"] if command == "run" else [])],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert "':bogus' is not a mode" in done.stderr
+    assert "'/vm/base.img:bogus:exclusive'" in done.stderr

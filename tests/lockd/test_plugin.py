@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import socket
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import attrs
@@ -721,3 +726,117 @@ def test_a_daemon_that_never_answers_is_a_timeout_with_the_socket_named(tmp_path
     assert path in caught.value.message
     assert "no answer" in caught.value.message
     assert "Errno" not in caught.value.message
+
+
+# -- contrib/plugin/lockd-lock-driver: its flags ----------------------------------------------
+LOCK_DRIVER = Path(__file__).resolve().parents[2] / "contrib" / "plugin" / "lockd-lock-driver"
+
+
+@pytest.fixture(scope="module")
+def driver() -> ModuleType:
+    """The lock-driver script, imported (it has no ``.py``): its flags are parsed without a
+    daemon or a process of its own."""
+    loader = importlib.machinery.SourceFileLoader("lockd_lock_driver", str(LOCK_DRIVER))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def driver_request(driver: ModuleType, *flags: str) -> dict[str, Any]:
+    owner = ["--uuid", str(uuid.UUID(bytes=VM_UUID)), "--name", "vm1", "--pid", "4242"]
+    args: argparse.Namespace = driver._parser().parse_args(["acquire", *owner, *flags])
+    request: dict[str, Any] = driver._request_from_flags(args)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("suffix", "readonly", "shareable"),
+    [
+        ("", False, False),
+        (":exclusive", False, False),
+        (":shared", False, True),
+        (":shareable", False, True),
+        (":readonly", True, False),
+    ],
+)
+def test_lock_driver_takes_the_disk_modes_of_lockd_run_and_libvirt(
+    driver: ModuleType, suffix: str, readonly: bool, shareable: bool
+) -> None:
+    """``--disk /vm/base.img:shared`` is the base image shared, not a disk of that name."""
+    request = driver_request(driver, "--disk", f"/vm/base.img{suffix}")
+    assert request["disks"] == [
+        {"path": "/vm/base.img", "readonly": readonly, "shareable": shareable}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flag", "spec", "modes"),
+    [
+        ("--disk", "/vm/base.img:bogus", ":exclusive, :shared, :shareable, :readonly;"),
+        ("--disk", "/vm/base.img:Shareable", ":exclusive, :shared, :shareable, :readonly;"),
+        ("--disk", "/vm/base.img:read-only", ":exclusive, :shared, :shareable, :readonly;"),
+        ("--lease", "site/vm1:shareable", ":exclusive, :shared;"),
+        ("--lease", "site/vm1:bogus", ":exclusive, :shared;"),
+    ],
+)
+def test_lock_driver_refuses_a_word_that_is_no_mode(
+    driver: ModuleType, flag: str, spec: str, modes: str
+) -> None:
+    """A bad request (exit 2, ``invalid-argument``), naming the modes and the way out."""
+    with pytest.raises(driver.RequestError) as caught:
+        driver_request(driver, flag, spec)
+    assert f"the modes are {modes}" in str(caught.value)
+    assert repr(f"{spec}:exclusive") in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "shareable"),
+    [
+        ("/data/vm:1/disk.img", "/data/vm:1/disk.img", False),
+        ("/x/a:1.img", "/x/a:1.img", False),
+        ("/vm/a:bogus:shareable", "/vm/a:bogus", True),
+        ("/vm/a:shared:exclusive", "/vm/a:shared", False),
+    ],
+)
+def test_lock_driver_keeps_any_other_colon_in_the_path(
+    driver: ModuleType, spec: str, path: str, shareable: bool
+) -> None:
+    (disk,) = driver_request(driver, "--disk", spec)["disks"]
+    assert (disk["path"], disk["shareable"]) == (path, shareable)
+
+
+@pytest.mark.parametrize(
+    ("spec", "key", "shared"),
+    [
+        ("site/vm1", "vm1", False),
+        ("site/vm1:exclusive", "vm1", False),
+        ("site/vm1:shared", "vm1", True),
+        ("site/vm1:1", "vm1:1", False),
+    ],
+)
+def test_lock_driver_lease_modes(driver: ModuleType, spec: str, key: str, shared: bool) -> None:
+    assert driver_request(driver, "--lease", spec)["leases"] == [
+        {"lockspace": "site", "key": key, "shared": shared}
+    ]
+
+
+@pytest.mark.parametrize("suffix", ["", ":exclusive", ":shared", ":shareable", ":readonly"])
+def test_lockd_and_the_lock_driver_lease_a_disk_alike(driver: ModuleType, suffix: str) -> None:
+    """One ``--disk`` spec, one lease in both tools; ``:readonly`` (no lease in the driver)
+    is refused by ``lockd``, never leased under another name."""
+    from lockd.commands import CommandError, parse_leases
+
+    (disk,) = driver_request(driver, "--disk", f"/vm/base.img{suffix}")["disks"]
+    by_driver = disk_lease(
+        disk["path"], readonly=disk["readonly"], shareable=disk["shareable"],
+        options=PluginOptions(), keys=FakeKeys(),
+    )  # fmt: skip
+    spec = argparse.Namespace(disk=[f"/vm/base.img{suffix}"], lease=[])
+    if by_driver is None:
+        with pytest.raises(CommandError):
+            parse_leases(spec)
+        return
+    ((lease, _),) = parse_leases(spec)
+    assert by_driver == Lease(lease["lockspace"], lease["resource"], lease["shared"])
