@@ -155,9 +155,17 @@ class HandedOver:
 
 @attrs.frozen
 class Gone:
-    """Reply to :class:`Quiesce`: the connection closed; nothing to hand over."""
+    """Reply to :class:`Quiesce` (or :class:`Resume`): the connection closed, or serves
+    on in this process; nothing to hand over."""
 
     conn_id: int
+
+
+@attrs.frozen
+class Resume:
+    """The re-exec was abandoned: serve on if not handed over yet, and say so."""
+
+    reply_to: pykka.ActorRef[Any]
 
 
 @attrs.frozen
@@ -225,6 +233,7 @@ class ConnectionActor(DispatchedActor):
         restored: HandedOver | None = None,
         log_control: Callable[[str | None, str | None], dict[str, str]] | None = None,
         idle_timeout: float = 0.0,
+        on_stopped: Callable[[int, pykka.ActorRef[Any]], None] | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self.conn_id = conn_id
@@ -244,6 +253,9 @@ class ConnectionActor(DispatchedActor):
         self._reading = True
         self._closed = False
         self._closed_by_admin = False
+        self._on_stopped = on_stopped
+        """Told when this actor stops: after its socket closed, it may still have
+        requests in flight (their rollbacks), which a re-exec must wait for."""
         """Closed by an operator (`lockd disconnect`): its owner's leases end as ``admin``."""
         self._tokens = itertools.count(1)
         self._waits: dict[int, Callable[[Any], None]] = {}
@@ -305,9 +317,6 @@ class ConnectionActor(DispatchedActor):
         self._router.tell(ClientGone(self.conn_id))
         if self._subscribed:
             self._journal.tell(Unsubscribe(self.actor_ref))
-        if self._quiesce_to is not None:
-            tell_if_alive(self._quiesce_to, Gone(self.conn_id))  # nothing to hand over
-            self._quiesce_to = None
         if not self._waits:
             self._closed_and_done()
 
@@ -322,7 +331,16 @@ class ConnectionActor(DispatchedActor):
                     self._owner, self.conn_id, self._transport.peer_pid, self._closed_by_admin
                 )
             )
+        if self._quiesce_to is not None:
+            # Nothing to hand over, and nothing left half done for the next program
+            # (a rollback the frozen lockspaces would no longer run).
+            tell_if_alive(self._quiesce_to, Gone(self.conn_id))
+            self._quiesce_to = None
         self.stop()
+
+    def on_stop(self) -> None:
+        if self._on_stopped is not None:
+            self._on_stopped(self.conn_id, self.actor_ref)
 
     # -- messages -------------------------------------------------------------------
     def on_receive(self, message: Any) -> Any:
@@ -370,14 +388,22 @@ class ConnectionActor(DispatchedActor):
                          self.conn_id, self._idle_timeout)  # fmt: skip
                 self._close()
         elif isinstance(message, Quiesce):
-            if self._closed:
+            if self._closed and not self._waits:
                 tell_if_alive(message.reply_to, Gone(self.conn_id))
                 return None
             self._quiesce_to = message.reply_to
+            if self._closed:
+                return None  # Gone once what it asked is done: see _closed_and_done
             self._transport.pause_reading()
             self._reading = False
             if not self._busy or self._waiting_retry:
                 self._hand_over()
+        elif isinstance(message, Resume):
+            if self._quiesce_to is not None:
+                self._quiesce_to = None
+                tell_if_alive(message.reply_to, Gone(self.conn_id))
+                if not self._closed:
+                    self._pump()  # reading again, and a request waiting is taken
         elif isinstance(message, CloseForAdmin):
             log.info("client %d disconnected by an operator", self.conn_id)
             self._close(admin=True)

@@ -228,6 +228,7 @@ class LockSystem:
         admin: bool = False,
         conn_id: int | None = None,
         restored: HandedOver | None = None,
+        on_stopped: Callable[[int, pykka.ActorRef[Any]], None] | None = None,
     ) -> pykka.ActorRef[Any]:
         """Start a ConnectionActor for ``transport`` (see actors.connection.Transport)."""
         return ConnectionActor.start(
@@ -243,6 +244,7 @@ class LockSystem:
             admin=admin,
             log_control=_log_control,
             idle_timeout=self.config.idle_timeout,
+            on_stopped=on_stopped,
         )
 
     def shutdown(self, reason: str) -> None:
@@ -494,7 +496,9 @@ class Daemon:
         transport = SocketTransport(
             self.dispatcher, sock, peer, lambda: self._closed(conn_id, admin=admin)
         )
-        ref = self.system.connect(transport, admin=admin, conn_id=conn_id)
+        ref = self.system.connect(
+            transport, admin=admin, conn_id=conn_id, on_stopped=self._connection_stopped
+        )
         self._connections[conn_id] = ref
         transport.start(ref)
         log.debug("client pid %d uid %d connected%s", peer[0], peer[1], " (admin)" if admin else "")
@@ -529,18 +533,27 @@ class Daemon:
         transport = SocketTransport(
             self.dispatcher, sock, peer, lambda: self._closed(conn_id, admin=state.admin)
         )
-        ref = self.system.connect(transport, admin=state.admin, conn_id=conn_id, restored=state)
+        ref = self.system.connect(
+            transport, admin=state.admin, conn_id=conn_id, restored=state,
+            on_stopped=self._connection_stopped,
+        )  # fmt: skip
         self._connections[conn_id] = ref
         transport.start(ref)
 
     def _closed(self, conn_id: int, *, admin: bool = False) -> None:
+        """The socket closed: a client less for ``max_clients``. Its actor stays in
+        :attr:`_connections` until it stops (:meth:`_connection_stopped`): a request of
+        its in flight, and the rollback that follows, must end before a re-exec."""
         if admin:
             self._admin_clients -= 1
         else:
             self._clients -= 1
-        self._connections.pop(conn_id, None)
         for spares in self._spares.values():
             spares.refill()  # a descriptor just freed: the listeners' spares come first
+
+    def _connection_stopped(self, conn_id: int, ref: pykka.ActorRef[Any]) -> None:
+        if self._connections.get(conn_id) is ref:  # not one taken back under its id since
+            del self._connections[conn_id]
 
     def _carry_on(self, handoff: Handoff) -> None:
         """Keep what a re-exec is not meant to reset: the counts, and logging set at runtime."""

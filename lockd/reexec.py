@@ -35,7 +35,7 @@ import attrs
 import cbor2
 import pykka
 
-from actors.connection import Gone, HandedOver, Quiesce
+from actors.connection import Gone, HandedOver, Quiesce, Resume
 from actors.events import DaemonStopped
 from actors.journal import Append, Appended, AppendFailed
 from actors.lockspace import Unfreeze
@@ -483,6 +483,8 @@ class ReexecActor(DispatchedActor):
         self._handed: list[HandedOver] = []
         self._leases: tuple[tuple[str, str, int], ...] = ()
         self._done = False
+        self._why = ""
+        """Why it was abandoned (once ``_done``)."""
         self._check_started = 0.0
 
     def on_start(self) -> None:
@@ -540,6 +542,7 @@ class ReexecActor(DispatchedActor):
 
     def on_receive(self, message: Any) -> Any:
         if self._done:
+            self._after_abort(message)
             return None
         if isinstance(message, _Checked):
             self._checked(message.result)
@@ -609,7 +612,24 @@ class ReexecActor(DispatchedActor):
     def _abort(self, why: str) -> None:
         """Give up the re-exec and go on serving: the same process, the same locks."""
         self._done = True
+        self._why = why
         log.error("re-exec abandoned: %s; serving on", why)
         self._router.tell(Unfreeze())
         self._on_abort(self._handed, why)
-        self.stop()
+        self._handed = []
+        if self._waiting <= 0:
+            self.stop()
+            return
+        # Connections still finishing a request: they serve on; one that hands over
+        # all the same (its answer crossed this) is taken back as it arrives.
+        for ref in self._connections:
+            tell_if_alive(ref, Resume(self.actor_ref))
+
+    def _after_abort(self, message: Any) -> None:
+        if not isinstance(message, HandedOver | Gone):
+            return
+        if isinstance(message, HandedOver):
+            self._on_abort([message], self._why)
+        self._waiting -= 1
+        if self._waiting <= 0:
+            self.stop()

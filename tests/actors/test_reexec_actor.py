@@ -1,0 +1,136 @@
+"""The re-exec's quiesce against requests in flight, every interleaving tried in turn.
+
+The real actors on the test thread (tests/actors/harness.py), with the re-exec
+actor's check thread and its exec replaced: a race between the quiesce and a
+request is ordered step by step instead of hoped for with real timing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pykka
+import pytest
+
+from actors.events import LeaseAcquired, LeaseReleased
+from lockd import reexec
+from tests.actors.harness import Conn, Harness
+
+MANAGER, VM = 4000, 4001
+FILES, LVM = "org.libvirt.lockd.files", "org.libvirt.lockd.lvm"
+
+
+class _NoThread:
+    """The check's thread, never started: the test answers for the check."""
+
+    def __init__(self, *_args: Any, **_kwargs: Any) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+
+@pytest.fixture
+def handed(monkeypatch: pytest.MonkeyPatch) -> list[reexec.Handoff]:
+    """What would have been exec'd with, instead of the exec."""
+    execs: list[reexec.Handoff] = []
+    monkeypatch.setattr("lockd.reexec.threading.Thread", _NoThread)
+    monkeypatch.setattr(reexec, "exec_with", lambda handoff, _argv, **_kw: execs.append(handoff))
+    return execs
+
+
+def _reexec(h: Harness, conns: list[Conn], taken_back: list[int]) -> pykka.ActorRef[Any]:
+    """A re-exec of the daemon whose connections are ``conns``, listed as the daemon
+    lists them: every connection whose actor still runs, its socket closed or not."""
+    return reexec.ReexecActor.start(
+        h.dispatcher,
+        connections=lambda: [c.ref for c in conns if c.ref.is_alive()],
+        stop_accepting=lambda: None,
+        router=h.router, journal=h.journal, owners=h.owners, listeners=[],
+        next_conn_id=lambda: 100, argv=[sys.executable],
+        on_abort=lambda states, _why: taken_back.extend(s.conn_id for s in states),
+    )  # fmt: skip
+
+
+def _passed(actor: pykka.ActorRef[Any]) -> None:
+    actor.tell(reexec._Checked(reexec.TargetCheck(True, own_fds=True)))
+
+
+@pytest.mark.parametrize("steps", range(0, 40, 3))
+def test_an_acquire_whose_client_left_is_rolled_back_before_the_lockspaces_freeze(
+    tmp_path: Path, handed: list[reexec.Handoff], steps: int
+) -> None:
+    """A manager sent an acquire over two lockspaces and closed its connection; the
+    daemon saw the close with the acquire in flight, and rolls the acquire back once it
+    completes. The quiesce must wait for that rollback: the lockspaces freeze once idle,
+    and a rollback arriving after would never run. The next program would then hold,
+    for a VM never told of it, half of an all-or-nothing acquire."""
+    h = Harness(tmp_path / "locks")
+    try:
+        (tmp_path / "locks" / LVM).mkdir(exist_ok=True)
+        for pid in (MANAGER, VM):
+            h.processes.spawn(pid)
+        conn = h.connect(MANAGER)
+        conn.register(VM)
+        actor = _reexec(h, [conn], [])
+        h.run()
+        both = [{"lockspace": FILES, "resource": "a"}, {"lockspace": LVM, "resource": "b"}]
+        conn.send("acquire", leases=both, autocreate=True)
+        conn.send_raw(b"")  # gone, its acquire in flight
+        for _ in range(steps):
+            h.dispatcher._run_ready(1)
+        _passed(actor)  # the check answers now: the quiesce begins
+        h.run()
+        assert len(handed) == 1
+        held: dict[tuple[str, str], int] = {}
+        for event in h.journal_writer.events():
+            if isinstance(event, LeaseAcquired | LeaseReleased):
+                key = (event.lockspace, event.resource)
+                held[key] = held.get(key, 0) + (1 if isinstance(event, LeaseAcquired) else -1)
+        assert [key for key, n in held.items() if n > 0] == []
+        assert handed[0].leases == ()
+    finally:
+        h.close()
+
+
+def test_a_reexec_given_up_while_a_request_runs_serves_that_connection_on(
+    tmp_path: Path, handed: list[reexec.Handoff]
+) -> None:
+    """The re-exec gives up (not quiet within its deadline) while a connection still
+    finishes its request. That connection must serve on: it may not hand itself over
+    afterwards to a re-exec that is gone, its socket detached and never read again."""
+    h = Harness(tmp_path / "locks")
+    try:
+        for pid in (MANAGER, VM):
+            h.processes.spawn(pid)
+        conn = h.connect(MANAGER)
+        conn.register(VM)
+        taken_back: list[int] = []
+        actor = _reexec(h, [conn], taken_back)
+        h.run()
+        rid = conn.send("acquire", leases=[{"lockspace": FILES, "resource": "a"}],
+                        autocreate=True)  # fmt: skip
+        h.dispatcher._run_ready(1)  # the connection takes the request
+        _passed(actor)
+        connection = conn.ref._actor_weakref()
+        assert connection is not None
+        for _ in range(50):  # until the quiesce reached it, its request in progress
+            h.dispatcher._run_ready(1)
+            if connection._quiesce_to is not None:
+                break
+        assert connection._quiesce_to is not None
+        assert connection._busy
+        actor.tell(reexec._Deadline())  # and the deadline runs out first
+        h.run()
+        assert handed == []
+        assert not actor.is_alive()
+        assert [m.get("id") for m in conn.messages()] == [rid]
+        assert conn.ref.is_alive()
+        assert not conn.transport.closed
+        status = conn.ok("status")  # served, by the same actor, in this process
+        assert status["clients"] >= 1
+        assert taken_back == []
+    finally:
+        h.close()
