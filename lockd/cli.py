@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -403,7 +404,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not commands.reader_gone():
             raise
         return commands.EXIT_PIPE
+    except KeyboardInterrupt:
+        # Ctrl-C, e.g. during --wait: the shell's convention, without a traceback. A
+        # lease being acquired ends with the connection (rolled back by the daemon).
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
     return result
+
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+"""Exit status after Ctrl-C, as a shell reports a command SIGINT ended (130)."""
 
 
 if __name__ == "__main__":

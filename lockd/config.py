@@ -239,6 +239,8 @@ def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
             data = tomllib.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{config_path}: no such file") from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise ConfigError(f"{config_path}: {exc.strerror or exc}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{config_path}: {exc}") from None
         text = raw.decode("utf-8")

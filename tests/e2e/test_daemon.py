@@ -948,3 +948,27 @@ def test_output_to_a_reader_that_left_ends_quietly(
     finally:
         os.close(write)
     assert (done.returncode, done.stderr) == (141, "")
+
+
+@pytest.mark.parametrize("command", ["acquire", "run"])
+def test_ctrl_c_while_waiting_for_a_busy_disk_ends_quietly_holding_nothing(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], command: str
+) -> None:
+    """An operator gives up on ``--wait`` with Ctrl-C: the status a shell gives SIGINT
+    (130), no traceback, and no lease taken for the interrupted owner."""
+    holder = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    tail = ["--", "true"] if command == "run" else []
+    owner = ["--owner-pid", str(os.getpid())] if command == "acquire" else []
+    waiter = subprocess.Popen(
+        [*LOCKD, command, "--disk", "/vm/a.img", "--name", "vm2", "--wait", "30", *owner,
+         *tail],
+        env=daemon.env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    children.append(waiter)  # type: ignore[arg-type]
+    wait_for(lambda: "lockd_conflicts_total 1" in daemon.lockd("metrics").stdout)
+    waiter.send_signal(signal.SIGINT)
+    _, stderr = waiter.communicate(timeout=30)
+    assert waiter.returncode == 130
+    assert "Traceback" not in stderr
+    key = (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img"))
+    assert listed(daemon)[key] == ("exclusive", (holder.pid,))  # vm1's, and only vm1's

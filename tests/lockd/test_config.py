@@ -73,6 +73,13 @@ def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
         load(str(tmp_path / "nope.toml"), {})
 
 
+def test_a_config_path_that_is_no_readable_file_is_an_error_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: Is a directory$"):
+        load(str(tmp_path), {})
+
+
 def test_the_annotated_example_is_valid_and_complete() -> None:
     """contrib/lockd.toml loads with every line uncommented, and documents every key."""
     import attrs
