@@ -790,9 +790,13 @@ class LockspaceActor(DispatchedActor):
         if flight.refused is not None:
             self._drop_locks(flight.taken, unlink=command.autocreate)
             refused = flight.refused
+            text = refused.message
+            if refused.held_elsewhere:
+                # Named in full, as the holders of a lease held here are: the client
+                # tells the user which of its disks it is (lockd.commands._label_of).
+                text = f"lease {self.name}/{refused.resource} is held by another process or host"
             self._reply(
-                command,
-                Done(command.token, self.name, refusal=core.Refusal(refused.code, refused.message)),
+                command, Done(command.token, self.name, refusal=core.Refusal(refused.code, text))
             )
             self._finish(message.token)
             return

@@ -972,3 +972,25 @@ def test_ctrl_c_while_waiting_for_a_busy_disk_ends_quietly_holding_nothing(
     assert "Traceback" not in stderr
     key = (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img"))
     assert listed(daemon)[key] == ("exclusive", (holder.pid,))  # vm1's, and only vm1's
+
+
+def test_a_disk_locked_by_another_host_is_named_in_the_busy_message(
+    daemon: DaemonProcess,
+) -> None:
+    """Another host (here: this process, as virtlockd would) holds the lease file's lock.
+    The user gave several disks: the message says which one is busy."""
+    path = lease_file(daemon, "/vm/b.img")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+        done = daemon.lockd("acquire", "--owner-pid", str(os.getpid()), "--name", "vm1",
+                            "--disk", "/vm/a.img", "--disk", "/vm/b.img")  # fmt: skip
+    finally:
+        os.close(fd)
+    assert done.returncode == 75
+    assert done.stderr.strip().endswith(
+        f"disk /vm/b.img is busy: lease {FILES_LOCKSPACE}/{path.name} is held by another "
+        "process or host"
+    ), done.stderr
+    assert listed(daemon) == {}  # all or nothing: a.img was given back
