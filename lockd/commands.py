@@ -556,19 +556,34 @@ def _acquire(
 ) -> list[dict[str, Any]]:
     client.call("register", owner=owner)
     labels = {(lease["lockspace"], lease["resource"]): label for lease, label in leases}
-    try:
-        result = client.call(
-            "acquire",
-            leases=[lease for lease, _ in leases],
-            autocreate=not args.no_autocreate,
-            wait=args.wait,
-        )
-    except RemoteError as exc:
-        if exc.code == "busy":
-            raise CommandError(_busy_message(exc, labels), EXIT_BUSY) from None
-        raise
-    granted: list[dict[str, Any]] = result["leases"]
-    return granted
+    # A retry (after a timeout, or of a script) succeeds: what the owner holds already
+    # in the mode asked is kept, not asked for again (the daemon would call it busy,
+    # held by the owner itself), as the plugin does.
+    held = {
+        (lease["lockspace"], lease["resource"]): lease["mode"]
+        for lease in client.call("inquire").get("leases", [])
+    }
+    wanted = [lease for lease, _ in leases]
+    missing = [
+        lease
+        for lease in wanted
+        if held.get((lease["lockspace"], lease["resource"]))
+        != ("shared" if lease.get("shared") else "exclusive")
+    ]
+    if missing:
+        try:
+            client.call(
+                "acquire", leases=missing, autocreate=not args.no_autocreate, wait=args.wait
+            )
+        except RemoteError as exc:
+            if exc.code == "busy":
+                raise CommandError(_busy_message(exc, labels), EXIT_BUSY) from None
+            raise
+    return [
+        {"lockspace": lease["lockspace"], "resource": lease["resource"],
+         "mode": "shared" if lease.get("shared") else "exclusive"}
+        for lease in wanted
+    ]  # fmt: skip
 
 
 def cmd_acquire(args: argparse.Namespace) -> int:

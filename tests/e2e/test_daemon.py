@@ -994,3 +994,25 @@ def test_a_disk_locked_by_another_host_is_named_in_the_busy_message(
         "process or host"
     ), done.stderr
     assert listed(daemon) == {}  # all or nothing: a.img was given back
+
+
+def test_a_retried_acquire_succeeds_and_keeps_what_the_owner_holds(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """``lockd acquire`` run again (a script retrying after a timeout) for leases its
+    owner holds already: granted, as the plugin's retried acquire is, not "busy, held by
+    vm3" (the owner itself). Asked in the other mode, it is still busy."""
+    sleeper = subprocess.Popen(["sleep", "120"])
+    children.append(sleeper)
+    args = ["acquire", "--owner-pid", str(sleeper.pid), "--name", "vm3"]
+    first = daemon.lockd(*args, "--disk", "/vm/c.img")
+    assert first.returncode == 0, first.stderr
+    again = daemon.lockd(*args, "--disk", "/vm/c.img", "--disk", "/vm/d.img")
+    assert again.returncode == 0, again.stderr
+    assert "acquired org.libvirt.lockd.files/" in again.stdout
+    held = listed(daemon)
+    for disk in ("/vm/c.img", "/vm/d.img"):
+        assert held[(FILES_LOCKSPACE, lease_name_for_path(disk))] == ("exclusive", (sleeper.pid,))
+    other_mode = daemon.lockd(*args, "--disk", "/vm/c.img:shared")
+    assert other_mode.returncode == 75
+    assert "disk /vm/c.img is busy" in other_mode.stderr
