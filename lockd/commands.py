@@ -25,7 +25,14 @@ from typing import Any, NoReturn
 import attrs
 
 from lockd import autospawn, procs
-from lockd.config import ConfigError, admin_socket_beside, default_admin_socket, default_socket
+from lockd.config import (
+    ConfigError,
+    UnsafePathError,
+    admin_socket_beside,
+    default_admin_socket,
+    default_socket,
+    secure_runtime_dir,
+)
 from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
 from protocol.names import FILES_LOCKSPACE, InvalidNameError, lease_name_for_path, printable
 
@@ -91,6 +98,10 @@ def _connect(
     path: str | None, name: str, *, wait: float = 0.0, spawn: bool = False
 ) -> Iterator[Client]:
     path = path or default_socket()
+    try:
+        secure_runtime_dir(path, create=False)  # a socket planted by another user: refused
+    except UnsafePathError as exc:
+        raise CommandError(str(exc), EXIT_UNAVAILABLE) from None
     try:
         try:
             client = Client(path, name=name, timeout=30.0 + wait)

@@ -7,7 +7,9 @@ errors that name the key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from typing import Any
@@ -29,10 +31,28 @@ def _xdg(var: str, fallback: str) -> str:
     )
 
 
+FALLBACK_RUNTIME_DIR = "/tmp/lockd-{uid}"  # noqa: S108 - made 0700 and checked: see below
+"""The base of a user's runtime directory when ``$XDG_RUNTIME_DIR`` is unset (runuser, su,
+cron, ssh without pam_systemd): in a directory every user can write to, so it is created
+0700 and used only if it is this user's own (:func:`secure_runtime_dir`)."""
+
+
+def runtime_dir(uid: int | None = None) -> str | None:
+    """The directory of a user's default sockets and of the log of a daemon started on demand
+    (``lockd.log``): ``$XDG_RUNTIME_DIR/lockd``, else ``/tmp/lockd-UID/lockd``; None for
+    root, whose sockets are in /run/lockd."""
+    uid = os.getuid() if uid is None else uid
+    if uid == 0:
+        return None
+    base = os.environ.get("XDG_RUNTIME_DIR") or FALLBACK_RUNTIME_DIR.format(uid=uid)
+    return os.path.join(base, "lockd")
+
+
 def default_paths(uid: int | None = None) -> dict[str, str]:
     """Socket, admin socket, lock dir, journal dir and config path for this user."""
     uid = os.getuid() if uid is None else uid
-    if uid == 0:
+    runtime = runtime_dir(uid)
+    if runtime is None:
         return {
             "socket": "/run/lockd/lockd.sock",
             "admin_socket": "/run/lockd/lockd-admin.sock",
@@ -40,14 +60,80 @@ def default_paths(uid: int | None = None) -> dict[str, str]:
             "journal_dir": "/var/lib/lockd/journal",
             "config": "/etc/lockd/lockd.toml",
         }
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/lockd-{uid}"  # noqa: S108 - per-uid, 0700
     return {
-        "socket": os.path.join(runtime, "lockd", "lockd.sock"),
-        "admin_socket": os.path.join(runtime, "lockd", "lockd-admin.sock"),
+        "socket": os.path.join(runtime, "lockd.sock"),
+        "admin_socket": os.path.join(runtime, "lockd-admin.sock"),
         "lock_dir": os.path.join(os.path.expanduser("~"), ".libvirt", "lockd"),
         "journal_dir": os.path.join(_xdg("XDG_STATE_HOME", ".local/state"), "lockd", "journal"),
         "config": os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "lockd", "lockd.toml"),
     }
+
+
+class UnsafePathError(OSError):
+    """A directory or file lockd would trust could have been made or changed by another user."""
+
+
+def check_own_dir(path: str) -> None:
+    """Refuse ``path`` unless it is a directory (not a symbolic link) of this user that no
+    other user can write to; never changes it. Raises FileNotFoundError if it is missing.
+
+    Compared with the effective uid: the owner of whatever this process creates.
+    """
+    st = os.lstat(path)
+    uid = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if stat.S_ISLNK(st.st_mode):
+        problem = "it is a symbolic link"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "it is not a directory"
+    elif st.st_uid != uid:
+        problem = "it is another user's"
+    elif mode & 0o022:
+        problem = "other users can write to it"
+    else:
+        return
+    if st.st_uid == uid and stat.S_ISDIR(st.st_mode):
+        fix = f"run chmod go-w {path} or remove it"
+    else:
+        fix = "remove it (ask root if it is not yours)"
+    raise UnsafePathError(
+        f"refusing {path}: {problem} (owner uid {st.st_uid}, mode {mode:04o}; you are uid "
+        f"{uid}). lockd keeps its sockets and log only in a directory that is yours alone: "
+        f"{fix}, or set XDG_RUNTIME_DIR to a private directory, or pass --socket (or set "
+        "LOCKD_SOCKET) for a socket elsewhere"
+    )
+
+
+def secure_runtime_dir(socket_path: str, *, create: bool) -> bool:
+    """If ``socket_path`` is in this user's :func:`runtime_dir`, make sure nobody else
+    controls that directory (nor, for the ``/tmp`` fallback, its parent): ``create``
+    makes what is missing with mode 0700, then each is checked with :func:`check_own_dir`.
+    Without ``create`` a missing directory is left for the caller to find missing.
+
+    Returns False, checking nothing, for a socket elsewhere (given with ``--socket``,
+    ``$LOCKD_SOCKET`` or the file: the user's choice) and for root. Under
+    ``$XDG_RUNTIME_DIR`` (made 0700 for the user by the login manager) only lockd's own
+    subdirectory is checked: cheap, and it catches ``XDG_RUNTIME_DIR`` pointed at a
+    shared directory such as /tmp.
+    """
+    runtime = runtime_dir()
+    if runtime is None or os.path.abspath(os.path.dirname(socket_path)) != os.path.abspath(runtime):
+        return False
+    base = os.path.dirname(runtime)
+    fallback = not os.environ.get("XDG_RUNTIME_DIR")
+    if create and not fallback:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+    for path in (base, runtime) if fallback else (runtime,):
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+        try:
+            check_own_dir(path)
+        except FileNotFoundError:
+            if create:
+                raise
+            return True
+    return True
 
 
 def default_socket() -> str:

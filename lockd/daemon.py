@@ -35,7 +35,7 @@ from actors.recovery import RecoveryActor, RecoveryReport
 from actors.router import Gather, Gathered, RouterActor
 from actors.runtime import DispatchedActor, Dispatcher
 from lockd import __version__, logs, procs
-from lockd.config import Config
+from lockd.config import Config, secure_runtime_dir
 from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
 from lockd.reexec import PATH_KEYS, Handoff, ListenerFd, ReexecActor, read_handoff
@@ -310,6 +310,20 @@ def _if_still(path: str, inherited: int | None) -> int | None:
     return None
 
 
+def _secure_socket_dirs(config: Config, activated: Mapping[str, int], *, binding: bool) -> None:
+    """Before anything starts: sockets go in the per-user runtime directory only if that is
+    the user's own (made 0700 when missing), never in one another user made or can write
+    to (:func:`lockd.config.secure_runtime_dir`). ``binding``: False when no socket is
+    bound (embedded, or a re-exec's, bound already); activated sockets are the service
+    manager's."""
+    if not binding:
+        return
+    for name, path in (("lockd.socket", config.socket),
+                       ("lockd-admin.socket", config.admin_socket)):  # fmt: skip
+        if name not in activated:
+            secure_runtime_dir(path, create=True)
+
+
 def _collector_off_for_recovery() -> None:
     """Start-up recovery builds the state the daemon will keep: keep the collector out of it.
 
@@ -388,6 +402,7 @@ class Daemon:
         """The listeners' socket files this daemon created: removed when it stops. Not
         those of socket activation, which belong to the service manager (its socket
         units keep listening on them across a stop)."""
+        _secure_socket_dirs(config, activated, binding=sockets and handoff is None)
         # An eighth of the descriptors for owner pidfds: leases cannot exist
         # without their fd, owners beyond this are polled (16,384 leases and
         # 4,096 owners then fit in 20,000 fds; 65,536 pidfds under the unit's

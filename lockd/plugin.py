@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import attrs
 
 from lockd import autospawn
+from lockd.config import UnsafePathError, secure_runtime_dir
 from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.names import (
@@ -507,6 +508,7 @@ def socket_connector(path: str, *, timeout: float = 30.0, name: str = "lockd-plu
 
     def connect() -> Connection:
         try:
+            secure_runtime_dir(path, create=False)  # a socket planted by another user: refused
             try:
                 return Client(path, timeout=timeout, name=name)
             except (FileNotFoundError, ConnectionRefusedError):
@@ -514,8 +516,8 @@ def socket_connector(path: str, *, timeout: float = 30.0, name: str = "lockd-plu
                     raise
                 autospawn.spawn(path)
                 return Client(path, timeout=timeout, name=name)
-        except autospawn.SpawnFailed:
-            raise  # names the socket and the daemon's log already
+        except (autospawn.SpawnFailed, UnsafePathError):
+            raise  # names the socket and the daemon's log, or the directory, already
         except OSError as exc:
             message = unreachable(path, exc)
             if exc.errno is None:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
 from actors.journal import SyncPolicy
-from lockd.config import ConfigError, default_paths, load
+from lockd.config import (
+    ConfigError,
+    UnsafePathError,
+    default_paths,
+    load,
+    runtime_dir,
+    secure_runtime_dir,
+)
+from tests.lockd.conftest import OTHER, as_root
 
 
 def test_root_defaults_follow_the_product_table() -> None:
@@ -29,6 +39,124 @@ def test_user_defaults_use_home_and_xdg(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert paths["journal_dir"] == str(tmp_path / "state" / "lockd" / "journal")
     assert paths["socket"] == "/run/user/1000/lockd/lockd.sock"
     assert paths["config"] == str(tmp_path / ".config" / "lockd" / "lockd.toml")
+
+
+def test_user_defaults_without_xdg_runtime_dir_fall_back_to_tmp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    assert runtime_dir(1002) == "/tmp/lockd-1002/lockd"
+    assert default_paths(1002)["socket"] == "/tmp/lockd-1002/lockd/lockd.sock"
+    assert default_paths(1002)["admin_socket"] == "/tmp/lockd-1002/lockd/lockd-admin.sock"
+    assert runtime_dir(0) is None  # root: /run/lockd, made by the service manager
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_the_tmp_fallback_is_made_0700_both_levels(fallback_user: Path) -> None:
+    """Before, ``os.makedirs`` made /tmp/lockd-UID with the umask's mode (0755)."""
+    socket_path = default_paths()["socket"]
+    assert socket_path == str(fallback_user / "lockd" / "lockd.sock")
+    old = os.umask(0o022)
+    try:
+        assert secure_runtime_dir(socket_path, create=True)
+    finally:
+        os.umask(old)
+    assert _mode(fallback_user) == 0o700
+    assert _mode(fallback_user / "lockd") == 0o700
+    assert secure_runtime_dir(socket_path, create=False)  # ours now: used again as it is
+
+
+@as_root
+@pytest.mark.parametrize("level", ["base", "lockd"])
+def test_a_fallback_directory_another_user_made_is_refused(fallback_user: Path, level: str) -> None:
+    """User A made /tmp/lockd-B (or its lockd/) before B: B's client and daemon refuse it,
+    and leave it as it is."""
+    fallback_user.mkdir(mode=0o700)
+    (fallback_user / "lockd").mkdir(mode=0o700)
+    planted = fallback_user if level == "base" else fallback_user / "lockd"
+    os.chmod(planted, 0o777)  # noqa: S103 - as the other user made it
+    os.chown(planted, OTHER, OTHER)
+    for create in (True, False):
+        with pytest.raises(UnsafePathError) as caught:
+            secure_runtime_dir(default_paths()["socket"], create=create)
+        message = str(caught.value)
+        assert f"refusing {planted}:" in message
+        assert f"owner uid {OTHER}, mode 0777" in message
+        assert "another user's" in message
+        assert "remove it" in message
+        assert "XDG_RUNTIME_DIR" in message
+        assert "--socket" in message
+    assert os.lstat(planted).st_uid == OTHER  # never chowned nor chmodded
+    assert _mode(planted) == 0o777
+
+
+def test_a_fallback_directory_others_can_write_to_is_refused(fallback_user: Path) -> None:
+    fallback_user.mkdir(mode=0o700)
+    (fallback_user / "lockd").mkdir()
+    os.chmod(fallback_user / "lockd", 0o777)  # noqa: S103 - the mode refused
+    with pytest.raises(UnsafePathError, match="other users can write to it") as caught:
+        secure_runtime_dir(default_paths()["socket"], create=True)
+    assert "mode 0777" in str(caught.value)
+    assert f"run chmod go-w {fallback_user / 'lockd'} or remove it" in str(caught.value)
+    assert _mode(fallback_user / "lockd") == 0o777  # left as it is
+
+
+def test_a_fallback_directory_that_is_a_symlink_is_refused(
+    fallback_user: Path, tmp_path: Path
+) -> None:
+    """Even to a directory of the user's own: whoever made the link could repoint it."""
+    target = tmp_path / "elsewhere"
+    target.mkdir(mode=0o700)
+    fallback_user.symlink_to(target)
+    with pytest.raises(UnsafePathError, match="is a symbolic link"):
+        secure_runtime_dir(default_paths()["socket"], create=True)
+    assert not (target / "lockd").exists()
+
+
+def test_a_fallback_that_is_a_file_is_refused(fallback_user: Path) -> None:
+    fallback_user.write_text("")
+    with pytest.raises(UnsafePathError, match="not a directory"):
+        secure_runtime_dir(default_paths()["socket"], create=True)
+
+
+def test_a_missing_runtime_directory_is_made_by_no_client(fallback_user: Path) -> None:
+    assert secure_runtime_dir(default_paths()["socket"], create=False)
+    assert not fallback_user.exists()
+
+
+@as_root
+def test_under_xdg_runtime_dir_only_lockds_own_subdirectory_is_checked(
+    fallback_user: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$XDG_RUNTIME_DIR is the login manager's (0700, the user's); lockd checks the
+    directory it puts there, which catches XDG_RUNTIME_DIR=/tmp and the like."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir()
+    os.chmod(xdg, 0o1777)  # noqa: S103 - as /tmp would be
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    socket_path = default_paths()["socket"]
+    assert secure_runtime_dir(socket_path, create=True)
+    assert _mode(xdg / "lockd") == 0o700
+    assert not fallback_user.exists()
+    os.chown(xdg / "lockd", OTHER, OTHER)
+    with pytest.raises(UnsafePathError, match="another user's"):
+        secure_runtime_dir(socket_path, create=False)
+
+
+def test_a_socket_elsewhere_is_the_users_choice(fallback_user: Path, tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # noqa: S103 - a shared directory the user chose
+    assert not secure_runtime_dir(str(shared / "lockd.sock"), create=True)
+    assert not fallback_user.exists()
+
+
+def test_root_is_not_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "getuid", lambda: 0)
+    assert not secure_runtime_dir("/run/lockd/lockd.sock", create=True)
 
 
 def test_file_then_flags(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import stat
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from actors.connection import ConnectionActor, Received
 from actors.events import DaemonStopped
 from lockd import daemon as daemon_module
 from lockd import reexec as reexec_module
-from lockd.config import Config
+from lockd.config import Config, UnsafePathError, default_paths
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
 from lockd.journal_file import read_entries
 from lockd.reexec import PATH_KEYS, Handoff, TargetCheck
@@ -27,6 +28,7 @@ from protocol.codec import encode_item
 from protocol.framing import encode_frame
 from protocol.names import FILES_LOCKSPACE
 from tests.actors.harness import FakeTransport
+from tests.lockd.conftest import OTHER, as_root
 from tests.lockd.test_snapshot_writer import children, slow_snapshots
 
 
@@ -309,3 +311,39 @@ def test_sighup_does_not_report_the_admin_socket_beside_socket_as_changed(
         assert "changed" not in caplog.text
     finally:
         daemon.system.shutdown("test done")
+
+
+def _per_user(config: Config) -> Config:
+    """``config`` with the sockets at the per-user defaults (of ``fallback_user``)."""
+    paths = default_paths()
+    return attrs.evolve(config, socket=paths["socket"], admin_socket=paths["admin_socket"])
+
+
+@as_root
+def test_a_daemon_refuses_a_runtime_directory_another_user_made(
+    config: Config, fallback_user: Path
+) -> None:
+    """Before anything starts: no journal is written, no socket bound in it."""
+    (fallback_user / "lockd").mkdir(parents=True, mode=0o700)
+    os.chown(fallback_user, OTHER, OTHER)
+    with pytest.raises(UnsafePathError, match="another user's"):
+        Daemon(_per_user(config), embedded=True)
+    assert not os.path.exists(config.journal_dir)
+    assert os.listdir(fallback_user / "lockd") == []
+
+
+def test_a_daemon_makes_its_runtime_directory_0700(config: Config, fallback_user: Path) -> None:
+    config = attrs.evolve(_per_user(config), allowed_uids=(os.geteuid(),))  # uid played: 4242
+    daemon = Daemon(config, embedded=True)
+    serving = threading.Thread(target=daemon.run, name="lockd-test")
+    serving.start()
+    try:
+        assert daemon.system.ready.wait(10)
+        for path in (fallback_user, fallback_user / "lockd"):
+            assert stat.S_IMODE(os.lstat(path).st_mode) == 0o700
+        with Client(config.socket) as client:
+            assert client.call("status")["pid"] == os.getpid()
+    finally:
+        daemon.request_stop("test done")
+        serving.join(10)
+        assert not serving.is_alive()
