@@ -8,17 +8,25 @@ system daemons belong to the service manager.
 
 ``LOCKD_AUTOSPAWN=0`` turns it off, ``=1`` turns it on for any user;
 ``LOCKD_AUTOSPAWN_TIMEOUT`` is the idle timeout in seconds (default 30).
+
+The daemon's output goes to ``lockd.log`` beside the socket. In the per-user
+default directory (``/tmp/lockd-UID/lockd`` without ``$XDG_RUNTIME_DIR``) that
+directory is created 0700 and refused unless it is the user's own
+(:func:`lockd.config.secure_runtime_dir`); the log itself is opened without
+following a symbolic link and refused unless it is a plain file of the user's.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import stat
 import subprocess
 import sys
 import time
 
-from lockd.config import admin_socket_beside
+from lockd.config import UnsafePathError, admin_socket_beside, secure_runtime_dir
 
 
 def wanted() -> bool:
@@ -41,42 +49,86 @@ def _answers(path: str) -> bool:
 def spawn(path: str, wait: float = 15.0) -> None:
     """Start ``lockd serve`` for ``path`` in the background and wait until it accepts."""
     runtime = os.path.dirname(path)
-    os.makedirs(runtime, mode=0o700, exist_ok=True)
+    if not secure_runtime_dir(path, create=True):
+        os.makedirs(runtime, mode=0o700, exist_ok=True)  # the user's own choice of place
     # Beside the socket, as ``lockd serve`` would put it (the defaults are so placed too).
     admin = os.environ.get("LOCKD_ADMIN_SOCKET") or admin_socket_beside(path)
     timeout = os.environ.get("LOCKD_AUTOSPAWN_TIMEOUT", "30")
     log_path = os.path.join(runtime, "lockd.log")
-    with open(log_path, "ab") as log:
-        started = log.tell()
+    log = open_log(log_path)
+    try:
+        started = os.fstat(log).st_size
         daemon = subprocess.Popen(
             [sys.executable, "-m", "lockd", "serve", "--socket", path, "--admin-socket", admin,
              "--timeout", timeout],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
-    deadline = time.monotonic() + wait
-    while not _answers(path):
-        if daemon.poll() is not None:
-            said = _lines_since(log_path, started)
-            # Lost a race with another client's daemon, which serves once it has read
-            # its journal: wait for that one. Otherwise it will not answer: say why now.
-            # Any line, not the last: the winner shares the log and may have written since.
-            if not any("in use" in line for line in said):
-                last = said[-1] if said else "nothing logged"
-                raise SpawnFailed(f"started lockd for {path}, but it exited ({last}); "
-                                  f"see {log_path}")  # fmt: skip
-        if time.monotonic() > deadline:
-            raise SpawnFailed(f"started lockd for {path}, but it did not answer; see {log_path}")
-        time.sleep(0.02)
+        deadline = time.monotonic() + wait
+        while not _answers(path):
+            if daemon.poll() is not None:
+                said = _lines_since(log, started)
+                # Lost a race with another client's daemon, which serves once it has read
+                # its journal: wait for that one. Otherwise it will not answer: say why now.
+                # Any line, not the last: the winner shares the log and may have written since.
+                if not any("in use" in line for line in said):
+                    last = said[-1] if said else "nothing logged"
+                    raise SpawnFailed(f"started lockd for {path}, but it exited ({last}); "
+                                      f"see {log_path}")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise SpawnFailed(
+                    f"started lockd for {path}, but it did not answer; see {log_path}"
+                )
+            time.sleep(0.02)
+    finally:
+        os.close(log)
+
+
+def open_log(path: str) -> int:
+    """The spawned daemon's log, opened to append to and read back (mode 0600 if new).
+
+    Never through a symbolic link (O_NOFOLLOW), and only a plain file of this user's
+    with no other link: a file planted by another user is refused, not written to.
+    An older lockd's log (0644) is narrowed to 0600, as it is the user's own.
+    """
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UnsafePathError(
+            f"refusing {path}: it is a symbolic link; lockd writes its log only to a file of "
+            "its own: remove it"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            kind = "a plain file" if stat.S_ISREG(st.st_mode) else "not a plain file"
+            raise UnsafePathError(
+                f"refusing {path}: {kind} of uid {st.st_uid} with {st.st_nlink} link(s), "
+                f"mode {stat.S_IMODE(st.st_mode):04o}; lockd writes its log only to a file of "
+                "its own: remove it"
+            )
+        if st.st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        os.set_blocking(fd, True)  # O_NONBLOCK was for the open: no special file hangs it
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class SpawnFailed(OSError):
     """The daemon started for a client did not come up."""
 
 
-def _lines_since(log_path: str, since: int) -> list[str]:
+def _lines_since(log: int, since: int) -> list[str]:
+    """What the log (its fd) holds past ``since``, by lines."""
+    chunks = []
     try:
-        with open(log_path, "rb") as f:
-            f.seek(since)
-            return f.read().decode("utf-8", "replace").strip().splitlines()
+        while chunk := os.pread(log, 65536, since):
+            chunks.append(chunk)
+            since += len(chunk)
     except OSError:
         return ["no log"]
+    return b"".join(chunks).decode("utf-8", "replace").strip().splitlines()

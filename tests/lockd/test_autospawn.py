@@ -1,0 +1,179 @@
+"""Starting a per-user daemon on demand: where it goes and what it writes there.
+
+A user without ``$XDG_RUNTIME_DIR`` gets ``/tmp/lockd-UID/lockd``, in a directory
+every user can write to: another user must not be able to plant that directory,
+its socket, or ``lockd.log`` (a symbolic link there once made a spawned daemon
+append its log to a file of the link maker's choosing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lockd import autospawn, cli
+from lockd.autospawn import open_log
+from lockd.config import UnsafePathError, default_paths
+from lockd.plugin import LockError, LockManager, Owner, socket_connector
+from tests.lockd.conftest import OTHER, as_root
+
+VM_UUID = uuid.UUID("6695eb01-f6a4-8304-79aa-97f2502e193f").bytes
+
+
+@pytest.fixture
+def no_daemon(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Records the daemons spawn would start, and starts none."""
+    started: list[list[str]] = []
+
+    def popen(argv: list[str], **_kwargs: Any) -> Any:
+        started.append(argv)
+        raise AssertionError("no daemon may be started here")
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    return started
+
+
+def _runtime(fallback: Path) -> Path:
+    fallback.mkdir(mode=0o700)
+    (fallback / "lockd").mkdir(mode=0o700)
+    return fallback / "lockd"
+
+
+def test_spawn_refuses_a_log_that_is_a_symlink(
+    fallback_user: Path, tmp_path: Path, no_daemon: list[list[str]]
+) -> None:
+    """The reported attack: lockd.log linked to a file of the victim's. Nothing is
+    written through the link, and no daemon is started."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    runtime = _runtime(fallback_user)
+    (runtime / "lockd.log").symlink_to(victim)
+    with pytest.raises(UnsafePathError, match=r"lockd\.log: it is a symbolic link"):
+        autospawn.spawn(default_paths()["socket"], wait=0.1)
+    assert victim.read_text() == "precious\n"
+    assert no_daemon == []
+
+
+@as_root
+def test_spawn_refuses_a_runtime_directory_another_user_made(
+    fallback_user: Path, no_daemon: list[list[str]]
+) -> None:
+    runtime = _runtime(fallback_user)
+    for path in (fallback_user, runtime):
+        os.chmod(path, 0o777)  # noqa: S103 - as the other user made it
+        os.chown(path, OTHER, OTHER)
+    with pytest.raises(
+        UnsafePathError, match=re.escape(f"refusing {fallback_user}: it is another")
+    ):
+        autospawn.spawn(default_paths()["socket"], wait=0.1)
+    assert not (runtime / "lockd.log").exists()
+    assert no_daemon == []
+
+
+def test_open_log_makes_a_new_log_0600(tmp_path: Path) -> None:
+    path = tmp_path / "lockd.log"
+    old = os.umask(0o022)
+    try:
+        fd = open_log(str(path))
+    finally:
+        os.umask(old)
+    try:
+        assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600
+        assert os.get_inheritable(fd) is False  # O_CLOEXEC: only the daemon gets it, as stdout
+        assert os.get_blocking(fd)
+        os.write(fd, b"line\n")
+    finally:
+        os.close(fd)
+    fd = open_log(str(path))  # appended to, not truncated
+    try:
+        os.write(fd, b"more\n")
+    finally:
+        os.close(fd)
+    assert path.read_text() == "line\nmore\n"
+
+
+def test_open_log_narrows_an_older_log_of_the_users_own(tmp_path: Path) -> None:
+    path = tmp_path / "lockd.log"
+    path.write_text("from before\n")
+    os.chmod(path, 0o644)
+    os.close(open_log(str(path)))
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
+
+
+@as_root
+def test_open_log_refuses_another_users_file(tmp_path: Path) -> None:
+    path = tmp_path / "lockd.log"
+    path.write_text("theirs\n")
+    os.chown(path, OTHER, OTHER)
+    with pytest.raises(UnsafePathError, match=f"of uid {OTHER}"):
+        open_log(str(path))
+    assert path.read_text() == "theirs\n"
+    assert os.lstat(path).st_uid == OTHER
+
+
+def test_open_log_refuses_a_hard_link(tmp_path: Path) -> None:
+    """A second name for a file: whoever made the link chose the file."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.link(victim, tmp_path / "lockd.log")
+    with pytest.raises(UnsafePathError, match="2 link"):
+        open_log(str(tmp_path / "lockd.log"))
+    assert victim.read_text() == "precious\n"
+
+
+def test_open_log_refuses_what_is_not_a_file(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "lockd.log")
+    with pytest.raises(UnsafePathError, match="not a plain file"):
+        open_log(str(tmp_path / "lockd.log"))
+
+
+def test_a_failed_start_is_reported_from_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log is read back through the descriptor spawn opened, not its path again."""
+    sock = tmp_path / "run" / "lockd.sock"
+    monkeypatch.setenv("LOCKD_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(autospawn.SpawnFailed, match=r"missing\.toml: no such file"):
+        autospawn.spawn(str(sock), wait=10)
+    assert stat.S_IMODE(os.lstat(sock.parent).st_mode) == 0o700
+
+
+@as_root
+def test_a_client_refuses_a_socket_in_another_users_directory(
+    fallback_user: Path, capsys: pytest.CaptureFixture[str], no_daemon: list[list[str]]
+) -> None:
+    """Another user's directory may hold their socket: a client would tell them its
+    leases, and believe their answers. Refused before connecting, spawn or not."""
+    runtime = _runtime(fallback_user)
+    os.chown(runtime, OTHER, OTHER)
+    for argv in (["status"], ["run", "--disk", "/vm/a.img", "--name", "vm", "--", "true"]):
+        assert cli.main(argv) == 69
+        err = capsys.readouterr().err
+        assert f"refusing {runtime}: it is another user's" in err
+    assert no_daemon == []
+
+
+@as_root
+def test_the_plugin_refuses_a_socket_in_another_users_directory(
+    fallback_user: Path, no_daemon: list[list[str]]
+) -> None:
+    runtime = _runtime(fallback_user)
+    os.chown(fallback_user, OTHER, OTHER)
+    manager = LockManager(
+        Owner(VM_UUID, "vm1", 7, os.getpid()),
+        connect=socket_connector(default_paths()["socket"], timeout=1),
+    )
+    manager.add_disk("/vm/a.img")
+    with pytest.raises(LockError) as caught:
+        manager.acquire()
+    assert caught.value.code == "unavailable"
+    assert f"refusing {fallback_user}: it is another user's" in caught.value.message
+    assert not (runtime / "lockd.log").exists()
+    assert no_daemon == []
