@@ -88,7 +88,9 @@ def _fail(args: argparse.Namespace, exc: Exception) -> int:
         return exc.code
     if isinstance(exc, RemoteError):
         print(f"{name}: {exc.code}: {exc.message}", file=sys.stderr)
-        return EXIT_BUSY if exc.code == "busy" else EXIT_ERROR
+        # invalid-argument: what was typed (a name, a --wait), found wrong by the daemon
+        # rather than here; a usage error all the same.
+        return {"busy": EXIT_BUSY, "invalid-argument": EXIT_USAGE}.get(exc.code, EXIT_ERROR)
     print(f"{name}: {exc}", file=sys.stderr)
     return EXIT_ERROR
 

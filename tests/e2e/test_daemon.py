@@ -467,7 +467,7 @@ def test_metrics_and_log_level_on_the_admin_socket(
     changed = daemon.lockd("log-level", "warning", "--filters", "debug:actors.owners", "--json")
     assert json.loads(changed.stdout)["filters"] == "debug:actors.owners"
     refused = daemon.lockd("log-level", "--filters", "loud:x")
-    assert refused.returncode == 1
+    assert refused.returncode == 2  # a usage error, found by the daemon
     assert "bad log filter" in refused.stderr
     clients = json.loads(daemon.lockd("clients", "--json").stdout)
     assert [c["leases"] for c in clients if "owner" in c] == [1]
@@ -1016,3 +1016,19 @@ def test_a_retried_acquire_succeeds_and_keeps_what_the_owner_holds(
     other_mode = daemon.lockd(*args, "--disk", "/vm/c.img:shared")
     assert other_mode.returncode == 75
     assert "disk /vm/c.img is busy" in other_mode.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--lease", "x/na me"], ["--disk", "/vm/a.img", "--wait", "99999"],
+     ["--disk", "/vm/a.img", "--name", "n" * 300]],
+)  # fmt: skip
+def test_a_mistake_the_daemon_finds_is_a_usage_error_too(
+    daemon: DaemonProcess, args: list[str]
+) -> None:
+    """Exit 2, as for the mistakes the CLI finds itself: a script tells a typo from a
+    failure the same way whoever noticed it."""
+    done = daemon.lockd("acquire", "--owner-pid", str(os.getpid()), *args)
+    assert done.returncode == 2, done.stderr
+    assert "invalid-argument" in done.stderr
+    assert listed(daemon) == {}
