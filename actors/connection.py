@@ -52,6 +52,7 @@ from actors.router import (
 )
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 from protocol import messages as m
+from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import encode_frame
 from protocol.server import Refused, ServerProtocol
@@ -252,6 +253,9 @@ class ConnectionActor(DispatchedActor):
         self._busy = False
         self._reading = True
         self._closed = False
+        self._waiting_job: _Acquisition | None = None
+        """The acquire waiting for a busy lease (``_waiting_retry``): a re-exec hands over
+        what is left of its wait."""
         self._closed_by_admin = False
         self._on_stopped = on_stopped
         """Told when this actor stops: after its socket closed, it may still have
@@ -416,13 +420,21 @@ class ConnectionActor(DispatchedActor):
         self._waits[token] = then
         return token
 
+    def _left_to_wait(self, payload: bytes) -> bytes:
+        request = decode_item(payload)
+        assert self._waiting_job is not None
+        request["wait"] = round(max(0.0, self._waiting_job.deadline - self._clock()), 3)
+        return encode_item(request)
+
     def _hand_over(self) -> None:
         """Describe this connection for the next daemon; it takes the socket from here."""
         assert self._quiesce_to is not None
         pending = self._protocol.take_buffered()
         if self._waiting_retry:
-            # An acquire waiting for a busy lease: the next daemon asks again.
-            pending = encode_frame(self._protocol.last_payload) + pending
+            # An acquire waiting for a busy lease: the next daemon asks again, for what
+            # is left of its wait (from the whole of it, repeated reloads would extend
+            # a wait without end).
+            pending = encode_frame(self._left_to_wait(self._protocol.last_payload)) + pending
         take_unsent = getattr(self._transport, "take_unsent", None)
         state = HandedOver(
             self.conn_id,
@@ -703,6 +715,7 @@ class ConnectionActor(DispatchedActor):
                 if self._clock() + delay <= job.deadline:
                     job.attempt += 1
                     self._waiting_retry = True
+                    self._waiting_job = job
                     if self._quiesce_to is not None:
                         self._hand_over()
                         return

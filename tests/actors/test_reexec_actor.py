@@ -16,6 +16,7 @@ import pytest
 
 from actors.events import LeaseAcquired, LeaseReleased
 from lockd import reexec
+from protocol.codec import decode_item
 from tests.actors.harness import Conn, Harness
 
 MANAGER, VM = 4000, 4001
@@ -132,5 +133,37 @@ def test_a_reexec_given_up_while_a_request_runs_serves_that_connection_on(
         status = conn.ok("status")  # served, by the same actor, in this process
         assert status["clients"] >= 1
         assert taken_back == []
+    finally:
+        h.close()
+
+
+def test_an_acquire_waiting_for_a_busy_lease_is_handed_over_with_what_is_left_of_its_wait(
+    tmp_path: Path, handed: list[reexec.Handoff]
+) -> None:
+    """A VM asked to wait up to 3 s for a disk another VM holds; 2 s in, a reload. The
+    next program asks again for the 1 s left: from the whole 3 s, every reload would
+    extend the wait, and repeated reloads without end."""
+    h = Harness(tmp_path / "locks")
+    try:
+        for pid in (VM, VM + 1):
+            h.processes.spawn(pid)
+        holder = h.connect(VM + 1)
+        holder.register(VM + 1)
+        holder.ok("acquire", leases=[{"lockspace": FILES, "resource": "a"}], autocreate=True)
+        waiter = h.connect(VM)
+        waiter.register(VM)
+        actor = _reexec(h, [holder, waiter], [])
+        h.run()
+        waiter.send("acquire", leases=[{"lockspace": FILES, "resource": "a"}], autocreate=True,
+                    wait=3.0)  # fmt: skip
+        h.run()  # refused busy: it waits
+        h.advance(2.0)
+        _passed(actor)
+        h.run()
+        (handoff,) = handed
+        (state,) = [c for c in handoff.connections if c.peer_pid == VM]
+        request = decode_item(state.pending[4:])
+        assert request["op"] == "acquire"
+        assert 0.9 <= request["wait"] <= 1.0
     finally:
         h.close()
