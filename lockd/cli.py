@@ -360,7 +360,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     )
     check.set_defaults(func=_cmd_journal_check)
 
-    bench = sub.add_parser("bench", help="measure acquire+release pairs against a daemon")
+    bench = sub.add_parser(
+        "bench",
+        help="measure acquire+release pairs: on a daemon of its own, or --socket's",
+        description="Measures acquire+release pairs on a daemon it starts on temp paths, or "
+        "with --socket (or LOCKD_SOCKET) on that running daemon, whose journal then gets "
+        "the benchmark's events and whose lock dir a lockd.bench lockspace.",
+    )
     _add_client_options(bench)
     bench.add_argument("--ops", type=int, default=2000, help="sequential pairs")
     bench.add_argument(

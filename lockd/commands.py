@@ -16,10 +16,12 @@ import re
 import select
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import uuid as uuidlib
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, NoReturn
 
 import attrs
@@ -726,8 +728,9 @@ def _give_back(path: str, owner: dict[str, Any], command: str, failure: OSError)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Acquire+release pairs against a running daemon; ``recovery`` runs a daemon of its own."""
-    from lockd import bench, bench_recovery
+    """Acquire+release pairs against a daemon of its own, or the one ``--socket`` names;
+    ``recovery`` always runs a daemon of its own."""
+    from lockd import bench
 
     def body() -> int:
         try:
@@ -745,25 +748,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "--recovery-leases and --recovery-owners take at least 1, --recovery-events 0",
                 EXIT_USAGE,
             )
-        try:
-            result = bench.run(
-                args.socket or default_socket(),
-                ops=args.ops,
-                warmup=args.warmup,
-                levels=levels,
-                tp_ops=args.tp_ops,
-                scenarios=scenarios,
-                owners=args.owners,
-                recovery_leases=args.recovery_leases,
-                recovery_owners=args.recovery_owners,
-                recovery_events=args.recovery_events,
-            )
-        except bench_recovery.BenchError as exc:
-            raise CommandError(f"recovery: {exc}") from None
-        if args.json:
-            _print_json(result)
-        else:
-            print(bench.format_table(result))
-        return EXIT_OK
+        target = args.socket or os.environ.get("LOCKD_SOCKET")
+        with ExitStack() as stack:
+            if target is None and set(scenarios) - {"recovery"}:
+                target = stack.enter_context(_bench_daemon())
+            return _bench(args, target or default_socket(), levels, scenarios)
 
     return _run(args, body)
+
+
+@contextmanager
+def _bench_daemon() -> Iterator[str]:
+    """A daemon of the benchmark's own, on temp paths, for as long as it runs.
+
+    Without ``--socket`` the benchmark does not touch the daemon that serves this
+    host: its thousands of events would go into that journal, and its lockspace
+    (``lockd.bench``) into a lock directory other hosts may share.
+    """
+    with tempfile.TemporaryDirectory(prefix="lockd-bench-") as tmp:
+        sock = os.path.join(tmp, "lockd.sock")
+        log_path = os.path.join(tmp, "daemon.log")
+        with open(log_path, "wb") as log_file:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "lockd", "serve", "--socket", sock,
+                 "--admin-socket", os.path.join(tmp, "admin.sock"),
+                 "--lock-dir", os.path.join(tmp, "locks"),
+                 "--journal-dir", os.path.join(tmp, "journal")],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            )  # fmt: skip
+        try:
+            try:
+                procs.wait_listening(sock, daemon, log=log_path)
+            except RuntimeError as exc:
+                raise CommandError(f"cannot start a daemon to measure: {exc}") from None
+            print(f"lockd bench: measuring a daemon of its own ({tmp}); --socket PATH "
+                  "measures a running one", file=sys.stderr)  # fmt: skip
+            yield sock
+        finally:
+            procs.stop_child(daemon)
+
+
+def _bench(
+    args: argparse.Namespace, path: str, levels: list[int], scenarios: tuple[str, ...]
+) -> int:
+    from lockd import bench, bench_recovery
+
+    try:
+        result = bench.run(
+            path,
+            ops=args.ops,
+            warmup=args.warmup,
+            levels=levels,
+            tp_ops=args.tp_ops,
+            scenarios=scenarios,
+            owners=args.owners,
+            recovery_leases=args.recovery_leases,
+            recovery_owners=args.recovery_owners,
+            recovery_events=args.recovery_events,
+        )
+    except bench_recovery.BenchError as exc:
+        raise CommandError(f"recovery: {exc}") from None
+    if args.json:
+        _print_json(result)
+    else:
+        print(bench.format_table(result))
+    return EXIT_OK

@@ -1032,3 +1032,21 @@ def test_a_mistake_the_daemon_finds_is_a_usage_error_too(
     assert done.returncode == 2, done.stderr
     assert "invalid-argument" in done.stderr
     assert listed(daemon) == {}
+
+
+def test_bench_without_a_socket_measures_a_daemon_of_its_own(tmp_path: Path) -> None:
+    """`lockd bench` on a host: the daemon serving it is left alone (its journal and its
+    lock dir, which other hosts may share); the benchmark's own daemon is gone after."""
+    env = {k: v for k, v in os.environ.items() if k != "LOCKD_SOCKET"}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)  # were it used, the default would be here
+    done = subprocess.run(
+        [*LOCKD, "bench", "--json", "--ops", "20", "--warmup", "2", "--concurrency", "",
+         "--scenarios", "sequential"],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["sequential"]["pairs_per_s"] > 0
+    match = re.search(r"a daemon of its own \((\S+)\)", done.stderr)
+    assert match, done.stderr
+    assert not Path(match.group(1)).exists()  # stopped, its temp paths removed
+    assert list(tmp_path.iterdir()) == []
