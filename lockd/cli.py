@@ -131,10 +131,17 @@ def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
 
 def _cmd_events(args: argparse.Namespace) -> int:
     """Print the journal, read straight from its segment files; --follow keeps reading."""
+    from actors.events import EVENT_TYPES
     from lockd.dirwatch import DirWatch
     from lockd.journal_file import JournalFollower
     from lockd.journal_format import JournalCorruptError
 
+    unknown = sorted(set(args.type or ()) - set(EVENT_TYPES))
+    if unknown:
+        # A typo would match nothing, for ever with --follow: say so instead.
+        print(f"lockd events: unknown event type {', '.join(map(repr, unknown))}; the types "
+              f"are {', '.join(sorted(EVENT_TYPES))}", file=sys.stderr)  # fmt: skip
+        return 2
     since_seq, since_time = args.since
     directory = args.journal_dir or default_paths()["journal_dir"]
     if not os.path.isdir(directory):

@@ -93,6 +93,18 @@ def test_events_json_since(tmp_path: Path) -> None:
     assert rows[1]["reason"] == "owner-exit"
 
 
+def test_events_of_a_type_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
+    """``--type lease-aquired`` would match nothing, with --follow for ever: the typo is
+    named, with the types there are. A real type still filters."""
+    _journal_with_leases(tmp_path)
+    done = _lockd("events", "--journal-dir", str(tmp_path), "--type", "lease-aquired")
+    assert done.returncode == 2
+    assert "unknown event type 'lease-aquired'" in done.stderr
+    assert "lease-acquired" in done.stderr
+    good = _lockd("events", "--journal-dir", str(tmp_path), "--type", "lease-acquired")
+    assert len(good.stdout.splitlines()) == 1
+
+
 def test_events_without_a_journal_is_an_error(tmp_path: Path) -> None:
     """A wrong directory is reported, not printed as an empty journal."""
     done = _lockd("events", "--journal-dir", str(tmp_path / "nope"))
