@@ -10,7 +10,9 @@ from __future__ import annotations
 import collections
 import errno
 import itertools
+import os
 import socket
+import stat
 from typing import Any
 
 from protocol.codec import decode_item, encode_item
@@ -60,9 +62,19 @@ def unreachable(path: str, exc: OSError) -> str:
     """
     if isinstance(exc, TimeoutError):
         return f"no answer within the timeout: {path} (is the daemon stuck?)"
+    if exc.errno == errno.ECONNREFUSED and _exists_but_not_a_socket(path):
+        # connect() says "refused" for a regular file or a directory too.
+        return f"not a socket: {path} (is --socket or LOCKD_SOCKET right?)"
     why = exc.strerror or str(exc) or type(exc).__name__
     hint = _HINTS.get(exc.errno) if exc.errno is not None else None
     return f"{why}: {path}" + (f" ({hint})" if hint else "")
+
+
+def _exists_but_not_a_socket(path: str) -> bool:
+    try:
+        return not stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 class Client:

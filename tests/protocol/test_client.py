@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +35,15 @@ def test_an_unreachable_daemon_is_named_with_a_hint_that_fits(
     assert "/run/lockd/lockd.sock" in message
     assert says in message
     assert not_says not in message
+
+
+def test_a_path_that_is_no_socket_is_named_as_such(tmp_path: Path) -> None:
+    """``--socket /etc/passwd`` or a directory: connect says "refused", but asking whether
+    the daemon runs sends the operator the wrong way."""
+    for path in (tmp_path / "a-file", tmp_path):
+        if path != tmp_path:
+            path.write_text("")
+        with socket.socket(socket.AF_UNIX) as sock, pytest.raises(ConnectionRefusedError) as caught:
+            sock.connect(str(path))
+        message = unreachable(str(path), caught.value)
+        assert message == f"not a socket: {path} (is --socket or LOCKD_SOCKET right?)"
