@@ -244,9 +244,10 @@ class PluginOptions:
         kwargs: dict[str, Any] = {}
         for key, value in conf.items():
             if key in ("auto_disk_leases", "require_lease_for_disks"):
-                if not isinstance(value, bool):
-                    raise _invalid(f"option {key} must be true or false, not {value!r}")
-                kwargs[key] = value
+                # 0 and 1 as well: how virtlockd's qemu-lockd.conf spells them.
+                if not isinstance(value, bool) and value not in (0, 1):
+                    raise _invalid(f"option {key} must be true or false (or 1 or 0), not {value!r}")
+                kwargs[key] = bool(value)
             elif key in well_known:
                 if isinstance(value, bool):
                     kwargs[key] = well_known[key] if value else None

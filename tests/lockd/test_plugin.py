@@ -233,8 +233,13 @@ def test_options_from_a_config_mapping() -> None:
         auto_disk_leases=False, lvm_lockspace=LVM_LOCKSPACE, scsi_lockspace="site.scsi"
     )
     assert PluginOptions.from_mapping({"file_lockspace": False}).file_lockspace is None
+    # virtlockd's qemu-lockd.conf spells its booleans 0 and 1.
+    assert PluginOptions.from_mapping(
+        {"auto_disk_leases": 0, "require_lease_for_disks": 1}
+    ) == PluginOptions(auto_disk_leases=False, require_lease_for_disks=True)
     for bad in (
         {"auto_disk_leases": "yes"},
+        {"auto_disk_leases": 2},
         {"lvm_lockspace": 3},
         {"file_lockspace": "../etc"},
         {"file_lockspace_dir": "/var/lib/libvirt/lockd/files"},
