@@ -5,6 +5,10 @@
     orchestrator.py --state DIR resume  # start again: the running VMs' leases are held again
     orchestrator.py --state DIR stop    # stop the VMs; their leases end as they exit
 
+A second ``start`` while the VMs run starts none: each new VM is refused its disks
+(they are held) and is stopped at once. ``stop`` signals only the processes it started
+(their pid and start time are in ``vms.json``), never a pid reused since.
+
 The "VMs" are `sleep` processes; each VM's disks are leased for that process
 (owner pid = the VM), so they outlive the orchestrator and end with the VM.
 Nothing but `lockd.embed` is used: no daemon, no socket.
@@ -25,6 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lockd.embed import LockService
+from lockd.procs import start_time
+from protocol.client import RemoteError
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 
 VMS = {"web": ["/vm/web.qcow2"], "db": ["/vm/db.qcow2", "/vm/db-data.raw"], "cache": ["/vm/c.img"]}
@@ -40,7 +46,8 @@ def disk_leases(paths: list[str]) -> list[dict[str, object]]:
 
 def start(state: Path) -> None:
     state.mkdir(parents=True, exist_ok=True)
-    vms = {}
+    record = state / "vms.json"
+    vms = json.loads(record.read_text()) if record.exists() else {}
     with service(state) as locks:
         for name, disks in VMS.items():
             # A real orchestrator execs QEMU here; the VM runs in its own session.
@@ -54,9 +61,18 @@ def start(state: Path) -> None:
             client = locks.client(f"orchestrator/{name}")
             owner = {"uuid": uuid.uuid4().bytes, "name": name, "id": 1, "pid": vm.pid}
             client.call("register", owner=owner)
-            client.call("acquire", leases=disk_leases(disks), autocreate=True)
-            client.close()
-            vms[name] = vm.pid
+            try:
+                client.call("acquire", leases=disk_leases(disks), autocreate=True)
+            except RemoteError as exc:
+                # Its disks are another VM's (this one, from an earlier start): it may
+                # not run. A real orchestrator takes the leases before it execs QEMU.
+                vm.kill()
+                vm.wait()
+                print(f"{name} not started: {exc}")
+                continue
+            finally:
+                client.close()
+            vms[name] = [vm.pid, start_time(vm.pid)]
             print(f"started {name} (pid {vm.pid}) holding {len(disks)} disk lease(s)")
         # A second VM on the same disk is refused, as it must be.
         intruder = locks.client("orchestrator/intruder")
@@ -67,7 +83,7 @@ def start(state: Path) -> None:
         except Exception as exc:  # noqa: BLE001 - shown to the user
             print(f"intruder refused: {exc}")
         intruder.close()
-    (state / "vms.json").write_text(json.dumps(vms))
+    record.write_text(json.dumps(vms))
     print("orchestrator exiting; the VMs keep running")
 
 
@@ -86,13 +102,17 @@ def stop(state: Path) -> None:
     vms = json.loads((state / "vms.json").read_text())
     with service(state) as locks:
         client = locks.client()
-        for name, pid in vms.items():
+        for name, (pid, started) in vms.items():
+            if start_time(pid) != started:  # exited, and its pid perhaps another's now
+                print(f"{name} (pid {pid}) is not running")
+                continue
             os.kill(pid, signal.SIGTERM)
             print(f"stopped {name}")
         deadline = time.monotonic() + 10
         while client.call("list-leases")["leases"] and time.monotonic() < deadline:
             time.sleep(0.05)
         print(f"leases left: {len(client.call('list-leases')['leases'])}")
+    (state / "vms.json").unlink()
 
 
 def main() -> int:

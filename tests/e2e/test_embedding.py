@@ -37,10 +37,16 @@ def test_example_orchestrator_survives_its_restart(tmp_path: Path) -> None:
     try:
         out = run(state, "resume")
         assert "recovered: 4 leases held again, 0 released, 0 lost" in out
+        # Started again while they run: no second VM gets their disks, none is left
+        # running, and the first ones stay recorded.
+        out = run(state, "start")
+        assert out.count("not started: busy") == 3
+        assert json.loads((state / "vms.json").read_text()) == vms
         out = run(state, "stop")
         assert "leases left: 0" in out
+        assert out.count("stopped") == 3
     finally:
-        for pid in vms.values():
+        for pid, _started in vms.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
