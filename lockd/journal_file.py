@@ -234,6 +234,9 @@ class JournalFollower:
         self._name: str | None = None
         self._file: Any = None
         self._pending = b""
+        self._pending_at = 0
+        """Where ``_pending`` starts in the open segment: damage is reported at its byte
+        in the file, as ``lockd serve`` and ``journal-check`` report it."""
         self._expected = 0
 
     def close(self) -> None:
@@ -250,6 +253,7 @@ class JournalFollower:
         first_seq, length = header_length(head)
         self._file.seek(length)
         self._pending = b""
+        self._pending_at = length
         self._expected = first_seq
 
     def poll(self) -> list[JournalEntry]:
@@ -267,8 +271,14 @@ class JournalFollower:
         while True:
             assert self._file is not None
             self._pending += self._file.read()
-            entries, used = decode_records(self._pending, self._expected)
+            try:
+                entries, used = decode_records(self._pending, self._expected)
+            except JournalCorruptError as exc:
+                raise JournalCorruptError(
+                    self._pending_at + exc.offset, f"{self._name}: {exc.reason}"
+                ) from None
             self._pending = self._pending[used:]
+            self._pending_at += used
             self._expected += len(entries)
             out.extend(e for e in entries if e.seq >= self.next_seq)
             later = [n for n in names if self._name is not None and n > self._name]

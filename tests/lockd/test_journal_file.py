@@ -65,6 +65,31 @@ def test_corruption_stops_the_open(tmp_path: Path) -> None:
         FileJournal(str(tmp_path))
 
 
+def test_the_follower_reports_damage_where_the_daemon_does(tmp_path: Path) -> None:
+    """`lockd events` and `lockd serve` name the same file and byte for the same damage
+    (the follower counted from where its read began, not from the file's start)."""
+    from lockd.journal_file import JournalFollower
+
+    journal = FileJournal(str(tmp_path))
+    write(journal, 3)
+    journal.close()
+    segment = tmp_path / list_segments(str(tmp_path))[0]
+    data = bytearray(segment.read_bytes())
+    second = len(encode_header(1)) + (len(data) - len(encode_header(1))) // 3
+    data[second + 10] ^= 0xFF  # inside the second record
+    segment.write_bytes(bytes(data))
+    with pytest.raises(JournalCorruptError) as by_daemon:
+        FileJournal(str(tmp_path))
+    follower = JournalFollower(str(tmp_path))
+    try:
+        with pytest.raises(JournalCorruptError) as by_follower:
+            follower.poll()
+    finally:
+        follower.close()
+    assert by_follower.value.offset == by_daemon.value.offset == second
+    assert segment.name in str(by_follower.value)
+
+
 def test_rotation_starts_a_new_segment_and_reading_spans_them(tmp_path: Path) -> None:
     """Segments rotate by size; readers see one gapless stream, from any seq."""
     journal = FileJournal(str(tmp_path), segment_bytes=200)
