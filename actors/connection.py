@@ -257,10 +257,12 @@ class ConnectionActor(DispatchedActor):
         """The acquire waiting for a busy lease (``_waiting_retry``): a re-exec hands over
         what is left of its wait."""
         self._closed_by_admin = False
+        """Closed by an operator (`lockd disconnect`): its owner's leases end as ``admin``."""
+        self._handed = False
+        """Handed over to a re-exec: closed here, but not closed for its client."""
         self._on_stopped = on_stopped
         """Told when this actor stops: after its socket closed, it may still have
         requests in flight (their rollbacks), which a re-exec must wait for."""
-        """Closed by an operator (`lockd disconnect`): its owner's leases end as ``admin``."""
         self._tokens = itertools.count(1)
         self._waits: dict[int, Callable[[Any], None]] = {}
         self._lockspaces: dict[str, pykka.ActorRef[Any]] = {}
@@ -328,7 +330,13 @@ class ConnectionActor(DispatchedActor):
         """Closed, and nothing it asked is in flight any more: an acquire granted
         meanwhile is rolled back and that rollback applied. Only now does the owners
         actor hear of the close: it fences an owner that still holds leases, and
-        while a rollback was in flight the owner seemed to hold what it never got."""
+        while a rollback was in flight the owner seemed to hold what it never got.
+
+        Not once handed over: the connection lives on in the next program (or is
+        taken back here), and an answer still queued before the stop changes that not.
+        """
+        if self._handed:
+            return
         if self._owner is not None:
             self._owners.tell(
                 ConnectionClosed(
@@ -451,7 +459,9 @@ class ConnectionActor(DispatchedActor):
             take_unsent() if take_unsent is not None else b"",
         )
         self._closed = True  # this process will not touch the connection again
+        self._handed = True
         tell_if_alive(self._quiesce_to, state)
+        self._quiesce_to = None  # answered: a Resume crossing this answers nothing more
         self.stop()
 
     def _pump(self) -> None:

@@ -14,7 +14,9 @@ from typing import Any
 import pykka
 import pytest
 
+from actors.connection import Quiesce, Resume, _Retry
 from actors.events import LeaseAcquired, LeaseReleased
+from actors.runtime import DispatchedActor
 from lockd import reexec
 from protocol.codec import decode_item
 from tests.actors.harness import Conn, Harness
@@ -165,5 +167,89 @@ def test_an_acquire_waiting_for_a_busy_lease_is_handed_over_with_what_is_left_of
         request = decode_item(state.pending[4:])
         assert request["op"] == "acquire"
         assert 0.9 <= request["wait"] <= 1.0
+    finally:
+        h.close()
+
+
+def _waiting_vm(h: Harness) -> tuple[Conn, Conn]:
+    """The other VM holds disk b; the VM holds a and waits (``wait``) for b, refused busy."""
+    for pid in (VM, VM + 1):
+        h.processes.spawn(pid)
+    holder = h.connect(VM + 1)
+    holder.register(VM + 1, name="other")
+    holder.ok("acquire", leases=[{"lockspace": FILES, "resource": "b"}], autocreate=True)
+    vm = h.connect(VM)
+    vm.register(VM)
+    vm.ok("acquire", leases=[{"lockspace": FILES, "resource": "a"}], autocreate=True)
+    vm.send("acquire", leases=[{"lockspace": FILES, "resource": "b"}], autocreate=True, wait=3.0)
+    h.run()
+    return holder, vm
+
+
+def test_an_answer_queued_behind_the_hand_over_neither_fences_nor_answers_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry timer of a waiting acquire fires while the quiesce waits in the
+    connection's inbox. The quiesce hands the connection over (its stop queued behind
+    the retry); the retry must not then report the connection closed (which fences the
+    VM) nor answer the re-exec again. Here the exec fails: the connection is taken back
+    and serves on, and its VM runs on unfenced."""
+    monkeypatch.setattr("lockd.reexec.threading.Thread", _NoThread)
+
+    def exec_fails(_handoff: Any, _argv: Any, **_kw: Any) -> None:
+        raise OSError(8, "Exec format error")
+
+    monkeypatch.setattr(reexec, "exec_with", exec_fails)
+    h = Harness(tmp_path / "locks")
+    try:
+        _holder, vm = _waiting_vm(h)
+        answers: list[str] = []
+        actor = reexec.ReexecActor.start(
+            h.dispatcher,
+            connections=lambda: [vm.ref],
+            stop_accepting=lambda: None,
+            router=h.router, journal=h.journal, owners=h.owners, listeners=[],
+            next_conn_id=lambda: 100, argv=[sys.executable],
+            on_abort=lambda states, _why: answers.extend(type(s).__name__ for s in states),
+        )  # fmt: skip
+        h.run()
+        connection = vm.ref._actor_weakref()
+        assert connection is not None
+        assert connection._waiting_retry
+        (token,) = connection._waits  # the retry's
+        _passed(actor)
+        for _ in range(100):
+            if any(isinstance(m, Quiesce) for m in connection.actor_inbox):
+                break
+            h.dispatcher._run_ready(1)
+        assert any(isinstance(m, Quiesce) for m in connection.actor_inbox)
+        vm.ref.tell(_Retry(token))  # the retry's timer, come due now
+        h.run()
+        assert answers == ["HandedOver"]  # taken back once
+        h.advance(5.0)  # past the grace period
+        assert h.processes.signals == []
+    finally:
+        h.close()
+
+
+def test_a_resume_crossing_the_hand_over_is_not_answered(tmp_path: Path) -> None:
+    """The re-exec gave up just as the connection handed over: one answer per quiesced
+    connection, the HandedOver (which the re-exec takes back), no Gone after it."""
+    answers: list[str] = []
+
+    class Recorder(DispatchedActor):
+        def on_receive(self, message: Any) -> Any:
+            answers.append(type(message).__name__)
+
+    h = Harness(tmp_path / "locks")
+    try:
+        h.processes.spawn(VM)
+        vm = h.connect(VM)
+        vm.register(VM)
+        recorder = Recorder.start(h.dispatcher)
+        vm.ref.tell(Quiesce(recorder))  # idle: hands over at once, its stop queued
+        vm.ref.tell(Resume(recorder))  # queued before that stop
+        h.run()
+        assert answers == ["HandedOver"]
     finally:
         h.close()
