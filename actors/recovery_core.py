@@ -34,9 +34,6 @@ _EXITS = frozenset(
 )  # fmt: skip
 """Release reasons that mean the owner process is gone: its fence, if any, is over."""
 
-LONG_PAST = 0.0
-"""A fence's ``since`` when its SIGKILL is due at once: the epoch, a grace period ago
-whatever the grace is (a SIGKILL journaled with no SIGTERM known before it)."""
 
 _LEASE_ENDS = (LeaseReleased, LeaseLost)
 """Built once: ``A | B`` in an isinstance call builds a union each time (once per event
@@ -205,15 +202,12 @@ class ReplayState:
             # SIGKILL. It is journaled before it is sent, so a daemon killed in
             # between leaves it unsent: the fence lasts until a release says the
             # owner is gone, and a next daemon that finds the owner running
-            # resumes it, SIGKILL at once (its deadline has passed). With no
-            # SIGTERM known before it (that record was refused, disk full, and
-            # this one went in), it begins at the epoch: whenever the SIGTERM
-            # went, the daemon that journaled this SIGKILL found the grace over.
+            # resumes it, SIGKILL at once (its deadline has passed).
             earlier = self.fencing.get(key)
             if earlier is None:
-                self.fencing[key] = (owner, reason, LONG_PAST)
+                self.fencing[key] = (owner, reason, time)
             elif key in self.owed:
-                self.fencing[key] = (owner, earlier[1], LONG_PAST)
+                self.fencing[key] = (owner, earlier[1], time)
             self.owed.discard(key)
 
     def owners(self) -> dict[OwnerKey, Owner]:

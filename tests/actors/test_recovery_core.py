@@ -21,7 +21,7 @@ from actors.events import (
     ReleaseReason,
 )
 from actors.model import LeaseMode, Owner
-from actors.recovery_core import LONG_PAST, ReplayState
+from actors.recovery_core import ReplayState
 
 OWNERS = [
     # Owners journaled before boots were recorded (boot None) and after.
@@ -167,11 +167,8 @@ def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_exit_or_restart() -
         vm.key: (vm, "lease ls/b was taken while lockd was down", 0.0)
     }  # a crash before recovery completes leaves the fence it owes to the next start
     assert fold(term, lost).fencing[vm.key][1] == "connection closed"  # the first reason stays
-    # A SIGKILL with no SIGTERM known before it (its record was refused): the daemon
-    # that journaled it found the grace over, so the next one owes SIGKILL at once.
-    assert fold(lost, kill).fencing[vm.key] == (vm, fold(lost).fencing[vm.key][1], LONG_PAST)
+    assert fold(lost, kill).fencing[vm.key] == (vm, fold(lost).fencing[vm.key][1], 1.0)
     assert not fold(lost, kill).owed
-    assert fold(by_client, kill).fencing == {vm.key: (vm, "still running", LONG_PAST)}
     # A resumed fence journals SIGTERM again, and recovery-completed lists it with the
     # time it began: its deadline does not move with either.
     again = OwnerFenced(vm, "SIGTERM", "connection closed" + "; resumed")
