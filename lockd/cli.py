@@ -418,8 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         return commands.EXIT_PIPE
     except KeyboardInterrupt:
-        # Ctrl-C, e.g. during --wait: the shell's convention, without a traceback. A
-        # lease being acquired ends with the connection (rolled back by the daemon).
+        # Ctrl-C, e.g. during --wait: the shell's convention, without a traceback. An
+        # acquire still in flight ends with the connection (rolled back by the daemon).
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
     return result

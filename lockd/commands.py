@@ -768,9 +768,14 @@ def _bench_daemon() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="lockd-bench-") as tmp:
         sock = os.path.join(tmp, "lockd.sock")
         log_path = os.path.join(tmp, "daemon.log")
+        # An empty configuration of its own: the host's (its pid file, its log
+        # outputs) is the serving daemon's alone.
+        config = os.path.join(tmp, "lockd.toml")
+        with open(config, "w", encoding="utf-8"):
+            pass
         with open(log_path, "wb") as log_file:
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "lockd", "serve", "--socket", sock,
+                [sys.executable, "-m", "lockd", "serve", "--config", config, "--socket", sock,
                  "--admin-socket", os.path.join(tmp, "admin.sock"),
                  "--lock-dir", os.path.join(tmp, "locks"),
                  "--journal-dir", os.path.join(tmp, "journal")],

@@ -214,22 +214,27 @@ def spawn_on(dispatcher: Dispatcher) -> Spawn:
     def spawn(argv: list[str]) -> subprocess.Popen[str]:
         box: list[subprocess.Popen[str] | Exception] = []
         spawned = threading.Event()
+        lock = threading.Lock()
+        """Held while the loop starts it: a wait given up then still sees what started."""
 
         def step() -> None:
-            try:
-                if not cancelled.is_set():
-                    box.append(_popen(argv))
-            except Exception as exc:  # noqa: BLE001 - handed to the check's thread
-                box.append(exc)
-            finally:
-                spawned.set()
+            with lock:
+                try:
+                    if not spawned.is_set():  # not given up on
+                        box.append(_popen(argv))
+                except Exception as exc:  # noqa: BLE001 - handed to the check's thread
+                    box.append(exc)
+                finally:
+                    spawned.set()
 
-        cancelled = threading.Event()
         dispatcher.submit(step)
         if not spawned.wait(CHECK_SECONDS):
-            cancelled.set()
-            raise OSError("the daemon's loop did not start it in time")
-        if not box:
+            with lock:
+                spawned.set()  # too late now: the step starts nothing
+                started = box[0] if box else None
+            if isinstance(started, subprocess.Popen):  # started as the wait ran out
+                started.kill()
+                started.communicate()
             raise OSError("the daemon's loop did not start it in time")
         started = box[0]
         if isinstance(started, Exception):

@@ -1038,7 +1038,10 @@ def test_bench_without_a_socket_measures_a_daemon_of_its_own(tmp_path: Path) -> 
     """`lockd bench` on a host: the daemon serving it is left alone (its journal and its
     lock dir, which other hosts may share); the benchmark's own daemon is gone after."""
     env = {k: v for k, v in os.environ.items() if k != "LOCKD_SOCKET"}
-    env["XDG_RUNTIME_DIR"] = str(tmp_path)  # were it used, the default would be here
+    env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")  # were it used, the default would be here
+    host_config = tmp_path / "host.toml"  # the host daemon's: its pid file is its own
+    host_config.write_text(f'pid_file = "{tmp_path / "host" / "lockd.pid"}"\n')
+    env["LOCKD_CONFIG"] = str(host_config)
     done = subprocess.run(
         [*LOCKD, "bench", "--json", "--ops", "20", "--warmup", "2", "--concurrency", "",
          "--scenarios", "sequential"],
@@ -1049,4 +1052,4 @@ def test_bench_without_a_socket_measures_a_daemon_of_its_own(tmp_path: Path) -> 
     match = re.search(r"a daemon of its own \((\S+)\)", done.stderr)
     assert match, done.stderr
     assert not Path(match.group(1)).exists()  # stopped, its temp paths removed
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["host.toml"]
