@@ -109,8 +109,14 @@ def _connect(
     try:
         try:
             client = Client(path, name=name, timeout=30.0 + wait)
-        except (FileNotFoundError, ConnectionRefusedError):
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
             if not (spawn and autospawn.wanted()):
+                if spawn and os.environ.get("LOCKD_AUTOSPAWN") == "0":
+                    raise CommandError(
+                        f"cannot reach lockd: {unreachable(path, exc)}; LOCKD_AUTOSPAWN=0 "
+                        "keeps one from being started",
+                        EXIT_UNAVAILABLE,
+                    ) from None
                 raise
             try:
                 autospawn.spawn(path)
@@ -231,7 +237,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lockd serve: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
-        print(f"lockd serve: {exc}", file=sys.stderr)
+        # Our own errors carry their words in strerror ("[Errno 98] ..." says nothing
+        # more); the system's name the file they are about.
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"lockd serve: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_ERROR
 
 

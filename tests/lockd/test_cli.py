@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -223,3 +224,38 @@ def test_an_unknown_mode_is_refused_before_any_daemon_is_asked(
     assert done.returncode == EXIT_USAGE, done.stderr
     assert "':bogus' is not a mode" in done.stderr
     assert "'/vm/base.img:bogus:exclusive'" in done.stderr
+
+
+def test_no_daemon_with_autospawn_off_says_why_none_was_started(tmp_path: Path) -> None:
+    """``LOCKD_AUTOSPAWN=0`` and nothing listening: the message says a daemon was not
+    started on purpose, besides where none answered."""
+    env = {**os.environ, "LOCKD_SOCKET": str(tmp_path / "none.sock"), "LOCKD_AUTOSPAWN": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", "run", "--name", "vm1", "--disk", "/vm/a.img", "--",
+         "true"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == 69
+    assert str(tmp_path / "none.sock") in done.stderr
+    assert "LOCKD_AUTOSPAWN=0 keeps one from being started" in done.stderr
+
+
+def test_a_second_daemon_on_a_served_socket_says_so_without_errno_noise(
+    tmp_path: Path,
+) -> None:
+    """`lockd serve` where another daemon serves: one plain line, no ``[Errno 98]``."""
+    sock = tmp_path / "lockd.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(sock))
+        listener.listen()
+        done = subprocess.run(
+            [sys.executable, "-m", "lockd", "serve", "--socket", str(sock),
+             "--lock-dir", str(tmp_path / "locks"), "--journal-dir", str(tmp_path / "j")],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        listener.close()
+    assert done.returncode != 0
+    assert f"lockd serve: another daemon is serving {sock}" in done.stderr
+    assert "Errno" not in done.stderr
