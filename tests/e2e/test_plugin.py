@@ -234,17 +234,22 @@ def test_qemu_wrapper_leases_the_writable_drives_for_the_life_of_qemu(
     wait_for(lambda: not locked(daemon, "/vm/w.img") and not locked(daemon, "/vm/s.img"))
 
 
+def _wrapper_without_daemon(tmp_path: Path, *qemu_args: str) -> subprocess.CompletedProcess[str]:
+    """The wrapper with no daemon to ask, and a QEMU that only says what it was given."""
+    echo = fake_qemu(tmp_path, 'echo "ran: $*"')
+    env = {**os.environ, "LOCKD_QEMU": str(echo), "LOCKD_SOCKET": str(tmp_path / "none.sock")}
+    return subprocess.run(
+        [str(WRAPPER), *qemu_args],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
 def test_qemu_wrapper_refuses_a_qemu_that_would_fork_away_from_its_leases(
     tmp_path: Path,
 ) -> None:
     """-daemonize: QEMU would run on in a child once the process holding its leases
     exits, its disks unprotected. Refused before any lease or daemon is asked."""
-    echo = fake_qemu(tmp_path, 'echo "ran: $*"')
-    env = {**os.environ, "LOCKD_QEMU": str(echo), "LOCKD_SOCKET": str(tmp_path / "none.sock")}
-    done = subprocess.run(
-        [str(WRAPPER), "-hda", "/vm/w.img", "-daemonize"],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+    done = _wrapper_without_daemon(tmp_path, "-hda", "/vm/w.img", "-daemonize")
     assert done.returncode == 2
     assert "-daemonize" in done.stderr
     assert done.stdout == ""
@@ -252,12 +257,7 @@ def test_qemu_wrapper_refuses_a_qemu_that_would_fork_away_from_its_leases(
 
 def test_qemu_wrapper_without_writable_disks_runs_qemu_directly(tmp_path: Path) -> None:
     """Capability probes and read-only guests need no daemon at all."""
-    echo = fake_qemu(tmp_path, 'echo "ran: $*"')
-    env = {**os.environ, "LOCKD_QEMU": str(echo), "LOCKD_SOCKET": str(tmp_path / "none.sock")}
-    done = subprocess.run(
-        [str(WRAPPER), "-drive", "file=/vm/ro.img,readonly=on", "-version"],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+    done = _wrapper_without_daemon(tmp_path, "-drive", "file=/vm/ro.img,readonly=on", "-version")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "ran: -drive file=/vm/ro.img,readonly=on -version\n"
 
