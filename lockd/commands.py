@@ -240,7 +240,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Our own errors carry their words in strerror ("[Errno 98] ..." says nothing
         # more); the system's name the file they are about.
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"lockd serve: {exc.strerror or exc}{where}", file=sys.stderr)
+        text = f"{exc.strerror}{where}" if exc.strerror and not exc.filename2 else str(exc)
+        print(f"lockd serve: {text}", file=sys.stderr)
         return EXIT_ERROR
 
 
