@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import enum
+import errno
 import json
 import os
 import re
@@ -715,6 +716,31 @@ def _exists(command: str) -> bool:
     return any(os.path.isfile(os.path.join(d or ".", command)) for d in path)
 
 
+def _why_exec_failed(failure: OSError) -> str:
+    """The exec's error in the terms of the file that was found: "No such file or
+    directory" for a script that exists means its ``#!`` interpreter is missing, and
+    "Exec format error" a script without ``#!`` (which a shell would run, exec does not)."""
+    if failure.errno == errno.ENOENT and failure.filename and os.path.exists(failure.filename):
+        interpreter = _interpreter_of(failure.filename)
+        if interpreter is not None:
+            return f"its interpreter {interpreter} (the #! line) does not exist"
+    if failure.errno == errno.ENOEXEC:
+        return "not a program the kernel can run (a script needs a #! line)"
+    return failure.strerror or str(failure)
+
+
+def _interpreter_of(program: str) -> str | None:
+    try:
+        with open(program, "rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].split()
+    return words[0].decode(errors="replace") if words else None
+
+
 def _give_back(path: str, owner: dict[str, Any], command: str, failure: OSError) -> NoReturn:
     """Release what ``lockd run`` took when its exec failed, then fail with the reason.
 
@@ -725,7 +751,7 @@ def _give_back(path: str, owner: dict[str, Any], command: str, failure: OSError)
     close holding nothing. If that fails too, the reason is printed while the
     restricted connection is still open: its close brings the fence's SIGTERM,
     which would end this process before any later message."""
-    what = f"cannot run {command}: {failure.strerror or failure}"
+    what = f"cannot run {command}: {_why_exec_failed(failure)}"
     try:
         with _connect(path, "lockd-run-give-back") as client:
             client.call("register", owner=owner)

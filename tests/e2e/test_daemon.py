@@ -853,24 +853,30 @@ def test_lockd_run_with_a_command_that_does_not_exist_takes_no_lease(
 
 
 @pytest.mark.parametrize(
-    "script",
+    ("script", "says"),
     [
-        pytest.param("echo no interpreter line\n", id="no-shebang"),
-        pytest.param("#!/nonexistent/interpreter\necho\n", id="missing-interpreter"),
+        pytest.param("echo no interpreter line\n",
+                     "not a program the kernel can run (a script needs a #! line)",
+                     id="no-shebang"),
+        pytest.param("#!/nonexistent/interpreter\necho\n",
+                     "its interpreter /nonexistent/interpreter (the #! line) does not exist",
+                     id="missing-interpreter"),
     ],
-)
+)  # fmt: skip
 def test_lockd_run_whose_exec_fails_gives_its_leases_back_unfenced(
-    daemon: DaemonProcess, tmp_path: Path, script: str
+    daemon: DaemonProcess, tmp_path: Path, script: str, says: str
 ) -> None:
     """An exec that fails where ``which`` cannot tell: the leases were already taken and
-    the connection restricted. They are released, not left to a fence of the caller."""
+    the connection restricted. They are released, not left to a fence of the caller;
+    the reason is said of the file that exists ("No such file or directory" would be
+    about the interpreter, not the script)."""
     command = tmp_path / "start-vm"
     command.write_text(script)
     command.chmod(0o755)
     disk = tmp_path / "a.img"
     done = daemon.lockd("run", "--disk", str(disk), "--name", "vm1", "--", str(command))
     assert done.returncode == 126, done.stderr
-    assert f"cannot run {command}" in done.stderr
+    assert f"cannot run {command}: {says}" in done.stderr
     assert [e["reason"] for e in events(daemon, "--type", "lease-released")] == ["client"]
     assert events(daemon, "--type", "owner-fenced") == []
     again = daemon.lockd("run", "--disk", str(disk), "--name", "vm2", "--", "true")
