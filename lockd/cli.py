@@ -78,18 +78,6 @@ def _plain(value: object) -> object:
     return value
 
 
-def _json_ready(value: object) -> object:
-    import uuid
-
-    if isinstance(value, bytes):
-        return str(uuid.UUID(bytes=value)) if len(value) == 16 else value.hex()
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_ready(v) for v in value]
-    return value
-
-
 def _parse_since(text: str) -> tuple[int, float]:
     """``--since``: a sequence number, or an ISO 8601 time (UTC unless it says otherwise)."""
     import datetime
@@ -132,6 +120,7 @@ def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
 def _cmd_events(args: argparse.Namespace) -> int:
     """Print the journal, read straight from its segment files; --follow keeps reading."""
     from actors.events import EVENT_TYPES
+    from lockd.commands import json_ready
     from lockd.dirwatch import DirWatch
     from lockd.journal_file import JournalFollower
     from lockd.journal_format import JournalCorruptError
@@ -158,7 +147,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
                 if row["time"] < since_time or not _matches(row, args):
                     continue
                 if args.json:
-                    print(json.dumps(_json_ready(row)), flush=args.follow)
+                    print(json.dumps(json_ready(row)), flush=args.follow)
                 else:
                     print(_format_event(row), flush=args.follow)
             if watch is None:

@@ -56,9 +56,13 @@ OWNER_NAMESPACE = uuidlib.UUID("5c1b7e3e-6f1e-4d0a-9a8b-2f3c4d5e6f70")
 class CommandError(Exception):
     """A failure already phrased for the user, with its exit code."""
 
-    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+    def __init__(
+        self, message: str, code: int = EXIT_ERROR, remote: RemoteError | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.remote = remote
+        """The daemon's error this rephrases (its code and details go to ``--json``)."""
 
 
 EXIT_PIPE = 128 + signal.SIGPIPE
@@ -82,20 +86,43 @@ def reader_gone() -> bool:
     return gone
 
 
+def json_ready(value: object) -> object:
+    """CBOR values as JSON: 16-byte strings (uuids) as uuids, other bytes as hex."""
+    if isinstance(value, bytes):
+        return str(uuidlib.UUID(bytes=value)) if len(value) == 16 else value.hex()
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def _fail(args: argparse.Namespace, exc: Exception) -> int:
     name = f"lockd {args.command}"
     if isinstance(exc, BrokenPipeError) and reader_gone():
         return EXIT_PIPE
+    remote = exc.remote if isinstance(exc, CommandError) else exc
     if isinstance(exc, CommandError):
-        print(f"{name}: {exc}", file=sys.stderr)
-        return exc.code
-    if isinstance(exc, RemoteError):
-        print(f"{name}: {exc.code}: {exc.message}", file=sys.stderr)
+        code = None if exc.remote is None else exc.remote.code
+        message, status = str(exc), exc.code
+    elif isinstance(exc, RemoteError):
+        code, message = exc.code, exc.message
         # invalid-argument: what was typed (a name, a --wait), found wrong by the daemon
         # rather than here; a usage error all the same.
-        return {"busy": EXIT_BUSY, "invalid-argument": EXIT_USAGE}.get(exc.code, EXIT_ERROR)
-    print(f"{name}: {exc}", file=sys.stderr)
-    return EXIT_ERROR
+        status = {"busy": EXIT_BUSY, "invalid-argument": EXIT_USAGE}.get(exc.code, EXIT_ERROR)
+    else:
+        code, message, status = None, str(exc), EXIT_ERROR
+    shown = f"{code}: {message}" if isinstance(exc, RemoteError) else message
+    print(f"{name}: {shown}", file=sys.stderr)
+    if getattr(args, "json", False):
+        # A script reading --json gets the failure as JSON too, not an empty stdout:
+        # the daemon's error code when there is one (busy, not-held, ...), and the
+        # holders of a busy lease.
+        error: dict[str, Any] = {"code": code, "message": message, "exit": status}
+        if isinstance(remote, RemoteError) and remote.details:
+            error["details"] = json_ready(remote.details)
+        _print_json({"error": error})
+    return status
 
 
 @contextmanager
@@ -603,7 +630,7 @@ def _acquire(
             )
         except RemoteError as exc:
             if exc.code == "busy":
-                raise CommandError(_busy_message(exc, labels), EXIT_BUSY) from None
+                raise CommandError(_busy_message(exc, labels), EXIT_BUSY, exc) from None
             raise
     return [
         {"lockspace": lease["lockspace"], "resource": lease["resource"],

@@ -1059,3 +1059,23 @@ def test_bench_without_a_socket_measures_a_daemon_of_its_own(tmp_path: Path) -> 
     assert match, done.stderr
     assert not Path(match.group(1)).exists()  # stopped, its temp paths removed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["host.toml"]
+
+
+def test_a_failure_with_json_is_json_on_stdout_too(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A script reading ``--json`` gets the failure as JSON: the daemon's code, the
+    message, the exit status and, for a busy lease, who holds it; stderr says it too."""
+    holder = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    done = daemon.lockd("acquire", "--json", "--owner-pid", str(os.getpid()), "--name", "vm2",
+                        "--disk", "/vm/a.img")  # fmt: skip
+    assert done.returncode == 75
+    error = json.loads(done.stdout)["error"]
+    assert (error["code"], error["exit"]) == ("busy", 75)
+    assert "/vm/a.img is busy" in error["message"]
+    assert [h["pid"] for h in error["details"]["holders"]] == [holder.pid]
+    assert "busy" in done.stderr
+    usage = daemon.lockd("acquire", "--json", "--owner-pid", str(os.getpid()),
+                         "--disk", "/vm/a.img:bogus")  # fmt: skip
+    assert usage.returncode == 2
+    assert json.loads(usage.stdout)["error"]["code"] is None  # found here, not by the daemon
