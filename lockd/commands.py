@@ -101,25 +101,23 @@ def _fail(args: argparse.Namespace, exc: Exception) -> int:
     name = f"lockd {args.command}"
     if isinstance(exc, BrokenPipeError) and reader_gone():
         return EXIT_PIPE
-    remote = exc.remote if isinstance(exc, CommandError) else exc
-    if isinstance(exc, CommandError):
-        code = None if exc.remote is None else exc.remote.code
-        message, status = str(exc), exc.code
-    elif isinstance(exc, RemoteError):
-        code, message = exc.code, exc.message
+    remote = exc if isinstance(exc, RemoteError) else getattr(exc, "remote", None)
+    if isinstance(exc, RemoteError):
+        message, shown = exc.message, f"{exc.code}: {exc.message}"
         # invalid-argument: what was typed (a name, a --wait), found wrong by the daemon
         # rather than here; a usage error all the same.
         status = {"busy": EXIT_BUSY, "invalid-argument": EXIT_USAGE}.get(exc.code, EXIT_ERROR)
     else:
-        code, message, status = None, str(exc), EXIT_ERROR
-    shown = f"{code}: {message}" if isinstance(exc, RemoteError) else message
+        message = shown = str(exc)
+        status = exc.code if isinstance(exc, CommandError) else EXIT_ERROR
     print(f"{name}: {shown}", file=sys.stderr)
     if getattr(args, "json", False):
         # A script reading --json gets the failure as JSON too, not an empty stdout:
         # the daemon's error code when there is one (busy, not-held, ...), and the
         # holders of a busy lease.
+        code = None if remote is None else remote.code
         error: dict[str, Any] = {"code": code, "message": message, "exit": status}
-        if isinstance(remote, RemoteError) and remote.details:
+        if remote is not None and remote.details:
             error["details"] = json_ready(remote.details)
         _print_json({"error": error})
     return status

@@ -644,7 +644,6 @@ class Daemon:
     def _reexec_abandoned(self, handed: list[HandedOver], why: str) -> None:
         """Take back the connections already handed over and serve on, in this process."""
         for state in handed:
-            self._connections.pop(state.conn_id, None)
             if state.admin:
                 self._admin_clients -= 1
             else:

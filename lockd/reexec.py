@@ -214,8 +214,7 @@ def spawn_on(dispatcher: Dispatcher) -> Spawn:
     def spawn(argv: list[str]) -> subprocess.Popen[str]:
         box: list[subprocess.Popen[str] | Exception] = []
         spawned = threading.Event()
-        lock = threading.Lock()
-        """Held while the loop starts it: a wait given up then still sees what started."""
+        lock = threading.Lock()  # held while the loop starts it: a wait given up sees it
 
         def step() -> None:
             with lock:
