@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import attrs
 import pykka
 
-from actors.events import ReleaseReason
-from actors.journal import Published, Subscribe, Unsubscribe
+from actors.events import JournalEntry, ReleaseReason
+from actors.journal import Published, Subscribe, Subscribed, Unsubscribe
 from actors.lockspace import (
     AcquireLeases,
     Counts,
@@ -61,6 +61,9 @@ log = logging.getLogger(__name__)
 
 MAX_PUSH_BACKLOG = 4 * 1024 * 1024
 """Bytes of unsent events a subscriber may fall behind before it is disconnected."""
+REPLAY_BACKLOG = 256 * 1024
+"""Unsent bytes past which a subscriber catching up waits for its socket before the
+next replay step (well below :data:`MAX_PUSH_BACKLOG`: a replay never trips it)."""
 MAX_REPLY_BACKLOG = 1024 * 1024
 """Unsent reply bytes past which no further request is read until the client catches up."""
 MAX_REQUEST_BACKLOG = 2 * 65536
@@ -152,6 +155,10 @@ class HandedOver:
     """Request bytes not yet answered: unparsed input, and a waiting acquire's own frame."""
     unsent: bytes
     """Reply bytes the socket had not taken yet."""
+    events_from: int | None = None
+    """A subscriber's next event seq: the next program replays the journal from it,
+    so the events written during the hand-over reach it too. None: from a build that
+    did not say; the subscription goes on from the next program's next event."""
 
 
 @attrs.frozen
@@ -202,7 +209,7 @@ class _Acquisition:
 
 
 # Built once (``A | B`` in an isinstance call builds a union each time it runs).
-_ANSWERS = (Found, Done, Gathered, Kicked, OwnerReleased, Fencing, _Retry)
+_ANSWERS = (Found, Done, Gathered, Kicked, OwnerReleased, Fencing, Subscribed, _Retry)
 """Answers to something this connection asked; each carries the token it waits on."""
 _RESOURCE_REQUESTS = (m.CreateResource, m.DeleteResource)
 _LIST_REQUESTS = (m.Inquire, m.ListLeases, m.ListLockspaces, m.ListClients)
@@ -250,6 +257,10 @@ class ConnectionActor(DispatchedActor):
         self._owner: Owner | None = None
         self._restricted = False
         self._subscribed = False
+        self._events_next: int | None = None
+        """The seq of the next event this subscriber is to be sent (None: not known yet)."""
+        self._replay_paused = False
+        """Catching up, and waiting for the socket to take what is queued (:class:`Drained`)."""
         self._busy = False
         self._reading = True
         self._closed = False
@@ -299,11 +310,14 @@ class ConnectionActor(DispatchedActor):
         """Carry on a connection the previous process handed over (re-exec)."""
         if restored.owner is not None:
             self._owners.tell(Watch(restored.owner))
-        if restored.subscribed:
-            self._subscribed = True
-            self._journal.tell(Subscribe(self.actor_ref))
         if restored.unsent:
             self._transport.write(restored.unsent)
+        if restored.subscribed:
+            self._subscribed = True
+            self._events_next = restored.events_from
+            self._journal.tell(
+                Subscribe(self.actor_ref, restored.events_from, self._wait(self._catch_up))
+            )
         if restored.pending:
             self._protocol.receive_data(restored.pending)
             self._pump()
@@ -390,6 +404,9 @@ class ConnectionActor(DispatchedActor):
         elif isinstance(message, Published):
             self._push(message)
         elif isinstance(message, Drained):
+            if self._replay_paused:
+                self._replay_paused = False
+                self._replay_step()
             self._pump()
         elif isinstance(message, PeerGone):
             self._close()
@@ -457,9 +474,12 @@ class ConnectionActor(DispatchedActor):
             self._protocol.version,
             pending,
             take_unsent() if take_unsent is not None else b"",
+            self._events_next if self._subscribed else None,
         )
         self._closed = True  # this process will not touch the connection again
         self._handed = True
+        if self._subscribed:
+            self._journal.tell(Unsubscribe(self.actor_ref))
         tell_if_alive(self._quiesce_to, state)
         self._quiesce_to = None  # answered: a Resume crossing this answers nothing more
         self.stop()
@@ -570,8 +590,16 @@ class ConnectionActor(DispatchedActor):
         elif isinstance(request, m.Subscribe):
             if not self._subscribed:
                 self._subscribed = True
-                self._journal.tell(Subscribe(self.actor_ref))
-            self._reply(request, {})
+                token = self._wait(lambda step: self._subscribed_from(request, step))
+                self._journal.tell(Subscribe(self.actor_ref, request.since, token))
+            elif request.since is not None:
+                self._error(
+                    request,
+                    ErrorCode.INVALID_ARGUMENT,
+                    "subscribe: this connection is subscribed already; since starts a new one",
+                )
+            else:
+                self._reply(request, {})
         elif isinstance(request, m.Disconnect):
             if not self._admin:
                 self._error(
@@ -979,10 +1007,54 @@ class ConnectionActor(DispatchedActor):
         self._reply(request, {"client": request.client})
 
     # -- events --------------------------------------------------------------------------
+    def _subscribed_from(self, request: m.Subscribe, step: Subscribed) -> None:
+        """The journal's first answer: reply, then the events it read back, if any."""
+        if request.since is not None and step.next_seq < request.since and not step.live:
+            self._subscribed = False
+            self._error(
+                request,
+                ErrorCode.INVALID_ARGUMENT,
+                f"subscribe: since {request.since} is past the end of the journal; "
+                f"the next event will be {step.next_seq}",
+            )
+            return
+        if not self._closed:
+            self._transport.write(self._protocol.reply(request.id, {}))
+        self._catch_up(step)
+        self._busy = False
+        self._pump()
+
+    def _catch_up(self, step: Subscribed) -> None:
+        """Send one replay step on; ask for the next once the socket has taken most of it."""
+        if self._closed:
+            return
+        if step.next_seq < (self._events_next or 0) and not step.live:
+            # A since past the journal's end (a handed-over seq the journal lost):
+            # go on from the journal's next event.
+            self._journal.tell(Subscribe(self.actor_ref, None, self._wait(self._catch_up)))
+            return
+        self._send_events(step.entries)
+        self._events_next = step.next_seq
+        if step.live or self._closed:
+            return
+        if self._transport.backlog > REPLAY_BACKLOG:
+            self._replay_paused = True  # Drained resumes it
+        else:
+            self._replay_step()
+
+    def _replay_step(self) -> None:
+        if not self._closed:
+            token = self._wait(self._catch_up)
+            self._journal.tell(Subscribe(self.actor_ref, self._events_next, token))
+
     def _push(self, published: Published) -> None:
         if self._closed or not self._subscribed:
             return
-        for entry in published.entries:
+        self._send_events(published.entries)
+        self._events_next = published.entries[-1].seq + 1
+
+    def _send_events(self, entries: tuple[JournalEntry, ...]) -> None:
+        for entry in entries:
             self._transport.write(self._protocol.push({"event": entry.to_wire()}))
         if self._transport.backlog > MAX_PUSH_BACKLOG:
             log.warning(

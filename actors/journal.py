@@ -11,8 +11,11 @@ flush then writes them all with one ``write()`` and one ``fdatasync``.
 ``none`` writes each append at once (a ``write()`` costs microseconds; a
 flush hop would cost more), and ``always`` syncs every append on its own.
 
-Subscribers (``subscribe`` connections, ``lockd events`` followers through
-the socket) get each written entry as :class:`Published`.
+Subscribers (``subscribe`` connections) get each written entry as
+:class:`Published`; one that asks from an earlier seq (``since``, or the seq a
+re-exec handed over) is first given the entries read back from the journal,
+a step per :class:`Subscribe`, and is made live in the step that reaches the
+end: between the two, no entry is missed or sent twice.
 """
 
 from __future__ import annotations
@@ -46,6 +49,17 @@ class SyncPolicy(enum.StrEnum):
     """One fdatasync per append: survives a host crash, no grouping."""
 
 
+class EntryReader(Protocol):
+    """Entries read back from where a writer put them, oldest first
+    (real: lockd.journal_file.JournalFollower)."""
+
+    def poll(self, max_bytes: int = -1) -> list[JournalEntry]:
+        """The next entries, about ``max_bytes`` of them; [] when none are left."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class JournalWriter(Protocol):
     """Where entries go (real: lockd.journal_file.FileJournal)."""
 
@@ -53,6 +67,10 @@ class JournalWriter(Protocol):
 
     def append(self, entries: Sequence[JournalEntry]) -> None: ...
     def sync(self) -> None: ...
+    def reader(self, since_seq: int) -> EntryReader:
+        """The entries written from ``since_seq`` on (those before the writer's
+        retention kept are gone: the first one read may be later)."""
+        ...
 
 
 class Snapshots(Protocol):
@@ -103,9 +121,34 @@ class SnapshotWritten:
 
 @attrs.frozen
 class Subscribe:
-    """Send every entry written from now on to ``subscriber`` as :class:`Published`."""
+    """Send every entry written from now on to ``subscriber`` as :class:`Published`;
+    answered with :class:`Subscribed`.
+
+    With ``since``, the entries from that seq on come first, read back from the
+    journal in steps: each answer carries one step, and the subscriber asks for the
+    next (``since`` = its ``next_seq``) when it has sent them on, so a slow reader
+    sets the pace. The answer that reaches the end of the journal makes the
+    subscription live, in the same step: no entry is missed or sent twice.
+    """
 
     subscriber: pykka.ActorRef[Any]
+    since: int | None = None
+    token: int = 0
+
+
+@attrs.frozen
+class Subscribed:
+    """Answer to :class:`Subscribe`."""
+
+    token: int
+    entries: tuple[JournalEntry, ...]
+    """Read back from the journal, from ``since`` on (a later first seq: older ones
+    are no longer kept)."""
+    next_seq: int
+    """The seq the subscriber is to get next: Subscribe again from it unless ``live``.
+    Below the ``since`` asked: that seq is not written yet, and nothing is subscribed."""
+    live: bool
+    """Every entry from ``next_seq`` on will come as :class:`Published`."""
 
 
 @attrs.frozen
@@ -122,6 +165,11 @@ class Published:
     entries: tuple[JournalEntry, ...]
 
 
+REPLAY_BYTES = 64 * 1024
+"""About how much of the journal one replay step reads for a catching-up subscriber:
+a few hundred entries, a few milliseconds of the dispatcher between other work."""
+
+
 class JournalActor(DispatchedActor):
     """The only writer of the journal."""
 
@@ -135,6 +183,7 @@ class JournalActor(DispatchedActor):
         clock: Callable[[], float] = time.time,
         state: ReplayState | None = None,
         snapshots: Snapshots | None = None,
+        replay_bytes: int = REPLAY_BYTES,
     ) -> None:
         super().__init__(dispatcher)
         self._writer = writer
@@ -148,6 +197,9 @@ class JournalActor(DispatchedActor):
         self._clock = clock
         self._pending: list[Append] = []
         self._subscribers: dict[str, pykka.ActorRef[Any]] = {}
+        self._replays: dict[str, EntryReader] = {}
+        """Subscribers catching up from an earlier seq: where each has read to."""
+        self._replay_bytes = replay_bytes
         self.failed_writes = 0
         self.failed_syncs = 0
 
@@ -172,12 +224,50 @@ class JournalActor(DispatchedActor):
                 self._writer.retain(message.seq)  # the segments it covers may go
             return None
         if isinstance(message, Subscribe):
-            self._subscribers[message.subscriber.actor_urn] = message.subscriber
+            self._subscribe(message)
             return None
         if isinstance(message, Unsubscribe):
-            self._subscribers.pop(message.subscriber.actor_urn, None)
+            urn = message.subscriber.actor_urn
+            self._subscribers.pop(urn, None)
+            self._end_replay(urn)
             return None
         return super().on_receive(message)
+
+    def _subscribe(self, message: Subscribe) -> None:
+        ref = message.subscriber
+        end = self._writer.next_seq
+        since = end if message.since is None else max(1, message.since)
+        if since > end:
+            self._end_replay(ref.actor_urn)
+            tell_if_alive(ref, Subscribed(message.token, (), end, live=False))
+            return
+        entries: list[JournalEntry] = []
+        if since < end:
+            reader = self._replays.get(ref.actor_urn)
+            if reader is None:
+                reader = self._replays[ref.actor_urn] = self._writer.reader(since)
+            try:
+                entries = reader.poll(self._replay_bytes)
+            except (OSError, ValueError) as exc:  # JournalCorruptError is a ValueError
+                log.error("replaying the journal from seq %d for a subscriber failed: %s; "
+                          "it goes on from seq %d", since, exc, end)  # fmt: skip
+            # Nothing read though seqs are missing: they cannot be read, and the
+            # subscriber sees the gap in the seqs rather than wait for them.
+        next_seq = entries[-1].seq + 1 if entries else end
+        live = next_seq >= end
+        if live:
+            self._end_replay(ref.actor_urn)
+            self._subscribers[ref.actor_urn] = ref
+        tell_if_alive(ref, Subscribed(message.token, tuple(entries), next_seq, live))
+
+    def _end_replay(self, urn: str) -> None:
+        reader = self._replays.pop(urn, None)
+        if reader is not None:
+            reader.close()
+
+    def on_stop(self) -> None:
+        for urn in list(self._replays):
+            self._end_replay(urn)
 
     def _take_snapshot(self, seq: int) -> bool:
         """At a segment boundary: snapshot the state as of ``seq``; True once it is on disk.

@@ -28,6 +28,7 @@ from lockd.journal_format import (
     encode_header,
     encode_record,
     header_length,
+    skip_records,
 )
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,10 @@ class FileJournal:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.directory, name))
 
+    def reader(self, since_seq: int) -> JournalFollower:
+        """The entries from ``since_seq`` on, read back from the segment files."""
+        return JournalFollower(self.directory, since_seq)
+
     def sync(self) -> None:
         """fdatasync the current segment (host-crash durability)."""
         os.fdatasync(self._fd)
@@ -256,8 +261,19 @@ class JournalFollower:
         self._pending_at = length
         self._expected = first_seq
 
-    def poll(self) -> list[JournalEntry]:
-        """Entries with seq >= next_seq written since the last poll (may be empty)."""
+    def _take(self, used: int, count: int) -> None:
+        """``used`` bytes of ``_pending`` held ``count`` records: move past them."""
+        self._pending = self._pending[used:]
+        self._pending_at += used
+        self._expected += count
+
+    def poll(self, max_bytes: int = -1) -> list[JournalEntry]:
+        """Entries with seq >= next_seq written since the last poll (may be empty).
+
+        ``max_bytes`` > 0 reads about that much at a time and returns once it has
+        entries: the daemon replays a subscriber's backlog in such steps, between
+        other work, and never holds a whole segment's entries at once.
+        """
         names = list_segments(self.directory)
         if not names:
             return []
@@ -270,20 +286,28 @@ class JournalFollower:
         out: list[JournalEntry] = []
         while True:
             assert self._file is not None
-            self._pending += self._file.read()
+            data = self._file.read(max_bytes)
+            self._pending += data
+            if self._expected < self.next_seq:
+                skipped, used = skip_records(self._pending, self._expected, self.next_seq)
+                self._take(used, skipped)
             try:
                 entries, used = decode_records(self._pending, self._expected)
             except JournalCorruptError as exc:
                 raise JournalCorruptError(
                     self._pending_at + exc.offset, f"{self._name}: {exc.reason}"
                 ) from None
-            self._pending = self._pending[used:]
-            self._pending_at += used
-            self._expected += len(entries)
+            self._take(used, len(entries))
             out.extend(e for e in entries if e.seq >= self.next_seq)
+            if 0 < max_bytes <= len(data):
+                if out:
+                    break
+                continue  # more of this segment is there to read
             later = [n for n in names if self._name is not None and n > self._name]
             if later and not self._pending:
                 self._open(later[0])  # the writer rotated: go on in the next segment
+                if out and max_bytes > 0:
+                    break
                 continue
             break
         if out:

@@ -324,6 +324,11 @@ class Handoff:
                 "metrics": self.metrics,
                 "logging": self.logging,
                 "bound": None if self.bound is None else list(self.bound),
+                # Apart from the connections' maps: a build before it passes each
+                # map's keys to HandedOver as they are, and would fail on a new one.
+                "events_from": {
+                    c.conn_id: c.events_from for c in self.connections if c.events_from
+                },
             }
         )
 
@@ -334,7 +339,7 @@ class Handoff:
             raise ValueError(f"unsupported handoff version {raw.get('version')!r}")
         return cls(
             tuple(ListenerFd(fd, path, admin) for fd, path, admin in raw["listeners"]),
-            tuple(_conn_from_wire(c) for c in raw["connections"]),
+            _conns_from_wire(raw["connections"], raw.get("events_from")),
             tuple((ls, res, fd) for ls, res, fd in raw["leases"]),
             raw["next_conn_id"],
             raw.get("journal_lock"),  # absent in a handoff from before they were passed
@@ -356,6 +361,7 @@ def _paths_or_none(value: Any) -> tuple[str, ...] | None:
 
 def _conn_to_wire(c: HandedOver) -> dict[str, Any]:
     out = attrs.asdict(c, recurse=False)
+    del out["events_from"]  # see Handoff.to_bytes
     out["owner"] = None if c.owner is None else c.owner.to_wire()
     return out
 
@@ -363,6 +369,20 @@ def _conn_to_wire(c: HandedOver) -> dict[str, Any]:
 def _conn_from_wire(data: dict[str, Any]) -> HandedOver:
     owner = data.pop("owner")
     return HandedOver(owner=None if owner is None else Owner.from_wire(owner), **data)
+
+
+def _conns_from_wire(conns: list[dict[str, Any]], events_from: Any) -> tuple[HandedOver, ...]:
+    """The connections, each subscriber with the seq its events go on from (absent in
+    a handoff from an earlier build: its subscribers go on from the next event)."""
+    seqs = events_from if isinstance(events_from, dict) else {}
+    out = []
+    for data in conns:
+        conn = _conn_from_wire(data)
+        seq = seqs.get(conn.conn_id)
+        if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0:
+            conn = attrs.evolve(conn, events_from=seq)
+        out.append(conn)
+    return tuple(out)
 
 
 def read_handoff(fd: int) -> Handoff:

@@ -224,9 +224,12 @@ class Status(Request):
 
 @attrs.frozen
 class Subscribe(Request):
-    """Receive every new journal event on this connection."""
+    """Receive every new journal event on this connection; with ``since``, the kept
+    events from that seq on first."""
 
     OP: ClassVar[str] = "subscribe"
+    ARGS: ClassVar[frozenset[str]] = frozenset({"since"})
+    since: int | None = None
 
 
 @attrs.frozen
@@ -333,6 +336,9 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
         return Release(rid, pairs, False)
     if cls is ListLeases:
         return ListLeases(rid, _lockspace(args["lockspace"]) if "lockspace" in args else None)
+    if cls is Subscribe:
+        since = _uint(args["since"], "since", positive=True) if "since" in args else None
+        return Subscribe(rid, since)
     if cls is Disconnect:
         return Disconnect(rid, _uint(args.get("client"), "client"))
     if cls is SetLog:

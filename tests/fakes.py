@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from actors.events import JournalEntry
+
 
 class PipeWatches:
     """pidfd stand-ins: one pipe per watch, made readable when its process exits.
@@ -46,3 +48,24 @@ class PipeWatches:
             os.close(r)
             os.close(w)
         self._pipes.clear()
+
+
+class ListReader:
+    """A journal reader over entries kept in a list (the in-memory journals' ``reader``):
+    ``max_bytes`` counts one entry as 100 bytes, so tests can make replay steps small."""
+
+    def __init__(self, entries: list[JournalEntry], since_seq: int) -> None:
+        self._entries = entries
+        self.next_seq = since_seq
+        self.closed = False
+
+    def poll(self, max_bytes: int = -1) -> list[JournalEntry]:
+        out = [e for e in self._entries if e.seq >= self.next_seq]
+        if max_bytes > 0:
+            out = out[: max(1, max_bytes // 100)]
+        if out:
+            self.next_seq = out[-1].seq + 1
+        return out
+
+    def close(self) -> None:
+        self.closed = True

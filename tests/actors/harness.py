@@ -28,7 +28,7 @@ from lockd.lockfiles import LockspaceDir
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from protocol.names import WELL_KNOWN_LOCKSPACES
-from tests.fakes import PipeWatches
+from tests.fakes import ListReader, PipeWatches
 
 
 class Clock:
@@ -156,6 +156,7 @@ class MemoryJournal:
     ``during_append`` runs inside each write (what the daemon looks like meanwhile)."""
 
     def __init__(self) -> None:
+        self.readers: list[ListReader] = []
         self.next_seq = 1
         self.entries: list[JournalEntry] = []
         self.fail = False
@@ -169,6 +170,10 @@ class MemoryJournal:
             raise OSError(28, "No space left on device")
         self.entries.extend(entries)
         self.next_seq += len(entries)
+
+    def reader(self, since_seq: int) -> ListReader:
+        self.readers.append(ListReader(self.entries, since_seq))
+        return self.readers[-1]
 
     def sync(self) -> None:
         self.syncs += 1

@@ -104,6 +104,69 @@ def test_sigusr1_keeps_every_lock_and_connection(
     time.sleep(0.1)
 
 
+def test_a_subscriber_gets_every_event_once_across_a_reexec_under_load(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """``subscribe`` with ``since: 1`` replays the journal, then goes on live; across
+    SIGUSR1 under load the events journaled during the hand-over (the old program's
+    last ones, its daemon-stopped, the new one's start-up) reach it too, read back
+    from the journal. Every seq arrives once and in order, as ``lockd events`` has it."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    stop, done = threading.Event(), threading.Event()
+    calls = [0]
+    seqs: list[int] = []
+    errors: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            with daemon.client("load") as client:
+                owner = {"uuid": uuid.uuid4().bytes, "name": "load", "id": 1, "pid": sleeper.pid}
+                client.call("register", owner=owner)
+                lease = {"lockspace": FILES_LOCKSPACE, "resource": "load"}
+                while not stop.is_set():
+                    client.call("acquire", leases=[lease], autocreate=True)
+                    client.call("release", leases=[lease])
+                    calls[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    auditor = daemon.client("audit")
+    auditor.call("subscribe", since=1)
+
+    def audit() -> None:
+        try:
+            while not done.is_set():
+                seqs.append(auditor.next_event()["event"]["seq"])
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            if not done.is_set():
+                errors.append(exc)
+
+    loader, reader = threading.Thread(target=load), threading.Thread(target=audit)
+    loader.start()
+    reader.start()
+    try:
+        wait_for(lambda: calls[0] > 50)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+        before = calls[0]
+        wait_for(lambda: calls[0] > before + 50)
+        stop.set()
+        loader.join(30)
+        last = events(daemon)[-1]["seq"]
+        wait_for(lambda: bool(seqs) and seqs[-1] >= last)
+    finally:
+        stop.set()
+        done.set()
+        loader.join(30)
+        auditor.close()
+        reader.join(30)
+        os.kill(sleeper.pid, signal.SIGKILL)
+    assert errors == []
+    assert seqs == list(range(1, last + 1))
+
+
 def test_signals_sent_while_the_new_program_starts_do_not_end_it(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:

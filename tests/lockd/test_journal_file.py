@@ -170,3 +170,40 @@ def test_a_rotation_cut_short_leaves_no_headerless_segment(tmp_path: Path) -> No
     for name in list_segments(str(tmp_path)):
         assert (tmp_path / name).stat().st_size > 0
     reopened.close()
+
+
+def test_follower_reads_a_bounded_step_at_a_time_across_rotation(tmp_path: Path) -> None:
+    """The daemon replays a subscriber's backlog in steps of about ``max_bytes``: each
+    step has entries, follows the last exactly, and the end is an empty step."""
+    from lockd.journal_file import JournalFollower
+
+    journal = FileJournal(str(tmp_path), segment_bytes=4096)
+    write(journal, 300)
+    assert len(list_segments(str(tmp_path))) > 3
+    follower = journal.reader(37)
+    steps: list[list[int]] = []
+    while step := [e.seq for e in follower.poll(512)]:
+        steps.append(step)
+    assert [seq for step in steps for seq in step] == list(range(37, 301))
+    assert max(len(step) for step in steps) < 30  # an entry is about 60 bytes
+    write(journal, 2)
+    assert [e.seq for e in follower.poll(512)] == [301, 302]
+    follower.close()
+    journal.close()
+    assert isinstance(follower, JournalFollower)
+
+
+def test_skip_records_reads_heads_only_and_stops_at_anything_odd() -> None:
+    from lockd.journal_format import encode_record, skip_records
+
+    records = [encode_record(entry(seq)) for seq in range(1, 11)]
+    data = b"".join(records)
+    at = [sum(len(r) for r in records[:n]) for n in range(11)]
+    assert skip_records(data, 1, 6) == (5, at[5])
+    assert skip_records(data, 1, 99) == (10, at[10])
+    assert skip_records(data, 1, 1) == (0, 0)
+    assert skip_records(data[: at[7] - 3], 1, 99) == (6, at[6])  # the 7th is cut short
+    assert skip_records(data, 5, 99) == (0, 0)  # not the seq expected: decoding says why
+    damaged = bytearray(data)
+    damaged[at[3]] = 0x82  # record 4 is no longer [seq, crc, entry]
+    assert skip_records(bytes(damaged), 1, 99) == (3, at[3])

@@ -15,7 +15,7 @@ import attrs
 from actors.events import JournalEntry
 from actors.lease import LockBusyError
 from actors.model import Owner
-from tests.fakes import PipeWatches
+from tests.fakes import ListReader, PipeWatches
 
 INDEX = "org.libvirt.lockd.index"
 
@@ -237,6 +237,7 @@ class SimJournal:
 
     def __init__(self) -> None:
         self.entries: list[JournalEntry] = []
+        self.readers: list[ListReader] = []
         self.next_seq = 1
         self.fail = False
 
@@ -245,6 +246,10 @@ class SimJournal:
             raise OSError(28, "No space left on device")
         self.entries.extend(entries)
         self.next_seq += len(entries)
+
+    def reader(self, since_seq: int) -> ListReader:
+        self.readers.append(ListReader(self.entries, since_seq))
+        return self.readers[-1]
 
     def sync(self) -> None:
         """Survives a daemon crash either way; host crashes are not simulated."""

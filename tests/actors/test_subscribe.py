@@ -1,0 +1,178 @@
+"""``subscribe``: a live feed, or from a seq on (the journal read back, paced by the
+socket), and a subscription that crosses a re-exec without a missing or repeated event.
+
+The real connection and journal actors on the test thread (tests/actors/harness.py);
+the journal is in memory and counts an entry as 100 bytes in a replay step, so a
+64 KiB step is 655 entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from actors.connection import ConnectionActor, Drained, HandedOver, Quiesce, ServerInfo
+from actors.events import JournalEntry, LockspaceCreated
+from actors.runtime import DispatchedActor
+from tests.actors.harness import Conn, FakeTransport, Harness
+
+AUDITOR, VM = 4000, 4001
+STEP = 655
+"""Entries in one replay step (REPLAY_BYTES at 100 bytes an entry)."""
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path / "locks")
+    for pid in (AUDITOR, VM):
+        harness.processes.spawn(pid)
+    yield harness
+    harness.close()
+
+
+def _written(h: Harness, count: int) -> None:
+    """``count`` entries journaled before the test subscribes (as if over hours)."""
+    writer = h.journal_writer
+    first = writer.next_seq
+    writer.append(
+        [JournalEntry(seq, 0.0, "test", LockspaceCreated(f"ls{seq}", "/x", 1))
+         for seq in range(first, first + count)]
+    )  # fmt: skip
+
+
+def _seqs(conn: Conn) -> list[int]:
+    return [m["event"]["seq"] for m in conn.messages() if "event" in m]
+
+
+def _subscribe(conn: Conn, **args: Any) -> list[int]:
+    """Subscribe; the seqs of the events sent with the reply (which comes first)."""
+    rid = conn.send("subscribe", **args)
+    conn.harness.run()
+    reply, *events = conn.messages()
+    assert reply == {"id": rid, "result": {}}
+    return [m["event"]["seq"] for m in events]
+
+
+def _new_event(h: Harness) -> int:
+    """One event journaled through the daemon, as a client makes it: its seq."""
+    vm = h.connect(VM)
+    name = f"pool{h.journal_writer.next_seq}"
+    vm.ok("create-lockspace", lockspace=name)
+    vm.close()
+    return h.journal_writer.next_seq - 1
+
+
+def test_subscribe_since_replays_the_journal_in_order_then_goes_live(h: Harness) -> None:
+    _written(h, 2000)
+    auditor = h.connect(AUDITOR)
+    assert _subscribe(auditor, since=3) == list(range(3, 2001))
+    live = _new_event(h)
+    assert _seqs(auditor) == [live]
+    assert h.journal_writer.readers[-1].closed  # nothing is left open once live
+
+
+def test_a_replay_waits_for_a_slow_reader_instead_of_dropping_it(h: Harness) -> None:
+    """A subscriber 4 MiB behind is disconnected; one catching up from an old seq is
+    given a step at a time, each when its socket has taken most of the last."""
+    _written(h, 2000)
+    auditor = h.connect(AUDITOR)
+    auditor.transport.stuck_bytes = 300 * 1024  # above REPLAY_BACKLOG, far below 4 MiB
+    assert _subscribe(auditor, since=1) == list(range(1, STEP + 1))
+    auditor.ref.tell(Drained())
+    h.run()
+    assert _seqs(auditor) == list(range(STEP + 1, 2 * STEP + 1))
+    auditor.transport.stuck_bytes = 0
+    auditor.ref.tell(Drained())
+    h.run()
+    assert _seqs(auditor) == list(range(2 * STEP + 1, 2001))
+    assert not auditor.transport.closed
+    assert _seqs(auditor) == []
+    assert [_new_event(h)] == _seqs(auditor)
+
+
+def test_meanwhile_requests_are_served_and_new_events_wait_their_turn(h: Harness) -> None:
+    _written(h, 2000)
+    auditor = h.connect(AUDITOR)
+    auditor.transport.stuck_bytes = 300 * 1024
+    first = _subscribe(auditor, since=1)
+    assert auditor.ok("status")["clients"] >= 1  # not busy while it catches up
+    later = _new_event(h)  # journaled during the replay: comes in its place, once
+    auditor.transport.stuck_bytes = 0
+    auditor.ref.tell(Drained())
+    h.run()
+    assert first + _seqs(auditor) == list(range(1, later + 1))
+
+
+def test_a_since_past_the_end_is_refused_and_subscribes_nothing(h: Harness) -> None:
+    _written(h, 10)
+    auditor = h.connect(AUDITOR)
+    error = auditor.error("subscribe", since=12)
+    assert error["code"] == "invalid-argument"
+    assert "the next event will be 11" in error["message"]
+    _new_event(h)
+    assert _seqs(auditor) == []
+    assert _subscribe(auditor, since=11) == [11]  # the next one: accepted
+    assert auditor.error("subscribe", since=1)["code"] == "invalid-argument"  # subscribed
+    assert auditor.ok("subscribe") == {}  # again, as before: nothing changes
+    assert auditor.error("subscribe", since=0)["code"] == "invalid-argument"
+
+
+def test_closing_during_a_replay_lets_go_of_the_journal(h: Harness) -> None:
+    _written(h, 2000)
+    auditor = h.connect(AUDITOR)
+    auditor.transport.stuck_bytes = 300 * 1024
+    auditor.ok("subscribe", since=1)
+    auditor.close()
+    assert h.journal_writer.readers[-1].closed
+
+
+class _Recorder(DispatchedActor):
+    def __init__(self, dispatcher: Any, got: list[Any]) -> None:
+        super().__init__(dispatcher)
+        self.got = got
+
+    def on_receive(self, message: Any) -> Any:
+        self.got.append(message)
+
+
+@pytest.mark.parametrize("replaying", [False, True], ids=["live", "catching-up"])
+def test_a_hand_over_carries_the_next_seq_and_the_next_program_replays_from_it(
+    h: Harness, replaying: bool
+) -> None:
+    """A re-exec: what the old program journals after the hand-over (its last events,
+    its daemon-stopped) and the new program's start-up reach the subscriber, read
+    back from the journal, after the replies the old program had not sent."""
+    _written(h, 2000 if replaying else 5)
+    auditor = h.connect(AUDITOR)
+    if replaying:
+        auditor.transport.stuck_bytes = 300 * 1024
+    sent = _subscribe(auditor, since=1)
+    assert sent == list(range(1, (STEP if replaying else 5) + 1))
+    got: list[Any] = []
+    auditor.ref.tell(Quiesce(_Recorder.start(h.dispatcher, got)))
+    h.run()
+    (state,) = got
+    assert isinstance(state, HandedOver)
+    assert state.events_from == sent[-1] + 1
+    missed = _new_event(h)  # journaled between the hand-over and the next program
+    assert _seqs(auditor) == []
+    assert h.journal_writer.readers[-1].closed or not replaying
+
+    transport = FakeTransport(AUDITOR, 0)
+    restored = attrs.evolve(state, unsent=b"\x00\x00\x00\x00")  # a reply not sent yet
+    ConnectionActor.start(
+        h.dispatcher, conn_id=state.conn_id, transport=transport, router=h.router,
+        owners=h.owners, journal=h.journal, processes=h.processes,
+        info=ServerInfo("test", 1, 0.0, "test"), clock=h.clock, restored=restored,
+    )  # fmt: skip
+    h.run()
+    assert transport.written[0] == b"\x00\x00\x00\x00"
+    again = Conn(h, auditor.ref, transport)
+    transport.written = transport.written[1:]
+    assert _seqs(again) == list(range(sent[-1] + 1, missed + 1))
+    live = _new_event(h)
+    assert _seqs(again) == [live]

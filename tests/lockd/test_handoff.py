@@ -1,0 +1,52 @@
+"""The handoff a re-exec passes to the next program: what an earlier or a later
+build reads of it."""
+
+from __future__ import annotations
+
+import cbor2
+
+from actors.connection import HandedOver
+from lockd.reexec import Handoff, ListenerFd
+
+
+def _conn(conn_id: int, *, subscribed: bool, events_from: int | None) -> HandedOver:
+    return HandedOver(
+        conn_id=conn_id, fd=10 + conn_id, peer_pid=100, peer_uid=0, admin=False,
+        connected_since=1.0, owner=None, restricted=False, subscribed=subscribed,
+        version=1, pending=b"", unsent=b"", events_from=events_from,
+    )  # fmt: skip
+
+
+def _handoff(*conns: HandedOver) -> Handoff:
+    return Handoff((ListenerFd(3, "/run/l.sock", False),), conns, (), 7)
+
+
+def test_a_subscriber_s_next_seq_is_carried() -> None:
+    conns = (
+        _conn(1, subscribed=True, events_from=4242),
+        _conn(2, subscribed=False, events_from=None),
+    )
+    assert Handoff.from_bytes(_handoff(*conns).to_bytes()).connections == conns
+
+
+def test_each_connection_map_keeps_the_keys_an_earlier_build_passes_to_handed_over() -> None:
+    """An earlier build builds HandedOver from each connection's map as it is: a key it
+    does not know would stop a downgrade's new program. The seq travels beside them."""
+    earlier = {
+        "conn_id", "fd", "peer_pid", "peer_uid", "admin", "connected_since", "owner",
+        "restricted", "subscribed", "version", "pending", "unsent",
+    }  # fmt: skip
+    raw = cbor2.loads(_handoff(_conn(1, subscribed=True, events_from=9)).to_bytes())
+    assert set(raw["connections"][0]) == earlier
+    assert raw["events_from"] == {1: 9}
+
+
+def test_a_handoff_from_an_earlier_build_subscribes_from_the_next_event() -> None:
+    raw = cbor2.loads(_handoff(_conn(1, subscribed=True, events_from=9)).to_bytes())
+    del raw["events_from"]
+    (conn,) = Handoff.from_bytes(cbor2.dumps(raw)).connections
+    assert conn.subscribed
+    assert conn.events_from is None
+    raw["events_from"] = {1: "nonsense"}
+    (conn,) = Handoff.from_bytes(cbor2.dumps(raw)).connections
+    assert conn.events_from is None
