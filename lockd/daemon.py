@@ -635,6 +635,7 @@ class Daemon:
             started=self.system.serving_since,
             log_config=(self.config.log_level, self.config.log_filters, self.config.log_outputs),
             bound=sorted(self._bound),
+            on_done=self._reexec_over,
         )
 
     def _stop_accepting(self) -> None:
@@ -651,8 +652,13 @@ class Daemon:
             self._adopt_connection(state)
         for listener in self.listeners:
             listener.start()
-        self._reexecing = False
         sd_notify(f"STATUS=serving; re-exec abandoned: {why}")
+
+    def _reexec_over(self) -> None:
+        """The abandoned re-exec has every answer it waited for: a SIGUSR1 is taken
+        again (earlier, a second re-exec would quiesce the connections still
+        answering the first, and miss one the first takes back meanwhile)."""
+        self._reexecing = False
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration; apply the log level, report what needs a restart."""

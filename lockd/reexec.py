@@ -434,10 +434,19 @@ def exec_with(handoff: Handoff, argv: Sequence[str], *, block_signals: bool = Tr
 REEXEC_DEADLINE_SECONDS = 10.0
 """How long a re-exec may wait for connections and lockspaces to go quiet before it gives up."""
 
+AFTER_ABORT_SECONDS = 5.0
+"""How long an abandoned re-exec waits for the answers of connections it quiesced
+(each answers at once to :class:`Resume`) before it ends without them."""
+
 
 @attrs.frozen
 class _Deadline:
     """Self-sent when the re-exec took too long."""
+
+
+@attrs.frozen
+class _GiveUp:
+    """Self-sent :data:`AFTER_ABORT_SECONDS` after the re-exec was abandoned."""
 
 
 @attrs.frozen
@@ -470,13 +479,17 @@ class ReexecActor(DispatchedActor):
         started: float | None = None,
         log_config: tuple[str, str, str] | None = None,
         bound: Sequence[str] | None = None,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
         serves as usual). ``before_exec``: last work of this process (a snapshot
         being written by a child is finished, so the next process is not left a
-        child it does not know)."""
+        child it does not know). ``on_done``: the re-exec is over in this process
+        without an exec (abandoned, and every connection it quiesced has answered):
+        until then a second one would quiesce connections whose answers come here."""
         super().__init__(dispatcher)
+        self._on_done = on_done
         self._before_exec = before_exec
         self._own_fds = own_fds
         """The journal directory's lock and the pid file (see :class:`Handoff`)."""
@@ -648,8 +661,19 @@ class ReexecActor(DispatchedActor):
         # all the same (its answer crossed this) is taken back as it arrives.
         for ref in self._connections:
             tell_if_alive(ref, Resume(self.actor_ref))
+        ref = self.actor_ref
+        self.dispatcher.call_later(AFTER_ABORT_SECONDS, lambda: tell_if_alive(ref, _GiveUp()))
+
+    def on_stop(self) -> None:
+        if self._on_done is not None:
+            self._on_done()
 
     def _after_abort(self, message: Any) -> None:
+        if isinstance(message, _GiveUp):
+            log.warning("re-exec: %d quiesced connection(s) never answered; "
+                        "SIGUSR1 is taken again", self._waiting)  # fmt: skip
+            self.stop()
+            return
         if not isinstance(message, HandedOver | Gone):
             return
         if isinstance(message, HandedOver):

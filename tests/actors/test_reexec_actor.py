@@ -253,3 +253,82 @@ def test_a_resume_crossing_the_hand_over_is_not_answered(tmp_path: Path) -> None
         assert answers == ["HandedOver"]
     finally:
         h.close()
+
+
+def test_an_abandoned_reexec_is_over_once_every_quiesced_connection_answered(
+    tmp_path: Path, handed: list[reexec.Handoff]
+) -> None:
+    """Given up while a connection still finishes its request, the re-exec is over only
+    when that connection has answered: a SIGUSR1 taken earlier would start a second
+    re-exec that quiesces it while its answer still goes to the first, and misses a
+    connection the first takes back meanwhile."""
+    h = Harness(tmp_path / "locks")
+    try:
+        for pid in (MANAGER, VM):
+            h.processes.spawn(pid)
+        conn = h.connect(MANAGER)
+        conn.register(VM)
+        over: list[str] = []
+        actor = reexec.ReexecActor.start(
+            h.dispatcher,
+            connections=lambda: [conn.ref],
+            stop_accepting=lambda: None,
+            router=h.router, journal=h.journal, owners=h.owners, listeners=[],
+            next_conn_id=lambda: 100, argv=[sys.executable],
+            on_abort=lambda _states, _why: over.append("abandoned"),
+            on_done=lambda: over.append("over"),
+        )  # fmt: skip
+        h.run()
+        conn.send("acquire", leases=[{"lockspace": FILES, "resource": "a"}], autocreate=True)
+        h.dispatcher._run_ready(1)  # the connection takes the request
+        _passed(actor)
+        connection = conn.ref._actor_weakref()
+        assert connection is not None
+        for _ in range(50):
+            h.dispatcher._run_ready(1)
+            if connection._quiesce_to is not None:
+                break
+        assert connection._busy
+        actor.tell(reexec._Deadline())
+        for _ in range(50):
+            h.dispatcher._run_ready(1)
+            if over:
+                break
+        assert over == ["abandoned"]  # the connection has not answered yet
+        h.run()
+        assert over == ["abandoned", "over"]
+        assert not actor.is_alive()
+    finally:
+        h.close()
+
+
+def test_an_abandoned_reexec_does_not_wait_for_ever_for_an_answer(
+    tmp_path: Path, handed: list[reexec.Handoff]
+) -> None:
+    class Mute(DispatchedActor):
+        """A connection that never answers (a bug): SIGUSR1 must not be refused for ever."""
+
+        def on_receive(self, message: Any) -> Any:
+            return None
+
+    h = Harness(tmp_path / "locks")
+    try:
+        mute = Mute.start(h.dispatcher)
+        over: list[str] = []
+        actor = reexec.ReexecActor.start(
+            h.dispatcher,
+            connections=lambda: [mute],
+            stop_accepting=lambda: None,
+            router=h.router, journal=h.journal, owners=h.owners, listeners=[],
+            next_conn_id=lambda: 100, argv=[sys.executable],
+            on_abort=lambda _states, _why: None, on_done=lambda: over.append("over"),
+        )  # fmt: skip
+        _passed(actor)
+        h.run()
+        actor.tell(reexec._Deadline())
+        h.run()
+        assert over == []
+        h.advance(reexec.AFTER_ABORT_SECONDS)
+        assert over == ["over"]
+    finally:
+        h.close()
