@@ -183,17 +183,6 @@ def _run(args: argparse.Namespace, body: Callable[[], int]) -> int:
         return _fail(args, exc)
 
 
-def _uuid_text(raw: Any) -> str:
-    return str(uuidlib.UUID(bytes=raw)) if isinstance(raw, bytes) and len(raw) == 16 else str(raw)
-
-
-def _owner_json(owner: dict[str, Any]) -> dict[str, Any]:
-    out = {**owner, "uuid": _uuid_text(owner.get("uuid"))}
-    if "boot" in owner:
-        out["boot"] = _uuid_text(owner["boot"])
-    return out
-
-
 def _when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -279,7 +268,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         with _connect(args.socket, "lockd-status") as client:
             status = client.call("status")
         if args.json:
-            fences = [{**f, "owner": _owner_json(f["owner"])} for f in status.get("fencing", [])]
+            fences = [{**f, "owner": json_ready(f["owner"])} for f in status.get("fencing", [])]
             _print_json({**status, "fencing": fences} if "fencing" in status else status)
         else:
             fencing = status.pop("fencing", None)  # None: a daemon older than the field
@@ -329,13 +318,11 @@ def cmd_leases(args: argparse.Namespace) -> int:
         with _connect(args.socket, "lockd-leases") as client:
             rows = client.call("list-leases", **extra)["leases"]
         if args.json:
-            _print_json(
-                [{**row, "owners": [_owner_json(o) for o in row["owners"]]} for row in rows]
-            )
+            _print_json([{**row, "owners": [json_ready(o) for o in row["owners"]]} for row in rows])
             return EXIT_OK
         for row in rows:
             owners = ", ".join(
-                f"{printable(o['name'])} (uuid {_uuid_text(o['uuid'])}, pid {o['pid']}, "
+                f"{printable(o['name'])} (uuid {json_ready(o['uuid'])}, pid {o['pid']}, "
                 f"since {_when(o['since'])})"
                 for o in row["owners"]
             )
@@ -353,7 +340,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
             rows = client.call("list-clients")["clients"]
         if args.json:
             _print_json(
-                [{**r, "owner": _owner_json(r["owner"])} if "owner" in r else r for r in rows]
+                [{**r, "owner": json_ready(r["owner"])} if "owner" in r else r for r in rows]
             )
             return EXIT_OK
         for r in rows:
@@ -646,7 +633,7 @@ def cmd_acquire(args: argparse.Namespace) -> int:
         with _connect(args.socket, "lockd-acquire", wait=args.wait, spawn=True) as client:
             granted = _acquire(client, leases, args, owner)
         if args.json:
-            _print_json({"owner": _owner_json(owner), "leases": granted})
+            _print_json({"owner": json_ready(owner), "leases": granted})
         else:
             for lease in granted:
                 print(f"acquired {lease['lockspace']}/{lease['resource']} {lease['mode']} "
