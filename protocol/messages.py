@@ -295,21 +295,7 @@ def _once_each(leases: Sequence[tuple[str, str]]) -> None:
 
 
 def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
-    if cls is Hello:
-        versions = args.get("versions")
-        if not isinstance(versions, list) or not versions:
-            raise _Invalid("versions must be a non-empty list")
-        return Hello(
-            rid,
-            tuple(_uint(v, "version") for v in versions),
-            _text(args["client"], "client") if "client" in args else None,
-        )
-    if cls is Register:
-        return Register(rid, _owner(args.get("owner")))
-    if cls is CreateLockspace:
-        return CreateLockspace(rid, _lockspace(args.get("lockspace")))
-    if cls in (CreateResource, DeleteResource):
-        return cls(rid, _lockspace(args.get("lockspace")), _resource(args.get("resource")))
+    # Acquire and release first: they are nearly every request a daemon reads.
     if cls is Acquire:
         leases = tuple(
             LeaseRequest(i["lockspace"], i["resource"], i.get("shared", False))
@@ -334,6 +320,21 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
         )
         _once_each(pairs)
         return Release(rid, pairs, False)
+    if cls is Hello:
+        versions = args.get("versions")
+        if not isinstance(versions, list) or not versions:
+            raise _Invalid("versions must be a non-empty list")
+        return Hello(
+            rid,
+            tuple(_uint(v, "version") for v in versions),
+            _text(args["client"], "client") if "client" in args else None,
+        )
+    if cls is Register:
+        return Register(rid, _owner(args.get("owner")))
+    if cls is CreateLockspace:
+        return CreateLockspace(rid, _lockspace(args.get("lockspace")))
+    if cls in (CreateResource, DeleteResource):
+        return cls(rid, _lockspace(args.get("lockspace")), _resource(args.get("resource")))
     if cls is ListLeases:
         return ListLeases(rid, _lockspace(args["lockspace"]) if "lockspace" in args else None)
     if cls is Subscribe:
