@@ -54,7 +54,9 @@ class EntryReader(Protocol):
     (real: lockd.journal_file.JournalFollower)."""
 
     def poll(self, max_bytes: int = -1) -> list[JournalEntry]:
-        """The next entries, about ``max_bytes`` of them; [] when none are left."""
+        """The next entries, about ``max_bytes`` of them; [] when none are left.
+
+        Raises what reading the files meets: OSError, JournalCorruptError."""
         ...
 
     def close(self) -> None: ...
@@ -248,7 +250,9 @@ class JournalActor(DispatchedActor):
                 reader = self._replays[ref.actor_urn] = self._writer.reader(since)
             try:
                 entries = reader.poll(self._replay_bytes)
-            except (OSError, ValueError) as exc:  # JournalCorruptError is a ValueError
+            except Exception as exc:  # noqa: BLE001 - JournalCorruptError is no ValueError
+                # A damaged or vanished segment ends this replay, never the journal actor
+                # (whose death stops the daemon).
                 log.error("replaying the journal from seq %d for a subscriber failed: %s; "
                           "it goes on from seq %d", since, exc, end)  # fmt: skip
             # Nothing read though seqs are missing: they cannot be read, and the

@@ -8,6 +8,7 @@ the journal is in memory and counts an entry as 100 bytes in a replay step, so a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -176,3 +177,33 @@ def test_a_hand_over_carries_the_next_seq_and_the_next_program_replays_from_it(
     assert _seqs(again) == list(range(sent[-1] + 1, missed + 1))
     live = _new_event(h)
     assert _seqs(again) == [live]
+
+
+def test_a_damaged_segment_ends_the_replay_not_the_journal(
+    h: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record damaged in a kept segment (which nothing reads before a replay does)
+    is logged and the subscriber goes on live; the journal actor, and with it the
+    daemon, carries on."""
+    from lockd.journal_file import FileJournal, JournalFollower, list_segments
+
+    _written(h, 20)
+    directory = tmp_path / "journal"
+    on_disk = FileJournal(str(directory))
+    on_disk.append(h.journal_writer.entries)
+    on_disk.close()
+    segment = directory / list_segments(str(directory))[0]
+    damaged = bytearray(segment.read_bytes())
+    damaged[-200] ^= 0xFF  # inside a record near the end: its CRC no longer matches
+    segment.write_bytes(bytes(damaged))
+    monkeypatch.setattr(
+        h.journal_writer, "reader", lambda since: JournalFollower(str(directory), since)
+    )
+    auditor = h.connect(AUDITOR)
+    with caplog.at_level(logging.ERROR):
+        sent = _subscribe(auditor, since=1)
+    assert "corrupt" in caplog.text
+    assert h.journal.is_alive()
+    assert sent == []  # the step that met the damage sends nothing; the gap shows
+    live = _new_event(h)
+    assert _seqs(auditor) == [live]
