@@ -487,7 +487,7 @@ class ConnectionActor(DispatchedActor):
     def _pump(self) -> None:
         """Take the next request when idle; apply back-pressure when a backlog grows."""
         if self._quiesce_to is not None:
-            if not self._busy:
+            if not self._busy and not self._closed:  # closed: Gone, from _closed_and_done
                 self._hand_over()
             return
         transport = self._transport

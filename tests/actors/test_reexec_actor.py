@@ -14,7 +14,7 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.connection import Quiesce, Resume, _Retry
+from actors.connection import Gone, Quiesce, Resume, _Retry
 from actors.events import LeaseAcquired, LeaseReleased
 from actors.runtime import DispatchedActor
 from lockd import reexec
@@ -330,5 +330,41 @@ def test_an_abandoned_reexec_does_not_wait_for_ever_for_an_answer(
         assert over == []
         h.advance(reexec.AFTER_ABORT_SECONDS)
         assert over == ["over"]
+    finally:
+        h.close()
+
+
+class _Recorder(DispatchedActor):
+    """Stands for the re-exec actor: keeps what the connection answers its quiesce."""
+
+    def __init__(self, dispatcher: Any, got: list[Any]) -> None:
+        super().__init__(dispatcher)
+        self.got = got
+
+    def on_receive(self, message: Any) -> Any:
+        self.got.append(message)
+
+
+@pytest.mark.parametrize("request_args", [{"op": "subscribe", "since": 1}, {"op": "status"}],
+                         ids=["subscribe", "status"])  # fmt: skip
+def test_a_connection_closed_with_a_request_in_flight_is_not_handed_over(
+    tmp_path: Path, request_args: dict[str, Any]
+) -> None:
+    """The client left while its request was answered; the quiesce reaches the actor
+    before the answer. Its socket is closed: it answers Gone once the answer is in, and
+    is never handed over (its fd number, closed, may be another file's by then: the next
+    program would take that for the client's socket, and an abandoned re-exec would
+    take it back)."""
+    h = Harness(tmp_path / "locks")
+    try:
+        h.processes.spawn(MANAGER)
+        conn = h.connect(MANAGER)
+        got: list[Any] = []
+        conn.send(**request_args)
+        conn.send_raw(b"")  # gone, its request in flight
+        conn.ref.tell(Quiesce(_Recorder.start(h.dispatcher, got)))
+        h.run()
+        assert [type(answer) for answer in got] == [Gone]
+        assert not conn.ref.is_alive()
     finally:
         h.close()
