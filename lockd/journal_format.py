@@ -235,13 +235,17 @@ def _uint_head(data: bytes, at: int, major: int) -> tuple[int, int] | None:
 
 def skip_records(data: bytes, expected: int, until: int) -> tuple[int, int]:
     """Step over the complete records at the start of ``data`` whose seq is below
-    ``until``, reading only their heads: (records skipped, bytes they took).
+    ``until``, reading their heads and checking their CRCs but decoding no entry:
+    (records skipped, bytes they took).
 
     A subscriber that resumes at a seq in the middle of an 8 MiB segment would
     otherwise have every entry before it decoded (0.7 s for a full segment, on the
     dispatcher thread). Stops early at anything unexpected (a cut-short record,
-    damage): :func:`decode_records` reads from there and says what is wrong.
+    damage): :func:`decode_records` reads from there and says what is wrong. The CRC
+    is what catches a damaged length head, which would otherwise move the skip into
+    the middle of a later record (damage reported at the wrong byte, or not at all).
     """
+    view = memoryview(data)
     at = 0
     count = 0
     while expected + count < until and at < len(data) and data[at] == 0x83:
@@ -250,9 +254,12 @@ def skip_records(data: bytes, expected: int, until: int) -> tuple[int, int]:
             break
         crc = _uint_head(data, seq[1], 0)
         length = None if crc is None else _uint_head(data, crc[1], 2)
-        if length is None or length[1] + length[0] > len(data):
+        if crc is None or length is None or length[1] + length[0] > len(data):
             break
-        at = length[1] + length[0]
+        end = length[1] + length[0]
+        if zlib.crc32(view[length[1] : end]) != crc[0]:
+            break
+        at = end
         count += 1
     return count, at
 

@@ -207,3 +207,48 @@ def test_skip_records_reads_heads_only_and_stops_at_anything_odd() -> None:
     damaged = bytearray(data)
     damaged[at[3]] = 0x82  # record 4 is no longer [seq, crc, entry]
     assert skip_records(bytes(damaged), 1, 99) == (3, at[3])
+
+
+def _length_head_damaged(records: list[bytes], index: int, delta: int) -> bytes:
+    """The records, the ``index``-th one's entry length ``delta`` bytes too long."""
+    damaged = bytearray(records[index])
+    at = 7  # 0x83, a one-byte seq, a five-byte CRC: then the bstr head 0x58 <length>
+    assert damaged[at] == 0x58
+    damaged[at + 1] += delta
+    return b"".join([*records[:index], bytes(damaged), *records[index + 1 :]])
+
+
+def test_skip_records_does_not_step_over_a_record_whose_length_is_damaged() -> None:
+    """A length head that is wrong but within the data would move the skip into the
+    middle of a later record: decoding would then report the damage at the wrong byte,
+    or take what it finds there for a record cut short and report nothing."""
+    from lockd.journal_format import encode_record, skip_records
+
+    records = [encode_record(entry(seq)) for seq in range(1, 11)]
+    at = [sum(len(r) for r in records[:n]) for n in range(11)]
+    for delta in (7, 39, len(records[3])):
+        data = _length_head_damaged(records, 2, delta)
+        assert skip_records(data, 1, 99) == (2, at[2])
+
+
+@pytest.mark.parametrize("delta", [7, 39])
+def test_a_follower_from_a_later_seq_reports_damage_where_journal_check_does(
+    tmp_path: Path, delta: int
+) -> None:
+    from lockd.journal_file import JournalFollower
+    from lockd.journal_format import decode_segment, encode_record
+
+    records = [encode_record(entry(seq)) for seq in range(1, 11)]
+    data = encode_header(1) + _length_head_damaged(records, 2, delta)
+    (tmp_path / "journal-00000000000000000001.cbor").write_bytes(data)
+    (tmp_path / "journal-00000000000000000011.cbor").write_bytes(
+        encode_header(11) + encode_record(entry(11))
+    )
+    with pytest.raises(JournalCorruptError) as whole:
+        decode_segment(data)
+    follower = JournalFollower(str(tmp_path), since_seq=8)
+    with pytest.raises(JournalCorruptError) as read:
+        follower.poll(512)
+    follower.close()
+    assert read.value.offset == whole.value.offset
+    assert "CRC mismatch in record 3" in read.value.reason
