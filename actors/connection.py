@@ -1020,7 +1020,10 @@ class ConnectionActor(DispatchedActor):
             )
             return
         if not self._closed:
-            self._transport.write(self._protocol.reply(request.id, {}))
+            # Where the feed starts: a later seq than since asked for is history the
+            # journal no longer keeps, a gap the subscriber sees before any event.
+            first = step.entries[0].seq if step.entries else step.next_seq
+            self._transport.write(self._protocol.reply(request.id, {"first": first}))
         self._catch_up(step)
         self._busy = False
         self._pump()

@@ -54,8 +54,10 @@ def _subscribe(conn: Conn, **args: Any) -> list[int]:
     rid = conn.send("subscribe", **args)
     conn.harness.run()
     reply, *events = conn.messages()
-    assert reply == {"id": rid, "result": {}}
-    return [m["event"]["seq"] for m in events]
+    assert reply["id"] == rid
+    seqs = [m["event"]["seq"] for m in events]
+    assert reply["result"] == {"first": seqs[0] if seqs else conn.harness.journal_writer.next_seq}
+    return seqs
 
 
 def _new_event(h: Harness) -> int:
@@ -106,6 +108,19 @@ def test_meanwhile_requests_are_served_and_new_events_wait_their_turn(h: Harness
     auditor.ref.tell(Drained())
     h.run()
     assert first + _seqs(auditor) == list(range(1, later + 1))
+
+
+def test_the_reply_says_where_the_feed_starts_when_old_history_is_gone(h: Harness) -> None:
+    _written(h, 10)
+    del h.journal_writer.entries[:5]  # segments deleted by journal_retain_segments
+    auditor = h.connect(AUDITOR)
+    rid = auditor.send("subscribe", since=2)
+    h.run()
+    reply, *events = auditor.messages()
+    assert reply == {"id": rid, "result": {"first": 6}}  # the gap, before any event
+    assert [m["event"]["seq"] for m in events] == list(range(6, 11))
+    assert _subscribe(h.connect(AUDITOR)) == []  # without since: from the next event
+    assert _seqs(auditor) == []
 
 
 def test_a_since_past_the_end_is_refused_and_subscribes_nothing(h: Harness) -> None:
