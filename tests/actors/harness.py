@@ -19,7 +19,7 @@ import pykka
 
 from actors.connection import ConnectionActor, Received, ServerInfo
 from actors.events import Event, JournalEntry
-from actors.journal import JournalActor, SyncPolicy
+from actors.journal import REPLAY_BYTES, JournalActor, SyncPolicy
 from actors.model import Owner
 from actors.owners import OwnersActor
 from actors.router import RouterActor
@@ -250,6 +250,7 @@ class Harness:
         sync: SyncPolicy = SyncPolicy.NONE,
         max_pidfds: int | None = None,
         open_lockspace: Callable[[str], LockspaceDir] = LockspaceDir,
+        replay_bytes: int = REPLAY_BYTES,
     ) -> None:
         self.clock = Clock()
         self.dispatcher = Dispatcher(clock=self.clock)
@@ -257,7 +258,12 @@ class Harness:
         self.journal_writer = MemoryJournal()
         self.processes = FakeProcesses()
         self.journal = JournalActor.start(
-            self.dispatcher, self.journal_writer, sync=sync, host="test", clock=lambda: 0.0
+            self.dispatcher,
+            self.journal_writer,
+            sync=sync,
+            host="test",
+            clock=lambda: 0.0,
+            replay_bytes=replay_bytes,
         )
         self.router = RouterActor.start(
             self.dispatcher, lock_dir=str(lock_dir), journal=self.journal,
