@@ -59,6 +59,10 @@ class EntryReader(Protocol):
         Raises what reading the files meets: OSError, JournalCorruptError."""
         ...
 
+    def park(self) -> None:
+        """Let go of open files until the next poll (which picks up where this left)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -262,6 +266,10 @@ class JournalActor(DispatchedActor):
         if live:
             self._end_replay(ref.actor_urn)
             self._subscribers[ref.actor_urn] = ref
+        elif ref.actor_urn in self._replays:
+            # The next step waits for the subscriber's socket, maybe for long: hold no
+            # fd, nor a segment that retention deletes, meanwhile.
+            self._replays[ref.actor_urn].park()
         tell_if_alive(ref, Subscribed(message.token, tuple(entries), next_seq, live))
 
     def _end_replay(self, urn: str) -> None:

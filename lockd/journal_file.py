@@ -250,6 +250,21 @@ class JournalFollower:
             self._file.close()
             self._file = None
 
+    def park(self) -> None:
+        """Close the open segment but keep the place: the next poll opens it again
+        there. A replay waiting for a slow subscriber holds no fd meanwhile, nor the
+        disk of a segment that retention deletes (the replay then goes on from the
+        oldest segment kept, and the gap shows in the seqs)."""
+        self.close()
+
+    def _reopen(self, name: str) -> None:
+        try:
+            self._file = open(os.path.join(self.directory, name), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            self._name, self._pending = None, b""  # deleted meanwhile: start again
+            return
+        self._file.seek(self._pending_at + len(self._pending))
+
     def _open(self, name: str) -> None:
         self.close()
         self._file = open(os.path.join(self.directory, name), "rb")  # noqa: SIM115 - kept open
@@ -277,6 +292,8 @@ class JournalFollower:
         names = list_segments(self.directory)
         if not names:
             return []
+        if self._name is not None and self._file is None:
+            self._reopen(self._name)  # parked
         if self._name is None:
             start = names[0]
             for name in names:

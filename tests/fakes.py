@@ -58,6 +58,7 @@ class ListReader:
         self._entries = entries
         self.next_seq = since_seq
         self.closed = False
+        self.parked = 0
 
     def poll(self, max_bytes: int = -1) -> list[JournalEntry]:
         out = [e for e in self._entries if e.seq >= self.next_seq]
@@ -66,6 +67,9 @@ class ListReader:
         if out:
             self.next_seq = out[-1].seq + 1
         return out
+
+    def park(self) -> None:
+        self.parked += 1
 
     def close(self) -> None:
         self.closed = True

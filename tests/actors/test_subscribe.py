@@ -88,6 +88,7 @@ def test_a_replay_waits_for_a_slow_reader_instead_of_dropping_it(h: Harness) -> 
     auditor = h.connect(AUDITOR)
     auditor.transport.stuck_bytes = 300 * 1024  # above REPLAY_BACKLOG, far below 4 MiB
     assert _subscribe(auditor, since=1) == list(range(1, STEP + 1))
+    assert h.journal_writer.readers[-1].parked == 1  # no fd held while it waits
     auditor.ref.tell(Drained())
     h.run()
     assert _seqs(auditor) == list(range(STEP + 1, 2 * STEP + 1))

@@ -252,3 +252,27 @@ def test_a_follower_from_a_later_seq_reports_damage_where_journal_check_does(
     follower.close()
     assert read.value.offset == whole.value.offset
     assert "CRC mismatch in record 3" in read.value.reason
+
+
+def test_a_parked_follower_holds_no_fd_and_goes_on_where_it_was(tmp_path: Path) -> None:
+    """A replay waiting for a slow subscriber parks its reader: no segment is held open
+    (nor kept on disk once retention deletes it); the next poll goes on at the same
+    record, or, its segment deleted meanwhile, at the oldest segment kept."""
+    journal = FileJournal(str(tmp_path), segment_bytes=4096)
+    write(journal, 300)
+    follower = journal.reader(1)
+    first = [e.seq for e in follower.poll(512)]
+    follower.park()
+    assert follower._file is None
+    second = [e.seq for e in follower.poll(512)]
+    assert first + second == list(range(1, len(first) + len(second) + 1))
+    follower.park()
+    names = list_segments(str(tmp_path))
+    (tmp_path / names[0]).unlink()  # retention, while it was parked
+    kept_from = int(names[1][len("journal-") : -len(".cbor")])
+    rest: list[int] = []
+    while step := [e.seq for e in follower.poll(512)]:
+        rest += step
+        follower.park()
+    assert rest == list(range(kept_from, 301))  # the gap shows in the seqs
+    journal.close()
