@@ -145,11 +145,63 @@ def decode_segment(data: bytes, *, raw: bool = False) -> SegmentScan:
             expected += 1
             continue
         tail = data[good:]
-        at_end = reason.endswith("(truncated)") or stream.tell() >= len(data)
-        if at_end or not tail.strip(b"\0"):
+        if _torn(tail, expected):
             return _scan(first_seq, entries, good, len(tail), raw=raw)
         raise JournalCorruptError(good, reason)
     return _scan(first_seq, entries, good, 0, raw=raw)
+
+
+def _torn(tail: bytes, expected: int) -> bool:
+    """Whether ``tail``, from the first bad record to the end, is what a crash in the
+    middle of a write leaves: zero bytes, or the last record cut short or garbled with
+    only zeros after it, and no good record anywhere after its start.
+
+    Judged from the bytes, not from where the decoder stopped: cbor2 reads ahead to
+    the end of the data, so "the decoder reached the end" held after any undecodable
+    record, and a damaged byte in the middle of the newest segment cut off every
+    good record after it (their seqs then reused).
+    """
+    if not tail.strip(b"\0"):
+        return True
+    extent = _record_extent(tail)
+    if extent is None:
+        return False  # not the start of a record: no write leaves that
+    if extent < len(tail) and tail[extent:].strip(b"\0"):
+        return False  # a whole record, and more after it
+    return not _good_record_after(tail, expected)
+
+
+def _record_extent(data: bytes, at: int = 0) -> int | None:
+    """Where the record starting at ``at`` ends, as its heads say (beyond the data if
+    they or it are cut short); None if no record starts there."""
+    if data[at] != 0x83:
+        return None
+    at += 1
+    value = 0
+    for major in (0, 0, 2):  # seq, crc, the entry's byte string
+        if at >= len(data):
+            return len(data) + 1
+        head = _uint_head(data, at, major)
+        if head is None:
+            info = data[at] & 0x1F
+            size = _HEAD_SIZES.get(info)
+            if data[at] >> 5 == major and size is not None and at + 1 + size > len(data):
+                return len(data) + 1  # the head itself is cut short
+            return None
+        value, at = head
+    return at + value
+
+
+def _good_record_after(tail: bytes, expected: int) -> bool:
+    """A complete record with a matching CRC and a seq not below ``expected`` starts
+    somewhere after the first byte of ``tail``: the data goes on past the damage."""
+    start = tail.find(0x83, 1)
+    while start != -1:
+        record = _checked_record(tail, start)
+        if record is not None and record[0] >= expected:
+            return True
+        start = tail.find(0x83, start + 1)
+    return False
 
 
 def _scan(first_seq: int, items: list[Any], good: int, torn: int, *, raw: bool) -> SegmentScan:
@@ -245,23 +297,31 @@ def skip_records(data: bytes, expected: int, until: int) -> tuple[int, int]:
     is what catches a damaged length head, which would otherwise move the skip into
     the middle of a later record (damage reported at the wrong byte, or not at all).
     """
-    view = memoryview(data)
     at = 0
     count = 0
-    while expected + count < until and at < len(data) and data[at] == 0x83:
-        seq = _uint_head(data, at + 1, 0)
-        if seq is None or seq[0] != expected + count:
+    while expected + count < until:
+        record = _checked_record(data, at)
+        if record is None or record[0] != expected + count:
             break
-        crc = _uint_head(data, seq[1], 0)
-        length = None if crc is None else _uint_head(data, crc[1], 2)
-        if crc is None or length is None or length[1] + length[0] > len(data):
-            break
-        end = length[1] + length[0]
-        if zlib.crc32(view[length[1] : end]) != crc[0]:
-            break
-        at = end
+        at = record[1]
         count += 1
     return count, at
+
+
+def _checked_record(data: bytes, at: int) -> tuple[int, int] | None:
+    """(seq, end) of the complete record at ``at`` if its CRC matches; else None.
+    Its entry is not decoded."""
+    if at >= len(data) or data[at] != 0x83:
+        return None
+    seq = _uint_head(data, at + 1, 0)
+    crc = None if seq is None else _uint_head(data, seq[1], 0)
+    length = None if crc is None else _uint_head(data, crc[1], 2)
+    if seq is None or crc is None or length is None:
+        return None
+    end = length[1] + length[0]
+    if end > len(data) or zlib.crc32(memoryview(data)[length[1] : end]) != crc[0]:
+        return None
+    return seq[0], end
 
 
 def header_length(data: bytes) -> tuple[int, int]:

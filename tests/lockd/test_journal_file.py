@@ -276,3 +276,25 @@ def test_a_parked_follower_holds_no_fd_and_goes_on_where_it_was(tmp_path: Path) 
         follower.park()
     assert rest == list(range(kept_from, 301))  # the gap shows in the seqs
     journal.close()
+
+
+def test_a_damaged_record_in_the_newest_segment_is_refused_not_cut_off(tmp_path: Path) -> None:
+    """One flipped byte in the middle of the segment being written: the daemon must not
+    take it for a crash's torn tail, cut off the 35 good records after it and hand
+    their seqs out again. It refuses to start, naming the byte (journal-check --repair
+    is the operator's way on)."""
+    from lockd.journal_format import encode_record
+
+    journal = FileJournal(str(tmp_path))
+    write(journal, 40)
+    journal.close()
+    (name,) = list_segments(str(tmp_path))
+    data = bytearray((tmp_path / name).read_bytes())
+    at = len(encode_header(1)) + sum(len(encode_record(entry(seq))) for seq in range(1, 6))
+    assert data[at] == 0x83
+    data[at] = 0x7C
+    (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(JournalCorruptError) as info:
+        FileJournal(str(tmp_path))
+    assert info.value.offset == at
+    assert (tmp_path / name).stat().st_size == len(data)  # nothing truncated

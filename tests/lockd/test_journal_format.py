@@ -126,3 +126,45 @@ def test_a_record_with_a_negative_seq_is_refused_not_misencoded() -> None:
     )
     with pytest.raises(ValueError, match="negative"):
         encode_record(entry)
+
+
+def _record_starts(first: int = 1, count: int = 40) -> tuple[bytes, list[int]]:
+    """A segment of ``count`` records and where each record starts in it."""
+    at = len(encode_header(first))
+    starts = []
+    for e in entries(first, count):
+        starts.append(at)
+        at += len(encode_record(e))
+    return segment(first, count), starts
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data, at: data.__setitem__(at, 0x7C),  # no longer an array head
+        lambda data, at: data.__setitem__(slice(at + 1, at + 3), b"\x1b\xff"),  # a seq head cut
+        lambda data, at: data.__setitem__(at + 7, 0x5A),  # a length head: 4 bytes, huge
+        lambda data, at: data.__setitem__(slice(at, at + 40), b"\0" * 40),  # a hole of zeros
+    ],
+    ids=["array-head", "seq-head", "length-head", "zero-hole"],
+)
+def test_damage_with_good_records_after_it_is_corruption_not_a_torn_tail(damage: object) -> None:
+    """Not what a crash in the middle of a write leaves: the good records after the
+    damage must not be cut off (their seqs reused by the next appends). The decoder
+    reads ahead to the end of the data, which once passed for "the tail"."""
+    data, starts = _record_starts()
+    damaged = bytearray(data)
+    damage(damaged, starts[5])  # type: ignore[operator]
+    with pytest.raises(JournalCorruptError) as info:
+        decode_segment(bytes(damaged))
+    assert info.value.offset == starts[5]
+
+
+def test_a_garbled_last_record_is_a_torn_tail() -> None:
+    """The last write half on disk (a page of it lost): its CRC fails, nothing follows."""
+    data, starts = _record_starts(count=6)
+    damaged = bytearray(data)
+    damaged[-3] ^= 0xFF
+    scan = decode_segment(bytes(damaged) + b"\0" * 100)
+    assert len(scan.entries) == 5
+    assert scan.valid_length == starts[5]
