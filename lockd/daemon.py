@@ -636,6 +636,7 @@ class Daemon:
             log_config=(self.config.log_level, self.config.log_filters, self.config.log_outputs),
             bound=sorted(self._bound),
             on_done=self._reexec_over,
+            stopping=lambda: bool(self._stop_reason),
         )
 
     def _stop_accepting(self) -> None:
@@ -650,6 +651,8 @@ class Daemon:
             else:
                 self._clients -= 1
             self._adopt_connection(state)
+        if self._stop_reason:
+            return  # stopping: the listeners are closed, and stay so
         for listener in self.listeners:
             listener.start()
         sd_notify(f"STATUS=serving; re-exec abandoned: {why}")

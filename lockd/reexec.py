@@ -480,6 +480,7 @@ class ReexecActor(DispatchedActor):
         log_config: tuple[str, str, str] | None = None,
         bound: Sequence[str] | None = None,
         on_done: Callable[[], None] | None = None,
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
@@ -490,6 +491,9 @@ class ReexecActor(DispatchedActor):
         until then a second one would quiesce connections whose answers come here."""
         super().__init__(dispatcher)
         self._on_done = on_done
+        self._stopping = stopping
+        """True once the daemon is stopping (SIGTERM): the stop runs the messages still
+        queued, and an exec from them would replace a daemon asked to stop."""
         self._before_exec = before_exec
         self._own_fds = own_fds
         """The journal directory's lock and the pid file (see :class:`Handoff`)."""
@@ -539,6 +543,9 @@ class ReexecActor(DispatchedActor):
         ).start()
 
     def _checked(self, result: TargetCheck) -> None:
+        if self._stopping():
+            self._abort("the daemon is stopping")
+            return
         if not result.ok:
             self._abort(result.why)
             return
@@ -623,6 +630,9 @@ class ReexecActor(DispatchedActor):
                 "config_filters": filters, "config_outputs": outputs}  # fmt: skip
 
     def _exec(self) -> None:
+        if self._stopping():
+            self._abort("the daemon is stopping")
+            return
         if self._before_exec is not None:
             try:
                 self._before_exec()
@@ -650,7 +660,7 @@ class ReexecActor(DispatchedActor):
         """Give up the re-exec and go on serving: the same process, the same locks."""
         self._done = True
         self._why = why
-        log.error("re-exec abandoned: %s; serving on", why)
+        log.error("re-exec abandoned: %s%s", why, "" if self._stopping() else "; serving on")
         self._router.tell(Unfreeze())
         self._on_abort(self._handed, why)
         self._handed = []

@@ -278,6 +278,42 @@ def test_a_reexec_hands_over_its_own_locks_only_to_a_program_that_takes_them(
         daemon.system.shutdown("test done")
 
 
+def test_a_sigterm_while_a_reexec_is_checked_stops_the_daemon_and_execs_nothing(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM while the new program is checked: the stop runs the messages still
+    queued, the check's answer among them. The re-exec must not go on from there and
+    exec the next program over a stopping daemon (its listeners already closed): the
+    operator asked for a stop, and a service manager would wait for it in vain."""
+    execs: list[Handoff] = []
+    monkeypatch.setattr(
+        reexec_module, "exec_with", lambda handoff, *_a, **_kw: execs.append(handoff)
+    )
+    checked, answer = threading.Event(), threading.Event()
+
+    def check(_argv: object, _spawn: object = None) -> TargetCheck:
+        checked.set()
+        answer.wait(10)  # the new program starts slowly: SIGTERM comes first
+        return TargetCheck(True, own_fds=True, paths=_paths(config))
+
+    monkeypatch.setattr(reexec_module, "check_target", check)
+    daemon = Daemon(config, sockets=False)
+    daemon.dispatcher.run_until_idle()
+    daemon.reexec()
+    started = time.monotonic()
+    while not checked.is_set() and time.monotonic() - started < 10:
+        daemon.dispatcher.run_once(timeout=0.05)
+    assert checked.is_set()
+    daemon.request_stop("SIGTERM")
+    answer.set()
+    time.sleep(0.1)  # the check's answer is queued now, not handled
+    daemon.system.shutdown("SIGTERM")
+    assert execs == []
+    reasons = [e.event.reason for e in read_entries(config.journal_dir)
+               if isinstance(e.event, DaemonStopped)]  # fmt: skip
+    assert reasons == ["SIGTERM"]
+
+
 def test_a_reexec_into_a_program_that_fails_its_check_is_abandoned(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
