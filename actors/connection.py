@@ -1029,7 +1029,8 @@ class ConnectionActor(DispatchedActor):
         self._pump()
 
     def _catch_up(self, step: Subscribed) -> None:
-        """Send one replay step on; ask for the next once the socket has taken most of it."""
+        """Send one replay step on; ask for the next at once, or, past
+        :data:`REPLAY_BACKLOG` unsent, once the socket has taken all of it."""
         if self._closed:
             return
         if step.next_seq < (self._events_next or 0) and not step.live:
