@@ -163,10 +163,11 @@ def _torn(tail: bytes, expected: int) -> bool:
     """
     if not tail.strip(b"\0"):
         return True
-    extent = _record_extent(tail)
+    written = tail.rstrip(b"\0")  # zeros after a cut may fall where its heads would be
+    extent = _record_extent(written)
     if extent is None:
         return False  # not the start of a record: no write leaves that
-    if extent < len(tail) and tail[extent:].strip(b"\0"):
+    if extent < len(written):
         return False  # a whole record, and more after it
     return not _good_record_after(tail, expected)
 

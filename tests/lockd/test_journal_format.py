@@ -168,3 +168,16 @@ def test_a_garbled_last_record_is_a_torn_tail() -> None:
     scan = decode_segment(bytes(damaged) + b"\0" * 100)
     assert len(scan.entries) == 5
     assert scan.valid_length == starts[5]
+
+
+def test_a_write_cut_in_a_record_s_heads_then_zeros_is_a_torn_tail() -> None:
+    """A host crash keeps the page with the start of the last record and not the next
+    one (zeros): the zeros stand where its heads would be, and read as heads of the
+    wrong kind. Every cut of a write of several records, with zeros after it, is a
+    torn tail."""
+    data, starts = _record_starts(count=12)
+    write_at = starts[4]
+    for cut in range(write_at, len(data)):
+        scan = decode_segment(data[:cut] + b"\0" * 4096)
+        good = sum(1 for end in [*starts[1:], len(data)] if end <= cut)
+        assert (scan.count, scan.valid_length) == (good, starts[good]), cut
