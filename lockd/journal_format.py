@@ -163,6 +163,8 @@ def _torn(tail: bytes, expected: int) -> bool:
     """
     if not tail.strip(b"\0"):
         return True
+    if _checked_record(tail, 0) is not None:
+        return False  # whole and its CRC right, yet bad (a seq gap): no crash leaves that
     written = tail.rstrip(b"\0")  # zeros after a cut may fall where its heads would be
     extent = _record_extent(written)
     if extent is None:

@@ -181,3 +181,15 @@ def test_a_write_cut_in_a_record_s_heads_then_zeros_is_a_torn_tail() -> None:
         scan = decode_segment(data[:cut] + b"\0" * 4096)
         good = sum(1 for end in [*starts[1:], len(data)] if end <= cut)
         assert (scan.count, scan.valid_length) == (good, starts[good]), cut
+
+
+def test_a_whole_last_record_with_its_crc_right_and_a_seq_gap_is_corruption() -> None:
+    """A crash leaves a record cut short or garbled, never one whose CRC is right: a
+    damaged seq head (the CRC covers the entry only) must not pass for a torn tail and
+    have its record cut off."""
+    data, starts = _record_starts(count=6)
+    damaged = bytearray(data)
+    damaged[starts[5] + 1] ^= 1
+    with pytest.raises(JournalCorruptError, match="sequence gap") as info:
+        decode_segment(bytes(damaged))
+    assert info.value.offset == starts[5]
