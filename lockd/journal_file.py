@@ -28,6 +28,7 @@ from lockd.journal_format import (
     encode_header,
     encode_record,
     header_length,
+    is_torn_tail,
     skip_records,
 )
 
@@ -321,6 +322,15 @@ class JournalFollower:
                     break
                 continue  # more of this segment is there to read
             later = [n for n in names if self._name is not None and n > self._name]
+            if later and self._pending:
+                # The writer went on to a later segment, so this one is whole: what is
+                # left of it never becomes a record (a length head pointing past its
+                # end). A torn tail is skipped, as decode_segment does; damage is not.
+                if not is_torn_tail(self._pending, self._expected):
+                    raise JournalCorruptError(
+                        self._pending_at, f"{self._name}: record runs past the segment's end"
+                    )
+                self._pending = b""
             if later and not self._pending:
                 self._open(later[0])  # the writer rotated: go on in the next segment
                 if out and max_bytes > 0:

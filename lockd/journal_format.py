@@ -174,6 +174,12 @@ def _torn(tail: bytes, expected: int) -> bool:
     return not _good_record_after(tail, expected)
 
 
+def is_torn_tail(tail: bytes, expected: int) -> bool:
+    """Whether ``tail``, a segment's bytes from its first record that does not read to
+    its end, is a crash's torn tail (see :func:`decode_segment`) rather than damage."""
+    return _torn(tail, expected)
+
+
 def _record_extent(data: bytes, at: int = 0) -> int | None:
     """Where the record starting at ``at`` ends, as its heads say (beyond the data if
     they or it are cut short); None if no record starts there."""

@@ -298,3 +298,38 @@ def test_a_damaged_record_in_the_newest_segment_is_refused_not_cut_off(tmp_path:
         FileJournal(str(tmp_path))
     assert info.value.offset == at
     assert (tmp_path / name).stat().st_size == len(data)  # nothing truncated
+
+
+@pytest.mark.parametrize("max_bytes", [-1, 512])
+def test_a_follower_reports_a_length_head_past_the_end_of_an_older_segment(
+    tmp_path: Path, max_bytes: int
+) -> None:
+    """A damaged length head that points past the end of a segment the writer has left:
+    decode_segment calls it corruption (good records after it); the follower took it
+    for a record still being written and waited for the rest of it for ever, reporting
+    nothing and never reaching the later segments."""
+    from lockd.journal_file import JournalFollower
+    from lockd.journal_format import decode_segment, encode_record
+
+    records = [encode_record(entry(seq)) for seq in range(1, 11)]
+    data = bytearray(encode_header(1) + b"".join(records))
+    at = len(encode_header(1)) + len(records[0]) + len(records[1])
+    data[at + 7 : at + 9] = b"\x5a\x7f"  # the bstr head: now four bytes, 2 GiB
+    (tmp_path / "journal-00000000000000000001.cbor").write_bytes(bytes(data))
+    (tmp_path / "journal-00000000000000000011.cbor").write_bytes(
+        encode_header(11) + encode_record(entry(11))
+    )
+    with pytest.raises(JournalCorruptError) as whole:
+        decode_segment(bytes(data))
+    follower = JournalFollower(str(tmp_path))
+
+    def read_on() -> None:
+        for _ in range(3):  # the entries before the damage come first
+            follower.poll(max_bytes)
+
+    try:
+        with pytest.raises(JournalCorruptError) as read:
+            read_on()
+    finally:
+        follower.close()
+    assert read.value.offset == whole.value.offset == at
