@@ -611,6 +611,9 @@ class ReexecActor(DispatchedActor):
             if self._waiting == 0:
                 self._router.tell(CollectFds(0, self.actor_ref))
         elif isinstance(message, AllFds):
+            if self._stopping():  # the stop journals its own DaemonStopped
+                self._abort("the daemon is stopping")
+                return None
             self._leases = message.fds
             self._journal.tell(Append((DaemonStopped("re-exec (SIGUSR1)"),), 0, self.actor_ref))
         elif isinstance(message, Appended | AppendFailed):
@@ -638,6 +641,9 @@ class ReexecActor(DispatchedActor):
                 self._before_exec()
             except OSError as exc:  # the next program does without what it finishes
                 log.warning("re-exec: before exec: %s; going on", exc)
+            if self._stopping():  # a SIGTERM's handler ran meanwhile: the exec would lose it
+                self._abort("the daemon is stopping")
+                return
         handoff = Handoff(
             self._listeners, tuple(self._handed), self._leases, self._next_conn_id(),
             *self._own_fds, self._started, REGISTRY.carried(), self._logging(), self._bound,

@@ -314,6 +314,57 @@ def test_a_sigterm_while_a_reexec_is_checked_stops_the_daemon_and_execs_nothing(
     assert reasons == ["SIGTERM"]
 
 
+def test_a_sigterm_while_the_reexec_finishes_a_snapshot_stops_the_daemon_and_execs_nothing(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM after the re-exec decided to exec, while it waits up to STOP_WAIT_S for a
+    snapshot child: the handler runs then (the dispatcher's thread is the main thread),
+    and an exec after it would carry on serving, the stop lost."""
+    execs: list[Handoff] = []
+    monkeypatch.setattr(
+        reexec_module, "exec_with", lambda handoff, *_a, **_kw: execs.append(handoff)
+    )
+    passed = TargetCheck(True, own_fds=True, paths=_paths(config))
+    monkeypatch.setattr(reexec_module, "check_target", lambda _argv, _spawn=None: passed)
+    daemon = Daemon(config, sockets=False)
+    monkeypatch.setattr(
+        daemon.system.snapshots, "wait", lambda _timeout=None: daemon.request_stop("SIGTERM")
+    )
+    daemon.dispatcher.run_until_idle()
+    daemon.reexec()
+    started = time.monotonic()
+    while not execs and not daemon._stop_reason and time.monotonic() - started < 10:
+        daemon.dispatcher.run_once(timeout=0.05)
+    daemon.system.shutdown("SIGTERM")
+    assert daemon._stop_reason == "SIGTERM"
+    assert execs == []
+
+
+def test_a_sigterm_while_a_reexec_quiesces_journals_one_stop(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM once the listeners are stopped: the stop runs the quiescing still queued,
+    and the re-exec journaled its own "re-exec (SIGUSR1)" stop before the daemon's."""
+    execs: list[Handoff] = []
+    monkeypatch.setattr(
+        reexec_module, "exec_with", lambda handoff, *_a, **_kw: execs.append(handoff)
+    )
+    passed = TargetCheck(True, own_fds=True, paths=_paths(config))
+    monkeypatch.setattr(reexec_module, "check_target", lambda _argv, _spawn=None: passed)
+    daemon = Daemon(config, sockets=False)
+    monkeypatch.setattr(daemon, "_stop_accepting", lambda: daemon.request_stop("SIGTERM"))
+    daemon.dispatcher.run_until_idle()
+    daemon.reexec()
+    started = time.monotonic()
+    while not execs and not daemon._stop_reason and time.monotonic() - started < 10:
+        daemon.dispatcher.run_once(timeout=0.05)
+    daemon.system.shutdown("SIGTERM")
+    assert execs == []
+    reasons = [e.event.reason for e in read_entries(config.journal_dir)
+               if isinstance(e.event, DaemonStopped)]  # fmt: skip
+    assert reasons == ["SIGTERM"]
+
+
 def test_a_reexec_into_a_program_that_fails_its_check_is_abandoned(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
