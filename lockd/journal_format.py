@@ -201,16 +201,40 @@ def _record_extent(data: bytes, at: int = 0) -> int | None:
     return at + value
 
 
+_SCAN_CANDIDATES = 1_000_000
+"""Places :func:`_good_record_after` looks at before it gives up (about half a second)."""
+
+
 def _good_record_after(tail: bytes, expected: int) -> bool:
     """A complete record with a matching CRC and a seq not below ``expected`` starts
-    somewhere after the first byte of ``tail``: the data goes on past the damage."""
+    somewhere after the first byte of ``tail``: the data goes on past the damage.
+
+    Only a tail that starts with a record running past the end gets here, at start-up.
+    A tail of megabytes of 0x83 bytes, or of fake heads whose lengths make each CRC
+    long, could take minutes; past :data:`_SCAN_CANDIDATES` places, or four times the
+    tail's bytes in CRCs, it answers True: corruption, the operator's to look at, not
+    a tail to cut off unseen."""
     start = tail.find(0x83, 1)
-    while start != -1:
+    budget = 4 * len(tail)
+    for _ in range(_SCAN_CANDIDATES):
+        if start == -1:
+            return False
         record = _checked_record(tail, start)
         if record is not None and record[0] >= expected:
             return True
+        budget -= _crc_length(tail, start)
+        if budget < 0:
+            return True
         start = tail.find(0x83, start + 1)
-    return False
+    return start != -1
+
+
+def _crc_length(data: bytes, at: int) -> int:
+    """How many bytes :func:`_checked_record` ran its CRC over at ``at`` (0: none)."""
+    extent = _record_extent(data, at)
+    if extent is None or extent > len(data):
+        return 0
+    return extent - at
 
 
 def _scan(first_seq: int, items: list[Any], good: int, torn: int, *, raw: bool) -> SegmentScan:

@@ -193,3 +193,30 @@ def test_a_whole_last_record_with_its_crc_right_and_a_seq_gap_is_corruption() ->
     with pytest.raises(JournalCorruptError, match="sequence gap") as info:
         decode_segment(bytes(damaged))
     assert info.value.offset == starts[5]
+
+
+def test_a_tail_of_garbage_is_judged_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Megabytes of 0x83 after a record running past the end: the search for a good
+    record after it gives up (corruption, for the operator) instead of taking seconds,
+    and fake heads whose lengths would make each CRC long do not make it quadratic
+    (unbounded: 8 million places looked at, and 11 GB of CRCs)."""
+    from lockd import journal_format
+
+    looked: list[int] = []
+    checked_record = journal_format._checked_record
+
+    def counting(data: bytes, at: int) -> tuple[int, int] | None:
+        looked.append(at)
+        return checked_record(data, at)
+
+    monkeypatch.setattr(journal_format, "_checked_record", counting)
+    cut = segment(1, 3) + b"\x83\x04\x1a\0\0\0\0\x5a\x01\0\0\0"  # record 4, 16 MiB: cut
+    fake = b"\x83\x01\x1a\0\0\0\0\x5a\x00\x01\x00\x00"  # [1, crc 0, 64 KiB of bytes]
+    for garbage, bound in (
+        (cut + b"\x83" * (8 * 1024 * 1024), journal_format._SCAN_CANDIDATES + 1),
+        (cut + fake * (2 * 1024 * 1024 // len(fake)), 4 * 2 * 1024 * 1024 // 65536 + 2),
+    ):
+        looked.clear()
+        with pytest.raises(JournalCorruptError):
+            journal_format.decode_segment(garbage)
+        assert 0 < len(looked) <= bound
