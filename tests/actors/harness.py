@@ -23,12 +23,24 @@ from actors.journal import REPLAY_BYTES, JournalActor, SyncPolicy
 from actors.model import Owner
 from actors.owners import OwnersActor
 from actors.router import RouterActor
-from actors.runtime import Dispatcher
+from actors.runtime import DispatchedActor, Dispatcher
 from lockd.lockfiles import LockspaceDir
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from protocol.names import WELL_KNOWN_LOCKSPACES
 from tests.fakes import ListReader, PipeWatches
+
+
+class Recorder(DispatchedActor):
+    """Stands for an actor that is answered (the re-exec actor, a lockspace): keeps
+    every message it gets in ``got``."""
+
+    def __init__(self, dispatcher: Dispatcher, got: list[Any]) -> None:
+        super().__init__(dispatcher)
+        self.got = got
+
+    def on_receive(self, message: Any) -> Any:
+        self.got.append(message)
 
 
 class Clock:

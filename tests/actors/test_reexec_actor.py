@@ -19,7 +19,7 @@ from actors.events import LeaseAcquired, LeaseReleased
 from actors.runtime import DispatchedActor
 from lockd import reexec
 from protocol.codec import decode_item
-from tests.actors.harness import Conn, Harness
+from tests.actors.harness import Conn, Harness, Recorder
 
 MANAGER, VM = 4000, 4001
 FILES, LVM = "org.libvirt.lockd.files", "org.libvirt.lockd.lvm"
@@ -334,17 +334,6 @@ def test_an_abandoned_reexec_does_not_wait_for_ever_for_an_answer(
         h.close()
 
 
-class _Recorder(DispatchedActor):
-    """Stands for the re-exec actor: keeps what the connection answers its quiesce."""
-
-    def __init__(self, dispatcher: Any, got: list[Any]) -> None:
-        super().__init__(dispatcher)
-        self.got = got
-
-    def on_receive(self, message: Any) -> Any:
-        self.got.append(message)
-
-
 @pytest.mark.parametrize("request_args", [{"op": "subscribe", "since": 1}, {"op": "status"}],
                          ids=["subscribe", "status"])  # fmt: skip
 def test_a_connection_closed_with_a_request_in_flight_is_not_handed_over(
@@ -362,7 +351,7 @@ def test_a_connection_closed_with_a_request_in_flight_is_not_handed_over(
         got: list[Any] = []
         conn.send(**request_args)
         conn.send_raw(b"")  # gone, its request in flight
-        conn.ref.tell(Quiesce(_Recorder.start(h.dispatcher, got)))
+        conn.ref.tell(Quiesce(Recorder.start(h.dispatcher, got)))
         h.run()
         assert [type(answer) for answer in got] == [Gone]
         assert not conn.ref.is_alive()

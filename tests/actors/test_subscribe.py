@@ -21,8 +21,7 @@ from hypothesis import strategies as st
 from actors.connection import ConnectionActor, Drained, HandedOver, Quiesce, ServerInfo
 from actors.events import JournalEntry, LockspaceCreated
 from actors.journal import Append
-from actors.runtime import DispatchedActor
-from tests.actors.harness import Conn, FakeTransport, Harness
+from tests.actors.harness import Conn, FakeTransport, Harness, Recorder
 
 AUDITOR, VM = 4000, 4001
 STEP = 655
@@ -150,15 +149,6 @@ def test_closing_during_a_replay_lets_go_of_the_journal(h: Harness) -> None:
     assert h.journal_writer.readers[-1].closed
 
 
-class _Recorder(DispatchedActor):
-    def __init__(self, dispatcher: Any, got: list[Any]) -> None:
-        super().__init__(dispatcher)
-        self.got = got
-
-    def on_receive(self, message: Any) -> Any:
-        self.got.append(message)
-
-
 @pytest.mark.parametrize("replaying", [False, True], ids=["live", "catching-up"])
 def test_a_hand_over_carries_the_next_seq_and_the_next_program_replays_from_it(
     h: Harness, replaying: bool
@@ -173,7 +163,7 @@ def test_a_hand_over_carries_the_next_seq_and_the_next_program_replays_from_it(
     sent = _subscribe(auditor, since=1)
     assert sent == list(range(1, (STEP if replaying else 5) + 1))
     got: list[Any] = []
-    auditor.ref.tell(Quiesce(_Recorder.start(h.dispatcher, got)))
+    auditor.ref.tell(Quiesce(Recorder.start(h.dispatcher, got)))
     h.run()
     (state,) = got
     assert isinstance(state, HandedOver)
@@ -272,7 +262,7 @@ def test_every_event_from_since_arrives_once_in_order_whatever_the_interleaving(
                     ref.tell(Drained())
             else:
                 got: list[Any] = []
-                ref.tell(Quiesce(_Recorder.start(h.dispatcher, got)))
+                ref.tell(Quiesce(Recorder.start(h.dispatcher, got)))
                 h.run()
                 if not got or not isinstance(got[0], HandedOver):
                     continue  # busy with its first step: the quiesce waits (run on)

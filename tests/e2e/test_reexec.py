@@ -41,6 +41,35 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _loader(
+    daemon: DaemonProcess,
+    pid: int,
+    stop: threading.Event,
+    calls: list[int],
+    errors: list[BaseException],
+) -> threading.Thread:
+    """A started thread acquiring and releasing one lease for ``pid`` until ``stop``,
+    counting pairs in ``calls[0]``; every call must succeed (a failure goes to
+    ``errors``)."""
+
+    def load() -> None:
+        try:
+            with daemon.client("load") as client:
+                owner = {"uuid": uuid.uuid4().bytes, "name": "load", "id": 1, "pid": pid}
+                client.call("register", owner=owner)
+                lease = {"lockspace": FILES_LOCKSPACE, "resource": "load"}
+                while not stop.is_set():
+                    client.call("acquire", leases=[lease], autocreate=True)
+                    client.call("release", leases=[lease])
+                    calls[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    return thread
+
+
 def test_sigusr1_keeps_every_lock_and_connection(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
@@ -54,22 +83,7 @@ def test_sigusr1_keeps_every_lock_and_connection(
     stop = threading.Event()
     sleeper = subprocess.Popen(["sleep", "600"])
     children.append(sleeper)
-
-    def load() -> None:
-        try:
-            with daemon.client("load") as client:
-                owner = {"uuid": uuid.uuid4().bytes, "name": "load", "id": 1, "pid": sleeper.pid}
-                client.call("register", owner=owner)
-                lease = {"lockspace": FILES_LOCKSPACE, "resource": "load"}
-                while not stop.is_set():
-                    client.call("acquire", leases=[lease], autocreate=True)
-                    client.call("release", leases=[lease])
-                    calls[0] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            errors.append(exc)
-
-    loader = threading.Thread(target=load)
-    loader.start()
+    loader = _loader(daemon, sleeper.pid, stop, calls, errors)
     idle = daemon.client("idle")  # an idle connection opened before the re-exec
     try:
         wait_for(lambda: calls[0] > 20)
@@ -118,19 +132,6 @@ def test_a_subscriber_gets_every_event_once_across_a_reexec_under_load(
     seqs: list[int] = []
     errors: list[BaseException] = []
 
-    def load() -> None:
-        try:
-            with daemon.client("load") as client:
-                owner = {"uuid": uuid.uuid4().bytes, "name": "load", "id": 1, "pid": sleeper.pid}
-                client.call("register", owner=owner)
-                lease = {"lockspace": FILES_LOCKSPACE, "resource": "load"}
-                while not stop.is_set():
-                    client.call("acquire", leases=[lease], autocreate=True)
-                    client.call("release", leases=[lease])
-                    calls[0] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
-            errors.append(exc)
-
     auditor = daemon.client("audit")
     auditor.call("subscribe", since=1)
 
@@ -142,8 +143,8 @@ def test_a_subscriber_gets_every_event_once_across_a_reexec_under_load(
             if not done.is_set():
                 errors.append(exc)
 
-    loader, reader = threading.Thread(target=load), threading.Thread(target=audit)
-    loader.start()
+    loader = _loader(daemon, sleeper.pid, stop, calls, errors)
+    reader = threading.Thread(target=audit)
     reader.start()
     try:
         wait_for(lambda: calls[0] > 50)

@@ -188,10 +188,7 @@ def test_a_stop_kills_a_snapshot_child_that_does_not_finish(
     assert time.monotonic() - started < 5
     assert child not in children()  # killed and reaped
     assert list_snapshots(config.journal_dir) == []
-    stopped = [
-        e.event for e in read_entries(config.journal_dir) if isinstance(e.event, DaemonStopped)
-    ]
-    assert [e.reason for e in stopped] == ["test done"]
+    assert _stops(config) == ["test done"]
 
 
 def test_a_reexec_kills_a_snapshot_child_that_does_not_finish_then_execs(
@@ -228,10 +225,7 @@ def test_a_reexec_kills_a_snapshot_child_that_does_not_finish_then_execs(
         assert child not in children()  # killed and reaped
         assert list_snapshots(config.journal_dir) == []
         assert [resource for _, resource, _ in handoff.leases] == ["kept"]  # its fd goes on
-        stopped = [
-            e.event for e in read_entries(config.journal_dir) if isinstance(e.event, DaemonStopped)
-        ]
-        assert [e.reason for e in stopped] == ["re-exec (SIGUSR1)"]
+        assert _stops(config) == ["re-exec (SIGUSR1)"]
     finally:
         daemon.system.shutdown("test done")
 
@@ -278,6 +272,12 @@ def test_a_reexec_hands_over_its_own_locks_only_to_a_program_that_takes_them(
         daemon.system.shutdown("test done")
 
 
+def _stops(config: Config) -> list[str]:
+    """The reasons of the daemon-stopped events in the journal."""
+    return [e.event.reason for e in read_entries(config.journal_dir)
+            if isinstance(e.event, DaemonStopped)]  # fmt: skip
+
+
 def test_a_sigterm_while_a_reexec_is_checked_stops_the_daemon_and_execs_nothing(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -309,9 +309,7 @@ def test_a_sigterm_while_a_reexec_is_checked_stops_the_daemon_and_execs_nothing(
     time.sleep(0.1)  # the check's answer is queued now, not handled
     daemon.system.shutdown("SIGTERM")
     assert execs == []
-    reasons = [e.event.reason for e in read_entries(config.journal_dir)
-               if isinstance(e.event, DaemonStopped)]  # fmt: skip
-    assert reasons == ["SIGTERM"]
+    assert _stops(config) == ["SIGTERM"]
 
 
 def test_a_sigterm_while_the_reexec_finishes_a_snapshot_stops_the_daemon_and_execs_nothing(
@@ -360,9 +358,7 @@ def test_a_sigterm_while_a_reexec_quiesces_journals_one_stop(
         daemon.dispatcher.run_once(timeout=0.05)
     daemon.system.shutdown("SIGTERM")
     assert execs == []
-    reasons = [e.event.reason for e in read_entries(config.journal_dir)
-               if isinstance(e.event, DaemonStopped)]  # fmt: skip
-    assert reasons == ["SIGTERM"]
+    assert _stops(config) == ["SIGTERM"]
 
 
 def test_a_reexec_into_a_program_that_fails_its_check_is_abandoned(
@@ -375,10 +371,7 @@ def test_a_reexec_into_a_program_that_fails_its_check_is_abandoned(
     try:
         assert execs == []
         assert not daemon._reexecing  # a later SIGUSR1 is not ignored
-        stopped = [
-            e for e in read_entries(config.journal_dir) if isinstance(e.event, DaemonStopped)
-        ]
-        assert stopped == []  # nothing was journaled as if the daemon went away
+        assert _stops(config) == []  # nothing was journaled as if the daemon went away
     finally:
         daemon.system.shutdown("test done")
 
