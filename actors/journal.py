@@ -254,7 +254,9 @@ class JournalActor(DispatchedActor):
                 reader = self._replays[ref.actor_urn] = self._writer.reader(since)
             try:
                 entries = reader.poll(self._replay_bytes)
+                REGISTRY.add("lockd_events_replayed_total", len(entries))
             except Exception as exc:  # noqa: BLE001 - JournalCorruptError is no ValueError
+                REGISTRY.inc("lockd_replay_failures_total")
                 # A damaged or vanished segment ends this replay, never the journal actor
                 # (whose death stops the daemon).
                 log.error("replaying the journal from seq %d for a subscriber failed: %s; "

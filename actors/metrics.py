@@ -34,6 +34,14 @@ HELP = {
         "counter",
         "Journal writes that failed (nothing granted).",
     ),
+    "lockd_events_replayed_total": (
+        "counter",
+        "Events read back from the journal for subscribers catching up (subscribe since).",
+    ),
+    "lockd_replay_failures_total": (
+        "counter",
+        "Subscriber replays cut short by a journal read error: a gap in a subscriber's feed.",
+    ),
     "lockd_journal_snapshots_total": (
         "counter",
         "Snapshots at segment rotations, by result (written; failed or skipped while the "
@@ -61,6 +69,8 @@ ZERO: dict[str, tuple[LabelSet, ...]] = {
     "lockd_journal_entries_total": ((),),
     "lockd_journal_bytes_total": ((),),
     "lockd_journal_write_errors_total": ((),),
+    "lockd_events_replayed_total": ((),),
+    "lockd_replay_failures_total": ((),),
     "lockd_journal_snapshots_total": tuple(
         (("result", result),) for result in ("written", "skipped", "failed")
     ),

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from actors.connection import ConnectionActor, Drained, HandedOver, Quiesce, ServerInfo
 from actors.events import JournalEntry, LockspaceCreated
 from actors.journal import Append
+from actors.metrics import REGISTRY
 from tests.actors.harness import Conn, FakeTransport, Harness, Recorder
 
 AUDITOR, VM = 4000, 4001
@@ -62,6 +63,10 @@ def _subscribe(conn: Conn, **args: Any) -> list[int]:
     return seqs
 
 
+def _counter(name: str) -> float:
+    return REGISTRY.counters.get(name, {}).get((), 0)
+
+
 def _new_event(h: Harness) -> int:
     """One event journaled through the daemon, as a client makes it: its seq."""
     vm = h.connect(VM)
@@ -74,7 +79,9 @@ def _new_event(h: Harness) -> int:
 def test_subscribe_since_replays_the_journal_in_order_then_goes_live(h: Harness) -> None:
     _written(h, 2000)
     auditor = h.connect(AUDITOR)
+    replayed = _counter("lockd_events_replayed_total")
     assert _subscribe(auditor, since=3) == list(range(3, 2001))
+    assert _counter("lockd_events_replayed_total") == replayed + 1998
     live = _new_event(h)
     assert _seqs(auditor) == [live]
     assert h.journal_writer.readers[-1].closed  # nothing is left open once live
@@ -209,9 +216,11 @@ def test_a_damaged_segment_ends_the_replay_not_the_journal(
         h.journal_writer, "reader", lambda since: JournalFollower(str(directory), since)
     )
     auditor = h.connect(AUDITOR)
+    failures = _counter("lockd_replay_failures_total")
     with caplog.at_level(logging.ERROR):
         sent = _subscribe(auditor, since=1)
     assert "corrupt" in caplog.text
+    assert _counter("lockd_replay_failures_total") == failures + 1  # for an alert
     assert h.journal.is_alive()
     assert sent == []  # the step that met the damage sends nothing; the gap shows
     live = _new_event(h)
