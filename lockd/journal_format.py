@@ -145,15 +145,15 @@ def decode_segment(data: bytes, *, raw: bool = False) -> SegmentScan:
             expected += 1
             continue
         tail = data[good:]
-        if _torn(tail, expected):
+        if is_torn_tail(tail, expected):
             return _scan(first_seq, entries, good, len(tail), raw=raw)
         raise JournalCorruptError(good, reason)
     return _scan(first_seq, entries, good, 0, raw=raw)
 
 
-def _torn(tail: bytes, expected: int) -> bool:
-    """Whether ``tail``, from the first bad record to the end, is what a crash in the
-    middle of a write leaves: zero bytes, or the last record cut short or garbled with
+def is_torn_tail(tail: bytes, expected: int) -> bool:
+    """Whether ``tail``, from the first bad record to the end of a segment, is what a
+    crash in the middle of a write leaves: zero bytes, or the last record cut short or garbled with
     only zeros after it, and no good record anywhere after its start.
 
     Judged from the bytes, not from where the decoder stopped: cbor2 reads ahead to
@@ -172,12 +172,6 @@ def _torn(tail: bytes, expected: int) -> bool:
     if extent < len(written):
         return False  # a whole record, and more after it
     return not _good_record_after(tail, expected)
-
-
-def is_torn_tail(tail: bytes, expected: int) -> bool:
-    """Whether ``tail``, a segment's bytes from its first record that does not read to
-    its end, is a crash's torn tail (see :func:`decode_segment`) rather than damage."""
-    return _torn(tail, expected)
 
 
 def _record_extent(data: bytes, at: int = 0) -> int | None:
@@ -219,22 +213,16 @@ def _good_record_after(tail: bytes, expected: int) -> bool:
     for _ in range(_SCAN_CANDIDATES):
         if start == -1:
             return False
-        record = _checked_record(tail, start)
-        if record is not None and record[0] >= expected:
-            return True
-        budget -= _crc_length(tail, start)
-        if budget < 0:
-            return True
+        extent = _record_extent(tail, start)
+        if extent is not None and extent <= len(tail):  # whole: worth its CRC
+            budget -= extent - start
+            if budget < 0:
+                return True
+            record = _checked_record(tail, start)
+            if record is not None and record[0] >= expected:
+                return True
         start = tail.find(0x83, start + 1)
     return start != -1
-
-
-def _crc_length(data: bytes, at: int) -> int:
-    """How many bytes :func:`_checked_record` ran its CRC over at ``at`` (0: none)."""
-    extent = _record_extent(data, at)
-    if extent is None or extent > len(data):
-        return 0
-    return extent - at
 
 
 def _scan(first_seq: int, items: list[Any], good: int, torn: int, *, raw: bool) -> SegmentScan:
