@@ -21,6 +21,7 @@ end: between the two, no entry is missed or sent twice.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import socket
 import time
@@ -33,7 +34,7 @@ import pykka
 from actors.events import Event, JournalEntry
 from actors.metrics import REGISTRY
 from actors.recovery_core import ReplayState
-from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
+from actors.runtime import DispatchedActor, Dispatcher, Timer, tell_if_alive
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,12 @@ class EntryReader(Protocol):
     """Entries read back from where a writer put them, oldest first
     (real: lockd.journal_file.JournalFollower)."""
 
+    more: bool
+    """The last poll returned [] only because it stopped at its budget: poll again."""
+
     def poll(self, max_bytes: int = -1) -> list[JournalEntry]:
-        """The next entries, about ``max_bytes`` of them; [] when none are left.
+        """The next entries, about ``max_bytes`` of them; [] when none are left
+        (or :attr:`more`).
 
         Raises what reading the files meets: OSError, JournalCorruptError."""
         ...
@@ -175,6 +180,19 @@ REPLAY_BYTES = 64 * 1024
 """About how much of the journal one replay step reads for a catching-up subscriber:
 a few hundred entries, a few milliseconds of the dispatcher between other work."""
 
+REPLAY_RETRY_DELAYS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0)
+"""Seconds between the tries of a replay step that met a passing error (about 5 s
+in all, below a re-exec's 10 s wait for a subscribe being answered); then the
+replay ends with a gap, as for damage."""
+
+PASSING_ERRORS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EAGAIN, errno.EINTR,
+     errno.ENOENT}
+)  # fmt: skip
+"""Read errors a later try may not meet: the daemon's descriptors all in use (a
+dense host near its limit), memory, or a segment that retention deleted between
+listing and opening it (the next try lists again)."""
+
 
 class JournalActor(DispatchedActor):
     """The only writer of the journal."""
@@ -205,7 +223,10 @@ class JournalActor(DispatchedActor):
         self._subscribers: dict[str, pykka.ActorRef[Any]] = {}
         self._replays: dict[str, EntryReader] = {}
         """Subscribers catching up from an earlier seq: where each has read to."""
+        self._retries: dict[str, tuple[int, Timer]] = {}
+        """Replays waiting to try a step again after a passing error: tries so far."""
         self._replay_bytes = replay_bytes
+        self._count_subscribers()  # exported at 0 from the start
         self.failed_writes = 0
         self.failed_syncs = 0
 
@@ -236,45 +257,85 @@ class JournalActor(DispatchedActor):
             urn = message.subscriber.actor_urn
             self._subscribers.pop(urn, None)
             self._end_replay(urn)
+            self._count_subscribers()
             return None
         return super().on_receive(message)
 
     def _subscribe(self, message: Subscribe) -> None:
         ref = message.subscriber
+        urn = ref.actor_urn
         end = self._writer.next_seq
         since = end if message.since is None else max(1, message.since)
         if since > end:
-            self._end_replay(ref.actor_urn)
+            self._end_replay(urn)
             tell_if_alive(ref, Subscribed(message.token, (), end, live=False))
             return
         entries: list[JournalEntry] = []
+        more = False
         if since < end:
-            reader = self._replays.get(ref.actor_urn)
+            reader = self._replays.get(urn)
             if reader is None:
-                reader = self._replays[ref.actor_urn] = self._writer.reader(since)
+                reader = self._replays[urn] = self._writer.reader(since)
             try:
                 entries = reader.poll(self._replay_bytes)
-                REGISTRY.add("lockd_events_replayed_total", len(entries))
             except Exception as exc:  # noqa: BLE001 - JournalCorruptError is no ValueError
+                if self._try_again_later(message, reader, exc):
+                    return
                 REGISTRY.inc("lockd_replay_failures_total")
                 # A damaged or vanished segment ends this replay, never the journal actor
                 # (whose death stops the daemon).
                 log.error("replaying the journal from seq %d for a subscriber failed: %s; "
                           "it goes on from seq %d", since, exc, end)  # fmt: skip
-            # Nothing read though seqs are missing: they cannot be read, and the
-            # subscriber sees the gap in the seqs rather than wait for them.
-        next_seq = entries[-1].seq + 1 if entries else end
+            else:
+                REGISTRY.add("lockd_events_replayed_total", len(entries))
+                more = reader.more
+            self._cancel_retry(urn)
+            # Nothing read though seqs are missing (and not for a budget spent): they
+            # cannot be read, and the subscriber sees the gap rather than wait for them.
+        next_seq = entries[-1].seq + 1 if entries else since if more else end
         live = next_seq >= end
         if live:
-            self._end_replay(ref.actor_urn)
-            self._subscribers[ref.actor_urn] = ref
-        elif ref.actor_urn in self._replays:
+            self._end_replay(urn)
+            self._subscribers[urn] = ref
+        elif urn in self._replays:
             # The next step waits for the subscriber's socket, maybe for long: hold no
             # fd, nor a segment that retention deletes, meanwhile.
-            self._replays[ref.actor_urn].park()
+            self._replays[urn].park()
+        self._count_subscribers()
         tell_if_alive(ref, Subscribed(message.token, tuple(entries), next_seq, live))
 
+    def _try_again_later(self, message: Subscribe, reader: EntryReader, exc: Exception) -> bool:
+        """A replay step that met a passing error is tried again a little later, the
+        subscriber waiting meanwhile; True if it will be."""
+        urn = message.subscriber.actor_urn
+        tries = self._retries.pop(urn, (0, None))[0]
+        if not (isinstance(exc, OSError) and exc.errno in PASSING_ERRORS):
+            return False
+        if tries >= len(REPLAY_RETRY_DELAYS):
+            return False
+        delay = REPLAY_RETRY_DELAYS[tries]
+        if tries == 0:
+            log.warning("replaying the journal for a subscriber: %s; trying again for "
+                        "%g s", exc, sum(REPLAY_RETRY_DELAYS))  # fmt: skip
+        reader.park()  # no fd held meanwhile: it may be what ran short
+        ref = self.actor_ref
+        timer = self.dispatcher.call_later(delay, lambda: tell_if_alive(ref, message))
+        self._retries[urn] = (tries + 1, timer)
+        self._count_subscribers()
+        return True
+
+    def _cancel_retry(self, urn: str) -> None:
+        retry = self._retries.pop(urn, None)
+        if retry is not None:
+            retry[1].cancel()
+
+    def _count_subscribers(self) -> None:
+        """The gauge of subscribed connections, live or catching up."""
+        REGISTRY.set("lockd_event_subscribers", len(self._subscribers), state="live")
+        REGISTRY.set("lockd_event_subscribers", len(self._replays), state="catching-up")
+
     def _end_replay(self, urn: str) -> None:
+        self._cancel_retry(urn)
         reader = self._replays.pop(urn, None)
         if reader is not None:
             reader.close()

@@ -40,7 +40,12 @@ HELP = {
     ),
     "lockd_replay_failures_total": (
         "counter",
-        "Subscriber replays cut short by a journal read error: a gap in a subscriber's feed.",
+        "Subscriber replays cut short by a journal read error (damage, or a passing one "
+        "that lasted 5 s): a gap in a subscriber's feed.",
+    ),
+    "lockd_event_subscribers": (
+        "gauge",
+        "Connections subscribed to the event feed: live, or catching up from an earlier seq.",
     ),
     "lockd_journal_snapshots_total": (
         "counter",

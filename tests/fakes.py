@@ -59,8 +59,13 @@ class ListReader:
         self.next_seq = since_seq
         self.closed = False
         self.parked = 0
+        self.more = False
+        self.failures: list[Exception] = []
+        """Raised by the next polls, one each, as reading segment files can."""
 
     def poll(self, max_bytes: int = -1) -> list[JournalEntry]:
+        if self.failures:
+            raise self.failures.pop(0)
         out = [e for e in self._entries if e.seq >= self.next_seq]
         if max_bytes > 0:
             out = out[: max(1, max_bytes // 100)]

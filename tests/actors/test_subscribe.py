@@ -8,6 +8,7 @@ the journal is in memory and counts an entry as 100 bytes in a replay step, so a
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +21,11 @@ from hypothesis import strategies as st
 
 from actors.connection import ConnectionActor, Drained, HandedOver, Quiesce, ServerInfo
 from actors.events import JournalEntry, LockspaceCreated
-from actors.journal import Append
+from actors.journal import REPLAY_RETRY_DELAYS, Append
 from actors.metrics import REGISTRY
+from lockd.journal_file import JournalFollower
 from tests.actors.harness import Conn, FakeTransport, Harness, Recorder
+from tests.fakes import ListReader
 
 AUDITOR, VM = 4000, 4001
 STEP = 655
@@ -225,6 +228,135 @@ def test_a_damaged_segment_ends_the_replay_not_the_journal(
     assert sent == []  # the step that met the damage sends nothing; the gap shows
     live = _new_event(h)
     assert _seqs(auditor) == [live]
+
+
+def _failing_reader(h: Harness, monkeypatch: pytest.MonkeyPatch, *failures: Exception) -> None:
+    """The next replay's reader raises ``failures``, one per poll, before reading."""
+    writer = h.journal_writer
+    make = writer.reader
+
+    def reader(since: int) -> ListReader:
+        made = make(since)
+        made.failures = list(failures)
+        return made
+
+    monkeypatch.setattr(writer, "reader", reader)
+
+
+def _gauge(state: str) -> float:
+    return REGISTRY.gauges["lockd_event_subscribers"][(("state", state),)]
+
+
+def test_a_replay_step_that_meets_a_passing_error_is_tried_again(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """All of the daemon's descriptors in use (a dense host near its limit) delays
+    the feed; it does not leave a gap in it."""
+    _written(h, 20)
+    _failing_reader(h, monkeypatch, OSError(errno.EMFILE, "Too many open files"),
+                    OSError(errno.ENFILE, "Too many open files in system"))  # fmt: skip
+    failures = _counter("lockd_replay_failures_total")
+    auditor = h.connect(AUDITOR)
+    with caplog.at_level(logging.WARNING):
+        rid = auditor.send("subscribe", since=3)
+        h.run()
+    assert auditor.messages() == []  # waiting for the next try, not answered with a gap
+    assert "Too many open files" in caplog.text
+    assert h.journal_writer.readers[-1].parked >= 1  # no fd held while it waits
+    assert _gauge("catching-up") == 1
+    h.advance(REPLAY_RETRY_DELAYS[0])
+    assert auditor.messages() == []  # the second try failed too
+    h.advance(REPLAY_RETRY_DELAYS[1])
+    reply, *events = auditor.messages()
+    assert reply == {"id": rid, "result": {"first": 3}}
+    assert [m["event"]["seq"] for m in events] == list(range(3, 21))
+    assert _counter("lockd_replay_failures_total") == failures
+    assert (_gauge("live"), _gauge("catching-up")) == (1, 0)
+    assert [_new_event(h)] == _seqs(auditor)
+    auditor.close()
+    assert _gauge("live") == 0
+
+
+def test_a_passing_error_that_lasts_ends_the_replay_with_a_gap(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _written(h, 20)
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    _failing_reader(h, monkeypatch, *[emfile] * (len(REPLAY_RETRY_DELAYS) + 1))
+    failures = _counter("lockd_replay_failures_total")
+    auditor = h.connect(AUDITOR)
+    rid = auditor.send("subscribe", since=3)
+    h.run()
+    for delay in REPLAY_RETRY_DELAYS[:-1]:
+        h.advance(delay)
+        assert auditor.messages() == []
+    h.advance(REPLAY_RETRY_DELAYS[-1])
+    assert auditor.messages() == [{"id": rid, "result": {"first": 21}}]
+    assert _counter("lockd_replay_failures_total") == failures + 1  # the gap, for an alert
+    assert [_new_event(h)] == _seqs(auditor)
+
+
+def test_closing_while_a_replay_waits_to_try_again_stops_the_tries(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _written(h, 20)
+    _failing_reader(h, monkeypatch, OSError(errno.EMFILE, "Too many open files"))
+    auditor = h.connect(AUDITOR)
+    auditor.send("subscribe", since=3)
+    h.run()
+    auditor.close()
+    reader = h.journal_writer.readers[-1]
+    assert reader.closed
+    assert _gauge("catching-up") == 0
+    h.advance(sum(REPLAY_RETRY_DELAYS))
+    assert reader.next_seq == 3  # never polled again
+
+
+class _CountingFollower(JournalFollower):
+    """Counts the reads each poll makes."""
+
+    def __init__(self, directory: str, since_seq: int) -> None:
+        super().__init__(directory, since_seq)
+        self.reads: list[int] = []
+
+    def _read(self, max_bytes: int, out: list[JournalEntry]) -> int:
+        self.reads[-1] += 1
+        return super()._read(max_bytes, out)
+
+    def poll(self, max_bytes: int = -1) -> list[JournalEntry]:
+        self.reads.append(0)
+        return super().poll(max_bytes)
+
+
+def test_a_since_deep_in_a_segment_is_reached_in_bounded_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Skipping to a since far into a segment takes the dispatcher a step at a time
+    (each at most SKIP_STEPS reads), not the whole segment at once."""
+    from lockd.journal_file import SKIP_STEPS, FileJournal
+
+    h = Harness(tmp_path / "locks", replay_bytes=1024)
+    try:
+        h.processes.spawn(AUDITOR)
+        _written(h, 3000)
+        directory = tmp_path / "journal"
+        on_disk = FileJournal(str(directory))
+        on_disk.append(h.journal_writer.entries)
+        on_disk.close()
+        followers: list[_CountingFollower] = []
+
+        def reader(since: int) -> JournalFollower:
+            followers.append(_CountingFollower(str(directory), since))
+            return followers[-1]
+
+        monkeypatch.setattr(h.journal_writer, "reader", reader)
+        auditor = h.connect(AUDITOR)
+        assert _subscribe(auditor, since=2900) == list(range(2900, 3001))
+        (follower,) = followers
+        assert len(follower.reads) > 2  # steps that sent nothing, between other work
+        assert max(follower.reads) == SKIP_STEPS == 16  # 1 MiB at the daemon's 64 KiB
+    finally:
+        h.close()
 
 
 _STEPS = st.lists(

@@ -333,3 +333,39 @@ def test_a_follower_reports_a_length_head_past_the_end_of_an_older_segment(
     finally:
         follower.close()
     assert read.value.offset == whole.value.offset == at
+
+
+def test_a_follower_that_cannot_open_the_next_segment_loses_nothing_it_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's descriptors all in use when a replay reaches a rotation: the
+    entries read before come out, and the next poll opens the segment and goes on."""
+    import builtins
+    import errno
+
+    import lockd.journal_file
+
+    journal = FileJournal(str(tmp_path), segment_bytes=4096)
+    write(journal, 100)
+    second = list_segments(str(tmp_path))[1]
+    refused: list[str] = []
+
+    def short_of_fds(path: str, mode: str = "r") -> object:
+        if path.endswith(second) and not refused:
+            refused.append(path)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return builtins.open(path, mode)
+
+    monkeypatch.setattr(lockd.journal_file, "open", short_of_fds, raising=False)
+    follower = journal.reader(1)
+    first = [e.seq for e in follower.poll()]
+    assert refused
+    assert first == list(range(1, len(first) + 1))
+    assert len(first) < 100
+    assert [e.seq for e in follower.poll()] == list(range(len(first) + 1, 101))
+    refused.clear()
+    from_second = journal.reader(first[-1] + 1)
+    with pytest.raises(OSError, match="Too many"):  # nothing read before it: raised
+        from_second.poll()
+    follower.close()
+    journal.close()
