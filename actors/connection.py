@@ -289,6 +289,7 @@ class ConnectionActor(DispatchedActor):
             self._protocol = ServerProtocol(version=restored.version)
             self._owner = restored.owner
             self._restricted = restored.restricted
+            self._subscribed = restored.subscribed
             self._client = attrs.evolve(self._client, connected_since=restored.connected_since)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -324,8 +325,9 @@ class ConnectionActor(DispatchedActor):
 
     def _publish_info(self) -> None:
         self._client = attrs.evolve(
-            self._client, owner=self._owner, restricted=self._restricted, ref=self.actor_ref
-        )
+            self._client, owner=self._owner, restricted=self._restricted,
+            subscribed=self._subscribed, ref=self.actor_ref,
+        )  # fmt: skip
         self._router.tell(ClientChanged(self._client))
 
     def _close(self, *, admin: bool = False) -> None:
@@ -591,6 +593,7 @@ class ConnectionActor(DispatchedActor):
         elif isinstance(request, m.Subscribe):
             if not self._subscribed:
                 self._subscribed = True
+                self._publish_info()
                 token = self._wait(lambda step: self._subscribed_from(request, step))
                 self._journal.tell(Subscribe(self.actor_ref, request.since, token))
             elif request.since is not None:
@@ -1012,6 +1015,7 @@ class ConnectionActor(DispatchedActor):
         """The journal's first answer: reply, then the events it read back, if any."""
         if request.since is not None and step.next_seq < request.since and not step.live:
             self._subscribed = False
+            self._publish_info()
             self._error(
                 request,
                 ErrorCode.INVALID_ARGUMENT,
@@ -1078,6 +1082,7 @@ def _client_to_wire(client: ClientInfo, lease_counts: dict[Any, int]) -> dict[st
         "uid": client.uid,
         "admin": client.admin,
         "restricted": client.restricted,
+        "subscribed": client.subscribed,
         "connected_since": client.connected_since,
     }
     if client.owner is not None:

@@ -110,12 +110,14 @@ class ClientInfo:
     connected_since: float
     owner: Owner | None = None
     restricted: bool = False
+    subscribed: bool = False
+    """To the event feed (an auditor, say)."""
     ref: pykka.ActorRef[Any] | None = attrs.field(default=None, eq=False, repr=False)
 
 
 @attrs.frozen
 class ClientChanged:
-    """A connection opened or changed (registered, restricted)."""
+    """A connection opened or changed (registered, restricted, subscribed)."""
 
     info: ClientInfo
 

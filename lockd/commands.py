@@ -353,6 +353,7 @@ def cmd_clients(args: argparse.Namespace) -> int:
             )
             flags = " restricted" if r["restricted"] else ""
             flags += " admin" if r["admin"] else ""
+            flags += " subscribed" if r.get("subscribed") else ""  # to events: an auditor
             print(
                 f"{r['id']}  pid={r['pid']} uid={r['uid']}  {who}{flags}  "
                 f"since {_when(r['connected_since'])}"

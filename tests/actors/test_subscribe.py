@@ -150,6 +150,24 @@ def test_a_since_past_the_end_is_refused_and_subscribes_nothing(h: Harness) -> N
     assert auditor.error("subscribe", since=0)["code"] == "invalid-argument"
 
 
+def test_list_clients_shows_which_connections_follow_the_feed(h: Harness) -> None:
+    """An operator looking for the auditor's connection (to check it is there, or to
+    disconnect it) sees it marked."""
+    _written(h, 10)
+    auditor, refused, vm = h.connect(AUDITOR), h.connect(AUDITOR), h.connect(VM)
+
+    def subscribed() -> list[bool]:  # in the order they connected
+        return [c["subscribed"] for c in sorted(vm.ok("list-clients")["clients"],
+                                                key=lambda c: c["id"])]  # fmt: skip
+
+    assert subscribed() == [False, False, False]
+    assert refused.error("subscribe", since=99)["code"] == "invalid-argument"
+    _subscribe(auditor, since=5)
+    assert subscribed() == [True, False, False]
+    auditor.close()
+    assert subscribed() == [False, False]
+
+
 def test_closing_during_a_replay_lets_go_of_the_journal(h: Harness) -> None:
     _written(h, 2000)
     auditor = h.connect(AUDITOR)
@@ -196,6 +214,8 @@ def test_a_hand_over_carries_the_next_seq_and_the_next_program_replays_from_it(
     assert _seqs(again) == list(range(sent[-1] + 1, missed + 1))
     live = _new_event(h)
     assert _seqs(again) == [live]
+    clients = h.connect(VM).ok("list-clients")["clients"]
+    assert [c["subscribed"] for c in clients if c["id"] == state.conn_id] == [True]
 
 
 def test_a_damaged_segment_ends_the_replay_not_the_journal(

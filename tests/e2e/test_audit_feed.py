@@ -50,6 +50,10 @@ def test_the_audit_feed_misses_nothing_across_a_crash_and_a_reexec(
     wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 3)
     _journal_some(daemon, "after-reexec")
     wait_for(caught_up)
+    (listed,) = [
+        line for line in daemon.lockd("clients").stdout.splitlines() if "subscribed" in line
+    ]
+    assert f"pid={feed.pid} " in listed  # the operator can tell the feed is connected
     feed.kill()
     _, stderr = feed.communicate()
     printed = [json.loads(line) for line in out.read_text().splitlines()]
