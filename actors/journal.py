@@ -68,6 +68,10 @@ class EntryReader(Protocol):
         """Let go of open files until the next poll (which picks up where this left)."""
         ...
 
+    def skip_segment(self) -> int | None:
+        """After damage: go on from the next segment; the seq it starts at, or None."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -271,7 +275,7 @@ class JournalActor(DispatchedActor):
             tell_if_alive(ref, Subscribed(message.token, (), end, live=False))
             return
         entries: list[JournalEntry] = []
-        more = False
+        next_seq = end
         if since < end:
             reader = self._replays.get(urn)
             if reader is None:
@@ -281,18 +285,16 @@ class JournalActor(DispatchedActor):
             except Exception as exc:  # noqa: BLE001 - JournalCorruptError is no ValueError
                 if self._try_again_later(message, reader, exc):
                     return
-                REGISTRY.inc("lockd_replay_failures_total")
-                # A damaged or vanished segment ends this replay, never the journal actor
-                # (whose death stops the daemon).
-                log.error("replaying the journal from seq %d for a subscriber failed: %s; "
-                          "it goes on from seq %d", since, exc, end)  # fmt: skip
+                next_seq = self._skip_damage(reader, since, end, exc)
             else:
                 REGISTRY.add("lockd_events_replayed_total", len(entries))
-                more = reader.more
+                if entries:
+                    next_seq = entries[-1].seq + 1
+                elif reader.more:
+                    next_seq = since  # a budget spent skipping to since: go on next step
+                # Else nothing read though seqs are missing: they cannot be read, and
+                # the subscriber sees the gap rather than wait for them.
             self._cancel_retry(urn)
-            # Nothing read though seqs are missing (and not for a budget spent): they
-            # cannot be read, and the subscriber sees the gap rather than wait for them.
-        next_seq = entries[-1].seq + 1 if entries else since if more else end
         live = next_seq >= end
         if live:
             self._end_replay(urn)
@@ -303,6 +305,20 @@ class JournalActor(DispatchedActor):
             self._replays[urn].park()
         self._count_subscribers()
         tell_if_alive(ref, Subscribed(message.token, tuple(entries), next_seq, live))
+
+    def _skip_damage(self, reader: EntryReader, since: int, end: int, exc: Exception) -> int:
+        """Damage, or an error that lasts, ends the replay of its segment, never the
+        journal actor (whose death stops the daemon): the replay goes on from the
+        next segment, else from the journal's end. The seq it goes on from."""
+        REGISTRY.inc("lockd_replay_failures_total")
+        try:
+            after = reader.skip_segment()
+        except Exception:  # noqa: BLE001 - the directory itself unreadable: to the end
+            after = None
+        then = end if after is None else min(after, end)
+        log.error("replaying the journal from seq %d for a subscriber failed: %s; it "
+                  "goes on from seq %d", since, exc, then)  # fmt: skip
+        return then
 
     def _try_again_later(self, message: Subscribe, reader: EntryReader, exc: Exception) -> bool:
         """A replay step that met a passing error is tried again a little later, the

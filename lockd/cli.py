@@ -142,7 +142,8 @@ def _cmd_events(args: argparse.Namespace) -> int:
     watch = DirWatch(directory) if args.follow else None
     try:
         while True:
-            for entry in follower.poll():
+            entries = follower.poll()
+            for entry in entries:
                 row = entry.to_wire()
                 if row["time"] < since_time or not _matches(row, args):
                     continue
@@ -150,6 +151,8 @@ def _cmd_events(args: argparse.Namespace) -> int:
                     print(json.dumps(json_ready(row)), flush=args.follow)
                 else:
                     print(_format_event(row), flush=args.follow)
+            if entries:
+                continue  # a poll stops before damage with what it read: poll again
             if watch is None:
                 return 0
             watch.wait(FOLLOW_LOOK_SECONDS)

@@ -266,6 +266,18 @@ class JournalFollower:
         oldest segment kept, and the gap shows in the seqs)."""
         self.close()
 
+    def skip_segment(self) -> int | None:
+        """After damage in the open segment: go on at the start of the next one (the
+        rest of this one is lost to this reader); the seq it goes on from, or None
+        when no later segment is there."""
+        self.close()
+        later = [n for n in list_segments(self.directory) if self._name is None or n > self._name]
+        if not later:
+            return None
+        self._name, self._pending = None, b""
+        self.next_seq = first_seq_of(later[0])
+        return self.next_seq
+
     def _reopen(self, name: str) -> None:
         try:
             self._file = open(os.path.join(self.directory, name), "rb")  # noqa: SIM115
@@ -303,12 +315,34 @@ class JournalFollower:
         try:
             entries, used = decode_records(self._pending, self._expected)
         except JournalCorruptError as exc:
+            # The records before the damage are good: take them (poll returns them,
+            # and raises at the damage next time).
+            entries, used = decode_records(self._pending[: exc.offset], self._expected)
+            self._take(used, len(entries))
+            out.extend(e for e in entries if e.seq >= self.next_seq)
             raise JournalCorruptError(
-                self._pending_at + exc.offset, f"{self._name}: {exc.reason}"
+                self._pending_at + exc.offset - used, f"{self._name}: {exc.reason}"
             ) from None
         self._take(used, len(entries))
         out.extend(e for e in entries if e.seq >= self.next_seq)
         return len(data)
+
+    def _read_on(self, names: list[str], max_bytes: int, out: list[JournalEntry]) -> None:
+        reads = 0
+        while True:
+            got = self._read(max_bytes, out)
+            reads += 1
+            if 0 < max_bytes <= got:
+                if out:
+                    return
+                if reads >= SKIP_STEPS:
+                    self.more = True
+                    return
+                continue  # more of this segment is there to read
+            if not self._next_segment(names):
+                return
+            if out and max_bytes > 0:
+                return
 
     def _next_segment(self, names: list[str]) -> bool:
         """At the end of the open segment: open the next one if the writer went on to
@@ -338,9 +372,9 @@ class JournalFollower:
         nothing and :attr:`more` set (the next poll goes on), so that no step holds
         the daemon for the whole of an 8 MiB segment.
 
-        An OSError opening the next segment is raised only when nothing was read
-        before it: entries already taken from the segment before are returned
-        first, and the next poll tries the open again.
+        An OSError (opening the next segment) or damage is raised only when nothing
+        was read before it: entries already taken are returned first, and the next
+        poll tries again, from where the error was.
         """
         self.more = False
         names = list_segments(self.directory)
@@ -355,26 +389,13 @@ class JournalFollower:
                     start = name
             self._open(start)
         out: list[JournalEntry] = []
-        reads = 0
-        while True:
-            got = self._read(max_bytes, out)
-            reads += 1
-            if 0 < max_bytes <= got:
-                if out:
-                    break
-                if reads >= SKIP_STEPS:
-                    self.more = True
-                    break
-                continue  # more of this segment is there to read
-            try:
-                if not self._next_segment(names):
-                    break
-            except OSError:
-                if not out:
-                    raise
-                break  # what this poll took is not lost; the next one opens it
-            if out and max_bytes > 0:
-                break
+        try:
+            self._read_on(names, max_bytes, out)
+        except (OSError, JournalCorruptError):
+            if not out:
+                raise
+            # What this poll took is not lost: it is returned, and the next poll
+            # meets the error again (damage) or gets past it (an open that failed).
         if out:
             self.next_seq = out[-1].seq + 1
         return out

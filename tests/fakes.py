@@ -76,5 +76,8 @@ class ListReader:
     def park(self) -> None:
         self.parked += 1
 
+    def skip_segment(self) -> int | None:
+        return None  # one list, no segments to go on in
+
     def close(self) -> None:
         self.closed = True

@@ -222,8 +222,8 @@ def test_a_damaged_segment_ends_the_replay_not_the_journal(
     h: Harness, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A record damaged in a kept segment (which nothing reads before a replay does)
-    is logged and the subscriber goes on live; the journal actor, and with it the
-    daemon, carries on."""
+    is logged and the subscriber goes on live, having got the records before it;
+    the journal actor, and with it the daemon, carries on."""
     from lockd.journal_file import FileJournal, JournalFollower, list_segments
 
     _written(h, 20)
@@ -245,9 +245,48 @@ def test_a_damaged_segment_ends_the_replay_not_the_journal(
     assert "corrupt" in caplog.text
     assert _counter("lockd_replay_failures_total") == failures + 1  # for an alert
     assert h.journal.is_alive()
-    assert sent == []  # the step that met the damage sends nothing; the gap shows
+    assert sent == list(range(1, 18))  # those before the damaged record; the gap shows
     live = _new_event(h)
     assert _seqs(auditor) == [live]
+
+
+def test_a_replay_goes_on_in_the_segment_after_a_damaged_one(
+    h: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old segment's damage costs the feed the rest of that segment only: the
+    reply's first event, or the seqs, show the gap, and the later segments come."""
+    from lockd.journal_file import FileJournal, JournalFollower, first_seq_of, list_segments
+
+    _written(h, 300)
+    directory = tmp_path / "journal"
+    on_disk = FileJournal(str(directory), segment_bytes=4096)
+    for entry in h.journal_writer.entries:  # a write each, as the daemon's: rotations
+        on_disk.append([entry])
+    on_disk.close()
+    names = list_segments(str(directory))
+    assert len(names) > 4
+    damaged = bytearray((directory / names[1]).read_bytes())
+    damaged[-100] ^= 0xFF  # a record near the end of the second segment
+    (directory / names[1]).write_bytes(bytes(damaged))
+    monkeypatch.setattr(
+        h.journal_writer, "reader", lambda since: JournalFollower(str(directory), since)
+    )
+    failures = _counter("lockd_replay_failures_total")
+    sent = _subscribe(h.connect(AUDITOR), since=1)
+    lost_from, back_at = sent.index(first_seq_of(names[1])), first_seq_of(names[2])
+    assert sent[:lost_from] == list(range(1, first_seq_of(names[1])))  # the first segment
+    got_in_damaged = [seq for seq in sent if first_seq_of(names[1]) <= seq < back_at]
+    assert got_in_damaged == list(range(first_seq_of(names[1]), got_in_damaged[-1] + 1))
+    assert back_at - got_in_damaged[-1] > 1  # the rest of it is the gap
+    assert sent[sent.index(back_at) :] == list(range(back_at, 301))  # every later one
+    assert _counter("lockd_replay_failures_total") == failures + 1
+    auditor = h.connect(AUDITOR)
+    since = first_seq_of(names[1]) + len(got_in_damaged)  # in the damaged part
+    rid = auditor.send("subscribe", since=since)
+    h.run()
+    reply, *events = auditor.messages()
+    assert reply == {"id": rid, "result": {"first": back_at}}  # the gap, before any event
+    assert [m["event"]["seq"] for m in events] == list(range(back_at, 301))
 
 
 def _failing_reader(h: Harness, monkeypatch: pytest.MonkeyPatch, *failures: Exception) -> None:

@@ -94,6 +94,20 @@ def test_events_json_since(tmp_path: Path) -> None:
     assert rows[1]["reason"] == "owner-exit"
 
 
+def test_events_prints_what_comes_before_damage_then_names_it(tmp_path: Path) -> None:
+    """An auditor reading a damaged journal gets every event before the damage, and
+    the file and byte of it, with exit code 1."""
+    _journal_with_leases(tmp_path)
+    (segment,) = tmp_path.iterdir()
+    data = bytearray(segment.read_bytes())
+    data[data.index(b"vm5")] ^= 0x20  # the owner's name in seq 2: its CRC fails
+    segment.write_bytes(bytes(data))
+    done = _lockd("events", "--journal-dir", str(tmp_path), "--json")
+    assert [json.loads(line)["seq"] for line in done.stdout.splitlines()] == [1]
+    assert done.returncode == 1
+    assert f"{segment.name}: CRC mismatch" in done.stderr
+
+
 def test_events_of_a_type_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
     """``--type lease-aquired`` would match nothing, with --follow for ever: the typo is
     named, with the types there are. A real type still filters."""

@@ -82,6 +82,7 @@ def test_the_follower_reports_damage_where_the_daemon_does(tmp_path: Path) -> No
         FileJournal(str(tmp_path))
     follower = JournalFollower(str(tmp_path))
     try:
+        assert [e.seq for e in follower.poll()] == [1]  # what comes before the damage
         with pytest.raises(JournalCorruptError) as by_follower:
             follower.poll()
     finally:
