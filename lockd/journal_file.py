@@ -271,7 +271,10 @@ class JournalFollower:
         rest of this one is lost to this reader); the seq it goes on from, or None
         when no later segment is there."""
         self.close()
-        later = [n for n in list_segments(self.directory) if self._name is None or n > self._name]
+        later = [
+            n for n in list_segments(self.directory)
+            if first_seq_of(n) > self.next_seq and (self._name is None or n > self._name)
+        ]  # fmt: skip
         if not later:
             return None
         self._name, self._pending = None, b""

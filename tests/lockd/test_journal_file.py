@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from actors.events import DaemonStarted, JournalEntry
-from lockd.journal_file import FileJournal, list_segments, read_entries
+from lockd.journal_file import FileJournal, first_seq_of, list_segments, read_entries
 from lockd.journal_format import JournalCorruptError, encode_header
 
 
@@ -368,5 +368,21 @@ def test_a_follower_that_cannot_open_the_next_segment_loses_nothing_it_read(
     from_second = journal.reader(first[-1] + 1)
     with pytest.raises(OSError, match="Too many"):  # nothing read before it: raised
         from_second.poll()
+    follower.close()
+    journal.close()
+
+
+def test_a_follower_skips_a_damaged_segment_never_back_before_its_place(
+    tmp_path: Path,
+) -> None:
+    """After damage a replay goes on at the next segment, and never at an earlier
+    one: not even when the error came before any segment was open."""
+    journal = FileJournal(str(tmp_path), segment_bytes=4096)
+    write(journal, 200)
+    names = list_segments(str(tmp_path))
+    follower = journal.reader(first_seq_of(names[1]) + 3)
+    assert follower.skip_segment() == first_seq_of(names[2])  # nothing open yet
+    assert [e.seq for e in follower.poll()] == list(range(first_seq_of(names[2]), 201))
+    assert follower.skip_segment() is None  # the newest: nothing after it
     follower.close()
     journal.close()
