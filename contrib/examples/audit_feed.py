@@ -8,8 +8,13 @@ printed in FILE. When the connection ends (the daemon restarted, crashed, or
 dropped a reader that fell 4 MiB behind), it connects again and subscribes with
 ``since`` = that seq + 1: the daemon replays what it journaled meanwhile, then
 goes on live, with no event missed or printed twice. A re-exec (SIGUSR1) does not
-even end the connection. Events the journal no longer keeps are reported on
-stderr, from the reply's ``first``.
+even end the connection. Events the daemon cannot send are reported on stderr:
+those the journal no longer keeps (from the reply's ``first``), and those lost to
+damage in a journal segment or deleted while a replay waited (a jump in the seqs).
+
+The feed itself killed between printing an event and saving its seq prints that
+event again when started again (at least once, never lost): a consumer that must
+not take one twice skips seqs it has taken (they only grow).
 
 Unlike ``lockd events --follow``, which reads the journal directory (root's), this
 needs only a connection to the socket.
@@ -56,6 +61,10 @@ def printable(value: Any) -> Any:
     return value
 
 
+def missing(first: int, last: int, why: str) -> None:
+    print(f"audit-feed: events {first}-{last} {why}", file=sys.stderr, flush=True)
+
+
 def follow(socket_path: str, state: Path, since: int | None, count: int | None) -> None:
     printed = 0
     while count is None or printed < count:
@@ -67,12 +76,16 @@ def follow(socket_path: str, state: Path, since: int | None, count: int | None) 
                 args = {} if seen is None else {"since": seen + 1}
                 first = client.call("subscribe", **args)["first"]
                 if seen is not None and first > seen + 1:
-                    print(f"audit-feed: events {seen + 1}-{first - 1} are no longer kept "
-                          "by the journal", file=sys.stderr)  # fmt: skip
+                    missing(seen + 1, first - 1, "are no longer kept by the journal")
+                expected = first
                 while count is None or printed < count:
                     event = client.next_event()["event"]
+                    if event["seq"] > expected:
+                        missing(expected, event["seq"] - 1, "could not be read back from "
+                                "the journal (the daemon's log says why)")  # fmt: skip
                     print(json.dumps(printable(event)), flush=True)
                     save_seq(state, event["seq"])
+                    expected = event["seq"] + 1
                     printed += 1
         except (ConnectionError, FileNotFoundError) as exc:
             print(f"audit-feed: {exc}; connecting again", file=sys.stderr, flush=True)

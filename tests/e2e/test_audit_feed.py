@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import DaemonProcess, wait_for
+from lockd.journal_file import first_seq_of, list_segments
+from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.test_daemon import events
 from tests.e2e.test_fd_store import kill_daemon
 
@@ -65,3 +66,41 @@ def test_the_audit_feed_misses_nothing_across_a_crash_and_a_reexec(
     )
     assert [e["type"] for e in printed] == [e["type"] for e in journal]
     assert b"connecting again" in stderr  # it did lose the daemon once
+
+
+def test_the_audit_feed_reports_what_damage_in_an_old_segment_cost(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A record damaged in an old segment (disk trouble that start-up, reading from
+    the newest snapshot, never meets): the feed gets every event before it and
+    every event from the next segment on, and names the seqs it lost."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("journal_segment_bytes = 4096\njournal_retain_segments = 100\n")
+    daemon = make_daemon("damage", None, "--config", str(config))
+    _journal_some(daemon, "pool", count=120)  # a few 4 KiB segments
+    names = list_segments(str(daemon.journal_dir))
+    assert len(names) > 3
+    damaged = daemon.journal_dir / names[1]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a record in the middle of the second segment
+    damaged.write_bytes(bytes(data))
+    with daemon.client("status") as client:
+        last = client.call("status")["journal_seq"]
+    state, out = tmp_path / "feed.seq", tmp_path / "feed.out"
+    with open(out, "wb") as sink:
+        feed = subprocess.Popen(
+            [sys.executable, str(EXAMPLE), "--socket", str(daemon.socket),
+             "--state", str(state), "--since", "1"],
+            stdout=sink, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    children.append(feed)
+    wait_for(lambda: state.exists() and int(state.read_text()) >= last)
+    feed.kill()
+    _, stderr = feed.communicate()
+    printed = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
+    second, third = first_seq_of(names[1]), first_seq_of(names[2])
+    lost = sorted(set(range(1, printed[-1] + 1)) - set(printed))
+    assert lost == list(range(lost[0], third))  # the damaged record to the segment's end
+    assert second < lost[0] < third  # the events before it in its segment came
+    assert f"events {lost[0]}-{third - 1} could not be read back".encode() in stderr
+    assert daemon.lockd("status").returncode == 0  # the daemon serves on
