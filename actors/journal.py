@@ -180,6 +180,13 @@ class Published:
     entries: tuple[JournalEntry, ...]
 
 
+@attrs.frozen
+class _TryAgain:
+    """Self-sent: try a replay step again (unless the subscriber left meanwhile)."""
+
+    step: Subscribe
+
+
 REPLAY_BYTES = 64 * 1024
 """About how much of the journal one replay step reads for a catching-up subscriber:
 a few hundred entries, a few milliseconds of the dispatcher between other work."""
@@ -256,6 +263,12 @@ class JournalActor(DispatchedActor):
             return None
         if isinstance(message, Subscribe):
             self._subscribe(message)
+            return None
+        if isinstance(message, _TryAgain):
+            # Sent by a timer, so it may come after the subscriber's Unsubscribe
+            # (which ended the tries): then it would subscribe a connection gone.
+            if message.step.subscriber.actor_urn in self._retries:
+                self._subscribe(message.step)
             return None
         if isinstance(message, Unsubscribe):
             urn = message.subscriber.actor_urn
@@ -335,7 +348,8 @@ class JournalActor(DispatchedActor):
                         "%g s", exc, sum(REPLAY_RETRY_DELAYS))  # fmt: skip
         reader.park()  # no fd held meanwhile: it may be what ran short
         ref = self.actor_ref
-        timer = self.dispatcher.call_later(delay, lambda: tell_if_alive(ref, message))
+        again = _TryAgain(message)
+        timer = self.dispatcher.call_later(delay, lambda: tell_if_alive(ref, again))
         self._retries[urn] = (tries + 1, timer)
         self._count_subscribers()
         return True

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from actors.connection import ConnectionActor, Drained, HandedOver, Quiesce, ServerInfo
 from actors.events import JournalEntry, LockspaceCreated
-from actors.journal import REPLAY_RETRY_DELAYS, Append
+from actors.journal import REPLAY_RETRY_DELAYS, Append, Unsubscribe
 from actors.metrics import REGISTRY
 from lockd.journal_file import JournalFollower
 from tests.actors.harness import Conn, FakeTransport, Harness, Recorder
@@ -385,6 +385,22 @@ class _CountingFollower(JournalFollower):
     def poll(self, max_bytes: int = -1) -> list[JournalEntry]:
         self.reads.append(0)
         return super().poll(max_bytes)
+
+
+def test_a_try_again_due_after_the_subscriber_left_subscribes_nothing(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timer's message can come after the connection's Unsubscribe (which it
+    does not follow in any inbox): it must not make a connection gone a subscriber."""
+    _written(h, 20)
+    _failing_reader(h, monkeypatch, OSError(errno.EMFILE, "Too many open files"))
+    auditor = h.connect(AUDITOR)
+    auditor.send("subscribe", since=3)
+    h.run()
+    h.journal.tell(Unsubscribe(auditor.ref))  # queued, then the timer falls due
+    h.advance(REPLAY_RETRY_DELAYS[0])
+    assert (_gauge("live"), _gauge("catching-up")) == (0, 0)
+    assert auditor.messages() == []
 
 
 def test_a_since_deep_in_a_segment_is_reached_in_bounded_steps(
