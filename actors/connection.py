@@ -262,6 +262,9 @@ class ConnectionActor(DispatchedActor):
         self._replay_paused = False
         """Catching up, and waiting for the socket to take what is queued (:class:`Drained`)."""
         self._busy = False
+        self._pumping = False
+        """In :meth:`_pump`'s loop: a request answered without leaving this actor (hello,
+        restrict, a refusal) ends inside it, and the loop takes the next one."""
         self._reading = True
         self._closed = False
         self._waiting_job: _Acquisition | None = None
@@ -487,7 +490,22 @@ class ConnectionActor(DispatchedActor):
         self.stop()
 
     def _pump(self) -> None:
-        """Take the next request when idle; apply back-pressure when a backlog grows."""
+        """Take the next request when idle; apply back-pressure when a backlog grows.
+
+        Not re-entered: a request answered at once replies from inside the loop below,
+        and a reply calling the loop again for the next one would nest a call per
+        pipelined request, until Python's recursion limit ended the connection (a
+        few hundred pipelined ``hello`` did). The loop that is running takes it.
+        """
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            self._pump_requests()
+        finally:
+            self._pumping = False
+
+    def _pump_requests(self) -> None:
         if self._quiesce_to is not None:
             if not self._busy and not self._closed:  # closed: Gone, from _closed_and_done
                 self._hand_over()

@@ -163,6 +163,30 @@ def test_pipelined_requests_are_answered_in_order(h: Harness) -> None:
     assert len(replies[-1]["result"]["leases"]) == 1
 
 
+def test_many_pipelined_requests_answered_at_once_are_all_answered(h: Harness) -> None:
+    """Thousands of pipelined requests that need no other actor (hello, a refusal) are
+    each answered; the VM's own connection stays open and its lease held, no fence.
+
+    Each such reply used to take the next request from inside itself: a few hundred
+    nested past Python's recursion limit, and the connection closed as an internal
+    error, fencing the VM."""
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    hello = encode_frame(encode_item({"op": "hello", "id": 7, "versions": [1]}))
+    refused = encode_frame(encode_item({"op": "disconnect", "id": 8, "client": 1}))
+    vm.send_raw((hello + refused) * 1500)
+    h.run()
+    replies = vm.messages()
+    assert [r["id"] for r in replies] == [7, 8] * 1500
+    assert all("result" in r for r in replies[::2])
+    assert {r["error"]["code"] for r in replies[1::2]} == {"permission-denied"}
+    assert not vm.transport.closed
+    assert h.processes.signals == []
+    assert len(vm.ok("inquire")["leases"]) == 1
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+
+
 def test_register_rules(h: Harness) -> None:
     """Own pid: fine. Someone else's: only root or that process's uid. Unknown pid: not-found."""
     h.processes.spawn(5000, uid=1000)
