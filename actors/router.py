@@ -310,13 +310,7 @@ class RouterActor(DispatchedActor):
                 f"lockspace {name}: {path} is not a directory",
             )
         if len(self._lockspaces) >= self._max_lockspaces:
-            return Found(
-                token,
-                name,
-                None,
-                ErrorCode.IO_ERROR,
-                f"lockspace {name}: the daemon serves at most {self._max_lockspaces} lockspaces",
-            )
+            return self._full(name, token)
         try:
             files = self._open(path)
         except OSError as exc:
@@ -325,10 +319,28 @@ class RouterActor(DispatchedActor):
         self._lockspaces[name] = ref
         return Found(token, name, ref)
 
+    def _full(self, name: str, token: int) -> Found:
+        return Found(
+            token,
+            name,
+            None,
+            ErrorCode.IO_ERROR,
+            f"lockspace {name}: the daemon serves at most {self._max_lockspaces} lockspaces",
+        )
+
     def _create(self, message: CreateLockspace) -> None:
         path = self.path_of(message.lockspace)
         if len(self._lockspaces) >= self._max_lockspaces:
-            message.reply_to.tell(self._lookup(message.lockspace, message.token))
+            # One served already is found; any other is refused for the limit, not
+            # looked up: a lookup of a directory not created answers "does not exist",
+            # which tells a client that asked to create it nothing.
+            served = message.lockspace in self._lockspaces
+            found = (
+                self._lookup(message.lockspace, message.token)
+                if served
+                else self._full(message.lockspace, message.token)
+            )
+            tell_if_alive(message.reply_to, found)
             return
         try:
             os.mkdir(path, 0o700)

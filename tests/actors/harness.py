@@ -263,6 +263,8 @@ class Harness:
         max_pidfds: int | None = None,
         open_lockspace: Callable[[str], LockspaceDir] = LockspaceDir,
         replay_bytes: int = REPLAY_BYTES,
+        *,
+        max_lockspaces: int = 4096,
     ) -> None:
         self.clock = Clock()
         self.dispatcher = Dispatcher(clock=self.clock)
@@ -281,6 +283,7 @@ class Harness:
             self.dispatcher, lock_dir=str(lock_dir), journal=self.journal,
             open_lockspace=open_lockspace,
             journal_position=lambda: self.journal_writer.next_seq - 1,
+            max_lockspaces=max_lockspaces,
         )  # fmt: skip
         self.owners = OwnersActor.start(
             self.dispatcher, processes=self.processes, router=self.router, journal=self.journal,

@@ -18,6 +18,7 @@ from actors.events import (
     JournalEntry,
     LeaseAcquired,
     LeaseReleased,
+    LockspaceCreated,
     OwnerFenced,
     ReleaseReason,
 )
@@ -728,6 +729,28 @@ def test_admin_disconnect(h: Harness) -> None:
     assert released.reason is ReleaseReason.ADMIN
     assert h.processes.signals == [(VM1, "SIGTERM")]
     assert admin.error("disconnect", client=9999)["code"] == "not-found"
+
+
+def test_create_lockspace_past_the_limit_says_so(tmp_path: Path) -> None:
+    """At max_lockspaces a new lockspace is refused with io-error naming the limit (it
+    said ``not-found``, "does not exist", to a request to create it); nothing is made;
+    one served already is still found."""
+    h = Harness(tmp_path / "locks", max_lockspaces=2)
+    try:
+        c = h.connect(VM1)
+        assert c.ok("create-lockspace", lockspace="pool-a")["created"] is True
+        assert c.ok("create-lockspace", lockspace="pool-b")["created"] is True
+        error = c.error("create-lockspace", lockspace="pool-c")
+        assert error["code"] == "io-error", error
+        assert "at most 2 lockspaces" in error["message"]
+        assert not (h.lock_dir / "pool-c").exists()
+        assert c.ok("create-lockspace", lockspace="pool-a")["created"] is False
+        assert [e.lockspace for e in h.journal_writer.events(LockspaceCreated)] == [
+            "pool-a",
+            "pool-b",
+        ]
+    finally:
+        h.close()
 
 
 def test_lockspaces_resources_and_queries(h: Harness) -> None:
