@@ -299,8 +299,7 @@ class ConnectionActor(DispatchedActor):
     def on_start(self) -> None:
         self._publish_info()
         if self._idle_timeout > 0 and not self._admin:
-            ref = self.actor_ref
-            self.dispatcher.call_later(self._idle_timeout, lambda: tell_if_alive(ref, _IdleCheck()))
+            self._check_idle_later()
         restored = self._restored
         if restored is None:
             return
@@ -309,6 +308,10 @@ class ConnectionActor(DispatchedActor):
             self._resume(restored)
         except Exception:  # noqa: BLE001 - as in on_receive: this connection ends, not lockd
             self._internal_error()
+
+    def _check_idle_later(self) -> None:
+        ref = self.actor_ref
+        self.dispatcher.call_later(self._idle_timeout, lambda: tell_if_alive(ref, _IdleCheck()))
 
     def _resume(self, restored: HandedOver) -> None:
         """Carry on a connection the previous process handed over (re-exec)."""
@@ -416,7 +419,14 @@ class ConnectionActor(DispatchedActor):
         elif isinstance(message, PeerGone):
             self._close()
         elif isinstance(message, _IdleCheck):
-            if not (self._closed or self._owner or self._subscribed or self._busy):
+            if self._closed or self._owner or self._subscribed:
+                pass
+            elif self._busy:
+                # Not idle at this instant, but not registered either: look again
+                # later (the one check there was let a request in flight now keep
+                # the slot for good).
+                self._check_idle_later()
+            else:
                 # Half-open or forgotten: it holds a slot of max_clients for nothing.
                 log.info("closing client %d: no owner registered after %g s",
                          self.conn_id, self._idle_timeout)  # fmt: skip

@@ -926,6 +926,20 @@ def test_idle_unregistered_connections_are_closed(h: Harness) -> None:
     assert not admin.transport.closed
 
 
+def test_a_request_in_flight_at_the_idle_check_only_postpones_it(h: Harness) -> None:
+    """An unregistered connection answering a request when idle_timeout runs out is
+    checked again later, and closed then if still idle: the check ran once, so being
+    busy at that instant kept the slot for good."""
+    conn = h.connect(VM1, idle_timeout=5.0)
+    h.advance(4.9)
+    conn.send("status")  # in flight (router, lockspaces) when the check runs
+    h.advance(0.2)
+    assert [r["id"] for r in conn.messages()] == [2]
+    assert not conn.transport.closed
+    h.advance(20.0)
+    assert conn.transport.closed
+
+
 def test_inquire_and_the_disconnect_check_ask_only_for_the_owners_leases(h: Harness) -> None:
     """Snapshots filtered by owner: a VM's inquiry does not carry the whole host's leases."""
     from actors.lockspace import LockspaceActor
