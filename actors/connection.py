@@ -633,17 +633,28 @@ class ConnectionActor(DispatchedActor):
             else:
                 self._reply(request, {})
         elif isinstance(request, m.Disconnect):
-            if not self._admin:
-                self._error(
-                    request,
-                    ErrorCode.PERMISSION_DENIED,
-                    "disconnect is served on the admin socket only",
-                )
-                return
-            token = self._wait(lambda k: self._kicked(request, k))
-            self._router.tell(Kick(request.client, token, self.actor_ref))
+            self._disconnect(request)
         else:  # pragma: no cover - request_from_wire only builds the types above
             self._error(request, ErrorCode.INTERNAL, f"{request.OP}: not implemented")
+
+    def _disconnect(self, request: m.Disconnect) -> None:
+        if not self._admin:
+            self._error(
+                request,
+                ErrorCode.PERMISSION_DENIED,
+                "disconnect is served on the admin socket only",
+            )
+            return
+        if request.client == self.conn_id:
+            # Its own connection: answer, then close. Through the router the close
+            # comes first and the answer finds the connection closed.
+            self._transport.write(self._protocol.reply(request.id, {"client": self.conn_id}))
+            self._busy = False
+            log.info("client %d disconnected by an operator (itself)", self.conn_id)
+            self._close(admin=True)
+            return
+        token = self._wait(lambda k: self._kicked(request, k))
+        self._router.tell(Kick(request.client, token, self.actor_ref))
 
     def _register(self, request: m.Register) -> None:
         if self._owner is not None:

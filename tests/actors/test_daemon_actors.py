@@ -753,6 +753,15 @@ def test_create_lockspace_past_the_limit_says_so(tmp_path: Path) -> None:
         h.close()
 
 
+def test_an_admin_connection_disconnecting_itself_gets_its_reply(h: Harness) -> None:
+    """Disconnecting one's own admin connection is answered, then closed (it was closed
+    first, the answer lost: the operator saw the connection drop, not why)."""
+    admin = h.connect(LIBVIRTD, admin=True)
+    (me,) = [c["id"] for c in admin.ok("list-clients")["clients"]]
+    assert admin.ok("disconnect", client=me) == {"client": me}
+    assert admin.transport.closed
+
+
 def test_lockspaces_resources_and_queries(h: Harness) -> None:
     c = h.connect(VM1)
     assert c.ok("create-lockspace", lockspace="pool") == {"lockspace": "pool", "created": True}
