@@ -103,6 +103,9 @@ class ProcessInfo(Protocol):
 
     def start_time(self, pid: int) -> int | None: ...
     def uid_of(self, pid: int) -> int | None: ...
+    def leader_of(self, pid: int) -> int | None:
+        """The process ``pid`` is a thread of (``pid`` itself for a process)."""
+        ...
 
 
 @attrs.frozen
@@ -670,6 +673,18 @@ class ConnectionActor(DispatchedActor):
         uid = self._processes.uid_of(ident.pid)
         if started is None or uid is None:
             self._error(request, ErrorCode.NOT_FOUND, f"register: no process with pid {ident.pid}")
+            return
+        leader = self._processes.leader_of(ident.pid)
+        if leader is not None and leader != ident.pid:
+            # A thread id opens in /proc like a pid, but the thread is not what a lease
+            # protects: it would end when that thread exits, the process (and its open
+            # disk) running on; and no pidfd watches a thread, so it would be polled.
+            self._error(
+                request,
+                ErrorCode.INVALID_ARGUMENT,
+                f"register: {ident.pid} is a thread of process {leader}, not a process; "
+                f"register pid {leader}",
+            )
             return
         if ident.pid != self._transport.peer_pid and peer_uid not in (0, uid):
             self._error(

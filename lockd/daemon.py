@@ -69,6 +69,10 @@ class _ProcessInfo:
     def uid_of(pid: int) -> int | None:
         return procs.uid_of(pid)
 
+    @staticmethod
+    def leader_of(pid: int) -> int | None:
+        return procs.leader_of(pid)
+
 
 def _log_control(level: str | None, filters: str | None) -> dict[str, str]:
     """The admin socket's ``set-log``: change level and filters now; returns what is in force."""

@@ -135,6 +135,19 @@ def uid_of(pid: int) -> int | None:
     return None
 
 
+def leader_of(pid: int) -> int | None:
+    """The process (thread group) ``pid`` belongs to: ``pid`` itself for a process, another
+    pid for one of its threads (a thread id opens in /proc too); None if no such task."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
 def is_exiting(pid: int, started: int) -> bool:
     """True if the process is gone, a zombie, exiting, or its pid now names another process.
 

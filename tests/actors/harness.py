@@ -102,6 +102,8 @@ class FakeProcesses:
         """True: open_watch fails like pidfd_open at the fd limit (EMFILE)."""
         self.unsignallable: set[int] = set()
         """Alive, but a signal cannot be sent to them (EMFILE on the pidfd it goes through)."""
+        self.threads: dict[int, int] = {}
+        """Thread ids (spawned like pids: /proc answers for them) and their process."""
 
     def spawn(self, pid: int, uid: int = 0, start: int = 100) -> int:
         self.procs[pid] = (start, uid)
@@ -113,6 +115,9 @@ class FakeProcesses:
 
     def uid_of(self, pid: int) -> int | None:
         return None if pid in self.gone or pid not in self.procs else self.procs[pid][1]
+
+    def leader_of(self, pid: int) -> int | None:
+        return None if pid in self.gone or pid not in self.procs else self.threads.get(pid, pid)
 
     # Processes (owners actor)
     def open_watch(self, owner: Owner) -> int | None:

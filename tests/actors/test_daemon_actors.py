@@ -203,6 +203,20 @@ def test_register_rules(h: Harness) -> None:
     assert missing["code"] == "not-found"
 
 
+def test_a_thread_id_is_not_an_owner(h: Harness) -> None:
+    """A thread id opens in /proc like a pid; registering one is refused with the process
+    to register instead, and the connection stays unregistered."""
+    h.processes.spawn(VM1 + 10)
+    h.processes.threads[VM1 + 10] = VM1
+    conn = h.connect(LIBVIRTD)
+    owner = {"uuid": b"u" * 16, "name": "vm", "id": 1, "pid": VM1 + 10}
+    error = conn.error("register", owner=owner)
+    assert error["code"] == "invalid-argument"
+    assert f"thread of process {VM1}" in error["message"]
+    assert conn.error("inquire")["code"] == "not-registered"
+    assert conn.register(VM1)
+
+
 def test_order_rules(h: Harness) -> None:
     """Acquire before register, register twice, anything after restrict."""
     c = h.connect(VM1)

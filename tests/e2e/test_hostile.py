@@ -23,6 +23,7 @@ import select
 import socket
 import struct
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -757,6 +758,32 @@ def test_operations_out_of_order(target: Target) -> None:
         ]
         assert len(restricted) == 1, clients
         assert restricted[0]["owner"]["name"] == "first"
+
+
+def test_a_thread_id_is_refused_as_an_owner(target: Target) -> None:
+    """A thread's id names a /proc entry like a pid, but a lease held for it would end
+    when that thread exits, its process running on: register refuses it, naming the
+    process, and the connection stays unregistered."""
+    ready, done = threading.Event(), threading.Event()
+    tids: list[int] = []
+
+    def run() -> None:
+        tids.append(threading.get_native_id())
+        ready.set()
+        done.wait(30)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        with unharmed(target), Raw(target.daemon.socket) as conn:
+            conn.hello()
+            error = assert_error(conn.call(register_request(1, tids[0])), "invalid-argument", 1)
+            assert f"thread of process {os.getpid()}" in error["message"]
+            assert_error(conn.call({"op": "inquire", "id": 2}), "not-registered", 2)
+    finally:
+        done.set()
+        thread.join()
 
 
 def test_client_vanishing_mid_request(target: Target) -> None:

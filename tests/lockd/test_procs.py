@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +24,30 @@ def test_start_time_and_uid_of_a_live_process() -> None:
     assert procs.uid_of(os.getpid()) == os.getuid()
     assert procs.start_time(2**22 + 11) is None
     assert procs.uid_of(2**22 + 11) is None
+
+
+def test_leader_of_a_process_and_of_a_thread() -> None:
+    """A process is its own leader; a thread id (which /proc opens too) names its process."""
+    assert procs.leader_of(os.getpid()) == os.getpid()
+    assert procs.leader_of(2**22 + 11) is None
+    ready, done = threading.Event(), threading.Event()
+    tids: list[int] = []
+
+    def run() -> None:
+        tids.append(threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert ready.wait(10)
+        assert tids[0] != os.getpid()
+        assert procs.start_time(tids[0]) is not None  # what registration took for a process
+        assert procs.leader_of(tids[0]) == os.getpid()
+    finally:
+        done.set()
+        thread.join()
 
 
 def test_cpu_seconds_counts_the_cpu_a_process_used() -> None:

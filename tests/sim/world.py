@@ -194,6 +194,9 @@ class ProcessView:
     def uid_of(self, pid: int) -> int | None:
         return 0 if pid in self.table.procs else None
 
+    def leader_of(self, pid: int) -> int | None:
+        return pid if pid in self.table.procs else None
+
     def is_gone(self, owner: Owner) -> bool:
         return self.table.procs.get(owner.pid) != owner.start_time
 
