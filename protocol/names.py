@@ -33,10 +33,18 @@ output prints (a newline in one would forge a line of ``lockd events``; an escap
 sequence would drive the operator's terminal)."""
 
 
+_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+"""Bidirectional controls and zero-width characters: allowed in names (a VM's name may
+be in any script), but printed escaped: a right-to-left override in one would make
+it show as another name in ``lockd leases``."""
+
+
 def printable(text: str) -> str:
-    """``text`` with control characters shown as ``\\xNN``: for names in text output,
+    """``text`` with control characters shown as ``\\xNN`` and invisible ones
+    (bidirectional controls, zero-width) as ``\\uNNNN``: for names in text output,
     also those journaled before they were refused."""
-    return CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    text = CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 class InvalidNameError(ValueError):

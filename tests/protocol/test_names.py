@@ -79,3 +79,11 @@ def test_printable_shows_control_characters_as_escapes() -> None:
         "vm1\\x0a7 2026 lease-released\\x1b[31m\\x7f\\x85é"
     )
     assert printable("vm-1 (web)") == "vm-1 (web)"
+
+
+def test_printable_shows_invisible_characters_as_escapes() -> None:
+    """A right-to-left override or a zero-width space in a VM's name (allowed: names
+    may be in any script) cannot make it look like another name in text output."""
+    assert printable("vm\u202egmi.kcab") == "vm\\u202egmi.kcab"
+    assert printable("vm\u200b1\ufeff") == "vm\\u200b1\\ufeff"
+    assert printable("仮想マシン-1") == "仮想マシン-1"  # other scripts print as they are
