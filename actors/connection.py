@@ -686,15 +686,6 @@ class ConnectionActor(DispatchedActor):
                 f"register pid {leader}",
             )
             return
-        if ident.pid == self._info.pid:
-            # Its leases would never end (lockd outlives them), and a fence of it,
-            # after a lease-lost at start-up, would SIGTERM the lock daemon itself.
-            self._error(
-                request,
-                ErrorCode.INVALID_ARGUMENT,
-                f"register: pid {ident.pid} is lockd itself, which holds no disk",
-            )
-            return
         if ident.pid != self._transport.peer_pid and peer_uid not in (0, uid):
             self._error(
                 request,

@@ -217,18 +217,6 @@ def test_a_thread_id_is_not_an_owner(h: Harness) -> None:
     assert conn.register(VM1)
 
 
-def test_the_daemon_itself_is_not_an_owner(h: Harness) -> None:
-    """Its leases would never end, and a fence of it would SIGTERM lockd."""
-    daemon_pid = 1  # the harness's ServerInfo
-    h.processes.spawn(daemon_pid)
-    conn = h.connect(LIBVIRTD)
-    owner = {"uuid": b"u" * 16, "name": "lockd", "id": 1, "pid": daemon_pid}
-    error = conn.error("register", owner=owner)
-    assert error["code"] == "invalid-argument"
-    assert "lockd itself" in error["message"]
-    assert conn.error("inquire")["code"] == "not-registered"
-
-
 def test_order_rules(h: Harness) -> None:
     """Acquire before register, register twice, anything after restrict."""
     c = h.connect(VM1)
