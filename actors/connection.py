@@ -266,8 +266,8 @@ class ConnectionActor(DispatchedActor):
         """Catching up, and waiting for the socket to take what is queued (:class:`Drained`)."""
         self._busy = False
         self._pumping = False
-        """In :meth:`_pump`'s loop: a request answered without leaving this actor (hello,
-        restrict, a refusal) ends inside it, and the loop takes the next one."""
+        """In :meth:`_pump`'s loop, handling a request: one answered without leaving this
+        actor (hello, restrict, a refusal) ends inside it, and the loop takes the next."""
         self._reading = True
         self._closed = False
         self._waiting_job: _Acquisition | None = None
@@ -391,7 +391,7 @@ class ConnectionActor(DispatchedActor):
         # A bug met on one connection ends that connection (its owner's leases
         # end as on any disconnect), never the daemon. Called in an except block.
         log.exception("client %d: internal error; closing the connection", self.conn_id)
-        self._busy = False
+        self._busy = self._pumping = False
         self._close()
 
     def _receive(self, message: Any) -> Any:
@@ -511,14 +511,7 @@ class ConnectionActor(DispatchedActor):
         few hundred pipelined ``hello`` did). The loop that is running takes it.
         """
         if self._pumping:
-            return
-        self._pumping = True
-        try:
-            self._pump_requests()
-        finally:
-            self._pumping = False
-
-    def _pump_requests(self) -> None:
+            return  # called by a reply from inside the loop below: it goes on
         if self._quiesce_to is not None:
             if not self._busy and not self._closed:  # closed: Gone, from _closed_and_done
                 self._hand_over()
@@ -539,7 +532,9 @@ class ConnectionActor(DispatchedActor):
                     self._close()
                 continue
             self._busy = True
-            self._handle(incoming)
+            self._pumping = True  # on the path of every request: no try/finally here;
+            self._handle(incoming)  # an exception ends the connection (_internal_error)
+            self._pumping = False
         if self._closed:
             return
         if self._protocol.closed and not self._busy:
