@@ -62,6 +62,15 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _holds_only(path: str, header: bytes) -> bool:
+    """Whether the file at ``path`` holds ``header`` and nothing else."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(header) + 1) == header
+    except OSError:
+        return False
+
+
 def first_seq_of(name: str) -> int:
     """The first seq a segment holds, from its name."""
     return int(name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
@@ -142,14 +151,25 @@ class FileJournal:
         tmp = os.path.join(self.directory, f".{segment_name(first_seq)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         header = encode_header(first_seq)
-        os.write(fd, header)
-        os.fsync(fd)
-        if os.path.exists(path):
+        # A rotation that fails (disk full, EIO) is tried again at the next append, and
+        # each append while the disk stays full gets here: the temporary's fd is closed
+        # on the way out (it leaked, one fd per refused request, until the daemon ran
+        # out of them). A segment renamed in whose directory sync failed holds only
+        # its header: the next try renames over it and syncs again (it found the name
+        # taken, and the journal refused every write until a restart).
+        try:
+            if os.write(fd, header) != len(header):
+                raise OSError(f"short write of the header of {path}")
+            os.fsync(fd)
+            if os.path.exists(path) and not _holds_only(path, header):
+                raise FileExistsError(f"journal segment {path} exists already")
+            os.rename(tmp, path)
+            _fsync_dir(self.directory)
+        except BaseException:
             os.close(fd)
-            os.unlink(tmp)
-            raise FileExistsError(f"journal segment {path} exists already")
-        os.rename(tmp, path)
-        _fsync_dir(self.directory)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._size = fd, len(header)

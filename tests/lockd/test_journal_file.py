@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -386,3 +388,65 @@ def test_a_follower_skips_a_damaged_segment_never_back_before_its_place(
     assert follower.skip_segment() is None  # the newest: nothing after it
     follower.close()
     journal.close()
+
+
+def _full_rotation(journal: FileJournal) -> None:
+    """Fill the current segment so that the next append rotates."""
+    while journal._size < journal._segment_bytes:
+        write(journal, 1)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_rotation_refused_by_a_full_disk_leaks_no_fd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every append while the disk is full tries the rotation again: each try must
+    close the new segment's temporary file (it leaked one fd per refused request)."""
+    journal = FileJournal(str(tmp_path), segment_bytes=4096)
+    _full_rotation(journal)
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    before = _open_fds()
+    for _ in range(20):
+        with pytest.raises(OSError, match="No space"):
+            write(journal, 1)
+    assert _open_fds() == before
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    monkeypatch.undo()
+    write(journal, 1)  # space again: the rotation goes through
+    assert len(list_segments(str(tmp_path))) == 2
+    journal.close()
+
+
+def test_a_rotation_whose_directory_sync_fails_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new segment is renamed in, then the directory's fsync fails (EIO): the next
+    append must be able to rotate again, not find the segment's name taken for ever."""
+    journal = FileJournal(str(tmp_path), segment_bytes=4096)
+    _full_rotation(journal)
+    last = journal.next_seq - 1
+    real_fsync = os.fsync
+
+    def failing(fd: int) -> None:
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        write(journal, 1)
+    monkeypatch.undo()
+    write(journal, 3)
+    journal.close()
+    assert [e.seq for e in read_entries(str(tmp_path))] == list(range(1, last + 4))
+    assert len(list_segments(str(tmp_path))) == 2
