@@ -38,7 +38,7 @@ from lockd import __version__, logs, procs
 from lockd.config import Config, secure_runtime_dir
 from lockd.journal_file import FileJournal
 from lockd.lockfiles import LockspaceDir
-from lockd.reexec import PATH_KEYS, Handoff, ListenerFd, ReexecActor, read_handoff
+from lockd.reexec import PATH_KEYS, Handoff, ListenerFd, ReexecActor, paths_of, read_handoff
 from lockd.replay import replay
 from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
 from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
@@ -635,7 +635,7 @@ class Daemon:
             fences_resume=self.config.lost_lease_policy == "fence",
             before_exec=lambda: self.system.snapshots.wait(STOP_WAIT_S),
             own_fds=(self.system.journal_lock, self._pid_fd),
-            paths={key: getattr(self.config, key) for key in PATH_KEYS},
+            paths=paths_of(self.config),
             started=self.system.serving_since,
             log_config=(self.config.log_level, self.config.log_filters, self.config.log_outputs),
             bound=sorted(self._bound),

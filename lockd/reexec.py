@@ -61,19 +61,34 @@ PATH_KEYS = ("socket", "admin_socket", "lock_dir", "journal_dir", "pid_file")
 """Settings a re-exec cannot change: the new program carries on with the running
 daemon's sockets, lease files, journal and pid file, which it finds through them."""
 
+LOCKSPACES = "lockspaces"
+"""Also a setting a re-exec cannot change, said and compared beside :data:`PATH_KEYS`:
+the directories of ``[lockspaces]`` hold lease files too. Moved, the new program adopted
+the handed fds (locks on the old files) as leases in the new directory, where the files
+are not locked: another host configured alike took the same disk. A build from before
+it does not say it, and is not compared on it."""
+
 CHECK_SECONDS = 10.0
 """How long the new program's start-up check may take before the re-exec is abandoned."""
 
 _SERVICE_ENV = ("NOTIFY_SOCKET", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 """Kept from the check: it must never look like the service to the service manager."""
 
-Paths = dict[str, str | None]
+Paths = dict[str, Any]
+""":data:`PATH_KEYS` (a path or None each) and :data:`LOCKSPACES` (name => directory)."""
+
+
+def paths_of(config: Any) -> Paths:
+    """The paths a re-exec cannot change, as a :class:`lockd.config.Config` gives them."""
+    paths: Paths = {key: getattr(config, key) for key in PATH_KEYS}
+    paths[LOCKSPACES] = dict(config.lockspaces)
+    return paths
 
 
 def check_output(config: Any) -> str:
     """What ``lockd serve --handoff-check`` prints: handoff versions read and features,
     then the paths its configuration gives (a :class:`lockd.config.Config`)."""
-    paths = {key: getattr(config, key) for key in PATH_KEYS}
+    paths = paths_of(config)
     return (
         f"lockd-handoff {HANDOFF_VERSION} {' '.join(HANDOFF_FEATURES)}\n"
         f"lockd-paths {json.dumps(paths, sort_keys=True)}"
@@ -130,12 +145,12 @@ class TargetCheck:
         paths: Paths = {}
         for line in stdout.splitlines():
             name, sep, value = line.strip().partition(" = ")
-            if sep and name in PATH_KEYS:
+            if sep and name in (*PATH_KEYS, LOCKSPACES):
                 try:
                     paths[name] = json.loads(value)
                 except ValueError:
                     paths[name] = ast.literal_eval(value)
-        if set(paths) != set(PATH_KEYS):
+        if not set(PATH_KEYS) <= set(paths):
             return cls(False, why=f"{BEFORE_CHECK}, and --check-config did not print its paths")
         return cls(True, own_fds=False, why=BEFORE_CHECK, paths=paths)
 
@@ -149,12 +164,22 @@ def _last(stderr: str, returncode: int) -> str:
 
 
 def moved_paths(running: Paths, new: Paths) -> list[str]:
-    """The settings of :data:`PATH_KEYS` the new program would not share with this one."""
-    return [
+    """The settings of :data:`PATH_KEYS` the new program would not share with this one,
+    and the lockspaces of :data:`LOCKSPACES` it would serve from another directory
+    (or from ``lock_dir``), if it says them."""
+    moved = [
         f"{key} ({running.get(key)} -> {new.get(key)})"
         for key in PATH_KEYS
         if running.get(key) != new.get(key)
     ]
+    if isinstance(new.get(LOCKSPACES), dict):
+        now, then = running.get(LOCKSPACES) or {}, new[LOCKSPACES]
+        moved += [
+            f"{LOCKSPACES}.{name} ({now.get(name)} -> {then.get(name)})"
+            for name in sorted(set(now) | set(then))
+            if now.get(name) != then.get(name)
+        ]
+    return moved
 
 
 Spawn = Callable[[list[str]], "subprocess.Popen[str]"]

@@ -393,6 +393,12 @@ def test_stale_lease_fds_in_a_handoff_are_closed_and_held_leases_kept(
 BAD_EDITS = {
     "error": ("journal_sync = 'sometimes'\n", "journal_sync"),
     "moved pid file": ("pid_file = '{tmp}/elsewhere.pid'\n", "restart lockd to change them"),
+    # The held lease's lockspace, served from another directory: the new program took
+    # the handed fd (the lock on the old file) for the lease there, unlocked.
+    "moved lockspace": (
+        f"[lockspaces]\n'{FILES_LOCKSPACE}' = '{{tmp}}/elsewhere'\n",
+        f"lockspaces.{FILES_LOCKSPACE} (None -> ",
+    ),
 }
 
 

@@ -10,12 +10,22 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from actors.runtime import Dispatcher
 from lockd import reexec
 from lockd.config import Config
-from lockd.reexec import BEFORE_CHECK, PATH_KEYS, TargetCheck, check_output, check_target
+from lockd.reexec import (
+    BEFORE_CHECK,
+    LOCKSPACES,
+    PATH_KEYS,
+    TargetCheck,
+    check_output,
+    check_target,
+    moved_paths,
+    paths_of,
+)
 
 LOCKD = [sys.executable, "-m", "lockd", "serve"]
 
@@ -29,8 +39,27 @@ def test_this_build_reads_its_own_handoff_with_every_fd_and_says_its_paths() -> 
         socket="/run/l.sock", admin_socket="/run/a.sock", lock_dir="/locks", journal_dir="/journal"
     )
     assert TargetCheck.of(0, check_output(config) + "\n", "") == TargetCheck(
-        True, own_fds=True, paths=PATHS
+        True, own_fds=True, paths={**PATHS, LOCKSPACES: {}}
     )
+
+
+def test_a_lockspace_served_from_another_directory_is_a_moved_path() -> None:
+    """``[lockspaces]`` directories hold lease files: the new program would take the
+    handed fds (locks on the old files) for leases in the new directory."""
+    config = Config(
+        socket="/run/l.sock", admin_socket="/run/a.sock", lock_dir="/locks",
+        journal_dir="/journal", lockspaces={"pool": "/srv/pool"},
+    )  # fmt: skip
+    running = paths_of(config)
+    assert moved_paths(running, paths_of(config)) == []
+    for changed, said in (
+        ({"pool": "/srv/elsewhere"}, "lockspaces.pool (/srv/pool -> /srv/elsewhere)"),
+        ({}, "lockspaces.pool (/srv/pool -> None)"),
+        ({"pool": "/srv/pool", "new": "/srv/new"}, "lockspaces.new (None -> /srv/new)"),
+    ):
+        assert moved_paths(running, paths_of(attrs.evolve(config, lockspaces=changed))) == [said]
+    # A build from before it does not say its lockspaces: not compared on them.
+    assert moved_paths(running, {key: running[key] for key in PATH_KEYS}) == []
 
 
 def test_a_build_that_also_reads_later_versions_is_accepted() -> None:
@@ -93,7 +122,7 @@ def test_the_real_program_passes_its_check_without_serving(tmp_path: Path) -> No
     imported), with no socket bound and nothing written; flags resolved as serve does."""
     check = check_target([*LOCKD, "--journal-dir", "j", "--lock-dir", str(tmp_path)])
     assert (check.ok, check.own_fds) == (True, True)
-    assert set(check.paths) == set(PATH_KEYS)
+    assert set(check.paths) == {*PATH_KEYS, LOCKSPACES}
     assert check.paths["journal_dir"] == os.path.abspath("j")
     assert check.paths["lock_dir"] == str(tmp_path)
     assert not os.path.exists("j")
