@@ -915,6 +915,7 @@ class LockspaceActor(DispatchedActor):
     # -- recovery -------------------------------------------------------------------
     def _restore(self, request: Restore) -> None:
         """Take the kernel lock again for every lease with a live owner (or adopt its fd)."""
+        request = attrs.evolve(request, leases=tuple(map(self._adoptable, request.leases)))
         token = next(self._tokens)
         restoring = _Restoring(request)
         self._restoring[token] = restoring
@@ -939,6 +940,27 @@ class LockspaceActor(DispatchedActor):
             restoring.waiting += 1
         if not restoring.waiting:
             self._restore_journal(token)
+
+    def _adoptable(self, lease: RestoreLease) -> RestoreLease:
+        """``lease``, without its handed fd if that is open on another file than the one
+        its name in this directory is now.
+
+        The service manager keeps a lease's fd across a stop, so a restart that serves
+        the lockspace from another directory (``lock_dir`` or ``[lockspaces]`` moved,
+        which takes a restart) gets back fds locking the old files. Adopted, the lease
+        was reported held while its file here was free for any other host to take (or
+        did not exist). The fd is closed (its lock protects nothing now) and dropped
+        from the store, and the lease is locked on its file here like any other.
+        """
+        if lease.fd is None or not lease.live or self._files.names_fd(lease.fd, lease.resource):
+            return lease
+        log.warning("recovery: lease %s/%s: the fd handed over is open on another file than "
+                    "the lease file there now (moved while lockd was down?); locking that one",
+                    self.name, lease.resource)  # fmt: skip
+        self._files.close_fd(lease.fd)
+        if self._fd_store is not None:
+            self._fd_store.remove(self.name, lease.resource)
+        return attrs.evolve(lease, fd=None)
 
     def _cleanup(self, resource: str) -> None:
         """Remove an autocreated lease file whose owners all died, as their release would have.

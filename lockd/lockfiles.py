@@ -127,6 +127,18 @@ class LockspaceDir:
             return False
         return (st.st_dev, st.st_ino) == held.inode
 
+    def names_fd(self, fd: int, name: str) -> bool:
+        """False only if ``name`` is sure not to name the file ``fd`` is open on (it names
+        another file, or none); an error reading either says nothing, and is True."""
+        try:
+            st = os.fstat(fd)
+            now = os.stat(name, dir_fd=self._dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
     def unlink_lease(self, name: str) -> None:
         """Remove a lease file under the index lock; a missing file is not an error."""
         index = self._index_locked()

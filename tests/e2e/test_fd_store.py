@@ -155,3 +155,30 @@ def test_an_adopted_fd_whose_owner_died_meanwhile_is_removed_from_the_store(
     assert not path.exists() or probe(path, "ofd") == "free"
     assert listed(daemon) == {}
     check(daemon)
+
+
+def test_a_lease_file_moved_while_down_is_locked_where_it_is_now_not_through_the_old_fd(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """The store returns a lease's fd, but its lockspace is now served from another
+    directory (``lock_dir`` changed and the unit restarted, as moves must be): the fd
+    locks the old file, which protects nothing there. The lease is locked on the file
+    its path names now (it was adopted through the old fd, reported held, and the new
+    file left free for any other host)."""
+    daemon, vm, name, old = vm_with_stored_lease(make_daemon, manager, children)
+    daemon.stop()  # under the fd store a stop keeps the lock too
+    assert probe(old, "ofd") == "busy"
+    daemon.lock_dir = tmp_path / "moved"
+    (daemon.lock_dir / FILES_LOCKSPACE).mkdir(parents=True)
+    new = lease_file(daemon, "/vm/a.img")
+    start_under(daemon, manager)
+    assert listed(daemon) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
+    }
+    assert probe(new, "ofd") == "busy"
+    wait_for(lambda: probe(old, "ofd") == "free")  # the old fd closed, and dropped from the store
+    assert manager.stored_names() == {name}  # the new file's fd stored in its place
+    check(daemon)

@@ -123,6 +123,9 @@ class FakeLockspaceDir:
     def still_linked(self, held: FakeHeld, name: str) -> bool:
         return self._kernel.files.get((self.path, name)) == held.inode[1]
 
+    def names_fd(self, fd: int, name: str) -> bool:
+        return self._kernel.files.get((self.path, name)) == self._kernel.ofds[fd].inode
+
     def unlink_lease(self, name: str) -> None:
         index = self._kernel.open(self._holder, self.path, INDEX, create=True)
         try:
