@@ -800,6 +800,14 @@ class LockspaceActor(DispatchedActor):
             )
             self._finish(message.token)
             return
+        if self._fd_store is not None:
+            # Stored before the journal write, not after: a crash after the write then
+            # finds the lock kept in the store (stored after its reply, the lease a
+            # crash in between left journaled was free until the restart took it again,
+            # and anyone could take it meanwhile). A crash before the write leaves a
+            # stored fd no lease owns, which the restart drops; so does a failed write.
+            for resource in flight.taken:
+                self._fd_store.store(self.name, resource, self.fds[resource])
         crash_point("acquire-locked")
         self._journal.tell(Append(tuple(flight.events), message.token, self.actor_ref))
 
@@ -835,9 +843,6 @@ class LockspaceActor(DispatchedActor):
         )
         for entry in message.entries:
             self._apply(entry)
-        if self._fd_store is not None and isinstance(command, AcquireLeases):
-            for resource in flight.taken:
-                self._fd_store.store(self.name, resource, self.fds[resource])
         self._reply(command, Done(command.token, self.name, entries=message.entries))
         self._finish(message.token, applied=True)
 

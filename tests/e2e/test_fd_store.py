@@ -38,6 +38,15 @@ def start_under(daemon: DaemonProcess, fm: FakeServiceManager, **extra: int) -> 
     daemon.start()
 
 
+def start_crashing_under(daemon: DaemonProcess, fm: FakeServiceManager, point: str) -> None:
+    """:func:`start_under`, with the crash point ``point`` armed (``LOCKD_CRASH_AT``)."""
+    env, fds = fm.env()
+    daemon.env_extra = {**env, "LOCKD_CRASH_AT": point}
+    daemon.pass_fds = fds
+    daemon.launcher = fm.launcher()
+    daemon.start()
+
+
 def vm_with_stored_lease(
     make_daemon: MakeDaemon, manager: FakeServiceManager, children: list[subprocess.Popen[bytes]]
 ) -> tuple[DaemonProcess, subprocess.Popen[bytes], str, Path]:
@@ -181,4 +190,54 @@ def test_a_lease_file_moved_while_down_is_locked_where_it_is_now_not_through_the
     assert probe(new, "ofd") == "busy"
     wait_for(lambda: probe(old, "ofd") == "free")  # the old fd closed, and dropped from the store
     assert manager.stored_names() == {name}  # the new file's fd stored in its place
+    check(daemon)
+
+
+def test_a_crash_between_journaling_an_acquire_and_replying_keeps_the_lock_in_the_store(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """``lease-acquired`` is written and the daemon dies before its reply: the journal
+    says the lease is held, so the store must hold its lock meanwhile (stored only after
+    the reply, it was free until the restart took it again, for any host to take)."""
+    daemon = make_daemon("sd")
+    daemon.stop()
+    start_crashing_under(daemon, manager, "acquire-journaled")
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    done = daemon.lockd("acquire", "--owner-pid", str(sleeper.pid), "--disk", "/vm/a.img")
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == -signal.SIGKILL
+    assert done.returncode != 0  # no reply
+    path = lease_file(daemon, "/vm/a.img")
+    assert probe(path, "ofd") == "busy"
+    start_under(daemon, manager)
+    assert listed(daemon) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (sleeper.pid,))
+    }
+    assert events(daemon, "--type", "recovery-completed")[-1]["held"] == 1
+    check(daemon)
+
+
+def test_a_crash_before_journaling_an_acquire_leaves_no_lock_in_the_store(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """The other side of storing before the journal write: locked and stored, the daemon
+    dies before ``lease-acquired`` is written. The restart drops the stored fd that no
+    journaled lease owns, and the file is free."""
+    daemon = make_daemon("sd")
+    daemon.stop()
+    start_crashing_under(daemon, manager, "acquire-locked")
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    daemon.lockd("acquire", "--owner-pid", str(sleeper.pid), "--disk", "/vm/a.img")
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == -signal.SIGKILL
+    start_under(daemon, manager)
+    assert listed(daemon) == {}
+    wait_for(lambda: not manager.stored_names())
+    wait_for(lambda: probe(lease_file(daemon, "/vm/a.img"), "ofd") == "free")
     check(daemon)
