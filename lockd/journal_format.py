@@ -219,10 +219,32 @@ def _good_record_after(tail: bytes, expected: int) -> bool:
             if budget < 0:
                 return True
             record = _checked_record(tail, start)
-            if record is not None and record[0] >= expected:
+            if record is not None and record[0] >= expected and _holds_entry(tail, start):
                 return True
         start = tail.find(0x83, start + 1)
     return start != -1
+
+
+def _holds_entry(data: bytes, at: int) -> bool:
+    """Whether the record at ``at`` (whole, its CRC right) holds a journal entry of its
+    seq, as a record the daemon wrote does.
+
+    A client chooses its owner's 16-byte uuid, which the journal keeps as bytes in
+    each of that owner's records: ``[2**32 - 1, 0, h'']`` fits in it with its CRC
+    right. Counted as a good record after the damage, that made a crash cutting
+    such a record short (a page of the tail lost with the host) corruption, and
+    the daemon refused to start. A whole entry takes far more than 16 bytes, and no
+    text a client gives can hold a record's heads (control characters are refused)."""
+    seq = _uint_head(data, at + 1, 0)
+    crc = None if seq is None else _uint_head(data, seq[1], 0)
+    length = None if crc is None else _uint_head(data, crc[1], 2)
+    if seq is None or length is None:
+        return False
+    payload = data[length[1] : length[1] + length[0]]
+    try:
+        return JournalEntry.from_wire(cbor2.loads(payload)).seq == seq[0]
+    except Exception:  # noqa: BLE001 - anything that is not an entry is no good record
+        return False
 
 
 def _scan(first_seq: int, items: list[Any], good: int, torn: int, *, raw: bool) -> SegmentScan:

@@ -220,3 +220,21 @@ def test_a_tail_of_garbage_is_judged_in_bounded_time(monkeypatch: pytest.MonkeyP
         with pytest.raises(JournalCorruptError):
             journal_format.decode_segment(garbage)
         assert 0 < len(looked) <= bound
+
+
+def test_a_record_a_client_hid_in_its_uuid_does_not_make_a_torn_tail_corruption() -> None:
+    """An owner's uuid is 16 bytes the client chooses, kept as they are in each of its
+    records; ``[2**32 - 1, 0, h'']`` fits, its CRC right. The last record cut short
+    after them (a crash in the middle of its write) is a torn tail all the same:
+    counted as a good record after the damage, it made the journal corrupt, and the
+    daemon refused to start."""
+    fake = cbor2.dumps([2**32 - 1, 0, b""])
+    hostile = Owner(uuid=fake.ljust(16, b"\0"), name="vm3", id=3, pid=78, start_time=6)
+    last = JournalEntry(5, 5.0, "hv", LeaseAcquired("ls", "r", LeaseMode.SHARED, hostile, 3, True))
+    data = segment(count=4)
+    whole = data + encode_record(last)
+    after_fake = whole.index(fake) + len(fake)
+    for cut in range(after_fake, len(whole)):
+        scan = decode_segment(whole[:cut])
+        assert (scan.count, scan.valid_length) == (4, len(data)), cut
+    assert decode_segment(whole).count == 5
