@@ -36,7 +36,7 @@ from actors.router import Gather, Gathered, RouterActor
 from actors.runtime import DispatchedActor, Dispatcher
 from lockd import __version__, logs, procs
 from lockd.config import Config, secure_runtime_dir
-from lockd.journal_file import FileJournal
+from lockd.journal_file import BOOT_FILE, FileJournal, last_boot, record_boot
 from lockd.lockfiles import LockspaceDir
 from lockd.reexec import PATH_KEYS, Handoff, ListenerFd, ReexecActor, paths_of, read_handoff
 from lockd.replay import replay
@@ -128,13 +128,27 @@ class LockSystem:
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock)
         """The fd whose flock keeps every other lockd out of this journal directory."""
         snapshot = load_newest(config.journal_dir)
+        boot = procs.boot_id()
+        before = last_boot(config.journal_dir)
         self.journal_file = FileJournal(
             config.journal_dir,
             config.journal_segment_bytes,
             retain_segments=config.journal_retain_segments,
             first_seq=snapshot.seq + 1 if snapshot else 1,
+            # Written in another boot: damage in the newest segment is what the host's
+            # crash left of writes not yet synced, cut rather than refused.
+            cut_damage=before is not None and boot is not None and before != boot,
         )
         state, replayed = replay(self.journal_file, snapshot)
+        if boot is not None and before != boot:
+            try:
+                record_boot(config.journal_dir, boot)
+            except OSError as exc:
+                # A full disk must not stop the start. Left naming the previous boot,
+                # the file would let a later start in this boot cut real damage.
+                log.error("cannot record this boot beside the journal (%s)", exc)
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(config.journal_dir, BOOT_FILE))
         self.fd_store = FdStore()
         adopted = dict(adopted or {})
         stored = dict(stored or {})
@@ -171,7 +185,6 @@ class LockSystem:
             fd_store=self.fd_store,
         )
         processes = procs.ProcTable()
-        boot = procs.boot_id()
         self.owners = OwnersActor.start(
             d,
             processes=processes,

@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -71,6 +72,34 @@ def _holds_only(path: str, header: bytes) -> bool:
         return False
 
 
+BOOT_FILE = ".boot"
+"""The boot id (16 bytes) of the host's boot in which a daemon last started on the journal."""
+
+
+def last_boot(directory: str) -> bytes | None:
+    """The boot id :func:`record_boot` last wrote; None if none was (an older lockd)."""
+    try:
+        with open(os.path.join(directory, BOOT_FILE), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    return data if len(data) == 16 else None
+
+
+def record_boot(directory: str, boot: bytes) -> None:
+    """Say durably that a daemon started on the journal in boot ``boot``."""
+    path = os.path.join(directory, BOOT_FILE)
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, boot)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    _fsync_dir(directory)
+
+
 def first_seq_of(name: str) -> int:
     """The first seq a segment holds, from its name."""
     return int(name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
@@ -97,8 +126,13 @@ class FileJournal:
         *,
         retain_segments: int = 0,
         first_seq: int = 1,
+        cut_damage: bool = False,
     ) -> None:
+        """``cut_damage``: the host rebooted since a daemon last wrote this journal, so
+        damage in the newest segment is cut there rather than refused (see
+        :meth:`_cut`)."""
         self.directory = directory
+        self._cut_damage = cut_damage
         self._segment_bytes = segment_bytes
         self._retain = retain_segments
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -129,7 +163,9 @@ class FileJournal:
         try:
             scan = decode_segment(data, raw=True)
         except JournalCorruptError as exc:
-            raise JournalCorruptError(exc.offset, f"{path}: {exc.reason}") from None
+            if not (self._cut_damage and exc.offset > 0):
+                raise JournalCorruptError(exc.offset, f"{path}: {exc.reason}") from None
+            scan = self._cut(path, data, exc)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if scan.torn_bytes:
             log.warning(
@@ -143,6 +179,44 @@ class FileJournal:
         self._size = scan.valid_length
         self.next_seq = scan.first_seq + scan.count
         self.last_scan = scan
+
+    def _cut(self, path: str, data: bytes, damage: JournalCorruptError) -> SegmentScan:
+        """Cut the newest segment at ``damage``, after a reboot; keep the whole as
+        ``<segment>.damaged-<time>``.
+
+        Writes not yet synced when the host went down reach the disk in no set
+        order: with ``journal_sync = none`` (and the last batch of ``batch``), a page
+        of the tail can keep older contents, zeros where later records were, while
+        pages after it hold their records. That is damage with good records after
+        it, which start-up refuses, so the host came back with no lockd until an
+        operator ran ``journal-check --repair``. A journal last written in another
+        boot loses nothing a lock needs at the cut: every lease it names ended with
+        that boot (its owners are gone), and the snapshot is older than the newest
+        segment. Within one boot damage is refused as before.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        copy = f"{path}.damaged-{stamp}"
+        with open(copy, "wb") as f:
+            f.write(data)
+            os.fsync(f.fileno())
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, damage.offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        scan = decode_segment(data[: damage.offset], raw=True)
+        log.error(
+            "journal %s: %s at byte %d, written before the host's last reboot (what a "
+            "crash leaves of writes not yet synced): cut there, after seq %d; the whole "
+            "segment is kept as %s",
+            path,
+            damage.reason,
+            damage.offset,
+            scan.first_seq + scan.count - 1,
+            copy,
+        )
+        return scan
 
     def _start_segment(self, first_seq: int) -> None:
         # Header first under a temporary name, then rename: a crash never

@@ -427,3 +427,25 @@ def test_a_daemon_makes_its_runtime_directory_0700(config: Config, fallback_user
         daemon.request_stop("test done")
         serving.join(10)
         assert not serving.is_alive()
+
+
+def test_a_boot_that_cannot_be_recorded_does_not_stop_the_start(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal directory is full: the start goes on, and the file naming an earlier
+    boot goes (left, a later start in this boot would take real damage for a crash's)."""
+    os.makedirs(config.journal_dir)
+    boot_file = Path(config.journal_dir) / ".boot"
+    boot_file.write_bytes(b"\x07" * 16)
+
+    def full(_directory: str, _boot: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(daemon_module, "record_boot", full)
+    daemon = Daemon(config, sockets=False, embedded=True)
+    try:
+        daemon.dispatcher.run_until_idle()
+        assert daemon.system.ready.is_set()
+        assert not boot_file.exists()
+    finally:
+        daemon.system.shutdown("test done")

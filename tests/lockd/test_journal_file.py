@@ -450,3 +450,40 @@ def test_a_rotation_whose_directory_sync_fails_is_tried_again(
     journal.close()
     assert [e.seq for e in read_entries(str(tmp_path))] == list(range(1, last + 4))
     assert len(list_segments(str(tmp_path))) == 2
+
+
+def test_damage_in_the_newest_segment_is_cut_only_when_told_the_host_rebooted(
+    tmp_path: Path,
+) -> None:
+    """A hole of zeros with records after it: refused (within one boot nothing but
+    real damage leaves that), or, with ``cut_damage`` (written in the previous boot,
+    where unsynced pages reach the disk in any order), cut there with a copy kept."""
+    journal = FileJournal(str(tmp_path))
+    write(journal, 40)
+    journal.close()
+    (name,) = list_segments(str(tmp_path))
+    path = tmp_path / name
+    data = bytearray(path.read_bytes())
+    hole = len(data) // 2
+    data[hole : hole + 100] = bytes(100)
+    path.write_bytes(bytes(data))
+    with pytest.raises(JournalCorruptError):
+        FileJournal(str(tmp_path))
+    cut = FileJournal(str(tmp_path), cut_damage=True)
+    assert 1 < cut.next_seq < 40
+    assert path.stat().st_size < hole
+    (kept,) = tmp_path.glob(f"{name}.damaged-*")
+    assert kept.read_bytes() == bytes(data)
+    write(cut, 1)
+    cut.close()
+    assert [e.seq for e in read_entries(str(tmp_path))] == list(range(1, cut.next_seq))
+
+
+def test_the_boot_a_daemon_last_started_in_is_kept_beside_the_journal(tmp_path: Path) -> None:
+    from lockd.journal_file import last_boot, record_boot
+
+    assert last_boot(str(tmp_path)) is None  # never said (a journal of an older lockd)
+    record_boot(str(tmp_path), b"\x01" * 16)
+    assert last_boot(str(tmp_path)) == b"\x01" * 16
+    record_boot(str(tmp_path), b"\x02" * 16)
+    assert last_boot(str(tmp_path)) == b"\x02" * 16
