@@ -39,7 +39,7 @@ from actors.events import (
 )
 from actors.faults import crash_point
 from actors.journal import Append, Appended, AppendFailed
-from actors.lockspace import Restore, Restored, RestoreLease
+from actors.lockspace import FdStoreLike, Restore, Restored, RestoreLease
 from actors.metrics import REGISTRY
 from actors.model import Owner, OwnerKey
 from actors.owners import FenceLost, Processes, Watch
@@ -87,8 +87,11 @@ class RecoveryActor(DispatchedActor):
         boot_time: float = 0.0,
         boot: bytes | None = None,
         wall_clock: Callable[[], float] = time.time,
+        fd_store: FdStoreLike | None = None,
     ) -> None:
         super().__init__(dispatcher)
+        self._fd_store = fd_store
+        """Told to drop an adopted fd recovery closes (its copy would keep the lock)."""
         self._wall_clock = wall_clock
         self._state = state
         self._router = router
@@ -192,7 +195,11 @@ class RecoveryActor(DispatchedActor):
         # lease nobody took; give up only after LOOKUP_RETRIES seconds.
         tries = self._lookups.get(found.lockspace, 0) + 1
         self._lookups[found.lockspace] = tries
-        if tries < LOOKUP_RETRIES:
+        # Waiting only spares live owners a fence. With every owner gone (after a
+        # reboot, all of them) there is no lock to take again there: it held every
+        # request up for LOOKUP_RETRIES seconds for nothing, at each start while that
+        # storage stayed away, local lockspaces included.
+        if tries < LOOKUP_RETRIES and any(lease.live for lease in leases):
             if tries == 1:
                 log.error("recovery: lockspace %s unavailable (%s); waiting for it",
                           found.lockspace, found.message)  # fmt: skip
@@ -201,11 +208,20 @@ class RecoveryActor(DispatchedActor):
                 1.0, lambda: tell_if_alive(self._router, Lookup(name, found.token, ref))
             )
             return
-        log.error("recovery: lockspace %s still unavailable; its leases are lost", found.lockspace)
+        if tries < LOOKUP_RETRIES:
+            log.warning("recovery: lockspace %s unavailable (%s); the owners of its leases are "
+                        "all gone, so they are released without waiting for it",
+                        found.lockspace, found.message)  # fmt: skip
+        else:
+            log.error("recovery: lockspace %s still unavailable; its leases are lost",
+                      found.lockspace)  # fmt: skip
         events: list[Event] = []
         for lease in leases:
             if lease.fd is not None:
                 os.close(lease.fd)
+                if self._fd_store is not None:
+                    # The manager's copy would hold the lock on, unreported.
+                    self._fd_store.remove(found.lockspace, lease.resource)
             self._released += len(lease.dead)
             events.extend(
                 LeaseReleased(found.lockspace, lease.resource, lease.mode, owner, 0,

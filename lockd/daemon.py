@@ -215,6 +215,7 @@ class LockSystem:
             started=self.started,
             boot_time=procs.boot_time(),
             boot=boot,
+            fd_store=self.fd_store,
         )
 
     def _recovered(self, report: RecoveryReport) -> None:

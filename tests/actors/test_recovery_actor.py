@@ -203,6 +203,33 @@ def test_a_lockspace_mounted_late_is_waited_for_not_fenced(h: Harness) -> None:
     assert kernel_locked(h.lock_dir / "late.pool" / "disk")
 
 
+def test_a_missing_lockspace_whose_owners_are_all_gone_is_not_waited_for(
+    h: Harness, tmp_path: Path
+) -> None:
+    """After a reboot every owner is gone; shared storage not mounted then held recovery,
+    and every request, for LOOKUP_RETRIES seconds, though no lock was to be taken there.
+    The leases are released at once, and the store drops the fd it gave back for one."""
+    dead = owner(DEAD)
+    state = ReplayState()
+    for resource in ("disk1", "disk2"):
+        lease = HeldLease("late.pool", resource, LeaseMode.EXCLUSIVE, True)
+        lease.owners[dead.key] = (dead, 1.0)
+        state.leases[("late.pool", resource)] = lease
+    stored = tmp_path / "stored"
+    stored.touch()
+    fd = os.open(stored, os.O_RDWR)
+    fd_store = FakeFdStore()
+    reports = start_recovery(h, state, adopted={("late.pool", "disk1"): fd}, fd_store=fd_store)
+    assert [r.released for r in reports] == [2]  # without h.advance: no wait
+    assert fd_store.removed == [("late.pool", "disk1")]
+    gone = h.journal_writer.events(LeaseReleased)
+    assert sorted((e.resource, e.reason) for e in gone) == [
+        ("disk1", ReleaseReason.OWNER_GONE), ("disk2", ReleaseReason.OWNER_GONE)
+    ]  # fmt: skip
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)  # closed: its lock no longer held for a gone owner
+
+
 def test_a_lease_file_that_cannot_be_created_again_is_lost_not_retried_forever(
     tmp_path: Path,
 ) -> None:
