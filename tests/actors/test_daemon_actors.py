@@ -654,6 +654,25 @@ def test_wait_times_out_busy(h: Harness) -> None:
     assert reply["error"]["code"] == "busy"
 
 
+def test_wait_tries_again_at_its_deadline(h: Harness) -> None:
+    """A lease freed after the last back-off step but before the deadline is granted:
+    the wait does not give up early because a whole step would overshoot it."""
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    rid = vm2.send("acquire", leases=[lease("disk-a")], autocreate=True, wait=0.3)
+    for _ in range(25):  # tries at 0, 0.02, 0.07, 0.17; the next step (0.2) overshoots
+        h.advance(0.01)
+    assert vm2.messages() == []
+    vm1.ok("release", leases=[lease("disk-a")])
+    for _ in range(10):
+        h.advance(0.01)
+    (reply,) = vm2.messages()
+    assert reply["id"] == rid
+    assert "result" in reply
+
+
 def test_client_leaving_mid_acquire_changes_nothing(h: Harness) -> None:
     """The manager's connection closes before the reply: the lease is rolled back."""
     mgr = h.connect(LIBVIRTD)
