@@ -40,12 +40,17 @@ def _uint(value: Any, what: str, *, positive: bool = False) -> int:
 
 
 def _text(value: Any, what: str) -> str:
+    """``text255``: 1-255 bytes of UTF-8 (a CDDL ``.size`` counts bytes), no controls.
+
+    Counted in bytes, as the protocol and the plugin state it: a client in C
+    keeps the names it reads back (``list-clients``, ``busy`` holders) in
+    255-byte buffers, which 255 characters of non-ASCII text would overrun."""
     if (
         not isinstance(value, str)
-        or not 1 <= len(value) <= 255
+        or not 1 <= len(value.encode()) <= 255
         or CONTROL_CHARACTERS.search(value) is not None
     ):
-        raise _Invalid(f"{what} must be 1-255 characters without control characters")
+        raise _Invalid(f"{what} must be 1-255 bytes of UTF-8 without control characters")
     return value
 
 

@@ -58,6 +58,17 @@ def test_hello_and_register() -> None:
     assert register.owner.pid == 4321
 
 
+def test_names_count_utf8_bytes() -> None:
+    """text255 is 255 bytes: 127 two-byte characters and one ASCII fit exactly."""
+    name = "\u00e9" * 127 + "a"
+    register = request_from_wire({"op": "register", "id": 1, "owner": {**OWNER, "name": name}})
+    assert isinstance(register, Register)
+    assert register.owner.name == name
+    assert request_from_wire({"op": "hello", "id": 0, "versions": [1], "client": name}) == Hello(
+        0, (1,), name
+    )
+
+
 @pytest.mark.parametrize(
     ("data", "fragment"),
     [
@@ -90,6 +101,9 @@ def test_hello_and_register() -> None:
         ({"op": "register", "id": 1, "owner": {**OWNER, "name": "vm\x1b[31m"}}, "control"),
         ({"op": "register", "id": 1, "owner": {**OWNER, "name": "vm\x85"}}, "control"),
         ({"op": "hello", "id": 1, "versions": [1], "client": "c\r"}, "control"),
+        # text255 is 255 bytes of UTF-8: 128 two-byte characters are 256 bytes.
+        ({"op": "register", "id": 1, "owner": {**OWNER, "name": "\u00e9" * 128}}, "bytes"),
+        ({"op": "hello", "id": 1, "versions": [1], "client": "\u00e9" * 128}, "bytes"),
         # An optional argument given as null is a wrong type, not an absent argument.
         ({"op": "hello", "id": 1, "versions": [1], "client": None}, "client"),
         ({"op": "list-leases", "id": 1, "lockspace": None}, "lockspace"),
