@@ -11,7 +11,7 @@ error reply is sent. The hello handshake is enforced here, so every transport
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -40,6 +40,8 @@ class Refused:
     code: ErrorCode
     message: str
     fatal: bool
+    details: Mapping[str, Any] = attrs.field(factory=dict)
+    """Extra keys of the error map (``versions`` on ``unsupported-version``)."""
 
 
 Incoming = Request | Refused
@@ -106,6 +108,8 @@ class ServerProtocol:
                     f"no common protocol version: client offers {list(request.versions)}, "
                     f"server speaks {list(SUPPORTED_VERSIONS)}",
                     fatal=False,
+                    # What to retry with, without parsing a message meant for humans.
+                    details={"versions": list(SUPPORTED_VERSIONS)},
                 )
             self.version = common[-1]
             return request
@@ -139,7 +143,7 @@ class ServerProtocol:
 
     def refusal(self, refused: Refused) -> bytes:
         """Frame the error reply for a refused frame."""
-        return self.error(refused.request_id, refused.code, refused.message)
+        return self.error(refused.request_id, refused.code, refused.message, **refused.details)
 
     def push(self, item: dict[str, Any]) -> bytes:
         """Frame an unsolicited message (a subscribed event): a map without ``id``."""

@@ -58,7 +58,10 @@ def test_no_common_version() -> None:
     assert isinstance(refused, Refused)
     assert refused.code is ErrorCode.UNSUPPORTED_VERSION
     reply = decode_item(proto.refusal(refused)[4:])
-    assert reply == {"id": 1, "error": {"code": "unsupported-version", "message": refused.message}}
+    assert reply == {
+        "id": 1,
+        "error": {"code": "unsupported-version", "message": refused.message, "versions": [1]},
+    }
 
 
 def test_oversized_length_is_fatal_before_the_body_arrives() -> None:
