@@ -43,6 +43,7 @@ from lockd.config import UnsafePathError, secure_runtime_dir
 from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.names import (
+    CONTROL_CHARACTERS,
     FILES_LOCKSPACE,
     LVM_LOCKSPACE,
     SCSI_LOCKSPACE,
@@ -110,8 +111,16 @@ def _check_uuid(_: object, __: attrs.Attribute[bytes], value: bytes) -> None:
 
 
 def _check_owner_name(_: object, __: attrs.Attribute[str], value: str) -> None:
-    if not isinstance(value, str) or not 1 <= len(value.encode("utf-8")) <= 255 or "\0" in value:
-        raise _invalid(f"owner name must be 1-255 bytes of UTF-8 without NUL, not {value!r}")
+    # The daemon's rule (text255): refused here, a bad name never reaches it, as a
+    # bad state string does not; only NUL was, so "vm\n1" got as far as register.
+    if (
+        not isinstance(value, str)
+        or not 1 <= len(value.encode("utf-8")) <= 255
+        or CONTROL_CHARACTERS.search(value) is not None
+    ):
+        raise _invalid(
+            f"owner name must be 1-255 bytes of UTF-8 without control characters, not {value!r}"
+        )
 
 
 def _check_positive(_: object, attribute: attrs.Attribute[int], value: int) -> None:

@@ -199,6 +199,9 @@ def file_lease(path: str, shared: bool = False) -> Lease:
         (b"short", "vm", 1, 1),
         (VM_UUID, "", 1, 1),
         (VM_UUID, "a\0b", 1, 1),
+        (VM_UUID, "vm\n1", 1, 1),  # control characters, as the daemon refuses them
+        (VM_UUID, "vm\x7f", 1, 1),
+        (VM_UUID, "\u00e9" * 128, 1, 1),  # 256 bytes of UTF-8
         (VM_UUID, "x" * 256, 1, 1),
         (VM_UUID, "vm", 0, 1),
         (VM_UUID, "vm", 1, 0),
