@@ -673,6 +673,32 @@ def test_wait_tries_again_at_its_deadline(h: Harness) -> None:
     assert "result" in reply
 
 
+def test_wait_takes_nothing_while_a_later_lockspace_stays_busy(h: Harness) -> None:
+    """A waiting acquire whose busy lease is in its second lockspace does not take and
+    roll back the first lockspace's free lease at every try: that filled the journal
+    and made the free lease busy for others, on and off, for the whole wait."""
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("create-lockspace", lockspace="pool")
+    vm1.ok("acquire", leases=[lease("p", "pool")], autocreate=True)
+    rid = vm2.send("acquire", leases=[lease("free"), lease("p", "pool")], autocreate=True, wait=3)
+    for _ in range(20):
+        h.advance(0.1)
+    assert vm2.messages() == []
+    # One try took "free" and gave it back; the tries since began with "pool".
+    assert len(h.journal_writer.events(LeaseReleased)) == 1
+    vm1.ok("release", leases=[lease("p", "pool")])
+    for _ in range(10):
+        h.advance(0.1)
+    (reply,) = vm2.messages()
+    assert reply["id"] == rid
+    assert [(le["lockspace"], le["resource"]) for le in reply["result"]["leases"]] == [
+        (FILES, "free"),
+        ("pool", "p"),
+    ]
+
+
 def test_client_leaving_mid_acquire_changes_nothing(h: Harness) -> None:
     """The manager's connection closes before the reply: the lease is rolled back."""
     mgr = h.connect(LIBVIRTD)
