@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from protocol.client import Client
+from protocol.client import Client, RemoteError
 
 RETRY_SECONDS = 0.5
 
@@ -74,7 +74,18 @@ def follow(socket_path: str, state: Path, since: int | None, count: int | None) 
         try:
             with Client(socket_path, name="audit-feed", timeout=None) as client:
                 args = {} if seen is None else {"since": seen + 1}
-                first = client.call("subscribe", **args)["first"]
+                try:
+                    first = client.call("subscribe", **args)["first"]
+                except RemoteError as exc:
+                    if exc.code != "invalid-argument" or seen is None:
+                        raise
+                    # The journal ends before what this feed printed: its newest
+                    # records were cut (journal-check --repair, or a host crash's
+                    # damage cut at start-up), and their seqs are handed out again.
+                    first = client.call("subscribe")["first"]
+                    print(f"audit-feed: the journal's next event is {first}, not after "
+                          f"{seen}: events were cut from it; going on from {first}",
+                          file=sys.stderr, flush=True)  # fmt: skip
                 if seen is not None and first > seen + 1:
                     missing(seen + 1, first - 1, "are no longer kept by the journal")
                 expected = first

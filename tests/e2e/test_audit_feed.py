@@ -104,3 +104,28 @@ def test_the_audit_feed_reports_what_damage_in_an_old_segment_cost(
     assert second < lost[0] < third  # the events before it in its segment came
     assert f"events {lost[0]}-{third - 1} could not be read back".encode() in stderr
     assert daemon.lockd("status").returncode == 0  # the daemon serves on
+
+
+def test_the_audit_feed_goes_on_when_the_journal_was_cut_below_its_place(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """`journal-check --repair`, or damage cut at start-up after a host crash, can
+    leave the journal ending before the seq the feed saved: the feed says so and
+    goes on from the journal's next event instead of failing for ever."""
+    state, out = tmp_path / "feed.seq", tmp_path / "feed.out"
+    state.write_text("100000")
+    with open(out, "wb") as sink:
+        feed = subprocess.Popen(
+            [sys.executable, str(EXAMPLE), "--socket", str(daemon.socket), "--state", str(state)],
+            stdout=sink, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    children.append(feed)
+    wait_for(lambda: "subscribed" in daemon.lockd("clients").stdout)
+    _journal_some(daemon, "after-cut", count=3)
+    last = events(daemon)[-1]["seq"]
+    wait_for(lambda: state.read_text() == str(last))
+    feed.kill()
+    _, stderr = feed.communicate()
+    printed = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
+    assert printed == [last - 2, last - 1, last]
+    assert b"events were cut from it" in stderr
