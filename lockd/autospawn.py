@@ -25,8 +25,14 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from lockd.config import UnsafePathError, admin_socket_beside, secure_runtime_dir
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+"""Where ``python -m lockd`` finds this very package, installed or not: a daemon this
+client starts runs there, not in the user's current directory, whose own ``lockd``
+(a checkout cloned as ``~/lockd``, say) would come first on its import path."""
 
 
 def wanted() -> bool:
@@ -61,7 +67,8 @@ def spawn(path: str, wait: float = 15.0) -> None:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "lockd", "serve", "--socket", path, "--admin-socket", admin,
              "--timeout", timeout],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + wait
         while not _answers(path):

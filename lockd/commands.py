@@ -828,7 +828,8 @@ def _bench_daemon() -> Iterator[str]:
                  "--admin-socket", os.path.join(tmp, "admin.sock"),
                  "--lock-dir", os.path.join(tmp, "locks"),
                  "--journal-dir", os.path.join(tmp, "journal")],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                cwd=autospawn.PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log_file,
+                stderr=log_file,
             )  # fmt: skip
         try:
             try:

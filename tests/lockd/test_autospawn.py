@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 import subprocess
 import uuid
@@ -18,10 +19,11 @@ from typing import Any
 
 import pytest
 
-from lockd import autospawn, cli
+from lockd import autospawn, cli, commands
 from lockd.autospawn import open_log
 from lockd.config import UnsafePathError, default_paths
 from lockd.plugin import LockError, LockManager, Owner, socket_connector
+from protocol.client import Client
 from tests.lockd.conftest import OTHER, as_root
 
 VM_UUID = uuid.UUID("6695eb01-f6a4-8304-79aa-97f2502e193f").bytes
@@ -177,3 +179,37 @@ def test_the_plugin_refuses_a_socket_in_another_users_directory(
     assert f"refusing {fallback_user}: it is another user's" in caught.value.message
     assert not (runtime / "lockd.log").exists()
     assert no_daemon == []
+
+
+def _a_checkout_named_lockd(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The current directory holds a ``lockd`` that is not the package: a user's home
+    with the repository cloned as ``~/lockd`` (no ``__init__.py`` at its top, so
+    ``python -m lockd`` run there imports it as a namespace package)."""
+    (directory / "lockd").mkdir()
+    monkeypatch.chdir(directory)
+
+
+def test_a_daemon_started_on_demand_runs_this_package_whatever_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to die at once with "ImportError: cannot import name '__version__' from
+    'lockd' (unknown location)" for a user who ran ``lockd run`` from such a home."""
+    _a_checkout_named_lockd(tmp_path, monkeypatch)
+    config = tmp_path / "lockd.toml"
+    config.write_text(
+        f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{tmp_path / "journal"}"\n'
+    )
+    monkeypatch.setenv("LOCKD_CONFIG", str(config))
+    sock = tmp_path / "run" / "lockd.sock"
+    autospawn.spawn(str(sock), wait=15)
+    with Client(str(sock), timeout=5) as client:
+        pid = client.call("status")["pid"]
+    os.kill(pid, signal.SIGTERM)
+
+
+def test_the_bench_daemon_runs_this_package_whatever_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _a_checkout_named_lockd(tmp_path, monkeypatch)
+    with commands._bench_daemon() as sock, Client(sock, timeout=5) as client:
+        assert client.call("status")["leases"] == 0
