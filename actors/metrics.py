@@ -14,6 +14,8 @@ import gc
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from actors.events import ReleaseReason
+
 LabelSet = tuple[tuple[str, str], ...]
 
 FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -63,10 +65,7 @@ HELP = {
 
 ZERO: dict[str, tuple[LabelSet, ...]] = {
     "lockd_acquires_total": ((("result", "ok"),), (("result", "busy"),)),
-    "lockd_releases_total": tuple(
-        (("reason", reason),)
-        for reason in ("client", "owner-exit", "disconnect", "admin", "owner-gone", "recovery")
-    ),
+    "lockd_releases_total": tuple((("reason", reason.value),) for reason in ReleaseReason),
     "lockd_conflicts_total": ((),),
     "lockd_fence_actions_total": ((("signal", "SIGTERM"),), (("signal", "SIGKILL"),)),
     "lockd_leases_lost_total": ((),),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cbor2
 
+from actors.events import ReleaseReason
 from actors.metrics import FSYNC_BUCKETS, Metrics
 
 
@@ -55,3 +56,11 @@ def test_a_histogram_with_other_buckets_is_left_behind() -> None:
     fsync = "lockd_journal_fsync_seconds"
     after.carry_on({"histograms": [[fsync, counts, 0.0, list(FSYNC_BUCKETS)]]})
     assert fsync in after.histograms
+
+
+def test_every_release_reason_is_exported_at_0() -> None:
+    """``rollback`` (an acquire whose client left) was missing: its first increment
+    was lost to ``increase()``, as for any series that appears with it."""
+    text = Metrics().render()
+    for reason in ReleaseReason:
+        assert f'lockd_releases_total{{reason="{reason.value}"}} 0' in text
