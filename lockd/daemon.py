@@ -75,8 +75,12 @@ class _ProcessInfo:
 
 
 def _log_control(level: str | None, filters: str | None) -> dict[str, str]:
-    """The admin socket's ``set-log``: change level and filters now; returns what is in force."""
+    """The admin socket's ``set-log``: change level and filters now; returns what is in force.
+
+    Without either it only shows them (``lockd log-level``), and logs nothing."""
     state = logs.current()
+    if level is None and filters is None:
+        return state
     logs.configure(
         level or state["level"],
         state["filters"] if filters is None else filters,

@@ -17,6 +17,7 @@ import pytest
 from actors.connection import ConnectionActor, Received
 from actors.events import DaemonStopped
 from lockd import daemon as daemon_module
+from lockd import logs
 from lockd import reexec as reexec_module
 from lockd.config import Config, UnsafePathError, default_paths
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
@@ -449,3 +450,20 @@ def test_a_boot_that_cannot_be_recorded_does_not_stop_the_start(
         assert not boot_file.exists()
     finally:
         daemon.system.shutdown("test done")
+
+
+def test_showing_the_log_level_is_not_logged_as_setting_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``lockd log-level`` with no level and no filters only asks: the log used to say
+    "logging set on the admin socket" for every such look."""
+    said: list[str] = []
+    monkeypatch.setattr(daemon_module.log, "info", lambda text, *args: said.append(text % args))
+    saved = logs.current()
+    try:
+        assert daemon_module._log_control(None, None) == saved
+        assert said == []
+        daemon_module._log_control(saved["level"], None)  # setting it still says so
+        assert said == [f"logging set on the admin socket: {logs.current()}"]
+    finally:
+        logs.configure(saved["level"], saved["filters"], saved["output"])
