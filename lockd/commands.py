@@ -404,7 +404,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     def body() -> int:
         with _connect(args.socket, "lockd-metrics") as client:
             text = client.call("metrics")["text"]
-        print(text, end="")
+        if args.json:
+            _print_json({"text": text})  # the daemon's answer, as every --json prints it
+        else:
+            print(text, end="")
         return EXIT_OK
 
     return _run(args, body)

@@ -438,6 +438,8 @@ def test_metrics_and_log_level_on_the_admin_socket(
                    'lockd_event_subscribers{state="live"} 0',
                    'lockd_event_subscribers{state="catching-up"} 0'):  # fmt: skip
         assert f"\n{series}\n" in fresh
+    # --json, as every command's: the same text, in the daemon's answer (it printed the text).
+    assert json.loads(daemon.lockd("metrics", "--json").stdout)["text"].startswith("# HELP")
     start_run(daemon, children, "--disk", "/vm/m.img", "--name", "vm1")
     assert (
         daemon.lockd("run", "--disk", "/vm/m.img", "--name", "vm2", "--", "true").returncode == 75
