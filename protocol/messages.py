@@ -392,7 +392,7 @@ def request_from_wire(data: Any) -> Request:
             # repr: keys may be bytes and text at once, which do not sort together
             rid,
             ErrorCode.INVALID_ARGUMENT,
-            f"{op}: unknown arguments {sorted(map(repr, unknown))}",
+            f"{op}: unknown arguments {', '.join(sorted(map(repr, unknown)))}",
         )
     try:
         return _build(cls, rid, data)

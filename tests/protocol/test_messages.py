@@ -73,7 +73,7 @@ def test_names_count_utf8_bytes() -> None:
     ("data", "fragment"),
     [
         ({"op": "frobnicate", "id": 1}, "unknown operation"),
-        ({"op": "status", "id": 1, "extra": 1}, "unknown arguments"),
+        ({"op": "status", "id": 1, "extra": 1}, "status: unknown arguments 'extra'"),
         ({"op": "register", "id": 1, "owner": {**OWNER, "id": 0}}, "greater than 0"),
         ({"op": "register", "id": 1, "owner": {**OWNER, "uuid": b"x"}}, "16 bytes"),
         ({"op": "acquire", "id": 1, "leases": []}, "1-256"),
@@ -110,7 +110,7 @@ def test_names_count_utf8_bytes() -> None:
         ({"op": "set-log", "id": 1, "level": None}, "level"),
         ({"op": "set-log", "id": 1, "filters": None}, "filters"),
         # Keys of both kinds: the message must still be built (bytes and text do not sort).
-        ({"op": "status", "id": 1, b"k": 1, "x": 2}, "unknown arguments"),
+        ({"op": "status", "id": 1, b"k": 1, "x": 2}, "unknown arguments 'x', b'k'"),
         # Named twice in a later lockspace: refused before the first lockspace grants.
         (
             {
