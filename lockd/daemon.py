@@ -711,9 +711,19 @@ class Daemon:
             and getattr(fresh, field.name) != getattr(self.config, field.name)
             and field.name not in self._overridden
         ]
-        if changed:
+        # SIGUSR1 applies the others (docs/configuration.md); it refuses to move a path.
+        moved = [key for key in changed if key in PATH_KEYS]
+        applied = [key for key in changed if key not in PATH_KEYS]
+        if applied:
             log.warning(
-                "reload: %s changed; they take effect at the next start", ", ".join(changed)
+                "reload: %s changed; not applied until a re-exec (SIGUSR1, systemctl reload "
+                "lockd) or a restart",
+                ", ".join(applied),
+            )
+        if moved:
+            log.warning(
+                "reload: %s changed; that takes a restart (a re-exec is refused meanwhile)",
+                ", ".join(moved),
             )
         self.config = attrs.evolve(
             self.config,
