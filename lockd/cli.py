@@ -159,12 +159,23 @@ def _cmd_events(args: argparse.Namespace) -> int:
     except JournalCorruptError as exc:
         print(f"lockd events: {directory}: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise  # the reader left: main() says so
+    except OSError as exc:  # a journal this user may not read (root's, 0700), ...
+        print(f"lockd events: {_unreadable(exc, directory)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:
         follower.close()
         if watch is not None:
             watch.close()
+
+
+def _unreadable(exc: OSError, directory: str) -> str:
+    """Why the journal cannot be read, for a user (not a traceback)."""
+    where = "" if exc.filename in (None, directory) else f"{exc.filename}: "
+    return f"cannot read the journal at {directory}: {where}{exc.strerror or exc}"
 
 
 FOLLOW_LOOK_SECONDS = 1.0
@@ -180,7 +191,11 @@ def _cmd_journal_check(args: argparse.Namespace) -> int:
     if not os.path.isdir(directory):
         print(f"lockd journal-check: no journal at {directory}", file=sys.stderr)
         return 1
-    notes, damage = find_damage(directory)
+    try:
+        notes, damage = find_damage(directory)
+    except OSError as exc:
+        print(f"lockd journal-check: {_unreadable(exc, directory)}", file=sys.stderr)
+        return 1
     for note in notes:
         print(note)
     if damage is None:

@@ -127,6 +127,21 @@ def test_events_without_a_journal_is_an_error(tmp_path: Path) -> None:
     assert "no journal" in done.stderr
 
 
+def test_a_journal_that_cannot_be_read_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    """An auditor who may not read root's journal (0700) got a PermissionError traceback
+    from ``lockd events`` and ``lockd journal-check``. Here the segment cannot be read by
+    root either: it is a directory."""
+    (tmp_path / "journal-00000000000000000001.cbor").mkdir()
+    for command in ("events", "journal-check"):
+        done = _lockd(command, "--journal-dir", str(tmp_path))
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr
+        assert done.stderr.startswith(
+            f"lockd {command}: cannot read the journal at {tmp_path}: "
+            f"{tmp_path / 'journal-00000000000000000001.cbor'}: Is a directory"
+        ), done.stderr
+
+
 def test_a_daemon_message_names_the_lease_asked_for_not_one_it_prefixes() -> None:
     """``--lease ls/vm --lease ls/vm1``: a message about ls/vm1 is about that lease."""
     from lockd.commands import _label_of
