@@ -294,13 +294,17 @@ _CONVERT: dict[str, Any] = {
 
 
 def _line_of(text: str, key: str) -> int:
-    """Line number of ``key``'s assignment or table header (tomllib reports none)."""
+    """Line number of ``key``'s assignment or table header (tomllib reports none), dotted
+    (``log.level = 1``, ``[log.x]``) too: its first part is the key."""
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
-        if stripped in (f"[{key}]", f'["{key}"]'):
-            return number
-        name = stripped.split("=", 1)[0].strip().strip('"')
-        if "=" in stripped and name == key:
+        if stripped.startswith("["):
+            name = stripped.strip("[").split("]", 1)[0]
+        elif "=" in stripped:
+            name = stripped.split("=", 1)[0]
+        else:
+            continue
+        if name.split(".", 1)[0].strip().strip("\"'") == key or name.strip().strip('"') == key:
             return number
     return 0
 

@@ -186,6 +186,9 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ('lock_dir = "relative"\n', "lock_dir must be an absolute path"),
         ('[lockspaces]\n".." = "/x"\n', "lockspaces...:"),
         ("max_clients = \n", "lockd.toml"),
+        # Dotted keys and tables: their line, not line 0.
+        ('timeout = 1\n\nlog.level = "debug"\n', "lockd.toml:3: unknown key 'log'"),
+        ('timeout = 1\n[logging.file]\npath = "/x"\n', "lockd.toml:2: unknown key 'logging'"),
     ],
 )
 def test_bad_files_name_the_key(tmp_path: Path, text: str, names: str) -> None:
