@@ -136,8 +136,25 @@ class Client:
         their results in that order.
         """
         rid = next(self._ids)
-        self.send_raw(encode_item({"op": op, "id": rid, **args}))
+        try:
+            self.send_raw(encode_item({"op": op, "id": rid, **args}))
+        except (BrokenPipeError, ConnectionResetError):
+            # A daemon that refuses the connection (max_clients, a uid not allowed) sends
+            # one error frame and closes, maybe before this request went out: that frame,
+            # still readable, says why better than "Broken pipe".
+            refusal = self._refusal()
+            if refusal is not None:
+                result_of(refusal)  # raises its RemoteError
+            raise
         return rid
+
+    def _refusal(self) -> dict[str, Any] | None:
+        """The error frame (``"id": null``) a closed connection left unread, if any."""
+        try:
+            message = self._read_message()
+        except (OSError, ProtocolError, ValueError):
+            return None
+        return message if message.get("id") is None and "error" in message else None
 
     def result(self, rid: int) -> dict[str, Any]:
         """Wait for the reply to request ``rid``; raise :class:`RemoteError` on error.

@@ -5,11 +5,15 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from protocol.client import unreachable
+from protocol.client import Client, RemoteError, unreachable
+from protocol.codec import encode_item
+from protocol.framing import encode_frame
 
 
 def _error(number: int) -> OSError:
@@ -47,3 +51,41 @@ def test_a_path_that_is_no_socket_is_named_as_such(tmp_path: Path) -> None:
             sock.connect(str(path))
         message = unreachable(str(path), caught.value)
         assert message == f"not a socket: {path} (is --socket or LOCKD_SOCKET right?)"
+
+
+def test_a_refused_connection_says_why_even_when_the_hello_meets_the_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon at max_clients (or refusing the uid) sends one error frame and closes.
+    A hello sent after that close met EPIPE, and the CLI said "cannot reach lockd:
+    Broken pipe" (exit 69) instead of the daemon's reason, most times."""
+    path = str(tmp_path / "s.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+    closed = threading.Event()
+
+    def refuse() -> None:
+        conn, _ = listener.accept()
+        error = {"code": "busy", "message": "the daemon already serves max_clients=1"}
+        conn.sendall(encode_frame(encode_item({"id": None, "error": error})))
+        conn.close()
+        closed.set()
+
+    refuser = threading.Thread(target=refuse, daemon=True)
+    refuser.start()
+    request = Client.request
+
+    def after_the_close(self: Client, op: str, **args: Any) -> int:
+        assert closed.wait(5)
+        return request(self, op, **args)
+
+    monkeypatch.setattr(Client, "request", after_the_close)
+    try:
+        with pytest.raises(RemoteError) as caught:
+            Client(path, timeout=5)
+    finally:
+        refuser.join(5)
+        listener.close()
+    assert caught.value.code == "busy"
+    assert "max_clients=1" in caught.value.message
