@@ -781,7 +781,10 @@ class LockManager:
         except RemoteError as exc:
             raise LockError(exc.code, exc.message, exc.details) from None
         except (OSError, ProtocolError) as exc:
-            raise LockError(PluginErrorCode.UNAVAILABLE, f"cannot reach lockd: {exc}") from None
+            # strerror: socket_connector's words (unreachable()), without "[Errno 2]", as
+            # the CLI prints them.
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise LockError(PluginErrorCode.UNAVAILABLE, f"cannot reach lockd: {why}") from None
         self._conn = conn
         self._call(conn, "register", owner=self.owner.to_wire())
         return conn

@@ -716,6 +716,8 @@ def test_an_unreachable_daemon_is_named_by_its_socket(
     assert caught.value.code == "unavailable"
     assert path in str(caught.value)
     assert "lockd serve" in str(caught.value)
+    # As the CLI says it: "cannot reach lockd: No such file or directory: PATH (...)".
+    assert caught.value.message.startswith(f"cannot reach lockd: No such file or directory: {path}")
 
 
 def test_a_daemon_that_never_answers_is_a_timeout_with_the_socket_named(tmp_path: Any) -> None:
