@@ -29,6 +29,7 @@ import attrs
 
 from lockd import autospawn, procs
 from lockd.config import (
+    Config,
     ConfigError,
     UnsafePathError,
     admin_socket_beside,
@@ -252,12 +253,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"lockd serve: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:
-        # Our own errors carry their words in strerror ("[Errno 98] ..." says nothing
-        # more); the system's name the file they are about.
-        where = f" ({exc.filename})" if exc.filename else ""
-        text = f"{exc.strerror}{where}" if exc.strerror and not exc.filename2 else str(exc)
-        print(f"lockd serve: {text}", file=sys.stderr)
+        print(f"lockd serve: {_startup_error(exc, config)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def _startup_error(exc: OSError, config: Config) -> str:
+    """Words for an OSError that stopped ``lockd serve``: the setting whose path it is
+    about (``lock_dir /srv/x: not a directory``), not only "File exists (/srv/x)"."""
+    from lockd.reexec import PATH_KEYS
+
+    # Our own errors carry their words in strerror ("[Errno 98] ..." says nothing
+    # more); the system's name the file they are about.
+    where = f" ({exc.filename})" if exc.filename else ""
+    text = f"{exc.strerror}{where}" if exc.strerror and not exc.filename2 else str(exc)
+    name = exc.filename if isinstance(exc.filename, str) and not exc.filename2 else None
+    if name is None:
+        return text
+    for key in PATH_KEYS:
+        path = getattr(config, key)
+        # The path itself, a directory made on the way to it, or a file in it.
+        if path and (path == name or path.startswith(name + os.sep)
+                     or name.startswith(path + os.sep)):  # fmt: skip
+            if isinstance(exc, FileExistsError | NotADirectoryError):
+                why = "it, or a directory on the way to it, is not a directory"
+            else:
+                why = exc.strerror or str(exc)
+            inside = f" ({name})" if name != path else ""
+            return f"{key} {path}: {why}{inside}"
+    return text
 
 
 # -- queries -------------------------------------------------------------------------------

@@ -288,3 +288,20 @@ def test_a_second_daemon_on_a_served_socket_says_so_without_errno_noise(
     assert done.returncode != 0
     assert f"lockd serve: another daemon is serving {sock}" in done.stderr
     assert "Errno" not in done.stderr
+
+
+@pytest.mark.parametrize("key", ["lock_dir", "journal_dir"])
+def test_a_directory_setting_that_is_a_file_is_named(tmp_path: Path, key: str) -> None:
+    """It said "lockd serve: File exists (PATH)", for either setting alike."""
+    paths = {"lock_dir": tmp_path / "locks", "journal_dir": tmp_path / "journal"}
+    paths[key].write_text("")
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", "serve", "--socket", str(tmp_path / "lockd.sock"),
+         "--lock-dir", str(paths["lock_dir"]), "--journal-dir", str(paths["journal_dir"])],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == (
+        f"lockd serve: {key} {paths[key]}: it, or a directory on the way to it, is not a "
+        "directory\n"
+    )
