@@ -208,13 +208,38 @@ def _cmd_journal_check(args: argparse.Namespace) -> int:
     if not args.repair:
         print("lockd serve will not start on it; see docs/recovery.md, then rerun with --repair")
         return 1
-    for line in repair(directory, damage):
-        print(line)
+    lock = _journal_unused(directory)
+    if lock is None:
+        print(
+            f"lockd journal-check: journal {directory} is in use by a running lockd; stop it "
+            "before --repair (a cut under it would lose what it writes)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        for line in repair(directory, damage):
+            print(line)
+    finally:
+        os.close(lock)  # held until the cut is made: no daemon starts on it meanwhile
     print(
         "repaired: leases acquired after the cut are not held again at the next start; "
         "their owners must acquire them again"
     )
     return 0
+
+
+def _journal_unused(directory: str) -> int | None:
+    """The journal directory's lock (the one ``lockd serve`` takes), held; None while a
+    daemon holds it."""
+    import fcntl
+
+    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def _add_client_options(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from lockd.journal_check import find_damage, repair
@@ -45,3 +49,27 @@ def test_damage_after_the_snapshot_is_cut_and_reported(tmp_path: Path) -> None:
     assert state.seq == damage.first_bad_seq - 1
     assert all(seq_of(n) < damage.first_bad_seq for n in list_snapshots(str(tmp_path)))
     assert find_damage(str(tmp_path))[1] is None
+
+
+def test_repair_refuses_a_journal_a_daemon_holds(tmp_path: Path) -> None:
+    """``--repair`` is for a stopped daemon (docs/recovery.md): it used to cut a journal
+    a running lockd was writing. The journal's lock says one is."""
+    fill(tmp_path, 200)
+    newest = tmp_path / list_segments(str(tmp_path))[-1]
+    flip(newest, len(newest.read_bytes()) // 2)
+    damaged = newest.read_bytes()
+    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as lockd serve holds it
+        command = [sys.executable, "-m", "lockd", "journal-check", "--journal-dir",
+                   str(tmp_path), "--repair"]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    finally:
+        os.close(fd)
+    assert done.returncode == 1
+    assert "is in use by a running lockd" in done.stderr
+    assert newest.read_bytes() == damaged
+    assert not [name for name in os.listdir(tmp_path) if ".damaged-" in name]
+    again = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stderr
+    assert "were cut" in again.stdout
