@@ -38,7 +38,13 @@ from lockd.config import (
     secure_runtime_dir,
 )
 from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
-from protocol.names import FILES_LOCKSPACE, InvalidNameError, lease_name_for_path, printable
+from protocol.names import (
+    CONTROL_CHARACTERS,
+    FILES_LOCKSPACE,
+    InvalidNameError,
+    lease_name_for_path,
+    printable,
+)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -583,6 +589,13 @@ def _owner_map(pid: int, name: str | None, uuid_text: str | None, owner_id: int)
         owner_uuid = uuidlib.uuid5(OWNER_NAMESPACE, f"{pid}:{started}")
     if owner_id < 1:
         raise CommandError("--id must be greater than 0", EXIT_USAGE)
+    if name is not None and (not 1 <= len(name) <= 255 or CONTROL_CHARACTERS.search(name)):
+        # Checked here: the daemon would refuse it as the hello's client name first
+        # ("hello: client must be ..."), or an empty one would become pid-PID unsaid.
+        raise CommandError(
+            f"--name must be 1-255 characters without control characters, not {name!r}",
+            EXIT_USAGE,
+        )
     return {"uuid": owner_uuid.bytes, "name": name or f"pid-{pid}", "id": owner_id, "pid": pid}
 
 

@@ -305,3 +305,22 @@ def test_a_directory_setting_that_is_a_file_is_named(tmp_path: Path, key: str) -
         f"lockd serve: {key} {paths[key]}: it, or a directory on the way to it, is not a "
         "directory\n"
     )
+
+
+@pytest.mark.parametrize("name", ["", "vm\n1", "x" * 256])
+@pytest.mark.parametrize("command", ["run", "acquire", "release"])
+def test_a_bad_owner_name_is_a_usage_error_naming_the_flag(name: str, command: str) -> None:
+    """``--name "a<newline>b"`` was refused by the daemon as "hello: client must be ..."
+    (a name the user never gave), and ``--name ""`` ran as pid-PID without a word."""
+    who = ["--owner-pid", str(os.getpid())] if command != "run" else []
+    end = ["--", "true"] if command == "run" else []
+    env = {**os.environ, "LOCKD_SOCKET": "/nonexistent/lockd.sock", "LOCKD_AUTOSPAWN": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", command, *who, "--name", name, "--disk", "/vm/a.img",
+         *end],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert f"--name must be 1-255 characters without control characters, not {name!r}" in (
+        done.stderr
+    )
