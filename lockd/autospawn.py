@@ -71,19 +71,24 @@ def spawn(path: str, wait: float = 15.0) -> None:
             start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + wait
+        in_use = None
         while not _answers(path):
-            if daemon.poll() is not None:
+            if in_use is None and daemon.poll() is not None:
                 said = _lines_since(log, started)
                 # Lost a race with another client's daemon, which serves once it has read
                 # its journal: wait for that one. Otherwise it will not answer: say why now.
                 # Any line, not the last: the winner shares the log and may have written since.
-                if not any("in use" in line for line in said):
+                in_use = next((line for line in said if "in use" in line), None)
+                if in_use is None:
                     last = said[-1] if said else "nothing logged"
                     raise SpawnFailed(f"started lockd for {path}, but it exited ({last}); "
                                       f"see {log_path}")  # fmt: skip
             if time.monotonic() > deadline:
+                # The journal's daemon serves another socket (LOCKD_SOCKET mistyped?): say so,
+                # not only that nothing answered.
+                why = f" (it exited: {in_use}, and none serves this socket)" if in_use else ""
                 raise SpawnFailed(
-                    f"started lockd for {path}, but it did not answer; see {log_path}"
+                    f"started lockd for {path}, but it did not answer{why}; see {log_path}"
                 )
             time.sleep(0.02)
     finally:

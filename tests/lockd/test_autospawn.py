@@ -8,6 +8,7 @@ append its log to a file of the link maker's choosing).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import signal
@@ -213,3 +214,26 @@ def test_the_bench_daemon_runs_this_package_whatever_the_current_directory(
     _a_checkout_named_lockd(tmp_path, monkeypatch)
     with commands._bench_daemon() as sock, Client(sock, timeout=5) as client:
         assert client.call("status")["leases"] == 0
+
+
+def test_a_journal_another_daemon_holds_is_named_when_none_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon holding the journal serves another socket (a mistyped LOCKD_SOCKET):
+    the one started exits "in use", and the client, waiting for a race's winner to
+    answer here, said only "it did not answer"."""
+    config = tmp_path / "lockd.toml"
+    journal = tmp_path / "journal"
+    config.write_text(f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{journal}"\n')
+    monkeypatch.setenv("LOCKD_CONFIG", str(config))
+    journal.mkdir()
+    held = os.open(journal / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the other daemon holds it
+        with pytest.raises(autospawn.SpawnFailed) as caught:
+            autospawn.spawn(str(tmp_path / "run" / "lockd.sock"), wait=3)
+    finally:
+        os.close(held)
+    assert f"journal {journal} is in use by another lockd, and none serves this socket" in str(
+        caught.value
+    )
