@@ -58,6 +58,8 @@ def printable(value: Any) -> Any:
         return str(uuid.UUID(bytes=value)) if len(value) == 16 else value.hex()
     if isinstance(value, dict):
         return {key: printable(item) for key, item in value.items()}
+    if isinstance(value, list):  # recovery-completed's fencing: each with its owner
+        return [printable(item) for item in value]
     return value
 
 

@@ -3,10 +3,12 @@ order, while the daemon is SIGKILLed and started again and re-executes itself.""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,21 @@ def test_the_audit_feed_goes_on_when_the_journal_was_cut_below_its_place(
     printed = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
     assert printed == [last - 2, last - 1, last]
     assert b"events were cut from it" in stderr
+
+
+def test_an_event_with_owners_in_a_list_is_printed() -> None:
+    """``recovery-completed`` lists the fences it starts, each with its owner, whose uuid
+    is bytes: the feed died on it ("Object of type bytes is not JSON serializable")
+    after any restart that fenced a VM."""
+    spec = importlib.util.spec_from_file_location("audit_feed", EXAMPLE)
+    assert spec is not None
+    assert spec.loader is not None
+    feed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(feed)
+    owner = {"uuid": b"\x01" * 16, "name": "vm1", "id": 1, "pid": 4242, "boot": b"\x02" * 16}
+    event = {"seq": 7, "type": "recovery-completed", "held": 0, "released": 0, "lost": 1,
+             "fencing": [{"owner": owner, "reason": "lease ls/r was taken while lockd was down",
+                          "since": 1795771375.0}]}  # fmt: skip
+    line = json.loads(json.dumps(feed.printable(event)))
+    assert line["fencing"][0]["owner"]["uuid"] == str(uuid.UUID(bytes=b"\x01" * 16))
+    assert line["fencing"][0]["reason"] == "lease ls/r was taken while lockd was down"
