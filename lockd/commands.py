@@ -589,11 +589,11 @@ def _owner_map(pid: int, name: str | None, uuid_text: str | None, owner_id: int)
         owner_uuid = uuidlib.uuid5(OWNER_NAMESPACE, f"{pid}:{started}")
     if owner_id < 1:
         raise CommandError("--id must be greater than 0", EXIT_USAGE)
-    if name is not None and (not 1 <= len(name) <= 255 or CONTROL_CHARACTERS.search(name)):
+    if name is not None and (not 1 <= len(name.encode()) <= 255 or CONTROL_CHARACTERS.search(name)):
         # Checked here: the daemon would refuse it as the hello's client name first
         # ("hello: client must be ..."), or an empty one would become pid-PID unsaid.
         raise CommandError(
-            f"--name must be 1-255 characters without control characters, not {name!r}",
+            f"--name must be 1-255 bytes of UTF-8 without control characters, not {name!r}",
             EXIT_USAGE,
         )
     return {"uuid": owner_uuid.bytes, "name": name or f"pid-{pid}", "id": owner_id, "pid": pid}

@@ -307,7 +307,7 @@ def test_a_directory_setting_that_is_a_file_is_named(tmp_path: Path, key: str) -
     )
 
 
-@pytest.mark.parametrize("name", ["", "vm\n1", "x" * 256])
+@pytest.mark.parametrize("name", ["", "vm\n1", "x" * 256, "é" * 128])
 @pytest.mark.parametrize("command", ["run", "acquire", "release"])
 def test_a_bad_owner_name_is_a_usage_error_naming_the_flag(name: str, command: str) -> None:
     """``--name "a<newline>b"`` was refused by the daemon as "hello: client must be ..."
@@ -321,6 +321,6 @@ def test_a_bad_owner_name_is_a_usage_error_naming_the_flag(name: str, command: s
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert done.returncode == EXIT_USAGE, done.stderr
-    assert f"--name must be 1-255 characters without control characters, not {name!r}" in (
+    assert f"--name must be 1-255 bytes of UTF-8 without control characters, not {name!r}" in (
         done.stderr
     )
