@@ -88,7 +88,10 @@ def decode_snapshot(data: bytes) -> ReplayState:
 def write_snapshot(directory: str, state: ReplayState) -> str:
     """Write ``state`` durably (tmp, fsync, rename, fsync dir); return the file name."""
     name = snapshot_name(state.seq)
-    tmp = os.path.join(directory, f".{name}.tmp")
+    # The pid in the name: a child orphaned by a SIGKILLed daemon may still write the
+    # snapshot of the same seq while the next daemon writes its own (it rotates at the
+    # same seq); one file for both could be renamed into place half written.
+    tmp = os.path.join(directory, f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         data = encode_snapshot(state)

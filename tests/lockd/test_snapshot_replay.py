@@ -107,3 +107,44 @@ def test_snapshot_without_segments_continues_the_numbering(tmp_path: Path) -> No
     journal = FileJournal(str(tmp_path), first_seq=snapshot.seq + 1)
     assert journal.next_seq == snapshot.seq + 1
     journal.close()
+
+
+def test_an_orphaned_snapshot_child_never_renames_the_next_daemons_half_written_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon SIGKILLed while its child writes the snapshot of seq N leaves the child
+    running; the next daemon rotates at the same seq and writes that snapshot too. The
+    child's rename must take only its own file, never the other's half-written one."""
+    import os
+
+    from lockd import snapshot
+
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # the orphaned child: its file is written, it waits before the rename
+        try:
+            orphans = fill(tmp_path / "a", 30)
+            monkeypatch.setattr(
+                snapshot, "crash_point", lambda _name: (os.write(ready_w, b"."), os.read(go_r, 1))
+            )
+            snapshot.write_snapshot(str(tmp_path), orphans)
+        finally:
+            os._exit(0)
+    os.read(ready_r, 1)
+    real_write, halves = os.write, [0]
+
+    def half_then_the_child_renames(fd: int, data: bytes | memoryview) -> int:
+        if halves[0]:
+            return real_write(fd, data)
+        halves[0] = 1
+        written = real_write(fd, data[: len(data) // 2])
+        real_write(go_w, b".")  # the child renames now, this file half written
+        os.waitpid(child, 0)
+        return written
+
+    state = fill(tmp_path / "b", 30)
+    monkeypatch.setattr(os, "write", half_then_the_child_renames)
+    snapshot.write_snapshot(str(tmp_path), state)
+    monkeypatch.undo()
+    assert load_newest(str(tmp_path)) == state  # whole, whichever rename came last
