@@ -164,9 +164,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     except OSError as exc:  # a journal this user may not read (root's, 0700), ...
         print(f"lockd events: {_unreadable(exc, directory)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
+    finally:  # Ctrl-C ends --follow with 130, as any command (the shell's convention)
         follower.close()
         if watch is not None:
             watch.close()

@@ -108,6 +108,29 @@ def test_events_prints_what_comes_before_damage_then_names_it(tmp_path: Path) ->
     assert f"{segment.name}: CRC mismatch" in done.stderr
 
 
+def test_events_follow_ends_on_ctrl_c_with_130(tmp_path: Path) -> None:
+    """As every command interrupted: a script running it sees it did not end by itself."""
+    import signal
+    import time
+
+    _journal_with_leases(tmp_path)
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "lockd", "events", "--journal-dir", str(tmp_path), "--follow"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert follow.stdout is not None
+        for _ in range(3):
+            follow.stdout.readline()  # the three events: it is following now
+        time.sleep(0.2)
+        follow.send_signal(signal.SIGINT)
+        assert follow.wait(10) == 130
+        assert "Traceback" not in (follow.stderr.read() if follow.stderr else "")
+    finally:
+        follow.kill()
+        follow.wait()
+
+
 def test_events_of_a_type_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
     """``--type lease-aquired`` would match nothing, with --follow for ever: the typo is
     named, with the types there are. A real type still filters."""
