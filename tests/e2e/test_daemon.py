@@ -216,7 +216,11 @@ def test_release_cli_and_wait(
     assert _owner_pids(daemon) == {other.pid}
     again = daemon.lockd("release", "--owner-pid", pid, "--disk", "/vm/w.img")
     assert again.returncode == 1
-    assert f"disk /vm/w.img is not held by pid {pid}:" in again.stderr  # the disk, not a hash
+    # The disk, not a hash; and not the "pid-N" name this release registered with.
+    name = lease_name_for_path("/vm/w.img")
+    assert f"disk /vm/w.img is not held by pid {pid} (lease {FILES_LOCKSPACE}/{name})\n" in (
+        again.stderr
+    )
 
 
 def test_owner_whose_connection_closes_is_fenced(
