@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -382,6 +383,24 @@ def _collector_on_after_recovery() -> None:
     gc.enable()
 
 
+def _import_from_here() -> None:
+    """Make ``python -m lockd``, which a re-exec runs, import lockd from where this
+    program did, not from the daemon's current directory.
+
+    The exec keeps the directory the daemon was started in, and ``-m`` puts it first on
+    the import path: a ``lockd`` directory there (a checkout cloned as ``~/lockd``,
+    whose packages are one level down) was taken for the package, and the re-exec died
+    with an ImportError; another build's package there would be run in its place.
+    ``PYTHONSAFEPATH`` leaves the directory out; ``PYTHONPATH`` names where this
+    program's lockd is (an installed one is found there anyway; an upgrade in place is
+    what a re-exec is for).
+    """
+    here = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONSAFEPATH"] = "1"
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
+    os.environ["PYTHONPATH"] = os.pathsep.join([here, *rest])
+
+
 class Daemon:
     """``lockd serve``: a LockSystem behind its sockets."""
 
@@ -631,6 +650,7 @@ class Daemon:
             log.warning("SIGUSR1 ignored: %s", why)
             return
         self._reexecing = True
+        _import_from_here()
         argv = list(sys.argv[1:])
         if "--handoff-fd" in argv:
             i = argv.index("--handoff-fd")

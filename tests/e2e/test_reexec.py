@@ -552,3 +552,24 @@ def test_a_handoff_with_logging_that_makes_no_sense_starts_too(
     _start_handed(daemon, logging=logging)
     assert daemon.lockd("status").returncode == 0
     assert "logging set at runtime not kept" in daemon.log.read_text()
+
+
+def test_a_reexec_runs_the_lockd_it_was_started_from_whatever_the_current_directory(
+    make_daemon: MakeDaemon, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started (with the ``lockd`` command) in a directory holding a ``lockd`` directory of
+    its own, as ``~`` with a checkout cloned as ``~/lockd``: ``python -m lockd`` from
+    there took that directory for the package, and the re-exec died with an ImportError
+    (abandoned: the daemon served on, but could never be upgraded in place)."""
+    import tests.e2e.conftest as e2e
+
+    command = Path(sys.executable).parent / "lockd"  # the venv's console script
+    home = tmp_path / "home"
+    (home / "lockd" / "lockd").mkdir(parents=True)  # a checkout, its package one down
+    monkeypatch.setattr(e2e, "LOCKD", [str(command)])
+    daemon = make_daemon("cwd", None, cwd=home)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    assert daemon.proc.poll() is None
+    assert "re-exec abandoned" not in daemon.log.read_text()
