@@ -234,6 +234,8 @@ class _Restoring:
     refused: dict[str, LockRefused] = attrs.field(factory=dict)
     recreated: set[str] = attrs.field(factory=set)
     retries: dict[str, int] = attrs.field(factory=dict)
+    fresh: set[str] = attrs.field(factory=set)
+    """Leases locked anew (no fd handed back): their fds go to the fd store when taken."""
     events: tuple[Event, ...] = ()
 
 
@@ -940,6 +942,7 @@ class LockspaceActor(DispatchedActor):
                 # The file normally exists: open it without the index lock, and
                 # only create it (under the index lock) if it went missing.
                 first = TakeLock(lease.mode, False, token, self.actor_ref)
+                restoring.fresh.add(lease.resource)
             ref = LeaseActor.start(self.dispatcher, self._files, lease.resource, first)
             self._leases[lease.resource] = ref
             restoring.waiting += 1
@@ -1001,6 +1004,11 @@ class LockspaceActor(DispatchedActor):
         restoring.waiting -= 1
         if isinstance(message, LockTaken):
             restoring.taken[message.resource] = message.fd
+            if self._fd_store is not None and message.resource in restoring.fresh:
+                # Stored now, before the findings are journaled (as an acquire's before
+                # its lease-acquired): the journal says this lease is held, and a crash
+                # until the store had it would leave its lock free until the restart.
+                self._fd_store.store(self.name, message.resource, message.fd)
         else:
             restoring.refused[message.resource] = message
             self._unstore(restoring, message.resource)
@@ -1122,9 +1130,7 @@ class LockspaceActor(DispatchedActor):
                 continue
             if not lease.live:
                 continue
-            self.fds[lease.resource] = restoring.taken[lease.resource]
-            if self._fd_store is not None and lease.fd is None:  # adopted fds are stored already
-                self._fd_store.store(self.name, lease.resource, self.fds[lease.resource])
+            self.fds[lease.resource] = restoring.taken[lease.resource]  # stored when taken
             for owner, since in lease.live:
                 self._state.add(lease.resource, owner, lease.mode, lease.autocreate)
                 self._since[(lease.resource, owner.key)] = since

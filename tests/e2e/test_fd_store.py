@@ -241,3 +241,32 @@ def test_a_crash_before_journaling_an_acquire_leaves_no_lock_in_the_store(
     wait_for(lambda: not manager.stored_names())
     wait_for(lambda: probe(lease_file(daemon, "/vm/a.img"), "ofd") == "free")
     check(daemon)
+
+
+def test_a_crash_while_recovery_journals_its_findings_keeps_relocked_leases_in_the_store(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """A start with no fds handed back (the store is emptied by a stop) locks a live
+    VM's lease anew; the daemon dies once recovery journaled its findings (an owner
+    gone). The journal says the lease is held: its lock must be in the store by then
+    (stored after the findings, it was free until the next start, for any host)."""
+    daemon = make_daemon("sd")
+    vm, gone = (subprocess.Popen(["sleep", "600"]) for _ in range(2))
+    children.extend((vm, gone))
+    for pid, disk in ((vm.pid, "/vm/a.img"), (gone.pid, "/vm/b.img")):
+        assert daemon.lockd("acquire", "--owner-pid", str(pid), "--disk", disk).returncode == 0
+    daemon.stop()  # not under the manager: nothing stored
+    gone.kill()
+    gone.wait()
+    with pytest.raises(RuntimeError, match="exited at start"):  # killed in its recovery
+        start_crashing_under(daemon, manager, "restore-journaled")
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == -signal.SIGKILL
+    assert probe(lease_file(daemon, "/vm/a.img"), "ofd") == "busy"  # the store's copy
+    start_under(daemon, manager)
+    assert listed(daemon) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
+    }
+    check(daemon)
