@@ -346,6 +346,12 @@ def cmd_leases(args: argparse.Namespace) -> int:
         extra = {"lockspace": args.lockspace} if args.lockspace else {}
         with _connect(args.socket, "lockd-leases") as client:
             rows = client.call("list-leases", **extra)["leases"]
+            if not rows and args.lockspace:
+                # The daemon lists nothing for a lockspace it does not serve: a typo
+                # would read as "nothing held there".
+                known = client.call("list-lockspaces")["lockspaces"]
+                if args.lockspace not in {ls["name"] for ls in known}:
+                    raise CommandError(f"no lockspace {args.lockspace!r} (see lockd lockspaces)")
         if args.json:
             _print_json([{**row, "owners": [json_ready(o) for o in row["owners"]]} for row in rows])
             return EXIT_OK

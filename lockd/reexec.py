@@ -601,7 +601,8 @@ class ReexecActor(DispatchedActor):
         self._owners.tell(QueryFencing(self.actor_ref))
 
     def _quiesce(self) -> None:
-        log.info("re-exec: quiescing %d connections", len(self._connections))
+        count = len(self._connections)
+        log.info("re-exec: quiescing %d connection%s", count, "" if count == 1 else "s")
         for ref in self._connections:
             if ref.is_alive():
                 self._waiting += 1

@@ -111,6 +111,11 @@ def test_run_holds_the_disk_lock_until_the_command_dies(
     released = list(events(daemon, "--type", "lease-released"))
     assert released[-1]["reason"] == "owner-exit"
     assert daemon.lockd("leases", "--json").stdout.strip() == "[]"
+    here = daemon.lockd("leases", "--lockspace", FILES_LOCKSPACE)
+    assert (here.returncode, here.stdout) == (0, "")  # served, nothing held
+    typo = daemon.lockd("leases", "--lockspace", "org.libvirt.lockd.file")
+    assert typo.returncode == 1
+    assert "no lockspace 'org.libvirt.lockd.file'" in typo.stderr  # not "nothing held"
     third = daemon.lockd("run", "--disk", "/vm/a.img", "--name", "vm3", "--", "true")
     assert third.returncode == 0, third.stderr
 
