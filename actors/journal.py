@@ -430,6 +430,7 @@ class JournalActor(DispatchedActor):
                 # daemon now holds, so the changes stand. Only host-crash
                 # durability of these seqs is lost; say so loudly.
                 self.failed_syncs += 1
+                REGISTRY.inc("lockd_journal_sync_errors_total")
                 log.error(
                     "journal fdatasync failed after seq %d was written: %s; the changes stand "
                     "but may not survive a host crash",

@@ -36,6 +36,10 @@ HELP = {
         "counter",
         "Journal writes that failed (nothing granted).",
     ),
+    "lockd_journal_sync_errors_total": (
+        "counter",
+        "Journal fdatasyncs that failed (the changes stand; they may not survive a host crash).",
+    ),
     "lockd_events_replayed_total": (
         "counter",
         "Events read back from the journal for subscribers catching up (subscribe since).",
@@ -73,6 +77,7 @@ ZERO: dict[str, tuple[LabelSet, ...]] = {
     "lockd_journal_entries_total": ((),),
     "lockd_journal_bytes_total": ((),),
     "lockd_journal_write_errors_total": ((),),
+    "lockd_journal_sync_errors_total": ((),),
     "lockd_events_replayed_total": ((),),
     "lockd_replay_failures_total": ((),),
     "lockd_journal_snapshots_total": tuple(

@@ -24,6 +24,7 @@ from actors.events import (
 )
 from actors.journal import SyncPolicy
 from actors.lease import LockBusyError
+from actors.metrics import REGISTRY
 from actors.model import Owner
 from actors.owners import POLL_FULL_EVERY, POLL_SECONDS, POLL_SLICES
 from lockd.lockfiles import HeldFile, LockspaceDir, try_lock, unlock
@@ -916,8 +917,10 @@ def test_release_all_reports_a_journal_failure(h: Harness) -> None:
 
 
 def test_sync_failure_after_write_keeps_the_change(tmp_path: Path) -> None:
-    """fdatasync fails after the records were written: the grant stands, it is not undone."""
+    """fdatasync fails after the records were written: the grant stands, it is not undone;
+    the failure is counted for an alert (the grant may not survive a host crash)."""
     h = Harness(tmp_path / "locks", sync=SyncPolicy.ALWAYS)
+    failed = REGISTRY.counters["lockd_journal_sync_errors_total"][()]
     try:
         h.processes.spawn(VM1)
 
@@ -930,6 +933,7 @@ def test_sync_failure_after_write_keeps_the_change(tmp_path: Path) -> None:
         assert vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
         assert kernel_locked(h.lock_dir / FILES / "disk-a")
         assert len(h.journal_writer.events(LeaseAcquired)) == 1
+        assert REGISTRY.counters["lockd_journal_sync_errors_total"][()] == failed + 1
     finally:
         h.close()
 

@@ -443,7 +443,7 @@ def test_metrics_and_log_level_on_the_admin_socket(
     for series in ("lockd_leases_lost_total 0", "lockd_journal_write_errors_total 0",
                    'lockd_fence_actions_total{signal="SIGKILL"} 0',
                    'lockd_journal_snapshots_total{result="failed"} 0',
-                   "lockd_replay_failures_total 0",
+                   "lockd_replay_failures_total 0", "lockd_journal_sync_errors_total 0",
                    'lockd_event_subscribers{state="live"} 0',
                    'lockd_event_subscribers{state="catching-up"} 0'):  # fmt: skip
         assert f"\n{series}\n" in fresh
