@@ -23,6 +23,12 @@ from protocol.names import InvalidNameError, check_lockspace_name
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key and the file."""
 
+    def __init__(self, message: str, entry: str | None = None) -> None:
+        super().__init__(message)
+        self.entry = entry
+        """The entry of a table (``[lockspaces]``) at fault: its line is named, not the
+        table's."""
+
 
 def _xdg(var: str, fallback: str) -> str:
     value = os.environ.get(var)
@@ -172,8 +178,11 @@ def _lockspace_dirs(value: Any) -> dict[str, str]:
         try:
             check_lockspace_name(name)
         except InvalidNameError as exc:
-            raise ConfigError(f"lockspaces.{name}: {exc}") from None
-        out[name] = _abs_path(f"lockspaces.{name}", path)
+            raise ConfigError(f"lockspaces.{name}: {exc}", entry=name) from None
+        try:
+            out[name] = _abs_path(f"lockspaces.{name}", path)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), entry=name) from None
     return out
 
 
@@ -309,6 +318,42 @@ def _line_of(text: str, key: str) -> int:
     return 0
 
 
+def _dotted(key: str) -> list[str]:
+    """A TOML key's parts: dots inside quotes (``"org.libvirt.lockd.lvm"``) do not split."""
+    parts, current, quote = [], "", ""
+    for char in key.strip():
+        if quote:
+            if char == quote:
+                quote = ""
+            else:
+                current += char
+        elif char in "\"'":
+            quote = char
+        elif char == ".":
+            parts.append(current.strip())
+            current = ""
+        else:
+            current += char
+    return [*parts, current.strip()]
+
+
+def _line_of_entry(text: str, table: str, entry: str) -> int:
+    """Line number of ``entry``'s assignment in the table ``table`` (under its header,
+    or dotted as ``table.entry``); the table's own line if not found."""
+    within = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            within = stripped.strip("[]").strip().strip("\"'") == table
+            continue
+        if "=" not in stripped:
+            continue
+        name = _dotted(stripped.split("=", 1)[0])
+        if (within and name == [entry]) or (not within and name == [table, entry]):
+            return number
+    return _line_of(text, table)
+
+
 def _closest(key: str) -> str | None:
     import difflib
 
@@ -344,6 +389,8 @@ def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
             try:
                 values[key] = _CONVERT[key](key, value)
             except ConfigError as exc:
+                if exc.entry is not None:
+                    where = f"{config_path}:{_line_of_entry(text, key, exc.entry)}"
                 raise ConfigError(f"{where}: {exc}") from None
         values["config_file"] = config_path
         given.update(data)

@@ -185,6 +185,10 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ('journal_sync = "sometimes"\n', "journal_sync must be one of none | batch | always"),
         ('lock_dir = "relative"\n', "lock_dir must be an absolute path"),
         ('[lockspaces]\n".." = "/x"\n', "lockspaces...:"),
+        # An entry of [lockspaces]: its own line, not the header's.
+        ('[lockspaces]\n"a" = "/a"\n\n"b" = "rel"\n', "lockd.toml:4: lockspaces.b must be"),
+        ('lockspaces.ok = "/a"\nlockspaces."b c" = "/b"\n', "lockd.toml:2: lockspaces.b c:"),
+        ('[lockspaces]\n"x.y" = "/a"\n"x.z" = "r"\n', "lockd.toml:3: lockspaces.x.z must be"),
         ("max_clients = \n", "lockd.toml"),
         # Dotted keys and tables: their line, not line 0.
         ('timeout = 1\n\nlog.level = "debug"\n', "lockd.toml:3: unknown key 'log'"),
