@@ -79,6 +79,14 @@ def spawn(path: str, wait: float = 15.0) -> None:
                 # its journal: wait for that one. Otherwise it will not answer: say why now.
                 # Any line, not the last: the winner shares the log and may have written since.
                 in_use = next((line for line in said if "in use" in line), None)
+                serving = _serving(in_use)
+                if in_use is not None and serving is not None and serving != path:
+                    # The journal's daemon says which socket it serves: not this one, so
+                    # no race's winner will answer here (LOCKD_SOCKET mistyped?).
+                    raise SpawnFailed(
+                        f"started lockd for {path}, but it exited: {in_use.strip()}; none "
+                        f"serves {path} (is LOCKD_SOCKET mistyped?)"
+                    )
                 if in_use is None:
                     last = said[-1] if said else "nothing logged"
                     raise SpawnFailed(f"started lockd for {path}, but it exited ({last}); "
@@ -128,6 +136,14 @@ def open_log(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _serving(in_use: str | None) -> str | None:
+    """The socket a journal's holder serves, from a refused daemon's "in use by another
+    lockd (pid N, serving SOCKET)"; None if it does not say (an older lockd)."""
+    if in_use is None or "serving " not in in_use:
+        return None
+    return in_use.rsplit("serving ", 1)[1].strip().removesuffix(")")
 
 
 class SpawnFailed(OSError):

@@ -208,9 +208,13 @@ def _cmd_journal_check(args: argparse.Namespace) -> int:
         return 1
     lock = _journal_unused(directory)
     if lock is None:
+        from lockd.journal_file import journal_holder
+
+        who = journal_holder(directory)
         print(
-            f"lockd journal-check: journal {directory} is in use by a running lockd; stop it "
-            "before --repair (a cut under it would lose what it writes)",
+            f"lockd journal-check: journal {directory} is in use by a running lockd"
+            + (f" ({who})" if who else "")
+            + "; stop it before --repair (a cut under it would lose what it writes)",
             file=sys.stderr,
         )
         return 1
@@ -229,15 +233,9 @@ def _cmd_journal_check(args: argparse.Namespace) -> int:
 def _journal_unused(directory: str) -> int | None:
     """The journal directory's lock (the one ``lockd serve`` takes), held; None while a
     daemon holds it."""
-    import fcntl
+    from lockd.journal_file import lock_journal
 
-    fd = os.open(os.path.join(directory, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    return lock_journal(directory, "journal-check --repair")
 
 
 def _add_client_options(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:

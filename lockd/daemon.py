@@ -37,7 +37,15 @@ from actors.router import Gather, Gathered, RouterActor
 from actors.runtime import DispatchedActor, Dispatcher
 from lockd import __version__, logs, procs
 from lockd.config import Config, secure_runtime_dir
-from lockd.journal_file import BOOT_FILE, FileJournal, last_boot, record_boot
+from lockd.journal_file import (
+    BOOT_FILE,
+    LOCK_FILE,
+    FileJournal,
+    journal_holder,
+    last_boot,
+    lock_journal,
+    record_boot,
+)
 from lockd.lockfiles import LockspaceDir
 from lockd.reexec import PATH_KEYS, Handoff, ListenerFd, ReexecActor, paths_of, read_handoff
 from lockd.replay import replay
@@ -114,6 +122,7 @@ class LockSystem:
         max_pidfds: int | None = None,
         journal_lock: int | None = None,
         serving_since: float | None = None,
+        holder: str = "embedded",
     ) -> None:
         """``max_pidfds``: owners watched by pidfd at most (the rest are polled), see
         :class:`actors.owners.OwnersActor`; None for no budget. ``journal_lock``: the
@@ -130,7 +139,7 @@ class LockSystem:
         self._on_ready = on_ready
         os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
         os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
-        self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock)
+        self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
         """The fd whose flock keeps every other lockd out of this journal directory."""
         snapshot = load_newest(config.journal_dir)
         boot = procs.boot_id()
@@ -230,18 +239,18 @@ class LockSystem:
             self._on_ready(report)
 
     @staticmethod
-    def _lock_journal_dir(directory: str, inherited: int | None = None) -> int:
-        path = os.path.join(directory, ".lock")
+    def _lock_journal_dir(directory: str, inherited: int | None, holder: str) -> int:
+        path = os.path.join(directory, LOCK_FILE)
         kept = _if_still(path, inherited)
         if kept is not None:
             fcntl.flock(kept, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held already, by its description
             return kept
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise JournalInUseError(f"journal {directory} is in use by another lockd") from None
+        fd = lock_journal(directory, holder)
+        if fd is None:
+            who = journal_holder(directory)
+            raise JournalInUseError(
+                f"journal {directory} is in use by another lockd" + (f" ({who})" if who else "")
+            )
         return fd
 
     def connect(
@@ -456,6 +465,9 @@ class Daemon:
             max_pidfds=limit // PIDFD_SHARE if limit else None,
             journal_lock=handoff.journal_lock if handoff else None,
             serving_since=handoff.started if handoff else None,
+            # Written beside the journal: a second daemon refused names the socket this
+            # one serves (a mistyped LOCKD_SOCKET shows at once).
+            holder=f"serving {config.socket}" if sockets else "embedded",
         )
         if handoff is not None:
             self._carry_on(handoff)

@@ -12,6 +12,7 @@ stops. Appends are one ``write()`` per batch, so a reply sent after
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -70,6 +71,39 @@ def _holds_only(path: str, header: bytes) -> bool:
             return f.read(len(header) + 1) == header
     except OSError:
         return False
+
+
+LOCK_FILE = ".lock"
+"""Locked (flock) by whatever writes the journal: a daemon, or ``journal-check
+--repair``; it holds a line saying which, for the message of one refused."""
+
+
+def lock_journal(directory: str, holder: str) -> int | None:
+    """Take the journal directory's lock and write who holds it (``holder``: "serving
+    SOCKET", say); the fd, which keeps the lock until closed; None if another holds it."""
+    fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {holder}\n".encode(), 0)
+    except OSError:
+        pass  # a full disk: the lock is what keeps others out, the line only explains it
+    return fd
+
+
+def journal_holder(directory: str) -> str | None:
+    """Who holds the journal's lock, as it wrote (``pid N, serving SOCKET``); None when
+    unknown (a lockd from before the line, or none)."""
+    try:
+        with open(os.path.join(directory, LOCK_FILE), encoding="utf-8") as f:
+            pid, _, holder = f.read(4096).strip().partition(" ")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return f"pid {pid}, {holder}" if pid.isdigit() and holder else None
 
 
 BOOT_FILE = ".boot"

@@ -237,3 +237,32 @@ def test_a_journal_another_daemon_holds_is_named_when_none_answers(
     assert f"journal {journal} is in use by another lockd, and none serves this socket" in str(
         caught.value
     )
+
+
+def test_a_journal_held_for_another_socket_fails_at_once_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal's daemon wrote which socket it serves: a client spawning a daemon for
+    another socket (LOCKD_SOCKET mistyped) is told at once, not after its whole wait for
+    a race's winner that will never answer there."""
+    import time
+
+    from lockd.journal_file import lock_journal
+
+    config = tmp_path / "lockd.toml"
+    journal = tmp_path / "journal"
+    config.write_text(f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{journal}"\n')
+    monkeypatch.setenv("LOCKD_CONFIG", str(config))
+    journal.mkdir()
+    held = lock_journal(str(journal), "serving /run/elsewhere/lockd.sock")
+    assert held is not None
+    started = time.monotonic()
+    try:
+        with pytest.raises(autospawn.SpawnFailed) as caught:
+            autospawn.spawn(str(tmp_path / "run" / "lockd.sock"), wait=120)
+    finally:
+        os.close(held)
+    assert time.monotonic() - started < 60  # not the 120 s wait for a winner
+    message = str(caught.value)
+    assert f"pid {os.getpid()}, serving /run/elsewhere/lockd.sock" in message
+    assert f"none serves {tmp_path / 'run' / 'lockd.sock'}" in message

@@ -467,3 +467,19 @@ def test_showing_the_log_level_is_not_logged_as_setting_it(
         assert said == [f"logging set on the admin socket: {logs.current()}"]
     finally:
         logs.configure(saved["level"], saved["filters"], saved["output"])
+
+
+def test_a_second_daemon_on_the_journal_is_told_which_one_holds_it(config: Config) -> None:
+    """ "in use by another lockd" named neither: the operator had to hunt for the process,
+    and a client whose LOCKD_SOCKET was mistyped could not tell it from a race."""
+    from lockd.daemon import JournalInUseError
+
+    first = Daemon(config, sockets=False, embedded=True)
+    try:
+        second_config = attrs.evolve(config, socket=config.socket + "2",
+                                     admin_socket=config.admin_socket + "2")  # fmt: skip
+        with pytest.raises(JournalInUseError) as refused:
+            Daemon(second_config)
+        assert f"in use by another lockd (pid {os.getpid()}, embedded)" in str(refused.value)
+    finally:
+        first.system.shutdown("test done")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from lockd.journal_check import find_damage, repair
-from lockd.journal_file import list_segments
+from lockd.journal_file import list_segments, lock_journal
 from lockd.snapshot import list_snapshots, seq_of
 from tests.lockd.test_snapshot_replay import fill, reopen
 
@@ -58,16 +57,18 @@ def test_repair_refuses_a_journal_a_daemon_holds(tmp_path: Path) -> None:
     newest = tmp_path / list_segments(str(tmp_path))[-1]
     flip(newest, len(newest.read_bytes()) // 2)
     damaged = newest.read_bytes()
-    fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = lock_journal(str(tmp_path), "serving /run/lockd/lockd.sock")  # as lockd serve
+    assert fd is not None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as lockd serve holds it
         command = [sys.executable, "-m", "lockd", "journal-check", "--journal-dir",
                    str(tmp_path), "--repair"]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True, check=False)
     finally:
         os.close(fd)
     assert done.returncode == 1
-    assert "is in use by a running lockd" in done.stderr
+    # Which lockd: the operator finds the one to stop.
+    running = f"is in use by a running lockd (pid {os.getpid()}, serving /run/lockd/lockd.sock)"
+    assert running in done.stderr
     assert newest.read_bytes() == damaged
     assert not [name for name in os.listdir(tmp_path) if ".damaged-" in name]
     again = subprocess.run(command, capture_output=True, text=True, check=False)
