@@ -28,18 +28,26 @@ def _journal_some(daemon: DaemonProcess, tag: str, count: int = 5) -> None:
             client.call("create-lockspace", lockspace=f"{tag}-{i}")
 
 
-def test_the_audit_feed_misses_nothing_across_a_crash_and_a_reexec(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
-) -> None:
-    _journal_some(daemon, "before")  # history, from before the feed starts
+def _start_feed(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path, *since: str
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """The example feed on ``daemon``: (its process, its state file, its output file)."""
     state, out = tmp_path / "feed.seq", tmp_path / "feed.out"
     with open(out, "wb") as sink:
         feed = subprocess.Popen(
             [sys.executable, str(EXAMPLE), "--socket", str(daemon.socket),
-             "--state", str(state), "--since", "1"],
+             "--state", str(state), *since],
             stdout=sink, stderr=subprocess.PIPE,
         )  # fmt: skip
     children.append(feed)
+    return feed, state, out
+
+
+def test_the_audit_feed_misses_nothing_across_a_crash_and_a_reexec(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    _journal_some(daemon, "before")  # history, from before the feed starts
+    feed, state, out = _start_feed(daemon, children, tmp_path, "--since", "1")
 
     def caught_up() -> bool:
         return state.exists() and state.read_text() == str(events(daemon)[-1]["seq"])
@@ -88,14 +96,7 @@ def test_the_audit_feed_reports_what_damage_in_an_old_segment_cost(
     damaged.write_bytes(bytes(data))
     with daemon.client("status") as client:
         last = client.call("status")["journal_seq"]
-    state, out = tmp_path / "feed.seq", tmp_path / "feed.out"
-    with open(out, "wb") as sink:
-        feed = subprocess.Popen(
-            [sys.executable, str(EXAMPLE), "--socket", str(daemon.socket),
-             "--state", str(state), "--since", "1"],
-            stdout=sink, stderr=subprocess.PIPE,
-        )  # fmt: skip
-    children.append(feed)
+    feed, state, out = _start_feed(daemon, children, tmp_path, "--since", "1")
     wait_for(lambda: state.exists() and int(state.read_text()) >= last)
     feed.kill()
     _, stderr = feed.communicate()
@@ -114,14 +115,8 @@ def test_the_audit_feed_goes_on_when_the_journal_was_cut_below_its_place(
     """`journal-check --repair`, or damage cut at start-up after a host crash, can
     leave the journal ending before the seq the feed saved: the feed says so and
     goes on from the journal's next event instead of failing for ever."""
-    state, out = tmp_path / "feed.seq", tmp_path / "feed.out"
-    state.write_text("100000")
-    with open(out, "wb") as sink:
-        feed = subprocess.Popen(
-            [sys.executable, str(EXAMPLE), "--socket", str(daemon.socket), "--state", str(state)],
-            stdout=sink, stderr=subprocess.PIPE,
-        )  # fmt: skip
-    children.append(feed)
+    (tmp_path / "feed.seq").write_text("100000")
+    feed, state, out = _start_feed(daemon, children, tmp_path)
     wait_for(lambda: "subscribed" in daemon.lockd("clients").stdout)
     _journal_some(daemon, "after-cut", count=3)
     last = events(daemon)[-1]["seq"]
