@@ -123,29 +123,27 @@ def fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def uid_of(pid: int) -> int | None:
-    """Real uid of a process, or None if it does not exist."""
+def _status_field(pid: int, field: bytes) -> int | None:
+    """The first number of ``field`` (``b"Uid:"``) in /proc/PID/status; None if no such task."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
-                if line.startswith(b"Uid:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
         return None
     return None
+
+
+def uid_of(pid: int) -> int | None:
+    """Real uid of a process, or None if it does not exist."""
+    return _status_field(pid, b"Uid:")
 
 
 def leader_of(pid: int) -> int | None:
     """The process (thread group) ``pid`` belongs to: ``pid`` itself for a process, another
     pid for one of its threads (a thread id opens in /proc too); None if no such task."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+    return _status_field(pid, b"Tgid:")
 
 
 def is_exiting(pid: int, started: int) -> bool:
