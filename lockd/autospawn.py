@@ -53,12 +53,23 @@ def _answers(path: str) -> bool:
 
 
 def spawn(path: str, wait: float = 15.0) -> None:
-    """Start ``lockd serve`` for ``path`` in the background and wait until it accepts."""
+    """Start ``lockd serve`` for ``path`` in the background and wait until it accepts.
+
+    The daemon runs in :data:`PACKAGE_ROOT`, not in the current directory, so every
+    path it is given is made absolute here first: a relative ``--socket`` (or
+    ``$LOCKD_ADMIN_SOCKET``, ``$LOCKD_CONFIG``) meant this directory, and the daemon
+    bound its socket under the package's directory while the client waited here for
+    one that never answered.
+    """
+    path = os.path.abspath(path)
     runtime = os.path.dirname(path)
     if not secure_runtime_dir(path, create=True):
         os.makedirs(runtime, mode=0o700, exist_ok=True)  # the user's own choice of place
     # Beside the socket, as ``lockd serve`` would put it (the defaults are so placed too).
-    admin = os.environ.get("LOCKD_ADMIN_SOCKET") or admin_socket_beside(path)
+    admin = os.path.abspath(os.environ.get("LOCKD_ADMIN_SOCKET") or admin_socket_beside(path))
+    env = dict(os.environ)
+    if env.get("LOCKD_CONFIG"):
+        env["LOCKD_CONFIG"] = os.path.abspath(env["LOCKD_CONFIG"])
     timeout = os.environ.get("LOCKD_AUTOSPAWN_TIMEOUT", "30")
     log_path = os.path.join(runtime, "lockd.log")
     log = open_log(log_path)
@@ -67,7 +78,7 @@ def spawn(path: str, wait: float = 15.0) -> None:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "lockd", "serve", "--socket", path, "--admin-socket", admin,
              "--timeout", timeout],
-            cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            cwd=PACKAGE_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             start_new_session=True,
         )  # fmt: skip
         deadline = time.monotonic() + wait

@@ -208,6 +208,26 @@ def test_a_daemon_started_on_demand_runs_this_package_whatever_the_current_direc
     os.kill(pid, signal.SIGTERM)
 
 
+def test_a_daemon_started_on_demand_takes_relative_paths_from_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon runs where the package is, so a relative ``--socket`` (and
+    ``$LOCKD_CONFIG``) named a place there: it served under the package's directory
+    (or found no configuration), and the client waited here for a socket that never
+    answered."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lockd.toml").write_text(
+        f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{tmp_path / "journal"}"\n'
+    )
+    monkeypatch.setenv("LOCKD_CONFIG", "lockd.toml")
+    monkeypatch.delenv("LOCKD_ADMIN_SOCKET", raising=False)
+    autospawn.spawn(os.path.join("run", "lockd.sock"), wait=10)
+    with Client(str(tmp_path / "run" / "lockd.sock"), timeout=5) as client:
+        pid = client.call("status")["pid"]
+    os.kill(pid, signal.SIGTERM)
+    assert not (Path(autospawn.PACKAGE_ROOT) / "run").exists()
+
+
 def test_the_bench_daemon_runs_this_package_whatever_the_current_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
