@@ -183,12 +183,32 @@ this often anyway (a change inotify could not report: a replaced directory)."""
 
 def _cmd_journal_check(args: argparse.Namespace) -> int:
     """Report journal damage; with --repair, cut the journal at it."""
-    from lockd.journal_check import find_damage, repair
-
     directory = args.journal_dir or default_paths()["journal_dir"]
     if not os.path.isdir(directory):
         print(f"lockd journal-check: no journal at {directory}", file=sys.stderr)
         return 1
+    lock: int | str | None = None
+    if args.repair:
+        # Taken before the journal is read, not after: between the two a daemon could
+        # start (after a reboot it cuts damage in the newest segment itself), write,
+        # and stop, and the cut made from what was read earlier would then fall on
+        # the records it wrote. Not had, it refuses the cut (below), not the check.
+        try:
+            lock = _journal_unused(directory)
+        except OSError as exc:  # a journal this user may read but not write
+            lock = f"cannot lock the journal at {directory}: {exc.strerror or exc}"
+    try:
+        return _check(args, directory, lock)
+    finally:
+        if isinstance(lock, int):
+            os.close(lock)  # held until the cut is made: no daemon starts on it meanwhile
+
+
+def _check(args: argparse.Namespace, directory: str, lock: int | str | None) -> int:
+    """journal-check on ``directory``; ``lock``: its journal lock, held for --repair (or
+    why it could not be taken; None: a running lockd holds it, or no --repair)."""
+    from lockd.journal_check import find_damage, repair
+
     try:
         notes, damage = find_damage(directory)
     except OSError as exc:
@@ -206,7 +226,9 @@ def _cmd_journal_check(args: argparse.Namespace) -> int:
     if not args.repair:
         print("lockd serve will not start on it; see docs/recovery.md, then rerun with --repair")
         return 1
-    lock = _journal_unused(directory)
+    if isinstance(lock, str):
+        print(f"lockd journal-check: {lock}", file=sys.stderr)
+        return 1
     if lock is None:
         from lockd.journal_file import journal_holder
 
@@ -218,11 +240,8 @@ def _cmd_journal_check(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    try:
-        for line in repair(directory, damage):
-            print(line)
-    finally:
-        os.close(lock)  # held until the cut is made: no daemon starts on it meanwhile
+    for line in repair(directory, damage):
+        print(line)
     print(
         "repaired: leases acquired after the cut are not held again at the next start; "
         "their owners must acquire them again"

@@ -6,6 +6,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from lockd.journal_check import find_damage, repair
 from lockd.journal_file import list_segments, lock_journal
@@ -74,3 +77,51 @@ def test_repair_refuses_a_journal_a_daemon_holds(tmp_path: Path) -> None:
     again = subprocess.run(command, capture_output=True, text=True, check=False)
     assert again.returncode == 0, again.stderr
     assert "were cut" in again.stdout
+
+
+def test_repair_holds_the_journal_lock_from_before_it_reads_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The lock was taken only once the damage had been found: a daemon starting in
+    between (after a reboot it cuts such damage itself and goes on writing) could
+    write and stop, and the cut made from the earlier reading fell on its records."""
+    from lockd import cli, journal_check
+
+    fill(tmp_path, 200)
+    newest = tmp_path / list_segments(str(tmp_path))[-1]
+    flip(newest, len(newest.read_bytes()) // 2)
+    started: list[bool] = []
+    found = journal_check.find_damage
+
+    def then_a_daemon_starts(directory: str) -> Any:
+        damage = found(directory)
+        fd = os.open(tmp_path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            started.append(True)  # it would take the journal, write, and stop
+        except BlockingIOError:
+            started.append(False)
+        finally:
+            os.close(fd)
+        return damage
+
+    monkeypatch.setattr(journal_check, "find_damage", then_a_daemon_starts)
+    assert cli.main(["journal-check", "--journal-dir", str(tmp_path), "--repair"]) == 0
+    assert started == [False]
+    assert "were cut" in capsys.readouterr().out
+
+
+def test_repair_of_a_journal_this_user_cannot_lock_is_an_error_not_a_traceback(
+    tmp_path: Path,
+) -> None:
+    fill(tmp_path, 200)
+    newest = tmp_path / list_segments(str(tmp_path))[-1]
+    flip(newest, len(newest.read_bytes()) // 2)
+    (tmp_path / ".lock").mkdir()  # as unopenable for writing as root's is for an auditor
+    command = [sys.executable, "-m", "lockd", "journal-check", "--journal-dir", str(tmp_path),
+               "--repair"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert f"cannot lock the journal at {tmp_path}: Is a directory" in done.stderr
+    assert not [name for name in os.listdir(tmp_path) if ".damaged-" in name]
