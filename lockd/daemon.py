@@ -142,6 +142,10 @@ class LockSystem:
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
         """The fd whose flock keeps every other lockd out of this journal directory."""
         snapshot = load_newest(config.journal_dir)
+        # Read now: replay folds the journal into the snapshot's own state, so after it
+        # snapshot.seq is the journal's end, and the log named a snapshot that is not on
+        # disk (after a cut, one seemingly newer than the cut).
+        snapshot_seq = snapshot.seq if snapshot else None
         boot = procs.boot_id()
         before = last_boot(config.journal_dir)
         self.journal_file = FileJournal(
@@ -178,7 +182,7 @@ class LockSystem:
         log.info(
             "journal replayed to seq %d (%s, %d entries after it): %d leases held by %d owners",
             state.seq,
-            f"snapshot at {snapshot.seq}" if snapshot else "no snapshot",
+            "no snapshot" if snapshot_seq is None else f"snapshot at {snapshot_seq}",
             replayed,
             len(state.leases),
             len(state.owners()),

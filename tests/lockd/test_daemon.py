@@ -23,7 +23,7 @@ from lockd.config import Config, UnsafePathError, default_paths
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
 from lockd.journal_file import read_entries
 from lockd.reexec import PATH_KEYS, Handoff, TargetCheck
-from lockd.snapshot import list_snapshots
+from lockd.snapshot import list_snapshots, seq_of
 from protocol.client import Client
 from protocol.codec import encode_item
 from protocol.framing import encode_frame
@@ -483,3 +483,24 @@ def test_a_second_daemon_on_the_journal_is_told_which_one_holds_it(config: Confi
         assert f"in use by another lockd (pid {os.getpid()}, embedded)" in str(refused.value)
     finally:
         first.system.shutdown("test done")
+
+
+def test_the_start_names_the_snapshot_it_replayed_from_not_the_journals_end(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replay folds the journal into the snapshot's state, and the log line read the seq
+    after that: "snapshot at 200" with the newest snapshot at a rotation well before
+    (after a cut at start-up, a snapshot seemingly newer than the cut)."""
+    from tests.lockd.test_snapshot_replay import fill
+
+    fill(Path(config.journal_dir), 200)
+    newest = seq_of(list_snapshots(config.journal_dir)[-1])
+    assert newest < 200
+    said: list[str] = []
+    monkeypatch.setattr(daemon_module.log, "info", lambda text, *args: said.append(text % args))
+    daemon = Daemon(config, sockets=False, embedded=True)
+    try:
+        (line,) = [s for s in said if s.startswith("journal replayed")]
+        assert line.startswith(f"journal replayed to seq 200 (snapshot at {newest}, ")
+    finally:
+        daemon.system.shutdown("test done")
