@@ -595,7 +595,7 @@ def _owner_map(pid: int, name: str | None, uuid_text: str | None, owner_id: int)
         owner_uuid = uuidlib.uuid5(OWNER_NAMESPACE, f"{pid}:{started}")
     if owner_id < 1:
         raise CommandError("--id must be greater than 0", EXIT_USAGE)
-    if name is not None and (not 1 <= len(name.encode()) <= 255 or CONTROL_CHARACTERS.search(name)):
+    if name is not None and (not 1 <= _utf8_length(name) <= 255 or CONTROL_CHARACTERS.search(name)):
         # Checked here: the daemon would refuse it as the hello's client name first
         # ("hello: client must be ..."), or an empty one would become pid-PID unsaid.
         raise CommandError(
@@ -603,6 +603,16 @@ def _owner_map(pid: int, name: str | None, uuid_text: str | None, owner_id: int)
             EXIT_USAGE,
         )
     return {"uuid": owner_uuid.bytes, "name": name or f"pid-{pid}", "id": owner_id, "pid": pid}
+
+
+def _utf8_length(name: str) -> int:
+    """Bytes ``name`` takes in UTF-8; 0 (refused) if it has none: an argument that is not
+    UTF-8 (a name in another locale's encoding) comes as lone surrogates, which
+    ``encode()`` raised on (a traceback, exit 1, instead of the usage error)."""
+    try:
+        return len(name.encode())
+    except UnicodeEncodeError:
+        return 0
 
 
 def _label_of(exc: RemoteError, labels: dict[tuple[str, str], str]) -> str | None:

@@ -347,3 +347,17 @@ def test_a_bad_owner_name_is_a_usage_error_naming_the_flag(name: str, command: s
     assert f"--name must be 1-255 bytes of UTF-8 without control characters, not {name!r}" in (
         done.stderr
     )
+
+
+def test_an_owner_name_that_is_not_utf8_is_a_usage_error_not_a_traceback() -> None:
+    """A name in another locale's encoding reaches Python as lone surrogates; counting its
+    UTF-8 bytes raised UnicodeEncodeError."""
+    env = {**os.environ, "LOCKD_SOCKET": "/nonexistent/lockd.sock", "LOCKD_AUTOSPAWN": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", "run", "--name", b"vm\xff", "--disk", "/vm/a.img",
+         "--", "true"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "--name must be 1-255 bytes of UTF-8 without control characters" in done.stderr
