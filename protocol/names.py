@@ -33,10 +33,22 @@ output prints (a newline in one would forge a line of ``lockd events``; an escap
 sequence would drive the operator's terminal)."""
 
 
-_INVISIBLE = re.compile("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
-"""Bidirectional controls and zero-width characters: allowed in names (a VM's name may
-be in any script), but printed escaped: a right-to-left override in one would make
-it show as another name in ``lockd leases``."""
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f"
+    "\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\U0001d173-\U0001d17a"
+    "\U000e0001\U000e0020-\U000e007f\U000e0100-\U000e01ef]"
+)
+"""Bidirectional controls and characters that show as nothing: allowed in names (a VM's
+name may be in any script), but printed escaped: a right-to-left override in one would
+make it show as another name in ``lockd leases``. Not only the zero-width spaces and
+joiners: tag characters (U+E0020-E007F), variation selectors, the soft hyphen, Hangul
+fillers and the like are as invisible (``vm1`` and ``vm1`` + U+E0031 printed alike), and
+the line and paragraph separators (U+2028, U+2029) end a line for some readers."""
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def printable(text: str) -> str:
@@ -44,7 +56,7 @@ def printable(text: str) -> str:
     (bidirectional controls, zero-width) as ``\\uNNNN``: for names in text output,
     also those journaled before they were refused."""
     text = CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
-    return _INVISIBLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return _INVISIBLE.sub(lambda m: _escape(m.group()), text)
 
 
 class InvalidNameError(ValueError):

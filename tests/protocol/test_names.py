@@ -87,3 +87,14 @@ def test_printable_shows_invisible_characters_as_escapes() -> None:
     assert printable("vm\u202egmi.kcab") == "vm\\u202egmi.kcab"
     assert printable("vm\u200b1\ufeff") == "vm\\u200b1\\ufeff"
     assert printable("仮想マシン-1") == "仮想マシン-1"  # other scripts print as they are
+
+
+def test_printable_escapes_every_character_that_shows_as_nothing() -> None:
+    """Only bidirectional controls and zero-width spaces were escaped: a tag character,
+    a variation selector, a soft hyphen or a Hangul filler still made ``vm1`` and
+    another name print alike, and a line separator ends a line for some readers."""
+    assert printable("vm1\U000e0031") == "vm1\\U000e0031"
+    assert printable("vm\ufe0f1") == "vm\\ufe0f1"
+    assert printable("v\u00adm1") == "v\\u00adm1"
+    assert printable("vm1\u3164") == "vm1\\u3164"
+    assert printable("vm\u2028x") == "vm\\u2028x"
