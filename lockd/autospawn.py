@@ -89,7 +89,7 @@ def spawn(path: str, wait: float = 15.0) -> None:
                 # Lost a race with another client's daemon, which serves once it has read
                 # its journal: wait for that one. Otherwise it will not answer: say why now.
                 # Any line, not the last: the winner shares the log and may have written since.
-                in_use = next((line for line in said if "in use" in line), None)
+                in_use = next((line for line in said if "in use by another lockd" in line), None)
                 serving = _serving(in_use)
                 if in_use is not None and serving is not None and serving != path:
                     # The journal's daemon says which socket it serves: not this one, so

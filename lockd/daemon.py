@@ -155,7 +155,10 @@ class LockSystem:
             first_seq=snapshot.seq + 1 if snapshot else 1,
             # Written in another boot: damage in the newest segment is what the host's
             # crash left of writes not yet synced, cut rather than refused.
-            cut_damage=before is not None and boot is not None and before != boot,
+            # Never for a journal a re-exec hands on: it was written in this boot.
+            cut_damage=(
+                journal_lock is None and before is not None and boot is not None and before != boot
+            ),
         )
         state, replayed = replay(self.journal_file, snapshot)
         if boot is not None and before != boot:
@@ -405,11 +408,14 @@ def _import_from_here() -> None:
     whose packages are one level down) was taken for the package, and the re-exec died
     with an ImportError; another build's package there would be run in its place.
     ``PYTHONSAFEPATH`` leaves the directory out; ``PYTHONPATH`` names where this
-    program's lockd is (an installed one is found there anyway; an upgrade in place is
-    what a re-exec is for).
+    program's lockd is, unless the interpreter finds it there anyway (site-packages,
+    which on ``PYTHONPATH`` would come before the standard library); an upgrade in
+    place is what a re-exec is for.
     """
     here = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONSAFEPATH"] = "1"
+    if here in sys.path[1:]:
+        return  # found there anyway (site-packages): not put before the standard library
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]
     os.environ["PYTHONPATH"] = os.pathsep.join([here, *rest])
 

@@ -134,6 +134,23 @@ def record_boot(directory: str, boot: bytes) -> None:
     _fsync_dir(directory)
 
 
+def _written_before_this_boot(path: str) -> bool:
+    """Whether the segment was last written before this boot began, by its mtime.
+
+    ``.boot`` says which boot a lockd that records it last started in, not that the
+    journal was not written since: an older lockd (which writes no ``.boot``) may
+    have run in this boot, and damage it left is not a reboot's. A clock set wrong
+    at boot can only make a write look newer, and then damage is refused, as within
+    one boot.
+    """
+    try:
+        with open("/proc/uptime", encoding="ascii") as f:
+            booted = time.time() - float(f.read().split()[0])
+        return os.stat(path).st_mtime < booted
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def first_seq_of(name: str) -> int:
     """The first seq a segment holds, from its name."""
     return int(name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
@@ -197,7 +214,7 @@ class FileJournal:
         try:
             scan = decode_segment(data, raw=True)
         except JournalCorruptError as exc:
-            if not (self._cut_damage and exc.offset > 0):
+            if not (self._cut_damage and exc.offset > 0 and _written_before_this_boot(path)):
                 raise JournalCorruptError(exc.offset, f"{path}: {exc.reason}") from None
             scan = self._cut(path, data, exc)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
@@ -233,6 +250,7 @@ class FileJournal:
         with open(copy, "wb") as f:
             f.write(data)
             os.fsync(f.fileno())
+        _fsync_dir(self.directory)  # the copy's name too, before the segment is cut
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             os.ftruncate(fd, damage.offset)

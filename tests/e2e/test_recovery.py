@@ -304,6 +304,9 @@ def test_after_a_reboot_a_hole_left_in_the_newest_segment_is_cut_not_refused(
     with pytest.raises(RuntimeError, match="journal corrupt"):
         restart(daemon)  # in this boot: damage, refused
     (daemon.journal_dir / ".boot").write_bytes(uuid.uuid4().bytes)  # as after a reboot
+    with pytest.raises(RuntimeError, match="journal corrupt"):
+        restart(daemon)  # but the segment was written in this boot (an older lockd's?)
+    os.utime(segment, (1, 1))  # as after a reboot: written before it
     restart(daemon)
     log = daemon.log.read_text()
     assert "written before the host's last reboot" in log

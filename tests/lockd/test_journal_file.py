@@ -469,6 +469,9 @@ def test_damage_in_the_newest_segment_is_cut_only_when_told_the_host_rebooted(
     path.write_bytes(bytes(data))
     with pytest.raises(JournalCorruptError):
         FileJournal(str(tmp_path))
+    with pytest.raises(JournalCorruptError):  # told so, but the segment says this boot
+        FileJournal(str(tmp_path), cut_damage=True)
+    os.utime(path, (1, 1))  # last written before this boot
     cut = FileJournal(str(tmp_path), cut_damage=True)
     assert 1 < cut.next_seq < 40
     assert path.stat().st_size < hole
