@@ -120,6 +120,9 @@ class ServerInfo:
     """The process's limit on open descriptors, for ``metrics``; None: not reported."""
     boot: bytes | None = None
     """The host's boot id, stamped on every owner registered (see ``Owner.boot``)."""
+    journal: tuple[str, int] | None = None
+    """The journal's epoch: its id and the first seq of its timeline (a cut draws a new
+    one), in ``status`` and the ``subscribe`` reply; None: not told (in memory)."""
 
 
 @attrs.frozen
@@ -1005,8 +1008,17 @@ class ConnectionActor(DispatchedActor):
                     }
                     for fence in fencing.fences
                 ],
+                **self._epoch(),
             },
         )
+
+    def _epoch(self) -> dict[str, Any]:
+        """``{"journal": {"id", "from"}}``: the journal's timeline, which a cut renews
+        (its seqs from ``from`` on handed out again); {} when the daemon does not say."""
+        if self._info.journal is None:
+            return {}
+        ident, first = self._info.journal
+        return {"journal": {"id": ident, "from": first}}
 
     def _metrics(self, request: m.Metrics, gathered: Gathered) -> None:
         self._with_fences(lambda fencing: self._metrics_reply(request, gathered, fencing))
@@ -1090,7 +1102,9 @@ class ConnectionActor(DispatchedActor):
             # Where the feed starts: a later seq than since asked for is history the
             # journal no longer keeps, a gap the subscriber sees before any event.
             first = step.entries[0].seq if step.entries else step.next_seq
-            self._transport.write(self._protocol.reply(request.id, {"first": first}))
+            self._transport.write(
+                self._protocol.reply(request.id, {"first": first, **self._epoch()})
+            )
         self._catch_up(step)
         self._busy = False
         self._pump()

@@ -44,6 +44,8 @@ from lockd.journal_file import (
     journal_holder,
     last_boot,
     lock_journal,
+    new_epoch,
+    read_epoch,
     record_boot,
 )
 from lockd.lockfiles import LockspaceDir
@@ -161,15 +163,10 @@ class LockSystem:
             ),
         )
         state, replayed = replay(self.journal_file, snapshot)
+        # The journal's timeline (see lockd.journal_file.EPOCH_FILE), told to subscribers.
+        self.epoch = read_epoch(config.journal_dir) or new_epoch(config.journal_dir, 1)
         if boot is not None and before != boot:
-            try:
-                record_boot(config.journal_dir, boot)
-            except OSError as exc:
-                # A full disk must not stop the start. Left naming the previous boot,
-                # the file would let a later start in this boot cut real damage.
-                log.error("cannot record this boot beside the journal (%s)", exc)
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(config.journal_dir, BOOT_FILE))
+            _record_boot(config.journal_dir, boot)
         self.fd_store = FdStore()
         adopted = dict(adopted or {})
         stored = dict(stored or {})
@@ -221,7 +218,7 @@ class LockSystem:
         router.adopt_all()  # serve every lockspace directory there is, from the start
         self.info = ServerInfo(
             __version__, os.getpid(), self.serving_since, socket.gethostname(), procs.fd_limit,
-            boot,
+            boot, self.epoch,
         )  # fmt: skip
         RecoveryActor.start(
             d,
@@ -397,6 +394,18 @@ def _collector_on_after_recovery() -> None:
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_AFTER)
     gc.enable()
+
+
+def _record_boot(directory: str, boot: bytes) -> None:
+    """Say beside the journal that a daemon started on it in this boot."""
+    try:
+        record_boot(directory, boot)
+    except OSError as exc:
+        # A full disk must not stop the start. Left naming the previous boot, the file
+        # would let a later start in this boot cut real damage.
+        log.error("cannot record this boot beside the journal (%s)", exc)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(directory, BOOT_FILE))
 
 
 def _import_from_here() -> None:

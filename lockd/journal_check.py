@@ -24,7 +24,7 @@ import time
 
 import attrs
 
-from lockd.journal_file import first_seq_of, list_segments
+from lockd.journal_file import first_seq_of, list_segments, new_epoch
 from lockd.journal_format import JournalCorruptError, decode_segment
 from lockd.snapshot import decode_snapshot, list_snapshots, seq_of
 
@@ -130,5 +130,6 @@ def repair(directory: str, damage: Damage) -> list[str]:
                 os.path.join(directory, snap), os.path.join(directory, f"{snap}.damaged-{stamp}")
             )
             done.append(f"moved {snap} aside (newer than the cut)")
+    new_epoch(directory, damage.first_bad_seq)  # those seqs are handed out again
     done.append(f"entries from seq {damage.first_bad_seq} on were cut")
     return done

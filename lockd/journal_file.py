@@ -106,6 +106,39 @@ def journal_holder(directory: str) -> str | None:
     return f"pid {pid}, {holder}" if pid.isdigit() and holder else None
 
 
+EPOCH_FILE = ".epoch"
+"""``ID FROM``: the journal's timeline. A cut (start-up after a reboot, or
+``journal-check --repair``) hands seqs out again from ``FROM`` and draws a new
+``ID``, so an auditor that kept a seq can tell an event of the old timeline from
+the new one's under the same seq."""
+
+
+def read_epoch(directory: str) -> tuple[str, int] | None:
+    """The journal's epoch: (id, the first seq of its timeline); None if not recorded."""
+    try:
+        with open(os.path.join(directory, EPOCH_FILE), encoding="ascii") as f:
+            ident, _, first = f.read(256).strip().partition(" ")
+        return (ident, int(first)) if ident else None
+    except (OSError, ValueError):
+        return None
+
+
+def new_epoch(directory: str, first_seq: int) -> tuple[str, int]:
+    """Record, durably, that the journal's timeline starts again at ``first_seq``."""
+    epoch = (os.urandom(8).hex(), first_seq)
+    path = os.path.join(directory, EPOCH_FILE)
+    tmp = f"{path}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, f"{epoch[0]} {epoch[1]}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    _fsync_dir(directory)
+    return epoch
+
+
 BOOT_FILE = ".boot"
 """The boot id (16 bytes) of the host's boot in which a daemon last started on the journal."""
 
@@ -258,6 +291,7 @@ class FileJournal:
         finally:
             os.close(fd)
         scan = decode_segment(data[: damage.offset], raw=True)
+        new_epoch(self.directory, scan.first_seq + scan.count)  # its seqs come again
         log.error(
             "journal %s: %s at byte %d, written before the host's last reboot (what a "
             "crash leaves of writes not yet synced): cut there, after seq %d; the whole "

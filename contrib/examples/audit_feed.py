@@ -14,7 +14,10 @@ damage in a journal segment or deleted while a replay waited (a jump in the seqs
 
 The feed itself killed between printing an event and saving its seq prints that
 event again when started again (at least once, never lost): a consumer that must
-not take one twice skips seqs it has taken (they only grow).
+not take one twice skips seqs it has taken (they only grow). FILE also keeps the id
+of the journal's timeline: after a cut (``journal-check --repair``, or damage cut at
+start-up after a reboot) the seqs from the cut on are handed out again to new events,
+and the feed, told so by ``status``, prints those from the cut on, saying so.
 
 Unlike ``lockd events --follow``, which reads the journal directory (root's), this
 needs only a connection to the socket.
@@ -38,18 +41,33 @@ from protocol.client import Client, RemoteError
 RETRY_SECONDS = 0.5
 
 
-def last_seq(state: Path) -> int | None:
+def last_seq(state: Path) -> tuple[int | None, str | None]:
+    """The last seq printed, and the id of the journal's timeline it belongs to (None
+    from a state file written before the daemon told it)."""
     try:
-        return int(state.read_text())
+        seq, *epoch = state.read_text().split()
+        return int(seq), epoch[0] if epoch else None
     except (FileNotFoundError, ValueError):
-        return None
+        return None, None
 
 
-def save_seq(state: Path, seq: int) -> None:
+def save_seq(state: Path, seq: int, epoch: str | None) -> None:
     """Written whole or not at all: a crash of this feed never leaves half a number."""
     tmp = state.with_name(f".{state.name}.tmp")
-    tmp.write_text(str(seq))
+    tmp.write_text(f"{seq} {epoch}" if epoch else str(seq))
     os.replace(tmp, state)
+
+
+def after_a_cut(client: Client, seen: int, epoch: str | None) -> int:
+    """The seq to go on after: ``seen``, or, when the journal was cut below it since (a
+    new timeline, its seqs handed out again), the last one before the cut."""
+    journal = client.call("status").get("journal")
+    if epoch is None or journal is None or journal["id"] == epoch or seen < journal["from"]:
+        return seen
+    print(f"audit-feed: the journal was cut after seq {journal['from'] - 1}; its events from "
+          f"{journal['from']} on are new ones, under seqs this feed printed up to {seen} for "
+          f"others; going on from {journal['from']}", file=sys.stderr, flush=True)  # fmt: skip
+    return int(journal["from"]) - 1
 
 
 def printable(value: Any) -> Any:
@@ -70,24 +88,27 @@ def missing(first: int, last: int, why: str) -> None:
 def follow(socket_path: str, state: Path, since: int | None, count: int | None) -> None:
     printed = 0
     while count is None or printed < count:
-        seen = last_seq(state)
+        seen, epoch = last_seq(state)
         if seen is None and since is not None:
             seen = since - 1  # the first run: from --since (without it, from now)
         try:
             with Client(socket_path, name="audit-feed", timeout=None) as client:
+                if seen is not None:
+                    seen = after_a_cut(client, seen, epoch)
                 args = {} if seen is None else {"since": seen + 1}
                 try:
-                    first = client.call("subscribe", **args)["first"]
+                    reply = client.call("subscribe", **args)
                 except RemoteError as exc:
                     if exc.code != "invalid-argument" or seen is None:
                         raise
                     # The journal ends before what this feed printed: its newest
                     # records were cut (journal-check --repair, or a host crash's
                     # damage cut at start-up), and their seqs are handed out again.
-                    first = client.call("subscribe")["first"]
-                    print(f"audit-feed: the journal's next event is {first}, not after "
-                          f"{seen}: events were cut from it; going on from {first}",
+                    reply = client.call("subscribe")
+                    print(f"audit-feed: the journal's next event is {reply['first']}, not after "
+                          f"{seen}: events were cut from it; going on from {reply['first']}",
                           file=sys.stderr, flush=True)  # fmt: skip
+                first, epoch = reply["first"], reply.get("journal", {}).get("id")
                 if seen is not None and first > seen + 1:
                     missing(seen + 1, first - 1, "are no longer kept by the journal")
                 expected = first
@@ -97,7 +118,7 @@ def follow(socket_path: str, state: Path, since: int | None, count: int | None) 
                         missing(expected, event["seq"] - 1, "could not be read back from "
                                 "the journal (the daemon's log says why)")  # fmt: skip
                     print(json.dumps(printable(event)), flush=True)
-                    save_seq(state, event["seq"])
+                    save_seq(state, event["seq"], epoch)
                     expected = event["seq"] + 1
                     printed += 1
         except (ConnectionError, FileNotFoundError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,11 @@ def _journal_some(daemon: DaemonProcess, tag: str, count: int = 5) -> None:
     with daemon.client("maker") as client:
         for i in range(count):
             client.call("create-lockspace", lockspace=f"{tag}-{i}")
+
+
+def _saved(state: Path) -> int | None:
+    """The last seq the feed saved (its state file: "SEQ EPOCH")."""
+    return int(state.read_text().split()[0]) if state.exists() else None
 
 
 def _start_feed(
@@ -50,7 +56,7 @@ def test_the_audit_feed_misses_nothing_across_a_crash_and_a_reexec(
     feed, state, out = _start_feed(daemon, children, tmp_path, "--since", "1")
 
     def caught_up() -> bool:
-        return state.exists() and state.read_text() == str(events(daemon)[-1]["seq"])
+        return bool(_saved(state) == events(daemon)[-1]["seq"])
 
     wait_for(caught_up)
     kill_daemon(daemon)  # the feed's connection ends; it connects again
@@ -97,7 +103,7 @@ def test_the_audit_feed_reports_what_damage_in_an_old_segment_cost(
     with daemon.client("status") as client:
         last = client.call("status")["journal_seq"]
     feed, state, out = _start_feed(daemon, children, tmp_path, "--since", "1")
-    wait_for(lambda: state.exists() and int(state.read_text()) >= last)
+    wait_for(lambda: (_saved(state) or 0) >= last)
     feed.kill()
     _, stderr = feed.communicate()
     printed = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
@@ -120,7 +126,7 @@ def test_the_audit_feed_goes_on_when_the_journal_was_cut_below_its_place(
     wait_for(lambda: "subscribed" in daemon.lockd("clients").stdout)
     _journal_some(daemon, "after-cut", count=3)
     last = events(daemon)[-1]["seq"]
-    wait_for(lambda: state.read_text() == str(last))
+    wait_for(lambda: _saved(state) == last)
     feed.kill()
     _, stderr = feed.communicate()
     printed = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
@@ -144,3 +150,39 @@ def test_an_event_with_owners_in_a_list_is_printed() -> None:
     line = json.loads(json.dumps(feed.printable(event)))
     assert line["fencing"][0]["owner"]["uuid"] == str(uuid.UUID(bytes=b"\x01" * 16))
     assert line["fencing"][0]["reason"] == "lease ls/r was taken while lockd was down"
+
+
+def test_after_a_cut_the_audit_feed_prints_the_new_timeline_from_the_cut(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """The journal cut below the feed's saved seq (start-up after a reboot cut damage
+    in its newest segment), and the new timeline already past that seq: by seq alone
+    the feed would go on after its saved seq and never print the new events below it.
+    Told the journal's epoch by the daemon, it prints the new timeline from the cut."""
+    _journal_some(daemon, "old", count=200)  # a few 4 KiB pages of one segment
+    feed, state, out = _start_feed(daemon, children, tmp_path, "--since", "1")
+    saved = events(daemon)[-1]["seq"]
+    wait_for(lambda: _saved(state) == saved)
+    feed.kill()
+    feed.wait()
+    kill_daemon(daemon)
+    (segment,) = sorted(daemon.journal_dir.glob("journal-*.cbor"))
+    data = bytearray(segment.read_bytes())
+    data[4096 + 1000 : 2 * 4096] = bytes(4096 - 1000)  # a page lost in a power cut
+    segment.write_bytes(bytes(data))
+    os.utime(segment, (1, 1))
+    (daemon.journal_dir / ".boot").write_bytes(uuid.uuid4().bytes)  # as after a reboot
+    daemon.start()
+    with daemon.client("status") as client:
+        cut_from = client.call("status")["journal"]["from"]
+    assert cut_from < saved
+    _journal_some(daemon, "new", count=saved - cut_from + 20)  # the new timeline goes past
+    last = events(daemon)[-1]["seq"]
+    assert last > saved
+    feed, state, out = _start_feed(daemon, children, tmp_path)
+    wait_for(lambda: _saved(state) == last)
+    feed.kill()
+    _, stderr = feed.communicate()
+    printed = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
+    assert printed == list(range(cut_from, last + 1))
+    assert f"the journal was cut after seq {cut_from - 1}".encode() in stderr

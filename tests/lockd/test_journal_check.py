@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from lockd.journal_check import find_damage, repair
-from lockd.journal_file import list_segments, lock_journal
+from lockd.journal_file import list_segments, lock_journal, new_epoch, read_epoch
 from lockd.snapshot import list_snapshots, seq_of
 from tests.lockd.test_snapshot_replay import fill, reopen
 
@@ -75,9 +75,14 @@ def test_repair_refuses_a_journal_a_daemon_holds(tmp_path: Path) -> None:
     assert running in done.stderr
     assert newest.read_bytes() == damaged
     assert not [name for name in os.listdir(tmp_path) if ".damaged-" in name]
+    before = new_epoch(str(tmp_path), 1)
     again = subprocess.run(command, capture_output=True, text=True, check=False)
     assert again.returncode == 0, again.stderr
     assert "were cut" in again.stdout
+    after = read_epoch(str(tmp_path))  # the cut seqs are handed out again: a new timeline
+    assert after is not None
+    assert after[0] != before[0]
+    assert after[1] == int(again.stdout.split("entries from seq ")[1].split()[0])
 
 
 def test_repair_holds_the_journal_lock_from_before_it_reads_the_journal(

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from actors.events import DaemonStarted, JournalEntry
-from lockd.journal_file import FileJournal, first_seq_of, list_segments, read_entries
+from lockd.journal_file import (
+    FileJournal,
+    first_seq_of,
+    list_segments,
+    read_entries,
+    read_epoch,
+)
 from lockd.journal_format import JournalCorruptError, encode_header
 
 
@@ -474,6 +480,9 @@ def test_damage_in_the_newest_segment_is_cut_only_when_told_the_host_rebooted(
     os.utime(path, (1, 1))  # last written before this boot
     cut = FileJournal(str(tmp_path), cut_damage=True)
     assert 1 < cut.next_seq < 40
+    epoch = read_epoch(str(tmp_path))  # a new timeline, from the first seq handed out again
+    assert epoch is not None
+    assert epoch[1] == cut.next_seq
     assert path.stat().st_size < hole
     (kept,) = tmp_path.glob(f"{name}.damaged-*")
     assert kept.read_bytes() == bytes(data)
