@@ -14,7 +14,7 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.connection import Gone, Quiesce, Resume, _Retry
+from actors.connection import Gone, HandedOver, Quiesce, Resume, _Retry
 from actors.events import LeaseAcquired, LeaseReleased
 from actors.runtime import DispatchedActor
 from lockd import reexec
@@ -44,17 +44,56 @@ def handed(monkeypatch: pytest.MonkeyPatch) -> list[reexec.Handoff]:
     return execs
 
 
-def _reexec(h: Harness, conns: list[Conn], taken_back: list[int]) -> pykka.ActorRef[Any]:
+def _manager_of_vm(h: Harness) -> Conn:
+    """A manager's connection (libvirtd's), registered for its VM."""
+    for pid in (MANAGER, VM):
+        h.processes.spawn(pid)
+    conn = h.connect(MANAGER)
+    conn.register(VM)
+    return conn
+
+
+def _reexec(
+    h: Harness,
+    conns: list[Conn],
+    taken_back: list[int],
+    said: list[str] | None = None,
+) -> pykka.ActorRef[Any]:
     """A re-exec of the daemon whose connections are ``conns``, listed as the daemon
-    lists them: every connection whose actor still runs, its socket closed or not."""
+    lists them: every connection whose actor still runs, its socket closed or not.
+    ``said`` gets "abandoned" and "over" as the re-exec reports them."""
+    said = [] if said is None else said
+
+    def abandoned(states: list[HandedOver], _why: str) -> None:
+        taken_back.extend(state.conn_id for state in states)
+        said.append("abandoned")
+
     return reexec.ReexecActor.start(
         h.dispatcher,
         connections=lambda: [c.ref for c in conns if c.ref.is_alive()],
         stop_accepting=lambda: None,
         router=h.router, journal=h.journal, owners=h.owners, listeners=[],
         next_conn_id=lambda: 100, argv=[sys.executable],
-        on_abort=lambda states, _why: taken_back.extend(s.conn_id for s in states),
+        on_abort=abandoned,
+        on_done=lambda: said.append("over"),
     )  # fmt: skip
+
+
+def _quiesced_mid_request(h: Harness, actor: pykka.ActorRef[Any], conn: Conn) -> int:
+    """The check passes while ``conn``'s acquire is in progress: step until the quiesce
+    reached the connection, its request still running; the request's id."""
+    rid = conn.send("acquire", leases=[{"lockspace": FILES, "resource": "a"}], autocreate=True)
+    h.dispatcher._run_ready(1)  # the connection takes the request
+    _passed(actor)
+    connection = conn.ref._actor_weakref()
+    assert connection is not None
+    for _ in range(50):
+        h.dispatcher._run_ready(1)
+        if connection._quiesce_to is not None:
+            break
+    assert connection._quiesce_to is not None
+    assert connection._busy
+    return rid
 
 
 def _passed(actor: pykka.ActorRef[Any]) -> None:
@@ -73,10 +112,7 @@ def test_an_acquire_whose_client_left_is_rolled_back_before_the_lockspaces_freez
     h = Harness(tmp_path / "locks")
     try:
         (tmp_path / "locks" / LVM).mkdir(exist_ok=True)
-        for pid in (MANAGER, VM):
-            h.processes.spawn(pid)
-        conn = h.connect(MANAGER)
-        conn.register(VM)
+        conn = _manager_of_vm(h)
         actor = _reexec(h, [conn], [])
         h.run()
         both = [{"lockspace": FILES, "resource": "a"}, {"lockspace": LVM, "resource": "b"}]
@@ -106,25 +142,11 @@ def test_a_reexec_given_up_while_a_request_runs_serves_that_connection_on(
     afterwards to a re-exec that is gone, its socket detached and never read again."""
     h = Harness(tmp_path / "locks")
     try:
-        for pid in (MANAGER, VM):
-            h.processes.spawn(pid)
-        conn = h.connect(MANAGER)
-        conn.register(VM)
+        conn = _manager_of_vm(h)
         taken_back: list[int] = []
         actor = _reexec(h, [conn], taken_back)
         h.run()
-        rid = conn.send("acquire", leases=[{"lockspace": FILES, "resource": "a"}],
-                        autocreate=True)  # fmt: skip
-        h.dispatcher._run_ready(1)  # the connection takes the request
-        _passed(actor)
-        connection = conn.ref._actor_weakref()
-        assert connection is not None
-        for _ in range(50):  # until the quiesce reached it, its request in progress
-            h.dispatcher._run_ready(1)
-            if connection._quiesce_to is not None:
-                break
-        assert connection._quiesce_to is not None
-        assert connection._busy
+        rid = _quiesced_mid_request(h, actor, conn)
         actor.tell(reexec._Deadline())  # and the deadline runs out first
         h.run()
         assert handed == []
@@ -264,31 +286,11 @@ def test_an_abandoned_reexec_is_over_once_every_quiesced_connection_answered(
     connection the first takes back meanwhile."""
     h = Harness(tmp_path / "locks")
     try:
-        for pid in (MANAGER, VM):
-            h.processes.spawn(pid)
-        conn = h.connect(MANAGER)
-        conn.register(VM)
+        conn = _manager_of_vm(h)
         over: list[str] = []
-        actor = reexec.ReexecActor.start(
-            h.dispatcher,
-            connections=lambda: [conn.ref],
-            stop_accepting=lambda: None,
-            router=h.router, journal=h.journal, owners=h.owners, listeners=[],
-            next_conn_id=lambda: 100, argv=[sys.executable],
-            on_abort=lambda _states, _why: over.append("abandoned"),
-            on_done=lambda: over.append("over"),
-        )  # fmt: skip
+        actor = _reexec(h, [conn], [], said=over)
         h.run()
-        conn.send("acquire", leases=[{"lockspace": FILES, "resource": "a"}], autocreate=True)
-        h.dispatcher._run_ready(1)  # the connection takes the request
-        _passed(actor)
-        connection = conn.ref._actor_weakref()
-        assert connection is not None
-        for _ in range(50):
-            h.dispatcher._run_ready(1)
-            if connection._quiesce_to is not None:
-                break
-        assert connection._busy
+        _quiesced_mid_request(h, actor, conn)
         actor.tell(reexec._Deadline())
         for _ in range(50):
             h.dispatcher._run_ready(1)
