@@ -8,7 +8,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import attrs
@@ -236,9 +236,14 @@ def _paths(config: Config) -> dict[str, str | None]:
 
 
 def _reexec_with(
-    config: Config, monkeypatch: pytest.MonkeyPatch, check: TargetCheck
+    config: Config,
+    monkeypatch: pytest.MonkeyPatch,
+    check: TargetCheck,
+    meanwhile: Callable[[Daemon], None] = lambda _daemon: None,
 ) -> tuple[Daemon, list[tuple[Handoff, bool]]]:
-    """Send the daemon SIGUSR1's work with the new program answering ``check``."""
+    """Send the daemon SIGUSR1's work with the new program answering ``check``;
+    ``meanwhile`` prepares the daemon first (a stop to come mid-way, say). Runs until
+    an exec, the re-exec's end, or a stop."""
     execs: list[tuple[Handoff, bool]] = []
 
     def exec_with(handoff: Handoff, _argv: list[str], *, block_signals: bool = True) -> None:
@@ -247,10 +252,16 @@ def _reexec_with(
     monkeypatch.setattr(reexec_module, "exec_with", exec_with)
     monkeypatch.setattr(reexec_module, "check_target", lambda _argv, _spawn=None: check)
     daemon = Daemon(config, sockets=False)
+    meanwhile(daemon)
     daemon.dispatcher.run_until_idle()
     daemon.reexec()
     started = time.monotonic()
-    while not execs and daemon._reexecing and time.monotonic() - started < 10:
+    while (
+        not execs
+        and daemon._reexecing
+        and not daemon._stop_reason
+        and time.monotonic() - started < 10
+    ):
         daemon.dispatcher.run_once(timeout=0.05)
     return daemon, execs
 
@@ -319,21 +330,14 @@ def test_a_sigterm_while_the_reexec_finishes_a_snapshot_stops_the_daemon_and_exe
     """SIGTERM after the re-exec decided to exec, while it waits up to STOP_WAIT_S for a
     snapshot child: the handler runs then (the dispatcher's thread is the main thread),
     and an exec after it would carry on serving, the stop lost."""
-    execs: list[Handoff] = []
-    monkeypatch.setattr(
-        reexec_module, "exec_with", lambda handoff, *_a, **_kw: execs.append(handoff)
-    )
     passed = TargetCheck(True, own_fds=True, paths=_paths(config))
-    monkeypatch.setattr(reexec_module, "check_target", lambda _argv, _spawn=None: passed)
-    daemon = Daemon(config, sockets=False)
-    monkeypatch.setattr(
-        daemon.system.snapshots, "wait", lambda _timeout=None: daemon.request_stop("SIGTERM")
-    )
-    daemon.dispatcher.run_until_idle()
-    daemon.reexec()
-    started = time.monotonic()
-    while not execs and not daemon._stop_reason and time.monotonic() - started < 10:
-        daemon.dispatcher.run_once(timeout=0.05)
+
+    def stopped_in_the_wait(daemon: Daemon) -> None:
+        monkeypatch.setattr(
+            daemon.system.snapshots, "wait", lambda _timeout=None: daemon.request_stop("SIGTERM")
+        )
+
+    daemon, execs = _reexec_with(config, monkeypatch, passed, stopped_in_the_wait)
     daemon.system.shutdown("SIGTERM")
     assert daemon._stop_reason == "SIGTERM"
     assert execs == []
@@ -344,19 +348,12 @@ def test_a_sigterm_while_a_reexec_quiesces_journals_one_stop(
 ) -> None:
     """SIGTERM once the listeners are stopped: the stop runs the quiescing still queued,
     and the re-exec journaled its own "re-exec (SIGUSR1)" stop before the daemon's."""
-    execs: list[Handoff] = []
-    monkeypatch.setattr(
-        reexec_module, "exec_with", lambda handoff, *_a, **_kw: execs.append(handoff)
-    )
     passed = TargetCheck(True, own_fds=True, paths=_paths(config))
-    monkeypatch.setattr(reexec_module, "check_target", lambda _argv, _spawn=None: passed)
-    daemon = Daemon(config, sockets=False)
-    monkeypatch.setattr(daemon, "_stop_accepting", lambda: daemon.request_stop("SIGTERM"))
-    daemon.dispatcher.run_until_idle()
-    daemon.reexec()
-    started = time.monotonic()
-    while not execs and not daemon._stop_reason and time.monotonic() - started < 10:
-        daemon.dispatcher.run_once(timeout=0.05)
+
+    def stopped_at_the_quiesce(daemon: Daemon) -> None:
+        monkeypatch.setattr(daemon, "_stop_accepting", lambda: daemon.request_stop("SIGTERM"))
+
+    daemon, execs = _reexec_with(config, monkeypatch, passed, stopped_at_the_quiesce)
     daemon.system.shutdown("SIGTERM")
     assert execs == []
     assert _stops(config) == ["SIGTERM"]
