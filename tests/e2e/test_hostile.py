@@ -23,7 +23,6 @@ import select
 import socket
 import struct
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -42,6 +41,7 @@ from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.invariants import check
 from tests.e2e.test_daemon import lease_file, start_run
 from tests.lockprobe import probe
+from tests.threads import other_thread_id
 
 pytestmark = pytest.mark.e2e
 
@@ -764,26 +764,11 @@ def test_a_thread_id_is_refused_as_an_owner(target: Target) -> None:
     """A thread's id names a /proc entry like a pid, but a lease held for it would end
     when that thread exits, its process running on: register refuses it, naming the
     process, and the connection stays unregistered."""
-    ready, done = threading.Event(), threading.Event()
-    tids: list[int] = []
-
-    def run() -> None:
-        tids.append(threading.get_native_id())
-        ready.set()
-        done.wait(30)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert ready.wait(10)
-        with unharmed(target), Raw(target.daemon.socket) as conn:
-            conn.hello()
-            error = assert_error(conn.call(register_request(1, tids[0])), "invalid-argument", 1)
-            assert f"thread of process {os.getpid()}" in error["message"]
-            assert_error(conn.call({"op": "inquire", "id": 2}), "not-registered", 2)
-    finally:
-        done.set()
-        thread.join()
+    with other_thread_id() as tid, unharmed(target), Raw(target.daemon.socket) as conn:
+        conn.hello()
+        error = assert_error(conn.call(register_request(1, tid)), "invalid-argument", 1)
+        assert f"thread of process {os.getpid()}" in error["message"]
+        assert_error(conn.call({"op": "inquire", "id": 2}), "not-registered", 2)
 
 
 def test_client_vanishing_mid_request(target: Target) -> None:

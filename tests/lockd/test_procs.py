@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from actors.model import Owner
 from lockd import procs
+from tests.threads import other_thread_id
 
 
 def test_start_time_and_uid_of_a_live_process() -> None:
@@ -30,24 +30,10 @@ def test_leader_of_a_process_and_of_a_thread() -> None:
     """A process is its own leader; a thread id (which /proc opens too) names its process."""
     assert procs.leader_of(os.getpid()) == os.getpid()
     assert procs.leader_of(2**22 + 11) is None
-    ready, done = threading.Event(), threading.Event()
-    tids: list[int] = []
-
-    def run() -> None:
-        tids.append(threading.get_native_id())
-        ready.set()
-        done.wait(10)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    try:
-        assert ready.wait(10)
-        assert tids[0] != os.getpid()
-        assert procs.start_time(tids[0]) is not None  # what registration took for a process
-        assert procs.leader_of(tids[0]) == os.getpid()
-    finally:
-        done.set()
-        thread.join()
+    with other_thread_id() as tid:
+        assert tid != os.getpid()
+        assert procs.start_time(tid) is not None  # what registration took for a process
+        assert procs.leader_of(tid) == os.getpid()
 
 
 def test_cpu_seconds_counts_the_cpu_a_process_used() -> None:
