@@ -126,17 +126,23 @@ def read_epoch(directory: str) -> tuple[str, int] | None:
 def new_epoch(directory: str, first_seq: int) -> tuple[str, int]:
     """Record, durably, that the journal's timeline starts again at ``first_seq``."""
     epoch = (os.urandom(8).hex(), first_seq)
-    path = os.path.join(directory, EPOCH_FILE)
+    _write_durably(directory, EPOCH_FILE, f"{epoch[0]} {epoch[1]}\n".encode())
+    return epoch
+
+
+def _write_durably(directory: str, name: str, data: bytes) -> None:
+    """Replace ``directory/name`` with ``data``, whole or not at all, and on disk."""
+    path = os.path.join(directory, name)
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, f"{epoch[0]} {epoch[1]}\n".encode())
+        if os.write(fd, data) != len(data):
+            raise OSError(f"short write of {tmp}")
         os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
     _fsync_dir(directory)
-    return epoch
 
 
 BOOT_FILE = ".boot"
@@ -155,16 +161,7 @@ def last_boot(directory: str) -> bytes | None:
 
 def record_boot(directory: str, boot: bytes) -> None:
     """Say durably that a daemon started on the journal in boot ``boot``."""
-    path = os.path.join(directory, BOOT_FILE)
-    tmp = f"{path}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, boot)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    _fsync_dir(directory)
+    _write_durably(directory, BOOT_FILE, boot)
 
 
 def _written_before_this_boot(path: str) -> bool:
