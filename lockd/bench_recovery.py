@@ -45,6 +45,7 @@ from actors.events import (
 from actors.model import LeaseMode, Owner
 from actors.recovery_core import ReplayState
 from lockd import procs
+from lockd.autospawn import PACKAGE_ROOT
 from lockd.daemon import PIDFD_SHARE
 from lockd.journal_file import FileJournal, read_entries
 from lockd.snapshot import SnapshotWriter
@@ -55,9 +56,6 @@ DEFAULT_LEASES = 1024
 DEFAULT_OWNERS = 64
 DEFAULT_EVENTS = 20_000
 """Small enough to run in a few seconds; the issue's target is 16,384 / 1,024 / 1,000,000."""
-
-_PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-"""Where ``python -m lockd`` finds this very package, installed or not."""
 
 _FD_MARGIN = 256
 """Descriptors the daemon needs besides one per lease (clients, journal, some pidfds)."""
@@ -158,7 +156,7 @@ class _Run:
                 [sys.executable, "-m", "lockd", "serve", "--socket", str(self.socket),
                  "--admin-socket", str(self.root / "admin.sock"), "--lock-dir",
                  str(self.lock_dir), "--journal-dir", str(self.journal_dir)],
-                cwd=_PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                cwd=PACKAGE_ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             )  # fmt: skip
         return self.daemon
 

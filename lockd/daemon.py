@@ -20,7 +20,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -36,6 +35,7 @@ from actors.recovery import RecoveryActor, RecoveryReport
 from actors.router import Gather, Gathered, RouterActor
 from actors.runtime import DispatchedActor, Dispatcher
 from lockd import __version__, logs, procs
+from lockd.autospawn import PACKAGE_ROOT
 from lockd.config import Config, secure_runtime_dir
 from lockd.journal_file import (
     BOOT_FILE,
@@ -421,7 +421,7 @@ def _import_from_here() -> None:
     which on ``PYTHONPATH`` would come before the standard library); an upgrade in
     place is what a re-exec is for.
     """
-    here = str(Path(__file__).resolve().parents[1])
+    here = PACKAGE_ROOT
     os.environ["PYTHONSAFEPATH"] = "1"
     if here in sys.path[1:]:
         return  # found there anyway (site-packages): not put before the standard library
