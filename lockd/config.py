@@ -11,7 +11,7 @@ import contextlib
 import os
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -302,22 +302,6 @@ _CONVERT: dict[str, Any] = {
 }
 
 
-def _line_of(text: str, key: str) -> int:
-    """Line number of ``key``'s assignment or table header (tomllib reports none), dotted
-    (``log.level = 1``, ``[log.x]``) too: its first part is the key."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            name = stripped.strip("[").split("]", 1)[0]
-        elif "=" in stripped:
-            name = stripped.split("=", 1)[0]
-        else:
-            continue
-        if name.split(".", 1)[0].strip().strip("\"'") == key or name.strip().strip('"') == key:
-            return number
-    return 0
-
-
 def _dotted(key: str) -> list[str]:
     """A TOML key's parts: dots inside quotes (``"org.libvirt.lockd.lvm"``) do not split."""
     parts, current, quote = [], "", ""
@@ -337,21 +321,30 @@ def _dotted(key: str) -> list[str]:
     return [*parts, current.strip()]
 
 
-def _line_of_entry(text: str, table: str, entry: str) -> int:
-    """Line number of ``entry``'s assignment in the table ``table`` (under its header,
-    or dotted as ``table.entry``); the table's own line if not found."""
-    within = False
+def _keys(text: str) -> Iterator[tuple[int, list[str]]]:
+    """Each assignment's line number and full key (the table it sits in, then its own
+    dotted parts), and each table header's; tomllib reports no line numbers."""
+    table: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if stripped.startswith("["):
-            within = stripped.strip("[]").strip().strip("\"'") == table
-            continue
-        if "=" not in stripped:
-            continue
-        name = _dotted(stripped.split("=", 1)[0])
-        if (within and name == [entry]) or (not within and name == [table, entry]):
-            return number
-    return _line_of(text, table)
+            table = _dotted(stripped.strip("[]"))
+            yield number, table
+        elif "=" in stripped and not stripped.startswith("#"):
+            yield number, [*table, *_dotted(stripped.split("=", 1)[0])]
+
+
+def _line_of(text: str, key: str) -> int:
+    """Line number of the first assignment or table header under the top-level ``key``,
+    dotted (``log.level = 1``, ``[log.x]``) too; 0 if none."""
+    return next((number for number, parts in _keys(text) if parts[0] == key), 0)
+
+
+def _line_of_entry(text: str, table: str, entry: str) -> int:
+    """Line number of ``entry``'s assignment in the table ``table`` (under its header,
+    or dotted as ``table.entry``); the table's own line if not found."""
+    found = (number for number, parts in _keys(text) if parts == [table, entry])
+    return next(found, None) or _line_of(text, table)
 
 
 def _closest(key: str) -> str | None:
