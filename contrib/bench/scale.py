@@ -100,7 +100,12 @@ def p(values: list[float], q: float) -> float:
 
 
 def follow_lag(sock: str, journal: Path, count: int) -> list[float]:
-    """ms from an acquire's reply to ``lockd events --follow`` printing it."""
+    """ms from an acquire's reply to ``lockd events --follow`` printing it.
+
+    The event is journaled before the reply is sent, so the follower may print
+    it before the client has read its reply: that counts as no lag (0), not as
+    a negative one, which rounded to a "-0.0 ms" that read like a clock fault.
+    """
     with Client(sock, name="scale-position") as c:
         since = str(c.call("status")["journal_seq"] + 1)
     follower = subprocess.Popen(
@@ -130,7 +135,7 @@ def follow_lag(sock: str, journal: Path, count: int) -> list[float]:
                 deadline = replied + 5
                 while name not in seen and time.perf_counter() < deadline:
                     time.sleep(0.0005)
-                lags.append((seen.get(name, deadline) - replied) * 1000)
+                lags.append(max(0.0, seen.get(name, deadline) - replied) * 1000)
                 c.call("release", leases=[{"lockspace": FILES, "resource": name}])
     finally:  # the follower never outlives the measurement, whatever happened
         stop_child(follower, signal.SIGINT, wait=10)

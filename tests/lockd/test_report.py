@@ -191,3 +191,17 @@ def test_the_command_shown_leaves_out_output_only_flags() -> None:
     assert report._command(["--owners", "64", "--leases", "256"]).endswith(
         "report.py --owners 64 --leases 256"
     )
+
+
+def test_a_quick_run_does_not_fail_its_sizes() -> None:
+    """--quick runs small sizes on purpose: the size rows are not judged, the rest still are."""
+    results = copy.deepcopy(RESULTS)
+    results["quick"] = True
+    results["scale"].update(owners=256, leases=1024, daemon_rss_mib=300.0)
+    results["recovery"].update(leases=1024, owners=64, events=10000, held_again=1024,
+                               leases_listed=1024)  # fmt: skip
+    block = _block(report.rewrite(DOC, results))
+    assert "| scale: live owners / leases held | 4,096 / 16,384 | 256 / 1,024 | — |" in block
+    assert "| 16,384 / 1,024 / 1,000,000 | 1,024 / 64 / 10,000 | — |" in block
+    assert "| scale: daemon RSS with that state | < 256 MiB | 300.0 MiB | **fail** |" in block
+    assert block.count("**fail**") == 1
