@@ -92,6 +92,8 @@ def _log_control(level: str | None, filters: str | None) -> dict[str, str]:
     state = logs.current()
     if level is None and filters is None:
         return state
+    if filters is not None:
+        logs.check_modules(filters)
     logs.configure(
         level or state["level"],
         state["filters"] if filters is None else filters,

@@ -14,8 +14,11 @@ All three can change at runtime (``lockd log-level`` on the admin socket).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
+import pkgutil
 import socket
 import struct
 import sys
@@ -42,6 +45,42 @@ def parse_filters(text: str) -> dict[str, str]:
             raise LogFilterError(f"bad log filter {item!r}: set the root's level with log_level")
         out[module] = level
     return out
+
+
+PACKAGES = ("lockd", "actors", "protocol")
+"""Where lockd's modules are; each logs under its own name (``getLogger(__name__)``)."""
+
+
+@functools.cache
+def modules() -> frozenset[str]:
+    """Every name a filter can usefully give: lockd's packages, their modules, and pykka."""
+    names = {"pykka"}  # the actor library logs its actors' starts, stops and crashes there
+    for package in PACKAGES:
+        names.add(package)
+        path = importlib.import_module(package).__path__
+        names.update(info.name for info in pkgutil.walk_packages(path, package + "."))
+    return frozenset(names)
+
+
+def unknown_modules(filters: dict[str, str]) -> list[str]:
+    """The filtered names no lockd module logs under: a typo, or a module since renamed."""
+    return sorted(name for name in filters if name not in modules())
+
+
+def check_modules(filters: str) -> None:
+    """Refuse a filter for a module lockd does not have, naming it (``lockd log-level``).
+
+    At runtime an unknown name is a typo to point out, not to apply: it would log
+    nothing, and each new name is a logger Python keeps for the life of the process.
+    The file's filters are only warned about (:func:`configure`): a module renamed
+    by an upgrade must not stop a daemon from starting over a log line.
+    """
+    unknown = unknown_modules(parse_filters(filters))
+    if unknown:
+        raise LogFilterError(
+            f"no module {', '.join(map(repr, unknown))} in lockd: filter one of the packages "
+            f"{', '.join(PACKAGES)} or pykka, or a module in them (e.g. actors.owners)"
+        )
 
 
 class JournaldHandler(logging.Handler):
@@ -105,6 +144,10 @@ def configure(level: str, filters: str = "", output: str = "stderr") -> None:
     if "pykka" not in parsed:
         # Actor start/stop lines at debug would drown everything else.
         logging.getLogger("pykka").setLevel(max(logging.INFO, root.level))
+    for name in unknown_modules(parsed):
+        logging.getLogger("lockd").warning(
+            "log filter for %r: lockd has no such module, so it logs nothing", name
+        )
 
 
 def current() -> dict[str, str]:

@@ -483,6 +483,12 @@ def test_metrics_and_log_level_on_the_admin_socket(
     refused = daemon.lockd("log-level", "--filters", "loud:x")
     assert refused.returncode == 2  # a usage error, found by the daemon
     assert "bad log filter" in refused.stderr
+    typo = daemon.lockd("log-level", "--filters", "debug:actors.owner")
+    assert typo.returncode == 2
+    assert "no module 'actors.owner' in lockd" in typo.stderr
+    assert json.loads(daemon.lockd("log-level", "--json").stdout)["filters"] == (
+        "debug:actors.owners"
+    )
     clients = json.loads(daemon.lockd("clients", "--json").stdout)
     assert [c["leases"] for c in clients if "owner" in c] == [1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 from collections.abc import Iterator
@@ -82,3 +83,27 @@ def test_journald_handler_speaks_the_native_protocol(tmp_path: Path) -> None:
     _, _, rest = data.partition(b"MESSAGE\n")
     (length,) = struct.unpack("<Q", rest[:8])
     assert rest[8 : 8 + length] == b"fencing\nvm1"
+
+
+def test_a_filter_for_a_module_lockd_lacks_is_refused_at_runtime() -> None:
+    """``lockd log-level --filters "debug:actors.owner"`` (a typo) did nothing and said
+    nothing, and each new name was a logger Python keeps for good: the admin socket
+    could grow the daemon without bound, one name a call."""
+    logs.configure("info", "debug:actors.owners", "stderr")
+    before = set(logging.Logger.manager.loggerDict)
+    with pytest.raises(logs.LogFilterError, match=re.escape("no module 'actors.owner' in lockd")):
+        logs.check_modules("debug:actors 3:lockd.server debug:pykka debug:actors.owner")
+    assert set(logging.Logger.manager.loggerDict) == before
+    assert logs.current()["filters"] == "debug:actors.owners"  # nothing changed
+    logs.check_modules("debug:actors 3:lockd.server debug:pykka debug:protocol.framing")
+
+
+def test_a_configured_filter_for_a_module_lockd_lacks_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The file's filters only warn: a module renamed by an upgrade must not stop a
+    daemon (or a re-exec) over a log line."""
+    logs.configure("info", "debug:lockd.gone debug:actors.owners", "stderr")
+    assert logs.current()["filters"] == "debug:actors.owners debug:lockd.gone"
+    assert "log filter for 'lockd.gone': lockd has no such module" in caplog.text
+    assert "actors.owners" not in caplog.text
