@@ -124,6 +124,21 @@ class AdoptLock:
 
 
 @attrs.frozen
+class Relink:
+    """The lease file's name no longer names the file locked: lock the file it names now.
+
+    Someone removed or replaced the lease file under the lock (an operator's ``rm``,
+    virtlockd's delete-resource, which takes no lock): the old lock then protects
+    nothing, and another host could create the file again and take the disk. The
+    name is opened again (created under the index lock if missing) and locked in
+    the lease's mode; the old fd is closed only once that lock is held.
+    """
+
+    token: int
+    reply_to: pykka.ActorRef[Any]
+
+
+@attrs.frozen
 class DropLock:
     """Drop the lock and close the fd; unlink the file first when it was autocreated."""
 
@@ -184,6 +199,9 @@ class LeaseActor(DispatchedActor):
             return None
         if isinstance(message, AdoptLock):
             tell_if_alive(message.reply_to, self._adopt(message))
+            return None
+        if isinstance(message, Relink):
+            tell_if_alive(message.reply_to, self._relink(message))
             return None
         if isinstance(message, DropLock):
             self._drop(message.unlink)
@@ -260,6 +278,20 @@ class LeaseActor(DispatchedActor):
             # gone for good then ends as not-found; one re-created is locked.
             self._files.close_fd(held.fd)
         return self._refused(msg, ErrorCode.BUSY, "lease file keeps being replaced by another host")
+
+    def _relink(self, msg: Relink) -> LockTaken | LockRefused:
+        old, mode = self._fd, self._mode
+        if old is None or mode is None:
+            return LockRefused(self._resource, msg.token, ErrorCode.INTERNAL, "no lock held")
+        if self._files.names_fd(old, self._resource):
+            return LockTaken(self._resource, msg.token, old)  # put back meanwhile
+        self._fd = None
+        taken = self._take(TakeLock(mode, True, msg.token, msg.reply_to))
+        if isinstance(taken, LockTaken):
+            self._files.close_fd(old)
+        else:
+            self._fd, self._mode = old, mode
+        return taken
 
     def _drop(self, unlink: bool) -> None:
         if self._fd is None:

@@ -42,6 +42,7 @@ import pykka
 from actors.events import OwnerFenced, ReleaseReason
 from actors.faults import crash_point
 from actors.journal import Append, Appended, AppendFailed
+from actors.lockspace import LeasesLost
 from actors.metrics import REGISTRY
 from actors.model import Owner, OwnerKey
 from actors.router import Gather, Gathered, OwnerReleased, ReleaseOwnerEverywhere
@@ -277,6 +278,11 @@ class OwnersActor(DispatchedActor):
             self._release(message)
         elif isinstance(message, FenceLost):
             self._fence_lost(message)
+        elif isinstance(message, LeasesLost):
+            for owner, lease in message.lost:
+                reason = (f"lease {lease} was taken by another process or host after its "
+                          "file was removed or replaced")  # fmt: skip
+                self._fence_lost(FenceLost(owner, reason))
         elif isinstance(message, _FenceStep):
             self._fence_step(message)
         elif isinstance(message, (Appended, AppendFailed)):

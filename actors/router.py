@@ -30,6 +30,7 @@ from actors.lockspace import (
     Done,
     HandOff,
     LeaseFds,
+    LeasesLost,
     LockspaceActor,
     ReleaseOwner,
     Snapshot,
@@ -191,6 +192,14 @@ class AllFds:
 
 
 @attrs.frozen
+class UseFencer:
+    """Leases lockspaces find lost while lockd runs go to ``ref`` (the owners actor) to
+    be fenced; not sent under ``lost_lease_policy = "log"``."""
+
+    ref: pykka.ActorRef[Any]
+
+
+@attrs.frozen
 class CloseForAdmin:
     """Sent to a connection: an operator disconnected it."""
 
@@ -222,6 +231,7 @@ class RouterActor(DispatchedActor):
     ) -> None:
         super().__init__(dispatcher)
         self._fd_store = fd_store
+        self._fencer: pykka.ActorRef[Any] | None = None
         self._max_lockspaces = max_lockspaces
         self._lock_dir = lock_dir
         self._journal = journal
@@ -270,6 +280,11 @@ class RouterActor(DispatchedActor):
                 ref.tell(message)
         elif isinstance(message, LeaseFds):
             self._collected(message)
+        elif isinstance(message, UseFencer):
+            self._fencer = message.ref
+        elif isinstance(message, LeasesLost):
+            if self._fencer is not None:
+                tell_if_alive(self._fencer, message)
         elif isinstance(message, Kick):
             info = self._clients.get(message.client)
             if info is not None and info.ref is not None:
@@ -315,7 +330,9 @@ class RouterActor(DispatchedActor):
             files = self._open(path)
         except OSError as exc:
             return Found(token, name, None, ErrorCode.IO_ERROR, f"lockspace {name}: {exc}")
-        ref = LockspaceActor.start(self.dispatcher, name, files, self._journal, self._fd_store)
+        ref = LockspaceActor.start(
+            self.dispatcher, name, files, self._journal, self._fd_store, router=self.actor_ref
+        )
         self._lockspaces[name] = ref
         return Found(token, name, ref)
 

@@ -32,7 +32,7 @@ from actors.journal import Append, JournalActor
 from actors.metrics import REGISTRY
 from actors.owners import OwnersActor
 from actors.recovery import RecoveryActor, RecoveryReport
-from actors.router import Gather, Gathered, RouterActor
+from actors.router import Gather, Gathered, RouterActor, UseFencer
 from actors.runtime import DispatchedActor, Dispatcher
 from lockd import __version__, logs, procs
 from lockd.autospawn import PACKAGE_ROOT
@@ -213,6 +213,8 @@ class LockSystem:
             grace=config.fence_grace,
             max_pidfds=max_pidfds,
         )
+        if config.lost_lease_policy == "fence":
+            self.router.tell(UseFencer(self.owners))
         self.journal.tell(Append((DaemonStarted(__version__, os.getpid()),), 0, None))
         router = self.router.proxy()
         for name in WELL_KNOWN_LOCKSPACES:

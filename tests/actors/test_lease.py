@@ -21,6 +21,7 @@ from actors.lease import (
     LockBusyError,
     LockRefused,
     LockTaken,
+    Relink,
     TakeLock,
     open_failure,
 )
@@ -239,3 +240,43 @@ def test_open_failures_say_what_to_do_about_descriptors(caplog: pytest.LogCaptur
     assert open_failure(OSError(errno.EACCES, "Permission denied")) == (
         "cannot open lease file: [Errno 13] Permission denied"
     )
+
+
+def replaced_and_locked(path: Path) -> int:
+    """Remove ``path`` and put a new file there, locked (another host's); its fd."""
+    path.unlink()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try_lock(fd, shared=False)
+    return fd
+
+
+def test_relink_locks_the_file_its_name_names_now(
+    env: tuple[Dispatcher, LockspaceDir, Replies], tmp_path: Path
+) -> None:
+    """A held lease's file removed: Relink creates the file again and locks it."""
+    dispatcher, _, inbox = env
+    ref, first = take(env, "disk")
+    (tmp_path / "disk").unlink()
+    ref.tell(Relink(token=2, reply_to=inbox.actor_ref))
+    dispatcher.run_until_idle()
+    (reply,) = inbox.got
+    assert isinstance(reply, LockTaken)
+    assert reply.fd != first.fd
+    assert probe(tmp_path / "disk", "classic", "read") == "busy"
+
+
+def test_relink_onto_a_file_another_holds_is_refused_as_held_elsewhere(
+    env: tuple[Dispatcher, LockspaceDir, Replies], tmp_path: Path
+) -> None:
+    """The file put in place of the held one is locked by another: the lease is lost."""
+    dispatcher, _, inbox = env
+    ref, _ = take(env, "disk")
+    theirs = replaced_and_locked(tmp_path / "disk")
+    try:
+        ref.tell(Relink(token=2, reply_to=inbox.actor_ref))
+        dispatcher.run_until_idle()
+        (reply,) = inbox.got
+        assert isinstance(reply, LockRefused)
+        assert reply.held_elsewhere
+    finally:
+        os.close(theirs)

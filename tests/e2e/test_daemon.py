@@ -11,6 +11,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 from protocol.client import Client, RemoteError
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
-from tests.e2e.invariants import check, listed
+from tests.e2e.invariants import check, check_all, listed
 from tests.lockprobe import probe
 
 pytestmark = pytest.mark.e2e
@@ -1099,3 +1100,48 @@ def test_a_failure_with_json_is_json_on_stdout_too(
                          "--disk", "/vm/a.img:bogus")  # fmt: skip
     assert usage.returncode == 2
     assert json.loads(usage.stdout)["error"]["code"] is None  # found here, not by the daemon
+
+
+def test_a_held_lease_file_removed_is_locked_again_where_its_name_is(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A held lease's file removed (an operator's rm, virtlockd's delete-resource, which
+    takes no lock) is created and locked again: another host cannot take the disk."""
+    a = make_daemon("a")
+    b = make_daemon("b")
+    vm = start_run(a, children, "--disk", "/vm/a.img", "--name", "vm1")
+    path = lease_file(a, "/vm/a.img")
+    path.unlink()
+    wait_for(lambda: path.exists() and probe(path, "classic") == "busy", timeout=5)
+    other = b.lockd("acquire", "--owner-pid", str(os.getpid()), "--disk", "/vm/a.img")
+    assert other.returncode != 0, other.stdout
+    assert listed(a) == {(FILES_LOCKSPACE, path.name): ("exclusive", (vm.pid,))}
+    check_all([a, b])
+
+
+_THIEF = """
+import fcntl, os, struct, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_held_lease_file_replaced_and_taken_elsewhere_is_reported_lost_and_fenced(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """Removed, then created and locked by another host before lockd looked again: the
+    lease is no longer reported held, `lease-lost` is journaled and the VM fenced."""
+    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    path = lease_file(daemon, "/vm/a.img")
+    path.unlink()
+    thief = subprocess.Popen([sys.executable, "-c", _THIEF, str(path)], stdout=subprocess.PIPE)
+    children.append(thief)
+    assert thief.stdout is not None
+    assert thief.stdout.readline().strip() == b"locked"
+    assert vm.wait(5) == -signal.SIGTERM
+    (lost,) = events(daemon, "--type", "lease-lost")
+    assert (lost["resource"], lost["owner"]["pid"]) == (path.name, vm.pid)
+    assert listed(daemon) == {}
+    check(daemon, others={path})

@@ -31,7 +31,7 @@ from actors.connection import ConnectionActor, Received, ServerInfo
 from actors.events import DaemonStarted, LeaseLost
 from actors.journal import Append, JournalActor
 from actors.lease import LeaseActor
-from actors.lockspace import LockspaceActor
+from actors.lockspace import LINK_CHECK_SECONDS, LockspaceActor
 from actors.model import LeaseMode
 from actors.owners import (
     FENCE_GIVE_UP_SECONDS,
@@ -43,7 +43,7 @@ from actors.owners import (
 )
 from actors.recovery import RecoveryActor, RecoveryReport
 from actors.recovery_core import ReplayState
-from actors.router import RouterActor
+from actors.router import RouterActor, UseFencer
 from actors.runtime import Dispatcher
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
@@ -174,6 +174,7 @@ class Host:
         self.owners = OwnersActor.start(d, processes=self.view, router=self.router,
                                         journal=self.journal, grace=FENCE_GRACE_SECONDS,
                                         max_pidfds=budget, clock=self.sim.clock)  # fmt: skip
+        self.router.tell(UseFencer(self.owners))
         self.journal.tell(Append((DaemonStarted("sim", self.incarnation),), 0, None))
         reports: list[RecoveryReport] = []
         RecoveryActor.start(
@@ -396,9 +397,9 @@ class Sim:
         who = f"vm{vm.pid}" if vm is not None else "no vm"
         self.log.append(f"{host.name} crashes {steps} messages after a {trigger} ({who}), {after}")
 
-    def _steal(self) -> None:
+    def _steal(self, res: str | None = None) -> None:
         """Another host without a daemon takes a lease file's lock (only possible if free)."""
-        res = self.rng.choice(RESOURCES)
+        res = res or self.rng.choice(RESOURCES)
         path = str(self.lock_dir / FILES_LOCKSPACE)
         try:
             fd = self.kernel.open("thief", path, res, create=True)
@@ -411,6 +412,19 @@ class Sim:
             return
         self.thief_fds.append(fd)
         self.log.append(f"thief locks {res}")
+
+    def _file_removed(self) -> None:
+        """Someone removes a lease file, held or not (an operator's rm, virtlockd's
+        delete-resource), and sometimes the thief creates and locks it again at once;
+        then the daemons' next look at their files comes."""
+        res = self.rng.choice(RESOURCES)
+        self.kernel.unlink(str(self.lock_dir / FILES_LOCKSPACE), res)
+        self.log.append(f"{res} removed")
+        if self.rng.random() < 0.5:
+            self._steal(res)
+        self.clock.now += LINK_CHECK_SECONDS
+        for host in self.hosts:
+            host.run()
 
     def _thief_lets_go(self) -> None:
         if self.thief_fds:
@@ -434,7 +448,7 @@ class Sim:
     OPS: tuple[tuple[Callable[[Sim], None], int], ...] = (
         (_acquire, 30), (_release, 15), (_vm_exit, 10), (_drop_own_connection, 10),
         (_crash_or_restart, 8), (_bounce, 4), (_reboot, 2), (_steal, 4), (_thief_lets_go, 4),
-        (_journal_trouble, 3), (_time_passes, 12), (_crash_mid_run, 6),
+        (_journal_trouble, 3), (_time_passes, 12), (_crash_mid_run, 6), (_file_removed, 3),
     )  # fmt: skip
 
     def step(self) -> None:
