@@ -104,10 +104,10 @@ class RecoveryActor(DispatchedActor):
         self._boot_time = boot_time
         """Wall-clock time of this boot: a fence begun before it was begun on processes
         of another boot, whose (pid, start time) may now name an unrelated process.
-        Comparing wall-clock times is only good enough for this one use: a clock
-        stepped after boot can only make a fence of this boot look older, which
-        leaves it unresumed, as before fences were resumed at all; it must never
-        decide that a lease's owner is gone."""
+        Only for owners journaled without a boot id (or with none known now): a clock
+        stepped forward after boot (NTP at start-up) makes a fence of this boot look
+        older than the boot, and a lost lease's owner went on writing a disk another
+        host held. It must never decide that a lease's owner is gone."""
         self._boot = boot
         """This boot's id: an owner journaled with another is gone (see ``Owner.boot``)."""
         self._started = time.monotonic() if started is None else started
@@ -122,6 +122,10 @@ class RecoveryActor(DispatchedActor):
         self._lookups: dict[str, int] = {}
         self._handed: tuple[Fence, ...] = ()
         """The fences ``recovery-completed`` lists, started once it is written."""
+
+    def _of_this_boot(self, owner: Owner) -> bool:
+        """The boot ids say ``owner`` registered in this boot, whatever the clock says."""
+        return owner.boot is not None and owner.boot == self._boot
 
     def _gone(self, owner: Owner) -> bool:
         return owner.of_another_boot(self._boot) or self._processes.is_gone(owner)
@@ -155,7 +159,7 @@ class RecoveryActor(DispatchedActor):
         self._fences = [
             (owner, reason, None if owner.key in owed else since)
             for owner, reason, since in self._state.fencing.values()
-            if since >= self._boot_time and not self._gone(owner)
+            if (self._of_this_boot(owner) or since >= self._boot_time) and not self._gone(owner)
         ]
         if self._fences and not self._fence_lost:
             # lost_lease_policy = log is the operator's "kill no VM" switch: killing

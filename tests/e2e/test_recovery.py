@@ -18,6 +18,7 @@ import pytest
 from actors.faults import POINTS
 from actors.recovery import RESUMED
 from lockd.journal_format import decode_records, encode_header, encode_record, header_length
+from lockd.procs import boot_time
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
 from tests.e2e.invariants import check, listed
@@ -426,6 +427,38 @@ def test_a_crash_inside_recovery_still_fences_the_owner_of_a_lost_lease(
     assert fenced["reason"].endswith(RESUMED)
     done = events(daemon, "--type", "recovery-completed")[-1]
     assert [f["owner"]["pid"] for f in done["fencing"]] == [vm.pid]  # listed before signalled
+    assert listed(daemon) == {}
+
+
+def journal_shifted(journal_dir: Path, seconds: float) -> None:
+    """Rewrite every record's time ``seconds`` earlier: what a clock stepped forward by
+    that much after they were written makes of them (the boot time moves with it)."""
+    for segment in sorted(journal_dir.glob("journal-*.cbor")):
+        data = segment.read_bytes()
+        first_seq, start = header_length(data)
+        entries, _ = decode_records(data[start:], first_seq)
+        out = [encode_header(first_seq)]
+        out.extend(encode_record(attrs.evolve(e, time=e.time - seconds)) for e in entries)
+        segment.write_bytes(b"".join(out))
+
+
+def test_a_fence_owed_before_a_clock_step_forward_is_still_resumed(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A VM's lease was stolen and recovery died before fencing it; then NTP stepped the
+    clock forward (at boot, by hours), so the records now look older than this boot.
+    The owner is of this boot (its boot id says so): its fence is resumed, not dropped
+    (until 2026-11-27 it was, and the VM went on writing a disk another host held)."""
+    vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    crash(daemon)
+    steal(lease_file(daemon, "/vm/a.img"), children)
+    with pytest.raises(RuntimeError, match="exited at start"):
+        restart(daemon, LOCKD_CRASH_AT="recovery-completed")
+    journal_shifted(daemon.journal_dir, time.time() - boot_time() + 3600)
+    restart(daemon)
+    assert vm.wait(10) == -signal.SIGTERM
+    (fenced,) = events(daemon, "--type", "owner-fenced")
+    assert fenced["reason"].endswith(RESUMED)
     assert listed(daemon) == {}
 
 
