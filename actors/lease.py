@@ -301,7 +301,10 @@ class LeaseActor(DispatchedActor):
                 if self._mode is LeaseMode.SHARED:
                     # Only the last holder anywhere may delete: win exclusive first.
                     self._files.try_lock(self._fd, shared=False)
-                self._files.unlink_lease(self._resource)
+                # And only the file locked: one put in its place (after an rm under
+                # the lock) is another's, and may be held.
+                if self._files.names_fd(self._fd, self._resource):
+                    self._files.unlink_lease(self._resource)
             except (LockBusyError, OSError):
                 pass  # someone else still holds or is creating it; the file stays
         self._files.close_fd(self._fd)

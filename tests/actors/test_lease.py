@@ -280,3 +280,19 @@ def test_relink_onto_a_file_another_holds_is_refused_as_held_elsewhere(
         assert reply.held_elsewhere
     finally:
         os.close(theirs)
+
+
+def test_drop_never_unlinks_a_file_put_in_place_of_the_one_locked(
+    env: tuple[Dispatcher, LockspaceDir, Replies], tmp_path: Path
+) -> None:
+    """An autocreated lease released after its file was replaced leaves the new file,
+    which another host may hold, where it is (until 2026-11-27 it was unlinked)."""
+    dispatcher = env[0]
+    ref, _ = take(env, "disk")
+    theirs = replaced_and_locked(tmp_path / "disk")
+    try:
+        ref.tell(DropLock(unlink=True))
+        dispatcher.run_until_idle()
+        assert (tmp_path / "disk").exists()
+    finally:
+        os.close(theirs)
