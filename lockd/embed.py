@@ -45,7 +45,12 @@ class _InProcessTransport:
     """A connection's bytes, without a socket: replies go to a queue the caller waits on."""
 
     def __init__(self) -> None:
-        self.peer_pid = os.getpid()
+        # No peer process: the program itself, which cannot hand this connection to a
+        # VM. Its close is the program's choice, not an owner that lost or leaked its
+        # connection, so it never fences (with this pid, an owner that is the program
+        # itself was sent SIGTERM and SIGKILL when its connection closed). An owner's
+        # leases end as its process exits, which the pidfd sees.
+        self.peer_pid = 0
         self.peer_uid = os.getuid()
         self.backlog = 0
         self.gone = False

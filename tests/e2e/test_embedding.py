@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
@@ -88,3 +89,28 @@ def test_lock_service_api_with_a_socket_for_others(tmp_path: Path) -> None:
         if vm.poll() is None:
             vm.kill()
             vm.wait()
+
+
+def test_closing_a_connection_never_fences_the_embedding_program(tmp_path: Path) -> None:
+    """An owner that is the embedding program itself keeps its leases, and is not signalled,
+    when its in-process connection closes."""
+    script = textwrap.dedent(f"""
+        import os, time, uuid
+        from lockd.embed import LockService
+        from protocol.names import FILES_LOCKSPACE, lease_name_for_path
+
+        lease = {{"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/me.img")}}
+        with LockService(lock_dir={str(tmp_path / "locks")!r}, journal_dir={str(tmp_path / "j")!r},
+                         fence_grace=0.1) as locks:
+            client = locks.client()
+            me = {{"uuid": uuid.uuid4().bytes, "name": "me", "id": 1, "pid": os.getpid()}}
+            client.call("register", owner=me)
+            client.call("acquire", leases=[lease], autocreate=True)
+            client.close()
+            time.sleep(1.0)
+            print(len(locks.client().call("list-leases")["leases"]), "held")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stderr)
+    assert done.stdout == "1 held\n"
