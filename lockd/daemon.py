@@ -295,6 +295,19 @@ class LockSystem:
         self.journal_file.close()
         os.close(self.journal_lock)
 
+    def close(self) -> None:
+        """After :meth:`shutdown`, for a program that runs on (embedding): stop every actor,
+        which closes each lease fd, lockspace directory fd and pidfd, then the dispatcher.
+
+        The daemon's exit closes them all the same: the kernel locks drop, the journal
+        keeps the leases, and the next start takes them again. Left open in a program
+        that starts the lock system again, they were that start's own conflict: each
+        lease recorded ``lease-lost`` and its running owner fenced. Loop thread only.
+        """
+        self.dispatcher.stop_all()
+        self.dispatcher.run_until_idle(poll_io=False)
+        self.dispatcher.close()
+
 
 class _IdleWatch(DispatchedActor):
     """Stops the daemon after ``timeout`` seconds with no clients and no leases."""
@@ -816,6 +829,8 @@ class Daemon:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
             self.system.shutdown(self._stop_reason or "stopped")
+            if self._embedded:
+                self.system.close()
             if pid_fd is not None and self.config.pid_file:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.config.pid_file)

@@ -114,3 +114,31 @@ def test_closing_a_connection_never_fences_the_embedding_program(tmp_path: Path)
                           timeout=60, check=False)  # fmt: skip
     assert done.returncode == 0, (done.returncode, done.stderr)
     assert done.stdout == "1 held\n"
+
+
+def test_stop_closes_what_it_opened_and_a_restart_holds_the_leases_again(tmp_path: Path) -> None:
+    """After stop() no fd of the lock system is left open, so start() again in the same
+    program holds a running VM's lease again, rather than finding it taken and fencing the VM."""
+    vm = subprocess.Popen(["sleep", "600"])
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
+    path = tmp_path / "locks" / FILES_LOCKSPACE / lease["resource"]
+    service = LockService(lock_dir=str(tmp_path / "locks"), journal_dir=str(tmp_path / "j"))
+    try:
+        before = sorted(os.listdir("/proc/self/fd"))
+        service.start()
+        client = service.client()
+        client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                       "pid": vm.pid})  # fmt: skip
+        client.call("acquire", leases=[lease], autocreate=True)
+        service.stop()
+        assert sorted(os.listdir("/proc/self/fd")) == before
+        assert probe(path, "ofd") == "free"  # as after the daemon's exit
+        report = service.start()
+        assert (report.held, report.lost) == (1, 0)
+        assert probe(path, "ofd") == "busy"
+        service.stop()
+        assert vm.poll() is None  # not fenced
+    finally:
+        service.stop()
+        vm.kill()
+        vm.wait()
