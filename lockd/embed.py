@@ -21,10 +21,13 @@ again before it returns. ``stop()`` releases nothing.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
 import threading
+import time
+import weakref
 from types import TracebackType
 from typing import Any
 
@@ -34,7 +37,7 @@ from actors.connection import Received
 from actors.recovery import RecoveryReport
 from lockd.config import Config
 from lockd.daemon import Daemon
-from protocol.client import result_of
+from protocol.client import ConnectionLostError, result_of
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
@@ -54,6 +57,8 @@ class _InProcessTransport:
         self.peer_uid = os.getuid()
         self.backlog = 0
         self.gone = False
+        self.ended: str | None = None
+        """Why no reply will come any more (None while the connection serves)."""
         self._frames = FrameDecoder(MAX_REPLY_FRAME)
         self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
@@ -69,6 +74,12 @@ class _InProcessTransport:
         """See :meth:`pause_reading`."""
 
     def close(self) -> None:
+        self.end("the embedded lock system closed this connection")
+
+    def end(self, why: str) -> None:
+        """No reply will come: a caller waiting for one, and every later call, is told why."""
+        if self.ended is None:
+            self.ended = why
         self.replies.put(None)
 
     def fileno(self) -> int:
@@ -76,7 +87,13 @@ class _InProcessTransport:
 
 
 class EmbeddedClient:
-    """A connection to an embedded lock system: the ``call()`` of ``protocol.client.Client``."""
+    """A connection to an embedded lock system: the ``call()`` of ``protocol.client.Client``.
+
+    Safe to share between threads (one request at a time). Errors: ``RemoteError``
+    for an error reply (``busy``, ``not-registered``, ...), ``ConnectionLostError``
+    once the connection or the lock service has ended, ``TimeoutError`` when no
+    reply came within ``timeout`` (the request may still take effect).
+    """
 
     def __init__(self, ref: pykka.ActorRef[Any], transport: _InProcessTransport) -> None:
         self._ref = ref
@@ -87,20 +104,37 @@ class EmbeddedClient:
 
     def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its reply; raise RemoteError on an error reply."""
+        transport = self._transport
         with self._lock:
             rid = next(self._ids)
-            self._ref.tell(Received(encode_frame(encode_item({"op": op, "id": rid, **args}))))
+            self._send(Received(encode_frame(encode_item({"op": op, "id": rid, **args}))))
+            deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                message = self._transport.replies.get(timeout=timeout)
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    message = transport.replies.get(timeout=left)
+                except queue.Empty:
+                    raise TimeoutError(f"no reply to {op!r} within {timeout} s") from None
                 if message is None:
-                    raise ConnectionError("the embedded lock system closed this connection")
+                    transport.replies.put(None)  # for every later call too
+                    raise ConnectionLostError(transport.ended or "connection closed")
                 if message.get("id") == rid or message.get("id") is None:
                     break
             return result_of(message)
 
+    def _send(self, message: Received) -> None:
+        if self._transport.ended is not None:
+            raise ConnectionLostError(self._transport.ended)
+        try:
+            self._ref.tell(message)
+        except pykka.ActorDeadError:
+            raise ConnectionLostError(self._transport.ended or "connection closed") from None
+
     def close(self) -> None:
-        """End this connection (leases belong to their owners and stay)."""
-        self._ref.tell(Received(b""))
+        """End this connection (leases belong to their owners and stay); harmless twice."""
+        with contextlib.suppress(ConnectionLostError):
+            self._send(Received(b""))
+        self._transport.end("this connection was closed")
 
 
 class LockService:
@@ -126,6 +160,8 @@ class LockService:
         self._sockets = socket is not None
         self._daemon: Daemon | None = None
         self._thread: threading.Thread | None = None
+        self._transports: weakref.WeakSet[_InProcessTransport] = weakref.WeakSet()
+        self._ended = False
         self.report: RecoveryReport | None = None
 
     def start(self, timeout: float = 60.0) -> RecoveryReport:
@@ -134,7 +170,8 @@ class LockService:
             raise RuntimeError("already started")
         daemon = Daemon(self.config, sockets=self._sockets, embedded=True)
         self._daemon = daemon
-        self._thread = threading.Thread(target=daemon.run, name="lockd", daemon=True)
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, args=(daemon,), name="lockd", daemon=True)
         self._thread.start()
         if not daemon.system.ready.wait(timeout):
             raise TimeoutError("lock system recovery did not finish in time")
@@ -142,11 +179,23 @@ class LockService:
         self.report = daemon.system.report
         return self.report
 
+    def _run(self, daemon: Daemon) -> None:
+        try:
+            daemon.run()
+        finally:
+            # Stopped or crashed: nobody waits for a reply that will not come.
+            self._ended = True
+            for transport in list(self._transports):
+                transport.end("the embedded lock system stopped")
+
     def client(self, name: str = "embedded") -> EmbeddedClient:
         """A new in-process connection."""
         if self._daemon is None:
             raise RuntimeError("start() the lock service first")
         transport = _InProcessTransport()
+        self._transports.add(transport)
+        if self._ended:  # stopping meanwhile: its first call says so
+            transport.end("the embedded lock system stopped")
         ref = self._daemon.system.connect(transport)
         return EmbeddedClient(ref, transport)
 

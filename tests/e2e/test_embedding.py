@@ -9,13 +9,15 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from lockd.embed import LockService
-from protocol.client import Client, RemoteError
+from protocol.client import Client, ConnectionLostError, RemoteError
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.lockprobe import probe
 
@@ -78,8 +80,6 @@ def test_lock_service_api_with_a_socket_for_others(tmp_path: Path) -> None:
             assert exc.value.code == "busy"
             vm.kill()
             vm.wait()
-            import time
-
             deadline = time.monotonic() + 10
             while client.call("list-leases")["leases"]:
                 assert time.monotonic() < deadline
@@ -138,6 +138,50 @@ def test_stop_closes_what_it_opened_and_a_restart_holds_the_leases_again(tmp_pat
         assert probe(path, "ofd") == "busy"
         service.stop()
         assert vm.poll() is None  # not fenced
+    finally:
+        service.stop()
+        vm.kill()
+        vm.wait()
+
+
+def test_calls_fail_at_once_when_the_connection_or_the_service_ends(tmp_path: Path) -> None:
+    """A call waiting as stop() runs, and any call after stop() or close(), raises
+    ConnectionLostError at once; a reply not in time raises TimeoutError."""
+    vm = subprocess.Popen(["sleep", "600"])
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
+    service = LockService(lock_dir=str(tmp_path / "locks"), journal_dir=str(tmp_path / "j"))
+    try:
+        service.start()
+        holder, waiter, idle = service.client(), service.client(), service.client()
+        holder.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                       "pid": vm.pid})  # fmt: skip
+        holder.call("acquire", leases=[lease], autocreate=True)
+        holder.close()
+        holder.close()
+        with pytest.raises(ConnectionLostError):
+            holder.call("status")
+        me = {"uuid": uuid.uuid4().bytes, "name": "me", "id": 1, "pid": os.getpid()}
+        waiter.call("register", owner=me)
+        with pytest.raises(TimeoutError):
+            waiter.call("acquire", leases=[lease], wait=30, timeout=0.1)
+        failed: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                waiter.call("acquire", leases=[lease], wait=30, timeout=20)
+            except Exception as exc:  # noqa: BLE001 - checked below
+                failed.append(exc)
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        time.sleep(0.2)
+        started = time.monotonic()
+        service.stop()
+        thread.join(5)
+        assert time.monotonic() - started < 5
+        assert [type(exc) for exc in failed] == [ConnectionLostError]
+        with pytest.raises(ConnectionLostError, match="stopped"):
+            idle.call("status")
     finally:
         service.stop()
         vm.kill()
