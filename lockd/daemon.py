@@ -269,8 +269,12 @@ class LockSystem:
         conn_id: int | None = None,
         restored: HandedOver | None = None,
         on_stopped: Callable[[int, pykka.ActorRef[Any]], None] | None = None,
+        idle_timeout: float | None = None,
     ) -> pykka.ActorRef[Any]:
-        """Start a ConnectionActor for ``transport`` (see actors.connection.Transport)."""
+        """Start a ConnectionActor for ``transport`` (see actors.connection.Transport).
+
+        ``idle_timeout``: close it if it neither registers nor subscribes in that many
+        seconds (0: never; None: the configuration's ``idle_timeout``)."""
         return ConnectionActor.start(
             self.dispatcher,
             conn_id=next(conn_ids) if conn_id is None else conn_id,
@@ -283,7 +287,7 @@ class LockSystem:
             info=self.info,
             admin=admin,
             log_control=_log_control,
-            idle_timeout=self.config.idle_timeout,
+            idle_timeout=self.config.idle_timeout if idle_timeout is None else idle_timeout,
             on_stopped=on_stopped,
         )
 

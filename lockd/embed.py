@@ -196,7 +196,9 @@ class LockService:
         self._transports.add(transport)
         if self._ended:  # stopping meanwhile: its first call says so
             transport.end("the embedded lock system stopped")
-        ref = self._daemon.system.connect(transport)
+        # Never closed for idling: that frees a socket client's slot in max_clients, which
+        # in-process connections do not take, and it broke a client kept for queries.
+        ref = self._daemon.system.connect(transport, idle_timeout=0)
         return EmbeddedClient(ref, transport)
 
     def stop(self, timeout: float = 30.0) -> None:

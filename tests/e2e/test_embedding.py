@@ -186,3 +186,14 @@ def test_calls_fail_at_once_when_the_connection_or_the_service_ends(tmp_path: Pa
         service.stop()
         vm.kill()
         vm.wait()
+
+
+def test_an_in_process_connection_is_never_closed_for_idling(tmp_path: Path) -> None:
+    """A client kept for queries, never registered, outlives ``idle_timeout``."""
+    service = LockService(
+        lock_dir=str(tmp_path / "locks"), journal_dir=str(tmp_path / "j"), idle_timeout=0.1
+    )
+    with service as locks:
+        client = locks.client()
+        time.sleep(0.5)
+        assert client.call("status")["leases"] == 0
