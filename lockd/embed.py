@@ -21,6 +21,7 @@ again before it returns. ``stop()`` releases nothing.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import os
@@ -100,27 +101,50 @@ class EmbeddedClient:
         self._transport = transport
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        self._events: collections.deque[dict[str, Any]] = collections.deque()
         self.server = self.call("hello", versions=[PROTOCOL_VERSION])
 
     def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
-        """Send one request and wait for its reply; raise RemoteError on an error reply."""
-        transport = self._transport
+        """Send one request and wait for its reply; raise RemoteError on an error reply.
+
+        Events pushed meanwhile (after ``subscribe``) are kept for :meth:`next_event`.
+        """
         with self._lock:
             rid = next(self._ids)
             self._send(Received(encode_frame(encode_item({"op": op, "id": rid, **args}))))
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    message = transport.replies.get(timeout=left)
-                except queue.Empty:
-                    raise TimeoutError(f"no reply to {op!r} within {timeout} s") from None
-                if message is None:
-                    transport.replies.put(None)  # for every later call too
-                    raise ConnectionLostError(transport.ended or "connection closed")
-                if message.get("id") == rid or message.get("id") is None:
-                    break
-            return result_of(message)
+                message = self._next_message(deadline, f"no reply to {op!r} within {timeout} s")
+                if "id" not in message:
+                    self._events.append(message)
+                elif message["id"] == rid or message["id"] is None:
+                    return result_of(message)
+
+    def next_event(self, timeout: float | None = 60.0) -> dict[str, Any]:
+        """The next event pushed after ``subscribe``: ``{"event": journal-entry}`` as on the
+        socket (docs/protocol.md); TimeoutError if none comes within ``timeout``."""
+        with self._lock:
+            if self._events:
+                return self._events.popleft()
+            deadline = None if timeout is None else time.monotonic() + timeout
+            message = self._next_message(deadline, f"no event within {timeout} s")
+            if "id" in message:
+                raise ProtocolError(
+                    ErrorCode.INTERNAL, "unexpected reply while waiting for an event"
+                )
+            return message
+
+    def _next_message(self, deadline: float | None, late: str) -> dict[str, Any]:
+        transport = self._transport
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            message = transport.replies.get(timeout=left)
+        except queue.Empty:
+            raise TimeoutError(late) from None
+        if message is None:
+            transport.replies.put(None)  # for every later call too
+            raise ConnectionLostError(transport.ended or "connection closed")
+        return message
 
     def _send(self, message: Received) -> None:
         if self._transport.ended is not None:

@@ -197,3 +197,25 @@ def test_an_in_process_connection_is_never_closed_for_idling(tmp_path: Path) -> 
         client = locks.client()
         time.sleep(0.5)
         assert client.call("status")["leases"] == 0
+
+
+def test_events_reach_an_in_process_subscriber(tmp_path: Path) -> None:
+    """A subscribed client gets the events from ``next_event``, and a call meanwhile
+    still gets its own reply."""
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
+    with LockService(lock_dir=str(tmp_path / "locks"), journal_dir=str(tmp_path / "j")) as locks:
+        feed = locks.client()
+        first = feed.call("subscribe")["first"]
+        client = locks.client()
+        me = {"uuid": uuid.uuid4().bytes, "name": "me", "id": 1, "pid": os.getpid()}
+        client.call("register", owner=me)
+        client.call("acquire", leases=[lease], autocreate=True)
+        client.call("release", leases=[lease])
+        assert feed.call("status")["leases"] == 0
+        events = [feed.next_event(timeout=5)["event"] for _ in range(2)]
+        assert [(e["seq"], e["type"]) for e in events] == [
+            (first, "lease-acquired"),
+            (first + 1, "lease-released"),
+        ]
+        with pytest.raises(TimeoutError):
+            feed.next_event(timeout=0.1)
