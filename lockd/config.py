@@ -354,6 +354,22 @@ def _closest(key: str) -> str | None:
     return matches[0] if matches else None
 
 
+def from_keys(values: Mapping[str, Any]) -> Config:
+    """A Config from keys and values as the file gives them (``journal_sync="batch"``),
+    each checked as :func:`load` checks the file's; for a program that embeds lockd."""
+    checked: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in _CONVERT:
+            hint = _closest(key)
+            raise ConfigError(
+                f"unknown key {key!r}" + (f" (did you mean {hint!r}?)" if hint else "")
+            )
+        checked[key] = _CONVERT[key](key, value)
+    if checked.get("admin_socket") == checked.get("socket"):
+        raise ConfigError(f"socket and admin_socket are both {checked.get('socket')}")
+    return Config(**checked)
+
+
 def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
     """Defaults, then the TOML file (if ``path`` or the default file exists), then overrides."""
     defaults = default_paths()

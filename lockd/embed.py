@@ -36,7 +36,7 @@ import pykka
 
 from actors.connection import Received
 from actors.recovery import RecoveryReport
-from lockd.config import Config
+from lockd.config import from_keys as config_from_keys
 from lockd.daemon import Daemon
 from protocol.client import ConnectionLostError, result_of
 from protocol.codec import decode_item, encode_item
@@ -161,6 +161,11 @@ class EmbeddedClient:
         self._transport.end("this connection was closed")
 
 
+def _beside(directory: str, name: str) -> str:
+    """A path in ``directory``, or ``name`` alone for a relative one (refused for it)."""
+    return os.path.join(directory, name) if os.path.isabs(directory) else name
+
+
 class LockService:
     """The lock system on a background thread of this process."""
 
@@ -173,13 +178,18 @@ class LockService:
         admin_socket: str | None = None,
         **options: Any,
     ) -> None:
-        """``options``: any other configuration key (``journal_sync``, ``fence_grace``, ...)."""
-        self.config = Config(
-            socket=socket or os.path.join(journal_dir, "unused.sock"),
-            admin_socket=admin_socket or os.path.join(journal_dir, "unused-admin.sock"),
-            lock_dir=lock_dir,
-            journal_dir=journal_dir,
-            **options,
+        """``options``: any other configuration key (``journal_sync="batch"``,
+        ``fence_grace``, ...; docs/configuration.md). Each is checked as the daemon checks
+        its file: a wrong one raises :class:`lockd.config.ConfigError` here, not a broken
+        start. Paths are absolute."""
+        self.config = config_from_keys(
+            {
+                "lock_dir": lock_dir,
+                "journal_dir": journal_dir,
+                **options,
+                "socket": socket or _beside(journal_dir, "unused.sock"),
+                "admin_socket": admin_socket or _beside(journal_dir, "unused-admin.sock"),
+            }
         )
         self._sockets = socket is not None
         self._daemon: Daemon | None = None

@@ -37,6 +37,7 @@ VMS = {"web": ["/vm/web.qcow2"], "db": ["/vm/db.qcow2", "/vm/db-data.raw"], "cac
 
 
 def service(state: Path) -> LockService:
+    state = state.resolve()  # LockService takes absolute paths only, as the config file
     return LockService(lock_dir=str(state / "locks"), journal_dir=str(state / "journal"))
 
 
