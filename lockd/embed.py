@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -43,6 +44,8 @@ from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from protocol.messages import PROTOCOL_VERSION
+
+log = logging.getLogger("lockd")
 
 
 class _InProcessTransport:
@@ -196,6 +199,8 @@ class LockService:
         self._thread: threading.Thread | None = None
         self._transports: weakref.WeakSet[_InProcessTransport] = weakref.WeakSet()
         self._ended = False
+        self._failure: BaseException | None = None
+        """What ended the lock thread, if not stop()."""
         self.report: RecoveryReport | None = None
 
     def start(self, timeout: float = 60.0) -> RecoveryReport:
@@ -205,10 +210,18 @@ class LockService:
         daemon = Daemon(self.config, sockets=self._sockets, embedded=True)
         self._daemon = daemon
         self._ended = False
+        self._failure = None
         self._thread = threading.Thread(target=self._run, args=(daemon,), name="lockd", daemon=True)
         self._thread.start()
-        if not daemon.system.ready.wait(timeout):
-            raise TimeoutError("lock system recovery did not finish in time")
+        deadline = time.monotonic() + timeout
+        while not daemon.system.ready.wait(0.02):
+            if not self._thread.is_alive():  # died starting: say why now, not at the timeout
+                self._daemon = None
+                raise RuntimeError(
+                    f"the lock service failed to start: {self._failure!r}"
+                ) from self._failure
+            if time.monotonic() > deadline:
+                raise TimeoutError("lock system recovery did not finish in time")
         assert daemon.system.report is not None
         self.report = daemon.system.report
         return self.report
@@ -216,6 +229,9 @@ class LockService:
     def _run(self, daemon: Daemon) -> None:
         try:
             daemon.run()
+        except BaseException as exc:  # noqa: BLE001 - raised again by start() or stop()
+            log.error("the embedded lock system failed: %r", exc)
+            self._failure = exc
         finally:
             # Stopped or crashed: nobody waits for a reply that will not come.
             self._ended = True
@@ -245,6 +261,8 @@ class LockService:
             raise RuntimeError("the lock service did not stop")
         crashes = self._daemon.dispatcher.crashes
         self._daemon = None
+        if self._failure is not None and not crashes:
+            raise RuntimeError(f"the lock service failed: {self._failure!r}") from self._failure
         if crashes:
             raise ProtocolError(ErrorCode.INTERNAL, f"the lock service failed: {crashes[0]!r}")
 

@@ -219,3 +219,27 @@ def test_events_reach_an_in_process_subscriber(tmp_path: Path) -> None:
         ]
         with pytest.raises(TimeoutError):
             feed.next_event(timeout=0.1)
+
+
+def test_a_start_that_fails_says_why_at_once(tmp_path: Path) -> None:
+    """A lock thread that dies starting (here: a pid file another process locks) makes
+    start() raise with the cause, rather than wait out its timeout."""
+    pid_file = tmp_path / "pid"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; "
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); fcntl.lockf(fd, fcntl.LOCK_EX); "
+         "print(flush=True); time.sleep(60)", str(pid_file)],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        holder.stdout.readline()
+        service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"),
+                              pid_file=str(pid_file))  # fmt: skip
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"failed to start: .*is locked by a running daemon"):
+            service.start(timeout=10)
+        assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()
