@@ -199,12 +199,18 @@ class LockService:
         self._thread: threading.Thread | None = None
         self._transports: weakref.WeakSet[_InProcessTransport] = weakref.WeakSet()
         self._ended = False
+        self._starting = threading.Lock()
+        """Held by start() and stop(): one at a time, whichever threads call them."""
         self._failure: BaseException | None = None
         """What ended the lock thread, if not stop()."""
         self.report: RecoveryReport | None = None
 
     def start(self, timeout: float = 60.0) -> RecoveryReport:
         """Recover from the journal and start serving; returns what recovery did."""
+        with self._starting:
+            return self._start(timeout)
+
+    def _start(self, timeout: float) -> RecoveryReport:
         if self._daemon is not None:
             raise RuntimeError("already started")
         daemon = Daemon(self.config, sockets=self._sockets, embedded=True)
@@ -252,7 +258,13 @@ class LockService:
         return EmbeddedClient(ref, transport)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop: journal the stop, release nothing, signal nobody (like SIGTERM to the daemon)."""
+        """Stop: journal the stop, release nothing, signal nobody (like SIGTERM to the daemon).
+
+        Harmless when stopped already, also from several threads at once."""
+        with self._starting:
+            self._stop(timeout)
+
+    def _stop(self, timeout: float) -> None:
         if self._daemon is None or self._thread is None:
             return
         self._daemon.request_stop("embedding program stopped the lock service")

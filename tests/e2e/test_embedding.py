@@ -243,3 +243,27 @@ def test_a_start_that_fails_says_why_at_once(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_stop_from_many_threads_at_once(tmp_path: Path) -> None:
+    """Threads of the program that stop the service together (a signal handler's and the
+    main thread's ``with``) all return; one of them stops it."""
+    failed: list[BaseException] = []
+    for _ in range(20):
+        service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"))
+        service.start()
+        together = threading.Barrier(8)
+
+        def stop(service: LockService = service, together: threading.Barrier = together) -> None:
+            together.wait()
+            try:
+                service.stop()
+            except Exception as exc:  # noqa: BLE001 - checked below
+                failed.append(exc)
+
+        threads = [threading.Thread(target=stop) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert failed == []
