@@ -75,6 +75,7 @@ class Dispatcher:
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._closed = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.selecting = False
@@ -102,6 +103,8 @@ class Dispatcher:
         self._wake()
 
     def _wake(self) -> None:
+        if self._closed:  # its pipe's fd number may be another file's by now
+            return
         # A full pipe already holds a pending wake-up, which is all we need.
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"\0")
@@ -222,7 +225,10 @@ class Dispatcher:
                 raise RuntimeError("dispatcher thread did not stop")
 
     def close(self) -> None:
-        """Release the wake-up pipe and the selector."""
+        """Release the wake-up pipe and the selector; harmless twice."""
+        if self._closed:
+            return
+        self._closed = True
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -33,7 +33,7 @@ from actors.metrics import REGISTRY
 from actors.owners import OwnersActor
 from actors.recovery import RecoveryActor, RecoveryReport
 from actors.router import Gather, Gathered, RouterActor, UseFencer
-from actors.runtime import DispatchedActor, Dispatcher
+from actors.runtime import ActorCrashedError, DispatchedActor, Dispatcher
 from lockd import __version__, logs, procs
 from lockd.autospawn import PACKAGE_ROOT
 from lockd.config import Config, secure_runtime_dir
@@ -144,6 +144,7 @@ class LockSystem:
         os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
         os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
+        self._journal_open = True
         """The fd whose flock keeps every other lockd out of this journal directory."""
         snapshot = load_newest(config.journal_dir)
         # Read now: replay folds the journal into the snapshot's own state, so after it
@@ -298,6 +299,7 @@ class LockSystem:
         self.snapshots.wait(STOP_WAIT_S)  # a snapshot being written is finished, not orphaned
         self.journal_file.close()
         os.close(self.journal_lock)
+        self._journal_open = False
 
     def close(self) -> None:
         """After :meth:`shutdown`, for a program that runs on (embedding): stop every actor,
@@ -307,10 +309,31 @@ class LockSystem:
         keeps the leases, and the next start takes them again. Left open in a program
         that starts the lock system again, they were that start's own conflict: each
         lease recorded ``lease-lost`` and its running owner fenced. Loop thread only.
+
+        Also after an actor's crash, which ended the loop and perhaps :meth:`shutdown`
+        half way (its journal lock left held, a start again in the program was refused
+        as "in use by another lockd", naming the program): the crash stays in
+        ``dispatcher.crashes`` for the caller, and any that stopping meets is logged.
         """
-        self.dispatcher.stop_all()
-        self.dispatcher.run_until_idle(poll_io=False)
-        self.dispatcher.close()
+        d = self.dispatcher
+        crashes = list(d.crashes)
+        d.crashes.clear()
+        try:
+            for _ in range(3):  # another actor crashing meanwhile: stop what is left again
+                d.stop_all()
+                try:
+                    d.run_until_idle(poll_io=False)
+                    break
+                except ActorCrashedError as exc:
+                    log.error("an actor failed while the lock system stopped: %r", exc.__cause__)
+                    d.crashes.clear()
+        finally:
+            d.crashes[:0] = crashes
+            if self._journal_open:
+                self.journal_file.close()
+                os.close(self.journal_lock)
+                self._journal_open = False
+            d.close()
 
 
 class _IdleWatch(DispatchedActor):
@@ -832,9 +855,11 @@ class Daemon:
                 if path in self._bound:  # not systemd's: its socket units listen on
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(path)
-            self.system.shutdown(self._stop_reason or "stopped")
-            if self._embedded:
-                self.system.close()
+            try:
+                self.system.shutdown(self._stop_reason or "stopped")
+            finally:
+                if self._embedded:
+                    self.system.close()
             if pid_fd is not None and self.config.pid_file:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.config.pid_file)

@@ -267,7 +267,8 @@ class LockService:
     def _stop(self, timeout: float) -> None:
         if self._daemon is None or self._thread is None:
             return
-        self._daemon.request_stop("embedding program stopped the lock service")
+        if self._thread.is_alive():  # not ended already (a crash, the idle timeout)
+            self._daemon.request_stop("embedding program stopped the lock service")
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise RuntimeError("the lock service did not stop")

@@ -13,11 +13,14 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from actors.router import Gather, RouterActor
 from lockd.embed import LockService
 from protocol.client import Client, ConnectionLostError, RemoteError
+from protocol.errors import ProtocolError
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.lockprobe import probe
 
@@ -267,3 +270,58 @@ def test_stop_from_many_threads_at_once(tmp_path: Path) -> None:
         for thread in threads:
             thread.join(30)
         assert failed == []
+
+
+def test_after_a_crash_the_service_starts_again_in_the_same_program(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An actor's crash ends the lock system: stop() reports it, no fd of it stays open
+    (the journal's lock included), and start() again holds the running VM's lease again."""
+    vm = subprocess.Popen(["sleep", "600"])
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
+    service = LockService(lock_dir=str(tmp_path / "locks"), journal_dir=str(tmp_path / "j"))
+    before = sorted(os.listdir("/proc/self/fd"))
+    try:
+        service.start()
+        client = service.client()
+        client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                       "pid": vm.pid})  # fmt: skip
+        client.call("acquire", leases=[lease], autocreate=True)
+        receive = RouterActor.on_receive
+
+        def bug(self: RouterActor, message: Any) -> Any:
+            if isinstance(message, Gather):
+                raise ValueError("a bug")
+            return receive(self, message)
+
+        monkeypatch.setattr(RouterActor, "on_receive", bug)
+        with pytest.raises(ConnectionLostError):
+            client.call("list-lockspaces")
+        monkeypatch.undo()
+        with pytest.raises(ProtocolError, match="a bug"):
+            service.stop()
+        assert sorted(os.listdir("/proc/self/fd")) == before
+        report = service.start()
+        assert (report.held, report.lost) == (1, 0)
+    finally:
+        service.stop()
+        vm.kill()
+        vm.wait()
+
+
+def test_stop_after_the_idle_timeout_ended_the_service(tmp_path: Path) -> None:
+    """The service stopped itself (``timeout``): stop() after it only waits, and writes
+    to none of its closed fds."""
+    service = LockService(
+        lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"), timeout=0.2
+    )
+    service.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            service.client().close()
+        except ConnectionLostError:
+            break  # it stopped
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    service.stop()
