@@ -35,8 +35,9 @@ from typing import Any
 
 import pykka
 
-from actors.connection import Received
+from actors.connection import REPLAY_BACKLOG, Drained, Received
 from actors.recovery import RecoveryReport
+from actors.runtime import tell_if_alive
 from lockd.config import from_keys as config_from_keys
 from lockd.daemon import Daemon
 from protocol.client import ConnectionLostError, result_of
@@ -60,16 +61,42 @@ class _InProcessTransport:
         self.peer_pid = 0
         self.peer_uid = os.getuid()
         self.backlog = 0
+        """Bytes written and not yet taken by the program: what a socket's unsent bytes
+        are to the connection, so a subscriber that reads nothing is disconnected past
+        ``MAX_PUSH_BACKLOG`` and a replay waits for the reader, as on the socket (with
+        none counted, the events of a subscriber that read none piled up without end)."""
+        self.actor: pykka.ActorRef[Any] | None = None
+        """The connection, told :class:`Drained` when the program has caught up."""
         self.gone = False
         self.ended: str | None = None
         """Why no reply will come any more (None while the connection serves)."""
         self._frames = FrameDecoder(MAX_REPLY_FRAME)
-        self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._replies: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
+        self._counting = threading.Lock()  # backlog: written on the loop, taken by callers
+        self._held_back = False
 
     def write(self, data: bytes) -> None:
         self._frames.receive_data(data)
         while (frame := self._frames.next_frame()) is not None:
-            self.replies.put(decode_item(frame))
+            size = len(frame) + 4
+            with self._counting:
+                self.backlog += size
+                self._held_back = self._held_back or self.backlog > REPLAY_BACKLOG
+            self._replies.put((size, decode_item(frame)))
+
+    def take(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next reply or event (None: ended); ``queue.Empty`` after ``timeout``."""
+        size, message = self._replies.get(timeout=timeout)
+        if message is None:
+            self._replies.put((0, None))  # for every later call too
+            return None
+        with self._counting:
+            self.backlog -= size
+            drained = self._held_back and self.backlog <= REPLAY_BACKLOG // 2
+            self._held_back = self._held_back and not drained
+        if drained:  # it may have stopped reading requests, or paused a replay
+            tell_if_alive(self.actor, Drained())
+        return message
 
     def pause_reading(self) -> None:
         """Nothing to pause: the caller sends one request at a time."""
@@ -84,7 +111,7 @@ class _InProcessTransport:
         """No reply will come: a caller waiting for one, and every later call, is told why."""
         if self.ended is None:
             self.ended = why
-        self.replies.put(None)
+        self._replies.put((0, None))
 
     def fileno(self) -> int:
         return -1
@@ -141,11 +168,10 @@ class EmbeddedClient:
         transport = self._transport
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            message = transport.replies.get(timeout=left)
+            message = transport.take(left)
         except queue.Empty:
             raise TimeoutError(late) from None
         if message is None:
-            transport.replies.put(None)  # for every later call too
             raise ConnectionLostError(transport.ended or "connection closed")
         return message
 
@@ -254,7 +280,7 @@ class LockService:
             transport.end("the embedded lock system stopped")
         # Never closed for idling: that frees a socket client's slot in max_clients, which
         # in-process connections do not take, and it broke a client kept for queries.
-        ref = self._daemon.system.connect(transport, idle_timeout=0)
+        ref = transport.actor = self._daemon.system.connect(transport, idle_timeout=0)
         return EmbeddedClient(ref, transport)
 
     def stop(self, timeout: float = 30.0) -> None:

@@ -1,4 +1,4 @@
-"""lockd.embed without starting anything: what LockService takes."""
+"""lockd.embed without a lock thread: what LockService takes, the in-process transport."""
 
 from __future__ import annotations
 
@@ -8,9 +8,14 @@ from typing import Any
 
 import pytest
 
+from actors.connection import REPLAY_BACKLOG, Drained
 from actors.journal import SyncPolicy
+from actors.runtime import Dispatcher
 from lockd.config import ConfigError
-from lockd.embed import LockService
+from lockd.embed import LockService, _InProcessTransport
+from protocol.codec import encode_item
+from protocol.framing import encode_frame
+from tests.actors.harness import Recorder
 
 
 def test_options_are_converted_as_the_configuration_file_s(tmp_path: Path) -> None:
@@ -43,3 +48,25 @@ def test_relative_directories_are_refused(tmp_path: Path) -> None:
     """As in the configuration file: a relative path would move with the working directory."""
     with pytest.raises(ConfigError, match="lock_dir must be an absolute path"):
         LockService(lock_dir="locks", journal_dir=str(tmp_path / "j"))
+
+
+def test_replies_not_yet_taken_are_the_connection_s_backlog(dispatcher: Dispatcher) -> None:
+    """An in-process connection counts what the program has not taken, as a socket's unsent
+    bytes (so a subscriber that reads nothing is cut off at MAX_PUSH_BACKLOG, not kept
+    growing), and taking it tells the connection it may go on."""
+    got: list[Any] = []
+    transport = _InProcessTransport()
+    transport.actor = Recorder.start(dispatcher, got)
+    frame = encode_frame(encode_item({"event": {"note": "x" * 1000}}))
+    count = REPLAY_BACKLOG // len(frame) + 2
+    for _ in range(count):
+        transport.write(frame)
+    assert transport.backlog == count * len(frame) > REPLAY_BACKLOG
+    for _ in range(count):
+        assert transport.take(0) == {"event": {"note": "x" * 1000}}
+    dispatcher.run_until_idle()
+    assert transport.backlog == 0
+    assert got == [Drained()]
+    transport.end("stopped")
+    assert transport.take(0) is None
+    assert transport.take(0) is None  # for every later call too
