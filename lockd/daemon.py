@@ -32,6 +32,7 @@ from actors.journal import Append, JournalActor
 from actors.metrics import REGISTRY
 from actors.owners import OwnersActor
 from actors.recovery import RecoveryActor, RecoveryReport
+from actors.recovery_core import ReplayState
 from actors.router import Gather, Gathered, RouterActor, UseFencer
 from actors.runtime import ActorCrashedError, DispatchedActor, Dispatcher
 from lockd import __version__, logs, procs
@@ -112,6 +113,44 @@ fill the fd limit: an operator's ``lockd status``, a manager's release (which fr
 descriptors)."""
 
 
+@attrs.frozen
+class _Replayed:
+    """What start-up read from the journal directory."""
+
+    journal_file: FileJournal
+    state: ReplayState
+    replayed: int
+    snapshot_seq: int | None
+    boot: bytes | None
+    before: bytes | None
+    """The boot the journal was last started in."""
+
+
+def _read_journal(config: Config, journal_lock: int | None) -> _Replayed:
+    """The newest snapshot and the journal after it, folded; raises on damage."""
+    snapshot = load_newest(config.journal_dir)
+    # Read now: replay folds the journal into the snapshot's own state, so after it
+    # snapshot.seq is the journal's end, and the log named a snapshot that is not on
+    # disk (after a cut, one seemingly newer than the cut).
+    snapshot_seq = snapshot.seq if snapshot else None
+    boot = procs.boot_id()
+    before = last_boot(config.journal_dir)
+    journal_file = FileJournal(
+        config.journal_dir,
+        config.journal_segment_bytes,
+        retain_segments=config.journal_retain_segments,
+        first_seq=snapshot.seq + 1 if snapshot else 1,
+        # Written in another boot: damage in the newest segment is what the host's
+        # crash left of writes not yet synced, cut rather than refused.
+        # Never for a journal a re-exec hands on: it was written in this boot.
+        cut_damage=(
+            journal_lock is None and before is not None and boot is not None and before != boot
+        ),
+    )
+    state, replayed = replay(journal_file, snapshot)
+    return _Replayed(journal_file, state, replayed, snapshot_seq, boot, before)
+
+
 class LockSystem:
     """The actor system without sockets: what the daemon serves and an orchestrator embeds."""
 
@@ -133,7 +172,6 @@ class LockSystem:
         journal directory's lock, still held, from the program before a re-exec.
         ``serving_since``: when the process started, before re-execs (monotonic)."""
         self.config = config
-        self.dispatcher = dispatcher or Dispatcher()
         self.started = time.monotonic()
         self.serving_since = self.started if serving_since is None else serving_since
         """What ``status`` counts uptime from: the pid's, so a re-exec is no restart."""
@@ -146,26 +184,19 @@ class LockSystem:
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
         self._journal_open = True
         """The fd whose flock keeps every other lockd out of this journal directory."""
-        snapshot = load_newest(config.journal_dir)
-        # Read now: replay folds the journal into the snapshot's own state, so after it
-        # snapshot.seq is the journal's end, and the log named a snapshot that is not on
-        # disk (after a cut, one seemingly newer than the cut).
-        snapshot_seq = snapshot.seq if snapshot else None
-        boot = procs.boot_id()
-        before = last_boot(config.journal_dir)
-        self.journal_file = FileJournal(
-            config.journal_dir,
-            config.journal_segment_bytes,
-            retain_segments=config.journal_retain_segments,
-            first_seq=snapshot.seq + 1 if snapshot else 1,
-            # Written in another boot: damage in the newest segment is what the host's
-            # crash left of writes not yet synced, cut rather than refused.
-            # Never for a journal a re-exec hands on: it was written in this boot.
-            cut_damage=(
-                journal_lock is None and before is not None and boot is not None and before != boot
-            ),
-        )
-        state, replayed = replay(self.journal_file, snapshot)
+        try:
+            read = _read_journal(config, journal_lock)
+        except BaseException:
+            # Refused (a damaged journal): a program that goes on (embedding) must be
+            # able to repair it (journal-check --repair) and start again, which the
+            # lock left held refused, naming this very program as the lockd using it.
+            os.close(self.journal_lock)
+            self._journal_open = False
+            raise
+        self.journal_file = read.journal_file
+        state, replayed, snapshot_seq = read.state, read.replayed, read.snapshot_seq
+        boot, before = read.boot, read.before
+        self.dispatcher = dispatcher or Dispatcher()  # only now: nothing to leak before
         # The journal's timeline (see lockd.journal_file.EPOCH_FILE), told to subscribers.
         self.epoch = read_epoch(config.journal_dir) or new_epoch(config.journal_dir, 1)
         if boot is not None and before != boot:

@@ -19,6 +19,7 @@ import pytest
 
 from actors.router import Gather, RouterActor
 from lockd.embed import LockService
+from lockd.journal_format import JournalCorruptError
 from protocol.client import Client, ConnectionLostError, RemoteError
 from protocol.errors import ProtocolError
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
@@ -324,4 +325,32 @@ def test_stop_after_the_idle_timeout_ended_the_service(tmp_path: Path) -> None:
             break  # it stopped
         assert time.monotonic() < deadline
         time.sleep(0.5)
+    service.stop()
+
+
+def test_a_damaged_journal_can_be_repaired_and_started_again_in_the_same_program(
+    tmp_path: Path,
+) -> None:
+    """start() refused for damage leaves nothing open: ``journal-check --repair`` is not
+    refused as if the program were a running lockd, and start() again works."""
+    journal = tmp_path / "j"
+    service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(journal))
+    with service as locks:
+        client = locks.client()
+        for name in ("a", "b", "c"):
+            client.call("create-lockspace", lockspace=name)
+    (segment,) = journal.glob("journal-*.cbor")
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(JournalCorruptError):
+        service.start()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    repair = subprocess.run(
+        [sys.executable, "-m", "lockd", "journal-check", "--journal-dir", str(journal), "--repair"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert repair.returncode == 0, repair.stdout + repair.stderr
+    service.start()
     service.stop()
