@@ -166,12 +166,16 @@ class LockSystem:
         journal_lock: int | None = None,
         serving_since: float | None = None,
         holder: str = "embedded",
+        controls_logging: bool = True,
     ) -> None:
         """``max_pidfds``: owners watched by pidfd at most (the rest are polled), see
         :class:`actors.owners.OwnersActor`; None for no budget. ``journal_lock``: the
         journal directory's lock, still held, from the program before a re-exec.
-        ``serving_since``: when the process started, before re-execs (monotonic)."""
+        ``serving_since``: when the process started, before re-execs (monotonic).
+        ``controls_logging``: False in a program that embeds it, whose logging is its own:
+        ``set-log`` on the admin socket is refused (it replaced the program's handlers)."""
         self.config = config
+        self._log_control = _log_control if controls_logging else None
         self.started = time.monotonic()
         self.serving_since = self.started if serving_since is None else serving_since
         """What ``status`` counts uptime from: the pid's, so a re-exec is no restart."""
@@ -194,12 +198,16 @@ class LockSystem:
             self._journal_open = False
             raise
         self.journal_file = read.journal_file
-        state, replayed, snapshot_seq = read.state, read.replayed, read.snapshot_seq
-        boot, before = read.boot, read.before
+        state, replayed, snapshot_seq, boot = (
+            read.state,
+            read.replayed,
+            read.snapshot_seq,
+            read.boot,
+        )
         self.dispatcher = dispatcher or Dispatcher()  # only now: nothing to leak before
         # The journal's timeline (see lockd.journal_file.EPOCH_FILE), told to subscribers.
         self.epoch = read_epoch(config.journal_dir) or new_epoch(config.journal_dir, 1)
-        if boot is not None and before != boot:
+        if boot is not None and read.before != boot:
             _record_boot(config.journal_dir, boot)
         self.fd_store = FdStore()
         adopted = dict(adopted or {})
@@ -318,7 +326,7 @@ class LockSystem:
             processes=_ProcessInfo(),
             info=self.info,
             admin=admin,
-            log_control=_log_control,
+            log_control=self._log_control,
             idle_timeout=self.config.idle_timeout if idle_timeout is None else idle_timeout,
             on_stopped=on_stopped,
         )
@@ -562,6 +570,7 @@ class Daemon:
             # Written beside the journal: a second daemon refused names the socket this
             # one serves (a mistyped LOCKD_SOCKET shows at once).
             holder=f"serving {config.socket}" if sockets else "embedded",
+            controls_logging=not embedded,
         )
         if handoff is not None:
             self._carry_on(handoff)

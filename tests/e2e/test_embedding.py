@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -354,3 +355,22 @@ def test_a_damaged_journal_can_be_repaired_and_started_again_in_the_same_program
     assert repair.returncode == 0, repair.stdout + repair.stderr
     service.start()
     service.stop()
+
+
+def test_the_admin_socket_leaves_the_program_s_logging_alone(tmp_path: Path) -> None:
+    """``lockd log-level`` on an embedded service's admin socket is refused: it replaced the
+    program's own root log handlers with lockd's."""
+    root = logging.getLogger()
+    mine = logging.NullHandler()
+    root.addHandler(mine)
+    try:
+        handlers = list(root.handlers)
+        service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"),
+                              socket=str(tmp_path / "s.sock"),
+                              admin_socket=str(tmp_path / "a.sock"))  # fmt: skip
+        with service, Client(str(tmp_path / "a.sock")) as admin:
+            with pytest.raises(RemoteError, match="logging is not controlled here"):
+                admin.call("set-log", level="debug")
+            assert root.handlers == handlers
+    finally:
+        root.removeHandler(mine)
