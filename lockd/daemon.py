@@ -340,6 +340,14 @@ class LockSystem:
         os.close(self.journal_lock)
         self._journal_open = False
 
+    def abandon(self) -> None:
+        """A start given up before the dispatcher ran anything (a program that goes on):
+        close the journal, its lock and the dispatcher; no actor has opened anything."""
+        self.journal_file.close()
+        os.close(self.journal_lock)
+        self._journal_open = False
+        self.dispatcher.close()
+
     def close(self) -> None:
         """After :meth:`shutdown`, for a program that runs on (embedding): stop every actor,
         which closes each lease fd, lockspace directory fd and pidfd, then the dispatcher.
@@ -874,7 +882,13 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until stopped, then journal the stop; the leases stay for the next start."""
-        pid_fd = self._pid_fd = self._write_pid_file(self._pid_fd)
+        try:
+            pid_fd = self._pid_fd = self._write_pid_file(self._pid_fd)
+        except BaseException:
+            if self._embedded:  # the program goes on, and may start again: nothing ran yet
+                self._close_listeners()
+                self.system.abandon()
+            raise
         serving = {listener.admin: self._path_of(listener) for listener in self.listeners}
         log.info(
             "lockd %s serving %s (admin %s), lock dir %s, journal %s (sync %s)",
@@ -889,12 +903,7 @@ class Daemon:
             self.dispatcher.run_forever()
         finally:
             sd_notify("STOPPING=1")
-            for listener in self.listeners:
-                path = self._path_of(listener)
-                listener.close()
-                if path in self._bound:  # not systemd's: its socket units listen on
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(path)
+            self._close_listeners()
             try:
                 self.system.shutdown(self._stop_reason or "stopped")
             finally:
@@ -908,6 +917,17 @@ class Daemon:
                 "lockd stopped (%s): nothing released in the journal, no owner signalled",
                 self._stop_reason,
             )
+
+    def _close_listeners(self) -> None:
+        for listener in self.listeners:
+            path = self._path_of(listener)
+            listener.close()
+            if path in self._bound:  # not systemd's: its socket units listen on
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        if self._embedded:  # the daemon's exit closes them (a re-exec keeps none)
+            for spares in self._spares.values():
+                spares.close()
 
     def _path_of(self, listener: Listener) -> str:
         """Where ``listener`` listens: the configured path, or socket activation's."""

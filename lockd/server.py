@@ -259,6 +259,13 @@ class FdReserve:
             except OSError:
                 return
 
+    def close(self) -> None:
+        """Close every spare, and keep none from now on (a program that goes on after the
+        lock system, which embedded it)."""
+        self._count = 0
+        while self._fds:
+            os.close(self._fds.pop())
+
     def release_one(self) -> bool:
         """Free one spare for an accept; False when none is left."""
         if not self._fds:

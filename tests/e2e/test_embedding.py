@@ -228,7 +228,8 @@ def test_events_reach_an_in_process_subscriber(tmp_path: Path) -> None:
 
 def test_a_start_that_fails_says_why_at_once(tmp_path: Path) -> None:
     """A lock thread that dies starting (here: a pid file another process locks) makes
-    start() raise with the cause, rather than wait out its timeout."""
+    start() raise with the cause, rather than wait out its timeout; it leaves nothing
+    open (the journal's lock, its socket), so start() again works once the cause is gone."""
     pid_file = tmp_path / "pid"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; "
@@ -239,12 +240,20 @@ def test_a_start_that_fails_says_why_at_once(tmp_path: Path) -> None:
     try:
         assert holder.stdout is not None
         holder.stdout.readline()
+        sock = tmp_path / "s.sock"
         service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"),
-                              pid_file=str(pid_file))  # fmt: skip
+                              pid_file=str(pid_file), socket=str(sock))  # fmt: skip
+        before = sorted(os.listdir("/proc/self/fd"))
         started = time.monotonic()
         with pytest.raises(RuntimeError, match=r"failed to start: .*is locked by a running daemon"):
             service.start(timeout=10)
         assert time.monotonic() - started < 5
+        assert sorted(os.listdir("/proc/self/fd")) == before
+        assert not sock.exists()
+        holder.kill()
+        holder.wait()
+        service.start()
+        service.stop()
     finally:
         holder.kill()
         holder.wait()
@@ -374,3 +383,18 @@ def test_the_admin_socket_leaves_the_program_s_logging_alone(tmp_path: Path) -> 
             assert root.handlers == handlers
     finally:
         root.removeHandler(mine)
+
+
+def test_stop_with_a_socket_closes_what_it_opened(tmp_path: Path) -> None:
+    """With ``socket=``: the listeners, their spare fds and their socket files go at stop()."""
+    sock = tmp_path / "s.sock"
+    service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"),
+                          socket=str(sock))  # fmt: skip
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        service.start()
+        with Client(str(sock)) as other:
+            assert other.call("status")["leases"] == 0
+        service.stop()
+        assert sorted(os.listdir("/proc/self/fd")) == before
+        assert not sock.exists()
