@@ -38,6 +38,7 @@ import pykka
 from actors.connection import REPLAY_BACKLOG, Drained, Received
 from actors.recovery import RecoveryReport
 from actors.runtime import tell_if_alive
+from lockd.config import admin_socket_beside
 from lockd.config import from_keys as config_from_keys
 from lockd.daemon import Daemon
 from protocol.client import ConnectionLostError, result_of
@@ -211,13 +212,18 @@ class LockService:
         ``fence_grace``, ...; docs/configuration.md). Each is checked as the daemon checks
         its file: a wrong one raises :class:`lockd.config.ConfigError` here, not a broken
         start. Paths are absolute."""
+        # Beside the socket, as for `lockd serve --socket` (where `lockd disconnect`
+        # looks), not a bound socket named "unused" among the journal's files.
+        admin_default = (
+            admin_socket_beside(socket) if socket else _beside(journal_dir, "unused-admin.sock")
+        )
         self.config = config_from_keys(
             {
                 "lock_dir": lock_dir,
                 "journal_dir": journal_dir,
                 **options,
                 "socket": socket or _beside(journal_dir, "unused.sock"),
-                "admin_socket": admin_socket or _beside(journal_dir, "unused-admin.sock"),
+                "admin_socket": admin_socket or admin_default,
             }
         )
         self._sockets = socket is not None

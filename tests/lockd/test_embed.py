@@ -70,3 +70,11 @@ def test_replies_not_yet_taken_are_the_connection_s_backlog(dispatcher: Dispatch
     transport.end("stopped")
     assert transport.take(0) is None
     assert transport.take(0) is None  # for every later call too
+
+
+def test_the_admin_socket_goes_beside_the_socket(tmp_path: Path) -> None:
+    """Given only ``socket=``, the admin socket is where ``lockd serve --socket`` puts it,
+    not a socket named "unused" in the journal directory."""
+    service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"),
+                          socket=str(tmp_path / "run" / "lockd.sock"))  # fmt: skip
+    assert service.config.admin_socket == str(tmp_path / "run" / "lockd-admin.sock")
