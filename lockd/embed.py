@@ -17,6 +17,10 @@ journal before reply) is the daemon's own. Pass ``socket=`` to also serve
 other processes (``lockd status``, a VM's plugin) on a Unix socket. Restart
 your program and ``start()`` recovers: leases of VMs still running are held
 again before it returns. ``stop()`` releases nothing.
+
+What it raises, how stopping and starting again behave, and how it lives
+beside a daemon: ``docs/embedding.md``. The exceptions it raises are named
+here too, for one import.
 """
 
 from __future__ import annotations
@@ -38,14 +42,24 @@ import pykka
 from actors.connection import REPLAY_BACKLOG, Drained, Received
 from actors.recovery import RecoveryReport
 from actors.runtime import tell_if_alive
-from lockd.config import admin_socket_beside
+from lockd.config import ConfigError, admin_socket_beside
 from lockd.config import from_keys as config_from_keys
-from lockd.daemon import Daemon
-from protocol.client import ConnectionLostError, result_of
+from lockd.daemon import Daemon, JournalInUseError
+from protocol.client import ConnectionLostError, RemoteError, result_of
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from protocol.messages import PROTOCOL_VERSION
+
+__all__ = [
+    "ConfigError",
+    "ConnectionLostError",
+    "EmbeddedClient",
+    "JournalInUseError",
+    "LockService",
+    "RecoveryReport",
+    "RemoteError",
+]
 
 log = logging.getLogger("lockd")
 

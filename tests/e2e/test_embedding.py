@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from actors.router import Gather, RouterActor
-from lockd.embed import LockService
+from lockd.embed import ConnectionLostError, LockService
 from lockd.journal_format import JournalCorruptError
-from protocol.client import Client, ConnectionLostError, RemoteError
+from protocol.client import Client, RemoteError
 from protocol.errors import ProtocolError
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.lockprobe import probe
