@@ -210,17 +210,7 @@ class LockSystem:
         if boot is not None and read.before != boot:
             _record_boot(config.journal_dir, boot)
         self.fd_store = FdStore()
-        adopted = dict(adopted or {})
-        stored = dict(stored or {})
-        for key in state.leases:
-            fd = stored.pop(lease_fd_name(*key), None)
-            if fd is not None and key not in adopted:
-                adopted[key] = fd
-            elif fd is not None:
-                os.close(fd)  # the re-exec handoff has this lease's fd already
-        for name, fd in stored.items():
-            log.info("fd store: %s belongs to no held lease; removing it", name)
-            self.fd_store.forget(name, fd)
+        adopted = self._pair_stored(state, dict(adopted or {}), dict(stored or {}))
         log.info(
             "journal replayed to seq %d (%s, %d entries after it): %d leases held by %d owners",
             state.seq,
@@ -279,6 +269,25 @@ class LockSystem:
             boot=boot,
             fd_store=self.fd_store,
         )
+
+    def _pair_stored(
+        self, state: ReplayState, adopted: dict[tuple[str, str], int], stored: dict[str, int]
+    ) -> dict[tuple[str, str], int]:
+        """The lease fds recovery adopts: a re-exec's, then the fd store's for the rest.
+
+        A stored fd of a lease the re-exec handed over too is closed (the handoff's
+        is the same lock); one of a lease the journal does not hold is removed from
+        the store."""
+        for key in state.leases:
+            fd = stored.pop(lease_fd_name(*key), None)
+            if fd is not None and key not in adopted:
+                adopted[key] = fd
+            elif fd is not None:
+                os.close(fd)  # the re-exec handoff has this lease's fd already
+        for name, fd in stored.items():
+            log.info("fd store: %s belongs to no held lease; removing it", name)
+            self.fd_store.forget(name, fd)
+        return adopted
 
     def _recovered(self, report: RecoveryReport) -> None:
         self.report = report
