@@ -215,7 +215,7 @@ def _config_value(value: Any) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     from lockd import config as config_mod
-    from lockd.daemon import JournalInUseError, serve
+    from lockd.daemon import JournalInUseError, PidFileLockedError, serve
     from lockd.journal_format import JournalCorruptError
 
     overrides = {
@@ -255,7 +255,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             frozenset(k for k, v in overrides.items() if v is not None),
             handoff_fd=args.handoff_fd,
         )
-    except (JournalInUseError, JournalCorruptError) as exc:
+    except (JournalInUseError, JournalCorruptError, PidFileLockedError) as exc:
         print(f"lockd serve: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:

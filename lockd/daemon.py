@@ -70,6 +70,10 @@ class JournalInUseError(RuntimeError):
     """Another daemon (or embedded system) writes this journal directory."""
 
 
+class PidFileLockedError(RuntimeError):
+    """Another daemon holds the lock on the configured pid file."""
+
+
 class _ProcessInfo:
     """Registration's view of /proc."""
 
@@ -548,63 +552,76 @@ class Daemon:
         """Settings given on the command line: a reload of the file does not change them."""
         self._handoff = handoff
         self._embedded = embedded
-        if not embedded:  # the collector is the host program's business
-            _collector_off_for_recovery()
-        limit = procs.raise_fd_limit() if not embedded else 0
-        adopted = {(ls, res): fd for ls, res, fd in handoff.leases} if handoff else None
-        activated: dict[str, int] = {}
-        stored: dict[str, int] = {}
-        for name, fd in listen_fds() if not embedded else []:
-            if name.startswith("lease-") and name in stored:
-                # The same lease stored twice: keep one; the other's lock goes
-                # when the manager drops it (FDSTOREREMOVE sends both away later).
-                log.warning("fd store returned %s twice; closing the extra fd", name)
-                os.close(fd)
-            elif name.startswith("lease-"):
-                stored[name] = fd
-            elif name in ACTIVATION_NAMES and name not in activated:
-                activated[name] = fd
-            else:
-                log.error("refusing an fd named %r from the service manager: not ours", name)
-                os.close(fd)
-        self._bound: set[str] = set()
-        """The listeners' socket files this daemon created: removed when it stops. Not
-        those of socket activation, which belong to the service manager (its socket
-        units keep listening on them across a stop)."""
-        _secure_socket_dirs(config, activated, binding=sockets and handoff is None)
-        # An eighth of the descriptors for owner pidfds: leases cannot exist
-        # without their fd, owners beyond this are polled (16,384 leases and
-        # 4,096 owners then fit in 20,000 fds; 65,536 pidfds under the unit's
-        # LimitNOFILE).
-        self.system = LockSystem(
-            config,
-            adopted=adopted,
-            stored=stored,
-            on_ready=self._serve,
-            max_pidfds=limit // PIDFD_SHARE if limit else None,
-            journal_lock=handoff.journal_lock if handoff else None,
-            serving_since=handoff.started if handoff else None,
-            # Written beside the journal: a second daemon refused names the socket this
-            # one serves (a mistyped LOCKD_SOCKET shows at once).
-            holder=f"serving {config.socket}" if sockets else "embedded",
-            controls_logging=not embedded,
-        )
-        if handoff is not None:
-            self._carry_on(handoff)
-        self._pid_fd: int | None = handoff.pid_file if handoff else None
-        """The locked pid file (inherited across a re-exec, else opened by :meth:`run`)."""
-        self.dispatcher = self.system.dispatcher
-        self._clients = 0
-        self._admin_clients = 0
-        self._connections: dict[int, pykka.ActorRef[Any]] = {}
-        self._stop_reason = ""
-        self._reexecing = False
-        # By listener, admin or not: closed only by exit (O_CLOEXEC: not by a re-exec).
-        self._spares = {admin: FdReserve(FD_RESERVE if sockets else 0) for admin in (False, True)}
-        self.listeners: list[Listener] = self._listen(config, handoff, activated) if sockets else []
-        log.debug("file descriptor limit: %d", limit)
-        if config.timeout > 0:
-            _IdleWatch.start(self.dispatcher, self.system.router, config.timeout, self.request_stop)
+        self._pid_fd = self._write_pid_file(handoff.pid_file if handoff else None)
+        """The locked pid file (inherited across a re-exec): taken before anything else, so
+        a daemon refused for it has replayed, journaled and bound nothing."""
+        try:
+            if not embedded:  # the collector is the host program's business
+                _collector_off_for_recovery()
+            limit = procs.raise_fd_limit() if not embedded else 0
+            adopted = {(ls, res): fd for ls, res, fd in handoff.leases} if handoff else None
+            activated: dict[str, int] = {}
+            stored: dict[str, int] = {}
+            for name, fd in listen_fds() if not embedded else []:
+                if name.startswith("lease-") and name in stored:
+                    # The same lease stored twice: keep one; the other's lock goes
+                    # when the manager drops it (FDSTOREREMOVE sends both away later).
+                    log.warning("fd store returned %s twice; closing the extra fd", name)
+                    os.close(fd)
+                elif name.startswith("lease-"):
+                    stored[name] = fd
+                elif name in ACTIVATION_NAMES and name not in activated:
+                    activated[name] = fd
+                else:
+                    log.error("refusing an fd named %r from the service manager: not ours", name)
+                    os.close(fd)
+            self._bound: set[str] = set()
+            """The listeners' socket files this daemon created: removed when it stops. Not
+            those of socket activation, which belong to the service manager (its socket
+            units keep listening on them across a stop)."""
+            _secure_socket_dirs(config, activated, binding=sockets and handoff is None)
+            # An eighth of the descriptors for owner pidfds: leases cannot exist
+            # without their fd, owners beyond this are polled (16,384 leases and
+            # 4,096 owners then fit in 20,000 fds; 65,536 pidfds under the unit's
+            # LimitNOFILE).
+            self.system = LockSystem(
+                config,
+                adopted=adopted,
+                stored=stored,
+                on_ready=self._serve,
+                max_pidfds=limit // PIDFD_SHARE if limit else None,
+                journal_lock=handoff.journal_lock if handoff else None,
+                serving_since=handoff.started if handoff else None,
+                # Written beside the journal: a second daemon refused names the socket this
+                # one serves (a mistyped LOCKD_SOCKET shows at once).
+                holder=f"serving {config.socket}" if sockets else "embedded",
+                controls_logging=not embedded,
+            )
+            if handoff is not None:
+                self._carry_on(handoff)
+            self.dispatcher = self.system.dispatcher
+            self._clients = 0
+            self._admin_clients = 0
+            self._connections: dict[int, pykka.ActorRef[Any]] = {}
+            self._stop_reason = ""
+            self._reexecing = False
+            # By listener, admin or not: closed only by exit (O_CLOEXEC: not by a re-exec).
+            self._spares = {
+                admin: FdReserve(FD_RESERVE if sockets else 0) for admin in (False, True)
+            }
+            self.listeners: list[Listener] = (
+                self._listen(config, handoff, activated) if sockets else []
+            )
+            log.debug("file descriptor limit: %d", limit)
+            if config.timeout > 0:
+                _IdleWatch.start(
+                    self.dispatcher, self.system.router, config.timeout, self.request_stop
+                )
+        except BaseException:
+            if embedded and hasattr(self, "system"):  # the program goes on, may start again
+                self.system.abandon()
+            self._drop_pid_file()
+            raise
 
     def _listen(
         self, config: Config, handoff: Handoff | None, activated: dict[str, int]
@@ -891,13 +908,6 @@ class Daemon:
 
     def run(self) -> None:
         """Serve until stopped, then journal the stop; the leases stay for the next start."""
-        try:
-            pid_fd = self._pid_fd = self._write_pid_file(self._pid_fd)
-        except BaseException:
-            if self._embedded:  # the program goes on, and may start again: nothing ran yet
-                self._close_listeners()
-                self.system.abandon()
-            raise
         serving = {listener.admin: self._path_of(listener) for listener in self.listeners}
         log.info(
             "lockd %s serving %s (admin %s), lock dir %s, journal %s (sync %s)",
@@ -918,10 +928,7 @@ class Daemon:
             finally:
                 if self._embedded:
                     self.system.close()
-            if pid_fd is not None and self.config.pid_file:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.config.pid_file)
-                os.close(pid_fd)
+            self._drop_pid_file()
             log.info(
                 "lockd stopped (%s): nothing released in the journal, no owner signalled",
                 self._stop_reason,
@@ -963,10 +970,30 @@ class Daemon:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            raise RuntimeError(f"pid file {path} is locked by a running daemon") from None
+            raise PidFileLockedError(
+                f"pid file {path} is locked by a running daemon{_pid_in(path)}"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         return fd
+
+    def _drop_pid_file(self) -> None:
+        """Remove and unlock the pid file, if this daemon holds one."""
+        if self._pid_fd is not None and self.config.pid_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.config.pid_file)
+            os.close(self._pid_fd)
+            self._pid_fd = None
+
+
+def _pid_in(path: str) -> str:
+    """`` (pid N)``: what a locked pid file says, for the error; empty if unreadable."""
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read(32).strip()
+    except (OSError, ValueError):
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
 
 
 def serve(

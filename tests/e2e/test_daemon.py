@@ -494,6 +494,37 @@ def test_metrics_and_log_level_on_the_admin_socket(
     assert [c["leases"] for c in clients if "owner" in c] == [1]
 
 
+def test_a_pid_file_locked_by_another_daemon_stops_the_start_before_anything(
+    tmp_path: Path,
+) -> None:
+    """A pid file another daemon holds: a one-line error naming its pid, exit 1. It was
+    a traceback, after the journal was replayed and written and both socket files bound
+    (and left behind)."""
+    pid_file = tmp_path / "run" / "lockd.pid"
+    pid_file.parent.mkdir()
+    pid_file.write_text("4242\n")
+    held = os.open(pid_file, os.O_RDWR)
+    try:
+        fcntl.lockf(held, fcntl.LOCK_EX)
+        done = subprocess.run(
+            [*LOCKD, "serve", "--socket", str(tmp_path / "lockd.sock"),
+             "--lock-dir", str(tmp_path / "locks"), "--journal-dir", str(tmp_path / "journal"),
+             "--pid-file", str(pid_file)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(held)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"lockd serve: pid file {pid_file} is locked by a running daemon (pid 4242)" in (
+        done.stderr
+    )
+    assert not (tmp_path / "lockd.sock").exists()
+    assert not (tmp_path / "lockd-admin.sock").exists()
+    assert not (tmp_path / "journal").exists()
+    assert pid_file.read_text() == "4242\n"  # the other daemon's, untouched
+
+
 def test_check_config(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('max_clients = 8\nlog_filters = "debug:actors"\n')
