@@ -7,7 +7,10 @@
   at its own level.
 - ``log_outputs``: ``stderr`` or ``journald`` (the native journal protocol on
   ``/run/systemd/journal/socket``, with priority and the module as fields;
-  falls back to stderr with a warning when there is no journal).
+  falls back to stderr with a warning when there is no journal). When systemd
+  connects stderr to the journal (``$JOURNAL_STREAM`` names it), each line
+  starts with its syslog priority (``<4>``, sd-daemon(3)) instead of
+  ``lockd[PID]:``, which the journal adds itself.
 
 All three can change at runtime (``lockd log-level`` on the admin socket).
 """
@@ -25,8 +28,42 @@ import sys
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _NUMERIC = {"1": "debug", "2": "info", "3": "warning", "4": "error"}
-_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
 FORMAT = "lockd[%(process)d]: %(levelname)s: %(name)s: %(message)s"
+JOURNAL_STREAM_FORMAT = "%(levelname)s: %(name)s: %(message)s"
+"""stderr's lines when it is the journal, which names the program and pid itself."""
+
+
+def priority(levelno: int) -> int:
+    """The syslog priority of a logging level: critical 2, error 3, warning 4, info 6,
+    debug 7 (a level between two takes the lower one's)."""
+    for level, prio in ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                        (logging.INFO, 6)):  # fmt: skip
+        if levelno >= level:
+            return prio
+    return 7
+
+
+def stderr_is_journal() -> bool:
+    """Whether systemd connected stderr to the journal: ``$JOURNAL_STREAM`` is its
+    ``DEVICE:INODE`` (not inherited by a stderr redirected elsewhere since)."""
+    device, _, inode = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class JournalStreamFormatter(logging.Formatter):
+    """Every line (a traceback's too) prefixed with the record's ``<PRIORITY>``, which
+    the journal reads off a stream and strips: without it each line was "info"."""
+
+    def __init__(self) -> None:
+        super().__init__(JOURNAL_STREAM_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines() or [""])
 
 
 class LogFilterError(ValueError):
@@ -95,7 +132,7 @@ class JournaldHandler(logging.Handler):
         try:
             message = self.format(record).encode("utf-8", "replace")
             fields = [
-                b"PRIORITY=%d" % _PRIORITY.get(record.levelno, 6),
+                b"PRIORITY=%d" % priority(record.levelno),
                 b"SYSLOG_IDENTIFIER=lockd",
                 b"LOCKD_MODULE=" + record.name.encode(),
             ]
@@ -129,7 +166,9 @@ def configure(level: str, filters: str = "", output: str = "stderr") -> None:
             handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
         else:
             handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter(FORMAT))
+            handler.setFormatter(
+                JournalStreamFormatter() if stderr_is_journal() else logging.Formatter(FORMAT)
+            )
         root.addHandler(handler)
         root._lockd_output = output  # type: ignore[attr-defined]
         if output == "journald" and not isinstance(handler, JournaldHandler):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import struct
@@ -107,3 +108,59 @@ def test_a_configured_filter_for_a_module_lockd_lacks_is_warned_about(
     assert logs.current()["filters"] == "debug:actors.owners debug:lockd.gone"
     assert "log filter for 'lockd.gone': lockd has no such module" in caplog.text
     assert "actors.owners" not in caplog.text
+
+
+def _stderr_to(path: Path, monkeypatch: pytest.MonkeyPatch, *, journal: bool) -> None:
+    """stderr is ``path``; ``journal``: $JOURNAL_STREAM names it, as systemd sets it."""
+    stream = path.open("w", encoding="utf-8")
+    monkeypatch.setattr("sys.stderr", stream)
+    st = path.stat()
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}" if journal else "1:2")
+    monkeypatch.setattr(logging.getLogger(), "_lockd_output", None, raising=False)
+
+
+def test_stderr_that_is_the_journal_gets_each_lines_priority(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd (lockd.service, log_outputs = "stderr") stderr is a journal stream:
+    every line was stored at priority info (`journalctl -p warning` showed no error)
+    and named the process twice (`lockd[7]: lockd[7]: ERROR: ...`)."""
+    out = tmp_path / "stderr"
+    _stderr_to(out, monkeypatch, journal=True)
+    logs.configure("info", "", "stderr")
+    log = logging.getLogger("lockd.test")
+    log.warning("reload: %s changed", "max_clients")
+    log.error("two\nlines")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        log.exception("failed")
+    log.info("fine")
+    log.critical("worst")
+    logging.getLogger().handlers[0].flush()
+    lines = out.read_text().splitlines()
+    assert lines[0] == "<4>WARNING: lockd.test: reload: max_clients changed"
+    assert lines[1:3] == ["<3>ERROR: lockd.test: two", "<3>lines"]
+    assert lines[3] == "<3>ERROR: lockd.test: failed"
+    assert lines[4] == "<3>Traceback (most recent call last):"
+    assert "<3>ValueError: boom" in lines
+    assert lines[-2:] == ["<6>INFO: lockd.test: fine", "<2>CRITICAL: lockd.test: worst"]
+    assert all(line.startswith("<") and "lockd[" not in line for line in lines)
+
+
+def test_stderr_elsewhere_keeps_the_plain_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A $JOURNAL_STREAM inherited by a daemon whose stderr was redirected (one started
+    on demand writes lockd.log) is not this stderr: no priority prefixes there."""
+    out = tmp_path / "stderr"
+    _stderr_to(out, monkeypatch, journal=False)
+    logs.configure("info", "", "stderr")
+    logging.getLogger("lockd.test").warning("plain")
+    logging.getLogger().handlers[0].flush()
+    assert out.read_text() == f"lockd[{os.getpid()}]: WARNING: lockd.test: plain\n"
+
+
+def test_a_critical_record_reaches_the_journal_as_critical() -> None:
+    """Levels above error were written at priority info."""
+    assert [logs.priority(n) for n in (50, 40, 30, 20, 10, 25)] == [2, 3, 4, 6, 7, 6]
