@@ -136,6 +136,9 @@ def test_units_verify(tmp_path: Path) -> None:
         text = (UNITS / sock).read_text()
         assert "SocketMode=0600" in text
         assert f"FileDescriptorName={sock}" in text
+        # /run/lockd: an auditor given the client socket (SocketMode=, allowed_uids) must
+        # get through the directory, whichever unit made it.
+        assert "DirectoryMode=0711" in text
     done = subprocess.run(
         ["systemd-analyze", "verify", "--man=no",
          "lockd.service", "lockd.socket", "lockd-admin.socket"],
