@@ -125,8 +125,11 @@ class JournaldHandler(logging.Handler):
 
     def __init__(self, path: str = JOURNAL_SOCKET) -> None:
         super().__init__()
+        self._path = path
+        """Addressed by each send, as sd_journal_send does: a socket connected once stayed
+        on the journald of the moment, refused every line after a restart of it
+        (``systemctl restart systemd-journald``, an upgrade) and reported each on stderr."""
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self._sock.connect(path)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -137,7 +140,7 @@ class JournaldHandler(logging.Handler):
                 b"LOCKD_MODULE=" + record.name.encode(),
             ]
             body = b"\n".join(fields) + b"\nMESSAGE\n" + struct.pack("<Q", len(message))
-            self._sock.send(body + message + b"\n")
+            self._sock.sendto(body + message + b"\n", self._path)
         except OSError:
             self.handleError(record)
 

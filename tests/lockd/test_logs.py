@@ -164,3 +164,40 @@ def test_stderr_elsewhere_keeps_the_plain_format(
 def test_a_critical_record_reaches_the_journal_as_critical() -> None:
     """Levels above error were written at priority info."""
     assert [logs.priority(n) for n in (50, 40, 30, 20, 10, 25)] == [2, 3, 4, 6, 7, 6]
+
+
+def test_journald_handler_follows_a_restarted_journald(tmp_path: Path) -> None:
+    """journald restarted (an upgrade) binds its socket anew: a handler connected to the
+    old one had every later line refused (ECONNREFUSED) and so lost."""
+    path = tmp_path / "journal.sock"
+
+    def journald() -> socket.socket:
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        server.bind(str(path))
+        server.settimeout(5)
+        return server
+
+    def record(text: str) -> logging.LogRecord:
+        return logging.LogRecord("lockd", logging.ERROR, __file__, 1, text, None, None)
+
+    refused: list[str] = []
+
+    class Handler(logs.JournaldHandler):
+        def handleError(self, record: logging.LogRecord) -> None:
+            refused.append(record.getMessage())
+
+    server = journald()
+    handler = Handler(str(path))
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    try:
+        handler.emit(record("before"))
+        assert server.recv(65536).endswith(b"before\n")
+        server.close()
+        path.unlink()
+        server = journald()  # the restarted journald
+        handler.emit(record("after"))
+        assert refused == []
+        assert server.recv(65536).endswith(b"after\n")
+    finally:
+        server.close()
+        handler.close()
