@@ -301,6 +301,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             _print_json({**status, "fencing": fences} if "fencing" in status else status)
         else:
             fencing = status.pop("fencing", None)  # None: a daemon older than the field
+            timeline = status.get("journal")
+            if isinstance(timeline, dict):  # words, not a dict's repr: "{'id': '3f…', ...}"
+                status["journal"] = f"id {timeline.get('id')}, seqs from {timeline.get('from')}"
             for key, value in status.items():
                 print(f"{key}: {value}")
             if fencing is not None:

@@ -82,6 +82,11 @@ def test_status_and_socket_modes(daemon: DaemonProcess) -> None:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     names = {row["name"] for row in json.loads(daemon.lockd("lockspaces", "--json").stdout)}
     assert {"org.libvirt.lockd.files", "org.libvirt.lockd.lvm", "org.libvirt.lockd.scsi"} <= names
+    plain = daemon.lockd("status").stdout
+    timeline = status["journal"]
+    # Words, not a Python dict's repr ("journal: {'id': ..., 'from': 1}").
+    assert f"\njournal: id {timeline['id']}, seqs from {timeline['from']}\n" in plain
+    assert "{" not in plain
 
 
 def test_run_holds_the_disk_lock_until_the_command_dies(
