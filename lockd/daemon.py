@@ -799,6 +799,7 @@ class Daemon:
             log.warning("SIGUSR1 ignored: %s", why)
             return
         self._reexecing = True
+        activated = self._activated_keys()
         _import_from_here()
         argv = list(sys.argv[1:])
         if "--handoff-fd" in argv:
@@ -822,13 +823,22 @@ class Daemon:
             fences_resume=self.config.lost_lease_policy == "fence",
             before_exec=lambda: self.system.snapshots.wait(STOP_WAIT_S),
             own_fds=(self.system.journal_lock, self._pid_fd),
-            paths=paths_of(self.config),
+            paths={k: v for k, v in paths_of(self.config).items() if k not in activated},
             started=self.system.serving_since,
             log_config=(self.config.log_level, self.config.log_filters, self.config.log_outputs),
             bound=sorted(self._bound),
             on_done=self._reexec_over,
             stopping=lambda: bool(self._stop_reason),
         )
+
+    def _activated_keys(self) -> set[str]:
+        """The socket settings that socket activation stands in for: the service
+        manager's sockets, which this daemon did not bind and no setting moves."""
+        return {
+            "admin_socket" if listener.admin else "socket"
+            for listener in self.listeners
+            if self._path_of(listener) not in self._bound
+        }
 
     def _stop_accepting(self) -> None:
         for listener in self.listeners:
@@ -880,6 +890,14 @@ class Daemon:
             and getattr(fresh, field.name) != getattr(self.config, field.name)
             and field.name not in self._overridden
         ]
+        activated = [key for key in changed if key in self._activated_keys()]
+        if activated:
+            log.info(
+                "reload: %s changed; not used while lockd serves the service manager's "
+                "sockets (socket activation: ListenStream= of its socket units)",
+                ", ".join(activated),
+            )
+            changed = [key for key in changed if key not in activated]
         # SIGUSR1 applies the others (docs/configuration.md); it refuses to move a path.
         moved = [key for key in changed if key in PATH_KEYS]
         applied = [key for key in changed if key not in PATH_KEYS]

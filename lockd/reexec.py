@@ -166,11 +166,12 @@ def _last(stderr: str, returncode: int) -> str:
 def moved_paths(running: Paths, new: Paths) -> list[str]:
     """The settings of :data:`PATH_KEYS` the new program would not share with this one,
     and the lockspaces of :data:`LOCKSPACES` it would serve from another directory
-    (or from ``lock_dir``), if it says them."""
+    (or from ``lock_dir``), if it says them. A key ``running`` leaves out is not
+    compared: a socket the service manager passed, which no setting moves."""
     moved = [
         f"{key} ({running.get(key)} -> {new.get(key)})"
         for key in PATH_KEYS
-        if running.get(key) != new.get(key)
+        if key in running and running.get(key) != new.get(key)
     ]
     if isinstance(new.get(LOCKSPACES), dict):
         now, then = running.get(LOCKSPACES) or {}, new[LOCKSPACES]

@@ -96,6 +96,55 @@ def test_a_reexec_of_a_socket_activated_daemon_leaves_the_managers_files_at_the_
     assert all(other.read_text() == "another daemon's\n" for other in others)
 
 
+@pytest.mark.skipif(
+    not shutil.which("systemd-socket-activate"), reason="needs systemd-socket-activate"
+)
+def test_an_edited_socket_key_does_not_stop_a_reload_under_socket_activation(
+    tmp_path: Path,
+) -> None:
+    """Under lockd.socket the `socket` key moves nothing (the socket unit's ListenStream=
+    decides): editing it made SIGUSR1 (`systemctl reload lockd`) refuse to re-exec,
+    "the configuration now moves socket", and SIGHUP ask for a restart that would not
+    have moved it either."""
+    sock, admin = tmp_path / "lockd.sock", tmp_path / "admin.sock"
+    config = tmp_path / "lockd.toml"
+    config.write_text(f'socket = "{tmp_path}/configured.sock"\nfence_grace = 5\n')
+    log = tmp_path / "daemon.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(sock), "-l", str(admin),
+             "--fdname=lockd.socket:lockd-admin.socket",
+             *LOCKD, "serve", "--config", str(config), "--lock-dir", str(tmp_path / "locks"),
+             "--journal-dir", str(tmp_path / "journal")],
+            stderr=out,
+        )  # fmt: skip
+
+    def status() -> None:
+        done = subprocess.run(
+            [*LOCKD, "status", "--json", "--socket", str(sock)],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    try:
+        wait_for(sock.exists)
+        status()  # the first connection starts the service
+        config.write_text(f'socket = "{tmp_path}/elsewhere.sock"\nfence_grace = 5\n')
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload: socket changed; not used" in log.read_text())
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "re-exec: took over" in log.read_text() or "abandoned" in log.read_text())
+        status()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    text = log.read_text()
+    assert "re-exec: took over" in text
+    assert "abandoned" not in text
+    assert "takes a restart" not in text
+    assert not (tmp_path / "elsewhere.sock").exists()
+
+
 def test_notify_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
     fm = FakeServiceManager(tmp_path)
     try:
