@@ -799,6 +799,12 @@ class Daemon:
             log.warning("SIGUSR1 ignored: %s", why)
             return
         self._reexecing = True
+        # systemd shows the unit "reloading" until READY=1: the new program's, once its
+        # recovery is done, or this one's if the re-exec is abandoned.
+        sd_notify(
+            f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}\n"
+            "STATUS=re-executing (SIGUSR1)"
+        )
         activated = self._activated_keys()
         _import_from_here()
         argv = list(sys.argv[1:])
@@ -856,7 +862,7 @@ class Daemon:
             return  # stopping: the listeners are closed, and stay so
         for listener in self.listeners:
             listener.start()
-        sd_notify(f"STATUS=serving; re-exec abandoned: {why}")
+        sd_notify(f"READY=1\nSTATUS=serving; re-exec abandoned: {why}")
 
     def _reexec_over(self) -> None:
         """The abandoned re-exec has every answer it waited for: a SIGUSR1 is taken

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -167,6 +168,46 @@ def test_notify_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
         ready = next(m for m in fm.messages if "READY=1" in m)
         assert "STATUS=serving; recovery held 0" in ready
         assert any("STOPPING=1" in m for m in fm.messages)
+    finally:
+        fm.close()
+
+
+def test_a_reexec_tells_the_manager_it_reloads_until_ready_again(tmp_path: Path) -> None:
+    """SIGUSR1 (`systemctl reload lockd`) said nothing to systemd: the unit never showed
+    "reloading" while the re-exec ran. Now RELOADING=1 first, then READY=1: the new
+    program's after its recovery, or this one's when the re-exec is abandoned."""
+    fm = FakeServiceManager(tmp_path)
+    config = tmp_path / "lockd.toml"
+    config.write_text("fence_grace = 5\n")
+    log = tmp_path / "daemon.log"
+    try:
+        env, _ = fm.env()
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                [*fm.launcher(), *LOCKD, "serve", "--config", str(config),
+                 "--socket", str(tmp_path / "s"), "--admin-socket", str(tmp_path / "a"),
+                 "--lock-dir", str(tmp_path / "locks"),
+                 "--journal-dir", str(tmp_path / "journal")],
+                env={**os.environ, **env}, stderr=out,
+            )  # fmt: skip
+        try:
+            wait_for(lambda: fm.ready_count() == 1)
+            proc.send_signal(signal.SIGUSR1)
+            wait_for(lambda: fm.ready_count() == 2)
+            config.write_text("fence_grace = 5\nbogus = 1\n")
+            proc.send_signal(signal.SIGUSR1)
+            wait_for(lambda: fm.ready_count() == 3)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        said = [m for m in fm.messages if "READY=1" in m or "RELOADING=1" in m]
+        assert [("RELOADING=1" in m, "READY=1" in m) for m in said] == [
+            (False, True), (True, False), (False, True), (True, False), (False, True),
+        ]  # fmt: skip
+        assert all("MONOTONIC_USEC=" in m for m in said if "RELOADING=1" in m)
+        assert "STATUS=serving; recovery held" in said[2]
+        assert "STATUS=serving; re-exec abandoned" in said[4]
+        assert "unknown key 'bogus'" in said[4]
     finally:
         fm.close()
 
