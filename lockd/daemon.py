@@ -50,7 +50,15 @@ from lockd.journal_file import (
     record_boot,
 )
 from lockd.lockfiles import LockspaceDir
-from lockd.reexec import PATH_KEYS, Handoff, ListenerFd, ReexecActor, paths_of, read_handoff
+from lockd.reexec import (
+    LOCKSPACES,
+    PATH_KEYS,
+    Handoff,
+    ListenerFd,
+    ReexecActor,
+    paths_of,
+    read_handoff,
+)
 from lockd.replay import replay
 from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
 from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
@@ -904,9 +912,10 @@ class Daemon:
                 ", ".join(activated),
             )
             changed = [key for key in changed if key not in activated]
-        # SIGUSR1 applies the others (docs/configuration.md); it refuses to move a path.
-        moved = [key for key in changed if key in PATH_KEYS]
-        applied = [key for key in changed if key not in PATH_KEYS]
+        # SIGUSR1 applies the others (docs/configuration.md); it refuses to move a path,
+        # a directory of [lockspaces] included.
+        moved = [key for key in changed if key in (*PATH_KEYS, LOCKSPACES)]
+        applied = [key for key in changed if key not in moved]
         if applied:
             log.warning(
                 "reload: %s changed; not applied until a re-exec (SIGUSR1, systemctl reload "

@@ -391,6 +391,27 @@ def test_sighup_does_not_report_the_admin_socket_beside_socket_as_changed(
         daemon.system.shutdown("test done")
 
 
+def test_sighup_says_a_moved_lockspace_takes_a_restart_as_the_reexec_does(
+    config: Config, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A [lockspaces] directory edited: SIGHUP said a re-exec would apply it, and the
+    re-exec (SIGUSR1, systemctl reload) then refused, "the configuration now moves
+    lockspaces.NAME"; both now say it takes a restart."""
+    file = tmp_path / "lockd.toml"
+    file.write_text("")
+    config = attrs.evolve(config, config_file=str(file))
+    overridden = frozenset({"socket", "admin_socket", "lock_dir", "journal_dir"})
+    daemon = Daemon(config, overridden, sockets=False)
+    try:
+        daemon.dispatcher.run_until_idle()
+        file.write_text(f'[lockspaces]\n"x.y" = "{tmp_path / "xy"}"\n')
+        daemon.reload()
+        assert "lockspaces changed; that takes a restart" in caplog.text
+        assert "not applied until a re-exec" not in caplog.text
+    finally:
+        daemon.system.shutdown("test done")
+
+
 def _per_user(config: Config) -> Config:
     """``config`` with the sockets at the per-user defaults (of ``fallback_user``)."""
     paths = default_paths()
