@@ -626,6 +626,9 @@ class Daemon:
                     self.dispatcher, self.system.router, config.timeout, self.request_stop
                 )
         except BaseException:
+            for path in getattr(self, "_bound", ()):  # a socket bound before the failure
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             if embedded and hasattr(self, "system"):  # the program goes on, may start again
                 self.system.abandon()
             self._drop_pid_file()

@@ -530,6 +530,23 @@ def test_a_pid_file_locked_by_another_daemon_stops_the_start_before_anything(
     assert pid_file.read_text() == "4242\n"  # the other daemon's, untouched
 
 
+def test_a_start_that_cannot_bind_the_admin_socket_leaves_no_client_socket_file(
+    tmp_path: Path,
+) -> None:
+    """The client socket is bound first: a start that then failed on the admin socket
+    exited with the client socket's file left behind, looking like a daemon's."""
+    (tmp_path / "afile").write_text("")
+    done = subprocess.run(
+        [*LOCKD, "serve", "--socket", str(tmp_path / "run" / "lockd.sock"),
+         "--admin-socket", str(tmp_path / "afile" / "admin.sock"),
+         "--lock-dir", str(tmp_path / "locks"), "--journal-dir", str(tmp_path / "journal")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "admin_socket" in done.stderr
+    assert not (tmp_path / "run" / "lockd.sock").exists()
+
+
 def test_check_config(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('max_clients = 8\nlog_filters = "debug:actors"\n')
