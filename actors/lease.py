@@ -97,6 +97,11 @@ class LeaseFiles(Protocol):
         """Close a lease fd (and with it the lock; the simulation's fake kernel sees it)."""
         ...
 
+    def release_fd(self, fd: int) -> None:
+        """Unlock and close the fd of a lease that ended: unlike :meth:`close_fd`, also
+        while another copy of it (the service manager's fd store) stays open."""
+        ...
+
 
 @attrs.frozen
 class TakeLock:
@@ -307,6 +312,6 @@ class LeaseActor(DispatchedActor):
                     self._files.unlink_lease(self._resource)
             except (LockBusyError, OSError):
                 pass  # someone else still holds or is creating it; the file stays
-        self._files.close_fd(self._fd)
+        self._files.release_fd(self._fd)
         self._fd = None
         crash_point("release-dropped")

@@ -12,6 +12,7 @@ symlink planted in a lockspace never redirects lockd to another file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -74,7 +75,17 @@ class LockspaceDir:
 
     @staticmethod
     def close_fd(fd: int) -> None:
-        """Close a lease fd: its OFD lock goes with it."""
+        """Close a lease fd: its OFD lock goes with it, unless another copy of its open
+        file description lives on (the fd store's: see :meth:`release_fd`)."""
+        os.close(fd)
+
+    @staticmethod
+    def release_fd(fd: int) -> None:
+        """Unlock, then close a lease fd whose lease ended: the lock ends now, though
+        the service manager's fd store keeps a copy of the description (and with a
+        close alone, its lock) until it gets to the FDSTOREREMOVE."""
+        with contextlib.suppress(OSError):  # the close drops what it can anyway
+            unlock(fd)
         os.close(fd)
 
     def close(self) -> None:

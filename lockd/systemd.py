@@ -16,6 +16,8 @@ import logging
 import os
 import socket
 
+from lockd.lockfiles import unlock
+
 log = logging.getLogger(__name__)
 
 LISTEN_FDS_START = 3
@@ -92,5 +94,8 @@ class FdStore:
         """Drop a stored fd nobody needs any more (its lease ended while we were down)."""
         if self.enabled:
             notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        with contextlib.suppress(OSError):
+            # Unlocked first: the store's copy, until the manager drops it, would keep it.
+            unlock(fd)
         with contextlib.suppress(OSError):
             os.close(fd)

@@ -270,3 +270,35 @@ def test_a_crash_while_recovery_journals_its_findings_keeps_relocked_leases_in_t
         (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
     }
     check(daemon)
+
+
+def test_a_released_lease_is_free_at_once_while_the_store_still_holds_its_fd(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """The store holds the lease fd's open file description, and so its OFD lock, until
+    the manager gets to FDSTOREREMOVE: closing the daemon's fd did not free it. A
+    released lease file that stays (one created beforehand) was still locked after the
+    release's answer, for as long as PID 1 was busy: "busy" to the next VM or host."""
+    daemon = make_daemon("sd")
+    daemon.stop()
+    start_under(daemon, manager)
+    with daemon.client() as client:
+        client.call("create-lockspace", lockspace="test.space")
+        client.call("create-resource", lockspace="test.space", resource="disk-1")
+    path = daemon.lock_dir / "test.space" / "disk-1"
+    owner = subprocess.Popen(["sleep", "600"])
+    children.append(owner)
+    acquire = ("--owner-pid", str(owner.pid), "--lease", "test.space/disk-1")
+    done = daemon.lockd("acquire", *acquire, "--no-autocreate")
+    assert done.returncode == 0, done.stderr
+    wait_for(lambda: len(manager.stored_names()) == 1)
+    assert probe(path, "ofd") == "busy"
+    with manager.lock:  # PID 1 busy: the FDSTOREREMOVE waits
+        done = daemon.lockd("release", *acquire)
+        assert done.returncode == 0, done.stderr
+        assert probe(path, "ofd") == "free"
+        assert probe(path, "classic") == "free"
+    wait_for(lambda: not manager.stored_names())
+    check(daemon)

@@ -140,6 +140,10 @@ class FakeLockspaceDir:
     def close_fd(self, fd: int) -> None:
         self._kernel.close(fd)
 
+    def release_fd(self, fd: int) -> None:
+        """As close_fd: the fake kernel has no second copy of a description."""
+        self._kernel.close(fd)
+
     def close(self) -> None:
         """No directory fd to close."""
 
