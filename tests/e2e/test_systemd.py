@@ -222,6 +222,9 @@ def test_units_verify(tmp_path: Path) -> None:
     for needed in ("Type=notify", "OOMScoreAdjust=-900", "FileDescriptorStoreMax=",
                    "ExecReload=/bin/kill -USR1 $MAINPID", "LimitNOFILE="):  # fmt: skip
         assert needed in service
+    # SIGHUP for lockd alone: its snapshot writer and a re-exec's check die of one.
+    assert "systemctl kill --kill-whom=main -s HUP lockd" in service
+    assert "systemctl kill -s HUP" not in service
     for sock in ("lockd.socket", "lockd-admin.socket"):
         text = (UNITS / sock).read_text()
         assert "SocketMode=0600" in text
