@@ -233,7 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      for k, v in overrides.items()}  # fmt: skip
         config = config_mod.load(args.config or os.environ.get("LOCKD_CONFIG"), overrides)
     except ConfigError as exc:
-        print(f"lockd serve: {exc}", file=sys.stderr)
+        _serve_failed(str(exc))
         return EXIT_USAGE
     if args.check_config:
         print(f"configuration ok ({config.config_file or 'defaults and flags only'})")
@@ -256,11 +256,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             handoff_fd=args.handoff_fd,
         )
     except (JournalInUseError, JournalCorruptError, PidFileLockedError) as exc:
-        print(f"lockd serve: {exc}", file=sys.stderr)
+        _serve_failed(str(exc))
         return EXIT_ERROR
     except OSError as exc:
-        print(f"lockd serve: {_startup_error(exc, config)}", file=sys.stderr)
+        _serve_failed(_startup_error(exc, config))
         return EXIT_ERROR
+
+
+def _serve_failed(text: str) -> None:
+    """Why ``lockd serve`` cannot start, on stderr: at priority error (``<3>``) when that
+    is the journal (lockd.service), which took an unmarked line for info."""
+    from lockd.logs import stderr_is_journal
+
+    prefix = "<3>" if stderr_is_journal() else ""
+    lines = f"lockd serve: {text}".splitlines()
+    print("\n".join(prefix + line for line in lines), file=sys.stderr)
 
 
 def _startup_error(exc: OSError, config: Config) -> str:

@@ -547,6 +547,23 @@ def test_a_start_that_cannot_bind_the_admin_socket_leaves_no_client_socket_file(
     assert not (tmp_path / "run" / "lockd.sock").exists()
 
 
+def test_a_start_error_on_a_journal_stream_is_at_priority_error(tmp_path: Path) -> None:
+    """Under lockd.service stderr is the journal, which takes an unmarked line for info:
+    "lockd serve: ... unknown key" did not show in `journalctl -p err`."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("journal_synk = 'batch'\n")
+    err = tmp_path / "stderr"
+    with err.open("w") as out:
+        st = os.fstat(out.fileno())
+        done = subprocess.run(
+            [*LOCKD, "serve", "--config", str(config)], stderr=out, timeout=60, check=False,
+            env={**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"},
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert err.read_text().startswith("<3>lockd serve: ")
+    assert "unknown key 'journal_synk'" in err.read_text()
+
+
 def test_check_config(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text('max_clients = 8\nlog_filters = "debug:actors"\n')
