@@ -299,6 +299,8 @@ class LockSystem:
         for name, fd in stored.items():
             log.info("fd store: %s belongs to no held lease; removing it", name)
             self.fd_store.forget(name, fd)
+        for key in adopted.keys() & state.leases.keys():  # stored (a re-exec's: maybe)
+            self.fd_store.kept(*key)
         return adopted
 
     def _recovered(self, report: RecoveryReport) -> None:

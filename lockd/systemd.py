@@ -75,20 +75,60 @@ def listen_fds() -> list[tuple[str, int]]:
     return out
 
 
-class FdStore:
-    """Keeps lease fds in the service manager's fd store (a no-op when there is none)."""
+ENV_STRING_MAX = 32 * 4096
+"""The kernel's limit on one environment string (MAX_ARG_STRLEN): an exec whose
+environment holds a longer one fails with E2BIG."""
 
-    def __init__(self) -> None:
+MAX_STORED_LEASES = (ENV_STRING_MAX - 1024) // (len(lease_fd_name("", "")) + 1)
+"""Lease fds kept in the fd store at most (2,767). The service manager passes the names
+of all the fds it hands back in one variable, ``LISTEN_FDNAMES``: with more names than
+fit in :data:`ENV_STRING_MAX` (1 KiB left for the sockets' and the variable's own), the
+exec of the restarted lockd fails (E2BIG), the unit fails, and the store, every lock
+with it, is let go."""
+
+
+class FdStore:
+    """Keeps lease fds in the service manager's fd store (a no-op when there is none),
+    :data:`MAX_STORED_LEASES` of them at most."""
+
+    def __init__(self, max_leases: int = MAX_STORED_LEASES) -> None:
         self.enabled = _address() is not None
+        self._max = max_leases
+        self._stored: set[str] = set()
+        """The names of the lease fds in the store (as far as this process knows)."""
+        self._full = False
+        """Said that the store is full, until a lease leaves it."""
+
+    def kept(self, lockspace: str, resource: str) -> None:
+        """A lease fd the store holds already: handed back after a crash, or handed over
+        by a re-exec (counted as stored, whether or not it is: the safe side)."""
+        if self.enabled:
+            self._stored.add(lease_fd_name(lockspace, resource))
 
     def store(self, lockspace: str, resource: str, fd: int) -> None:
-        if self.enabled:
-            name = lease_fd_name(lockspace, resource)
-            notify(f"FDSTORE=1\nFDNAME={name}", [fd])
+        if not self.enabled:
+            return
+        name = lease_fd_name(lockspace, resource)
+        if len(self._stored) >= self._max and name not in self._stored:
+            if not self._full:
+                self._full = True
+                log.warning(
+                    "fd store: %d lease fds kept there, the most whose names the service "
+                    "manager can hand back to a restart (LISTEN_FDNAMES); %s/%s and later "
+                    "leases are not: a crash lets their locks go until recovery takes "
+                    "them again",
+                    len(self._stored), lockspace, resource,
+                )  # fmt: skip
+            return
+        if notify(f"FDSTORE=1\nFDNAME={name}", [fd]):
+            self._stored.add(name)
 
     def remove(self, lockspace: str, resource: str) -> None:
         if self.enabled:
-            notify(f"FDSTOREREMOVE=1\nFDNAME={lease_fd_name(lockspace, resource)}")
+            name = lease_fd_name(lockspace, resource)
+            notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+            self._stored.discard(name)
+            self._full = False
 
     def forget(self, name: str, fd: int) -> None:
         """Drop a stored fd nobody needs any more (its lease ended while we were down)."""

@@ -1,0 +1,88 @@
+"""The fd store's side of lockd.systemd: what it sends, and how many lease fds it keeps."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lockd import systemd
+from lockd.systemd import MAX_STORED_LEASES, FdStore, lease_fd_name
+
+
+@pytest.fixture
+def manager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A notify socket standing in for the service manager's."""
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    yield sock
+    sock.close()
+
+
+def received(sock: socket.socket) -> list[str]:
+    """Every datagram sent so far (their fds closed)."""
+    out: list[str] = []
+    while True:
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 4096, 4)
+        except BlockingIOError:
+            return out
+        for fd in fds:
+            os.close(fd)
+        out.append(data.decode())
+
+
+def test_the_names_of_a_full_store_fit_in_an_exec(tmp_path: Path) -> None:
+    """systemd hands a restart the names of every stored fd in LISTEN_FDNAMES, one
+    environment string, which the kernel caps at 128 KiB: with 65,536 lease fds allowed
+    (about 2,800 were enough) the restarted lockd could not be exec'd (E2BIG), and the
+    failed unit let go of the store and every lock in it."""
+    names = ["lockd.socket", "lockd-admin.socket"]
+    names += [lease_fd_name("org.libvirt.lockd.files", f"r{i}") for i in range(MAX_STORED_LEASES)]
+    env = {"LISTEN_FDNAMES": ":".join(names), "LISTEN_FDS": str(len(names))}
+    assert len("LISTEN_FDNAMES=" + env["LISTEN_FDNAMES"]) < systemd.ENV_STRING_MAX
+    done = subprocess.run(["/bin/sh", "-c", "exit 0"], env=env, check=False)  # no E2BIG
+    assert done.returncode == 0
+
+
+def test_the_store_keeps_no_more_lease_fds_than_a_restart_can_be_handed(
+    manager: socket.socket, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the limit a lease is not stored (said once), and a release makes room."""
+    store = FdStore(max_leases=2)
+    store.kept("space", "adopted")  # handed back after a crash: in the store already
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with caplog.at_level(logging.WARNING, logger="lockd.systemd"):
+            store.store("space", "a", fd)
+            store.store("space", "b", fd)
+            store.store("space", "c", fd)
+        sent = received(manager)
+        assert sent == [f"FDSTORE=1\nFDNAME={lease_fd_name('space', 'a')}"]
+        assert caplog.text.count("not: a crash lets their locks go") == 1
+        store.remove("space", "adopted")
+        store.store("space", "b", fd)
+        assert received(manager) == [
+            f"FDSTOREREMOVE=1\nFDNAME={lease_fd_name('space', 'adopted')}",
+            f"FDSTORE=1\nFDNAME={lease_fd_name('space', 'b')}",
+        ]
+    finally:
+        os.close(fd)
+
+
+def test_the_unit_lets_the_store_hold_every_lease_fd_lockd_stores() -> None:
+    """FileDescriptorStoreMax= at least MAX_STORED_LEASES: beyond it systemd drops an fd
+    lockd counts as stored, with no error."""
+    unit = Path(__file__).resolve().parents[2] / "contrib" / "systemd" / "lockd.service"
+    (line,) = [
+        ln for ln in unit.read_text().splitlines() if ln.startswith("FileDescriptorStoreMax=")
+    ]
+    assert int(line.partition("=")[2]) >= MAX_STORED_LEASES
