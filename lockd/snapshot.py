@@ -419,6 +419,11 @@ def _child_main(
             handler = signal.getsignal(signum)
             if callable(handler):
                 signal.signal(signum, signal.SIG_DFL)  # SIGTERM ends the child, as it should
+        # Meant for the daemon (a reload, a re-exec), these reach the child too when sent
+        # to the whole unit or by name (systemctl kill, pkill -HUP lockd): by default
+        # they would end it, and the snapshot with it.
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_IGN)
         # Not the daemon's mask as it is during start-up (its signals blocked until
         # its handlers exist): nothing in the child waits for handlers.
         signal.pthread_sigmask(signal.SIG_SETMASK, set(mask) - DAEMON_SIGNALS)

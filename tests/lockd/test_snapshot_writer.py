@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import resource
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -332,3 +333,22 @@ def test_segments_go_only_once_the_childs_snapshot_is_on_disk(
     uncovered = [name for name in before if first_seq_of(name) > last]
     assert list_segments(str(tmp_path)) == [before[-len(uncovered) - 1], *uncovered]
     journal.close()
+
+
+def test_a_reload_signal_sent_to_every_lockd_process_spares_the_snapshot_child(
+    tmp_path: Path, dispatcher: Dispatcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP and SIGUSR1 are the daemon's; `systemctl kill -s HUP lockd` (the whole
+    unit) or `pkill -HUP lockd` sends them to the child writing a snapshot too, which
+    they ended: the snapshot failed, and its segments stayed."""
+    writer = SnapshotWriter(str(tmp_path), dispatcher, may_fork=lambda: True)
+    slow_snapshots(monkeypatch, 1.0)
+    before = children()
+    done: list[tuple[int, bool]] = []
+    writer.write(state_of(3), lambda seq, ok: done.append((seq, ok)))
+    (child,) = children() - before
+    os.kill(child, signal.SIGHUP)  # blocked from its fork until it has set them up
+    os.kill(child, signal.SIGUSR1)
+    run_until(dispatcher, done)
+    assert done == [(3, True)]
+    assert list_snapshots(str(tmp_path)) == [snapshot_name(3)]
