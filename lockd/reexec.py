@@ -217,12 +217,22 @@ def _check_or_say_why(argv: Sequence[str], spawn: Spawn | None = None) -> Target
         return TargetCheck(False, why=f"the new program's answer could not be read: {exc!r}")
 
 
+_FOR_THE_DAEMON = {signal.SIGHUP, signal.SIGUSR1}
+"""Signals the check never takes: blocked from its start, they stay pending until it
+exits. Sent to the whole unit or by name (systemctl kill, pkill -HUP lockd), they ended
+it (their default), and with it the re-exec."""
+
+
 def _popen(argv: list[str]) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k not in _SERVICE_ENV}
-    return subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, errors="replace", env=env,
-    )  # fmt: skip
+    was = signal.pthread_sigmask(signal.SIG_BLOCK, _FOR_THE_DAEMON)  # the child inherits it
+    try:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, errors="replace", env=env,
+        )  # fmt: skip
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, was)
 
 
 def spawn_on(dispatcher: Dispatcher) -> Spawn:

@@ -573,3 +573,27 @@ def test_a_reexec_runs_the_lockd_it_was_started_from_whatever_the_current_direct
     wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
     assert daemon.proc.poll() is None
     assert "re-exec abandoned" not in daemon.log.read_text()
+
+
+def test_a_sighup_to_every_lockd_process_does_not_end_the_reexec_check(
+    make_daemon: MakeDaemon,
+) -> None:
+    """`systemctl kill -s HUP lockd` (every process of the unit) or `pkill -HUP lockd`
+    during a reload also reached the new program being checked (--handoff-check), which
+    died of it: "re-exec abandoned: the new program fails its start-up check"."""
+    daemon = make_daemon()
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    daemon.proc.send_signal(signal.SIGUSR1)
+
+    def check_child() -> list[int]:
+        with open(f"/proc/{pid}/task/{pid}/children", encoding="ascii") as f:
+            return [int(p) for p in f.read().split()]
+
+    wait_for(check_child, timeout=10, interval=0.002)
+    for child in check_child():
+        os.kill(child, signal.SIGHUP)
+    wait_for(lambda: "re-exec: took over" in daemon.log.read_text()
+             or "abandoned" in daemon.log.read_text())  # fmt: skip
+    assert "abandoned" not in daemon.log.read_text()
+    assert daemon.lockd("status").returncode == 0
