@@ -376,6 +376,7 @@ def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
     values: dict[str, Any] = {k: v for k, v in defaults.items() if k != "config"}
     given: set[str] = {k for k, v in overrides.items() if v is not None}
     config_path = path or defaults["config"]
+    text, data = "", {}
     if path is not None or os.path.exists(config_path):
         try:
             with open(config_path, "rb") as f:
@@ -411,5 +412,7 @@ def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
         # daemon's (or a directory the daemon cannot create).
         values["admin_socket"] = admin_socket_beside(values["socket"])
     if values["admin_socket"] == values["socket"]:
-        raise ConfigError(f"socket and admin_socket are both {values['socket']}")
+        problem = f"socket and admin_socket are both {values['socket']}"
+        line = next((_line_of(text, k) for k in ("admin_socket", "socket") if k in data), 0)
+        raise ConfigError(f"{config_path}:{line}: {problem}" if line else problem)
     return Config(**values)

@@ -261,6 +261,15 @@ def test_one_path_for_both_sockets_is_refused(tmp_path: Path) -> None:
         load(str(_empty(tmp_path)), {"socket": "/srv/x.sock", "admin_socket": "/srv/x.sock"})
 
 
+def test_one_path_for_both_sockets_in_the_file_names_its_line(tmp_path: Path) -> None:
+    """Every other error in the file names FILE:LINE (docs/operations.md); this one
+    named neither."""
+    toml = tmp_path / "lockd.toml"
+    toml.write_text('# sockets\nsocket = "/srv/x.sock"\nadmin_socket = "/srv/x.sock"\n')
+    with pytest.raises(ConfigError, match=rf"^{toml}:3: socket and admin_socket are both"):
+        load(str(toml), {})
+
+
 def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.toml"
     path.write_text("")
