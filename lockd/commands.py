@@ -27,7 +27,7 @@ from typing import Any, NoReturn
 
 import attrs
 
-from lockd import autospawn, procs
+from lockd import autospawn, logs, procs
 from lockd.config import (
     Config,
     ConfigError,
@@ -246,7 +246,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         print(check_output(config))
         return EXIT_OK
-    from lockd import logs
 
     logs.configure(config.log_level, config.log_filters, config.log_outputs)
     try:
@@ -438,9 +437,7 @@ def cmd_log_level(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(result)
         else:
-            print(
-                f"level {result['level']}, filters {result['filters']!r}, output {result['output']}"
-            )
+            print(logs.describe(result))
         return EXIT_OK
 
     return _run(args, body)

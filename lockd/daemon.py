@@ -113,7 +113,7 @@ def _log_control(level: str | None, filters: str | None) -> dict[str, str]:
         state["output"],
     )
     result = logs.current()
-    log.info("logging set on the admin socket: %s", result)
+    log.info("logging set on the admin socket: %s", logs.describe(result))
     return result
 
 
@@ -803,7 +803,7 @@ class Daemon:
         if (carried["level"], carried["filters"]) == (now["level"], now["filters"]):
             return
         logs.configure(carried["level"], carried["filters"], self.config.log_outputs)
-        log.info("re-exec: logging set at runtime kept: %s", logs.current())
+        log.info("re-exec: logging set at runtime kept: %s", logs.describe(logs.current()))
 
     def reexec(self) -> None:
         """SIGUSR1: hand everything to a fresh copy of this program (see lockd.reexec)."""
@@ -901,7 +901,7 @@ class Daemon:
         logging_keys = ("log_level", "log_filters", "log_outputs")
         if any(getattr(fresh, k) != getattr(self.config, k) for k in logging_keys):
             logs.configure(fresh.log_level, fresh.log_filters, fresh.log_outputs)
-            log.info("reload: logging is now %s", logs.current())
+            log.info("reload: logging is now %s", logs.describe(logs.current()))
         changed = [
             field.name
             for field in attrs.fields(Config)

@@ -192,6 +192,11 @@ def configure(level: str, filters: str = "", output: str = "stderr") -> None:
         )
 
 
+def describe(state: dict[str, str]) -> str:
+    """:func:`current`'s answer in words, as the log and ``lockd log-level`` say it."""
+    return f"level {state['level']}, filters {state['filters']!r}, output {state['output']}"
+
+
 def current() -> dict[str, str]:
     """The level and filters in force, for the admin socket."""
     root = logging.getLogger()

@@ -482,7 +482,11 @@ def test_showing_the_log_level_is_not_logged_as_setting_it(
         assert daemon_module._log_control(None, None) == saved
         assert said == []
         daemon_module._log_control(saved["level"], None)  # setting it still says so
-        assert said == [f"logging set on the admin socket: {logs.current()}"]
+        # In words, not a dict's repr ("{'level': 'info', ...}").
+        assert said == [
+            f"logging set on the admin socket: level {saved['level']}, "
+            f"filters {saved['filters']!r}, output {saved['output']}"
+        ]
     finally:
         logs.configure(saved["level"], saved["filters"], saved["output"])
 
