@@ -62,7 +62,7 @@ from lockd.reexec import (
 from lockd.replay import replay
 from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
 from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
-from lockd.systemd import FdStore, lease_fd_name, listen_fds
+from lockd.systemd import SEND_TIMEOUT, FdStore, lease_fd_name, listen_fds
 from lockd.systemd import notify as sd_notify
 from protocol.errors import ErrorCode
 from protocol.names import WELL_KNOWN_LOCKSPACES
@@ -733,7 +733,7 @@ class Daemon:
         interval = usec / 2_000_000
 
         def feed() -> None:
-            sd_notify("WATCHDOG=1")
+            sd_notify("WATCHDOG=1", timeout=SEND_TIMEOUT)
             self.dispatcher.call_later(interval, feed)
 
         log.info("feeding the service manager's watchdog every %.1f s", interval)

@@ -36,13 +36,23 @@ def _address() -> str | None:
     return "\0" + path[1:] if path.startswith("@") else path
 
 
-def notify(state: str, fds: list[int] | None = None) -> bool:
-    """Send one sd_notify datagram (with fds via SCM_RIGHTS); False when not under a manager."""
+SEND_TIMEOUT = 0.1
+"""How long a routine message (the fd store's, the watchdog's) may wait for room in
+the manager's queue: one PID 1 has stopped reading (a long daemon-reload) fills at
+``net.unix.max_dgram_qlen`` datagrams, and a send that waited for it stalled every
+request of the daemon's single loop meanwhile."""
+
+
+def notify(state: str, fds: list[int] | None = None, *, timeout: float | None = None) -> bool:
+    """Send one sd_notify datagram (with fds via SCM_RIGHTS); False when not under a
+    manager, or when it could not be sent (within ``timeout`` seconds, if given: READY=1
+    and the like wait, as they must arrive)."""
     address = _address()
     if address is None:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.settimeout(timeout)
             s.connect(address)
             if fds:
                 socket.send_fds(s, [state.encode()], fds)
@@ -120,20 +130,20 @@ class FdStore:
                     len(self._stored), lockspace, resource,
                 )  # fmt: skip
             return
-        if notify(f"FDSTORE=1\nFDNAME={name}", [fd]):
+        if notify(f"FDSTORE=1\nFDNAME={name}", [fd], timeout=SEND_TIMEOUT):
             self._stored.add(name)
 
     def remove(self, lockspace: str, resource: str) -> None:
         if self.enabled:
             name = lease_fd_name(lockspace, resource)
-            notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+            notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT)
             self._stored.discard(name)
             self._full = False
 
     def forget(self, name: str, fd: int) -> None:
         """Drop a stored fd nobody needs any more (its lease ended while we were down)."""
         if self.enabled:
-            notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+            notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT)
         with contextlib.suppress(OSError):
             # Unlocked first: the store's copy, until the manager drops it, would keep it.
             unlock(fd)

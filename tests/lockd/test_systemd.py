@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +87,29 @@ def test_the_unit_lets_the_store_hold_every_lease_fd_lockd_stores() -> None:
         ln for ln in unit.read_text().splitlines() if ln.startswith("FileDescriptorStoreMax=")
     ]
     assert int(line.partition("=")[2]) >= MAX_STORED_LEASES
+
+
+def test_a_manager_that_stopped_reading_does_not_stall_the_daemon(
+    manager: socket.socket, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PID 1 busy (a long daemon-reload) reads no notifications: once its queue was full
+    (net.unix.max_dgram_qlen), the next FDSTORE blocked the daemon's one loop, and every
+    acquire and `lockd status` with it, until PID 1 read again. Reproduced with 14
+    acquires against a socket nobody read: the 11th and later timed out. Now such a
+    send gives up after SEND_TIMEOUT, logged, and the lease is simply not stored."""
+    queue = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
+    store = FdStore()
+    fd = os.open(tmp_path, os.O_RDONLY)
+    finished = threading.Event()
+
+    def burst() -> None:
+        for i in range(queue + 20):  # 20 past what the queue holds
+            store.store("space", f"r{i}", fd)
+        finished.set()
+
+    try:
+        threading.Thread(target=burst, daemon=True).start()
+        assert finished.wait(30), "the fd store blocked"
+    finally:
+        os.close(fd)
+    assert "sd_notify 'FDSTORE=1' failed: timed out" in caplog.text
