@@ -49,7 +49,7 @@ from lockd.journal_file import (
     read_epoch,
     record_boot,
 )
-from lockd.lockfiles import LockspaceDir
+from lockd.lockfiles import LockspaceDir, lock_is_elsewhere
 from lockd.reexec import (
     LOCKSPACES,
     PATH_KEYS,
@@ -446,6 +446,43 @@ class _IdleWatch(DispatchedActor):
         return super().on_receive(message)
 
 
+def _passed_fds() -> tuple[dict[str, int], dict[str, int]]:
+    """The fds the service manager passed, by name: the activated sockets, and the lease
+    fds its fd store gives back; any other is refused and closed."""
+    activated: dict[str, int] = {}
+    stored: dict[str, int] = {}
+    for name, fd in listen_fds():
+        if name.startswith("lease-") and name in stored:
+            # The same lease stored twice: keep one; the other's lock goes when the
+            # manager drops it (FDSTOREREMOVE sends both away later). The one holding
+            # the lock: the other can be a stale copy from an earlier hold of the lease
+            # (its FDSTOREREMOVE lost), unlocked, and closing the holder would free the
+            # lease until recovery.
+            log.warning("fd store returned %s twice; closing the extra fd", name)
+            keep, extra = stored[name], fd
+            if _holds_the_lock(extra) and not _holds_the_lock(keep):
+                keep, extra = extra, keep
+            stored[name] = keep
+            os.close(extra)
+        elif name.startswith("lease-"):
+            stored[name] = fd
+        elif name in ACTIVATION_NAMES and name not in activated:
+            activated[name] = fd
+        else:
+            log.error("refusing an fd named %r from the service manager: not ours", name)
+            os.close(fd)
+    return activated, stored
+
+
+def _holds_the_lock(fd: int) -> bool:
+    """Whether a lease fd handed back by the fd store is the one locking its file: no
+    other description conflicts (a description never conflicts with itself)."""
+    try:
+        return not lock_is_elsewhere(fd)
+    except OSError:
+        return False
+
+
 def _if_still(path: str, inherited: int | None) -> int | None:
     """An fd handed over by a re-exec, if it is still the file at ``path``; else it is
     closed (the configuration names another file now, or none) and None is returned."""
@@ -570,21 +607,7 @@ class Daemon:
                 _collector_off_for_recovery()
             limit = procs.raise_fd_limit() if not embedded else 0
             adopted = {(ls, res): fd for ls, res, fd in handoff.leases} if handoff else None
-            activated: dict[str, int] = {}
-            stored: dict[str, int] = {}
-            for name, fd in listen_fds() if not embedded else []:
-                if name.startswith("lease-") and name in stored:
-                    # The same lease stored twice: keep one; the other's lock goes
-                    # when the manager drops it (FDSTOREREMOVE sends both away later).
-                    log.warning("fd store returned %s twice; closing the extra fd", name)
-                    os.close(fd)
-                elif name.startswith("lease-"):
-                    stored[name] = fd
-                elif name in ACTIVATION_NAMES and name not in activated:
-                    activated[name] = fd
-                else:
-                    log.error("refusing an fd named %r from the service manager: not ours", name)
-                    os.close(fd)
+            activated, stored = _passed_fds() if not embedded else ({}, {})
             self._bound: set[str] = set()
             """The listeners' socket files this daemon created: removed when it stops. Not
             those of socket activation, which belong to the service manager (its socket

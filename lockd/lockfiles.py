@@ -23,7 +23,7 @@ import attrs
 from actors.lease import LockBusyError
 from protocol.names import INDEX_NAME
 
-__all__ = ["HeldFile", "LockBusyError", "LockspaceDir", "try_lock", "unlock"]
+__all__ = ["HeldFile", "LockBusyError", "LockspaceDir", "lock_is_elsewhere", "try_lock", "unlock"]
 
 _FLOCK = struct.Struct("hhqqi4x")
 """struct flock on Linux x86_64/aarch64: l_type, l_whence, l_start, l_len, l_pid."""
@@ -44,6 +44,13 @@ def try_lock(fd: int, *, shared: bool) -> None:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             raise LockBusyError from None
         raise
+
+
+def lock_is_elsewhere(fd: int) -> bool:
+    """Whether another open file description (another process, or another open of the
+    file here) holds a lock on byte 0 that conflicts with taking it on ``fd``."""
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
+    return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
 
 
 def unlock(fd: int) -> None:

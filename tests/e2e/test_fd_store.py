@@ -302,3 +302,24 @@ def test_a_released_lease_is_free_at_once_while_the_store_still_holds_its_fd(
         assert probe(path, "classic") == "free"
     wait_for(lambda: not manager.stored_names())
     check(daemon)
+
+
+def test_of_a_lease_stored_twice_the_fd_holding_the_lock_is_kept(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """A stale copy under the lease's name (an earlier hold's, its FDSTOREREMOVE lost:
+    another open of the file, unlocked) handed back first: the daemon kept the first and
+    closed the second, the one holding the lock, and the lease was free until recovery."""
+    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
+    stale = os.open(path, os.O_RDWR)
+    with manager.lock:
+        manager.store[name].insert(0, stale)  # passed first, as the store may order them
+    watcher = start_watch(path)
+    children.append(watcher)  # type: ignore[arg-type]
+    kill_daemon(daemon)
+    start_under(daemon, manager)
+    assert_vm_lease_kept(daemon, vm, watcher, "the restart")
+    assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
+    check(daemon)
