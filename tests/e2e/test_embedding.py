@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -226,10 +227,10 @@ def test_events_reach_an_in_process_subscriber(tmp_path: Path) -> None:
             feed.next_event(timeout=0.1)
 
 
-def test_a_start_that_fails_says_why_at_once(tmp_path: Path) -> None:
-    """A lock thread that dies starting (here: a pid file another process locks) makes
-    start() raise with the cause, rather than wait out its timeout; it leaves nothing
-    open (the journal's lock, its socket), so start() again works once the cause is gone."""
+def test_a_start_refused_for_its_pid_file_says_why_at_once(tmp_path: Path) -> None:
+    """A pid file another process locks makes start() raise with the cause at once (it is
+    taken before anything else), rather than wait out its timeout; it leaves nothing open
+    (the journal's lock, its socket), so start() again works once the cause is gone."""
     pid_file = tmp_path / "pid"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; "
@@ -245,7 +246,7 @@ def test_a_start_that_fails_says_why_at_once(tmp_path: Path) -> None:
                               pid_file=str(pid_file), socket=str(sock))  # fmt: skip
         before = sorted(os.listdir("/proc/self/fd"))
         started = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"failed to start: .*is locked by a running daemon"):
+        with pytest.raises(RuntimeError, match=r"pid file .* is locked by a running daemon"):
             service.start(timeout=10)
         assert time.monotonic() - started < 5
         assert sorted(os.listdir("/proc/self/fd")) == before
@@ -257,6 +258,23 @@ def test_a_start_that_fails_says_why_at_once(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_lock_thread_that_dies_starting_says_why_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock thread ending before recovery is done (here: its loop fails at once) makes
+    start() raise with the cause, rather than wait out its timeout."""
+
+    def fail(self: Any) -> None:
+        raise OSError(errno.EIO, "the loop could not start")
+
+    monkeypatch.setattr("lockd.daemon.Daemon.run", fail)
+    service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"))
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"failed to start: .*the loop could not start"):
+        service.start(timeout=10)
+    assert time.monotonic() - started < 5
 
 
 def test_stop_from_many_threads_at_once(tmp_path: Path) -> None:
