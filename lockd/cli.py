@@ -140,10 +140,14 @@ def _cmd_events(args: argparse.Namespace) -> int:
     # Set up before the first read: a write between that read and the first wait
     # still wakes it.
     watch = DirWatch(directory) if args.follow else None
+    expected = max(since_seq, 1)
     try:
         while True:
             entries = follower.poll()
             for entry in entries:
+                if entry.seq > expected and entry.time >= since_time:
+                    _missing(expected, entry.seq - 1)
+                expected = entry.seq + 1
                 row = entry.to_wire()
                 if row["time"] < since_time or not _matches(row, args):
                     continue
@@ -168,6 +172,19 @@ def _cmd_events(args: argparse.Namespace) -> int:
         follower.close()
         if watch is not None:
             watch.close()
+
+
+def _missing(first: int, last: int) -> None:
+    """Say that the events ``first``-``last`` are no longer in the journal: retention
+    deleted their segments (before this read, or while a follower was behind), or
+    journal-check --repair set a damaged one aside. Without it an auditor could not tell
+    a history cut short from a complete one."""
+    print(
+        f"lockd events: events {first}-{last} are no longer in the journal (deleted by "
+        f"journal_retain_segments, or set aside by journal-check --repair); going on from "
+        f"{last + 1}",
+        file=sys.stderr,
+    )
 
 
 def _unreadable(exc: OSError, directory: str) -> str:

@@ -94,6 +94,39 @@ def test_events_json_since(tmp_path: Path) -> None:
     assert rows[1]["reason"] == "owner-exit"
 
 
+def _segment_from(directory: Path, seq: int) -> None:
+    """A segment starting at ``seq``, as retention leaves the oldest one kept."""
+    apart = directory / f"apart-{seq}"
+    journal = FileJournal(str(apart), first_seq=seq)
+    journal.append([JournalEntry(seq, 1764000100.0 + seq, "hv1", DaemonStarted("0.1.0", 11))])
+    journal.close()
+    for segment in apart.iterdir():
+        segment.rename(directory / segment.name)
+    apart.rmdir()
+
+
+def test_events_names_the_seqs_retention_deleted(tmp_path: Path) -> None:
+    """Events asked for whose segments retention deleted are named on stderr, at the
+    start and between segments: an auditor can tell a cut history from a whole one."""
+    _segment_from(tmp_path, 5)
+    _segment_from(tmp_path, 9)
+    done = _lockd("events", "--journal-dir", str(tmp_path), "--json", "--since", "2")
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["seq"] for line in done.stdout.splitlines()] == [5, 9]
+    assert done.stderr.splitlines() == [
+        f"lockd events: events {first}-{last} are no longer in the journal (deleted by "
+        f"journal_retain_segments, or set aside by journal-check --repair); going on from "
+        f"{last + 1}"
+        for first, last in ((2, 4), (6, 8))
+    ]
+    whole = _lockd("events", "--journal-dir", str(tmp_path), "--since", "5")
+    assert "2-4" not in whole.stderr
+    later = _lockd("events", "--journal-dir", str(tmp_path), "--since", "2025-11-24T16:01:47Z")
+    assert [line.split()[0] for line in later.stdout.splitlines()] == ["9"]
+    assert "events 6-8 " in later.stderr  # they may fall after the time asked for
+    assert "1-4" not in later.stderr  # written before seq 5, before the time asked for
+
+
 def test_events_prints_what_comes_before_damage_then_names_it(tmp_path: Path) -> None:
     """An auditor reading a damaged journal gets every event before the damage, and
     the file and byte of it, with exit code 1."""
