@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lockd import __version__
 from lockd.config import default_paths
@@ -23,6 +23,9 @@ from protocol.names import (
     normalise_disk_path,
     printable,
 )
+
+if TYPE_CHECKING:
+    from actors.events import JournalEntry
 
 EXIT_USAGE = 2
 
@@ -120,9 +123,8 @@ def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
 def _cmd_events(args: argparse.Namespace) -> int:
     """Print the journal, read straight from its segment files; --follow keeps reading."""
     from actors.events import EVENT_TYPES
-    from lockd.commands import json_ready
     from lockd.dirwatch import DirWatch
-    from lockd.journal_file import JournalFollower
+    from lockd.journal_file import JournalFollower, read_epoch
     from lockd.journal_format import JournalCorruptError
 
     unknown = sorted(set(args.type or ()) - set(EVENT_TYPES))
@@ -136,6 +138,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     if not os.path.isdir(directory):
         print(f"lockd events: no journal at {directory}", file=sys.stderr)
         return 1
+    epoch = read_epoch(directory)
     follower = JournalFollower(directory, since_seq)
     # Set up before the first read: a write between that read and the first wait
     # still wakes it.
@@ -143,22 +146,30 @@ def _cmd_events(args: argparse.Namespace) -> int:
     expected = max(since_seq, 1)
     try:
         while True:
-            entries = follower.poll()
-            for entry in entries:
-                if entry.seq > expected and entry.time >= since_time:
-                    _missing(expected, entry.seq - 1)
-                expected = entry.seq + 1
-                row = entry.to_wire()
-                if row["time"] < since_time or not _matches(row, args):
-                    continue
-                if args.json:
-                    print(json.dumps(json_ready(row)), flush=args.follow)
-                else:
-                    print(_format_event(row), flush=args.follow)
+            try:
+                entries = follower.poll()
+            except JournalCorruptError:
+                # A follower placed past a cut reads the new records from the middle.
+                if watch is None or _cut_below(read_epoch(directory), epoch, expected) is None:
+                    raise
+                entries = []
+            expected = _print_entries(entries, args, expected, since_time)
             if entries:
                 continue  # a poll stops before damage with what it read: poll again
             if watch is None:
                 return 0
+            now = read_epoch(directory)
+            cut = _cut_below(now, epoch, expected)
+            epoch = now
+            if cut is not None:
+                print(f"lockd events: the journal was cut after seq {cut - 1} (journal-check "
+                      f"--repair, or damage cut at start-up after a reboot); the events from "
+                      f"{cut} on are new ones, under seqs printed above for others; going on "
+                      f"from {cut}", file=sys.stderr)  # fmt: skip
+                follower.close()
+                follower = JournalFollower(directory, cut)
+                expected = cut
+                continue
             watch.wait(FOLLOW_LOOK_SECONDS)
     except JournalCorruptError as exc:
         print(f"lockd events: {directory}: {exc}", file=sys.stderr)
@@ -172,6 +183,44 @@ def _cmd_events(args: argparse.Namespace) -> int:
         follower.close()
         if watch is not None:
             watch.close()
+
+
+def _print_entries(
+    entries: list[JournalEntry], args: argparse.Namespace, expected: int, since_time: float
+) -> int:
+    """Print those of ``entries`` the filters let through; the seq to expect next.
+    ``expected``: the seq expected first (an entry after it names the gap)."""
+    from lockd.commands import json_ready
+
+    for entry in entries:
+        if entry.seq > expected and entry.time >= since_time:
+            _missing(expected, entry.seq - 1)
+        expected = entry.seq + 1
+        row = entry.to_wire()
+        if row["time"] < since_time or not _matches(row, args):
+            continue
+        if args.json:
+            print(json.dumps(json_ready(row)), flush=args.follow)
+        else:
+            print(_format_event(row), flush=args.follow)
+    return expected
+
+
+def _cut_below(
+    now: tuple[str, int] | None, before: tuple[str, int] | None, expected: int
+) -> int | None:
+    """The seq a follower goes on from when the journal was cut below ``expected`` (the
+    seq it is to print next) since it read the epoch ``before``; None if it was not.
+
+    A cut (``journal-check --repair``, or damage cut after a reboot) truncates the
+    segment the follower reads and hands the seqs from the cut on out again, with a
+    new epoch: the follower's place is past the new records, so it printed nothing of
+    them, or read a record from its middle and called the journal corrupt."""
+    if now is None or now == before or now[1] >= expected:
+        return None
+    if before is None and now[1] == 1:
+        return None  # the epoch a daemon records on a journal of an older lockd: no cut
+    return now[1]
 
 
 def _missing(first: int, last: int) -> None:

@@ -164,6 +164,40 @@ def test_events_follow_ends_on_ctrl_c_with_130(tmp_path: Path) -> None:
         follow.wait()
 
 
+def test_events_follow_goes_on_at_a_cut_of_the_journal_and_says_so(tmp_path: Path) -> None:
+    """A follower placed past a ``journal-check --repair`` cut prints the new events from
+    the cut on, naming the cut; it waited for bytes past its old place, printing nothing."""
+    import select
+
+    _journal_with_leases(tmp_path)
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "lockd", "events", "--journal-dir", str(tmp_path), "--follow",
+         "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert follow.stdout is not None
+        assert follow.stderr is not None
+        assert [json.loads(follow.stdout.readline())["seq"] for _ in range(3)] == [1, 2, 3]
+        (segment,) = tmp_path.glob("journal-*.cbor")
+        data = bytearray(segment.read_bytes())
+        data[data.index(b"vm5")] ^= 0x20  # seq 2's CRC fails: the repair cuts it and seq 3
+        segment.write_bytes(bytes(data))
+        assert _lockd("journal-check", "--journal-dir", str(tmp_path), "--repair").returncode == 0
+        journal = FileJournal(str(tmp_path))
+        journal.append([JournalEntry(2, 1764000009.0, "hv1", DaemonStarted("0.1.0", 12))])
+        journal.close()
+        ready, _, _ = select.select([follow.stdout], [], [], 10)
+        assert ready, "the follower printed nothing after the cut"
+        row = json.loads(follow.stdout.readline())
+        assert (row["seq"], row["type"], row["pid"]) == (2, "daemon-started", 12)
+        follow.terminate()
+        assert "the journal was cut after seq 1 " in follow.stderr.read()
+    finally:
+        follow.kill()
+        follow.wait()
+
+
 def test_events_of_a_type_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
     """``--type lease-aquired`` would match nothing, with --follow for ever: the typo is
     named, with the types there are. A real type still filters."""
