@@ -19,6 +19,8 @@ from lockd.config import default_paths
 from protocol.names import (
     FILES_LOCKSPACE,
     InvalidNameError,
+    check_lockspace_name,
+    check_resource_name,
     lease_name_for_path,
     normalise_disk_path,
     printable,
@@ -96,6 +98,27 @@ def _parse_since(text: str) -> tuple[int, float]:
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.UTC)
     return 1, when.timestamp()
+
+
+def _lockspace_filter(text: str) -> str:
+    """``events --lockspace``: a name no lockspace can have would match nothing, for
+    ever with --follow: refused as --type's typos are."""
+    try:
+        return check_lockspace_name(text)
+    except InvalidNameError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _resource_filter(text: str) -> str:
+    """``events --resource``: a lease name; a disk's path (what an auditor has at hand)
+    matched nothing, with no word why."""
+    try:
+        return check_resource_name(text)
+    except InvalidNameError as exc:
+        hint = ""
+        if text.startswith("/"):
+            hint = f"; a disk's lease is named by `lockd lease-name {text}`"
+        raise argparse.ArgumentTypeError(f"{exc}{hint}") from None
 
 
 def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
@@ -462,8 +485,12 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     )
     events.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     events.add_argument("--type", action="append", help="only this event type (repeatable)")
-    events.add_argument("--lockspace", help="only events of this lockspace")
-    events.add_argument("--resource", help="only events of this resource")
+    events.add_argument("--lockspace", type=_lockspace_filter, help="only events of this lockspace")
+    events.add_argument(
+        "--resource",
+        type=_resource_filter,
+        help="only events of this resource (a lease name: see lockd lease-name)",
+    )
     events.add_argument("--owner", help="only events of this owner (name, uuid or pid)")
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.set_defaults(func=_cmd_events)

@@ -210,6 +210,21 @@ def test_events_of_a_type_that_does_not_exist_is_a_usage_error(tmp_path: Path) -
     assert len(good.stdout.splitlines()) == 1
 
 
+def test_events_filters_that_no_event_can_match_are_usage_errors(tmp_path: Path) -> None:
+    """``--resource /vm/a.img`` (a disk's path, not its lease name) and a lockspace name
+    that no lockspace can have matched nothing, in silence: refused, the disk with
+    the command that names its lease. Lease names still filter."""
+    _journal_with_leases(tmp_path)
+    disk = _lockd("events", "--journal-dir", str(tmp_path), "--resource", "/vm/a.img")
+    assert disk.returncode == 2
+    assert "`lockd lease-name /vm/a.img`" in disk.stderr
+    space = _lockd("events", "--journal-dir", str(tmp_path), "--lockspace", "a/b")
+    assert space.returncode == 2
+    assert "invalid lockspace name 'a/b'" in space.stderr
+    good = _lockd("events", "--journal-dir", str(tmp_path), "--lockspace", "ls", "--resource", "r1")
+    assert len(good.stdout.splitlines()) == 2
+
+
 def test_events_without_a_journal_is_an_error(tmp_path: Path) -> None:
     """A wrong directory is reported, not printed as an empty journal."""
     done = _lockd("events", "--journal-dir", str(tmp_path / "nope"))
