@@ -19,6 +19,9 @@ of the journal's timeline: after a cut (``journal-check --repair``, or damage cu
 start-up after a reboot) the seqs from the cut on are handed out again to new events,
 and the feed, told so by ``status``, prints those from the cut on, saying so.
 
+Its reader gone (``audit_feed.py ... | head``) ends it with status 141, as SIGPIPE
+ends a shell command; the event it could not print is not saved.
+
 Unlike ``lockd events --follow``, which reads the journal directory (root's), this
 needs only a connection to the socket.
 """
@@ -39,6 +42,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from protocol.client import Client, RemoteError
 
 RETRY_SECONDS = 0.5
+EXIT_PIPE = 141
+"""The exit status when standard output's reader left (``| head``): the shell's, for SIGPIPE."""
+
+
+class ReaderGone(Exception):
+    """Standard output is a pipe nobody reads any more."""
+
+
+def emit(event: dict[str, Any]) -> None:
+    """Print one event as a JSON line; its reader gone is :class:`ReaderGone`, not the
+    ``BrokenPipeError`` (a ``ConnectionError``) that a lost daemon connection is."""
+    try:
+        print(json.dumps(printable(event)), flush=True)
+    except BrokenPipeError:
+        raise ReaderGone from None
 
 
 def last_seq(state: Path) -> tuple[int | None, str | None]:
@@ -117,7 +135,7 @@ def follow(socket_path: str, state: Path, since: int | None, count: int | None) 
                     if event["seq"] > expected:
                         missing(expected, event["seq"] - 1, "could not be read back from "
                                 "the journal (the daemon's log says why)")  # fmt: skip
-                    print(json.dumps(printable(event)), flush=True)
+                    emit(event)
                     save_seq(state, event["seq"], epoch)
                     expected = event["seq"] + 1
                     printed += 1
@@ -142,6 +160,11 @@ def main() -> int:
         follow(args.socket, args.state, args.since, args.count)
     except KeyboardInterrupt:
         return 130
+    except ReaderGone:
+        # Nothing more is written there (nor flushed at exit, which would fail again);
+        # the event not printed is not saved: the next run prints it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     return 0
 
 

@@ -134,6 +134,32 @@ def test_the_audit_feed_goes_on_when_the_journal_was_cut_below_its_place(
     assert b"events were cut from it" in stderr
 
 
+def test_the_audit_feed_ends_when_its_reader_leaves(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """``audit_feed.py | head -1``: the pipe's BrokenPipeError is a ConnectionError, and
+    the feed took it for the daemon's connection lost: it connected again twice a
+    second for ever, replaying the journal each time. It ends with 141 now, the event
+    it could not print not saved."""
+    state = tmp_path / "feed.seq"
+    feed = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), "--socket", str(daemon.socket), "--state", str(state),
+         "--since", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    children.append(feed)
+    assert feed.stdout is not None
+    assert json.loads(feed.stdout.readline())["seq"] == 1
+    feed.stdout.close()  # as head does after its line
+    _journal_some(daemon, "after-head", count=2)  # so that the feed has more to print
+    assert feed.wait(10) == 141
+    assert feed.stderr is not None
+    assert b"connecting again" not in feed.stderr.read()
+    saved = _saved(state)
+    assert saved is not None
+    assert saved < events(daemon)[-1]["seq"]  # the event it could not print is not saved
+
+
 def test_an_event_with_owners_in_a_list_is_printed() -> None:
     """``recovery-completed`` lists the fences it starts, each with its owner, whose uuid
     is bytes: the feed died on it ("Object of type bytes is not JSON serializable")
