@@ -127,6 +127,39 @@ def test_events_names_the_seqs_retention_deleted(tmp_path: Path) -> None:
     assert "1-4" not in later.stderr  # written before seq 5, before the time asked for
 
 
+def test_events_prints_as_it_reads_not_the_whole_journal_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full journal (128 MiB by default) was read whole before its first line was
+    printed: about 10 s, and 500 MB for its entries. No read takes it all now."""
+    from lockd import cli
+    from lockd.journal_file import JournalFollower
+
+    owner = Owner(uuid=b"\x05" * 16, name="vm5", id=5, pid=505, start_time=50)
+    journal = FileJournal(str(tmp_path))
+    count = 8000  # about 2 MiB
+    journal.append(
+        [JournalEntry(seq, 1764000000.0 + seq, "hv1",
+                      LeaseAcquired("ls", f"r{seq}", LeaseMode.EXCLUSIVE, owner, 3, True))
+         for seq in range(1, count + 1)]
+    )  # fmt: skip
+    journal.close()
+    batches: list[int] = []
+    poll = JournalFollower.poll
+
+    def counted(self: JournalFollower, max_bytes: int = -1) -> list[JournalEntry]:
+        entries = poll(self, max_bytes)
+        batches.append(len(entries))
+        return entries
+
+    monkeypatch.setattr(JournalFollower, "poll", counted)
+    monkeypatch.setattr(cli, "READ_BYTES", 1 << 16, raising=False)  # its 1 MiB, scaled down
+    assert cli.main(["events", "--journal-dir", str(tmp_path), "--json"]) == 0
+    seqs = [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()]
+    assert seqs == list(range(1, count + 1))
+    assert max(batches) < count // 4
+
+
 def test_events_prints_what_comes_before_damage_then_names_it(tmp_path: Path) -> None:
     """An auditor reading a damaged journal gets every event before the damage, and
     the file and byte of it, with exit code 1."""
