@@ -185,17 +185,18 @@ def _cmd_events(args: argparse.Namespace) -> int:
             cut = _cut_below(now, epoch, expected)
             epoch = now
             if cut is not None:
-                print(f"lockd events: the journal was cut after seq {cut - 1} (journal-check "
-                      f"--repair, or damage cut at start-up after a reboot); the events from "
-                      f"{cut} on are new ones, under seqs printed above for others; going on "
-                      f"from {cut}", file=sys.stderr)  # fmt: skip
+                _note(
+                    f"the journal was cut after seq {cut - 1} (journal-check --repair, or "
+                    f"damage cut at start-up after a reboot); the events from {cut} on are "
+                    f"new ones, under seqs printed above for others; going on from {cut}"
+                )
                 follower.close()
                 follower = JournalFollower(directory, cut)
                 expected = cut
                 continue
             watch.wait(FOLLOW_LOOK_SECONDS)
     except JournalCorruptError as exc:
-        print(f"lockd events: {directory}: {exc}", file=sys.stderr)
+        _note(f"{directory}: {exc}")
         return 1
     except BrokenPipeError:
         raise  # the reader left: main() says so
@@ -251,12 +252,18 @@ def _missing(first: int, last: int) -> None:
     deleted their segments (before this read, or while a follower was behind), or
     journal-check --repair set a damaged one aside. Without it an auditor could not tell
     a history cut short from a complete one."""
-    print(
-        f"lockd events: events {first}-{last} are no longer in the journal (deleted by "
+    _note(
+        f"events {first}-{last} are no longer in the journal (deleted by "
         f"journal_retain_segments, or set aside by journal-check --repair); going on from "
-        f"{last + 1}",
-        file=sys.stderr,
+        f"{last + 1}"
     )
+
+
+def _note(text: str) -> None:
+    """A line on stderr about the events, after those printed before it: stdout is
+    flushed first, so that in one stream (``2>&1``) it stands where it belongs."""
+    sys.stdout.flush()
+    print(f"lockd events: {text}", file=sys.stderr)
 
 
 def _unreadable(exc: OSError, directory: str) -> str:

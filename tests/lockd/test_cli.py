@@ -119,6 +119,13 @@ def test_events_names_the_seqs_retention_deleted(tmp_path: Path) -> None:
         f"{last + 1}"
         for first, last in ((2, 4), (6, 8))
     ]
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    both = subprocess.run(
+        [sys.executable, "-m", "lockd", "events", "--journal-dir", str(tmp_path), "--since", "5"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False, env=buffered,
+    )  # fmt: skip
+    # In one stream the note stands between the events around the gap.
+    assert [line.split()[0] for line in both.stdout.splitlines()] == ["5", "lockd", "9"]
     whole = _lockd("events", "--journal-dir", str(tmp_path), "--since", "5")
     assert "2-4" not in whole.stderr
     later = _lockd("events", "--journal-dir", str(tmp_path), "--since", "2025-11-24T16:01:47Z")
