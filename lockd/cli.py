@@ -145,16 +145,11 @@ def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
 
 def _cmd_events(args: argparse.Namespace) -> int:
     """Print the journal, read straight from its segment files; --follow keeps reading."""
-    from actors.events import EVENT_TYPES
     from lockd.dirwatch import DirWatch
     from lockd.journal_file import JournalFollower, read_epoch
     from lockd.journal_format import JournalCorruptError
 
-    unknown = sorted(set(args.type or ()) - set(EVENT_TYPES))
-    if unknown:
-        # A typo would match nothing, for ever with --follow: say so instead.
-        print(f"lockd events: unknown event type {', '.join(map(repr, unknown))}; the types "
-              f"are {', '.join(sorted(EVENT_TYPES))}", file=sys.stderr)  # fmt: skip
+    if not _known_types(args.type or ()):
         return 2
     since_seq, since_time = args.since
     directory = args.journal_dir or default_paths()["journal_dir"]
@@ -162,6 +157,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
         print(f"lockd events: no journal at {directory}", file=sys.stderr)
         return 1
     epoch = read_epoch(directory)
+    cut_at = _cut_at(epoch)
     follower = JournalFollower(directory, since_seq)
     # Set up before the first read: a write between that read and the first wait
     # still wakes it.
@@ -176,13 +172,15 @@ def _cmd_events(args: argparse.Namespace) -> int:
                 if watch is None or _cut_below(read_epoch(directory), epoch, expected) is None:
                     raise
                 entries = []
-            expected = _print_entries(entries, args, expected, since_time)
+            expected = _print_entries(entries, args, expected, since_time, cut_at)
             if entries or follower.more:
                 continue  # more to read (or to skip to --since), or damage after these
             if watch is None:
                 return 0
             now = read_epoch(directory)
             cut = _cut_below(now, epoch, expected)
+            if now != epoch:  # a cut the follower is short of is named as it passes it
+                cut_at = _cut_at(now) if cut is None else None
             epoch = now
             if cut is not None:
                 _note(
@@ -209,16 +207,39 @@ def _cmd_events(args: argparse.Namespace) -> int:
             watch.close()
 
 
+def _known_types(types: Sequence[str]) -> bool:
+    """Whether each ``--type`` is an event type; if not, says so. A typo would match
+    nothing, for ever with --follow."""
+    from actors.events import EVENT_TYPES
+
+    unknown = sorted(set(types) - set(EVENT_TYPES))
+    if unknown:
+        print(f"lockd events: unknown event type {', '.join(map(repr, unknown))}; the types "
+              f"are {', '.join(sorted(EVENT_TYPES))}", file=sys.stderr)  # fmt: skip
+    return not unknown
+
+
 def _print_entries(
-    entries: list[JournalEntry], args: argparse.Namespace, expected: int, since_time: float
+    entries: list[JournalEntry],
+    args: argparse.Namespace,
+    expected: int,
+    since_time: float,
+    cut_at: int | None,
 ) -> int:
     """Print those of ``entries`` the filters let through; the seq to expect next.
-    ``expected``: the seq expected first (an entry after it names the gap)."""
+    ``expected``: the seq expected first (an entry after it names the gap); ``cut_at``:
+    the first seq after the journal's last cut (named as it is passed)."""
     from lockd.commands import json_ready
 
     for entry in entries:
         if entry.seq > expected and entry.time >= since_time:
             _missing(expected, entry.seq - 1)
+        if entry.seq == cut_at and entry.time >= since_time:
+            _note(
+                f"the journal was cut after seq {cut_at - 1} (journal-check --repair, or damage "
+                f"cut at start-up after a reboot): the events from {cut_at} on were written "
+                f"after the cut; those it cut are kept beside the segments, as *.damaged-*"
+            )
         expected = entry.seq + 1
         row = entry.to_wire()
         if row["time"] < since_time or not _matches(row, args):
@@ -228,6 +249,12 @@ def _print_entries(
         else:
             print(_format_event(row), flush=args.follow)
     return expected
+
+
+def _cut_at(epoch: tuple[str, int] | None) -> int | None:
+    """The first seq after the journal's last cut, None if it was never cut: the epoch
+    a daemon records on a journal with none starts at 1."""
+    return epoch[1] if epoch is not None and epoch[1] > 1 else None
 
 
 def _cut_below(

@@ -232,10 +232,32 @@ def test_events_follow_goes_on_at_a_cut_of_the_journal_and_says_so(tmp_path: Pat
         row = json.loads(follow.stdout.readline())
         assert (row["seq"], row["type"], row["pid"]) == (2, "daemon-started", 12)
         follow.terminate()
-        assert "the journal was cut after seq 1 " in follow.stderr.read()
+        assert follow.stderr.read().count("the journal was cut after seq 1 ") == 1
     finally:
         follow.kill()
         follow.wait()
+
+
+def test_events_names_the_journals_cut_where_its_history_passes_it(tmp_path: Path) -> None:
+    """After ``journal-check --repair`` the seqs from the cut on name new events: an
+    auditor reading the history later was not told where it breaks."""
+    from lockd.journal_file import new_epoch
+
+    _journal_with_leases(tmp_path)
+    new_epoch(str(tmp_path), 3)  # as the repair of damage in seq 3 records it
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", "events", "--journal-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False, env=buffered,
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2", "lockd", "3"]
+    assert "the journal was cut after seq 2 " in lines[2]
+    assert (
+        "cut after" not in _lockd("events", "--journal-dir", str(tmp_path), "--since", "4").stderr
+    )
+    new_epoch(str(tmp_path), 1)  # what a daemon records on a journal of an older lockd
+    assert "cut after" not in _lockd("events", "--journal-dir", str(tmp_path)).stderr
 
 
 def test_events_of_a_type_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
