@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -172,7 +173,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
                 if watch is None or _cut_below(read_epoch(directory), epoch, expected) is None:
                     raise
                 entries = []
-            expected = _print_entries(entries, args, expected, since_time, cut_at)
+            expected, since_time = _print_entries(entries, args, expected, since_time, cut_at)
             if entries or follower.more:
                 continue  # more to read (or to skip to --since), or damage after these
             if watch is None:
@@ -225,13 +226,20 @@ def _print_entries(
     expected: int,
     since_time: float,
     cut_at: int | None,
-) -> int:
-    """Print those of ``entries`` the filters let through; the seq to expect next.
+) -> tuple[int, float]:
+    """Print those of ``entries`` the filters let through; the seq to expect next, and
+    the ``--since`` time still to wait for (-inf once an event reached it).
+
     ``expected``: the seq expected first (an entry after it names the gap); ``cut_at``:
-    the first seq after the journal's last cut (named as it is passed)."""
+    the first seq after the journal's last cut (named as it is passed). ``--since TIME``
+    starts at the first event of that time or later and leaves out none after it: a
+    clock stepped back (NTP) stamps later events with earlier times, which, each
+    compared with TIME, were left out, a follower's for as long as the step."""
     from lockd.commands import json_ready
 
     for entry in entries:
+        if entry.time >= since_time:
+            since_time = -math.inf
         if entry.seq > expected and entry.time >= since_time:
             _missing(expected, entry.seq - 1)
         if entry.seq == cut_at and entry.time >= since_time:
@@ -248,7 +256,7 @@ def _print_entries(
             print(json.dumps(json_ready(row)), flush=args.follow)
         else:
             print(_format_event(row), flush=args.follow)
-    return expected
+    return expected, since_time
 
 
 def _cut_at(epoch: tuple[str, int] | None) -> int | None:

@@ -167,6 +167,22 @@ def test_events_prints_as_it_reads_not_the_whole_journal_at_once(
     assert max(batches) < count // 4
 
 
+def test_events_since_a_time_leaves_out_nothing_after_it(tmp_path: Path) -> None:
+    """``--since TIME`` starts at the first event of that time: one after it stamped
+    earlier (the clock stepped back) was left out, by a follower for as long as the
+    step lasted."""
+    journal = FileJournal(str(tmp_path))
+    stamps = [1764000000.0, 1764000200.0, 1764000100.0, 1764000300.0]  # seq 3: stepped back
+    journal.append(
+        [JournalEntry(seq, stamp, "hv1", DaemonStarted("0.1.0", seq))
+         for seq, stamp in enumerate(stamps, start=1)]
+    )  # fmt: skip
+    journal.close()
+    since = "2025-11-24T16:02:30Z"  # 1764000150: after seq 1, before seq 2
+    done = _lockd("events", "--journal-dir", str(tmp_path), "--json", "--since", since)
+    assert [json.loads(line)["seq"] for line in done.stdout.splitlines()] == [2, 3, 4]
+
+
 def test_events_prints_what_comes_before_damage_then_names_it(tmp_path: Path) -> None:
     """An auditor reading a damaged journal gets every event before the damage, and
     the file and byte of it, with exit code 1."""
