@@ -139,9 +139,22 @@ def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
         raw = owner.get("uuid")
         if isinstance(raw, bytes) and len(raw) == 16:
             names.add(str(uuid.UUID(bytes=raw)))
-        if args.owner not in names:
+        if names.isdisjoint(args.owner):
             return False
     return True
+
+
+def _owner_filter(text: str) -> frozenset[str]:
+    """``events --owner``: the spellings it matches: the text (a name, a pid), and, if
+    it is a uuid, the uuid as events print it (lower case, with hyphens): one copied
+    from libvirt in capitals (``virsh domuuid`` prints lower case, others do not) or
+    without hyphens matched nothing."""
+    import uuid
+
+    try:
+        return frozenset({text, str(uuid.UUID(text))})
+    except ValueError:
+        return frozenset({text})
 
 
 def _cmd_events(args: argparse.Namespace) -> int:
@@ -538,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         type=_resource_filter,
         help="only events of this resource (a lease name: see lockd lease-name)",
     )
-    events.add_argument("--owner", help="only events of this owner (name, uuid or pid)")
+    events.add_argument(
+        "--owner", type=_owner_filter, help="only events of this owner (name, uuid or pid)"
+    )
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.set_defaults(func=_cmd_events)
 

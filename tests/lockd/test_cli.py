@@ -303,6 +303,18 @@ def test_events_filters_that_no_event_can_match_are_usage_errors(tmp_path: Path)
     assert len(good.stdout.splitlines()) == 2
 
 
+@pytest.mark.parametrize(
+    "spelling", ["vm5", "505", "05050505-0505-0505-0505-050505050505",
+                 "05050505050505050505050505050505", "{05050505-0505-0505-0505-050505050505}"],
+)  # fmt: skip
+def test_events_owner_takes_a_uuid_as_any_tool_spells_it(tmp_path: Path, spelling: str) -> None:
+    """``--owner`` matches an owner's name, pid or uuid, the uuid also without hyphens,
+    in braces or in capitals (it matched only the form events print)."""
+    _journal_with_leases(tmp_path)
+    done = _lockd("events", "--journal-dir", str(tmp_path), "--owner", spelling)
+    assert [line.split()[0] for line in done.stdout.splitlines()] == ["2", "3"]
+
+
 def test_events_without_a_journal_is_an_error(tmp_path: Path) -> None:
     """A wrong directory is reported, not printed as an empty journal."""
     done = _lockd("events", "--journal-dir", str(tmp_path / "nope"))
