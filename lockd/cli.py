@@ -58,15 +58,20 @@ def _cmd_lease_name(args: argparse.Namespace) -> int:
 
 def _format_event(row: dict[str, object]) -> str:
     """One readable line per event: seq, UTC time, host, type, then the other fields."""
-    import datetime
-
-    when = datetime.datetime.fromtimestamp(float(row["time"]), datetime.UTC)  # type: ignore[arg-type]
     rest = " ".join(
         f"{key}={_plain(value)}"
         for key, value in row.items()
         if key not in ("seq", "time", "host", "type")
     )
-    return f"{row['seq']} {when:%Y-%m-%dT%H:%M:%S.%fZ} {row['host']} {row['type']} {rest}".rstrip()
+    when = _utc(float(row["time"]))  # type: ignore[arg-type]
+    return f"{row['seq']} {when} {row['host']} {row['type']} {rest}".rstrip()
+
+
+def _utc(stamp: float) -> str:
+    """A wall-clock time as the line format prints it: ISO 8601, UTC, microseconds."""
+    import datetime
+
+    return f"{datetime.datetime.fromtimestamp(stamp, datetime.UTC):%Y-%m-%dT%H:%M:%S.%fZ}"
 
 
 def _plain(value: object) -> object:
@@ -78,7 +83,11 @@ def _plain(value: object) -> object:
     if isinstance(value, dict):
         if "name" in value and "pid" in value:
             return f"{printable(str(value['name']))}[pid={value['pid']}]"
-        return ",".join(f"{k}:{_plain(v)}" for k, v in value.items())
+        # A fence's since is a time, printed as the event's own.
+        return ",".join(
+            f"{k}:{_utc(v) if k == 'since' and isinstance(v, float) else _plain(v)}"
+            for k, v in value.items()
+        )
     if isinstance(value, list):  # recovery-completed's fences: owner:reason pairs
         return "[" + ";".join(str(_plain(v)) for v in value) + "]"
     return value

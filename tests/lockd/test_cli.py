@@ -84,6 +84,22 @@ def test_events_prints_one_line_per_event_with_owner_and_reason(tmp_path: Path) 
     assert "reason=owner-exit" in lines[2]
 
 
+def test_a_fences_since_is_printed_as_a_time_like_the_events(tmp_path: Path) -> None:
+    """``recovery-completed`` lists resumed fences with the time each began: the line
+    format printed it as seconds since the epoch, beside the event's own ISO time."""
+    from actors.events import Fence, RecoveryCompleted
+
+    owner = Owner(uuid=b"\x05" * 16, name="vm5", id=5, pid=505, start_time=50)
+    journal = FileJournal(str(tmp_path))
+    fence = Fence(owner, "admin disconnect", 1764000000.5)
+    journal.append(
+        [JournalEntry(1, 1764000001.0, "hv1", RecoveryCompleted(1, 0, 0, 2.0, (fence,)))]
+    )
+    journal.close()
+    (line,) = _lockd("events", "--journal-dir", str(tmp_path)).stdout.splitlines()
+    assert "reason:admin disconnect,since:2025-11-24T16:00:00.500000Z]" in line
+
+
 def test_events_json_since(tmp_path: Path) -> None:
     """--json --since prints objects from a seq on, ready for jq."""
     _journal_with_leases(tmp_path)
