@@ -29,6 +29,7 @@ from protocol.names import (
 
 if TYPE_CHECKING:
     from actors.events import JournalEntry
+    from lockd.journal_file import JournalFollower
 
 EXIT_USAGE = 2
 
@@ -168,6 +169,7 @@ def _owner_filter(text: str) -> frozenset[str]:
 
 def _cmd_events(args: argparse.Namespace) -> int:
     """Print the journal, read straight from its segment files; --follow keeps reading."""
+    from lockd.commands import EXIT_PIPE, reader_gone
     from lockd.dirwatch import DirWatch
     from lockd.journal_file import JournalFollower, read_epoch
     from lockd.journal_format import JournalCorruptError
@@ -200,19 +202,15 @@ def _cmd_events(args: argparse.Namespace) -> int:
                 continue  # more to read (or to skip to --since), or damage after these
             if watch is None:
                 return 0
+            if reader_gone():  # `| head`: its lines are out, and no write is to fail now
+                return EXIT_PIPE
             now = read_epoch(directory)
             cut = _cut_below(now, epoch, expected)
             if now != epoch:  # a cut the follower is short of is named as it passes it
                 cut_at = _cut_at(now) if cut is None else None
             epoch = now
             if cut is not None:
-                _note(
-                    f"the journal was cut after seq {cut - 1} (journal-check --repair, or "
-                    f"damage cut at start-up after a reboot); the events from {cut} on are "
-                    f"new ones, under seqs printed above for others; going on from {cut}"
-                )
-                follower.close()
-                follower = JournalFollower(directory, cut)
+                follower = _back_to_the_cut(follower, cut)
                 expected = cut
                 continue
             watch.wait(FOLLOW_LOOK_SECONDS)
@@ -279,6 +277,20 @@ def _print_entries(
         else:
             print(_format_event(row), flush=args.follow)
     return expected, since_time
+
+
+def _back_to_the_cut(follower: JournalFollower, cut: int) -> JournalFollower:
+    """A follower for the journal's new timeline from ``cut`` on, in place of
+    ``follower`` (closed), which printed seqs from ``cut`` on of the old one."""
+    from lockd.journal_file import JournalFollower
+
+    _note(
+        f"the journal was cut after seq {cut - 1} (journal-check --repair, or damage cut at "
+        f"start-up after a reboot); the events from {cut} on are new ones, under seqs "
+        f"printed above for others; going on from {cut}"
+    )
+    follower.close()
+    return JournalFollower(follower.directory, cut)
 
 
 def _cut_at(epoch: tuple[str, int] | None) -> int | None:

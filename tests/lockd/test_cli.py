@@ -292,6 +292,30 @@ def test_events_names_the_journals_cut_where_its_history_passes_it(tmp_path: Pat
     assert "cut after" not in _lockd("events", "--journal-dir", str(tmp_path)).stderr
 
 
+def test_events_follow_ends_when_its_reader_left_though_nothing_new_comes(
+    tmp_path: Path,
+) -> None:
+    """``lockd events --follow | head -3``: head had its lines and left, and the
+    follower, with nothing more to write to learn it from, ran on for ever. It looks
+    at each wake (about once a second), as ``tail -f`` does, and ends with 141."""
+    _journal_with_leases(tmp_path)
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "lockd", "events", "--journal-dir", str(tmp_path), "--follow"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert follow.stdout is not None
+        for _ in range(3):
+            follow.stdout.readline()
+        follow.stdout.close()  # as head does
+        assert follow.wait(10) == 141
+        assert follow.stderr is not None
+        assert follow.stderr.read() == b""
+    finally:
+        follow.kill()
+        follow.wait()
+
+
 def test_events_of_a_type_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
     """``--type lease-aquired`` would match nothing, with --follow for ever: the typo is
     named, with the types there are. A real type still filters."""
