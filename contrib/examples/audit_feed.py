@@ -20,7 +20,8 @@ start-up after a reboot) the seqs from the cut on are handed out again to new ev
 and the feed, told so by ``status``, prints those from the cut on, saying so.
 
 Its reader gone (``audit_feed.py ... | head``) ends it with status 141, as SIGPIPE
-ends a shell command; the event it could not print is not saved.
+ends a shell command: at the next event (which it does not save), or, with none
+coming, within a second, as ``tail -f`` does.
 
 Unlike ``lockd events --follow``, which reads the journal directory (root's), this
 needs only a connection to the socket.
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 import time
 import uuid
@@ -42,12 +44,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from protocol.client import Client, RemoteError
 
 RETRY_SECONDS = 0.5
+LOOK_SECONDS = 1.0
+"""How often a feed waiting for events looks whether its reader left."""
 EXIT_PIPE = 141
 """The exit status when standard output's reader left (``| head``): the shell's, for SIGPIPE."""
 
 
 class ReaderGone(Exception):
     """Standard output is a pipe nobody reads any more."""
+
+
+def reader_gone() -> bool:
+    """Whether standard output is a pipe whose reader left (poll reports an error)."""
+    poller = select.poll()
+    poller.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
+
+
+def next_event(client: Client) -> dict[str, Any]:
+    """The next event; while none comes, see every LOOK_SECONDS whether the reader left
+    (``| head`` with its lines had the feed wait for ever for an event to fail on)."""
+    client.settimeout(LOOK_SECONDS)
+    while True:
+        try:
+            event: dict[str, Any] = client.next_event()["event"]
+        except TimeoutError:  # what came of a frame is kept: the next call goes on
+            if reader_gone():
+                raise ReaderGone from None
+            continue
+        return event
 
 
 def emit(event: dict[str, Any]) -> None:
@@ -131,7 +156,7 @@ def follow(socket_path: str, state: Path, since: int | None, count: int | None) 
                     missing(seen + 1, first - 1, "are no longer kept by the journal")
                 expected = first
                 while count is None or printed < count:
-                    event = client.next_event()["event"]
+                    event = next_event(client)
                     if event["seq"] > expected:
                         missing(expected, event["seq"] - 1, "could not be read back from "
                                 "the journal (the daemon's log says why)")  # fmt: skip
