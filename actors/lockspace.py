@@ -915,6 +915,11 @@ class LockspaceActor(DispatchedActor):
             return None
         try:
             if isinstance(command, CreateResource):
+                if self._lease_file_exists(resource):
+                    # Nothing is created: no event (one said so at every create of a
+                    # file there already, and the history had it created again and again).
+                    self._reply(command, Done(command.token, self.name))
+                    return None
                 held = self._files.open_lease(resource, create=True)
                 self._files.close_fd(held.fd)
                 event: Event = ResourceCreated(self.name, resource, command.conn)
@@ -943,6 +948,15 @@ class LockspaceActor(DispatchedActor):
         self._track(flight, 1)
         self._journal.tell(Append((event,), token, self.actor_ref))
         return flight
+
+    def _lease_file_exists(self, resource: str) -> bool:
+        """Whether ``resource``'s lease file is there (opened and closed, not locked)."""
+        try:
+            held = self._files.open_lease(resource, create=False)
+        except FileNotFoundError:
+            return False
+        self._files.close_fd(held.fd)
+        return True
 
     def _delete_file(self, resource: str) -> None:
         """Unlink a lease file only under an exclusive lock on the inode its name names.

@@ -21,6 +21,7 @@ from actors.events import (
     LockspaceCreated,
     OwnerFenced,
     ReleaseReason,
+    ResourceCreated,
 )
 from actors.journal import SyncPolicy
 from actors.lease import LockBusyError
@@ -842,6 +843,16 @@ def test_lockspaces_resources_and_queries(h: Harness) -> None:
     status = c.ok("status")
     assert status["leases"] == 0
     assert status["journal_seq"] == h.journal_writer.next_seq - 1
+
+
+def test_creating_a_lease_file_that_is_there_journals_nothing(h: Harness) -> None:
+    """create-resource of a file already there succeeds as before, but journals no
+    resource-created: the history had the file created at every such call."""
+    c = h.connect(VM1)
+    c.ok("create-lockspace", lockspace="pool")
+    assert c.ok("create-resource", lockspace="pool", resource="r") == {"created": True}
+    assert c.ok("create-resource", lockspace="pool", resource="r") == {"created": True}
+    assert [e.resource for e in h.journal_writer.events(ResourceCreated)] == ["r"]
 
 
 def test_batch_sync_groups_appends(tmp_path: Path) -> None:
