@@ -50,6 +50,27 @@ def test_socket_activation_by_name(tmp_path: Path) -> None:
     assert sock.exists()  # the activated socket file belongs to the manager: left in place
 
 
+def _activated(tmp_path: Path, log: Path, *serve: str) -> subprocess.Popen[bytes]:
+    """``lockd serve`` under systemd-socket-activate, on ``lockd.sock`` and ``admin.sock``
+    in ``tmp_path`` (as lockd.socket and lockd-admin.socket), its stderr in ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(tmp_path / "lockd.sock"),
+             "-l", str(tmp_path / "admin.sock"), "--fdname=lockd.socket:lockd-admin.socket",
+             *LOCKD, "serve", "--lock-dir", str(tmp_path / "locks"),
+             "--journal-dir", str(tmp_path / "journal"), *serve],
+            stderr=out,
+        )  # fmt: skip
+
+
+def _status(sock: Path) -> None:
+    done = subprocess.run(
+        [*LOCKD, "status", "--json", "--socket", str(sock)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.skipif(
     not shutil.which("systemd-socket-activate"), reason="needs systemd-socket-activate"
 )
@@ -64,30 +85,15 @@ def test_a_reexec_of_a_socket_activated_daemon_leaves_the_managers_files_at_the_
     for other in others:
         other.write_text("another daemon's\n")
     log = tmp_path / "daemon.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            ["systemd-socket-activate", "-l", str(sock), "-l", str(admin),
-             "--fdname=lockd.socket:lockd-admin.socket",
-             *LOCKD, "serve", "--lock-dir", str(tmp_path / "locks"),
-             "--journal-dir", str(tmp_path / "journal"), "--socket", str(others[0]),
-             "--admin-socket", str(others[1])],
-            stderr=out,
-        )  # fmt: skip
-
-    def status() -> None:
-        done = subprocess.run(
-            [*LOCKD, "status", "--json", "--socket", str(sock)],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+    proc = _activated(tmp_path, log, "--socket", str(others[0]), "--admin-socket", str(others[1]))
 
     try:
         wait_for(sock.exists)
-        status()  # the first connection starts the service
+        _status(sock)  # the first connection starts the service
         assert f"serving {sock} (admin {admin})" in log.read_text()  # where it listens
         proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: "re-exec: took over" in log.read_text())
-        status()
+        _status(sock)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -107,35 +113,21 @@ def test_an_edited_socket_key_does_not_stop_a_reload_under_socket_activation(
     decides): editing it made SIGUSR1 (`systemctl reload lockd`) refuse to re-exec,
     "the configuration now moves socket", and SIGHUP ask for a restart that would not
     have moved it either."""
-    sock, admin = tmp_path / "lockd.sock", tmp_path / "admin.sock"
+    sock = tmp_path / "lockd.sock"
     config = tmp_path / "lockd.toml"
     config.write_text(f'socket = "{tmp_path}/configured.sock"\nfence_grace = 5\n')
     log = tmp_path / "daemon.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            ["systemd-socket-activate", "-l", str(sock), "-l", str(admin),
-             "--fdname=lockd.socket:lockd-admin.socket",
-             *LOCKD, "serve", "--config", str(config), "--lock-dir", str(tmp_path / "locks"),
-             "--journal-dir", str(tmp_path / "journal")],
-            stderr=out,
-        )  # fmt: skip
-
-    def status() -> None:
-        done = subprocess.run(
-            [*LOCKD, "status", "--json", "--socket", str(sock)],
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+    proc = _activated(tmp_path, log, "--config", str(config))
 
     try:
         wait_for(sock.exists)
-        status()  # the first connection starts the service
+        _status(sock)  # the first connection starts the service
         config.write_text(f'socket = "{tmp_path}/elsewhere.sock"\nfence_grace = 5\n')
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reload: socket changed; not used" in log.read_text())
         proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: "re-exec: took over" in log.read_text() or "abandoned" in log.read_text())
-        status()
+        _status(sock)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
