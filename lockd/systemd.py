@@ -107,7 +107,9 @@ class FdStore:
         self._stored: set[str] = set()
         """The names of the lease fds in the store (as far as this process knows)."""
         self._full = False
-        """Said that the store is full, until a lease leaves it."""
+        """Said that the store is full, until a tenth of it is free again: with leases
+        coming and going at the limit, once per release was a warning a minute."""
+        self._room_again = max_leases - max(1, max_leases // 10)
 
     def kept(self, lockspace: str, resource: str) -> None:
         """A lease fd the store holds already: handed back after a crash, or handed over
@@ -138,7 +140,7 @@ class FdStore:
             name = lease_fd_name(lockspace, resource)
             notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT)
             self._stored.discard(name)
-            self._full = False
+            self._full = self._full and len(self._stored) > self._room_again
 
     def forget(self, name: str, fd: int) -> None:
         """Drop a stored fd nobody needs any more (its lease ended while we were down)."""

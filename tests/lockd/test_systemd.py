@@ -79,6 +79,40 @@ def test_the_store_keeps_no_more_lease_fds_than_a_restart_can_be_handed(
         os.close(fd)
 
 
+def test_a_full_store_warns_once_while_leases_come_and_go_at_its_limit(
+    manager: socket.socket, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host at the limit with VMs starting and stopping: one warning, not one per
+    release; once a tenth of the store is free, the next overflow is said again."""
+    store = FdStore(max_leases=20)
+    fd = os.open(tmp_path, os.O_RDONLY)
+
+    def put(resource: str) -> None:
+        store.store("space", resource, fd)
+        received(manager)  # the manager reads its queue
+
+    def drop(resource: str) -> None:
+        store.remove("space", resource)
+        received(manager)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="lockd.systemd"):
+            for i in range(21):
+                put(f"r{i}")
+            for i in range(21, 31):  # one stops, one starts, another finds no room
+                drop(f"r{i - 21}")
+                put(f"r{i}")
+                put(f"late{i}")
+            assert caplog.text.count("not: a crash lets their locks go") == 1
+            drop("r10")
+            drop("r11")
+            for resource in ("x", "y", "z"):
+                put(resource)
+            assert caplog.text.count("not: a crash lets their locks go") == 2
+    finally:
+        os.close(fd)
+
+
 def test_the_unit_lets_the_store_hold_every_lease_fd_lockd_stores() -> None:
     """FileDescriptorStoreMax= at least MAX_STORED_LEASES: beyond it systemd drops an fd
     lockd counts as stored, with no error."""
