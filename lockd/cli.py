@@ -628,10 +628,31 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     return parser
 
 
+def _std_fds_open() -> None:
+    """Open fds 0-2 on /dev/null where they are closed (``lockd run ... >&-``).
+
+    Otherwise the first file or socket opened takes the number: the daemon connection
+    became fd 1, and the command ``lockd run`` execs wrote its output into the daemon's
+    socket, which took it for a broken client, closed the connection and fenced the
+    command. Daemons have long done the same (``daemon(3)``).
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # The lowest free number: this one; inherited, as a standard fd is.
+            os.set_inheritable(os.open(os.devnull, os.O_RDWR), True)
+    if sys.stdout is None:  # Python found fd 1 closed at start
+        sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - as stdout
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lockd`` console script."""
     from lockd import commands
 
+    _std_fds_open()
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)

@@ -1215,3 +1215,27 @@ def test_a_held_lease_file_replaced_and_taken_elsewhere_is_reported_lost_and_fen
     assert (lost["resource"], lost["owner"]["pid"]) == (path.name, vm.pid)
     assert listed(daemon) == {}
     check(daemon, others={path})
+
+
+def test_lockd_run_with_stdout_closed_gives_the_command_no_socket_as_stdout(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """``lockd run ... >&-`` (a manager that closed stdout): the connection to the daemon
+    took the free number 1, and the command it execs wrote its output into the daemon's
+    socket. fds 0-2 closed are opened on /dev/null first, as daemons do."""
+    seen = tmp_path / "fd1"
+    done = subprocess.run(
+        [*LOCKD, "run", "--disk", "/vm/closed.img", "--name", "vm1", "--",
+         sys.executable, "-c", "import os, sys; open(sys.argv[1], 'w').write("
+         "os.readlink('/proc/self/fd/1')); print('written', flush=True)", str(seen)],
+        env=daemon.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        timeout=30, check=False, pass_fds=(), preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert seen.read_text().strip() == "/dev/null"
+    assert daemon.lockd("status").returncode == 0
+    closed = subprocess.run(
+        [*LOCKD, "lease-name", "/vm/a.img"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True, timeout=30, check=False, preexec_fn=lambda: os.close(1),
+    )  # fmt: skip
+    assert (closed.returncode, closed.stderr) == (0, "")
