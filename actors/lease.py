@@ -293,7 +293,7 @@ class LeaseActor(DispatchedActor):
         self._fd = None
         taken = self._take(TakeLock(mode, True, msg.token, msg.reply_to))
         if isinstance(taken, LockTaken):
-            self._files.close_fd(old)
+            self._files.release_fd(old)  # as a release: the store's copy keeps no lock
         else:
             self._fd, self._mode = old, mode
         return taken

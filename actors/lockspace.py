@@ -986,7 +986,9 @@ class LockspaceActor(DispatchedActor):
         for lease in request.leases:
             if not lease.live:
                 if lease.fd is not None:
-                    self._files.close_fd(lease.fd)
+                    # Unlocked, not only closed: the store's copy would keep the lock
+                    # until the manager gets to the FDSTOREREMOVE (for good if it is lost).
+                    self._files.release_fd(lease.fd)
                     if self._fd_store is not None:
                         self._fd_store.remove(self.name, lease.resource)
                 if lease.autocreate:
@@ -1022,7 +1024,7 @@ class LockspaceActor(DispatchedActor):
         log.warning("recovery: lease %s/%s: the fd handed over is open on another file than "
                     "the lease file there now (moved while lockd was down?); locking that one",
                     self.name, lease.resource)  # fmt: skip
-        self._files.close_fd(lease.fd)
+        self._files.release_fd(lease.fd)  # the store's copy must not keep the old file locked
         if self._fd_store is not None:
             self._fd_store.remove(self.name, lease.resource)
         return attrs.evolve(lease, fd=None)

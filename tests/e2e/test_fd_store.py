@@ -323,3 +323,28 @@ def test_of_a_lease_stored_twice_the_fd_holding_the_lock_is_kept(
     assert_vm_lease_kept(daemon, vm, watcher, "the restart")
     assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
     check(daemon)
+
+
+def test_a_lease_recovery_ends_is_free_at_once_while_the_store_still_holds_its_fd(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """The store gives back the fd of a lease whose owner exited while lockd was down;
+    recovery ends the lease. That fd was closed without unlocking, so the store's copy
+    kept the lock until the manager got to the FDSTOREREMOVE (for good if that send gave
+    up after 0.1 s): the disk was "busy" to the next VM or host meanwhile, and the
+    autocreated file, whose removal needs the lock, stayed."""
+    daemon, vm, _, path = vm_with_stored_lease(make_daemon, manager, children)
+    kill_daemon(daemon)
+    vm.kill()  # the owner dies while lockd is down
+    vm.wait()
+    env, fds = manager.env()
+    daemon.env_extra, daemon.pass_fds, daemon.launcher = env, fds, manager.launcher()
+    with manager.lock:  # PID 1 busy: the FDSTOREREMOVE waits
+        daemon.start()
+        assert events(daemon, "--type", "recovery-completed")[-1]["released"] == 1
+        wait_for(lambda: not path.exists(), timeout=5)
+    wait_for(lambda: not manager.stored_names())
+    assert listed(daemon) == {}
+    check(daemon)
