@@ -104,24 +104,32 @@ class FdStore:
     def __init__(self, max_leases: int = MAX_STORED_LEASES) -> None:
         self.enabled = _address() is not None
         self._max = max_leases
-        self._stored: set[str] = set()
-        """The names of the lease fds in the store (as far as this process knows)."""
+        self._stored: dict[str, int] = {}
+        """The lease fds in the store by name, as far as this process knows: more than one
+        under a name whose FDSTOREREMOVE could not be sent (its copy stays there)."""
+        self._count = 0
+        """How many fds that is: each is one more name in a restart's LISTEN_FDNAMES."""
         self._full = False
         """Said that the store is full, until a tenth of it is free again: with leases
         coming and going at the limit, once per release was a warning a minute."""
         self._room_again = max_leases - max(1, max_leases // 10)
 
+    def _add(self, name: str) -> None:
+        self._stored[name] = self._stored.get(name, 0) + 1
+        self._count += 1
+
     def kept(self, lockspace: str, resource: str) -> None:
         """A lease fd the store holds already: handed back after a crash, or handed over
         by a re-exec (counted as stored, whether or not it is: the safe side)."""
-        if self.enabled:
-            self._stored.add(lease_fd_name(lockspace, resource))
+        name = lease_fd_name(lockspace, resource)
+        if self.enabled and name not in self._stored:
+            self._add(name)
 
     def store(self, lockspace: str, resource: str, fd: int) -> None:
         if not self.enabled:
             return
         name = lease_fd_name(lockspace, resource)
-        if len(self._stored) >= self._max and name not in self._stored:
+        if self._count >= self._max:
             if not self._full:
                 self._full = True
                 log.warning(
@@ -129,23 +137,26 @@ class FdStore:
                     "manager can hand back to a restart (LISTEN_FDNAMES); %s/%s and later "
                     "leases are not: a crash lets their locks go until recovery takes "
                     "them again",
-                    len(self._stored), lockspace, resource,
+                    self._count, lockspace, resource,
                 )  # fmt: skip
             return
         if notify(f"FDSTORE=1\nFDNAME={name}", [fd], timeout=SEND_TIMEOUT):
-            self._stored.add(name)
+            self._add(name)
 
     def remove(self, lockspace: str, resource: str) -> None:
+        """Drop a lease's fds from the store. If the message cannot be sent, they stay
+        there until the next start, and are still counted: uncounted, later leases
+        stored in their place took a restart's LISTEN_FDNAMES past what an exec takes."""
         if self.enabled:
             name = lease_fd_name(lockspace, resource)
-            notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT)
-            self._stored.discard(name)
-            self._full = self._full and len(self._stored) > self._room_again
+            if notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT):
+                self._count -= self._stored.pop(name, 0)
+                self._full = self._full and self._count > self._room_again
 
     def forget(self, name: str, fd: int) -> None:
         """Drop a stored fd nobody needs any more (its lease ended while we were down)."""
-        if self.enabled:
-            notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT)
+        if self.enabled and not notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT):
+            self._add(name)  # still there, handed to the next start with the others
         with contextlib.suppress(OSError):
             # Unlocked first: the store's copy, until the manager drops it, would keep it.
             unlock(fd)

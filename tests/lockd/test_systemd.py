@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -147,3 +148,39 @@ def test_a_manager_that_stopped_reading_does_not_stall_the_daemon(
     finally:
         os.close(fd)
     assert "sd_notify 'FDSTORE=1' failed: timed out" in caplog.text
+
+
+def fill(path: str) -> None:
+    """Fill the manager's queue, as a PID 1 that stopped reading lets it fill."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                s.sendto(b"X=1", path)
+
+
+def test_a_lease_whose_removal_could_not_be_sent_still_counts_as_stored(
+    manager: socket.socket, tmp_path: Path
+) -> None:
+    """An FDSTOREREMOVE given up (the manager's queue full) leaves the fd in the store,
+    and the next restart is handed its name too. It was counted as gone, so leases stored
+    later took the store past the limit: past it by about 20 names, a restart's
+    LISTEN_FDNAMES fails the exec (E2BIG), the unit fails and the store lets every lock go."""
+    store = FdStore(max_leases=2)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        store.store("space", "a", fd)
+        store.store("space", "b", fd)
+        fill(manager.getsockname())
+        store.remove("space", "a")  # gives up: a's fd stays in the store
+        received(manager)  # PID 1 reads again
+        store.store("space", "c", fd)
+        assert received(manager) == []  # a and b are still there: two, the most
+        store.remove("space", "a")  # sent this time: it leaves, c fits
+        store.store("space", "c", fd)
+        assert received(manager) == [
+            f"FDSTOREREMOVE=1\nFDNAME={lease_fd_name('space', 'a')}",
+            f"FDSTORE=1\nFDNAME={lease_fd_name('space', 'c')}",
+        ]
+    finally:
+        os.close(fd)
