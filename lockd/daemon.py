@@ -656,6 +656,8 @@ class Daemon:
                     os.unlink(path)
             if embedded and hasattr(self, "system"):  # the program goes on, may start again
                 self.system.abandon()
+            for spares in getattr(self, "_spares", {}).values():  # a listener's bind failed
+                spares.close()
             self._drop_pid_file()
             raise
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -416,3 +417,24 @@ def test_stop_with_a_socket_closes_what_it_opened(tmp_path: Path) -> None:
         service.stop()
         assert sorted(os.listdir("/proc/self/fd")) == before
         assert not sock.exists()
+
+
+def test_a_start_refused_for_its_admin_socket_leaves_no_fd_open(tmp_path: Path) -> None:
+    """Another program serves the admin socket's path: start() raises, leaves the client
+    socket's file removed and no fd open (each refused start kept the listeners' four
+    spare fds), and starts once the path is free."""
+    sock, busy = tmp_path / "s.sock", tmp_path / "busy.sock"
+    service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"),
+                          socket=str(sock), admin_socket=str(busy))  # fmt: skip
+    with socket.socket(socket.AF_UNIX) as other:
+        other.bind(str(busy))
+        other.listen()
+        before = sorted(os.listdir("/proc/self/fd"))
+        for _ in range(2):
+            with pytest.raises(OSError, match="another daemon is serving"):
+                service.start()
+            assert sorted(os.listdir("/proc/self/fd")) == before
+            assert not sock.exists()
+    busy.unlink()
+    service.start()
+    service.stop()
