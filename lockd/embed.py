@@ -44,7 +44,7 @@ from actors.recovery import RecoveryReport
 from actors.runtime import tell_if_alive
 from lockd.config import ConfigError, admin_socket_beside
 from lockd.config import from_keys as config_from_keys
-from lockd.daemon import Daemon, JournalInUseError
+from lockd.daemon import Daemon, JournalInUseError, PidFileLockedError
 from protocol.client import ConnectionLostError, RemoteError, result_of
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
@@ -57,6 +57,7 @@ __all__ = [
     "EmbeddedClient",
     "JournalInUseError",
     "LockService",
+    "PidFileLockedError",
     "RecoveryReport",
     "RemoteError",
 ]

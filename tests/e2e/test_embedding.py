@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from actors.router import Gather, RouterActor
-from lockd.embed import ConnectionLostError, LockService
+from lockd.embed import ConnectionLostError, LockService, PidFileLockedError
 from lockd.journal_format import JournalCorruptError
 from protocol.client import Client, RemoteError
 from protocol.errors import ProtocolError
@@ -229,9 +229,10 @@ def test_events_reach_an_in_process_subscriber(tmp_path: Path) -> None:
 
 
 def test_a_start_refused_for_its_pid_file_says_why_at_once(tmp_path: Path) -> None:
-    """A pid file another process locks makes start() raise with the cause at once (it is
-    taken before anything else), rather than wait out its timeout; it leaves nothing open
-    (the journal's lock, its socket), so start() again works once the cause is gone."""
+    """A pid file another process locks makes start() raise PidFileLockedError naming
+    it, at once (the pid file is taken before anything else, in start() itself, not in
+    the lock thread); it leaves nothing open (the journal's lock, its socket), so start()
+    again works once the cause is gone."""
     pid_file = tmp_path / "pid"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; "
@@ -247,7 +248,7 @@ def test_a_start_refused_for_its_pid_file_says_why_at_once(tmp_path: Path) -> No
                               pid_file=str(pid_file), socket=str(sock))  # fmt: skip
         before = sorted(os.listdir("/proc/self/fd"))
         started = time.monotonic()
-        with pytest.raises(RuntimeError, match=r"pid file .* is locked by a running daemon"):
+        with pytest.raises(PidFileLockedError, match=r"pid file .* is locked by a running daemon"):
             service.start(timeout=10)
         assert time.monotonic() - started < 5
         assert sorted(os.listdir("/proc/self/fd")) == before
@@ -259,6 +260,8 @@ def test_a_start_refused_for_its_pid_file_says_why_at_once(tmp_path: Path) -> No
     finally:
         holder.kill()
         holder.wait()
+        if holder.stdout is not None:  # not left to the collector, amid another test's fd count
+            holder.stdout.close()
 
 
 def test_a_lock_thread_that_dies_starting_says_why_at_once(
