@@ -212,7 +212,8 @@ def test_units_verify(tmp_path: Path) -> None:
         (tmp_path / unit.name).write_text(text)
     service = (UNITS / "lockd.service").read_text()
     for needed in ("Type=notify", "OOMScoreAdjust=-900", "FileDescriptorStoreMax=",
-                   "ExecReload=/bin/kill -USR1 $MAINPID", "LimitNOFILE="):  # fmt: skip
+                   "ExecReload=/bin/kill -USR1 $MAINPID", "LimitNOFILE=",
+                   "\nFileDescriptorStorePreserve=yes\n"):  # fmt: skip
         assert needed in service
     # SIGHUP for lockd alone: its snapshot writer and a re-exec's check die of one.
     assert "systemctl kill --kill-whom=main -s HUP lockd" in service
@@ -232,4 +233,8 @@ def test_units_verify(tmp_path: Path) -> None:
     if "Failed to" in done.stderr and "manager" in done.stderr.lower():
         pytest.skip(f"systemd-analyze cannot run here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr
-    assert "lockd" not in done.stderr, done.stderr
+    # Before systemd 254 (this machine has 252) the store's Preserve= is unknown: said,
+    # and ignored. Nothing else may be said about the units.
+    unknown = "Unknown key 'FileDescriptorStorePreserve' in section [Service], ignoring."
+    said = [line for line in done.stderr.splitlines() if "lockd" in line and unknown not in line]
+    assert said == [], done.stderr
