@@ -90,7 +90,7 @@ ENV_STRING_MAX = 32 * 4096
 environment holds a longer one fails with E2BIG."""
 
 MAX_STORED_LEASES = (ENV_STRING_MAX - 1024) // (len(lease_fd_name("", "")) + 1)
-"""Lease fds kept in the fd store at most (2,767). The service manager passes the names
+"""Lease fds kept in the fd store at most (2,766). The service manager passes the names
 of all the fds it hands back in one variable, ``LISTEN_FDNAMES``: with more names than
 fit in :data:`ENV_STRING_MAX` (1 KiB left for the sockets' and the variable's own), the
 exec of the restarted lockd fails (E2BIG), the unit fails, and the store, every lock
