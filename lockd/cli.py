@@ -432,7 +432,8 @@ def _add_client_options(parser: argparse.ArgumentParser, *, admin: bool = False)
         parser.add_argument(
             "--admin-socket",
             default=None,
-            help="the daemon's admin socket (env LOCKD_ADMIN_SOCKET, else the per-user default)",
+            help="the daemon's admin socket (default: lockd-admin.sock beside --socket, else "
+            "env LOCKD_ADMIN_SOCKET, else beside LOCKD_SOCKET, else the per-user default)",
         )
     parser.add_argument(
         "--socket",
