@@ -450,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     parser = argparse.ArgumentParser(
         prog="lockd",
         description="Disk lease daemon and client.",
-        epilog="Exit codes: 0 ok, 1 error, 2 usage, 69 daemon unreachable, 75 lease busy.",
+        epilog="Exit codes: 0 ok, 1 error, 2 usage, 69 daemon unreachable, 75 lease busy; "
+        "lockd run: 126 the command is not executable, 127 no such command; 130 interrupted, "
+        "141 the reader of the output left.",
     )
     parser.add_argument("--version", action="version", version=f"lockd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

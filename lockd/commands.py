@@ -2,7 +2,9 @@
 
 Exit codes are part of the interface (scripts and VM managers branch on
 them): 0 ok, 1 error, 2 usage, 69 daemon unreachable (EX_UNAVAILABLE),
-75 lease busy (EX_TEMPFAIL, "try again later").
+75 lease busy (EX_TEMPFAIL, "try again later"); for ``lockd run`` 126 the command
+is not executable or would not run, 127 no such command; 130 interrupted, 141 the
+reader of the output left (README.md, operations.md "Errors").
 """
 
 from __future__ import annotations
