@@ -1070,7 +1070,12 @@ class ConnectionActor(DispatchedActor):
             )
             return
         if self._log_control is None:
-            self._error(request, ErrorCode.INTERNAL, "set-log: logging is not controlled here")
+            # Refused by design, not a bug: the program embedding lockd owns its logging.
+            self._error(
+                request,
+                ErrorCode.PERMISSION_DENIED,
+                "set-log: this lockd is embedded in a program whose logging is its own",
+            )
             return
         try:
             result = self._log_control(request.level, request.filters)

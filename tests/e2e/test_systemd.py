@@ -215,7 +215,7 @@ def test_units_verify(tmp_path: Path) -> None:
                    "ExecReload=/bin/kill -USR1 $MAINPID", "LimitNOFILE=",
                    "\nFileDescriptorStorePreserve=yes\n"):  # fmt: skip
         assert needed in service
-    # SIGHUP for lockd alone: its snapshot writer and a re-exec's check die of one.
+    # SIGHUP for lockd alone: its other processes have no use for one (they ignore or block it).
     assert "systemctl kill --kill-whom=main -s HUP lockd" in service
     assert "systemctl kill -s HUP" not in service
     for sock in ("lockd.socket", "lockd-admin.socket"):
