@@ -1239,6 +1239,8 @@ class LockspaceActor(DispatchedActor):
         self._arm_link_check()
         if self._frozen or self._handoff is not None or self._restoring:
             return
+        if self._files.follow_path():
+            self._link_queue.clear()  # a round starts now over every lease, in the new one
         if not self._link_queue:
             self._link_queue.extend(self.fds)
         relinking = {resource for resource, _ in self._relinks.values()}

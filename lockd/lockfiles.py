@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import struct
 
@@ -22,6 +23,8 @@ import attrs
 
 from actors.lease import LockBusyError
 from protocol.names import INDEX_NAME
+
+log = logging.getLogger(__name__)
 
 __all__ = ["HeldFile", "LockBusyError", "LockspaceDir", "lock_is_elsewhere", "try_lock", "unlock"]
 
@@ -75,6 +78,31 @@ class LockspaceDir:
         # lock dir must not redirect lease files elsewhere.
         self._dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
+    def follow_path(self) -> bool:
+        """Hold open the directory at :attr:`path` now, if it is another than the one held
+        (removed and made again, or moved aside and replaced, or another mount over it);
+        True when it changed.
+
+        Lease files are opened, created and checked through the directory fd: left on
+        the old directory, a held lease's name looked fine there (moved aside), or could
+        not be made again (removed), while other hosts created and locked the disk's
+        file in the new one. A path that is gone, or is no directory (a symlink put in
+        its place), is not followed: nothing changes until a directory is there.
+        """
+        try:
+            now = os.stat(self.path, follow_symlinks=False)
+            held = os.fstat(self._dirfd)
+            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+                return False
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        os.close(self._dirfd)
+        self._dirfd = fd
+        log.warning("lockspace directory %s was replaced: its lease files are opened in the "
+                    "new one, and held leases locked again there", self.path)  # fmt: skip
+        return True
+
     @staticmethod
     def try_lock(fd: int, *, shared: bool) -> None:
         """Take the lease lock on ``fd`` (see :func:`try_lock`)."""
@@ -121,6 +149,7 @@ class LockspaceDir:
         LockBusyError when another host is creating or deleting a file in
         this lockspace at this instant.
         """
+        self.follow_path()  # never a stale directory: another host uses the one there now
         flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         if not create:
             fd = os.open(name, flags, dir_fd=self._dirfd)

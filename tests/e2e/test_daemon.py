@@ -1189,6 +1189,26 @@ def test_a_held_lease_file_removed_is_locked_again_where_its_name_is(
     check_all([a, b])
 
 
+def test_a_replaced_lockspace_directory_gets_the_held_leases_files_again(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """The lockspace's directory moved aside and made again (or another mount over it):
+    the held lease's file is made and locked in the new one, and another host cannot
+    take the disk there. Through the old directory fd its name still looked fine."""
+    a = make_daemon("a")
+    b = make_daemon("b")
+    vm = start_run(a, children, "--disk", "/vm/a.img", "--name", "vm1")
+    path = lease_file(a, "/vm/a.img")
+    path.parent.rename(path.parent.with_name("aside"))
+    path.parent.mkdir()
+    wait_for(lambda: path.exists() and probe(path, "classic") == "busy", timeout=5)
+    other = b.lockd("acquire", "--owner-pid", str(os.getpid()), "--disk", "/vm/a.img")
+    assert other.returncode != 0, other.stdout
+    assert listed(a) == {(FILES_LOCKSPACE, path.name): ("exclusive", (vm.pid,))}
+    assert "was replaced: its lease files are opened in the new one" in a.log.read_text()
+    check_all([a, b])
+
+
 _THIEF = """
 import fcntl, os, struct, sys, time
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)

@@ -86,3 +86,33 @@ def test_unlinked_file_is_detected(lockspace: LockspaceDir) -> None:
     assert not lockspace.still_linked(held, "disk5")
     lockspace.unlink_lease("disk5")
     os.close(held.fd)
+
+
+def test_a_replaced_lockspace_directory_is_followed_a_symlink_or_nothing_is_not(
+    tmp_path: Path,
+) -> None:
+    """Lease files go through the directory fd: after the directory was moved aside and
+    made again, names looked up through the old one still named the held file, while
+    other hosts created the disk's file in the new one."""
+    space = tmp_path / "space"
+    space.mkdir()
+    d = LockspaceDir(str(space))
+    try:
+        held = d.open_lease("disk", create=True)
+        assert not d.follow_path()  # the same directory
+        space.rename(tmp_path / "aside")
+        assert not d.follow_path()  # gone: nothing to follow
+        assert d.names_fd(held.fd, "disk")  # still through the old one
+        (tmp_path / "elsewhere").mkdir()
+        space.symlink_to(tmp_path / "elsewhere")
+        assert not d.follow_path()  # never through a symlink
+        space.unlink()
+        space.mkdir()
+        assert d.follow_path()
+        assert not d.names_fd(held.fd, "disk")  # the name, here, names no file
+        again = d.open_lease("disk", create=True)
+        assert (space / "disk").exists()
+        os.close(again.fd)
+        os.close(held.fd)
+    finally:
+        d.close()

@@ -144,6 +144,10 @@ class FakeLockspaceDir:
         """As close_fd: the fake kernel has no second copy of a description."""
         self._kernel.close(fd)
 
+    def follow_path(self) -> bool:
+        """The simulation's directories are never replaced."""
+        return False
+
     def close(self) -> None:
         """No directory fd to close."""
 
