@@ -74,6 +74,23 @@ def assert_vm_lease_kept(
     assert events(daemon, "--type", "recovery-completed")[-1]["held"] == 1
 
 
+def crash_and_restart_watched(
+    daemon: DaemonProcess,
+    manager: FakeServiceManager,
+    vm: subprocess.Popen[bytes],
+    path: Path,
+    children: list[subprocess.Popen[bytes]],
+    **extra: int,
+) -> None:
+    """SIGKILL the daemon and start it again under ``manager`` (``extra``: more fds it
+    hands back), while a watcher looks at the lock: it was never free, and is the VM's."""
+    watcher = start_watch(path)
+    children.append(watcher)  # type: ignore[arg-type]
+    kill_daemon(daemon)
+    start_under(daemon, manager, **extra)
+    assert_vm_lease_kept(daemon, vm, watcher, "the restart")
+
+
 def kill_daemon(daemon: DaemonProcess) -> None:
     """SIGKILL, and reap it: everything it held that is not stored elsewhere is gone."""
     assert daemon.proc is not None
@@ -127,16 +144,12 @@ def test_a_lease_the_store_returns_twice_is_adopted_once_and_the_extra_fd_closed
     daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
     with manager.lock:
         (kept,) = manager.store[name]
-    watcher = start_watch(path)
-    children.append(watcher)  # type: ignore[arg-type]
-    kill_daemon(daemon)
     twin = os.dup(kept)  # the same lease fd, stored a second time under its name
     try:
-        start_under(daemon, manager, **{name: twin})
+        crash_and_restart_watched(daemon, manager, vm, path, children, **{name: twin})
     finally:
         os.close(twin)
     assert probe(path, "ofd") == "busy"
-    assert_vm_lease_kept(daemon, vm, watcher, "the restart")
     assert daemon.proc is not None
     assert fds_on(daemon.proc.pid, path) == 1, "the extra fd is still open in the daemon"
     assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
@@ -316,11 +329,7 @@ def test_of_a_lease_stored_twice_the_fd_holding_the_lock_is_kept(
     stale = os.open(path, os.O_RDWR)
     with manager.lock:
         manager.store[name].insert(0, stale)  # passed first, as the store may order them
-    watcher = start_watch(path)
-    children.append(watcher)  # type: ignore[arg-type]
-    kill_daemon(daemon)
-    start_under(daemon, manager)
-    assert_vm_lease_kept(daemon, vm, watcher, "the restart")
+    crash_and_restart_watched(daemon, manager, vm, path, children)
     assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
     check(daemon)
 

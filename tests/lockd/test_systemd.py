@@ -42,6 +42,11 @@ def received(sock: socket.socket) -> list[str]:
         out.append(data.decode())
 
 
+def sent(*messages: tuple[str, str]) -> list[str]:
+    """The datagrams that ``(kind, resource)`` pairs of lockspace ``space`` make."""
+    return [f"{kind}=1\nFDNAME={lease_fd_name('space', resource)}" for kind, resource in messages]
+
+
 def test_the_names_of_a_full_store_fit_in_an_exec(tmp_path: Path) -> None:
     """systemd hands a restart the names of every stored fd in LISTEN_FDNAMES, one
     environment string, which the kernel caps at 128 KiB: with 65,536 lease fds allowed
@@ -67,15 +72,11 @@ def test_the_store_keeps_no_more_lease_fds_than_a_restart_can_be_handed(
             store.store("space", "a", fd)
             store.store("space", "b", fd)
             store.store("space", "c", fd)
-        sent = received(manager)
-        assert sent == [f"FDSTORE=1\nFDNAME={lease_fd_name('space', 'a')}"]
+        assert received(manager) == sent(("FDSTORE", "a"))
         assert caplog.text.count("not: a crash lets their locks go") == 1
         store.remove("space", "adopted")
         store.store("space", "b", fd)
-        assert received(manager) == [
-            f"FDSTOREREMOVE=1\nFDNAME={lease_fd_name('space', 'adopted')}",
-            f"FDSTORE=1\nFDNAME={lease_fd_name('space', 'b')}",
-        ]
+        assert received(manager) == sent(("FDSTOREREMOVE", "adopted"), ("FDSTORE", "b"))
     finally:
         os.close(fd)
 
@@ -178,9 +179,6 @@ def test_a_lease_whose_removal_could_not_be_sent_still_counts_as_stored(
         assert received(manager) == []  # a and b are still there: two, the most
         store.remove("space", "a")  # sent this time: it leaves, c fits
         store.store("space", "c", fd)
-        assert received(manager) == [
-            f"FDSTOREREMOVE=1\nFDNAME={lease_fd_name('space', 'a')}",
-            f"FDSTORE=1\nFDNAME={lease_fd_name('space', 'c')}",
-        ]
+        assert received(manager) == sent(("FDSTOREREMOVE", "a"), ("FDSTORE", "c"))
     finally:
         os.close(fd)
