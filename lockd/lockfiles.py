@@ -69,14 +69,21 @@ class HeldFile:
     inode: tuple[int, int]
 
 
+def _open_dir(path: str) -> tuple[int, tuple[int, int]]:
+    """A directory fd on ``path`` and the directory's (device, inode), which an open fd
+    keeps for good. O_NOFOLLOW: a lockspace directory swapped for a symlink on the
+    shared lock dir must not redirect lease files elsewhere."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    return fd, (st.st_dev, st.st_ino)
+
+
 class LockspaceDir:
     """One lockspace directory, held open as a directory fd."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        # O_NOFOLLOW: a lockspace directory swapped for a symlink on the shared
-        # lock dir must not redirect lease files elsewhere.
-        self._dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._dirfd, self._dir_id = _open_dir(path)
 
     def follow_path(self) -> bool:
         """Hold open the directory at :attr:`path` now, if it is another than the one held
@@ -91,14 +98,13 @@ class LockspaceDir:
         """
         try:
             now = os.stat(self.path, follow_symlinks=False)
-            held = os.fstat(self._dirfd)
-            if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            if (now.st_dev, now.st_ino) == self._dir_id:  # one stat per acquire, no more
                 return False
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd, dir_id = _open_dir(self.path)
         except OSError:
             return False
         os.close(self._dirfd)
-        self._dirfd = fd
+        self._dirfd, self._dir_id = fd, dir_id
         log.warning("lockspace directory %s was replaced: its lease files are opened in the "
                     "new one, and held leases locked again there", self.path)  # fmt: skip
         return True
