@@ -12,7 +12,6 @@ symlink planted in a lockspace never redirects lockd to another file.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
@@ -125,8 +124,11 @@ class LockspaceDir:
         """Unlock, then close a lease fd whose lease ended: the lock ends now, though
         the service manager's fd store keeps a copy of the description (and with a
         close alone, its lock) until it gets to the FDSTOREREMOVE."""
-        with contextlib.suppress(OSError):  # the close drops what it can anyway
+        # Not contextlib.suppress: once per release, it costs 24 bytecodes more.
+        try:  # noqa: SIM105
             unlock(fd)
+        except OSError:
+            pass  # the close drops what it can anyway
         os.close(fd)
 
     def close(self) -> None:
