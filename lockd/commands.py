@@ -250,6 +250,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     logs.configure(config.log_level, config.log_filters, config.log_outputs)
+    logs.log_uncaught()
     try:
         return serve(
             config,

@@ -110,7 +110,7 @@ def _log_control(level: str | None, filters: str | None) -> dict[str, str]:
     logs.configure(
         level or state["level"],
         state["filters"] if filters is None else filters,
-        state["output"],
+        logs.asked_output(),
     )
     result = logs.current()
     log.info("logging set on the admin socket: %s", logs.describe(result))

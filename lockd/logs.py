@@ -25,6 +25,7 @@ import pkgutil
 import socket
 import struct
 import sys
+import threading
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _NUMERIC = {"1": "debug", "2": "info", "3": "warning", "4": "error"}
@@ -123,9 +124,9 @@ def check_modules(filters: str) -> None:
 class JournaldHandler(logging.Handler):
     """Writes records to journald with its native datagram protocol."""
 
-    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+    def __init__(self, path: str | None = None) -> None:
         super().__init__()
-        self._path = path
+        self._path = path or JOURNAL_SOCKET
         """Addressed by each send, as sd_journal_send does: a socket connected once stayed
         on the journald of the moment, refused every line after a restart of it
         (``systemctl restart systemd-journald``, an upgrade) and reported each on stderr."""
@@ -152,6 +153,33 @@ class JournaldHandler(logging.Handler):
 _filtered: set[str] = set()
 
 
+def log_uncaught() -> None:
+    """Send exceptions nothing caught (the main thread's, any thread's) through logging at
+    critical, for the daemon: Python printed their tracebacks on stderr bare, so under
+    systemd each line was stored at priority info (``journalctl -p err`` showed no crash)
+    and with ``log_outputs = "journald"`` they were not in the journal's fields at all."""
+    log = logging.getLogger("lockd")
+
+    def hook(kind: type[BaseException], exc: BaseException, tb: object) -> None:
+        if issubclass(kind, KeyboardInterrupt):
+            sys.__excepthook__(kind, exc, tb)  # type: ignore[arg-type]
+            return
+        log.critical("uncaught exception", exc_info=(kind, exc, tb))  # type: ignore[arg-type]
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "unknown"
+        log.critical(
+            "uncaught exception in thread %s",
+            name,
+            exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+        )
+
+    sys.excepthook = hook
+    threading.excepthook = thread_hook
+
+
 def configure(level: str, filters: str = "", output: str = "stderr") -> None:
     """Apply level, filters and output to the root logger (safe to call again at runtime)."""
     parsed = parse_filters(filters)
@@ -159,7 +187,9 @@ def configure(level: str, filters: str = "", output: str = "stderr") -> None:
     if output not in ("stderr", "journald"):
         raise LogFilterError(f"log output must be stderr or journald, not {output!r}")
     current = getattr(root, "_lockd_output", None)
-    if current != output:
+    # A daemon that fell back to stderr takes the journal at the next change once there is one.
+    fell_back = not any(isinstance(h, JournaldHandler) for h in root.handlers)
+    if current != output or (output == "journald" and fell_back and os.path.exists(JOURNAL_SOCKET)):
         for old in list(root.handlers):
             root.removeHandler(old)
             old.close()
@@ -194,17 +224,35 @@ def configure(level: str, filters: str = "", output: str = "stderr") -> None:
 
 def describe(state: dict[str, str]) -> str:
     """:func:`current`'s answer in words, as the log and ``lockd log-level`` say it."""
-    return f"level {state['level']}, filters {state['filters']!r}, output {state['output']}"
+    text = f"level {state['level']}, filters {state['filters']!r}, output {state['output']}"
+    if state.get("output_asked", state["output"]) != state["output"]:
+        text += f" ({state['output_asked']} asked: no journal at {JOURNAL_SOCKET})"
+    return text
+
+
+def asked_output() -> str:
+    """The output the configuration (or the last change) asked for, which :func:`current`
+    may not show: ``journald`` without a journal writes to stderr."""
+    return str(getattr(logging.getLogger(), "_lockd_output", "stderr"))
 
 
 def current() -> dict[str, str]:
-    """The level and filters in force, for the admin socket."""
+    """The level, filters and output in force, for the admin socket.
+
+    ``output`` is where lines go now: ``lockd log-level`` said ``journald`` for a daemon
+    that had fallen back to stderr, and an operator looked in the journal for nothing.
+    ``output_asked`` is added only when it differs."""
     root = logging.getLogger()
     filters = " ".join(
         f"{logging.getLevelName(logging.getLogger(n).level).lower()}:{n}" for n in sorted(_filtered)
     )
-    return {
+    asked = asked_output()
+    journald = any(isinstance(h, JournaldHandler) for h in root.handlers)
+    state = {
         "level": logging.getLevelName(root.level).lower(),
         "filters": filters,
-        "output": getattr(root, "_lockd_output", "stderr"),
+        "output": "journald" if journald else "stderr",
     }
+    if asked != state["output"]:
+        state["output_asked"] = asked
+    return state

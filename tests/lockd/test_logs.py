@@ -7,6 +7,8 @@ import os
 import re
 import socket
 import struct
+import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,3 +203,62 @@ def test_journald_handler_follows_a_restarted_journald(tmp_path: Path) -> None:
     finally:
         server.close()
         handler.close()
+
+
+def test_log_level_says_stderr_when_journald_was_asked_but_absent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``log_outputs = "journald"`` on a host without a journal writes to stderr (with a
+    warning), but ``lockd log-level`` said ``output journald``: an operator looked in the
+    journal for lines that were never there."""
+    monkeypatch.setattr(logs, "JOURNAL_SOCKET", str(tmp_path / "no-journal.sock"))
+    _stderr_to(tmp_path / "stderr", monkeypatch, journal=False)
+    logs.configure("info", "", "journald")
+    state = logs.current()
+    assert state == {"level": "info", "filters": "", "output": "stderr",
+                     "output_asked": "journald"}  # fmt: skip
+    assert logs.describe(state).endswith(
+        f"output stderr (journald asked: no journal at {tmp_path / 'no-journal.sock'})"
+    )
+    # A runtime change keeps asking for the journal: it is used once there is one.
+    journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journal.bind(logs.JOURNAL_SOCKET)
+    try:
+        logs.configure("debug", "", logs.asked_output())
+        assert logs.current() == {"level": "debug", "filters": "", "output": "journald"}
+        logging.getLogger("lockd.test").warning("to the journal")
+        journal.settimeout(5)
+        assert journal.recv(65536).endswith(b"to the journal\n")
+    finally:
+        journal.close()
+
+
+def test_an_uncaught_exception_reaches_the_journal_as_critical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A traceback nothing caught was printed by Python on stderr bare: under systemd each
+    of its lines was stored at priority info, so ``journalctl -p err`` showed no crash."""
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+    out = tmp_path / "stderr"
+    _stderr_to(out, monkeypatch, journal=True)
+    logs.configure("info", "", "stderr")
+    logs.log_uncaught()
+    try:
+        raise RuntimeError("main thread")
+    except RuntimeError as exc:
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+
+    def fail() -> None:
+        raise ValueError("worker")
+
+    thread = threading.Thread(target=fail, name="lockd-worker")
+    thread.start()
+    thread.join()
+    logging.getLogger().handlers[0].flush()
+    lines = out.read_text().splitlines()
+    assert lines[0] == "<2>CRITICAL: lockd: uncaught exception"
+    assert "<2>RuntimeError: main thread" in lines
+    assert "<2>CRITICAL: lockd: uncaught exception in thread lockd-worker" in lines
+    assert "<2>ValueError: worker" in lines
+    assert all(line.startswith("<2>") for line in lines)
