@@ -602,22 +602,25 @@ class Daemon:
         self._pid_fd = self._write_pid_file(handoff.pid_file if handoff else None)
         """The locked pid file (inherited across a re-exec): taken before anything else, so
         a daemon refused for it has replayed, journaled and bound nothing."""
+        # What a failure below must undo, as far as it got.
+        self._bound: set[str] = set()
+        """The listeners' socket files this daemon created: removed when it stops. Not
+        those of socket activation, which belong to the service manager (its socket
+        units keep listening on them across a stop)."""
+        self._spares: dict[bool, FdReserve] = {}
+        system: LockSystem | None = None
         try:
             if not embedded:  # the collector is the host program's business
                 _collector_off_for_recovery()
             limit = procs.raise_fd_limit() if not embedded else 0
             adopted = {(ls, res): fd for ls, res, fd in handoff.leases} if handoff else None
             activated, stored = _passed_fds() if not embedded else ({}, {})
-            self._bound: set[str] = set()
-            """The listeners' socket files this daemon created: removed when it stops. Not
-            those of socket activation, which belong to the service manager (its socket
-            units keep listening on them across a stop)."""
             _secure_socket_dirs(config, activated, binding=sockets and handoff is None)
             # An eighth of the descriptors for owner pidfds: leases cannot exist
             # without their fd, owners beyond this are polled (16,384 leases and
             # 4,096 owners then fit in 20,000 fds; 65,536 pidfds under the unit's
             # LimitNOFILE).
-            self.system = LockSystem(
+            self.system = system = LockSystem(
                 config,
                 adopted=adopted,
                 stored=stored,
@@ -651,12 +654,12 @@ class Daemon:
                     self.dispatcher, self.system.router, config.timeout, self.request_stop
                 )
         except BaseException:
-            for path in getattr(self, "_bound", ()):  # a socket bound before the failure
+            for path in self._bound:  # a socket bound before the failure
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-            if embedded and hasattr(self, "system"):  # the program goes on, may start again
-                self.system.abandon()
-            for spares in getattr(self, "_spares", {}).values():  # a listener's bind failed
+            if embedded and system is not None:  # the program goes on, may start again
+                system.abandon()
+            for spares in self._spares.values():  # a listener's bind failed
                 spares.close()
             self._drop_pid_file()
             raise
