@@ -165,6 +165,8 @@ class HandedOver:
     """A subscriber's next event seq: the next program replays the journal from it,
     so the events written during the hand-over reach it too. None: from a build that
     did not say; the subscription goes on from the next program's next event."""
+    name: str = ""
+    """The client's name from its ``hello`` ("": none given, or a build that did not say)."""
 
 
 @attrs.frozen
@@ -299,7 +301,9 @@ class ConnectionActor(DispatchedActor):
             self._owner = restored.owner
             self._restricted = restored.restricted
             self._subscribed = restored.subscribed
-            self._client = attrs.evolve(self._client, connected_since=restored.connected_since)
+            self._client = attrs.evolve(
+                self._client, connected_since=restored.connected_since, name=restored.name
+            )
 
     # -- lifecycle ------------------------------------------------------------------
     def on_start(self) -> None:
@@ -496,6 +500,7 @@ class ConnectionActor(DispatchedActor):
             pending,
             take_unsent() if take_unsent is not None else b"",
             self._events_next if self._subscribed else None,
+            self._client.name,
         )
         self._closed = True  # this process will not touch the connection again
         self._handed = True
@@ -583,6 +588,9 @@ class ConnectionActor(DispatchedActor):
         elif isinstance(request, m.Release):
             self._release(request)
         elif isinstance(request, m.Hello):
+            if request.client is not None and request.client != self._client.name:
+                self._client = attrs.evolve(self._client, name=request.client)
+                self._publish_info()
             self._reply(request, self._protocol.hello_result(f"lockd {self._info.version}"))
         elif isinstance(request, m.Register):
             self._register(request)
@@ -1167,6 +1175,8 @@ def _client_to_wire(client: ClientInfo, lease_counts: dict[Any, int]) -> dict[st
         "subscribed": client.subscribed,
         "connected_since": client.connected_since,
     }
+    if client.name:
+        out["name"] = client.name
     if client.owner is not None:
         out["owner"] = client.owner.to_wire()
     return out

@@ -113,6 +113,9 @@ class ClientInfo:
     restricted: bool = False
     subscribed: bool = False
     """To the event feed (an auditor, say)."""
+    name: str = ""
+    """What the client called itself in ``hello`` (``lockd-run``, the plugin's
+    ``lockd-lock-driver``): which tool a connection is, for ``lockd clients``."""
     ref: pykka.ActorRef[Any] | None = attrs.field(default=None, eq=False, repr=False)
 
 

@@ -404,8 +404,9 @@ def cmd_clients(args: argparse.Namespace) -> int:
             flags = " restricted" if r["restricted"] else ""
             flags += " admin" if r["admin"] else ""
             flags += " subscribed" if r.get("subscribed") else ""  # to events: an auditor
+            name = f"  {printable(r['name'])}" if r.get("name") else ""  # from its hello
             print(
-                f"{r['id']}  pid={r['pid']} uid={r['uid']}  {who}{flags}  "
+                f"{r['id']}  pid={r['pid']} uid={r['uid']}{name}  {who}{flags}  "
                 f"since {_when(r['connected_since'])}"
             )
         return EXIT_OK

@@ -142,13 +142,15 @@ class EmbeddedClient:
     reply came within ``timeout`` (the request may still take effect).
     """
 
-    def __init__(self, ref: pykka.ActorRef[Any], transport: _InProcessTransport) -> None:
+    def __init__(
+        self, ref: pykka.ActorRef[Any], transport: _InProcessTransport, name: str = "embedded"
+    ) -> None:
         self._ref = ref
         self._transport = transport
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._events: collections.deque[dict[str, Any]] = collections.deque()
-        self.server = self.call("hello", versions=[PROTOCOL_VERSION])
+        self.server = self.call("hello", versions=[PROTOCOL_VERSION], client=name)
 
     def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its reply; raise RemoteError on an error reply.
@@ -292,7 +294,7 @@ class LockService:
                 transport.end("the embedded lock system stopped")
 
     def client(self, name: str = "embedded") -> EmbeddedClient:
-        """A new in-process connection."""
+        """A new in-process connection; ``name`` is what ``lockd clients`` shows for it."""
         if self._daemon is None:
             raise RuntimeError("start() the lock service first")
         transport = _InProcessTransport()
@@ -302,7 +304,7 @@ class LockService:
         # Never closed for idling: that frees a socket client's slot in max_clients, which
         # in-process connections do not take, and it broke a client kept for queries.
         ref = transport.actor = self._daemon.system.connect(transport, idle_timeout=0)
-        return EmbeddedClient(ref, transport)
+        return EmbeddedClient(ref, transport, name)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop: journal the stop, release nothing, signal nobody (like SIGTERM to the daemon).

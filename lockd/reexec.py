@@ -365,6 +365,7 @@ class Handoff:
                 "events_from": {
                     c.conn_id: c.events_from for c in self.connections if c.events_from
                 },
+                "names": {c.conn_id: c.name for c in self.connections if c.name},
             }
         )
 
@@ -375,7 +376,7 @@ class Handoff:
             raise ValueError(f"unsupported handoff version {raw.get('version')!r}")
         return cls(
             tuple(ListenerFd(fd, path, admin) for fd, path, admin in raw["listeners"]),
-            _conns_from_wire(raw["connections"], raw.get("events_from")),
+            _conns_from_wire(raw["connections"], raw.get("events_from"), raw.get("names")),
             tuple((ls, res, fd) for ls, res, fd in raw["leases"]),
             raw["next_conn_id"],
             raw.get("journal_lock"),  # absent in a handoff from before they were passed
@@ -397,7 +398,7 @@ def _paths_or_none(value: Any) -> tuple[str, ...] | None:
 
 def _conn_to_wire(c: HandedOver) -> dict[str, Any]:
     out = attrs.asdict(c, recurse=False)
-    del out["events_from"]  # see Handoff.to_bytes
+    del out["events_from"], out["name"]  # see Handoff.to_bytes
     out["owner"] = None if c.owner is None else c.owner.to_wire()
     return out
 
@@ -407,16 +408,23 @@ def _conn_from_wire(data: dict[str, Any]) -> HandedOver:
     return HandedOver(owner=None if owner is None else Owner.from_wire(owner), **data)
 
 
-def _conns_from_wire(conns: list[dict[str, Any]], events_from: Any) -> tuple[HandedOver, ...]:
+def _conns_from_wire(
+    conns: list[dict[str, Any]], events_from: Any, names: Any = None
+) -> tuple[HandedOver, ...]:
     """The connections, each subscriber with the seq its events go on from (absent in
-    a handoff from an earlier build: its subscribers go on from the next event)."""
+    a handoff from an earlier build: its subscribers go on from the next event), each
+    with its ``hello`` name (absent from an earlier build: none)."""
     seqs = events_from if isinstance(events_from, dict) else {}
+    named = names if isinstance(names, dict) else {}
     out = []
     for data in conns:
         conn = _conn_from_wire(data)
         seq = seqs.get(conn.conn_id)
         if isinstance(seq, int) and not isinstance(seq, bool) and seq > 0:
             conn = attrs.evolve(conn, events_from=seq)
+        name = named.get(conn.conn_id)
+        if isinstance(name, str):
+            conn = attrs.evolve(conn, name=name)
         out.append(conn)
     return tuple(out)
 

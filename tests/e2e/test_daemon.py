@@ -354,8 +354,9 @@ def test_admin_disconnect_ends_the_owners_leases(
     rows = json.loads(daemon.lockd("clients", "--json").stdout)
     (row,) = [r for r in rows if r.get("owner", {}).get("pid") == vm.pid]
     assert row["restricted"] is True
+    assert row["name"] == "lockd-run vm1"  # what the connection called itself in hello
     text = daemon.lockd("clients").stdout
-    assert f"owner vm1 (pid {vm.pid}), 1 lease(s) restricted" in text
+    assert f"lockd-run vm1  owner vm1 (pid {vm.pid}), 1 lease(s) restricted" in text
     refused = daemon.lockd("disconnect", "--admin-socket", str(daemon.socket), str(row["id"]))
     assert refused.returncode == 1
     assert "admin socket" in refused.stderr

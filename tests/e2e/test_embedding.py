@@ -73,7 +73,7 @@ def test_lock_service_api_with_a_socket_for_others(tmp_path: Path) -> None:
             admin_socket=str(tmp_path / "a.sock"),
         )
         with service as locks:
-            client = locks.client()
+            client = locks.client("orchestrator")
             owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": vm.pid}
             client.call("register", owner=owner)
             lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
@@ -82,6 +82,8 @@ def test_lock_service_api_with_a_socket_for_others(tmp_path: Path) -> None:
             assert probe(path, "ofd") == "busy"
             with Client(str(sock)) as other:
                 assert other.call("status")["leases"] == 1
+                names = {c.get("name") for c in other.call("list-clients")["clients"]}
+                assert "orchestrator" in names  # client(name): which connection is whose
             with pytest.raises(RemoteError) as exc:
                 client.call("acquire", leases=[lease], autocreate=True)
             assert exc.value.code == "busy"

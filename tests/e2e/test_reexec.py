@@ -225,6 +225,10 @@ def test_a_client_accepted_while_the_new_program_is_checked_keeps_a_unique_id(
     assert names == ["after", "before", "during"]
     daemon.proc.send_signal(signal.SIGUSR1)
     wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 3)
+    # Each still under the name its hello gave, which `lockd clients` shows.
+    listed_clients = json.loads(daemon.lockd("clients", "--json").stdout)
+    hello_names = sorted(c.get("name", "") for c in listed_clients if c.get("owner"))
+    assert hello_names == ["after", "before", "during"]
     for client in (before, during, after):
         assert client.call("status")["pid"] == daemon.proc.pid  # all three handed over
         client.close()

@@ -9,11 +9,11 @@ from actors.connection import HandedOver
 from lockd.reexec import Handoff, ListenerFd
 
 
-def _conn(conn_id: int, *, subscribed: bool, events_from: int | None) -> HandedOver:
+def _conn(conn_id: int, *, subscribed: bool, events_from: int | None, name: str = "") -> HandedOver:
     return HandedOver(
         conn_id=conn_id, fd=10 + conn_id, peer_pid=100, peer_uid=0, admin=False,
         connected_since=1.0, owner=None, restricted=False, subscribed=subscribed,
-        version=1, pending=b"", unsent=b"", events_from=events_from,
+        version=1, pending=b"", unsent=b"", events_from=events_from, name=name,
     )  # fmt: skip
 
 
@@ -23,7 +23,7 @@ def _handoff(*conns: HandedOver) -> Handoff:
 
 def test_a_subscriber_s_next_seq_is_carried() -> None:
     conns = (
-        _conn(1, subscribed=True, events_from=4242),
+        _conn(1, subscribed=True, events_from=4242, name="lockd-events"),
         _conn(2, subscribed=False, events_from=None),
     )
     assert Handoff.from_bytes(_handoff(*conns).to_bytes()).connections == conns
@@ -36,9 +36,10 @@ def test_each_connection_map_keeps_the_keys_an_earlier_build_passes_to_handed_ov
         "conn_id", "fd", "peer_pid", "peer_uid", "admin", "connected_since", "owner",
         "restricted", "subscribed", "version", "pending", "unsent",
     }  # fmt: skip
-    raw = cbor2.loads(_handoff(_conn(1, subscribed=True, events_from=9)).to_bytes())
+    raw = cbor2.loads(_handoff(_conn(1, subscribed=True, events_from=9, name="x")).to_bytes())
     assert set(raw["connections"][0]) == earlier
     assert raw["events_from"] == {1: 9}
+    assert raw["names"] == {1: "x"}
 
 
 def test_a_handoff_from_an_earlier_build_subscribes_from_the_next_event() -> None:
@@ -50,3 +51,4 @@ def test_a_handoff_from_an_earlier_build_subscribes_from_the_next_event() -> Non
     raw["events_from"] = {1: "nonsense"}
     (conn,) = Handoff.from_bytes(cbor2.dumps(raw)).connections
     assert conn.events_from is None
+    assert conn.name == ""  # nor did it say the client's name
