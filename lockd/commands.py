@@ -201,17 +201,22 @@ def _print_json(value: Any) -> None:
 
 
 # -- serve -------------------------------------------------------------------------------
-def _config_value(value: Any) -> str:
-    """A setting as ``--check-config`` prints it: JSON, as near the file's TOML as a
-    value can be (``"none"`` for a policy, not ``<SyncPolicy.NONE: 'none'>``; unset
-    is ``null``)."""
+def _config_line(name: str, value: Any) -> str:
+    """A setting as ``--check-config`` prints it: a TOML line the file could hold as it
+    is (``"none"`` for a policy, not ``<SyncPolicy.NONE: 'none'>``; ``[lockspaces]`` as
+    an inline table), so the output pasted into a file is that configuration. TOML has
+    no null: an unset setting is a comment."""
+    if value is None:
+        return f"# {name} is not set"
     if isinstance(value, enum.Enum):
         value = value.value
     if isinstance(value, Mapping):
-        value = dict(value)
+        entries = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
+        return f"{name} = {{ {entries} }}" if entries else f"{name} = {{}}"
     if isinstance(value, tuple | frozenset):
         value = sorted(value) if isinstance(value, frozenset) else list(value)
-    return json.dumps(value)
+    # JSON's strings, numbers, booleans and arrays of them are TOML's too.
+    return f"{name} = {json.dumps(value)}"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -238,9 +243,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _serve_failed(str(exc))
         return EXIT_USAGE
     if args.check_config:
-        print(f"configuration ok ({config.config_file or 'defaults and flags only'})")
+        print(f"# configuration ok ({config.config_file or 'defaults and flags only'})")
         for field in attrs.fields(type(config)):
-            print(f"  {field.name} = {_config_value(getattr(config, field.name))}")
+            if field.name != "config_file":  # in the line above; not a setting
+                print(_config_line(field.name, getattr(config, field.name)))
         return EXIT_OK
     if args.handoff_check:
         import lockd.daemon  # noqa: F401 - a broken install fails here, not after the exec

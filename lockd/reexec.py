@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -137,8 +138,8 @@ class TargetCheck:
     def before_check(cls, returncode: int, stdout: str, stderr: str) -> TargetCheck:
         """Read the answer of a build from before the check to ``--check-config``: its
         configuration, printed as ``  name = value`` lines, the value a Python repr in
-        those builds (JSON from this one on, read too: the downgrade test runs a copy
-        of this build)."""
+        those builds (TOML from this one on, an unset ``pid_file`` a comment; read too:
+        the downgrade test runs a copy of this build)."""
         if returncode != 0:
             last = _last(stderr, returncode)
             return cls(False, why=f"{BEFORE_CHECK}, and it fails --check-config: {last}")
@@ -146,13 +147,24 @@ class TargetCheck:
         for line in stdout.splitlines():
             name, sep, value = line.strip().partition(" = ")
             if sep and name in (*PATH_KEYS, LOCKSPACES):
-                try:
-                    paths[name] = json.loads(value)
-                except ValueError:
-                    paths[name] = ast.literal_eval(value)
+                paths[name] = _printed_value(value)
+        if "pid_file" not in paths and "# pid_file is not set" in stdout.splitlines():
+            paths["pid_file"] = None
         if not set(PATH_KEYS) <= set(paths):
             return cls(False, why=f"{BEFORE_CHECK}, and --check-config did not print its paths")
         return cls(True, own_fds=False, why=BEFORE_CHECK, paths=paths)
+
+
+def _printed_value(text: str) -> Any:
+    """One value as a ``--check-config`` printed it: JSON, a Python repr, or TOML."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return ast.literal_eval(text)
 
 
 BEFORE_CHECK = "the new program is a lockd from before --handoff-check"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +16,17 @@ from actors.runtime import Dispatcher
 # (test_any_map_parses_or_raises_a_protocol_error, once in a walkthrough's runs).
 settings.register_profile("lockd", deadline=None)
 settings.load_profile("lockd")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every daemon the tests start reads an empty configuration file, not this host's:
+    as root that is /etc/lockd/lockd.toml, which a lockd installed here (an operator's,
+    or a walkthrough of the docs) fills with its own max_clients, log level and paths."""
+    if "LOCKD_CONFIG" not in os.environ:
+        fd, path = tempfile.mkstemp(prefix="lockd-test-", suffix=".toml")
+        os.close(fd)
+        os.environ["LOCKD_CONFIG"] = path
+        config.add_cleanup(lambda: os.unlink(path))
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 from typing import Any
@@ -567,15 +568,27 @@ def test_a_start_error_on_a_journal_stream_is_at_priority_error(tmp_path: Path) 
 
 def test_check_config(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
-    good.write_text('max_clients = 8\nlog_filters = "debug:actors"\n')
+    good.write_text('max_clients = 8\nlog_filters = "debug:actors"\n'
+                    '[lockspaces]\n"org.example.san" = "/srv/san-locks"\n')  # fmt: skip
     done = subprocess.run([*LOCKD, "serve", "--config", str(good), "--check-config"],
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "max_clients = 8" in done.stdout
-    # Values as the file writes them (JSON), not Python reprs.
-    assert '  log_filters = "debug:actors"\n' in done.stdout
-    assert '  journal_sync = "none"\n' in done.stdout
-    assert "  pid_file = null\n" in done.stdout
+    assert done.stdout.startswith(f"# configuration ok ({good})\n")
+    assert "\nmax_clients = 8\n" in done.stdout
+    # Values as the file writes them, not Python reprs; unset ones (TOML has no null)
+    # as comments.
+    assert '\nlog_filters = "debug:actors"\n' in done.stdout
+    assert '\njournal_sync = "none"\n' in done.stdout
+    assert "\n# pid_file is not set\n" in done.stdout
+    # Pasted into a file, the output is that configuration: it checks the same.
+    printed = tomllib.loads(done.stdout)
+    assert printed["lockspaces"] == {"org.example.san": "/srv/san-locks"}
+    pasted = tmp_path / "pasted.toml"
+    pasted.write_text(done.stdout)
+    again = subprocess.run([*LOCKD, "serve", "--config", str(pasted), "--check-config"],
+                           capture_output=True, text=True, check=False)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.replace(str(pasted), str(good)) == done.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("\nmax_clients = 8\njournal_synk = 'batch'\n")
     done = subprocess.run([*LOCKD, "serve", "--config", str(bad), "--check-config"],

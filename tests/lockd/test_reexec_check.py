@@ -92,6 +92,20 @@ def test_a_build_from_before_the_check_is_asked_for_check_config_instead() -> No
         )
 
 
+def test_check_config_s_toml_is_read_as_a_build_from_before_the_check_would_print_it() -> None:
+    """This build prints TOML (an unset pid_file as a comment, lockspaces as an inline
+    table); the downgrade path reads it as well as the reprs and JSON of earlier ones."""
+    printed = (
+        "# configuration ok (/etc/lockd.toml)\n"
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in PATHS.items() if v is not None)
+        + '# pid_file is not set\nlockspaces = { "org.example.san" = "/srv/san" }\n'
+    )
+    assert TargetCheck.before_check(0, printed, "") == TargetCheck(
+        True, own_fds=False, why=BEFORE_CHECK,
+        paths={**PATHS, "lockspaces": {"org.example.san": "/srv/san"}},
+    )  # fmt: skip
+
+
 def test_a_build_from_before_the_check_with_a_broken_configuration_is_refused() -> None:
     check = TargetCheck.before_check(2, "", "lockd serve: /etc/lockd.toml: bad value\n")
     assert not check.ok
