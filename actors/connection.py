@@ -97,6 +97,11 @@ class Transport(Protocol):
         """The socket fd, handed to a re-executed daemon (-1 when there is none)."""
         ...
 
+    def peer_still_runs(self) -> bool:
+        """True only if the process that connected is known to run still, so that
+        :attr:`peer_pid` names it and no process that got its pid since."""
+        ...
+
 
 class ProcessInfo(Protocol):
     """What registration needs to know about a process (real: lockd.procs)."""
@@ -692,11 +697,22 @@ class ConnectionActor(DispatchedActor):
                 f"register pid {leader}",
             )
             return
-        if ident.pid != self._transport.peer_pid and peer_uid not in (0, uid):
+        if peer_uid not in (0, uid) and not (
+            ident.pid == self._transport.peer_pid and self._transport.peer_still_runs()
+        ):
+            # Its own pid is the peer's to register whatever its uid now; but the pid
+            # SO_PEERCRED gave is the one it had at connect(): once that process exits,
+            # the pid may name anyone's process, which its fence would then kill.
+            gone = (
+                f" (the process that connected as pid {ident.pid} has exited: it is "
+                "another process now)"
+                if ident.pid == self._transport.peer_pid
+                else ""
+            )
             self._error(
                 request,
                 ErrorCode.PERMISSION_DENIED,
-                f"register: pid {ident.pid} runs as uid {uid}; "
+                f"register: pid {ident.pid} runs as uid {uid}{gone}; "
                 f"only root or uid {uid} may register it",
             )
             return

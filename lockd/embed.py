@@ -132,6 +132,9 @@ class _InProcessTransport:
     def fileno(self) -> int:
         return -1
 
+    def peer_still_runs(self) -> bool:
+        return False  # no peer process (pid 0), which no owner's pid can be
+
 
 class EmbeddedClient:
     """A connection to an embedded lock system: the ``call()`` of ``protocol.client.Client``.

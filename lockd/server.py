@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
@@ -40,6 +41,27 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, gid = _UCRED.unpack(raw)
     return pid, uid, gid
+
+
+SO_PEERPIDFD = 77
+"""A pidfd for the peer that connected (Linux 6.5+; Python 3.11 has no constant)."""
+
+
+def peer_still_runs(sock: socket.socket) -> bool:
+    """True only if the process that connected to ``sock`` runs still (not even a zombie),
+    so that its pid from SO_PEERCRED names it. SO_PEERPIDFD pins that very process: its
+    pidfd polls readable once it exits. Any failure (an older kernel, no fd free, the
+    peer reaped) proves nothing, and is False."""
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return not poller.poll(0)
+    finally:
+        os.close(fd)
 
 
 def bind_unix(path: str, backlog: int = 128) -> socket.socket:
@@ -211,6 +233,10 @@ class SocketTransport:
     def fileno(self) -> int:
         """The socket fd (for re-exec and the fd store)."""
         return self._fd
+
+    def peer_still_runs(self) -> bool:
+        """Whether the process that connected runs still (see :func:`peer_still_runs`)."""
+        return not self._closed and peer_still_runs(self._sock)
 
     def take_unsent(self) -> bytes:
         """Hand the socket over (re-exec): return the bytes not yet sent, and let go of the fd.

@@ -62,6 +62,9 @@ class Transport:
     def fileno(self) -> int:
         return -1
 
+    def peer_still_runs(self) -> bool:
+        return True  # this very process
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -65,6 +65,8 @@ class FakeTransport:
         self.reading = True
         self.stuck_bytes = 0
         """Pretend this many bytes could not be sent (a client that does not read)."""
+        self.peer_runs = True
+        """False: the process that connected has exited (its pid may be another's now)."""
 
     def write(self, data: bytes) -> None:
         if not self.closed:
@@ -85,6 +87,9 @@ class FakeTransport:
 
     def fileno(self) -> int:
         return -1
+
+    def peer_still_runs(self) -> bool:
+        return self.peer_runs
 
 
 class FakeProcesses:

@@ -205,6 +205,20 @@ def test_register_rules(h: Harness) -> None:
     assert missing["code"] == "not-found"
 
 
+def test_a_peers_pid_is_its_own_only_while_the_peer_runs(h: Harness) -> None:
+    """A peer registers its own pid whatever that process's uid; once the peer has exited,
+    its pid (from SO_PEERCRED) may be another user's process and takes the uid rule.
+    Before, the pid alone counted, and that process was fenced when the connection closed."""
+    h.processes.spawn(5002, uid=0)
+    alive = h.connect(5002, uid=1000)  # euid 1000 at connect, real uid 0
+    assert alive.register(5002)
+    reused = h.connect(5002, uid=1000)
+    reused.transport.peer_runs = False  # the peer exited; root's process got its pid
+    error = reused.error("register", owner={"uuid": b"u" * 16, "name": "x", "id": 1, "pid": 5002})
+    assert error["code"] == "permission-denied"
+    assert "the process that connected as pid 5002 has exited" in error["message"]
+
+
 def test_a_thread_id_is_not_an_owner(h: Harness) -> None:
     """A thread id opens in /proc like a pid; registering one is refused with the process
     to register instead, and the connection stays unregistered."""

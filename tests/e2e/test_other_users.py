@@ -1,0 +1,198 @@
+"""Another local user against a root daemon that serves it (``allowed_uids``).
+
+PRODUCT.md: a root daemon serves the uids it is told to; what it does for
+them must stay within what they could do themselves. Above all it never
+signals (fences) a process its requester could not signal itself. Each
+test here plays uid 65534 (nobody) from a forked child, against a real
+daemon whose socket that uid may reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import socket
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from protocol.client import RemoteError, result_of
+from protocol.codec import decode_item, encode_item
+from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
+from tests.e2e.conftest import DaemonProcess, MakeDaemon
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(os.geteuid() != 0, reason="playing another uid takes root"),
+]
+
+OTHER_UID = 65534
+"""The other user (nobody), in the daemon's ``allowed_uids``."""
+
+
+@pytest.fixture
+def open_daemon(make_daemon: MakeDaemon, tmp_path: Path) -> Iterator[DaemonProcess]:
+    """A root daemon serving uid 65534 too, its socket reachable by that uid."""
+    config = tmp_path / "lockd.toml"
+    config.write_text(f"allowed_uids = [{OTHER_UID}]\n")
+    socket_dir = Path(tempfile.mkdtemp(prefix="lockd-users-"))
+    try:
+        os.chmod(socket_dir, 0o711)  # noqa: S103 - the other uid must reach the socket
+        daemon = make_daemon("users", None, "--config", str(config), socket_dir=socket_dir)
+        os.chmod(daemon.socket, 0o666)  # noqa: S103 - what SocketMode= does for a group
+        yield daemon
+        daemon.stop()
+    finally:
+        for name in os.listdir(socket_dir):
+            os.unlink(socket_dir / name)
+        os.rmdir(socket_dir)
+
+
+def connect_as(uid: int, path: Path) -> tuple[socket.socket, int]:
+    """A connection to ``path`` made by a child running as ``uid``, which then hands it to
+    this process and exits (reaped: its pid is free). Returns the socket and that pid."""
+    here, there = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            here.close()
+            os.setgid(uid)
+            os.setuid(uid)
+            conn = socket.socket(socket.AF_UNIX)
+            conn.connect(str(path))
+            socket.send_fds(there, [b"x"], [conn.fileno()])
+        finally:
+            os._exit(0)
+    there.close()
+    try:
+        _, fds, _, _ = socket.recv_fds(here, 1, 1)
+    finally:
+        here.close()
+        os.waitpid(pid, 0)
+    assert fds, "the child could not connect"
+    return socket.socket(fileno=fds[0]), pid
+
+
+class _CloneArgs(ctypes.Structure):
+    """struct clone_args (linux/sched.h), up to set_tid_size (CLONE_ARGS_SIZE_VER1)."""
+
+    _fields_ = [
+        (name, ctypes.c_uint64)
+        for name in ("flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack",
+                     "stack_size", "tls", "set_tid", "set_tid_size")
+    ]  # fmt: skip
+
+
+def spawn_with_pid(pid: int, *argv: str) -> int:
+    """Run ``argv`` as a child whose pid is exactly ``pid`` (clone3 with set_tid, which
+    takes root): how a freed pid comes back as someone else's process. Raises
+    FileExistsError if another process got ``pid`` first."""
+    # PyDLL keeps the GIL across the call: the child is a copy of this one thread, and a
+    # GIL another thread took while the call ran would never be given back in it.
+    libc = ctypes.PyDLL(None, use_errno=True)
+    tid = ctypes.c_int32(pid)
+    args = _CloneArgs(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
+    child = libc.syscall(435, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))  # clone3
+    if child == 0:  # pragma: no cover - child
+        try:
+            os.execvp(argv[0], argv)  # noqa: S606 - a fixed test command, no shell
+        finally:
+            os._exit(127)
+    if child < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"clone3 with pid {pid}: {os.strerror(err)}")
+    assert child == pid
+    return int(child)
+
+
+def reap(pid: int) -> None:
+    """Kill and reap a child of this process, if it is still there."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def request(conn: socket.socket, op: str, **args: Any) -> dict[str, Any]:
+    """One request over a socket made elsewhere, and its reply (as docs/protocol.md frames
+    them); an error reply raises RemoteError."""
+    conn.settimeout(10)
+    conn.sendall(encode_frame(encode_item({"op": op, "id": 1, **args})))
+    frames = FrameDecoder(MAX_REPLY_FRAME)
+    while (frame := frames.next_frame()) is None:
+        data = conn.recv(65536)
+        assert data, f"the daemon closed the connection instead of answering {op}"
+        frames.receive_data(data)
+    return result_of(decode_item(frame))
+
+
+def test_a_pid_reused_after_its_peer_exited_is_not_the_peers_own(
+    open_daemon: DaemonProcess,
+) -> None:
+    """A user connects, hands the connection on and exits; its pid comes back as root's
+    process. Registering that pid "as itself" is refused: before, the pid from
+    SO_PEERCRED counted as the peer's own, so the user got root's process registered,
+    and dropping the connection with a lease made lockd SIGTERM and SIGKILL it."""
+    conn, peer = connect_as(OTHER_UID, open_daemon.socket)
+    victim = None
+    try:
+        try:
+            victim = spawn_with_pid(peer, "sleep", "600")
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            pytest.skip(f"another process took pid {peer} before the test could")
+        request(conn, "hello", versions=[1])
+        owner = {"uuid": uuid.uuid4().bytes, "name": "evil", "id": 1, "pid": victim}
+        with pytest.raises(RemoteError) as refused:
+            request(conn, "register", owner=owner)
+        assert refused.value.code == "permission-denied"
+        assert f"the process that connected as pid {peer} has exited" in refused.value.message
+        lease = {"lockspace": "org.libvirt.lockd.files", "resource": "evil"}
+        with pytest.raises(RemoteError) as unregistered:
+            request(conn, "acquire", leases=[lease], autocreate=True)
+        assert unregistered.value.code == "not-registered"
+        assert os.waitpid(victim, os.WNOHANG) == (0, 0), "root's process was signalled"
+        assert open_daemon.lockd("status").returncode == 0
+    finally:
+        conn.close()
+        if victim is not None:
+            reap(victim)
+
+
+def test_a_live_peer_registers_itself_whatever_its_uid(open_daemon: DaemonProcess) -> None:
+    """A process that connected with euid 65534 but real uid 0 registers its own pid (its
+    real uid is not the peer's): while it runs, that pid is the peer itself."""
+    here, there = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            here.close()
+            os.setegid(OTHER_UID)
+            os.seteuid(OTHER_UID)
+            with socket.socket(socket.AF_UNIX) as conn:
+                conn.connect(str(open_daemon.socket))
+                request(conn, "hello", versions=[1])
+                owner = {"uuid": uuid.uuid4().bytes, "name": "self", "id": 1, "pid": os.getpid()}
+                try:
+                    answer = str(request(conn, "register", owner=owner)["owner"]["pid"])
+                except RemoteError as exc:
+                    answer = exc.message
+            there.sendall(answer.encode())
+        finally:
+            os._exit(0)
+    there.close()
+    try:
+        here.settimeout(20)
+        answer = here.recv(4096).decode()
+    finally:
+        here.close()
+        reap(pid)
+    assert answer == str(pid)
