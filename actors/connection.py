@@ -68,6 +68,13 @@ MAX_REPLY_BACKLOG = 1024 * 1024
 """Unsent reply bytes past which no further request is read until the client catches up."""
 MAX_REQUEST_BACKLOG = 2 * 65536
 """Unread request bytes past which the socket is no longer read."""
+MAX_UNSENT_TOTAL = 32 * 1024 * 1024
+"""Unsent bytes of all connections together past which the daemon is *crowded*: then each
+connection may keep only :data:`CROWDED_BACKLOG` unsent (its reading paused past it, a
+subscriber disconnected past it). Without it, 1,024 subscribers that never read held
+4 MiB of events each, gigabytes in all (in a daemon the OOM killer spares, VMs first)."""
+CROWDED_BACKLOG = 64 * 1024
+"""Unsent bytes a connection may keep while the daemon is crowded."""
 WAIT_RETRY_SECONDS = (0.02, 0.05, 0.1, 0.2, 0.5)
 """Back-off between attempts of an acquire that asked to wait for a busy lease."""
 
@@ -100,6 +107,12 @@ class Transport(Protocol):
     def peer_still_runs(self) -> bool:
         """True only if the process that connected is known to run still, so that
         :attr:`peer_pid` names it and no process that got its pid since."""
+        ...
+
+    @property
+    def crowded(self) -> bool:
+        """True while all connections together have more than :data:`MAX_UNSENT_TOTAL`
+        bytes unsent."""
         ...
 
 
@@ -535,6 +548,7 @@ class ConnectionActor(DispatchedActor):
             and not self._closed
             and not transport.gone  # the requests left are for no one: PeerGone ends it
             and transport.backlog <= MAX_REPLY_BACKLOG
+            and (transport.backlog <= CROWDED_BACKLOG or not transport.crowded)
         ):
             incoming = self._protocol.next_incoming()
             if incoming is None:
@@ -556,6 +570,7 @@ class ConnectionActor(DispatchedActor):
         backlog = (
             self._protocol.buffered > MAX_REQUEST_BACKLOG
             or self._transport.backlog > MAX_REPLY_BACKLOG
+            or (self._transport.backlog > CROWDED_BACKLOG and self._transport.crowded)
         )
         if backlog and self._reading:
             self._reading = False
@@ -1171,11 +1186,21 @@ class ConnectionActor(DispatchedActor):
     def _send_events(self, entries: tuple[JournalEntry, ...]) -> None:
         for entry in entries:
             self._transport.write(self._protocol.push({"event": entry.to_wire()}))
-        if self._transport.backlog > MAX_PUSH_BACKLOG:
+        backlog = self._transport.backlog
+        if backlog > MAX_PUSH_BACKLOG:
             log.warning(
                 "client %d fell %d bytes behind its event subscription; disconnecting it",
                 self.conn_id,
-                self._transport.backlog,
+                backlog,
+            )
+            self._close()
+        elif backlog > CROWDED_BACKLOG and self._transport.crowded:
+            log.warning(
+                "client %d fell %d bytes behind its event subscription while all clients "
+                "together have over %d bytes unsent; disconnecting it",
+                self.conn_id,
+                backlog,
+                MAX_UNSENT_TOTAL,
             )
             self._close()
 

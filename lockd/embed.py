@@ -135,6 +135,8 @@ class _InProcessTransport:
     def peer_still_runs(self) -> bool:
         return False  # no peer process (pid 0), which no owner's pid can be
 
+    crowded = False  # the program's own queues, which hold what it has not taken yet
+
 
 class EmbeddedClient:
     """A connection to an embedded lock system: the ``call()`` of ``protocol.client.Client``.

@@ -23,7 +23,7 @@ from typing import Any
 
 import pykka
 
-from actors.connection import Drained, PeerGone, Received
+from actors.connection import MAX_UNSENT_TOTAL, Drained, PeerGone, Received
 from actors.runtime import Dispatcher, Timer, tell_if_alive
 from protocol.codec import encode_item
 from protocol.errors import ErrorCode
@@ -102,6 +102,10 @@ def bind_unix(path: str, backlog: int = 128) -> socket.socket:
 class SocketTransport:
     """A connected client socket driven by dispatcher callbacks."""
 
+    unsent_total = 0
+    """Bytes queued and not yet sent by every connection of this process together (all
+    counted on the dispatcher thread): past MAX_UNSENT_TOTAL each is :attr:`crowded`."""
+
     def __init__(
         self,
         dispatcher: Dispatcher,
@@ -172,10 +176,12 @@ class SocketTransport:
             data = data[sent:]
             self._out.append(memoryview(data))
             self._backlog += len(data)
+            SocketTransport.unsent_total += len(data)
             self._update()
             return
         self._out.append(memoryview(data))
         self._backlog += len(data)
+        SocketTransport.unsent_total += len(data)
 
     def _flush(self) -> None:
         while self._out:
@@ -188,6 +194,7 @@ class SocketTransport:
                 self._send_failed(exc)
                 break
             self._backlog -= sent
+            SocketTransport.unsent_total -= sent
             if sent == len(chunk):
                 self._out.popleft()
             else:
@@ -199,8 +206,7 @@ class SocketTransport:
 
     def _send_failed(self, exc: OSError) -> None:
         """Drop what was queued; if the peer closed its socket, the connection ends."""
-        self._out.clear()
-        self._backlog = 0
+        self._drop_unsent()
         if isinstance(exc, ConnectionError) or exc.errno == errno.ENOTCONN:
             if not self.gone:
                 self.gone = True
@@ -226,9 +232,16 @@ class SocketTransport:
             with contextlib.suppress(OSError):
                 self._sock.send(b"".join(bytes(c) for c in self._out))
         self._closed = True
+        self._drop_unsent()
         self._dispatcher.unwatch(self._fd)
         self._sock.close()
         self._on_closed()
+
+    def _drop_unsent(self) -> None:
+        """Forget every byte queued (sent as far as it goes, handed over, or for no one)."""
+        self._out.clear()
+        SocketTransport.unsent_total -= self._backlog
+        self._backlog = 0
 
     def fileno(self) -> int:
         """The socket fd (for re-exec and the fd store)."""
@@ -238,6 +251,10 @@ class SocketTransport:
         """Whether the process that connected runs still (see :func:`peer_still_runs`)."""
         return not self._closed and peer_still_runs(self._sock)
 
+    @property
+    def crowded(self) -> bool:
+        return SocketTransport.unsent_total > MAX_UNSENT_TOTAL
+
     def take_unsent(self) -> bytes:
         """Hand the socket over (re-exec): return the bytes not yet sent, and let go of the fd.
 
@@ -245,8 +262,7 @@ class SocketTransport:
         closes the fd the next owner of the connection uses.
         """
         data = b"".join(bytes(chunk) for chunk in self._out)
-        self._out.clear()
-        self._backlog = 0
+        self._drop_unsent()
         self._dispatcher.unwatch(self._fd)
         self._closed = True
         self._sock.detach()

@@ -48,6 +48,7 @@ class Transport:
     peer_uid = os.getuid()
     backlog = 0
     gone = False
+    crowded = False
 
     def __init__(self) -> None:
         self.out: list[bytes] = []

@@ -67,6 +67,8 @@ class FakeTransport:
         """Pretend this many bytes could not be sent (a client that does not read)."""
         self.peer_runs = True
         """False: the process that connected has exited (its pid may be another's now)."""
+        self.crowded = False
+        """True: all connections together have too many bytes unsent."""
 
     def write(self, data: bytes) -> None:
         if not self.closed:

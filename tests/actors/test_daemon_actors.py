@@ -789,6 +789,32 @@ def test_subscriber_gets_events_and_a_stuck_one_is_dropped(h: Harness) -> None:
     assert auditor.transport.closed
 
 
+def test_a_crowded_daemon_lets_each_connection_fall_only_64_kib_behind(h: Harness) -> None:
+    """While all connections together are 32 MiB behind, a subscriber 100 KiB behind is
+    disconnected at its next event, and a client 100 KiB behind on replies gets no
+    more requests served; uncrowded, both would have been let fall 4 MiB and 1 MiB."""
+    auditor = h.connect(LIBVIRTD)
+    auditor.ok("subscribe")
+    reader = h.connect(LIBVIRTD)
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    for conn in (auditor, reader):
+        conn.transport.stuck_bytes = 100 * 1024
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    reader.send_raw(encode_frame(encode_item({"op": "status", "id": 1})))
+    h.run()
+    assert not auditor.transport.closed
+    assert len(reader.messages()) == 1
+    for conn in (auditor, reader):
+        conn.transport.crowded = True
+    vm.ok("release", leases=[lease("disk-a")])
+    reader.send_raw(encode_frame(encode_item({"op": "status", "id": 2})))
+    h.run()
+    assert auditor.transport.closed
+    assert reader.messages() == []
+    assert reader.transport.reading is False
+
+
 def test_admin_disconnect(h: Harness) -> None:
     vm = h.connect(VM1)
     vm.register(VM1)

@@ -1155,6 +1155,57 @@ def test_fuzz_keeps_memory_and_fds_bounded(target: Target) -> None:
     assert fds_after <= fds_before
 
 
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
+def test_subscribers_that_never_read_cost_megabytes_not_gigabytes(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """40 connections subscribe and never read while an owner churns leases: they are
+    disconnected once all of them together are 32 MiB behind, and the daemon's peak
+    memory grows by less than 128 MiB. Before, each was let fall 4 MiB behind (with
+    Python's overhead, twice that in memory): 40 took over 300 MiB, and max_clients of
+    them gigabytes, in a daemon the OOM killer spares (VMs go first)."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("")
+    daemon = make_daemon("subs", None, "--config", str(config))
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    start = _status_kib(pid, "VmRSS")
+    subscribe = frame(enc(HELLO)) + frame(enc({"op": "subscribe", "id": 1}))
+    laggards = []
+    try:
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX)
+            laggards.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(str(daemon.socket))
+            sock.sendall(subscribe)
+        with daemon.client("churn") as churn:
+            owner = {"uuid": uuid.uuid4().bytes, "name": "n" * 255, "id": 1, "pid": os.getpid()}
+            churn.call("register", owner=owner)
+            leases = [{"lockspace": FILES_LOCKSPACE, "resource": f"{i:03}" + "r" * 252}
+                      for i in range(200)]  # fmt: skip
+            for _ in range(100):  # a bound: 4 MiB behind each takes about 15 rounds
+                if churn.call("status")["clients"] == 1:
+                    break
+                churn.call("acquire", leases=leases, autocreate=True)
+                churn.call("release", all=True)
+            assert churn.call("status")["clients"] == 1, "the laggards were never disconnected"
+    finally:
+        for sock in laggards:
+            sock.close()
+    peak = _status_kib(pid, "VmHWM")
+    print(f"\nnever-reading subscribers: RSS KiB at start {start}, peak {peak}")
+    assert peak - start < 128 * 1024, (start, peak)
+    assert daemon.lockd("status").returncode == 0
+
+
 def test_requests_of_a_client_gone_before_its_replies_are_dropped(target: Target) -> None:
     """A client pipelines requests, never reads, and vanishes: as soon as a reply cannot be
     sent the connection ends, and the requests still buffered are not carried out for it
