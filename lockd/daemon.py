@@ -670,6 +670,10 @@ class Daemon:
         """The two listeners: handed over by a re-exec, from socket activation, or bound
         here (only those are this daemon's files to remove when it stops)."""
         allowed = {os.getuid(), *config.allowed_uids}
+        # The admin socket is the daemon's own uid's only: a disconnect there fences any
+        # VM, which an auditor's uid in allowed_uids must never do (should a socket mode
+        # let it reach that socket).
+        admins = {os.getuid()}
         if handoff is not None:
             # Past every connection handed over, whatever the handoff's counter says.
             conn_ids.next = max(
@@ -680,7 +684,7 @@ class Daemon:
             )
             return [
                 Listener(self.dispatcher, socket.socket(fileno=item.fd), admin=item.admin,
-                         allowed_uids=allowed, on_accept=self._accept,
+                         allowed_uids=admins if item.admin else allowed, on_accept=self._accept,
                          reserve=self._spares[item.admin])
                 for item in handoff.listeners
             ]  # fmt: skip
@@ -697,7 +701,7 @@ class Daemon:
             Listener(self.dispatcher, listening("lockd.socket", config.socket), admin=False,
                      allowed_uids=allowed, on_accept=self._accept, reserve=self._spares[False]),
             Listener(self.dispatcher, listening("lockd-admin.socket", config.admin_socket),
-                     admin=True, allowed_uids=allowed, on_accept=self._accept,
+                     admin=True, allowed_uids=admins, on_accept=self._accept,
                      reserve=self._spares[True]),
         ]  # fmt: skip
 

@@ -385,7 +385,8 @@ class Listener:
                 log.warning(
                     "refused a connection from pid %d uid %d: uid not allowed", peer[0], peer[1]
                 )
-                refuse(conn, ErrorCode.PERMISSION_DENIED, f"uid {peer[1]} may not use this daemon")
+                what = "this daemon's admin socket" if self.admin else "this daemon"
+                refuse(conn, ErrorCode.PERMISSION_DENIED, f"uid {peer[1]} may not use {what}")
                 continue
             self._on_accept(conn, peer, self.admin)
 

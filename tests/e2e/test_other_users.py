@@ -12,12 +12,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import json
 import os
 import signal
 import socket
+import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from protocol.client import RemoteError, result_of
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from tests.e2e.conftest import DaemonProcess, MakeDaemon
+from tests.e2e.test_daemon import start_run
 
 pytestmark = [
     pytest.mark.e2e,
@@ -46,7 +49,8 @@ def open_daemon(make_daemon: MakeDaemon, tmp_path: Path) -> Iterator[DaemonProce
     try:
         os.chmod(socket_dir, 0o711)  # noqa: S103 - the other uid must reach the socket
         daemon = make_daemon("users", None, "--config", str(config), socket_dir=socket_dir)
-        os.chmod(daemon.socket, 0o666)  # noqa: S103 - what SocketMode= does for a group
+        for path in (daemon.socket, daemon.admin_socket):  # what SocketMode= does for a group
+            os.chmod(path, 0o666)  # noqa: S103
         yield daemon
         daemon.stop()
     finally:
@@ -122,9 +126,11 @@ def reap(pid: int) -> None:
 
 def request(conn: socket.socket, op: str, **args: Any) -> dict[str, Any]:
     """One request over a socket made elsewhere, and its reply (as docs/protocol.md frames
-    them); an error reply raises RemoteError."""
+    them); an error reply raises RemoteError. A daemon that turned the connection away
+    at once may have closed it: its error frame is read all the same."""
     conn.settimeout(10)
-    conn.sendall(encode_frame(encode_item({"op": op, "id": 1, **args})))
+    with contextlib.suppress(BrokenPipeError):
+        conn.sendall(encode_frame(encode_item({"op": op, "id": 1, **args})))
     frames = FrameDecoder(MAX_REPLY_FRAME)
     while (frame := frames.next_frame()) is None:
         data = conn.recv(65536)
@@ -196,3 +202,55 @@ def test_a_live_peer_registers_itself_whatever_its_uid(open_daemon: DaemonProces
         here.close()
         reap(pid)
     assert answer == str(pid)
+
+
+def as_other_user(action: Callable[[], str]) -> str:
+    """What ``action`` returns when a forked child runs it as uid 65534."""
+    here, there = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            here.close()
+            os.setgid(OTHER_UID)
+            os.setuid(OTHER_UID)
+            try:
+                answer = action()
+            except Exception as exc:  # noqa: BLE001 - reported to the test, which fails
+                answer = f"{type(exc).__name__}: {exc}"
+            there.sendall(answer.encode())
+        finally:
+            os._exit(0)
+    there.close()
+    try:
+        here.settimeout(30)
+        return here.recv(65536).decode()
+    finally:
+        here.close()
+        reap(pid)
+
+
+def test_an_allowed_user_cannot_use_the_admin_socket(
+    open_daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """allowed_uids opens the client socket, not the admin socket: even with its mode
+    opened up, uid 65534 is turned away there (permission-denied), and root's VM runs on.
+    Before, it was served, and its disconnect of the VM's connection fenced the VM."""
+    vm = start_run(open_daemon, children, "--disk", "/vm/admin.img", "--name", "vm1")
+    clients = json.loads(open_daemon.lockd("clients", "--json").stdout)
+    (vm_client,) = [c["id"] for c in clients if c.get("owner", {}).get("pid") == vm.pid]
+
+    def disconnect_the_vm() -> str:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(open_daemon.admin_socket))
+            try:
+                request(conn, "hello", versions=[1])
+                request(conn, "disconnect", client=vm_client)
+            except RemoteError as exc:
+                return f"{exc.code}: {exc.message}"
+            return "disconnected"
+
+    answer = as_other_user(disconnect_the_vm)
+    assert answer == f"permission-denied: uid {OTHER_UID} may not use this daemon's admin socket"
+    assert vm.poll() is None
+    assert vm_client in [c["id"] for c in json.loads(open_daemon.lockd("clients", "--json").stdout)]
+    assert open_daemon.lockd("disconnect", str(vm_client)).returncode == 0  # root still may
