@@ -7,7 +7,8 @@ virtlockd hosts sharing a lock directory exclude each other; unlike classic
 locks they are not dropped when some other fd on the file closes.
 
 Files are opened relative to the lockspace directory fd with O_NOFOLLOW, so a
-symlink planted in a lockspace never redirects lockd to another file.
+symlink planted in a lockspace never redirects lockd to another file, and only
+regular files are taken as lease files.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 
 import attrs
@@ -31,6 +33,30 @@ _FLOCK = struct.Struct("hhqqi4x")
 """struct flock on Linux x86_64/aarch64: l_type, l_whence, l_start, l_len, l_pid."""
 
 LEASE_FILE_MODE = 0o600
+
+_OPEN_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+"""How a lease or index file is opened. Not through a symlink; and should another file
+than a plain one be found at its name (a FIFO, a device node planted on the shared lock
+dir), the open neither waits (a FIFO, a modem line) nor makes a tty lockd's terminal."""
+
+
+def _plain_file(fd: int, name: str) -> os.stat_result:
+    """``fd``'s stat if it is a regular file; else close it and raise OSError (io-error)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise OSError(errno.EINVAL, f"not a lease file but {kind}", name)
+    return st
+
+
+_KINDS = {
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
 
 
 def _ofd_lock(fd: int, lock_type: int) -> None:
@@ -137,12 +163,8 @@ class LockspaceDir:
 
     def _index_locked(self) -> int:
         """Open and exclusively lock the index file; the caller closes the fd to unlock."""
-        fd = os.open(
-            INDEX_NAME,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            LEASE_FILE_MODE,
-            dir_fd=self._dirfd,
-        )
+        fd = os.open(INDEX_NAME, _OPEN_FLAGS | os.O_CREAT, LEASE_FILE_MODE, dir_fd=self._dirfd)
+        _plain_file(fd, INDEX_NAME)
         try:
             try_lock(fd, shared=False)
         except BaseException:
@@ -158,16 +180,15 @@ class LockspaceDir:
         this lockspace at this instant.
         """
         self.follow_path()  # never a stale directory: another host uses the one there now
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         if not create:
-            fd = os.open(name, flags, dir_fd=self._dirfd)
+            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dirfd)
         else:
             index = self._index_locked()
             try:
-                fd = os.open(name, flags | os.O_CREAT, LEASE_FILE_MODE, dir_fd=self._dirfd)
+                fd = os.open(name, _OPEN_FLAGS | os.O_CREAT, LEASE_FILE_MODE, dir_fd=self._dirfd)
             finally:
                 os.close(index)
-        st = os.fstat(fd)
+        st = _plain_file(fd, name)
         return HeldFile(fd=fd, inode=(st.st_dev, st.st_ino))
 
     def still_linked(self, held: HeldFile, name: str) -> bool:

@@ -21,6 +21,7 @@ import os
 import random
 import select
 import socket
+import stat
 import struct
 import subprocess
 import time
@@ -961,6 +962,38 @@ def test_symlinked_lease_files_are_not_followed(target: Target) -> None:
             for path in (*links, swapped):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+
+def test_lease_names_that_are_no_plain_files_are_refused(target: Target) -> None:
+    """A FIFO, a device node (/dev/null's) and a directory planted under lease names (a
+    host with root on the shared lock dir can) are no lease files: every operation on
+    them is refused and they stay as they are. Before, a FIFO or a device was opened and
+    locked as a lease (acquire granted it; delete-resource removed it), and a device
+    node's open ran that device's driver in lockd."""
+    files = target.daemon.lock_dir / FILES_LOCKSPACE
+    fifo, device, directory = files / "planted-fifo", files / "planted-null", files / "planted-dir"
+    with unharmed(target):
+        try:
+            os.mkfifo(fifo)
+            os.mknod(device, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+            os.mkdir(directory)
+            with Raw(target.daemon.socket) as conn:
+                conn.hello()
+                assert_result(conn.call(register_request(1, target.sleeper.pid)), 1)
+                for path in (fifo, device, directory):
+                    for request, codes in lease_operations(FILES_LOCKSPACE, path.name):
+                        assert_refused(conn, 2, request, codes)
+                held = held_resources(conn, 3)
+                assert not {r for _, r in held} & {"hostile-pair", fifo.name, device.name}, held
+            assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+            assert stat.S_ISCHR(os.lstat(device).st_mode)
+            assert stat.S_ISDIR(os.lstat(directory).st_mode)
+        finally:
+            for path in (fifo, device):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(directory)
 
 
 # -- fuzz, and what it costs the daemon -------------------------------------------------------
