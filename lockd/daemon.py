@@ -738,6 +738,22 @@ class Daemon:
                 f"the daemon already serves {key}={limit}",
             )
             return
+        kept = limit // 8
+        if kept and count >= limit - kept and peer[1] != os.getuid():
+            # The last eighth is the daemon's own uid's: another uid (allowed_uids) holding
+            # every connection (registered ones never idle out) left root's VM manager
+            # refused, and no VM could start.
+            log.warning(
+                "refused a connection from pid %d uid %d: the last %d of %s (%d) are kept "
+                "for uid %d", peer[0], peer[1], kept, key, limit, os.getuid(),
+            )  # fmt: skip
+            refuse(
+                sock,
+                ErrorCode.BUSY,
+                f"the daemon already serves {count} clients; the last {kept} of {key}={limit} "
+                f"are kept for uid {os.getuid()}",
+            )
+            return
         if admin:
             self._admin_clients += 1
         else:

@@ -42,9 +42,10 @@ OTHER_UID = 65534
 
 @pytest.fixture
 def open_daemon(make_daemon: MakeDaemon, tmp_path: Path) -> Iterator[DaemonProcess]:
-    """A root daemon serving uid 65534 too, its socket reachable by that uid."""
+    """A root daemon serving uid 65534 too, its socket reachable by that uid; 16 clients
+    at most (the last 2 kept for root)."""
     config = tmp_path / "lockd.toml"
-    config.write_text(f"allowed_uids = [{OTHER_UID}]\n")
+    config.write_text(f"allowed_uids = [{OTHER_UID}]\nmax_clients = 16\n")
     socket_dir = Path(tempfile.mkdtemp(prefix="lockd-users-"))
     try:
         os.chmod(socket_dir, 0o711)  # noqa: S103 - the other uid must reach the socket
@@ -254,3 +255,50 @@ def test_an_allowed_user_cannot_use_the_admin_socket(
     assert vm.poll() is None
     assert vm_client in [c["id"] for c in json.loads(open_daemon.lockd("clients", "--json").stdout)]
     assert open_daemon.lockd("disconnect", str(vm_client)).returncode == 0  # root still may
+
+
+def test_another_uid_cannot_take_the_last_clients_from_root(open_daemon: DaemonProcess) -> None:
+    """uid 65534 opens connections and registers an owner on each (so they never idle
+    out): with max_clients = 16 it gets 14, refused with busy past them, and root's VM
+    manager still connects and takes a lease. Before, it got all 16 and root none."""
+    here, there = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            here.close()
+            os.setgid(OTHER_UID)
+            os.setuid(OTHER_UID)
+            held, refused = [], ""
+            owner = {"uuid": uuid.uuid4().bytes, "name": "hog", "id": 1, "pid": os.getpid()}
+            for _ in range(16):
+                conn = socket.socket(socket.AF_UNIX)
+                conn.connect(str(open_daemon.socket))
+                try:
+                    request(conn, "hello", versions=[1])
+                    request(conn, "register", owner=owner)
+                except (RemoteError, OSError) as exc:
+                    refused = str(exc)
+                    conn.close()
+                    break
+                held.append(conn)
+            there.sendall(f"{len(held)}|{refused}".encode())
+            there.recv(1)  # holds its connections until the test is done
+        finally:
+            os._exit(0)
+    there.close()
+    try:
+        here.settimeout(30)
+        count, _, refused = here.recv(65536).decode().partition("|")
+        assert int(count) == 14, refused
+        assert "the last 2 of max_clients=16 are kept for uid 0" in refused
+        with open_daemon.client("libvirtd") as manager:
+            owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()}
+            manager.call("register", owner=owner)
+            lease = {"lockspace": "org.libvirt.lockd.files", "resource": "vm-disk"}
+            manager.call("acquire", leases=[lease], autocreate=True)
+            manager.call("release", leases=[lease])  # else its close would fence this process
+    finally:
+        with contextlib.suppress(OSError):
+            here.sendall(b"x")
+        here.close()
+        reap(pid)
