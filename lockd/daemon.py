@@ -10,12 +10,14 @@ exits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gc
 import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -197,6 +199,7 @@ class LockSystem:
         self._on_ready = on_ready
         os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
         os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
+        _check_journal_dir(config.journal_dir)
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
         self._journal_open = True
         """The fd whose flock keeps every other lockd out of this journal directory."""
@@ -1070,6 +1073,24 @@ class Daemon:
                 os.unlink(self.config.pid_file)
             os.close(self._pid_fd)
             self._pid_fd = None
+
+
+def _check_journal_dir(path: str) -> None:
+    """Refuse a journal directory (followed, if a symlink) that is another user's or that
+    other users can write to: recovery believes what the journal says, so a segment
+    planted there could make lockd hold a lease for anyone, or fence (SIGKILL) any
+    process it names as an owner whose lease was lost."""
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid() and not mode & 0o022:
+        return
+    problem = "it is another user's" if st.st_uid != os.geteuid() else "other users can write to it"
+    raise OSError(
+        errno.EPERM,
+        f"refusing journal_dir {path}: {problem} (owner uid {st.st_uid}, mode {mode:04o}; "
+        f"lockd runs as uid {os.geteuid()}); events planted there would be replayed as "
+        f"lockd's own: run chmod go-w {path} (or chown it), or choose another journal_dir",
+    )
 
 
 def _pid_in(path: str) -> str:

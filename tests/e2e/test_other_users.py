@@ -28,7 +28,7 @@ import pytest
 from protocol.client import RemoteError, result_of
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
-from tests.e2e.conftest import DaemonProcess, MakeDaemon
+from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon
 from tests.e2e.test_daemon import start_run
 
 pytestmark = [
@@ -302,3 +302,27 @@ def test_another_uid_cannot_take_the_last_clients_from_root(open_daemon: DaemonP
             here.sendall(b"x")
         here.close()
         reap(pid)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o1777])
+def test_a_journal_dir_other_users_can_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """Recovery replays the journal as lockd's own word: it holds the leases it names and
+    fences owners whose lease was lost. A journal directory other users can write to
+    (chmod'ed by mistake, or a --journal-dir in a shared place) would let them plant a
+    segment naming any process: `lockd serve` refuses to start, saying which directory
+    and how to fix it, and binds nothing. Before, it started."""
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    os.chmod(journal, mode)
+    config = tmp_path / "lockd.toml"
+    config.write_text("")
+    done = subprocess.run(
+        [*LOCKD, "serve", "--config", str(config), "--socket", str(tmp_path / "lockd.sock"),
+         "--lock-dir", str(tmp_path / "locks"), "--journal-dir", str(journal)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"refusing journal_dir {journal}: other users can write to it" in done.stderr
+    assert f"chmod go-w {journal}" in done.stderr
+    assert not (tmp_path / "lockd.sock").exists()
+    assert os.listdir(journal) == []
