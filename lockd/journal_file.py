@@ -277,7 +277,10 @@ class FileJournal:
         """
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         copy = f"{path}.damaged-{stamp}"
-        with open(copy, "wb") as f:
+        # 0600 as the segment it copies (a plain open() left it readable by every user
+        # the journal directory lets in, owners' names and pids with it).
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as f:
             f.write(data)
             os.fsync(f.fileno())
         _fsync_dir(self.directory)  # the copy's name too, before the segment is cut

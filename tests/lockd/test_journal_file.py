@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -478,7 +479,11 @@ def test_damage_in_the_newest_segment_is_cut_only_when_told_the_host_rebooted(
     with pytest.raises(JournalCorruptError):  # told so, but the segment says this boot
         FileJournal(str(tmp_path), cut_damage=True)
     os.utime(path, (1, 1))  # last written before this boot
-    cut = FileJournal(str(tmp_path), cut_damage=True)
+    umask = os.umask(0o022)
+    try:
+        cut = FileJournal(str(tmp_path), cut_damage=True)
+    finally:
+        os.umask(umask)
     assert 1 < cut.next_seq < 40
     epoch = read_epoch(str(tmp_path))  # a new timeline, from the first seq handed out again
     assert epoch is not None
@@ -486,6 +491,7 @@ def test_damage_in_the_newest_segment_is_cut_only_when_told_the_host_rebooted(
     assert path.stat().st_size < hole
     (kept,) = tmp_path.glob(f"{name}.damaged-*")
     assert kept.read_bytes() == bytes(data)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600  # as private as the segment itself
     write(cut, 1)
     cut.close()
     assert [e.seq for e in read_entries(str(tmp_path))] == list(range(1, cut.next_seq))
