@@ -326,3 +326,38 @@ def test_a_journal_dir_other_users_can_write_is_refused(tmp_path: Path, mode: in
     assert f"chmod go-w {journal}" in done.stderr
     assert not (tmp_path / "lockd.sock").exists()
     assert os.listdir(journal) == []
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hardlink", "other-users-file"])
+def test_a_planted_pid_file_is_refused_and_its_target_untouched(tmp_path: Path, plant: str) -> None:
+    """pid_file in a directory others can write to (/tmp): a user who put a symlink or a
+    hard link there to a file of root's, or a file of their own, had root's lockd
+    truncate it and write its pid in it at the next start (/etc/shadow, say). Now
+    `lockd serve` refuses with a message naming the pid file, and the file is as it was."""
+    victim = tmp_path / "victim"
+    victim.write_text("root:secret\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # noqa: S103 - /tmp's mode, the case under test
+    pid_file = shared / "lockd.pid"
+    if plant == "symlink":
+        os.symlink(victim, pid_file)
+    elif plant == "hardlink":
+        os.link(victim, pid_file)
+    else:
+        pid_file.write_text("mine\n")
+        os.chown(pid_file, OTHER_UID, OTHER_UID)
+    config = tmp_path / "lockd.toml"
+    config.write_text("")
+    done = subprocess.run(
+        [*LOCKD, "serve", "--config", str(config), "--socket", str(tmp_path / "lockd.sock"),
+         "--lock-dir", str(tmp_path / "locks"), "--journal-dir", str(tmp_path / "journal"),
+         "--pid-file", str(pid_file)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert f"lockd serve: refusing pid_file {pid_file}: " in done.stderr
+    assert victim.read_text() == "root:secret\n"
+    if plant == "other-users-file":
+        assert pid_file.read_text() == "mine\n"
+    assert not (tmp_path / "lockd.sock").exists()
