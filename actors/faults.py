@@ -2,7 +2,9 @@
 
 Enabled only by the environment variable ``LOCKD_CRASH_AT=<point>[:<n>]``
 (crash at the n-th time the point is reached, default the first), read once
-at import. Unset, :func:`crash_point` is one comparison. The points, in
+at import. Unset, :func:`crash_point` is one comparison. A value naming no point,
+or a count that is not a whole number from 1, stops ``lockd serve`` (and
+``lockd.embed``) at start. The points, in
 the order an operation reaches them:
 
 - ``acquire-locked``: the kernel lock is taken, nothing is journaled yet.
@@ -42,10 +44,47 @@ POINTS = (
     "fence-journaled",
 )
 
+
+def parse_spec(spec: str) -> tuple[str, int]:
+    """``<point>[:<n>]`` as (point, n); ``("", 0)`` for an empty spec (no crash point).
+
+    Raises ValueError naming what is wrong: a point not in :data:`POINTS` or a count that
+    is not a whole number from 1 would never fire, and a crash test would pass without
+    its crash.
+    """
+    if not spec:
+        return "", 0
+    point, colon, nth = spec.partition(":")
+    if point not in POINTS:
+        raise ValueError(
+            f"LOCKD_CRASH_AT={spec!r}: no crash point {point!r}; the points are "
+            + ", ".join(POINTS)
+        )
+    if not colon:
+        return point, 1
+    if not (nth.isascii() and nth.isdigit()) or int(nth) < 1:
+        raise ValueError(
+            f"LOCKD_CRASH_AT={spec!r}: the count after the colon is the n-th time the point "
+            f"is reached, a whole number from 1, not {nth!r}"
+        )
+    return point, int(nth)
+
+
 _SPEC = os.environ.get("LOCKD_CRASH_AT", "")
-_POINT, _, _NTH = _SPEC.partition(":")
-_remaining = int(_NTH) if _NTH.isdigit() else 1
+try:
+    _POINT, _remaining = parse_spec(_SPEC)
+    SPEC_ERROR: str | None = None
+except ValueError as _exc:
+    _POINT, _remaining = "", 0
+    SPEC_ERROR = str(_exc)
+"""Why ``LOCKD_CRASH_AT`` is refused (nothing is armed then): ``lockd serve`` and
+``lockd.embed`` refuse to start with it, rather than run a crash test with no crash."""
 _also: int | None = None
+
+
+def armed() -> str | None:
+    """``LOCKD_CRASH_AT`` as read at import when it arms a crash point, for the log."""
+    return _SPEC if _POINT else None
 
 
 def also_kill(pid: int) -> None:

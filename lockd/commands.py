@@ -221,6 +221,7 @@ def _config_line(name: str, value: Any) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
+    from actors import faults
     from lockd import config as config_mod
     from lockd.daemon import JournalInUseError, PidFileLockedError, serve
     from lockd.journal_format import JournalCorruptError
@@ -241,6 +242,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = config_mod.load(args.config or os.environ.get("LOCKD_CONFIG"), overrides)
     except ConfigError as exc:
         _serve_failed(str(exc))
+        return EXIT_USAGE
+    if faults.SPEC_ERROR is not None:
+        _serve_failed(faults.SPEC_ERROR)
         return EXIT_USAGE
     if args.check_config:
         print(f"# configuration ok ({config.config_file or 'defaults and flags only'})")

@@ -28,6 +28,7 @@ from typing import Any
 import attrs
 import pykka
 
+from actors import faults
 from actors.connection import ConnectionActor, HandedOver, ServerInfo
 from actors.events import DaemonStarted, DaemonStopped
 from actors.journal import Append, JournalActor
@@ -1007,6 +1008,12 @@ class Daemon:
             self.config.journal_dir,
             self.config.journal_sync.value,
         )
+        if (crash_at := faults.armed()) is not None:
+            log.warning(
+                "LOCKD_CRASH_AT=%s: this lockd will SIGKILL itself at that crash point "
+                "(a crash test: docs/recovery.md)",
+                crash_at,
+            )
         try:
             self.dispatcher.run_forever()
         finally:

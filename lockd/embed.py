@@ -39,6 +39,7 @@ from typing import Any
 
 import pykka
 
+from actors import faults
 from actors.connection import REPLAY_BACKLOG, Drained, Received
 from actors.recovery import RecoveryReport
 from actors.runtime import tell_if_alive
@@ -248,6 +249,8 @@ class LockService:
                 "admin_socket": admin_socket or admin_default,
             }
         )
+        if faults.SPEC_ERROR is not None:
+            raise ConfigError(faults.SPEC_ERROR)
         self._sockets = socket is not None
         self._daemon: Daemon | None = None
         self._thread: threading.Thread | None = None

@@ -343,6 +343,51 @@ def test_every_crash_point_is_covered() -> None:
     assert set(covered) == set(POINTS)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    ["acquire-lockd", "Acquire-Locked", "acquire-locked:0", "acquire-locked:x", "acquire-locked:"],
+)
+def test_a_crash_point_that_could_never_fire_stops_serve(tmp_path: Path, spec: str) -> None:
+    """A mistyped LOCKD_CRASH_AT (no such point, a count that is not 1 or more) stops
+    `lockd serve` naming the points, before it journals or binds anything: it used to
+    serve on with no crash armed, and a crash test passed without its crash."""
+    done = subprocess.run(
+        [*LOCKD, "serve", "--socket", str(tmp_path / "s.sock"), "--lock-dir",
+         str(tmp_path / "locks"), "--journal-dir", str(tmp_path / "journal"), "--timeout", "0.2"],
+        env={**os.environ, "LOCKD_CRASH_AT": spec}, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert f"LOCKD_CRASH_AT={spec!r}" in done.stderr
+    assert ", ".join(POINTS) in done.stderr or "a whole number from 1" in done.stderr
+    assert not (tmp_path / "journal").exists()
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_an_armed_crash_point_is_logged_and_a_bad_one_refused_in_process(tmp_path: Path) -> None:
+    """`lockd serve` says at start which crash point is armed (the crash test can see the
+    variable reached it); an embedding program with a mistyped one gets ConfigError."""
+    done = subprocess.run(
+        [*LOCKD, "serve", "--socket", str(tmp_path / "s.sock"), "--lock-dir",
+         str(tmp_path / "locks"), "--journal-dir", str(tmp_path / "journal"), "--timeout", "0.2"],
+        env={**os.environ, "LOCKD_CRASH_AT": "acquire-locked:3"}, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "LOCKD_CRASH_AT=acquire-locked:3: this lockd will SIGKILL itself" in done.stderr
+    embedded = subprocess.run(
+        [sys.executable, "-c",
+         "import sys\nfrom lockd.embed import ConfigError, LockService\n"
+         "try:\n    LockService(lock_dir=sys.argv[1], journal_dir=sys.argv[2])\n"
+         "except ConfigError as exc:\n    print(exc)\n",
+         str(tmp_path / "locks"), str(tmp_path / "j2")],
+        env={**os.environ, "LOCKD_CRASH_AT": "release-jounaled"}, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert embedded.returncode == 0, embedded.stderr
+    assert "no crash point 'release-jounaled'" in embedded.stdout
+
+
 def _fencing_daemon_that_crashes(
     make_daemon: MakeDaemon, tmp_path: Path, name: str, crash_at: str, grace: float = 1.0
 ) -> DaemonProcess:
