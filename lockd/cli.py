@@ -593,6 +593,29 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     )
     check.set_defaults(func=_cmd_journal_check)
 
+    verify = sub.add_parser(
+        "verify",
+        help="check that the daemons' leases are the kernel's locks and their journals'",
+        description="For crash tests: asks each daemon (--socket, repeatable for daemons "
+        "sharing a lock directory) what it holds, and checks that every lease is locked in "
+        "the kernel in its mode, that no exclusive lease has two holders, that no lease file "
+        "is locked that no daemon reports, and (with each daemon's --journal-dir, given in "
+        "the same order) that its journal replays to what it reports. Takes no lock; run it "
+        "while no request is in flight. Exit 0 when all holds, 1 with the findings.",
+    )
+    verify.add_argument(
+        "--socket",
+        action="append",
+        help="a daemon's socket (repeatable; default: env LOCKD_SOCKET, else the per-user one)",
+    )
+    verify.add_argument(
+        "--journal-dir",
+        action="append",
+        help="that daemon's journal directory (repeatable, one per --socket, in order)",
+    )
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.set_defaults(func=commands.cmd_verify)
+
     bench = sub.add_parser(
         "bench",
         help="measure acquire+release pairs: on a daemon of its own, or --socket's",
