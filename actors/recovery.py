@@ -88,10 +88,15 @@ class RecoveryActor(DispatchedActor):
         boot: bytes | None = None,
         wall_clock: Callable[[], float] = time.time,
         fd_store: FdStoreLike | None = None,
+        release_fd: Callable[[int], None] = os.close,
     ) -> None:
         super().__init__(dispatcher)
         self._fd_store = fd_store
         """Told to drop an adopted fd recovery closes (its copy would keep the lock)."""
+        self._release_fd = release_fd
+        """Unlocks, then closes, an adopted fd recovery lets go (real:
+        ``LockspaceDir.release_fd``): closed only, the lock lived on in the fd store's copy
+        (or a re-exec's) until the service manager dropped it, never if it did not."""
         self._wall_clock = wall_clock
         self._state = state
         self._router = router
@@ -115,6 +120,9 @@ class RecoveryActor(DispatchedActor):
         self._waiting = 0
         self._held = self._released = 0
         self._lost: list[tuple[Owner, str]] = []
+        self._lost_why: dict[str, str] = {}
+        """Leases lost for a reason other than another process or host taking them (their
+        lockspace directory gone), by ``lockspace/resource``: what the log and fence say."""
         self._plan: dict[str, list[RestoreLease]] = {}
         self._live: dict[Any, Owner] = {}
         self._fences: list[tuple[Owner, str, float | None]] = []
@@ -171,7 +179,7 @@ class RecoveryActor(DispatchedActor):
         for (lockspace, resource), fd in self._adopted.items():
             log.warning("no journaled lease for adopted fd %d (%s/%s); closing it",
                         fd, lockspace, resource)  # fmt: skip
-            os.close(fd)
+            self._release_fd(fd)
         self._waiting = len(self._plan)
         for lockspace in self._plan:
             self._router.tell(Lookup(lockspace, next(self._tokens), self.actor_ref))
@@ -222,7 +230,7 @@ class RecoveryActor(DispatchedActor):
         events: list[Event] = []
         for lease in leases:
             if lease.fd is not None:
-                os.close(lease.fd)
+                self._release_fd(lease.fd)
                 if self._fd_store is not None:
                     # The manager's copy would hold the lock on, unreported.
                     self._fd_store.remove(found.lockspace, lease.resource)
@@ -234,6 +242,9 @@ class RecoveryActor(DispatchedActor):
             )  # fmt: skip
             for owner, _ in lease.live:
                 self._lost.append((owner, f"{found.lockspace}/{lease.resource}"))
+                self._lost_why[f"{found.lockspace}/{lease.resource}"] = (
+                    f"its lockspace directory is unavailable ({found.message})"
+                )
                 events.append(
                     LeaseLost(found.lockspace, lease.resource, lease.mode, owner,
                               f"lockspace directory unavailable: {found.message}")
@@ -261,11 +272,11 @@ class RecoveryActor(DispatchedActor):
         fences: dict[OwnerKey, Fence] = {}
         now = self._wall_clock()
         for owner, lease in self._lost:
-            log.error(
-                "recovery: %s lost lease %s to another process or host", owner.describe(), lease
-            )
+            why = self._lost_why.get(lease)
+            how = f"while lockd was down: {why}" if why else "to another process or host"
+            log.error("recovery: %s lost lease %s %s", owner.describe(), lease, how)
             if self._fence_lost:
-                fence = Fence(owner, lost_lease_reason(lease))
+                fence = Fence(owner, lost_lease_reason(lease, why))
                 fences.setdefault(owner.key, fence)
         for owner, reason, begun in self._fences:
             # SIGTERM again (harmless to a process already exiting), then SIGKILL when

@@ -51,8 +51,11 @@ class HeldLease:
     owners: dict[OwnerKey, tuple[Owner, float]] = attrs.field(factory=dict)
 
 
-def lost_lease_reason(lease: str) -> str:
-    """Why the owner of ``lease`` (``lockspace/resource``), lost while lockd was down, is fenced."""
+def lost_lease_reason(lease: str, why: str | None = None) -> str:
+    """Why the owner of ``lease`` (``lockspace/resource``), lost while lockd was down, is
+    fenced: taken by another process or host, unless ``why`` says otherwise."""
+    if why is not None:
+        return f"lease {lease} was lost while lockd was down: {why}"
     return f"lease {lease} was taken while lockd was down"
 
 

@@ -284,6 +284,7 @@ class LockSystem:
             boot_time=procs.boot_time(),
             boot=boot,
             fd_store=self.fd_store,
+            release_fd=LockspaceDir.release_fd,
         )
 
     def _pair_stored(

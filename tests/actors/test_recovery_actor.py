@@ -23,7 +23,7 @@ from actors.events import (
 )
 from actors.lockspace import RESTORE_RETRY_SECONDS
 from actors.model import LeaseMode, Owner
-from actors.recovery import RESUMED, RecoveryActor, RecoveryReport
+from actors.recovery import LOOKUP_RETRIES, RESUMED, RecoveryActor, RecoveryReport
 from actors.recovery_core import HeldLease, ReplayState
 from lockd.lockfiles import LockspaceDir, try_lock
 from protocol.names import INDEX_NAME
@@ -228,6 +228,43 @@ def test_a_missing_lockspace_whose_owners_are_all_gone_is_not_waited_for(
     ]  # fmt: skip
     with pytest.raises(OSError, match="Bad file descriptor"):
         os.fstat(fd)  # closed: its lock no longer held for a gone owner
+
+
+def test_a_lockspace_that_never_comes_back_loses_its_leases_and_unlocks_their_stored_fds(
+    h: Harness, tmp_path: Path
+) -> None:
+    """Shared storage that stays away: after LOOKUP_RETRIES the live owner's lease is
+    lost, and the log and fence say why (they said another process or host took it).
+    The fd the store gave back for it is unlocked before it is closed: the store's
+    copy kept the lock, unreported, until the manager dropped it (never, if the
+    FDSTOREREMOVE could not be sent)."""
+    live = owner(LIVE)
+    state = ReplayState()
+    lease = HeldLease("gone.pool", "disk", LeaseMode.EXCLUSIVE, False)
+    lease.owners[live.key] = (live, 1.0)
+    state.leases[("gone.pool", "disk")] = lease
+    stored = tmp_path / "stored"
+    stored.touch()
+    fd = os.open(stored, os.O_RDWR)
+    try_lock(fd, shared=False)
+    store_copy = os.dup(fd)  # the service manager's copy of the description
+    fd_store = FakeFdStore()
+    try:
+        reports = start_recovery(h, state, adopted={("gone.pool", "disk"): fd},
+                                 fd_store=fd_store, release_fd=LockspaceDir.release_fd)  # fmt: skip
+        for _ in range(LOOKUP_RETRIES + 1):
+            h.advance(1.0)
+        assert [r.lost for r in reports] == [1]
+        (done,) = h.journal_writer.events(RecoveryCompleted)
+        (fence,) = done.fencing
+        assert fence.reason.startswith(
+            "lease gone.pool/disk was lost while lockd was down: its lockspace directory is "
+            "unavailable"
+        )
+        assert fd_store.removed == [("gone.pool", "disk")]
+        assert not kernel_locked(stored)
+    finally:
+        os.close(store_copy)
 
 
 def test_a_lease_file_that_cannot_be_created_again_is_lost_not_retried_forever(
