@@ -52,7 +52,7 @@ from lockd.journal_file import (
     read_epoch,
     record_boot,
 )
-from lockd.lockfiles import LockspaceDir, lock_is_elsewhere
+from lockd.lockfiles import LockspaceDir, holds_lock
 from lockd.reexec import (
     LOCKSPACES,
     PATH_KEYS,
@@ -460,9 +460,9 @@ def _passed_fds() -> tuple[dict[str, int], dict[str, int]]:
         if name.startswith("lease-") and name in stored:
             # The same lease stored twice: keep one; the other's lock goes when the
             # manager drops it (FDSTOREREMOVE sends both away later). The one holding
-            # the lock: the other can be a stale copy from an earlier hold of the lease
-            # (its FDSTOREREMOVE lost), unlocked, and closing the holder would free the
-            # lease until recovery.
+            # the lock: the other can be a stale copy from an earlier hold of the lease,
+            # or of the file a relink replaced (its FDSTOREREMOVE lost), unlocked, and
+            # closing the holder would free the lease until recovery.
             log.warning("fd store returned %s twice; closing the extra fd", name)
             keep, extra = stored[name], fd
             if _holds_the_lock(extra) and not _holds_the_lock(keep):
@@ -480,10 +480,9 @@ def _passed_fds() -> tuple[dict[str, int], dict[str, int]]:
 
 
 def _holds_the_lock(fd: int) -> bool:
-    """Whether a lease fd handed back by the fd store is the one locking its file: no
-    other description conflicts (a description never conflicts with itself)."""
+    """Whether a lease fd handed back by the fd store is the one locking its file."""
     try:
-        return not lock_is_elsewhere(fd)
+        return holds_lock(fd)
     except OSError:
         return False
 

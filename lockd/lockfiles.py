@@ -27,7 +27,7 @@ from protocol.names import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HeldFile", "LockBusyError", "LockspaceDir", "lock_is_elsewhere", "try_lock", "unlock"]
+__all__ = ["HeldFile", "LockBusyError", "LockspaceDir", "holds_lock", "try_lock", "unlock"]
 
 _FLOCK = struct.Struct("hhqqi4x")
 """struct flock on Linux x86_64/aarch64: l_type, l_whence, l_start, l_len, l_pid."""
@@ -74,11 +74,16 @@ def try_lock(fd: int, *, shared: bool) -> None:
         raise
 
 
-def lock_is_elsewhere(fd: int) -> bool:
-    """Whether another open file description (another process, or another open of the
-    file here) holds a lock on byte 0 that conflicts with taking it on ``fd``."""
-    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0))
-    return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
+def holds_lock(fd: int) -> bool:
+    """Whether ``fd``'s open file description holds an OFD lock on its file.
+
+    Read from /proc, which lists in an fd's fdinfo the locks its description owns.
+    Asking the kernel who conflicts (F_OFD_GETLK) cannot tell: a description never
+    conflicts with its own lock, but an unlocked one on a file nobody locks (the file a
+    lease held before a relink) sees no conflict either. Raises OSError without /proc.
+    """
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as info:
+        return any(line.startswith("lock:") and " OFDLCK " in line for line in info)
 
 
 def unlock(fd: int) -> None:

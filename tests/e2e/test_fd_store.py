@@ -357,3 +357,35 @@ def test_a_lease_recovery_ends_is_free_at_once_while_the_store_still_holds_its_f
     wait_for(lambda: not manager.stored_names())
     assert listed(daemon) == {}
     check(daemon)
+
+
+def test_of_a_lease_stored_twice_a_stale_copy_on_the_file_a_relink_replaced_is_not_kept(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """A relink (the lease file removed or replaced while held) whose FDSTOREREMOVE of the
+    old fd was lost leaves that fd, unlocked, on the old file beside the new one under the
+    lease's name. Handed back first, it looked like the lock's holder (nothing conflicts on
+    a file nobody locks): the daemon kept it and closed the fd holding the lock; recovery
+    then found the store's copy of that fd holding the lease, and fenced the VM for a
+    lease "lost to another process or host"."""
+    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
+    replaced = tmp_path / "replaced-lease-file"
+    replaced.touch()
+    stale = os.open(replaced, os.O_RDWR)  # the old file, unlinked from the lockspace since
+    with manager.lock:
+        manager.store[name].insert(0, stale)  # passed first, as the store may order them
+    watcher = start_watch(path)
+    children.append(watcher)  # type: ignore[arg-type]
+    kill_daemon(daemon)
+    env, fds = manager.env()
+    daemon.env_extra, daemon.pass_fds, daemon.launcher = env, fds, manager.launcher()
+    with manager.lock:  # PID 1 busy: an FDSTOREREMOVE waits, and the store's copies stay
+        daemon.start()
+        assert_vm_lease_kept(daemon, vm, watcher, "the restart")
+    assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
+    assert not events(daemon, "--type", "lease-lost")
+    assert vm.poll() is None
+    check(daemon)
