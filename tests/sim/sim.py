@@ -364,8 +364,14 @@ class Sim:
             return
         vms = [v for v in self.vms if v.host is host and v.alive]
         vm = self.rng.choice(vms) if vms else None
-        trigger = self.rng.choice(("acquire", "release", "exit", "drop", "time"))
-        if vm is None or trigger == "time":
+        trigger = self.rng.choice(("acquire", "release", "exit", "drop", "time", "relink"))
+        if trigger == "relink":  # the daemon dies while it locks its lease files again
+            if self.rng.random() < 0.3:
+                self.kernel.replace_folder(str(self.lock_dir / FILES_LOCKSPACE))
+            else:
+                self._unlink_or_replace()
+            self.clock.now += LINK_CHECK_SECONDS
+        elif vm is None or trigger == "time":
             self.clock.now += self.rng.choice((0.3, 1.0, 2.0))
             trigger = "time"
         elif trigger == "exit":
@@ -400,9 +406,9 @@ class Sim:
     def _steal(self, res: str | None = None) -> None:
         """Another host without a daemon takes a lease file's lock (only possible if free)."""
         res = res or self.rng.choice(RESOURCES)
-        path = str(self.lock_dir / FILES_LOCKSPACE)
+        folder = self.kernel.folder(str(self.lock_dir / FILES_LOCKSPACE))
         try:
-            fd = self.kernel.open("thief", path, res, create=True)
+            fd = self.kernel.open("thief", folder, res, create=True)
         except FileNotFoundError:
             return
         try:
@@ -415,13 +421,36 @@ class Sim:
 
     def _file_removed(self) -> None:
         """Someone removes a lease file, held or not (an operator's rm, virtlockd's
-        delete-resource), and sometimes the thief creates and locks it again at once;
-        then the daemons' next look at their files comes."""
-        res = self.rng.choice(RESOURCES)
-        self.kernel.unlink(str(self.lock_dir / FILES_LOCKSPACE), res)
-        self.log.append(f"{res} removed")
+        delete-resource), or renames a new file over it, and sometimes the thief
+        creates and locks it again at once; then the daemons' next look at their
+        files comes."""
+        res = self._unlink_or_replace()
         if self.rng.random() < 0.5:
             self._steal(res)
+        self.clock.now += LINK_CHECK_SECONDS
+        for host in self.hosts:
+            host.run()
+
+    def _unlink_or_replace(self) -> str:
+        """Remove a lease file, or rename a new one over it; the resource."""
+        res = self.rng.choice(RESOURCES)
+        folder = self.kernel.folder(str(self.lock_dir / FILES_LOCKSPACE))
+        if self.rng.random() < 0.5:
+            self.kernel.unlink(folder, res)
+            self.log.append(f"{res} removed")
+        else:
+            self.kernel.replace(folder, res)
+            self.log.append(f"{res} replaced by a new file")
+        return res
+
+    def _dir_replaced(self) -> None:
+        """The lockspace directory is moved aside, its files in it, and made again empty;
+        sometimes the thief locks a lease file there at once. Then the daemons' next
+        look at their files comes."""
+        self.kernel.replace_folder(str(self.lock_dir / FILES_LOCKSPACE))
+        self.log.append("the lockspace directory is moved aside and made again")
+        if self.rng.random() < 0.5:
+            self._steal()
         self.clock.now += LINK_CHECK_SECONDS
         for host in self.hosts:
             host.run()
@@ -449,6 +478,7 @@ class Sim:
         (_acquire, 30), (_release, 15), (_vm_exit, 10), (_drop_own_connection, 10),
         (_crash_or_restart, 8), (_bounce, 4), (_reboot, 2), (_steal, 4), (_thief_lets_go, 4),
         (_journal_trouble, 3), (_time_passes, 12), (_crash_mid_run, 6), (_file_removed, 3),
+        (_dir_replaced, 2),
     )  # fmt: skip
 
     def step(self) -> None:

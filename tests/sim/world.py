@@ -36,17 +36,32 @@ class Kernel:
     lock, per file; a description may convert its own lock; closing the
     description drops its lock. Locks belong to the inode: unlinking a file
     keeps its locks on the old inode, and a new file of the same name is a
-    new inode, unlocked.
+    new inode, unlocked. Files live in directories, which a path names: a
+    directory moved aside keeps its files, and one made in its place is empty.
     """
 
     def __init__(self) -> None:
-        self.files: dict[tuple[str, str], int] = {}
+        self.dirs: dict[str, int] = {}
+        """The directory each path names now."""
+        self.files: dict[tuple[int, str], int] = {}
         self.ofds: dict[int, Ofd] = {}
         self.locks: dict[int, dict[int, str]] = {}
         self._next_inode = 1
         self._next_fd = 100_000  # never a real fd: a bug passing one to os.* fails loudly
 
-    def open(self, holder: str, directory: str, name: str, *, create: bool) -> int:
+    def folder(self, path: str) -> int:
+        """The directory ``path`` names now (made, empty, if there is none)."""
+        if path not in self.dirs:
+            self.dirs[path] = self._next_inode
+            self._next_inode += 1
+        return self.dirs[path]
+
+    def replace_folder(self, path: str) -> None:
+        """The directory at ``path`` is moved aside, its files in it, and a new one made."""
+        self.dirs.pop(path, None)
+        self.folder(path)
+
+    def open(self, holder: str, directory: int, name: str, *, create: bool) -> int:
         key = (directory, name)
         if key not in self.files:
             if not create:
@@ -76,8 +91,14 @@ class Kernel:
         for fd in [fd for fd, ofd in self.ofds.items() if ofd.holder == holder]:
             self.close(fd)
 
-    def unlink(self, directory: str, name: str) -> None:
+    def unlink(self, directory: int, name: str) -> None:
         self.files.pop((directory, name), None)
+
+    def replace(self, directory: int, name: str) -> None:
+        """A new file is renamed over ``name``, if there is one: a new inode, unlocked."""
+        if (directory, name) in self.files:
+            self.files[(directory, name)] = self._next_inode
+            self._next_inode += 1
 
     def check(self) -> None:
         """fcntl's own rule: never a write lock beside any other lock on one file."""
@@ -88,7 +109,7 @@ class Kernel:
 
     def holders(self, directory: str, name: str) -> dict[str, str]:
         """holder -> mode of the locks on the file now named ``directory/name``."""
-        inode = self.files.get((directory, name))
+        inode = self.files.get((self.folder(directory), name))
         if inode is None:
             return {}
         return {self.ofds[fd].holder: mode for fd, mode in self.locks.get(inode, {}).items()}
@@ -107,30 +128,32 @@ class FakeLockspaceDir:
         self._kernel = kernel
         self._holder = holder
         self.path = path
+        self._dir = kernel.folder(path)
 
     def open_lease(self, name: str, *, create: bool) -> FakeHeld:
+        self.follow_path()  # as the real one: never a stale directory
         if create:
-            index = self._kernel.open(self._holder, self.path, INDEX, create=True)
+            index = self._kernel.open(self._holder, self._dir, INDEX, create=True)
             try:
                 self._kernel.lock(index, shared=False)
-                fd = self._kernel.open(self._holder, self.path, name, create=True)
+                fd = self._kernel.open(self._holder, self._dir, name, create=True)
             finally:
                 self._kernel.close(index)
         else:
-            fd = self._kernel.open(self._holder, self.path, name, create=False)
+            fd = self._kernel.open(self._holder, self._dir, name, create=False)
         return FakeHeld(fd, (0, self._kernel.ofds[fd].inode))
 
     def still_linked(self, held: FakeHeld, name: str) -> bool:
-        return self._kernel.files.get((self.path, name)) == held.inode[1]
+        return self._kernel.files.get((self._dir, name)) == held.inode[1]
 
     def names_fd(self, fd: int, name: str) -> bool:
-        return self._kernel.files.get((self.path, name)) == self._kernel.ofds[fd].inode
+        return self._kernel.files.get((self._dir, name)) == self._kernel.ofds[fd].inode
 
     def unlink_lease(self, name: str) -> None:
-        index = self._kernel.open(self._holder, self.path, INDEX, create=True)
+        index = self._kernel.open(self._holder, self._dir, INDEX, create=True)
         try:
             self._kernel.lock(index, shared=False)
-            self._kernel.unlink(self.path, name)
+            self._kernel.unlink(self._dir, name)
         finally:
             self._kernel.close(index)
 
@@ -145,8 +168,12 @@ class FakeLockspaceDir:
         self._kernel.close(fd)
 
     def follow_path(self) -> bool:
-        """The simulation's directories are never replaced."""
-        return False
+        """Use the directory the path names now, if it is another; True if it changed."""
+        now = self._kernel.folder(self.path)
+        if now == self._dir:
+            return False
+        self._dir = now
+        return True
 
     def close(self) -> None:
         """No directory fd to close."""
