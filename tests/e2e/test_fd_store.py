@@ -389,3 +389,32 @@ def test_of_a_lease_stored_twice_a_stale_copy_on_the_file_a_relink_replaced_is_n
     assert not events(daemon, "--type", "lease-lost")
     assert vm.poll() is None
     check(daemon)
+
+
+@pytest.mark.parametrize("replaced", ["file", "directory"])
+def test_a_lease_relinked_while_held_is_kept_across_a_crash_by_the_store(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+    replaced: str,
+) -> None:
+    """A held lease's file removed (or its lockspace directory moved aside and made again)
+    is locked again where its name is; the store then keeps the new file's fd, alone, so
+    a crash keeps the disk locked and the restart holds the lease on that file."""
+    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
+    if replaced == "file":
+        path.unlink()
+    else:
+        path.parent.rename(path.parent.with_name("aside"))
+        path.parent.mkdir()
+    wait_for(lambda: path.exists() and probe(path, "ofd") == "busy", timeout=5)
+
+    def stored_is_new_file() -> bool:
+        with manager.lock:
+            fds = manager.store.get(name, [])
+            return len(fds) == 1 and os.path.samestat(os.fstat(fds[0]), os.stat(path))
+
+    wait_for(stored_is_new_file, timeout=5)
+    crash_and_restart_watched(daemon, manager, vm, path, children)
+    assert not events(daemon, "--type", "lease-lost")
+    check(daemon)
