@@ -14,11 +14,13 @@ import os
 import random
 import signal
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from actors.lockspace import LINK_CHECK_SECONDS
 from protocol.client import RemoteError
 from protocol.names import FILES_LOCKSPACE
 from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
@@ -107,3 +109,78 @@ def _settled(daemon: DaemonProcess, owners: list[subprocess.Popen[bytes]]) -> bo
     with daemon.client("settle") as client:
         leases = client.call("list-leases")["leases"]
     return not any(o["pid"] in dead for lease in leases for o in lease["owners"])
+
+
+def _take(daemon: DaemonProcess, owner: subprocess.Popen[bytes], resource: str) -> bool:
+    """Whether ``owner`` got ``resource`` from ``daemon`` (refusals: busy, never odd)."""
+    registered = {"uuid": uuid.uuid4().bytes, "name": f"vm{owner.pid}", "id": 1, "pid": owner.pid}
+    with daemon.client("race-owner") as client:
+        client.call("register", owner=registered)
+        try:
+            client.call("acquire", autocreate=True,
+                        leases=[{"lockspace": FILES_LOCKSPACE, "resource": resource}])  # fmt: skip
+        except RemoteError as exc:
+            refusal = exc.code
+        else:
+            return True
+    assert refusal == "busy", refusal
+    return False
+
+
+def _lists(daemon: DaemonProcess, resource: str) -> bool:
+    with daemon.client("race") as client:
+        return any(lease["resource"] == resource for lease in client.call("list-leases")["leases"])
+
+
+def test_lease_files_and_directories_replaced_while_another_daemon_takes_the_disk(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """One daemon holds a VM's lease; its file is removed (or its lockspace directory moved
+    aside and made again) while the other daemon's VM asks for the same disk, and sometimes
+    the holding daemon is SIGKILLed and restarted meanwhile. Whoever wins, once the loser
+    has looked again at its files there is one holder: the winner; a holder that lost
+    the file is fenced and reports nothing; every journal agrees with its daemon."""
+    rng = random.Random(int(os.environ.get("LOCKD_CHAOS_SEED", "7")))
+    shared = tmp_path / "nfs"
+    daemons = [make_daemon("host-a", shared), make_daemon("host-b", shared)]
+    space = shared / FILES_LOCKSPACE
+    outcomes: dict[str, int] = {}
+    for round_no in range(10):
+        holder, taker = rng.sample(daemons, 2)
+        resource = f"race-{round_no:02d}"
+        vm, rival = (subprocess.Popen(["sleep", "600"]) for _ in range(2))
+        children.extend((vm, rival))
+        assert _take(holder, vm, resource)
+        how = rng.choice(("file", "directory"))
+        if how == "file":
+            (space / resource).unlink()
+        else:
+            space.rename(tmp_path / f"aside-{round_no}")
+            space.mkdir()
+        killed = rng.random() < 0.4
+        back_first = rng.random() < 0.5  # restarted before the other asks, or after
+        if killed:
+            assert holder.proc is not None
+            holder.proc.send_signal(signal.SIGKILL)
+            holder.proc.wait()
+            if back_first:
+                holder.start()
+        time.sleep(rng.uniform(0, 2 * LINK_CHECK_SECONDS))  # before or after the next look
+        won = _take(taker, rival, resource)
+        if killed and not back_first:
+            holder.start()
+        if won:  # the holder's lease is lost: its VM fenced, the lease no longer listed
+            assert vm.wait(10) == -signal.SIGTERM
+            wait_for(lambda h=holder, r=resource: not _lists(h, r))  # type: ignore[misc]
+        else:  # the holder kept it: locked again where the name is
+            wait_for(lambda h=holder, r=resource: _lists(h, r) and (space / r).exists())  # type: ignore[misc]
+            assert vm.poll() is None
+        check_all(daemons)
+        key = f"{how}{', holder killed' if killed else ''}: {'taken' if won else 'kept'}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+        for proc in (vm, rival):
+            proc.kill()
+            proc.wait()
+        for daemon in daemons:
+            wait_for(lambda d=daemon, r=resource: not _lists(d, r))  # type: ignore[misc]
+    print(f"\noutcomes: {outcomes}")
