@@ -275,7 +275,12 @@ class LeaseActor(DispatchedActor):
                 return self._refused(msg, ErrorCode.IO_ERROR, f"cannot lock lease file: {exc}")
             # Another host may have deleted (and recreated) the file between our
             # open and our lock: a lock on an unlinked inode protects nothing.
-            if self._files.still_linked(held, self._resource):
+            try:
+                linked = self._files.still_linked(held, self._resource)
+            except OSError as exc:  # an NFS server gone, a soft mount timing out
+                self._files.close_fd(held.fd)
+                return self._refused(msg, ErrorCode.IO_ERROR, f"cannot check lease file: {exc}")
+            if linked:
                 self._fd, self._mode = held.fd, msg.mode
                 return LockTaken(self._resource, msg.token, held.fd)
             # Another host unlinked it after our open: open the name again, as

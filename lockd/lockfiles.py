@@ -200,7 +200,8 @@ class LockspaceDir:
         """True if ``name`` still names the inode ``held`` was opened on.
 
         After locking, a file another host unlinked (or replaced) in between
-        must be reopened, as virtlockd's acquire loop does.
+        must be reopened, as virtlockd's acquire loop does. Raises OSError when
+        the name cannot be looked up (an I/O error).
         """
         try:
             st = os.stat(name, dir_fd=self._dirfd, follow_symlinks=False)

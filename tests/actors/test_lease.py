@@ -296,3 +296,56 @@ def test_drop_never_unlinks_a_file_put_in_place_of_the_one_locked(
         assert (tmp_path / "disk").exists()
     finally:
         os.close(theirs)
+
+
+class StatFailsAfterLock(LockspaceDir):
+    """Once ``failing``, the server answers the open and the lock, then fails the check
+    of the name (an NFS server going away, a soft mount timing out): EIO."""
+
+    failing = False
+
+    def still_linked(self, held: Any, name: str) -> bool:
+        if self.failing:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().still_linked(held, name)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("step", ["take", "relink"])
+def test_an_io_error_checking_the_name_after_the_lock_is_a_refusal_not_a_crash(
+    env: tuple[Dispatcher, LockspaceDir, Replies], tmp_path: Path, step: str
+) -> None:
+    """The check that the file just locked is still the one its name names fails with an
+    I/O error: the lock is refused as an I/O error (a relink keeps the lock it had, and
+    the lockspace tries again), the fd opened for it is closed, and the actor lives on.
+    The error escaped the actor, which stops the dispatcher: the whole daemon, and
+    without an fd store every lock on the host, went down over one stat."""
+    dispatcher, _, inbox = env
+    files = StatFailsAfterLock(str(tmp_path))
+    try:
+        ref = LeaseActor.start(dispatcher, files, "disk")
+        message: TakeLock | Relink = TakeLock(LeaseMode.EXCLUSIVE, True, 1, inbox.actor_ref)
+        if step == "relink":
+            ref.tell(message)
+            dispatcher.run_until_idle()
+            assert isinstance(inbox.got.pop(), LockTaken)
+            (tmp_path / "disk").unlink()
+            message = Relink(token=2, reply_to=inbox.actor_ref)
+        before = open_fds()
+        files.failing = True
+        ref.tell(message)
+        dispatcher.run_until_idle()
+        (reply,) = inbox.got
+        assert isinstance(reply, LockRefused)
+        assert (reply.code, reply.held_elsewhere) == (ErrorCode.IO_ERROR, False)
+        assert "Input/output error" in reply.message
+        assert open_fds() == before
+        assert probe(tmp_path / "disk", "ofd") == "free"
+        assert ref.is_alive()
+        ref.tell(DropLock(unlink=False))
+        dispatcher.run_until_idle()
+    finally:
+        files.close()
