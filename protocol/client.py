@@ -61,7 +61,12 @@ def unreachable(path: str, exc: OSError) -> str:
     ``OSError(None, ...)`` would print ``[Errno None]``.
     """
     if isinstance(exc, TimeoutError):
-        return f"no answer within the timeout: {path} (is the daemon stuck?)"
+        # A daemon answers once its start-up recovery is done, which waits up to about
+        # 35 s for a lockspace directory (shared storage) that is not there yet.
+        return (
+            f"no answer within the timeout: {path} (still recovering, waiting for a "
+            "lockspace directory? its log says; else the daemon is stuck)"
+        )
     if exc.errno == errno.ECONNREFUSED and _exists_but_not_a_socket(path):
         # connect() says "refused" for a regular file or a directory too.
         return f"not a socket: {path} (is --socket or LOCKD_SOCKET right?)"

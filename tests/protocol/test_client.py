@@ -27,7 +27,7 @@ def _error(number: int) -> OSError:
         (_error(errno.ENOENT), "is `lockd serve` running?", "another user"),
         (_error(errno.ECONNREFUSED), "is `lockd serve` running?", "another user"),
         (_error(errno.EACCES), "another user's", "running?"),
-        (TimeoutError("timed out"), "no answer", "Errno"),
+        (TimeoutError("timed out"), "still recovering, waiting for a lockspace", "Errno"),
     ],
     ids=["missing", "refused", "permission", "timeout"],
 )  # fmt: skip
