@@ -205,6 +205,13 @@ dense host near its limit), memory, or a segment that retention deleted between
 listing and opening it (the next try lists again)."""
 
 
+# Counted at every write, kept at hand (REGISTRY.series): three method calls per
+# write were 1.5% of a pair's bytecodes.
+_APPENDS = REGISTRY.series("lockd_journal_appends_total")
+_ENTRIES = REGISTRY.series("lockd_journal_entries_total")
+_BYTES = REGISTRY.series("lockd_journal_bytes_total")
+
+
 class JournalActor(DispatchedActor):
     """The only writer of the journal."""
 
@@ -415,11 +422,9 @@ class JournalActor(DispatchedActor):
                         append.reply_to, AppendFailed(append.token, f"journal write failed: {exc}")
                     )
             return
-        REGISTRY.add("lockd_journal_appends_total")
-        REGISTRY.add("lockd_journal_entries_total", len(everything))
-        REGISTRY.add(
-            "lockd_journal_bytes_total", getattr(self._writer, "bytes_written", 0) - bytes_before
-        )
+        _APPENDS[()] += 1
+        _ENTRIES[()] += len(everything)
+        _BYTES[()] += getattr(self._writer, "bytes_written", 0) - bytes_before
         if self._sync is not SyncPolicy.NONE:
             started = time.perf_counter()
             try:

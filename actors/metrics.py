@@ -117,6 +117,15 @@ class Metrics:
             series = self.counters[name] = {}
         series[()] = series.get((), 0) + amount
 
+    def series(self, name: str) -> dict[LabelSet, float]:
+        """The live counts of counter ``name``, for a path every request takes.
+
+        The caller keeps the dict and adds to it in place (``series[key] += n``),
+        without a call, a keyword dict or a key built per count; only for
+        label sets in :data:`ZERO`, which are there from the start. The dict
+        is never replaced (``carry_on`` adds to it), so one kept stays live."""
+        return self.counters.setdefault(name, {})
+
     def set(self, name: str, value: float, **labels: str) -> None:
         self.gauges.setdefault(name, {})[tuple(sorted(labels.items()))] = value
 

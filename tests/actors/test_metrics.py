@@ -64,3 +64,18 @@ def test_every_release_reason_is_exported_at_0() -> None:
     text = Metrics().render()
     for reason in ReleaseReason:
         assert f'lockd_releases_total{{reason="{reason.value}"}} 0' in text
+
+
+def test_a_series_kept_at_hand_counts_in_the_registry_and_is_handed_over() -> None:
+    """The hot path adds to a counter's series in place: the count is what ``metrics``
+    shows, and what a re-exec hands over adds to it without replacing the dict kept."""
+    before = Metrics()
+    acquires = before.series("lockd_acquires_total")
+    acquires[(("result", "ok"),)] += 2
+    assert 'lockd_acquires_total{result="ok"} 2' in before.render()
+    after = Metrics()
+    kept = after.series("lockd_acquires_total")
+    after.carry_on(cbor2.loads(cbor2.dumps(before.carried())))
+    kept[(("result", "ok"),)] += 1
+    assert 'lockd_acquires_total{result="ok"} 3' in after.render()
+    assert after.series("lockd_acquires_total") is kept
