@@ -59,15 +59,18 @@ _KINDS = {
 }
 
 
-def _ofd_lock(fd: int, lock_type: int) -> None:
-    """Set an OFD lock on byte 0, length 1, without waiting (l_pid must be 0)."""
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(lock_type, os.SEEK_SET, 0, 1, 0))
+_SETLK = fcntl.F_OFD_SETLK
+# The three requests on byte 0, length 1 (l_pid must be 0), packed once: a pair
+# makes four lock calls (two on the index file, the lease's lock and unlock).
+_SHARED = _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 1, 0)
+_EXCLUSIVE = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+_UNLOCK = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, 0, 1, 0)
 
 
 def try_lock(fd: int, *, shared: bool) -> None:
     """Take the lease lock on ``fd``; raise LockBusyError on conflict, OSError otherwise."""
     try:
-        _ofd_lock(fd, fcntl.F_RDLCK if shared else fcntl.F_WRLCK)
+        fcntl.fcntl(fd, _SETLK, _SHARED if shared else _EXCLUSIVE)
     except OSError as exc:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             raise LockBusyError from None
@@ -88,7 +91,7 @@ def holds_lock(fd: int) -> bool:
 
 def unlock(fd: int) -> None:
     """Drop the lease lock on ``fd`` (closing the fd drops it too)."""
-    _ofd_lock(fd, fcntl.F_UNLCK)
+    fcntl.fcntl(fd, _SETLK, _UNLOCK)
 
 
 @attrs.define
@@ -139,10 +142,8 @@ class LockspaceDir:
                     "new one, and held leases locked again there", self.path)  # fmt: skip
         return True
 
-    @staticmethod
-    def try_lock(fd: int, *, shared: bool) -> None:
-        """Take the lease lock on ``fd`` (see :func:`try_lock`)."""
-        try_lock(fd, shared=shared)
+    try_lock = staticmethod(try_lock)
+    """Take the lease lock on ``fd``: :func:`try_lock` itself, no call in between."""
 
     @staticmethod
     def close_fd(fd: int) -> None:

@@ -354,7 +354,7 @@ class Flaky(LockspaceDir):
 
     failures = 0
 
-    def try_lock(self, fd: int, *, shared: bool) -> None:  # type: ignore[override]
+    def try_lock(self, fd: int, *, shared: bool) -> None:
         if Flaky.failures:
             Flaky.failures -= 1
             raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))

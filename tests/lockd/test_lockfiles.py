@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,3 +118,24 @@ def test_a_replaced_lockspace_directory_is_followed_a_symlink_or_nothing_is_not(
         os.close(held.fd)
     finally:
         d.close()
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_the_lock_is_byte_0_length_1_and_unlock_ends_it(
+    lockspace: LockspaceDir, shared: bool
+) -> None:
+    """The range virtlockd locks, no more (asked of the whole file from another open
+    file description): a host locking other bytes of the file is not held up."""
+    held = lockspace.open_lease("disk-range", create=True)
+    other = os.open(lockspace.path + "/disk-range", os.O_RDWR)
+    whole = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        try_lock(held.fd, shared=shared)
+        found = struct.unpack("hhqqi4x", fcntl.fcntl(other, fcntl.F_OFD_GETLK, whole))
+        assert found[:4] == (fcntl.F_RDLCK if shared else fcntl.F_WRLCK, os.SEEK_SET, 0, 1)
+        unlock(held.fd)
+        found = struct.unpack("hhqqi4x", fcntl.fcntl(other, fcntl.F_OFD_GETLK, whole))
+        assert found[0] == fcntl.F_UNLCK
+    finally:
+        os.close(other)
+        os.close(held.fd)
