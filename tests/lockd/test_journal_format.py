@@ -114,6 +114,26 @@ def test_hand_written_record_heads_match_cbor2() -> None:
         assert encode_record(entry) == cbor2.dumps([seq, zlib.crc32(payload), payload])
 
 
+@pytest.mark.parametrize("crc", [None, 0, 23, 0xFFFF, 0x10000])
+def test_record_heads_match_cbor2_across_every_width(
+    monkeypatch: pytest.MonkeyPatch, crc: int | None
+) -> None:
+    """Seqs, CRCs and entry lengths at each edge of a head's width (a CRC forced where
+    given): the usual record's heads are packed at once, the others head by head, and
+    both must be the bytes cbor2 writes for ``[seq, crc, entry]``."""
+    import zlib
+
+    if crc is not None:
+        monkeypatch.setattr(zlib, "crc32", lambda _data: crc)
+    for seq in (1, 255, 256, 65535, 65536, 2**32 - 1, 2**32):
+        for resource in ("r", "r" * 40, "r" * 200, "r" * 255):
+            event = LeaseAcquired("ls", resource, LeaseMode.EXCLUSIVE, OWNER, 1, True)
+            entry = JournalEntry(seq, 1.0, "h", event)
+            payload = cbor2.dumps(entry.to_wire())
+            expected = cbor2.dumps([seq, zlib.crc32(payload) if crc is None else crc, payload])
+            assert encode_record(entry) == expected, (seq, len(payload))
+
+
 def test_a_record_with_a_negative_seq_is_refused_not_misencoded() -> None:
     """Heads are unsigned: a negative seq must fail loudly, not become another number."""
     import pytest
