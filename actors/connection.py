@@ -569,7 +569,7 @@ class ConnectionActor(DispatchedActor):
             self._pumping = False
         if self._closed:
             return
-        if self._protocol.closed and not self._busy:
+        if not self._busy and self._protocol.closed:
             self._close()
             return
         backlog = (
@@ -753,11 +753,13 @@ class ConnectionActor(DispatchedActor):
         self, request: m.Request, names: list[str], then: Callable[[], None]
     ) -> None:
         """Run ``then`` once every named lockspace's actor is known, or reply the lookup error."""
-        missing = [n for n in dict.fromkeys(names) if n not in self._lockspaces]
-        if not missing:
+        lockspaces = self._lockspaces
+        for name in names:
+            if name not in lockspaces:
+                break  # the first one unknown is looked up, then the rest again
+        else:  # all known, as on every request after a connection's first
             then()
             return
-        name = missing[0]
 
         def found(reply: Found) -> None:
             if reply.ref is None:
