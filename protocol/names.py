@@ -63,21 +63,35 @@ class InvalidNameError(ValueError):
     """A lockspace or resource name that breaks the naming rules."""
 
 
+_DOTS = (".", "..")
+
+
 def _check_name(name: str, pattern: re.Pattern[str], kind: str, allowed: str) -> str:
     if not isinstance(name, str) or not pattern.fullmatch(name):
         raise InvalidNameError(f"invalid {kind} name {name!r}: use 1-255 characters of {allowed}")
-    if name in (".", ".."):
+    if name in _DOTS:
         raise InvalidNameError(f"invalid {kind} name {name!r}")
     return name
 
 
 def check_lockspace_name(name: str) -> str:
     """Return ``name`` if it is a valid lockspace name, else raise InvalidNameError."""
+    # Every name of every request comes here: a valid one returns at once, and only an
+    # invalid one goes on to _check_name for its error.
+    if type(name) is str and _LOCKSPACE_NAME.fullmatch(name) and name not in _DOTS:
+        return name
     return _check_name(name, _LOCKSPACE_NAME, "lockspace", "[A-Za-z0-9._:-]")
 
 
 def check_resource_name(name: str) -> str:
     """Return ``name`` if it is a valid resource (lease file) name, else raise InvalidNameError."""
+    if (
+        type(name) is str
+        and _RESOURCE_NAME.fullmatch(name)
+        and name not in _DOTS
+        and name != INDEX_NAME
+    ):
+        return name  # as for lockspaces: the checks below, for the error
     _check_name(name, _RESOURCE_NAME, "resource", "[A-Za-z0-9._:@+=-]")
     if name == INDEX_NAME:
         raise InvalidNameError(f"resource name {name!r} is reserved for the lockspace index lock")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import string
 
 import pytest
 from hypothesis import given
@@ -98,3 +99,32 @@ def test_printable_escapes_every_character_that_shows_as_nothing() -> None:
     assert printable("v\u00adm1") == "v\\u00adm1"
     assert printable("vm1\u3164") == "vm1\\u3164"
     assert printable("vm\u2028x") == "vm\\u2028x"
+
+
+_NAME_CHARS = st.sampled_from("Ab9._:-@+=/ \0é")
+_ALNUM = set(string.ascii_letters + string.digits)
+
+
+@given(st.text(_NAME_CHARS, max_size=260) | st.sampled_from([".", "..", INDEX_NAME, ""]))
+def test_a_name_is_accepted_exactly_when_the_rules_allow_it(name: str) -> None:
+    """1-255 characters of the set, not a dot name (nor, for a resource, the index):
+    accepted unchanged; anything else refused, whichever path the check takes."""
+    for check, allowed, reserved in (
+        (check_lockspace_name, _ALNUM | set("._:-"), (".", "..")),
+        (check_resource_name, _ALNUM | set("._:-@+="), (".", "..", INDEX_NAME)),
+    ):
+        ok = 1 <= len(name) <= 255 and set(name) <= allowed and name not in reserved
+        if ok:
+            assert check(name) == name
+        else:
+            with pytest.raises(InvalidNameError):
+                check(name)
+
+
+@pytest.mark.parametrize("value", [b"disk", 7, None, ["a"]])
+def test_a_name_that_is_not_text_is_refused(value: object) -> None:
+    """A client's bytes, number, null or list is no name."""
+    with pytest.raises(InvalidNameError):
+        check_lockspace_name(value)  # type: ignore[arg-type]
+    with pytest.raises(InvalidNameError):
+        check_resource_name(value)  # type: ignore[arg-type]
