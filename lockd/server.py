@@ -141,9 +141,10 @@ class SocketTransport:
         events = (selectors.EVENT_READ if self._reading else 0) | (
             selectors.EVENT_WRITE if self._out else 0
         )
-        self._dispatcher.unwatch(self._fd)
-        if events:
+        if events:  # one epoll_ctl: a watch replaces the events the fd had
             self._dispatcher.watch(self._fd, events, self._ready)
+        else:
+            self._dispatcher.unwatch(self._fd)
 
     def _ready(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
@@ -346,9 +347,7 @@ class Listener:
 
         Harmless when already accepting."""
         self._cancel_retry()
-        fd = self.sock.fileno()
-        self._dispatcher.unwatch(fd)
-        self._dispatcher.watch(fd, selectors.EVENT_READ, self._ready)
+        self._dispatcher.watch(self.sock.fileno(), selectors.EVENT_READ, self._ready)
 
     def _cancel_retry(self) -> None:
         if self._retry is not None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import gc
+import selectors
+import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pykka
@@ -256,3 +259,46 @@ def test_an_actor_whose_start_fails_is_a_crash_and_is_let_go(dispatcher: Dispatc
     assert not dispatcher.actors
     with pytest.raises(pykka.ActorDeadError):
         ref.tell("anyone?")
+
+
+def test_fd_watches_report_readiness_and_one_callback_can_unwatch_another(
+    dispatcher: Dispatcher,
+) -> None:
+    """Two sockets ready in one wait, and the first callback closes the other connection
+    (a re-exec's or a disconnect's doing): the closed one's callback must not run, on a
+    socket that is closed, or whose fd number is already another connection's."""
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    calls: list[tuple[str, int]] = []
+
+    def closing(name: str, other: socket.socket) -> Callable[[int], None]:
+        def callback(mask: int) -> None:
+            calls.append((name, mask))
+            dispatcher.unwatch(other.fileno())
+
+        return callback
+
+    try:
+        dispatcher.watch(first.fileno(), selectors.EVENT_READ, closing("first", second))
+        dispatcher.watch(second.fileno(), selectors.EVENT_READ, closing("second", first))
+        first_peer.send(b"x")
+        second_peer.send(b"x")
+        dispatcher.run_once(timeout=1.0)
+        assert len(calls) == 1
+        assert calls[0][1] == selectors.EVENT_READ
+        # Watching again replaces the events and the callback; a hang-up wakes a reader.
+        fd = first.fileno() if calls[0][0] == "first" else second.fileno()
+        peer = first_peer if calls[0][0] == "first" else second_peer
+        dispatcher.watch(fd, selectors.EVENT_WRITE, lambda mask: calls.append(("w", mask)))
+        dispatcher.run_once(timeout=1.0)
+        assert calls[-1] == ("w", selectors.EVENT_WRITE)
+        dispatcher.watch(fd, selectors.EVENT_READ, lambda mask: calls.append(("r", mask)))
+        peer.close()
+        dispatcher.run_once(timeout=1.0)
+        assert calls[-1] == ("r", selectors.EVENT_READ)
+        dispatcher.unwatch(fd)
+        dispatcher.unwatch(fd)  # harmless twice
+        assert not dispatcher.watching(fd)
+    finally:
+        for s in (first, first_peer, second, second_peer):
+            s.close()
