@@ -573,3 +573,18 @@ def test_an_owner_name_that_is_not_utf8_is_a_usage_error_not_a_traceback() -> No
     assert done.returncode == EXIT_USAGE, done.stderr
     assert "Traceback" not in done.stderr
     assert "--name must be 1-255 bytes of UTF-8 without control characters" in done.stderr
+
+
+def test_a_daemon_a_test_starts_reads_no_host_configuration() -> None:
+    """``lockd serve`` without ``--config`` in a test reads the harness's empty file, not
+    the host's ``/etc/lockd/lockd.toml``: on a host with lockd installed, its pid file and
+    lockspace directories reached the tests' daemons."""
+    from lockd.config import default_paths
+
+    done = _lockd("serve", "--check-config")
+    assert done.returncode == 0, done.stderr
+    first = done.stdout.splitlines()[0]
+    assert first.startswith("# configuration ok (") and first.endswith(")")
+    used = first.removeprefix("# configuration ok (").removesuffix(")")
+    assert used != default_paths()["config"]
+    assert Path(used).read_text() == ""
