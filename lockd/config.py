@@ -8,6 +8,7 @@ errors that name the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
 import tomllib
@@ -241,8 +242,16 @@ def _check_int(key: str, value: Any, low: int) -> int:
 
 
 def _check_number(key: str, value: Any) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{key} must be a number >= 0, got {value!r}")
+    """Seconds: ``nan`` (``--timeout nan`` too) passed ``< 0`` and made ``fence_grace`` no
+    grace at all (SIGKILL with the SIGTERM) and ``timeout`` never; ``inf`` is ``0``'s
+    "never" for the timeouts and, for ``fence_grace``, a fence that never ends."""
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 

@@ -588,3 +588,11 @@ def test_a_daemon_a_test_starts_reads_no_host_configuration() -> None:
     used = first.removeprefix("# configuration ok (").removesuffix(")")
     assert used != default_paths()["config"]
     assert Path(used).read_text() == ""
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_serve_refuses_a_timeout_that_is_no_finite_number(value: str) -> None:
+    """``lockd serve --timeout nan`` started a daemon that never timed out; a usage error."""
+    done = _lockd("serve", "--timeout", value, "--check-config")
+    assert done.returncode == EXIT_USAGE
+    assert "timeout must be a finite number >= 0" in done.stderr

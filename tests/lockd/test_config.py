@@ -203,6 +203,18 @@ def test_bad_files_name_the_key(tmp_path: Path, text: str, names: str) -> None:
     assert names in str(exc.value)
 
 
+@pytest.mark.parametrize("key", ["timeout", "idle_timeout", "fence_grace"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_seconds_that_are_no_finite_number_are_refused(
+    tmp_path: Path, key: str, value: str
+) -> None:
+    """``fence_grace = nan`` was taken, and a fenced VM got its SIGKILL with its SIGTERM."""
+    config = tmp_path / "lockd.toml"
+    config.write_text(f"{key} = {value}\n")
+    with pytest.raises(ConfigError, match=f"lockd.toml:1: {key} must be a finite number >= 0"):
+        load(str(config), {})
+
+
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load(str(tmp_path / "nope.toml"), {})

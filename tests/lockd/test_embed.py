@@ -31,7 +31,7 @@ def test_options_are_converted_as_the_configuration_file_s(tmp_path: Path) -> No
     ("options", "message"),
     [
         ({"journal_sync": "sometimes"}, "journal_sync must be one of none | batch | always"),
-        ({"fence_grace": -5}, "fence_grace must be a number >= 0"),
+        ({"fence_grace": -5}, "fence_grace must be a finite number >= 0"),
         ({"journal_synk": "always"}, "unknown key 'journal_synk' (did you mean 'journal_sync'?)"),
         ({"lockspaces": {"../x": "/srv"}}, "invalid lockspace name"),
     ],
