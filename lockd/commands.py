@@ -14,6 +14,7 @@ import datetime
 import enum
 import errno
 import json
+import math
 import os
 import re
 import select
@@ -40,6 +41,7 @@ from lockd.config import (
     secure_runtime_dir,
 )
 from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
+from protocol.messages import MAX_WAIT_SECONDS
 from protocol.names import (
     CONTROL_CHARACTERS,
     FILES_LOCKSPACE,
@@ -543,7 +545,11 @@ def add_lease_arguments(parser: argparse.ArgumentParser, *, acquire: bool) -> No
     )
     if acquire:
         parser.add_argument(
-            "--wait", type=float, default=0.0, metavar="SECONDS", help="wait for busy leases"
+            "--wait",
+            type=_wait_seconds,
+            default=0.0,
+            metavar="SECONDS",
+            help=f"wait for busy leases, up to {MAX_WAIT_SECONDS:g} seconds",
         )
         parser.add_argument(
             "--no-autocreate",
@@ -552,6 +558,21 @@ def add_lease_arguments(parser: argparse.ArgumentParser, *, acquire: bool) -> No
         )
     else:
         parser.add_argument("--all", action="store_true", help="release every lease of the owner")
+
+
+def _wait_seconds(text: str) -> float:
+    """``--wait``: seconds, as the daemon takes them. ``nan`` and ``inf`` (which ``float``
+    reads) ended in a traceback from the socket's timeout; checked here, a wait out of
+    range is a usage error before any daemon is asked (or started)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds <= MAX_WAIT_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"--wait takes seconds from 0 to {MAX_WAIT_SECONDS:g}, not {text!r}"
+        )
+    return seconds
 
 
 DISK_MODES: Mapping[str, str] = {

@@ -596,3 +596,25 @@ def test_serve_refuses_a_timeout_that_is_no_finite_number(value: str) -> None:
     done = _lockd("serve", "--timeout", value, "--check-config")
     assert done.returncode == EXIT_USAGE
     assert "timeout must be a finite number >= 0" in done.stderr
+
+
+@pytest.mark.parametrize("command", ["acquire", "run"])
+@pytest.mark.parametrize("wait", ["nan", "inf", "-1", "3601", "soon"])
+def test_a_wait_out_of_range_is_a_usage_error_before_any_daemon_is_asked(
+    tmp_path: Path, command: str, wait: str
+) -> None:
+    """``--wait nan`` or ``inf`` ended in a traceback (the socket's timeout); any wait the
+    daemon would refuse is a usage error, found before a daemon is looked for (none runs
+    here: that was exit 69)."""
+    sock = tmp_path / "lockd.sock"
+    who = ["--owner-pid", str(os.getpid())] if command == "acquire" else ["--name", "vm"]
+    tail = ["--", "true"] if command == "run" else []
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", command, "--socket", str(sock), *who,
+         "--disk", "/vm/a.img", "--wait", wait, *tail],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "LOCKD_AUTOSPAWN": "0"},
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert f"--wait takes seconds from 0 to 3600, not '{wait}'" in done.stderr
+    assert "Traceback" not in done.stderr
