@@ -178,8 +178,8 @@ def _cmd_events(args: argparse.Namespace) -> int:
         return 2
     since_seq, since_time = args.since
     directory = args.journal_dir or default_paths()["journal_dir"]
-    if not os.path.isdir(directory):
-        print(f"lockd events: no journal at {directory}", file=sys.stderr)
+    if missing := _no_journal_at(directory):
+        print(f"lockd events: {missing}", file=sys.stderr)
         return 1
     epoch = read_epoch(directory)
     cut_at = _cut_at(epoch)
@@ -226,6 +226,29 @@ def _cmd_events(args: argparse.Namespace) -> int:
         follower.close()
         if watch is not None:
             watch.close()
+
+
+def _no_journal_at(directory: str) -> str | None:
+    """Why ``directory`` is no journal lockd wrote, for ``events`` and ``journal-check``;
+    None if it is one.
+
+    A directory that no lockd ever wrote (no segment, and no lock file, which each
+    daemon and ``--repair`` leaves) is a mistyped ``--journal-dir``, such as the
+    journal's parent: ``events`` printed nothing and exited 0 (with ``--follow``
+    waited for ever) and ``journal-check`` said "journal ok"."""
+    from lockd.journal_file import LOCK_FILE, list_segments
+
+    if not os.path.isdir(directory):
+        return f"no journal at {directory}"
+    try:
+        if list_segments(directory) or os.path.exists(os.path.join(directory, LOCK_FILE)):
+            return None
+    except OSError:
+        return None  # unreadable: the read says so, in its own words
+    return (
+        f"no journal at {directory}: no lockd has written one there (no journal-*.cbor "
+        f"segment); give the daemon's journal_dir with --journal-dir"
+    )
 
 
 def _known_types(types: Sequence[str]) -> bool:
@@ -354,8 +377,8 @@ this often anyway (a change inotify could not report: a replaced directory)."""
 def _cmd_journal_check(args: argparse.Namespace) -> int:
     """Report journal damage; with --repair, cut the journal at it."""
     directory = args.journal_dir or default_paths()["journal_dir"]
-    if not os.path.isdir(directory):
-        print(f"lockd journal-check: no journal at {directory}", file=sys.stderr)
+    if missing := _no_journal_at(directory):  # before --repair's lock, which leaves a .lock
+        print(f"lockd journal-check: {missing}", file=sys.stderr)
         return 1
     lock: int | str | None = None
     if args.repair:

@@ -618,3 +618,24 @@ def test_a_wait_out_of_range_is_a_usage_error_before_any_daemon_is_asked(
     assert done.returncode == EXIT_USAGE, done.stderr
     assert f"--wait takes seconds from 0 to 3600, not '{wait}'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["events"], ["events", "--follow"], ["journal-check"],
+                                     ["journal-check", "--repair"]])  # fmt: skip
+def test_a_directory_no_lockd_wrote_a_journal_in_is_no_journal(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """``--journal-dir`` naming the journal's parent (or any other directory): ``events``
+    printed nothing and exited 0 (``--follow`` waited for ever), ``journal-check`` said
+    "journal ok", and ``--repair`` left a lock file there. Now an error, and nothing is
+    written in that directory."""
+    _journal_with_leases(tmp_path / "journal")
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", *command, "--journal-dir", str(tmp_path)],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"no journal at {tmp_path}: no lockd has written one there" in done.stderr
+    assert "journal ok" not in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["journal"]
+    assert _lockd(*command[:1], "--journal-dir", str(tmp_path / "journal")).returncode == 0
