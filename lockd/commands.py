@@ -431,8 +431,10 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
 
     def body() -> int:
         with _connect(_admin_socket(args), "lockd-disconnect") as client:
-            client.call("disconnect", client=args.client)
-        if not args.json:
+            result = client.call("disconnect", client=args.client)
+        if args.json:
+            _print_json(result)  # the daemon's answer, as every --json prints it
+        else:
             print(f"client {args.client} disconnected")
         return EXIT_OK
 

@@ -369,6 +369,19 @@ def test_admin_disconnect_ends_the_owners_leases(
     assert reasons[-1] == "admin"
 
 
+def test_disconnect_json_prints_the_client_it_closed(daemon: DaemonProcess) -> None:
+    """``lockd disconnect --json ID`` printed nothing at all on success, where every other
+    ``--json`` prints the daemon's answer: a script had an empty stdout to parse."""
+    with daemon.client("to-close") as victim:
+        rows = json.loads(daemon.lockd("clients", "--json").stdout)
+        (row,) = [r for r in rows if r["pid"] == os.getpid()]
+        done = daemon.lockd("disconnect", "--json", str(row["id"]))
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {"client": row["id"]}
+        with pytest.raises(ConnectionError):  # ConnectionLostError, or a reset
+            victim.call("status")
+
+
 def test_events_follow_prints_new_events(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
