@@ -820,14 +820,15 @@ def cmd_release(args: argparse.Namespace) -> int:
                     labels = {(le["lockspace"], le["resource"]): label for le, label in leases}
                     label = _label_of(exc, labels)
                     if not label:
-                        raise CommandError(exc.message) from None
+                        raise CommandError(exc.message, remote=exc) from None
                     lease = next(f"{ls}/{res}" for (ls, res), text in labels.items()
                                  if text == label)  # fmt: skip
                     # Not the daemon's message: it names the owner by this command's
                     # registration, pid-PID unless --name was given, not the owner's name.
                     raise CommandError(
                         f"{label} is not held by pid {args.owner_pid}"
-                        + (f" (lease {lease})" if lease != label.removeprefix("lease ") else "")
+                        + (f" (lease {lease})" if lease != label.removeprefix("lease ") else ""),
+                        remote=exc,  # --json's code: not-held, the daemon's
                     ) from None
         if args.json:
             _print_json(result)

@@ -235,6 +235,21 @@ def test_release_cli_and_wait(
     )
 
 
+def test_release_json_of_a_lease_not_held_gives_the_daemons_code(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """``lockd release --json`` of a disk the process does not hold: ``code`` is the
+    daemon's ``not-held`` (README: null only for a mistake found before asking it), so a
+    script can tell "already released" from other failures; it was null."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    done = daemon.lockd("release", "--json", "--owner-pid", str(sleeper.pid), "--disk", "/vm/n.img")
+    assert done.returncode == 1
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "not-held"
+    assert error["message"].startswith(f"disk /vm/n.img is not held by pid {sleeper.pid}")
+
+
 def test_owner_whose_connection_closes_is_fenced(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
