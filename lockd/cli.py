@@ -12,7 +12,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lockd import __version__
@@ -466,6 +466,22 @@ def _add_client_options(parser: argparse.ArgumentParser, *, admin: bool = False)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: a whole number ``>= low``. ``lockd bench --ops 0`` ended in a
+    traceback (no median of nothing), ``--owners 0`` measured 0 owners holding 0 leases."""
+
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes a whole number, not {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"takes a number >= {low}, not {text!r}")
+        return value
+
+    return count
+
+
 def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table of subcommands
     """The argument parser, separate from main() so tests can inspect it."""
     from lockd import commands
@@ -647,14 +663,14 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         "the benchmark's events and whose lock dir a lockd.bench lockspace.",
     )
     _add_client_options(bench)
-    bench.add_argument("--ops", type=int, default=2000, help="sequential pairs")
+    bench.add_argument("--ops", type=_at_least(1), default=2000, help="sequential pairs")
     bench.add_argument(
         "--concurrency",
         default="1,4,16",
         help="comma-separated connection counts for the concurrent runs ('' to skip)",
     )
-    bench.add_argument("--tp-ops", type=int, default=8000, help="pairs per concurrent run")
-    bench.add_argument("--warmup", type=int, default=200, help="pairs before measuring")
+    bench.add_argument("--tp-ops", type=_at_least(1), default=8000, help="pairs per concurrent run")
+    bench.add_argument("--warmup", type=_at_least(0), default=200, help="pairs before measuring")
     bench.add_argument(
         "--scenarios",
         default="sequential,concurrent",
@@ -662,7 +678,10 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         "(recovery starts, SIGKILLs and restarts a daemon of its own on temp paths)",
     )
     bench.add_argument(
-        "--owners", type=int, default=256, help="many-owners: processes holding 4 leases each"
+        "--owners",
+        type=_at_least(1),
+        default=256,
+        help="many-owners: processes holding 4 leases each",
     )
     bench.add_argument(
         "--recovery-leases", type=int, default=1024, help="recovery: leases held at the crash"

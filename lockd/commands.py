@@ -943,7 +943,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         try:
             levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
         except ValueError:
-            raise CommandError("--concurrency takes numbers like 1,4,16", EXIT_USAGE) from None
+            levels = [0]
+        if any(level < 1 for level in levels):  # 0 was a traceback, -1 a hang
+            raise CommandError(
+                f"--concurrency takes connection counts >= 1 like 1,4,16, not {args.concurrency!r}",
+                EXIT_USAGE,
+            )
         scenarios = tuple(s for s in args.scenarios.split(",") if s)
         unknown = set(scenarios) - set(bench.SCENARIOS)
         if unknown:

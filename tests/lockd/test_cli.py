@@ -639,3 +639,33 @@ def test_a_directory_no_lockd_wrote_a_journal_in_is_no_journal(
     assert "journal ok" not in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["journal"]
     assert _lockd(*command[:1], "--journal-dir", str(tmp_path / "journal")).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--ops", "0"], "argument --ops: takes a number >= 1, not '0'"),
+        (["--ops", "-3"], "argument --ops: takes a number >= 1, not '-3'"),
+        (["--tp-ops", "0"], "argument --tp-ops: takes a number >= 1, not '0'"),
+        (["--warmup", "-1"], "argument --warmup: takes a number >= 0, not '-1'"),
+        (["--owners", "0"], "argument --owners: takes a number >= 1, not '0'"),
+        (["--ops", "many"], "argument --ops: takes a whole number, not 'many'"),
+        (["--concurrency", "0"], "--concurrency takes connection counts >= 1"),
+        (["--concurrency", "1,-1"], "--concurrency takes connection counts >= 1"),
+        (["--concurrency", "x"], "--concurrency takes connection counts >= 1"),
+    ],
+)
+def test_bench_counts_out_of_range_are_usage_errors(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    """``lockd bench --ops 0`` and ``--concurrency 0`` ended in tracebacks, ``--concurrency
+    -1`` waited for ever, ``--owners 0`` measured nothing: each is a usage error, found
+    before any daemon is asked (none runs at this socket: that was exit 69)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", "bench", "--socket", str(tmp_path / "none.sock"),
+         "--scenarios", "sequential,concurrent,many-owners", *flags],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
