@@ -844,19 +844,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
+    # Through _fail, as every failure: with --json on stdout too (126 and 127 printed
+    # nothing there, the codes a script branches on).
     if not cmd:
-        print("lockd run: give the command to run after --", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, CommandError("give the command to run after --", EXIT_USAGE))
     program = shutil.which(cmd[0])
     if program is None:
         # Found out only after the leases were taken, the failed exec would close a
         # connection still holding them: the daemon would fence this very process.
         # A file that exists is not executable (mode, noexec mount), as a shell says.
         if _exists(cmd[0]):
-            print(f"lockd run: cannot run {cmd[0]}: not executable", file=sys.stderr)
-            return EXIT_CANNOT_EXEC
-        print(f"lockd run: cannot run {cmd[0]}: no such command", file=sys.stderr)
-        return EXIT_NOT_FOUND
+            what = CommandError(f"cannot run {cmd[0]}: not executable", EXIT_CANNOT_EXEC)
+        else:
+            what = CommandError(f"cannot run {cmd[0]}: no such command", EXIT_NOT_FOUND)
+        return _fail(args, what)
 
     def body() -> int:
         owner = _owner_map(os.getpid(), args.name, args.uuid or str(uuidlib.uuid4()), args.id)

@@ -669,3 +669,29 @@ def test_bench_counts_out_of_range_are_usage_errors(
     assert done.returncode == EXIT_USAGE, done.stderr
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "exit_code", "message"),
+    [
+        (["--", "no-such-command-h49"], 127, "cannot run no-such-command-h49: no such command"),
+        (["--", "/etc/passwd"], 126, "cannot run /etc/passwd: not executable"),
+        ([], 2, "give the command to run after --"),
+    ],
+)
+def test_run_json_prints_a_command_it_cannot_run_as_json(
+    tmp_path: Path, command: list[str], exit_code: int, message: str
+) -> None:
+    """``lockd run --json`` with no such command (127), one not executable (126) or none
+    (2) printed its error on stderr only: stdout, which README says has the failure as
+    JSON, was empty. No daemon is asked (none runs at this socket)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", "run", "--json", "--socket", str(tmp_path / "none.sock"),
+         "--name", "vm", "--disk", "/vm/a.img", *command],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == exit_code
+    assert json.loads(done.stdout) == {
+        "error": {"code": None, "message": message, "exit": exit_code}
+    }
+    assert done.stderr == f"lockd run: {message}\n"
