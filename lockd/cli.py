@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lockd import __version__
 from lockd.config import default_paths
@@ -482,11 +482,26 @@ def _at_least(low: int) -> Callable[[str], int]:
     return count
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors are also printed as JSON on stdout when the
+    command line asks for ``--json`` (README: "with --json a failure is also printed as
+    JSON on stdout"): ``lockd acquire --json --wait 5000`` printed nothing there."""
+
+    json_errors = False
+    """Set by :func:`main` when ``--json`` is among the arguments."""
+
+    def error(self, message: str) -> NoReturn:
+        if self.json_errors:  # also for an unknown flag, which the top parser reports
+            error = {"code": None, "message": message, "exit": EXIT_USAGE}
+            print(json.dumps({"error": error}), flush=True)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table of subcommands
     """The argument parser, separate from main() so tests can inspect it."""
     from lockd import commands
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lockd",
         description="Disk lease daemon and client.",
         epilog="Exit codes: 0 ok, 1 error, 2 usage, 69 daemon unreachable, 75 lease busy; "
@@ -721,6 +736,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lockd import commands
 
     _std_fds_open()
+    words = list(sys.argv[1:] if argv is None else argv)
+    # Before a "--": what follows is lockd run's command's (`-- jq --json`), not ours.
+    _Parser.json_errors = "--json" in words[: words.index("--") if "--" in words else None]
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)

@@ -572,7 +572,7 @@ def _wait_seconds(text: str) -> float:
         seconds = math.nan
     if not 0 <= seconds <= MAX_WAIT_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"--wait takes seconds from 0 to {MAX_WAIT_SECONDS:g}, not {text!r}"
+            f"takes seconds from 0 to {MAX_WAIT_SECONDS:g}, not {text!r}"
         )
     return seconds
 

@@ -616,7 +616,7 @@ def test_a_wait_out_of_range_is_a_usage_error_before_any_daemon_is_asked(
         env={**os.environ, "LOCKD_AUTOSPAWN": "0"},
     )  # fmt: skip
     assert done.returncode == EXIT_USAGE, done.stderr
-    assert f"--wait takes seconds from 0 to 3600, not '{wait}'" in done.stderr
+    assert f"argument --wait: takes seconds from 0 to 3600, not '{wait}'" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -695,3 +695,28 @@ def test_run_json_prints_a_command_it_cannot_run_as_json(
         "error": {"code": None, "message": message, "exit": exit_code}
     }
     assert done.stderr == f"lockd run: {message}\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["acquire", "--owner-pid", "1", "--disk", "/vm/a.img", "--wait", "5000"],
+         "argument --wait: takes seconds from 0 to 3600, not '5000'"),
+        (["acquire", "--owner-pid", "abc", "--disk", "/vm/a.img"],
+         "argument --owner-pid: invalid int value: 'abc'"),
+        (["status", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)  # fmt: skip
+def test_a_usage_error_under_json_is_printed_as_json(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    """README: with --json a failure is also printed as JSON on stdout. A usage error
+    argparse finds printed nothing there: ``--wait 5000``, which the daemon refused as
+    invalid-argument in JSON, is found before asking it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", *argv, "--json", "--socket", str(tmp_path / "x.sock")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE
+    assert json.loads(done.stdout) == {"error": {"code": None, "message": message, "exit": 2}}
+    assert f"error: {message}" in done.stderr
