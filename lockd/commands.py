@@ -253,6 +253,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for field in attrs.fields(type(config)):
             if field.name != "config_file":  # in the line above; not a setting
                 print(_config_line(field.name, getattr(config, field.name)))
+        # What the start warns of, shown here too: the check passed a typo in silence.
+        for name in logs.unknown_modules(logs.parse_filters(config.log_filters)):
+            warning = f"log_filters: lockd has no module {name!r}, so its filter logs nothing"
+            print(f"lockd serve: warning: {warning} (a typo? see docs/configuration.md)",
+                  file=sys.stderr)  # fmt: skip
         return EXIT_OK
     if args.handoff_check:
         import lockd.daemon  # noqa: F401 - a broken install fails here, not after the exec

@@ -720,3 +720,16 @@ def test_a_usage_error_under_json_is_printed_as_json(
     assert done.returncode == EXIT_USAGE
     assert json.loads(done.stdout) == {"error": {"code": None, "message": message, "exit": 2}}
     assert f"error: {message}" in done.stderr
+
+
+def test_check_config_warns_of_a_log_filter_for_no_module(tmp_path: Path) -> None:
+    """A filter for a module lockd lacks (a typo) is warned of at start; ``--check-config``,
+    the way to check a file before a start, passed it in silence."""
+    config = tmp_path / "lockd.toml"
+    config.write_text('log_filters = "debug:actors.owner 3:lockd.server"\n')
+    done = _lockd("serve", "--config", str(config), "--check-config")
+    assert done.returncode == 0
+    assert done.stderr == (
+        "lockd serve: warning: log_filters: lockd has no module 'actors.owner', so its filter "
+        "logs nothing (a typo? see docs/configuration.md)\n"
+    )
