@@ -316,7 +316,12 @@ class RouterActor(DispatchedActor):
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            return Found(token, name, None, ErrorCode.NOT_FOUND, f"lockspace {name} does not exist")
+            # Where it looked: a lock directory not mounted (yet) reads as a missing lockspace.
+            why = (
+                f"lockspace {name} does not exist: no directory {path} (create-lockspace "
+                f"makes it; or is the lock directory's storage not mounted?)"
+            )
+            return Found(token, name, None, ErrorCode.NOT_FOUND, why)
         except OSError as exc:
             return Found(token, name, None, ErrorCode.IO_ERROR, f"lockspace {name}: {exc}")
         if not stat.S_ISDIR(st.st_mode):

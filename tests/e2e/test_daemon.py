@@ -384,6 +384,19 @@ def test_admin_disconnect_ends_the_owners_leases(
     assert reasons[-1] == "admin"
 
 
+def test_a_lockspace_that_does_not_exist_is_named_with_the_directory_looked_for(
+    daemon: DaemonProcess,
+) -> None:
+    """``lockd run --lease foo/bar`` said only "lockspace foo does not exist": not where
+    the daemon looked (a lock directory not mounted reads the same) nor how to make it."""
+    done = daemon.lockd("run", "--lease", "foo/bar", "--name", "vm", "--", "true")
+    assert done.returncode == 1
+    assert (
+        f"not-found: lockspace foo does not exist: no directory {daemon.lock_dir / 'foo'} "
+        "(create-lockspace makes it; or is the lock directory's storage not mounted?)"
+    ) in done.stderr
+
+
 def test_disconnect_json_prints_the_client_it_closed(daemon: DaemonProcess) -> None:
     """``lockd disconnect --json ID`` printed nothing at all on success, where every other
     ``--json`` prints the daemon's answer: a script had an empty stdout to parse."""
