@@ -191,7 +191,10 @@ def _uids(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
     ):
-        raise ConfigError("allowed_uids must be a list of uids")
+        raise ConfigError(
+            f"allowed_uids must be a list of uids (whole numbers >= 0, such as [107]), "
+            f"got {value!r}"
+        )
     return tuple(value)
 
 

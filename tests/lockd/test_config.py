@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,20 @@ def test_seconds_that_are_no_finite_number_are_refused(
     config.write_text(f"{key} = {value}\n")
     with pytest.raises(ConfigError, match=f"lockd.toml:1: {key} must be a finite number >= 0"):
         load(str(config), {})
+
+
+@pytest.mark.parametrize("value", ["[-1]", '["qemu"]', "107", "[true]"])
+def test_allowed_uids_that_are_no_uids_are_named(tmp_path: Path, value: str) -> None:
+    """``allowed_uids = ["qemu"]`` (a user's name) was refused as "must be a list of uids",
+    without saying which value was wrong or what a uid looks like there."""
+    config = tmp_path / "lockd.toml"
+    config.write_text(f"allowed_uids = {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load(str(config), {})
+    assert str(caught.value).endswith(
+        "lockd.toml:1: allowed_uids must be a list of uids (whole numbers >= 0, such as "
+        f"[107]), got {tomllib.loads(f'v = {value}')['v']!r}"
+    )
 
 
 def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
