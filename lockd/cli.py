@@ -511,15 +511,28 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     parser.add_argument("--version", action="version", version=f"lockd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the daemon in the foreground")
-    serve.add_argument("--config", help="TOML configuration file")
+    serve = sub.add_parser(
+        "serve",
+        help="run the daemon in the foreground",
+        description="Run the daemon in the foreground. Flags override the configuration "
+        "file. SIGTERM stops it (releasing nothing), SIGHUP re-reads the configuration "
+        "(logging applies at once, other keys at the next re-exec), SIGUSR1 re-executes it "
+        "in place keeping every lock, socket and connection.",
+    )
+    serve.add_argument(
+        "--config",
+        help="TOML configuration file (env LOCKD_CONFIG; default, if it exists: "
+        "/etc/lockd/lockd.toml for root, $XDG_CONFIG_HOME/lockd/lockd.toml otherwise)",
+    )
     serve.add_argument("--socket", help="client socket path")
     serve.add_argument("--admin-socket", help="admin socket path")
     serve.add_argument("--lock-dir", help="directory of lockspaces (shared storage for hosts)")
     serve.add_argument("--journal-dir", help="local directory of the event journal")
     serve.add_argument("--pid-file", help="write (and lock) the daemon pid here")
     serve.add_argument(
-        "--timeout", type=float, help="exit after this many seconds with no clients and no leases"
+        "--timeout",
+        type=float,
+        help="exit after this many seconds with no clients and no leases (default 0: never)",
     )
     serve.add_argument(
         "--journal-sync", choices=["none", "batch", "always"], help="journal durability"

@@ -733,3 +733,14 @@ def test_check_config_warns_of_a_log_filter_for_no_module(tmp_path: Path) -> Non
         "lockd serve: warning: log_filters: lockd has no module 'actors.owner', so its filter "
         "logs nothing (a typo? see docs/configuration.md)\n"
     )
+
+
+def test_serve_help_says_where_the_configuration_comes_from() -> None:
+    """``lockd serve --help`` said only "TOML configuration file": not that LOCKD_CONFIG
+    sets it, nor which file is read without it, nor what the signals do."""
+    done = _lockd("serve", "--help")
+    text = " ".join(done.stdout.split())
+    assert "env LOCKD_CONFIG" in text
+    assert "/etc/lockd/lockd.toml for root" in text
+    assert "SIGHUP re-reads the configuration" in text
+    assert "(default 0: never)" in text
