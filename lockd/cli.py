@@ -47,8 +47,7 @@ def _cmd_lease_name(args: argparse.Namespace) -> int:
                 }
             )
         except InvalidNameError as exc:
-            print(f"lockd lease-name: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+            return _failed(args, "lease-name", str(exc), EXIT_USAGE)
     for row in rows:
         if args.json:
             print(json.dumps(row))
@@ -174,13 +173,12 @@ def _cmd_events(args: argparse.Namespace) -> int:
     from lockd.journal_file import JournalFollower, read_epoch
     from lockd.journal_format import JournalCorruptError
 
-    if not _known_types(args.type or ()):
-        return 2
+    if unknown := _unknown_types(args.type or ()):
+        return _failed(args, "events", unknown, EXIT_USAGE)
     since_seq, since_time = args.since
     directory = args.journal_dir or default_paths()["journal_dir"]
     if missing := _no_journal_at(directory):
-        print(f"lockd events: {missing}", file=sys.stderr)
-        return 1
+        return _failed(args, "events", missing, 1)
     epoch = read_epoch(directory)
     cut_at = _cut_at(epoch)
     follower = JournalFollower(directory, since_seq)
@@ -215,6 +213,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
                 continue
             watch.wait(FOLLOW_LOOK_SECONDS)
     except JournalCorruptError as exc:
+        # On stderr only, also with --json: stdout is a stream of events already begun.
         _note(f"{directory}: {exc}")
         return 1
     except BrokenPipeError:
@@ -251,16 +250,28 @@ def _no_journal_at(directory: str) -> str | None:
     )
 
 
-def _known_types(types: Sequence[str]) -> bool:
-    """Whether each ``--type`` is an event type; if not, says so. A typo would match
-    nothing, for ever with --follow."""
+def _unknown_types(types: Sequence[str]) -> str | None:
+    """What is wrong with the ``--type``s that are no event type; None if each is one. A
+    typo would match nothing, for ever with --follow."""
     from actors.events import EVENT_TYPES
 
     unknown = sorted(set(types) - set(EVENT_TYPES))
-    if unknown:
-        print(f"lockd events: unknown event type {', '.join(map(repr, unknown))}; the types "
-              f"are {', '.join(sorted(EVENT_TYPES))}", file=sys.stderr)  # fmt: skip
-    return not unknown
+    if not unknown:
+        return None
+    return (
+        f"unknown event type {', '.join(map(repr, unknown))}; the types are "
+        f"{', '.join(sorted(EVENT_TYPES))}"
+    )
+
+
+def _failed(args: argparse.Namespace, command: str, message: str, status: int) -> int:
+    """Say why ``lockd COMMAND`` failed, on stderr and, with ``--json``, as the client
+    commands do on stdout (README): ``lease-name`` and ``events`` printed nothing there."""
+    print(f"lockd {command}: {message}", file=sys.stderr)
+    if args.json:
+        error = {"code": None, "message": message, "exit": status}
+        print(json.dumps({"error": error}), flush=True)
+    return status
 
 
 def _print_entries(

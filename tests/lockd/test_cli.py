@@ -744,3 +744,34 @@ def test_serve_help_says_where_the_configuration_comes_from() -> None:
     assert "/etc/lockd/lockd.toml for root" in text
     assert "SIGHUP re-reads the configuration" in text
     assert "(default 0: never)" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "status"),
+    [
+        (["lease-name", "vm/a.img"], "disk path 'vm/a.img' is relative; give an absolute path", 2),
+        (["events", "--type", "lease-aquired"], "unknown event type 'lease-aquired'", 2),
+        (["events", "--journal-dir", "/nonexistent/journal"], "no journal at /nonexistent", 1),
+    ],
+)
+def test_local_commands_print_a_failure_as_json_under_json(
+    tmp_path: Path, argv: list[str], message: str, status: int
+) -> None:
+    """README: with --json a failure is also printed as JSON on stdout. ``lease-name`` and
+    ``events`` printed theirs on stderr only; without --json stdout stays empty."""
+    _journal_with_leases(tmp_path)
+    extra = ["--journal-dir", str(tmp_path)] if "--type" in argv else []
+    for json_flag in (["--json"], []):
+        done = subprocess.run(
+            [sys.executable, "-m", "lockd", *argv, *extra, *json_flag],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert done.returncode == status
+        assert f"lockd {argv[0]}: {message}" in done.stderr
+        if json_flag:
+            error = json.loads(done.stdout)["error"]
+            assert error["code"] is None
+            assert error["message"].startswith(message)
+            assert error["exit"] == status
+        else:
+            assert done.stdout == ""
