@@ -384,7 +384,11 @@ class Listener:
                 log.warning(
                     "refused a connection from pid %d uid %d: uid not allowed", peer[0], peer[1]
                 )
-                what = "this daemon's admin socket" if self.admin else "this daemon"
+                what = (
+                    "this daemon's admin socket (only the daemon's own uid may)"
+                    if self.admin
+                    else "this daemon (not in its allowed_uids)"
+                )
                 refuse(conn, ErrorCode.PERMISSION_DENIED, f"uid {peer[1]} may not use {what}")
                 continue
             self._on_accept(conn, peer, self.admin)

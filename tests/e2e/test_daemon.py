@@ -344,7 +344,8 @@ def _as_nobody(path: Path) -> bytes:
 
 
 def test_peer_of_another_uid_is_refused(make_daemon: MakeDaemon) -> None:
-    """Even with the socket opened up by mistake, SO_PEERCRED keeps other uids out."""
+    """Even with the socket opened up by mistake, SO_PEERCRED keeps other uids out; the
+    refusal says which setting would let the uid in."""
     import tempfile
 
     socket_dir = Path(tempfile.mkdtemp(prefix="lockd-peercred-"))
@@ -354,7 +355,7 @@ def test_peer_of_another_uid_is_refused(make_daemon: MakeDaemon) -> None:
         os.chmod(daemon.socket, 0o666)  # noqa: S103 - the misconfiguration under test
         reply = _as_nobody(daemon.socket)
         assert b"permission-denied" in reply
-        assert b"uid 65534" in reply
+        assert b"uid 65534 may not use this daemon (not in its allowed_uids)" in reply
         assert daemon.lockd("status").returncode == 0
     finally:
         for name in os.listdir(socket_dir):

@@ -251,7 +251,11 @@ def test_an_allowed_user_cannot_use_the_admin_socket(
             return "disconnected"
 
     answer = as_other_user(disconnect_the_vm)
-    assert answer == f"permission-denied: uid {OTHER_UID} may not use this daemon's admin socket"
+    expected = (
+        f"permission-denied: uid {OTHER_UID} may not use this daemon's admin socket "
+        "(only the daemon's own uid may)"
+    )
+    assert answer == expected
     assert vm.poll() is None
     assert vm_client in [c["id"] for c in json.loads(open_daemon.lockd("clients", "--json").stdout)]
     assert open_daemon.lockd("disconnect", str(vm_client)).returncode == 0  # root still may
