@@ -807,7 +807,9 @@ def cmd_release(args: argparse.Namespace) -> int:
     def body() -> int:
         owner = _owner_map(args.owner_pid, args.name, args.uuid, args.id)
         leases = parse_leases(args)
-        if bool(leases) == bool(args.all):
+        if leases and args.all:  # which one was meant is not for us to guess
+            raise CommandError("give --disk/--lease or --all, not both", EXIT_USAGE)
+        if not leases and not args.all:
             raise CommandError("name --disk/--lease to release, or --all", EXIT_USAGE)
         with _connect(args.socket, "lockd-release") as client:
             client.call("register", owner=owner)

@@ -775,3 +775,24 @@ def test_local_commands_print_a_failure_as_json_under_json(
             assert error["exit"] == status
         else:
             assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--disk", "/vm/a.img", "--all"], "give --disk/--lease or --all, not both"),
+        ([], "name --disk/--lease to release, or --all"),
+    ],
+)
+def test_release_says_what_is_wrong_with_what_it_was_given(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    """``lockd release --disk D --all`` was told to "name --disk/--lease to release, or
+    --all", which it had done: both were given. A usage error, before any daemon is asked."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", "release", "--socket", str(tmp_path / "none.sock"),
+         "--owner-pid", str(os.getpid()), *flags],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE
+    assert done.stderr == f"lockd release: {message}\n"
