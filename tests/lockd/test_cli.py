@@ -584,8 +584,8 @@ def test_a_daemon_a_test_starts_reads_no_host_configuration() -> None:
     done = _lockd("serve", "--check-config")
     assert done.returncode == 0, done.stderr
     first = done.stdout.splitlines()[0]
-    assert first.startswith("# configuration ok (") and first.endswith(")")
     used = first.removeprefix("# configuration ok (").removesuffix(")")
+    assert first == f"# configuration ok ({used})"
     assert used != default_paths()["config"]
     assert Path(used).read_text() == ""
 
