@@ -63,7 +63,15 @@ from lockd.reexec import (
     read_handoff,
 )
 from lockd.replay import replay
-from lockd.server import FdReserve, Listener, SocketTransport, bind_unix, conn_ids, refuse
+from lockd.server import (
+    FdReserve,
+    Listener,
+    SocketTransport,
+    bind_unix,
+    conn_ids,
+    refuse,
+    refuse_if_served,
+)
 from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
 from lockd.systemd import SEND_TIMEOUT, FdStore, lease_fd_name, listen_fds
 from lockd.systemd import notify as sd_notify
@@ -506,13 +514,15 @@ def _secure_socket_dirs(config: Config, activated: Mapping[str, int], *, binding
     the user's own (made 0700 when missing), never in one another user made or can write
     to (:func:`lockd.config.secure_runtime_dir`). ``binding``: False when no socket is
     bound (embedded, or a re-exec's, bound already); activated sockets are the service
-    manager's."""
+    manager's. A socket another daemon serves is refused here, before anything is
+    made."""
     if not binding:
         return
     for name, path in (("lockd.socket", config.socket),
                        ("lockd-admin.socket", config.admin_socket)):  # fmt: skip
         if name not in activated:
             secure_runtime_dir(path, create=True)
+            refuse_if_served(path)  # before a journal is made or written
 
 
 def _collector_off_for_recovery() -> None:

@@ -64,6 +64,28 @@ def peer_still_runs(sock: socket.socket) -> bool:
         os.close(fd)
 
 
+def refuse_if_served(path: str) -> None:
+    """Raise OSError (EADDRINUSE) if a daemon accepts connections on ``path``, or
+    (EEXIST) if it is another kind of file; a stale socket file is left for the bind.
+
+    Asked again before anything else is started too: a second ``lockd serve`` on a
+    served socket made and wrote its journal before its bind found out."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return  # stale: nobody listens any more
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another daemon is serving {path}")
+
+
 def bind_unix(path: str, backlog: int = 128) -> socket.socket:
     """Listen on ``path`` with mode 0600, replacing a stale socket but never another file.
 
@@ -71,22 +93,9 @@ def bind_unix(path: str, backlog: int = 128) -> socket.socket:
     accepts connections belongs to a running daemon: refuse rather than steal.
     """
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except OSError:
-            os.unlink(path)  # stale: nobody listens any more
-        else:
-            raise OSError(errno.EADDRINUSE, f"another daemon is serving {path}")
-        finally:
-            probe.close()
+    refuse_if_served(path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a stale socket: nobody listens any more
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:

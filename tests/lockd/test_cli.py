@@ -507,7 +507,9 @@ def test_no_daemon_with_autospawn_off_says_why_none_was_started(tmp_path: Path) 
 def test_a_second_daemon_on_a_served_socket_says_so_without_errno_noise(
     tmp_path: Path,
 ) -> None:
-    """`lockd serve` where another daemon serves: one plain line, no ``[Errno 98]``."""
+    """`lockd serve` where another daemon serves: one plain line, no ``[Errno 98]``; and
+    refused before it makes or writes a journal (a new --journal-dir was left behind,
+    with a daemon-started record of a daemon that never served)."""
     sock = tmp_path / "lockd.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -523,6 +525,8 @@ def test_a_second_daemon_on_a_served_socket_says_so_without_errno_noise(
     assert done.returncode != 0
     assert f"lockd serve: another daemon is serving {sock}" in done.stderr
     assert "Errno" not in done.stderr
+    assert not (tmp_path / "j").exists()
+    assert not (tmp_path / "locks").exists()
 
 
 @pytest.mark.parametrize("key", ["lock_dir", "journal_dir"])
