@@ -793,9 +793,13 @@ def cmd_acquire(args: argparse.Namespace) -> int:
         if args.json:
             _print_json({"owner": json_ready(owner), "leases": granted})
         else:
+            # The disk as given, then the lease it is (its name is a hash of the path).
+            labels = {(lease["lockspace"], lease["resource"]): label for lease, label in leases}
             for lease in granted:
-                print(f"acquired {lease['lockspace']}/{lease['resource']} {lease['mode']} "
-                      f"for pid {args.owner_pid}")  # fmt: skip
+                name = f"{lease['lockspace']}/{lease['resource']}"
+                label = labels[(lease["lockspace"], lease["resource"])]
+                what = f"{label} ({name})" if label.startswith("disk ") else label
+                print(f"acquired {what} {lease['mode']} for pid {args.owner_pid}")
         return EXIT_OK
 
     return _run(args, body)

@@ -1162,7 +1162,10 @@ def test_a_retried_acquire_succeeds_and_keeps_what_the_owner_holds(
     assert first.returncode == 0, first.stderr
     again = daemon.lockd(*args, "--disk", "/vm/c.img", "--disk", "/vm/d.img")
     assert again.returncode == 0, again.stderr
-    assert "acquired org.libvirt.lockd.files/" in again.stdout
+    # Each disk as given, and the lease it is.
+    for disk in ("/vm/c.img", "/vm/d.img"):
+        name = f"{FILES_LOCKSPACE}/{lease_name_for_path(disk)}"
+        assert f"acquired disk {disk} ({name}) exclusive for pid {sleeper.pid}" in again.stdout
     held = listed(daemon)
     for disk in ("/vm/c.img", "/vm/d.img"):
         assert held[(FILES_LOCKSPACE, lease_name_for_path(disk))] == ("exclusive", (sleeper.pid,))
