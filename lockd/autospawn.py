@@ -18,16 +18,14 @@ following a symbolic link and refused unless it is a plain file of the user's.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
-import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from lockd.config import UnsafePathError, admin_socket_beside, secure_runtime_dir
+from lockd.config import admin_socket_beside, open_own_file, secure_runtime_dir
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 """Where ``python -m lockd`` finds this very package, installed or not: a daemon this
@@ -121,28 +119,11 @@ def open_log(path: str) -> int:
     with no other link: a file planted by another user is refused, not written to.
     An older lockd's log (0644) is narrowed to 0600, as it is the user's own.
     """
-    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    remedy = "lockd writes its log only to a file of its own: remove it"
+    fd = open_own_file(path, os.O_RDWR | os.O_APPEND, 0o600, what="log", remedy=remedy)
     try:
-        fd = os.open(path, flags, 0o600)
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        raise UnsafePathError(
-            f"refusing {path}: it is a symbolic link; lockd writes its log only to a file of "
-            "its own: remove it"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
-            kind = "a plain file" if stat.S_ISREG(st.st_mode) else "not a plain file"
-            raise UnsafePathError(
-                f"refusing {path}: {kind} of uid {st.st_uid} with {st.st_nlink} link(s), "
-                f"mode {stat.S_IMODE(st.st_mode):04o}; lockd writes its log only to a file of "
-                "its own: remove it"
-            )
-        if st.st_mode & 0o077:
+        if os.fstat(fd).st_mode & 0o077:
             os.fchmod(fd, 0o600)
-        os.set_blocking(fd, True)  # O_NONBLOCK was for the open: no special file hangs it
     except BaseException:
         os.close(fd)
         raise

@@ -8,6 +8,7 @@ errors that name the key, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
 import os
 import stat
@@ -109,6 +110,37 @@ def check_own_dir(path: str) -> None:
         f"{fix}, or set XDG_RUNTIME_DIR to a private directory, or pass --socket (or set "
         "LOCKD_SOCKET) for a socket elsewhere"
     )
+
+
+def open_own_file(path: str, flags: int, mode: int, *, what: str, remedy: str) -> int:
+    """Open ``path`` (made with ``mode`` if missing) only if it is a plain file of this
+    user's with no other name: never through a symbolic link, nor into a file another
+    user planted or hard-linked in a directory they can write to (its truncate or
+    append would then change the file it names: the log of a daemon started on demand,
+    a pid file under /tmp, /etc/shadow). The open does not wait on a FIFO and gives no
+    controlling tty; the fd is blocking once checked. Raises :class:`UnsafePathError`
+    naming ``what``, the file, and ``remedy``."""
+    extra = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags | extra, mode)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UnsafePathError(f"refusing {what} {path}: it is a symbolic link; {remedy}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+            kind = "a plain file" if stat.S_ISREG(st.st_mode) else "not a plain file"
+            raise UnsafePathError(
+                f"refusing {what} {path}: {kind} of uid {st.st_uid} with {st.st_nlink} "
+                f"link(s), mode {stat.S_IMODE(st.st_mode):04o} (lockd runs as uid "
+                f"{os.geteuid()}); {remedy}"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def secure_runtime_dir(socket_path: str, *, create: bool) -> bool:

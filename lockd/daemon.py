@@ -40,7 +40,7 @@ from actors.router import Gather, Gathered, RouterActor, UseFencer
 from actors.runtime import ActorCrashedError, DispatchedActor, Dispatcher
 from lockd import __version__, logs, procs
 from lockd.autospawn import PACKAGE_ROOT
-from lockd.config import Config, secure_runtime_dir
+from lockd.config import Config, open_own_file, secure_runtime_dir
 from lockd.journal_file import (
     BOOT_FILE,
     LOCK_FILE,
@@ -1074,22 +1074,9 @@ class Daemon:
         # Never through a symlink, nor into another user's file or a hard link: a pid
         # file in a directory others can write to (/tmp) was a way to have root's lockd
         # truncate and overwrite any file (/etc/shadow) at its next start.
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-        try:
-            fd = os.open(path, flags, 0o644)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            raise OSError(errno.ELOOP, f"refusing pid_file {path}: it is a symbolic link") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
-            os.close(fd)
-            raise OSError(
-                errno.EPERM,
-                f"refusing pid_file {path}: not a plain file of uid {os.geteuid()}'s with one "
-                f"name (mode {st.st_mode:o}, owner uid {st.st_uid}, {st.st_nlink} links); "
-                "remove it, or choose a pid_file in a directory no other user can write to",
-            )
+        fd = open_own_file(path, os.O_RDWR, 0o644, what="pid_file", remedy=(
+            "remove it, or choose a pid_file in a directory no other user can write to"
+        ))  # fmt: skip
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
