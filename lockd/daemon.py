@@ -781,7 +781,8 @@ class Daemon:
         )
         self._connections[conn_id] = ref
         transport.start(ref)
-        log.debug("client pid %d uid %d connected%s", peer[0], peer[1], " (admin)" if admin else "")
+        log.debug("client %d (pid %d uid %d) connected%s", conn_id, peer[0], peer[1],
+                  " to the admin socket" if admin else "")  # fmt: skip
 
     def _start_watchdog(self) -> None:
         """Feed systemd's watchdog from the dispatcher: a stuck loop stops feeding it."""
@@ -828,6 +829,7 @@ class Daemon:
             self._admin_clients -= 1
         else:
             self._clients -= 1
+        log.debug("client %d closed", conn_id)  # the id `lockd clients` showed
         for spares in self._spares.values():
             spares.refill()  # a descriptor just freed: the listeners' spares come first
 

@@ -1317,3 +1317,16 @@ def test_lockd_run_with_stdout_closed_gives_the_command_no_socket_as_stdout(
         text=True, timeout=30, check=False, preexec_fn=lambda: os.close(1),
     )  # fmt: skip
     assert (closed.returncode, closed.stderr) == (0, "")
+
+
+def test_the_debug_log_names_each_client_as_it_connects_and_closes(
+    daemon: DaemonProcess,
+) -> None:
+    """`--verbose` said when a client connected, never when it closed, nor which
+    connection of `lockd clients` it was."""
+    with daemon.client("traced") as client:
+        me = client.call("list-clients")["clients"]
+        (row,) = [c for c in me if c.get("name") == "traced"]
+        wait_for(lambda: f"client {row['id']} (pid {os.getpid()} uid {os.getuid()}) connected" in
+                 daemon.log.read_text())  # fmt: skip
+    wait_for(lambda: f"client {row['id']} closed" in daemon.log.read_text())
