@@ -207,6 +207,7 @@ class LockSystem:
         self.report: RecoveryReport | None = None
         self._on_ready = on_ready
         os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
+        _warn_if_others_write(config.lock_dir)
         os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
         _check_journal_dir(config.journal_dir)
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
@@ -1097,6 +1098,24 @@ class Daemon:
                 os.unlink(self.config.pid_file)
             os.close(self._pid_fd)
             self._pid_fd = None
+
+
+def _warn_if_others_write(lock_dir: str) -> None:
+    """Warn of a lock directory other users can write to: one could replace a lease file
+    or a lockspace directory and lock the new one, and lockd would report the lease lost
+    and fence its VM. Only a warning: on shared storage the mode is the storage's to
+    decide (a group of hypervisor hosts' uids, say)."""
+    st = os.stat(lock_dir)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid() and not mode & 0o022:
+        return
+    who = "it is another user's" if st.st_uid != os.geteuid() else "other users can write to it"
+    log.warning(
+        "lock_dir %s: %s (owner uid %d, mode %04o; lockd runs as uid %d): one could replace "
+        "a lease file and have lockd fence its VM; unless the storage decides this, run "
+        "chmod go-w %s (or chown it)",
+        lock_dir, who, st.st_uid, mode, os.geteuid(), lock_dir,
+    )  # fmt: skip
 
 
 def _check_journal_dir(path: str) -> None:

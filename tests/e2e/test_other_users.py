@@ -28,7 +28,7 @@ import pytest
 from protocol.client import RemoteError, result_of
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
-from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon
+from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.test_daemon import start_run
 
 pytestmark = [
@@ -358,3 +358,28 @@ def test_a_planted_pid_file_is_refused_and_its_target_untouched(tmp_path: Path, 
     if plant == "other-users-file":
         assert pid_file.read_text() == "mine\n"
     assert not (tmp_path / "lockd.sock").exists()
+
+
+def test_a_lock_dir_other_users_can_write_is_warned_about(tmp_path: Path) -> None:
+    """A user who can write to the lock directory can replace a lease file and have
+    lockd fence its VM; on shared storage the mode is the storage's, so lockd serves
+    but says so (it said nothing)."""
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    os.chmod(locks, 0o777)  # noqa: S103 - the misconfiguration under test
+    log = tmp_path / "lockd.log"
+    with log.open("w") as out:
+        daemon = subprocess.Popen(
+            [*LOCKD, "serve", "--socket", str(tmp_path / "lockd.sock"),
+             "--lock-dir", str(locks), "--journal-dir", str(tmp_path / "journal")],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for((tmp_path / "lockd.sock").exists)
+        assert daemon.poll() is None  # served
+        text = log.read_text()
+        assert f"lock_dir {locks}: other users can write to it" in text
+        assert f"chmod go-w {locks}" in text
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
