@@ -527,8 +527,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         help="run the daemon in the foreground",
         description="Run the daemon in the foreground. Flags override the configuration "
         "file. SIGTERM stops it (releasing nothing), SIGHUP re-reads the configuration "
-        "(logging applies at once, other keys at the next re-exec), SIGUSR1 re-executes it "
-        "in place keeping every lock, socket and connection.",
+        "(logging applies at once, other keys at the next re-exec, the paths only at a "
+        "restart), SIGUSR1 re-executes it in place keeping every lock, socket and "
+        "connection.",
     )
     serve.add_argument(
         "--config",
