@@ -461,7 +461,12 @@ def _journal_unused(directory: str) -> int | None:
     return lock_journal(directory, "journal-check --repair")
 
 
-def _add_client_options(parser: argparse.ArgumentParser, *, admin: bool = False) -> None:
+_SOCKET_HELP = "the daemon's socket (env LOCKD_SOCKET, else the per-user default)"
+
+
+def _add_client_options(
+    parser: argparse.ArgumentParser, *, admin: bool = False, socket_help: str = _SOCKET_HELP
+) -> None:
     if admin:
         parser.add_argument(
             "--admin-socket",
@@ -469,11 +474,7 @@ def _add_client_options(parser: argparse.ArgumentParser, *, admin: bool = False)
             help="the daemon's admin socket (default: lockd-admin.sock beside --socket, else "
             "env LOCKD_ADMIN_SOCKET, else beside LOCKD_SOCKET, else the per-user default)",
         )
-    parser.add_argument(
-        "--socket",
-        default=None,
-        help="the daemon's socket (env LOCKD_SOCKET, else the per-user default)",
-    )
+    parser.add_argument("--socket", default=None, help=socket_help)
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -702,7 +703,11 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         "with --socket (or LOCKD_SOCKET) on that running daemon, whose journal then gets "
         "the benchmark's events and whose lock dir a lockd.bench lockspace.",
     )
-    _add_client_options(bench)
+    _add_client_options(
+        bench,
+        socket_help="a running daemon's socket to measure (env LOCKD_SOCKET); without "
+        "either, a daemon of the benchmark's own on temp paths",
+    )
     bench.add_argument("--ops", type=_at_least(1), default=2000, help="sequential pairs")
     bench.add_argument(
         "--concurrency",
