@@ -206,10 +206,11 @@ class LockSystem:
         """Set once recovery is done and requests are served."""
         self.report: RecoveryReport | None = None
         self._on_ready = on_ready
-        os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
-        _warn_if_others_write(config.lock_dir)
+        # The journal directory first: refused, it leaves no lock directory made.
         os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
         _check_journal_dir(config.journal_dir)
+        os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
+        _warn_if_others_write(config.lock_dir)
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
         self._journal_open = True
         """The fd whose flock keeps every other lockd out of this journal directory."""

@@ -189,6 +189,8 @@ def first_seq_of(name: str) -> int:
 def read_entries(directory: str, since_seq: int = 1) -> Iterator[JournalEntry]:
     """Every entry with seq >= ``since_seq``, across segments; works while the daemon is down."""
     names = list_segments(directory)
+    if not names:  # no history (yet): zip below would find its lists unequal
+        return
     for name, later in zip(names, [*names[1:], None], strict=True):
         if later is not None and first_seq_of(later) <= since_seq:
             continue  # every entry of this segment is older than since_seq

@@ -323,6 +323,7 @@ def test_a_journal_dir_other_users_can_write_is_refused(tmp_path: Path, mode: in
     assert f"chmod go-w {journal}" in done.stderr
     assert not (tmp_path / "lockd.sock").exists()
     assert os.listdir(journal) == []
+    assert not (tmp_path / "locks").exists()  # nothing made
 
 
 @pytest.mark.parametrize("plant", ["symlink", "hardlink", "other-users-file"])

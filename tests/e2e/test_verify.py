@@ -108,6 +108,17 @@ def test_a_journal_not_the_daemons_is_a_finding(
     assert done.stdout.startswith("journal-differs: ")
     assert "is it this daemon's journal?" in done.stdout
     assert "lockd verify: 1 finding(s)" in done.stderr
+    # An empty directory (a mistyped path made by the test) is a finding too, not a
+    # traceback from reading no segments.
+    empty = tmp_path / "empty-journal"
+    empty.mkdir()
+    done = subprocess.run(
+        [*LOCKD, "verify", "--socket", str(a.socket), "--journal-dir", str(empty)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout.startswith("journal-differs: ")
 
 
 def test_verify_usage_errors_and_unreachable_daemons(tmp_path: Path) -> None:
