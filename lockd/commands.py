@@ -212,13 +212,44 @@ def _config_line(name: str, value: Any) -> str:
         return f"# {name} is not set"
     if isinstance(value, enum.Enum):
         value = value.value
+    if isinstance(value, frozenset):
+        value = sorted(value)
+    try:
+        return f"{name} = {_toml(value)}"
+    except UnicodeError:  # a path given as a flag in bytes that are no UTF-8
+        return f"# {name} is not UTF-8, which TOML cannot hold: {value!r}"
+
+
+def _toml(value: Any) -> str:
+    """``value`` (text, a number, a boolean, or a list or table of them) as TOML."""
+    if isinstance(value, str):
+        return _toml_string(value)
     if isinstance(value, Mapping):
-        entries = ", ".join(f"{json.dumps(k)} = {json.dumps(v)}" for k, v in value.items())
-        return f"{name} = {{ {entries} }}" if entries else f"{name} = {{}}"
-    if isinstance(value, tuple | frozenset):
-        value = sorted(value) if isinstance(value, frozenset) else list(value)
-    # JSON's strings, numbers, booleans and arrays of them are TOML's too.
-    return f"{name} = {json.dumps(value)}"
+        entries = ", ".join(f"{_toml_string(k)} = {_toml(v)}" for k, v in value.items())
+        return f"{{ {entries} }}" if entries else "{}"
+    if isinstance(value, list | tuple):
+        return f"[{', '.join(_toml(v) for v in value)}]"
+    return json.dumps(value)  # a number or boolean: JSON's is TOML's
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string, in ASCII. Not JSON's: it writes a character beyond U+FFFF as
+    a surrogate pair (``"\\ud83d\\ude00"``) and DEL raw, neither of which TOML reads.
+    Raises UnicodeError for a lone surrogate (bytes that were no UTF-8)."""
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in '"\\':
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif 0xD800 <= code <= 0xDFFF:
+            raise UnicodeError(f"{text!r} is not UTF-8")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04X}")
+        else:
+            out.append(f"\\U{code:08X}")
+    return '"' + "".join(out) + '"'
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -800,3 +800,20 @@ def test_release_says_what_is_wrong_with_what_it_was_given(
     )  # fmt: skip
     assert done.returncode == EXIT_USAGE
     assert done.stderr == f"lockd release: {message}\n"
+
+
+def test_check_config_prints_toml_for_any_path_a_file_can_hold(tmp_path: Path) -> None:
+    """``--check-config`` prints TOML that, pasted into a file, is that configuration:
+    a path with a character beyond U+FFFF (an emoji) was printed as JSON's surrogate pair
+    ``"\\ud83d\\ude00"``, and one with DEL raw, neither of which TOML reads."""
+    import tomllib
+
+    written = str(tmp_path / r"locks \U0001F600 \u00e9\u007f\t\"q\\")  # TOML's escapes
+    lock_dir = str(tmp_path / 'locks \U0001f600 \u00e9\x7f\t"q\\')
+    config = tmp_path / "lockd.toml"
+    config.write_text(f'lock_dir = "{written}"\n[lockspaces]\n"san" = "{written}/san"\n')
+    done = _lockd("serve", "--config", str(config), "--check-config")
+    assert done.returncode == 0, done.stderr
+    printed = tomllib.loads(done.stdout)
+    assert printed["lock_dir"] == lock_dir
+    assert printed["lockspaces"] == {"san": lock_dir + "/san"}
