@@ -191,6 +191,8 @@ class Dispatcher:
                 timeout = -1.0
             elif timeout > 0.0:
                 timeout = math.ceil(timeout * 1e3) * 1e-3  # epoll waits in whole ms: not less
+            else:  # a deadline past: epoll would take a negative timeout as "for ever"
+                timeout = 0.0
             ready = self._epoll.poll(timeout, len(self._watched) + 1)
         finally:
             self.selecting = False

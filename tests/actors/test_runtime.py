@@ -302,3 +302,21 @@ def test_fd_watches_report_readiness_and_one_callback_can_unwatch_another(
     finally:
         for s in (first, first_peer, second, second_peer):
             s.close()
+
+
+def test_a_negative_timeout_polls_without_waiting_as_selectors_did() -> None:
+    """``run_once(timeout)`` with a deadline already past (a negative timeout) polls and
+    returns, as it did on ``selectors``, which takes any timeout <= 0 as "do not wait".
+    ``epoll.poll`` takes a negative one as "wait for ever": with nothing ready the loop
+    hung until some fd or another thread's tell woke it."""
+    d = Dispatcher()
+    loop = threading.Thread(target=d.run_once, kwargs={"timeout": -1.0})
+    try:
+        loop.start()
+        loop.join(timeout=30)  # returns at once; 30 s only bounds a hang
+        assert not loop.is_alive(), "run_once(-1.0) waited for I/O"
+    finally:
+        while loop.is_alive():  # wake a hung poll so the thread ends
+            d._wake()
+            loop.join(timeout=1)
+        d.close()
