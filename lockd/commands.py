@@ -504,15 +504,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     sockets: list[str] = args.socket or [default_socket()]
     journals: list[str | None] = args.journal_dir or [None] * len(sockets)
-    if len(journals) != len(sockets):
-        print(
-            f"lockd verify: {len(sockets)} --socket and {len(journals)} --journal-dir: give "
-            "each daemon's journal directory after its socket, or none",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
 
     def body() -> int:
+        if len(journals) != len(sockets):  # in body: with --json, said as JSON too
+            raise CommandError(
+                f"{len(sockets)} --socket and {len(journals)} --journal-dir: give each "
+                "daemon's journal directory after its socket, or none",
+                EXIT_USAGE,
+            )
         views = []
         for path, journal in zip(sockets, journals, strict=True):
             with _connect(path, "lockd-verify") as client:

@@ -817,3 +817,17 @@ def test_check_config_prints_toml_for_any_path_a_file_can_hold(tmp_path: Path) -
     printed = tomllib.loads(done.stdout)
     assert printed["lock_dir"] == lock_dir
     assert printed["lockspaces"] == {"san": lock_dir + "/san"}
+
+
+def test_verify_says_a_usage_error_as_json_with_json(tmp_path: Path) -> None:
+    """With ``--json`` a failure is also printed as JSON on stdout (README): ``lockd
+    verify --json`` given two sockets and one journal directory printed nothing there."""
+    done = _lockd(
+        "verify", "--json", "--socket", str(tmp_path / "a.sock"),
+        "--socket", str(tmp_path / "b.sock"), "--journal-dir", str(tmp_path / "journal"),
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE
+    error = json.loads(done.stdout)["error"]
+    assert error["exit"] == EXIT_USAGE
+    assert "2 --socket and 1 --journal-dir" in error["message"]
+    assert "lockd verify: 2 --socket and 1 --journal-dir" in done.stderr
