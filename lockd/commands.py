@@ -291,9 +291,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
         return EXIT_OK
     if args.handoff_check:
-        import lockd.daemon  # noqa: F401 - a broken install fails here, not after the exec
+        import lockd.daemon  # a broken install fails here, not after the exec
         from lockd.reexec import check_output
 
+        try:
+            # What this program refuses at start that an older one served from (or a
+            # chmod since): refused after the exec, it ended the daemon, every lock too.
+            if os.path.isdir(config.journal_dir):
+                lockd.daemon.check_journal_dir(config.journal_dir)
+        except OSError as exc:
+            _serve_failed(str(exc))
+            return EXIT_ERROR
         print(check_output(config))
         return EXIT_OK
 

@@ -208,7 +208,7 @@ class LockSystem:
         self._on_ready = on_ready
         # The journal directory first: refused, it leaves no lock directory made.
         os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
-        _check_journal_dir(config.journal_dir)
+        check_journal_dir(config.journal_dir)
         os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
         _warn_if_others_write(config.lock_dir)
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
@@ -1101,39 +1101,45 @@ class Daemon:
             self._pid_fd = None
 
 
+def _not_only_ours(path: str) -> tuple[str, str] | None:
+    """Why a directory is not this uid's alone (another user's, or others can write to
+    it), with its owner and mode in words; None when it is."""
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == os.geteuid() and not mode & 0o022:
+        return None
+    problem = "it is another user's" if st.st_uid != os.geteuid() else "other users can write to it"
+    return problem, f"owner uid {st.st_uid}, mode {mode:04o}; lockd runs as uid {os.geteuid()}"
+
+
 def _warn_if_others_write(lock_dir: str) -> None:
     """Warn of a lock directory other users can write to: one could replace a lease file
     or a lockspace directory and lock the new one, and lockd would report the lease lost
     and fence its VM. Only a warning: on shared storage the mode is the storage's to
     decide (a group of hypervisor hosts' uids, say)."""
-    st = os.stat(lock_dir)
-    mode = stat.S_IMODE(st.st_mode)
-    if st.st_uid == os.geteuid() and not mode & 0o022:
-        return
-    who = "it is another user's" if st.st_uid != os.geteuid() else "other users can write to it"
-    log.warning(
-        "lock_dir %s: %s (owner uid %d, mode %04o; lockd runs as uid %d): one could replace "
-        "a lease file and have lockd fence its VM; unless the storage decides this, run "
-        "chmod go-w %s (or chown it)",
-        lock_dir, who, st.st_uid, mode, os.geteuid(), lock_dir,
-    )  # fmt: skip
+    found = _not_only_ours(lock_dir)
+    if found is not None:
+        log.warning(
+            "lock_dir %s: %s (%s): one could replace a lease file and have lockd fence its "
+            "VM; unless the storage decides this, run chmod go-w %s (or chown it)",
+            lock_dir, *found, lock_dir,
+        )  # fmt: skip
 
 
-def _check_journal_dir(path: str) -> None:
+def check_journal_dir(path: str) -> None:
     """Refuse a journal directory (followed, if a symlink) that is another user's or that
     other users can write to: recovery believes what the journal says, so a segment
     planted there could make lockd hold a lease for anyone, or fence (SIGKILL) any
     process it names as an owner whose lease was lost."""
-    st = os.stat(path)
-    mode = stat.S_IMODE(st.st_mode)
-    if st.st_uid == os.geteuid() and not mode & 0o022:
+    found = _not_only_ours(path)
+    if found is None:
         return
-    problem = "it is another user's" if st.st_uid != os.geteuid() else "other users can write to it"
+    problem, owner = found
     raise OSError(
         errno.EPERM,
-        f"refusing journal_dir {path}: {problem} (owner uid {st.st_uid}, mode {mode:04o}; "
-        f"lockd runs as uid {os.geteuid()}); events planted there would be replayed as "
-        f"lockd's own: run chmod go-w {path} (or chown it), or choose another journal_dir",
+        f"refusing journal_dir {path}: {problem} ({owner}); events planted there would be "
+        f"replayed as lockd's own: run chmod go-w {path} (or chown it), or choose another "
+        "journal_dir",
     )
 
 

@@ -443,6 +443,41 @@ def test_a_reload_after_a_bad_config_edit_serves_on_and_keeps_every_lock(
     check(daemon)
 
 
+def test_a_reexec_into_a_journal_dir_the_new_program_refuses_is_abandoned_and_keeps_every_lock(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """The new program refuses a journal directory other users can write to (or that is
+    another user's): one the old program served from (a build before that check, or
+    a ``chmod g+w`` since) passed the handoff check, and the new program exited after
+    the exec, every lock with it. The check now says so first: the re-exec is abandoned,
+    the old program serves on, the lock never free."""
+    start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+    watcher = start_watch(lease_file(daemon, "/vm/a.img"))
+    children.append(watcher)  # type: ignore[arg-type]
+    mode = daemon.journal_dir.stat().st_mode & 0o7777
+    daemon.journal_dir.chmod(mode | 0o020)
+    try:
+        proc = daemon.proc
+        assert proc is not None
+        proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: "re-exec abandoned" in daemon.log.read_text() or proc.poll() is not None)
+        assert proc.poll() is None, daemon.log.read_text()[-2000:]
+        abandoned = next(
+            line for line in daemon.log.read_text().splitlines() if "re-exec abandoned" in line
+        )
+        assert "other users can write to it" in abandoned
+        assert daemon.lockd("status").returncode == 0
+    finally:
+        daemon.journal_dir.chmod(mode)
+    proc.send_signal(signal.SIGUSR1)  # fixed: the re-exec goes through
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    tries, free = stop_watch(watcher)
+    assert tries > 100
+    assert free == 0, f"the lock was seen free {free} times"
+    assert proc.poll() is None
+    check(daemon)
+
+
 def test_a_downgrade_to_a_build_without_the_check_is_checked_with_check_config(
     make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
