@@ -1201,7 +1201,9 @@ class ConnectionActor(DispatchedActor):
                 backlog,
             )
             self._close()
-        elif backlog > CROWDED_BACKLOG and self._transport.crowded:
+        elif backlog > CROWDED_BACKLOG and self._transport.crowded and self._owner is None:
+            # Not an owner's own connection: closing it would fence its VM for what
+            # other clients left unread (its reading pauses; 4 MiB still ends it).
             log.warning(
                 "client %d fell %d bytes behind its event subscription while all clients "
                 "together have over %d bytes unsent; disconnecting it",

@@ -815,6 +815,24 @@ def test_a_crowded_daemon_lets_each_connection_fall_only_64_kib_behind(h: Harnes
     assert reader.transport.reading is False
 
 
+def test_a_crowded_daemon_does_not_cut_off_an_owner_s_own_subscription(h: Harness) -> None:
+    """A VM's own connection that also follows events, 100 KiB behind while other
+    clients crowd the daemon: closing it would fence the VM over other clients' unread
+    bytes. Its subscription goes on (4 MiB behind still ends it, as before)."""
+    vm2 = h.connect(VM2)
+    vm2.register(VM2)
+    vm2.ok("acquire", leases=[lease("disk-b")], autocreate=True)
+    vm2.ok("subscribe")
+    vm2.transport.stuck_bytes = 100 * 1024
+    vm2.transport.crowded = True
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    h.run()
+    assert not vm2.transport.closed
+    assert h.processes.signals == []
+
+
 def test_admin_disconnect(h: Harness) -> None:
     vm = h.connect(VM1)
     vm.register(VM1)
