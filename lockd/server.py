@@ -64,6 +64,10 @@ def peer_still_runs(sock: socket.socket) -> bool:
         os.close(fd)
 
 
+PROBE_TIMEOUT = 2.0
+"""Seconds a probe of a socket file waits for its connect."""
+
+
 def refuse_if_served(path: str) -> None:
     """Raise OSError (EADDRINUSE) if a daemon accepts connections on ``path``, or
     (EEXIST) if it is another kind of file; a stale socket file is left for the bind.
@@ -77,9 +81,17 @@ def refuse_if_served(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A daemon that listens but does not accept (hung, its backlog full) makes a
+    # blocking connect wait for ever: it still holds the socket.
+    probe.settimeout(PROBE_TIMEOUT)
     try:
         probe.connect(path)
-    except OSError:
+    except (TimeoutError, BlockingIOError):  # EAGAIN: its backlog is full
+        raise OSError(
+            errno.EADDRINUSE,
+            f"another daemon is serving {path} (it does not accept connections: stuck?)",
+        ) from None
+    except (ConnectionRefusedError, FileNotFoundError):
         return  # stale: nobody listens any more
     finally:
         probe.close()

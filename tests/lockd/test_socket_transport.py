@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 
 from actors.connection import PeerGone
 from actors.runtime import DispatchedActor, Dispatcher
+from lockd import server
 from lockd.server import Listener, SocketTransport
 
 
@@ -155,3 +157,44 @@ def test_a_listener_stopped_while_starved_of_descriptors_stays_stopped(
         client.close()
         real.close()
         dispatcher.close()
+
+
+def test_a_socket_whose_daemon_does_not_accept_is_refused_not_waited_on(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hung daemon that still listens, its backlog full: `lockd serve` on its socket
+    waited in connect() for ever. It is refused as served, saying it does not accept."""
+    monkeypatch.setattr(server, "PROBE_TIMEOUT", 0.2)
+    path = str(tmp_path / "hung.sock")
+    hung = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    hung.bind(path)
+    hung.listen(0)
+    waiting: list[socket.socket] = []
+    outcome: list[BaseException] = []
+    try:
+        while True:  # fill the backlog
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.setblocking(False)
+            waiting.append(client)
+            try:
+                client.connect(path)
+            except BlockingIOError:
+                break
+
+        def probe() -> None:
+            try:
+                server.refuse_if_served(path)
+            except OSError as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=probe, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert not thread.is_alive(), "the probe waited on a daemon that does not accept"
+        (exc,) = outcome
+        assert isinstance(exc, OSError)
+        assert exc.errno == errno.EADDRINUSE
+        assert "does not accept connections" in str(exc)
+    finally:
+        for s in (hung, *waiting):
+            s.close()
