@@ -27,7 +27,10 @@ from protocol.names import INDEX_NAME
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HeldFile", "LockBusyError", "LockspaceDir", "holds_lock", "try_lock", "unlock"]
+__all__ = [
+    "HeldFile", "LockBusyError", "LockspaceDir", "holds_lock", "lock_conflicts", "try_lock",
+    "unlock",
+]  # fmt: skip
 
 _FLOCK = struct.Struct("hhqqi4x")
 """struct flock on Linux x86_64/aarch64: l_type, l_whence, l_start, l_len, l_pid."""
@@ -75,6 +78,14 @@ def try_lock(fd: int, *, shared: bool) -> None:
         if exc.errno in (errno.EAGAIN, errno.EACCES):
             raise LockBusyError from None
         raise
+
+
+def lock_conflicts(fd: int, *, shared: bool) -> bool:
+    """Whether taking the lease lock on ``fd`` (``shared`` or exclusive) would conflict
+    with one another open file description holds. Takes no lock (F_OFD_GETLK): a
+    checker (``lockd verify``) never makes a concurrent acquire busy."""
+    got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _SHARED if shared else _EXCLUSIVE)
+    return bool(_FLOCK.unpack(got)[0] != fcntl.F_UNLCK)
 
 
 def holds_lock(fd: int) -> bool:

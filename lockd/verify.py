@@ -12,10 +12,8 @@ for a moment, could make a concurrent acquire fail).
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
-import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,10 +22,9 @@ import attrs
 from actors.recovery_core import ReplayState
 from lockd.journal_file import read_entries
 from lockd.journal_format import JournalCorruptError
+from lockd.lockfiles import lock_conflicts
 from lockd.snapshot import load_newest
 from protocol.names import INDEX_NAME
-
-_FLOCK = "hhqqi4x"  # struct flock on Linux x86-64 and arm64: type, whence, start, len, pid
 
 
 def kernel_lock(path: str) -> str | None:
@@ -44,12 +41,10 @@ def kernel_lock(path: str) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return "missing"
-        # A read lock conflicts only with a write lock; a write lock with any lock.
-        for mode, ltype in (("write", fcntl.F_RDLCK), ("read", fcntl.F_WRLCK)):
-            got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, struct.pack(_FLOCK, ltype, 0, 0, 1, 0))
-            if struct.unpack(_FLOCK, got)[0] != fcntl.F_UNLCK:
-                return mode
-        return None
+        # A shared request conflicts only with a write lock; an exclusive one with any.
+        if lock_conflicts(fd, shared=True):
+            return "write"
+        return "read" if lock_conflicts(fd, shared=False) else None
     finally:
         os.close(fd)
 
