@@ -269,8 +269,9 @@ def _failed(args: argparse.Namespace, command: str, message: str, status: int) -
     commands do on stdout (README): ``lease-name`` and ``events`` printed nothing there."""
     print(f"lockd {command}: {message}", file=sys.stderr)
     if args.json:
-        error = {"code": None, "message": message, "exit": status}
-        print(json.dumps({"error": error}), flush=True)
+        from lockd.commands import print_json_error
+
+        print_json_error(message, status)
     return status
 
 
@@ -504,8 +505,9 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if self.json_errors:  # also for an unknown flag, which the top parser reports
-            error = {"code": None, "message": message, "exit": EXIT_USAGE}
-            print(json.dumps({"error": error}), flush=True)
+            from lockd.commands import print_json_error
+
+            print_json_error(message, EXIT_USAGE)
         super().error(message)
 
 

@@ -126,12 +126,20 @@ def _fail(args: argparse.Namespace, exc: Exception) -> int:
         # A script reading --json gets the failure as JSON too, not an empty stdout:
         # the daemon's error code when there is one (busy, not-held, ...), and the
         # holders of a busy lease.
-        code = None if remote is None else remote.code
-        error: dict[str, Any] = {"code": code, "message": message, "exit": status}
-        if remote is not None and remote.details:
-            error["details"] = json_ready(remote.details)
-        _print_json({"error": error})
+        details = json_ready(remote.details) if remote is not None and remote.details else None
+        print_json_error(message, status, None if remote is None else remote.code, details)
     return status
+
+
+def print_json_error(
+    message: str, status: int, code: str | None = None, details: Any = None
+) -> None:
+    """A failure on stdout for ``--json``: ``{"error": {code, message, exit, ? details}}``
+    (README), the same from every command and from a usage error."""
+    error: dict[str, Any] = {"code": code, "message": message, "exit": status}
+    if details is not None:
+        error["details"] = details
+    print(json.dumps({"error": error}), flush=True)
 
 
 @contextmanager
