@@ -317,23 +317,6 @@ def test_a_released_lease_is_free_at_once_while_the_store_still_holds_its_fd(
     check(daemon)
 
 
-def test_of_a_lease_stored_twice_the_fd_holding_the_lock_is_kept(
-    make_daemon: MakeDaemon,
-    manager: FakeServiceManager,
-    children: list[subprocess.Popen[bytes]],
-) -> None:
-    """A stale copy under the lease's name (an earlier hold's, its FDSTOREREMOVE lost:
-    another open of the file, unlocked) handed back first: the daemon kept the first and
-    closed the second, the one holding the lock, and the lease was free until recovery."""
-    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
-    stale = os.open(path, os.O_RDWR)
-    with manager.lock:
-        manager.store[name].insert(0, stale)  # passed first, as the store may order them
-    crash_and_restart_watched(daemon, manager, vm, path, children)
-    assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
-    check(daemon)
-
-
 def test_a_lease_recovery_ends_is_free_at_once_while_the_store_still_holds_its_fd(
     make_daemon: MakeDaemon,
     manager: FakeServiceManager,
@@ -359,22 +342,28 @@ def test_a_lease_recovery_ends_is_free_at_once_while_the_store_still_holds_its_f
     check(daemon)
 
 
-def test_of_a_lease_stored_twice_a_stale_copy_on_the_file_a_relink_replaced_is_not_kept(
+@pytest.mark.parametrize("stale_on", ["lease-file", "replaced-file"])
+def test_of_a_lease_stored_twice_the_fd_holding_the_lock_is_kept(
     make_daemon: MakeDaemon,
     manager: FakeServiceManager,
     children: list[subprocess.Popen[bytes]],
     tmp_path: Path,
+    stale_on: str,
 ) -> None:
-    """A relink (the lease file removed or replaced while held) whose FDSTOREREMOVE of the
-    old fd was lost leaves that fd, unlocked, on the old file beside the new one under the
-    lease's name. Handed back first, it looked like the lock's holder (nothing conflicts on
-    a file nobody locks): the daemon kept it and closed the fd holding the lock; recovery
-    then found the store's copy of that fd holding the lease, and fenced the VM for a
-    lease "lost to another process or host"."""
+    """A stale, unlocked copy under the lease's name handed back first: an earlier hold's
+    (another open of the lease file), or the old file's after a relink (the lease file
+    removed or replaced while held), either with its FDSTOREREMOVE lost. The daemon kept
+    the first fd and closed the one holding the lock: the lease was free until recovery
+    or, on the replaced file (where nothing conflicts with an unlocked fd), recovery found
+    the store's copy holding the lease and fenced the VM for a lease "lost to another
+    process or host"."""
     daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
-    replaced = tmp_path / "replaced-lease-file"
-    replaced.touch()
-    stale = os.open(replaced, os.O_RDWR)  # the old file, unlinked from the lockspace since
+    if stale_on == "replaced-file":
+        replaced = tmp_path / "replaced-lease-file"
+        replaced.touch()
+        stale = os.open(replaced, os.O_RDWR)  # the old file, unlinked from the lockspace since
+    else:
+        stale = os.open(path, os.O_RDWR)
     with manager.lock:
         manager.store[name].insert(0, stale)  # passed first, as the store may order them
     watcher = start_watch(path)
