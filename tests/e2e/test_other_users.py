@@ -60,22 +60,40 @@ def open_daemon(make_daemon: MakeDaemon, tmp_path: Path) -> Iterator[DaemonProce
         os.rmdir(socket_dir)
 
 
-def connect_as(uid: int, path: Path) -> tuple[socket.socket, int]:
-    """A connection to ``path`` made by a child running as ``uid``, which then hands it to
-    this process and exits (reaped: its pid is free). Returns the socket and that pid."""
+def fork_as(
+    uid: int, child: Callable[[socket.socket], None], *, effective_only: bool = False
+) -> tuple[socket.socket, int]:
+    """Fork a child that runs ``child(there)`` as ``uid`` (``effective_only``: as its
+    effective uid, its real uid still 0) and exits; returns this end of the socket pair
+    it was given, and its pid (the caller reaps it)."""
     here, there = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         try:
             here.close()
-            os.setgid(uid)
-            os.setuid(uid)
-            conn = socket.socket(socket.AF_UNIX)
-            conn.connect(str(path))
-            socket.send_fds(there, [b"x"], [conn.fileno()])
+            if effective_only:
+                os.setegid(uid)
+                os.seteuid(uid)
+            else:
+                os.setgid(uid)
+                os.setuid(uid)
+            child(there)
         finally:
             os._exit(0)
     there.close()
+    return here, pid
+
+
+def connect_as(uid: int, path: Path) -> tuple[socket.socket, int]:
+    """A connection to ``path`` made by a child running as ``uid``, which then hands it to
+    this process and exits (reaped: its pid is free). Returns the socket and that pid."""
+
+    def connect(there: socket.socket) -> None:
+        conn = socket.socket(socket.AF_UNIX)
+        conn.connect(str(path))
+        socket.send_fds(there, [b"x"], [conn.fileno()])
+
+    here, pid = fork_as(uid, connect)
     try:
         _, fds, _, _ = socket.recv_fds(here, 1, 1)
     finally:
@@ -196,25 +214,15 @@ def test_a_live_peer_registers_itself_whatever_its_uid(open_daemon: DaemonProces
 def as_other_user(action: Callable[[], str], *, effective_only: bool = False) -> str:
     """What ``action`` returns when a forked child runs it as uid 65534 (``effective_only``:
     only as its effective uid, its real uid still 0)."""
-    here, there = socket.socketpair()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
+
+    def run(there: socket.socket) -> None:
         try:
-            here.close()
-            if effective_only:
-                os.setegid(OTHER_UID)
-                os.seteuid(OTHER_UID)
-            else:
-                os.setgid(OTHER_UID)
-                os.setuid(OTHER_UID)
-            try:
-                answer = action()
-            except Exception as exc:  # noqa: BLE001 - reported to the test, which fails
-                answer = f"{type(exc).__name__}: {exc}"
-            there.sendall(answer.encode())
-        finally:
-            os._exit(0)
-    there.close()
+            answer = action()
+        except Exception as exc:  # noqa: BLE001 - reported to the test, which fails
+            answer = f"{type(exc).__name__}: {exc}"
+        there.sendall(answer.encode())
+
+    here, pid = fork_as(OTHER_UID, run, effective_only=effective_only)
     try:
         here.settimeout(30)
         return here.recv(65536).decode()
