@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,21 +31,37 @@ def fds_on(pid: int, path: Path) -> int:
     return count
 
 
-def start_under(daemon: DaemonProcess, fm: FakeServiceManager, **extra: int) -> None:
-    env, fds = fm.env(extra)
-    daemon.env_extra = env
+def _hand_store_to(
+    daemon: DaemonProcess, fm: FakeServiceManager, extra: dict[str, int] | None = None,
+    env: dict[str, str] | None = None,
+) -> None:  # fmt: skip
+    """The next start of ``daemon`` gets ``fm``'s stored fds (and ``extra`` ones), its
+    notify socket and ``env``, as systemd would start it."""
+    stored_env, fds = fm.env(extra)
+    daemon.env_extra = {**stored_env, **(env or {})}
     daemon.pass_fds = fds
     daemon.launcher = fm.launcher()
+
+
+def start_under(daemon: DaemonProcess, fm: FakeServiceManager, **extra: int) -> None:
+    _hand_store_to(daemon, fm, extra)
     daemon.start()
 
 
 def start_crashing_under(daemon: DaemonProcess, fm: FakeServiceManager, point: str) -> None:
     """:func:`start_under`, with the crash point ``point`` armed (``LOCKD_CRASH_AT``)."""
-    env, fds = fm.env()
-    daemon.env_extra = {**env, "LOCKD_CRASH_AT": point}
-    daemon.pass_fds = fds
-    daemon.launcher = fm.launcher()
+    _hand_store_to(daemon, fm, env={"LOCKD_CRASH_AT": point})
     daemon.start()
+
+
+@contextlib.contextmanager
+def started_while_busy(daemon: DaemonProcess, fm: FakeServiceManager) -> Iterator[None]:
+    """:func:`start_under` while PID 1 is busy: inside, an FDSTOREREMOVE waits, and the
+    store keeps every copy it holds."""
+    _hand_store_to(daemon, fm)
+    with fm.lock:
+        daemon.start()
+        yield
 
 
 def vm_with_stored_lease(
@@ -331,10 +348,7 @@ def test_a_lease_recovery_ends_is_free_at_once_while_the_store_still_holds_its_f
     kill_daemon(daemon)
     vm.kill()  # the owner dies while lockd is down
     vm.wait()
-    env, fds = manager.env()
-    daemon.env_extra, daemon.pass_fds, daemon.launcher = env, fds, manager.launcher()
-    with manager.lock:  # PID 1 busy: the FDSTOREREMOVE waits
-        daemon.start()
+    with started_while_busy(daemon, manager):
         assert events(daemon, "--type", "recovery-completed")[-1]["released"] == 1
         wait_for(lambda: not path.exists(), timeout=5)
     wait_for(lambda: not manager.stored_names())
@@ -369,10 +383,7 @@ def test_of_a_lease_stored_twice_the_fd_holding_the_lock_is_kept(
     watcher = start_watch(path)
     children.append(watcher)  # type: ignore[arg-type]
     kill_daemon(daemon)
-    env, fds = manager.env()
-    daemon.env_extra, daemon.pass_fds, daemon.launcher = env, fds, manager.launcher()
-    with manager.lock:  # PID 1 busy: an FDSTOREREMOVE waits, and the store's copies stay
-        daemon.start()
+    with started_while_busy(daemon, manager):
         assert_vm_lease_kept(daemon, vm, watcher, "the restart")
     assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
     assert not events(daemon, "--type", "lease-lost")
