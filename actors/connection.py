@@ -292,6 +292,8 @@ class ConnectionActor(DispatchedActor):
         """The seq of the next event this subscriber is to be sent (None: not known yet)."""
         self._replay_paused = False
         """Catching up, and waiting for the socket to take what is queued (:class:`Drained`)."""
+        self._live = False
+        """Subscribed, and caught up: the journal sends this actor each new entry."""
         self._busy = False
         self._pumping = False
         """In :meth:`_pump`'s loop, handling a request: one answered without leaving this
@@ -1170,9 +1172,10 @@ class ConnectionActor(DispatchedActor):
             # go on from the journal's next event.
             self._journal.tell(Subscribe(self.actor_ref, None, self._wait(self._catch_up)))
             return
-        self._send_events(step.entries)
         self._events_next = step.next_seq
-        if step.live or self._closed:
+        self._live = step.live
+        self._send_events(step.entries)
+        if step.live or not self._subscribed or self._closed:
             return
         if self._transport.backlog > REPLAY_BACKLOG:
             self._replay_paused = True  # Drained resumes it
@@ -1185,33 +1188,47 @@ class ConnectionActor(DispatchedActor):
             self._journal.tell(Subscribe(self.actor_ref, self._events_next, token))
 
     def _push(self, published: Published) -> None:
-        if self._closed or not self._subscribed:
+        # Not live: entries the journal sent before it took this actor's Unsubscribe
+        # (an ended subscription's), and that a new one replays itself.
+        if self._closed or not self._live:
             return
-        self._send_events(published.entries)
         self._events_next = published.entries[-1].seq + 1
+        self._send_events(published.entries)
 
     def _send_events(self, entries: tuple[JournalEntry, ...]) -> None:
         for entry in entries:
             self._transport.write(self._protocol.push({"event": entry.to_wire()}))
         backlog = self._transport.backlog
         if backlog > MAX_PUSH_BACKLOG:
-            log.warning(
-                "client %d fell %d bytes behind its event subscription; disconnecting it",
-                self.conn_id,
-                backlog,
+            self._fell_behind(f"fell {backlog} bytes behind its event subscription")
+        elif backlog > CROWDED_BACKLOG and self._transport.crowded:
+            self._fell_behind(
+                f"fell {backlog} bytes behind its event subscription while all clients "
+                f"together have over {MAX_UNSENT_TOTAL} bytes unsent"
             )
+
+    def _fell_behind(self, why: str) -> None:
+        """A subscriber too far behind: disconnected (it reconnects with ``since`` and
+        misses nothing), unless the connection is an owner's own, whose close would
+        fence the owner's VM over unread events: that one's subscription ends, with
+        a last frame saying where to subscribe again from, and the connection stays."""
+        if self._owner is None:
+            log.warning("client %d %s; disconnecting it", self.conn_id, why)
             self._close()
-        elif backlog > CROWDED_BACKLOG and self._transport.crowded and self._owner is None:
-            # Not an owner's own connection: closing it would fence its VM for what
-            # other clients left unread (its reading pauses; 4 MiB still ends it).
-            log.warning(
-                "client %d fell %d bytes behind its event subscription while all clients "
-                "together have over %d bytes unsent; disconnecting it",
-                self.conn_id,
-                backlog,
-                MAX_UNSENT_TOTAL,
-            )
-            self._close()
+            return
+        log.warning(
+            "client %d %s; ending its subscription (the connection stays: it is owner "
+            "%s's, and closing it would fence the owner)",
+            self.conn_id,
+            why,
+            self._owner.name,
+        )
+        self._subscribed = False
+        self._live = False
+        self._journal.tell(Unsubscribe(self.actor_ref))
+        self._publish_info()
+        ended = {"next": self._events_next, "reason": why}
+        self._transport.write(self._protocol.push({"subscription-ended": ended}))
 
 
 def _client_to_wire(client: ClientInfo, lease_counts: dict[Any, int]) -> dict[str, Any]:

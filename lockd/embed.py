@@ -46,7 +46,13 @@ from actors.runtime import tell_if_alive
 from lockd.config import ConfigError, admin_socket_beside
 from lockd.config import from_keys as config_from_keys
 from lockd.daemon import Daemon, JournalInUseError, PidFileLockedError
-from protocol.client import ConnectionLostError, RemoteError, result_of
+from protocol.client import (
+    ConnectionLostError,
+    RemoteError,
+    SubscriptionEnded,
+    event_of,
+    result_of,
+)
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
@@ -61,6 +67,7 @@ __all__ = [
     "PidFileLockedError",
     "RecoveryReport",
     "RemoteError",
+    "SubscriptionEnded",
 ]
 
 log = logging.getLogger("lockd")
@@ -176,17 +183,13 @@ class EmbeddedClient:
 
     def next_event(self, timeout: float | None = 60.0) -> dict[str, Any]:
         """The next event pushed after ``subscribe``: ``{"event": journal-entry}`` as on the
-        socket (docs/protocol.md); TimeoutError if none comes within ``timeout``."""
+        socket (docs/protocol.md); TimeoutError if none comes within ``timeout``;
+        :class:`SubscriptionEnded` if the daemon ended the subscription."""
         with self._lock:
             if self._events:
-                return self._events.popleft()
+                return event_of(self._events.popleft())
             deadline = None if timeout is None else time.monotonic() + timeout
-            message = self._next_message(deadline, f"no event within {timeout} s")
-            if "id" in message:
-                raise ProtocolError(
-                    ErrorCode.INTERNAL, "unexpected reply while waiting for an event"
-                )
-            return message
+            return event_of(self._next_message(deadline, f"no event within {timeout} s"))
 
     def _next_message(self, deadline: float | None, late: str) -> dict[str, Any]:
         transport = self._transport

@@ -31,6 +31,34 @@ class RemoteError(Exception):
         self.details = details
 
 
+class SubscriptionEnded(Exception):
+    """The daemon ended this connection's event subscription, and kept the connection.
+
+    It does so, rather than disconnect, only on a connection that registered an owner
+    (closing that would fence the owner) when it fell too far behind on its events.
+    Subscribe again with ``since=next_seq`` to miss nothing.
+    """
+
+    def __init__(self, next_seq: int | None, reason: str) -> None:
+        super().__init__(f"the daemon ended the event subscription: {reason}")
+        self.next_seq = next_seq
+        self.reason = reason
+
+
+def event_of(message: dict[str, Any]) -> dict[str, Any]:
+    """A pushed frame as :meth:`Client.next_event` returns it: ``{"event": entry}``;
+    :class:`SubscriptionEnded` for the frame that ends a subscription."""
+    if "id" in message:
+        raise ProtocolError(ErrorCode.INTERNAL, "unexpected reply while waiting for an event")
+    ended = message.get("subscription-ended")
+    if isinstance(ended, dict):
+        next_seq = ended.get("next")
+        raise SubscriptionEnded(
+            next_seq if isinstance(next_seq, int) else None, str(ended.get("reason", ""))
+        )
+    return message
+
+
 def result_of(reply: dict[str, Any]) -> dict[str, Any]:
     """A reply's result; :class:`RemoteError` if it is an error reply."""
     if "error" in reply:
@@ -178,13 +206,11 @@ class Client:
         return result_of(message)
 
     def next_event(self) -> dict[str, Any]:
-        """The next event pushed after ``subscribe`` (blocks up to the socket timeout)."""
+        """The next event pushed after ``subscribe`` (blocks up to the socket timeout);
+        :class:`SubscriptionEnded` if the daemon ended the subscription."""
         if self._events:
-            return self._events.popleft()
-        message = self._read_message()
-        if "id" in message:
-            raise ProtocolError(ErrorCode.INTERNAL, "unexpected reply while waiting for an event")
-        return message
+            return event_of(self._events.popleft())
+        return event_of(self._read_message())
 
     def send_raw(self, payload: bytes) -> None:
         """Send one already-encoded payload as a frame (tests use it for bad input)."""

@@ -11,6 +11,7 @@ import gc
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -815,22 +816,61 @@ def test_a_crowded_daemon_lets_each_connection_fall_only_64_kib_behind(h: Harnes
     assert reader.transport.reading is False
 
 
-def test_a_crowded_daemon_does_not_cut_off_an_owner_s_own_subscription(h: Harness) -> None:
-    """A VM's own connection that also follows events, 100 KiB behind while other
-    clients crowd the daemon: closing it would fence the VM over other clients' unread
-    bytes. Its subscription goes on (4 MiB behind still ends it, as before)."""
+def _events_and_end(conn: Conn) -> tuple[list[str], dict[str, Any] | None]:
+    """The event types pushed to ``conn`` and the frame ending its subscription, if any
+    (replies must be successes)."""
+    types, ended = [], None
+    for message in conn.messages():
+        if "id" in message:
+            assert "result" in message, message
+        elif "event" in message:
+            assert ended is None, "an event after the subscription ended"
+            types.append(message["event"]["type"])
+        elif "subscription-ended" in message:
+            ended = message["subscription-ended"]
+    return types, ended
+
+
+@pytest.mark.parametrize("crowded", [False, True], ids=["4-mib-behind", "crowded"])
+def test_an_owner_s_own_connection_too_far_behind_loses_only_its_subscription(
+    h: Harness, crowded: bool
+) -> None:
+    """A VM's own connection that also follows events falls behind: 4 MiB, or 100 KiB
+    while other clients crowd the daemon. Closing it, as a plain subscriber's is, would
+    fence the VM over unread events. Its subscription ends instead, with a last frame
+    saying where to subscribe again from; from there it misses nothing."""
     vm2 = h.connect(VM2)
     vm2.register(VM2)
     vm2.ok("acquire", leases=[lease("disk-b")], autocreate=True)
     vm2.ok("subscribe")
-    vm2.transport.stuck_bytes = 100 * 1024
-    vm2.transport.crowded = True
+    if crowded:
+        vm2.transport.stuck_bytes = 100 * 1024
+        vm2.transport.crowded = True
+    else:
+        vm2.transport.stuck_bytes = 5 * 1024 * 1024
     vm = h.connect(VM1)
     vm.register(VM1)
     vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
     h.run()
     assert not vm2.transport.closed
     assert h.processes.signals == []
+    types, ended = _events_and_end(vm2)
+    assert types == ["lease-acquired"]
+    assert ended is not None
+    assert "behind" in ended["reason"]
+    vm.ok("release", leases=[lease("disk-a")])  # journaled after the end: not pushed
+    h.run()
+    assert _events_and_end(vm2) == ([], None)
+    listed = vm.ok("list-clients")["clients"]
+    assert [c["subscribed"] for c in listed if c.get("owner", {}).get("pid") == VM2] == [False]
+    vm2.transport.stuck_bytes = 0
+    vm2.transport.crowded = False
+    vm2.send("subscribe", since=ended["next"])
+    h.run()
+    assert _events_and_end(vm2) == (["lease-released"], None)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    h.run()
+    assert _events_and_end(vm2) == (["lease-acquired"], None)  # live again, once
 
 
 def test_admin_disconnect(h: Harness) -> None:

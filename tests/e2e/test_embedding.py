@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
+from actors import connection
 from actors.router import Gather, RouterActor
-from lockd.embed import ConnectionLostError, LockService, PidFileLockedError
+from lockd.embed import ConnectionLostError, LockService, PidFileLockedError, SubscriptionEnded
 from lockd.journal_format import JournalCorruptError
 from protocol.client import Client, RemoteError
 from protocol.errors import ProtocolError
@@ -228,6 +229,55 @@ def test_events_reach_an_in_process_subscriber(tmp_path: Path) -> None:
         ]
         with pytest.raises(TimeoutError):
             feed.next_event(timeout=0.1)
+
+
+def test_an_owner_s_connection_far_behind_on_events_keeps_its_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An orchestrator registers a VM and follows events on one connection, and stops
+    taking events (a stuck thread). Closing the connection, as a plain subscriber's is,
+    would fence the VM: only the subscription ends, ``next_event`` says where to go on
+    from, and subscribing again from there misses no event."""
+    # 4 MiB in a real daemon; 8 KiB is about 28 of the 40 events below, and a replay
+    # of the rest in one step stays under it.
+    monkeypatch.setattr(connection, "MAX_PUSH_BACKLOG", 8192)
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/a.img")}
+    other = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/b.img")}
+    vm = subprocess.Popen(["sleep", "60"])
+    try:
+        with LockService(lock_dir=str(tmp_path / "locks"), journal_dir=str(tmp_path / "j"),
+                         fence_grace=0.1) as locks:  # fmt: skip
+            client = locks.client()
+            owner = {"uuid": uuid.uuid4().bytes, "name": "vm1", "id": 1, "pid": vm.pid}
+            client.call("register", owner=owner)
+            client.call("acquire", leases=[disk], autocreate=True)
+            first = client.call("subscribe")["first"]
+            busy = locks.client()
+            me = {"uuid": uuid.uuid4().bytes, "name": "me", "id": 2, "pid": os.getpid()}
+            busy.call("register", owner=me)
+            for _ in range(20):
+                busy.call("acquire", leases=[other], autocreate=True)
+                busy.call("release", leases=[other])
+            seqs: list[int] = []
+            with pytest.raises(SubscriptionEnded) as ended:  # noqa: PT012 - events, then the end
+                while True:
+                    seqs.append(client.next_event(timeout=5)["event"]["seq"])
+            assert "behind" in ended.value.reason
+            assert ended.value.next_seq == first + len(seqs)
+            client.call("subscribe", since=ended.value.next_seq)
+            while (last := seqs[-1]) < first + 39:
+                seqs.append(client.next_event(timeout=5)["event"]["seq"])
+            assert seqs == list(range(first, last + 1))
+            with pytest.raises(TimeoutError):
+                client.next_event(timeout=0.1)  # live again: nothing more, and no end
+            assert vm.poll() is None
+            held = client.call("list-leases")["leases"]
+            assert [(lease["resource"], [o["pid"] for o in lease["owners"]]) for lease in held] == [
+                (disk["resource"], [vm.pid])
+            ]
+    finally:
+        vm.kill()
+        vm.wait()
 
 
 def test_a_start_refused_for_its_pid_file_says_why_at_once(tmp_path: Path) -> None:
