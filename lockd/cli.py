@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -189,17 +190,21 @@ def _cmd_events(args: argparse.Namespace) -> int:
     try:
         while True:
             try:
-                entries = follower.poll(READ_BYTES)
+                looked, entries = time.time(), follower.poll(READ_BYTES)
             except JournalCorruptError:
                 # A follower placed past a cut reads the new records from the middle.
                 if watch is None or _cut_below(read_epoch(directory), epoch, expected) is None:
                     raise
-                entries = []
+                looked, entries = -math.inf, []  # not at the end: the cut is next
             expected, since_time = _print_entries(entries, args, expected, since_time, cut_at)
             if entries or follower.more:
                 continue  # more to read (or to skip to --since), or damage after these
             if watch is None:
                 return 0
+            # At the end, --since TIME passed when it looked: what is written from now
+            # on comes after TIME, whatever its stamp (a clock stepped back, by NTP or a
+            # wrong RTC corrected, stamps it earlier: left out for as long as the step).
+            since_time = -math.inf if since_time <= looked else since_time
             if reader_gone():  # `| head`: its lines are out, and no write is to fail now
                 return EXIT_PIPE
             now = read_epoch(directory)

@@ -199,6 +199,51 @@ def test_events_since_a_time_leaves_out_nothing_after_it(tmp_path: Path) -> None
     assert [json.loads(line)["seq"] for line in done.stdout.splitlines()] == [2, 3, 4]
 
 
+@pytest.mark.parametrize(("asked", "printed"), [(-60.0, [2, 3]), (3600.0, [])])
+def test_events_follow_since_a_time_goes_on_through_a_clock_stepped_back(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    asked: float,
+    printed: list[int],
+) -> None:
+    """``events --follow --since TIME`` with no event of TIME or later yet: a clock
+    stepped back (NTP) stamps the next events earlier than TIME, and the follower left
+    them out for as long as the step, though each came after it began following. A
+    TIME still to come (by the clock) waits for events stamped that late, as before."""
+    import datetime
+    import time
+
+    from lockd import cli
+    from lockd.dirwatch import DirWatch
+
+    now = time.time()
+    journal = FileJournal(str(tmp_path))
+    journal.append([JournalEntry(1, now - 600.0, "hv1", DaemonStarted("0.1.0", 1))])
+    journal.close()
+    waits: list[float] = []
+
+    def wait(self: DirWatch, timeout: float) -> bool:
+        """The follower is at the journal's end: the daemon, its clock stepped back an
+        hour, writes two events; the next wait is the operator's Ctrl-C."""
+        waits.append(timeout)
+        if len(waits) > 1:
+            raise KeyboardInterrupt
+        later = FileJournal(str(tmp_path))
+        later.append(
+            [JournalEntry(seq, now - 3600.0 + seq, "hv1", DaemonStarted("0.1.0", seq))
+             for seq in (2, 3)]
+        )  # fmt: skip
+        later.close()
+        return True
+
+    monkeypatch.setattr(DirWatch, "wait", wait)
+    since = datetime.datetime.fromtimestamp(now + asked, datetime.UTC).isoformat()
+    args = ["events", "--journal-dir", str(tmp_path), "--follow", "--json", "--since", since]
+    assert cli.main(args) == 130
+    assert [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()] == printed
+
+
 def test_events_prints_what_comes_before_damage_then_names_it(tmp_path: Path) -> None:
     """An auditor reading a damaged journal gets every event before the damage, and
     the file and byte of it, with exit code 1."""
