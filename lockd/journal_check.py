@@ -24,7 +24,7 @@ import time
 
 import attrs
 
-from lockd.journal_file import first_seq_of, list_segments, new_epoch
+from lockd.journal_file import aside_path, first_seq_of, list_segments, new_epoch
 from lockd.journal_format import JournalCorruptError, decode_segment
 from lockd.snapshot import decode_snapshot, list_snapshots, seq_of
 
@@ -105,7 +105,7 @@ def repair(directory: str, damage: Damage) -> list[str]:
     done = []
     names = list_segments(directory)
     path = os.path.join(directory, damage.segment)
-    copy = f"{path}.damaged-{stamp}"
+    copy = aside_path(path, stamp)
     if damage.history_only:
         os.rename(path, copy)
         done.append(f"moved {damage.segment} aside (history only: the snapshot covers it)")
@@ -121,13 +121,13 @@ def repair(directory: str, damage: Damage) -> list[str]:
         os.unlink(path)
         done.append(f"removed {damage.segment} (its header was unreadable)")
     for later in names[names.index(damage.segment) + 1 :]:
-        aside = os.path.join(directory, f"{later}.damaged-{stamp}")
-        os.rename(os.path.join(directory, later), aside)
+        moved = os.path.join(directory, later)
+        os.rename(moved, aside_path(moved, stamp))
         done.append(f"moved {later} aside")
     for snap in list_snapshots(directory):
         if seq_of(snap) >= damage.first_bad_seq:
             os.rename(
-                os.path.join(directory, snap), os.path.join(directory, f"{snap}.damaged-{stamp}")
+                os.path.join(directory, snap), aside_path(os.path.join(directory, snap), stamp)
             )
             done.append(f"moved {snap} aside (newer than the cut)")
     new_epoch(directory, damage.first_bad_seq)  # those seqs are handed out again

@@ -145,6 +145,21 @@ def _write_durably(directory: str, name: str, data: bytes) -> None:
     _fsync_dir(directory)
 
 
+def aside_path(path: str, stamp: str) -> str:
+    """Where ``path`` is kept set aside as damaged: ``<path>.damaged-<stamp>``, or that
+    with ``.2``, ``.3``, ... after it when the name is taken.
+
+    ``stamp`` is the wall clock's, to the second, and a wall clock repeats: stepped
+    back, or on a host without a working RTC, which boots at the same time each boot
+    (and cuts a reboot's damage then). Two cuts of one segment with one stamp gave
+    one name, and the second copy replaced the first, with the records it kept."""
+    candidate, n = f"{path}.damaged-{stamp}", 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{path}.damaged-{stamp}.{n}"
+    return candidate
+
+
 BOOT_FILE = ".boot"
 """The boot id (16 bytes) of the host's boot in which a daemon last started on the journal."""
 
@@ -277,11 +292,10 @@ class FileJournal:
         that boot (its owners are gone), and the snapshot is older than the newest
         segment. Within one boot damage is refused as before.
         """
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        copy = f"{path}.damaged-{stamp}"
+        copy = aside_path(path, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
         # 0600 as the segment it copies (a plain open() left it readable by every user
         # the journal directory lets in, owners' names and pids with it).
-        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with open(fd, "wb") as f:
             f.write(data)
             os.fsync(f.fileno())

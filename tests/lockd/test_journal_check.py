@@ -54,6 +54,27 @@ def test_damage_after_the_snapshot_is_cut_and_reported(tmp_path: Path) -> None:
     assert find_damage(str(tmp_path))[1] is None
 
 
+def test_a_second_repair_in_the_same_second_keeps_the_first_ones_copy(tmp_path: Path) -> None:
+    """``--repair`` names its copies by the wall clock's second: a second repair of the
+    segment in that second (or once the clock stepped back to it) replaced the first's
+    copy, the only one left of the records that repair cut."""
+    from freezegun import freeze_time
+
+    fill(tmp_path, 200)
+    newest = tmp_path / list_segments(str(tmp_path))[-1]
+    damaged = []
+    with freeze_time("2026-01-01T00:00:07Z"):
+        for _ in range(2):
+            flip(newest, len(newest.read_bytes()) // 2)
+            damaged.append(newest.read_bytes())
+            _, damage = find_damage(str(tmp_path))
+            assert damage is not None
+            assert not damage.history_only
+            repair(str(tmp_path), damage)
+    kept = sorted(tmp_path.glob(f"{newest.name}.damaged-*"))  # the same name, then .2
+    assert [p.read_bytes() for p in kept] == damaged
+
+
 def test_repair_refuses_a_journal_a_daemon_holds(tmp_path: Path) -> None:
     """``--repair`` is for a stopped daemon (docs/recovery.md): it used to cut a journal
     a running lockd was writing. The journal's lock says one is."""

@@ -497,6 +497,40 @@ def test_damage_in_the_newest_segment_is_cut_only_when_told_the_host_rebooted(
     assert [e.seq for e in read_entries(str(tmp_path))] == list(range(1, cut.next_seq))
 
 
+def _holed(path: Path) -> bytes:
+    """Zeros in the middle of the segment, records after them (as a host crash leaves
+    unsynced pages), and its mtime before this boot; its bytes, hole and all."""
+    data = bytearray(path.read_bytes())
+    hole = len(data) // 2
+    data[hole : hole + 100] = bytes(100)
+    path.write_bytes(bytes(data))
+    os.utime(path, (1, 1))
+    return bytes(data)
+
+
+def test_two_reboot_cuts_stamped_the_same_second_keep_both_copies(tmp_path: Path) -> None:
+    """A host without a working RTC boots at the same time each boot, and lockd cuts a
+    reboot's damage then: the second cut's copy, named by the same second, replaced the
+    first's, and the records only the first kept (those its cut removed) were gone."""
+    from freezegun import freeze_time
+
+    journal = FileJournal(str(tmp_path))
+    write(journal, 40)
+    journal.close()
+    (name,) = list_segments(str(tmp_path))
+    path = tmp_path / name
+    damaged = []
+    with freeze_time("2026-01-01T00:00:07Z"):  # the clock at each boot
+        for _ in range(2):
+            damaged.append(_holed(path))
+            cut = FileJournal(str(tmp_path), cut_damage=True)
+            write(cut, 40)
+            cut.close()
+    kept = sorted(tmp_path.glob(f"{name}.damaged-*"))  # the second: the same name, then .2
+    assert [p.read_bytes() for p in kept] == damaged
+    assert [e.seq for e in read_entries(str(tmp_path))] == list(range(1, cut.next_seq))
+
+
 def test_the_boot_a_daemon_last_started_in_is_kept_beside_the_journal(tmp_path: Path) -> None:
     from lockd.journal_file import last_boot, record_boot
 
