@@ -279,6 +279,8 @@ class Harness:
         max_lockspaces: int = 4096,
     ) -> None:
         self.clock = Clock()
+        self.wall_offset = 0.0
+        """How far the wall clock was stepped (:meth:`step_wall`); the monotonic clock never is."""
         self.dispatcher = Dispatcher(clock=self.clock)
         self.lock_dir = lock_dir
         self.journal_writer = MemoryJournal()
@@ -288,7 +290,7 @@ class Harness:
             self.journal_writer,
             sync=sync,
             host="test",
-            clock=lambda: 0.0,
+            clock=self.wall_clock,
             replay_bytes=replay_bytes,
         )
         self.router = RouterActor.start(
@@ -316,11 +318,18 @@ class Harness:
         return actor
 
     def wall_clock(self) -> float:
-        """Wall-clock time for the owners actor: 0 at the start, moved by :meth:`advance`."""
-        return self.clock.now - 1000.0
+        """Wall-clock time (journal stamps, connections' ``connected_since``, the owners
+        actor): 0 at the start, moved by :meth:`advance` and stepped by :meth:`step_wall`."""
+        return self.clock.now - 1000.0 + self.wall_offset
 
     def advance(self, seconds: float) -> None:
         self.clock.now += seconds
+        self.run()
+
+    def step_wall(self, seconds: float) -> None:
+        """The wall clock steps (NTP, an operator's ``date -s``, a wrong RTC corrected)
+        by ``seconds``, back if negative; no time passes."""
+        self.wall_offset += seconds
         self.run()
 
     def connect(
@@ -338,6 +347,7 @@ class Harness:
             info=ServerInfo("test", 1, 0.0, "test"),
             admin=admin,
             clock=self.clock,
+            wall_clock=self.wall_clock,
             idle_timeout=idle_timeout,
         )
         conn = Conn(self, ref, transport)
