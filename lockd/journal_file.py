@@ -184,14 +184,21 @@ def _written_before_this_boot(path: str) -> bool:
 
     ``.boot`` says which boot a lockd that records it last started in, not that the
     journal was not written since: an older lockd (which writes no ``.boot``) may
-    have run in this boot, and damage it left is not a reboot's. A clock set wrong
-    at boot can only make a write look newer, and then damage is refused, as within
-    one boot.
+    have run in this boot, and damage it left is not a reboot's.
+
+    A clock behind at boot (a dead RTC battery, which timesyncd sets to its last
+    saved time; an RTC kept in local time west of UTC) makes the previous boot's
+    last writes look newer than the boot: their damage was refused, and the host
+    came back without lockd. A segment stamped later than the clock's now was
+    written by a clock ahead of this one, which within one boot only a step back
+    since makes: taken as the previous boot's. Stamped between the boot and now, a
+    segment is taken as this boot's, and its damage refused, by a wrong clock too.
     """
     try:
         with open("/proc/uptime", encoding="ascii") as f:
-            booted = time.time() - float(f.read().split()[0])
-        return os.stat(path).st_mtime < booted
+            uptime = float(f.read().split()[0])
+        now, written = time.time(), os.stat(path).st_mtime
+        return written < now - uptime or written > now
     except (OSError, ValueError, IndexError):
         return False
 

@@ -279,14 +279,17 @@ def test_corruption_stops_start_up_with_a_clear_message(
     assert daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir)).returncode == 0
 
 
+@pytest.mark.parametrize("clock", ["right", "behind"])
 def test_after_a_reboot_a_hole_left_in_the_newest_segment_is_cut_not_refused(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], clock: str
 ) -> None:
     """Unsynced writes reach the disk in no set order: after a power loss a page of the
     tail can keep older contents (zeros after an earlier end) with the next pages whole.
     That is damage with good records after it. Written in the host's previous boot, the
     journal is cut there and the daemon starts (it refused, and the host came back with
-    no lockd); written in this boot, it is still refused (above)."""
+    no lockd); written in this boot, it is still refused (above). Also when the clock
+    is hours behind at boot (a dead RTC battery): the segment's mtime is then later than
+    the clock's now, and was refused as written in this boot."""
     sleeper = subprocess.Popen(["sleep", "600"])
     children.append(sleeper)
     with daemon.client() as client:
@@ -307,7 +310,9 @@ def test_after_a_reboot_a_hole_left_in_the_newest_segment_is_cut_not_refused(
     (daemon.journal_dir / ".boot").write_bytes(uuid.uuid4().bytes)  # as after a reboot
     with pytest.raises(RuntimeError, match="journal corrupt"):
         restart(daemon)  # but the segment was written in this boot (an older lockd's?)
-    os.utime(segment, (1, 1))  # as after a reboot: written before it
+    # As after a reboot: written before it, or by a clock 5 hours ahead of this one.
+    written = 1.0 if clock == "right" else time.time() + 5 * 3600
+    os.utime(segment, (written, written))
     restart(daemon)
     log = daemon.log.read_text()
     assert "written before the host's last reboot" in log

@@ -531,6 +531,34 @@ def test_two_reboot_cuts_stamped_the_same_second_keep_both_copies(tmp_path: Path
     assert [e.seq for e in read_entries(str(tmp_path))] == list(range(1, cut.next_seq))
 
 
+def test_a_reboots_damage_is_cut_though_the_clock_is_behind_at_boot(tmp_path: Path) -> None:
+    """A host whose clock starts behind (a dead RTC battery, set to timesyncd's last
+    saved time; an RTC kept in local time west of UTC) crashed with unsynced writes: by
+    that clock the segment, written just before the crash, looked written in this
+    boot, its damage was refused, and lockd did not start until journal-check
+    --repair. A segment stamped later than the clock's now was written by a clock
+    ahead of this one: the previous boot's, whose damage is cut."""
+    import datetime
+    import time
+
+    from freezegun import freeze_time
+
+    journal = FileJournal(str(tmp_path))
+    write(journal, 40)
+    journal.close()
+    (name,) = list_segments(str(tmp_path))
+    path = tmp_path / name
+    damaged = _holed(path)
+    os.utime(path)  # written just before the crash
+    behind = datetime.datetime.fromtimestamp(time.time() - 5 * 3600, datetime.UTC)
+    with freeze_time(behind):
+        cut = FileJournal(str(tmp_path), cut_damage=True)
+    cut.close()
+    assert 1 < cut.next_seq < 40
+    (kept,) = tmp_path.glob(f"{name}.damaged-*")
+    assert kept.read_bytes() == damaged
+
+
 def test_the_boot_a_daemon_last_started_in_is_kept_beside_the_journal(tmp_path: Path) -> None:
     from lockd.journal_file import last_boot, record_boot
 
