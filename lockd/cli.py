@@ -418,9 +418,13 @@ def _check(args: argparse.Namespace, directory: str, lock: int | str | None) -> 
     """journal-check on ``directory``; ``lock``: its journal lock, held for --repair (or
     why it could not be taken; None: a running lockd holds it, or no --repair)."""
     from lockd.journal_check import find_damage, repair
+    from lockd.journal_format import JournalTooNewError
 
     try:
         notes, damage = find_damage(directory)
+    except JournalTooNewError as exc:
+        print(f"lockd journal-check: {directory}: {exc}; nothing was changed", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"lockd journal-check: {_unreadable(exc, directory)}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ import time
 import attrs
 
 from lockd.journal_file import aside_path, first_seq_of, list_segments, new_epoch
-from lockd.journal_format import JournalCorruptError, decode_segment
+from lockd.journal_format import JournalCorruptError, JournalTooNewError, decode_segment
 from lockd.snapshot import decode_snapshot, list_snapshots, seq_of
 
 
@@ -55,7 +55,9 @@ def _snapshot_seq(directory: str, notes: list[str]) -> int:
 
 
 def find_damage(directory: str) -> tuple[list[str], Damage | None]:
-    """Check every segment and snapshot; return notes and the first damage found."""
+    """Check every segment and snapshot; return notes and the first damage found.
+
+    Raises JournalTooNewError for a segment a newer lockd wrote: that is no damage."""
     notes: list[str] = []
     covered = _snapshot_seq(directory, notes)
     names = list_segments(directory)
@@ -67,6 +69,8 @@ def find_damage(directory: str) -> tuple[list[str], Damage | None]:
             data = f.read()
         try:
             scan = decode_segment(data, raw=True)
+        except JournalTooNewError as exc:
+            raise exc.in_file(name) from None  # not damage: nothing here may cut it
         except JournalCorruptError as exc:
             bad_seq = first + _good_records(data)
             return notes, Damage(name, exc.offset, exc.reason, bad_seq, history)

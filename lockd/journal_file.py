@@ -269,7 +269,7 @@ class FileJournal:
             scan = decode_segment(data, raw=True)
         except JournalCorruptError as exc:
             if not (self._cut_damage and exc.offset > 0 and _written_before_this_boot(path)):
-                raise JournalCorruptError(exc.offset, f"{path}: {exc.reason}") from None
+                raise exc.in_file(path) from None
             scan = self._cut(path, data, exc)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         if scan.torn_bytes:
@@ -494,10 +494,19 @@ class JournalFollower:
 
     def _open(self, name: str) -> None:
         self.close()
-        self._file = open(os.path.join(self.directory, name), "rb")  # noqa: SIM115 - kept open
+        file = open(os.path.join(self.directory, name), "rb")  # noqa: SIM115 - kept open
+        try:
+            # Read before it is taken on: a header refused (a newer lockd's, or damaged)
+            # left the follower reading its records from byte 256, called corrupt there.
+            first_seq, length = header_length(file.read(256))
+        except JournalCorruptError as exc:
+            file.close()
+            raise exc.in_file(name) from None
+        except BaseException:
+            file.close()
+            raise
+        self._file = file
         self._name = name
-        head = self._file.read(256)
-        first_seq, length = header_length(head)
         self._file.seek(length)
         self._pending = b""
         self._pending_at = length

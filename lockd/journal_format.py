@@ -39,6 +39,27 @@ class JournalCorruptError(Exception):
         self.offset = offset
         self.reason = reason
 
+    def in_file(self, path: str) -> JournalCorruptError:
+        """The same error, its reason naming the file ``path``."""
+        return type(self)(self.offset, f"{path}: {self.reason}")
+
+
+class JournalTooNewError(JournalCorruptError):
+    """A segment of a journal version later than this build reads: a newer lockd wrote it.
+
+    Refused wherever damage is (start-up, readers), but it is not damage: ``journal-check
+    --repair`` would set the whole segment aside, every lease in it with it, so it never
+    repairs one; the newer lockd, or any later one, reads it."""
+
+    def __init__(self, offset: int, reason: str) -> None:
+        Exception.__init__(
+            self,
+            f"journal written by a newer lockd: {reason}; run that lockd (or a later one): "
+            "this one cannot read it, and journal-check --repair would throw it away",
+        )
+        self.offset = offset
+        self.reason = reason
+
 
 @attrs.frozen
 class SegmentScan:
@@ -122,8 +143,11 @@ def _strict_decoder(stream: io.BytesIO) -> cbor2.CBORDecoder:
 def _check_header(item: Any) -> int:
     if not isinstance(item, dict) or item.get("format") != FORMAT:
         raise JournalCorruptError(0, "not a lockd journal segment (bad header)")
-    if item.get("version") != VERSION:
-        raise JournalCorruptError(0, f"unsupported journal version {item.get('version')!r}")
+    version = item.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise JournalTooNewError(0, f"journal version {version}, this lockd reads {VERSION}")
+    if version != VERSION:
+        raise JournalCorruptError(0, f"unsupported journal version {version!r}")
     first_seq = item.get("first_seq")
     if not isinstance(first_seq, int) or first_seq < 1:
         raise JournalCorruptError(0, "header has no valid first_seq")

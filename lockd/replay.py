@@ -36,7 +36,7 @@ def replay(journal: FileJournal, snapshot: ReplayState | None) -> tuple[ReplaySt
                 try:
                     scan = decode_segment(f.read(), raw=True)
                 except JournalCorruptError as exc:
-                    raise JournalCorruptError(exc.offset, f"{path}: {exc.reason}") from None
+                    raise exc.in_file(path) from None
         for record in scan.records:
             if record["seq"] > state.seq:
                 try:

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 
 from lockd.journal_check import find_damage, repair
 from lockd.journal_file import list_segments, lock_journal, new_epoch, read_epoch
+from lockd.journal_format import VERSION, JournalTooNewError, header_length
 from lockd.snapshot import list_snapshots, seq_of
 from tests.lockd.test_snapshot_replay import fill, reopen
 
@@ -152,3 +154,41 @@ def test_repair_of_a_journal_this_user_cannot_lock_is_an_error_not_a_traceback(
     assert "Traceback" not in done.stderr
     assert f"cannot lock the journal at {tmp_path}: Is a directory" in done.stderr
     assert not [name for name in os.listdir(tmp_path) if ".damaged-" in name]
+
+
+def as_written_by_a_newer_lockd(segment: Path) -> None:
+    """Give ``segment`` the header a later journal version would have (records as they are)."""
+    data = segment.read_bytes()
+    first_seq, length = header_length(data)
+    newer = cbor2.dumps({"format": "lockd-journal", "version": VERSION + 1, "first_seq": first_seq})
+    segment.write_bytes(newer + data[length:])
+
+
+def test_a_segment_of_a_newer_journal_version_is_refused_as_such_and_never_repaired(
+    tmp_path: Path,
+) -> None:
+    """After a downgrade to this build, a journal a newer lockd wrote is no damage: it was
+    called "corrupt", and the ``--repair`` the message sent the operator to set the whole
+    segment aside, every lease in it with it. Now every reader says which lockd wrote it,
+    and ``--repair`` changes nothing."""
+    fill(tmp_path, 200)
+    newest = tmp_path / list_segments(str(tmp_path))[-1]
+    as_written_by_a_newer_lockd(newest)
+
+    def files() -> dict[str, bytes]:  # not .lock: --repair locks the journal, writing its line
+        return {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n != ".lock"}
+
+    before = files()
+    with pytest.raises(JournalTooNewError, match="newer lockd") as refused:
+        reopen(tmp_path)  # start-up
+    assert "corrupt" not in str(refused.value)
+    for args in (["journal-check"], ["journal-check", "--repair"], ["events"]):
+        command = [sys.executable, "-m", "lockd", *args, "--journal-dir", str(tmp_path)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert done.returncode == 1, args
+        assert f"{newest.name}: journal version {VERSION + 1}, this lockd reads {VERSION}" in (
+            done.stderr
+        ), args
+        assert "corrupt" not in done.stderr + done.stdout, args
+        assert "DAMAGED" not in done.stdout, args
+    assert files() == before
