@@ -7,6 +7,7 @@ import cbor2
 
 from actors.connection import HandedOver
 from lockd.reexec import Handoff, ListenerFd
+from tests.lockd.test_compat import earlier_connection_keys
 
 
 def _conn(conn_id: int, *, subscribed: bool, events_from: int | None, name: str = "") -> HandedOver:
@@ -31,13 +32,10 @@ def test_a_subscriber_s_next_seq_is_carried() -> None:
 
 def test_each_connection_map_keeps_the_keys_an_earlier_build_passes_to_handed_over() -> None:
     """An earlier build builds HandedOver from each connection's map as it is: a key it
-    does not know would stop a downgrade's new program. The seq travels beside them."""
-    earlier = {
-        "conn_id", "fd", "peer_pid", "peer_uid", "admin", "connected_since", "owner",
-        "restricted", "subscribed", "version", "pending", "unsent",
-    }  # fmt: skip
+    does not know would stop a downgrade's new program. The keys are those of a handoff
+    the first day's build wrote (tests/compat). The seq travels beside them."""
     raw = cbor2.loads(_handoff(_conn(1, subscribed=True, events_from=9, name="x")).to_bytes())
-    assert set(raw["connections"][0]) == earlier
+    assert set(raw["connections"][0]) == earlier_connection_keys()
     assert raw["events_from"] == {1: 9}
     assert raw["names"] == {1: "x"}
 
