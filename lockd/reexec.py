@@ -562,9 +562,11 @@ class ReexecActor(DispatchedActor):
         self._log_config = log_config
         """The configuration's ``log_level``, ``log_filters`` and ``log_outputs`` (None:
         logging not handed on)."""
-        self._fences_resume = fences_resume
-        """The next process resumes fences in progress, deadlines kept (lost_lease_policy
-        = fence); under ``log`` it would drop them, so a fence puts the re-exec off."""
+        self._fences_dropped: str | None = (
+            None if fences_resume else "lost_lease_policy = log would not resume their fences"
+        )
+        """Why the next process would drop fences in progress, which then put the re-exec
+        off; None: it resumes them, deadlines kept (lost_lease_policy = fence)."""
         self._list_connections = connections
         self._stop_accepting = stop_accepting
         self._connections: list[pykka.ActorRef[Any]] = []
@@ -623,6 +625,10 @@ class ReexecActor(DispatchedActor):
             )
             self._own_fds = (None, None)
             self._block_signals = False
+            # Builds before 2026-11-26 07:10 resume no fence: the VM being killed ran on.
+            self._fences_dropped = self._fences_dropped or (
+                "the new program, a lockd from before --handoff-check, may not resume them"
+            )
         ref = self.actor_ref
         self.dispatcher.call_later(REEXEC_DEADLINE_SECONDS, lambda: tell_if_alive(ref, _Deadline()))
         self._stop_accepting()
@@ -651,10 +657,10 @@ class ReexecActor(DispatchedActor):
             # A fence whose SIGKILL was sent only waits for the exit, which the next
             # process sees too; one whose SIGKILL is still to come needs resuming.
             timed = [f for f in message.fences if f.next_signal is not None]
-            if timed and not self._fences_resume:
+            if timed and self._fences_dropped is not None:
                 self._abort(
-                    f"{len(timed)} owner(s) are being fenced and lost_lease_policy = log "
-                    "would not resume their fences; send SIGUSR1 again later"
+                    f"{len(timed)} owner(s) are being fenced and {self._fences_dropped}; "
+                    "send SIGUSR1 again later"
                 )
                 return None
             if timed:

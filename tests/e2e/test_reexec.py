@@ -23,7 +23,7 @@ from lockd.lockfiles import try_lock
 from lockd.reexec import Handoff, ListenerFd
 from lockd.server import bind_unix
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
-from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
+from tests.e2e.conftest import DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
 from tests.e2e.fake_systemd import FakeServiceManager
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import events, lease_file, start_run
@@ -478,6 +478,50 @@ def test_a_reexec_into_a_journal_dir_the_new_program_refuses_is_abandoned_and_ke
     check(daemon)
 
 
+def _copy_of_this_build(tmp_path: Path) -> Path:
+    """This build's packages copied to a directory of their own: ``cwd`` for a daemon
+    that runs them, and that a test may edit into an earlier build."""
+    build = tmp_path / "build"
+    for package in ("actors", "protocol", "lockd"):
+        shutil.copytree(REPO / package, build / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    return build
+
+
+def _without_the_handoff_check(build: Path) -> None:
+    """Edit the copy at ``build`` into a build from before --handoff-check, on disk as a
+    downgrade would leave it (its running daemon has what it imported)."""
+    cli = build / "lockd" / "cli.py"
+    option = 'serve.add_argument("--handoff-check", action="store_true", help=argparse.SUPPRESS)'
+    assert option in cli.read_text()
+    cli.write_text(cli.read_text().replace(option, "serve.set_defaults(handoff_check=False)"))
+
+
+def test_sigusr1_during_a_fence_into_a_build_without_the_check_is_put_off(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A build from before --handoff-check cannot say whether it resumes a fence, and
+    those from before 2026-11-26 07:10 do not: a downgrade's re-exec during a fence went
+    ahead, logging that the next process resumed it, and the VM being killed (over a lost
+    lease, say) ran on. Now it is abandoned, and the fence completes."""
+    grace = 8.0
+    config = tmp_path / "lockd.toml"
+    build = _copy_of_this_build(tmp_path)
+    config.write_text(f"fence_grace = {grace}\n")
+    daemon = make_daemon("fencing", None, "--config", str(config), cwd=build)
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
+    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    _without_the_handoff_check(build)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "re-exec abandoned" in daemon.log.read_text(), timeout=grace)
+    assert "a lockd from before --handoff-check, may not resume them" in daemon.log.read_text()
+    assert owner.wait(grace + 10) == -signal.SIGKILL
+    assert [e["signal"] for e in events(daemon, "--type", "owner-fenced")] == ["SIGTERM", "SIGKILL"]
+    assert len(events(daemon, "--type", "daemon-started")) == 1  # no re-exec happened
+    assert daemon.proc.poll() is None
+
+
 def test_a_downgrade_to_a_build_without_the_check_is_checked_with_check_config(
     make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
@@ -486,20 +530,14 @@ def test_a_downgrade_to_a_build_without_the_check_is_checked_with_check_config(
     --check-config instead: broken, the re-exec is abandoned; mended, it execs the old
     way (the journal lock and the pid file taken by the new program itself), and the
     lease is never free."""
-    build = tmp_path / "build"
-    for package in ("actors", "protocol", "lockd"):
-        shutil.copytree(REPO / package, build / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    build = _copy_of_this_build(tmp_path)
     config = tmp_path / "lockd.toml"
     config.write_text("fence_grace = 5\n")
     daemon = make_daemon("old", None, "--config", str(config), cwd=build)
     start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
     watcher = start_watch(lease_file(daemon, "/vm/a.img"))
     children.append(watcher)  # type: ignore[arg-type]
-    cli = build / "lockd" / "cli.py"
-    option = 'serve.add_argument("--handoff-check", action="store_true", help=argparse.SUPPRESS)'
-    assert option in cli.read_text()
-    cli.write_text(cli.read_text().replace(option, "serve.set_defaults(handoff_check=False)"))
+    _without_the_handoff_check(build)
     config.write_text("fence_grace = 5\njournal_sync = 'sometimes'\n")
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
