@@ -415,8 +415,18 @@ def _conn_to_wire(c: HandedOver) -> dict[str, Any]:
     return out
 
 
+_CONN_KEYS = frozenset(field.name for field in attrs.fields(HandedOver))
+
+
 def _conn_from_wire(data: dict[str, Any]) -> HandedOver:
+    """A connection's map; keys this build does not know (a later build's, which should
+    have put them beside the maps) are left behind with a warning: passed on to
+    HandedOver they stopped the start, and every lock handed over with it."""
     owner = data.pop("owner")
+    if unknown := data.keys() - _CONN_KEYS:
+        log.warning("re-exec: client %s's %s left behind: this lockd does not know them",
+                    data.get("conn_id"), ", ".join(sorted(map(repr, unknown))))  # fmt: skip
+        data = {key: value for key, value in data.items() if key in _CONN_KEYS}
     return HandedOver(owner=None if owner is None else Owner.from_wire(owner), **data)
 
 

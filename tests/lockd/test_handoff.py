@@ -3,7 +3,10 @@ build reads of it."""
 
 from __future__ import annotations
 
+import logging
+
 import cbor2
+import pytest
 
 from actors.connection import HandedOver
 from lockd.reexec import Handoff, ListenerFd
@@ -50,3 +53,17 @@ def test_a_handoff_from_an_earlier_build_subscribes_from_the_next_event() -> Non
     (conn,) = Handoff.from_bytes(cbor2.dumps(raw)).connections
     assert conn.events_from is None
     assert conn.name == ""  # nor did it say the client's name
+
+
+def test_a_connection_map_with_a_key_this_build_does_not_know_is_taken_without_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A later build that put a new key into a connection's map (where an earlier build
+    takes the keys as they are) stopped this one's start after a downgrade's exec: every
+    lock handed over went with it. The key is left behind, and the log says so."""
+    conn = _conn(1, subscribed=False, events_from=None)
+    raw = cbor2.loads(_handoff(conn).to_bytes())
+    raw["connections"][0]["priority"] = 7
+    with caplog.at_level(logging.WARNING, logger="lockd.reexec"):
+        assert Handoff.from_bytes(cbor2.dumps(raw)).connections == (conn,)
+    assert "client 1's 'priority' left behind" in caplog.text
