@@ -243,6 +243,8 @@ class FileJournal:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._fd = -1
         self._size = 0
+        self.path = ""
+        """The segment appends go to."""
         self.next_seq = first_seq
         self.bytes_written = 0
         """Bytes appended by this process (the journal metrics count them)."""
@@ -272,6 +274,7 @@ class FileJournal:
                 raise exc.in_file(path) from None
             scan = self._cut(path, data, exc)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self.path = path
         if scan.torn_bytes:
             log.warning(
                 "journal %s: truncating a torn tail of %d bytes after seq %d",
@@ -356,6 +359,7 @@ class FileJournal:
         if self._fd >= 0:
             os.close(self._fd)
         self._fd, self._size = fd, len(header)
+        self.path = path
 
     def append(self, entries: Sequence[JournalEntry]) -> None:
         """Write entries (their seqs must continue the journal) with one write(); raises OSError."""
@@ -363,17 +367,32 @@ class FileJournal:
             if entry.seq != self.next_seq + offset:
                 raise ValueError(f"entry seq {entry.seq} does not continue the journal")
         if self._size >= self._segment_bytes:
-            self.rotate()
+            try:
+                self.rotate()
+            except OSError as exc:
+                if exc.filename is not None or exc.errno is None:
+                    raise
+                raise OSError(
+                    exc.errno, f"{exc.strerror} (rotating the journal)", self.path
+                ) from None
         data = (
             encode_record(entries[0])
             if len(entries) == 1
             else b"".join(map(encode_record, entries))
         )
-        written = os.write(self._fd, data)
-        if written != len(data):
-            # A short write leaves a torn record; truncate it back so the next append is clean.
-            os.ftruncate(self._fd, self._size)
-            raise OSError(f"short journal write ({written} of {len(data)} bytes)")
+        written = 0
+        try:
+            # A write cut short (the disk filled up in its middle) is carried on until
+            # the kernel says why it stops: the error names the cause (ENOSPC, EIO) and
+            # the segment; until 2026-11-27 it said only "short journal write (85 of
+            # 223 bytes)".
+            while written < len(data):
+                written += os.write(self._fd, data[written:] if written else data)
+        except OSError as exc:
+            if written:
+                # A torn record: truncate it back so the next append is clean.
+                os.ftruncate(self._fd, self._size)
+            raise OSError(exc.errno, exc.strerror, self.path) from None
         self._size += written
         self.bytes_written += written
         self.next_seq += len(entries)

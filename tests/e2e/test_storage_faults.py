@@ -1,0 +1,161 @@
+"""Real storage faults under a running daemon: a journal or lock directory on a small
+tmpfs that fills up, as an operator's disk does (partial writes included, which the
+simulated faults never make)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from protocol.client import Client, RemoteError
+from protocol.names import FILES_LOCKSPACE
+from tests.e2e.conftest import DaemonProcess, MakeDaemon
+from tests.e2e.test_recovery import crash, restart
+from tests.lockprobe import probe
+
+pytestmark = pytest.mark.e2e
+
+Mount = Callable[..., Path]
+
+
+@pytest.fixture
+def small_fs() -> Iterator[Mount]:
+    """``small_fs(path, "size=256k", ...)`` mounts a tmpfs there; unmounted at the end
+    (after the daemons: ask for this fixture before ``make_daemon``). Skips the test
+    where mounting is not permitted."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, *options: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", ",".join(("mode=0700", *(options or ("size=256k",)))),
+             "tmpfs", str(path)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the small filesystem mounted at ``directory`` to its last byte; the file
+    that does it (a name lockd never reads)."""
+    assert os.path.ismount(directory), f"{directory} is no mount: not filling the disk it is on"
+    path = directory / "filler"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        assert _write_until_refused(fd) == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return path
+
+
+def _write_until_refused(fd: int) -> int | None:
+    """Write to ``fd`` until the kernel refuses: its errno."""
+    try:
+        while True:
+            os.write(fd, b"x" * 512)
+    except OSError as exc:
+        return exc.errno
+
+
+def owner_client(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], name: str
+) -> Client:
+    """A client registered for a running process (a VM) of its own."""
+    vm = subprocess.Popen(["sleep", "600"])
+    children.append(vm)
+    client = daemon.client(name)
+    client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": name, "id": 1,
+                                   "pid": vm.pid})  # fmt: skip
+    return client
+
+
+def lease(resource: str) -> dict[str, str]:
+    return {"lockspace": FILES_LOCKSPACE, "resource": resource}
+
+
+def held(client: Client) -> list[str]:
+    return sorted(item["resource"] for item in client.call("inquire")["leases"])
+
+
+def acquire_until_refused(client: Client, prefix: str) -> tuple[str, RemoteError]:
+    """Acquire new leases until the journal refuses one (the page the segment's last
+    records are in may still have room): the refused one and its error."""
+    for i in range(200):
+        try:
+            client.call("acquire", leases=[lease(f"{prefix}{i}")], autocreate=True)
+        except RemoteError as exc:
+            return f"{prefix}{i}", exc
+    raise AssertionError("200 acquires on a full disk were all granted")
+
+
+def lease_path(daemon: DaemonProcess, resource: str) -> Path:
+    return daemon.lock_dir / FILES_LOCKSPACE / resource
+
+
+def kernel_state(daemon: DaemonProcess, resource: str) -> str:
+    """ "busy" if a lock is held on the lease file, "free", or "absent" (no file)."""
+    path = lease_path(daemon, resource)
+    return probe(path, "ofd") if path.exists() else "absent"
+
+
+def test_a_full_journal_disk_refuses_acquires_keeps_releases_and_recovers_without_restart(
+    small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The journal's filesystem fills up: an acquire gets `io-error` saying the disk is
+    full, with no lock left in the kernel and no lease reported; a release gets
+    `io-error` and the lease stays held; other clients are served. Once space comes
+    back the release goes through, without a restart; killed and started again, the
+    daemon holds the same leases, its journal checks ok and `lockd verify` is clean."""
+    small_fs(tmp_path / "d" / "journal")
+    daemon = make_daemon("d")
+    vm = owner_client(daemon, children, "vm1")
+    vm.call("acquire", leases=[lease("kept")], autocreate=True)
+    filler = fill(daemon.journal_dir)
+
+    refused, exc = acquire_until_refused(vm, "new")
+    assert exc.code == "io-error"
+    assert "No space left on device" in exc.message, exc.message
+    assert str(daemon.journal_dir) in exc.message, exc.message
+    assert kernel_state(daemon, refused) != "busy"
+    assert refused not in held(vm)
+
+    with pytest.raises(RemoteError) as released:
+        vm.call("release", leases=[lease("kept")])
+    assert released.value.code == "io-error"
+    assert kernel_state(daemon, "kept") == "busy"
+    assert "kept" in held(vm)
+    with daemon.client("other") as other:
+        assert other.call("status")["leases"] == len(held(vm))
+
+    filler.unlink()
+    vm.call("release", leases=[lease("kept")])
+    assert kernel_state(daemon, "kept") != "busy"
+    vm.call("acquire", leases=[lease(refused)], autocreate=True)
+    assert kernel_state(daemon, refused) == "busy"
+    before = held(vm)
+    vm.close()
+
+    crash(daemon)
+    restart(daemon)
+    listed = json.loads(daemon.lockd("leases", "--json").stdout)
+    assert sorted(item["resource"] for item in listed) == before
+    check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
+    assert check.returncode == 0, check.stdout + check.stderr
+    verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
