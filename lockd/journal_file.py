@@ -245,6 +245,9 @@ class FileJournal:
         self._size = 0
         self.path = ""
         """The segment appends go to."""
+        self._snapshot_tried = 0
+        self._snapshot_covered = False
+        """The seq ``on_rotate`` was last called for, and what it answered."""
         self.next_seq = first_seq
         self.bytes_written = 0
         """Bytes appended by this process (the journal metrics count them)."""
@@ -404,12 +407,17 @@ class FileJournal:
         # gap in the middle of the journal that stops start-up.
         self.sync()
         last_seq = self.next_seq - 1
-        covered = False
-        if self.on_rotate is not None:
+        if self.on_rotate is not None and self._snapshot_tried != last_seq:
+            # Once per seq: a rotation the disk refuses is tried again at every append
+            # while it stays full, and each try forked a snapshot child (which failed,
+            # and logged it, for the same seq). A snapshot that failed is taken at the
+            # next rotation, as after any failed one; old segments stay meanwhile.
+            self._snapshot_tried, self._snapshot_covered = last_seq, False
             try:
-                covered = self.on_rotate(last_seq)
+                self._snapshot_covered = self.on_rotate(last_seq)
             except OSError as exc:
                 log.error("journal snapshot at seq %d failed: %s", last_seq, exc)
+        covered = self._snapshot_covered and self._snapshot_tried == last_seq
         self._start_segment(self.next_seq)
         self.last_scan = None
         crash_point("segment-started")

@@ -16,7 +16,7 @@ import pytest
 
 from protocol.client import Client, RemoteError
 from protocol.names import FILES_LOCKSPACE
-from tests.e2e.conftest import DaemonProcess, MakeDaemon
+from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.test_recovery import crash, restart
 from tests.lockprobe import probe
 
@@ -155,6 +155,65 @@ def test_a_full_journal_disk_refuses_acquires_keeps_releases_and_recovers_withou
     restart(daemon)
     listed = json.loads(daemon.lockd("leases", "--json").stdout)
     assert sorted(item["resource"] for item in listed) == before
+    check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
+    assert check.returncode == 0, check.stdout + check.stderr
+    verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def metrics(daemon: DaemonProcess) -> str:
+    done = daemon.lockd("metrics")
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def newest_segment_size(journal_dir: Path) -> int:
+    return sorted(journal_dir.glob("journal-*.cbor"))[-1].stat().st_size
+
+
+def test_a_rotation_refused_by_a_full_disk_leaves_no_debris_and_replays(
+    small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The disk fills up just as the segment is due to rotate: the snapshot and the new
+    segment both fail, at every refused request. They leave no temporary file behind
+    (each kept its part of the space, and an inode); once space is back the rotation
+    goes through, and after SIGKILL the daemon replays to the same leases, its journal
+    checks ok and `lockd verify` is clean."""
+    small_fs(tmp_path / "d" / "journal", "size=256k")
+    config = tmp_path / "lockd.toml"
+    config.write_text("journal_segment_bytes = 4096\njournal_retain_segments = 1\n")
+    daemon = make_daemon("d", None, "--config", str(config))
+    vm = owner_client(daemon, children, "vm1")
+    i = 0
+    while newest_segment_size(daemon.journal_dir) < 4096:  # the next append rotates
+        vm.call("acquire", leases=[lease(f"old{i}")], autocreate=True)
+        i += 1
+    filler = fill(daemon.journal_dir)
+    for n in range(5):
+        with pytest.raises(RemoteError) as refused:
+            vm.call("acquire", leases=[lease(f"new{n}")], autocreate=True)
+        assert refused.value.code == "io-error"
+        assert "No space left on device" in refused.value.message
+    with pytest.raises(RemoteError):
+        vm.call("release", leases=[lease("old0")])
+    assert kernel_state(daemon, "old0") == "busy"
+    wait_for(lambda: 'lockd_journal_snapshots_total{result="failed"} 1' in metrics(daemon))
+    # One snapshot tried for the seq, not one (and a log line) per refused request.
+    assert daemon.log.read_text().count("journal snapshot at seq") == 1
+    assert 'lockd_journal_snapshots_total{result="skipped"} 0' in metrics(daemon)
+
+    filler.unlink()
+    vm.call("release", leases=[lease("old0")])
+    vm.call("acquire", leases=[lease("new0")], autocreate=True)
+    assert len(list(daemon.journal_dir.glob("journal-*.cbor"))) >= 2
+    before = held(vm)
+    vm.close()
+    crash(daemon)
+    restart(daemon)
+    listed = json.loads(daemon.lockd("leases", "--json").stdout)
+    assert sorted(item["resource"] for item in listed) == before
+    assert all(kernel_state(daemon, r) == "busy" for r in before)
     check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
     assert check.returncode == 0, check.stdout + check.stderr
     verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
