@@ -99,6 +99,12 @@ def write_snapshot(directory: str, state: ReplayState) -> str:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except BaseException:
+        # A disk full (or failing) halfway: what was written goes, or each failed try
+        # kept its part until a snapshot succeeded, taking the space that came back.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
     crash_point("snapshot-tmp")

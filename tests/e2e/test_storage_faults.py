@@ -202,6 +202,8 @@ def test_a_rotation_refused_by_a_full_disk_leaves_no_debris_and_replays(
     # One snapshot tried for the seq, not one (and a log line) per refused request.
     assert daemon.log.read_text().count("journal snapshot at seq") == 1
     assert 'lockd_journal_snapshots_total{result="skipped"} 0' in metrics(daemon)
+    debris = [p.name for p in daemon.journal_dir.iterdir() if p.name.endswith(".tmp")]
+    assert debris == []
 
     filler.unlink()
     vm.call("release", leases=[lease("old0")])
