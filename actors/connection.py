@@ -22,7 +22,7 @@ import attrs
 import pykka
 
 from actors.events import JournalEntry, ReleaseReason
-from actors.journal import Published, Subscribe, Subscribed, Unsubscribe
+from actors.journal import Published, Subscribe, Subscribed, Unsubscribe, WriteTrouble
 from actors.lockspace import (
     AcquireLeases,
     Counts,
@@ -141,6 +141,8 @@ class ServerInfo:
     journal: tuple[str, int] | None = None
     """The journal's epoch: its id and the first seq of its timeline (a cut draws a new
     one), in ``status`` and the ``subscribe`` reply; None: not told (in memory)."""
+    journal_trouble: WriteTrouble | None = None
+    """The journal actor's account of refused writes: ``status`` shows a spell."""
 
 
 @attrs.frozen
@@ -1057,8 +1059,18 @@ class ConnectionActor(DispatchedActor):
                     for fence in fencing.fences
                 ],
                 **self._epoch(),
+                **self._journal_error(),
             },
         )
+
+    def _journal_error(self) -> dict[str, Any]:
+        """``{"journal_error": {message, since, refused}}`` while the journal refuses
+        writes (a full or failing disk); {} otherwise."""
+        trouble = self._info.journal_trouble
+        if trouble is None or trouble.error is None:
+            return {}
+        return {"journal_error": {"message": trouble.error, "since": trouble.since,
+                                  "refused": trouble.refused}}  # fmt: skip
 
     def _epoch(self) -> dict[str, Any]:
         """``{"journal": {"id", "from"}}``: the journal's timeline, which a cut renews

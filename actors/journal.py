@@ -121,6 +121,24 @@ class AppendFailed:
     message: str
 
 
+@attrs.define
+class WriteTrouble:
+    """Whether the journal refuses writes now (a full or failing disk), for ``status``:
+    written by the journal actor, read by connections."""
+
+    error: str | None = None
+    """What the last refused write met; None while the journal is written."""
+    since: float = 0.0
+    """When the first refused write of this spell was (wall clock)."""
+    refused: int = 0
+    """Writes refused in this spell (each carried one or more clients' changes)."""
+
+
+TROUBLE_REMINDER_S = 60.0
+"""While the journal stays unwritable, how often the log says so again: one line
+per refused request would flood the log (which may be on the full disk too)."""
+
+
 @attrs.frozen
 class Flush:
     """Self-sent: write every append queued so far."""
@@ -226,8 +244,11 @@ class JournalActor(DispatchedActor):
         state: ReplayState | None = None,
         snapshots: Snapshots | None = None,
         replay_bytes: int = REPLAY_BYTES,
+        trouble: WriteTrouble | None = None,
     ) -> None:
         super().__init__(dispatcher)
+        self.trouble = WriteTrouble() if trouble is None else trouble
+        self._reminded = 0.0
         self._writer = writer
         self._state = state
         """The journal's own fold of what it wrote: the source of snapshots."""
@@ -396,6 +417,29 @@ class JournalActor(DispatchedActor):
             self._state, lambda at, ok: tell_if_alive(ref, SnapshotWritten(at, ok))
         )
 
+    def _refused(self, exc: OSError, now: float) -> None:
+        """Log a refused write: the first of a spell, then once a minute (or when the
+        error changes), not once per request as until 2026-11-27."""
+        trouble = self.trouble
+        trouble.refused += 1
+        if trouble.error is None:
+            trouble.error, trouble.since, self._reminded = str(exc), now, now
+            log.error("journal write failed: %s; every change is refused (io-error) until "
+                      "the journal can be written again, leases held stay held; said again "
+                      "once a minute while it lasts (`lockd status` shows it)", exc)  # fmt: skip
+        elif str(exc) != trouble.error or now - self._reminded >= TROUBLE_REMINDER_S:
+            trouble.error, self._reminded = str(exc), now
+            log.error("journal write still failing: %s; %d writes refused in %.0f s",
+                      exc, trouble.refused, now - trouble.since)  # fmt: skip
+        else:
+            log.debug("journal write failed: %s", exc)
+
+    def _written_again(self, now: float) -> None:
+        trouble = self.trouble
+        log.warning("journal written again after %d refused writes in %.0f s (%s)",
+                    trouble.refused, max(0.0, now - trouble.since), trouble.error)  # fmt: skip
+        trouble.error, trouble.since, trouble.refused = None, 0.0, 0
+
     def _write(self, batch: list[Append]) -> None:
         now = self._clock()
         seq = self._writer.next_seq
@@ -415,13 +459,15 @@ class JournalActor(DispatchedActor):
         except OSError as exc:
             self.failed_writes += 1
             REGISTRY.inc("lockd_journal_write_errors_total")
-            log.error("journal write failed, refusing the changes it carried: %s", exc)
+            self._refused(exc, now)
             for append, _ in groups:
                 if append.reply_to is not None:
                     tell_if_alive(
                         append.reply_to, AppendFailed(append.token, f"journal write failed: {exc}")
                     )
             return
+        if self.trouble.error is not None:
+            self._written_again(now)
         _APPENDS[()] += 1
         _ENTRIES[()] += len(everything)
         _BYTES[()] += getattr(self._writer, "bytes_written", 0) - bytes_before

@@ -380,6 +380,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             timeline = status.get("journal")
             if isinstance(timeline, dict):  # words, not a dict's repr: "{'id': '3f…', ...}"
                 status["journal"] = f"id {timeline.get('id')}, seqs from {timeline.get('from')}"
+            trouble = status.get("journal_error")
+            if isinstance(trouble, dict):
+                since = _when(float(trouble.get("since", 0)))
+                status["journal_error"] = (
+                    f"{trouble.get('message')} (since {since}, {trouble.get('refused')} writes "
+                    "refused: nothing is granted or released until it is written again)"
+                )
             for key, value in status.items():
                 print(f"{key}: {value}")
             if fencing is not None:

@@ -31,7 +31,7 @@ import pykka
 from actors import faults
 from actors.connection import ConnectionActor, HandedOver, ServerInfo
 from actors.events import DaemonStarted, DaemonStopped
-from actors.journal import Append, JournalActor
+from actors.journal import Append, JournalActor, WriteTrouble
 from actors.metrics import REGISTRY
 from actors.owners import OwnersActor
 from actors.recovery import RecoveryActor, RecoveryReport
@@ -247,9 +247,11 @@ class LockSystem:
         )
         d = self.dispatcher
         self.snapshots = SnapshotWriter(config.journal_dir, d)
+        self.journal_trouble = WriteTrouble()
         self.journal = JournalActor.start(
-            d, self.journal_file, sync=config.journal_sync, state=state, snapshots=self.snapshots
-        )
+            d, self.journal_file, sync=config.journal_sync, state=state, snapshots=self.snapshots,
+            trouble=self.journal_trouble,
+        )  # fmt: skip
         self.router = RouterActor.start(
             d,
             lock_dir=config.lock_dir,
@@ -278,7 +280,7 @@ class LockSystem:
         router.adopt_all()  # serve every lockspace directory there is, from the start
         self.info = ServerInfo(
             __version__, os.getpid(), self.serving_since, socket.gethostname(), procs.fd_limit,
-            boot, self.epoch,
+            boot, self.epoch, self.journal_trouble,
         )  # fmt: skip
         RecoveryActor.start(
             d,

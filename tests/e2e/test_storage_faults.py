@@ -220,3 +220,34 @@ def test_a_rotation_refused_by_a_full_disk_leaves_no_debris_and_replays(
     assert check.returncode == 0, check.stdout + check.stderr
     verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_full_journal_disk_is_logged_once_and_shown_in_status(
+    small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """Requests refused while the journal disk is full are logged once, not a line per
+    request (the log may be on that disk too); `lockd status` says the journal cannot
+    be written and since when, and once space is back, the log says it is written
+    again and status no longer names an error."""
+    small_fs(tmp_path / "d" / "journal")
+    daemon = make_daemon("d")
+    vm = owner_client(daemon, children, "vm1")
+    filler = fill(daemon.journal_dir)
+    acquire_until_refused(vm, "a")
+    for n in range(20):
+        with pytest.raises(RemoteError):
+            vm.call("acquire", leases=[lease(f"b{n}")], autocreate=True)
+    status = daemon.lockd("status")
+    assert status.returncode == 0, status.stderr
+    assert "journal_error: [Errno 28] No space left on device" in status.stdout, status.stdout
+    assert "21 writes refused" in status.stdout, status.stdout
+    errors = [line for line in daemon.log.read_text().splitlines() if "ERROR" in line]
+    assert len(errors) == 1, errors
+    assert "No space left on device" in errors[0]
+
+    filler.unlink()
+    vm.call("acquire", leases=[lease("b0")], autocreate=True)
+    assert "journal written again after 21 refused writes" in daemon.log.read_text()
+    status = daemon.lockd("status", "--json")
+    assert "journal_error" not in json.loads(status.stdout)

@@ -1,0 +1,52 @@
+"""A journal that cannot be written (a full disk): said once, again once a minute while it
+lasts, and once when it is written again; not a log line per refused request."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from actors.events import DaemonStopped
+from actors.journal import Append, JournalActor
+from actors.runtime import Dispatcher
+from tests.actors.harness import Clock, MemoryJournal
+
+
+def test_a_journal_that_stays_unwritable_is_logged_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    dispatcher = Dispatcher(clock=clock)
+    writer = MemoryJournal()
+    ref = JournalActor.start(dispatcher, writer, host="test", clock=clock)
+    actor = ref._actor_weakref()
+    assert isinstance(actor, JournalActor)
+
+    def append() -> None:
+        ref.tell(Append((DaemonStopped("test"),), 0, None))
+        dispatcher.run_until_idle()
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+    caplog.set_level(logging.INFO, logger="actors.journal")
+    writer.fail = True
+    for _ in range(50):
+        append()
+        clock.now += 1
+    assert len(errors()) == 1
+    assert "No space left on device" in errors()[0]
+    assert actor.trouble.refused == 50
+    assert actor.trouble.since == 1000.0
+    clock.now += 10  # 60 s since the first refused write
+    append()
+    assert len(errors()) == 2
+    assert "51 writes refused in 60 s" in errors()[1]
+
+    writer.fail = False
+    append()
+    assert "journal written again after 51 refused writes in 60 s" in caplog.text
+    assert actor.trouble.error is None
+    ref.stop(block=False)
+    dispatcher.run_until_idle()
