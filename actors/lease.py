@@ -65,6 +65,11 @@ def open_failure(exc: OSError) -> str:
         )
     elif exc.errno == errno.ENFILE:
         text = "cannot open lease file: the system is out of file descriptors (fs.file-max)"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot create lease file: {exc} (the lock directory's filesystem is full, "\
+            "or out of inodes: df -h, df -i)"  # fmt: skip
+    elif exc.errno == errno.EROFS:
+        return f"cannot open lease file: {exc} (the lock directory is mounted read-only)"
     else:
         return f"cannot open lease file: {exc}"
     if _fd_warnings.ready():

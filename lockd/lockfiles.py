@@ -178,9 +178,20 @@ class LockspaceDir:
         """Close the directory fd; open lease fds are unaffected."""
         os.close(self._dirfd)
 
+    def _open(self, name: str, flags: int) -> int:
+        """Open ``name`` in the lockspace; an error names the whole path: opened through
+        the directory fd, it named only the file (``[Errno 28] No space left on device:
+        'r15'``), not which lockspace directory, on which filesystem, was full."""
+        try:
+            return os.open(name, flags, LEASE_FILE_MODE, dir_fd=self._dirfd)
+        except OSError as exc:
+            if exc.errno is None:
+                raise
+            raise type(exc)(exc.errno, exc.strerror, os.path.join(self.path, name)) from None
+
     def _index_locked(self) -> int:
         """Open and exclusively lock the index file; the caller closes the fd to unlock."""
-        fd = os.open(INDEX_NAME, _OPEN_FLAGS | os.O_CREAT, LEASE_FILE_MODE, dir_fd=self._dirfd)
+        fd = self._open(INDEX_NAME, _OPEN_FLAGS | os.O_CREAT)
         _plain_file(fd, INDEX_NAME)
         try:
             try_lock(fd, shared=False)
@@ -198,11 +209,11 @@ class LockspaceDir:
         """
         self.follow_path()  # never a stale directory: another host uses the one there now
         if not create:
-            fd = os.open(name, _OPEN_FLAGS, dir_fd=self._dirfd)
+            fd = self._open(name, _OPEN_FLAGS)
         else:
             index = self._index_locked()
             try:
-                fd = os.open(name, _OPEN_FLAGS | os.O_CREAT, LEASE_FILE_MODE, dir_fd=self._dirfd)
+                fd = self._open(name, _OPEN_FLAGS | os.O_CREAT)
             finally:
                 os.close(index)
         st = _plain_file(fd, name)

@@ -251,3 +251,81 @@ def test_a_full_journal_disk_is_logged_once_and_shown_in_status(
     assert "journal written again after 21 refused writes" in daemon.log.read_text()
     status = daemon.lockd("status", "--json")
     assert "journal_error" not in json.loads(status.stdout)
+
+
+def use_up_inodes(directory: Path) -> list[Path]:
+    """Create empty files in the small filesystem at ``directory`` until it has no inode
+    left (the way a lock directory full of lease files meets its end); the files."""
+    assert os.path.ismount(directory), f"{directory} is no mount: not filling it"
+    made: list[Path] = []
+    while True:
+        path = directory / f"filler-{len(made)}"
+        try:
+            path.touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc  # noqa: PT017 - the loop's end
+            return made
+        made.append(path)
+
+
+def test_a_lease_file_that_cannot_be_created_in_a_full_lock_dir_names_the_directory(
+    small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The lock directory's filesystem has no inode left: an acquire of a new disk gets
+    `io-error` naming the lockspace directory and the full filesystem, no lease is
+    reported, and the leases held stay held and can be released; once room is made,
+    the acquire goes through without a restart."""
+    locks = small_fs(tmp_path / "locks", "size=256k", "nr_inodes=64")
+    daemon = make_daemon("d", locks)
+    vm = owner_client(daemon, children, "vm1")
+    vm.call("acquire", leases=[lease("held")], autocreate=True)
+    fillers = use_up_inodes(locks)
+
+    with pytest.raises(RemoteError) as refused:
+        vm.call("acquire", leases=[lease("new")], autocreate=True)
+    assert refused.value.code == "io-error"
+    message = refused.value.message
+    assert str(locks / FILES_LOCKSPACE / "new") in message, message
+    assert "No space left on device" in message, message
+    assert "out of inodes" in message, message
+    assert held(vm) == ["held"]
+    assert kernel_state(daemon, "held") == "busy"
+    with daemon.client("other") as other:
+        assert other.call("status")["leases"] == 1
+
+    vm.call("release", leases=[lease("held")])
+    assert kernel_state(daemon, "held") != "busy"
+    for path in fillers[:4]:
+        path.unlink()
+    vm.call("acquire", leases=[lease("new")], autocreate=True)
+    assert kernel_state(daemon, "new") == "busy"
+    assert held(vm) == ["new"]
+
+
+def test_a_read_only_lock_dir_refuses_acquires_naming_it_until_it_is_writable(
+    small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The lock directory is remounted read-only: an acquire, of an existing lease file
+    or a new one, gets `io-error` naming the path and saying read-only; nothing is
+    held. Mounted read-write again, the same acquire goes through, no restart."""
+    locks = small_fs(tmp_path / "locks")
+    daemon = make_daemon("d", locks)
+    vm = owner_client(daemon, children, "vm1")
+    vm.call("create-resource", lockspace=FILES_LOCKSPACE, resource="there")
+    remount = ["mount", "-o", "remount,ro", str(locks)]
+    subprocess.run(remount, check=True)
+    try:
+        for resource in ("there", "new"):
+            with pytest.raises(RemoteError) as refused:
+                vm.call("acquire", leases=[lease(resource)], autocreate=True)
+            assert refused.value.code == "io-error"
+            assert str(locks / FILES_LOCKSPACE) in refused.value.message
+            assert "mounted read-only" in refused.value.message
+        assert held(vm) == []
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(locks)], check=True)
+    vm.call("acquire", leases=[lease("there"), lease("new")], autocreate=True)
+    assert held(vm) == ["new", "there"]
+    assert kernel_state(daemon, "new") == "busy"
