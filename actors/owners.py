@@ -193,6 +193,8 @@ class _RetryRelease:
     owner: OwnerKey
     conn: int
     reason: ReleaseReason
+    tries: int = 0
+    """Tries the journal refused so far (a full disk): only the first is logged."""
 
 
 @attrs.frozen
@@ -479,16 +481,28 @@ class OwnersActor(DispatchedActor):
 
     def _released(self, message: OwnerReleased) -> None:
         release = self._releasing.pop(message.token, None)
-        if release is None or not message.failed:
+        if release is None:
             return
-        log.error(
-            "could not journal the release of pid %d's leases in %s; retrying",
+        if not message.failed:
+            if release.tries:
+                log.info("journaled the release of pid %d's leases after %d refused tries",
+                         release.owner.pid, release.tries)  # fmt: skip
+            return
+        # Said once per owner, not at every retry: with the journal's disk full, each
+        # owner gone meanwhile logged a line a second until it was written (the
+        # journal's own log says when it is written again).
+        log.log(
+            logging.ERROR if release.tries == 0 else logging.DEBUG,
+            "could not journal the release of pid %d's leases in %s; retrying every %g s "
+            "(the leases stay held until it is journaled)",
             release.owner.pid,
             ", ".join(message.failed),
+            RELEASE_RETRY_SECONDS,
         )
         ref = self.actor_ref
         self.retries_pending += 1
-        self.dispatcher.call_later(RELEASE_RETRY_SECONDS, lambda: tell_if_alive(ref, release))
+        again = attrs.evolve(release, tries=release.tries + 1)
+        self.dispatcher.call_later(RELEASE_RETRY_SECONDS, lambda: tell_if_alive(ref, again))
 
     # -- a dropped connection -------------------------------------------------------
     def _connection_closed(self, message: ConnectionClosed) -> None:
@@ -622,9 +636,12 @@ class OwnersActor(DispatchedActor):
             # Sent all the same: better a fenced VM than one writing a disk it lost.
             # The record is written again until it is in, so that a crash after
             # the journal heals still leaves the next daemon this fence.
-            log.error("could not journal fencing %s with %s: %s; %s, and the record retried",
-                      pending.owner.describe(), signal.Signals(pending.signum).name,
-                      message.message, "sending it anyway" if send else "sent")  # fmt: skip
+            # Logged at the first refusal only (send): a retry refused again (the
+            # disk still full) logged a line a second per fence.
+            log.log(logging.ERROR if send else logging.DEBUG,
+                    "could not journal fencing %s with %s: %s; %s, and the record retried",
+                    pending.owner.describe(), signal.Signals(pending.signum).name,
+                    message.message, "sending it anyway" if send else "sent")  # fmt: skip
             ref = self.actor_ref
             self.dispatcher.call_later(
                 RELEASE_RETRY_SECONDS, lambda: tell_if_alive(ref, _Record(pending))

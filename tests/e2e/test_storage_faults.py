@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -110,7 +111,12 @@ def lease_path(daemon: DaemonProcess, resource: str) -> Path:
 def kernel_state(daemon: DaemonProcess, resource: str) -> str:
     """ "busy" if a lock is held on the lease file, "free", or "absent" (no file)."""
     path = lease_path(daemon, resource)
-    return probe(path, "ofd") if path.exists() else "absent"
+    try:
+        return probe(path, "ofd") if path.exists() else "absent"
+    except subprocess.CalledProcessError:
+        if path.exists():
+            raise
+        return "absent"  # deleted between the look and the probe (a release ended it)
 
 
 def test_a_full_journal_disk_refuses_acquires_keeps_releases_and_recovers_without_restart(
@@ -329,3 +335,109 @@ def test_a_read_only_lock_dir_refuses_acquires_naming_it_until_it_is_writable(
     vm.call("acquire", leases=[lease("there"), lease("new")], autocreate=True)
     assert held(vm) == ["new", "there"]
     assert kernel_state(daemon, "new") == "busy"
+
+
+def write_errors(daemon: DaemonProcess) -> int:
+    """``lockd_journal_write_errors_total``: one per refused journal write."""
+    for line in metrics(daemon).splitlines():
+        if line.startswith("lockd_journal_write_errors_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no lockd_journal_write_errors_total")
+
+
+def errors_saying(daemon: DaemonProcess, text: str) -> int:
+    """How many ERROR lines of the daemon's log say ``text`` (the tests run it --verbose:
+    its DEBUG lines say it too)."""
+    return sum(
+        1 for line in daemon.log.read_text().splitlines() if "ERROR" in line and text in line
+    )
+
+
+def test_an_owner_that_exits_while_the_journal_disk_is_full_is_released_once_space_is_back(
+    small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """A VM exits while its release cannot be journaled: the lease stays held (never
+    dropped unrecorded), the refusal is logged once however often it is retried, and
+    once space is back the lease is released without a restart."""
+    small_fs(tmp_path / "d" / "journal")
+    daemon = make_daemon("d")
+    vm = owner_client(daemon, children, "vm1")
+    vm.call("acquire", leases=[lease("disk")], autocreate=True)
+    filler = fill(daemon.journal_dir)
+    acquire_until_refused(vm, "pad")
+    listed = held(vm)
+    refused = write_errors(daemon)
+    children[-1].kill()
+    children[-1].wait()
+    wait_for(lambda: write_errors(daemon) >= refused + 3)  # the release, retried twice
+    assert kernel_state(daemon, "disk") == "busy"
+    assert errors_saying(daemon, "could not journal the release") == 1
+
+    filler.unlink()
+    wait_for(lambda: all(kernel_state(daemon, r) != "busy" for r in listed))
+    assert json.loads(daemon.lockd("leases", "--json").stdout) == []
+    assert "journaled the release of pid" in daemon.log.read_text()
+
+
+_OWNER = """
+import os, signal, sys, time, uuid
+from protocol.client import Client
+def term(*_):
+    print("got SIGTERM", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, term)
+c = Client(sys.argv[1])
+c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()})
+c.call("acquire", leases=[{"lockspace": "org.libvirt.lockd.files", "resource": "r1"}],
+       autocreate=True)
+print("held", flush=True)
+sys.stdin.readline()
+c.close()
+time.sleep(60)
+"""
+
+
+def test_a_fence_whose_record_the_full_journal_refuses_still_signals(
+    small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """A VM drops its own connection while the journal disk is full: its `owner-fenced`
+    record is refused, the SIGTERM goes all the same (recovery.md), the refusals are
+    logged once each, and once space is back its lease is released; killed and
+    started again, the daemon holds nothing, its journal checks ok, verify is clean."""
+    small_fs(tmp_path / "d" / "journal")
+    daemon = make_daemon("d")
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _OWNER, str(daemon.socket)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    children.append(owner)  # type: ignore[arg-type]
+    assert owner.stdin is not None
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == "held"
+    filler = fill(daemon.journal_dir)
+    pad = owner_client(daemon, children, "pad")
+    acquire_until_refused(pad, "pad")
+    with pytest.raises(RemoteError):
+        pad.call("release", leases=[lease(r) for r in held(pad)])  # refused: they stay
+    refused = write_errors(daemon)
+
+    owner.stdin.write("close\n")
+    owner.stdin.flush()
+    assert owner.stdout.readline().strip() == "got SIGTERM"
+    assert owner.wait(10) == 0
+    wait_for(lambda: write_errors(daemon) >= refused + 4)  # fence record, release, retries
+    assert kernel_state(daemon, "r1") == "busy"
+    assert errors_saying(daemon, "could not journal fencing") == 1
+    assert errors_saying(daemon, "could not journal the release") == 1
+
+    filler.unlink()
+    wait_for(lambda: kernel_state(daemon, "r1") != "busy")
+    crash(daemon)
+    restart(daemon)
+    assert "r1" not in daemon.lockd("leases").stdout
+    check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
+    assert check.returncode == 0, check.stdout + check.stderr
+    verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
