@@ -136,9 +136,15 @@ def _write_durably(directory: str, name: str, data: bytes) -> None:
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        if os.write(fd, data) != len(data):
-            raise OSError(f"short write of {tmp}")
+        written = 0
+        while written < len(data):  # until done, or the kernel says why not (ENOSPC)
+            written += os.write(fd, data[written:])
         os.fsync(fd)
+    except BaseException:
+        # Refused (a full disk): no temporary is left behind, holding what it got.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
     os.rename(tmp, path)

@@ -441,3 +441,28 @@ def test_a_fence_whose_record_the_full_journal_refuses_still_signals(
     assert check.returncode == 0, check.stdout + check.stderr
     verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_a_daemon_started_on_a_full_journal_disk_serves_and_leaves_no_debris(
+    small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """Started with its journal's disk full (and its `.boot` to write again): the daemon
+    serves, recovers the lease held, refuses changes with `io-error`, and leaves no
+    temporary file in the journal directory; once space is back it takes changes."""
+    small_fs(tmp_path / "d" / "journal")
+    daemon = make_daemon("d")
+    vm = owner_client(daemon, children, "vm1")
+    vm.call("acquire", leases=[lease("disk")], autocreate=True)
+    vm.close()
+    crash(daemon)
+    (daemon.journal_dir / ".boot").unlink()  # as an older lockd left it: written at start
+    filler = fill(daemon.journal_dir)
+    restart(daemon)
+    assert kernel_state(daemon, "disk") == "busy"
+    assert "disk" in daemon.lockd("leases").stdout
+    debris = [p.name for p in daemon.journal_dir.iterdir() if p.name.endswith(".tmp")]
+    assert debris == []
+    filler.unlink()
+    with daemon.client("other") as other:
+        other.call("create-resource", lockspace=FILES_LOCKSPACE, resource="later")
