@@ -268,6 +268,8 @@ class JournalActor(DispatchedActor):
         self._count_subscribers()  # exported at 0 from the start
         self.failed_writes = 0
         self.failed_syncs = 0
+        self._syncs_failing = 0
+        """fdatasyncs failed since the last that worked."""
 
     def on_receive(self, message: Any) -> Any:
         if isinstance(message, Append):
@@ -480,14 +482,25 @@ class JournalActor(DispatchedActor):
                 # The records are written: the state they describe is what the
                 # daemon now holds, so the changes stand. Only host-crash
                 # durability of these seqs is lost; say so loudly.
+                # Logged at the first of a run of failures (a failing disk fails
+                # every sync: until 2026-11-27 each request logged a line), then
+                # counted only, until a sync works again.
                 self.failed_syncs += 1
                 REGISTRY.inc("lockd_journal_sync_errors_total")
-                log.error(
+                log.log(
+                    logging.DEBUG if self._syncs_failing else logging.ERROR,
                     "journal fdatasync failed after seq %d was written: %s; the changes stand "
-                    "but may not survive a host crash",
+                    "but may not survive a host crash (further failures are counted in "
+                    "lockd_journal_sync_errors_total, not logged, until one works)",
                     everything[-1].seq,
                     exc,
                 )
+                self._syncs_failing += 1
+            else:
+                if self._syncs_failing:
+                    log.warning("journal fdatasync works again after %d failed",
+                                self._syncs_failing)  # fmt: skip
+                    self._syncs_failing = 0
         if self._state is not None:
             for entry in everything:
                 self._state.fold(entry)

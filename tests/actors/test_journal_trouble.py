@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from actors.events import DaemonStopped
-from actors.journal import Append, JournalActor
+from actors.journal import Append, JournalActor, SyncPolicy
 from actors.runtime import Dispatcher
 from tests.actors.harness import Clock, MemoryJournal
 
@@ -48,5 +48,42 @@ def test_a_journal_that_stays_unwritable_is_logged_once_a_minute(
     append()
     assert "journal written again after 51 refused writes in 60 s" in caplog.text
     assert actor.trouble.error is None
+    ref.stop(block=False)
+    dispatcher.run_until_idle()
+
+
+class FailingSync(MemoryJournal):
+    """Writes go through; fdatasync fails while ``sync_fails`` (a disk failing EIO)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sync_fails = True
+
+    def sync(self) -> None:
+        if self.sync_fails:
+            raise OSError(5, "Input/output error")
+        super().sync()
+
+
+def test_failing_fdatasyncs_are_logged_once_until_one_works(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With journal_sync = always on a disk whose syncs fail, every change still stands;
+    the log says so once, not once per request, and says when a sync works again."""
+    dispatcher = Dispatcher(clock=Clock())
+    writer = FailingSync()
+    ref = JournalActor.start(dispatcher, writer, sync=SyncPolicy.ALWAYS, host="test")
+    caplog.set_level(logging.INFO, logger="actors.journal")
+    for _ in range(30):
+        ref.tell(Append((DaemonStopped("test"),), 0, None))
+        dispatcher.run_until_idle()
+    assert len(writer.entries) == 30  # the changes stand
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "Input/output error" in errors[0]
+    writer.sync_fails = False
+    ref.tell(Append((DaemonStopped("test"),), 0, None))
+    dispatcher.run_until_idle()
+    assert "journal fdatasync works again after 30 failed" in caplog.text
     ref.stop(block=False)
     dispatcher.run_until_idle()
