@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -19,7 +20,7 @@ from protocol.client import Client, RemoteError
 from protocol.names import FILES_LOCKSPACE
 from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.test_recovery import crash, restart
-from tests.lockprobe import probe
+from tests.lockprobe import probe, start_watch, stop_watch
 
 pytestmark = pytest.mark.e2e
 
@@ -466,3 +467,33 @@ def test_a_daemon_started_on_a_full_journal_disk_serves_and_leaves_no_debris(
     filler.unlink()
     with daemon.client("other") as other:
         other.call("create-resource", lockspace=FILES_LOCKSPACE, resource="later")
+
+
+def test_a_reexec_on_a_full_journal_disk_keeps_every_lock(
+    small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """SIGUSR1 while the journal's disk is full (the new program's `daemon-started` and
+    `recovery-completed` refused): it takes over with the lease never seen free,
+    serves the connection it was handed, and takes the refused release once space is
+    back."""
+    small_fs(tmp_path / "d" / "journal")
+    daemon = make_daemon("d")
+    vm = owner_client(daemon, children, "vm1")
+    vm.call("acquire", leases=[lease("disk")], autocreate=True)
+    filler = fill(daemon.journal_dir)
+    acquire_until_refused(vm, "pad")
+    watcher = start_watch(lease_path(daemon, "disk"))
+    children.append(watcher)  # type: ignore[arg-type]
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: daemon.log.read_text().count(" serving ") == 2)
+    tries, free = stop_watch(watcher)
+    assert tries > 0
+    assert free == 0, f"the lock was seen free {free} times during the re-exec"
+    assert vm.call("status")["pid"] == daemon.proc.pid
+    with pytest.raises(RemoteError):
+        vm.call("release", leases=[lease("disk")])
+    filler.unlink()
+    vm.call("release", leases=[lease("disk")])
+    assert kernel_state(daemon, "disk") != "busy"
