@@ -248,6 +248,7 @@ class JournalActor(DispatchedActor):
     ) -> None:
         super().__init__(dispatcher)
         self.trouble = WriteTrouble() if trouble is None else trouble
+        REGISTRY.set("lockd_journal_refusing", 0)  # exported from the start
         self._reminded = 0.0
         self._writer = writer
         self._state = state
@@ -426,6 +427,7 @@ class JournalActor(DispatchedActor):
         trouble.refused += 1
         if trouble.error is None:
             trouble.error, trouble.since, self._reminded = str(exc), now, now
+            REGISTRY.set("lockd_journal_refusing", 1)
             log.error("journal write failed: %s; every change is refused (io-error) until "
                       "the journal can be written again, leases held stay held; said again "
                       "once a minute while it lasts (`lockd status` shows it)", exc)  # fmt: skip
@@ -441,6 +443,7 @@ class JournalActor(DispatchedActor):
         log.warning("journal written again after %d refused writes in %.0f s (%s)",
                     trouble.refused, max(0.0, now - trouble.since), trouble.error)  # fmt: skip
         trouble.error, trouble.since, trouble.refused = None, 0.0, 0
+        REGISTRY.set("lockd_journal_refusing", 0)
 
     def _write(self, batch: list[Append]) -> None:
         now = self._clock()

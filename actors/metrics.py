@@ -49,6 +49,11 @@ HELP = {
         "Subscriber replays cut short by a journal read error (damage, or a passing one "
         "that lasted 5 s): a gap in a subscriber's feed.",
     ),
+    "lockd_journal_refusing": (
+        "gauge",
+        "1 while the journal cannot be written (a full or failing disk): every change is "
+        "refused with io-error; 0 otherwise.",
+    ),
     "lockd_event_subscribers": (
         "gauge",
         "Connections subscribed to the event feed: live, or catching up from an earlier seq.",

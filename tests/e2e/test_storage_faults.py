@@ -249,6 +249,7 @@ def test_a_full_journal_disk_is_logged_once_and_shown_in_status(
     assert status.returncode == 0, status.stderr
     assert "journal_error: [Errno 28] No space left on device" in status.stdout, status.stdout
     assert "21 writes refused" in status.stdout, status.stdout
+    assert "lockd_journal_refusing 1" in metrics(daemon)
     errors = [line for line in daemon.log.read_text().splitlines() if "ERROR" in line]
     assert len(errors) == 1, errors
     assert "No space left on device" in errors[0]
@@ -258,6 +259,7 @@ def test_a_full_journal_disk_is_logged_once_and_shown_in_status(
     assert "journal written again after 21 refused writes" in daemon.log.read_text()
     status = daemon.lockd("status", "--json")
     assert "journal_error" not in json.loads(status.stdout)
+    assert "lockd_journal_refusing 0" in metrics(daemon)
 
 
 def use_up_inodes(directory: Path) -> list[Path]:
