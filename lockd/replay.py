@@ -47,6 +47,7 @@ def replay(journal: FileJournal, snapshot: ReplayState | None) -> tuple[ReplaySt
                     ) from None
                 replayed += 1
     journal.last_scan = None  # recovery has what it needs; free the memory
+    state.replayed()
     if state.seq != journal.next_seq - 1:
         raise JournalCorruptError(
             0, f"{directory}: replay ends at seq {state.seq}, the journal at {journal.next_seq - 1}"
