@@ -124,6 +124,44 @@ def test_timers_fire_in_deadline_order_and_can_be_cancelled() -> None:
     d.close()
 
 
+class _Held:
+    """Stands for what a timer's closure keeps alive (a connection's ref and inbox)."""
+
+
+def test_cancelled_timers_let_go_at_once_and_the_rest_fire_in_order() -> None:
+    """Thousands of long timers cancelled (closed connections' idle checks): what each
+    would have run is freed at the cancel, not at its deadline, and every timer not
+    cancelled still fires once, in deadline order, however the queue was cut down."""
+    clock = Clock()
+    d = Dispatcher(clock=clock)
+    fired: list[int] = []
+    held: list[weakref.ref[_Held]] = []
+
+    def later(i: int) -> Any:
+        thing = _Held()
+        held.append(weakref.ref(thing))
+
+        def run() -> None:
+            assert thing is not None
+            fired.append(i)
+
+        return d.call_later(60.0 + (i * 7919 % 3000) / 100, run)
+
+    timers = [later(i) for i in range(3000)]
+    kept = {i for i in range(3000) if i % 10 == 3}
+    for i, timer in enumerate(timers):
+        if i not in kept:
+            timer.cancel()
+            timer.cancel()  # twice: harmless
+    gc.collect()
+    assert [i for i, ref in enumerate(held) if ref() is not None] == sorted(kept)
+    clock.now = 200.0
+    d.run_until_idle()
+    assert fired == sorted(kept, key=lambda i: (i * 7919 % 3000, i))
+    timers[3].cancel()  # after it ran: harmless
+    d.close()
+
+
 def test_tell_to_a_stopped_actor_raises_actor_dead(dispatcher: Dispatcher) -> None:
     """A tell after the stop is refused at once, as pykka's own refs refuse it."""
     ref = Recorder.start(dispatcher, [])
