@@ -50,7 +50,7 @@ from actors.router import (
     OwnerReleased,
     ReleaseOwnerEverywhere,
 )
-from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
+from actors.runtime import DispatchedActor, Dispatcher, Timer, tell_if_alive
 from protocol import messages as m
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
@@ -320,6 +320,7 @@ class ConnectionActor(DispatchedActor):
         )
         self._log_control = log_control
         self._idle_timeout = idle_timeout
+        self._idle_timer: Timer | None = None
         self._quiesce_to: pykka.ActorRef[Any] | None = None
         self._waiting_retry = False
         self._restored = restored
@@ -348,7 +349,9 @@ class ConnectionActor(DispatchedActor):
 
     def _check_idle_later(self) -> None:
         ref = self.actor_ref
-        self.dispatcher.call_later(self._idle_timeout, lambda: tell_if_alive(ref, _IdleCheck()))
+        self._idle_timer = self.dispatcher.call_later(
+            self._idle_timeout, lambda: tell_if_alive(ref, _IdleCheck())
+        )
 
     def _resume(self, restored: HandedOver) -> None:
         """Carry on a connection the previous process handed over (re-exec)."""
@@ -378,6 +381,9 @@ class ConnectionActor(DispatchedActor):
             return
         self._closed = True
         self._closed_by_admin = admin
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()  # not left queued for the rest of idle_timeout
+            self._idle_timer = None
         self._transport.close()
         self._router.tell(ClientGone(self.conn_id))
         if self._subscribed:
