@@ -69,6 +69,7 @@ from lockd.server import (
     SocketTransport,
     bind_unix,
     conn_ids,
+    refusals,
     refuse,
     refuse_if_served,
 )
@@ -749,7 +750,9 @@ class Daemon:
             else (self._clients, self.config.max_clients, "max_clients")
         )
         if count >= limit:
-            log.warning("refused a connection from pid %d: %s (%d) reached", peer[0], key, limit)
+            refusals.warn(
+                log, key, "refused a connection from pid %d: %s (%d) reached", peer[0], key, limit
+            )
             refuse(
                 sock,
                 ErrorCode.BUSY,
@@ -761,7 +764,8 @@ class Daemon:
             # The last eighth is the daemon's own uid's: another uid (allowed_uids) holding
             # every connection (registered ones never idle out) left root's VM manager
             # refused, and no VM could start.
-            log.warning(
+            refusals.warn(
+                log, f"{key}-kept",
                 "refused a connection from pid %d uid %d: the last %d of %s (%d) are kept "
                 "for uid %d", peer[0], peer[1], kept, key, limit, os.getuid(),
             )  # fmt: skip

@@ -18,6 +18,7 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -291,6 +292,48 @@ class SocketTransport:
         return data
 
 
+REFUSAL_LOG_SECONDS = 60.0
+"""At most one log warning per this period for each kind of refused connection."""
+
+
+class RefusalLog:
+    """Warnings about refused connections, at most one per :data:`REFUSAL_LOG_SECONDS`
+    for each kind, the next one saying how many were not logged meanwhile.
+
+    A client refused in a loop (a manager retrying at ``max_clients``, a uid not in
+    ``allowed_uids`` that can reach the socket) wrote a line per attempt: thousands a
+    second, an operator's disk filled, or journald's rate limit reached, which then
+    drops lockd's own fencing and lease-lost lines too."""
+
+    def __init__(
+        self,
+        period: float = REFUSAL_LOG_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._period = period
+        self._clock = clock
+        self._quiet_until: dict[str, float] = {}
+        self._not_logged: dict[str, int] = {}
+
+    def warn(self, logger: logging.Logger, kind: str, message: str, *args: object) -> None:
+        """Log ``message`` (``%`` style, with ``args``) unless one of ``kind`` was logged in
+        the last period; a few kinds, each one entry."""
+        now = self._clock()
+        if now < self._quiet_until.get(kind, now):
+            self._not_logged[kind] = self._not_logged.get(kind, 0) + 1
+            return
+        self._quiet_until[kind] = now + self._period
+        missed = self._not_logged.pop(kind, 0)
+        if missed:
+            message += "; %d more refused so since the last such line, not logged"
+            args = (*args, missed)
+        logger.warning(message, *args)
+
+
+refusals = RefusalLog()
+"""The daemon's: its listeners' and the client limits' refusals."""
+
+
 def refuse(conn: socket.socket, code: ErrorCode, message: str) -> None:
     """Tell a connection why it is turned away (one error frame, id null), then close it."""
     with contextlib.suppress(OSError):
@@ -402,9 +445,10 @@ class Listener:
             conn.setblocking(False)
             peer = peer_credentials(conn)
             if peer[1] not in self._allowed:
-                log.warning(
-                    "refused a connection from pid %d uid %d: uid not allowed", peer[0], peer[1]
-                )
+                refusals.warn(
+                    log, f"uid-{self.admin}",
+                    "refused a connection from pid %d uid %d: uid not allowed", peer[0], peer[1],
+                )  # fmt: skip
                 what = (
                     "this daemon's admin socket (only the daemon's own uid may)"
                     if self.admin

@@ -458,6 +458,24 @@ def test_max_clients(make_daemon: MakeDaemon, tmp_path: Path) -> None:
         assert second.call("status")["clients"] == 2
 
 
+def test_a_client_refused_in_a_loop_does_not_fill_the_log(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """A manager that retries at once when refused at max_clients is told why every
+    time, but the log says so once (then at most once a minute, with how many were not
+    logged): a line per attempt filled an operator's disk, or journald's rate limit,
+    which then dropped lockd's fencing lines too."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("max_clients = 2\n")
+    daemon = make_daemon("small", None, "--config", str(config))
+    with daemon.client() as first, daemon.client():
+        for _ in range(300):
+            with pytest.raises(RemoteError, match="max_clients=2"):
+                Client(str(daemon.socket))
+        assert first.call("status")["clients"] == 2
+    assert daemon.log.read_text().count("refused a connection") == 1
+
+
 def test_sigterm_releases_nothing_and_journals_the_stop(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import threading
 from collections.abc import Iterator
@@ -198,3 +199,25 @@ def test_a_socket_whose_daemon_does_not_accept_is_refused_not_waited_on(
     finally:
         for s in (hung, *waiting):
             s.close()
+
+
+def test_refusals_are_logged_once_a_minute_per_kind_with_the_count_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first refusal of each kind is logged at once; more of it within the minute are
+    only counted, and the next line after the minute says how many there were."""
+    now = [0.0]
+    refusals = server.RefusalLog(60.0, clock=lambda: now[0])
+    logger = logging.getLogger("lockd.test-refusals")
+    with caplog.at_level(logging.WARNING, logger="lockd.test-refusals"):
+        for _ in range(50):
+            refusals.warn(logger, "max_clients", "refused pid %d", 7)
+            now[0] += 1.0
+        refusals.warn(logger, "uid-False", "refused uid %d", 1000)
+        now[0] += 11.0
+        refusals.warn(logger, "max_clients", "refused pid %d", 8)
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused pid 7",
+        "refused uid 1000",
+        "refused pid 8; 49 more refused so since the last such line, not logged",
+    ]
