@@ -902,6 +902,8 @@ class LockspaceActor(DispatchedActor):
         for resource in resources:
             if self.fds.pop(resource, None) is not None and self._fd_store is not None:
                 self._fd_store.remove(self.name, resource)
+            # Taken again later and tampered with again, it is warned about again.
+            self._link_warned.discard(resource)
             ref = self._leases.pop(resource, None)
             if ref is not None:
                 ref.tell(DropLock(unlink))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
@@ -1283,6 +1284,31 @@ def test_a_replaced_lockspace_directory_gets_the_held_leases_files_again(
     assert listed(a) == {(FILES_LOCKSPACE, path.name): ("exclusive", (vm.pid,))}
     assert "was replaced: its lease files are opened in the new one" in a.log.read_text()
     check_all([a, b])
+
+
+def test_a_lease_tampered_with_again_after_a_release_is_warned_about_again(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A held lease's file replaced by a symlink is warned about once (lockd tries again
+    each round). Released and taken again, then tampered with again, it is a new event
+    the operator must see: the lockspace still holding another lease kept the first
+    warning's mark, and the second went unlogged."""
+    start_run(daemon, children, "--disk", "/vm/b.img", "--name", "vm2")
+    path = lease_file(daemon, "/vm/a.img")
+    warning = "cannot lock its file again yet"
+
+    def warned(times: int) -> bool:
+        return daemon.log.read_text().count(warning) == times
+
+    for round_ in (1, 2):
+        vm = start_run(daemon, children, "--disk", "/vm/a.img", "--name", "vm1")
+        path.unlink()
+        path.symlink_to(tmp_path / "elsewhere")
+        wait_for(functools.partial(warned, round_), timeout=5)
+        vm.kill()
+        vm.wait()
+        wait_for(lambda: path.name not in {r for _, r in listed(daemon)}, timeout=5)
+        path.unlink()
 
 
 _THIEF = """
