@@ -832,6 +832,19 @@ class ConnectionActor(DispatchedActor):
 
     def _retry(self, job: _Acquisition) -> None:
         self._waiting_retry = False
+        owner = self._owner
+        assert owner is not None
+        if self._processes.start_time(owner.pid) != owner.start_time:
+            # Waiting on for a process that has exited would take the lease when it
+            # frees, away from live waiters, only for the owners actor to release it
+            # again, and answer success to a caller whose VM is gone.
+            REGISTRY.inc("lockd_acquires_total", result=ErrorCode.NOT_FOUND.value)
+            self._error(
+                job.request,
+                ErrorCode.NOT_FOUND,
+                f"acquire: owner process {owner.pid} exited while waiting for the lease",
+            )
+            return
         self._acquire_group(job, 0)
 
     def _rollback(self, job: _Acquisition) -> None:

@@ -690,6 +690,29 @@ def test_wait_tries_again_at_its_deadline(h: Harness) -> None:
     assert "result" in reply
 
 
+def test_wait_ends_when_its_owner_exits(h: Harness) -> None:
+    """A waiting acquire whose owner process exits is answered not-found at its next
+    try: it neither waits on for the dead VM nor takes the lease once it frees (it was
+    granted to the dead owner, away from live waiters, and answered as a success)."""
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    rid = vm2.send("acquire", leases=[lease("disk-a")], autocreate=True, wait=30)
+    h.advance(0.1)
+    h.processes.exit(VM2)
+    vm1.ok("release", leases=[lease("disk-a")])
+    h.advance(0.6)
+    (reply,) = vm2.messages()
+    assert reply["id"] == rid
+    assert reply["error"]["code"] == "not-found"
+    assert f"owner process {VM2} exited" in reply["error"]["message"]
+    assert len(h.journal_writer.events(LeaseAcquired)) == 1  # vm1's only
+    vm3 = h.connect(h.processes.spawn(VM3))
+    vm3.register(VM3)
+    vm3.ok("acquire", leases=[lease("disk-a")], autocreate=True)  # free at once
+
+
 def test_wait_takes_nothing_while_a_later_lockspace_stays_busy(h: Harness) -> None:
     """A waiting acquire whose busy lease is in its second lockspace does not take and
     roll back the first lockspace's free lease at every try: that filled the journal
