@@ -7,8 +7,9 @@ of everything, inquire. After the step the daemon's ``list-leases`` must be
 exactly what the model derives from the replies, every listed lease must be
 locked in the kernel in its mode (``F_OFD_GETLK`` from this process, which
 takes nothing), and every refusal must be ``busy``/``not-held`` naming real
-holders. ``LOCKD_CONTENTION_SEED`` and ``LOCKD_CONTENTION_STEPS`` replay or
-scale it.
+holders. ``LOCKD_CONTENTION_SEED`` replays a run (the plan; the interleaving
+is the machine's), ``LOCKD_CONTENTION_STEPS`` and ``LOCKD_CONTENTION_OWNERS``
+scale it for a soak.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.e2e
 SEED = int(os.environ.get("LOCKD_CONTENTION_SEED", "0")) or random.randrange(1, 2**32)
 STEPS = int(os.environ.get("LOCKD_CONTENTION_STEPS", "40"))
 DISKS = ["d0", "d1", "d2", "d3"]
-OWNERS = 5
+OWNERS = int(os.environ.get("LOCKD_CONTENTION_OWNERS", "5"))
 REPLY_TIMEOUT = 15.0
 
 
@@ -341,3 +342,68 @@ def could_hold(before: dict[int, dict[str, str]], held: Held, step: Step) -> dic
             for lease in args["leases"]:
                 could[lease["resource"]].add(owner.proc.pid)
     return could
+
+
+def at_once(plan: list[tuple[Client, str, dict[str, Any]]], context: str) -> list[Reply]:
+    """Send each request on its connection from its own thread, all at one instant."""
+    replies: list[Reply] = [None] * len(plan)
+    barrier = threading.Barrier(len(plan))
+
+    def one(i: int, client: Client, op: str, args: dict[str, Any]) -> None:
+        barrier.wait()
+        try:
+            replies[i] = client.call(op, **args)
+        except BaseException as exc:  # noqa: BLE001 (checked by the caller)
+            replies[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i, *p)) for i, p in enumerate(plan)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(REPLY_TIMEOUT + 5)
+        assert not thread.is_alive(), f"{context}: a client hung"
+    return replies
+
+
+def applied(mine: dict[str, str], op: str, args: dict[str, Any], reply: Reply) -> dict[str, str]:
+    """What an owner holds after one of its requests, given its reply."""
+    if isinstance(reply, BaseException) or reply is None:
+        return dict(mine)
+    return expected_after({0: mine}, 0, op, args, reply)
+
+
+def test_one_owner_racing_itself_over_two_connections(
+    owners: tuple[DaemonProcess, list[Owner]],
+) -> None:
+    """Two connections of one owner sending at once (acquire against release, release
+    against release-all, shared against exclusive) end as one of the two orders of
+    their requests would, replies included, while a second owner contends."""
+    daemon, everyone = owners
+    rng = random.Random(SEED + 1)
+    me, other = everyone[0], everyone[2]
+    with daemon.client("observer") as observer:
+        for step_no in range(STEPS):
+            context = f"LOCKD_CONTENTION_SEED={SEED} step {step_no}"
+            held = listed(observer)
+            mine = {d: m[me.proc.pid] for d, m in held.items() if me.proc.pid in m}
+            theirs = {d: m[other.proc.pid] for d, m in held.items() if other.proc.pid in m}
+            plan = [
+                (me.clients[0], *random_request(rng, mine)),
+                (me.clients[1], *random_request(rng, mine)),
+                (other.clients[0], *random_request(rng, theirs)),
+            ]
+            replies = at_once(plan, context)
+            for reply in replies:
+                assert not isinstance(reply, RemoteError) or reply.code in (
+                    "busy", "not-held"), f"{context}: {plan} {replies}"  # fmt: skip
+                assert isinstance(reply, dict | RemoteError), f"{context}: {plan} {replies}"
+            after = listed(observer)
+            check_exclusion(after, context)
+            check_kernel(daemon.lock_dir, after, context)
+            (_, op1, a1), (_, op2, a2) = plan[0], plan[1]
+            orders = [
+                applied(applied(mine, op1, a1, replies[0]), op2, a2, replies[1]),
+                applied(applied(mine, op2, a2, replies[1]), op1, a1, replies[0]),
+            ]
+            got = {d: m[me.proc.pid] for d, m in after.items() if me.proc.pid in m}
+            assert got in orders, f"{context}: {plan} -> {replies}: holds {got}, not {orders}"
