@@ -159,8 +159,23 @@ class Client:
         self.close()
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """Send one request and wait for its reply; raise :class:`RemoteError` on error."""
-        return self.result(self.request(op, **args))
+        """Send one request and wait for its reply; raise :class:`RemoteError` on error.
+
+        An ``acquire`` with ``wait`` may be answered that much later: its reply is
+        waited for up to the timeout plus the wait (a timeout shorter than the wait
+        gave up while the daemon went on waiting, and the lease, granted later, was
+        held by an owner whose caller took the acquire as failed).
+        """
+        rid = self.request(op, **args)
+        timeout = self._sock.gettimeout()
+        wait = args.get("wait") if op == "acquire" else None
+        if timeout is None or not isinstance(wait, int | float) or isinstance(wait, bool):
+            return self.result(rid)
+        self._sock.settimeout(timeout + max(0.0, float(wait)))
+        try:
+            return self.result(rid)
+        finally:
+            self._sock.settimeout(timeout)
 
     def request(self, op: str, **args: Any) -> int:
         """Send one request without waiting for its reply; :meth:`result` gets it.

@@ -407,3 +407,25 @@ def test_one_owner_racing_itself_over_two_connections(
             ]
             got = {d: m[me.proc.pid] for d, m in after.items() if me.proc.pid in m}
             assert got in orders, f"{context}: {plan} -> {replies}: holds {got}, not {orders}"
+
+
+def test_a_wait_longer_than_the_client_timeout_gets_its_reply(
+    owners: tuple[DaemonProcess, list[Owner]],
+) -> None:
+    """An acquire asked to wait longer than the client's timeout is answered once the
+    lease frees: the client gave up at its timeout while the daemon waited on, and the
+    lease granted then was held by an owner whose caller took the acquire as failed."""
+    daemon, (holder, waiter, *_) = owners
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": "d0"}
+    holder.clients[0].call("acquire", leases=[disk])
+    client = waiter.clients[0]
+    client.settimeout(0.5)
+    release = threading.Timer(1.5, holder.clients[0].call, ("release",), {"all": True})
+    release.start()
+    try:
+        reply = client.call("acquire", leases=[disk], wait=60)
+    finally:
+        release.join()
+    assert reply["leases"] == [{**disk, "mode": "exclusive"}]
+    with daemon.client() as observer:
+        assert listed(observer) == {"d0": {waiter.proc.pid: "exclusive"}}
