@@ -297,6 +297,8 @@ class ConnectionActor(DispatchedActor):
         self._live = False
         """Subscribed, and caught up: the journal sends this actor each new entry."""
         self._busy = False
+        self._current: m.Request | None = None
+        """The request taken last: the one in progress while ``_busy``."""
         self._pumping = False
         """In :meth:`_pump`'s loop, handling a request: one answered without leaving this
         actor (hello, restrict, a refusal) ends inside it, and the loop takes the next."""
@@ -431,7 +433,23 @@ class ConnectionActor(DispatchedActor):
         # A bug met on one connection ends that connection (its owner's leases
         # end as on any disconnect), never the daemon. Called in an except block.
         log.exception("client %d: internal error; closing the connection", self.conn_id)
+        request = self._current if self._busy else None
         self._busy = self._pumping = False
+        if request is not None and not self._closed:
+            # The request in progress is answered, so the client can tell a bug from
+            # a daemon that went away (it saw only the close); the write may be what
+            # failed, and then the close alone is all it gets.
+            try:
+                self._transport.write(
+                    self._protocol.error(
+                        request.id,
+                        ErrorCode.INTERNAL,
+                        f"{request.OP}: internal error in lockd (its log has the details); "
+                        "this connection closes",
+                    )
+                )
+            except Exception:  # noqa: BLE001 - logged above; the close follows
+                log.debug("client %d: the internal error could not be sent", self.conn_id)
         self._close()
 
     def _receive(self, message: Any) -> Any:
@@ -574,6 +592,7 @@ class ConnectionActor(DispatchedActor):
                     self._close()
                 continue
             self._busy = True
+            self._current = incoming
             self._pumping = True  # on the path of every request: no try/finally here;
             self._handle(incoming)  # an exception ends the connection (_internal_error)
             self._pumping = False

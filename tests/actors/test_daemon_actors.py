@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -1113,6 +1114,29 @@ def test_a_bug_on_one_connection_closes_only_that_connection(h: Harness) -> None
     h.run()
     assert vm.transport.closed
     assert other.ok("status")
+    assert h.dispatcher.crashes == []
+
+
+def test_a_bug_answers_the_request_in_progress_internal(h: Harness) -> None:
+    """A request that meets a bug in the daemon is answered ``internal`` before its
+    connection closes: the client saw only the close, as if the daemon had died."""
+    vm = h.connect(VM1)
+    other = h.connect(VM2)
+    other.register(VM2)
+
+    def broken_start_time(_pid: int) -> int | None:
+        raise RuntimeError("injected bug")
+
+    h.processes.start_time = broken_start_time  # type: ignore[method-assign,assignment]
+    rid = vm.send("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                     "pid": VM1})  # fmt: skip
+    h.run()
+    (reply,) = vm.messages()
+    assert reply["id"] == rid
+    assert reply["error"]["code"] == "internal"
+    assert "register: internal error" in reply["error"]["message"]
+    assert vm.transport.closed
+    assert other.ok("inquire")["leases"] == []
     assert h.dispatcher.crashes == []
 
 
