@@ -305,6 +305,15 @@ class RouterActor(DispatchedActor):
             os.mkdir(path, 0o700)
         except FileExistsError:
             return False
+        except OSError as exc:
+            # Asked at start-up through a proxy whose answer nobody reads: raised, the
+            # error vanished, and the lockspace was just missing, without a word.
+            log.error(
+                "cannot create lockspace %s at %s: %s; its requests fail until the "
+                "directory exists (create-lockspace makes it)",
+                name, path, exc.strerror or exc,
+            )  # fmt: skip
+            return False
         self._journal.tell(Append((LockspaceCreated(name, path, conn),), 0, None))
         return True
 

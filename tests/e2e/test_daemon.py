@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from protocol.client import Client, RemoteError
-from protocol.names import FILES_LOCKSPACE, lease_name_for_path
+from protocol.names import FILES_LOCKSPACE, LVM_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
 from tests.e2e.invariants import check, check_all, listed
 from tests.lockprobe import probe
@@ -397,6 +397,23 @@ def test_a_lockspace_that_does_not_exist_is_named_with_the_directory_looked_for(
         f"not-found: lockspace foo does not exist: no directory {daemon.lock_dir / 'foo'} "
         "(create-lockspace makes it; or is the lock directory's storage not mounted?)"
     ) in done.stderr
+
+
+def test_a_well_known_lockspace_that_cannot_be_made_at_start_up_is_logged(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """``[lockspaces]`` mapping the LVM lockspace to storage not mounted yet: the daemon
+    serves without it, and its log says why (the mkdir error vanished, unlogged)."""
+    lvm = tmp_path / "not-mounted" / "lvm"
+    config = tmp_path / "lockd.toml"
+    config.write_text(f'[lockspaces]\n"{LVM_LOCKSPACE}" = "{lvm}"\n')
+    daemon = make_daemon("d", None, "--config", str(config))
+    log = daemon.log.read_text()
+    assert f"cannot create lockspace {LVM_LOCKSPACE} at {lvm}: No such file or directory" in log
+    with daemon.client() as client:
+        names = [ls["name"] for ls in client.call("list-lockspaces")["lockspaces"]]
+    assert LVM_LOCKSPACE not in names
+    assert FILES_LOCKSPACE in names
 
 
 def test_disconnect_json_prints_the_client_it_closed(daemon: DaemonProcess) -> None:
