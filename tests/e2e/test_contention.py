@@ -2,14 +2,17 @@
 
 A seeded random driver: each step, several client threads (each its own
 connection; some owners have two) send one request each at the same instant:
-acquires of 1-3 leases (exclusive or shared, some waiting), releases, release
-of everything, inquire. After the step the daemon's ``list-leases`` must be
-exactly what the model derives from the replies, every listed lease must be
-locked in the kernel in its mode (``F_OFD_GETLK`` from this process, which
-takes nothing), and every refusal must be ``busy``/``not-held`` naming real
-holders. ``LOCKD_CONTENTION_SEED`` replays a run (the plan; the interleaving
-is the machine's), ``LOCKD_CONTENTION_STEPS`` and ``LOCKD_CONTENTION_OWNERS``
-scale it for a soak.
+acquires of 1-3 leases (exclusive or shared, some waiting, some autocreating),
+releases, release of everything, inquire; some on a restricted connection,
+some abandoned by a close right after sending, some with their owner killed;
+and a client that owns nothing creates or deletes a lease file meanwhile.
+After the step the daemon's ``list-leases`` must be exactly what the model
+derives from the replies, every listed lease must be locked in the kernel in
+its mode on the file at its name (``F_OFD_GETLK`` from this process, which
+takes nothing), and every refusal must be one the request could meet, a
+``busy`` naming owners that could hold the disk. ``LOCKD_CONTENTION_SEED``
+replays a run (the plan; the interleaving is the machine's),
+``LOCKD_CONTENTION_STEPS`` and ``LOCKD_CONTENTION_OWNERS`` scale it for a soak.
 """
 
 from __future__ import annotations
@@ -42,9 +45,12 @@ REPLY_TIMEOUT = 15.0
 
 
 def kernel_mode(path: Path) -> str | None:
-    """The lock another process holds on byte 0 of ``path`` ("exclusive", "shared", None),
-    asked with F_OFD_GETLK, which takes nothing."""
-    fd = os.open(path, os.O_RDWR)
+    """The lock another process holds on byte 0 of ``path`` ("exclusive", "shared", None,
+    or "no file"), asked with F_OFD_GETLK, which takes nothing."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return "no file"
     try:
         got = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, 0, 0, 1, 0))
     finally:
@@ -114,7 +120,7 @@ def check_kernel(lock_dir: Path, held: Held, context: str) -> None:
     for disk in DISKS:
         path = lock_dir / FILES_LOCKSPACE / disk
         want = next(iter(held[disk].values())) if held.get(disk) else None
-        assert kernel_mode(path) == want, (
+        assert kernel_mode(path) in ({want, "no file"} if want is None else {want}), (
             f"{context}: {disk} kernel {kernel_mode(path)}, listed {want}"
         )
 
@@ -149,7 +155,7 @@ def random_request(rng: random.Random, mine: dict[str, str]) -> tuple[str, dict[
             {"lockspace": FILES_LOCKSPACE, "resource": d, "shared": rng.random() < 0.5}
             for d in disks
         ]
-        args: dict[str, Any] = {"leases": leases}
+        args: dict[str, Any] = {"leases": leases, "autocreate": rng.random() < 0.5}
         if rng.random() < 0.25:
             args["wait"] = rng.choice([0.05, 0.3])
         return "acquire", args
@@ -209,9 +215,22 @@ class Step:
             client = owner.restricted if how == "restricted" else rng.choice(owner.clients)
             self.plan.append((owner, client, op, args, how))
         self.replies: list[Reply] = [None] * len(self.plan)
+        self.files_op: tuple[str, dict[str, Any]] | None = None
+        """A lease file created or deleted by a client that owns nothing, at the same time."""
+        if rng.random() < 0.3:
+            op = rng.choice(["create-resource", "delete-resource"])
+            self.files_op = (op, {"lockspace": FILES_LOCKSPACE, "resource": rng.choice(DISKS)})
+        self.files_reply: Reply = None
 
-    def run(self, context: str) -> None:
-        barrier = threading.Barrier(len(self.plan))
+    def run(self, context: str, files: Client) -> None:
+        barrier = threading.Barrier(len(self.plan) + (self.files_op is not None))
+
+        def on_files(op: str, args: dict[str, Any]) -> None:
+            barrier.wait()
+            try:
+                self.files_reply = files.call(op, **args)
+            except BaseException as exc:  # noqa: BLE001 (checked by the main thread)
+                self.files_reply = exc
 
         def one(i: int) -> None:
             owner, client, op, args, how = self.plan[i]
@@ -231,11 +250,18 @@ class Step:
                 self.replies[i] = exc
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(len(self.plan))]
+        if self.files_op is not None:
+            threads.append(threading.Thread(target=on_files, args=self.files_op))
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(REPLY_TIMEOUT + 5)
             assert not thread.is_alive(), f"{context}: a client hung"
+        if self.files_op is not None:
+            reply = self.files_reply
+            desc = f"{context}: {self.files_op} -> {reply!r}"
+            assert isinstance(reply, dict | RemoteError), desc
+            assert not isinstance(reply, RemoteError) or reply.code in ("busy", "not-found"), desc
 
 
 def test_racing_clients_agree_with_the_model_and_the_kernel(
@@ -247,12 +273,12 @@ def test_racing_clients_agree_with_the_model_and_the_kernel(
     daemon, everyone = owners
     rng = random.Random(SEED)
     print(f"LOCKD_CONTENTION_SEED={SEED}")
-    with daemon.client("observer") as observer:
+    with daemon.client("observer") as observer, daemon.client("files") as files:
         state: dict[int, dict[str, str]] = {}
         for step_no in range(STEPS):
             context = f"LOCKD_CONTENTION_SEED={SEED} step {step_no}"
             step = Step(rng, everyone, state)
-            step.run(context)
+            step.run(context, files)
             killed = {owner.proc.pid for owner, *_, how in step.plan if how == "kill"}
             for owner, *_, how in step.plan:
                 if how == "kill":
@@ -322,6 +348,8 @@ def check_reply(
         assert isinstance(reply, dict), desc
         return
     allowed = {"acquire": {"busy"}, "release": {"not-held"}}.get(op, set()) | {"restricted"}
+    if op == "acquire" and not args["autocreate"]:
+        allowed.add("not-found")  # a lease file deleted (and not made again) meanwhile
     assert reply.code in allowed, desc
     if reply.code == "busy":
         holders = {h["pid"] for h in reply.details["holders"]}
@@ -395,7 +423,7 @@ def test_one_owner_racing_itself_over_two_connections(
             replies = at_once(plan, context)
             for reply in replies:
                 assert not isinstance(reply, RemoteError) or reply.code in (
-                    "busy", "not-held"), f"{context}: {plan} {replies}"  # fmt: skip
+                    "busy", "not-held", "not-found"), f"{context}: {plan} {replies}"  # fmt: skip
                 assert isinstance(reply, dict | RemoteError), f"{context}: {plan} {replies}"
             after = listed(observer)
             check_exclusion(after, context)
