@@ -327,13 +327,18 @@ class ConnectionActor(DispatchedActor):
         self._waiting_retry = False
         self._restored = restored
         if restored is not None:
-            self._protocol = ServerProtocol(version=restored.version)
-            self._owner = restored.owner
-            self._restricted = restored.restricted
-            self._subscribed = restored.subscribed
-            self._client = attrs.evolve(
-                self._client, connected_since=restored.connected_since, name=restored.name
-            )
+            self._take_over(restored)
+
+    def _take_over(self, restored: HandedOver) -> None:
+        """What the previous process knew of this connection (re-exec); the rest is
+        resumed in :meth:`on_start`."""
+        self._protocol = ServerProtocol(version=restored.version)
+        self._owner = restored.owner
+        self._restricted = restored.restricted
+        self._subscribed = restored.subscribed
+        self._client = attrs.evolve(
+            self._client, connected_since=restored.connected_since, name=restored.name
+        )
 
     # -- lifecycle ------------------------------------------------------------------
     def on_start(self) -> None:
