@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from lockd import __version__
 from lockd.config import default_paths
 from protocol.names import (
     FILES_LOCKSPACE,
@@ -33,6 +32,20 @@ if TYPE_CHECKING:
     from lockd.journal_file import JournalFollower
 
 EXIT_USAGE = 2
+
+
+class _PrintVersion(argparse.Action):
+    """``--version``: the digest of the code is taken only when asked (reading the
+    source at every command's start would slow each ``lockd run``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        from lockd import build
+
+        print(f"lockd {build.version()}")
+        parser.exit()
 
 
 def _cmd_lease_name(args: argparse.Namespace) -> int:
@@ -531,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         "lockd run: 126 the command is not executable, 127 no such command; 130 interrupted, "
         "141 the reader of the output left.",
     )
-    parser.add_argument("--version", action="version", version=f"lockd {__version__}")
+    parser.add_argument("--version", action=_PrintVersion, help="print the build and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser(

@@ -38,7 +38,7 @@ from actors.recovery import RecoveryActor, RecoveryReport
 from actors.recovery_core import ReplayState
 from actors.router import Gather, Gathered, RouterActor, UseFencer
 from actors.runtime import ActorCrashedError, DispatchedActor, Dispatcher
-from lockd import __version__, logs, procs
+from lockd import build, logs, procs
 from lockd.autospawn import PACKAGE_ROOT
 from lockd.config import Config, open_own_file, secure_runtime_dir
 from lockd.journal_file import (
@@ -274,13 +274,13 @@ class LockSystem:
         )
         if config.lost_lease_policy == "fence":
             self.router.tell(UseFencer(self.owners))
-        self.journal.tell(Append((DaemonStarted(__version__, os.getpid()),), 0, None))
+        self.journal.tell(Append((DaemonStarted(build.version(), os.getpid()),), 0, None))
         router = self.router.proxy()
         for name in WELL_KNOWN_LOCKSPACES:
             router.ensure(name)
         router.adopt_all()  # serve every lockspace directory there is, from the start
         self.info = ServerInfo(
-            __version__, os.getpid(), self.serving_since, socket.gethostname(), procs.fd_limit,
+            build.version(), os.getpid(), self.serving_since, socket.gethostname(), procs.fd_limit,
             boot, self.epoch, self.journal_trouble,
         )  # fmt: skip
         RecoveryActor.start(
@@ -1021,7 +1021,7 @@ class Daemon:
         serving = {listener.admin: self._path_of(listener) for listener in self.listeners}
         log.info(
             "lockd %s serving %s (admin %s), lock dir %s, journal %s (sync %s)",
-            __version__,
+            build.version(),
             serving.get(False, self.config.socket),
             serving.get(True, self.config.admin_socket),
             self.config.lock_dir,

@@ -327,7 +327,7 @@ def render(results: dict[str, Any]) -> str:
 # -- running the benchmarks ---------------------------------------------------------------
 def machine() -> dict[str, Any]:
     """What the numbers were measured on: they mean little without it."""
-    from lockd import __version__
+    from lockd import build
 
     cpu = "unknown CPU"
     try:
@@ -353,7 +353,7 @@ def machine() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "lockd": __version__,
+        "lockd": build.version(),
         "virtlockd": virtlockd,
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }

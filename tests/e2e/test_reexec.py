@@ -555,6 +555,31 @@ def test_a_downgrade_to_a_build_without_the_check_is_checked_with_check_config(
     check(daemon)
 
 
+def test_status_and_the_journal_tell_which_build_a_reload_runs(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """Every build says release 0.1.0, so an operator could not see whether a reload ran
+    the code just installed. The version carries a digest of the code: the same code
+    gives the CLI's, new code (a comment edited, as an upgrade leaves files on disk)
+    another, in ``status`` and in each ``daemon-started``."""
+    build = _copy_of_this_build(tmp_path)
+    daemon = make_daemon("build", None, cwd=build)
+    cli = daemon.lockd("--version")
+    before = json.loads(daemon.lockd("status", "--json").stdout)["version"]
+    assert cli.stdout == f"lockd {before}\n"
+    assert before.startswith("0.1.0+")
+    config = build / "lockd" / "config.py"
+    config.write_text(config.read_text() + "# upgraded\n")
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    after = json.loads(daemon.lockd("status", "--json").stdout)["version"]
+    assert after.startswith("0.1.0+")
+    assert after != before
+    started = [e["version"] for e in events(daemon, "--type", "daemon-started")]
+    assert started == [before, after]
+
+
 def _acquires_ok(daemon: DaemonProcess) -> int:
     lines = daemon.lockd("metrics").stdout.splitlines()
     line = next(ln for ln in lines if ln.startswith('lockd_acquires_total{result="ok"}'))
