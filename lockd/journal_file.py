@@ -249,6 +249,9 @@ class FileJournal:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._fd = -1
         self._size = 0
+        self._torn = False
+        """A write cut short left bytes past ``_size`` that could not be truncated then
+        (EIO): they are, before anything else is appended after them."""
         self.path = ""
         """The segment appends go to."""
         self._snapshot_tried = 0
@@ -375,6 +378,15 @@ class FileJournal:
         for offset, entry in enumerate(entries):
             if entry.seq != self.next_seq + offset:
                 raise ValueError(f"entry seq {entry.seq} does not continue the journal")
+        if self._torn:
+            # Appended after the torn bytes, the next record sat behind garbage in the
+            # middle of the segment, and the next start refused the journal as corrupt.
+            try:
+                self._truncate_torn()
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"{exc.strerror} (truncating a write cut short)", self.path
+                ) from None
         if self._size >= self._segment_bytes:
             try:
                 self.rotate()
@@ -399,12 +411,21 @@ class FileJournal:
                 written += os.write(self._fd, data[written:] if written else data)
         except OSError as exc:
             if written:
-                # A torn record: truncate it back so the next append is clean.
-                os.ftruncate(self._fd, self._size)
+                # A torn record: truncate it back so the next append is clean; if that
+                # fails too, the next append tries again first, and is refused until
+                # it works. The write's error is the one raised.
+                self._torn = True
+                with contextlib.suppress(OSError):
+                    self._truncate_torn()
             raise OSError(exc.errno, exc.strerror, self.path) from None
         self._size += written
         self.bytes_written += written
         self.next_seq += len(entries)
+
+    def _truncate_torn(self) -> None:
+        """Cut the segment back to its last whole record (after a write cut short)."""
+        os.ftruncate(self._fd, self._size)
+        self._torn = False
 
     def rotate(self) -> None:
         """Start a new segment; snapshot first (``on_rotate``), then apply retention."""

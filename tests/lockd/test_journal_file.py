@@ -567,3 +567,46 @@ def test_the_boot_a_daemon_last_started_in_is_kept_beside_the_journal(tmp_path: 
     assert last_boot(str(tmp_path)) == b"\x01" * 16
     record_boot(str(tmp_path), b"\x02" * 16)
     assert last_boot(str(tmp_path)) == b"\x02" * 16
+
+
+def test_a_torn_write_whose_truncation_failed_is_truncated_before_the_next_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills in the middle of a write and the truncation back fails too (EIO):
+    the torn bytes must not stay in the middle of the segment. The next append cuts them
+    first (refused while it cannot), so the journal still reads whole and a restart
+    replays it (the next record landed after them and the next start refused the
+    journal as corrupt)."""
+    journal = FileJournal(str(tmp_path))
+    write(journal, 3)
+    real_write = os.write
+    fail_truncate = [True]
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 8:
+            return real_write(fd, data[:8])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def ftruncate(fd: int, length: int) -> None:
+        if fail_truncate[0]:
+            raise OSError(errno.EIO, "Input/output error")
+        real_ftruncate(fd, length)
+
+    real_ftruncate = os.ftruncate
+    monkeypatch.setattr(os, "write", half_then_full)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    with pytest.raises(OSError, match="No space left"):
+        write(journal, 1)  # the write's error, not the truncation's
+    monkeypatch.setattr(os, "write", real_write)
+    with pytest.raises(OSError, match=r"Input/output error \(truncating a write cut short\)"):
+        write(journal, 1)  # the torn bytes still there: nothing goes after them
+    assert journal.next_seq == 4
+    fail_truncate[0] = False
+    write(journal, 2)
+    journal.close()
+    assert [e.seq for e in read_entries(str(tmp_path))] == [1, 2, 3, 4, 5]
+    reopened = FileJournal(str(tmp_path))
+    assert reopened.next_seq == 6
+    assert reopened.last_scan is not None
+    assert reopened.last_scan.torn_bytes == 0
+    reopened.close()
