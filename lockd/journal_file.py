@@ -140,14 +140,15 @@ def _write_durably(directory: str, name: str, data: bytes) -> None:
         while written < len(data):  # until done, or the kernel says why not (ENOSPC)
             written += os.write(fd, data[written:])
         os.fsync(fd)
+        os.rename(tmp, path)
     except BaseException:
-        # Refused (a full disk): no temporary is left behind, holding what it got.
+        # Refused (a full disk, or the rename itself: EIO, a read-only remount): no
+        # temporary is left behind, holding what it got.
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     finally:
         os.close(fd)
-    os.rename(tmp, path)
     _fsync_dir(directory)
 
 

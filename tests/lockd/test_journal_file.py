@@ -610,3 +610,25 @@ def test_a_torn_write_whose_truncation_failed_is_truncated_before_the_next_appen
     assert reopened.last_scan is not None
     assert reopened.last_scan.torn_bytes == 0
     reopened.close()
+
+
+def test_a_small_file_whose_rename_fails_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``.boot`` (and ``.epoch``) are written to a temporary and renamed over: a rename
+    that fails (EIO) raises and keeps the old file, and the temporary is deleted (it
+    stayed beside the journal)."""
+    from lockd.journal_file import last_boot, record_boot
+
+    record_boot(str(tmp_path), b"\x01" * 16)
+    before = sorted(os.listdir(tmp_path))
+
+    def failing(_src: str, _dst: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        record_boot(str(tmp_path), b"\x02" * 16)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == before
+    assert last_boot(str(tmp_path)) == b"\x01" * 16
