@@ -108,7 +108,14 @@ def write_snapshot(directory: str, state: ReplayState) -> str:
     finally:
         os.close(fd)
     crash_point("snapshot-tmp")
-    os.rename(tmp, os.path.join(directory, name))
+    try:
+        os.rename(tmp, os.path.join(directory, name))
+    except OSError:
+        # As a write that fails: the temporary, a whole state's size, stayed until a
+        # later snapshot was written and pruned it.
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import gc
+import os
 import uuid
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from actors.recovery_core import ReplayState
 from lockd.journal_file import FileJournal, list_segments
 from lockd.journal_format import JournalCorruptError
 from lockd.replay import replay
-from lockd.snapshot import SnapshotWriter, list_snapshots, load_newest, prune
+from lockd.snapshot import SnapshotWriter, list_snapshots, load_newest, prune, write_snapshot
 
 OWNER = Owner(uuid.uuid4().bytes, "vm", 1, 42, 9)
 
@@ -95,6 +97,26 @@ def test_a_torn_snapshot_tmp_is_ignored_and_cleaned(tmp_path: Path) -> None:
     assert state.seq == 100
     prune(str(tmp_path))
     assert not list(tmp_path.glob(".snapshot-*"))
+
+
+def test_a_snapshot_whose_rename_fails_leaves_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename that puts a written snapshot in place fails (EIO, a read-only
+    remount): the error is raised and its temporary file, a whole state's size, is
+    deleted (it stayed until a later snapshot was written and pruned it)."""
+    state = ReplayState()
+    for seq in range(1, 50):
+        state.fold(acquired(seq))
+
+    def failing(_src: str, _dst: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "rename", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        write_snapshot(str(tmp_path), state)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
 
 
 def test_no_snapshot_replays_everything(tmp_path: Path) -> None:
