@@ -125,6 +125,11 @@ class ProcessInfo(Protocol):
         """The process ``pid`` is a thread of (``pid`` itself for a process)."""
         ...
 
+    def is_gone(self, owner: Owner) -> bool:
+        """True once the owner's process has exited, a zombie not yet reaped too (whose
+        pid and start time still answer), or its pid names another process."""
+        ...
+
 
 @attrs.frozen
 class ServerInfo:
@@ -858,10 +863,11 @@ class ConnectionActor(DispatchedActor):
         self._waiting_retry = False
         owner = self._owner
         assert owner is not None
-        if self._processes.start_time(owner.pid) != owner.start_time:
+        if self._processes.is_gone(owner):
             # Waiting on for a process that has exited would take the lease when it
             # frees, away from live waiters, only for the owners actor to release it
-            # again, and answer success to a caller whose VM is gone.
+            # again, and answer success to a caller whose VM is gone. A zombie has
+            # exited too, though its start time still matches until it is reaped.
             REGISTRY.inc("lockd_acquires_total", result=ErrorCode.NOT_FOUND.value)
             self._error(
                 job.request,

@@ -33,6 +33,7 @@ from actors.connection import ConnectionActor, HandedOver, ServerInfo
 from actors.events import DaemonStarted, DaemonStopped
 from actors.journal import Append, JournalActor, WriteTrouble
 from actors.metrics import REGISTRY
+from actors.model import Owner
 from actors.owners import OwnersActor
 from actors.recovery import RecoveryActor, RecoveryReport
 from actors.recovery_core import ReplayState
@@ -108,6 +109,10 @@ class _ProcessInfo:
     @staticmethod
     def leader_of(pid: int) -> int | None:
         return procs.leader_of(pid)
+
+    @staticmethod
+    def is_gone(owner: Owner) -> bool:
+        return procs.is_exiting(owner.pid, owner.start_time)
 
 
 def _log_control(level: str | None, filters: str | None) -> dict[str, str]:

@@ -104,7 +104,8 @@ class FakeProcesses:
         self.ignores_sigterm: set[int] = set()
         self._watches = PipeWatches()
         self.zombies: set[int] = set()
-        """Exited but not reaped: their pid still answers kill 0."""
+        """Exited (in ``gone`` too) but not reaped: their pid still answers kill 0, and
+        /proc their start time, uid and leader."""
         self.no_pidfds = False
         """True: open_watch fails like pidfd_open at the fd limit (EMFILE)."""
         self.unsignallable: set[int] = set()
@@ -116,15 +117,19 @@ class FakeProcesses:
         self.procs[pid] = (start, uid)
         return pid
 
+    def _in_proc(self, pid: int) -> bool:
+        """Whether /proc has the pid: running, or a zombie (exited, not reaped)."""
+        return pid in self.procs and (pid not in self.gone or pid in self.zombies)
+
     # ProcessInfo (registration)
     def start_time(self, pid: int) -> int | None:
-        return None if pid in self.gone or pid not in self.procs else self.procs[pid][0]
+        return self.procs[pid][0] if self._in_proc(pid) else None
 
     def uid_of(self, pid: int) -> int | None:
-        return None if pid in self.gone or pid not in self.procs else self.procs[pid][1]
+        return self.procs[pid][1] if self._in_proc(pid) else None
 
     def leader_of(self, pid: int) -> int | None:
-        return None if pid in self.gone or pid not in self.procs else self.threads.get(pid, pid)
+        return self.threads.get(pid, pid) if self._in_proc(pid) else None
 
     # Processes (owners actor)
     def open_watch(self, owner: Owner) -> int | None:

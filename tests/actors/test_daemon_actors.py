@@ -714,6 +714,28 @@ def test_wait_ends_when_its_owner_exits(h: Harness) -> None:
     vm3.ok("acquire", leases=[lease("disk-a")], autocreate=True)  # free at once
 
 
+def test_wait_ends_when_its_owner_exits_though_not_yet_reaped(h: Harness) -> None:
+    """An owner exited but not yet reaped (a zombie) has still its pid and start time
+    in /proc: its waiting acquire ends not-found all the same, and takes nothing (it
+    took the lease once it freed, away from live waiters, and answered success)."""
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    rid = vm2.send("acquire", leases=[lease("disk-a")], autocreate=True, wait=30)
+    h.advance(0.1)
+    h.processes.exit(VM2)
+    h.processes.zombies.add(VM2)
+    assert h.processes.start_time(VM2) is not None  # /proc still answers for it
+    vm1.ok("release", leases=[lease("disk-a")])
+    h.advance(0.6)
+    (reply,) = vm2.messages()
+    assert reply["id"] == rid
+    assert reply["error"]["code"] == "not-found"
+    assert f"owner process {VM2} exited" in reply["error"]["message"]
+    assert len(h.journal_writer.events(LeaseAcquired)) == 1  # vm1's only
+
+
 def test_wait_takes_nothing_while_a_later_lockspace_stays_busy(h: Harness) -> None:
     """A waiting acquire whose busy lease is in its second lockspace does not take and
     roll back the first lockspace's free lease at every try: that filled the journal

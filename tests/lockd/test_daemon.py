@@ -526,3 +526,28 @@ def test_the_start_names_the_snapshot_it_replayed_from_not_the_journals_end(
         assert line.startswith(f"journal replayed to seq 200 (snapshot at {newest}, ")
     finally:
         daemon.system.shutdown("test done")
+
+
+def test_registrations_view_of_proc_takes_a_zombie_for_gone() -> None:
+    """A waiting acquire asks whether its owner is gone: a process that exited but is
+    not yet reaped keeps its pid and start time in /proc, and is gone all the same."""
+    import signal
+    import subprocess
+
+    from actors.model import Owner
+    from lockd import procs
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        started = procs.start_time(proc.pid)
+        assert started is not None
+        owner = Owner(uuid.uuid4().bytes, "vm", 1, proc.pid, started)
+        info = daemon_module._ProcessInfo()
+        assert not info.is_gone(owner)
+        os.kill(proc.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, left unreaped
+        assert info.start_time(proc.pid) == started
+        assert info.is_gone(owner)
+    finally:
+        proc.kill()
+        proc.wait()
