@@ -756,8 +756,9 @@ class Daemon:
         )
         if count >= limit:
             refusals.warn(
-                log, key, "refused a connection from pid %d: %s (%d) reached", peer[0], key, limit
-            )
+                log, key, "refused a connection from pid %d: %s (%d) reached", peer[0], key, limit,
+                dispatcher=self.dispatcher,
+            )  # fmt: skip
             refuse(
                 sock,
                 ErrorCode.BUSY,
@@ -773,6 +774,7 @@ class Daemon:
                 log, f"{key}-kept",
                 "refused a connection from pid %d uid %d: the last %d of %s (%d) are kept "
                 "for uid %d", peer[0], peer[1], kept, key, limit, os.getuid(),
+                dispatcher=self.dispatcher,
             )  # fmt: skip
             refuse(
                 sock,

@@ -298,7 +298,8 @@ REFUSAL_LOG_SECONDS = 60.0
 
 class RefusalLog:
     """Warnings about refused connections, at most one per :data:`REFUSAL_LOG_SECONDS`
-    for each kind, the next one saying how many were not logged meanwhile.
+    for each kind; the refusals not logged meanwhile are counted, and the count logged
+    once the period is over.
 
     A client refused in a loop (a manager retrying at ``max_clients``, a uid not in
     ``allowed_uids`` that can reach the socket) wrote a line per attempt: thousands a
@@ -314,20 +315,58 @@ class RefusalLog:
         self._clock = clock
         self._quiet_until: dict[str, float] = {}
         self._not_logged: dict[str, int] = {}
+        self._last: dict[str, tuple[logging.Logger, str, tuple[object, ...]]] = {}
+        """The latest refusal of each kind not logged: the count's line shows it."""
+        self._count_timers: dict[str, Timer] = {}
 
-    def warn(self, logger: logging.Logger, kind: str, message: str, *args: object) -> None:
+    def warn(
+        self,
+        logger: logging.Logger,
+        kind: str,
+        message: str,
+        *args: object,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
         """Log ``message`` (``%`` style, with ``args``) unless one of ``kind`` was logged in
-        the last period; a few kinds, each one entry."""
+        the last period; a few kinds, each one entry. Refusals not logged are counted, and
+        the count is logged on ``dispatcher`` (the caller's loop) once the period ends; with
+        none given, only with the next refusal after it, never if none comes (as every
+        count was until 2026-11-27: the last minute of a loop went unsaid)."""
         now = self._clock()
         if now < self._quiet_until.get(kind, now):
             self._not_logged[kind] = self._not_logged.get(kind, 0) + 1
+            self._last[kind] = (logger, message, args)
+            if dispatcher is not None and kind not in self._count_timers:
+                self._count_timers[kind] = dispatcher.call_later(
+                    self._quiet_until[kind] - now, lambda: self._log_count(kind)
+                )
             return
+        timer = self._count_timers.pop(kind, None)
+        if timer is not None:
+            timer.cancel()  # the count goes with this line
+        self._last.pop(kind, None)
         self._quiet_until[kind] = now + self._period
         missed = self._not_logged.pop(kind, 0)
         if missed:
             message += "; %d more refused so since the last such line, not logged"
             args = (*args, missed)
         logger.warning(message, *args)
+
+    def _log_count(self, kind: str) -> None:
+        """The period is over: log how many of ``kind`` were refused unlogged in it, with
+        the latest of them; the next period starts (a loop still refused is counted on)."""
+        self._count_timers.pop(kind, None)
+        missed = self._not_logged.pop(kind, 0)
+        last = self._last.pop(kind, None)
+        if not missed or last is None:
+            return
+        logger, message, args = last
+        self._quiet_until[kind] = self._clock() + self._period
+        logger.warning(
+            "%d more refused so since the last such line, not logged; the latest: " + message,
+            missed,
+            *args,
+        )
 
 
 refusals = RefusalLog()
@@ -448,6 +487,7 @@ class Listener:
                 refusals.warn(
                     log, f"uid-{self.admin}",
                     "refused a connection from pid %d uid %d: uid not allowed", peer[0], peer[1],
+                    dispatcher=self._dispatcher,
                 )  # fmt: skip
                 what = (
                     "this daemon's admin socket (only the daemon's own uid may)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -221,3 +222,76 @@ def test_refusals_are_logged_once_a_minute_per_kind_with_the_count_not_logged(
         "refused uid 1000",
         "refused pid 8; 49 more refused so since the last such line, not logged",
     ]
+
+
+def test_the_count_of_refusals_not_logged_is_logged_once_the_minute_is_over(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A uid not allowed connects four times, then stops: the first refusal is logged,
+    and once the minute is over a line says how many more there were (the count waited
+    for a next refusal, and was never logged when none came); then nothing more."""
+    clock = _Clock()
+    dispatcher = Dispatcher(clock)
+    monkeypatch.setattr(server, "refusals", server.RefusalLog(60.0, clock=clock))
+    real = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    real.bind(str(tmp_path / "s"))
+    real.listen()
+    listener = Listener(
+        dispatcher, real, admin=False, allowed_uids=[os.getuid() + 1], on_accept=lambda *_: None
+    )
+    clients = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(4)]
+    try:
+        listener.start()
+        with caplog.at_level(logging.WARNING, logger="lockd.server"):
+            for client in clients:
+                client.connect(str(tmp_path / "s"))
+            dispatcher.run_until_idle()
+            assert all(client.recv(4096) for client in clients)  # each told why, and closed
+            assert len(caplog.records) == 1
+            clock.now += 59.0
+            dispatcher.run_until_idle()
+            assert len(caplog.records) == 1  # still within the minute
+            clock.now += 1.0
+            dispatcher.run_until_idle()
+            clock.now += 600.0
+            dispatcher.run_until_idle()
+        pid, uid = os.getpid(), os.getuid()
+        assert [r.getMessage() for r in caplog.records] == [
+            f"refused a connection from pid {pid} uid {uid}: uid not allowed",
+            "3 more refused so since the last such line, not logged; the latest: refused a "
+            f"connection from pid {pid} uid {uid}: uid not allowed",
+        ]
+    finally:
+        for client in clients:
+            client.close()
+        listener.close()
+        dispatcher.close()
+
+
+def test_a_client_refused_in_a_loop_gets_one_line_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Refused every second for three minutes: the first refusal, then one count a
+    minute (each count starts the next minute), never a line per refusal."""
+    clock = _Clock()
+    dispatcher = Dispatcher(clock)
+    refusals = server.RefusalLog(60.0, clock=clock)
+    logger = logging.getLogger("lockd.test-refusals")
+    try:
+        with caplog.at_level(logging.WARNING, logger="lockd.test-refusals"):
+            for i in range(180):
+                refusals.warn(logger, "max_clients", "refused pid %d", i, dispatcher=dispatcher)
+                clock.now += 1.0
+                dispatcher.run_until_idle(poll_io=False)
+            clock.now += 60.0
+            dispatcher.run_until_idle(poll_io=False)
+    finally:
+        dispatcher.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused pid 0",
+        *(
+            f"{count} more refused so since the last such line, not logged; the latest: "
+            f"refused pid {last}"
+            for count, last in ((59, 59), (60, 119), (60, 179))
+        ),
+    ]  # 180 in all
