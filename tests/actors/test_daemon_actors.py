@@ -31,8 +31,8 @@ from actors.metrics import REGISTRY
 from actors.model import Owner
 from actors.owners import POLL_FULL_EVERY, POLL_SECONDS, POLL_SLICES
 from lockd.lockfiles import HeldFile, LockspaceDir, try_lock, unlock
-from protocol.codec import encode_item
-from protocol.framing import encode_frame
+from protocol.codec import decode_item, encode_item
+from protocol.framing import FrameDecoder, encode_frame
 from tests.actors.harness import Conn, Harness
 
 FILES = "org.libvirt.lockd.files"
@@ -1312,8 +1312,9 @@ def test_a_bug_in_a_handed_over_request_ends_that_connection_not_the_daemon(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """After a re-exec a connection replays the request bytes it carried over as it starts:
-    a bug met there closes that connection, as it would in any later message, and the
-    daemon serves on (an on_start failure is otherwise a crash of the whole loop)."""
+    a bug met there answers that request ``internal`` and closes that connection, as it
+    would in any later message, and the daemon serves on (an on_start failure is
+    otherwise a crash of the whole loop)."""
     from actors.connection import ConnectionActor, HandedOver
     from actors.connection import ServerInfo as Info
     from tests.actors.harness import FakeTransport
@@ -1335,6 +1336,15 @@ def test_a_bug_in_a_handed_over_request_ends_that_connection_not_the_daemon(
     )  # fmt: skip
     h.run()  # raises ActorCrashedError if the bug crashed the loop
     assert transport.closed
+    decoder = FrameDecoder()
+    decoder.receive_data(b"".join(transport.written))
+    frame = decoder.next_frame()
+    assert frame is not None
+    assert decoder.next_frame() is None  # that answer only
+    reply = decode_item(frame)
+    assert reply["id"] == 5
+    assert reply["error"]["code"] == "internal"
+    assert reply["error"]["message"].startswith("status: internal error in lockd")
     monkeypatch.undo()
     assert h.connect(VM2).ok("status")["clients"] >= 1
 
