@@ -577,6 +577,7 @@ class JournalFollower:
         """Read on in the open segment; add the entries from ``next_seq`` on that it
         completed to ``out``; how many bytes it got."""
         assert self._file is not None
+        carried, carried_at = len(self._pending), self._pending_at
         data = self._file.read(max_bytes)
         self._pending += data
         if self._expected < self.next_seq:
@@ -585,6 +586,14 @@ class JournalFollower:
         try:
             entries, used = decode_records(self._pending, self._expected)
         except JournalCorruptError as exc:
+            if exc.offset == 0 and carried and self._pending_at == carried_at:
+                # Damage where a record begun in an earlier read went on: the writer
+                # may have cut that record back (a write cut short, truncated) and
+                # written others there, after which this read went on. Read it again
+                # from the file; damage that is there is met again, and raised.
+                self._file.seek(carried_at)
+                self._pending = b""
+                return self._read(max_bytes, out)
             # The records before the damage are good: take them (poll returns them,
             # and raises at the damage next time).
             entries, used = decode_records(self._pending[: exc.offset], self._expected)

@@ -632,3 +632,35 @@ def test_a_small_file_whose_rename_fails_leaves_no_temporary(
     monkeypatch.undo()
     assert sorted(os.listdir(tmp_path)) == before
     assert last_boot(str(tmp_path)) == b"\x01" * 16
+
+
+def test_a_follower_that_read_a_torn_write_reads_on_once_it_is_cut_and_written_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A follower (a subscriber catching up, ``lockd events --follow``) reads the bytes
+    of a write the disk cut short before they are truncated back; the next records are
+    written where they were. It must read those records, not report damage where the
+    torn bytes and the new ones meet (it read on from the end of the torn bytes)."""
+    journal = FileJournal(str(tmp_path))
+    write(journal, 3)
+    follower = journal.reader(1)
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes) -> int:
+        if len(data) > 8:
+            return real_write(fd, data[:8])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def failing_ftruncate(_fd: int, _length: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    monkeypatch.setattr(os, "ftruncate", failing_ftruncate)
+    with pytest.raises(OSError, match="No space left"):
+        journal.append([JournalEntry(4, 2.0, "hv", DaemonStarted("0.1.0", 99))])
+    monkeypatch.undo()
+    assert [e.seq for e in follower.poll()] == [1, 2, 3]  # and the torn bytes after them
+    write(journal, 2)  # other entries: other bytes where the torn ones were
+    assert [e.seq for e in follower.poll()] == [4, 5]
+    follower.close()
+    journal.close()
