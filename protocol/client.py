@@ -18,7 +18,7 @@ from typing import Any
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import DEFAULT_MAX_FRAME, MAX_REPLY_FRAME, FrameDecoder, encode_frame
-from protocol.messages import PROTOCOL_VERSION
+from protocol.messages import MAX_WAIT_SECONDS, PROTOCOL_VERSION
 
 
 class RemoteError(Exception):
@@ -171,7 +171,10 @@ class Client:
         wait = args.get("wait") if op == "acquire" else None
         if timeout is None or not isinstance(wait, int | float) or isinstance(wait, bool):
             return self.result(rid)
-        self._sock.settimeout(timeout + max(0.0, float(wait)))
+        # A wait the daemon refuses (past MAX_WAIT_SECONDS, inf) is answered at once: the
+        # bound only keeps the timeout one a socket can hold (inf raised OverflowError
+        # here, the request sent and its invalid-argument left unread).
+        self._sock.settimeout(timeout + min(max(0.0, float(wait)), MAX_WAIT_SECONDS))
         try:
             return self.result(rid)
         finally:

@@ -1391,3 +1391,26 @@ def test_the_debug_log_names_each_client_as_it_connects_and_closes(
         wait_for(lambda: f"client {row['id']} (pid {os.getpid()} uid {os.getuid()}) connected" in
                  daemon.log.read_text())  # fmt: skip
     wait_for(lambda: f"client {row['id']} closed" in daemon.log.read_text())
+
+
+def test_an_acquire_wait_out_of_range_is_refused_by_the_daemon_through_client_call(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """``Client.call("acquire", wait=W)`` waits for its reply up to its timeout plus W: a W
+    past what a socket timeout can hold (inf, 1e10) raised OverflowError from the client,
+    its request already sent, instead of the daemon's invalid-argument; and the
+    connection still serves the next call."""
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": "d0"}
+    vm = subprocess.Popen(["sleep", "600"])
+    children.append(vm)
+    with daemon.client() as client:
+        owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": vm.pid}
+        client.call("register", owner=owner)
+        for wait in (float("inf"), 1e10):
+            with pytest.raises(RemoteError) as caught:
+                client.call("acquire", leases=[disk], autocreate=True, wait=wait)
+            assert caught.value.code == "invalid-argument"
+            assert "wait must be between 0 and" in caught.value.message
+        assert listed(daemon) == {}
+        assert client.call("acquire", leases=[disk], autocreate=True, wait=1)["leases"]
+        assert (FILES_LOCKSPACE, "d0") in listed(daemon)
