@@ -126,8 +126,9 @@ class ProcessInfo(Protocol):
         ...
 
     def is_gone(self, owner: Owner) -> bool:
-        """True once the owner's process has exited, a zombie not yet reaped too (whose
-        pid and start time still answer), or its pid names another process."""
+        """True once the owner's process is known to have exited, a zombie not yet
+        reaped too (whose pid and start time still answer), or its pid names another
+        process; not when /proc cannot be read (at the descriptor limit, say)."""
         ...
 
 
@@ -867,7 +868,8 @@ class ConnectionActor(DispatchedActor):
             # Waiting on for a process that has exited would take the lease when it
             # frees, away from live waiters, only for the owners actor to release it
             # again, and answer success to a caller whose VM is gone. A zombie has
-            # exited too, though its start time still matches until it is reaped.
+            # exited too, though its start time still matches until it is reaped; /proc
+            # unreadable (EMFILE) is no exit, and the VM may run on.
             REGISTRY.inc("lockd_acquires_total", result=ErrorCode.NOT_FOUND.value)
             self._error(
                 job.request,

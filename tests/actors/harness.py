@@ -112,6 +112,9 @@ class FakeProcesses:
         """Alive, but a signal cannot be sent to them (EMFILE on the pidfd it goes through)."""
         self.threads: dict[int, int] = {}
         """Thread ids (spawned like pids: /proc answers for them) and their process."""
+        self.unreadable: set[int] = set()
+        """Alive, but /proc cannot be read for them (EMFILE): the registration lookups
+        answer None, as for no process, while is_gone says not known to be gone."""
 
     def spawn(self, pid: int, uid: int = 0, start: int = 100) -> int:
         self.procs[pid] = (start, uid)
@@ -123,7 +126,9 @@ class FakeProcesses:
 
     # ProcessInfo (registration)
     def start_time(self, pid: int) -> int | None:
-        return self.procs[pid][0] if self._in_proc(pid) else None
+        if not self._in_proc(pid) or pid in self.unreadable:
+            return None
+        return self.procs[pid][0]
 
     def uid_of(self, pid: int) -> int | None:
         return self.procs[pid][1] if self._in_proc(pid) else None
@@ -158,6 +163,8 @@ class FakeProcesses:
         return self._gone(owner) and owner.pid not in self.zombies
 
     def _gone(self, owner: Owner) -> bool:
+        if owner.pid in self.unreadable:
+            return owner.pid in self.gone
         return owner.pid in self.gone or self.start_time(owner.pid) != owner.start_time
 
     def signal(self, owner: Owner, signum: int) -> bool:

@@ -736,6 +736,26 @@ def test_wait_ends_when_its_owner_exits_though_not_yet_reaped(h: Harness) -> Non
     assert len(h.journal_writer.events(LeaseAcquired)) == 1  # vm1's only
 
 
+def test_wait_goes_on_while_its_owner_cannot_be_looked_up(h: Harness) -> None:
+    """A waiting acquire whose owner's /proc entry cannot be read at a retry (the daemon
+    at its descriptor limit) waits on and takes the lease once it frees: "cannot tell"
+    is not "exited" (it was answered not-found, "owner process exited", for a VM that
+    runs on)."""
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    rid = vm2.send("acquire", leases=[lease("disk-a")], autocreate=True, wait=30)
+    h.advance(0.1)
+    h.processes.unreadable.add(VM2)
+    vm1.ok("release", leases=[lease("disk-a")])
+    h.advance(0.6)
+    (reply,) = vm2.messages()
+    assert reply["id"] == rid
+    assert "error" not in reply, reply
+    assert [e.owner.pid for e in h.journal_writer.events(LeaseAcquired)] == [VM1, VM2]
+
+
 def test_wait_takes_nothing_while_a_later_lockspace_stays_busy(h: Harness) -> None:
     """A waiting acquire whose busy lease is in its second lockspace does not take and
     roll back the first lockspace's free lease at every try: that filled the journal
