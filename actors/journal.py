@@ -249,7 +249,9 @@ class JournalActor(DispatchedActor):
         super().__init__(dispatcher)
         self.trouble = WriteTrouble() if trouble is None else trouble
         REGISTRY.set("lockd_journal_refusing", 0)  # exported from the start
-        self._reminded = 0.0
+        self._spell_began = self._reminded = 0.0
+        """When the spell of refused writes began and was last logged, on the dispatcher's
+        monotonic clock: a wall clock stepped back silenced the reminder for as long."""
         self._writer = writer
         self._state = state
         """The journal's own fold of what it wrote: the source of snapshots."""
@@ -425,23 +427,26 @@ class JournalActor(DispatchedActor):
         error changes), not once per request as until 2026-11-27."""
         trouble = self.trouble
         trouble.refused += 1
+        elapsed = self.dispatcher.now()
         if trouble.error is None:
-            trouble.error, trouble.since, self._reminded = str(exc), now, now
+            trouble.error, trouble.since = str(exc), now  # since: a wall-clock stamp
+            self._spell_began = self._reminded = elapsed
             REGISTRY.set("lockd_journal_refusing", 1)
             log.error("journal write failed: %s; every change is refused (io-error) until "
                       "the journal can be written again, leases held stay held; said again "
                       "once a minute while it lasts (`lockd status` shows it)", exc)  # fmt: skip
-        elif str(exc) != trouble.error or now - self._reminded >= TROUBLE_REMINDER_S:
-            trouble.error, self._reminded = str(exc), now
+        elif str(exc) != trouble.error or elapsed - self._reminded >= TROUBLE_REMINDER_S:
+            trouble.error, self._reminded = str(exc), elapsed
             log.error("journal write still failing: %s; %d writes refused in %.0f s",
-                      exc, trouble.refused, now - trouble.since)  # fmt: skip
+                      exc, trouble.refused, elapsed - self._spell_began)  # fmt: skip
         else:
             log.debug("journal write failed: %s", exc)
 
-    def _written_again(self, now: float) -> None:
+    def _written_again(self) -> None:
         trouble = self.trouble
         log.warning("journal written again after %d refused writes in %.0f s (%s)",
-                    trouble.refused, max(0.0, now - trouble.since), trouble.error)  # fmt: skip
+                    trouble.refused, self.dispatcher.now() - self._spell_began,
+                    trouble.error)  # fmt: skip
         trouble.error, trouble.since, trouble.refused = None, 0.0, 0
         REGISTRY.set("lockd_journal_refusing", 0)
 
@@ -472,7 +477,7 @@ class JournalActor(DispatchedActor):
                     )
             return
         if self.trouble.error is not None:
-            self._written_again(now)
+            self._written_again()
         _APPENDS[()] += 1
         _ENTRIES[()] += len(everything)
         _BYTES[()] += getattr(self._writer, "bytes_written", 0) - bytes_before

@@ -87,3 +87,47 @@ def test_failing_fdatasyncs_are_logged_once_until_one_works(
     assert "journal fdatasync works again after 30 failed" in caplog.text
     ref.stop(block=False)
     dispatcher.run_until_idle()
+
+
+@pytest.mark.parametrize("step", [-3 * 3600.0, 3 * 3600.0])
+def test_a_wall_clock_step_moves_neither_the_reminder_nor_the_spell_s_length(
+    caplog: pytest.LogCaptureFixture, step: float
+) -> None:
+    """The once-a-minute reminder is timed on the monotonic clock: timed on the wall
+    clock, a step back of three hours (NTP, a wrong RTC corrected) silenced it for three
+    hours while every change was refused, and the lines gave the spell a negative
+    length; ``status``'s ``since`` stays the wall clock's."""
+    mono = Clock()
+    wall = {"offset": 0.0}
+    dispatcher = Dispatcher(clock=mono)
+    writer = MemoryJournal()
+    ref = JournalActor.start(
+        dispatcher, writer, host="test", clock=lambda: mono.now + wall["offset"]
+    )
+    actor = ref._actor_weakref()
+    assert isinstance(actor, JournalActor)
+
+    def append() -> None:
+        ref.tell(Append((DaemonStopped("test"),), 0, None))
+        dispatcher.run_until_idle()
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+    caplog.set_level(logging.INFO, logger="actors.journal")
+    writer.fail = True
+    append()
+    assert actor.trouble.since == 1000.0
+    wall["offset"] = step
+    mono.now += 30
+    append()
+    assert len(errors()) == 1
+    mono.now += 30  # a minute since the first refused write
+    append()
+    assert len(errors()) == 2
+    assert "3 writes refused in 60 s" in errors()[1]
+    writer.fail = False
+    append()
+    assert "journal written again after 3 refused writes in 60 s" in caplog.text
+    ref.stop(block=False)
+    dispatcher.run_until_idle()
