@@ -1221,8 +1221,8 @@ class ConnectionActor(DispatchedActor):
             self._transport.write(
                 self._protocol.reply(request.id, {"first": first, **self._epoch()})
             )
+        self._busy = False  # answered: a bug in what follows ends it with no second reply
         self._catch_up(step)
-        self._busy = False
         self._pump()
 
     def _catch_up(self, step: Subscribed) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from actors import connection
 from actors.events import (
     JournalEntry,
     LeaseAcquired,
@@ -1179,6 +1180,29 @@ def test_a_bug_answers_the_request_in_progress_internal(h: Harness) -> None:
     assert "register: internal error" in reply["error"]["message"]
     assert vm.transport.closed
     assert other.ok("inquire")["leases"] == []
+    assert h.dispatcher.crashes == []
+
+
+def test_a_bug_after_a_reply_went_out_sends_no_second_reply(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug met after a request's reply was sent (``subscribe``'s events, sent after
+    its reply) closes the connection without a second reply to that request: it was
+    answered ``internal`` too, two replies with one id."""
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+
+    def broken(_self: Any, _entries: Any) -> None:
+        raise RuntimeError("injected bug")
+
+    monkeypatch.setattr(connection.ConnectionActor, "_send_events", broken)
+    rid = vm.send("subscribe", since=1)
+    h.run()
+    replies = [m for m in vm.messages() if m.get("id") == rid]
+    assert len(replies) == 1, replies
+    assert "result" in replies[0]
+    assert vm.transport.closed
     assert h.dispatcher.crashes == []
 
 
