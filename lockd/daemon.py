@@ -771,7 +771,7 @@ class Daemon:
             # every connection (registered ones never idle out) left root's VM manager
             # refused, and no VM could start.
             refusals.warn(
-                log, f"{key}-kept",
+                log, f"{key}-kept-{peer[1]}",
                 "refused a connection from pid %d uid %d: the last %d of %s (%d) are kept "
                 "for uid %d", peer[0], peer[1], kept, key, limit, os.getuid(),
                 dispatcher=self.dispatcher,

@@ -294,6 +294,8 @@ class SocketTransport:
 
 REFUSAL_LOG_SECONDS = 60.0
 """At most one log warning per this period for each kind of refused connection."""
+REFUSAL_KINDS = 256
+"""Kinds of refusal (a cause and a uid) remembered before the quiet ones are forgotten."""
 
 
 class RefusalLog:
@@ -328,10 +330,12 @@ class RefusalLog:
         dispatcher: Dispatcher | None = None,
     ) -> None:
         """Log ``message`` (``%`` style, with ``args``) unless one of ``kind`` was logged in
-        the last period; a few kinds, each one entry. Refusals not logged are counted, and
-        the count is logged on ``dispatcher`` (the caller's loop) once the period ends; with
-        none given, only with the next refusal after it, never if none comes (as every
-        count was until 2026-11-27: the last minute of a loop went unsaid)."""
+        the last period. A kind per cause and uid: a uid refused in a loop must not hide
+        another's first refusal. Kinds quiet for a period are forgotten past
+        :data:`REFUSAL_KINDS` of them. Refusals not logged are counted, and the count is
+        logged on ``dispatcher`` (the caller's loop) once the period ends; with none
+        given, only with the next refusal after it, never if none comes (as every count
+        was until 2026-11-27: the last minute of a loop went unsaid)."""
         now = self._clock()
         if now < self._quiet_until.get(kind, now):
             self._not_logged[kind] = self._not_logged.get(kind, 0) + 1
@@ -345,6 +349,12 @@ class RefusalLog:
         if timer is not None:
             timer.cancel()  # the count goes with this line
         self._last.pop(kind, None)
+        if len(self._quiet_until) >= REFUSAL_KINDS:
+            for old in [k for k, until in self._quiet_until.items() if until <= now]:
+                del self._quiet_until[old]
+                if old not in self._count_timers:  # else its count is about to be logged
+                    self._not_logged.pop(old, None)
+                    self._last.pop(old, None)
         self._quiet_until[kind] = now + self._period
         missed = self._not_logged.pop(kind, 0)
         if missed:
@@ -485,7 +495,7 @@ class Listener:
             peer = peer_credentials(conn)
             if peer[1] not in self._allowed:
                 refusals.warn(
-                    log, f"uid-{self.admin}",
+                    log, f"uid-{self.admin}-{peer[1]}",
                     "refused a connection from pid %d uid %d: uid not allowed", peer[0], peer[1],
                     dispatcher=self._dispatcher,
                 )  # fmt: skip

@@ -392,3 +392,29 @@ def test_a_lock_dir_other_users_can_write_is_warned_about(tmp_path: Path) -> Non
     finally:
         daemon.terminate()
         daemon.wait(10)
+
+
+def test_a_uid_refused_in_a_loop_does_not_hide_another_uid_s_refusal(
+    open_daemon: DaemonProcess,
+) -> None:
+    """Refused connections are logged once a minute: per uid, so that one uid refused in
+    a loop (a monitor with the wrong user) does not hide another's refusal (a new VM
+    manager's, whose uid allowed_uids lacks) for as long as the loop lasts."""
+
+    def refused(uid: int) -> dict[str, Any]:
+        conn, _ = connect_as(uid, open_daemon.socket)
+        with conn:
+            frames = FrameDecoder(MAX_REPLY_FRAME)
+            while (frame := frames.next_frame()) is None:
+                data = conn.recv(4096)
+                assert data, "closed without a word"
+                frames.receive_data(data)
+        reply: dict[str, Any] = decode_item(frame)
+        return reply
+
+    for _ in range(3):
+        assert refused(65533)["error"]["code"] == "permission-denied"
+    assert refused(65532)["error"]["code"] == "permission-denied"
+    log = open_daemon.log.read_text()
+    assert log.count("uid 65533: uid not allowed") == 1
+    assert log.count("uid 65532: uid not allowed") == 1
