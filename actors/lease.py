@@ -257,9 +257,10 @@ class LeaseActor(DispatchedActor):
         for _ in range(REOPEN_ATTEMPTS):
             try:
                 held = self._files.open_lease(self._resource, create=msg.create)
-            except FileNotFoundError:
+            except FileNotFoundError as exc:
+                # The whole path: the lockspace names it (LockspaceActor._on_lock_reply).
                 return self._refused(
-                    msg, ErrorCode.NOT_FOUND, f"lease file {self._resource} does not exist"
+                    msg, ErrorCode.NOT_FOUND, f"no file {exc.filename or self._resource}"
                 )
             except LockBusyError:
                 return self._refused(

@@ -882,6 +882,13 @@ class LockspaceActor(DispatchedActor):
                 # Named in full, as the holders of a lease held here are: the client
                 # tells the user which of its disks it is (lockd.commands._label_of).
                 text = f"lease {self.name}/{refused.resource} is held by another process or host"
+            elif refused.code is ErrorCode.NOT_FOUND:
+                # "lease file vm1 does not exist" named neither the lockspace, nor where
+                # the daemon looked, nor how a lease file comes to be.
+                text = (
+                    f"lease {self.name}/{refused.resource} does not exist: {text} "
+                    "(create-resource makes it, as does an acquire with autocreate)"
+                )
             self._reply(
                 command, Done(command.token, self.name, refusal=core.Refusal(refused.code, text))
             )

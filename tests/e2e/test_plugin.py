@@ -340,3 +340,30 @@ def test_lockd_run_and_the_lock_driver_share_the_disk_modes(
     assert bogus.returncode == 2
     assert "'/vm/base.img:bogus:exclusive'" in bogus.stderr
     assert leases_by_pid(daemon) == {vm1.pid: {base: "shared"}, vm3.pid: {base: "shared"}}
+
+
+def test_an_explicit_lease_with_no_file_names_the_file_and_how_it_is_made(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """A ``<lease>`` in a site lockspace must exist before a VM takes it (the driver never
+    creates it); the refusal said only "lease file vm1 does not exist": not which
+    lockspace, not where the daemon looked, not how a lease file is made."""
+    vm = sleeper(children)
+    with daemon.client() as client:
+        client.call("create-lockspace", lockspace="site.leases")
+    flags = ["--uuid", str(uuid.uuid4()), "--name", "vm1", "--pid", str(vm.pid)]
+    code, reply = lock_driver(daemon, "acquire", *flags, "--lease", "site.leases/vm1")
+    assert code == 1, reply
+    assert reply["error"] == {
+        "code": "not-found",
+        "message": "lease site.leases/vm1 does not exist: no file "
+        f"{daemon.lock_dir / 'site.leases' / 'vm1'} (create-resource makes it, as does an "
+        "acquire with autocreate)",
+    }
+    assert leases_by_pid(daemon) == {}
+    with daemon.client() as client:
+        client.call("create-resource", lockspace="site.leases", resource="vm1")
+    code, reply = lock_driver(daemon, "acquire", *flags, "--lease", "site.leases/vm1")
+    assert code == 0, reply
+    assert leases_by_pid(daemon) == {vm.pid: {"vm1": "exclusive"}}
+    assert probe(daemon.lock_dir / "site.leases" / "vm1", "classic") == "busy"
