@@ -367,3 +367,25 @@ def test_an_explicit_lease_with_no_file_names_the_file_and_how_it_is_made(
     assert code == 0, reply
     assert leases_by_pid(daemon) == {vm.pid: {"vm1": "exclusive"}}
     assert probe(daemon.lock_dir / "site.leases" / "vm1", "classic") == "busy"
+
+
+def test_lock_driver_release_naming_nothing_is_refused(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """``release`` with neither ``--disk``/``--lease`` nor ``--all`` answered
+    ``{"released": []}`` and exit 0, so a forgotten ``--all`` looked done while the
+    VM's leases stayed held; it is a bad request, as ``lockd release`` says."""
+    vm = sleeper(children)
+    flags = ["--uuid", str(uuid.uuid4()), "--name", "vm1", "--pid", str(vm.pid)]
+    code, reply = lock_driver(daemon, "acquire", *flags, "--disk", "/vm/d.img")
+    assert code == 0, reply
+    code, reply = lock_driver(daemon, "release", *flags)
+    assert code == 2
+    assert reply["error"] == {
+        "code": "invalid-argument",
+        "message": "name --disk/--lease to release, or --all",
+    }
+    assert locked(daemon, "/vm/d.img")
+    code, reply = lock_driver(daemon, "release", *flags, "--all")
+    assert code == 0, reply
+    assert not locked(daemon, "/vm/d.img")
