@@ -113,15 +113,32 @@ class ReleaseOwner:
 Command = Acquire | Release | ReleaseOwner
 
 
-def refuse_busy(state: LockspaceState, resource: str, holding: Holding) -> Refusal:
-    """The busy refusal for ``resource``, naming every holder on this host."""
+def refuse_busy(
+    state: LockspaceState,
+    resource: str,
+    holding: Holding,
+    asker: OwnerKey | None = None,
+    wanted: LeaseMode | None = None,
+) -> Refusal:
+    """The busy refusal for ``resource``, naming every holder on this host.
+
+    When the owner asking is a holder itself (it asks for the other mode: there is no
+    upgrade or downgrade), the message says so, and how to get the mode it wants.
+    """
     holders = tuple(holding.owners.values())
     names = ", ".join(o.describe() for o in holders)
-    return Refusal(
-        ErrorCode.BUSY,
-        f"lease {state.name}/{resource} is held {holding.mode.value} by {names}",
-        holders,
-    )
+    text = f"lease {state.name}/{resource} is held {holding.mode.value} by {names}"
+    if asker is not None and asker in holding.owners:
+        text += (
+            f"; {'that is' if len(holders) == 1 else 'among them is'} the asking owner, "
+            f"which holds it {holding.mode.value} already"
+        )
+        if wanted is not None and wanted is not holding.mode:
+            text += (
+                f" (a held lease's mode is never changed: release it, then acquire it "
+                f"{wanted.value})"
+            )
+    return Refusal(ErrorCode.BUSY, text, holders)
 
 
 def decide(state: LockspaceState, command: Command) -> list[Event] | Refusal:
@@ -164,7 +181,7 @@ def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Re
                     )
                 )
         else:
-            return refuse_busy(state, resource, holding)
+            return refuse_busy(state, resource, holding, key, mode)
     return events
 
 

@@ -389,3 +389,29 @@ def test_lock_driver_release_naming_nothing_is_refused(
     code, reply = lock_driver(daemon, "release", *flags, "--all")
     assert code == 0, reply
     assert not locked(daemon, "/vm/d.img")
+
+
+def test_a_disk_asked_for_in_the_other_mode_says_the_vm_holds_it_already(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """A VM holding its disk exclusive asks for it shareable (a disk made shareable
+    while the VM runs): busy, as in virtlockd, but the message only said the disk "is
+    busy" and "held exclusive by vm1", the asking VM itself, with no word on what to do.
+    It now says the VM holds it already and that the mode changes only by a release."""
+    vm = sleeper(children)
+    flags = ["--uuid", str(uuid.uuid4()), "--name", "vm1", "--pid", str(vm.pid)]
+    code, reply = lock_driver(daemon, "acquire", *flags, "--disk", "/vm/d.img")
+    assert code == 0, reply
+    code, reply = lock_driver(daemon, "acquire", *flags, "--disk", "/vm/d.img:shareable")
+    assert code == 75, reply
+    message = reply["error"]["message"]
+    assert message.startswith("disk /vm/d.img is busy: "), message
+    assert message.endswith(
+        f"pid {vm.pid}); that is the asking owner, which holds it exclusive already (a held "
+        "lease's mode is never changed: release it, then acquire it shared)"
+    ), message
+    assert leases_by_pid(daemon) == {vm.pid: {lease_name_for_path("/vm/d.img"): "exclusive"}}
+    other = sleeper(children)
+    busy = daemon.lockd("acquire", "--owner-pid", str(other.pid), "--disk", "/vm/d.img:shared")
+    assert busy.returncode == 75
+    assert "asking owner" not in busy.stderr, "another owner is not told it holds the disk"
