@@ -415,3 +415,17 @@ def test_a_disk_asked_for_in_the_other_mode_says_the_vm_holds_it_already(
     busy = daemon.lockd("acquire", "--owner-pid", str(other.pid), "--disk", "/vm/d.img:shared")
     assert busy.returncode == 75
     assert "asking owner" not in busy.stderr, "another owner is not told it holds the disk"
+
+
+def test_qemu_wrapper_says_a_blockdev_disk_gets_no_lease(tmp_path: Path) -> None:
+    """-blockdev is not read, so its disk runs unleased; the wrapper ran QEMU without a
+    word about it (a libvirt that passes every disk as -blockdev got no protection and
+    no sign of it). It now names each -blockdev on stderr and runs QEMU as before."""
+    node = '{"driver":"file","filename":"/vm/b.img","node-name":"libvirt-1-storage"}'
+    done = _wrapper_without_daemon(tmp_path, "-blockdev", node, "-version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"ran: -blockdev {node} -version\n"
+    assert done.stderr == (
+        "lockd-qemu-wrapper: -blockdev is not read, its disk gets no lease (lease it with "
+        f"lockd run --disk, or give it as -drive): {node}\n"
+    )
