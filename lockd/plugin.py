@@ -29,6 +29,7 @@ is :class:`protocol.client.Client`), and :class:`DeviceKeys` finds device keys
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import subprocess
@@ -264,6 +265,17 @@ class PluginOptions:
                     kwargs[key] = value
                 else:
                     raise _invalid(f"option {key} must be a lockspace name or a boolean")
+            elif key.removesuffix("_dir") in well_known:
+                # virtlockd's qemu-lockd.conf names a directory; "unknown option" left an
+                # operator carrying that file over with no idea what lockd wants instead.
+                ours = key.removesuffix("_dir")
+                name = well_known[ours]
+                mapping = f'"{name}" = {json.dumps(value)}' if isinstance(value, str) else ""
+                raise _invalid(
+                    f"option {key} is virtlockd's, a directory: lockd's is {ours}, a "
+                    f"lockspace name (true: {name}); lockd.toml's [lockspaces] maps a name "
+                    f"to a directory" + (f" ({mapping})" if mapping else "")
+                )
             else:
                 raise _invalid(f"unknown option {key!r}")
         return cls(**kwargs)

@@ -252,6 +252,24 @@ def test_options_from_a_config_mapping() -> None:
         assert caught.value.code == "invalid-argument"
 
 
+def test_a_virtlockd_lockspace_dir_option_says_what_lockd_takes_instead() -> None:
+    """An operator carrying qemu-lockd.conf over got "unknown option 'file_lockspace_dir'"
+    with no word on lockd's key for it (a lockspace name) or where the directory goes."""
+    with pytest.raises(LockError) as caught:
+        PluginOptions.from_mapping({"file_lockspace_dir": "/var/lib/libvirt/lockd/files"})
+    assert caught.value.code == "invalid-argument"
+    assert caught.value.message == (
+        "option file_lockspace_dir is virtlockd's, a directory: lockd's is file_lockspace, "
+        f"a lockspace name (true: {FILES_LOCKSPACE}); lockd.toml's [lockspaces] maps a name "
+        f'to a directory ("{FILES_LOCKSPACE}" = "/var/lib/libvirt/lockd/files")'
+    )
+    with pytest.raises(LockError) as caught:
+        PluginOptions.from_mapping({"lvm_lockspace_dir": 1})
+    assert caught.value.message.startswith(
+        "option lvm_lockspace_dir is virtlockd's, a directory: lockd's is lvm_lockspace"
+    )
+
+
 # -- which disk gets which lease --------------------------------------------------------------
 def test_readonly_disk_gets_no_lease_and_needs_none(daemon: FakeDaemon) -> None:
     """A read-only disk adds nothing, even with require_lease_for_disks on."""
