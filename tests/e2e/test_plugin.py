@@ -234,10 +234,13 @@ def test_qemu_wrapper_leases_the_writable_drives_for_the_life_of_qemu(
     wait_for(lambda: not locked(daemon, "/vm/w.img") and not locked(daemon, "/vm/s.img"))
 
 
-def _wrapper_without_daemon(tmp_path: Path, *qemu_args: str) -> subprocess.CompletedProcess[str]:
+def _wrapper_without_daemon(
+    tmp_path: Path, *qemu_args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """The wrapper with no daemon to ask, and a QEMU that only says what it was given."""
     echo = fake_qemu(tmp_path, 'echo "ran: $*"')
-    env = {**os.environ, "LOCKD_QEMU": str(echo), "LOCKD_SOCKET": str(tmp_path / "none.sock")}
+    env = {**os.environ, "LOCKD_QEMU": str(echo), "LOCKD_SOCKET": str(tmp_path / "none.sock"),
+           **(env or {})}  # fmt: skip
     return subprocess.run(
         [str(WRAPPER), *qemu_args],
         env=env, capture_output=True, text=True, timeout=30, check=False,
@@ -417,15 +420,64 @@ def test_a_disk_asked_for_in_the_other_mode_says_the_vm_holds_it_already(
     assert "asking owner" not in busy.stderr, "another owner is not told it holds the disk"
 
 
-def test_qemu_wrapper_says_a_blockdev_disk_gets_no_lease(tmp_path: Path) -> None:
-    """-blockdev is not read, so its disk runs unleased; the wrapper ran QEMU without a
-    word about it (a libvirt that passes every disk as -blockdev got no protection and
-    no sign of it). It now names each -blockdev on stderr and runs QEMU as before."""
-    node = '{"driver":"file","filename":"/vm/b.img","node-name":"libvirt-1-storage"}'
-    done = _wrapper_without_daemon(tmp_path, "-blockdev", node, "-version")
+_LIBVIRT_BLOCKDEV_ARGS = [
+    # As a recent libvirt gives them: a qcow2 on a file with a read-only backing chain,
+    # a shareable raw disk, a CD-ROM, and a disk in QEMU's key=value syntax.
+    "-blockdev", '{"driver":"file","filename":"/vm/top.img","node-name":"libvirt-2-storage"}',
+    "-blockdev", '{"node-name":"libvirt-2-format","read-only":false,"driver":"qcow2",'
+                 '"file":"libvirt-2-storage","backing":"libvirt-3-format"}',
+    "-blockdev", '{"driver":"file","filename":"/vm/base.img","node-name":"libvirt-3-storage",'
+                 '"read-only":true}',
+    "-blockdev", '{"node-name":"libvirt-3-format","read-only":true,"driver":"qcow2",'
+                 '"file":"libvirt-3-storage"}',
+    "-device", '{"driver":"virtio-blk-pci","drive":"libvirt-2-format","id":"virtio-disk0"}',
+    "-blockdev", '{"driver":"file","filename":"/vm/shared.img","node-name":"s-storage"}',
+    "-blockdev", '{"node-name":"s-format","read-only":false,"driver":"raw","file":"s-storage"}',
+    "-device", '{"driver":"virtio-blk-pci","drive":"s-format","share-rw":true}',
+    "-blockdev", '{"driver":"file","filename":"/vm/cd.iso","node-name":"cd","read-only":true}',
+    "-device", "ide-cd,bus=ide.0,drive=cd",
+    "-blockdev", "driver=file,filename=/vm/kv.img,node-name=kv",
+    "-device", "virtio-blk-pci,drive=kv",
+]  # fmt: skip
+
+
+def test_qemu_wrapper_leases_the_disks_a_libvirt_gives_as_blockdev(
+    daemon: DaemonProcess, children: Children, tmp_path: Path
+) -> None:
+    """A recent libvirt gives every disk as -blockdev JSON, which the wrapper did not
+    read: its VMs ran with no lease at all. A disk is a node a -device opens, followed
+    to its file: leased exclusive, shared for share-rw, not for read-only nodes (a
+    backing chain, a CD-ROM)."""
+    env = wrapper_env(daemon, fake_qemu(tmp_path, "exec sleep 600"))
+    vm = subprocess.Popen([str(WRAPPER), "-name", "guest=vm1", *_LIBVIRT_BLOCKDEV_ARGS], env=env)
+    children.append(vm)
+    wait_for(lambda: vm.poll() is not None or vm.pid in leases_by_pid(daemon))
+    assert vm.poll() is None
+    assert leases_by_pid(daemon)[vm.pid] == {
+        lease_name_for_path("/vm/top.img"): "exclusive",
+        lease_name_for_path("/vm/shared.img"): "shared",
+        lease_name_for_path("/vm/kv.img"): "exclusive",
+    }
+    assert locked(daemon, "/vm/top.img")
+    kill(vm)
+    wait_for(lambda: not locked(daemon, "/vm/top.img"))
+
+
+def test_qemu_wrapper_says_when_it_cannot_read_a_blockdev(tmp_path: Path) -> None:
+    """Unreadable JSON is refused before QEMU runs (exit 2); without python3 each
+    -blockdev is named on stderr as not leased, and QEMU runs as before."""
+    bad = _wrapper_without_daemon(tmp_path, "-blockdev", "{bad", "-device", "x,drive=y")
+    assert bad.returncode == 2
+    assert "cannot read -blockdev {bad" in bad.stderr
+    assert bad.stdout == ""
+    node = '{"driver":"file","filename":"/vm/b.img","node-name":"b"}'
+    done = _wrapper_without_daemon(
+        tmp_path, "-blockdev", node, "-device", "virtio-blk-pci,drive=b",
+        env={"LOCKD_PYTHON": str(tmp_path / "no-python")},
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert done.stdout == f"ran: -blockdev {node} -version\n"
+    assert done.stdout == f"ran: -blockdev {node} -device virtio-blk-pci,drive=b\n"
     assert done.stderr == (
-        "lockd-qemu-wrapper: -blockdev is not read, its disk gets no lease (lease it with "
-        f"lockd run --disk, or give it as -drive): {node}\n"
+        f"lockd-qemu-wrapper: -blockdev not read (no {tmp_path / 'no-python'}), its disk "
+        f"gets no lease: {node}\n"
     )
