@@ -56,7 +56,7 @@ from protocol.client import (
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
-from protocol.messages import PROTOCOL_VERSION
+from protocol.messages import MAX_WAIT_SECONDS, PROTOCOL_VERSION
 
 __all__ = [
     "ConfigError",
@@ -168,8 +168,16 @@ class EmbeddedClient:
     def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
         """Send one request and wait for its reply; raise RemoteError on an error reply.
 
-        Events pushed meanwhile (after ``subscribe``) are kept for :meth:`next_event`.
+        An ``acquire`` with ``wait`` is given ``timeout`` after its wait, as the socket
+        client does: with the wait longer than the timeout, the call raised TimeoutError
+        while the lock system waited on, and the lease it took then was held by an owner
+        whose caller took the acquire as failed. Events pushed meanwhile (after
+        ``subscribe``) are kept for :meth:`next_event`.
         """
+        wait = args.get("wait") if op == "acquire" else None
+        if timeout is not None and isinstance(wait, int | float) and not isinstance(wait, bool):
+            # Past MAX_WAIT_SECONDS (inf too) the wait is refused at once.
+            timeout += min(max(0.0, float(wait)), MAX_WAIT_SECONDS)
         with self._lock:
             rid = next(self._ids)
             self._send(Received(encode_frame(encode_item({"op": op, "id": rid, **args}))))

@@ -172,8 +172,13 @@ def test_calls_fail_at_once_when_the_connection_or_the_service_ends(tmp_path: Pa
             holder.call("status")
         me = {"uuid": uuid.uuid4().bytes, "name": "me", "id": 1, "pid": os.getpid()}
         waiter.call("register", owner=me)
+        with pytest.raises(RemoteError, match="busy"):  # the wait, then the timeout
+            waiter.call("acquire", leases=[lease], wait=0.3, timeout=0.1)
+        locks = service._daemon
+        assert locks is not None
+        locks.dispatcher.submit(lambda: time.sleep(1.0))  # the lock thread busy for a second
         with pytest.raises(TimeoutError):
-            waiter.call("acquire", leases=[lease], wait=30, timeout=0.1)
+            waiter.call("status", timeout=0.1)
         failed: list[BaseException] = []
 
         def wait() -> None:
