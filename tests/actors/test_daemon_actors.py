@@ -692,69 +692,46 @@ def test_wait_tries_again_at_its_deadline(h: Harness) -> None:
     assert "result" in reply
 
 
-def test_wait_ends_when_its_owner_exits(h: Harness) -> None:
+@pytest.mark.parametrize(
+    ("meanwhile", "ends"), [("exited", True), ("zombie", True), ("unreadable", False)]
+)
+def test_a_wait_ends_once_its_owner_is_known_to_have_exited(
+    h: Harness, meanwhile: str, ends: bool
+) -> None:
     """A waiting acquire whose owner process exits is answered not-found at its next
     try: it neither waits on for the dead VM nor takes the lease once it frees (it was
-    granted to the dead owner, away from live waiters, and answered as a success)."""
+    granted to the dead owner, away from live waiters, and answered as a success). So
+    is one whose owner is a zombie (exited, not reaped: its pid and start time still
+    answer in /proc). One whose owner's /proc entry cannot be read (the daemon at its
+    descriptor limit) waits on and takes the lease: "cannot tell" is no exit, and it
+    was answered "owner process exited" for a VM that ran on."""
     vm1, vm2 = h.connect(VM1), h.connect(VM2)
     vm1.register(VM1)
     vm2.register(VM2)
     vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
     rid = vm2.send("acquire", leases=[lease("disk-a")], autocreate=True, wait=30)
     h.advance(0.1)
-    h.processes.exit(VM2)
+    if meanwhile == "unreadable":
+        h.processes.unreadable.add(VM2)
+    else:
+        h.processes.exit(VM2)
+    if meanwhile == "zombie":
+        h.processes.zombies.add(VM2)
+        assert h.processes.start_time(VM2) is not None  # /proc still answers for it
     vm1.ok("release", leases=[lease("disk-a")])
     h.advance(0.6)
     (reply,) = vm2.messages()
     assert reply["id"] == rid
+    if not ends:
+        assert "error" not in reply, reply
+        assert [e.owner.pid for e in h.journal_writer.events(LeaseAcquired)] == [VM1, VM2]
+        return
     assert reply["error"]["code"] == "not-found"
     assert f"owner process {VM2} exited" in reply["error"]["message"]
     assert len(h.journal_writer.events(LeaseAcquired)) == 1  # vm1's only
     vm3 = h.connect(h.processes.spawn(VM3))
     vm3.register(VM3)
     vm3.ok("acquire", leases=[lease("disk-a")], autocreate=True)  # free at once
-
-
-def test_wait_ends_when_its_owner_exits_though_not_yet_reaped(h: Harness) -> None:
-    """An owner exited but not yet reaped (a zombie) has still its pid and start time
-    in /proc: its waiting acquire ends not-found all the same, and takes nothing (it
-    took the lease once it freed, away from live waiters, and answered success)."""
-    vm1, vm2 = h.connect(VM1), h.connect(VM2)
-    vm1.register(VM1)
-    vm2.register(VM2)
-    vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
-    rid = vm2.send("acquire", leases=[lease("disk-a")], autocreate=True, wait=30)
-    h.advance(0.1)
-    h.processes.exit(VM2)
-    h.processes.zombies.add(VM2)
-    assert h.processes.start_time(VM2) is not None  # /proc still answers for it
-    vm1.ok("release", leases=[lease("disk-a")])
-    h.advance(0.6)
-    (reply,) = vm2.messages()
-    assert reply["id"] == rid
-    assert reply["error"]["code"] == "not-found"
-    assert f"owner process {VM2} exited" in reply["error"]["message"]
-    assert len(h.journal_writer.events(LeaseAcquired)) == 1  # vm1's only
-
-
-def test_wait_goes_on_while_its_owner_cannot_be_looked_up(h: Harness) -> None:
-    """A waiting acquire whose owner's /proc entry cannot be read at a retry (the daemon
-    at its descriptor limit) waits on and takes the lease once it frees: "cannot tell"
-    is not "exited" (it was answered not-found, "owner process exited", for a VM that
-    runs on)."""
-    vm1, vm2 = h.connect(VM1), h.connect(VM2)
-    vm1.register(VM1)
-    vm2.register(VM2)
-    vm1.ok("acquire", leases=[lease("disk-a")], autocreate=True)
-    rid = vm2.send("acquire", leases=[lease("disk-a")], autocreate=True, wait=30)
-    h.advance(0.1)
-    h.processes.unreadable.add(VM2)
-    vm1.ok("release", leases=[lease("disk-a")])
-    h.advance(0.6)
-    (reply,) = vm2.messages()
-    assert reply["id"] == rid
-    assert "error" not in reply, reply
-    assert [e.owner.pid for e in h.journal_writer.events(LeaseAcquired)] == [VM1, VM2]
 
 
 def test_wait_takes_nothing_while_a_later_lockspace_stays_busy(h: Harness) -> None:
