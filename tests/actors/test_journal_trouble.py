@@ -4,6 +4,7 @@ lasts, and once when it is written again; not a log line per refused request."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 
@@ -13,24 +14,43 @@ from actors.runtime import Dispatcher
 from tests.actors.harness import Clock, MemoryJournal
 
 
+class Journaled:
+    """A journal actor on a manual clock (its stamps' wall clock ``wall_offset()``
+    seconds off it), whose writer fails at will, and what the log said."""
+
+    def __init__(
+        self, caplog: pytest.LogCaptureFixture, wall_offset: Callable[[], float] = lambda: 0.0
+    ) -> None:
+        self.clock = Clock()
+        self.dispatcher = Dispatcher(clock=self.clock)
+        self.writer = MemoryJournal()
+        self.ref = JournalActor.start(
+            self.dispatcher, self.writer, host="test",
+            clock=lambda: self.clock.now + wall_offset(),
+        )  # fmt: skip
+        actor = self.ref._actor_weakref()
+        assert isinstance(actor, JournalActor)
+        self.actor = actor
+        self._caplog = caplog
+        caplog.set_level(logging.INFO, logger="actors.journal")
+
+    def append(self) -> None:
+        self.ref.tell(Append((DaemonStopped("test"),), 0, None))
+        self.dispatcher.run_until_idle()
+
+    def errors(self) -> list[str]:
+        return [r.getMessage() for r in self._caplog.records if r.levelno >= logging.ERROR]
+
+    def stop(self) -> None:
+        self.ref.stop(block=False)
+        self.dispatcher.run_until_idle()
+
+
 def test_a_journal_that_stays_unwritable_is_logged_once_a_minute(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = Clock()
-    dispatcher = Dispatcher(clock=clock)
-    writer = MemoryJournal()
-    ref = JournalActor.start(dispatcher, writer, host="test", clock=clock)
-    actor = ref._actor_weakref()
-    assert isinstance(actor, JournalActor)
-
-    def append() -> None:
-        ref.tell(Append((DaemonStopped("test"),), 0, None))
-        dispatcher.run_until_idle()
-
-    def errors() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-
-    caplog.set_level(logging.INFO, logger="actors.journal")
+    j = Journaled(caplog)
+    clock, writer, actor, append, errors = j.clock, j.writer, j.actor, j.append, j.errors
     writer.fail = True
     for _ in range(50):
         append()
@@ -48,8 +68,7 @@ def test_a_journal_that_stays_unwritable_is_logged_once_a_minute(
     append()
     assert "journal written again after 51 refused writes in 60 s" in caplog.text
     assert actor.trouble.error is None
-    ref.stop(block=False)
-    dispatcher.run_until_idle()
+    j.stop()
 
 
 class FailingSync(MemoryJournal):
@@ -97,24 +116,9 @@ def test_a_wall_clock_step_moves_neither_the_reminder_nor_the_spell_s_length(
     clock, a step back of three hours (NTP, a wrong RTC corrected) silenced it for three
     hours while every change was refused, and the lines gave the spell a negative
     length; ``status``'s ``since`` stays the wall clock's."""
-    mono = Clock()
     wall = {"offset": 0.0}
-    dispatcher = Dispatcher(clock=mono)
-    writer = MemoryJournal()
-    ref = JournalActor.start(
-        dispatcher, writer, host="test", clock=lambda: mono.now + wall["offset"]
-    )
-    actor = ref._actor_weakref()
-    assert isinstance(actor, JournalActor)
-
-    def append() -> None:
-        ref.tell(Append((DaemonStopped("test"),), 0, None))
-        dispatcher.run_until_idle()
-
-    def errors() -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-
-    caplog.set_level(logging.INFO, logger="actors.journal")
+    j = Journaled(caplog, wall_offset=lambda: wall["offset"])
+    mono, writer, actor, append, errors = j.clock, j.writer, j.actor, j.append, j.errors
     writer.fail = True
     append()
     assert actor.trouble.since == 1000.0
@@ -129,5 +133,4 @@ def test_a_wall_clock_step_moves_neither_the_reminder_nor_the_spell_s_length(
     writer.fail = False
     append()
     assert "journal written again after 3 refused writes in 60 s" in caplog.text
-    ref.stop(block=False)
-    dispatcher.run_until_idle()
+    j.stop()

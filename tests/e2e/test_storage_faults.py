@@ -120,6 +120,16 @@ def kernel_state(daemon: DaemonProcess, resource: str) -> str:
         return "absent"  # deleted between the look and the probe (a release ended it)
 
 
+def journal_and_kernel_agree(daemon: DaemonProcess) -> None:
+    """What a test checks after the fault and a restart: `journal-check` finds the
+    journal sound, and `lockd verify` finds the daemon's leases locked and its
+    journal replaying to them."""
+    check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
+    assert check.returncode == 0, check.stdout + check.stderr
+    verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
 def test_a_full_journal_disk_refuses_acquires_keeps_releases_and_recovers_without_restart(
     small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
     tmp_path: Path,
@@ -162,10 +172,7 @@ def test_a_full_journal_disk_refuses_acquires_keeps_releases_and_recovers_withou
     restart(daemon)
     listed = json.loads(daemon.lockd("leases", "--json").stdout)
     assert sorted(item["resource"] for item in listed) == before
-    check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
-    assert check.returncode == 0, check.stdout + check.stderr
-    verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    journal_and_kernel_agree(daemon)
 
 
 def metrics(daemon: DaemonProcess) -> str:
@@ -223,10 +230,7 @@ def test_a_rotation_refused_by_a_full_disk_leaves_no_debris_and_replays(
     listed = json.loads(daemon.lockd("leases", "--json").stdout)
     assert sorted(item["resource"] for item in listed) == before
     assert all(kernel_state(daemon, r) == "busy" for r in before)
-    check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
-    assert check.returncode == 0, check.stdout + check.stderr
-    verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    journal_and_kernel_agree(daemon)
 
 
 def test_a_full_journal_disk_is_logged_once_and_shown_in_status(
@@ -440,10 +444,7 @@ def test_a_fence_whose_record_the_full_journal_refuses_still_signals(
     crash(daemon)
     restart(daemon)
     assert "r1" not in daemon.lockd("leases").stdout
-    check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
-    assert check.returncode == 0, check.stdout + check.stderr
-    verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    journal_and_kernel_agree(daemon)
 
 
 def test_a_daemon_started_on_a_full_journal_disk_serves_and_leaves_no_debris(
