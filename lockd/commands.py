@@ -472,12 +472,21 @@ def cmd_clients(args: argparse.Namespace) -> int:
                 if owner
                 else "no owner"
             )
-            flags = " restricted" if r["restricted"] else ""
-            flags += " admin" if r["admin"] else ""
-            flags += " subscribed" if r.get("subscribed") else ""  # to events: an auditor
+            flags = [
+                flag
+                for flag, on in (
+                    ("restricted", r["restricted"]),
+                    ("admin", r["admin"]),
+                    ("subscribed", r.get("subscribed")),  # to events: an auditor
+                )
+                if on
+            ]
+            # After a semicolon, apart from the lease count: "0 lease(s) restricted" read
+            # as "no lease is restricted".
+            marks = f"; {', '.join(flags)}" if flags else ""
             name = f"  {printable(r['name'])}" if r.get("name") else ""  # from its hello
             print(
-                f"{r['id']}  pid={r['pid']} uid={r['uid']}{name}  {who}{flags}  "
+                f"{r['id']}  pid={r['pid']} uid={r['uid']}{name}  {who}{marks}  "
                 f"since {_when(r['connected_since'])}"
             )
         return EXIT_OK

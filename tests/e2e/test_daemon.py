@@ -374,7 +374,8 @@ def test_admin_disconnect_ends_the_owners_leases(
     assert row["restricted"] is True
     assert row["name"] == "lockd-run vm1"  # what the connection called itself in hello
     text = daemon.lockd("clients").stdout
-    assert f"lockd-run vm1  owner vm1 (pid {vm.pid}), 1 lease(s) restricted" in text
+    # The flags apart from the count: "1 lease(s) restricted" read as one restricted lease.
+    assert f"lockd-run vm1  owner vm1 (pid {vm.pid}), 1 lease(s); restricted  since" in text
     refused = daemon.lockd("disconnect", "--admin-socket", str(daemon.socket), str(row["id"]))
     assert refused.returncode == 1
     assert "admin socket" in refused.stderr
