@@ -632,6 +632,31 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         commands.add_lease_arguments(p, acquire=name == "acquire")
         p.set_defaults(func=func)
 
+    create_lockspace = sub.add_parser(
+        "create-lockspace",
+        help="create a lockspace (a directory in the lock directory)",
+        description="Create a lockspace for explicit leases (libvirt's <lease> elements); "
+        "one that exists already is kept. The disk lockspaces exist from the daemon's start.",
+    )
+    _add_client_options(create_lockspace)
+    create_lockspace.add_argument("lockspace", metavar="NAME", help="the lockspace's name")
+    create_lockspace.set_defaults(func=commands.cmd_create_lockspace)
+
+    for name, func, text in (
+        ("create-resource", commands.cmd_create_resource,
+         "create a lease file for an explicit lease (one there already is kept)"),
+        ("delete-resource", commands.cmd_delete_resource,
+         "delete a lease file that nobody holds"),
+    ):  # fmt: skip
+        p = sub.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        _add_client_options(p)
+        p.add_argument(
+            "lease",
+            metavar="LOCKSPACE/RESOURCE",
+            help="the lease, as --lease names it (a mode word after it changes nothing)",
+        )
+        p.set_defaults(func=func)
+
     run = sub.add_parser(
         "run",
         help="acquire leases, then exec a command holding them",

@@ -46,6 +46,8 @@ from protocol.names import (
     CONTROL_CHARACTERS,
     FILES_LOCKSPACE,
     InvalidNameError,
+    check_lockspace_name,
+    check_resource_name,
     lease_name_for_path,
     printable,
 )
@@ -732,18 +734,28 @@ def parse_leases(args: argparse.Namespace) -> list[tuple[dict[str, Any], str]]:
         lease = {"lockspace": FILES_LOCKSPACE, "resource": resource, "shared": shared}
         out.append((lease, f"disk {path}"))
     for spec in args.lease:
-        try:
-            text, mode = split_mode("--lease", spec, LEASE_MODES, what="lease name")
-        except ModeError as exc:
-            raise CommandError(str(exc), EXIT_USAGE) from None
+        lockspace, resource, mode = split_lease("--lease", spec)
         shared = mode == "shared"
-        lockspace, sep, resource = text.partition("/")
-        if not sep or not lockspace or not resource:
-            raise CommandError(f"--lease takes LOCKSPACE/RESOURCE, not {spec!r}", EXIT_USAGE)
         out.append(
-            ({"lockspace": lockspace, "resource": resource, "shared": shared}, f"lease {text}")
+            (
+                {"lockspace": lockspace, "resource": resource, "shared": shared},
+                f"lease {lockspace}/{resource}",
+            )
         )
     return out
+
+
+def split_lease(option: str, spec: str) -> tuple[str, str, str]:
+    """``spec`` (``LOCKSPACE/RESOURCE[:MODE]``, as ``--lease`` takes it) as its lockspace,
+    resource and mode; a usage error if it is not that."""
+    try:
+        text, mode = split_mode(option, spec, LEASE_MODES, what="lease name")
+    except ModeError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    lockspace, sep, resource = text.partition("/")
+    if not sep or not lockspace or not resource:
+        raise CommandError(f"{option} takes LOCKSPACE/RESOURCE, not {spec!r}", EXIT_USAGE)
+    return lockspace, resource, mode
 
 
 def _owner_map(pid: int, name: str | None, uuid_text: str | None, owner_id: int) -> dict[str, Any]:
@@ -907,6 +919,74 @@ def cmd_release(args: argparse.Namespace) -> int:
             _print_json(result)
         else:
             print(f"released {result['released']} lease(s) of pid {args.owner_pid}")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+# -- lockspaces and lease files ----------------------------------------------------------------
+def _checked(check: Callable[[str], str], name: str) -> str:
+    """``name`` if ``check`` finds it valid; else a usage error before any daemon is asked."""
+    try:
+        return check(name)
+    except InvalidNameError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
+def _lease_file_name(spec: str) -> tuple[str, str]:
+    """``LOCKSPACE/RESOURCE`` of ``create-resource`` and ``delete-resource``: written as
+    ``--lease`` takes it, so the same text names the same lease file (a mode word after it
+    is allowed, and changes nothing: a lease file has no mode)."""
+    lockspace, resource, _ = split_lease("the lease", spec)
+    return _checked(check_lockspace_name, lockspace), _checked(check_resource_name, resource)
+
+
+def cmd_create_lockspace(args: argparse.Namespace) -> int:
+    """Create a lockspace (its directory in the lock directory); one there already is kept."""
+
+    def body() -> int:
+        name = _checked(check_lockspace_name, args.lockspace)
+        with _connect(args.socket, "lockd-create-lockspace", spawn=True) as client:
+            result = client.call("create-lockspace", lockspace=name)
+        if args.json:
+            _print_json(result)  # the daemon's answer, as every --json prints it
+        elif result.get("created"):
+            print(f"created lockspace {name}")
+        else:
+            print(f"lockspace {name} exists already")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_create_resource(args: argparse.Namespace) -> int:
+    """Create a lease file, for an explicit lease (libvirt's ``<lease>``); one there
+    already is kept."""
+
+    def body() -> int:
+        lockspace, resource = _lease_file_name(args.lease)
+        with _connect(args.socket, "lockd-create-resource", spawn=True) as client:
+            result = client.call("create-resource", lockspace=lockspace, resource=resource)
+        if args.json:
+            _print_json({"lockspace": lockspace, "resource": resource, **result})
+        else:
+            print(f"lease file {lockspace}/{resource} exists (created unless it was already)")
+        return EXIT_OK
+
+    return _run(args, body)
+
+
+def cmd_delete_resource(args: argparse.Namespace) -> int:
+    """Delete a lease file nobody holds."""
+
+    def body() -> int:
+        lockspace, resource = _lease_file_name(args.lease)
+        with _connect(args.socket, "lockd-delete-resource") as client:
+            result = client.call("delete-resource", lockspace=lockspace, resource=resource)
+        if args.json:
+            _print_json({"lockspace": lockspace, "resource": resource, **result})
+        else:
+            print(f"deleted lease file {lockspace}/{resource}")
         return EXIT_OK
 
     return _run(args, body)
