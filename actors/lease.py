@@ -186,11 +186,16 @@ class LeaseActor(DispatchedActor):
         self,
         dispatcher: Dispatcher,
         files: LeaseFiles,
+        lockspace: str,
         resource: str,
         first: TakeLock | AdoptLock | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self._files = files
+        self._lockspace = lockspace
+        """Only to name the lease in full (``LOCKSPACE/RESOURCE``) in what it reports: its
+        refusal is a lost lease's reason in the journal, where the hash alone said not
+        which lockspace it was in."""
         self._resource = resource
         self._fd: int | None = None
         self._mode: LeaseMode | None = None
@@ -238,7 +243,8 @@ class LeaseActor(DispatchedActor):
             self._files.close_fd(msg.fd)
             return LockRefused(
                 self._resource, msg.token, ErrorCode.BUSY,
-                f"lease {self._resource} was taken by another process or host", True,
+                f"lease {self._lockspace}/{self._resource} was taken by another process "
+                "or host", True,
             )  # fmt: skip
         except OSError as exc:
             # Kept open: if it still carries the lease (the previous daemon's lock, or
@@ -274,7 +280,8 @@ class LeaseActor(DispatchedActor):
                 self._files.close_fd(held.fd)
                 return LockRefused(
                     self._resource, msg.token, ErrorCode.BUSY,
-                    f"lease {self._resource} is held by another process or host", True,
+                    f"lease {self._lockspace}/{self._resource} is held by another process "
+                    "or host", True,
                 )  # fmt: skip
             except OSError as exc:
                 self._files.close_fd(held.fd)

@@ -750,7 +750,9 @@ class LockspaceActor(DispatchedActor):
                 assert isinstance(event, LeaseAcquired)
                 if event.resource not in self._state.held:
                     take = TakeLock(event.mode, command.autocreate, token, self.actor_ref)
-                    ref = LeaseActor.start(self.dispatcher, self._files, event.resource, take)
+                    ref = LeaseActor.start(
+                        self.dispatcher, self._files, self.name, event.resource, take
+                    )
                     self._leases[event.resource] = ref
                     flight.waiting_locks += 1
             if flight.waiting_locks:
@@ -877,12 +879,11 @@ class LockspaceActor(DispatchedActor):
         if flight.refused is not None:
             self._drop_locks(flight.taken, unlink=command.autocreate)
             refused = flight.refused
+            # A lease held elsewhere is named in full by the lease actor, as the holders
+            # of one held here are: the client tells the user which of its disks it is
+            # (lockd.commands._label_of).
             text = refused.message
-            if refused.held_elsewhere:
-                # Named in full, as the holders of a lease held here are: the client
-                # tells the user which of its disks it is (lockd.commands._label_of).
-                text = f"lease {self.name}/{refused.resource} is held by another process or host"
-            elif refused.code is ErrorCode.NOT_FOUND:
+            if refused.code is ErrorCode.NOT_FOUND:
                 # "lease file vm1 does not exist" named neither the lockspace, nor where
                 # the daemon looked, nor how a lease file comes to be.
                 text = (
@@ -1053,7 +1054,7 @@ class LockspaceActor(DispatchedActor):
                 # only create it (under the index lock) if it went missing.
                 first = TakeLock(lease.mode, False, token, self.actor_ref)
                 restoring.fresh.add(lease.resource)
-            ref = LeaseActor.start(self.dispatcher, self._files, lease.resource, first)
+            ref = LeaseActor.start(self.dispatcher, self._files, self.name, lease.resource, first)
             self._leases[lease.resource] = ref
             restoring.waiting += 1
         if not restoring.waiting:
@@ -1088,7 +1089,9 @@ class LockspaceActor(DispatchedActor):
         token = next(self._tokens)
         self._cleanups.add(token)
         take = TakeLock(LeaseMode.EXCLUSIVE, False, token, self.actor_ref)
-        self._leases[resource] = LeaseActor.start(self.dispatcher, self._files, resource, take)
+        self._leases[resource] = LeaseActor.start(
+            self.dispatcher, self._files, self.name, resource, take
+        )
 
     def _on_cleanup_lock(self, message: LockTaken | LockRefused) -> None:
         self._cleanups.discard(message.token)

@@ -9,6 +9,7 @@ import resource
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import pykka
 import pytest
 
 from actors.lease import (
+    AdoptLock,
     DropLock,
     LeaseActor,
     LockBusyError,
@@ -72,7 +74,7 @@ def take(
 ) -> Any:
     """Start a lease actor on ``env``'s files, ask it to take the lock; (ref, its reply)."""
     dispatcher, files, inbox = env
-    ref = LeaseActor.start(dispatcher, files, name)
+    ref = LeaseActor.start(dispatcher, files, "ls", name)
     ref.tell(TakeLock(mode, create=create, token=1, reply_to=inbox.actor_ref))
     dispatcher.run_until_idle()
     return ref, inbox.got.pop()
@@ -97,6 +99,36 @@ def test_lock_held_elsewhere_is_refused_as_busy(
 ) -> None:
     """A lock held by another process (another host's daemon) is busy, and nothing leaks."""
     (tmp_path / "disk").touch()
+    with _locked_by_another_process(tmp_path / "disk"):
+        _, reply = take(env, "disk", LeaseMode.SHARED)
+        assert isinstance(reply, LockRefused)
+        assert reply.code is ErrorCode.BUSY
+        # In full, LOCKSPACE/RESOURCE: at recovery this is a lost lease's reason.
+        assert reply.message == "lease ls/disk is held by another process or host"
+
+
+def test_an_adopted_fd_whose_lock_another_process_took_is_refused_naming_the_lease(
+    env: tuple[Dispatcher, LockspaceDir, Replies], tmp_path: Path
+) -> None:
+    """An fd handed back (fd store, re-exec) that no longer carries its lock, taken by
+    another process meanwhile: refused as busy, and the reason (a lost lease's, in the
+    journal) names the lease as LOCKSPACE/RESOURCE, not by its hash alone."""
+    dispatcher, files, inbox = env
+    (tmp_path / "disk").touch()
+    fd = os.open(tmp_path / "disk", os.O_RDWR)
+    with _locked_by_another_process(tmp_path / "disk"):
+        LeaseActor.start(dispatcher, files, "ls", "disk", AdoptLock(fd, LeaseMode.EXCLUSIVE, 1,
+                                                                    inbox.actor_ref))  # fmt: skip
+        dispatcher.run_until_idle()
+        reply = inbox.got.pop()
+        assert isinstance(reply, LockRefused)
+        assert reply.held_elsewhere
+        assert reply.message == "lease ls/disk was taken by another process or host"
+
+
+@contextmanager
+def _locked_by_another_process(path: Path) -> Iterator[None]:
+    """``path`` locked on byte 0 by another process (another host's daemon) meanwhile."""
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -104,7 +136,7 @@ def test_lock_held_elsewhere_is_refused_as_busy(
             "import fcntl,os,struct,sys;fd=os.open(sys.argv[1],os.O_RDWR);"
             "fcntl.fcntl(fd,fcntl.F_SETLK,struct.pack('hhqqi4x',fcntl.F_WRLCK,0,0,1,0));"
             "print('locked',flush=True);sys.stdin.read()",
-            str(tmp_path / "disk"),
+            str(path),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -113,10 +145,7 @@ def test_lock_held_elsewhere_is_refused_as_busy(
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "locked"
-        _, reply = take(env, "disk", LeaseMode.SHARED)
-        assert isinstance(reply, LockRefused)
-        assert reply.code is ErrorCode.BUSY
-        assert "another process or host" in reply.message
+        yield
     finally:
         holder.kill()
         holder.wait()
@@ -326,7 +355,7 @@ def test_an_io_error_checking_the_name_after_the_lock_is_a_refusal_not_a_crash(
     dispatcher, _, inbox = env
     files = StatFailsAfterLock(str(tmp_path))
     try:
-        ref = LeaseActor.start(dispatcher, files, "disk")
+        ref = LeaseActor.start(dispatcher, files, "ls", "disk")
         message: TakeLock | Relink = TakeLock(LeaseMode.EXCLUSIVE, True, 1, inbox.actor_ref)
         if step == "relink":
             ref.tell(message)

@@ -156,6 +156,11 @@ def test_lease_stolen_while_down_is_reported_lost_and_the_owner_fenced(
     assert vm.wait(10) == -signal.SIGTERM  # fenced: it may be writing someone else's disk
     lost = events(daemon, "--type", "lease-lost")
     assert [(e["owner"]["name"], e["owner"]["pid"]) for e in lost] == [("vm1", vm.pid)]
+    # The lease named in full, as every other message names one: the hash alone did not
+    # say which lockspace (and so which kind of lease) was lost.
+    assert lost[0]["reason"] == (
+        f"lease {FILES_LOCKSPACE}/{path.name} is held by another process or host"
+    )
     fenced = events(daemon, "--type", "owner-fenced")
     assert fenced[0]["signal"] == "SIGTERM"
     assert listed(daemon) == {}
