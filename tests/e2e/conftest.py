@@ -186,19 +186,27 @@ c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pi
 c.call("acquire", leases=[{"lockspace": "org.libvirt.lockd.files", "resource": "r1"}],
        autocreate=True)
 print("held", flush=True)
+if sys.argv[3] == "on-cue":
+    sys.stdin.readline()
 c.close()
 time.sleep(60)
 """
 
 
 def start_dropping_owner(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], *, ignore_sigterm: bool
+    daemon: DaemonProcess,
+    children: list[subprocess.Popen[bytes]],
+    *,
+    ignore_sigterm: bool,
+    on_cue: bool = False,
 ) -> subprocess.Popen[str]:
     """A VM that takes a lease over its own connection, then drops the connection and
-    keeps running (printing "held", and "got SIGTERM" unless it ignores SIGTERM)."""
+    keeps running (printing "held", and "got SIGTERM" unless it ignores SIGTERM).
+    ``on_cue``: it drops the connection only once a line is written to its stdin."""
     owner = subprocess.Popen(
         [sys.executable, "-c", _DROPPING_OWNER, str(daemon.socket),
-         "ignore" if ignore_sigterm else "report"],
+         "ignore" if ignore_sigterm else "report", "on-cue" if on_cue else "at-once"],
+        stdin=subprocess.PIPE if on_cue else None,
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     children.append(owner)  # type: ignore[arg-type]

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from protocol.client import Client, RemoteError
 from protocol.names import FILES_LOCKSPACE
-from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
+from tests.e2e.conftest import DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
 from tests.e2e.test_recovery import crash, restart
 from tests.lockprobe import probe, start_watch, stop_watch
 
@@ -120,10 +119,14 @@ def kernel_state(daemon: DaemonProcess, resource: str) -> str:
         return "absent"  # deleted between the look and the probe (a release ended it)
 
 
-def journal_and_kernel_agree(daemon: DaemonProcess) -> None:
-    """What a test checks after the fault and a restart: `journal-check` finds the
-    journal sound, and `lockd verify` finds the daemon's leases locked and its
-    journal replaying to them."""
+def after_a_crash_it_holds(daemon: DaemonProcess, resources: list[str]) -> None:
+    """SIGKILLed and started again after the fault: the daemon holds ``resources``
+    (sorted), `journal-check` finds the journal sound, and `lockd verify` finds every
+    held lease locked in the kernel and the journal replaying to them."""
+    crash(daemon)
+    restart(daemon)
+    listed = json.loads(daemon.lockd("leases", "--json").stdout)
+    assert sorted(item["resource"] for item in listed) == resources
     check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
     assert check.returncode == 0, check.stdout + check.stderr
     verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
@@ -168,11 +171,7 @@ def test_a_full_journal_disk_refuses_acquires_keeps_releases_and_recovers_withou
     before = held(vm)
     vm.close()
 
-    crash(daemon)
-    restart(daemon)
-    listed = json.loads(daemon.lockd("leases", "--json").stdout)
-    assert sorted(item["resource"] for item in listed) == before
-    journal_and_kernel_agree(daemon)
+    after_a_crash_it_holds(daemon, before)
 
 
 def metrics(daemon: DaemonProcess) -> str:
@@ -225,12 +224,7 @@ def test_a_rotation_refused_by_a_full_disk_leaves_no_debris_and_replays(
     assert len(list(daemon.journal_dir.glob("journal-*.cbor"))) >= 2
     before = held(vm)
     vm.close()
-    crash(daemon)
-    restart(daemon)
-    listed = json.loads(daemon.lockd("leases", "--json").stdout)
-    assert sorted(item["resource"] for item in listed) == before
-    assert all(kernel_state(daemon, r) == "busy" for r in before)
-    journal_and_kernel_agree(daemon)
+    after_a_crash_it_holds(daemon, before)
 
 
 def test_a_full_journal_disk_is_logged_once_and_shown_in_status(
@@ -387,24 +381,6 @@ def test_an_owner_that_exits_while_the_journal_disk_is_full_is_released_once_spa
     assert "journaled the release of pid" in daemon.log.read_text()
 
 
-_OWNER = """
-import os, signal, sys, time, uuid
-from protocol.client import Client
-def term(*_):
-    print("got SIGTERM", flush=True)
-    sys.exit(0)
-signal.signal(signal.SIGTERM, term)
-c = Client(sys.argv[1])
-c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()})
-c.call("acquire", leases=[{"lockspace": "org.libvirt.lockd.files", "resource": "r1"}],
-       autocreate=True)
-print("held", flush=True)
-sys.stdin.readline()
-c.close()
-time.sleep(60)
-"""
-
-
 def test_a_fence_whose_record_the_full_journal_refuses_still_signals(
     small_fs: Mount, make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]],
     tmp_path: Path,
@@ -415,14 +391,9 @@ def test_a_fence_whose_record_the_full_journal_refuses_still_signals(
     started again, the daemon holds nothing, its journal checks ok, verify is clean."""
     small_fs(tmp_path / "d" / "journal")
     daemon = make_daemon("d")
-    owner = subprocess.Popen(
-        [sys.executable, "-c", _OWNER, str(daemon.socket)], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
-    children.append(owner)  # type: ignore[arg-type]
+    owner = start_dropping_owner(daemon, children, ignore_sigterm=False, on_cue=True)
     assert owner.stdin is not None
     assert owner.stdout is not None
-    assert owner.stdout.readline().strip() == "held"
     filler = fill(daemon.journal_dir)
     pad = owner_client(daemon, children, "pad")
     acquire_until_refused(pad, "pad")
@@ -441,10 +412,7 @@ def test_a_fence_whose_record_the_full_journal_refuses_still_signals(
 
     filler.unlink()
     wait_for(lambda: kernel_state(daemon, "r1") != "busy")
-    crash(daemon)
-    restart(daemon)
-    assert "r1" not in daemon.lockd("leases").stdout
-    journal_and_kernel_agree(daemon)
+    after_a_crash_it_holds(daemon, held(pad))  # the pad's, not the fenced VM's r1
 
 
 def test_a_daemon_started_on_a_full_journal_disk_serves_and_leaves_no_debris(
