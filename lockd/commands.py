@@ -962,31 +962,28 @@ def cmd_create_lockspace(args: argparse.Namespace) -> int:
 def cmd_create_resource(args: argparse.Namespace) -> int:
     """Create a lease file, for an explicit lease (libvirt's ``<lease>``); one there
     already is kept."""
-
-    def body() -> int:
-        lockspace, resource = _lease_file_name(args.lease)
-        with _connect(args.socket, "lockd-create-resource", spawn=True) as client:
-            result = client.call("create-resource", lockspace=lockspace, resource=resource)
-        if args.json:
-            _print_json({"lockspace": lockspace, "resource": resource, **result})
-        else:
-            print(f"lease file {lockspace}/{resource} exists (created unless it was already)")
-        return EXIT_OK
-
-    return _run(args, body)
+    return _lease_file_command(args, "create-resource", "lease file {} exists (created "
+                               "unless it was already)", spawn=True)  # fmt: skip
 
 
 def cmd_delete_resource(args: argparse.Namespace) -> int:
     """Delete a lease file nobody holds."""
+    return _lease_file_command(args, "delete-resource", "deleted lease file {}", spawn=False)
+
+
+def _lease_file_command(args: argparse.Namespace, op: str, done: str, *, spawn: bool) -> int:
+    """``op`` on the lease file ``args.lease`` names; ``done`` says what happened to
+    ``LOCKSPACE/RESOURCE``. Only a create starts a per-user daemon: a delete has
+    nothing to do where none runs."""
 
     def body() -> int:
         lockspace, resource = _lease_file_name(args.lease)
-        with _connect(args.socket, "lockd-delete-resource") as client:
-            result = client.call("delete-resource", lockspace=lockspace, resource=resource)
+        with _connect(args.socket, f"lockd-{op}", spawn=spawn) as client:
+            result = client.call(op, lockspace=lockspace, resource=resource)
         if args.json:
             _print_json({"lockspace": lockspace, "resource": resource, **result})
         else:
-            print(f"deleted lease file {lockspace}/{resource}")
+            print(done.format(f"{lockspace}/{resource}"))
         return EXIT_OK
 
     return _run(args, body)
