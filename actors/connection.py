@@ -149,6 +149,9 @@ class ServerInfo:
     one), in ``status`` and the ``subscribe`` reply; None: not told (in memory)."""
     journal_trouble: WriteTrouble | None = None
     """The journal actor's account of refused writes: ``status`` shows a spell."""
+    journal_dir: str | None = None
+    """Where the journal is (absolute), in ``status``: ``lockd verify`` compares it with
+    no ``--journal-dir`` given, and an operator finds it without reading the unit."""
 
 
 @attrs.frozen
@@ -1109,7 +1112,7 @@ class ConnectionActor(DispatchedActor):
                     }
                     for fence in fencing.fences
                 ],
-                **self._epoch(),
+                **self._epoch(where=True),
                 **self._journal_error(),
             },
         )
@@ -1123,13 +1126,15 @@ class ConnectionActor(DispatchedActor):
         return {"journal_error": {"message": trouble.error, "since": trouble.since,
                                   "refused": trouble.refused}}  # fmt: skip
 
-    def _epoch(self) -> dict[str, Any]:
+    def _epoch(self, *, where: bool = False) -> dict[str, Any]:
         """``{"journal": {"id", "from"}}``: the journal's timeline, which a cut renews
-        (its seqs from ``from`` on handed out again); {} when the daemon does not say."""
+        (its seqs from ``from`` on handed out again), and with ``where`` its directory
+        (``dir``, for ``status``); {} when the daemon does not say."""
         if self._info.journal is None:
             return {}
         ident, first = self._info.journal
-        return {"journal": {"id": ident, "from": first}}
+        place = {"dir": self._info.journal_dir} if where and self._info.journal_dir else {}
+        return {"journal": {"id": ident, "from": first, **place}}
 
     def _metrics(self, request: m.Metrics, gathered: Gathered) -> None:
         self._with_fences(lambda fencing: self._metrics_reply(request, gathered, fencing))

@@ -728,8 +728,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         description="For crash tests: asks each daemon (--socket, repeatable for daemons "
         "sharing a lock directory) what it holds, and checks that every lease is locked in "
         "the kernel in its mode, that no exclusive lease has two holders, that no lease file "
-        "is locked that no daemon reports, and (with each daemon's --journal-dir, given in "
-        "the same order) that its journal replays to what it reports. Takes no lock; run it "
+        "is locked that no daemon reports, and that each daemon's journal (the one its status "
+        "names, or its --journal-dir) replays to what it reports. Takes no lock; run it "
         "while no request is in flight. Exit 0 when all holds, 1 with the findings.",
     )
     verify.add_argument(
@@ -740,7 +740,8 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     verify.add_argument(
         "--journal-dir",
         action="append",
-        help="that daemon's journal directory (repeatable, one per --socket, in order)",
+        help="that daemon's journal directory (repeatable, one per --socket, in order; "
+        "default: the one its status names)",
     )
     verify.add_argument("--json", action="store_true", help="machine-readable output")
     verify.set_defaults(func=commands.cmd_verify)

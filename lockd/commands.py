@@ -381,7 +381,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             fencing = status.pop("fencing", None)  # None: a daemon older than the field
             timeline = status.get("journal")
             if isinstance(timeline, dict):  # words, not a dict's repr: "{'id': '3f…', ...}"
-                status["journal"] = f"id {timeline.get('id')}, seqs from {timeline.get('from')}"
+                words = f"id {timeline.get('id')}, seqs from {timeline.get('from')}"
+                status["journal"] = f"{words}, in {timeline['dir']}" if "dir" in timeline else words
             trouble = status.get("journal_error")
             if isinstance(trouble, dict):
                 since = _when(float(trouble.get("since", 0)))
@@ -551,10 +552,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
             with _connect(path, "lockd-verify") as client:
                 rows = client.call("list-lockspaces")["lockspaces"]
                 leases = client.call("list-leases")["leases"]
-                seq = client.call("status")["journal_seq"]
+                status = client.call("status")
             lockspaces = {row["name"]: row["path"] for row in rows}
-            journal_dir = os.path.abspath(journal) if journal else None
-            views.append(DaemonView(path, lockspaces, leases, seq, journal_dir))
+            journal_dir = os.path.abspath(journal) if journal else _told_journal(status)
+            views.append(DaemonView(path, lockspaces, leases, status["journal_seq"], journal_dir))
         checked, findings = verify(views)
         if args.json:
             _print_json(
@@ -569,7 +570,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
             for f in findings:
                 where = f"{f.lockspace}/{f.resource}: " if f.resource else ""
                 print(f"{f.check}: {where}{f.message}")
-            against = "kernel and journals" if all(journals) else "kernel (no --journal-dir)"
+            compared = sum(1 for v in views if v.journal_dir)
+            against = (
+                "kernel and journals"
+                if compared == len(views)
+                else f"kernel and {compared} of {len(views)} journals (give --journal-dir)"
+                if compared
+                else "kernel (no journal readable here: give --journal-dir)"
+            )
             summary = f"{checked} lease files held by {len(views)} daemon(s), against the {against}"
             if findings:
                 print(f"lockd verify: {len(findings)} finding(s); {summary}", file=sys.stderr)
@@ -578,6 +586,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_ERROR if findings else EXIT_OK
 
     return _run(args, body)
+
+
+def _told_journal(status: dict[str, Any]) -> str | None:
+    """The journal directory a daemon's ``status`` names, if this process can read it
+    (``verify`` by a user against root's daemon cannot: then only the kernel is
+    compared, as it says, rather than a finding that is about the reader)."""
+    timeline = status.get("journal")
+    where = timeline.get("dir") if isinstance(timeline, dict) else None
+    if isinstance(where, str) and os.access(where, os.R_OK | os.X_OK):
+        return where
+    return None
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:

@@ -286,7 +286,7 @@ class LockSystem:
         router.adopt_all()  # serve every lockspace directory there is, from the start
         self.info = ServerInfo(
             build.version(), os.getpid(), self.serving_since, socket.gethostname(), procs.fd_limit,
-            boot, self.epoch, self.journal_trouble,
+            boot, self.epoch, self.journal_trouble, os.path.abspath(config.journal_dir),
         )  # fmt: skip
         RecoveryActor.start(
             d,

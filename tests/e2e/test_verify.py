@@ -69,6 +69,30 @@ def test_two_hosts_killed_and_restarted_verify_clean(
     assert plain.stdout.startswith("lockd verify: ok: 3 lease files held by 2 daemon(s)")
 
 
+def test_without_journal_dirs_the_daemons_own_are_compared(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """`lockd verify` with sockets alone compares each daemon's journal too: the one
+    its `status` names (where an operator looks for it, as well)."""
+    a, b = two_hosts(make_daemon, tmp_path)
+    start_run(a, children, "--disk", "/vm/a.img", "--name", "vm-a")
+    start_run(b, children, "--disk", "/vm/b.img", "--name", "vm-b")
+    status = json.loads(a.lockd("status", "--json").stdout)
+    assert status["journal"]["dir"] == str(a.journal_dir.resolve())
+    assert f", in {a.journal_dir.resolve()}" in a.lockd("status").stdout
+    done = verify(a, b, journals=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert [d["journal_dir"] for d in report["daemons"]] == [
+        str(a.journal_dir.resolve()), str(b.journal_dir.resolve())
+    ]  # fmt: skip
+    plain = subprocess.run(
+        [*LOCKD, "verify", "--socket", str(a.socket), "--socket", str(b.socket)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert plain.stdout.endswith("against the kernel and journals\n"), plain.stdout
+
+
 def test_a_lock_no_daemon_reports_is_a_finding(
     make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
