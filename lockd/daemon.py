@@ -919,7 +919,7 @@ class Daemon:
             owners=self.system.owners,
             on_abort=self._reexec_abandoned,
             fences_resume=self.config.lost_lease_policy == "fence",
-            before_exec=lambda: self.system.snapshots.wait(STOP_WAIT_S),
+            before_exec=self._before_exec,
             own_fds=(self.system.journal_lock, self._pid_fd),
             paths={k: v for k, v in paths_of(self.config).items() if k not in activated},
             started=self.system.serving_since,
@@ -928,6 +928,12 @@ class Daemon:
             on_done=self._reexec_over,
             stopping=lambda: bool(self._stop_reason),
         )
+
+    def _before_exec(self) -> None:
+        """What this process finishes before a re-exec replaces it: a snapshot being
+        written, and the counts of refusals not logged yet (their timers die with it)."""
+        refusals.flush()
+        self.system.snapshots.wait(STOP_WAIT_S)
 
     def _activated_keys(self) -> set[str]:
         """The socket settings that socket activation stands in for: the service
@@ -1046,6 +1052,7 @@ class Daemon:
         finally:
             sd_notify("STOPPING=1")
             self._close_listeners()
+            refusals.flush()
             try:
                 self.system.shutdown(self._stop_reason or "stopped")
             finally:

@@ -362,6 +362,14 @@ class RefusalLog:
             args = (*args, missed)
         logger.warning(message, *args)
 
+    def flush(self) -> None:
+        """Log every count not logged yet, now: the daemon is stopping or re-executing,
+        and its timers go with this process (the last minute of a loop went unsaid)."""
+        for timer in self._count_timers.values():
+            timer.cancel()
+        for kind in list(self._not_logged):
+            self._log_count(kind)
+
     def _log_count(self, kind: str) -> None:
         """The period is over: log how many of ``kind`` were refused unlogged in it, with
         the latest of them; the next period starts (a loop still refused is counted on)."""

@@ -477,13 +477,15 @@ def test_max_clients(make_daemon: MakeDaemon, tmp_path: Path) -> None:
         assert second.call("status")["clients"] == 2
 
 
+@pytest.mark.parametrize("then", ["stop", "re-exec"])
 def test_a_client_refused_in_a_loop_does_not_fill_the_log(
-    make_daemon: MakeDaemon, tmp_path: Path
+    make_daemon: MakeDaemon, tmp_path: Path, then: str
 ) -> None:
     """A manager that retries at once when refused at max_clients is told why every
     time, but the log says so once (then at most once a minute, with how many were not
     logged): a line per attempt filled an operator's disk, or journald's rate limit,
-    which then dropped lockd's fencing lines too."""
+    which then dropped lockd's fencing lines too. A stop or a re-exec within the minute
+    logs the count first: its timer went with the process, and the count unsaid."""
     config = tmp_path / "lockd.toml"
     config.write_text("max_clients = 2\n")
     daemon = make_daemon("small", None, "--config", str(config))
@@ -493,6 +495,15 @@ def test_a_client_refused_in_a_loop_does_not_fill_the_log(
                 Client(str(daemon.socket))
         assert first.call("status")["clients"] == 2
     assert daemon.log.read_text().count("refused a connection") == 1
+    count = "299 more refused so since the last such line, not logged; the latest: "
+    assert count not in daemon.log.read_text()
+    assert daemon.proc is not None
+    if then == "stop":
+        daemon.stop()
+    else:
+        daemon.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    assert count in daemon.log.read_text()
 
 
 def test_sigterm_releases_nothing_and_journals_the_stop(
