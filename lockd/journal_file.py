@@ -579,6 +579,15 @@ class JournalFollower:
         assert self._file is not None
         carried, carried_at = len(self._pending), self._pending_at
         data = self._file.read(max_bytes)
+        if carried and self._rewritten(carried_at, carried):
+            # The writer cut back the record begun in an earlier read (a write cut
+            # short) and wrote others there: read those from where it began. Damage
+            # below catches this too, but only once the cut record's length has
+            # been read, which may be long after: the file may now end before where
+            # this read began.
+            self._file.seek(carried_at)
+            self._pending = b""
+            return self._read(max_bytes, out)
         self._pending += data
         if self._expected < self.next_seq:
             skipped, used = skip_records(self._pending, self._expected, self.next_seq)
@@ -605,6 +614,12 @@ class JournalFollower:
         self._take(used, len(entries))
         out.extend(e for e in entries if e.seq >= self.next_seq)
         return len(data)
+
+    def _rewritten(self, at: int, length: int) -> bool:
+        """True if the file's ``length`` bytes at ``at`` are no longer ``_pending``'s
+        first ones (read while a record there was still being written)."""
+        assert self._file is not None
+        return os.pread(self._file.fileno(), length, at) != self._pending[:length]
 
     def _read_on(self, names: list[str], max_bytes: int, out: list[JournalEntry]) -> None:
         reads = 0

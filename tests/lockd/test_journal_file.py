@@ -634,13 +634,15 @@ def test_a_small_file_whose_rename_fails_leaves_no_temporary(
     assert last_boot(str(tmp_path)) == b"\x01" * 16
 
 
+@pytest.mark.parametrize("torn_version", ["0.1.0", "0.1.0+" + "x" * 4000])
 def test_a_follower_that_read_a_torn_write_reads_on_once_it_is_cut_and_written_over(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, torn_version: str
 ) -> None:
     """A follower (a subscriber catching up, ``lockd events --follow``) reads the bytes
     of a write the disk cut short before they are truncated back; the next records are
     written where they were. It must read those records, not report damage where the
-    torn bytes and the new ones meet (it read on from the end of the torn bytes)."""
+    torn bytes and the new ones meet (it read on from the end of the torn bytes), and
+    at once: not only once the torn record's whole length (4 KiB) was written over."""
     journal = FileJournal(str(tmp_path))
     write(journal, 3)
     follower = journal.reader(1)
@@ -657,7 +659,7 @@ def test_a_follower_that_read_a_torn_write_reads_on_once_it_is_cut_and_written_o
     monkeypatch.setattr(os, "write", half_then_full)
     monkeypatch.setattr(os, "ftruncate", failing_ftruncate)
     with pytest.raises(OSError, match="No space left"):
-        journal.append([JournalEntry(4, 2.0, "hv", DaemonStarted("0.1.0", 99))])
+        journal.append([JournalEntry(4, 2.0, "hv", DaemonStarted(torn_version, 99))])
     monkeypatch.undo()
     assert [e.seq for e in follower.poll()] == [1, 2, 3]  # and the torn bytes after them
     write(journal, 2)  # other entries: other bytes where the torn ones were
