@@ -81,6 +81,25 @@ class LockBusyError(Exception):
     """The kernel refused the lock: another process or host holds it."""
 
 
+class LockspaceGoneError(FileNotFoundError):
+    """The lockspace's directory is no longer at its path: removed, or the filesystem
+    it was on unmounted. ``filename`` is the directory's path."""
+
+
+def lockspace_gone(lockspace: str, path: str | None) -> str:
+    """What a request meets in a lockspace whose directory is gone, and what to do.
+
+    Not made again by lockd itself: a lock directory shared over NFS and not mounted
+    leaves an empty local directory in its place, and lease files made there hand
+    out locks no other host sees (two VMs on one disk). virtlockd does not either."""
+    return (
+        f"lockspace directory {path} is gone (removed, or its filesystem not mounted); "
+        "lockd does not make it again by itself, since on a shared lock directory not "
+        "mounted that would hand out locks no other host sees: mount it again, or make it "
+        f"with `lockd create-lockspace {lockspace}`"
+    )
+
+
 class HeldFileLike(Protocol):
     """An open lease file: its fd."""
 
@@ -263,11 +282,16 @@ class LeaseActor(DispatchedActor):
         for _ in range(REOPEN_ATTEMPTS):
             try:
                 held = self._files.open_lease(self._resource, create=msg.create)
+            except LockspaceGoneError as exc:
+                return self._refused(
+                    msg, ErrorCode.NOT_FOUND, lockspace_gone(self._lockspace, exc.filename)
+                )
             except FileNotFoundError as exc:
                 # The whole path: the lockspace names it (LockspaceActor._on_lock_reply).
                 return self._refused(
-                    msg, ErrorCode.NOT_FOUND, f"no file {exc.filename or self._resource}"
-                )
+                    msg, ErrorCode.NOT_FOUND, f"no file {exc.filename or self._resource} "
+                    "(create-resource makes it, as does an acquire with autocreate)",
+                )  # fmt: skip
             except LockBusyError:
                 return self._refused(
                     msg, ErrorCode.BUSY, "another host is creating or deleting a lease file here"

@@ -41,9 +41,11 @@ from actors.lease import (
     LeaseActor,
     LockBusyError,
     LockRefused,
+    LockspaceGoneError,
     LockTaken,
     Relink,
     TakeLock,
+    lockspace_gone,
 )
 from actors.metrics import REGISTRY, LabelSet
 from actors.model import LeaseMode, Owner, OwnerKey
@@ -886,10 +888,7 @@ class LockspaceActor(DispatchedActor):
             if refused.code is ErrorCode.NOT_FOUND:
                 # "lease file vm1 does not exist" named neither the lockspace, nor where
                 # the daemon looked, nor how a lease file comes to be.
-                text = (
-                    f"lease {self.name}/{refused.resource} does not exist: {text} "
-                    "(create-resource makes it, as does an acquire with autocreate)"
-                )
+                text = f"lease {self.name}/{refused.resource} does not exist: {text}"
             self._reply(
                 command, Done(command.token, self.name, refusal=core.Refusal(refused.code, text))
             )
@@ -978,6 +977,10 @@ class LockspaceActor(DispatchedActor):
             else:
                 self._delete_file(resource)
                 event = ResourceDeleted(self.name, resource, command.conn)
+        except LockspaceGoneError as exc:
+            refusal = core.Refusal(ErrorCode.NOT_FOUND, lockspace_gone(self.name, exc.filename))
+            self._reply(command, Done(command.token, self.name, refusal=refusal))
+            return None
         except FileNotFoundError:
             refusal = core.Refusal(
                 ErrorCode.NOT_FOUND, f"lease {self.name}/{resource} does not exist"
@@ -1005,6 +1008,8 @@ class LockspaceActor(DispatchedActor):
         """Whether ``resource``'s lease file is there (opened and closed, not locked)."""
         try:
             held = self._files.open_lease(resource, create=False)
+        except LockspaceGoneError:
+            raise  # said as such, not "does not exist" (create-resource would make it)
         except FileNotFoundError:
             return False
         self._files.close_fd(held.fd)

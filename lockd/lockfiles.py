@@ -22,7 +22,7 @@ import struct
 
 import attrs
 
-from actors.lease import LockBusyError
+from actors.lease import LockBusyError, LockspaceGoneError
 from protocol.names import INDEX_NAME
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,10 @@ class LockspaceDir:
         except OSError as exc:
             if exc.errno is None:
                 raise
+            if exc.errno == errno.ENOENT and not os.path.lexists(self.path):
+                raise LockspaceGoneError(
+                    errno.ENOENT, "lockspace directory gone", self.path
+                ) from None
             raise type(exc)(exc.errno, exc.strerror, os.path.join(self.path, name)) from None
 
     def _index_locked(self) -> int:

@@ -7,6 +7,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -398,6 +399,39 @@ def test_a_lockspace_that_does_not_exist_is_named_with_the_directory_looked_for(
         f"not-found: lockspace foo does not exist: no directory {daemon.lock_dir / 'foo'} "
         "(create-lockspace makes it; or is the lock directory's storage not mounted?)"
     ) in done.stderr
+
+
+def test_a_lockspace_directory_removed_under_the_daemon_is_named_and_made_again_by_hand(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """An operator's cleanup removes the disks' lockspace directory while a VM holds a
+    lease in it. A new acquire said "no file .../org.libvirt.lockd.index (... an
+    acquire with autocreate makes it)", to an acquire with autocreate: it says the
+    directory is gone and how to make it, and makes nothing (a shared lock directory
+    not mounted would hand out locks no other host sees). `create-lockspace` makes it
+    again; the held lease is locked again there, and acquires work."""
+    start_run(daemon, children, "--disk", "/vm/held.img", "--name", "vm1")
+    space = daemon.lock_dir / FILES_LOCKSPACE
+    shutil.rmtree(space)
+    done = daemon.lockd("run", "--disk", "/vm/new.img", "--name", "vm2", "--", "true")
+    assert done.returncode == 1
+    assert (
+        f"lockspace directory {space} is gone (removed, or its filesystem not mounted)"
+        in done.stderr
+    ), done.stderr
+    assert f"`lockd create-lockspace {FILES_LOCKSPACE}`" in done.stderr
+    assert "org.libvirt.lockd.index" not in done.stderr
+    created = daemon.lockd("create-resource", f"{FILES_LOCKSPACE}/vm9")
+    assert created.returncode == 1
+    assert f"lockspace directory {space} is gone" in created.stderr, created.stderr
+    assert not space.exists()
+    made = daemon.lockd("create-lockspace", FILES_LOCKSPACE)
+    assert made.returncode == 0, made.stderr
+    held = lease_file(daemon, "/vm/held.img")
+    wait_for(lambda: held.exists() and probe(held, "ofd") == "busy", timeout=20)
+    start_run(daemon, children, "--disk", "/vm/new.img", "--name", "vm2")
+    assert probe(lease_file(daemon, "/vm/new.img"), "ofd") == "busy"
+    check(daemon)
 
 
 def test_a_well_known_lockspace_that_cannot_be_made_at_start_up_is_logged(
