@@ -748,6 +748,16 @@ class ConnectionActor(DispatchedActor):
         if started is None or uid is None:
             self._error(request, ErrorCode.NOT_FOUND, f"register: no process with pid {ident.pid}")
             return
+        if ident.pid == self._info.pid:
+            # Its fence would signal lockd itself: SIGTERM stops the daemon, and every
+            # lease it holds with it (a typo of $$ for the VM's pid, or a script's $PPID).
+            self._error(
+                request,
+                ErrorCode.INVALID_ARGUMENT,
+                f"register: pid {ident.pid} is this lockd itself; register the process "
+                "that uses the disks",
+            )
+            return
         leader = self._processes.leader_of(ident.pid)
         if leader is not None and leader != ident.pid:
             # A thread id opens in /proc like a pid, but the thread is not what a lease

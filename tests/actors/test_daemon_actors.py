@@ -208,6 +208,19 @@ def test_register_rules(h: Harness) -> None:
     assert missing["code"] == "not-found"
 
 
+def test_the_daemons_own_pid_is_no_owner(h: Harness) -> None:
+    """Registering lockd's own pid (the harness's daemon is pid 1) is refused, even as
+    root: a lost lease's fence would signal the daemon, which stops it, and every lease
+    it holds with it."""
+    h.processes.spawn(1, uid=0)
+    conn = h.connect(LIBVIRTD, uid=0)
+    error = conn.error("register", owner={"uuid": b"u" * 16, "name": "x", "id": 1, "pid": 1})
+    assert error["code"] == "invalid-argument"
+    assert "is this lockd itself" in error["message"]
+    assert conn.error("inquire")["code"] == "not-registered"
+    assert conn.register(VM1)
+
+
 def test_a_peers_pid_is_its_own_only_while_the_peer_runs(h: Harness) -> None:
     """A peer registers its own pid whatever that process's uid; once the peer has exited,
     its pid (from SO_PEERCRED) may be another user's process and takes the uid rule.
