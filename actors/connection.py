@@ -748,9 +748,11 @@ class ConnectionActor(DispatchedActor):
         if started is None or uid is None:
             self._error(request, ErrorCode.NOT_FOUND, f"register: no process with pid {ident.pid}")
             return
-        if ident.pid == self._info.pid:
+        if ident.pid == self._info.pid and self._transport.peer_pid not in (0, ident.pid):
             # Its fence would signal lockd itself: SIGTERM stops the daemon, and every
             # lease it holds with it (a typo of $$ for the VM's pid, or a script's $PPID).
+            # A program embedding the lock system may own leases itself (its in-process
+            # connections, peer 0): it asks for its own fence, knowingly.
             self._error(
                 request,
                 ErrorCode.INVALID_ARGUMENT,
