@@ -23,6 +23,11 @@ Its reader gone (``audit_feed.py ... | head``) ends it with status 141, as SIGPI
 ends a shell command: at the next event (which it does not save), or, with none
 coming, within a second, as ``tail -f`` does.
 
+A lockd built before ``subscribe`` took ``since`` (2026-11-27 07:10) replays nothing:
+the feed follows its new events, and names on stderr the seqs it missed meanwhile,
+which ``lockd events --since`` reads from the journal; one built before the reply said
+``first`` (07:44) is followed as any other. Until then the feed died on their replies.
+
 Unlike ``lockd events --follow``, which reads the journal directory (root's), this
 needs only a connection to the socket.
 """
@@ -128,6 +133,16 @@ def missing(first: int, last: int, why: str) -> None:
     print(f"audit-feed: events {first}-{last} {why}", file=sys.stderr, flush=True)
 
 
+def no_replay(seen: int | None) -> int | None:
+    """A lockd built before ``subscribe`` took ``since`` (2026-11-27) sends only the
+    events journaled from now on, and says nowhere which seq comes first: the seq to
+    expect next (after ``seen``, so a gap before the first event is named), saying so.
+    This feed died on its reply (``KeyError: 'first'``), and on each run after."""
+    print("audit-feed: this lockd replays no events (it predates subscribe's since): "
+          "following its new events", file=sys.stderr, flush=True)  # fmt: skip
+    return None if seen is None else seen + 1
+
+
 def follow(socket_path: str, state: Path, since: int | None, count: int | None) -> None:
     printed = 0
     while count is None or printed < count:
@@ -139,27 +154,40 @@ def follow(socket_path: str, state: Path, since: int | None, count: int | None) 
                 if seen is not None:
                     seen = after_a_cut(client, seen, epoch)
                 args = {} if seen is None else {"since": seen + 1}
+                replays = True
                 try:
                     reply = client.call("subscribe", **args)
                 except RemoteError as exc:
                     if exc.code != "invalid-argument" or seen is None:
                         raise
-                    # The journal ends before what this feed printed: its newest
-                    # records were cut (journal-check --repair, or a host crash's
-                    # damage cut at start-up), and their seqs are handed out again.
                     reply = client.call("subscribe")
-                    print(f"audit-feed: the journal's next event is {reply['first']}, not after "
-                          f"{seen}: events were cut from it; going on from {reply['first']}",
-                          file=sys.stderr, flush=True)  # fmt: skip
-                first, epoch = reply["first"], reply.get("journal", {}).get("id")
-                if seen is not None and first > seen + 1:
+                    replays = "first" in reply
+                    if replays:
+                        # The journal ends before what this feed printed: its newest
+                        # records were cut (journal-check --repair, or a host crash's
+                        # damage cut at start-up), and their seqs are handed out again.
+                        print(f"audit-feed: the journal's next event is {reply['first']}, not "
+                              f"after {seen}: events were cut from it; going on from "
+                              f"{reply['first']}", file=sys.stderr, flush=True)  # fmt: skip
+                first, epoch = reply.get("first"), reply.get("journal", {}).get("id")
+                gap = "could not be read back from the journal (the daemon's log says why)"
+                if not replays:
+                    first = no_replay(seen)
+                    gap = (
+                        "were journaled while this feed was away, and this lockd does not "
+                        "send them (lockd events --since reads them from the journal)"
+                    )
+                elif first is None:  # a lockd from before the reply said (07:44)
+                    first = None if seen is None else seen + 1
+                elif seen is not None and first > seen + 1:
                     missing(seen + 1, first - 1, "are no longer kept by the journal")
                 expected = first
                 while count is None or printed < count:
                     event = next_event(client)
+                    if expected is None:
+                        expected = event["seq"]  # a first run: from the first event
                     if event["seq"] > expected:
-                        missing(expected, event["seq"] - 1, "could not be read back from "
-                                "the journal (the daemon's log says why)")  # fmt: skip
+                        missing(expected, event["seq"] - 1, gap)
                     emit(event)
                     save_seq(state, event["seq"], epoch)
                     expected = event["seq"] + 1

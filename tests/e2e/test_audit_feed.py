@@ -18,6 +18,7 @@ from lockd.journal_file import first_seq_of, list_segments
 from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.test_daemon import events
 from tests.e2e.test_fd_store import kill_daemon
+from tests.e2e.test_reexec import _copy_of_this_build
 
 pytestmark = pytest.mark.e2e
 EXAMPLE = Path(__file__).resolve().parents[2] / "contrib" / "examples" / "audit_feed.py"
@@ -217,3 +218,52 @@ def test_after_a_cut_the_audit_feed_prints_the_new_timeline_from_the_cut(
     printed = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
     assert printed == list(range(cut_from, last + 1))
     assert f"the journal was cut after seq {cut_from - 1}".encode() in stderr
+
+
+def _as_an_earlier_build(build: Path, since: bool) -> None:
+    """Edit the copy at ``build`` into a build whose ``subscribe`` reply says no
+    ``first`` (before 2026-11-27 07:44), and, without ``since``, one that refuses that
+    argument too (before 07:10)."""
+    connection = build / "actors" / "connection.py"
+    reply = '{"first": first, **self._epoch()}'
+    assert reply in connection.read_text()
+    connection.write_text(connection.read_text().replace(reply, "{}"))
+    if since:
+        return
+    messages = build / "protocol" / "messages.py"
+    args = 'ARGS: ClassVar[frozenset[str]] = frozenset({"since"})\n    since: int | None = None'
+    assert args in messages.read_text()
+    messages.write_text(messages.read_text().replace(args, args.replace('{"since"}', "")))
+
+
+@pytest.mark.parametrize("since", [False, True], ids=["before-since", "before-first"])
+def test_the_audit_feed_follows_a_lockd_from_before_subscribe_since(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path, since: bool
+) -> None:
+    """A daemon built before ``subscribe`` took ``since`` refuses it, and one built before
+    its reply said ``first`` replies without it: the feed died on that reply (``KeyError:
+    'first'``), on every run. It follows the new events; from the first, it names the seqs
+    journaled while it was away, which that daemon cannot send, and says why; the second
+    sends them."""
+    build = _copy_of_this_build(tmp_path)
+    _as_an_earlier_build(build, since)
+    daemon = make_daemon("old", None, cwd=build)
+    _journal_some(daemon, "away", count=3)
+    away = events(daemon)[-1]["seq"]
+    (tmp_path / "feed.seq").write_text(str(away - 3))  # the feed saw up to there
+    feed, state, out = _start_feed(daemon, children, tmp_path)
+    wait_for(lambda: "subscribed" in daemon.lockd("clients").stdout)
+    _journal_some(daemon, "new", count=2)
+    last = events(daemon)[-1]["seq"]
+    wait_for(lambda: _saved(state) == last)
+    feed.kill()
+    _, stderr = feed.communicate()
+    printed = [json.loads(line)["seq"] for line in out.read_text().splitlines()]
+    if since:
+        assert printed == list(range(away - 2, last + 1))
+        assert b"audit-feed:" not in stderr
+    else:
+        assert printed == [last - 1, last]
+        assert b"predates subscribe's since" in stderr
+        missed = f"events {away - 2}-{last - 2} were journaled while this feed was away"
+        assert missed.encode() in stderr
