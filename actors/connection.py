@@ -316,8 +316,9 @@ class ConnectionActor(DispatchedActor):
         self._waiting_job: _Acquisition | None = None
         """The acquire waiting for a busy lease (``_waiting_retry``): a re-exec hands over
         what is left of its wait."""
-        self._closed_by_admin = False
-        """Closed by an operator (`lockd disconnect`): its owner's leases end as ``admin``."""
+        self._closed_by_admin: str | None = None
+        """Closed by an operator (`lockd disconnect`): which one (``uid U, pid P``); its
+        owner's leases end as ``admin``."""
         self._handed = False
         """Handed over to a re-exec: closed here, but not closed for its client."""
         self._on_stopped = on_stopped
@@ -392,7 +393,8 @@ class ConnectionActor(DispatchedActor):
         )  # fmt: skip
         self._router.tell(ClientChanged(self._client))
 
-    def _close(self, *, admin: bool = False) -> None:
+    def _close(self, *, admin: str | None = None) -> None:
+        """``admin``: closed by that operator (``uid U, pid P``)."""
         if self._closed:
             return
         self._closed = True
@@ -419,11 +421,11 @@ class ConnectionActor(DispatchedActor):
         if self._handed:
             return
         if self._owner is not None:
-            self._owners.tell(
-                ConnectionClosed(
-                    self._owner, self.conn_id, self._transport.peer_pid, self._closed_by_admin
-                )
+            by = self._closed_by_admin
+            closed = ConnectionClosed(
+                self._owner, self.conn_id, self._transport.peer_pid, by is not None, by or ""
             )
+            self._owners.tell(closed)
         if self._quiesce_to is not None:
             # Nothing to hand over, and nothing left half done for the next program
             # (a rollback the frozen lockspaces would no longer run).
@@ -524,8 +526,8 @@ class ConnectionActor(DispatchedActor):
                 if not self._closed:
                     self._pump()  # reading again, and a request waiting is taken
         elif isinstance(message, CloseForAdmin):
-            log.info("client %d disconnected by an operator", self.conn_id)
-            self._close(admin=True)
+            log.info("client %d disconnected by an operator (%s)", self.conn_id, message.by)
+            self._close(admin=message.by)
         else:
             return super().on_receive(message)
         return None
@@ -728,10 +730,15 @@ class ConnectionActor(DispatchedActor):
             self._transport.write(self._protocol.reply(request.id, {"client": self.conn_id}))
             self._busy = False
             log.info("client %d disconnected by an operator (itself)", self.conn_id)
-            self._close(admin=True)
+            self._close(admin=self._operator())
             return
         token = self._wait(lambda k: self._kicked(request, k))
-        self._router.tell(Kick(request.client, token, self.actor_ref))
+        self._router.tell(Kick(request.client, token, self.actor_ref, self._operator()))
+
+    def _operator(self) -> str:
+        """Who this admin connection is, as a fence's reason names them: the admin
+        socket may serve several uids (``allowed_uids``), and an auditor asks who."""
+        return f"uid {self._transport.peer_uid}, pid {self._transport.peer_pid}"
 
     def _register(self, request: m.Register) -> None:
         if self._owner is not None:

@@ -122,6 +122,8 @@ class ConnectionClosed:
     conn: int
     peer_pid: int
     admin: bool
+    by: str = ""
+    """Closed by an operator: which one (``uid U, pid P``), for the fence's reason."""
 
 
 @attrs.frozen
@@ -538,7 +540,9 @@ class OwnersActor(DispatchedActor):
             self._release(_RetryRelease(owner.key, closed.conn, ReleaseReason.OWNER_EXIT))
             return
         reason = ReleaseReason.ADMIN if closed.admin else ReleaseReason.DISCONNECT
-        why = "admin disconnect" if closed.admin else "connection closed while holding leases"
+        why = "connection closed while holding leases"
+        if closed.admin:  # an auditor asks who: the admin socket may serve several uids
+            why = f"admin disconnect by {closed.by}" if closed.by else "admin disconnect"
         self._fencing[owner.key] = _Fencing(owner, closed.conn, reason, why)
         self._watch(owner)
         self._fence(owner, signal.SIGTERM, why)

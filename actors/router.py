@@ -168,6 +168,8 @@ class Kick:
     client: int
     token: int
     reply_to: pykka.ActorRef[Any]
+    by: str = ""
+    """Who asked (``uid U, pid P``): what the fence of its owner names."""
 
 
 @attrs.frozen
@@ -205,6 +207,9 @@ class UseFencer:
 @attrs.frozen
 class CloseForAdmin:
     """Sent to a connection: an operator disconnected it."""
+
+    by: str = ""
+    """Which operator (``uid U, pid P``)."""
 
 
 @attrs.define
@@ -291,7 +296,7 @@ class RouterActor(DispatchedActor):
         elif isinstance(message, Kick):
             info = self._clients.get(message.client)
             if info is not None and info.ref is not None:
-                tell_if_alive(info.ref, CloseForAdmin())
+                tell_if_alive(info.ref, CloseForAdmin(message.by))
             tell_if_alive(message.reply_to, Kicked(message.token, info is not None))
         else:
             return super().on_receive(message)

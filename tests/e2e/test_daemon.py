@@ -388,6 +388,28 @@ def test_admin_disconnect_ends_the_owners_leases(
     assert reasons[-1] == "admin"
 
 
+def test_the_journal_names_the_operator_who_disconnected_a_vm(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """An auditor asking why a VM was killed read only "admin disconnect": the admin
+    socket may serve several uids (``allowed_uids``), and neither the journal nor the
+    log said which one asked. The fence's reason names the operator's uid and pid."""
+    vm = start_run(daemon, children, "--disk", "/vm/d.img", "--name", "vm1")
+    rows = json.loads(daemon.lockd("clients", "--json").stdout)
+    (row,) = [r for r in rows if r.get("owner", {}).get("pid") == vm.pid]
+    operator = subprocess.Popen(
+        [*LOCKD, "disconnect", str(row["id"])], env=daemon.env, stdout=subprocess.PIPE
+    )
+    children.append(operator)
+    assert operator.wait(30) == 0
+    assert vm.wait(10) == -signal.SIGTERM
+    (fenced,) = events(daemon, "--type", "owner-fenced")
+    who = f"uid {os.getuid()}, pid {operator.pid}"
+    assert fenced["reason"] == f"admin disconnect by {who}"
+    assert fenced["owner"]["pid"] == vm.pid
+    assert f"client {row['id']} disconnected by an operator ({who})" in daemon.log.read_text()
+
+
 def test_a_lockspace_that_does_not_exist_is_named_with_the_directory_looked_for(
     daemon: DaemonProcess,
 ) -> None:
