@@ -88,6 +88,15 @@ def _utc(stamp: float) -> str:
     return f"{datetime.datetime.fromtimestamp(stamp, datetime.UTC):%Y-%m-%dT%H:%M:%S.%fZ}"
 
 
+def _as_printed(stamp: float) -> float:
+    """``stamp`` to the microsecond, rounded as :func:`_utc` prints it: ``--since`` given
+    a line's time starts at that line's event (``.5190055``, printed ``.519006``, fell
+    before it and was left out until 2026-11-27)."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(stamp, datetime.UTC).timestamp()
+
+
 def _plain(value: object) -> object:
     """Owner maps and bytes as short text for the line format."""
     import uuid
@@ -311,11 +320,11 @@ def _print_entries(
     from lockd.commands import json_ready
 
     for entry in entries:
-        if entry.time >= since_time:
+        if since_time != -math.inf and _as_printed(entry.time) >= since_time:
             since_time = -math.inf
-        if entry.seq > expected and entry.time >= since_time:
+        if entry.seq > expected and since_time == -math.inf:
             _missing(expected, entry.seq - 1)
-        if entry.seq == cut_at and entry.time >= since_time:
+        if entry.seq == cut_at and since_time == -math.inf:
             _note(
                 f"the journal was cut after seq {cut_at - 1} (journal-check --repair, or damage "
                 f"cut at start-up after a reboot): the events from {cut_at} on were written "
@@ -323,7 +332,7 @@ def _print_entries(
             )
         expected = entry.seq + 1
         row = entry.to_wire()
-        if row["time"] < since_time or not _matches(row, args):
+        if since_time != -math.inf or not _matches(row, args):
             continue
         if args.json:
             print(json.dumps(json_ready(row)), flush=args.follow)

@@ -199,6 +199,28 @@ def test_events_since_a_time_leaves_out_nothing_after_it(tmp_path: Path) -> None
     assert [json.loads(line)["seq"] for line in done.stdout.splitlines()] == [2, 3, 4]
 
 
+def test_events_since_the_time_an_event_is_printed_with_starts_at_that_event(
+    tmp_path: Path,
+) -> None:
+    """A line's time, given back to ``--since``, starts at that line's event: the line
+    prints the time to the microsecond, rounded, and a stamp rounded up (``.5190055``
+    printed ``.519006``) fell before it, so the event was left out."""
+    journal = FileJournal(str(tmp_path))
+    stamps = [1764000000.1234567, 1764000000.2345678, 1764000000.3456789]  # each rounds up
+    journal.append(
+        [JournalEntry(seq, stamp, "hv1", DaemonStarted("0.1.0", seq))
+         for seq, stamp in enumerate(stamps, start=1)]
+    )  # fmt: skip
+    journal.close()
+    lines = _lockd("events", "--journal-dir", str(tmp_path)).stdout.splitlines()
+    for seq, line in enumerate(lines, start=1):
+        printed_time = line.split()[1]
+        done = _lockd("events", "--journal-dir", str(tmp_path), "--since", printed_time)
+        assert [int(row.split()[0]) for row in done.stdout.splitlines()] == list(
+            range(seq, len(stamps) + 1)
+        ), printed_time
+
+
 @pytest.mark.parametrize(("asked", "printed"), [(-60.0, [2, 3]), (3600.0, [])])
 def test_events_follow_since_a_time_goes_on_through_a_clock_stepped_back(
     tmp_path: Path,
