@@ -189,7 +189,7 @@ def _owner_filter(text: str) -> frozenset[str]:
         return frozenset({text})
 
 
-def _cmd_events(args: argparse.Namespace) -> int:
+def _cmd_events(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one reading loop
     """Print the journal, read straight from its segment files; --follow keeps reading."""
     from lockd.commands import EXIT_PIPE, reader_gone
     from lockd.dirwatch import DirWatch
@@ -208,7 +208,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
     # Set up before the first read: a write between that read and the first wait
     # still wakes it.
     watch = DirWatch(directory) if args.follow else None
-    expected = max(since_seq, 1)
+    expected, told_past_the_end = max(since_seq, 1), False
     try:
         while True:
             try:
@@ -221,6 +221,9 @@ def _cmd_events(args: argparse.Namespace) -> int:
             expected, since_time = _print_entries(entries, args, expected, since_time, cut_at)
             if entries or follower.more:
                 continue  # more to read (or to skip to --since), or damage after these
+            told_past_the_end = told_past_the_end or _past_the_end(
+                expected, follower.read_to, waits=watch is not None
+            )  # said once: a follower waits on for it
             if watch is None:
                 return 0
             # At the end, --since TIME passed when it looked: what is written from now
@@ -376,6 +379,21 @@ def _cut_below(
     if before is None and now[1] == 1:
         return None  # the epoch a daemon records on a journal of an older lockd: no cut
     return now[1]
+
+
+def _past_the_end(expected: int, end: int, *, waits: bool) -> bool:
+    """At the journal's end (``end``: its next seq), whether ``--since`` asked for seqs
+    past it (``expected``: the seq to print next), saying so if it did: a seq kept from
+    another host's journal, or from this one before a cut, printed nothing and said
+    nothing (the ``subscribe`` operation refuses such a since)."""
+    if not 0 < end < expected:
+        return False
+    then = f"; waiting for seq {expected}" if waits else ""
+    _note(
+        f"--since {expected} is past the end of the journal, whose last event is seq "
+        f"{end - 1}{then}"
+    )
+    return True
 
 
 def _missing(first: int, last: int) -> None:

@@ -517,6 +517,12 @@ class JournalFollower:
             self._file.close()
             self._file = None
 
+    @property
+    def read_to(self) -> int:
+        """The seq after the last record read: the journal's next, once a poll read to
+        its end (0 before a segment was opened)."""
+        return self._expected
+
     def park(self) -> None:
         """Close the open segment but keep the place: the next poll opens it again
         there. A replay waiting for a slow subscriber holds no fd meanwhile, nor the

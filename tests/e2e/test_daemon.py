@@ -1482,3 +1482,19 @@ def test_an_acquire_wait_out_of_range_is_refused_by_the_daemon_through_client_ca
         assert listed(daemon) == {}
         assert client.call("acquire", leases=[disk], autocreate=True, wait=1)["leases"]
         assert (FILES_LOCKSPACE, "d0") in listed(daemon)
+
+
+def test_events_since_a_seq_past_the_journals_end_says_so(daemon: DaemonProcess) -> None:
+    """``lockd events --since SEQ`` past the journal's end (a seq kept from another host's
+    journal, or from this one before a cut) printed nothing and said nothing, as if no
+    event had come since: it says where the journal ends. The next seq is no news."""
+    last = events(daemon)[-1]["seq"]
+    journal = ("events", "--journal-dir", str(daemon.journal_dir))
+    nothing_new = daemon.lockd(*journal, "--since", str(last + 1))
+    assert (nothing_new.returncode, nothing_new.stdout, nothing_new.stderr) == (0, "", "")
+    past = daemon.lockd(*journal, "--since", str(last + 5))
+    assert (past.returncode, past.stdout) == (0, "")
+    assert past.stderr == (
+        f"lockd events: --since {last + 5} is past the end of the journal, whose last event "
+        f"is seq {last}\n"
+    )
