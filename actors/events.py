@@ -203,6 +203,19 @@ class RecoveryCompleted(Event):
     an older lockd."""
 
 
+@attrs.frozen
+class UnknownEvent(Event):
+    """An event of a type this lockd does not know: a later lockd's (after a downgrade,
+    or read by an older ``lockd events``). Kept as its map, so that readers pass it on
+    as it is: they called a sound journal corrupt there (``journal-check`` said ok),
+    and stopped. Nothing acts on it; recovery folds only the types it knows."""
+
+    kind: str
+    """Its ``type``."""
+    fields: tuple[tuple[str, Any], ...]
+    """Its other keys and values, in their order on the wire."""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.TYPE: cls
     for cls in (
@@ -280,6 +293,15 @@ def _writer_for(cls: type[Event]) -> Callable[[Event, dict[str, Any]], None]:
     return writer
 
 
+def _write_unknown(event: Event, out: dict[str, Any]) -> None:
+    assert isinstance(event, UnknownEvent)
+    out["type"] = event.kind
+    out.update(event.fields)
+
+
+_WRITERS[UnknownEvent] = _write_unknown
+
+
 def event_to_wire(event: Event, out: dict[str, Any] | None = None) -> dict[str, Any]:
     """Flat CBOR-ready map of an event's fields, with its ``type`` (added to ``out`` if given)."""
     cls = type(event)
@@ -294,10 +316,14 @@ def event_to_wire(event: Event, out: dict[str, Any] | None = None) -> dict[str, 
 
 
 def event_from_wire(data: dict[str, Any]) -> Event:
-    """Rebuild an event from its map; raises ValueError on an unknown type or bad fields."""
-    cls = EVENT_TYPES.get(data.get("type", ""))
+    """Rebuild an event from its map (one of a type this lockd does not know as an
+    :class:`UnknownEvent`); raises ValueError on a missing type or bad fields."""
+    kind = data.get("type")
+    cls = EVENT_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ValueError(f"unknown event type {data.get('type')!r}")
+        if not isinstance(kind, str) or not kind:
+            raise ValueError(f"bad event type {kind!r}")
+        return UnknownEvent(kind, tuple((k, v) for k, v in data.items() if k != "type"))
     kwargs: dict[str, Any] = {}
     for field in attrs.fields(cls):
         if field.name in data:

@@ -73,12 +73,13 @@ def _cmd_lease_name(args: argparse.Namespace) -> int:
 def _format_event(row: dict[str, object]) -> str:
     """One readable line per event: seq, UTC time, host, type, then the other fields."""
     rest = " ".join(
-        f"{key}={_plain(value)}"
+        f"{printable(key)}={_plain(value)}"
         for key, value in row.items()
         if key not in ("seq", "time", "host", "type")
     )
     when = _utc(float(row["time"]))  # type: ignore[arg-type]
-    return f"{row['seq']} {when} {row['host']} {row['type']} {rest}".rstrip()
+    host, kind = printable(str(row["host"])), printable(str(row["type"]))
+    return f"{row['seq']} {when} {host} {kind} {rest}".rstrip()
 
 
 def _utc(stamp: float) -> str:
@@ -113,6 +114,8 @@ def _plain(value: object) -> object:
         )
     if isinstance(value, list):  # recovery-completed's fences: owner:reason pairs
         return "[" + ";".join(str(_plain(v)) for v in value) + "]"
+    if isinstance(value, str):  # a later lockd's event may hold any text: one line each
+        return printable(value)
     return value
 
 

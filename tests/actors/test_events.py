@@ -20,6 +20,7 @@ from actors.events import (
     ReleaseReason,
     ResourceCreated,
     ResourceDeleted,
+    UnknownEvent,
     event_from_wire,
     event_to_wire,
 )
@@ -118,10 +119,21 @@ def test_every_event_type_has_a_unique_wire_name() -> None:
     assert all(name and name == name.lower() for name in EVENT_TYPES)
 
 
-def test_unknown_event_type_is_an_error() -> None:
-    """A record of a type this version does not know is refused, not skipped."""
-    with pytest.raises(ValueError, match="unknown event type"):
-        event_from_wire({"type": "lease-stolen"})
+def test_an_event_of_a_type_this_version_does_not_know_is_kept_as_it_is() -> None:
+    """A record of a type a later lockd added is neither skipped nor called corrupt: it
+    is rebuilt as an UnknownEvent that goes back on the wire key for key."""
+    data = {"type": "lease-stolen", "lockspace": "ls", "by": {"host": "hv2"}}
+    event = event_from_wire(data)
+    assert event == UnknownEvent("lease-stolen", (("lockspace", "ls"), ("by", {"host": "hv2"})))
+    assert event_to_wire(event) == data
+
+
+@pytest.mark.parametrize("kind", [None, "", 7])
+def test_an_event_with_no_type_is_an_error(kind: object) -> None:
+    """A map with no type (or not a name) is no event of any lockd: refused."""
+    data = {} if kind is None else {"type": kind}
+    with pytest.raises(ValueError, match="bad event type"):
+        event_from_wire(data)
 
 
 def test_missing_field_is_an_error() -> None:

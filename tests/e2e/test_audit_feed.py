@@ -11,10 +11,13 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import ClassVar
 
+import attrs
 import pytest
 
-from lockd.journal_file import first_seq_of, list_segments
+from actors.events import DaemonStarted, DaemonStopped, Event, JournalEntry
+from lockd.journal_file import FileJournal, first_seq_of, list_segments
 from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.test_daemon import events
 from tests.e2e.test_fd_store import kill_daemon
@@ -267,3 +270,47 @@ def test_the_audit_feed_follows_a_lockd_from_before_subscribe_since(
         assert b"predates subscribe's since" in stderr
         missed = f"events {away - 2}-{last - 2} were journaled while this feed was away"
         assert missed.encode() in stderr
+
+
+@attrs.frozen
+class _LaterEvent(Event):
+    """An event of a type this build does not know, as a later lockd would journal it."""
+
+    TYPE: ClassVar[str] = "config-reloaded"
+    changed: str
+
+
+def test_an_event_of_a_type_a_later_lockd_added_is_read_as_it_is(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A journal holding an event of a type a later lockd added (after a downgrade):
+    ``lockd events`` called it corrupt there and stopped (``journal-check`` said ok),
+    and a subscriber's replay skipped the rest of its segment as damaged. Both pass the
+    event on as it is, and every event after it."""
+    journal_dir = tmp_path / "later" / "journal"
+    journal = FileJournal(str(journal_dir))
+    journal.append(
+        [JournalEntry(1, 1764000000.0, "hv1", DaemonStarted("0.2.0", 4242)),
+         JournalEntry(2, 1764000001.0, "hv1", _LaterEvent("log_level\nforged line")),
+         JournalEntry(3, 1764000002.0, "hv1", DaemonStopped("SIGTERM"))]
+    )  # fmt: skip
+    journal.close()
+    daemon = make_daemon("later")
+    _journal_some(daemon, "after", count=2)
+    journal_json = events(daemon)
+    last = journal_json[-1]["seq"]
+    assert [e["seq"] for e in journal_json] == list(range(1, last + 1))
+    later = {"seq": 2, "time": 1764000001.0, "host": "hv1", "type": "config-reloaded"}
+    assert journal_json[1] == {**later, "changed": "log_level\nforged line"}
+    text = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir))
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert len(lines) == last  # one line each: the text is escaped
+    assert lines[1].endswith(" hv1 config-reloaded changed=log_level\\x0aforged line")
+    feed, state, out = _start_feed(daemon, children, tmp_path, "--since", "1")
+    wait_for(lambda: _saved(state) == last)
+    feed.kill()
+    _, stderr = feed.communicate()
+    printed = [json.loads(line) for line in out.read_text().splitlines()]
+    assert printed == journal_json
+    assert b"could not be read back" not in stderr
