@@ -37,7 +37,7 @@ import cbor2
 import pykka
 
 from actors.connection import Gone, HandedOver, Quiesce, Resume
-from actors.events import DaemonStopped
+from actors.events import DaemonStarted, DaemonStopped
 from actors.journal import Append, Appended, AppendFailed
 from actors.lockspace import Unfreeze
 from actors.metrics import REGISTRY
@@ -45,7 +45,7 @@ from actors.model import Owner
 from actors.owners import Fencing, QueryFencing
 from actors.router import AllFds, CollectFds
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
-from lockd import logs
+from lockd import build, logs
 from lockd.procs import DAEMON_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -594,6 +594,9 @@ class ReexecActor(DispatchedActor):
         self._done = False
         self._why = ""
         """Why it was abandoned (once ``_done``)."""
+        self._stop_journaled = False
+        """The journal says ``daemon-stopped`` (re-exec): an exec that fails after it
+        says, with a ``daemon-started``, that this program serves on."""
         self._check_started = 0.0
 
     def on_start(self) -> None:
@@ -690,6 +693,7 @@ class ReexecActor(DispatchedActor):
             self._leases = message.fds
             self._journal.tell(Append((DaemonStopped("re-exec (SIGUSR1)"),), 0, self.actor_ref))
         elif isinstance(message, Appended | AppendFailed):
+            self._stop_journaled = isinstance(message, Appended)
             self._exec()
         elif isinstance(message, _Deadline):
             self._abort(f"not quiet after {REEXEC_DEADLINE_SECONDS:g} s")
@@ -740,6 +744,11 @@ class ReexecActor(DispatchedActor):
         self._done = True
         self._why = why
         log.error("re-exec abandoned: %s%s", why, "" if self._stopping() else "; serving on")
+        if self._stop_journaled and not self._stopping():
+            # Not an auditor's "stopped" with lease events after it and no start: the
+            # same process, its version and pid, serves on (a stop journals its own).
+            started = DaemonStarted(build.version(), os.getpid())
+            self._journal.tell(Append((started,), 0, None))
         self._router.tell(Unfreeze())
         self._on_abort(self._handed, why)
         self._handed = []

@@ -284,6 +284,35 @@ def test_a_reexec_hands_over_its_own_locks_only_to_a_program_that_takes_them(
         daemon.system.shutdown("test done")
 
 
+def test_an_exec_that_fails_after_the_stop_was_journaled_journals_the_start_again(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exec fails (the interpreter gone meanwhile, ENOMEM) once ``daemon-stopped``
+    (re-exec) is journaled: the daemon serves on, and the journal said it stopped, with
+    lease events after it and no start. A ``daemon-started`` of this process follows."""
+
+    def exec_fails(_handoff: Handoff, _argv: list[str], **_: object) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(reexec_module, "exec_with", exec_fails)
+    passed = TargetCheck(True, True, paths=_paths(config))
+    monkeypatch.setattr(reexec_module, "check_target", lambda _argv, _spawn=None: passed)
+    daemon = Daemon(config, sockets=False)
+    try:
+        daemon.dispatcher.run_until_idle()
+        daemon.reexec()
+        started = time.monotonic()
+        while daemon._reexecing and time.monotonic() - started < 10:
+            daemon.dispatcher.run_once(timeout=0.05)
+        daemon.dispatcher.run_until_idle()
+        kinds = [(e.event.TYPE, getattr(e.event, "pid", None))
+                 for e in read_entries(config.journal_dir)]  # fmt: skip
+        assert kinds[-2:] == [("daemon-stopped", None), ("daemon-started", os.getpid())]
+        assert _stops(config) == ["re-exec (SIGUSR1)"]
+    finally:
+        daemon.system.shutdown("test done")
+
+
 def _stops(config: Config) -> list[str]:
     """The reasons of the daemon-stopped events in the journal."""
     return [e.event.reason for e in read_entries(config.journal_dir)
