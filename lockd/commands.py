@@ -353,17 +353,21 @@ def _startup_error(exc: OSError, config: Config) -> str:
     name = exc.filename if isinstance(exc.filename, str) and not exc.filename2 else None
     if name is None:
         return text
-    for key in PATH_KEYS:
-        path = getattr(config, key)
-        # The path itself, a directory made on the way to it, or a file in it.
-        if path and (path == name or path.startswith(name + os.sep)
-                     or name.startswith(path + os.sep)):  # fmt: skip
-            if isinstance(exc, FileExistsError | NotADirectoryError):
-                why = "it, or a directory on the way to it, is not a directory"
-            else:
-                why = exc.strerror or str(exc)
-            inside = f" ({name})" if name != path else ""
-            return f"{key} {path}: {why}{inside}"
+    paths = [(key, getattr(config, key)) for key in PATH_KEYS if getattr(config, key)]
+    # The setting that is the path itself first, then one the path is in, then one it is
+    # on the way to: `pid_file /run/lockd`, a directory, was named as the socket in it.
+    matches = (
+        [(key, path) for key, path in paths if path == name]
+        + [(key, path) for key, path in paths if name.startswith(path + os.sep)]
+        + [(key, path) for key, path in paths if path.startswith(name + os.sep)]
+    )
+    for key, path in matches[:1]:
+        if isinstance(exc, FileExistsError | NotADirectoryError):
+            why = "it, or a directory on the way to it, is not a directory"
+        else:
+            why = exc.strerror or str(exc)
+        inside = f" ({name})" if name != path else ""
+        return f"{key} {path}: {why}{inside}"
     return text
 
 

@@ -613,6 +613,21 @@ def test_a_directory_setting_that_is_a_file_is_named(tmp_path: Path, key: str) -
     )
 
 
+def test_a_pid_file_that_is_a_directory_is_named_not_the_socket_in_it(tmp_path: Path) -> None:
+    """``pid_file = "/run/lockd"`` (the directory, not a file in it) stopped the start
+    with "socket /run/lockd/lockd.sock: Is a directory (/run/lockd)": the wrong setting."""
+    run = tmp_path / "run"
+    run.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", "serve", "--socket", str(run / "lockd.sock"),
+         "--lock-dir", str(tmp_path / "locks"), "--journal-dir", str(tmp_path / "j"),
+         "--pid-file", str(run)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr == f"lockd serve: pid_file {run}: Is a directory\n"
+
+
 @pytest.mark.parametrize("name", ["", "vm\n1", "x" * 256, "é" * 128])
 @pytest.mark.parametrize("command", ["run", "acquire", "release"])
 def test_a_bad_owner_name_is_a_usage_error_naming_the_flag(name: str, command: str) -> None:
