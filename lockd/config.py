@@ -398,6 +398,63 @@ def _closest(key: str) -> str | None:
     return matches[0] if matches else None
 
 
+def _within(path: str, directory: str) -> bool:
+    """``path`` is ``directory`` or lies under it (the paths as written, normalised)."""
+    return path == directory or path.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _overlap(values: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+    """Directories that would share files: the problem, the key (and ``[lockspaces]``
+    entry) to name it at, or None. The journal inside the lock directory (the shared
+    storage) is one any lockspace of that name could write lease files into, and remove
+    them from; two lockspaces in one directory are one set of lease files under two
+    names; the lock directory inside a lockspace's makes each of its lockspaces a lease
+    name there."""
+    lock_dir, journal_dir = values.get("lock_dir"), values.get("journal_dir")
+    spaces: Mapping[str, str] = values.get("lockspaces") or {}
+    if not isinstance(lock_dir, str) or not isinstance(journal_dir, str):
+        return None
+    if _within(journal_dir, lock_dir) or _within(lock_dir, journal_dir):
+        return (
+            f"journal_dir {journal_dir} and lock_dir {lock_dir} overlap: keep the journal "
+            "on this host's own storage, apart from the lease files (a lockspace there "
+            "could name its files)",
+            "journal_dir",
+            None,
+        )
+    seen: dict[str, str] = {}
+    for name, directory in spaces.items():
+        key = f"lockspaces.{name}"
+        if _within(journal_dir, directory) or _within(directory, journal_dir):
+            return (f"{key} {directory} and journal_dir {journal_dir} overlap", "lockspaces", name)
+        if _within(lock_dir, directory):
+            return (
+                f"{key} {directory} and lock_dir {lock_dir} overlap: the lock directory's "
+                "lockspaces would be lease names in it",
+                "lockspaces",
+                name,
+            )
+        inside = os.path.relpath(directory, lock_dir).split(os.sep)[0]
+        if _within(directory, lock_dir) and inside != name:
+            return (
+                f"{key} {directory} is inside lock_dir {lock_dir}, where lockspace "
+                f"{inside} keeps its files (its own place there is "
+                f"{os.path.join(lock_dir, name)})",
+                "lockspaces",
+                name,
+            )
+        for other, there in seen.items():
+            if _within(directory, there) or _within(there, directory):
+                return (
+                    f"{key} {directory} and lockspaces.{other} {there} overlap: one set of "
+                    "lease files under two names",
+                    "lockspaces",
+                    name,
+                )
+        seen[name] = directory
+    return None
+
+
 def from_keys(values: Mapping[str, Any]) -> Config:
     """A Config from keys and values as the file gives them (``journal_sync="batch"``),
     each checked as :func:`load` checks the file's; for a program that embeds lockd."""
@@ -411,6 +468,8 @@ def from_keys(values: Mapping[str, Any]) -> Config:
         checked[key] = _CONVERT[key](key, value)
     if checked.get("admin_socket") == checked.get("socket"):
         raise ConfigError(f"socket and admin_socket are both {checked.get('socket')}")
+    if (overlap := _overlap(checked)) is not None:
+        raise ConfigError(overlap[0])
     return Config(**checked)
 
 
@@ -458,5 +517,16 @@ def load(path: str | None, overrides: Mapping[str, Any]) -> Config:
     if values["admin_socket"] == values["socket"]:
         problem = f"socket and admin_socket are both {values['socket']}"
         line = next((_line_of(text, k) for k in ("admin_socket", "socket") if k in data), 0)
+        raise ConfigError(f"{config_path}:{line}: {problem}" if line else problem)
+    if (overlap := _overlap(values)) is not None:
+        problem, key, entry = overlap
+        if key not in data and "lock_dir" in data:
+            key = "lock_dir"  # the file's side of a clash with a flag
+        if key not in data:
+            line = 0
+        elif entry is not None:
+            line = _line_of_entry(text, key, entry)
+        else:
+            line = _line_of(text, key)
         raise ConfigError(f"{config_path}:{line}: {problem}" if line else problem)
     return Config(**values)

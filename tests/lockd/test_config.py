@@ -301,3 +301,56 @@ def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.toml"
     path.write_text("")
     return path
+
+
+@pytest.mark.parametrize(
+    ("text", "flags", "message"),
+    [
+        # The journal on the shared lock directory: a client's lockspace named after the
+        # journal's directory held lease files among its segments, and could delete them.
+        ('lock_dir = "/srv/l"\njournal_dir = "/srv/l/journal"\n', {},
+         "lockd.toml:2: journal_dir /srv/l/journal and lock_dir /srv/l overlap"),
+        ('lock_dir = "/srv/l"\n', {"journal_dir": "/srv/l"},
+         "lockd.toml:1: journal_dir /srv/l and lock_dir /srv/l overlap"),
+        ('journal_dir = "/srv"\n', {"lock_dir": "/srv/l"},
+         "lockd.toml:1: journal_dir /srv and lock_dir /srv/l overlap"),
+        ('lock_dir = "/srv/l"\n[lockspaces]\n"a" = "/srv/x"\n"b" = "/srv/x"\n', {},
+         "lockd.toml:4: lockspaces.b /srv/x and lockspaces.a /srv/x overlap"),
+        ('lock_dir = "/srv/l"\n[lockspaces]\n"a" = "/srv/x"\n"b" = "/srv/x/b"\n', {},
+         "lockd.toml:4: lockspaces.b /srv/x/b and lockspaces.a /srv/x overlap"),
+        ('lock_dir = "/srv/l"\n[lockspaces]\n"org.libvirt.lockd.lvm" = '
+         '"/srv/l/org.libvirt.lockd.files"\n', {},
+         "lockd.toml:3: lockspaces.org.libvirt.lockd.lvm /srv/l/org.libvirt.lockd.files is "
+         "inside lock_dir /srv/l, where lockspace org.libvirt.lockd.files keeps its files"),
+        ('lock_dir = "/srv/l"\n[lockspaces]\n"a" = "/srv/l"\n', {},
+         "lockd.toml:3: lockspaces.a /srv/l and lock_dir /srv/l overlap"),
+        ('lock_dir = "/srv/l"\n[lockspaces]\n"a" = "/srv"\n', {},
+         "lockd.toml:3: lockspaces.a /srv and lock_dir /srv/l overlap"),
+        ('journal_dir = "/var/j"\n[lockspaces]\n"a" = "/var/j/a"\n', {"lock_dir": "/srv/l"},
+         "lockd.toml:3: lockspaces.a /var/j/a and journal_dir /var/j overlap"),
+    ],
+)  # fmt: skip
+def test_directories_that_overlap_are_refused_naming_both(
+    tmp_path: Path, text: str, flags: dict[str, str], message: str
+) -> None:
+    """They were taken: a journal on the shared lock directory, two lockspaces sharing
+    one set of lease files, a lockspace mapped onto another's directory."""
+    config = tmp_path / "lockd.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load(str(config), flags)
+    assert str(caught.value).startswith(f"{config}{message[len('lockd.toml') :]}")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[lockspaces]\n"a" = "/srv/a"\n"b" = "/srv/b"\n',
+        '[lockspaces]\n"a" = "/srv/l/a"\n"b" = "/srv/l/b/sub"\n',
+        '[lockspaces]\n"a" = "/srv/l2"\n',
+    ],
+)
+def test_directories_apart_or_at_their_own_place_are_taken(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "lockd.toml"
+    config.write_text(f'lock_dir = "/srv/l"\njournal_dir = "/var/lockd/j"\n{text}')
+    assert load(str(config), {}).lockspaces

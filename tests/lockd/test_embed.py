@@ -34,6 +34,7 @@ def test_options_are_converted_as_the_configuration_file_s(tmp_path: Path) -> No
         ({"fence_grace": -5}, "fence_grace must be a finite number >= 0"),
         ({"journal_synk": "always"}, "unknown key 'journal_synk' (did you mean 'journal_sync'?)"),
         ({"lockspaces": {"../x": "/srv"}}, "invalid lockspace name"),
+        ({"lockspaces": {"a": "/srv/x", "b": "/srv/x"}}, "and lockspaces.a /srv/x overlap"),
     ],
 )
 def test_a_wrong_option_is_refused_at_once(
@@ -42,6 +43,13 @@ def test_a_wrong_option_is_refused_at_once(
     """Each option is checked as the daemon checks its file, before anything starts."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"), **options)
+
+
+def test_a_journal_inside_the_lock_directory_is_refused(tmp_path: Path) -> None:
+    """As in the configuration file: the lock directory is the shared storage."""
+    with pytest.raises(ConfigError, match=r"journal_dir .* and lock_dir .* overlap"):
+        LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "l" / "journal"))
+    assert not (tmp_path / "l").exists()
 
 
 def test_relative_directories_are_refused(tmp_path: Path) -> None:
