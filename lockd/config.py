@@ -219,13 +219,18 @@ def _lockspace_dirs(value: Any) -> dict[str, str]:
     return out
 
 
+UID_MAX = 2**32 - 2
+"""The highest uid: uid_t is 32 bits, and its all-ones value is the kernel's "no uid"."""
+
+
 def _uids(value: Any) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= UID_MAX for v in value
     ):
+        # One past uid_t (a digit too many) was taken, and matched no peer ever.
         raise ConfigError(
-            f"allowed_uids must be a list of uids (whole numbers >= 0, such as [107]), "
-            f"got {value!r}"
+            f"allowed_uids must be a list of uids (whole numbers from 0 to {UID_MAX}, such "
+            f"as [107]), got {value!r}"
         )
     return tuple(value)
 

@@ -216,17 +216,20 @@ def test_seconds_that_are_no_finite_number_are_refused(
         load(str(config), {})
 
 
-@pytest.mark.parametrize("value", ["[-1]", '["qemu"]', "107", "[true]"])
+@pytest.mark.parametrize(
+    "value", ["[-1]", '["qemu"]', "107", "[true]", "[4294967295]", "[1070000000000]"]
+)
 def test_allowed_uids_that_are_no_uids_are_named(tmp_path: Path, value: str) -> None:
     """``allowed_uids = ["qemu"]`` (a user's name) was refused as "must be a list of uids",
-    without saying which value was wrong or what a uid looks like there."""
+    without saying which value was wrong or what a uid looks like there; a number past
+    uid_t (a digit too many) was taken, and no peer ever matched it."""
     config = tmp_path / "lockd.toml"
     config.write_text(f"allowed_uids = {value}\n")
     with pytest.raises(ConfigError) as caught:
         load(str(config), {})
     assert str(caught.value).endswith(
-        "lockd.toml:1: allowed_uids must be a list of uids (whole numbers >= 0, such as "
-        f"[107]), got {tomllib.loads(f'v = {value}')['v']!r}"
+        "lockd.toml:1: allowed_uids must be a list of uids (whole numbers from 0 to "
+        f"4294967294, such as [107]), got {tomllib.loads(f'v = {value}')['v']!r}"
     )
 
 
