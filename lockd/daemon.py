@@ -469,11 +469,19 @@ class _IdleWatch(DispatchedActor):
         return super().on_receive(message)
 
 
+class UnclaimedSocketError(OSError):
+    """The service manager passed a socket lockd does not serve."""
+
+
 def _passed_fds() -> tuple[dict[str, int], dict[str, int]]:
     """The fds the service manager passed, by name: the activated sockets, and the lease
-    fds its fd store gives back; any other is refused and closed."""
+    fds its fd store gives back; any other is refused and closed. A refused socket stops
+    the start (:class:`UnclaimedSocketError`), as virtlockd's "Some activation file
+    descriptors are unclaimed": served on paths of its own meanwhile, lockd left every
+    client of that socket waiting in its backlog (the manager keeps it listening)."""
     activated: dict[str, int] = {}
     stored: dict[str, int] = {}
+    unclaimed: list[str] = []
     for name, fd in listen_fds():
         if name.startswith("lease-") and name in stored:
             # The same lease stored twice: keep one; the other's lock goes when the
@@ -492,8 +500,21 @@ def _passed_fds() -> tuple[dict[str, int], dict[str, int]]:
         elif name in ACTIVATION_NAMES and name not in activated:
             activated[name] = fd
         else:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                    unclaimed.append(name)
             log.error("refusing an fd named %r from the service manager: not ours", name)
             os.close(fd)
+    if unclaimed:
+        names = ", ".join(repr(name) for name in unclaimed)
+        raise UnclaimedSocketError(
+            errno.EINVAL,
+            f"socket activation passed a socket lockd does not serve ({names}): lockd "
+            f"serves one socket named {ACTIVATION_NAMES[0]} and one named "
+            f"{ACTIVATION_NAMES[1]} (FileDescriptorName= of the socket units, one "
+            "ListenStream= each); not started, rather than leave that socket's clients "
+            "waiting",
+        )
     return activated, stored
 
 

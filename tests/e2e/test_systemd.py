@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -238,3 +239,41 @@ def test_units_verify(tmp_path: Path) -> None:
     unknown = "Unknown key 'FileDescriptorStorePreserve' in section [Service], ignoring."
     said = [line for line in done.stderr.splitlines() if "lockd" in line and unknown not in line]
     assert said == [], done.stderr
+
+
+def test_a_socket_passed_under_a_name_lockd_does_not_serve_stops_the_start(
+    tmp_path: Path,
+) -> None:
+    """A socket unit renamed by a packager (lockd-main.socket, no FileDescriptorName=)
+    passes its fd under that name: lockd logged "not ours", closed it and served on
+    paths of its own, and every client of the unit's socket waited in its backlog."""
+
+    fm = FakeServiceManager(tmp_path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "main.sock"))
+    listener.listen()
+    proc = None
+    try:
+        env, _ = fm.env({"lockd-main.socket": listener.fileno()})
+        proc = subprocess.Popen(
+            [*fm.launcher(), *LOCKD, "serve", "--socket", str(tmp_path / "own.sock"),
+             "--lock-dir", str(tmp_path / "locks"), "--journal-dir", str(tmp_path / "journal")],
+            env={**os.environ, **env}, stderr=subprocess.PIPE, text=True,
+            pass_fds=[listener.fileno()],
+        )  # fmt: skip
+        wait_for(lambda: proc.poll() is not None or fm.ready_count() > 0)
+        assert fm.ready_count() == 0
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1
+        assert (
+            "lockd serve: socket activation passed a socket lockd does not serve "
+            "('lockd-main.socket'): lockd serves one socket named lockd.socket and one "
+            "named lockd-admin.socket (FileDescriptorName= of the socket units"
+        ) in err
+        assert not (tmp_path / "own.sock").exists()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        listener.close()
+        fm.close()
