@@ -45,6 +45,14 @@ cron, ssh without pam_systemd): in a directory every user can write to, so it is
 0700 and used only if it is this user's own (:func:`secure_runtime_dir`)."""
 
 
+def _xdg_runtime_dir() -> str | None:
+    """``$XDG_RUNTIME_DIR`` when it is an absolute path: the XDG spec has a relative one
+    ignored (it named sockets relative to wherever lockd was started, which a client
+    started elsewhere never found), as :func:`_xdg` does for the others."""
+    value = os.environ.get("XDG_RUNTIME_DIR")
+    return value if value and os.path.isabs(value) else None
+
+
 def runtime_dir(uid: int | None = None) -> str | None:
     """The directory of a user's default sockets and of the log of a daemon started on demand
     (``lockd.log``): ``$XDG_RUNTIME_DIR/lockd``, else ``/tmp/lockd-UID/lockd``; None for
@@ -52,7 +60,7 @@ def runtime_dir(uid: int | None = None) -> str | None:
     uid = os.getuid() if uid is None else uid
     if uid == 0:
         return None
-    base = os.environ.get("XDG_RUNTIME_DIR") or FALLBACK_RUNTIME_DIR.format(uid=uid)
+    base = _xdg_runtime_dir() or FALLBACK_RUNTIME_DIR.format(uid=uid)
     return os.path.join(base, "lockd")
 
 
@@ -159,7 +167,7 @@ def secure_runtime_dir(socket_path: str, *, create: bool) -> bool:
     if runtime is None or os.path.abspath(os.path.dirname(socket_path)) != os.path.abspath(runtime):
         return False
     base = os.path.dirname(runtime)
-    fallback = not os.environ.get("XDG_RUNTIME_DIR")
+    fallback = _xdg_runtime_dir() is None
     if create and not fallback:
         os.makedirs(base, mode=0o700, exist_ok=True)
     for path in (base, runtime) if fallback else (runtime,):

@@ -52,6 +52,20 @@ def test_user_defaults_without_xdg_runtime_dir_fall_back_to_tmp(
     assert runtime_dir(0) is None  # root: /run/lockd, made by the service manager
 
 
+@pytest.mark.parametrize("value", ["run/user/1002", "."])
+def test_a_relative_xdg_runtime_dir_is_ignored_as_the_spec_says(
+    fallback_user: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """``XDG_RUNTIME_DIR=run/user/1002`` put the sockets relative to wherever lockd (or
+    a client) was started: a daemon and a client started in different directories never
+    met. The XDG spec says to ignore a relative value: the fallback is used, checked."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", value)
+    socket_path = default_paths()["socket"]
+    assert socket_path == str(fallback_user / "lockd" / "lockd.sock")
+    assert secure_runtime_dir(socket_path, create=True)
+    assert _mode(fallback_user) == 0o700  # the fallback's checks, both levels
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
 
