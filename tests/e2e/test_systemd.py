@@ -214,7 +214,9 @@ def test_units_verify(tmp_path: Path) -> None:
     service = (UNITS / "lockd.service").read_text()
     for needed in ("Type=notify", "OOMScoreAdjust=-900", "FileDescriptorStoreMax=",
                    "ExecReload=/bin/kill -USR1 $MAINPID", "LimitNOFILE=",
-                   "\nFileDescriptorStorePreserve=yes\n"):  # fmt: skip
+                   "\nFileDescriptorStorePreserve=yes\n",
+                   # Shared storage mounted at the lock dir: mounted before lockd starts.
+                   "\nRequiresMountsFor=/var/lib/libvirt/lockd\n"):  # fmt: skip
         assert needed in service
     # SIGHUP for lockd alone: its other processes have no use for one (they ignore or block it).
     assert "systemctl kill --kill-whom=main -s HUP lockd" in service
