@@ -994,6 +994,10 @@ class Daemon:
         from lockd import config as config_mod
 
         path = self.config.config_file
+        if path == config_mod.default_paths()["config"]:
+            # Optional, as at the start (and a re-exec's or a restart's): removed since,
+            # the defaults apply, not "no such file" that kept the removed file's keys.
+            path = None
         try:
             # The flags' paths again: an admin socket placed beside --socket is no change.
             flags = {k: getattr(self.config, k) for k in PATH_KEYS if k in self._overridden}
@@ -1001,7 +1005,10 @@ class Daemon:
         except config_mod.ConfigError as exc:
             log.error("reload: %s; keeping the running configuration", exc)
             return
-        log.info("reload: configuration re-read from %s", path or "the defaults")
+        # Read from the default file when it exists: made since the start, too.
+        log.info(
+            "reload: configuration re-read from %s", fresh.config_file or "the defaults (no file)"
+        )
         if "log_level" in self._overridden:
             fresh = attrs.evolve(fresh, log_level=self.config.log_level)  # --verbose wins
         logging_keys = ("log_level", "log_filters", "log_outputs")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import stat
 import threading
@@ -437,6 +438,41 @@ def test_sighup_says_a_moved_lockspace_takes_a_restart_as_the_reexec_does(
         daemon.reload()
         assert "lockspaces changed; that takes a restart" in caplog.text
         assert "not applied until a re-exec" not in caplog.text
+    finally:
+        daemon.system.shutdown("test done")
+
+
+def test_sighup_reads_the_default_file_as_the_start_does_present_or_not(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """The default file (/etc/lockd/lockd.toml) is optional at the start. Removed after
+    it, SIGHUP said "no such file; keeping the running configuration", where a re-exec
+    or a restart took the defaults; made after a start without it, SIGHUP read it but
+    said it re-read "the defaults"."""
+    from lockd import config as config_mod
+
+    caplog.set_level(logging.INFO, logger="lockd")
+    default = tmp_path / "etc-lockd.toml"
+    paths = {**config_mod.default_paths(), "config": str(default)}
+    monkeypatch.setattr(config_mod, "default_paths", lambda uid=None: paths)
+    default.write_text("max_clients = 5\n")
+    config = attrs.evolve(config, config_file=str(default), max_clients=5)
+    overridden = frozenset({"socket", "admin_socket", "lock_dir", "journal_dir"})
+    daemon = Daemon(config, overridden, sockets=False)
+    try:
+        daemon.dispatcher.run_until_idle()
+        default.unlink()
+        daemon.reload()
+        assert "keeping the running configuration" not in caplog.text
+        assert "re-read from the defaults (no file)" in caplog.text
+        assert "max_clients changed; not applied until a re-exec" in caplog.text
+        caplog.clear()
+        daemon.config = attrs.evolve(daemon.config, config_file=None)  # a start without it
+        default.write_text("max_clients = 7\n")
+        daemon.reload()
+        assert f"re-read from {default}" in caplog.text
+        assert "max_clients changed" in caplog.text
     finally:
         daemon.system.shutdown("test done")
 
