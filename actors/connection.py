@@ -1196,7 +1196,10 @@ class ConnectionActor(DispatchedActor):
         if self._info.fd_limit is None:
             return []
         limit = self._info.fd_limit()
-        return [("process_max_fds", "Limit on open file descriptors.", {(): limit})]
+        # Not process_max_fds: the text reaches Prometheus through an exporter
+        # (node_exporter's textfile collector) that exports its own under that name.
+        text = "The daemon's limit on open file descriptors (its soft RLIMIT_NOFILE)."
+        return [("lockd_max_fds", text, {(): limit})]
 
     def _set_log(self, request: m.SetLog) -> None:
         if not self._admin:

@@ -119,7 +119,7 @@ def boot_id() -> bytes | None:
 
 
 def fd_limit() -> int:
-    """This process's soft limit on open descriptors (``process_max_fds`` in metrics)."""
+    """This process's soft limit on open descriptors (``lockd_max_fds`` in metrics)."""
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 

@@ -647,6 +647,18 @@ def test_metrics_and_log_level_on_the_admin_socket(
     assert [c["leases"] for c in clients if "owner" in c] == [1]
 
 
+def test_metrics_merge_into_node_exporters_textfile_collector(daemon: DaemonProcess) -> None:
+    """Hosts ship ``lockd metrics`` through node_exporter's textfile collector, which
+    exports process_*, go_*, promhttp_* and node_* families of its own: a lockd family of
+    one of those names clashed (lockd's fd limit was process_max_fds), and node_exporter
+    logged an error at every scrape and kept only one of the two."""
+    text = daemon.lockd("metrics").stdout
+    families = re.findall(r"^# TYPE (\S+) ", text, re.MULTILINE)
+    assert "lockd_max_fds" in families
+    owned = ("process_", "go_", "promhttp_", "node_")
+    assert [name for name in families if name.startswith(owned)] == []
+
+
 def test_a_pid_file_locked_by_another_daemon_stops_the_start_before_anything(
     tmp_path: Path,
 ) -> None:
@@ -963,7 +975,7 @@ def test_a_daemon_out_of_descriptors_says_how_to_fix_it_and_recovers(
         # The freed descriptor serves an admin connection: the gauges to alert on
         # before acquires fail (leases held + owners with a pidfd + clients vs the limit).
         text = daemon.lockd("metrics").stdout
-        assert "process_max_fds 64" in text
+        assert "lockd_max_fds 64" in text
         assert (
             f'lockd_leases_held{{lockspace="{FILES_LOCKSPACE}",mode="exclusive"}} {i - 1}' in text
         )
