@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+
 import cbor2
+import pytest
 
 from actors.events import ReleaseReason
 from actors.metrics import FSYNC_BUCKETS, Metrics
@@ -79,3 +82,25 @@ def test_a_series_kept_at_hand_counts_in_the_registry_and_is_handed_over() -> No
     kept[(("result", "ok"),)] += 1
     assert 'lockd_acquires_total{result="ok"} 3' in after.render()
     assert after.series("lockd_acquires_total") is kept
+
+
+def test_the_collectors_counts_go_on_across_a_reexec() -> None:
+    """``gc.get_stats()`` starts at 0 in each program: the python_gc_* counters dropped at
+    every reload, which ``rate()`` reads as a restart. The counts handed over are added."""
+    before = Metrics()
+    before.gc_before = [(10**6, 5 * 10**6, 1)] * len(gc.get_stats())
+    handed = cbor2.loads(cbor2.dumps(before.carried()))
+    after = Metrics()
+    after.carry_on(handed)
+    for was, now in zip(before.gc_totals(), after.gc_totals(), strict=True):
+        assert all(n >= w for w, n in zip(was, now, strict=True))
+
+
+@pytest.mark.parametrize("gc_counts", [[[1, 2]], [[1, 2, "x"]], [[1, 2, -3]]])
+def test_collector_counts_that_make_no_sense_carry_nothing(gc_counts: list[list[object]]) -> None:
+    """Refused whole (the daemon logs it and starts), before any counter is added."""
+    after = Metrics()
+    with pytest.raises(ValueError, match="collector counts"):
+        after.carry_on({"counters": [["lockd_conflicts_total", [[[], 5]]]], "gc": gc_counts})
+    assert after.counters["lockd_conflicts_total"] == {(): 0}
+    assert after.gc_before == []

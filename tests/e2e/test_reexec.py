@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -642,6 +643,26 @@ def test_a_handoff_from_an_earlier_build_starts_whatever_its_counts_look_like(
     assert daemon.lockd("status").returncode == 0
     assert "counters not carried over" in daemon.log.read_text()
     assert json.loads(daemon.lockd("log-level", "--json").stdout)["level"] == "warning"
+
+
+def test_the_collectors_counters_go_on_across_a_reexec(make_daemon: MakeDaemon) -> None:
+    """python_gc_* counted from 0 again in each program (62 collections after a reload
+    that found 65), while every other counter went on. The previous program's counts,
+    handed over, are added to the new one's."""
+    handed = {"counters": [], "histograms": [], "gc": [[10**6, 5 * 10**6, 0]] * 3}
+    daemon = make_daemon("gc", None)
+    kill_daemon(daemon)  # stands in for the old process's exec
+    _start_handed(daemon, metrics=handed)
+    text = daemon.lockd("metrics").stdout
+    for generation in range(3):
+        collections = re.search(
+            rf'^python_gc_collections_total{{generation="{generation}"}} (\d+)$', text, re.M
+        )
+        assert collections is not None
+        assert int(collections.group(1)) >= 10**6
+    collected = re.search(r'^python_gc_objects_collected_total{generation="0"} (\d+)$', text, re.M)
+    assert collected is not None
+    assert int(collected.group(1)) >= 5 * 10**6
 
 
 def test_a_handoff_with_logging_that_makes_no_sense_starts_too(
