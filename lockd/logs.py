@@ -26,10 +26,13 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 _NUMERIC = {"1": "debug", "2": "info", "3": "warning", "4": "error"}
-FORMAT = "lockd[%(process)d]: %(levelname)s: %(name)s: %(message)s"
+FORMAT = "%(asctime)s lockd[%(process)d]: %(levelname)s: %(name)s: %(message)s"
+"""stderr's lines anywhere but the journal: a file (``lockd.log`` of a daemon started on
+demand) or a supervisor's pipe, which may add no time of its own."""
 JOURNAL_STREAM_FORMAT = "%(levelname)s: %(name)s: %(message)s"
 """stderr's lines when it is the journal, which names the program and pid itself."""
 
@@ -53,6 +56,19 @@ def stderr_is_journal() -> bool:
         return (st.st_dev, st.st_ino) == (int(device), int(inode))
     except (AttributeError, OSError, ValueError):
         return False
+
+
+class PlainFormatter(logging.Formatter):
+    """:data:`FORMAT`, stamped in UTC to the millisecond (``2026-11-27T10:00:00.250Z``),
+    as the journal's events are: without a time, a fence or a lost lease in
+    ``lockd.log`` could not be placed, nor matched with ``lockd events``."""
+
+    def __init__(self) -> None:
+        super().__init__(FORMAT)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
 
 
 class JournalStreamFormatter(logging.Formatter):
@@ -200,7 +216,7 @@ def configure(level: str, filters: str = "", output: str = "stderr") -> None:
         else:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(
-                JournalStreamFormatter() if stderr_is_journal() else logging.Formatter(FORMAT)
+                JournalStreamFormatter() if stderr_is_journal() else PlainFormatter()
             )
         root.addHandler(handler)
         root._lockd_output = output  # type: ignore[attr-defined]

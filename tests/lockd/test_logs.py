@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from freezegun import freeze_time
 
 from lockd import logs
 
@@ -154,13 +155,18 @@ def test_stderr_elsewhere_keeps_the_plain_format(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A $JOURNAL_STREAM inherited by a daemon whose stderr was redirected (one started
-    on demand writes lockd.log) is not this stderr: no priority prefixes there."""
+    on demand writes lockd.log) is not this stderr: no priority prefixes there. Each
+    line starts with its time in UTC, as the journal's events are stamped: lockd.log
+    and a supervisor's pipe had no time at all, so a fence in them could not be placed."""
     out = tmp_path / "stderr"
     _stderr_to(out, monkeypatch, journal=False)
     logs.configure("info", "", "stderr")
-    logging.getLogger("lockd.test").warning("plain")
+    with freeze_time("2026-11-27 10:00:00.250", tz_offset=5):  # local time is UTC+5
+        logging.getLogger("lockd.test").warning("plain")
     logging.getLogger().handlers[0].flush()
-    assert out.read_text() == f"lockd[{os.getpid()}]: WARNING: lockd.test: plain\n"
+    assert out.read_text() == (
+        f"2026-11-27T10:00:00.250Z lockd[{os.getpid()}]: WARNING: lockd.test: plain\n"
+    )
 
 
 def test_a_critical_record_reaches_the_journal_as_critical() -> None:
