@@ -1177,6 +1177,11 @@ class ConnectionActor(DispatchedActor):
                 ("lockd_journal_seq", "Seq of the last journal entry.", {(): gathered.last_seq}),
                 ("lockd_uptime_seconds", "Seconds since start.", {(): uptime}),
                 (
+                    "lockd_build_info",
+                    "The running build, by version (as lockd --version says it): always 1.",
+                    {(("version", self._info.version),): 1},
+                ),
+                (
                     "lockd_fences_in_progress",
                     "Owners being fenced now (SIGTERM sent, not yet exited).",
                     {(): len(fencing.fences)},

@@ -3,6 +3,7 @@ the unit that ships `lockd metrics` to node_exporter, and the alert rules."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -114,3 +115,13 @@ def test_the_collection_unit_writes_the_text_whole_and_removes_it_when_lockd_is_
     daemon.stop()
     collect()
     assert not (textfiles / "lockd.prom").exists()
+
+
+def test_metrics_say_which_build_runs(daemon: DaemonProcess) -> None:
+    """Across a fleet, an upgrade's progress is `count by (version) (lockd_build_info)`:
+    only `lockd status` said which build a host ran, which Prometheus does not read."""
+    version = json.loads(daemon.lockd("status", "--json").stdout)["version"]
+    assert daemon.lockd("--version").stdout == f"lockd {version}\n"
+    exported = parse_exposition(daemon.lockd("metrics").stdout)
+    assert exported["lockd_build_info"] == [{"version": version}]
+    assert f'\nlockd_build_info{{version="{version}"}} 1\n' in daemon.lockd("metrics").stdout
