@@ -1163,9 +1163,10 @@ class ConnectionActor(DispatchedActor):
         owners: set[Any] = set()
         for snapshot in gathered.lockspaces:
             counts = _counts(snapshot)
+            # At 0 too: a series that vanishes with the last lease leaves a dashboard's
+            # sum with no data for an idle host, and `== 0` never true.
             for mode, count in (("exclusive", counts.exclusive), ("shared", counts.shared)):
-                if count:
-                    held[(("lockspace", snapshot.name), ("mode", mode))] = count
+                held[(("lockspace", snapshot.name), ("mode", mode))] = count
             owners |= counts.owners
         uptime = round(self._clock() - self._info.started, 3)
         text = REGISTRY.render(

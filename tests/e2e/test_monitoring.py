@@ -8,10 +8,12 @@ import os
 import re
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
+from protocol.names import FILES_LOCKSPACE
 from tests.e2e.conftest import DaemonProcess
 from tests.e2e.test_daemon import start_run
 
@@ -125,3 +127,30 @@ def test_metrics_say_which_build_runs(daemon: DaemonProcess) -> None:
     exported = parse_exposition(daemon.lockd("metrics").stdout)
     assert exported["lockd_build_info"] == [{"version": version}]
     assert f'\nlockd_build_info{{version="{version}"}} 1\n' in daemon.lockd("metrics").stdout
+
+
+def test_leases_held_is_0_in_each_lockspace_with_none_rather_than_absent(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """`lockd_leases_held` had a series only while a lease was held: an idle host showed
+    no data in a fleet's sum (not 0), and a series ended at each last release."""
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": "r1"}
+    exclusive = f'lockd_leases_held{{lockspace="{FILES_LOCKSPACE}",mode="exclusive"}}'
+    shared = f'lockd_leases_held{{lockspace="{FILES_LOCKSPACE}",mode="shared"}}'
+    before = daemon.lockd("metrics").stdout
+    assert f"\n{exclusive} 0\n" in before
+    assert f"\n{shared} 0\n" in before
+    vm = subprocess.Popen(["sleep", "600"])
+    children.append(vm)
+    with daemon.client("libvirtd") as client:  # a manager's connection: its close fences no one
+        owner = {"uuid": uuid.uuid4().bytes, "name": "vm1", "id": 1, "pid": vm.pid}
+        client.call("register", owner=owner)
+        client.call("acquire", leases=[disk], autocreate=True)
+        assert f"\n{exclusive} 1\n" in daemon.lockd("metrics").stdout
+        client.call("release", leases=[disk])
+    after = daemon.lockd("metrics").stdout
+    assert f"\n{exclusive} 0\n" in after
+    assert f"\n{shared} 0\n" in after
+    lockspaces = re.search(r"^lockd_lockspaces (\d+)$", after, re.MULTILINE)
+    assert lockspaces is not None
+    assert len(parse_exposition(after)["lockd_leases_held"]) == 2 * int(lockspaces.group(1))
