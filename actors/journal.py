@@ -132,6 +132,9 @@ class WriteTrouble:
     """When the first refused write of this spell was (wall clock)."""
     refused: int = 0
     """Writes refused in this spell (each carried one or more clients' changes)."""
+    on_change: Callable[[], None] | None = None
+    """Called (on the dispatcher thread) as a spell begins and as it ends: the daemon
+    tells the service manager, whose ``systemctl status`` an operator reads."""
 
 
 TROUBLE_REMINDER_S = 60.0
@@ -432,6 +435,8 @@ class JournalActor(DispatchedActor):
             trouble.error, trouble.since = str(exc), now  # since: a wall-clock stamp
             self._spell_began = self._reminded = elapsed
             REGISTRY.set("lockd_journal_refusing", 1)
+            if trouble.on_change is not None:
+                trouble.on_change()
             log.error("journal write failed: %s; every change is refused (io-error) until "
                       "the journal can be written again, leases held stay held; said again "
                       "once a minute while it lasts (`lockd status` shows it)", exc)  # fmt: skip
@@ -449,6 +454,8 @@ class JournalActor(DispatchedActor):
                     trouble.error)  # fmt: skip
         trouble.error, trouble.since, trouble.refused = None, 0.0, 0
         REGISTRY.set("lockd_journal_refusing", 0)
+        if trouble.on_change is not None:
+            trouble.on_change()
 
     def _write(self, batch: list[Append]) -> None:
         now = self._clock()

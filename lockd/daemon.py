@@ -681,6 +681,9 @@ class Daemon:
             if handoff is not None:
                 self._carry_on(handoff)
             self.dispatcher = self.system.dispatcher
+            self._serving_status: str | None = None
+            """STATUS= while serving (the start's counts); None until READY."""
+            system.journal_trouble.on_change = self._journal_trouble_changed
             self._clients = 0
             self._admin_clients = 0
             self._connections: dict[int, pykka.ActorRef[Any]] = {}
@@ -762,10 +765,27 @@ class Daemon:
         for listener in self.listeners:
             listener.start()
         self._start_watchdog()
-        sd_notify(
-            f"READY=1\nSTATUS=serving; recovery held {report.held}, released {report.released}, "
+        self._serving_status = (
+            f"serving; recovery held {report.held}, released {report.released}, "
             f"lost {report.lost} leases"
         )
+        sd_notify(f"READY=1\nSTATUS={self._status()}")
+
+    def _status(self) -> str:
+        """What ``systemctl status`` shows while serving: the start's counts, and while the
+        journal refuses writes, that (the counts alone stood through a full disk)."""
+        trouble = self.system.journal_trouble
+        if trouble.error is None:
+            return self._serving_status or "serving"
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(trouble.since))
+        return (
+            f"serving, but every change is refused (io-error): journal cannot be written "
+            f"since {since}: {trouble.error}"
+        )
+
+    def _journal_trouble_changed(self) -> None:
+        if self._serving_status is not None:  # before READY, READY says it
+            sd_notify(f"STATUS={self._status()}")
 
     def _accept(self, sock: socket.socket, peer: tuple[int, int, int], admin: bool) -> None:
         # The admin socket has its own small budget: clients filling the client

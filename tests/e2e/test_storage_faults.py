@@ -18,6 +18,8 @@ import pytest
 from protocol.client import Client, RemoteError
 from protocol.names import FILES_LOCKSPACE
 from tests.e2e.conftest import DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
+from tests.e2e.fake_systemd import FakeServiceManager
+from tests.e2e.test_fd_store import start_under
 from tests.e2e.test_recovery import crash, restart
 from tests.lockprobe import probe, start_watch, stop_watch
 
@@ -258,6 +260,40 @@ def test_a_full_journal_disk_is_logged_once_and_shown_in_status(
     status = daemon.lockd("status", "--json")
     assert "journal_error" not in json.loads(status.stdout)
     assert "lockd_journal_refusing 0" in metrics(daemon)
+
+
+def test_systemctl_status_says_the_journal_refuses_writes_while_it_does(
+    small_fs: Mount, make_daemon: MakeDaemon, manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]], tmp_path: Path,
+) -> None:  # fmt: skip
+    """Under systemd, `systemctl status lockd` went on saying "serving; recovery held ..."
+    while every change was refused: the STATUS= line now says so from the first refused
+    write, and goes back to the start's counts once the journal is written again."""
+    small_fs(tmp_path / "d" / "journal")
+    daemon = make_daemon("d")
+    daemon.stop()
+    start_under(daemon, manager)
+    wait_for(lambda: manager.ready_count() == 1)
+    serving = statuses(manager)[-1]
+    assert serving.startswith("serving; recovery held 0")
+    vm = owner_client(daemon, children, "vm1")
+    filler = fill(daemon.journal_dir)
+    acquire_until_refused(vm, "a")
+    wait_for(lambda: "journal cannot be written" in statuses(manager)[-1])
+    refusing = statuses(manager)[-1]
+    assert refusing.startswith("serving, but every change is refused (io-error)"), refusing
+    assert "No space left on device" in refusing, refusing
+    filler.unlink()
+    vm.call("acquire", leases=[lease("b0")], autocreate=True)
+    wait_for(lambda: statuses(manager)[-1] == serving)
+
+
+def statuses(manager: FakeServiceManager) -> list[str]:
+    """Each STATUS= the daemon sent, in order."""
+    with manager.lock:
+        messages = list(manager.messages)
+    return [line.removeprefix("STATUS=") for m in messages for line in m.splitlines()
+            if line.startswith("STATUS=")]  # fmt: skip
 
 
 def use_up_inodes(directory: Path) -> list[Path]:
