@@ -39,7 +39,7 @@ from actors.recovery import RecoveryActor, RecoveryReport
 from actors.recovery_core import ReplayState
 from actors.router import Gather, Gathered, RouterActor, UseFencer
 from actors.runtime import ActorCrashedError, DispatchedActor, Dispatcher
-from lockd import build, logs, procs
+from lockd import build, fork_guard, logs, procs
 from lockd.autospawn import PACKAGE_ROOT
 from lockd.config import Config, open_own_file, secure_runtime_dir
 from lockd.journal_file import (
@@ -226,7 +226,7 @@ class LockSystem:
             # Refused (a damaged journal): a program that goes on (embedding) must be
             # able to repair it (journal-check --repair) and start again, which the
             # lock left held refused, naming this very program as the lockd using it.
-            os.close(self.journal_lock)
+            fork_guard.close(self.journal_lock)
             self._journal_open = False
             raise
         self.journal_file = read.journal_file
@@ -345,7 +345,7 @@ class LockSystem:
             raise JournalInUseError(
                 f"journal {directory} is in use by another lockd" + (f" ({who})" if who else "")
             )
-        return fd
+        return fork_guard.remember(fd)
 
     def connect(
         self,
@@ -383,14 +383,14 @@ class LockSystem:
         self.dispatcher.run_until_idle(poll_io=False)
         self.snapshots.wait(STOP_WAIT_S)  # a snapshot being written is finished, not orphaned
         self.journal_file.close()
-        os.close(self.journal_lock)
+        fork_guard.close(self.journal_lock)
         self._journal_open = False
 
     def abandon(self) -> None:
         """A start given up before the dispatcher ran anything (a program that goes on):
         close the journal, its lock and the dispatcher; no actor has opened anything."""
         self.journal_file.close()
-        os.close(self.journal_lock)
+        fork_guard.close(self.journal_lock)
         self._journal_open = False
         self.dispatcher.close()
 
@@ -424,7 +424,7 @@ class LockSystem:
             d.crashes[:0] = crashes
             if self._journal_open:
                 self.journal_file.close()
-                os.close(self.journal_lock)
+                fork_guard.close(self.journal_lock)
                 self._journal_open = False
             d.close()
 

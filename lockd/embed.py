@@ -43,6 +43,7 @@ from actors import faults
 from actors.connection import REPLAY_BACKLOG, Drained, Received
 from actors.recovery import RecoveryReport
 from actors.runtime import tell_if_alive
+from lockd import fork_guard
 from lockd.config import ConfigError, admin_socket_beside
 from lockd.config import from_keys as config_from_keys
 from lockd.daemon import Daemon, JournalInUseError, PidFileLockedError
@@ -71,6 +72,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("lockd")
+
+# A worker the program forks (os.fork, multiprocessing's "fork") must not keep the lock
+# system's locks and listening sockets: see lockd.fork_guard.
+os.register_at_fork(after_in_child=fork_guard.drop_copies_in_child)
 
 
 class _InProcessTransport:

@@ -23,6 +23,7 @@ import struct
 import attrs
 
 from actors.lease import LockBusyError, LockspaceGoneError
+from lockd import fork_guard
 from protocol.names import INDEX_NAME
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,9 @@ class LockspaceDir:
     @staticmethod
     def close_fd(fd: int) -> None:
         """Close a lease fd: its OFD lock goes with it, unless another copy of its open
-        file description lives on (the fd store's: see :meth:`release_fd`)."""
-        os.close(fd)
+        file description lives on (the fd store's: see :meth:`release_fd`, or a forked
+        child's: see :mod:`lockd.fork_guard`)."""
+        fork_guard.close(fd)
 
     @staticmethod
     def release_fd(fd: int) -> None:
@@ -172,7 +174,7 @@ class LockspaceDir:
             unlock(fd)
         except OSError:
             pass  # the close drops what it can anyway
-        os.close(fd)
+        fork_guard.close(fd)
 
     def close(self) -> None:
         """Close the directory fd; open lease fds are unaffected."""
@@ -196,11 +198,11 @@ class LockspaceDir:
     def _index_locked(self) -> int:
         """Open and exclusively lock the index file; the caller closes the fd to unlock."""
         fd = self._open(INDEX_NAME, _OPEN_FLAGS | os.O_CREAT)
-        _plain_file(fd, INDEX_NAME)
+        fork_guard.remember(fd, _plain_file(fd, INDEX_NAME))
         try:
             try_lock(fd, shared=False)
         except BaseException:
-            os.close(fd)
+            fork_guard.close(fd)
             raise
         return fd
 
@@ -219,8 +221,9 @@ class LockspaceDir:
             try:
                 fd = self._open(name, _OPEN_FLAGS | os.O_CREAT)
             finally:
-                os.close(index)
+                fork_guard.close(index)
         st = _plain_file(fd, name)
+        fork_guard.remember(fd, st)
         return HeldFile(fd=fd, inode=(st.st_dev, st.st_ino))
 
     def still_linked(self, held: HeldFile, name: str) -> bool:
@@ -256,4 +259,4 @@ class LockspaceDir:
         except FileNotFoundError:
             pass
         finally:
-            os.close(index)
+            fork_guard.close(index)

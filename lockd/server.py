@@ -26,6 +26,7 @@ import pykka
 
 from actors.connection import MAX_UNSENT_TOTAL, Drained, PeerGone, Received
 from actors.runtime import Dispatcher, Timer, tell_if_alive
+from lockd import fork_guard
 from protocol.codec import encode_item
 from protocol.errors import ErrorCode
 from protocol.framing import encode_frame
@@ -462,6 +463,7 @@ class Listener:
         """Accepting again after running out of descriptors: cancelled by :meth:`stop`
         (else a re-exec's quiesce would start accepting again under it)."""
         sock.setblocking(False)
+        fork_guard.remember(sock.fileno())  # a forked child's copy would answer a probe
 
     def start(self) -> None:
         """Begin accepting (after recovery: until then, connections wait in the backlog).
@@ -524,6 +526,7 @@ class Listener:
     def close(self) -> None:
         """Stop accepting; the socket file stays for the next daemon to replace."""
         self.stop()
+        fork_guard.forget(self.sock.fileno())
         self.sock.close()
 
 

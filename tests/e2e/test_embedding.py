@@ -499,3 +499,55 @@ def test_a_start_refused_for_its_admin_socket_leaves_no_fd_open(tmp_path: Path) 
     busy.unlink()
     service.start()
     service.stop()
+
+
+def test_a_worker_forked_by_the_program_keeps_none_of_its_locks(tmp_path: Path) -> None:
+    """The embedding program forks a worker (multiprocessing's "fork") and is SIGKILLed
+    while the worker runs on: the kernel drops the program's locks, and the next start
+    holds the running VM's lease again, rather than being refused (the worker's copies of
+    the journal's lock and of the listening socket) or finding the lease taken (its copy
+    of the lease's lock)."""
+    vm = subprocess.Popen(["sleep", "600"])
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
+    path = tmp_path / "locks" / FILES_LOCKSPACE / lease["resource"]
+    dirs: dict[str, Any] = {"lock_dir": str(tmp_path / "locks"), "journal_dir": str(tmp_path / "j"),
+            "socket": str(tmp_path / "s.sock"), "fence_grace": 0.1}  # fmt: skip
+    script = textwrap.dedent(f"""
+        import multiprocessing, time, uuid
+        from lockd.embed import LockService
+
+        locks = LockService(**{dirs!r})
+        locks.start()
+        client = locks.client()
+        client.call("register", owner={{"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                        "pid": {vm.pid}}})
+        client.call("acquire", leases=[{lease!r}], autocreate=True)
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
+        worker.start()
+        print(worker.pid, flush=True)
+        time.sleep(600)
+    """)
+    program = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = 0
+    try:
+        assert program.stdout is not None
+        worker = int(program.stdout.readline())
+        assert probe(path, "ofd") == "busy"
+        program.kill()
+        program.wait()
+        assert probe(path, "ofd") == "free"  # as after a killed daemon: the worker has none
+        with LockService(**dirs) as locks:
+            assert locks.report is not None
+            assert (locks.report.held, locks.report.lost) == (1, 0)
+            assert probe(path, "ofd") == "busy"
+        assert vm.poll() is None  # not fenced
+    finally:
+        program.kill()
+        program.wait()
+        if program.stdout is not None:
+            program.stdout.close()
+        if worker:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGKILL)
+        vm.kill()
+        vm.wait()
