@@ -687,6 +687,8 @@ class Daemon:
             self._clients = 0
             self._admin_clients = 0
             self._connections: dict[int, pykka.ActorRef[Any]] = {}
+            self._sockets: dict[int, SocketTransport] = {}
+            """Client sockets open, by connection id: hung up by an embedded stop."""
             self._stop_reason = ""
             self._reexecing = False
             # By listener, admin or not: closed only by exit (O_CLOEXEC: not by a re-exec).
@@ -836,6 +838,7 @@ class Daemon:
             transport, admin=admin, conn_id=conn_id, on_stopped=self._connection_stopped
         )
         self._connections[conn_id] = ref
+        self._sockets[conn_id] = transport
         transport.start(ref)
         log.debug("client %d (pid %d uid %d) connected%s", conn_id, peer[0], peer[1],
                   " to the admin socket" if admin else "")  # fmt: skip
@@ -875,6 +878,7 @@ class Daemon:
             on_stopped=self._connection_stopped,
         )  # fmt: skip
         self._connections[conn_id] = ref
+        self._sockets[conn_id] = transport
         transport.start(ref)
 
     def _closed(self, conn_id: int, *, admin: bool = False) -> None:
@@ -885,6 +889,7 @@ class Daemon:
             self._admin_clients -= 1
         else:
             self._clients -= 1
+        self._sockets.pop(conn_id, None)
         log.debug("client %d closed", conn_id)  # the id `lockd clients` showed
         for spares in self._spares.values():
             spares.refill()  # a descriptor just freed: the listeners' spares come first
@@ -1106,11 +1111,20 @@ class Daemon:
             finally:
                 if self._embedded:
                     self.system.close()
+                    self._hang_up()
             self._drop_pid_file()
             log.info(
                 "lockd stopped (%s): nothing released in the journal, no owner signalled",
                 self._stop_reason,
             )
+
+    def _hang_up(self) -> None:
+        """Close the client sockets still open, once every actor is stopped (embedding):
+        the daemon's exit closes them. Left to the garbage collector, each stayed open
+        after ``stop()``, and its client's next call waited out its timeout."""
+        for transport in self._sockets.values():
+            transport.hang_up()
+        self._sockets.clear()
 
     def _close_listeners(self) -> None:
         for listener in self.listeners:

@@ -261,6 +261,16 @@ class SocketTransport:
         self._sock.close()
         self._on_closed()
 
+    def hang_up(self) -> None:
+        """Close the socket as the daemon's exit would, the peer seeing EOF: the lock
+        system embedded in a program stopped, with its dispatcher and actors, so nothing
+        is unwatched or told; harmless once closed."""
+        if self._closed:
+            return
+        self._closed = True
+        self._drop_unsent()
+        self._sock.close()
+
     def _drop_unsent(self) -> None:
         """Forget every byte queued (sent as far as it goes, handed over, or for no one)."""
         self._out.clear()

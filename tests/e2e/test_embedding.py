@@ -480,6 +480,32 @@ def test_stop_with_a_socket_closes_what_it_opened(tmp_path: Path) -> None:
         assert not sock.exists()
 
 
+def test_stop_hangs_up_on_socket_clients_still_connected(tmp_path: Path) -> None:
+    """A socket client still connected when stop() runs (a VM's plugin, or one whose close
+    the lock thread had not read yet) sees its connection end at once, and none of its
+    fds in the program outlives stop() (each stayed open until the garbage collector ran,
+    and the client's next call waited out its timeout)."""
+    sock = tmp_path / "s.sock"
+    service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"),
+                          socket=str(sock))  # fmt: skip
+    before = sorted(os.listdir("/proc/self/fd"))
+    service.start()
+    with (
+        Client(str(sock), timeout=30) as other,
+        Client(str(tmp_path / "lockd-admin.sock")) as admin,
+    ):
+        assert other.call("status")["leases"] == 0
+        assert admin.call("list-clients")["clients"]
+        service.stop()
+        started = time.monotonic()
+        with pytest.raises(OSError):  # noqa: PT011 - EOF or EPIPE, whichever the call meets
+            other.call("status")
+        assert time.monotonic() - started < 5
+        with pytest.raises(OSError):  # noqa: PT011
+            admin.call("status")
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_start_refused_for_its_admin_socket_leaves_no_fd_open(tmp_path: Path) -> None:
     """Another program serves the admin socket's path: start() raises, leaves the client
     socket's file removed and no fd open (each refused start kept the listeners' four
