@@ -99,6 +99,11 @@ class Dispatcher:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._closed = False
+        self._closing = threading.RLock()
+        """Held by a wake-up's write and by :meth:`close`: a thread that found the pipe
+        open wrote to it before its close, never after (when its fd number may be a file
+        of the program's, or none: an embedded client's call as the service stopped met
+        EBADF). Reentrant: a signal handler's :meth:`wake` may interrupt one."""
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.selecting = False
@@ -126,11 +131,12 @@ class Dispatcher:
         self._wake()
 
     def _wake(self) -> None:
-        if self._closed:  # its pipe's fd number may be another file's by now
-            return
-        # A full pipe already holds a pending wake-up, which is all we need.
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"\0")
+        with self._closing:
+            if self._closed:  # its pipe's fd number may be another file's by now
+                return
+            # A full pipe already holds a pending wake-up, which is all we need.
+            with contextlib.suppress(BlockingIOError):
+                os.write(self._wake_w, b"\0")
 
     def now(self) -> float:
         """The dispatcher's clock (monotonic; the one timers' deadlines use)."""
@@ -297,9 +303,10 @@ class Dispatcher:
 
     def close(self) -> None:
         """Release the wake-up pipe and the selector; harmless twice."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
         self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import selectors
 import socket
 import threading
@@ -208,6 +209,45 @@ def test_a_tell_from_another_thread_wakes_the_waiting_loop() -> None:
         d.stop_all()
         d.run_until_idle()
         d.close()
+
+
+def test_a_wake_up_being_written_as_the_loop_closes_is_written_before_the_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A thread that found the wake-up pipe open (a tell from an embedding program's thread
+    as its service stops) writes to it before the loop's close, never to its closed fd
+    number (EBADF then, or a byte into whatever file the program opened under it)."""
+    d = Dispatcher()
+    d.selecting = True
+    wake_fd = d._wake_w
+    writing, go_on = threading.Event(), threading.Event()
+    failed: list[OSError] = []
+    write = os.write
+
+    def slow_write(fd: int, data: bytes) -> int:
+        if fd == wake_fd and threading.current_thread() is not threading.main_thread():
+            writing.set()
+            go_on.wait(30)
+        return write(fd, data)
+
+    def wake() -> None:
+        try:
+            d.wake()
+        except OSError as exc:
+            failed.append(exc)
+
+    monkeypatch.setattr(os, "write", slow_write)
+    waker = threading.Thread(target=wake)
+    waker.start()
+    assert writing.wait(30)
+    closer = threading.Thread(target=d.close)
+    closer.start()
+    closer.join(0.2)  # unfixed, it closed the pipe here; fixed, it waits for the write
+    go_on.set()
+    waker.join(30)
+    closer.join(30)
+    assert failed == []
+    d.wake()  # closed: nothing written, nothing raised
 
 
 def test_a_stopped_actor_is_freed_without_the_cyclic_collector(dispatcher: Dispatcher) -> None:
