@@ -391,7 +391,9 @@ class ConnectionActor(DispatchedActor):
             self._client, owner=self._owner, restricted=self._restricted,
             subscribed=self._subscribed, ref=self.actor_ref,
         )  # fmt: skip
-        self._router.tell(ClientChanged(self._client))
+        # The router is gone only as the lock system stops: a connection an embedding
+        # program's thread opened meanwhile is ended with it, not a crash to log.
+        tell_if_alive(self._router, ClientChanged(self._client))
 
     def _close(self, *, admin: str | None = None) -> None:
         """``admin``: closed by that operator (``uid U, pid P``)."""

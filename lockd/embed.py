@@ -319,7 +319,8 @@ class LockService:
 
     def client(self, name: str = "embedded") -> EmbeddedClient:
         """A new in-process connection; ``name`` is what ``lockd clients`` shows for it."""
-        if self._daemon is None:
+        daemon = self._daemon  # once: stop() on another thread may clear it meanwhile
+        if daemon is None:
             raise RuntimeError("start() the lock service first")
         transport = _InProcessTransport()
         self._transports.add(transport)
@@ -327,7 +328,7 @@ class LockService:
             transport.end("the embedded lock system stopped")
         # Never closed for idling: that frees a socket client's slot in max_clients, which
         # in-process connections do not take, and it broke a client kept for queries.
-        ref = transport.actor = self._daemon.system.connect(transport, idle_timeout=0)
+        ref = transport.actor = daemon.system.connect(transport, idle_timeout=0)
         return EmbeddedClient(ref, transport, name)
 
     def stop(self, timeout: float = 30.0) -> None:

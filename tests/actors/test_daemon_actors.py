@@ -34,7 +34,7 @@ from actors.owners import POLL_FULL_EVERY, POLL_SECONDS, POLL_SLICES
 from lockd.lockfiles import HeldFile, LockspaceDir, try_lock, unlock
 from protocol.codec import decode_item, encode_item
 from protocol.framing import FrameDecoder, encode_frame
-from tests.actors.harness import Conn, Harness
+from tests.actors.harness import Conn, FakeTransport, Harness
 
 FILES = "org.libvirt.lockd.files"
 VM1, VM2, LIBVIRTD = 4001, 4002, 4000
@@ -1508,3 +1508,20 @@ def test_one_process_with_many_connections_ending_is_released_once(
     assert len(h.journal_writer.events(LeaseReleased)) == 500
     assert not any(kernel_locked(h.lock_dir / FILES / f"disk-{i}-0") for i in range(100))
     assert listed[0] <= 3 * 100, listed[0]
+
+
+def test_a_connection_opened_as_the_router_stops_is_no_crash(h: Harness) -> None:
+    """An embedding program's thread opening a connection as the lock system stops (its
+    router stopped already) starts it quietly: it told the dead router and crashed,
+    logged as "an actor failed" at each such stop."""
+    h.router.stop(block=False)
+    h.run()
+    ref = connection.ConnectionActor.start(
+        h.dispatcher, conn_id=99, transport=FakeTransport(1, 0), router=h.router,
+        owners=h.owners, journal=h.journal, processes=h.processes,
+        info=connection.ServerInfo("test", 1, 0.0, "test"), clock=h.clock,
+    )  # fmt: skip
+    h.run()  # raises ActorCrashedError if the start crashed the loop
+    assert h.dispatcher.crashes == []
+    ref.stop(block=False)
+    h.run()

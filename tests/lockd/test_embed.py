@@ -12,7 +12,7 @@ from actors.connection import REPLAY_BACKLOG, Drained
 from actors.journal import SyncPolicy
 from actors.runtime import Dispatcher
 from lockd.config import ConfigError
-from lockd.embed import LockService, _InProcessTransport
+from lockd.embed import ConnectionLostError, LockService, _InProcessTransport
 from protocol.codec import encode_item
 from protocol.framing import encode_frame
 from tests.actors.harness import Recorder
@@ -86,3 +86,25 @@ def test_the_admin_socket_goes_beside_the_socket(tmp_path: Path) -> None:
     service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"),
                           socket=str(tmp_path / "run" / "lockd.sock"))  # fmt: skip
     assert service.config.admin_socket == str(tmp_path / "run" / "lockd-admin.sock")
+
+
+def test_a_client_opened_as_another_thread_stops_the_service(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``client()`` racing ``stop()`` (here: the stop lands just after client() found the
+    service running) raises ConnectionLostError, as a call racing it does, not
+    AttributeError from the service it had found."""
+    service = LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"))
+
+    class StoppedMeanwhile(_InProcessTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            service.stop()
+
+    service.start()
+    try:
+        monkeypatch.setattr("lockd.embed._InProcessTransport", StoppedMeanwhile)
+        with pytest.raises(ConnectionLostError, match="stopped"):
+            service.client()
+    finally:
+        service.stop()
