@@ -354,7 +354,13 @@ class LockService:
             raise ProtocolError(ErrorCode.INTERNAL, f"the lock service failed: {crashes[0]!r}")
 
     def __enter__(self) -> LockService:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # No __exit__ follows: a recovery that overran start()'s timeout, or Ctrl-C
+            # during it, left the lock thread running and the journal locked.
+            self.stop()
+            raise
         return self
 
     def __exit__(

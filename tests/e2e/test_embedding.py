@@ -22,7 +22,13 @@ import pytest
 
 from actors import connection
 from actors.router import Gather, RouterActor
-from lockd.embed import ConnectionLostError, LockService, PidFileLockedError, SubscriptionEnded
+from lockd.embed import (
+    ConnectionLostError,
+    LockService,
+    PidFileLockedError,
+    RecoveryReport,
+    SubscriptionEnded,
+)
 from lockd.journal_format import JournalCorruptError
 from protocol.client import Client, RemoteError
 from protocol.errors import ProtocolError
@@ -577,3 +583,44 @@ def test_a_worker_forked_by_the_program_keeps_none_of_its_locks(tmp_path: Path) 
                 os.kill(worker, signal.SIGKILL)
         vm.kill()
         vm.wait()
+
+
+def test_a_with_block_whose_start_fails_leaves_nothing_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``with LockService(...)`` whose start() raises (here: recovery overran its timeout;
+    Ctrl-C during it is the same) stops what it started: no ``__exit__`` follows a failed
+    ``__enter__``, and the lock thread ran on, the journal locked, until the program's
+    exit."""
+    from lockd.daemon import Daemon
+
+    gate = threading.Event()
+    run, request_stop = Daemon.run, Daemon.request_stop
+
+    def slow_run(self: Daemon) -> None:
+        gate.wait(60)  # recovery is not done until someone asks the service to stop
+        run(self)
+
+    def stop_asked(self: Daemon, reason: str) -> None:
+        gate.set()
+        request_stop(self, reason)
+
+    monkeypatch.setattr(Daemon, "run", slow_run)
+    monkeypatch.setattr(Daemon, "request_stop", stop_asked)
+    dirs = {"lock_dir": str(tmp_path / "l"), "journal_dir": str(tmp_path / "j")}
+
+    class Impatient(LockService):
+        def start(self, timeout: float = 0.05) -> RecoveryReport:
+            return super().start(timeout)
+
+    service = Impatient(**dirs)
+    try:
+        with pytest.raises(TimeoutError), service:
+            pytest.fail("the block ran")
+        assert [t for t in threading.enumerate() if t.name == "lockd"] == []
+        monkeypatch.undo()
+        with LockService(**dirs) as again:  # the journal is free
+            assert again.report is not None
+    finally:
+        gate.set()
+        service.stop()
