@@ -97,6 +97,8 @@ class _InProcessTransport:
         self.actor: pykka.ActorRef[Any] | None = None
         """The connection, told :class:`Drained` when the program has caught up."""
         self.gone = False
+        self.pid = os.getpid()
+        """The process whose lock thread serves this connection (see :func:`_forked`)."""
         self.ended: str | None = None
         """Why no reply will come any more (None while the connection serves)."""
         self._frames = FrameDecoder(MAX_REPLY_FRAME)
@@ -198,6 +200,8 @@ class EmbeddedClient:
         """The next event pushed after ``subscribe``: ``{"event": journal-entry}`` as on the
         socket (docs/protocol.md); TimeoutError if none comes within ``timeout``;
         :class:`SubscriptionEnded` if the daemon ended the subscription."""
+        if (forked := _forked(self._transport.pid)) is not None:
+            raise ConnectionLostError(forked)
         with self._lock:
             if self._events:
                 return event_of(self._events.popleft())
@@ -216,6 +220,8 @@ class EmbeddedClient:
         return message
 
     def _send(self, message: Received) -> None:
+        if (forked := _forked(self._transport.pid)) is not None:
+            raise ConnectionLostError(forked)
         if self._transport.ended is not None:
             raise ConnectionLostError(self._transport.ended)
         try:
@@ -228,6 +234,18 @@ class EmbeddedClient:
         with contextlib.suppress(ConnectionLostError):
             self._send(Received(b""))
         self._transport.end("this connection was closed")
+
+
+def _forked(pid: int) -> str | None:
+    """Why this process cannot use a lock system started in process ``pid`` (None: it is
+    that process). A forked child has the service's objects but not its lock thread: its
+    calls waited out their timeouts, and ``client()`` 60 s, for a reply none would send."""
+    if os.getpid() == pid:
+        return None
+    return (
+        f"the embedded lock system runs in process {pid}, not in this process forked "
+        "from it: start a LockService of its own here, on other directories"
+    )
 
 
 def _beside(directory: str, name: str) -> str:
@@ -277,6 +295,8 @@ class LockService:
         self._failure: BaseException | None = None
         """What ended the lock thread, if not stop()."""
         self.report: RecoveryReport | None = None
+        self._pid = os.getpid()
+        """The process that started it: the only one its lock thread runs in."""
 
     def start(self, timeout: float = 60.0) -> RecoveryReport:
         """Recover from the journal and start serving; returns what recovery did."""
@@ -288,6 +308,7 @@ class LockService:
             raise RuntimeError("already started")
         daemon = Daemon(self.config, sockets=self._sockets, embedded=True)
         self._daemon = daemon
+        self._pid = os.getpid()
         self._ended = False
         self._failure = None
         self._thread = threading.Thread(target=self._run, args=(daemon,), name="lockd", daemon=True)
@@ -322,6 +343,8 @@ class LockService:
         daemon = self._daemon  # once: stop() on another thread may clear it meanwhile
         if daemon is None:
             raise RuntimeError("start() the lock service first")
+        if (forked := _forked(self._pid)) is not None:
+            raise RuntimeError(forked)
         transport = _InProcessTransport()
         self._transports.add(transport)
         if self._ended:  # stopping meanwhile: its first call says so

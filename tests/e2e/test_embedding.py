@@ -624,3 +624,40 @@ def test_a_with_block_whose_start_fails_leaves_nothing_running(
     finally:
         gate.set()
         service.stop()
+
+
+def test_a_forked_child_is_told_at_once_that_the_service_is_its_parent_s(
+    tmp_path: Path,
+) -> None:
+    """In a child forked by the program, a client's call and ``client()`` fail at once,
+    saying why: the lock thread is the parent's (a call waited out its timeout, and
+    ``client()`` 60 s, then raised TimeoutError). The parent's service is unaffected."""
+    with LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j")) as locks:
+        client = locks.client()
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child, which never returns to pytest
+            try:
+                said = []
+                for attempt in (lambda: client.call("status", timeout=10), locks.client):
+                    started = time.monotonic()
+                    try:
+                        attempt()
+                        said.append("no error")
+                    except Exception as exc:  # noqa: BLE001 - told to the parent
+                        quick = time.monotonic() - started < 5
+                        said.append(f"{type(exc).__name__} {quick} {exc}")
+                os.write(write, json.dumps(said).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as pipe:
+            said = json.loads(pipe.read())
+        os.waitpid(pid, 0)
+        why = f"runs in process {os.getpid()}, not in this process forked from it"
+        assert [s.partition(" runs")[0] for s in said] == [
+            "ConnectionLostError True the embedded lock system",
+            "RuntimeError True the embedded lock system",
+        ]
+        assert all(why in s for s in said)
+        assert client.call("status")["clients"] == 1
