@@ -235,6 +235,17 @@ class EmbeddedClient:
             self._send(Received(b""))
         self._transport.end("this connection was closed")
 
+    def __enter__(self) -> EmbeddedClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
 
 def _forked(pid: int) -> str | None:
     """Why this process cannot use a lock system started in process ``pid`` (None: it is

@@ -108,3 +108,13 @@ def test_a_client_opened_as_another_thread_stops_the_service(
             service.client()
     finally:
         service.stop()
+
+
+def test_a_client_in_a_with_block_is_closed_at_its_end(tmp_path: Path) -> None:
+    """``with locks.client() as client:``, as with the socket ``Client``: closed after the
+    block (it raised AttributeError: no ``__enter__``)."""
+    with LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j")) as locks:
+        with locks.client() as client:
+            assert client.call("status")["clients"] == 1
+        with pytest.raises(ConnectionLostError, match="closed"):
+            client.call("status")
