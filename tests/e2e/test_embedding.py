@@ -661,3 +661,37 @@ def test_a_forked_child_is_told_at_once_that_the_service_is_its_parent_s(
         ]
         assert all(why in s for s in said)
         assert client.call("status")["clients"] == 1
+
+
+def test_a_crash_point_kills_the_embedding_program_and_the_next_start_recovers(
+    tmp_path: Path,
+) -> None:
+    """As embedding.md tells test authors: ``LOCKD_CRASH_AT`` in an embedding program's
+    environment SIGKILLs the whole program at that point, and the next start holds the
+    running VM's lease (journaled before the crash) again."""
+    vm = subprocess.Popen(["sleep", "600"])
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
+    dirs = {"lock_dir": str(tmp_path / "locks"), "journal_dir": str(tmp_path / "j")}
+    script = textwrap.dedent(f"""
+        import uuid
+        from lockd.embed import LockService
+
+        with LockService(**{dirs!r}) as locks:
+            client = locks.client()
+            client.call("register", owner={{"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                            "pid": {vm.pid}}})
+            client.call("acquire", leases=[{lease!r}], autocreate=True)
+            print("not crashed")
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={**os.environ, "LOCKD_CRASH_AT": "acquire-journaled"},
+                              timeout=60, check=False)  # fmt: skip
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        assert done.stdout == ""
+        with LockService(**dirs) as locks:
+            assert locks.report is not None
+            assert (locks.report.held, locks.report.lost) == (1, 0)
+    finally:
+        vm.kill()
+        vm.wait()
