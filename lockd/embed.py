@@ -73,6 +73,9 @@ __all__ = [
 
 log = logging.getLogger("lockd")
 
+STOP_SECONDS = 30.0
+"""How long ``stop()`` waits for the lock thread by default."""
+
 # A worker the program forks (os.fork, multiprocessing's "fork") must not keep the lock
 # system's locks and listening sockets: see lockd.fork_guard.
 os.register_at_fork(after_in_child=fork_guard.drop_copies_in_child)
@@ -301,8 +304,10 @@ class LockService:
         self._thread: threading.Thread | None = None
         self._transports: weakref.WeakSet[_InProcessTransport] = weakref.WeakSet()
         self._ended = False
-        self._starting = threading.Lock()
-        """Held by start() and stop(): one at a time, whichever threads call them."""
+        self._starting = threading.RLock()
+        """Held by start() and stop(): one at a time, whichever threads call them.
+        Reentrant: the program's signal handler may call stop() on a thread inside
+        start() or stop() (a SIGTERM as it starts), which deadlocked."""
         self._failure: BaseException | None = None
         """What ended the lock thread, if not stop()."""
         self.report: RecoveryReport | None = None
@@ -322,17 +327,23 @@ class LockService:
         self._pid = os.getpid()
         self._ended = False
         self._failure = None
-        self._thread = threading.Thread(target=self._run, args=(daemon,), name="lockd", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._run, args=(daemon,), name="lockd", daemon=True)
+        self._thread = thread
+        thread.start()
         deadline = time.monotonic() + timeout
-        while not daemon.system.ready.wait(0.02):
-            if not self._thread.is_alive():  # died starting: say why now, not at the timeout
+        while not daemon.system.ready.wait(0.02) and self._daemon is daemon:
+            if not thread.is_alive():  # died starting: say why now, not at the timeout
                 self._daemon = None
                 raise RuntimeError(
                     f"the lock service failed to start: {self._failure!r}"
                 ) from self._failure
             if time.monotonic() > deadline:
                 raise TimeoutError("lock system recovery did not finish in time")
+        if self._daemon is not daemon:  # a signal handler of this thread's called stop()
+            if thread.is_alive():  # stopped before this thread was its to stop
+                daemon.request_stop("embedding program stopped the lock service")
+                thread.join(STOP_SECONDS)
+            raise RuntimeError("the lock service was stopped while it started")
         assert daemon.system.report is not None
         self.report = daemon.system.report
         return self.report
@@ -365,7 +376,7 @@ class LockService:
         ref = transport.actor = daemon.system.connect(transport, idle_timeout=0)
         return EmbeddedClient(ref, transport, name)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = STOP_SECONDS) -> None:
         """Stop: journal the stop, release nothing, signal nobody (like SIGTERM to the daemon).
 
         Harmless when stopped already, also from several threads at once."""
@@ -373,15 +384,18 @@ class LockService:
             self._stop(timeout)
 
     def _stop(self, timeout: float) -> None:
-        if self._daemon is None or self._thread is None:
+        # Once: a signal handler's stop() may run (and finish) inside this one.
+        daemon, thread = self._daemon, self._thread
+        if daemon is None or thread is None:
             return
-        if self._thread.is_alive():  # not ended already (a crash, the idle timeout)
-            self._daemon.request_stop("embedding program stopped the lock service")
-        self._thread.join(timeout)
-        if self._thread.is_alive():
+        if thread.is_alive():  # not ended already (a crash, the idle timeout)
+            daemon.request_stop("embedding program stopped the lock service")
+        thread.join(timeout)
+        if thread.is_alive():
             raise RuntimeError("the lock service did not stop")
-        crashes = self._daemon.dispatcher.crashes
-        self._daemon = None
+        crashes = daemon.dispatcher.crashes
+        if self._daemon is daemon:
+            self._daemon = None
         if self._failure is not None and not crashes:
             raise RuntimeError(f"the lock service failed: {self._failure!r}") from self._failure
         if crashes:

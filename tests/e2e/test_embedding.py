@@ -695,3 +695,48 @@ def test_a_crash_point_kills_the_embedding_program_and_the_next_start_recovers(
     finally:
         vm.kill()
         vm.wait()
+
+
+def test_a_signal_handler_may_stop_the_service_while_it_starts(tmp_path: Path) -> None:
+    """The program's SIGTERM handler calls stop() as start() runs (the service manager
+    stops the program during its recovery): start() raises, saying so, and nothing is
+    left running (the handler waited for a lock its own thread held: a deadlock)."""
+    dirs = {"lock_dir": str(tmp_path / "l"), "journal_dir": str(tmp_path / "j")}
+    script = textwrap.dedent(f"""
+        import os, signal, threading
+        import lockd.daemon
+        from lockd.embed import LockService
+
+        locks = LockService(**{dirs!r})
+        handled = threading.Event()
+
+        def on_term(signum, frame):
+            handled.set()
+            locks.stop()
+
+        signal.signal(signal.SIGTERM, on_term)
+        run = lockd.daemon.Daemon.run
+
+        def run_once_terminated(self):  # recovery waits for the handler to have run
+            os.kill(os.getpid(), signal.SIGTERM)
+            handled.wait(30)
+            run(self)
+
+        lockd.daemon.Daemon.run = run_once_terminated
+        try:
+            locks.start()
+        except RuntimeError as exc:
+            print(exc)
+        print(sorted(t.name for t in threading.enumerate()))
+        lockd.daemon.Daemon.run = run
+        with LockService(**{dirs!r}):  # the journal is free
+            print("started again")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "the lock service was stopped while it started",
+        "['MainThread']",
+        "started again",
+    ]
