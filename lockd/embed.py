@@ -320,6 +320,10 @@ class LockService:
             return self._start(timeout)
 
     def _start(self, timeout: float) -> RecoveryReport:
+        if self._daemon is not None and self._thread is not None and not self._thread.is_alive():
+            # It stopped by itself (the idle timeout, a crash): what stop() would do, first.
+            # It said "already started". A crash is raised here, once, as stop() would.
+            self._stop(STOP_SECONDS)
         if self._daemon is not None:
             raise RuntimeError("already started")
         daemon = Daemon(self.config, sockets=self._sockets, embedded=True)

@@ -740,3 +740,25 @@ def test_a_signal_handler_may_stop_the_service_while_it_starts(tmp_path: Path) -
         "['MainThread']",
         "started again",
     ]
+
+
+def test_start_after_the_idle_timeout_ended_the_service_starts_it_again(tmp_path: Path) -> None:
+    """As embedding.md says, a service that stopped by itself (``timeout``) may be started
+    again: ``start()`` did not say "already started" of a service that was not running."""
+    service = LockService(
+        lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"), timeout=0.2
+    )
+    service.start()
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                service.client().close()
+            except ConnectionLostError:
+                break  # it stopped
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        report = service.start()  # (it may stop again 0.2 s on: nothing is asked of it)
+        assert report.held == 0
+    finally:
+        service.stop()
