@@ -327,10 +327,10 @@ class LockService:
         if self._daemon is not None:
             raise RuntimeError("already started")
         daemon = Daemon(self.config, sockets=self._sockets, embedded=True)
+        self._ended = False  # before the daemon is seen: client() on another thread looks
+        self._failure = None
         self._daemon = daemon
         self._pid = os.getpid()
-        self._ended = False
-        self._failure = None
         thread = threading.Thread(target=self._run, args=(daemon,), name="lockd", daemon=True)
         self._thread = thread
         thread.start()
@@ -371,6 +371,13 @@ class LockService:
             raise RuntimeError("start() the lock service first")
         if (forked := _forked(self._pid)) is not None:
             raise RuntimeError(forked)
+        # Another thread's start() may be recovering: a request served before recovery
+        # held the journal's leases again could take a running VM's disk, and recovery
+        # then called the lease lost and fenced the VM. Wait, as a socket client waits in
+        # the listener's backlog.
+        while not daemon.system.ready.wait(0.02):
+            if self._daemon is not daemon or self._ended:
+                raise RuntimeError("the lock service stopped before its start was done")
         transport = _InProcessTransport()
         self._transports.add(transport)
         if self._ended:  # stopping meanwhile: its first call says so

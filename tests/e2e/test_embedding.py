@@ -762,3 +762,69 @@ def test_start_after_the_idle_timeout_ended_the_service_starts_it_again(tmp_path
         assert report.held == 0
     finally:
         service.stop()
+
+
+def test_a_client_opened_while_start_recovers_waits_for_the_recovery(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread of the program (a web handler) opening a client while the main thread's
+    start() still recovers is served once recovery is done: served before, it took a
+    running VM's disk, and recovery then called the lease lost and fenced the VM."""
+    from actors.recovery import RecoveryActor
+
+    vm, other = subprocess.Popen(["sleep", "600"]), subprocess.Popen(["sleep", "600"])
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
+    dirs: dict[str, Any] = {"lock_dir": str(tmp_path / "l"), "journal_dir": str(tmp_path / "j"),
+                            "fence_grace": 0.1}  # fmt: skip
+    service = LockService(**dirs)
+    gate = threading.Event()
+    try:
+        with LockService(**dirs) as locks, locks.client() as client:
+            client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                           "pid": vm.pid})  # fmt: skip
+            client.call("acquire", leases=[disk], autocreate=True)
+
+        class GatedRecovery:
+            @staticmethod
+            def start(d: Any, **kw: Any) -> None:
+                def later() -> None:
+                    if gate.is_set():
+                        RecoveryActor.start(d, **kw)
+                    else:
+                        d.call_later(0.01, later)
+
+                d.call_later(0, later)
+
+        monkeypatch.setattr("lockd.daemon.RecoveryActor", GatedRecovery)
+        starter = threading.Thread(target=service.start)
+        starter.start()
+        while service._daemon is None:
+            time.sleep(0.01)
+        answers: list[str] = []
+
+        def intrude() -> None:
+            with service.client() as client:
+                client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "other",
+                                               "id": 2, "pid": other.pid})  # fmt: skip
+                try:
+                    client.call("acquire", leases=[disk], autocreate=True)
+                    answers.append("granted")
+                except RemoteError as exc:
+                    answers.append(exc.code)
+
+        intruder = threading.Thread(target=intrude)
+        intruder.start()
+        intruder.join(1.0)  # unfixed, served at once; fixed, it waits for the gate
+        gate.set()
+        starter.join(30)
+        intruder.join(30)
+        assert answers == ["busy"]
+        assert service.report is not None
+        assert (service.report.held, service.report.lost) == (1, 0)
+        assert vm.poll() is None
+    finally:
+        gate.set()
+        service.stop()
+        for proc in (vm, other):
+            proc.kill()
+            proc.wait()
