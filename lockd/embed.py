@@ -26,7 +26,6 @@ here too, for one import.
 from __future__ import annotations
 
 import collections
-import contextlib
 import itertools
 import logging
 import os
@@ -173,6 +172,11 @@ class EmbeddedClient:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._events: collections.deque[dict[str, Any]] = collections.deque()
+        # Dropped without close(), it ends as a socket client's connection does when its
+        # socket is collected: left open, each stayed in the lock system for good (an
+        # actor and a `lockd clients` line per client a program made and let go).
+        self._ended = weakref.finalize(self, _end_connection, ref, transport)
+        self._ended.atexit = False
         self.server = self.call("hello", versions=[PROTOCOL_VERSION], client=name)
 
     def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
@@ -234,9 +238,7 @@ class EmbeddedClient:
 
     def close(self) -> None:
         """End this connection (leases belong to their owners and stay); harmless twice."""
-        with contextlib.suppress(ConnectionLostError):
-            self._send(Received(b""))
-        self._transport.end("this connection was closed")
+        self._ended()
 
     def __enter__(self) -> EmbeddedClient:
         return self
@@ -248,6 +250,14 @@ class EmbeddedClient:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _end_connection(ref: pykka.ActorRef[Any], transport: _InProcessTransport) -> None:
+    """Close an in-process connection: :meth:`EmbeddedClient.close`, also when the client
+    is collected without it."""
+    if _forked(transport.pid) is None and transport.ended is None:
+        tell_if_alive(ref, Received(b""))
+    transport.end("this connection was closed")
 
 
 def _forked(pid: int) -> str | None:

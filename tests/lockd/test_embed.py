@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import re
 from pathlib import Path
 from typing import Any
@@ -118,3 +119,15 @@ def test_a_client_in_a_with_block_is_closed_at_its_end(tmp_path: Path) -> None:
             assert client.call("status")["clients"] == 1
         with pytest.raises(ConnectionLostError, match="closed"):
             client.call("status")
+
+
+def test_a_client_let_go_without_close_ends_its_connection(tmp_path: Path) -> None:
+    """A client the program drops without close() ends its connection when collected, as a
+    socket client's does: each stayed in the lock system for good, an actor and a
+    ``lockd clients`` line per client made for one request."""
+    with LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j")) as locks:
+        for _ in range(20):
+            locks.client().call("status")
+        gc.collect()
+        with locks.client() as client:
+            assert client.call("status")["clients"] == 1
