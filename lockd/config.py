@@ -85,6 +85,29 @@ def default_paths(uid: int | None = None) -> dict[str, str]:
     }
 
 
+PARENT_DIR_MODE = 0o755
+"""Mode of a missing parent directory lockd makes on its way to one of its own (less the
+umask): others may pass through, never write there."""
+
+
+def make_dirs(path: str, mode: int) -> None:
+    """``os.makedirs(path, mode, exist_ok=True)``, but each missing parent is made
+    :data:`PARENT_DIR_MODE` at most. ``os.makedirs`` makes parents 0777 less the umask:
+    a root lockd started with a umask of 0 (from a shell or a container that sets it)
+    on a fresh host made ``/var/lib/lockd`` 0777, and any local user could move the
+    journal directory aside and have the next start forget every lease held (or swap
+    in a lock directory of their own, and fence the VMs). Raises FileExistsError if
+    ``path`` or a parent is there and is no directory."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        make_dirs(parent, PARENT_DIR_MODE)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+
+
 class UnsafePathError(OSError):
     """A directory or file lockd would trust could have been made or changed by another user."""
 

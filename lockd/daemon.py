@@ -41,7 +41,7 @@ from actors.router import Gather, Gathered, RouterActor, UseFencer
 from actors.runtime import ActorCrashedError, DispatchedActor, Dispatcher
 from lockd import build, fork_guard, logs, procs
 from lockd.autospawn import PACKAGE_ROOT
-from lockd.config import Config, open_own_file, secure_runtime_dir
+from lockd.config import Config, make_dirs, open_own_file, secure_runtime_dir
 from lockd.journal_file import (
     BOOT_FILE,
     LOCK_FILE,
@@ -213,9 +213,9 @@ class LockSystem:
         self.report: RecoveryReport | None = None
         self._on_ready = on_ready
         # The journal directory first: refused, it leaves no lock directory made.
-        os.makedirs(config.journal_dir, mode=0o700, exist_ok=True)
+        make_dirs(config.journal_dir, 0o700)
         check_journal_dir(config.journal_dir)
-        os.makedirs(config.lock_dir, mode=0o700, exist_ok=True)
+        make_dirs(config.lock_dir, 0o700)
         _warn_if_others_write(config.lock_dir)
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
         self._journal_open = True
@@ -1156,7 +1156,7 @@ class Daemon:
             return kept
         if not path:
             return None
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        make_dirs(os.path.dirname(path), 0o755)
         # Never through a symlink, nor into another user's file or a hard link: a pid
         # file in a directory others can write to (/tmp) was a way to have root's lockd
         # truncate and overwrite any file (/etc/shadow) at its next start.

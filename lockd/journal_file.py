@@ -22,6 +22,7 @@ from typing import Any
 
 from actors.events import JournalEntry
 from actors.faults import crash_point
+from lockd.config import make_dirs
 from lockd.journal_format import (
     JournalCorruptError,
     SegmentScan,
@@ -247,7 +248,7 @@ class FileJournal:
         self._cut_damage = cut_damage
         self._segment_bytes = segment_bytes
         self._retain = retain_segments
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        make_dirs(directory, 0o700)
         self._fd = -1
         self._size = 0
         self._torn = False

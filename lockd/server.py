@@ -27,6 +27,7 @@ import pykka
 from actors.connection import MAX_UNSENT_TOTAL, Drained, PeerGone, Received
 from actors.runtime import Dispatcher, Timer, tell_if_alive
 from lockd import fork_guard
+from lockd.config import make_dirs
 from protocol.codec import encode_item
 from protocol.errors import ErrorCode
 from protocol.framing import encode_frame
@@ -106,7 +107,7 @@ def bind_unix(path: str, backlog: int = 128) -> socket.socket:
     The directory is created 0700 if missing. A socket file that still
     accepts connections belongs to a running daemon: refuse rather than steal.
     """
-    os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+    make_dirs(os.path.dirname(path) or ".", 0o700)
     refuse_if_served(path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # a stale socket: nobody listens any more

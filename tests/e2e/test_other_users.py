@@ -14,6 +14,7 @@ import ctypes
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -392,6 +393,51 @@ def test_a_lock_dir_other_users_can_write_is_warned_about(tmp_path: Path) -> Non
     finally:
         daemon.terminate()
         daemon.wait(10)
+
+
+def test_a_daemon_started_under_umask_0_makes_no_directory_others_can_write() -> None:
+    """A root lockd started with a umask of 0 on a fresh host makes its journal, lock,
+    socket and pid file directories and their missing parents: none of them may be
+    another user's to write, or that user could move the journal aside (the next start
+    forgets every lease held) or put a lock directory of their own in its place. Before,
+    the parents (``/var/lib/lockd``) were made 0777."""
+    base = Path(tempfile.mkdtemp(prefix="lockd-umask-"))
+    os.chmod(base, 0o755)  # noqa: S103 - the other uid must reach what lockd makes
+    journal = base / "var" / "lib" / "lockd" / "journal"
+    pid_file = base / "run" / "pid" / "lockd.pid"
+    root = base / "daemon"
+    root.mkdir()
+    daemon = DaemonProcess(
+        root, base / "var" / "lib" / "libvirt" / "lockd",
+        "--journal-dir", str(journal), "--pid-file", str(pid_file),
+        socket_dir=base / "run" / "lockd",
+    )  # fmt: skip
+    daemon.launcher = ["sh", "-c", 'umask 0 && exec "$@"', "sh"]
+    try:
+        daemon.start()
+
+        def move_aside(path: Path) -> str:
+            def rename() -> str:
+                try:
+                    os.rename(path, path.with_name("moved"))
+                except OSError as exc:
+                    return type(exc).__name__
+                return "moved"
+
+            return as_other_user(rename)
+
+        assert move_aside(journal) == "PermissionError"
+        assert move_aside(daemon.lock_dir) == "PermissionError"
+        assert journal.is_dir()
+        assert daemon.lock_dir.is_dir()
+        made = [Path(d) for d, _, _ in os.walk(base) if Path(d) not in (base, root)]
+        assert {journal, daemon.lock_dir, pid_file.parent} <= set(made)
+        others_write = {str(d): oct(d.stat().st_mode & 0o777) for d in made
+                        if d.stat().st_mode & 0o022}  # fmt: skip
+        assert others_write == {}
+    finally:
+        daemon.stop()
+        shutil.rmtree(base)
 
 
 def test_a_uid_refused_in_a_loop_does_not_hide_another_uid_s_refusal(
