@@ -425,8 +425,9 @@ class ConnectionActor(DispatchedActor):
         if self._owner is not None:
             by = self._closed_by_admin
             closed = ConnectionClosed(
-                self._owner, self.conn_id, self._transport.peer_pid, by is not None, by or ""
-            )
+                self._owner, self.conn_id, self._transport.peer_pid, self._transport.peer_uid,
+                by is not None, by or "",
+            )  # fmt: skip
             self._owners.tell(closed)
         if self._quiesce_to is not None:
             # Nothing to hand over, and nothing left half done for the next program

@@ -99,6 +99,11 @@ class Processes(Protocol):
         """Send ``signum`` to the owner process only; False if it is gone or cannot be signalled."""
         ...
 
+    def uids_of(self, pid: int) -> tuple[int, int] | None:
+        """The real and saved uids of process ``pid`` (what kill(2) compares a sender's uid
+        with); None if it cannot be read."""
+        ...
+
 
 @attrs.frozen
 class Watch:
@@ -116,11 +121,13 @@ class OwnerExited:
 
 @attrs.frozen
 class ConnectionClosed:
-    """A registered connection closed; ``peer_pid`` is the process on its other end."""
+    """A registered connection closed; ``peer_pid`` and ``peer_uid`` are the process on its
+    other end (SO_PEERCRED), ``admin`` whether an operator closed it."""
 
     owner: Owner
     conn: int
     peer_pid: int
+    peer_uid: int
     admin: bool
     by: str = ""
     """Closed by an operator: which one (``uid U, pid P``), for the fence's reason."""
@@ -221,6 +228,10 @@ class _Fencing:
     """Why the fence began, for ``status``."""
     next_signal: int | None = None
     """What its timer sends next (None: the check after SIGKILL)."""
+    on_behalf_of: int | None = None
+    """The uid whose closed connection began the fence, when it is not root's: each signal
+    goes only while a process of that uid could send it itself (see
+    :meth:`OwnersActor._signallable`)."""
 
 
 class OwnersActor(DispatchedActor):
@@ -543,8 +554,12 @@ class OwnersActor(DispatchedActor):
         why = "connection closed while holding leases"
         if closed.admin:  # an auditor asks who: the admin socket may serve several uids
             why = f"admin disconnect by {closed.by}" if closed.by else "admin disconnect"
-        self._fencing[owner.key] = _Fencing(owner, closed.conn, reason, why)
+        # An operator's disconnect is root's (the admin socket's uid) to answer for.
+        uid = None if closed.admin or closed.peer_uid == 0 else closed.peer_uid
         self._watch(owner)
+        if not self._signallable(owner, uid, "SIGTERM"):
+            return
+        self._fencing[owner.key] = _Fencing(owner, closed.conn, reason, why, on_behalf_of=uid)
         self._fence(owner, signal.SIGTERM, why)
         self._schedule(owner, self._grace, signal.SIGKILL)
 
@@ -609,7 +624,36 @@ class OwnersActor(DispatchedActor):
                 step.owner.describe(),
             )
             return
+        fencing = self._fencing[key]
+        if not self._signallable(
+            step.owner, fencing.on_behalf_of, signal.Signals(step.signum).name
+        ):
+            del self._fencing[key]  # over: its leases end when it exits, as any owner's
+            return
         self._fence(step.owner, step.signum, "still running after SIGTERM")
+
+    def _signallable(self, owner: Owner, uid: int | None, what: str) -> bool:
+        """Whether a fence on behalf of ``uid`` (None: root's) may send ``owner`` the signal
+        ``what``: only while a process of that uid could send it itself, its real or saved
+        uid being ``uid`` (kill(2)'s rule). Logs the refusal.
+
+        A user's process that registered itself, then became root's (it ran a set-user-ID
+        program such as sudo), had lockd SIGTERM and SIGKILL a root process for that user
+        the moment the user's connection closed (after the SIGTERM, too: a process that
+        runs sudo on SIGTERM). It is no longer signalled; its leases stay held until it
+        exits, as an owner with no connection."""
+        if uid is None:
+            return True
+        uids = self._processes.uids_of(owner.pid)
+        if uids is not None and uid in uids:
+            return True
+        runs_as = "its uid cannot be read" if uids is None else f"it runs as uid {uids[0]} now"
+        log.warning(
+            "not fencing %s with %s: uid %d, whose connection closed, could not signal it "
+            "(%s: a set-user-ID program?); its leases stay held until it exits",
+            owner.describe(), what, uid, runs_as,
+        )  # fmt: skip
+        return False
 
     def _fence(self, owner: Owner, signum: int, reason: str) -> None:
         """Journal the signal, then send it (:meth:`_recorded`).

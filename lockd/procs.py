@@ -140,6 +140,20 @@ def uid_of(pid: int) -> int | None:
     return _status_field(pid, b"Uid:")
 
 
+def uids_of(pid: int) -> tuple[int, int] | None:
+    """Real and saved uid of a process (``Uid:`` in /proc/PID/status: real, effective,
+    saved, filesystem); None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    real, _effective, saved = line.split()[1:4]
+                    return int(real), int(saved)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def leader_of(pid: int) -> int | None:
     """The process (thread group) ``pid`` belongs to: ``pid`` itself for a process, another
     pid for one of its threads (a thread id opens in /proc too); None if no such task."""
@@ -202,6 +216,8 @@ class ProcTable:
         except OSError:
             return False  # EPERM: a process has that pid, just not ours to signal
         return False
+
+    uids_of = staticmethod(uids_of)
 
     def signal(self, owner: Owner, signum: int) -> bool:
         try:

@@ -136,6 +136,10 @@ class FakeProcesses:
     def leader_of(self, pid: int) -> int | None:
         return self.threads.get(pid, pid) if self._in_proc(pid) else None
 
+    def uids_of(self, pid: int) -> tuple[int, int] | None:
+        uid = self.uid_of(pid)
+        return None if uid is None else (uid, uid)
+
     # Processes (owners actor)
     def open_watch(self, owner: Owner) -> int | None:
         if self.is_gone(owner):

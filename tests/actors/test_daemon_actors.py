@@ -284,6 +284,78 @@ def test_owner_connection_closing_fences_then_releases(h: Harness) -> None:
     assert [e.signal for e in h.journal_writer.events(OwnerFenced)] == ["SIGTERM", "SIGKILL"]
 
 
+USER = 1000
+"""A user's uid (in allowed_uids of a root daemon)."""
+
+
+def _user_vm_holding_a_lease(h: Harness, *, ignores_sigterm: bool = False) -> Conn:
+    """VM3, a process of uid USER that registered itself on its own connection and holds
+    ``disk-a``."""
+    h.processes.spawn(VM3, uid=USER)
+    if ignores_sigterm:
+        h.processes.ignores_sigterm.add(VM3)
+    vm = h.connect(VM3, uid=USER)
+    vm.register(VM3)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    return vm
+
+
+def _becomes_root(h: Harness, pid: int) -> None:
+    """The process runs a set-user-ID root program that makes itself root (sudo)."""
+    start, _ = h.processes.procs[pid]
+    h.processes.procs[pid] = (start, 0)
+
+
+def test_a_user_s_own_process_is_fenced_when_its_connection_closes(h: Harness) -> None:
+    """A user's process whose own connection drops while it holds a lease is fenced, as
+    root's VMs are: the user could signal it too."""
+    _user_vm_holding_a_lease(h).close()
+    assert h.processes.signals == [(VM3, "SIGTERM")]
+    released = h.journal_writer.events(LeaseReleased)
+    assert [(e.resource, e.reason) for e in released] == [("disk-a", ReleaseReason.DISCONNECT)]
+
+
+def test_a_user_s_process_that_became_root_is_not_fenced_when_its_connection_closes(
+    h: Harness,
+) -> None:
+    """A user's process registered itself, then ran a set-user-ID program that made it
+    root's: its connection closing no longer has lockd SIGTERM and SIGKILL a root
+    process on that user's behalf. Its lease stays held until it exits."""
+    vm = _user_vm_holding_a_lease(h)
+    _becomes_root(h, VM3)
+    vm.close()
+    h.advance(2.0)
+    h.advance(2.0)
+    assert h.processes.signals == []
+    assert h.journal_writer.events(OwnerFenced) == []
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+    h.processes.exit(VM3)
+    h.run()
+    released = h.journal_writer.events(LeaseReleased)
+    assert [(e.resource, e.reason) for e in released] == [("disk-a", ReleaseReason.OWNER_EXIT)]
+
+
+def test_a_user_s_process_that_becomes_root_after_the_sigterm_gets_no_sigkill(
+    h: Harness,
+) -> None:
+    """The same process, signalled while still the user's, makes itself root on SIGTERM
+    (it runs sudo): the SIGKILL a grace period later is not sent, and its lease stays
+    held until it exits."""
+    vm = _user_vm_holding_a_lease(h, ignores_sigterm=True)
+    vm.close()
+    assert h.processes.signals == [(VM3, "SIGTERM")]
+    _becomes_root(h, VM3)
+    h.advance(2.0)
+    h.advance(2.0)
+    assert h.processes.signals == [(VM3, "SIGTERM")]
+    assert [e.signal for e in h.journal_writer.events(OwnerFenced)] == ["SIGTERM"]
+    assert kernel_locked(h.lock_dir / FILES / "disk-a")
+    h.processes.exit(VM3)
+    h.run()
+    released = h.journal_writer.events(LeaseReleased)
+    assert [(e.resource, e.reason) for e in released] == [("disk-a", ReleaseReason.OWNER_EXIT)]
+
+
 def test_a_fence_the_journal_cannot_record_is_signalled_anyway_and_recorded_later(
     h: Harness,
 ) -> None:

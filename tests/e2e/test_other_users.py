@@ -31,6 +31,7 @@ from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.test_daemon import start_run
+from tests.lockprobe import probe
 
 pytestmark = [
     pytest.mark.e2e,
@@ -230,6 +231,43 @@ def as_other_user(action: Callable[[], str], *, effective_only: bool = False) ->
     finally:
         here.close()
         reap(pid)
+
+
+def test_a_user_s_process_that_became_root_is_not_fenced_for_its_closed_connection(
+    open_daemon: DaemonProcess,
+) -> None:
+    """uid 65534's process registers itself and takes a lease, then becomes root (as a
+    set-user-ID program such as sudo makes itself) and closes its connection: lockd does
+    not SIGTERM and SIGKILL that root process on the user's behalf, and holds the lease
+    until it exits. Before, it fenced it: a user could have root's daemon kill its sudo
+    (or any root process it was exec'd into) at a moment of its choosing."""
+    lease = {"lockspace": "org.libvirt.lockd.files", "resource": "became-root"}
+    path = open_daemon.lock_dir / lease["lockspace"] / lease["resource"]
+
+    def become_root_and_close(there: socket.socket) -> None:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(open_daemon.socket))
+            request(conn, "hello", versions=[1])
+            owner = {"uuid": uuid.uuid4().bytes, "name": "sudo", "id": 1, "pid": os.getpid()}
+            request(conn, "register", owner=owner)
+            request(conn, "acquire", leases=[lease], autocreate=True)
+            os.seteuid(0)  # its saved uid is root's: as a set-user-ID root program runs
+            os.setresuid(0, 0, 0)
+        there.sendall(b"closed")
+        there.recv(1)  # runs on until the test lets it go
+
+    here, pid = fork_as(OTHER_UID, become_root_and_close, effective_only=True)
+    try:
+        here.settimeout(30)
+        assert here.recv(16) == b"closed"
+        wait_for(lambda: "fencing sudo" in open_daemon.log.read_text())  # or not fencing
+        assert "not fencing sudo" in open_daemon.log.read_text()
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the root process was signalled"
+        assert probe(path, "ofd") == "busy"
+    finally:
+        here.close()
+        reap(pid)
+    wait_for(lambda: not path.exists())  # released when it exited
 
 
 def test_an_allowed_user_cannot_use_the_admin_socket(

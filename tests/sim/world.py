@@ -232,6 +232,9 @@ class ProcessView:
     def uid_of(self, pid: int) -> int | None:
         return 0 if pid in self.table.procs else None
 
+    def uids_of(self, pid: int) -> tuple[int, int] | None:
+        return (0, 0) if pid in self.table.procs else None
+
     def leader_of(self, pid: int) -> int | None:
         return pid if pid in self.table.procs else None
 
