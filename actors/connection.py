@@ -668,9 +668,7 @@ class ConnectionActor(DispatchedActor):
         elif isinstance(request, m.Register):
             self._register(request)
         elif isinstance(request, m.Restrict):
-            self._restricted = True
-            self._publish_info()
-            self._reply(request, {})
+            self._restrict(request)
         elif isinstance(request, m.CreateLockspace):
             self._router.tell(
                 CreateLockspace(
@@ -718,6 +716,16 @@ class ConnectionActor(DispatchedActor):
             self._disconnect(request)
         else:  # pragma: no cover - request_from_wire only builds the types above
             self._error(request, ErrorCode.INTERNAL, f"{request.OP}: not implemented")
+
+    def _restrict(self, request: m.Restrict) -> None:
+        self._restricted = True
+        if self._subscribed:
+            # The connection is about to be handed to the process it protects (a VM):
+            # every tenant's events went on flowing into it.
+            self._end_subscription("the connection was restricted")
+        else:
+            self._publish_info()
+        self._reply(request, {})
 
     def _disconnect(self, request: m.Disconnect) -> None:
         if not self._admin:
@@ -1322,6 +1330,11 @@ class ConnectionActor(DispatchedActor):
             why,
             self._owner.name,
         )
+        self._end_subscription(why)
+
+    def _end_subscription(self, why: str) -> None:
+        """End the subscription, the connection staying; a last frame says ``why`` and the
+        seq to subscribe again from."""
         self._subscribed = False
         self._live = False
         self._journal.tell(Unsubscribe(self.actor_ref))

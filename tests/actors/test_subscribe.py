@@ -502,3 +502,23 @@ def _connection(h: Harness, transport: FakeTransport, restored: HandedOver | Non
         journal=h.journal, processes=h.processes, info=ServerInfo("test", 1, 0.0, "test"),
         clock=h.clock, restored=restored,
     )  # fmt: skip
+
+
+def test_restrict_ends_the_subscription_of_the_connection_it_hands_to_a_vm(h: Harness) -> None:
+    """A manager that subscribed on the connection it then restricts (and hands to the VM
+    process) no longer feeds the VM every tenant's events: restrict ends the subscription
+    with its last frame, and the events after it go to other subscribers only."""
+    auditor = h.connect(AUDITOR)
+    _subscribe(auditor)
+    vm = h.connect(VM)
+    vm.register(VM)
+    _subscribe(vm)
+    rid = vm.send("restrict")
+    h.run()
+    ended, reply = vm.messages()
+    assert ended["subscription-ended"]["reason"] == "the connection was restricted"
+    assert reply == {"id": rid, "result": {}}
+    seq = _new_event(h)
+    h.run()
+    assert vm.messages() == []
+    assert seq in _seqs(auditor)
