@@ -442,6 +442,15 @@ def _cmd_journal_check(args: argparse.Namespace) -> int:
         return 1
     lock: int | str | None = None
     if args.repair:
+        from lockd.daemon import check_journal_dir
+
+        # As lockd serve refuses it: the cut follows the segments' names, and another
+        # user's symlink there had root truncate (or move) a file of their choosing.
+        try:
+            check_journal_dir(directory)
+        except OSError as exc:
+            print(f"lockd journal-check: {exc.strerror}; nothing was changed", file=sys.stderr)
+            return 1
         # Taken before the journal is read, not after: between the two a daemon could
         # start (after a reboot it cuts damage in the newest segment itself), write,
         # and stop, and the cut made from what was read earlier would then fall on

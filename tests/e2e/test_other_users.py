@@ -26,11 +26,13 @@ from typing import Any
 
 import pytest
 
+from lockd.journal_file import list_segments
 from protocol.client import RemoteError, result_of
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
 from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.test_daemon import start_run
+from tests.lockd.test_snapshot_replay import fill
 from tests.lockprobe import probe
 
 pytestmark = [
@@ -476,6 +478,31 @@ def test_a_daemon_started_under_umask_0_makes_no_directory_others_can_write() ->
     finally:
         daemon.stop()
         shutil.rmtree(base)
+
+
+def test_journal_check_repair_refuses_a_journal_dir_other_users_can_write(tmp_path: Path) -> None:
+    """``lockd serve`` refuses a journal directory other users can write to; root's
+    ``journal-check --repair`` on it (the way out a damaged journal's error names) does
+    too, and changes nothing. Before, it cut the damaged segment wherever its name led:
+    another user's symlink there had root truncate a file of that user's choosing."""
+    journal = tmp_path / "journal"
+    fill(journal, 200)
+    newest = journal / list_segments(str(journal))[-1]
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damage half way: the cut would keep the first half
+    victim = tmp_path / "victim"
+    victim.write_bytes(bytes(data))
+    newest.unlink()
+    newest.symlink_to(victim)  # planted by a user who can write to the directory
+    os.chmod(journal, 0o777)  # noqa: S103 - the misconfiguration under test
+    done = subprocess.run(
+        [*LOCKD, "journal-check", "--journal-dir", str(journal), "--repair"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert f"refusing journal_dir {journal}: other users can write to it" in done.stderr
+    assert victim.read_bytes() == bytes(data)
+    assert newest.is_symlink()
 
 
 def test_a_uid_refused_in_a_loop_does_not_hide_another_uid_s_refusal(
