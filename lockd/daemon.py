@@ -863,6 +863,8 @@ class Daemon:
 
     def _adopt_connection(self, state: HandedOver) -> None:
         sock = socket.socket(fileno=state.fd)
+        if not self._still_allowed(state, sock):
+            return
         sock.setblocking(False)
         conn_id = state.conn_id
         peer = (state.peer_pid, state.peer_uid, -1)
@@ -880,6 +882,30 @@ class Daemon:
         self._connections[conn_id] = ref
         self._sockets[conn_id] = transport
         transport.start(ref)
+
+    def _still_allowed(self, state: HandedOver, sock: socket.socket) -> bool:
+        """Whether a connection handed over by a re-exec may stay: its uid still allowed,
+        or else the connection an owner's own (its close would fence that owner, which a
+        change of allowed_uids must not do). The others are turned away (permission-denied,
+        as a new connection of theirs is): an auditor's uid taken out of allowed_uids and
+        applied with ``systemctl reload`` kept its connection, and every event, for good."""
+        allowed = {os.getuid()} if state.admin else {os.getuid(), *self.config.allowed_uids}
+        if state.peer_uid in allowed:
+            return True
+        if state.owner is not None and state.owner.pid == state.peer_pid:
+            log.warning(
+                "re-exec: kept client %d of uid %d, no longer in allowed_uids: it is owner "
+                "%s's own connection, whose close would fence it",
+                state.conn_id, state.peer_uid, state.owner.describe(),
+            )  # fmt: skip
+            return True
+        log.warning(
+            "re-exec: closed client %d of uid %d: no longer in allowed_uids",
+            state.conn_id, state.peer_uid,
+        )  # fmt: skip
+        why = f"uid {state.peer_uid} may not use this daemon (no longer in its allowed_uids)"
+        refuse(sock, ErrorCode.PERMISSION_DENIED, why)
+        return False
 
     def _closed(self, conn_id: int, *, admin: bool = False) -> None:
         """The socket closed: a client less for ``max_clients``. Its actor stays in

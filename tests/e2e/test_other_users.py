@@ -272,6 +272,54 @@ def test_a_user_s_process_that_became_root_is_not_fenced_for_its_closed_connecti
     wait_for(lambda: not path.exists())  # released when it exited
 
 
+def test_a_uid_taken_out_of_allowed_uids_loses_its_connections_at_a_reload(
+    open_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """An operator takes uid 65534 out of allowed_uids and reloads (SIGUSR1, as
+    ``systemctl reload``): its subscription is turned away (permission-denied, then
+    closed), as a new connection of its would be. Its process holding a lease through its
+    own connection keeps both: that close would fence it. Before, the subscriber kept
+    receiving every event for as long as it stayed connected."""
+    auditor, _ = connect_as(OTHER_UID, open_daemon.socket)
+    request(auditor, "hello", versions=[1])
+    request(auditor, "subscribe")
+    lease = {"lockspace": "org.libvirt.lockd.files", "resource": "kept"}
+
+    def hold_a_lease(there: socket.socket) -> None:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(open_daemon.socket))
+            request(conn, "hello", versions=[1])
+            owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()}
+            request(conn, "register", owner=owner)
+            request(conn, "acquire", leases=[lease], autocreate=True)
+            there.sendall(b"held")
+            there.recv(1)  # holds on until the test lets it go
+
+    here, vm = fork_as(OTHER_UID, hold_a_lease)
+    try:
+        here.settimeout(30)
+        assert here.recv(16) == b"held"
+        (tmp_path / "lockd.toml").write_text("max_clients = 16\n")  # 65534 taken out
+        assert open_daemon.proc is not None
+        open_daemon.proc.send_signal(signal.SIGUSR1)
+        frames = FrameDecoder(MAX_REPLY_FRAME)
+        auditor.settimeout(30)
+        last: dict[str, Any] = {}
+        while data := auditor.recv(65536):  # events, then the refusal, then the close
+            frames.receive_data(data)
+            while (frame := frames.next_frame()) is not None:
+                last = decode_item(frame)
+        assert last["error"]["code"] == "permission-denied"
+        assert "no longer in its allowed_uids" in last["error"]["message"]
+        assert os.waitpid(vm, os.WNOHANG) == (0, 0), "the VM was fenced"
+        leases = json.loads(open_daemon.lockd("leases", "--json").stdout)
+        assert [(le["resource"], le["owners"][0]["pid"]) for le in leases] == [("kept", vm)]
+    finally:
+        auditor.close()
+        here.close()
+        reap(vm)
+
+
 def test_an_allowed_user_cannot_use_the_admin_socket(
     open_daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
