@@ -339,12 +339,13 @@ class RouterActor(DispatchedActor):
         except OSError as exc:
             return Found(token, name, None, ErrorCode.IO_ERROR, f"lockspace {name}: {exc}")
         if not stat.S_ISDIR(st.st_mode):
+            kind = (
+                "a symbolic link, which lockd never follows"
+                if stat.S_ISLNK(st.st_mode)
+                else "not a directory"
+            )
             return Found(
-                token,
-                name,
-                None,
-                ErrorCode.IO_ERROR,
-                f"lockspace {name}: {path} is not a directory",
+                token, name, None, ErrorCode.IO_ERROR, f"lockspace {name}: {path} is {kind}"
             )
         if len(self._lockspaces) >= self._max_lockspaces:
             return self._full(name, token)

@@ -193,7 +193,14 @@ class LockspaceDir:
                 raise LockspaceGoneError(
                     errno.ENOENT, "lockspace directory gone", self.path
                 ) from None
-            raise type(exc)(exc.errno, exc.strerror, os.path.join(self.path, name)) from None
+            # O_NOFOLLOW meeting a symlink: "Too many levels of symbolic links" said
+            # nothing of what the file was, nor that lockd refuses it on purpose.
+            why = (
+                "not a lease file but a symbolic link (lockd never follows one)"
+                if exc.errno == errno.ELOOP
+                else exc.strerror
+            )
+            raise type(exc)(exc.errno, why, os.path.join(self.path, name)) from None
 
     def _index_locked(self) -> int:
         """Open and exclusively lock the index file; the caller closes the fd to unlock."""

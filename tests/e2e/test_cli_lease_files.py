@@ -148,3 +148,27 @@ def test_a_bad_name_is_a_usage_error_that_changes_nothing(
     assert error["exit"] == 2
     assert message in error["message"]
     assert _tree(daemon.lock_dir) == before
+
+
+def test_a_symbolic_link_at_a_lockspace_or_lease_name_is_named_as_one(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """A symbolic link where a lockspace directory or a lease file should be is refused
+    (lockd never follows one) and the error says it is a symbolic link: it said "is not
+    a directory" of a link to a directory, and "Too many levels of symbolic links" of a
+    link at a lease's name. Nothing is created where the links point."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (daemon.lock_dir / "linked").symlink_to(elsewhere)
+    assert daemon.lockd("create-lockspace", "site").returncode == 0
+    (daemon.lock_dir / "site" / "vm1").symlink_to(elsewhere / "target")
+    space = daemon.lockd("create-resource", "linked/vm1")
+    assert space.returncode == 1
+    assert f"{daemon.lock_dir / 'linked'} is a symbolic link, which lockd never follows" in (
+        space.stderr
+    )
+    for command in ("create-resource", "delete-resource"):
+        lease = daemon.lockd(command, "site/vm1")
+        assert lease.returncode == 1
+        assert "not a lease file but a symbolic link (lockd never follows one)" in lease.stderr
+    assert list(elsewhere.iterdir()) == []
