@@ -31,7 +31,13 @@ def kernel_lock(path: str) -> str | None:
     """The lock on byte 0 of ``path``: ``"write"``, ``"read"``, None when free, or
     ``"missing"`` when no regular file is there. Takes no lock."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        # Looked at before it is opened: opening a device node runs its driver's open
+        # (a tape rewinds), a tty may become the caller's terminal, and a FIFO's
+        # waiting writer is let through.
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return "missing"
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+        fd = os.open(path, flags)
     except (FileNotFoundError, NotADirectoryError):
         return "missing"
     except OSError as exc:

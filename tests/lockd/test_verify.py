@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +82,25 @@ def test_the_probe_tells_write_read_free_and_missing(tmp_path: Path) -> None:
     assert kernel_lock(str(tmp_path / "nothing")) == "missing"
     os.symlink(path, tmp_path / "link")
     assert kernel_lock(str(tmp_path / "link")) == "missing"
+
+
+def test_the_probe_opens_no_fifo_or_device_put_at_a_lease_name(tmp_path: Path) -> None:
+    """A FIFO at a lease's name is "missing" without being opened: opening it let a
+    writer waiting on it through (and a device node's open runs its driver: a tape
+    rewinds). The writer here is still waiting after the probe, until the test opens
+    the reading end itself."""
+    fifo = tmp_path / "lease"
+    os.mkfifo(fifo)
+    opened: list[int] = []
+    writer = threading.Thread(target=lambda: opened.append(os.open(fifo, os.O_WRONLY)))
+    writer.start()
+    try:
+        assert kernel_lock(str(fifo)) == "missing"
+        writer.join(0.5)
+        assert opened == []  # no reader came
+    finally:
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(10)
+        os.close(reader)
+        for fd in opened:
+            os.close(fd)
