@@ -88,7 +88,10 @@ def test_status_and_socket_modes(daemon: DaemonProcess) -> None:
     plain = daemon.lockd("status").stdout
     timeline = status["journal"]
     # Words, not a Python dict's repr ("journal: {'id': ..., 'from': 1}").
-    assert f"\njournal: id {timeline['id']}, seqs from {timeline['from']}\n" in plain
+    assert (
+        f"\njournal: id {timeline['id']}, seqs from {timeline['from']}, in {timeline['dir']}\n"
+        in plain
+    )
     assert "{" not in plain
 
 
