@@ -123,6 +123,11 @@ def _fail(args: argparse.Namespace, exc: Exception) -> int:
     else:
         message = shown = str(exc)
         status = exc.code if isinstance(exc, CommandError) else EXIT_ERROR
+    if remote is not None:
+        # The daemon's words carry names other clients chose (a busy lease's holder):
+        # escaped like every name lockd prints, or a right-to-left override in one
+        # turns the rest of the line around on the operator's terminal.
+        shown = printable(shown)
     print(f"{name}: {shown}", file=sys.stderr)
     if getattr(args, "json", False):
         # A script reading --json gets the failure as JSON too, not an empty stdout:

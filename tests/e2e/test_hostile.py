@@ -835,6 +835,31 @@ def test_bad_names_touch_nothing_outside(target: Target) -> None:
         }
 
 
+def test_a_holders_hostile_name_is_printed_escaped_in_a_busy_error(target: Target) -> None:
+    """An owner named with a right-to-left override and an invisible isolate (the protocol
+    allows both) holds a disk: ``lockd run`` on that disk names the holder with them
+    escaped, as ``lockd leases`` does. Before, the daemon's busy message went to the
+    terminal as it came, and the override turned the rest of the line around."""
+    disk = "/vm/hostile-bidi.img"
+    name = "vm\u202e1mv\u2068"
+    resource = lease_file(target.daemon, disk).name
+    with unharmed(target), Raw(target.daemon.socket) as conn:
+        conn.hello()
+        assert_result(conn.call(register_request(1, target.sleeper.pid, name)), 1)
+        lease = {"lockspace": FILES_LOCKSPACE, "resource": resource}
+        assert_result(
+            conn.call({"op": "acquire", "id": 2, "leases": [lease], "autocreate": True}), 2
+        )
+        try:
+            done = target.daemon.lockd("run", "--name", "victim", "--disk", disk, "--", "true")
+            assert done.returncode == 75, done.stderr
+            assert "is held exclusive by vm\\u202e1mv\\u2068 (uuid" in done.stderr, done.stderr
+            assert "\u202e" not in done.stderr, ascii(done.stderr)
+            assert "\u2068" not in done.stderr, ascii(done.stderr)
+        finally:
+            assert_result(conn.call({"op": "release", "id": 3, "all": True}), 3)
+
+
 # -- symlinks in the lock dir ----------------------------------------------------------------
 
 
