@@ -912,13 +912,23 @@ class ConnectionActor(DispatchedActor):
             return
         self._acquire_group(job, 0)
 
-    def _rollback(self, job: _Acquisition) -> None:
-        """Release what this acquire took so far, and only that."""
+    def _rollback(self, job: _Acquisition, then: Callable[[], None] | None = None) -> None:
+        """Release what this acquire took so far, and only that; call ``then`` once every
+        lockspace has answered (at once when nothing was taken)."""
         assert self._owner is not None
+        left = len(job.taken)
+
+        def answered(_done: Done) -> None:
+            # The lockspace orders the release before our next command, so a retry need
+            # not wait for it; a reply does (``then``), and a closed connection waits
+            # for it too: see _closed_and_done.
+            nonlocal left
+            left -= 1
+            if not left and then is not None:
+                then()
+
         for lockspace, resources in job.taken:
-            # Its answer changes nothing here (the lockspace orders it before our next
-            # command), but a closed connection waits for it: see _closed_and_done.
-            token = self._wait(lambda _done: None)
+            token = self._wait(answered)
             self._lockspaces[lockspace].tell(
                 ReleaseLeases(
                     self._owner, resources, self.conn_id, ReleaseReason.ROLLBACK, token,
@@ -926,6 +936,8 @@ class ConnectionActor(DispatchedActor):
                 )
             )  # fmt: skip
         job.taken.clear()
+        if not left and then is not None:
+            then()
 
     def _acquired_group(self, job: _Acquisition, index: int, done: Done) -> None:
         lockspace = job.groups[index][0]
@@ -935,7 +947,6 @@ class ConnectionActor(DispatchedActor):
             self._rollback(job)  # the client left mid-request: it changes nothing
             return
         if done.refusal is not None:
-            self._rollback(job)
             if done.refusal.code is ErrorCode.BUSY:
                 REGISTRY.inc("lockd_conflicts_total")  # each attempt that met a holder
             if done.refusal.code is ErrorCode.BUSY and not self._closed:
@@ -947,6 +958,7 @@ class ConnectionActor(DispatchedActor):
                 delay = WAIT_RETRY_SECONDS[min(job.attempt, len(WAIT_RETRY_SECONDS) - 1)]
                 delay = min(delay, remaining)
                 if remaining > 0:
+                    self._rollback(job)
                     job.attempt += 1
                     if index:
                         # The lockspace that refused goes first next time: while it
@@ -967,7 +979,11 @@ class ConnectionActor(DispatchedActor):
                     return
             # Counted once per request, by its answer (not per attempt of a --wait).
             REGISTRY.inc("lockd_acquires_total", result=done.refusal.code.value)
-            self._refused(job.request, done)
+            # Answered once the rollback is applied: the reply says the request took
+            # nothing, and goes out only when that is journaled. Sent first, a daemon
+            # killed before the rollback's release was written came back holding the
+            # lease for an owner told it got nothing.
+            self._rollback(job, lambda: self._refused(job.request, done))
             return
         if done.entries:
             # The owner may have exited while this acquire was on its way;

@@ -111,6 +111,36 @@ def test_multi_lockspace_acquire_is_all_or_nothing(h: Harness) -> None:
     assert vm2.ok("inquire")["leases"] == []
 
 
+def test_a_refused_multi_lockspace_acquire_is_answered_after_its_rollback(h: Harness) -> None:
+    """The busy reply of an acquire whose second lockspace refused leaves only once the
+    first lockspace's lease is released again, journaled, unlocked and its file gone:
+    a reply is written after its events are in the journal (docs/protocol.md,
+    Durability). Before, it went out first, and a daemon killed in between came back
+    with the lease held for an owner that had been told it got nothing."""
+    (h.lock_dir / "other").mkdir()
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("x", "other")], autocreate=True)
+    free = h.lock_dir / FILES / "free"
+    seen: list[tuple[bytes, list[Any], bool, bool]] = []
+    write = vm2.transport.write
+
+    def write_and_look(data: bytes) -> None:
+        released = h.journal_writer.events(LeaseReleased)
+        seen.append((data, released, kernel_locked(free), free.exists()))
+        write(data)
+
+    vm2.transport.write = write_and_look  # type: ignore[method-assign]
+    error = vm2.error("acquire", leases=[lease("free"), lease("x", "other")], autocreate=True)
+    assert error["code"] == "busy"
+    ((data, released, locked, exists),) = seen
+    assert decode_item(data[4:])["error"]["code"] == "busy"
+    assert [(e.resource, e.reason) for e in released] == [("free", ReleaseReason.ROLLBACK)]
+    assert not locked
+    assert not exists
+
+
 def test_rollback_keeps_a_shared_lease_held_before(h: Harness) -> None:
     """A failed acquire never releases what the owner already held."""
     (h.lock_dir / "other").mkdir()
