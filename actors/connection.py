@@ -12,6 +12,7 @@ continuation registered for that token. Nothing here blocks.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -912,23 +913,27 @@ class ConnectionActor(DispatchedActor):
             return
         self._acquire_group(job, 0)
 
-    def _rollback(self, job: _Acquisition, then: Callable[[], None] | None = None) -> None:
-        """Release what this acquire took so far, and only that; call ``then`` once every
-        lockspace has answered (at once when nothing was taken)."""
+    def _rollback(self, job: _Acquisition, then: Callable[[list[str]], None] | None = None) -> None:
+        """Release what this acquire took so far, and only that; once every lockspace has
+        answered (at once when nothing was taken), call ``then`` with what could not be
+        released (``lockspace/resource: why``; the journal refused it, the lease stays)."""
         assert self._owner is not None
         left = len(job.taken)
+        stuck: list[str] = []
 
-        def answered(_done: Done) -> None:
+        def answered(lockspace: str, resources: tuple[str, ...], done: Done) -> None:
             # The lockspace orders the release before our next command, so a retry need
             # not wait for it; a reply does (``then``), and a closed connection waits
             # for it too: see _closed_and_done.
             nonlocal left
             left -= 1
+            if done.refusal is not None:
+                stuck.extend(f"{lockspace}/{r}: {done.refusal.message}" for r in resources)
             if not left and then is not None:
-                then()
+                then(stuck)
 
         for lockspace, resources in job.taken:
-            token = self._wait(answered)
+            token = self._wait(functools.partial(answered, lockspace, resources))
             self._lockspaces[lockspace].tell(
                 ReleaseLeases(
                     self._owner, resources, self.conn_id, ReleaseReason.ROLLBACK, token,
@@ -937,7 +942,7 @@ class ConnectionActor(DispatchedActor):
             )  # fmt: skip
         job.taken.clear()
         if not left and then is not None:
-            then()
+            then(stuck)
 
     def _acquired_group(self, job: _Acquisition, index: int, done: Done) -> None:
         lockspace = job.groups[index][0]
@@ -983,7 +988,7 @@ class ConnectionActor(DispatchedActor):
             # nothing, and goes out only when that is journaled. Sent first, a daemon
             # killed before the rollback's release was written came back holding the
             # lease for an owner told it got nothing.
-            self._rollback(job, lambda: self._refused(job.request, done))
+            self._rollback(job, lambda stuck: self._refused_after_rollback(job, done, stuck))
             return
         if done.entries:
             # The owner may have exited while this acquire was on its way;
@@ -1007,6 +1012,21 @@ class ConnectionActor(DispatchedActor):
                     for lease in job.request.leases
                 ]
             },
+        )
+
+    def _refused_after_rollback(self, job: _Acquisition, done: Done, stuck: list[str]) -> None:
+        """Answer a refused acquire once its rollback is applied; if the journal refused
+        the rollback's release, the leases it took are still held: io-error says which."""
+        if not stuck:
+            self._refused(job.request, done)
+            return
+        assert done.refusal is not None
+        self._error(
+            job.request,
+            ErrorCode.IO_ERROR,
+            f"acquire: {done.refusal.message}; and the journal could not record the release "
+            f"of what it took, which stays held (release it once the journal can be written, "
+            f"or it ends with the owner): {'; '.join(stuck)}",
         )
 
     # -- release ------------------------------------------------------------------------

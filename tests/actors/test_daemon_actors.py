@@ -141,6 +141,36 @@ def test_a_refused_multi_lockspace_acquire_is_answered_after_its_rollback(h: Har
     assert not exists
 
 
+def test_a_rollback_the_journal_refuses_is_reported_not_hidden(h: Harness) -> None:
+    """The disk fills between an acquire's first lockspace and its rollback: the release
+    cannot be journaled, so the lease it took stays held (too long beats too early).
+    The reply says so, io-error naming that lease, where before it said ``busy``: the
+    client believed it held nothing, and nothing would release the lease until its
+    owner exited."""
+    (h.lock_dir / "other").mkdir()
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("x", "other")], autocreate=True)
+
+    def fill_disk_at_a_release(entries: Sequence[JournalEntry]) -> None:
+        if any(isinstance(e.event, LeaseReleased) for e in entries):
+            h.journal_writer.fail = True
+
+    h.journal_writer.during_append = fill_disk_at_a_release
+    error = vm2.error("acquire", leases=[lease("free"), lease("x", "other")], autocreate=True)
+    h.journal_writer.during_append = None
+    h.journal_writer.fail = False
+    assert error["code"] == "io-error"
+    assert "lease other/x is held exclusive by" in error["message"]
+    assert f"{FILES}/free: journal write failed" in error["message"]
+    assert vm2.ok("inquire")["leases"] == [
+        {"lockspace": FILES, "resource": "free", "mode": "exclusive"}
+    ]
+    assert kernel_locked(h.lock_dir / FILES / "free")
+    assert vm2.ok("release", all=True) == {"released": 1}
+
+
 def test_rollback_keeps_a_shared_lease_held_before(h: Harness) -> None:
     """A failed acquire never releases what the owner already held."""
     (h.lock_dir / "other").mkdir()
