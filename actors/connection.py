@@ -56,6 +56,7 @@ from protocol import messages as m
 from protocol.codec import decode_item, encode_item
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.framing import encode_frame
+from protocol.names import printable
 from protocol.server import Refused, ServerProtocol
 
 log = logging.getLogger(__name__)
@@ -609,7 +610,7 @@ class ConnectionActor(DispatchedActor):
             if isinstance(incoming, Refused):
                 self._transport.write(self._protocol.refusal(incoming))
                 if incoming.fatal:
-                    self._close()
+                    self._closing_unreadable(incoming)
                 continue
             self._busy = True
             self._current = incoming
@@ -632,6 +633,21 @@ class ConnectionActor(DispatchedActor):
         elif not backlog and not self._reading:
             self._reading = True
             self._transport.resume_reading()
+
+    def _closing_unreadable(self, refused: Refused) -> None:
+        """Close a stream that cannot be read on (a length past the cap, an end inside a
+        frame). When an owner was registered on it, its close fences that owner: the
+        log says lockd closed it and why, or the fence's "connection closed" reads as
+        the VM's doing."""
+        if self._owner is not None:
+            log.warning(
+                "client %d (pid %d, owner %s): %s; closing it (%s)",
+                self.conn_id, self._transport.peer_pid, printable(self._owner.name),
+                refused.code.value, refused.message,
+            )  # fmt: skip
+        else:
+            log.debug("client %d: %s; closing it", self.conn_id, refused.message)
+        self._close()
 
     def _reply(self, request: m.Request, result: dict[str, Any]) -> None:
         if not self._closed:

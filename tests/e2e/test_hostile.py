@@ -24,6 +24,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -508,6 +509,51 @@ def test_framing_errors_close_the_connection(target: Target) -> None:
             conn.send(frame(exact + b"\x00"))
             assert_error(conn.reply(), "too-large", None)
             assert conn.reply() is None
+
+
+_GARBLING_OWNER = """
+import os, signal, struct, sys, time, uuid
+from protocol.client import Client
+signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(0)))
+c = Client(sys.argv[1])
+c.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "garbler", "id": 1,
+                          "pid": os.getpid()})
+c.call("acquire", leases=[{"lockspace": "org.libvirt.lockd.files", "resource": "garbled"}],
+       autocreate=True)
+c.call("restrict")
+c.send_raw(b"")  # a frame of nothing: refused, the connection stays
+os.write(c.fileno(), struct.pack(">I", 2**31))  # a length past the cap
+print("sent", flush=True)
+time.sleep(60)
+"""
+
+
+def test_an_owner_connection_closed_for_a_framing_error_says_so_in_the_log(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A VM's own (restricted) connection that writes a length past the cap is closed,
+    as any stream that cannot be read on, and its owner is fenced like one that closed
+    its connection. The log says lockd closed it and why, before the fence's line:
+    before, it said only "connection closed while holding leases", as if the VM had
+    closed it, and an operator looking for why the VM was killed looked at the VM."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _GARBLING_OWNER, str(daemon.socket)],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    children.append(owner)  # type: ignore[arg-type]
+    assert owner.stdout is not None
+    assert owner.stdout.readline().strip() == "sent"
+    assert owner.stdout.readline().strip() == "got SIGTERM"
+    wait_for(lambda: "fencing garbler" in daemon.log.read_text())  # logged as it signals
+    lines = daemon.log.read_text().splitlines()
+    closed = [i for i, line in enumerate(lines) if "WARNING" in line and "closing it" in line]
+    assert len(closed) == 1, lines
+    assert f"pid {owner.pid}" in lines[closed[0]]
+    assert "owner garbler" in lines[closed[0]]
+    assert "frame of 2147483648 bytes exceeds the 65536 cap" in lines[closed[0]]
+    fence = [i for i, line in enumerate(lines) if "fencing garbler" in line]
+    assert fence, lines
+    assert closed[0] < fence[0]
 
 
 # -- requests: types, names, order, ids -------------------------------------------------------
