@@ -43,7 +43,10 @@ class FrameDecoder:
         return len(self._buffer)
 
     def receive_data(self, data: bytes) -> None:
-        """Add bytes from the peer; ``b""`` marks the end of the stream."""
+        """Add bytes from the peer; ``b""`` marks the end of the stream (said again, as a
+        socket read resumed after it says it, it is no error)."""
+        if self._eof and not data:
+            return
         if self._eof:
             raise RemoteProtocolError(ErrorCode.INVALID_ARGUMENT, "data after end of stream")
         if not data:
