@@ -764,8 +764,9 @@ class ConnectionActor(DispatchedActor):
         self._router.tell(Kick(request.client, token, self.actor_ref, self._operator()))
 
     def _operator(self) -> str:
-        """Who this admin connection is, as a fence's reason names them: the admin
-        socket may serve several uids (``allowed_uids``), and an auditor asks who."""
+        """Who this admin connection is, as a fence's reason names them: an auditor asks
+        who. The admin socket serves the daemon's own uid only (``allowed_uids`` is the
+        client socket's), so the pid is what tells two operators' sessions apart."""
         return f"uid {self._transport.peer_uid}, pid {self._transport.peer_pid}"
 
     def _register(self, request: m.Register) -> None:

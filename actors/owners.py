@@ -552,7 +552,7 @@ class OwnersActor(DispatchedActor):
             return
         reason = ReleaseReason.ADMIN if closed.admin else ReleaseReason.DISCONNECT
         why = "connection closed while holding leases"
-        if closed.admin:  # an auditor asks who: the admin socket may serve several uids
+        if closed.admin:  # an auditor asks who (which operator's session: its uid and pid)
             why = f"admin disconnect by {closed.by}" if closed.by else "admin disconnect"
         # An operator's disconnect is root's (the admin socket's uid) to answer for.
         uid = None if closed.admin or closed.peer_uid == 0 else closed.peer_uid
