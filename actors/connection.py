@@ -1325,8 +1325,8 @@ class ConnectionActor(DispatchedActor):
     def _catch_up(self, step: Subscribed) -> None:
         """Send one replay step on; ask for the next at once, or, past
         :data:`REPLAY_BACKLOG` unsent, once the socket has taken all of it."""
-        if self._closed:
-            return
+        if self._closed or not self._subscribed:
+            return  # a step asked for before the subscription ended (a restrict)
         if step.next_seq < (self._events_next or 0) and not step.live:
             # A since past the journal's end (a handed-over seq the journal lost):
             # go on from the journal's next event.
@@ -1390,6 +1390,7 @@ class ConnectionActor(DispatchedActor):
         seq to subscribe again from."""
         self._subscribed = False
         self._live = False
+        self._replay_paused = False  # a Drained must not resume the replay it ended
         self._journal.tell(Unsubscribe(self.actor_ref))
         self._publish_info()
         ended = {"next": self._events_next, "reason": why}

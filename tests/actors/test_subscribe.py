@@ -522,3 +522,22 @@ def test_restrict_ends_the_subscription_of_the_connection_it_hands_to_a_vm(h: Ha
     h.run()
     assert vm.messages() == []
     assert seq in _seqs(auditor)
+
+
+def test_restrict_during_a_replay_ends_it_for_good(h: Harness) -> None:
+    """A connection restricted while its replay waits for the socket to drain gets no more
+    of the history once the socket drains: the replay went on into the VM's process."""
+    _written(h, 2000)
+    vm = h.connect(VM)
+    vm.register(VM)
+    vm.transport.stuck_bytes = 300 * 1024  # the replay waits after its first step
+    assert _subscribe(vm, since=1) == list(range(1, STEP + 1))
+    rid = vm.send("restrict")
+    h.run()
+    ended, reply = vm.messages()
+    assert ended["subscription-ended"]["reason"] == "the connection was restricted"
+    assert reply == {"id": rid, "result": {}}
+    vm.transport.stuck_bytes = 0
+    vm.ref.tell(Drained())
+    h.run()
+    assert vm.messages() == []
