@@ -412,15 +412,20 @@ def test_stop_after_the_idle_timeout_ended_the_service(tmp_path: Path) -> None:
         lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j"), timeout=0.2
     )
     service.start()
+    _wait_until_it_stops_by_itself(service)
+    service.stop()
+
+
+def _wait_until_it_stops_by_itself(service: LockService) -> None:
+    """Until the service's idle ``timeout`` has ended it (a client is refused)."""
     deadline = time.monotonic() + 10
     while True:
         try:
             service.client().close()
         except ConnectionLostError:
-            break  # it stopped
+            return
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    service.stop()
 
 
 def test_a_damaged_journal_can_be_repaired_and_started_again_in_the_same_program(
@@ -750,14 +755,7 @@ def test_start_after_the_idle_timeout_ended_the_service_starts_it_again(tmp_path
     )
     service.start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                service.client().close()
-            except ConnectionLostError:
-                break  # it stopped
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        _wait_until_it_stops_by_itself(service)
         report = service.start()  # (it may stop again 0.2 s on: nothing is asked of it)
         assert report.held == 0
     finally:
