@@ -425,10 +425,9 @@ class ConnectionActor(DispatchedActor):
         if self._handed:
             return
         if self._owner is not None:
-            by = self._closed_by_admin
             closed = ConnectionClosed(
                 self._owner, self.conn_id, self._transport.peer_pid, self._transport.peer_uid,
-                by is not None, by or "",
+                self._closed_by_admin,
             )  # fmt: skip
             self._owners.tell(closed)
         if self._quiesce_to is not None:

@@ -122,15 +122,19 @@ class OwnerExited:
 @attrs.frozen
 class ConnectionClosed:
     """A registered connection closed; ``peer_pid`` and ``peer_uid`` are the process on its
-    other end (SO_PEERCRED), ``admin`` whether an operator closed it."""
+    other end (SO_PEERCRED)."""
 
     owner: Owner
     conn: int
     peer_pid: int
     peer_uid: int
-    admin: bool
-    by: str = ""
+    by: str | None = None
     """Closed by an operator: which one (``uid U, pid P``), for the fence's reason."""
+
+    @property
+    def admin(self) -> bool:
+        """Whether an operator closed it (``lockd disconnect``)."""
+        return self.by is not None
 
 
 @attrs.frozen
