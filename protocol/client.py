@@ -189,14 +189,16 @@ class Client:
         rid = next(self._ids)
         try:
             self.send_raw(encode_item({"op": op, "id": rid, **args}))
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError) as exc:
             # A daemon that refuses the connection (max_clients, a uid not allowed) sends
             # one error frame and closes, maybe before this request went out: that frame,
             # still readable, says why better than "Broken pipe".
             refusal = self._refusal()
             if refusal is not None:
                 result_of(refusal)  # raises its RemoteError
-            raise
+            # Whether the close met the send or the read is a race: callers catch one
+            # exception for both (a BrokenPipeError also read as "stdout's reader left").
+            raise ConnectionLostError("the daemon closed the connection") from exc
         return rid
 
     def _refusal(self) -> dict[str, Any] | None:
@@ -242,7 +244,10 @@ class Client:
                 if not isinstance(message, dict):
                     raise ProtocolError(ErrorCode.INTERNAL, "daemon sent a non-map message")
                 return message
-            data = self._sock.recv(65536)
+            try:
+                data = self._sock.recv(65536)
+            except ConnectionResetError as exc:  # it closed with our request unread
+                raise ConnectionLostError("the daemon closed the connection") from exc
             if not data:
                 raise ConnectionLostError("the daemon closed the connection")
             self._frames.receive_data(data)

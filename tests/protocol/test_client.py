@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from protocol.client import Client, RemoteError, unreachable
+from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
 from protocol.codec import encode_item
 from protocol.framing import encode_frame
 
@@ -89,3 +89,54 @@ def test_a_refused_connection_says_why_even_when_the_hello_meets_the_close(
         listener.close()
     assert caught.value.code == "busy"
     assert "max_clients=1" in caught.value.message
+
+
+def _serve_hello_then(path: str, close: threading.Event) -> threading.Thread:
+    """A daemon stand-in that answers the hello, then closes when told to, leaving any
+    later request unread."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        conn.recv(65536)  # the hello
+        conn.sendall(encode_frame(encode_item({"id": 1, "result": {"version": 1}})))
+        assert close.wait(5)
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("met_by", ["send", "read"])
+def test_a_daemon_gone_mid_connection_is_a_lost_connection_whichever_call_meets_it(
+    tmp_path: Path, met_by: str
+) -> None:
+    """A daemon stopped (or a connection disconnected) between calls: the next call met
+    the close in its send (EPIPE) or in its read (a reset, the request left unread),
+    which raised ``BrokenPipeError``/``ConnectionResetError``, not the
+    ``ConnectionLostError`` the client documents; the CLI takes a ``BrokenPipeError``
+    for its stdout's reader having left."""
+    path = str(tmp_path / "s.sock")
+    close = threading.Event()
+    server = _serve_hello_then(path, close)
+    client = Client(path, timeout=5)
+    try:
+        if met_by == "send":
+            close.set()
+            server.join(5)
+            with pytest.raises(ConnectionLostError):
+                client.call("status")
+        else:
+            rid = client.request("status")
+            close.set()
+            server.join(5)
+            with pytest.raises(ConnectionLostError):
+                client.result(rid)
+    finally:
+        close.set()
+        server.join(5)
+        client.close()
