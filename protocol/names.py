@@ -18,6 +18,7 @@ WELL_KNOWN_LOCKSPACES = (FILES_LOCKSPACE, LVM_LOCKSPACE, SCSI_LOCKSPACE)
 
 INDEX_NAME = "org.libvirt.lockd.index"
 """Reserved file in every lockspace directory, locked around lease-file create and delete."""
+_INDEX_LENGTH = len(INDEX_NAME)
 
 MAX_NAME_LENGTH = 255
 
@@ -89,12 +90,18 @@ def check_resource_name(name: str) -> str:
         type(name) is str
         and _RESOURCE_NAME.fullmatch(name)
         and name not in _DOTS
-        and name != INDEX_NAME
+        and (len(name) != _INDEX_LENGTH or name.lower() != INDEX_NAME)
     ):
         return name  # as for lockspaces: the checks below, for the error
     _check_name(name, _RESOURCE_NAME, "resource", "[A-Za-z0-9._:@+=-]")
-    if name == INDEX_NAME:
-        raise InvalidNameError(f"resource name {name!r} is reserved for the lockspace index lock")
+    if name.lower() == INDEX_NAME:
+        # In any case: on a case-insensitive filesystem (vfat, an ext4 or a share with
+        # case folding) ORG.LIBVIRT.LOCKD.INDEX is the index file itself, and a lease
+        # taken on it would be the lock every create and delete in the lockspace takes.
+        raise InvalidNameError(
+            f"resource name {name!r} is reserved for the lockspace index lock "
+            "(in any case: a case-insensitive filesystem makes it the same file)"
+        )
     return name
 
 

@@ -37,10 +37,12 @@ def test_bad_lockspace_names_are_refused(name: str) -> None:
         check_lockspace_name(name)
 
 
-def test_index_name_is_reserved_for_resources() -> None:
-    """A client can never lock or delete the lockspace's index lock file."""
+@pytest.mark.parametrize("name", [INDEX_NAME, INDEX_NAME.upper(), "Org.Libvirt.Lockd.Index"])
+def test_index_name_is_reserved_for_resources_in_any_case(name: str) -> None:
+    """A client can never lock or delete the lockspace's index lock file, also not by
+    another case of its name, which is the same file on a case-insensitive filesystem."""
     with pytest.raises(InvalidNameError, match="reserved"):
-        check_resource_name(INDEX_NAME)
+        check_resource_name(name)
 
 
 def test_scsi_and_lvm_keys_are_valid_resource_names() -> None:
@@ -105,7 +107,10 @@ _NAME_CHARS = st.sampled_from("Ab9._:-@+=/ \0é")
 _ALNUM = set(string.ascii_letters + string.digits)
 
 
-@given(st.text(_NAME_CHARS, max_size=260) | st.sampled_from([".", "..", INDEX_NAME, ""]))
+@given(
+    st.text(_NAME_CHARS, max_size=260)
+    | st.sampled_from([".", "..", INDEX_NAME, INDEX_NAME.upper(), ""])
+)
 def test_a_name_is_accepted_exactly_when_the_rules_allow_it(name: str) -> None:
     """1-255 characters of the set, not a dot name (nor, for a resource, the index):
     accepted unchanged; anything else refused, whichever path the check takes."""
@@ -114,6 +119,7 @@ def test_a_name_is_accepted_exactly_when_the_rules_allow_it(name: str) -> None:
         (check_resource_name, _ALNUM | set("._:-@+="), (".", "..", INDEX_NAME)),
     ):
         ok = 1 <= len(name) <= 255 and set(name) <= allowed and name not in reserved
+        ok = ok and not (check is check_resource_name and name.lower() == INDEX_NAME)
         if ok:
             assert check(name) == name
         else:

@@ -441,6 +441,7 @@ NEAR_MISSES: list[Any] = [
     True, False, None, 0, 1, -1, 2**64 - 1, 2**64, -(2**64), 0.0, -0.0, 1.0, 1.5, 3600, 3600.5,
     math.nan, math.inf, "", "1", "a" * 255, "a" * 256, "\u00e9" * 127 + "a", "\u00e9" * 128,
     "a\nb", "a\x85b", "a\u202eb", ".", "..", "a/b", "org.libvirt.lockd.index", "debug", "DEBUG",
+    "Org.Libvirt.Lockd.INDEX",
     b"", b"\x07" * 16, b"\x07" * 17, [], [1], {}, {"lockspace": "ls"},
 ]  # fmt: skip
 """Values one step from valid: the other type of a bool, an int or a string, a bound and
@@ -533,7 +534,8 @@ def _is_resource(v: Any) -> bool:
     return (
         type(v) is str
         and bool(_RESOURCE.fullmatch(v))
-        and v not in (".", "..", "org.libvirt.lockd.index")
+        and v not in (".", "..")
+        and v.lower() != "org.libvirt.lockd.index"
     )
 
 
