@@ -1240,15 +1240,49 @@ def check_journal_dir(path: str) -> None:
     planted there could make lockd hold a lease for anyone, or fence (SIGKILL) any
     process it names as an owner whose lease was lost."""
     found = _not_only_ours(path)
-    if found is None:
-        return
-    problem, owner = found
-    raise OSError(
-        errno.EPERM,
-        f"refusing journal_dir {path}: {problem} ({owner}); events planted there would be "
-        f"replayed as lockd's own: run chmod go-w {path} (or chown it), or choose another "
-        "journal_dir",
-    )
+    if found is not None:
+        problem, owner = found
+        raise OSError(
+            errno.EPERM,
+            f"refusing journal_dir {path}: {problem} ({owner}); events planted there would "
+            f"be replayed as lockd's own: run chmod go-w {path} (or chown it), or choose "
+            "another journal_dir",
+        )
+    ancestor = _unsafe_ancestor(path)
+    if ancestor is not None:
+        where, why = ancestor
+        raise OSError(
+            errno.EPERM,
+            f"refusing journal_dir {path}: directory {where} above it {why}; whoever can "
+            "write there can move the journal aside and put one of their own in its place: "
+            f"run chmod go-w {where} (or chown it), or choose another journal_dir",
+        )
+
+
+def _unsafe_ancestor(path: str) -> tuple[str, str] | None:
+    """The first directory above ``path`` (as named, and as its symlinks resolve) that a
+    user other than root and this uid could rename entries in, and why; None if none.
+
+    The rule ssh's StrictModes applies: owned by root or this uid, and not group- or
+    world-writable unless sticky (in a sticky directory, as ``/tmp``, only an entry's
+    owner may rename it, and the entry below is checked to be this uid's).
+    """
+    me = os.geteuid()
+    seen: set[str] = set()
+    for start in (os.path.abspath(path), os.path.realpath(path)):
+        parent = os.path.dirname(start)
+        while parent not in seen:
+            seen.add(parent)
+            st = os.stat(parent)
+            mode = stat.S_IMODE(st.st_mode)
+            if st.st_uid not in (0, me):
+                return parent, f"is uid {st.st_uid}'s (mode {mode:04o})"
+            if mode & 0o022 and not mode & stat.S_ISVTX:
+                return parent, f"can be written by other users (mode {mode:04o}, not sticky)"
+            if parent == "/":
+                break
+            parent = os.path.dirname(parent)
+    return None
 
 
 def _pid_in(path: str) -> str:

@@ -616,3 +616,55 @@ def test_registrations_view_of_proc_takes_a_zombie_for_gone() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "refused"),
+    [
+        (0o777, None, "can be written by other users (mode 0777, not sticky)"),
+        (0o775, None, "can be written by other users (mode 0775, not sticky)"),
+        (0o755, OTHER, f"is uid {OTHER}'s (mode 0755)"),
+        (0o1777, None, None),
+        (0o755, None, None),
+    ],
+    ids=["world-writable", "group-writable", "another-users", "sticky", "ours"],
+)  # fmt: skip
+@as_root
+def test_a_journal_dir_is_refused_below_a_directory_others_can_rename_it_in(
+    tmp_path: Path, mode: int, owner: int | None, refused: str | None
+) -> None:
+    """A journal directory that is root's own, 0700, inside a directory other users can
+    write to (not sticky), or another user's: they could move it aside and put a journal
+    of theirs in its place, whose events recovery replays as lockd's own. Only the last
+    directory was checked; every one above it is now, as ssh's StrictModes does. A
+    sticky directory such as /tmp is fine: only an entry's owner may rename it there."""
+    shared = tmp_path / "shared"
+    journal = shared / "lockd" / "journal"
+    journal.mkdir(parents=True, mode=0o700)
+    os.chmod(shared, mode)
+    if owner is not None:
+        os.chown(shared, owner, owner)
+    if refused is None:
+        daemon_module.check_journal_dir(str(journal))
+        return
+    with pytest.raises(PermissionError) as caught:
+        daemon_module.check_journal_dir(str(journal))
+    assert f"directory {shared} above it {refused}" in str(caught.value)
+    assert f"chmod go-w {shared}" in str(caught.value)
+
+
+@as_root
+def test_a_journal_dir_reached_through_a_symlink_in_a_shared_directory_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The path named and the path its symlinks lead to are both checked: a symlink in a
+    directory others can write to can be pointed elsewhere by them."""
+    real = tmp_path / "real" / "journal"
+    real.mkdir(parents=True, mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # noqa: S103 - the misconfiguration under test
+    (shared / "journal").symlink_to(real)
+    with pytest.raises(PermissionError, match=f"directory {shared} above it"):
+        daemon_module.check_journal_dir(str(shared / "journal"))
+    daemon_module.check_journal_dir(str(real))  # the same directory, named safely
