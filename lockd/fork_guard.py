@@ -1,5 +1,5 @@
 """The fds whose copies a forked child must not keep: lease and index locks, the
-journal's lock, listening sockets.
+journal's lock, listening sockets and clients' connections.
 
 OFD locks and flock belong to the open file description, which ``fork()`` shares
 with the child: a copy in a child that goes on without ``exec`` (a program
@@ -8,7 +8,8 @@ method) kept each lock held after the lock system closed its fd. After ``stop()`
 or the program's crash, the next ``start()`` was refused as "in use by another
 lockd" for as long as the worker ran, and took its own leases for lost. A
 listening socket's copy likewise answered the next start's probe, which then
-refused the path as "served by another daemon".
+refused the path as "served by another daemon"; and a copy of a client's connection
+kept it open, the client waiting out its timeout rather than seeing lockd gone.
 
 :func:`drop_copies_in_child`, run after every fork in a program that embeds lockd
 (``lockd.embed`` registers it), points each such fd of the child at

@@ -139,7 +139,9 @@ class SocketTransport:
     ) -> None:
         self._dispatcher = dispatcher
         self._sock = sock
-        self._fd = sock.fileno()
+        # A forked child's copy would keep the connection open after this process's
+        # end: the client would wait out its timeout instead of seeing the close.
+        self._fd = fork_guard.remember(sock.fileno())
         self.peer_pid, self.peer_uid, _ = peer
         self._out: collections.deque[memoryview] = collections.deque()
         self._backlog = 0
@@ -259,6 +261,7 @@ class SocketTransport:
         self._closed = True
         self._drop_unsent()
         self._dispatcher.unwatch(self._fd)
+        fork_guard.forget(self._fd)
         self._sock.close()
         self._on_closed()
 
@@ -270,6 +273,7 @@ class SocketTransport:
             return
         self._closed = True
         self._drop_unsent()
+        fork_guard.forget(self._fd)
         self._sock.close()
 
     def _drop_unsent(self) -> None:
@@ -300,6 +304,7 @@ class SocketTransport:
         self._drop_unsent()
         self._dispatcher.unwatch(self._fd)
         self._closed = True
+        fork_guard.forget(self._fd)
         self._sock.detach()
         return data
 

@@ -543,14 +543,16 @@ def test_a_worker_forked_by_the_program_keeps_none_of_its_locks(tmp_path: Path) 
     while the worker runs on: the kernel drops the program's locks, and the next start
     holds the running VM's lease again, rather than being refused (the worker's copies of
     the journal's lock and of the listening socket) or finding the lease taken (its copy
-    of the lease's lock)."""
+    of the lease's lock). A socket client connected at the fork sees its connection
+    end with the program, as with a killed daemon: the worker's copy of the accepted
+    socket kept it open, and the client's calls waited out their timeout."""
     vm = subprocess.Popen(["sleep", "600"])
     lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/x.img")}
     path = tmp_path / "locks" / FILES_LOCKSPACE / lease["resource"]
     dirs: dict[str, Any] = {"lock_dir": str(tmp_path / "locks"), "journal_dir": str(tmp_path / "j"),
             "socket": str(tmp_path / "s.sock"), "fence_grace": 0.1}  # fmt: skip
     script = textwrap.dedent(f"""
-        import multiprocessing, time, uuid
+        import multiprocessing, sys, time, uuid
         from lockd.embed import LockService
 
         locks = LockService(**{dirs!r})
@@ -559,20 +561,32 @@ def test_a_worker_forked_by_the_program_keeps_none_of_its_locks(tmp_path: Path) 
         client.call("register", owner={{"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
                                         "pid": {vm.pid}}})
         client.call("acquire", leases=[{lease!r}], autocreate=True)
+        print("started", flush=True)
+        sys.stdin.readline()  # a socket client has connected
         worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(600,))
         worker.start()
         print(worker.pid, flush=True)
         time.sleep(600)
     """)
-    program = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    program = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     worker = 0
+    watcher: Client | None = None
     try:
         assert program.stdout is not None
+        assert program.stdin is not None
+        assert program.stdout.readline() == "started\n"
+        watcher = Client(dirs["socket"], timeout=5)
+        program.stdin.write("\n")
+        program.stdin.flush()
         worker = int(program.stdout.readline())
         assert probe(path, "ofd") == "busy"
         program.kill()
         program.wait()
         assert probe(path, "ofd") == "free"  # as after a killed daemon: the worker has none
+        with pytest.raises(ConnectionLostError):
+            watcher.call("status")
         with LockService(**dirs) as locks:
             assert locks.report is not None
             assert (locks.report.held, locks.report.lost) == (1, 0)
@@ -581,8 +595,11 @@ def test_a_worker_forked_by_the_program_keeps_none_of_its_locks(tmp_path: Path) 
     finally:
         program.kill()
         program.wait()
-        if program.stdout is not None:
-            program.stdout.close()
+        if watcher is not None:
+            watcher.close()
+        for pipe in (program.stdout, program.stdin):
+            if pipe is not None:
+                pipe.close()
         if worker:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
