@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 
@@ -22,6 +23,11 @@ def pytest_configure(config: pytest.Config) -> None:
     """Every daemon the tests start reads an empty configuration file, not this host's:
     as root that is /etc/lockd/lockd.toml, which a lockd installed here (an operator's,
     or a walkthrough of the docs) fills with its own max_clients, log level and paths."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # Run in the background by a shell (`make test &`, nohup), the tests start with
+        # SIGINT ignored, which every command they start inherits: the tests of Ctrl-C
+        # on `lockd events --follow` or `--wait` saw it ignored and failed.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if "LOCKD_CONFIG" not in os.environ:
         fd, path = tempfile.mkstemp(prefix="lockd-test-", suffix=".toml")
         os.close(fd)
