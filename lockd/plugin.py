@@ -270,11 +270,15 @@ class PluginOptions:
                 # operator carrying that file over with no idea what lockd wants instead.
                 ours = key.removesuffix("_dir")
                 name = well_known[ours]
-                mapping = f'"{name}" = {json.dumps(value)}' if isinstance(value, str) else ""
+                # The line alone was refused at start for virtlockd's usual directory
+                # (/var/lib/libvirt/lockd/files lies in lockd's default lock_dir).
+                mapping = f'"{name}" = {json.dumps(value)}; ' if isinstance(value, str) else ""
                 raise _invalid(
                     f"option {key} is virtlockd's, a directory: lockd's is {ours}, a "
                     f"lockspace name (true: {name}); lockd.toml's [lockspaces] maps a name "
-                    f"to a directory" + (f" ({mapping})" if mapping else "")
+                    f"to a directory ({mapping}one inside lock_dir may only be "
+                    f"lock_dir/{name}, so keep lock_dir apart from it: docs/operations.md, "
+                    '"Beside a real virtlockd")'
                 )
             else:
                 raise _invalid(f"unknown option {key!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tomllib
 from pathlib import Path
@@ -285,6 +286,22 @@ def test_the_annotated_example_is_valid_and_complete() -> None:
     keys = {f.name for f in attrs.fields(Config)} - internal
     assert keys <= documented | {"lockspaces"}
     assert "[lockspaces]" in settings
+
+
+def test_the_configuration_beside_virtlockd_in_the_docs_is_one_lockd_serve_takes(
+    tmp_path: Path,
+) -> None:
+    """docs/operations.md's lockd.toml for sharing virtlockd's file_lockspace_dir: the
+    ``[lockspaces]`` line alone, which docs/plugin.md and the plugin gave, stopped the
+    start (virtlockd's usual directory lies in lockd's default lock_dir)."""
+    page = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = page[page.index("**Beside a real virtlockd**") : page.index("## Upgrade")]
+    (example,) = re.findall(r"```toml\n(.*?)```", section, re.DOTALL)
+    toml = tmp_path / "lockd.toml"
+    toml.write_text(example)
+    loaded = load(str(toml), {"journal_dir": str(tmp_path / "journal")})
+    assert loaded.lockspaces == {"org.libvirt.lockd.files": "/var/lib/libvirt/lockd/files"}
+    assert loaded.lock_dir == "/var/lib/libvirt/lockd/lockspaces"
 
 
 def test_the_admin_socket_moves_with_the_socket_unless_it_is_given(tmp_path: Path) -> None:

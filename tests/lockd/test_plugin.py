@@ -261,7 +261,9 @@ def test_a_virtlockd_lockspace_dir_option_says_what_lockd_takes_instead() -> Non
     assert caught.value.message == (
         "option file_lockspace_dir is virtlockd's, a directory: lockd's is file_lockspace, "
         f"a lockspace name (true: {FILES_LOCKSPACE}); lockd.toml's [lockspaces] maps a name "
-        f'to a directory ("{FILES_LOCKSPACE}" = "/var/lib/libvirt/lockd/files")'
+        f'to a directory ("{FILES_LOCKSPACE}" = "/var/lib/libvirt/lockd/files"; one inside '
+        f"lock_dir may only be lock_dir/{FILES_LOCKSPACE}, so keep lock_dir apart from it: "
+        'docs/operations.md, "Beside a real virtlockd")'
     )
     with pytest.raises(LockError) as caught:
         PluginOptions.from_mapping({"lvm_lockspace_dir": 1})
