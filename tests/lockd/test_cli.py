@@ -913,3 +913,46 @@ def test_verify_says_a_usage_error_as_json_with_json(tmp_path: Path) -> None:
     assert error["exit"] == EXIT_USAGE
     assert "2 --socket and 1 --journal-dir" in error["message"]
     assert "lockd verify: 2 --socket and 1 --journal-dir" in done.stderr
+
+
+def _documented_flags() -> list[tuple[str, str, str, str]]:
+    """(page, subcommand, flag, where) for each ``lockd SUB ... --flag`` in a code line
+    or code span of README.md and docs/ (a flag up to the next command, ``;``, ``|`` or
+    ``#``)."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    found = []
+    for page in (p for p in pages if p.name != "changelog.md"):
+        text = page.read_text()
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.DOTALL)
+        prose = re.sub(r"```.*?```", "", text, flags=re.DOTALL)
+        lines = [line for block in blocks for line in block.splitlines()]
+        for code in [*lines, *re.findall(r"`([^`\n]+)`", prose)]:
+            command = r"\blockd ([a-z][a-z-]+)\b(.*?)(?=\blockd [a-z]|[;|#]|$)"
+            for sub, rest in re.findall(command, code):
+                for flag in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", rest):
+                    found.append((page.name, sub, flag, code))
+    return found
+
+
+def test_every_flag_the_docs_give_a_subcommand_is_one_it_takes() -> None:
+    """A page naming ``lockd events --journal-dir`` or ``lockd serve --check-config``
+    names flags of that subcommand: a flag renamed or dropped in the code, and left in
+    the docs, sends an operator to a usage error."""
+    from lockd.cli import build_parser
+
+    subparsers = next(
+        action
+        for action in build_parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
+    takes = {
+        name: {flag for action in parser._actions for flag in action.option_strings}
+        for name, parser in subparsers.choices.items()
+    }
+    documented = [found for found in _documented_flags() if found[1] in takes]
+    assert len(documented) > 20  # the pages' commands are found at all
+    wrong = [found for found in documented if found[2] != "--" and found[2] not in takes[found[1]]]
+    assert wrong == []
