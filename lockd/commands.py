@@ -271,7 +271,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     from actors import faults
     from lockd import config as config_mod
-    from lockd.daemon import JournalInUseError, PidFileLockedError, serve
+    from lockd.daemon import (
+        JournalInUseError,
+        PidFileLockedError,
+        StoredLeasesUnknownError,
+        serve,
+    )
     from lockd.journal_format import JournalCorruptError
 
     overrides = {
@@ -328,7 +333,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             frozenset(k for k, v in overrides.items() if v is not None),
             handoff_fd=args.handoff_fd,
         )
-    except (JournalInUseError, JournalCorruptError, PidFileLockedError) as exc:
+    except (
+        JournalInUseError, JournalCorruptError, PidFileLockedError, StoredLeasesUnknownError
+    ) as exc:  # fmt: skip
         _serve_failed(str(exc))
         return EXIT_ERROR
     except OSError as exc:

@@ -95,6 +95,10 @@ class PidFileLockedError(RuntimeError):
     """Another daemon holds the lock on the configured pid file."""
 
 
+class StoredLeasesUnknownError(RuntimeError):
+    """The service manager's fd store holds leases' locks, and the journal is empty."""
+
+
 class _ProcessInfo:
     """Registration's view of /proc."""
 
@@ -222,6 +226,7 @@ class LockSystem:
         """The fd whose flock keeps every other lockd out of this journal directory."""
         try:
             read = _read_journal(config, journal_lock)
+            _refuse_an_empty_journal_for(stored or {}, read.state, config.journal_dir)
         except BaseException:
             # Refused (a damaged journal): a program that goes on (embedding) must be
             # able to repair it (journal-check --repair) and start again, which the
@@ -1283,6 +1288,29 @@ def _unsafe_ancestor(path: str) -> tuple[str, str] | None:
                 break
             parent = os.path.dirname(parent)
     return None
+
+
+def _refuse_an_empty_journal_for(
+    stored: Mapping[str, int], state: ReplayState, journal_dir: str
+) -> None:
+    """Refuse to start on a journal with no event at all while the service manager's fd
+    store gives back leases' locks: they are locks a lockd took for running VMs, and
+    this journal cannot be the one that says whose (a new or mistyped ``journal_dir``,
+    a journal moved or deleted). Started, lockd removed every one from the store as
+    "no held lease", and each VM's disk was free for another host. The store keeps
+    them while lockd is refused; a journal with history is trusted to say which are
+    still held (a release journaled before the crash ended one)."""
+    if not stored or state.seq != 0:
+        return
+    raise StoredLeasesUnknownError(
+        f"the service manager's fd store holds the locks of {len(stored)} leases, but "
+        f"journal_dir {journal_dir} holds no event: not the journal that took them (a new "
+        "or mistyped journal_dir, or a journal moved or deleted?). Refusing to start, "
+        "which would let every one of them go: start with the journal that took them "
+        '(docs/operations.md, "Moving and backing up the journal"); to let them go, '
+        "stop the service so that its fd store is emptied (`systemctl clean "
+        "--what=fdstore lockd` with FileDescriptorStorePreserve=yes) and start it again"
+    )
 
 
 def _pid_in(path: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -418,3 +419,36 @@ def test_a_lease_relinked_while_held_is_kept_across_a_crash_by_the_store(
     crash_and_restart_watched(daemon, manager, vm, path, children)
     assert not events(daemon, "--type", "lease-lost")
     check(daemon)
+
+
+def test_a_start_on_an_empty_journal_is_refused_while_the_store_holds_leases(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """lockd restarted by its service manager on a journal directory with no event (a
+    new or mistyped journal_dir, a journal moved away) while the fd store gives back a
+    running VM's lock: it started, found no journaled lease for the fd, removed it from
+    the store, and the VM's disk was free for another host. It now refuses to start,
+    saying why and how out; the store keeps the lock, and a start on the right journal
+    holds the lease again."""
+    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
+    kill_daemon(daemon)
+    journal = daemon.journal_dir
+    journal.rename(journal.with_name("journal.moved"))
+    journal.mkdir(mode=0o700)
+    with pytest.raises(RuntimeError, match="daemon exited at start"):
+        start_under(daemon, manager)
+    assert daemon.proc is not None
+    assert daemon.proc.wait() == 1
+    log = daemon.log.read_text()
+    assert "the service manager's fd store holds the locks of 1 leases" in log
+    assert f"journal_dir {journal} holds no event" in log
+    assert manager.stored_names() == {name}
+    assert probe(path, "ofd") == "busy"
+    shutil.rmtree(journal)
+    journal.with_name("journal.moved").rename(journal)
+    start_under(daemon, manager)
+    assert listed(daemon) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
+    }
