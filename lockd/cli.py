@@ -165,15 +165,21 @@ def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
     if args.resource and row.get("resource") != args.resource:
         return False
     if args.owner:
-        owner = row.get("owner")
-        if not isinstance(owner, dict):
-            return False
         import uuid
 
-        names = {str(owner.get("name")), str(owner.get("pid"))}
-        raw = owner.get("uuid")
-        if isinstance(raw, bytes) and len(raw) == 16:
-            names.add(str(uuid.UUID(bytes=raw)))
+        # An event's own owner, and those recovery-completed goes on fencing.
+        fences = row.get("fencing")
+        owners = [row.get("owner")]
+        if isinstance(fences, list):
+            owners += [fence.get("owner") for fence in fences if isinstance(fence, dict)]
+        names: set[str] = set()
+        for owner in owners:
+            if not isinstance(owner, dict):
+                continue
+            names.update((str(owner.get("name")), str(owner.get("pid"))))
+            raw = owner.get("uuid")
+            if isinstance(raw, bytes) and len(raw) == 16:
+                names.add(str(uuid.UUID(bytes=raw)))
         if names.isdisjoint(args.owner):
             return False
     return True

@@ -422,6 +422,31 @@ def test_events_owner_takes_a_uuid_as_any_tool_spells_it(tmp_path: Path, spellin
     assert [line.split()[0] for line in done.stdout.splitlines()] == ["2", "3"]
 
 
+def test_events_owner_matches_the_owners_recovery_goes_on_fencing(tmp_path: Path) -> None:
+    """``--owner`` finds the ``recovery-completed`` that resumed an owner's fence (its
+    owners are in its ``fencing`` list): an auditor asking why lockd killed vm5 was shown
+    nothing of it, and a record of another owner's fence is still left out."""
+    from actors.events import Fence, RecoveryCompleted
+
+    vm5 = Owner(uuid=b"\x05" * 16, name="vm5", id=5, pid=505, start_time=50)
+    vm6 = Owner(uuid=b"\x06" * 16, name="vm6", id=6, pid=606, start_time=60)
+    journal = FileJournal(str(tmp_path))
+    journal.append(
+        [
+            JournalEntry(
+                1, 1764000001.0, "hv1", RecoveryCompleted(1, 0, 0, 2.0, (Fence(vm5, "x"),))
+            ),
+            JournalEntry(
+                2, 1764000002.0, "hv1", RecoveryCompleted(1, 0, 0, 2.0, (Fence(vm6, "y"),))
+            ),
+        ]
+    )
+    journal.close()
+    for spelling in ("vm5", "505", "05050505-0505-0505-0505-050505050505"):
+        done = _lockd("events", "--journal-dir", str(tmp_path), "--owner", spelling)
+        assert [line.split()[0] for line in done.stdout.splitlines()] == ["1"], spelling
+
+
 def test_events_without_a_journal_is_an_error(tmp_path: Path) -> None:
     """A wrong directory is reported, not printed as an empty journal."""
     done = _lockd("events", "--journal-dir", str(tmp_path / "nope"))
