@@ -51,6 +51,11 @@ class ReleaseReason(enum.StrEnum):
     """Part of a multi-lease acquire that failed as a whole."""
 
 
+def _optional_uid(_: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and (type(value) is not int or value < 0):
+        raise ValueError(f"{attribute.name} must be a uid, not {value!r}")
+
+
 def _reason(value: ReleaseReason | str) -> ReleaseReason:
     return value if type(value) is ReleaseReason else ReleaseReason(value)
 
@@ -158,6 +163,11 @@ class OwnerFenced(Event):
     owner: Owner = attrs.field(converter=_owner)
     signal: str
     reason: str
+    on_behalf_of: int | None = attrs.field(default=None, validator=_optional_uid)
+    """The uid whose closed connection began the fence, when not root's: each signal goes
+    only while a process of that uid could send it itself. None (absent on the wire):
+    root's or lockd's own fence (an operator's disconnect, a lost lease), and records of
+    an older lockd. A daemon that resumes the fence after a crash reads it here."""
 
 
 @attrs.frozen
@@ -171,18 +181,24 @@ class Fence:
     so far, or new). A resumed fence keeps it, so its SIGKILL comes a grace period after
     that, however many crashes fall in between (otherwise a daemon crashing within every
     grace period never kills)."""
+    on_behalf_of: int | None = attrs.field(default=None, validator=_optional_uid)
+    """As :attr:`OwnerFenced.on_behalf_of`: the uid the resumed fence signals for."""
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"owner": self.owner.to_wire(), "reason": self.reason}
         if self.since is not None:
             wire["since"] = self.since
+        if self.on_behalf_of is not None:
+            wire["on_behalf_of"] = self.on_behalf_of
         return wire
 
 
 def _fences(value: Any) -> tuple[Fence, ...]:
     # Keys a later lockd may add are ignored, as unknown event fields are.
     return tuple(
-        item if isinstance(item, Fence) else Fence(item["owner"], item["reason"], item.get("since"))
+        item
+        if isinstance(item, Fence)
+        else Fence(item["owner"], item["reason"], item.get("since"), item.get("on_behalf_of"))
         for item in value
     )
 
@@ -286,7 +302,10 @@ def _writer_for(cls: type[Event]) -> Callable[[Event, dict[str, Any]], None]:
             value = f"event.{name}.to_wire()"
         else:
             value = f"_dynamic(event.{name})"
-        lines.append(f"    out[{name!r}] = {value}")
+        if field.default is None:  # added later: absent while None, as in older records
+            lines.append(f"    if event.{name} is not None:\n        out[{name!r}] = {value}")
+        else:
+            lines.append(f"    out[{name!r}] = {value}")
     namespace: dict[str, Any] = {"_dynamic": _dynamic, "_str": str.__str__}
     exec("\n".join(lines), namespace)  # noqa: S102 - our own field names, as attrs does
     writer: Callable[[Event, dict[str, Any]], None] = namespace["write"]

@@ -146,6 +146,8 @@ class FenceLost:
     reason: str
     since: float | None = None
     """Wall-clock time of the fence's first SIGTERM (None: it begins now)."""
+    on_behalf_of: int | None = None
+    """The uid a resumed fence signals for (None: root's), as :class:`_Fencing` has it."""
 
 
 @attrs.frozen
@@ -571,9 +573,16 @@ class OwnersActor(DispatchedActor):
         owner = message.owner
         if owner.key in self._fencing or self._processes.is_gone(owner):
             return
-        # Its other leases end with it (owner-exit), like any exiting owner's.
-        self._fencing[owner.key] = _Fencing(owner, 0, ReleaseReason.OWNER_EXIT, message.reason)
+        uid = message.on_behalf_of
         self._watch(owner)
+        # A user's fence resumed after a crash: the check its first SIGTERM passed is made
+        # again (the owner may have become root's meanwhile).
+        if not self._signallable(owner, uid, "SIGTERM"):
+            return
+        # Its other leases end with it (owner-exit), like any exiting owner's.
+        self._fencing[owner.key] = _Fencing(
+            owner, 0, ReleaseReason.OWNER_EXIT, message.reason, on_behalf_of=uid
+        )
         self._fence(owner, signal.SIGTERM, message.reason)
         self._schedule(owner, self._grace_left(message.since), signal.SIGKILL)
 
@@ -675,7 +684,9 @@ class OwnersActor(DispatchedActor):
             return  # the fence is over: its release tells the rest
         token = next(self._tokens)
         self._signalling[token] = (pending, send)
-        event = OwnerFenced(pending.owner, signal.Signals(pending.signum).name, pending.reason)
+        fencing = self._fencing.get(pending.owner.key)
+        uid = None if fencing is None else fencing.on_behalf_of
+        event = OwnerFenced(pending.owner, signal.Signals(pending.signum).name, pending.reason, uid)
         self._journal.tell(Append((event,), token, self.actor_ref))
 
     def _recorded(self, message: Appended | AppendFailed) -> None:

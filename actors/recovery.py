@@ -125,8 +125,9 @@ class RecoveryActor(DispatchedActor):
         lockspace directory gone), by ``lockspace/resource``: what the log and fence say."""
         self._plan: dict[str, list[RestoreLease]] = {}
         self._live: dict[Any, Owner] = {}
-        self._fences: list[tuple[Owner, str, float | None]] = []
-        """Fences to resume: owner, reason, and the first SIGTERM's time (None: only owed)."""
+        self._fences: list[tuple[Owner, str, float | None, int | None]] = []
+        """Fences to resume: owner, reason, the first SIGTERM's time (None: only owed), and
+        the uid they signal for (None: root's)."""
         self._lookups: dict[str, int] = {}
         self._handed: tuple[Fence, ...] = ()
         """The fences ``recovery-completed`` lists, started once it is written."""
@@ -165,14 +166,14 @@ class RecoveryActor(DispatchedActor):
                      "their leases end as owner-gone", earlier_boot)  # fmt: skip
         owed = self._state.owed
         self._fences = [
-            (owner, reason, None if owner.key in owed else since)
-            for owner, reason, since in self._state.fencing.values()
+            (owner, reason, None if owner.key in owed else since, uid)
+            for owner, reason, since, uid in self._state.fencing.values()
             if (self._of_this_boot(owner) or since >= self._boot_time) and not self._gone(owner)
         ]
         if self._fences and not self._fence_lost:
             # lost_lease_policy = log is the operator's "kill no VM" switch: killing
             # lockd mid-fence and starting it so configured stops the fence.
-            for owner, reason, _ in self._fences:
+            for owner, reason, _, _ in self._fences:
                 log.warning("recovery: not resuming the fence of %s (%s): lost_lease_policy "
                             "is log", owner.describe(), reason)  # fmt: skip
             self._fences = []
@@ -278,7 +279,7 @@ class RecoveryActor(DispatchedActor):
             if self._fence_lost:
                 fence = Fence(owner, lost_lease_reason(lease, why))
                 fences.setdefault(owner.key, fence)
-        for owner, reason, begun in self._fences:
+        for owner, reason, begun, uid in self._fences:
             # SIGTERM again (harmless to a process already exiting), then SIGKILL when
             # the interrupted fence would have sent it: a grace period after it began.
             # A start in the future (the clock stepped back) counts from now, so the
@@ -288,7 +289,7 @@ class RecoveryActor(DispatchedActor):
             lost_now = fences.get(owner.key)
             if lost_now is None:
                 plain = reason.removesuffix(RESUMED).removesuffix(_RESUMED_BEFORE)
-                fences[owner.key] = Fence(owner, plain + RESUMED, since)
+                fences[owner.key] = Fence(owner, plain + RESUMED, since, uid)
             else:  # it lost a lease now too: the fence keeps that reason and its deadline
                 fences[owner.key] = attrs.evolve(lost_now, since=since)
         duration = round((time.monotonic() - self._started) * 1000, 3)
@@ -309,7 +310,7 @@ class RecoveryActor(DispatchedActor):
         # fences still start: better a fenced VM than one writing a lost disk.
         crash_point("recovery-completed")
         for fence in self._handed:
-            self._owners.tell(FenceLost(fence.owner, fence.reason, fence.since))
+            self._owners.tell(FenceLost(fence.owner, fence.reason, fence.since, fence.on_behalf_of))
         log.info(
             "recovery: %d leases held again, %d released (owner gone), %d lost, in %.1f ms",
             self._report.held,

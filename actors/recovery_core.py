@@ -59,6 +59,14 @@ def lost_lease_reason(lease: str, why: str | None = None) -> str:
     return f"lease {lease} was taken while lockd was down"
 
 
+def _fence_tail(owed: bool, uid: int | None) -> list[Any]:
+    """A snapshot's fence after its ``since``: ``[]``, ``[true]``, or ``[owed, uid]``
+    (an older lockd reads the first of those items only)."""
+    if uid is not None:
+        return [owed, uid]
+    return [True] if owed else []
+
+
 @attrs.define
 class ReplayState:
     """Everything recovery needs, as of journal entry ``seq``."""
@@ -66,8 +74,8 @@ class ReplayState:
     seq: int = 0
     lockspaces: dict[str, str] = attrs.field(factory=dict)
     leases: dict[tuple[str, str], HeldLease] = attrs.field(factory=dict)
-    fencing: dict[OwnerKey, tuple[Owner, str, float]] = attrs.field(factory=dict)
-    """Owners to fence, not yet SIGKILLed nor seen gone: (owner, reason, since).
+    fencing: dict[OwnerKey, tuple[Owner, str, float, int | None]] = attrs.field(factory=dict)
+    """Owners to fence, not yet SIGKILLed nor seen gone: (owner, reason, since, uid).
 
     An ``owner-fenced`` SIGTERM starts one, and so does a ``lease-lost`` (the
     fence it owes). A daemon killed before the SIGKILL would otherwise forget
@@ -76,6 +84,8 @@ class ReplayState:
     ``since`` is when the first SIGTERM was journaled (the SIGKILL is due a
     grace period later), or for a fence still owed, the time of the record
     that owes it (``lease-lost``, or the ``recovery-completed`` handing it on).
+    ``uid``: the uid the fence signals for (``owner-fenced``'s ``on_behalf_of``), whose
+    right to signal the owner a resumed fence checks again; None: root's or lockd's own.
     """
     owed: set[OwnerKey] = attrs.field(factory=set)
     """Fences in ``fencing`` owed but never begun: no SIGTERM journaled yet, so their
@@ -128,7 +138,7 @@ class ReplayState:
             self.lockspaces[record["lockspace"]] = record["path"]
         elif kind == "owner-fenced":
             self._fenced(self._owner(record["owner"]), record["signal"], record["reason"],
-                         float(record["time"]))  # fmt: skip
+                         float(record["time"]), record.get("on_behalf_of"))  # fmt: skip
         elif kind == "recovery-completed":
             when = float(record["time"])
             self.fencing, self.owed = {}, set()
@@ -136,7 +146,8 @@ class ReplayState:
                 owner = self._owner(fence["owner"])
                 since = fence.get("since")
                 begun = when if since is None else float(since)
-                self.fencing[owner.key] = (owner, fence["reason"], begun)
+                self.fencing[owner.key] = (owner, fence["reason"], begun,
+                                           fence.get("on_behalf_of"))  # fmt: skip
                 if since is None:
                     self.owed.add(owner.key)
         self.seq = seq
@@ -185,10 +196,15 @@ class ReplayState:
         elif isinstance(event, LockspaceCreated):
             self.lockspaces[event.lockspace] = event.path
         elif isinstance(event, OwnerFenced):
-            self._fenced(event.owner, event.signal, event.reason, time)
+            self._fenced(event.owner, event.signal, event.reason, time, event.on_behalf_of)
         elif isinstance(event, RecoveryCompleted):
             self.fencing = {
-                f.owner.key: (f.owner, f.reason, time if f.since is None else f.since)
+                f.owner.key: (
+                    f.owner,
+                    f.reason,
+                    time if f.since is None else f.since,
+                    f.on_behalf_of,
+                )
                 for f in event.fencing
             }
             self.owed = {f.owner.key for f in event.fencing if f.since is None}
@@ -198,17 +214,22 @@ class ReplayState:
         # the moment it is journaled: a crash before recovery completes must not
         # leave a process writing to a disk another host now holds.
         if owner.key not in self.fencing:
-            self.fencing[owner.key] = (owner, lost_lease_reason(f"{lease[0]}/{lease[1]}"), time)
+            self.fencing[owner.key] = (
+                owner,
+                lost_lease_reason(f"{lease[0]}/{lease[1]}"),
+                time,
+                None,
+            )
             self.owed.add(owner.key)
 
-    def _fenced(self, owner: Owner, signal: str, reason: str, time: float) -> None:
+    def _fenced(self, owner: Owner, signal: str, reason: str, time: float, uid: int | None) -> None:
         key = owner.key
         if signal == "SIGTERM":
             # A resumed fence journals SIGTERM again; its deadline still counts from
             # the first SIGTERM (a fence only owed until now begins here).
             earlier = self.fencing.get(key)
             begun = earlier[2] if earlier is not None and key not in self.owed else time
-            self.fencing[key] = (owner, reason, begun)
+            self.fencing[key] = (owner, reason, begun, uid)
             self.owed.discard(key)
         else:
             # SIGKILL. It is journaled before it is sent, so a daemon killed in
@@ -217,9 +238,9 @@ class ReplayState:
             # resumes it, SIGKILL at once (its deadline has passed).
             earlier = self.fencing.get(key)
             if earlier is None:
-                self.fencing[key] = (owner, reason, time)
+                self.fencing[key] = (owner, reason, time, uid)
             elif key in self.owed:
-                self.fencing[key] = (owner, earlier[1], time)
+                self.fencing[key] = (owner, earlier[1], time, uid)
             self.owed.discard(key)
 
     def owners(self) -> dict[OwnerKey, Owner]:
@@ -243,10 +264,11 @@ class ReplayState:
                 ]
                 for held in self.leases.values()
             ],
-            # A fourth item, true, marks a fence still owed (absent: begun).
+            # A fourth item, true, marks a fence still owed (absent, or false before a
+            # fifth: begun); a fifth, the uid the fence signals for (absent: root's).
             "fencing": [
-                [owner.to_wire(), reason, since, *([True] if owner.key in self.owed else [])]
-                for owner, reason, since in self.fencing.values()
+                [owner.to_wire(), reason, since, *_fence_tail(owner.key in self.owed, uid)]
+                for owner, reason, since, uid in self.fencing.values()
             ],
         }
 
@@ -268,10 +290,13 @@ class ReplayState:
                     held.owners[owner.key] = (owner, float(since))
                 state.leases[(lockspace, resource)] = held
             # Absent from snapshots written before fences were kept.
-            for owner_wire, reason, since, *owed in data.get("fencing", ()):
+            for owner_wire, reason, since, *tail in data.get("fencing", ()):
                 owner = Owner.from_wire(owner_wire)
-                state.fencing[owner.key] = (owner, str(reason), float(since))
-                if owed and owed[0] is True:
+                uid = tail[1] if len(tail) > 1 else None
+                if uid is not None and (type(uid) is not int or uid < 0):
+                    raise ValueError(f"bad uid {uid!r} in a fence")
+                state.fencing[owner.key] = (owner, str(reason), float(since), uid)
+                if tail and tail[0] is True:
                     state.owed.add(owner.key)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed snapshot: {exc!r}") from None

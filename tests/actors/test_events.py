@@ -73,6 +73,26 @@ def test_a_fence_keeps_the_time_it_began_and_ignores_keys_it_does_not_know() -> 
         JournalEntry.from_wire(data)
 
 
+def test_a_user_s_fence_names_its_uid_and_root_s_leaves_the_key_out() -> None:
+    """``owner-fenced`` and a handed-on fence name the uid a user's fence signals for
+    (``on_behalf_of``); root's fence leaves the key out, as records of an older lockd
+    have none, and both read back as they were; a uid that is no uid is refused."""
+    owner = Owner(b"\x01" * 16, "vm1", 3, 4242, 99)
+    users = OwnerFenced(owner, "SIGTERM", "connection closed", on_behalf_of=1000)
+    assert event_to_wire(users)["on_behalf_of"] == 1000
+    assert event_from_wire(cbor2.loads(cbor2.dumps(event_to_wire(users)))) == users
+    roots = OwnerFenced(owner, "SIGTERM", "admin disconnect by uid 0, pid 7")
+    assert "on_behalf_of" not in event_to_wire(roots)
+    assert event_from_wire(event_to_wire(roots)).on_behalf_of is None  # type: ignore[attr-defined]
+    handed = RecoveryCompleted(1, 0, 0, 3.0, (Fence(owner, "closed", 5.0, on_behalf_of=1000),))
+    data = cbor2.loads(cbor2.dumps(event_to_wire(handed)))
+    assert data["fencing"][0]["on_behalf_of"] == 1000
+    assert event_from_wire(data) == handed
+    for bad in ("root", -1, 1.5):
+        with pytest.raises(ValueError, match="uid"):
+            event_from_wire({**event_to_wire(roots), "on_behalf_of": bad})
+
+
 SAMPLES = [
     DaemonStarted("0.1.0", 10),
     DaemonStopped("SIGTERM"),
@@ -82,7 +102,7 @@ SAMPLES = [
     LeaseAcquired("ls", "r1", "shared", OWNER.to_wire(), 2, True),  # wire forms converted
     LeaseReleased("ls", "r1", LeaseMode.EXCLUSIVE, OWNER, 2, "owner-exit"),
     LeaseLost("ls", "r1", LeaseMode.SHARED, OWNER, "taken by another host"),
-    OwnerFenced(OWNER, "SIGTERM", "connection closed while holding leases"),
+    OwnerFenced(OWNER, "SIGTERM", "connection closed while holding leases", 1000),
     RecoveryCompleted(3, 1, 1, 2.5, (Fence(OWNER, "lost", since=5.0),)),
 ]
 

@@ -458,8 +458,8 @@ def test_a_fence_the_crash_interrupted_is_resumed(h: Harness) -> None:
     live, gone = owner(LIVE), owner(DEAD)
     state = ReplayState()
     held(state, "disk", live)
-    state.fencing[live.key] = (live, "connection closed while holding leases", 3.0)
-    state.fencing[gone.key] = (gone, "connection closed while holding leases", 3.0)
+    state.fencing[live.key] = (live, "connection closed while holding leases", 3.0, None)
+    state.fencing[gone.key] = (gone, "connection closed while holding leases", 3.0, None)
     h.processes.ignores_sigterm.add(LIVE)
     report = recover(h, state)
     assert report.held == 1
@@ -489,7 +489,7 @@ def test_a_resumed_fence_keeps_its_deadline(
     state = ReplayState()
     held(state, "disk", vm)
     begun = h.wall_clock() - begun_ago
-    state.fencing[vm.key] = (vm, "connection closed while holding leases", begun)
+    state.fencing[vm.key] = (vm, "connection closed while holding leases", begun, None)
     h.processes.ignores_sigterm.add(LIVE)
     recover(h, state, boot_time=begun - 60)  # the harness's wall clock starts at 0
     (done,) = h.journal_writer.events(RecoveryCompleted)
@@ -514,7 +514,7 @@ def test_an_owner_being_fenced_that_also_lost_a_lease_keeps_the_fences_deadline(
     held(state, "stolen", victim)
     (h.lock_dir / FILES / "stolen").touch()
     begun = h.wall_clock() - 1.0
-    state.fencing[victim.key] = (victim, "connection closed while holding leases", begun)
+    state.fencing[victim.key] = (victim, "connection closed while holding leases", begun, None)
     thief = os.open(h.lock_dir / FILES / "stolen", os.O_RDWR)
     try_lock(thief, shared=False)
     h.processes.ignores_sigterm.add(VICTIM)
@@ -551,7 +551,7 @@ def test_an_owner_of_an_earlier_boot_is_gone_though_its_pid_and_start_time_recur
     vm = owner(LIVE, journaled)
     state = ReplayState()
     held(state, "disk", vm)
-    state.fencing[vm.key] = (vm, "connection closed while holding leases", 3.0)
+    state.fencing[vm.key] = (vm, "connection closed while holding leases", 3.0, None)
     h.processes.ignores_sigterm.add(LIVE)
     report = recover(h, state, boot=current)
     assert (report.held, report.released) == ((1, 0) if kept else (0, 1))
@@ -578,7 +578,7 @@ def test_an_interrupted_fence_is_not_resumed(h: Harness, options: dict[str, Any]
     live = owner(LIVE)
     state = ReplayState()
     held(state, "disk", live)
-    state.fencing[live.key] = (live, "connection closed while holding leases", 3.0)
+    state.fencing[live.key] = (live, "connection closed while holding leases", 3.0, None)
     report = recover(h, state, **options)
     assert report.held == 1, why
     h.advance(5.0)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid
 
+import cbor2
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -64,6 +66,7 @@ events = st.one_of(
         st.sampled_from(OWNERS),
         st.sampled_from(["SIGTERM", "SIGKILL"]),
         st.sampled_from(["connection closed", "lease a was taken"]),
+        st.sampled_from([None, 1000]),
     ),
     st.builds(
         RecoveryCompleted,
@@ -77,6 +80,7 @@ events = st.one_of(
                 st.sampled_from(OWNERS),
                 st.sampled_from(["lease a was taken"]),
                 st.sampled_from([None, 0.25]),
+                st.sampled_from([None, 1000]),
             ),
             max_size=2,
         ).map(tuple),
@@ -100,7 +104,7 @@ def summary(state: ReplayState) -> object:
             )
             for key, held in state.leases.items()
         },
-        {key.pid: (reason, since) for key, (_, reason, since) in state.fencing.items()},
+        {key.pid: (reason, since, uid) for key, (_, reason, since, uid) in state.fencing.items()},
         sorted(key.pid for key in state.owed),
     )
 
@@ -148,7 +152,7 @@ def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_exit_or_restart() -
 
     term = OwnerFenced(vm, "SIGTERM", "connection closed")
     assert list(fold(term).fencing) == [vm.key]
-    assert fold(term).fencing[vm.key] == (vm, "connection closed", 0.0)
+    assert fold(term).fencing[vm.key] == (vm, "connection closed", 0.0, None)
     kill = OwnerFenced(vm, "SIGKILL", "still running")
     assert fold(term, kill).fencing == fold(term).fencing  # begun at the SIGTERM, as it was
     assert not fold(term, kill).owed
@@ -161,18 +165,18 @@ def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_exit_or_restart() -
     assert list(fold(term, someone_else).fencing) == [vm.key]
     assert not fold(term, RecoveryCompleted(1, 0, 0, 1.0)).fencing
     handed = RecoveryCompleted(1, 0, 1, 1.0, (Fence(other, "lease ls/b was taken"),))
-    assert fold(term, handed).fencing == {other.key: (other, "lease ls/b was taken", 1.0)}
+    assert fold(term, handed).fencing == {other.key: (other, "lease ls/b was taken", 1.0, None)}
     lost = LeaseLost("ls", "b", LeaseMode.EXCLUSIVE, vm, "taken by another host")
     assert fold(lost).fencing == {
-        vm.key: (vm, "lease ls/b was taken while lockd was down", 0.0)
+        vm.key: (vm, "lease ls/b was taken while lockd was down", 0.0, None)
     }  # a crash before recovery completes leaves the fence it owes to the next start
     assert fold(term, lost).fencing[vm.key][1] == "connection closed"  # the first reason stays
-    assert fold(lost, kill).fencing[vm.key] == (vm, fold(lost).fencing[vm.key][1], 1.0)
+    assert fold(lost, kill).fencing[vm.key] == (vm, fold(lost).fencing[vm.key][1], 1.0, None)
     assert not fold(lost, kill).owed
     # A resumed fence journals SIGTERM again, and recovery-completed lists it with the
     # time it began: its deadline does not move with either.
     again = OwnerFenced(vm, "SIGTERM", "connection closed" + "; resumed")
-    assert fold(term, again).fencing[vm.key] == (vm, "connection closed; resumed", 0.0)
+    assert fold(term, again).fencing[vm.key] == (vm, "connection closed; resumed", 0.0, None)
     resumed = RecoveryCompleted(1, 0, 0, 1.0, (Fence(vm, "connection closed", since=0.0),))
     assert fold(term, resumed, again).fencing[vm.key][2] == 0.0
     assert fold(lost, resumed).fencing[vm.key][2] == 0.0
@@ -190,6 +194,40 @@ def test_a_fence_is_pending_from_sigterm_or_lost_lease_until_exit_or_restart() -
     old_snapshot = fold(term).to_wire()
     del old_snapshot["fencing"]  # written before fences were kept
     assert ReplayState.from_wire(old_snapshot).fencing == {}
+
+
+def test_the_uid_a_fence_signals_for_outlives_a_crash_and_a_snapshot() -> None:
+    """A user's fence (``on_behalf_of``) keeps its uid through everything a next daemon
+    reads it from: the SIGTERM record, the ``recovery-completed`` that hands it on, and a
+    snapshot (with the fence begun, or owed); a fence of root's has none, and a snapshot
+    of an older lockd (no uid) reads as root's fence, as it was."""
+    vm = OWNERS[0]
+
+    def fold(*evs: Event) -> ReplayState:
+        state = ReplayState()
+        for entry in entries(list(evs)):
+            state.fold(entry)
+        return state
+
+    term = OwnerFenced(vm, "SIGTERM", "connection closed", on_behalf_of=1000)
+    assert fold(term).fencing[vm.key][3] == 1000
+    assert fold(term, OwnerFenced(vm, "SIGKILL", "still running", 1000)).fencing[vm.key][3] == 1000
+    handed = RecoveryCompleted(1, 0, 0, 1.0, (Fence(vm, "closed", 0.0, on_behalf_of=1000),))
+    assert fold(term, handed).fencing[vm.key][3] == 1000
+    for state in (fold(term), fold(term, handed)):
+        wire = cbor2.loads(cbor2.dumps(state.to_wire()))
+        assert ReplayState.from_wire(wire).fencing == state.fencing
+    owed = RecoveryCompleted(1, 0, 0, 1.0, (Fence(vm, "closed", None, on_behalf_of=1000),))
+    restored = ReplayState.from_wire(fold(owed).to_wire())
+    assert (restored.fencing[vm.key][3], restored.owed) == (1000, {vm.key})
+    assert fold(OwnerFenced(vm, "SIGTERM", "admin disconnect")).fencing[vm.key][3] is None
+    older = fold(term).to_wire()
+    older["fencing"] = [item[:3] for item in older["fencing"]]  # as an older lockd wrote it
+    assert ReplayState.from_wire(older).fencing[vm.key][3] is None
+    bad = fold(term).to_wire()
+    bad["fencing"][0][4] = "root"
+    with pytest.raises(ValueError, match="bad uid"):
+        ReplayState.from_wire(bad)
 
 
 def test_a_gap_is_refused() -> None:

@@ -48,8 +48,17 @@ OTHER_UID = 65534
 def open_daemon(make_daemon: MakeDaemon, tmp_path: Path) -> Iterator[DaemonProcess]:
     """A root daemon serving uid 65534 too, its socket reachable by that uid; 16 clients
     at most (the last 2 kept for root)."""
+    with serving_other_user(make_daemon, tmp_path) as daemon:
+        yield daemon
+
+
+@contextlib.contextmanager
+def serving_other_user(
+    make_daemon: MakeDaemon, tmp_path: Path, settings: str = ""
+) -> Iterator[DaemonProcess]:
+    """:func:`open_daemon`, its configuration ending with ``settings``."""
     config = tmp_path / "lockd.toml"
-    config.write_text(f"allowed_uids = [{OTHER_UID}]\nmax_clients = 16\n")
+    config.write_text(f"allowed_uids = [{OTHER_UID}]\nmax_clients = 16\n{settings}")
     socket_dir = Path(tempfile.mkdtemp(prefix="lockd-users-"))
     try:
         os.chmod(socket_dir, 0o711)  # noqa: S103 - the other uid must reach the socket
@@ -270,6 +279,59 @@ def test_a_user_s_process_that_became_root_is_not_fenced_for_its_closed_connecti
         here.close()
         reap(pid)
     wait_for(lambda: not path.exists())  # released when it exited
+
+
+def test_a_users_fence_resumed_after_a_crash_still_signals_only_what_the_user_could(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """uid 65534's process (its saved uid root's) registers itself, takes a lease, closes
+    its connection and ignores the SIGTERM lockd sends for that user. lockd is SIGKILLed
+    before its SIGKILL; the process becomes root; lockd starts again. The fence it resumes
+    still signals only what uid 65534 could: the root process is left alone. Before, the
+    uid was not journaled and the next daemon resumed the fence as root's, SIGTERM then
+    SIGKILL to a root process for that user."""
+    from tests.e2e.test_daemon import events
+    from tests.e2e.test_recovery import crash, restart
+
+    lease = {"lockspace": "org.libvirt.lockd.files", "resource": "resumed-fence"}
+
+    def fenced_then_root(there: socket.socket) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.setresuid(OTHER_UID, OTHER_UID, 0)  # uid 65534's, able to become root later
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(daemon.socket))
+            request(conn, "hello", versions=[1])
+            owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()}
+            request(conn, "register", owner=owner)
+            request(conn, "acquire", leases=[lease], autocreate=True)
+        there.sendall(b"closed")
+        there.recv(1)  # the daemon is down now
+        os.setresuid(0, 0, 0)
+        there.sendall(b"root")
+        there.recv(1)  # runs on until the test lets it go
+
+    with serving_other_user(make_daemon, tmp_path, "fence_grace = 60\n") as daemon:
+        here, pid = fork_as(0, fenced_then_root)
+        try:
+            here.settimeout(30)
+            assert here.recv(16) == b"closed"
+            wait_for(lambda: events(daemon, "--type", "owner-fenced"))
+            (term,) = events(daemon, "--type", "owner-fenced")
+            assert (term["owner"]["pid"], term["on_behalf_of"]) == (pid, OTHER_UID)
+            crash(daemon)
+            here.sendall(b"x")
+            assert here.recv(16) == b"root"
+            restart(daemon)
+            status = json.loads(daemon.lockd("status", "--json").stdout)
+            assert status["fencing"] == []
+            assert "not fencing vm" in daemon.log.read_text()
+            assert len(events(daemon, "--type", "owner-fenced")) == 1  # no SIGTERM resent
+            done = events(daemon, "--type", "recovery-completed")[-1]
+            assert done["fencing"][0]["on_behalf_of"] == OTHER_UID
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), "the root process was signalled"
+        finally:
+            here.close()
+            reap(pid)
 
 
 def test_a_uid_taken_out_of_allowed_uids_loses_its_connections_at_a_reload(
