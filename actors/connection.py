@@ -22,8 +22,17 @@ from typing import Any, Protocol
 import attrs
 import pykka
 
-from actors.events import JournalEntry, ReleaseReason
-from actors.journal import Published, Subscribe, Subscribed, Unsubscribe, WriteTrouble
+from actors.events import ConnectionOpened, JournalEntry, ReleaseReason
+from actors.journal import (
+    Append,
+    Appended,
+    AppendFailed,
+    Published,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    WriteTrouble,
+)
 from actors.lockspace import (
     AcquireLeases,
     Counts,
@@ -86,6 +95,7 @@ class Transport(Protocol):
 
     peer_pid: int
     peer_uid: int
+    peer_gid: int
     gone: bool
     """A send failed because the peer closed its socket: nothing more reaches it
     (:class:`PeerGone` follows)."""
@@ -198,6 +208,8 @@ class HandedOver:
     did not say; the subscription goes on from the next program's next event."""
     name: str = ""
     """The client's name from its ``hello`` ("": none given, or a build that did not say)."""
+    identified: bool = False
+    """Its ``connection-opened`` is journaled (False also from a build that wrote none)."""
 
 
 @attrs.frozen
@@ -248,7 +260,10 @@ class _Acquisition:
 
 
 # Built once (``A | B`` in an isinstance call builds a union each time it runs).
-_ANSWERS = (Found, Done, Gathered, Kicked, OwnerReleased, Fencing, Subscribed, _Retry)
+_ANSWERS = (
+    Found, Done, Gathered, Kicked, OwnerReleased, Fencing, Subscribed, _Retry, Appended,
+    AppendFailed,
+)  # fmt: skip
 """Answers to something this connection asked; each carries the token it waits on."""
 _RESOURCE_REQUESTS = (m.CreateResource, m.DeleteResource)
 _LIST_REQUESTS = (m.Inquire, m.ListLeases, m.ListLockspaces, m.ListClients)
@@ -301,6 +316,8 @@ class ConnectionActor(DispatchedActor):
         self._owner: Owner | None = None
         self._restricted = False
         self._subscribed = False
+        self._identified = False
+        """Its ``connection-opened`` is journaled (see :meth:`_identified_then`)."""
         self._events_next: int | None = None
         """The seq of the next event this subscriber is to be sent (None: not known yet)."""
         self._replay_paused = False
@@ -348,6 +365,7 @@ class ConnectionActor(DispatchedActor):
         self._owner = restored.owner
         self._restricted = restored.restricted
         self._subscribed = restored.subscribed
+        self._identified = restored.identified
         self._client = attrs.evolve(
             self._client, connected_since=restored.connected_since, name=restored.name
         )
@@ -376,6 +394,11 @@ class ConnectionActor(DispatchedActor):
         """Carry on a connection the previous process handed over (re-exec)."""
         if restored.owner is not None:
             self._owners.tell(Watch(restored.owner))
+            if not self._identified:
+                # Registered under a build that journaled no connection-opened: its
+                # changes from now on are tied to its peer.
+                self._journal.tell(Append((self._opened(),), 0, None))
+                self._identified = True
         if restored.unsent:
             self._transport.write(restored.unsent)
         if restored.subscribed:
@@ -572,6 +595,7 @@ class ConnectionActor(DispatchedActor):
             take_unsent() if take_unsent is not None else b"",
             self._events_next if self._subscribed else None,
             self._client.name,
+            self._identified,
         )
         self._closed = True  # this process will not touch the connection again
         self._handed = True
@@ -686,14 +710,7 @@ class ConnectionActor(DispatchedActor):
         elif isinstance(request, m.Restrict):
             self._restrict(request)
         elif isinstance(request, m.CreateLockspace):
-            self._router.tell(
-                CreateLockspace(
-                    request.lockspace,
-                    self.conn_id,
-                    self._wait(lambda found: self._lockspace_created(request, found)),
-                    self.actor_ref,
-                )
-            )
+            self._identified_then(request, lambda: self._create_lockspace(request))
         elif isinstance(request, _RESOURCE_REQUESTS):
             self._resource_op(request)
         elif isinstance(request, _LIST_REQUESTS):
@@ -826,10 +843,46 @@ class ConnectionActor(DispatchedActor):
                 f"only root or uid {uid} may register it",
             )
             return
-        self._owner = Owner(ident.uuid, ident.name, ident.id, ident.pid, started, self._info.boot)
-        self._owners.tell(Watch(self._owner))
+        owner = Owner(ident.uuid, ident.name, ident.id, ident.pid, started, self._info.boot)
+        self._identified_then(request, lambda: self._registered(request, owner))
+
+    def _registered(self, request: m.Register, owner: Owner) -> None:
+        self._owner = owner
+        self._owners.tell(Watch(owner))
         self._publish_info()
-        self._reply(request, {"client": self.conn_id, "owner": self._owner.to_wire()})
+        self._reply(request, {"client": self.conn_id, "owner": owner.to_wire()})
+
+    def _opened(self) -> ConnectionOpened:
+        transport = self._transport
+        return ConnectionOpened(
+            self.conn_id, transport.peer_pid, transport.peer_uid, transport.peer_gid,
+            self._admin, self._client.connected_since,
+        )  # fmt: skip
+
+    def _identified_then(self, request: m.Request, then: Callable[[], None]) -> None:
+        """Run ``then`` (a register, a create or delete) once this connection's
+        ``connection-opened`` is journaled: an auditor ties the ``conn`` of each change to
+        a pid and uid. Once per connection; a journal that refuses it refuses the request
+        (``io-error``), as it would the change, so no change goes unidentified."""
+        if self._identified:
+            then()
+            return
+
+        def written(reply: Appended | AppendFailed) -> None:
+            if isinstance(reply, AppendFailed):
+                self._error(request, ErrorCode.IO_ERROR, f"{request.OP}: {reply.message}")
+                return
+            self._identified = True
+            if self._closed:
+                self._busy = False  # its client left meanwhile: the request is dropped
+                return
+            then()
+
+        self._journal.tell(Append((self._opened(),), self._wait(written), self.actor_ref))
+
+    def _create_lockspace(self, request: m.CreateLockspace) -> None:
+        token = self._wait(lambda found: self._lockspace_created(request, found))
+        self._router.tell(CreateLockspace(request.lockspace, self.conn_id, token, self.actor_ref))
 
     def _lockspace_created(self, request: m.CreateLockspace, found: Found) -> None:
         if found.ref is None:
@@ -868,7 +921,9 @@ class ConnectionActor(DispatchedActor):
             cls = CreateResource if isinstance(request, m.CreateResource) else DeleteResource
             ref.tell(cls(request.resource, self.conn_id, token, self.actor_ref))
 
-        self._with_lockspaces(request, [request.lockspace], send)
+        self._identified_then(
+            request, lambda: self._with_lockspaces(request, [request.lockspace], send)
+        )
 
     def _resource_done(self, request: m.CreateResource | m.DeleteResource, done: Done) -> None:
         if done.refusal is not None:

@@ -85,6 +85,25 @@ class DaemonStopped(Event):
 
 
 @attrs.frozen
+class ConnectionOpened(Event):
+    """Who is on the other end of client connection ``conn``, as the kernel named it when
+    it connected (SO_PEERCRED): written once per connection, before the first change it
+    makes (its ``register``, or a create or delete before one), so that the ``conn`` of
+    every change names a process and a uid."""
+
+    TYPE: ClassVar[str] = "connection-opened"
+    conn: int
+    pid: int
+    """0: an in-process connection of a program embedding the lock system."""
+    uid: int
+    gid: int
+    admin: bool
+    """Made on the admin socket."""
+    connected: float
+    """Wall-clock time it connected (the record is written at its first change)."""
+
+
+@attrs.frozen
 class LockspaceCreated(Event):
     """A lockspace directory was created."""
 
@@ -237,6 +256,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     for cls in (
         DaemonStarted,
         DaemonStopped,
+        ConnectionOpened,
         LockspaceCreated,
         ResourceCreated,
         ResourceDeleted,

@@ -70,10 +70,15 @@ def _cmd_lease_name(args: argparse.Namespace) -> int:
     return 0
 
 
+def _field(key: str, value: object) -> object:
+    """An event's field for the line format: a time (``connected``) as the event's own."""
+    return _utc(value) if key == "connected" and isinstance(value, float) else _plain(value)
+
+
 def _format_event(row: dict[str, object]) -> str:
     """One readable line per event: seq, UTC time, host, type, then the other fields."""
     rest = " ".join(
-        f"{printable(key)}={_plain(value)}"
+        f"{printable(key)}={_field(key, value)}"
         for key, value in row.items()
         if key not in ("seq", "time", "host", "type")
     )

@@ -70,6 +70,7 @@ from lockd.server import (
     SocketTransport,
     bind_unix,
     conn_ids,
+    peer_credentials,
     refusals,
     refuse,
     refuse_if_served,
@@ -872,7 +873,9 @@ class Daemon:
             return
         sock.setblocking(False)
         conn_id = state.conn_id
-        peer = (state.peer_pid, state.peer_uid, -1)
+        # The kernel keeps what SO_PEERCRED said at connect() with the socket: the gid,
+        # which the handoff does not carry, is read again (the pid and uid are the same).
+        peer = (state.peer_pid, state.peer_uid, peer_credentials(sock)[2])
         if state.admin:
             self._admin_clients += 1
         else:

@@ -91,6 +91,7 @@ class _InProcessTransport:
         # leases end as its process exits, which the pidfd sees.
         self.peer_pid = 0
         self.peer_uid = os.getuid()
+        self.peer_gid = os.getgid()
         self.backlog = 0
         """Bytes written and not yet taken by the program: what a socket's unsent bytes
         are to the connection, so a subscriber that reads nothing is disconnected past

@@ -378,6 +378,7 @@ class Handoff:
                     c.conn_id: c.events_from for c in self.connections if c.events_from
                 },
                 "names": {c.conn_id: c.name for c in self.connections if c.name},
+                "identified": [c.conn_id for c in self.connections if c.identified],
             }
         )
 
@@ -388,7 +389,12 @@ class Handoff:
             raise ValueError(f"unsupported handoff version {raw.get('version')!r}")
         return cls(
             tuple(ListenerFd(fd, path, admin) for fd, path, admin in raw["listeners"]),
-            _conns_from_wire(raw["connections"], raw.get("events_from"), raw.get("names")),
+            _conns_from_wire(
+                raw["connections"],
+                raw.get("events_from"),
+                raw.get("names"),
+                raw.get("identified"),
+            ),
             tuple((ls, res, fd) for ls, res, fd in raw["leases"]),
             raw["next_conn_id"],
             raw.get("journal_lock"),  # absent in a handoff from before they were passed
@@ -410,7 +416,7 @@ def _paths_or_none(value: Any) -> tuple[str, ...] | None:
 
 def _conn_to_wire(c: HandedOver) -> dict[str, Any]:
     out = attrs.asdict(c, recurse=False)
-    del out["events_from"], out["name"]  # see Handoff.to_bytes
+    del out["events_from"], out["name"], out["identified"]  # see Handoff.to_bytes
     out["owner"] = None if c.owner is None else c.owner.to_wire()
     return out
 
@@ -431,13 +437,15 @@ def _conn_from_wire(data: dict[str, Any]) -> HandedOver:
 
 
 def _conns_from_wire(
-    conns: list[dict[str, Any]], events_from: Any, names: Any = None
+    conns: list[dict[str, Any]], events_from: Any, names: Any = None, identified: Any = None
 ) -> tuple[HandedOver, ...]:
     """The connections, each subscriber with the seq its events go on from (absent in
     a handoff from an earlier build: its subscribers go on from the next event), each
-    with its ``hello`` name (absent from an earlier build: none)."""
+    with its ``hello`` name (absent from an earlier build: none), and whether its
+    ``connection-opened`` is journaled (absent from an earlier build: not)."""
     seqs = events_from if isinstance(events_from, dict) else {}
     named = names if isinstance(names, dict) else {}
+    known = {c for c in identified if isinstance(c, int)} if isinstance(identified, list) else set()
     out = []
     for data in conns:
         conn = _conn_from_wire(data)
@@ -447,6 +455,8 @@ def _conns_from_wire(
         name = named.get(conn.conn_id)
         if isinstance(name, str):
             conn = attrs.evolve(conn, name=name)
+        if conn.conn_id in known:
+            conn = attrs.evolve(conn, identified=True)
         out.append(conn)
     return tuple(out)
 

@@ -142,7 +142,7 @@ class SocketTransport:
         # A forked child's copy would keep the connection open after this process's
         # end: the client would wait out its timeout instead of seeing the close.
         self._fd = fork_guard.remember(sock.fileno())
-        self.peer_pid, self.peer_uid, _ = peer
+        self.peer_pid, self.peer_uid, self.peer_gid = peer
         self._out: collections.deque[memoryview] = collections.deque()
         self._backlog = 0
         self._reading = True

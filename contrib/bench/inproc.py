@@ -46,6 +46,7 @@ class Transport:
 
     peer_pid = os.getpid()
     peer_uid = os.getuid()
+    peer_gid = os.getgid()
     backlog = 0
     gone = False
     crowded = False

@@ -56,9 +56,10 @@ class Clock:
 class FakeTransport:
     """Collects what the connection writes; records pause/resume and close."""
 
-    def __init__(self, pid: int, uid: int) -> None:
+    def __init__(self, pid: int, uid: int, gid: int | None = None) -> None:
         self.peer_pid = pid
         self.peer_uid = uid
+        self.peer_gid = uid if gid is None else gid
         self.gone = False
         self.written: list[bytes] = []
         self.closed = False

@@ -18,6 +18,7 @@ import pytest
 
 from actors import connection
 from actors.events import (
+    ConnectionOpened,
     JournalEntry,
     LeaseAcquired,
     LeaseReleased,
@@ -966,6 +967,50 @@ def test_backlog_pauses_reading(h: Harness) -> None:
     assert len(vm.messages()) == 20001
 
 
+def test_the_journal_names_the_process_and_uid_behind_each_connection_that_changes_things(
+    h: Harness,
+) -> None:
+    """An auditor ties the ``conn`` of each change to a process and uid: a connection's
+    first change (a create before any register, or its register) journals its peer's
+    credentials in ``connection-opened``, before the change and once; a connection
+    that only reads journals nothing."""
+    reader = h.connect(LIBVIRTD, uid=107)
+    reader.ok("status")
+    manager = h.connect(LIBVIRTD)
+    manager.ok("create-lockspace", lockspace="pool")
+    client = manager.register(VM1)["client"]
+    manager.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    manager.ok("release", leases=[lease("disk-a")])
+    vm = h.connect(VM2, uid=107)
+    h.processes.spawn(VM3, uid=107)
+    vm.register(VM3)
+    kinds = [type(e) for e in h.journal_writer.events()]
+    assert kinds == [ConnectionOpened, LockspaceCreated, LeaseAcquired, LeaseReleased,
+                     ConnectionOpened]  # fmt: skip
+    opened, *_, acquired, released, users = h.journal_writer.events()
+    assert opened == ConnectionOpened(client, LIBVIRTD, 0, 0, False, opened.connected)
+    assert acquired.conn == released.conn == client
+    assert (users.pid, users.uid, users.gid) == (VM2, 107, 107)
+
+
+def test_a_register_the_journal_cannot_record_fails_and_registers_nothing(h: Harness) -> None:
+    """With the journal refusing writes, a register (whose connection-opened it cannot
+    write) fails with io-error and the connection has no owner: no change can be
+    journaled under a connection no record names. Once the journal heals, it works."""
+    vm = h.connect(VM1)
+    h.journal_writer.fail = True
+    error = vm.error("register", owner={"uuid": b"\x01" * 16, "name": "vm", "id": 1, "pid": VM1})
+    assert (error["code"], error["message"]) == (
+        "io-error", "register: journal write failed: [Errno 28] No space left on device"
+    )  # fmt: skip
+    assert vm.error("acquire", leases=[lease("disk-a")])["code"] == "not-registered"
+    assert vm.error("create-lockspace", lockspace="pool")["code"] == "io-error"
+    h.journal_writer.fail = False
+    vm.register(VM1)
+    vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
+    assert [type(e) for e in h.journal_writer.events()] == [ConnectionOpened, LeaseAcquired]
+
+
 def test_subscriber_gets_events_and_a_stuck_one_is_dropped(h: Harness) -> None:
     auditor = h.connect(LIBVIRTD)
     auditor.ok("subscribe")
@@ -973,7 +1018,7 @@ def test_subscriber_gets_events_and_a_stuck_one_is_dropped(h: Harness) -> None:
     vm.register(VM1)
     vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
     pushed = [m["event"] for m in auditor.messages() if "event" in m]
-    assert [e["type"] for e in pushed] == ["lease-acquired"]
+    assert [e["type"] for e in pushed] == ["connection-opened", "lease-acquired"]
     auditor.transport.stuck_bytes = 5 * 1024 * 1024
     vm.ok("release", leases=[lease("disk-a")])
     assert auditor.transport.closed
@@ -1044,7 +1089,7 @@ def test_an_owner_s_own_connection_too_far_behind_loses_only_its_subscription(
     assert not vm2.transport.closed
     assert h.processes.signals == []
     types, ended = _events_and_end(vm2)
-    assert types == ["lease-acquired"]
+    assert types == ["connection-opened"]  # vm's; its lease-acquired put vm2 behind
     assert ended is not None
     assert "behind" in ended["reason"]
     vm.ok("release", leases=[lease("disk-a")])  # journaled after the end: not pushed
@@ -1056,7 +1101,7 @@ def test_an_owner_s_own_connection_too_far_behind_loses_only_its_subscription(
     vm2.transport.crowded = False
     vm2.send("subscribe", since=ended["next"])
     h.run()
-    assert _events_and_end(vm2) == (["lease-released"], None)
+    assert _events_and_end(vm2) == (["lease-acquired", "lease-released"], None)
     vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
     h.run()
     assert _events_and_end(vm2) == (["lease-acquired"], None)  # live again, once
@@ -1225,9 +1270,9 @@ def test_sync_failure_after_write_keeps_the_change(tmp_path: Path) -> None:
         def broken_sync() -> None:
             raise OSError(5, "Input/output error")
 
-        h.journal_writer.sync = broken_sync  # type: ignore[method-assign]
         vm = h.connect(VM1)
         vm.register(VM1)
+        h.journal_writer.sync = broken_sync  # type: ignore[method-assign]
         assert vm.ok("acquire", leases=[lease("disk-a")], autocreate=True)
         assert kernel_locked(h.lock_dir / FILES / "disk-a")
         assert len(h.journal_writer.events(LeaseAcquired)) == 1
@@ -1657,3 +1702,27 @@ def test_a_connection_opened_as_the_router_stops_is_no_crash(h: Harness) -> None
     assert h.dispatcher.crashes == []
     ref.stop(block=False)
     h.run()
+
+
+@pytest.mark.parametrize("identified", [True, False], ids=["this-build", "earlier-build"])
+def test_a_handed_over_connection_is_journaled_once(h: Harness, identified: bool) -> None:
+    """A re-exec hands a registered connection on: the next program writes no second
+    ``connection-opened`` for it; one handed on by a build that wrote none gets its
+    record as it is taken over, before any change it makes there."""
+    from actors.connection import ConnectionActor, HandedOver
+    from actors.connection import ServerInfo as Info
+
+    owner = Owner(b"\x07" * 16, "vm", 1, VM1, h.processes.start_time(VM1) or 0)
+    carried = HandedOver(
+        conn_id=99, fd=-1, peer_pid=VM1, peer_uid=0, admin=False, connected_since=5.0,
+        owner=owner, restricted=False, subscribed=False, version=1, pending=b"", unsent=b"",
+        identified=identified,
+    )  # fmt: skip
+    ConnectionActor.start(
+        h.dispatcher, conn_id=99, transport=FakeTransport(VM1, 0), router=h.router,
+        owners=h.owners, journal=h.journal, processes=h.processes,
+        info=Info("test", 1, 0.0, "test"), clock=h.clock, restored=carried,
+    )  # fmt: skip
+    h.run()
+    expected = [] if identified else [ConnectionOpened(99, VM1, 0, 0, False, 5.0)]
+    assert h.journal_writer.events(ConnectionOpened) == expected

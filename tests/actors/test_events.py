@@ -7,6 +7,7 @@ import pytest
 
 from actors.events import (
     EVENT_TYPES,
+    ConnectionOpened,
     DaemonStarted,
     DaemonStopped,
     Fence,
@@ -96,6 +97,7 @@ def test_a_user_s_fence_names_its_uid_and_root_s_leaves_the_key_out() -> None:
 SAMPLES = [
     DaemonStarted("0.1.0", 10),
     DaemonStopped("SIGTERM"),
+    ConnectionOpened(3, 4242, 1000, 100, False, 1764000000.25),
     LockspaceCreated("ls", "/locks/ls", 1),
     ResourceCreated("ls", "r1", 1),
     ResourceDeleted("ls", "r1", 1),

@@ -70,13 +70,14 @@ def _counter(name: str) -> float:
     return REGISTRY.counters.get(name, {}).get((), 0)
 
 
-def _new_event(h: Harness) -> int:
-    """One event journaled through the daemon, as a client makes it: its seq."""
+def _new_event(h: Harness) -> list[int]:
+    """An event journaled through the daemon, as a new client makes it: the seqs of its
+    ``connection-opened`` and its ``lockspace-created``."""
     vm = h.connect(VM)
     name = f"pool{h.journal_writer.next_seq}"
     vm.ok("create-lockspace", lockspace=name)
     vm.close()
-    return h.journal_writer.next_seq - 1
+    return [h.journal_writer.next_seq - 2, h.journal_writer.next_seq - 1]
 
 
 def test_subscribe_since_replays_the_journal_in_order_then_goes_live(h: Harness) -> None:
@@ -86,7 +87,7 @@ def test_subscribe_since_replays_the_journal_in_order_then_goes_live(h: Harness)
     assert _subscribe(auditor, since=3) == list(range(3, 2001))
     assert _counter("lockd_events_replayed_total") == replayed + 1998
     live = _new_event(h)
-    assert _seqs(auditor) == [live]
+    assert _seqs(auditor) == live
     assert h.journal_writer.readers[-1].closed  # nothing is left open once live
 
 
@@ -107,7 +108,7 @@ def test_a_replay_waits_for_a_slow_reader_instead_of_dropping_it(h: Harness) -> 
     assert _seqs(auditor) == list(range(2 * STEP + 1, 2001))
     assert not auditor.transport.closed
     assert _seqs(auditor) == []
-    assert [_new_event(h)] == _seqs(auditor)
+    assert _new_event(h) == _seqs(auditor)
 
 
 def test_meanwhile_requests_are_served_and_new_events_wait_their_turn(h: Harness) -> None:
@@ -120,7 +121,7 @@ def test_meanwhile_requests_are_served_and_new_events_wait_their_turn(h: Harness
     auditor.transport.stuck_bytes = 0
     auditor.ref.tell(Drained())
     h.run()
-    assert first + _seqs(auditor) == list(range(1, later + 1))
+    assert first + _seqs(auditor) == list(range(1, later[-1] + 1))
 
 
 def test_the_reply_says_where_the_feed_starts_when_old_history_is_gone(h: Harness) -> None:
@@ -144,7 +145,7 @@ def test_a_since_past_the_end_is_refused_and_subscribes_nothing(h: Harness) -> N
     assert "the next event will be 11" in error["message"]
     _new_event(h)
     assert _seqs(auditor) == []
-    assert _subscribe(auditor, since=11) == [11]  # the next one: accepted
+    assert _subscribe(auditor, since=11) == [11, 12]  # the next one: accepted
     assert auditor.error("subscribe", since=1)["code"] == "invalid-argument"  # subscribed
     assert auditor.ok("subscribe") == {}  # again, as before: nothing changes
     assert auditor.error("subscribe", since=0)["code"] == "invalid-argument"
@@ -211,9 +212,9 @@ def test_a_hand_over_carries_the_next_seq_and_the_next_program_replays_from_it(
     assert transport.written[0] == b"\x00\x00\x00\x00"
     again = Conn(h, auditor.ref, transport)
     transport.written = transport.written[1:]
-    assert _seqs(again) == list(range(sent[-1] + 1, missed + 1))
+    assert _seqs(again) == list(range(sent[-1] + 1, missed[-1] + 1))
     live = _new_event(h)
-    assert _seqs(again) == [live]
+    assert _seqs(again) == live
     clients = h.connect(VM).ok("list-clients")["clients"]
     assert [c["subscribed"] for c in clients if c["id"] == state.conn_id] == [True]
 
@@ -247,7 +248,7 @@ def test_a_damaged_segment_ends_the_replay_not_the_journal(
     assert h.journal.is_alive()
     assert sent == list(range(1, 18))  # those before the damaged record; the gap shows
     live = _new_event(h)
-    assert _seqs(auditor) == [live]
+    assert _seqs(auditor) == live
 
 
 def test_a_replay_goes_on_in_the_segment_after_a_damaged_one(
@@ -331,7 +332,7 @@ def test_a_replay_step_that_meets_a_passing_error_is_tried_again(
     assert [m["event"]["seq"] for m in events] == list(range(3, 21))
     assert _counter("lockd_replay_failures_total") == failures
     assert (_gauge("live"), _gauge("catching-up")) == (1, 0)
-    assert [_new_event(h)] == _seqs(auditor)
+    assert _new_event(h) == _seqs(auditor)
     auditor.close()
     assert _gauge("live") == 0
 
@@ -352,7 +353,7 @@ def test_a_passing_error_that_lasts_ends_the_replay_with_a_gap(
     h.advance(REPLAY_RETRY_DELAYS[-1])
     assert auditor.messages() == [{"id": rid, "result": {"first": 21}}]
     assert _counter("lockd_replay_failures_total") == failures + 1  # the gap, for an alert
-    assert [_new_event(h)] == _seqs(auditor)
+    assert _new_event(h) == _seqs(auditor)
 
 
 def test_closing_while_a_replay_waits_to_try_again_stops_the_tries(
@@ -518,7 +519,7 @@ def test_restrict_ends_the_subscription_of_the_connection_it_hands_to_a_vm(h: Ha
     ended, reply = vm.messages()
     assert ended["subscription-ended"]["reason"] == "the connection was restricted"
     assert reply == {"id": rid, "result": {}}
-    seq = _new_event(h)
+    seq = _new_event(h)[-1]
     h.run()
     assert vm.messages() == []
     assert seq in _seqs(auditor)

@@ -210,6 +210,36 @@ def test_acquire_for_another_process_ends_when_it_exits(
     assert events(daemon, "--type", "lease-released")[-1]["reason"] == "owner-exit"
 
 
+def test_the_journal_names_the_process_and_uid_that_took_and_released_a_disk(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """An auditor asks which process, as which uid, acquired and released a VM's disk: the
+    ``conn`` of each names a ``connection-opened`` with the pid, uid and gid the kernel
+    gave for that connection (here two `lockd` commands, each its own process), in
+    ``lockd events --json`` and in the line format."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    pids = []
+    for command in ("acquire", "release"):
+        cli = subprocess.Popen([*LOCKD, command, "--owner-pid", str(sleeper.pid), "--disk",
+                                "/vm/who.img"], env=daemon.env)  # fmt: skip
+        assert cli.wait(30) == 0
+        pids.append(cli.pid)
+    rows = events(daemon, "--type", "connection-opened", "--type", "lease-acquired",
+                  "--type", "lease-released")  # fmt: skip
+    opened = {row["conn"]: row for row in rows if row["type"] == "connection-opened"}
+    acquired, released = (row for row in rows if row["type"] != "connection-opened")
+    for change, pid in zip((acquired, released), pids, strict=True):
+        who = opened[change["conn"]]
+        assert who["seq"] < change["seq"]
+        assert (who["pid"], who["uid"], who["gid"], who["admin"]) == (
+            pid, os.getuid(), os.getgid(), False
+        )  # fmt: skip
+    text = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir), "--type",
+                        "connection-opened").stdout  # fmt: skip
+    assert f" pid={pids[0]} uid={os.getuid()} gid={os.getgid()} admin=False connected=20" in text
+
+
 def test_release_cli_and_wait(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:

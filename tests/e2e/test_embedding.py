@@ -233,11 +233,16 @@ def test_events_reach_an_in_process_subscriber(tmp_path: Path) -> None:
         client.call("acquire", leases=[lease], autocreate=True)
         client.call("release", leases=[lease])
         assert feed.call("status")["leases"] == 0
-        events = [feed.next_event(timeout=5)["event"] for _ in range(2)]
+        events = [feed.next_event(timeout=5)["event"] for _ in range(3)]
         assert [(e["seq"], e["type"]) for e in events] == [
-            (first, "lease-acquired"),
-            (first + 1, "lease-released"),
+            (first, "connection-opened"),
+            (first + 1, "lease-acquired"),
+            (first + 2, "lease-released"),
         ]
+        assert (events[0]["pid"], events[0]["uid"], events[0]["gid"]) == (  # in-process
+            0, os.getuid(), os.getgid()
+        )  # fmt: skip
+        assert events[1]["conn"] == events[0]["conn"]
         with pytest.raises(TimeoutError):
             feed.next_event(timeout=0.1)
 
@@ -276,7 +281,7 @@ def test_an_owner_s_connection_far_behind_on_events_keeps_its_vm(
             assert "behind" in ended.value.reason
             assert ended.value.next_seq == first + len(seqs)
             client.call("subscribe", since=ended.value.next_seq)
-            while (last := seqs[-1]) < first + 39:
+            while (last := seqs[-1]) < first + 40:  # busy's connection-opened, then 40
                 seqs.append(client.next_event(timeout=5)["event"]["seq"])
             assert seqs == list(range(first, last + 1))
             with pytest.raises(TimeoutError):

@@ -13,11 +13,19 @@ from lockd.reexec import Handoff, ListenerFd
 from tests.lockd.test_compat import earlier_connection_keys
 
 
-def _conn(conn_id: int, *, subscribed: bool, events_from: int | None, name: str = "") -> HandedOver:
+def _conn(
+    conn_id: int,
+    *,
+    subscribed: bool,
+    events_from: int | None,
+    name: str = "",
+    identified: bool = False,
+) -> HandedOver:
     return HandedOver(
         conn_id=conn_id, fd=10 + conn_id, peer_pid=100, peer_uid=0, admin=False,
         connected_since=1.0, owner=None, restricted=False, subscribed=subscribed,
         version=1, pending=b"", unsent=b"", events_from=events_from, name=name,
+        identified=identified,
     )  # fmt: skip
 
 
@@ -31,6 +39,23 @@ def test_a_subscriber_s_next_seq_is_carried() -> None:
         _conn(2, subscribed=False, events_from=None),
     )
     assert Handoff.from_bytes(_handoff(*conns).to_bytes()).connections == conns
+
+
+def test_whether_a_connection_s_peer_is_journaled_is_carried_beside_the_maps() -> None:
+    """The next program writes no second ``connection-opened`` for a connection whose
+    record is in; the flag travels beside the connection maps (an earlier build takes
+    each map's keys as they are), and a handoff without it (an earlier build's) says
+    none is."""
+    conns = (
+        _conn(1, subscribed=False, events_from=None, identified=True),
+        _conn(2, subscribed=False, events_from=None),
+    )
+    raw = cbor2.loads(_handoff(*conns).to_bytes())
+    assert raw["identified"] == [1]
+    assert set(raw["connections"][0]) == earlier_connection_keys()
+    assert Handoff.from_bytes(_handoff(*conns).to_bytes()).connections == conns
+    del raw["identified"]
+    assert not any(c.identified for c in Handoff.from_bytes(cbor2.dumps(raw)).connections)
 
 
 def test_each_connection_map_keeps_the_keys_an_earlier_build_passes_to_handed_over() -> None:
