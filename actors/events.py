@@ -56,6 +56,22 @@ def _optional_uid(_: object, attribute: attrs.Attribute[Any], value: Any) -> Non
         raise ValueError(f"{attribute.name} must be a uid, not {value!r}")
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    names = tuple(value)
+    if not all(isinstance(name, str) for name in names):
+        raise ValueError(f"setting names must be text, not {value!r}")
+    return names
+
+
+def _optional_uids(value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    uids = tuple(value)
+    if not all(type(uid) is int and uid >= 0 for uid in uids):
+        raise ValueError(f"allowed_uids must be uids, not {value!r}")
+    return uids
+
+
 def _reason(value: ReleaseReason | str) -> ReleaseReason:
     return value if type(value) is ReleaseReason else ReleaseReason(value)
 
@@ -74,6 +90,25 @@ class DaemonStarted(Event):
     TYPE: ClassVar[str] = "daemon-started"
     version: str
     pid: int
+    allowed_uids: tuple[int, ...] | None = attrs.field(default=None, converter=_optional_uids)
+    """The configuration's ``allowed_uids`` in force from this start (the uids besides
+    the daemon's own that its client socket serves); None (absent): an older lockd's
+    record, or a re-exec given up (the process serves on as before)."""
+
+
+@attrs.frozen
+class ConfigReloaded(Event):
+    """SIGHUP re-read the configuration file: which settings it changes. Only the logging
+    ones apply now; the others at the next re-exec or restart, whose ``daemon-started``
+    says what is then in force."""
+
+    TYPE: ClassVar[str] = "config-reloaded"
+    file: str
+    """The file read ("": none, the defaults)."""
+    changed: tuple[str, ...] = attrs.field(converter=_names)
+    """The settings whose value in the file differs from the one in force."""
+    applied: tuple[str, ...] = attrs.field(converter=_names)
+    """Those of ``changed`` in force now (logging)."""
 
 
 @attrs.frozen
@@ -256,6 +291,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     for cls in (
         DaemonStarted,
         DaemonStopped,
+        ConfigReloaded,
         ConnectionOpened,
         LockspaceCreated,
         ResourceCreated,
@@ -281,10 +317,10 @@ _PLAIN = frozenset({"str", "int", "bool", "float", "bytes", "float | None", "int
 
 
 def _wire_converter(cls: type) -> Callable[[Any], Any] | None:
-    if issubclass(cls, Owner):
+    if issubclass(cls, Owner) or cls is Fence:
         return operator.methodcaller("to_wire")
-    if cls is tuple:  # of values with a wire form (RecoveryCompleted.fencing)
-        return lambda items: [item.to_wire() for item in items]
+    if cls is tuple:  # of values (RecoveryCompleted.fencing, ConfigReloaded.changed)
+        return lambda items: [_dynamic(item) for item in items]
     if issubclass(cls, enum.Enum):
         return operator.attrgetter("value")
     return None

@@ -30,7 +30,7 @@ import pykka
 
 from actors import faults
 from actors.connection import ConnectionActor, HandedOver, ServerInfo
-from actors.events import DaemonStarted, DaemonStopped
+from actors.events import ConfigReloaded, DaemonStarted, DaemonStopped
 from actors.journal import Append, JournalActor, WriteTrouble
 from actors.metrics import REGISTRY
 from actors.model import Owner
@@ -285,7 +285,8 @@ class LockSystem:
         )
         if config.lost_lease_policy == "fence":
             self.router.tell(UseFencer(self.owners))
-        self.journal.tell(Append((DaemonStarted(build.version(), os.getpid()),), 0, None))
+        started = DaemonStarted(build.version(), os.getpid(), config.allowed_uids)
+        self.journal.tell(Append((started,), 0, None))
         router = self.router.proxy()
         for name in WELL_KNOWN_LOCKSPACES:
             router.ensure(name)
@@ -1071,7 +1072,8 @@ class Daemon:
         if "log_level" in self._overridden:
             fresh = attrs.evolve(fresh, log_level=self.config.log_level)  # --verbose wins
         logging_keys = ("log_level", "log_filters", "log_outputs")
-        if any(getattr(fresh, k) != getattr(self.config, k) for k in logging_keys):
+        relogged = [k for k in logging_keys if getattr(fresh, k) != getattr(self.config, k)]
+        if relogged:
             logs.configure(fresh.log_level, fresh.log_filters, fresh.log_outputs)
             log.info("reload: logging is now %s", logs.describe(logs.current()))
         changed = [
@@ -1104,6 +1106,12 @@ class Daemon:
                 "reload: %s changed; that takes a restart (a re-exec is refused meanwhile)",
                 ", ".join(moved),
             )
+        # An auditor tells when a setting (allowed_uids, say) changed: here, and in force
+        # from the next daemon-started (which names allowed_uids).
+        reloaded = ConfigReloaded(
+            fresh.config_file or "", (*relogged, *changed, *activated), relogged
+        )
+        self.system.journal.tell(Append((reloaded,), 0, None))
         self.config = attrs.evolve(
             self.config,
             log_level=fresh.log_level,

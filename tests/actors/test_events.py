@@ -7,6 +7,7 @@ import pytest
 
 from actors.events import (
     EVENT_TYPES,
+    ConfigReloaded,
     ConnectionOpened,
     DaemonStarted,
     DaemonStopped,
@@ -97,6 +98,8 @@ def test_a_user_s_fence_names_its_uid_and_root_s_leaves_the_key_out() -> None:
 SAMPLES = [
     DaemonStarted("0.1.0", 10),
     DaemonStopped("SIGTERM"),
+    DaemonStarted("0.1.0", 10, (0, 65534)),
+    ConfigReloaded("/etc/lockd/lockd.toml", ["allowed_uids", "log_level"], ["log_level"]),
     ConnectionOpened(3, 4242, 1000, 100, False, 1764000000.25),
     LockspaceCreated("ls", "/locks/ls", 1),
     ResourceCreated("ls", "r1", 1),

@@ -278,7 +278,7 @@ def test_the_audit_feed_follows_a_lockd_from_before_subscribe_since(
 class _LaterEvent(Event):
     """An event of a type this build does not know, as a later lockd would journal it."""
 
-    TYPE: ClassVar[str] = "config-reloaded"
+    TYPE: ClassVar[str] = "quota-changed"
     changed: str
 
 
@@ -302,13 +302,13 @@ def test_an_event_of_a_type_a_later_lockd_added_is_read_as_it_is(
     journal_json = events(daemon)
     last = journal_json[-1]["seq"]
     assert [e["seq"] for e in journal_json] == list(range(1, last + 1))
-    later = {"seq": 2, "time": 1764000001.0, "host": "hv1", "type": "config-reloaded"}
+    later = {"seq": 2, "time": 1764000001.0, "host": "hv1", "type": "quota-changed"}
     assert journal_json[1] == {**later, "changed": "log_level\nforged line"}
     text = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir))
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()
     assert len(lines) == last  # one line each: the text is escaped
-    assert lines[1].endswith(" hv1 config-reloaded changed=log_level\\x0aforged line")
+    assert lines[1].endswith(" hv1 quota-changed changed=log_level\\x0aforged line")
     feed, state, out = _start_feed(daemon, children, tmp_path, "--since", "1")
     wait_for(lambda: _saved(state) == last)
     feed.kill()

@@ -674,10 +674,13 @@ def test_requests_during_recovery_wait_for_it(
 
 
 def test_sighup_rereads_the_configuration(make_daemon: MakeDaemon, tmp_path: Path) -> None:
-    """SIGHUP re-reads the file, says what needs a restart, and drops nothing."""
+    """SIGHUP re-reads the file, says what needs a restart, and drops nothing. The journal
+    tells an auditor which settings the reload changed (allowed_uids among them), and each
+    daemon-started which allowed_uids are in force from then on."""
     config = tmp_path / "lockd.toml"
-    config.write_text("max_clients = 50\n")
+    config.write_text("max_clients = 50\nallowed_uids = [65534]\n")
     daemon = make_daemon("hup", None, "--config", str(config))
+    assert events(daemon, "--type", "daemon-started")[-1]["allowed_uids"] == [65534]
     # A re-exec applies max_clients (the message said "at the next start" only); a moved
     # pid file takes a restart.
     config.write_text(f'max_clients = 5\npid_file = "{tmp_path / "hup.pid"}"\n')
@@ -685,8 +688,12 @@ def test_sighup_rereads_the_configuration(make_daemon: MakeDaemon, tmp_path: Pat
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "reload: configuration re-read" in daemon.log.read_text())
     text = daemon.log.read_text()
-    assert "max_clients changed; not applied until a re-exec (SIGUSR1" in text
+    assert "max_clients, allowed_uids changed; not applied until a re-exec (SIGUSR1" in text
     assert "pid_file changed; that takes a restart" in text
+    (reloaded,) = events(daemon, "--type", "config-reloaded")
+    assert reloaded["file"] == str(config)
+    assert sorted(reloaded["changed"]) == ["allowed_uids", "max_clients", "pid_file"]
+    assert reloaded["applied"] == []  # logging only applies now
     config.write_text("max_clients = [\n")
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "keeping the running configuration" in daemon.log.read_text())
