@@ -191,6 +191,11 @@ def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Re
     for resource in dict.fromkeys(command.resources):
         holding = state.held.get(resource)
         if holding is None or key not in holding.owners:
+            if command.reason is ReleaseReason.ROLLBACK:
+                # An acquire's rollback wants the lease not held: one the owner released
+                # meanwhile (another connection, its exit) needs nothing, and refusing the
+                # whole release left the rest of what the acquire took held for good.
+                continue
             return Refusal(
                 ErrorCode.NOT_HELD,
                 f"lease {state.name}/{resource} is not held by {command.owner.describe()}",

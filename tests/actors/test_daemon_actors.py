@@ -172,6 +172,39 @@ def test_a_rollback_the_journal_refuses_is_reported_not_hidden(h: Harness) -> No
     assert vm2.ok("release", all=True) == {"released": 1}
 
 
+def test_a_rollback_after_part_of_it_was_released_meanwhile_releases_the_rest(
+    h: Harness,
+) -> None:
+    """An acquire of two disks and a busy lease elsewhere; between the disks' grant and
+    the rollback, another connection of the same VM releases one disk. The rollback,
+    all or nothing, was refused ``not-held`` for that disk: the other disk stayed held
+    and locked for good, and the reply was io-error saying the journal could not record
+    the release. The rollback's goal is "not held": it releases what is still held, and
+    the reply is the refusal that caused it."""
+    (h.lock_dir / "other").mkdir()
+    vm1, vm2, mgr = h.connect(VM1), h.connect(VM2), h.connect(LIBVIRTD)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    mgr.register(VM2)
+    vm1.ok("acquire", leases=[lease("x", "other")], autocreate=True)
+
+    def release_a_at_the_grant(entries: Sequence[JournalEntry]) -> None:
+        if any(isinstance(e.event, LeaseAcquired) for e in entries):
+            h.journal_writer.during_append = None
+            mgr.send("release", leases=[{"lockspace": FILES, "resource": "a"}])
+
+    h.journal_writer.during_append = release_a_at_the_grant
+    error = vm2.error(
+        "acquire", leases=[lease("a"), lease("b"), lease("x", "other")], autocreate=True
+    )
+    assert error["code"] == "busy", error
+    assert [m["result"] for m in mgr.messages()] == [{"released": 1}]
+    released = [(e.resource, e.reason) for e in h.journal_writer.events(LeaseReleased)]
+    assert released == [("a", ReleaseReason.CLIENT), ("b", ReleaseReason.ROLLBACK)]
+    assert vm2.ok("inquire")["leases"] == []
+    assert not kernel_locked(h.lock_dir / FILES / "b")
+
+
 def test_rollback_keeps_a_shared_lease_held_before(h: Harness) -> None:
     """A failed acquire never releases what the owner already held."""
     (h.lock_dir / "other").mkdir()
