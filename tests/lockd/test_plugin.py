@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib.machinery
 import importlib.util
+import io
+import json
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -870,3 +872,77 @@ def test_lockd_and_the_lock_driver_lease_a_disk_alike(driver: ModuleType, suffix
         return
     ((lease, _),) = parse_leases(spec)
     assert by_driver == Lease(lease["lockspace"], lease["resource"], lease["shared"])
+
+
+RunDriver = Callable[..., tuple[int, dict[str, Any]]]
+
+
+@pytest.fixture
+def run_driver(
+    driver: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> RunDriver:
+    """The driver's ``main`` against a socket nobody serves: a request that got as far as
+    the daemon would end ``unavailable`` (exit 69). Returns the exit code and the JSON."""
+    monkeypatch.setenv("LOCKD_AUTOSPAWN", "0")
+
+    def run(command: str, *argv: str, stdin: object = None) -> tuple[int, dict[str, Any]]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(stdin)))
+        code = driver.main([command, "--socket", str(tmp_path / "nobody.sock"), *argv])
+        reply: dict[str, Any] = json.loads(capsys.readouterr().out)
+        return code, reply
+
+    return run
+
+
+JSON_OWNER = {"uuid": str(uuid.UUID(bytes=VM_UUID)), "name": "vm1", "pid": 4242}
+
+
+@pytest.mark.parametrize(
+    ("request_", "words"),
+    [
+        ({"owner": JSON_OWNER, "disk": [{"path": "/vm/a.img"}]}, "request has no key 'disk'"),
+        (
+            {"owner": JSON_OWNER, "disks": [{"path": "/vm/a.img", "shared": True}]},
+            "disk has no key 'shared'",
+        ),
+        (
+            {"owner": JSON_OWNER, "leases": [{"lockspace": "site", "resource": "vm1"}]},
+            "lease has no key 'resource'",
+        ),
+        ({"owner": {**JSON_OWNER, "ID": 3}, "disks": []}, "owner has no key 'ID'"),
+    ],
+)
+def test_lock_driver_refuses_a_json_key_it_does_not_know(
+    run_driver: RunDriver, request_: dict[str, Any], words: str
+) -> None:
+    """A misspelt key was ignored: ``"disk"`` for ``"disks"`` took no lease and answered
+    ``{"leases": []}``, exit 0, so the VM ran with its disk unprotected. It is a bad
+    request now, refused before the daemon is asked."""
+    code, reply = run_driver("acquire", "--json", stdin=request_)
+    assert code == 2, reply
+    assert reply["error"]["code"] == "invalid-argument"
+    assert words in reply["error"]["message"]
+
+
+def test_lock_driver_refuses_a_json_release_naming_nothing(run_driver: RunDriver) -> None:
+    """As with the flags, a JSON release with no disks, no leases and no ``"all": true``
+    is a bad request, not ``{"released": []}`` with the VM's leases still held."""
+    code, reply = run_driver("release", "--json", stdin={"owner": JSON_OWNER, "all": False})
+    assert code == 2, reply
+    assert reply["error"] == {
+        "code": "invalid-argument",
+        "message": 'name "disks" or "leases" to release, or give "all": true',
+    }
+
+
+def test_lock_driver_refuses_request_flags_beside_json(run_driver: RunDriver) -> None:
+    """``--json --disk /vm/b.img`` leased what stdin named and dropped the flag unsaid."""
+    request = {"owner": JSON_OWNER, "disks": [{"path": "/vm/a.img"}]}
+    code, reply = run_driver("acquire", "--json", "--disk", "/vm/b.img", stdin=request)
+    assert code == 2, reply
+    assert reply["error"]["message"] == (
+        "--json reads the whole request from stdin: put --disk in it"
+    )
