@@ -946,3 +946,26 @@ def test_lock_driver_refuses_request_flags_beside_json(run_driver: RunDriver) ->
     assert reply["error"]["message"] == (
         "--json reads the whole request from stdin: put --disk in it"
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["acquire", "--pid", "abc"], "argument --pid: invalid int value: 'abc'"),
+        (["acquire", "--disks", "/vm/a.img"], "unrecognized arguments: --disks /vm/a.img"),
+        (["lock"], "invalid choice: 'lock'"),
+    ],
+)
+def test_lock_driver_answers_a_usage_error_in_json(
+    driver: ModuleType, capsys: pytest.CaptureFixture[str], argv: list[str], words: str
+) -> None:
+    """A flag argparse refuses printed usage text on stderr and nothing on stdout, where
+    the caller reads the JSON answer every other error gives."""
+    with pytest.raises(SystemExit) as caught:
+        driver.main(argv)
+    assert caught.value.code == 2
+    out, err = capsys.readouterr()
+    error = json.loads(out)["error"]
+    assert error["code"] == "invalid-argument"
+    assert words in error["message"]
+    assert err.startswith("usage: lockd-lock-driver")
