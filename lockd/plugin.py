@@ -745,6 +745,9 @@ class LockManager:
             raise _invalid(f"{len(wanted)} leases; one acquire takes at most {MAX_LEASES}")
         held = {lease.ref: lease.shared for lease in self._held(conn)} if wanted else {}
         missing = [lease for lease in wanted if held.get(lease.ref) != lease.shared]
+        # What this acquire may newly give the VM: one held in the other mode is refused
+        # (busy), and an acquire cut off must not give it back.
+        fresh = [lease for lease in missing if lease.ref not in held]
         disk_spaces = self.options.disk_lockspaces
         # One request cannot mix autocreated and pre-existing lease files, so explicit
         # leases go first and are rolled back if the disk leases are refused.
@@ -765,7 +768,13 @@ class LockManager:
                 self._call(conn, "acquire", leases=leases, autocreate=autocreate)
                 taken.extend(group)
         except LockError as exc:
-            if taken:
+            if exc.code == PluginErrorCode.UNAVAILABLE:
+                # The connection broke mid-request (lockd crashed or was restarted): the
+                # request cut off may have been granted before, and what it took is held
+                # again after the restart. Given back on a new connection, so that an
+                # acquire that failed leaves nothing held, as a refused one does.
+                self._rollback_in_doubt(fresh, exc)
+            elif taken:
                 self._rollback(conn, taken, exc)
             raise
         return tuple(wanted)
@@ -773,8 +782,6 @@ class LockManager:
     def _rollback(self, conn: Connection, taken: list[Lease], cause: LockError) -> None:
         """Give back the explicit leases of a refused acquire, so none of it holds."""
         try:
-            if self._conn is not conn:
-                raise LockError(PluginErrorCode.UNAVAILABLE, "the connection broke")
             self._call(conn, "release", leases=[lease.ref_to_wire() for lease in taken])
         except LockError as exc:
             log.error(
@@ -784,6 +791,38 @@ class LockManager:
                 ", ".join(map(str, taken)),
                 exc,
             )
+
+    def _rollback_in_doubt(self, asked: list[Lease], cause: LockError) -> None:
+        """Release, on a new connection, whatever of ``asked`` the owner holds now; say in
+        ``cause``'s message what is left held if that cannot be done."""
+        try:
+            conn = self._connection()
+            held = {lease.ref for lease in self._held(conn)}
+            back = [lease for lease in asked if lease.ref in held]
+            if back:
+                self._call(conn, "release", leases=[lease.ref_to_wire() for lease in back])
+                log.warning(
+                    "owner %s: the connection to lockd broke mid-acquire; released again "
+                    "what it had taken: %s",
+                    self.owner.name,
+                    ", ".join(map(str, back)),
+                )
+        except LockError as exc:
+            log.error(
+                "owner %s: the connection to lockd broke mid-acquire, and releasing what "
+                "it may have taken failed: %s",
+                self.owner.name,
+                exc,
+            )
+            named = ", ".join(self._labels.get(lease.ref, str(lease)) for lease in asked)
+            cause.message += (
+                f"; it may hold some of {named} (lockd could not be "
+                f"asked again: {exc.message}): acquire again, or release them"
+            )
+            cause.args = (f"{cause.code}: {cause.message}",)
+            return
+        cause.message += "; nothing of this acquire is held (given back on a new connection)"
+        cause.args = (f"{cause.code}: {cause.message}",)
 
     def _held(self, conn: Connection) -> list[Lease]:
         result = self._call(conn, "inquire")

@@ -709,6 +709,68 @@ def test_broken_connection_is_dropped_and_the_next_call_reconnects(
     assert daemon.ops().count("register") == 2
 
 
+def crash_at(patch: pytest.MonkeyPatch, n: int, *, served: bool, back: bool = True) -> None:
+    """The daemon crashes at its ``n``-th acquire (from 1), having journaled it (``served``:
+    the restart holds it again) or not, and is ``back`` at once (socket activation) or
+    not at all: that connection breaks; a new one finds what the journal says."""
+    serve = FakeDaemon.serve
+    acquires = 0
+
+    def crashing(self: FakeDaemon, conn: FakeConnection, op: str, args: dict[str, Any]) -> Any:
+        nonlocal acquires
+        if op == "acquire":
+            acquires += 1
+            if acquires == n:
+                if served:
+                    serve(self, conn, op, args)
+                self.reachable = back
+                raise ConnectionLostError("the daemon closed the connection")
+        return serve(self, conn, op, args)
+
+    patch.setattr(FakeDaemon, "serve", crashing)
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_an_acquire_cut_off_by_a_daemon_crash_leaves_nothing_held(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch, served: bool
+) -> None:
+    """lockd crashes mid-acquire, after journaling it or before: the acquire fails
+    ``unavailable``, and what it took is given back on a new connection. The VM held
+    what the restarted daemon recovered (the disk, or the explicit lease taken by the
+    first of the two requests) while the VM manager was told the acquire failed."""
+    daemon.files.add(("site.leases", "vm1"))
+    daemon.held[file_lease("/vm/kept.img").ref] = Holding(False, True, {4242})
+    mgr = manager(daemon)
+    mgr.add_lease("site.leases", "vm1")
+    mgr.add_disk("/vm/a.img")
+    mgr.add_disk("/vm/kept.img")
+    crash_at(monkeypatch, 2, served=served)
+    with pytest.raises(LockError) as caught:
+        mgr.acquire()
+    assert caught.value.code == "unavailable"
+    assert caught.value.message.endswith(
+        "; nothing of this acquire is held (given back on a new connection)"
+    )
+    assert daemon.leases_of(4242) == {file_lease("/vm/kept.img").ref: "exclusive"}
+    assert daemon.opened == 2
+
+
+def test_an_acquire_cut_off_with_lockd_gone_says_what_it_may_hold(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lockd does not come back: the error says which leases may be held, and what to do."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    crash_at(monkeypatch, 1, served=True, back=False)
+    with pytest.raises(LockError) as caught:
+        mgr.acquire()
+    assert caught.value.code == "unavailable"
+    assert "; it may hold some of disk /vm/a.img (lockd could not be asked " in (
+        caught.value.message
+    )
+    assert caught.value.message.endswith("acquire again, or release them")
+
+
 def test_register_refusal_keeps_the_daemon_code(daemon: FakeDaemon) -> None:
     """A daemon error passes through with its code (here: no such process)."""
 
