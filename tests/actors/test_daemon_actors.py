@@ -205,6 +205,68 @@ def test_a_rollback_after_part_of_it_was_released_meanwhile_releases_the_rest(
     assert not kernel_locked(h.lock_dir / FILES / "b")
 
 
+@pytest.mark.parametrize("steps", range(14))
+@pytest.mark.parametrize("same_lockspace", [False, True])
+def test_an_acquire_arriving_during_anothers_rollback_never_meets_its_lock(
+    tmp_path: Path, steps: int, same_lockspace: bool
+) -> None:
+    """VM2's acquire takes ``free`` and is refused by ``x``: VM1 holds it in another
+    lockspace, or another host holds it in the same one (``free`` is locked, then its
+    lock dropped); VM3 asks for ``free`` at each point of that, until after the rollback.
+    VM3 gets ``free`` or is refused ``busy`` naming VM2 (the holder of the moment),
+    never refused as held by "another process or host" (the kernel lock of the lease
+    being dropped: the drop is done before the next lock on it is taken), and never
+    granted while VM2 holds it: the journal gives ``free`` one holder at a time."""
+    h = Harness(tmp_path / "locks")
+    other_host: int | None = None
+    try:
+        for pid in (VM1, VM2, VM3):
+            h.processes.spawn(pid)
+        where = FILES if same_lockspace else "other"
+        vm1, vm2, vm3 = h.connect(VM1), h.connect(VM2), h.connect(VM3)
+        vm1.register(VM1, "vm1")
+        vm2.register(VM2, "vm2")
+        vm3.register(VM3, "vm3")
+        if same_lockspace:
+            (h.lock_dir / FILES).mkdir(exist_ok=True)
+            other_host = os.open(h.lock_dir / FILES / "x", os.O_RDWR | os.O_CREAT, 0o600)
+            try_lock(other_host, shared=False)
+        else:
+            (h.lock_dir / "other").mkdir()
+            vm1.ok("acquire", leases=[lease("x", where)], autocreate=True)
+        vm3.ok("inquire")  # its lockspace is looked up: its acquire is one hop away
+        vm2.send("acquire", leases=[lease("free"), lease("x", where)], autocreate=True)
+        for _ in range(steps):
+            h.dispatcher._run_ready(1)
+        vm3.send("acquire", leases=[lease("free")], autocreate=True)
+        h.run()
+        (refused,) = vm2.messages()
+        assert refused["error"]["code"] == "busy"
+        (answer,) = vm3.messages()
+        holders: set[int] = set()
+        for entry in h.journal_writer.entries:
+            event = entry.event
+            if getattr(event, "resource", None) != "free":
+                continue
+            if isinstance(event, LeaseAcquired):
+                assert not holders, f"free granted to {event.owner.pid} while {holders} held it"
+                holders.add(event.owner.pid)
+            elif isinstance(event, LeaseReleased):
+                holders.discard(event.owner.pid)
+        if "error" in answer:
+            assert answer["error"]["code"] == "busy"
+            assert [o["pid"] for o in answer["error"]["holders"]] == [VM2], answer
+            assert holders == set()
+            assert not kernel_locked(h.lock_dir / FILES / "free")
+        else:
+            assert holders == {VM3}
+            assert kernel_locked(h.lock_dir / FILES / "free")
+    finally:
+        if other_host is not None:
+            os.close(other_host)
+        h.close()
+
+
 def test_rollback_keeps_a_shared_lease_held_before(h: Harness) -> None:
     """A failed acquire never releases what the owner already held."""
     (h.lock_dir / "other").mkdir()
