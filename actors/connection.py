@@ -1034,7 +1034,6 @@ class ConnectionActor(DispatchedActor):
                 delay = WAIT_RETRY_SECONDS[min(job.attempt, len(WAIT_RETRY_SECONDS) - 1)]
                 delay = min(delay, remaining)
                 if remaining > 0:
-                    self._rollback(job)
                     job.attempt += 1
                     if index:
                         # The lockspace that refused goes first next time: while it
@@ -1044,14 +1043,11 @@ class ConnectionActor(DispatchedActor):
                         # a free lease held for a moment each time (others: busy).
                         groups = job.groups
                         job.groups = (groups[index], *groups[:index], *groups[index + 1 :])
-                    self._waiting_retry = True
-                    self._waiting_job = job
-                    if self._quiesce_to is not None:
-                        self._hand_over()
-                        return
-                    token = self._wait(lambda _r: None if self._closed else self._retry(job))
-                    ref = self.actor_ref
-                    self.dispatcher.call_later(delay, lambda: tell_if_alive(ref, _Retry(token)))
+                    # The wait goes on once the rollback is applied: one the journal
+                    # refused leaves leases held, which ends the request (io-error),
+                    # as without a wait. Not awaited, it was dropped unsaid and the
+                    # wait ended busy, its owner holding them all the same.
+                    self._rollback(job, lambda stuck: self._wait_on(job, done, delay, stuck))
                     return
             # Counted once per request, by its answer (not per attempt of a --wait).
             REGISTRY.inc("lockd_acquires_total", result=done.refusal.code.value)
@@ -1084,6 +1080,24 @@ class ConnectionActor(DispatchedActor):
                 ]
             },
         )
+
+    def _wait_on(self, job: _Acquisition, done: Done, delay: float, stuck: list[str]) -> None:
+        """Try a busy acquire again in ``delay`` seconds, its rollback applied (``stuck``:
+        what the journal would not let it release, which ends the wait)."""
+        if self._closed:
+            return
+        if stuck:
+            REGISTRY.inc("lockd_acquires_total", result=ErrorCode.IO_ERROR.value)
+            self._refused_after_rollback(job, done, stuck)
+            return
+        self._waiting_retry = True
+        self._waiting_job = job
+        if self._quiesce_to is not None:
+            self._hand_over()
+            return
+        token = self._wait(lambda _r: None if self._closed else self._retry(job))
+        ref = self.actor_ref
+        self.dispatcher.call_later(delay, lambda: tell_if_alive(ref, _Retry(token)))
 
     def _refused_after_rollback(self, job: _Acquisition, done: Done, stuck: list[str]) -> None:
         """Answer a refused acquire once its rollback is applied; if the journal refused

@@ -267,6 +267,39 @@ def test_an_acquire_arriving_during_anothers_rollback_never_meets_its_lock(
         h.close()
 
 
+def test_a_waiting_acquire_whose_rollback_the_journal_refuses_says_so(h: Harness) -> None:
+    """As above, for an acquire with ``wait``: its first try takes ``free`` and meets the
+    busy lease; the rollback's release cannot be journaled, so ``free`` stays held. That
+    was dropped unsaid: the next tries found the owner holding ``free`` itself and the
+    wait ended ``busy`` naming the asking owner, the lease held all the same. It ends at
+    once, io-error naming ``free``, as without a wait."""
+    (h.lock_dir / "other").mkdir()
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("x", "other")], autocreate=True)
+
+    def fill_disk_at_a_release(entries: Sequence[JournalEntry]) -> None:
+        if any(isinstance(e.event, LeaseReleased) for e in entries):
+            h.journal_writer.fail = True
+
+    h.journal_writer.during_append = fill_disk_at_a_release
+    rid = vm2.send("acquire", leases=[lease("free"), lease("x", "other")], autocreate=True, wait=2)
+    h.run()
+    h.journal_writer.during_append = None
+    h.journal_writer.fail = False
+    for _ in range(30):
+        h.advance(0.1)
+    (reply,) = vm2.messages()
+    assert reply["id"] == rid
+    error = reply["error"]
+    assert error["code"] == "io-error", error
+    assert f"{FILES}/free: journal write failed" in error["message"]
+    assert vm2.ok("inquire")["leases"] == [
+        {"lockspace": FILES, "resource": "free", "mode": "exclusive"}
+    ]
+
+
 def test_rollback_keeps_a_shared_lease_held_before(h: Harness) -> None:
     """A failed acquire never releases what the owner already held."""
     (h.lock_dir / "other").mkdir()
