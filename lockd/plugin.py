@@ -780,17 +780,30 @@ class LockManager:
         return tuple(wanted)
 
     def _rollback(self, conn: Connection, taken: list[Lease], cause: LockError) -> None:
-        """Give back the explicit leases of a refused acquire, so none of it holds."""
+        """Give back the explicit leases of a refused acquire, so none of it holds.
+
+        If that fails, raises the release's error, saying what the VM still holds: the
+        refusal alone (``busy``) told the caller the VM got nothing."""
         try:
             self._call(conn, "release", leases=[lease.ref_to_wire() for lease in taken])
         except LockError as exc:
+            if exc.code == PluginErrorCode.UNAVAILABLE:
+                self._rollback_in_doubt(taken, cause)
+                return
+            named = ", ".join(self._labels.get(lease.ref, str(lease)) for lease in taken)
             log.error(
                 "owner %s: acquire failed (%s) and rolling back %s failed too: %s",
                 self.owner.name,
                 cause,
-                ", ".join(map(str, taken)),
+                named,
                 exc,
             )
+            raise LockError(
+                exc.code,
+                f"{cause.message}; and releasing what the acquire took failed, so the VM "
+                f"still holds {named}: {exc.message}",
+                exc.details,
+            ) from None
 
     def _rollback_in_doubt(self, asked: list[Lease], cause: LockError) -> None:
         """Release, on a new connection, whatever of ``asked`` the owner holds now; say in

@@ -771,6 +771,37 @@ def test_an_acquire_cut_off_with_lockd_gone_says_what_it_may_hold(
     assert caught.value.message.endswith("acquire again, or release them")
 
 
+def test_a_refused_acquire_whose_rollback_fails_says_what_the_vm_still_holds(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The explicit lease is taken, the disk is busy, and the release of the explicit
+    lease is refused (lockd's journal full): the VM holds the lease. The acquire said
+    ``busy`` and nothing more, as if the VM held nothing; it now fails with the
+    release's error, naming the lease left held."""
+    daemon.files.add(("site.leases", "vm1"))
+    daemon.held[file_lease("/vm/a.img").ref] = Holding(False, True, {99})
+    serve = FakeDaemon.serve
+
+    def full_journal(self: FakeDaemon, conn: FakeConnection, op: str, args: Any) -> Any:
+        if op == "release":
+            raise RemoteError("io-error", "journal write failed: disk full", {})
+        return serve(self, conn, op, args)
+
+    monkeypatch.setattr(FakeDaemon, "serve", full_journal)
+    mgr = manager(daemon)
+    mgr.add_lease("site.leases", "vm1")
+    mgr.add_disk("/vm/a.img")
+    with pytest.raises(LockError) as caught:
+        mgr.acquire()
+    assert caught.value.code == "io-error"
+    assert caught.value.message.startswith("disk /vm/a.img is busy: ")
+    assert caught.value.message.endswith(
+        "; and releasing what the acquire took failed, so the VM still holds lease "
+        "site.leases/vm1: journal write failed: disk full"
+    )
+    assert daemon.leases_of(4242) == {("site.leases", "vm1"): "exclusive"}
+
+
 def test_register_refusal_keeps_the_daemon_code(daemon: FakeDaemon) -> None:
     """A daemon error passes through with its code (here: no such process)."""
 
