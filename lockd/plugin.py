@@ -707,10 +707,23 @@ class LockManager:
                     log.info(
                         "owner %s does not hold %s: nothing to release", self.owner.name, lease
                     )
+        released: list[Lease] = []
         for start in range(0, len(targets), MAX_LEASES):
             chunk = targets[start : start + MAX_LEASES]
-            self._call(conn, "release", leases=[lease.ref_to_wire() for lease in chunk])
-        return tuple(targets)
+            try:
+                self._call(conn, "release", leases=[lease.ref_to_wire() for lease in chunk])
+            except LockError as exc:
+                if exc.code != ErrorCode.NOT_HELD:
+                    raise
+                # Let go of between the inquire and the release (the VM exited, another
+                # connection of it released): the release, all or nothing, was refused,
+                # though its goal is met for those. The rest are released.
+                still = {lease.ref for lease in self._held(conn)}
+                chunk = [lease for lease in chunk if lease.ref in still]
+                if chunk:
+                    self._call(conn, "release", leases=[lease.ref_to_wire() for lease in chunk])
+            released += chunk
+        return tuple(released)
 
     def inquire(self) -> str:
         """The state string of every lease the owner holds, for :meth:`acquire` on a target."""

@@ -97,12 +97,15 @@ class FakeDaemon:
             return {"leases": leases}
         if op == "acquire":
             return self._acquire(pid, args["leases"], args["autocreate"])
-        if op == "release":
+        if op == "release":  # all or nothing, as the daemon's
             for ref in args["leases"]:
                 key = (ref["lockspace"], ref["resource"])
                 holding = self.held.get(key)
                 if holding is None or pid not in holding.owners:
                     raise RemoteError("not-held", f"lease {key[0]}/{key[1]} is not held", {})
+            for ref in args["leases"]:
+                key = (ref["lockspace"], ref["resource"])
+                holding = self.held[key]
                 holding.owners.discard(pid)
                 if not holding.owners:
                     del self.held[key]
@@ -574,6 +577,28 @@ def test_release_gives_back_what_is_held_and_skips_the_rest(daemon: FakeDaemon) 
     hot.acquire()
     assert len(manager(daemon).release(all_held=True)) == 2
     assert daemon.held == {}
+
+
+def test_a_release_racing_another_release_of_the_vm_releases_the_rest() -> None:
+    """The VM exits, or another connection of it releases a disk, between the release's
+    inquire and its release: the daemon refuses the release (`not-held`, all or
+    nothing), and the plugin failed (exit 1) though the disk is not held, as asked,
+    and left the other disk held. It now releases the rest and succeeds."""
+    gone = (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img"))
+
+    class Racing(FakeDaemon):
+        def serve(self, conn: FakeConnection, op: str, args: dict[str, Any]) -> dict[str, Any]:
+            if op == "release" and gone in self.held:
+                del self.held[gone]  # released on the VM's other connection
+            return super().serve(conn, op, args)
+
+    daemon = Racing()
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    mgr.add_disk("/vm/b.img")
+    mgr.acquire()
+    assert mgr.release() == (file_lease("/vm/b.img"),)
+    assert daemon.leases_of(4242) == {}
 
 
 def test_inquire_then_acquire_on_a_target_takes_exactly_those_leases(daemon: FakeDaemon) -> None:
