@@ -191,19 +191,46 @@ def secure_runtime_dir(socket_path: str, *, create: bool) -> bool:
         return False
     base = os.path.dirname(runtime)
     fallback = _xdg_runtime_dir() is None
-    if create and not fallback:
-        os.makedirs(base, mode=0o700, exist_ok=True)
-    for path in (base, runtime) if fallback else (runtime,):
-        if create:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(path, 0o700)
-        try:
-            check_own_dir(path)
-        except FileNotFoundError:
+    try:
+        if create and not fallback:
+            os.makedirs(base, mode=0o700, exist_ok=True)
+        for path in (base, runtime) if fallback else (runtime,):
             if create:
-                raise
-            return True
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(path, 0o700)
+            try:
+                check_own_dir(path)
+            except FileNotFoundError:
+                if create:
+                    raise
+                return True
+    except PermissionError as exc:
+        raise UnsafePathError(_runtime_dir_denied(runtime, exc, xdg=not fallback)) from None
     return True
+
+
+def _runtime_dir_denied(runtime: str, exc: PermissionError, *, xdg: bool) -> str:
+    """Why this user cannot use its runtime directory ``runtime``. Most often
+    ``$XDG_RUNTIME_DIR`` is another user's: ``su`` and ``sudo`` keep the caller's
+    (``/run/user/0`` after ``su alice``), and lockd named only the errno, exiting 1."""
+    uid = os.geteuid()
+    where = f" ({exc.filename})" if exc.filename and exc.filename != runtime else ""
+    text = f"cannot use {runtime} (you are uid {uid}): {exc.strerror}{where}"
+    if xdg:
+        base = os.path.dirname(runtime)
+        try:
+            st = os.stat(base)
+        except OSError as why:  # not there, or in a directory of another user's
+            whose, theirs = why.strerror or str(why), why.errno != errno.ENOENT
+        else:
+            whose = f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
+            theirs = st.st_uid != uid
+        hint = " a shell from su or sudo keeps the caller's;" if theirs else ""
+        text += (
+            f"; XDG_RUNTIME_DIR is {base} ({whose}):{hint} set XDG_RUNTIME_DIR to your "
+            "own runtime directory, or unset it"
+        )
+    return text + ", or pass --socket (or set LOCKD_SOCKET) for a socket elsewhere"
 
 
 def default_socket() -> str:

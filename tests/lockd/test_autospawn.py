@@ -9,12 +9,14 @@ append its log to a file of the link maker's choosing).
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
 import signal
 import stat
 import subprocess
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from lockd.autospawn import open_log
 from lockd.config import UnsafePathError, default_paths
 from lockd.plugin import LockError, LockManager, Owner, socket_connector
 from protocol.client import Client
-from tests.lockd.conftest import OTHER, as_root
+from tests.lockd.conftest import OTHER, as_a_user, as_root
 
 VM_UUID = uuid.UUID("6695eb01-f6a4-8304-79aa-97f2502e193f").bytes
 
@@ -179,6 +181,48 @@ def test_the_plugin_refuses_a_socket_in_another_users_directory(
     assert caught.value.code == "unavailable"
     assert f"refusing {fallback_user}: it is another user's" in caught.value.message
     assert not (runtime / "lockd.log").exists()
+    assert no_daemon == []
+
+
+def _in_a_child_that_cannot_enter(directory: Path, action: Callable[[], int]) -> tuple[int, str]:
+    """:func:`as_a_user` for a child that cannot enter ``directory``: root's 0700
+    directory, the child playing uid 65534 (or, when the tests run as a user, the
+    user's own directory at mode 0000)."""
+    if os.geteuid() != 0:
+        os.chmod(directory, 0)
+    try:
+        return as_a_user(action)
+    finally:
+        os.chmod(directory, 0o700)
+
+
+def test_an_xdg_runtime_dir_the_user_cannot_enter_is_named_with_the_way_out(
+    fallback_user: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    no_daemon: list[list[str]],
+) -> None:  # fmt: skip
+    """``su`` and ``sudo`` keep the caller's ``$XDG_RUNTIME_DIR`` (``/run/user/0``): the
+    clients said only ``[Errno 13] Permission denied: '/run/user/0/lockd'`` (exit 1).
+    They, and ``lockd serve``, name the variable and what to do, exit 69 (serve: 1),
+    and start no daemon."""
+    xdg = tmp_path / "run-user-0"
+    xdg.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    for argv, expected in (
+        (["status"], 69),
+        (["run", "--disk", "/vm/a.img", "--name", "vm", "--", "true"], 69),
+        (["serve", "--config", os.devnull, "--journal-dir", str(tmp_path / "j")], 1),
+    ):
+        status, err = _in_a_child_that_cannot_enter(xdg, functools.partial(cli.main, argv))
+        assert status == expected, err
+        assert f"cannot use {xdg / 'lockd'} (you are uid " in err
+        assert "Permission denied" in err
+        assert f"XDG_RUNTIME_DIR is {xdg}" in err
+        assert "set XDG_RUNTIME_DIR to your own runtime directory, or unset it" in err
+        if os.geteuid() == 0:  # the child plays another user: root's directory
+            assert "su or sudo keeps the caller's" in err
+        assert "Traceback" not in err
+    assert os.listdir(xdg) == []
+    assert not (tmp_path / "j").exists()
     assert no_daemon == []
 
 
