@@ -11,6 +11,7 @@ import contextlib
 import errno
 import math
 import os
+import pwd
 import stat
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -32,11 +33,24 @@ class ConfigError(Exception):
         table's."""
 
 
+def _home() -> str:
+    """The user's home: ``$HOME`` when it is an absolute path, else the password
+    database's (as systemd's ``get_home_dir`` does). A relative ``HOME`` (``HOME=.``)
+    put the lock dir and journal under wherever lockd was started: a daemon started on
+    demand, which runs in the package's directory, kept them there, and ``lockd events``
+    run elsewhere found no journal."""
+    value = os.environ.get("HOME")
+    if value and os.path.isabs(value):
+        return value
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:  # no entry (a container's arbitrary uid): as an empty HOME is taken
+        return "/"
+
+
 def _xdg(var: str, fallback: str) -> str:
     value = os.environ.get(var)
-    return (
-        value if value and os.path.isabs(value) else os.path.join(os.path.expanduser("~"), fallback)
-    )
+    return value if value and os.path.isabs(value) else os.path.join(_home(), fallback)
 
 
 FALLBACK_RUNTIME_DIR = "/tmp/lockd-{uid}"  # noqa: S108 - made 0700 and checked: see below
@@ -79,7 +93,7 @@ def default_paths(uid: int | None = None) -> dict[str, str]:
     return {
         "socket": os.path.join(runtime, "lockd.sock"),
         "admin_socket": os.path.join(runtime, "lockd-admin.sock"),
-        "lock_dir": os.path.join(os.path.expanduser("~"), ".libvirt", "lockd"),
+        "lock_dir": os.path.join(_home(), ".libvirt", "lockd"),
         "journal_dir": os.path.join(_xdg("XDG_STATE_HOME", ".local/state"), "lockd", "journal"),
         "config": os.path.join(_xdg("XDG_CONFIG_HOME", ".config"), "lockd", "lockd.toml"),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import stat
 import tomllib
@@ -65,6 +66,23 @@ def test_a_relative_xdg_runtime_dir_is_ignored_as_the_spec_says(
     assert socket_path == str(fallback_user / "lockd" / "lockd.sock")
     assert secure_runtime_dir(socket_path, create=True)
     assert _mode(fallback_user) == 0o700  # the fallback's checks, both levels
+
+
+@pytest.mark.parametrize("value", ["relhome", ".", ""])
+def test_a_home_that_is_no_absolute_path_is_taken_from_the_password_database(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """``HOME=relhome`` put the lock dir, journal and config file under wherever lockd
+    was started (a daemon started on demand: the package's directory), and ``HOME=``
+    under /. The user's home from the password database is used instead, as systemd does."""
+    monkeypatch.setenv("HOME", value)
+    for name in ("XDG_STATE_HOME", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    home = pwd.getpwuid(os.getuid()).pw_dir
+    paths = default_paths(1002)
+    assert paths["lock_dir"] == os.path.join(home, ".libvirt", "lockd")
+    assert paths["journal_dir"] == os.path.join(home, ".local", "state", "lockd", "journal")
+    assert paths["config"] == os.path.join(home, ".config", "lockd", "lockd.toml")
 
 
 def _mode(path: Path) -> int:
