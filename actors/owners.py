@@ -253,9 +253,14 @@ class OwnersActor(DispatchedActor):
         grace: float = FENCE_GRACE_SECONDS,
         max_pidfds: int | None = None,
         clock: Callable[[], float] = time.time,
+        signals_as: int | None = None,
     ) -> None:
         super().__init__(dispatcher)
         self._processes = processes
+        self._signals_as = signals_as
+        """The uid lockd runs as when it is not root (a user's daemon), None for root's,
+        which may signal any process. A fence of lockd's own (an admin disconnect, a lost
+        lease) sends each signal only while that uid could (see :meth:`_signallable`)."""
         self._max_pidfds = max_pidfds
         """None: no budget (a pidfd for every owner, polling only after EMFILE)."""
         self._pidfds = 0
@@ -646,25 +651,32 @@ class OwnersActor(DispatchedActor):
         self._fence(step.owner, step.signum, "still running after SIGTERM")
 
     def _signallable(self, owner: Owner, uid: int | None, what: str) -> bool:
-        """Whether a fence on behalf of ``uid`` (None: root's) may send ``owner`` the signal
-        ``what``: only while a process of that uid could send it itself, its real or saved
-        uid being ``uid`` (kill(2)'s rule). Logs the refusal.
+        """Whether a fence on behalf of ``uid`` (None: lockd's own, which root's lockd may
+        always send) may send ``owner`` the signal ``what``: only while a process of that
+        uid could send it itself, its real or saved uid being ``uid`` (kill(2)'s rule).
+        Logs the refusal.
 
         A user's process that registered itself, then became root's (it ran a set-user-ID
         program such as sudo), had lockd SIGTERM and SIGKILL a root process for that user
         the moment the user's connection closed (after the SIGTERM, too: a process that
         runs sudo on SIGTERM). It is no longer signalled; its leases stay held until it
         exits, as an owner with no connection."""
+        who = f"uid {uid}, whose connection closed,"
         if uid is None:
-            return True
+            # lockd's own fence: a user's lockd is held to kill(2)'s rule too. Its process
+            # turned root's (sudo) had every SIGKILL refused (EPERM) and sent again each
+            # 0.2 s, an error logged each time, for as long as the process ran.
+            uid, who = self._signals_as, f"lockd, uid {self._signals_as},"
+            if uid is None:
+                return True
         uids = self._processes.uids_of(owner.pid)
         if uids is not None and uid in uids:
             return True
         runs_as = "its uid cannot be read" if uids is None else f"it runs as uid {uids[0]} now"
         log.warning(
-            "not fencing %s with %s: uid %d, whose connection closed, could not signal it "
-            "(%s: a set-user-ID program?); its leases stay held until it exits",
-            owner.describe(), what, uid, runs_as,
+            "not fencing %s with %s: %s could not signal it (%s: a set-user-ID program?); "
+            "its leases stay held until it exits",
+            owner.describe(), what, who, runs_as,
         )  # fmt: skip
         return False
 

@@ -282,6 +282,7 @@ class LockSystem:
             journal=self.journal,
             grace=config.fence_grace,
             max_pidfds=max_pidfds,
+            signals_as=None if os.geteuid() == 0 else os.geteuid(),
         )
         if config.lost_lease_policy == "fence":
             self.router.tell(UseFencer(self.owners))

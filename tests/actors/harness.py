@@ -111,6 +111,10 @@ class FakeProcesses:
         """True: open_watch fails like pidfd_open at the fd limit (EMFILE)."""
         self.unsignallable: set[int] = set()
         """Alive, but a signal cannot be sent to them (EMFILE on the pidfd it goes through)."""
+        self.signaller_uid: int | None = None
+        """The uid lockd runs as when not root: a signal to a process whose uids are
+        others' is refused (EPERM), counted in ``refused``, as the kernel would."""
+        self.refused = 0
         self.threads: dict[int, int] = {}
         """Thread ids (spawned like pids: /proc answers for them) and their process."""
         self.unreadable: set[int] = set()
@@ -176,6 +180,10 @@ class FakeProcesses:
         import signal as sig
 
         if self.is_gone(owner) or owner.pid in self.unsignallable:
+            return False
+        uids = self.uids_of(owner.pid)
+        if self.signaller_uid is not None and uids is not None and self.signaller_uid not in uids:
+            self.refused += 1
             return False
         name = sig.Signals(signum).name
         self.signals.append((owner.pid, name))
@@ -294,6 +302,7 @@ class Harness:
         replay_bytes: int = REPLAY_BYTES,
         *,
         max_lockspaces: int = 4096,
+        signals_as: int | None = None,
     ) -> None:
         self.clock = Clock()
         self.wall_offset = 0.0
@@ -302,6 +311,7 @@ class Harness:
         self.lock_dir = lock_dir
         self.journal_writer = MemoryJournal()
         self.processes = FakeProcesses()
+        self.processes.signaller_uid = signals_as
         self.journal = JournalActor.start(
             self.dispatcher,
             self.journal_writer,
@@ -318,7 +328,7 @@ class Harness:
         )  # fmt: skip
         self.owners = OwnersActor.start(
             self.dispatcher, processes=self.processes, router=self.router, journal=self.journal,
-            grace=1.6, max_pidfds=max_pidfds, clock=self.wall_clock,
+            grace=1.6, max_pidfds=max_pidfds, clock=self.wall_clock, signals_as=signals_as,
         )  # fmt: skip
         self.run()
         for name in WELL_KNOWN_LOCKSPACES:

@@ -1252,6 +1252,47 @@ def test_admin_disconnect(h: Harness) -> None:
     assert admin.error("disconnect", client=9999)["code"] == "not-found"
 
 
+def test_a_users_lockd_signals_no_process_its_uid_may_not(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user's lockd: the user's process registered itself, then became root's (sudo),
+    and the user disconnected it (admin). Each SIGKILL was refused (EPERM) and sent again
+    every 0.2 s, an error logged each time, for as long as the process ran. Now lockd
+    sends nothing it may not send, says so once, and the leases end when it exits; a
+    process still the user's is fenced as before."""
+    user = 1000
+    h = Harness(tmp_path / "locks", signals_as=user)
+    try:
+        for pid in (VM1, VM2):
+            h.processes.spawn(pid, uid=user)
+        sudo, vm = h.connect(VM1, uid=user), h.connect(VM2, uid=user)
+        for conn, pid, disk in ((sudo, VM1, "disk-a"), (vm, VM2, "disk-b")):
+            conn.register(pid, name=f"vm{pid}")
+            conn.ok("acquire", leases=[lease(disk)], autocreate=True)
+        h.processes.procs[VM1] = (100, 0)  # exec'd a set-user-ID root program
+        admin = h.connect(LIBVIRTD, uid=user, admin=True)
+        clients = admin.ok("list-clients")["clients"]
+        for pid in (VM1, VM2):
+            conn_id = next(c["id"] for c in clients if c.get("owner", {}).get("pid") == pid)
+            admin.ok("disconnect", client=conn_id)
+        h.advance(5.0)
+        assert h.processes.refused == 0
+        assert h.processes.signals == [(VM2, "SIGTERM")]
+        warnings = [r.getMessage() for r in caplog.records if "not fencing" in r.getMessage()]
+        assert len(warnings) == 1
+        assert f"vm{VM1}" in warnings[0]
+        assert f"lockd, uid {user}, could not signal it (it runs as uid 0 now" in warnings[0]
+        assert kernel_locked(h.lock_dir / FILES / "disk-a")
+        assert admin.ok("status")["fencing"] == []
+        h.processes.exit(VM1)
+        h.run()
+        released = h.journal_writer.events(LeaseReleased)
+        assert sorted(e.resource for e in released) == ["disk-a", "disk-b"]
+        assert not kernel_locked(h.lock_dir / FILES / "disk-a")
+    finally:
+        h.close()
+
+
 def test_create_lockspace_past_the_limit_says_so(tmp_path: Path) -> None:
     """At max_lockspaces a new lockspace is refused with io-error naming the limit (it
     said ``not-found``, "does not exist", to a request to create it); nothing is made;
