@@ -836,11 +836,12 @@ class ConnectionActor(DispatchedActor):
                 if ident.pid == self._transport.peer_pid
                 else ""
             )
+            may = "only root" if uid == 0 else f"only root or uid {uid}"
             self._error(
                 request,
                 ErrorCode.PERMISSION_DENIED,
-                f"register: pid {ident.pid} runs as uid {uid}{gone}; "
-                f"only root or uid {uid} may register it",
+                f"register: pid {ident.pid} runs as uid {uid}{gone}; you are uid {peer_uid}: "
+                f"{may} may register it",
             )
             return
         owner = Owner(ident.uuid, ident.name, ident.id, ident.pid, started, self._info.boot)

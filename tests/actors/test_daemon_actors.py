@@ -397,6 +397,20 @@ def test_register_rules(h: Harness) -> None:
     assert missing["code"] == "not-found"
 
 
+def test_a_refused_register_says_who_may_register_the_pid(h: Harness) -> None:
+    """A user naming root's process (``lockd acquire --owner-pid 1``) read "only root or
+    uid 0 may register it"; the message now names the user's uid, and root once."""
+    h.processes.spawn(5000, uid=1000)
+    user = h.connect(5000, uid=1000)
+    for pid, uid, may in ((5001, 0, "only root may"), (5002, 1001, "only root or uid 1001 may")):
+        h.processes.spawn(pid, uid=uid)
+        error = user.error("register", owner={"uuid": b"u" * 16, "name": "x", "id": 1, "pid": pid})
+        assert error["code"] == "permission-denied"
+        assert error["message"] == (
+            f"register: pid {pid} runs as uid {uid}; you are uid 1000: {may} register it"
+        )
+
+
 def test_the_daemons_own_pid_is_no_owner(h: Harness) -> None:
     """Registering lockd's own pid (the harness's daemon is pid 1) is refused, even as
     root: a lost lease's fence would signal the daemon, which stops it, and every lease
