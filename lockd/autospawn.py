@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from lockd.config import admin_socket_beside, open_own_file, secure_runtime_dir
+from lockd.config import admin_socket_beside, default_paths, open_own_file, secure_runtime_dir
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 """Where ``python -m lockd`` finds this very package, installed or not: a daemon this
@@ -91,10 +91,11 @@ def spawn(path: str, wait: float = 15.0) -> None:
                 serving = _serving(in_use)
                 if in_use is not None and serving is not None and serving != path:
                     # The journal's daemon says which socket it serves: not this one, so
-                    # no race's winner will answer here (LOCKD_SOCKET mistyped?).
+                    # no race's winner will answer here (LOCKD_SOCKET mistyped, or
+                    # XDG_RUNTIME_DIR not the same as the daemon's).
                     raise SpawnFailed(
                         f"started lockd for {path}, but it exited: {in_use.strip()}; none "
-                        f"serves {path} (is LOCKD_SOCKET mistyped?)"
+                        f"serves {path}{_another_socket(path, serving)}"
                     )
                 if in_use is None:
                     last = said[-1] if said else "nothing logged"
@@ -128,6 +129,20 @@ def open_log(path: str) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _another_socket(path: str, serving: str) -> str:
+    """Why the journal's daemon serves ``serving``, not ``path``, and what to do. The
+    user's default socket depends on ``$XDG_RUNTIME_DIR``, which a desktop login sets and
+    su, cron and ssh without pam_systemd do not: a daemon started in one was not found
+    from the other, and the client asked whether LOCKD_SOCKET, never set, was mistyped."""
+    if os.environ.get("LOCKD_SOCKET") or path != default_paths()["socket"]:
+        return " (is LOCKD_SOCKET or --socket mistyped?)"
+    here = os.environ.get("XDG_RUNTIME_DIR")
+    return (
+        f", the default socket with XDG_RUNTIME_DIR {f'={here}' if here else 'unset'}, and "
+        f"that lockd was started with another: set LOCKD_SOCKET={serving} to use it"
+    )
 
 
 def _serving(in_use: str | None) -> str | None:

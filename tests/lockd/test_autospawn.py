@@ -303,6 +303,34 @@ def test_a_journal_another_daemon_holds_is_named_when_none_answers(
     )
 
 
+def test_a_daemon_started_with_another_xdg_runtime_dir_is_named_with_its_socket(
+    fallback_user: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The user's lockd was started in a desktop login (XDG_RUNTIME_DIR set); in a shell
+    from su, cron or ssh (unset) the default socket is another, and the client asked
+    "is LOCKD_SOCKET mistyped?", a variable the user never set. It now says why the
+    sockets differ and how to reach that lockd."""
+    from lockd.journal_file import lock_journal
+
+    serving = "/run/user/4242/lockd/lockd.sock"
+    config = tmp_path / "lockd.toml"
+    journal = tmp_path / "journal"
+    config.write_text(f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{journal}"\n')
+    monkeypatch.setenv("LOCKD_CONFIG", str(config))
+    journal.mkdir()
+    held = lock_journal(str(journal), f"serving {serving}")
+    assert held is not None
+    try:
+        with pytest.raises(autospawn.SpawnFailed) as caught:
+            autospawn.spawn(default_paths()["socket"], wait=120)
+    finally:
+        os.close(held)
+    message = str(caught.value)
+    assert "XDG_RUNTIME_DIR unset, and that lockd was started with another" in message
+    assert f"set LOCKD_SOCKET={serving} to use it" in message
+    assert "mistyped" not in message
+
+
 def test_a_journal_held_for_another_socket_fails_at_once_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
