@@ -1259,11 +1259,16 @@ def check_journal_dir(path: str) -> None:
     found = _not_only_ours(path)
     if found is not None:
         problem, owner = found
+        if os.stat(path).st_uid != os.geteuid() and os.geteuid() != 0:
+            # A user's lockd given root's /var/lib/lockd/journal: it can neither chmod nor
+            # chown it, and was told to.
+            fix = "choose a journal_dir of your own"
+        else:
+            fix = f"run chmod go-w {path} (or chown it), or choose another journal_dir"
         raise OSError(
             errno.EPERM,
             f"refusing journal_dir {path}: {problem} ({owner}); events planted there would "
-            f"be replayed as lockd's own: run chmod go-w {path} (or chown it), or choose "
-            "another journal_dir",
+            f"be replayed as lockd's own: {fix}",
         )
     ancestor = _unsafe_ancestor(path)
     if ancestor is not None:

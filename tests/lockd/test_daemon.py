@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
@@ -17,8 +18,8 @@ import pytest
 
 from actors.connection import ConnectionActor, Received
 from actors.events import DaemonStopped
+from lockd import cli, logs
 from lockd import daemon as daemon_module
-from lockd import logs
 from lockd import reexec as reexec_module
 from lockd.config import Config, UnsafePathError, default_paths
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
@@ -30,7 +31,7 @@ from protocol.codec import encode_item
 from protocol.framing import encode_frame
 from protocol.names import FILES_LOCKSPACE
 from tests.actors.harness import FakeTransport
-from tests.lockd.conftest import OTHER, as_root
+from tests.lockd.conftest import OTHER, as_a_user, as_root
 from tests.lockd.test_snapshot_writer import children, slow_snapshots
 
 
@@ -494,6 +495,18 @@ def test_a_daemon_refuses_a_runtime_directory_another_user_made(
         Daemon(_per_user(config), embedded=True)
     assert not os.path.exists(config.journal_dir)
     assert os.listdir(fallback_user / "lockd") == []
+
+
+def test_a_users_lockd_given_another_users_journal_dir_is_told_to_choose_its_own() -> None:
+    """A user ran ``lockd serve --journal-dir /var/lib/lockd/journal`` (root's) and was
+    told to ``chmod go-w`` or ``chown`` it, neither of which a user can do."""
+    argv = ["serve", "--config", os.devnull, "--journal-dir", "/usr",
+            "--socket", "/nonexistent/lockd.sock", "--lock-dir", "/nonexistent/locks"]  # fmt: skip
+    status, err = as_a_user(functools.partial(cli.main, argv))
+    assert status == 1, err
+    assert "refusing journal_dir /usr: it is another user's (owner uid 0" in err
+    assert "choose a journal_dir of your own" in err
+    assert "chmod" not in err
 
 
 def test_a_daemon_makes_its_runtime_directory_0700(config: Config, fallback_user: Path) -> None:
