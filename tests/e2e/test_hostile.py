@@ -523,7 +523,7 @@ c.call("acquire", leases=[{"lockspace": "org.libvirt.lockd.files", "resource": "
 c.call("restrict")
 c.send_raw(b"")  # a frame of nothing: refused, the connection stays
 os.write(c.fileno(), struct.pack(">I", 2**31))  # a length past the cap
-print("sent", flush=True)
+print("sent\\n", end="", flush=True)  # one write: the SIGTERM's line cannot split it
 time.sleep(60)
 """
 
