@@ -243,6 +243,30 @@ def test_units_verify(tmp_path: Path) -> None:
     assert said == [], done.stderr
 
 
+def test_a_configuration_error_exits_with_the_status_the_unit_does_not_restart(
+    tmp_path: Path,
+) -> None:
+    """A typo in lockd.toml made lockd.service restart five times, failing alike each
+    time, until systemd's start limit failed the unit: the status a configuration error
+    exits with is the unit's RestartPreventExitStatus=, so it fails at once."""
+    service = (UNITS / "lockd.service").read_text()
+    prevented = [
+        line.partition("=")[2].split()
+        for line in service.splitlines()
+        if line.startswith("RestartPreventExitStatus=")
+    ]
+    config = tmp_path / "lockd.toml"
+    config.write_text("fence_grace = 5\njournal_synk = 'batch'\n")
+    done = subprocess.run(
+        [*LOCKD, "serve", "--config", str(config), "--socket", str(tmp_path / "lockd.sock"),
+         "--lock-dir", str(tmp_path / "locks"), "--journal-dir", str(tmp_path / "journal")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert "lockd.toml:2: unknown key 'journal_synk'" in done.stderr
+    assert prevented == [[str(done.returncode)]]
+    assert not (tmp_path / "journal").exists()  # refused before anything was made
+
+
 def test_a_socket_passed_under_a_name_lockd_does_not_serve_stops_the_start(
     tmp_path: Path,
 ) -> None:
