@@ -106,21 +106,63 @@ def bind_unix(path: str, backlog: int = 128) -> socket.socket:
 
     The directory is created 0700 if missing. A socket file that still
     accepts connections belongs to a running daemon: refuse rather than steal.
+
+    Race-free, and no symbolic link at ``path`` is followed: the file ``bind`` makes takes
+    the mode of the socket's own inode less the umask, so that is set to 0600 on the
+    socket fd first (a process-wide umask around ``bind`` would also apply to whatever
+    the daemon's other threads, running by then, create meanwhile: a directory made 0700
+    would come out 0600, unusable). Then the file is opened by ``O_PATH|O_NOFOLLOW``,
+    checked to be a socket of this uid's, and only that very inode is given its mode
+    (a umask may have taken the owner's bits): a ``chmod(path)`` after ``bind`` followed
+    a symbolic link that another user swapped in meanwhile (in a directory they can
+    write to), and changed the mode of the file it named.
     """
     make_dirs(os.path.dirname(path) or ".", 0o700)
     refuse_if_served(path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # a stale socket: nobody listens any more
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
     try:
+        os.fchmod(sock.fileno(), 0o600)
         sock.bind(path)
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(backlog)
+        try:
+            set_socket_mode(path, 0o600)
+        except OSError:
+            with contextlib.suppress(OSError):
+                if _is_own_socket(os.lstat(path)):
+                    os.unlink(path)
+            raise
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
+
+
+def _is_own_socket(st: os.stat_result) -> bool:
+    return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def set_socket_mode(path: str, mode: int) -> None:
+    """Give the socket file at ``path`` ``mode``, never following a symbolic link:
+    OSError if ``path`` is no socket of this uid's (one swapped in by whoever can write
+    to its directory)."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not _is_own_socket(st):
+            raise OSError(
+                errno.EEXIST,
+                f"{path} is no longer the socket lockd bound (another user can write to "
+                f"its directory?): found a file of mode {st.st_mode:o}, uid {st.st_uid}",
+            )
+        if stat.S_IMODE(st.st_mode) != mode:
+            # The inode this fd holds, whatever is at the path by now (fchmod refuses
+            # an O_PATH fd).
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 class SocketTransport:
