@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import math
 import os
 import pwd
+import re
 import stat
 import tomllib
 from collections.abc import Iterator, Mapping
@@ -307,6 +309,46 @@ def _uids(value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _socket_mode(key: str, value: Any) -> str:
+    """Octal digits in a string, as libvirtd's ``unix_sock_rw_perms`` and systemd's
+    ``SocketMode=``: a TOML integer is refused, since ``660`` (decimal) is not 0o660."""
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ConfigError(f'{key} must be an octal mode in quotes, such as "0660", got {value!r}')
+    mode = int(value, 8)
+    if mode & 0o600 != 0o600:
+        raise ConfigError(
+            f"{key} {value!r} must let lockd's own uid connect: read and write for the "
+            'owner, such as "0600" or "0660"'
+        )
+    return f"{mode:04o}"
+
+
+def _socket_group(key: str, value: Any) -> str | int:
+    """A group name that exists here, or a gid."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UID_MAX:
+        return value
+    if not isinstance(value, str) or not value:
+        raise ConfigError(
+            f'{key} must be a group name (such as "libvirt") or a gid (0 to {UID_MAX}), '
+            f"got {value!r}"
+        )
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        raise ConfigError(f"{key}: no group named {value!r} on this host") from None
+    return value
+
+
+def socket_gid(group: str | int | None) -> int | None:
+    """The gid of a ``socket_group`` setting (a name looked up again: it may have moved)."""
+    if group is None or isinstance(group, int):
+        return group
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket_group: no group named {group!r} on this host") from None
+
+
 @attrs.frozen
 class Config:
     """Everything ``lockd serve`` needs."""
@@ -333,6 +375,10 @@ class Config:
     """``fence``: terminate an owner whose lease was taken while lockd was down; ``log``: log."""
     allowed_uids: tuple[int, ...] = ()
     """Peer uids served besides the daemon's own."""
+    socket_mode: str = "0600"
+    """Mode of a client socket lockd binds itself (octal digits), not the admin socket's."""
+    socket_group: str | int | None = None
+    """Group of a client socket lockd binds itself (a name or a gid); None: lockd's own."""
     lockspaces: Mapping[str, str] = attrs.field(factory=dict)
     """Lockspaces mapped to explicit directories instead of ``<lock_dir>/<name>``."""
     fence_grace: float = 1.6
@@ -415,6 +461,8 @@ _CONVERT: dict[str, Any] = {
     "max_lockspaces": lambda k, v: _check_int(k, v, 3),
     "lost_lease_policy": lambda k, v: _choice(k, v, ("fence", "log")),
     "allowed_uids": lambda _k, v: _uids(v),
+    "socket_mode": _socket_mode,
+    "socket_group": _socket_group,
     "lockspaces": lambda _k, v: _lockspace_dirs(v),
     "fence_grace": _check_number,
     "log_level": _level,

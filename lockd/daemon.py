@@ -41,7 +41,14 @@ from actors.router import Gather, Gathered, RouterActor, UseFencer
 from actors.runtime import ActorCrashedError, DispatchedActor, Dispatcher
 from lockd import build, fork_guard, logs, procs
 from lockd.autospawn import PACKAGE_ROOT
-from lockd.config import Config, make_dirs, open_own_file, secure_runtime_dir
+from lockd.config import (
+    Config,
+    ConfigError,
+    make_dirs,
+    open_own_file,
+    secure_runtime_dir,
+    socket_gid,
+)
 from lockd.journal_file import (
     BOOT_FILE,
     LOCK_FILE,
@@ -74,6 +81,7 @@ from lockd.server import (
     refusals,
     refuse,
     refuse_if_served,
+    set_socket_access,
 )
 from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
 from lockd.systemd import SEND_TIMEOUT, FdStore, lease_fd_name, listen_fds
@@ -564,6 +572,17 @@ def _secure_socket_dirs(config: Config, activated: Mapping[str, int], *, binding
             refuse_if_served(path)  # before a journal is made or written
 
 
+def _reapply_socket_access(path: str, config: Config) -> None:
+    """After a re-exec, give the client socket this daemon bound the configuration's
+    ``socket_mode`` and ``socket_group`` (changed since, they apply now, as the other
+    keys do). A failure is logged, never raised: it would end the daemon, every lock
+    with it, while the socket serves on as it was."""
+    try:
+        set_socket_access(path, int(config.socket_mode, 8), socket_gid(config.socket_group))
+    except (OSError, ConfigError) as exc:
+        log.warning("re-exec: socket_mode and socket_group not applied to %s: %s", path, exc)
+
+
 def _collector_off_for_recovery() -> None:
     """Start-up recovery builds the state the daemon will keep: keep the collector out of it.
 
@@ -740,6 +759,9 @@ class Daemon:
             self._bound = set(
                 handoff.bound if handoff.bound is not None else (i.path for i in handoff.listeners)
             )
+            for item in handoff.listeners:
+                if not item.admin and item.path in self._bound:
+                    _reapply_socket_access(item.path, config)
             return [
                 Listener(self.dispatcher, socket.socket(fileno=item.fd), admin=item.admin,
                          allowed_uids=admins if item.admin else allowed, on_accept=self._accept,
@@ -747,17 +769,23 @@ class Daemon:
                 for item in handoff.listeners
             ]  # fmt: skip
 
-        def listening(name: str, path: str) -> socket.socket:
+        def listening(
+            name: str, path: str, mode: int = 0o600, group: int | None = None
+        ) -> socket.socket:
             fd = activated.get(name)
             if fd is not None:
                 return socket.socket(fileno=fd)
-            bound = bind_unix(path)
+            bound = bind_unix(path, mode=mode, group=group)
             self._bound.add(path)
             return bound
 
+        # socket_mode and socket_group are the client socket's: the admin socket serves
+        # the daemon's own uid only, so it stays 0600.
+        client = listening("lockd.socket", config.socket, int(config.socket_mode, 8),
+                           socket_gid(config.socket_group))  # fmt: skip
         return [
-            Listener(self.dispatcher, listening("lockd.socket", config.socket), admin=False,
-                     allowed_uids=allowed, on_accept=self._accept, reserve=self._spares[False]),
+            Listener(self.dispatcher, client, admin=False, allowed_uids=allowed,
+                     on_accept=self._accept, reserve=self._spares[False]),
             Listener(self.dispatcher, listening("lockd-admin.socket", config.admin_socket),
                      admin=True, allowed_uids=admins, on_accept=self._accept,
                      reserve=self._spares[True]),
@@ -1020,11 +1048,14 @@ class Daemon:
     def _activated_keys(self) -> set[str]:
         """The socket settings that socket activation stands in for: the service
         manager's sockets, which this daemon did not bind and no setting moves."""
-        return {
+        keys = {
             "admin_socket" if listener.admin else "socket"
             for listener in self.listeners
             if self._path_of(listener) not in self._bound
         }
+        if "socket" in keys:  # the socket unit's SocketMode= and SocketGroup= decide
+            keys |= {"socket_mode", "socket_group"}
+        return keys
 
     def _stop_accepting(self) -> None:
         for listener in self.listeners:
@@ -1088,7 +1119,8 @@ class Daemon:
         if activated:
             log.info(
                 "reload: %s changed; not used while lockd serves the service manager's "
-                "sockets (socket activation: ListenStream= of its socket units)",
+                "sockets (socket activation: its socket units' ListenStream=, SocketMode= "
+                "and SocketGroup=)",
                 ", ".join(activated),
             )
             changed = [key for key in changed if key not in activated]

@@ -101,23 +101,27 @@ def refuse_if_served(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"another daemon is serving {path}")
 
 
-def bind_unix(path: str, backlog: int = 128) -> socket.socket:
-    """Listen on ``path`` with mode 0600, replacing a stale socket but never another file.
+def bind_unix(
+    path: str, backlog: int = 128, *, mode: int = 0o600, group: int | None = None
+) -> socket.socket:
+    """Listen on ``path`` with ``mode`` (and ``group``), replacing a stale socket but
+    never another file.
 
-    The directory is created 0700 if missing. A socket file that still
-    accepts connections belongs to a running daemon: refuse rather than steal.
+    The directory is created 0700 if missing (0711 if ``mode`` lets others connect: they
+    must pass through it). A socket file that still accepts connections belongs to a
+    running daemon: refuse rather than steal.
 
     Race-free, and no symbolic link at ``path`` is followed: the file ``bind`` makes takes
     the mode of the socket's own inode less the umask, so that is set to 0600 on the
     socket fd first (a process-wide umask around ``bind`` would also apply to whatever
     the daemon's other threads, running by then, create meanwhile: a directory made 0700
     would come out 0600, unusable). Then the file is opened by ``O_PATH|O_NOFOLLOW``,
-    checked to be a socket of this uid's, and only that very inode is given its mode
-    (a umask may have taken the owner's bits): a ``chmod(path)`` after ``bind`` followed
-    a symbolic link that another user swapped in meanwhile (in a directory they can
-    write to), and changed the mode of the file it named.
+    checked to be a socket of this uid's, and only that very inode is given ``group``
+    and ``mode``: a ``chmod(path)`` after ``bind`` followed a symbolic link that another
+    user swapped in meanwhile (in a directory they can write to), and changed the mode
+    of the file it named.
     """
-    make_dirs(os.path.dirname(path) or ".", 0o700)
+    make_dirs(os.path.dirname(path) or ".", 0o711 if mode & 0o077 else 0o700)
     refuse_if_served(path)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)  # a stale socket: nobody listens any more
@@ -126,7 +130,7 @@ def bind_unix(path: str, backlog: int = 128) -> socket.socket:
         os.fchmod(sock.fileno(), 0o600)
         sock.bind(path)
         try:
-            set_socket_mode(path, 0o600)
+            set_socket_access(path, mode, group)
         except OSError:
             with contextlib.suppress(OSError):
                 if _is_own_socket(os.lstat(path)):
@@ -144,10 +148,10 @@ def _is_own_socket(st: os.stat_result) -> bool:
     return stat.S_ISSOCK(st.st_mode) and st.st_uid == os.geteuid()
 
 
-def set_socket_mode(path: str, mode: int) -> None:
-    """Give the socket file at ``path`` ``mode``, never following a symbolic link:
-    OSError if ``path`` is no socket of this uid's (one swapped in by whoever can write
-    to its directory)."""
+def set_socket_access(path: str, mode: int, group: int | None) -> None:
+    """Give the socket file at ``path`` ``group`` (None: leave it) and then ``mode``,
+    never following a symbolic link: OSError if ``path`` is no socket of this uid's (one
+    swapped in by whoever can write to its directory)."""
     fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -157,12 +161,36 @@ def set_socket_mode(path: str, mode: int) -> None:
                 f"{path} is no longer the socket lockd bound (another user can write to "
                 f"its directory?): found a file of mode {st.st_mode:o}, uid {st.st_uid}",
             )
+        # The inode this fd holds, whatever is at the path by now (fchmod and fchown
+        # refuse an O_PATH fd).
+        here = f"/proc/self/fd/{fd}"
+        if group is not None and st.st_gid != group:
+            try:
+                os.chown(here, -1, group)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot give socket {path} to group {group}: {exc.strerror}"
+                ) from None
         if stat.S_IMODE(st.st_mode) != mode:
-            # The inode this fd holds, whatever is at the path by now (fchmod refuses
-            # an O_PATH fd).
-            os.chmod(f"/proc/self/fd/{fd}", mode)
+            os.chmod(here, mode)
     finally:
         os.close(fd)
+    if mode & 0o077:
+        _warn_if_unreachable(path, mode, group)
+
+
+def _warn_if_unreachable(path: str, mode: int, group: int | None) -> None:
+    """``mode`` lets other users connect, but the directory may not let them through."""
+    directory = os.path.dirname(path) or "."
+    st = os.stat(directory)
+    dir_mode = stat.S_IMODE(st.st_mode)
+    sock_gid = os.getegid() if group is None else group
+    if not (dir_mode & 0o001 or (dir_mode & 0o010 and st.st_gid == sock_gid)):
+        log.warning(
+            "socket %s has mode %04o, but its directory %s (mode %04o, gid %d) lets no "
+            "other user through to it: chmod o+x %s",
+            path, mode, directory, dir_mode, st.st_gid, directory,
+        )  # fmt: skip
 
 
 class SocketTransport:

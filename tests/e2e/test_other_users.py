@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import uuid
@@ -169,6 +170,36 @@ def request(conn: socket.socket, op: str, **args: Any) -> dict[str, Any]:
         assert data, f"the daemon closed the connection instead of answering {op}"
         frames.receive_data(data)
     return result_of(decode_item(frame))
+
+
+def test_socket_mode_and_group_let_an_allowed_uid_connect_without_systemd(
+    make_daemon: MakeDaemon, tmp_path: Path
+) -> None:
+    """Without socket activation lockd's own socket was 0600 and root's: a uid in
+    allowed_uids could not connect, whatever the file said, without a chmod after each
+    start. socket_mode and socket_group give the client socket (only) to a group, and
+    the directory lockd makes for it lets others through."""
+    config = tmp_path / "lockd.toml"
+    config.write_text(
+        f'allowed_uids = [{OTHER_UID}]\nsocket_mode = "0660"\nsocket_group = {OTHER_UID}\n'
+    )
+    base = Path(tempfile.mkdtemp(prefix="lockd-users-"))
+    socket_dir = base / "run"  # made by lockd
+    try:
+        os.chmod(base, 0o711)  # noqa: S103 - the other uid must reach the socket
+        daemon = make_daemon("group", None, "--config", str(config), socket_dir=socket_dir)
+        conn, _pid = connect_as(OTHER_UID, daemon.socket)
+        with conn:
+            assert request(conn, "hello", versions=[1])["version"] == 1
+            assert request(conn, "status")["leases"] == 0
+        made = os.stat(daemon.socket)
+        assert (stat.S_IMODE(made.st_mode), made.st_gid) == (0o660, OTHER_UID)
+        assert stat.S_IMODE(os.stat(daemon.admin_socket).st_mode) == 0o600
+        assert stat.S_IMODE(os.stat(socket_dir).st_mode) == 0o711
+        assert "lets no other user through" not in daemon.log.read_text()
+        daemon.stop()
+    finally:
+        shutil.rmtree(base)
 
 
 def test_a_pid_reused_after_its_peer_exited_is_not_the_peers_own(

@@ -123,9 +123,12 @@ def test_an_edited_socket_key_does_not_stop_a_reload_under_socket_activation(
     try:
         wait_for(sock.exists)
         _status(sock)  # the first connection starts the service
-        config.write_text(f'socket = "{tmp_path}/elsewhere.sock"\nfence_grace = 5\n')
+        # SocketMode=/SocketGroup= of the socket unit decide too, not the file.
+        config.write_text(
+            f'socket = "{tmp_path}/elsewhere.sock"\nfence_grace = 5\nsocket_mode = "0660"\n'
+        )
         proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: "reload: socket changed; not used" in log.read_text())
+        wait_for(lambda: "reload: socket, socket_mode changed; not used" in log.read_text())
         proc.send_signal(signal.SIGUSR1)
         wait_for(lambda: "re-exec: took over" in log.read_text() or "abandoned" in log.read_text())
         _status(sock)

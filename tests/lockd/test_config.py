@@ -300,7 +300,9 @@ def test_the_annotated_example_is_valid_and_complete() -> None:
         config_file.unlink()
     assert loaded.journal_sync is SyncPolicy.NONE
     documented = {line.split("=")[0].strip() for line in settings if "=" in line}
-    internal = {"config_file", "pid_file"}
+    # pid_file's path and socket_group's group are only examples (the group may not be
+    # on this host): written as prose.
+    internal = {"config_file", "pid_file", "socket_group"}
     keys = {f.name for f in attrs.fields(Config)} - internal
     assert keys <= documented | {"lockspaces"}
     assert "[lockspaces]" in settings
@@ -406,3 +408,43 @@ def test_directories_apart_or_at_their_own_place_are_taken(tmp_path: Path, text:
     config = tmp_path / "lockd.toml"
     config.write_text(f'lock_dir = "/srv/l"\njournal_dir = "/var/lockd/j"\n{text}')
     assert load(str(config), {}).lockspaces
+
+
+def test_socket_mode_and_group_are_read_as_libvirtd_s_unix_sock_settings(tmp_path: Path) -> None:
+    """An octal mode in quotes (3 or 4 digits), and a group by name or gid."""
+    config = tmp_path / "lockd.toml"
+    config.write_text('socket_mode = "660"\nsocket_group = "nogroup"\n')
+    loaded = load(str(config), {})
+    assert (loaded.socket_mode, loaded.socket_group) == ("0660", "nogroup")
+    config.write_text('socket_mode = "0666"\nsocket_group = 107\n')
+    loaded = load(str(config), {})
+    assert (loaded.socket_mode, loaded.socket_group) == ("0666", 107)
+    config.write_text("timeout = 1\n")
+    loaded = load(str(config), {})
+    assert (loaded.socket_mode, loaded.socket_group) == ("0600", None)
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        # 660 as TOML writes it is decimal: mode 0o1224, no group access at all.
+        ("socket_mode = 660", 'socket_mode must be an octal mode in quotes, such as "0660"'),
+        ("socket_mode = 0o660", 'socket_mode must be an octal mode in quotes, such as "0660"'),
+        ('socket_mode = "0680"', 'socket_mode must be an octal mode in quotes, such as "0660"'),
+        ('socket_mode = "1660"', 'socket_mode must be an octal mode in quotes, such as "0660"'),
+        ('socket_mode = "rw-rw----"', "socket_mode must be an octal mode in quotes"),
+        ('socket_mode = "0060"', "socket_mode '0060' must let lockd's own uid connect"),
+        ('socket_mode = "0400"', "socket_mode '0400' must let lockd's own uid connect"),
+        ('socket_group = "no-such-group-here"', "socket_group: no group named"),
+        ('socket_group = ""', "socket_group must be a group name"),
+        ("socket_group = -1", "socket_group must be a group name"),
+        ("socket_group = true", "socket_group must be a group name"),
+        ("socket_group = 4294967295", "socket_group must be a group name"),
+    ],
+)
+def test_a_bad_socket_mode_or_group_names_its_line(tmp_path: Path, line: str, says: str) -> None:
+    config = tmp_path / "lockd.toml"
+    config.write_text(f"timeout = 1\n{line}\n")
+    with pytest.raises(ConfigError) as caught:
+        load(str(config), {})
+    assert str(caught.value).startswith(f"{config}:2: {says}")
