@@ -231,6 +231,8 @@ def test_units_verify(tmp_path: Path) -> None:
         # /run/lockd: an auditor given the client socket (SocketMode=, allowed_uids) must
         # get through the directory, whichever unit made it.
         assert "DirectoryMode=0711" in text
+        # A stopped socket unit leaves no socket file that refuses every connection.
+        assert "\nRemoveOnStop=yes\n" in text
     done = subprocess.run(
         ["systemd-analyze", "verify", "--man=no",
          "lockd.service", "lockd.socket", "lockd-admin.socket"],
