@@ -7,12 +7,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import LOCKD, wait_for
+from protocol.client import Client
+from protocol.names import FILES_LOCKSPACE
+from tests.e2e.conftest import LOCKD, DaemonProcess, wait_for
 from tests.e2e.fake_systemd import FakeServiceManager
+from tests.lockprobe import probe
 
 pytestmark = pytest.mark.e2e
 UNITS = Path(__file__).resolve().parents[2] / "contrib" / "systemd"
@@ -210,8 +215,12 @@ def test_a_reexec_tells_the_manager_it_reloads_until_ready_again(tmp_path: Path)
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
 def test_units_verify(tmp_path: Path) -> None:
-    """systemd-analyze verify accepts the shipped units (ExecStart pointed at a real binary)."""
+    """systemd-analyze verify accepts the shipped units (ExecStart pointed at a real binary),
+    with the drop-in beside them (lockd.service.d/hardening.conf), which it reads too."""
     for unit in UNITS.iterdir():
+        if unit.is_dir():
+            shutil.copytree(unit, tmp_path / unit.name)
+            continue
         text = unit.read_text().replace("/usr/local/bin/lockd", "/bin/true")
         (tmp_path / unit.name).write_text(text)
     service = (UNITS / "lockd.service").read_text()
@@ -270,6 +279,103 @@ def test_a_configuration_error_exits_with_the_status_the_unit_does_not_restart(
     assert "lockd.toml:2: unknown key 'journal_synk'" in done.stderr
     assert prevented == [[str(done.returncode)]]
     assert not (tmp_path / "journal").exists()  # refused before anything was made
+
+
+_HARDENED = r"""
+set -e
+# ProtectSystem=strict and ReadWritePaths=: all read-only but the paths given.
+for path in "$@"; do
+    [ "$path" = -- ] && break
+    mount --bind "$path" "$path"
+done
+mount -o remount,bind,ro /
+while [ "$1" != -- ]; do mount -o remount,bind,rw "$1" "$1"; shift; done
+shift
+exec "$@"
+"""
+
+
+def _unit_settings(path: Path) -> dict[str, str]:
+    return dict(
+        line.split("=", 1)
+        for line in path.read_text().splitlines()
+        if "=" in line and not line.startswith("#")
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="capabilities and mounts take root")
+@pytest.mark.skipif(
+    not (shutil.which("setpriv") and shutil.which("unshare")), reason="needs setpriv and unshare"
+)
+def test_the_hardening_drop_in_leaves_lockd_what_it_needs(tmp_path: Path) -> None:
+    """lockd under contrib's hardening.conf, as systemd would run it: its capabilities
+    only, no new privileges, the file system read-only but for ReadWritePaths=. It
+    takes a lease, keeps it across a re-exec, and fences a VM running as another uid
+    (which takes CAP_KILL)."""
+    settings = _unit_settings(UNITS / "lockd.service.d" / "hardening.conf")
+    caps = settings["CapabilityBoundingSet"].split()
+    assert settings["NoNewPrivileges"] == "yes"
+    assert settings["ProtectSystem"] == "strict"
+    assert settings["ReadWritePaths"].split() == ["/var/lib/lockd", "/var/lib/libvirt/lockd"]
+    if subprocess.run(["unshare", "-m", "true"], check=False).returncode != 0:
+        pytest.skip("cannot make a mount namespace here")
+    state, locks = tmp_path / "state", tmp_path / "locks"  # /var/lib/lockd, the lock dir
+    for directory in (state, locks):
+        directory.mkdir(mode=0o700)
+    daemon = DaemonProcess(state, locks)  # the journal in state/, the sockets too
+    bounding = ",".join(["-all", *(f"+{cap.removeprefix('CAP_').lower()}" for cap in caps)])
+    daemon.launcher = [
+        "unshare", "-m", "--propagation", "private", "sh", "-c", _HARDENED, "sh",
+        str(state), str(locks), "--",
+        "setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--no-new-privs",
+    ]  # fmt: skip
+    go, ready = os.pipe(), os.pipe()
+    vm = 0
+    try:
+        daemon.start()
+        vm = os.fork()
+        if vm == 0:  # pragma: no cover - child: a VM of uid 65534, its lock driver root's
+            try:
+                client = Client(str(daemon.socket), timeout=10)
+                os.setgid(65534)
+                os.setuid(65534)
+                owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": os.getpid()}
+                client.call("register", owner=owner)
+                client.call("acquire", leases=[{"lockspace": FILES_LOCKSPACE,
+                                                "resource": "disk"}], autocreate=True)  # fmt: skip
+                os.write(ready[1], b"x")
+                os.read(go[0], 1)
+                client.close()  # running on: fenced
+                time.sleep(60)
+            finally:
+                os._exit(0)
+        assert os.read(ready[0], 1) == b"x"
+        lease = locks / FILES_LOCKSPACE / "disk"
+        assert probe(lease, "ofd") == "busy"
+        daemon.proc.send_signal(signal.SIGUSR1)  # type: ignore[union-attr]
+        wait_for(lambda: "re-exec: took over" in daemon.log.read_text(), timeout=30)
+        assert probe(lease, "ofd") == "busy"
+        os.write(go[1], b"x")
+        ended: list[int] = []
+
+        def reaped() -> bool:
+            pid, status = os.waitpid(vm, os.WNOHANG)
+            ended.extend([status] if pid else [])
+            return bool(pid)
+
+        wait_for(reaped, timeout=30)
+        status, vm = ended[0], 0
+        assert os.WIFSIGNALED(status)
+        assert os.WTERMSIG(status) == signal.SIGTERM
+        wait_for(lambda: not lease.exists(), timeout=30)  # released, its file removed
+    finally:
+        if vm:
+            os.kill(vm, signal.SIGKILL)
+            os.waitpid(vm, 0)
+        daemon.stop()
+        for fd in (*go, *ready):
+            os.close(fd)
+    assert "cannot signal" not in daemon.log.read_text()
 
 
 def test_a_socket_passed_under_a_name_lockd_does_not_serve_stops_the_start(
