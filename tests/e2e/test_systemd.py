@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lockd import config
 from protocol.client import Client
 from protocol.names import FILES_LOCKSPACE
 from tests.e2e.conftest import LOCKD, DaemonProcess, wait_for
@@ -376,6 +377,48 @@ def test_the_hardening_drop_in_leaves_lockd_what_it_needs(tmp_path: Path) -> Non
         for fd in (*go, *ready):
             os.close(fd)
     assert "cannot signal" not in daemon.log.read_text()
+
+
+def _service_lines(unit: Path) -> set[str]:
+    """The settings of a unit's [Service] section."""
+    section = unit.read_text().split("[Service]", 1)[1].split("\n[", 1)[0]
+    return {line for line in section.splitlines() if line and not line.startswith("#")}
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="needs systemd-analyze")
+def test_the_user_units_verify_and_listen_where_lockd_looks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """contrib/systemd/user: `systemctl --user` units for the per-user daemon, on the
+    sockets a user's lockd run, lockd acquire and plugin look for, and otherwise the
+    system unit but for what a user manager may not do."""
+    user = UNITS / "user"
+    runtime = tmp_path / "run"
+    runtime.mkdir()
+    for unit in user.iterdir():
+        text = unit.read_text().replace("/usr/local/bin/lockd", "/bin/true")
+        (tmp_path / unit.name).write_text(text)
+    done = subprocess.run(
+        ["systemd-analyze", "--user", "verify", "--man=no",
+         "lockd.service", "lockd.socket", "lockd-admin.socket"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(runtime)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    unknown = "Unknown key 'FileDescriptorStorePreserve' in section [Service], ignoring."
+    said = [line for line in done.stderr.splitlines() if "lockd" in line and unknown not in line]
+    assert said == [], done.stderr
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    defaults = config.default_paths(uid=1000)
+    for name, key in (("lockd.socket", "socket"), ("lockd-admin.socket", "admin_socket")):
+        settings = _unit_settings(user / name)
+        assert settings["ListenStream"].replace("%t", str(runtime)) == defaults[key]
+        assert settings["FileDescriptorName"] == name
+        assert settings["DirectoryMode"] == "0700"  # lockd's clients refuse one others can write
+    system = _service_lines(UNITS / "lockd.service")
+    left_out = {line for line in system if line.startswith(("OOMScoreAdjust=", "LimitNOFILE="))}
+    assert len(left_out) == 2
+    assert _service_lines(user / "lockd.service") == system - left_out
 
 
 def test_a_socket_passed_under_a_name_lockd_does_not_serve_stops_the_start(
