@@ -13,7 +13,7 @@ import time
 import uuid as uuidlib
 from typing import Any
 
-from actors.model import Owner
+from actors.model import Owner, OwnerKey
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,20 @@ def is_exiting(pid: int, started: int) -> bool:
     return state in (b"Z", b"X", b"x") or bool(flags & PF_EXITING)
 
 
+REFUSED_KEPT = 1024
+"""Owners whose refused signal :class:`ProcTable` remembers having logged."""
+
+
 class ProcTable:
     """Real :class:`actors.owners.Processes`: pidfds and /proc."""
+
+    def __init__(self) -> None:
+        self._refused: dict[OwnerKey, str] = {}
+        """The error each owner's last signal failed with, as logged: a fence retries its
+        SIGKILL every 0.2 s, and without CAP_KILL (a unit's CapabilityBoundingSet=
+        leaving it out) each retry logged an ERROR line, five a second for as long as
+        the VM ran. Said once per owner and error, again after a signal goes through;
+        at most REFUSED_KEPT owners are remembered (past them, all are forgotten)."""
 
     def open_watch(self, owner: Owner) -> int | None:
         try:
@@ -225,7 +237,7 @@ class ProcTable:
         except ProcessLookupError:
             return False
         except OSError as exc:
-            log.error("cannot signal %s: %s", owner.describe(), exc)
+            self._cannot_signal(owner, exc)
             return False
         try:
             if start_time(owner.pid) != owner.start_time:
@@ -234,11 +246,25 @@ class ProcTable:
         except ProcessLookupError:
             return False
         except OSError as exc:
-            log.error("cannot signal %s: %s", owner.describe(), exc)
+            self._cannot_signal(owner, exc)
             return False
         finally:
             os.close(fd)
+        self._refused.pop(owner.key, None)
         return True
+
+    def _cannot_signal(self, owner: Owner, exc: OSError) -> None:
+        if self._refused.get(owner.key) == str(exc):
+            return
+        if len(self._refused) >= REFUSED_KEPT:
+            self._refused.clear()
+        self._refused[owner.key] = str(exc)
+        log.error(
+            "cannot signal %s: %s%s; not said again for it until a signal goes through",
+            owner.describe(),
+            exc,
+            " (lockd lacks CAP_KILL?)" if exc.errno == errno.EPERM else "",
+        )
 
 
 def raise_fd_limit() -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import signal
@@ -205,3 +207,40 @@ def test_a_process_whose_main_thread_exited_is_alive_while_other_threads_run() -
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="playing a uid without the right to signal")
+def test_a_signal_refused_again_and_again_is_logged_once() -> None:
+    """A fence retries its SIGKILL every 0.2 s; where lockd may not signal the VM (no
+    CAP_KILL in the unit's bounding set) each try logged an ERROR line, five a second
+    for as long as the VM ran. Once now, and again only after a signal went through."""
+    target = subprocess.Popen(["sleep", "60"])
+    try:
+        started = procs.start_time(target.pid)
+        assert started is not None
+        owner = Owner(uuid.uuid4().bytes, "vm", 1, target.pid, started)
+        said, told = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - child: uid 65534 may not signal root's sleep
+            try:
+                os.setuid(65534)
+                lines: list[str] = []
+                handler = logging.Handler()
+                handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+                logging.getLogger("lockd.procs").addHandler(handler)
+                table = procs.ProcTable()
+                refused = [table.signal(owner, 0) for _ in range(5)]
+                os.write(told, json.dumps([refused, lines]).encode())
+            finally:
+                os._exit(0)
+        os.close(told)
+        with os.fdopen(said, "rb") as reader:
+            refused, lines = json.loads(reader.read())
+        os.waitpid(child, 0)
+    finally:
+        target.kill()
+        target.wait()
+    assert refused == [False] * 5
+    assert len(lines) == 1
+    assert lines[0].startswith("cannot signal vm (")
+    assert "Operation not permitted (lockd lacks CAP_KILL?)" in lines[0]
