@@ -176,6 +176,15 @@ def _read_journal(config: Config, journal_lock: int | None) -> _Replayed:
     # disk (after a cut, one seemingly newer than the cut).
     snapshot_seq = snapshot.seq if snapshot else None
     boot = procs.boot_id()
+    if boot is None:
+        # Said, not silently left out: a host's reboot is then told only by owners'
+        # start times, which a process of the next boot can have again, pid and all.
+        log.warning(
+            "cannot read this boot's id (%s): owners are journaled without it, and after a "
+            "reboot one could be taken for a new process with the same pid and start time "
+            "(/proc mounted with subset=pid, as systemd's ProcSubset=pid does?)",
+            procs.BOOT_ID_PATH,
+        )
     before = last_boot(config.journal_dir)
     journal_file = FileJournal(
         config.journal_dir,

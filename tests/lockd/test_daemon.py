@@ -681,3 +681,20 @@ def test_a_journal_dir_reached_through_a_symlink_in_a_shared_directory_is_refuse
     with pytest.raises(PermissionError, match=f"directory {shared} above it"):
         daemon_module.check_journal_dir(str(shared / "journal"))
     daemon_module.check_journal_dir(str(real))  # the same directory, named safely
+
+
+def test_a_boot_id_that_cannot_be_read_is_said_at_start(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Under ``ProcSubset=pid`` (or a procfs mounted with subset=pid) the boot id is not
+    there: owners were journaled without it, and nothing said so (helper-69's find)."""
+    from lockd import procs
+
+    monkeypatch.setattr(procs, "BOOT_ID_PATH", str(tmp_path / "no-boot-id"))
+    daemon = Daemon(config, sockets=False, embedded=True)
+    try:
+        daemon.dispatcher.run_until_idle()
+        assert f"cannot read this boot's id ({tmp_path / 'no-boot-id'})" in caplog.text
+    finally:
+        daemon.system.shutdown("test done")
