@@ -734,6 +734,15 @@ class Daemon:
             self.listeners: list[Listener] = (
                 self._listen(config, handoff, activated) if sockets else []
             )
+            unused = [
+                key
+                for key, value in (("socket_mode", "0600"), ("socket_group", None))
+                if getattr(config, key) != value and key in self._activated_keys()
+            ]
+            if unused:  # said at every start, not only when a reload changes them
+                log.warning("%s set but not used: the service manager's socket is served, "
+                            "whose socket unit's SocketMode= and SocketGroup= decide",
+                            " and ".join(unused))  # fmt: skip
             log.debug("file descriptor limit: %d", limit)
             if config.timeout > 0:
                 _IdleWatch.start(

@@ -146,6 +146,8 @@ def test_an_edited_socket_key_does_not_stop_a_reload_under_socket_activation(
     assert "abandoned" not in text
     assert "takes a restart" not in text
     assert not (tmp_path / "elsewhere.sock").exists()
+    # The new program, started with socket_mode in its file, says so too.
+    assert text.count("socket_mode set but not used: the service manager's socket") == 1
 
 
 def test_notify_ready_status_watchdog_and_stopping(tmp_path: Path) -> None:
