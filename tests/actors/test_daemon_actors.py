@@ -142,12 +142,10 @@ def test_a_refused_multi_lockspace_acquire_is_answered_after_its_rollback(h: Har
     assert not exists
 
 
-def test_a_rollback_the_journal_refuses_is_reported_not_hidden(h: Harness) -> None:
-    """The disk fills between an acquire's first lockspace and its rollback: the release
-    cannot be journaled, so the lease it took stays held (too long beats too early).
-    The reply says so, io-error naming that lease, where before it said ``busy``: the
-    client believed it held nothing, and nothing would release the lease until its
-    owner exited."""
+def _vm2_behind_vm1_with_the_disk_filling_at_a_release(h: Harness) -> Conn:
+    """VM2 registered, VM1 holding ``other/x``, and the journal's disk filling at the next
+    release: an acquire of ``free`` and ``other/x`` takes ``free``, then its rollback
+    cannot be journaled."""
     (h.lock_dir / "other").mkdir()
     vm1, vm2 = h.connect(VM1), h.connect(VM2)
     vm1.register(VM1)
@@ -159,6 +157,16 @@ def test_a_rollback_the_journal_refuses_is_reported_not_hidden(h: Harness) -> No
             h.journal_writer.fail = True
 
     h.journal_writer.during_append = fill_disk_at_a_release
+    return vm2
+
+
+def test_a_rollback_the_journal_refuses_is_reported_not_hidden(h: Harness) -> None:
+    """The disk fills between an acquire's first lockspace and its rollback: the release
+    cannot be journaled, so the lease it took stays held (too long beats too early).
+    The reply says so, io-error naming that lease, where before it said ``busy``: the
+    client believed it held nothing, and nothing would release the lease until its
+    owner exited."""
+    vm2 = _vm2_behind_vm1_with_the_disk_filling_at_a_release(h)
     error = vm2.error("acquire", leases=[lease("free"), lease("x", "other")], autocreate=True)
     h.journal_writer.during_append = None
     h.journal_writer.fail = False
@@ -273,17 +281,7 @@ def test_a_waiting_acquire_whose_rollback_the_journal_refuses_says_so(h: Harness
     was dropped unsaid: the next tries found the owner holding ``free`` itself and the
     wait ended ``busy`` naming the asking owner, the lease held all the same. It ends at
     once, io-error naming ``free``, as without a wait."""
-    (h.lock_dir / "other").mkdir()
-    vm1, vm2 = h.connect(VM1), h.connect(VM2)
-    vm1.register(VM1)
-    vm2.register(VM2)
-    vm1.ok("acquire", leases=[lease("x", "other")], autocreate=True)
-
-    def fill_disk_at_a_release(entries: Sequence[JournalEntry]) -> None:
-        if any(isinstance(e.event, LeaseReleased) for e in entries):
-            h.journal_writer.fail = True
-
-    h.journal_writer.during_append = fill_disk_at_a_release
+    vm2 = _vm2_behind_vm1_with_the_disk_filling_at_a_release(h)
     rid = vm2.send("acquire", leases=[lease("free"), lease("x", "other")], autocreate=True, wait=2)
     h.run()
     h.journal_writer.during_append = None
