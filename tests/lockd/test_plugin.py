@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -1087,3 +1089,24 @@ def test_lock_driver_answers_a_usage_error_in_json(
     assert error["code"] == "invalid-argument"
     assert words in error["message"]
     assert err.startswith("usage: lockd-lock-driver")
+
+
+def test_lock_driver_run_by_a_python_without_lockd_s_packages_says_which_python(
+    tmp_path: Path,
+) -> None:
+    """Run by the system's python3 (its shebang), where lockd's dependencies are not
+    installed, the driver died with a ModuleNotFoundError traceback and an empty stdout
+    (helper-71's find). It prints the JSON error and one line naming the Python to use.
+    (``-S``: no site-packages, as a Python without them.)"""
+    done = subprocess.run(
+        [sys.executable, "-S", str(LOCK_DRIVER), "inquire", "--uuid", str(uuid.UUID(bytes=VM_UUID)),
+         "--name", "vm1", "--pid", "4242"],
+        capture_output=True, text=True, timeout=30, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "internal"
+    assert "No module named" in error["message"]
+    assert "with the Python lockd is installed in" in error["message"]
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith("lockd-lock-driver: No module named")
