@@ -238,6 +238,7 @@ class LockSystem:
         make_dirs(config.journal_dir, 0o700)
         check_journal_dir(config.journal_dir)
         make_dirs(config.lock_dir, 0o700)
+        _refuse_unwritable_lock_dir(config.lock_dir)
         _warn_if_others_write(config.lock_dir)
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
         self._journal_open = True
@@ -1299,6 +1300,22 @@ def _warn_if_others_write(lock_dir: str) -> None:
             "VM; unless the storage decides this, run chmod go-w %s (or chown it)",
             lock_dir, *found, lock_dir,
         )  # fmt: skip
+
+
+def _refuse_unwritable_lock_dir(path: str) -> None:
+    """Refuse a lock directory this uid cannot make lockspaces in (a user's lockd given
+    root's /var/lib/libvirt/lockd): it started, warned that others could write to it,
+    and then failed every request with io-error, "Permission denied"."""
+    if os.access(path, os.W_OK | os.X_OK):
+        return
+    st = os.stat(path)
+    raise OSError(
+        errno.EACCES,
+        f"refusing lock_dir {path}: uid {os.geteuid()} cannot write to it (owner uid "
+        f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}), where lockd makes its "
+        "lockspace directories and lease files: choose a lock_dir of your own, or run "
+        "lockd as a uid that may write there",
+    )
 
 
 def check_journal_dir(path: str) -> None:

@@ -6,7 +6,9 @@ import functools
 import gc
 import logging
 import os
+import shutil
 import stat
+import tempfile
 import threading
 import time
 import uuid
@@ -31,7 +33,7 @@ from protocol.codec import encode_item
 from protocol.framing import encode_frame
 from protocol.names import FILES_LOCKSPACE
 from tests.actors.harness import FakeTransport
-from tests.lockd.conftest import OTHER, as_a_user, as_root
+from tests.lockd.conftest import NOBODY, OTHER, as_a_user, as_root
 from tests.lockd.test_snapshot_writer import children, slow_snapshots
 
 
@@ -507,6 +509,26 @@ def test_a_users_lockd_given_another_users_journal_dir_is_told_to_choose_its_own
     assert "refusing journal_dir /usr: it is another user's (owner uid 0" in err
     assert "choose a journal_dir of your own" in err
     assert "chmod" not in err
+
+
+def test_a_users_lockd_given_a_lock_dir_it_cannot_write_is_refused() -> None:
+    """A user ran ``lockd serve --lock-dir /var/lib/libvirt/lockd`` (root's, 0755): it
+    started, warned that others could write to it, and failed every request io-error,
+    "Permission denied" (helper-72's find). The start is refused, saying why."""
+    own = tempfile.mkdtemp(prefix="lockd-user-")  # reachable by the user (in /tmp)
+    try:
+        if os.geteuid() == 0:
+            os.chown(own, NOBODY, NOBODY)
+        argv = ["serve", "--config", os.devnull, "--journal-dir", f"{own}/journal",
+                "--socket", f"{own}/lockd.sock", "--lock-dir", "/usr"]  # fmt: skip
+        status, err = as_a_user(functools.partial(cli.main, argv))
+        assert status == 1, err
+        assert f"refusing lock_dir /usr: uid {NOBODY if os.geteuid() == 0 else os.geteuid()}" in err
+        assert "cannot write to it (owner uid 0, mode 0755)" in err
+        assert "choose a lock_dir of your own" in err
+        assert not os.path.exists(f"{own}/lockd.sock")
+    finally:
+        shutil.rmtree(own)
 
 
 def test_a_daemon_makes_its_runtime_directory_0700(config: Config, fallback_user: Path) -> None:
