@@ -686,7 +686,8 @@ def test_sighup_rereads_the_configuration(make_daemon: MakeDaemon, tmp_path: Pat
     config.write_text(f'max_clients = 5\npid_file = "{tmp_path / "hup.pid"}"\n')
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reload: configuration re-read" in daemon.log.read_text())
+    # The record is journaled after the log lines, by the journal's own thread.
+    wait_for(lambda: events(daemon, "--type", "config-reloaded"))
     text = daemon.log.read_text()
     assert "max_clients, allowed_uids changed; not applied until a re-exec (SIGUSR1" in text
     assert "pid_file changed; that takes a restart" in text
