@@ -532,16 +532,27 @@ def socket_connector(path: str, *, timeout: float = 30.0, name: str = "lockd-plu
     virtlockd's client does for a session (``lockd.autospawn``).
     """
 
+    def attempt() -> Connection:
+        try:
+            return Client(path, timeout=timeout, name=name)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if not autospawn.wanted():
+                raise
+            autospawn.spawn(path)
+            return Client(path, timeout=timeout, name=name)
+
     def connect() -> Connection:
         try:
             secure_runtime_dir(path, create=False)  # a socket planted by another user: refused
             try:
-                return Client(path, timeout=timeout, name=name)
-            except (FileNotFoundError, ConnectionRefusedError):
-                if not autospawn.wanted():
-                    raise
-                autospawn.spawn(path)
-                return Client(path, timeout=timeout, name=name)
+                return attempt()
+            except ConnectionLostError:
+                # Closed before its hello was answered: a daemon killed as it accepted
+                # (its exit closes the listening socket, then the rest). The manager
+                # connects again at once after a crash, to give back what an acquire
+                # cut off took, and met it there. Asked again, the socket is refused (a
+                # daemon is started on demand) or queued for socket activation's next.
+                return attempt()
         except (autospawn.SpawnFailed, UnsafePathError):
             raise  # names the socket and the daemon's log, or the directory, already
         except OSError as exc:

@@ -8,13 +8,16 @@ append its log to a file of the link maker's choosing).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -224,6 +227,51 @@ def test_an_xdg_runtime_dir_the_user_cannot_enter_is_named_with_the_way_out(
     assert os.listdir(xdg) == []
     assert not (tmp_path / "j").exists()
     assert no_daemon == []
+
+
+def test_the_plugin_connects_past_a_daemon_that_died_as_it_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plugin connects again the moment lockd crashes under an acquire, to give back
+    what the acquire took; the dying daemon's listening socket could still take that
+    connection and close it unanswered as the process went. That was "cannot reach
+    lockd: the daemon closed the connection" and no daemon started on demand, so the
+    VM was left holding what it was told it did not get. It is asked again, and the
+    daemon started on demand answers."""
+    config = tmp_path / "lockd.toml"
+    config.write_text(
+        f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{tmp_path / "journal"}"\n'
+    )
+    monkeypatch.setenv("LOCKD_CONFIG", str(config))
+    monkeypatch.setenv("LOCKD_AUTOSPAWN", "1")
+    sock = tmp_path / "run" / "lockd.sock"
+    sock.parent.mkdir(mode=0o700)
+    dying = socket.socket(socket.AF_UNIX)
+    dying.bind(str(sock))
+    dying.listen(1)
+    dying.settimeout(30)
+
+    def die_as_it_accepts() -> None:
+        conn, _ = dying.accept()
+        dying.close()  # a killed process's exit closes its listener, then the rest
+        conn.close()
+
+    thread = threading.Thread(target=die_as_it_accepts)
+    thread.start()
+    pid = None
+    try:
+        client = socket_connector(str(sock), timeout=10)()
+        try:
+            pid = client.call("status")["pid"]
+        finally:
+            client.close()
+    finally:
+        thread.join(30)
+        dying.close()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 def _a_checkout_named_lockd(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
