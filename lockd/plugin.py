@@ -809,7 +809,18 @@ class LockManager:
         If that fails, raises the release's error, saying what the VM still holds: the
         refusal alone (``busy``) told the caller the VM got nothing."""
         try:
-            self._call(conn, "release", leases=[lease.ref_to_wire() for lease in taken])
+            try:
+                self._call(conn, "release", leases=[lease.ref_to_wire() for lease in taken])
+            except LockError as exc:
+                if exc.code != ErrorCode.NOT_HELD:
+                    raise
+                # Part of it ended meanwhile (the VM exited, or its other connection
+                # released it), and lockd refused the whole release: the rest goes now,
+                # as lockd's own rollback skips what is no longer held.
+                held = {lease.ref for lease in self._held(conn)}
+                rest = [lease for lease in taken if lease.ref in held]
+                if rest:
+                    self._call(conn, "release", leases=[lease.ref_to_wire() for lease in rest])
         except LockError as exc:
             if exc.code == PluginErrorCode.UNAVAILABLE:
                 self._rollback_in_doubt(taken, cause)

@@ -829,6 +829,35 @@ def test_a_refused_acquire_whose_rollback_fails_says_what_the_vm_still_holds(
     assert daemon.leases_of(4242) == {("site.leases", "vm1"): "exclusive"}
 
 
+def test_a_refused_acquire_gives_back_the_rest_of_what_it_took_when_part_ended_meanwhile(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The explicit leases are taken, the disk is busy, and one of the two explicit leases
+    ended meanwhile (the VM's other connection released it, or the VM exited): the
+    rollback's release was refused ``not-held`` as a whole, so the other stayed held,
+    and the acquire failed ``not-held`` saying the VM still held both. As lockd's own
+    rollback does, the rest is given back, and the acquire fails ``busy``, nothing held."""
+    daemon.files.update({("site.leases", "vm1"), ("site.leases", "vm2")})
+    daemon.held[file_lease("/vm/a.img").ref] = Holding(False, True, {99})
+    serve = FakeDaemon.serve
+
+    def released_meanwhile(self: FakeDaemon, conn: FakeConnection, op: str, args: Any) -> Any:
+        if op == "acquire" and args["autocreate"]:  # the disk: vm1 ends before the refusal
+            del self.held[("site.leases", "vm1")]
+        return serve(self, conn, op, args)
+
+    monkeypatch.setattr(FakeDaemon, "serve", released_meanwhile)
+    mgr = manager(daemon)
+    mgr.add_lease("site.leases", "vm1")
+    mgr.add_lease("site.leases", "vm2")
+    mgr.add_disk("/vm/a.img")
+    with pytest.raises(LockError) as caught:
+        mgr.acquire()
+    assert caught.value.code == "busy"
+    assert caught.value.message.startswith("disk /vm/a.img is busy: ")
+    assert daemon.leases_of(4242) == {}
+
+
 def test_register_refusal_keeps_the_daemon_code(daemon: FakeDaemon) -> None:
     """A daemon error passes through with its code (here: no such process)."""
 
