@@ -721,19 +721,7 @@ class LockManager:
         released: list[Lease] = []
         for start in range(0, len(targets), MAX_LEASES):
             chunk = targets[start : start + MAX_LEASES]
-            try:
-                self._call(conn, "release", leases=[lease.ref_to_wire() for lease in chunk])
-            except LockError as exc:
-                if exc.code != ErrorCode.NOT_HELD:
-                    raise
-                # Let go of between the inquire and the release (the VM exited, another
-                # connection of it released): the release, all or nothing, was refused,
-                # though its goal is met for those. The rest are released.
-                still = {lease.ref for lease in self._held(conn)}
-                chunk = [lease for lease in chunk if lease.ref in still]
-                if chunk:
-                    self._call(conn, "release", leases=[lease.ref_to_wire() for lease in chunk])
-            released += chunk
+            released += self._release_those_held(conn, chunk)
         return tuple(released)
 
     def inquire(self) -> str:
@@ -803,24 +791,29 @@ class LockManager:
             raise
         return tuple(wanted)
 
+    def _release_those_held(self, conn: Connection, leases: list[Lease]) -> list[Lease]:
+        """Release ``leases``; those that ended meanwhile (the VM exited, or its other
+        connection released them) are skipped: the release, all or nothing, is refused
+        ``not-held`` for them, though its goal is met, and the rest go in a second one, as
+        lockd's own rollback skips what is no longer held. Returns those released."""
+        try:
+            self._call(conn, "release", leases=[lease.ref_to_wire() for lease in leases])
+        except LockError as exc:
+            if exc.code != ErrorCode.NOT_HELD:
+                raise
+            held = {lease.ref for lease in self._held(conn)}
+            leases = [lease for lease in leases if lease.ref in held]
+            if leases:
+                self._call(conn, "release", leases=[lease.ref_to_wire() for lease in leases])
+        return leases
+
     def _rollback(self, conn: Connection, taken: list[Lease], cause: LockError) -> None:
         """Give back the explicit leases of a refused acquire, so none of it holds.
 
         If that fails, raises the release's error, saying what the VM still holds: the
         refusal alone (``busy``) told the caller the VM got nothing."""
         try:
-            try:
-                self._call(conn, "release", leases=[lease.ref_to_wire() for lease in taken])
-            except LockError as exc:
-                if exc.code != ErrorCode.NOT_HELD:
-                    raise
-                # Part of it ended meanwhile (the VM exited, or its other connection
-                # released it), and lockd refused the whole release: the rest goes now,
-                # as lockd's own rollback skips what is no longer held.
-                held = {lease.ref for lease in self._held(conn)}
-                rest = [lease for lease in taken if lease.ref in held]
-                if rest:
-                    self._call(conn, "release", leases=[lease.ref_to_wire() for lease in rest])
+            self._release_those_held(conn, taken)
         except LockError as exc:
             if exc.code == PluginErrorCode.UNAVAILABLE:
                 self._rollback_in_doubt(taken, cause)
