@@ -1386,8 +1386,13 @@ def _refuse_an_empty_journal_for(
     still held (a release journaled before the crash ended one)."""
     if not stored or state.seq != 0:
         return
+    # A copy whose lock is gone (its removal from the store lost in a crash) holds no
+    # VM's disk: it is removed as usual, and alone it refuses nothing.
+    locked = sum(1 for fd in stored.values() if _holds_the_lock(fd))
+    if not locked:
+        return
     raise StoredLeasesUnknownError(
-        f"the service manager's fd store holds the locks of {len(stored)} leases, but "
+        f"the service manager's fd store holds the locks of {locked} leases, but "
         f"journal_dir {journal_dir} holds no event: not the journal that took them (a new "
         "or mistyped journal_dir, or a journal moved or deleted?). Refusing to start, "
         "which would let every one of them go: start with the journal that took them "

@@ -452,3 +452,23 @@ def test_a_start_on_an_empty_journal_is_refused_while_the_store_holds_leases(
     assert listed(daemon) == {
         (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,))
     }
+
+
+def test_a_start_on_an_empty_journal_goes_on_when_the_store_holds_no_lock(
+    make_daemon: MakeDaemon, manager: FakeServiceManager, tmp_path: Path
+) -> None:
+    """A stored copy whose lock is gone (its removal from the store lost in a crash) holds
+    no VM's disk: a start on an empty journal is not refused for it, and it is removed
+    from the store as usual (helper-73's find: the refusal counted every stored fd)."""
+    daemon = make_daemon("sd")
+    daemon.stop()
+    shutil.rmtree(daemon.journal_dir)
+    junk = tmp_path / "junk"
+    junk.touch()
+    stale = os.open(junk, os.O_RDWR)
+    try:
+        start_under(daemon, manager, **{"lease-0000": stale})
+        wait_for(lambda: "lease-0000" not in manager.stored_names())
+        assert listed(daemon) == {}
+    finally:
+        os.close(stale)
