@@ -841,7 +841,7 @@ class LockManager:
             held = {lease.ref for lease in self._held(conn)}
             back = [lease for lease in asked if lease.ref in held]
             if back:
-                self._call(conn, "release", leases=[lease.ref_to_wire() for lease in back])
+                back = self._release_those_held(conn, back)
                 log.warning(
                     "owner %s: the connection to lockd broke mid-acquire; released again "
                     "what it had taken: %s",
@@ -849,6 +849,16 @@ class LockManager:
                     ", ".join(map(str, back)),
                 )
         except LockError as exc:
+            if self._conn is None and exc.code == ErrorCode.NOT_FOUND:
+                # The register was refused: the VM's process is gone, so lockd ends
+                # whatever it held (owner-exit); "it may hold" would send the caller
+                # after leases nobody holds.
+                cause.message += (
+                    "; the VM's process has exited, so lockd releases whatever of this "
+                    f"acquire it held ({exc.message})"
+                )
+                cause.args = (f"{cause.code}: {cause.message}",)
+                return
             log.error(
                 "owner %s: the connection to lockd broke mid-acquire, and releasing what "
                 "it may have taken failed: %s",

@@ -798,6 +798,35 @@ def test_an_acquire_cut_off_with_lockd_gone_says_what_it_may_hold(
     assert caught.value.message.endswith("acquire again, or release them")
 
 
+def test_an_acquire_cut_off_as_the_vm_exited_says_lockd_releases_it(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lockd crashes mid-acquire and the VM's process exits meanwhile: the register on the
+    new connection is refused (no such process), and the error said the VM "may hold"
+    the disk, sending the caller after a lease the restarted lockd ends as owner-exit
+    (helper-73's find). It says so."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    crash_at(monkeypatch, 1, served=True)
+    crashing = FakeDaemon.serve
+
+    def vm_gone(self: FakeDaemon, conn: FakeConnection, op: str, args: dict[str, Any]) -> Any:
+        if op == "register" and self.opened > 1:
+            self.held.clear()  # owner-exit, at the restarted daemon's recovery
+            raise RemoteError("not-found", "register: no process with pid 4242", {})
+        return crashing(self, conn, op, args)
+
+    monkeypatch.setattr(FakeDaemon, "serve", vm_gone)
+    with pytest.raises(LockError) as caught:
+        mgr.acquire()
+    assert caught.value.code == "unavailable"
+    assert caught.value.message.endswith(
+        "; the VM's process has exited, so lockd releases whatever of this acquire it "
+        "held (register: no process with pid 4242)"
+    )
+    assert "may hold" not in caught.value.message
+
+
 def test_a_refused_acquire_whose_rollback_fails_says_what_the_vm_still_holds(
     daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
