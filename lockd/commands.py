@@ -158,9 +158,10 @@ def _connect(
         secure_runtime_dir(path, create=False)  # a socket planted by another user: refused
     except UnsafePathError as exc:
         raise CommandError(str(exc), EXIT_UNAVAILABLE) from None
-    try:
+
+    def attempt() -> Client:
         try:
-            client = Client(path, name=name, timeout=30.0 + wait)
+            return Client(path, name=name, timeout=30.0 + wait)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if not (spawn and autospawn.wanted()):
                 if spawn and os.environ.get("LOCKD_AUTOSPAWN") == "0":
@@ -178,7 +179,17 @@ def _connect(
                 raise CommandError(
                     f"cannot start lockd for {path}: {exc}", EXIT_UNAVAILABLE
                 ) from None
-            client = Client(path, name=name, timeout=30.0 + wait)
+            return Client(path, name=name, timeout=30.0 + wait)
+
+    try:
+        try:
+            client = attempt()
+        except ConnectionLostError:
+            # Closed before its hello was answered: a daemon killed as it accepted (its
+            # exit closes the listening socket, then the rest). Asked again, the socket
+            # is refused (a daemon is started on demand) or queued for socket
+            # activation's next, as the plugin's connector does.
+            client = attempt()
     except autospawn.SpawnFailed as exc:
         raise CommandError(str(exc), EXIT_UNAVAILABLE) from None
     except ConnectionLostError as exc:

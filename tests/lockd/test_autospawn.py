@@ -229,15 +229,29 @@ def test_an_xdg_runtime_dir_the_user_cannot_enter_is_named_with_the_way_out(
     assert no_daemon == []
 
 
-def test_the_plugin_connects_past_a_daemon_that_died_as_it_accepted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _connect_with_the_cli(path: str) -> Client:
+    """Connect as ``lockd create-lockspace``, ``run`` and ``acquire`` do (they start a
+    daemon on demand); then a client for the test on the socket that reached."""
+    with commands._connect(path, "lockd-test", spawn=True):
+        pass
+    return Client(path, timeout=10)
+
+
+@pytest.mark.parametrize(
+    "connect",
+    [lambda path: socket_connector(path, timeout=10)(), _connect_with_the_cli],
+    ids=["plugin", "cli"],
+)
+def test_a_client_connects_past_a_daemon_that_died_as_it_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connect: Callable[[str], Any]
 ) -> None:
     """The plugin connects again the moment lockd crashes under an acquire, to give back
     what the acquire took; the dying daemon's listening socket could still take that
     connection and close it unanswered as the process went. That was "cannot reach
     lockd: the daemon closed the connection" and no daemon started on demand, so the
     VM was left holding what it was told it did not get. It is asked again, and the
-    daemon started on demand answers."""
+    daemon started on demand answers. So do the CLI's commands that start one (helper-73:
+    a `lockd run` issued as lockd died exited 69)."""
     config = tmp_path / "lockd.toml"
     config.write_text(
         f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{tmp_path / "journal"}"\n'
@@ -260,7 +274,7 @@ def test_the_plugin_connects_past_a_daemon_that_died_as_it_accepted(
     thread.start()
     pid = None
     try:
-        client = socket_connector(str(sock), timeout=10)()
+        client = connect(str(sock))
         try:
             pid = client.call("status")["pid"]
         finally:
