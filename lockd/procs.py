@@ -123,16 +123,22 @@ def fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def _status_field(pid: int, field: bytes) -> int | None:
-    """The first number of ``field`` (``b"Uid:"``) in /proc/PID/status; None if no such task."""
+def _status_numbers(pid: int, field: bytes) -> list[int] | None:
+    """The numbers of ``field`` (``b"Uid:"``) in /proc/PID/status; None if no such task."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
                 if line.startswith(field):
-                    return int(line.split()[1])
-    except OSError:
+                    return [int(word) for word in line.split()[1:]]
+    except (OSError, ValueError):
         return None
     return None
+
+
+def _status_field(pid: int, field: bytes) -> int | None:
+    """The first number of ``field`` in /proc/PID/status; None if no such task."""
+    numbers = _status_numbers(pid, field)
+    return numbers[0] if numbers else None
 
 
 def uid_of(pid: int) -> int | None:
@@ -143,15 +149,8 @@ def uid_of(pid: int) -> int | None:
 def uids_of(pid: int) -> tuple[int, int] | None:
     """Real and saved uid of a process (``Uid:`` in /proc/PID/status: real, effective,
     saved, filesystem); None if it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    real, _effective, saved = line.split()[1:4]
-                    return int(real), int(saved)
-    except (OSError, ValueError):
-        return None
-    return None
+    numbers = _status_numbers(pid, b"Uid:")
+    return (numbers[0], numbers[2]) if numbers and len(numbers) >= 3 else None
 
 
 def leader_of(pid: int) -> int | None:

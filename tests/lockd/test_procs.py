@@ -24,8 +24,11 @@ def test_start_time_and_uid_of_a_live_process() -> None:
     assert isinstance(started, int)
     assert started > 0
     assert procs.uid_of(os.getpid()) == os.getuid()
+    real, _effective, saved = os.getresuid()
+    assert procs.uids_of(os.getpid()) == (real, saved)  # what a fence's uid check reads
     assert procs.start_time(2**22 + 11) is None
     assert procs.uid_of(2**22 + 11) is None
+    assert procs.uids_of(2**22 + 11) is None
 
 
 def test_leader_of_a_process_and_of_a_thread() -> None:
