@@ -1326,16 +1326,10 @@ def check_journal_dir(path: str) -> None:
     found = _not_only_ours(path)
     if found is not None:
         problem, owner = found
-        if os.stat(path).st_uid != os.geteuid() and os.geteuid() != 0:
-            # A user's lockd given root's /var/lib/lockd/journal: it can neither chmod nor
-            # chown it, and was told to.
-            fix = "choose a journal_dir of your own"
-        else:
-            fix = f"run chmod go-w {path} (or chown it), or choose another journal_dir"
         raise OSError(
             errno.EPERM,
             f"refusing journal_dir {path}: {problem} ({owner}); events planted there would "
-            f"be replayed as lockd's own: {fix}",
+            f"be replayed as lockd's own: {_remedy(path)}",
         )
     ancestor = _unsafe_ancestor(path)
     if ancestor is not None:
@@ -1344,8 +1338,16 @@ def check_journal_dir(path: str) -> None:
             errno.EPERM,
             f"refusing journal_dir {path}: directory {where} above it {why}; whoever can "
             "write there can move the journal aside and put one of their own in its place: "
-            f"run chmod go-w {where} (or chown it), or choose another journal_dir",
+            f"{_remedy(where)}",
         )
+
+
+def _remedy(directory: str) -> str:
+    """What to do about a directory refused for the journal: a user's lockd can neither
+    chmod nor chown one that is another uid's (root's /var/lib/lockd), and was told to."""
+    if os.stat(directory).st_uid != os.geteuid() and os.geteuid() != 0:
+        return "choose a journal_dir of your own"
+    return f"run chmod go-w {directory} (or chown it), or choose another journal_dir"
 
 
 def _unsafe_ancestor(path: str) -> tuple[str, str] | None:

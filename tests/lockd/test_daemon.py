@@ -511,6 +511,31 @@ def test_a_users_lockd_given_another_users_journal_dir_is_told_to_choose_its_own
     assert "chmod" not in err
 
 
+@as_root
+def test_a_users_lockd_whose_journal_is_below_another_users_directory_is_told_to_move_it() -> None:
+    """The journal directory is the user's, but a directory above it is another user's:
+    the user can neither chmod nor chown that one, and is told to choose its own."""
+    above = tempfile.mkdtemp(prefix="lockd-above-")
+    try:
+        journal = os.path.join(above, "journal")
+        os.mkdir(journal, 0o700)
+        os.chown(journal, NOBODY, NOBODY)
+        os.chmod(above, 0o755)  # noqa: S103 - another user's, as /home/other
+        os.chown(above, OTHER, OTHER)
+
+        def check() -> int:
+            daemon_module.check_journal_dir(journal)
+            return 0
+
+        status, err = as_a_user(check)
+        assert status == -1  # raised, the traceback on stderr
+        assert f"directory {above} above it is uid {OTHER}'s" in err
+        assert "choose a journal_dir of your own" in err
+        assert "chmod" not in err
+    finally:
+        shutil.rmtree(above)
+
+
 def test_a_users_lockd_given_a_lock_dir_it_cannot_write_is_refused() -> None:
     """A user ran ``lockd serve --lock-dir /var/lib/libvirt/lockd`` (root's, 0755): it
     started, warned that others could write to it, and failed every request io-error,
