@@ -525,6 +525,12 @@ Connector = Callable[[], Connection]
 """Opens a new connection to the daemon."""
 
 
+def _add_to(error: LockError, text: str) -> None:
+    """Append ``text`` to ``error``'s message (and to what ``str(error)`` says)."""
+    error.message += text
+    error.args = (f"{error.code}: {error.message}",)
+
+
 def socket_connector(path: str, *, timeout: float = 30.0, name: str = "lockd-plugin") -> Connector:
     """Connect to the daemon socket at ``path`` with the blocking client.
 
@@ -818,7 +824,7 @@ class LockManager:
             if exc.code == PluginErrorCode.UNAVAILABLE:
                 self._rollback_in_doubt(taken, cause)
                 return
-            named = ", ".join(self._labels.get(lease.ref, str(lease)) for lease in taken)
+            named = self._named(taken)
             log.error(
                 "owner %s: acquire failed (%s) and rolling back %s failed too: %s",
                 self.owner.name,
@@ -837,27 +843,14 @@ class LockManager:
         """Release, on a new connection, whatever of ``asked`` the owner holds now; say in
         ``cause``'s message what is left held if that cannot be done."""
         try:
-            conn = self._connection()
-            held = {lease.ref for lease in self._held(conn)}
-            back = [lease for lease in asked if lease.ref in held]
-            if back:
-                back = self._release_those_held(conn, back)
-                log.warning(
-                    "owner %s: the connection to lockd broke mid-acquire; released again "
-                    "what it had taken: %s",
-                    self.owner.name,
-                    ", ".join(map(str, back)),
-                )
+            back = self._release_those_held(self._connection(), asked) if asked else []
         except LockError as exc:
             if self._conn is None and exc.code == ErrorCode.NOT_FOUND:
                 # The register was refused: the VM's process is gone, so lockd ends
                 # whatever it held (owner-exit); "it may hold" would send the caller
                 # after leases nobody holds.
-                cause.message += (
-                    "; the VM's process has exited, so lockd releases whatever of this "
-                    f"acquire it held ({exc.message})"
-                )
-                cause.args = (f"{cause.code}: {cause.message}",)
+                _add_to(cause, "; the VM's process has exited, so lockd releases whatever "
+                               f"of this acquire it held ({exc.message})")  # fmt: skip
                 return
             log.error(
                 "owner %s: the connection to lockd broke mid-acquire, and releasing what "
@@ -865,15 +858,24 @@ class LockManager:
                 self.owner.name,
                 exc,
             )
-            named = ", ".join(self._labels.get(lease.ref, str(lease)) for lease in asked)
-            cause.message += (
-                f"; it may hold some of {named} (lockd could not be "
-                f"asked again: {exc.message}): acquire again, or release them"
+            _add_to(
+                cause,
+                f"; it may hold some of {self._named(asked)} (lockd could not be asked "
+                f"again: {exc.message}): acquire again, or release them",
             )
-            cause.args = (f"{cause.code}: {cause.message}",)
             return
-        cause.message += "; nothing of this acquire is held (given back on a new connection)"
-        cause.args = (f"{cause.code}: {cause.message}",)
+        if back:
+            log.warning(
+                "owner %s: the connection to lockd broke mid-acquire; released again what "
+                "it had taken: %s",
+                self.owner.name,
+                ", ".join(map(str, back)),
+            )
+        _add_to(cause, "; nothing of this acquire is held (given back on a new connection)")
+
+    def _named(self, leases: list[Lease]) -> str:
+        """The leases as the caller added them (``disk /vm/a.img``), for messages."""
+        return ", ".join(self._labels.get(lease.ref, str(lease)) for lease in leases)
 
     def _held(self, conn: Connection) -> list[Lease]:
         result = self._call(conn, "inquire")
