@@ -25,7 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from lockd.config import admin_socket_beside, default_paths, open_own_file, secure_runtime_dir
+from lockd.config import (
+    admin_socket_beside,
+    default_paths,
+    make_dirs,
+    open_own_file,
+    secure_runtime_dir,
+)
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 """Where ``python -m lockd`` finds this very package, installed or not: a daemon this
@@ -62,7 +68,7 @@ def spawn(path: str, wait: float = 15.0) -> None:
     path = os.path.abspath(path)
     runtime = os.path.dirname(path)
     if not secure_runtime_dir(path, create=True):
-        os.makedirs(runtime, mode=0o700, exist_ok=True)  # the user's own choice of place
+        make_dirs(runtime, 0o700)  # the user's own choice of place
     # Beside the socket, as ``lockd serve`` would put it (the defaults are so placed too).
     admin = os.path.abspath(os.environ.get("LOCKD_ADMIN_SOCKET") or admin_socket_beside(path))
     env = dict(os.environ)

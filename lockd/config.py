@@ -209,7 +209,7 @@ def secure_runtime_dir(socket_path: str, *, create: bool) -> bool:
     fallback = _xdg_runtime_dir() is None
     try:
         if create and not fallback:
-            os.makedirs(base, mode=0o700, exist_ok=True)
+            make_dirs(base, 0o700)
         for path in (base, runtime) if fallback else (runtime,):
             if create:
                 with contextlib.suppress(FileExistsError):

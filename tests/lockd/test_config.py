@@ -68,6 +68,24 @@ def test_a_relative_xdg_runtime_dir_is_ignored_as_the_spec_says(
     assert _mode(fallback_user) == 0o700  # the fallback's checks, both levels
 
 
+def test_a_missing_xdg_runtime_dir_is_made_with_parents_no_other_user_can_write(
+    fallback_user: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under a umask of 0, the parents of a missing ``$XDG_RUNTIME_DIR`` came out 0777, as
+    ``os.makedirs`` makes them: whoever could write there could swap the socket's
+    directory. They are 0755 at most, as every directory lockd makes on its way."""
+    xdg = tmp_path / "a" / "b" / "run"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
+    old = os.umask(0)
+    try:
+        assert secure_runtime_dir(default_paths()["socket"], create=True)
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "a") == 0o755
+    assert _mode(tmp_path / "a" / "b") == 0o755
+    assert _mode(xdg) == 0o700
+
+
 @pytest.mark.parametrize("value", ["relhome", ".", ""])
 def test_a_home_that_is_no_absolute_path_is_taken_from_the_password_database(
     monkeypatch: pytest.MonkeyPatch, value: str
