@@ -735,10 +735,11 @@ class Daemon:
             self.listeners: list[Listener] = (
                 self._listen(config, handoff, activated) if sockets else []
             )
+            activated_keys = self._activated_keys()
             unused = [
                 key
                 for key, value in (("socket_mode", "0600"), ("socket_group", None))
-                if getattr(config, key) != value and key in self._activated_keys()
+                if key in activated_keys and getattr(config, key) != value
             ]
             if unused:  # said at every start, not only when a reload changes them
                 log.warning("%s set but not used: the service manager's socket is served, "
