@@ -39,6 +39,8 @@ from actors.lockspace import (
     CreateResource,
     DeleteResource,
     Done,
+    Holder,
+    LeaseView,
     ReleaseLeases,
     Snapshot,
 )
@@ -1206,9 +1208,10 @@ class ConnectionActor(DispatchedActor):
             assert self._owner is not None
             key = self._owner.key
             mine = [
-                {"lockspace": lease.lockspace, "resource": lease.resource, "mode": lease.mode.value}
+                _held_to_wire(lease, h.holds)
                 for lease in leases
-                if any(h.owner.key == key for h in lease.holders)
+                for h in lease.holders
+                if h.owner.key == key
             ]
             self._reply(request, {"owner": self._owner.to_wire(), "leases": mine})
             return
@@ -1220,7 +1223,7 @@ class ConnectionActor(DispatchedActor):
                         "lockspace": lease.lockspace,
                         "resource": lease.resource,
                         "mode": lease.mode.value,
-                        "owners": [{**h.owner.to_wire(), "since": h.since} for h in lease.holders],
+                        "owners": [_holder_to_wire(h) for h in lease.holders],
                     }
                     for lease in leases
                 ]
@@ -1464,6 +1467,27 @@ class ConnectionActor(DispatchedActor):
         self._publish_info()
         ended = {"next": self._events_next, "reason": why}
         self._transport.write(self._protocol.push({"subscription-ended": ended}))
+
+
+def _held_to_wire(lease: LeaseView, holds: int) -> dict[str, Any]:
+    """One of the asking owner's leases, as ``inquire`` answers: ``holds`` only when it holds
+    the lease more than once (a shared lease asked for again)."""
+    wire: dict[str, Any] = {
+        "lockspace": lease.lockspace,
+        "resource": lease.resource,
+        "mode": lease.mode.value,
+    }
+    if holds > 1:
+        wire["holds"] = holds
+    return wire
+
+
+def _holder_to_wire(holder: Holder) -> dict[str, Any]:
+    """A lease's owner as ``list-leases`` answers, ``holds`` as in :func:`_held_to_wire`."""
+    wire = {**holder.owner.to_wire(), "since": holder.since}
+    if holder.holds > 1:
+        wire["holds"] = holder.holds
+    return wire
 
 
 def _client_to_wire(client: ClientInfo, lease_counts: dict[Any, int]) -> dict[str, Any]:

@@ -179,6 +179,9 @@ class LeaseAcquired(Event):
     owner: Owner = attrs.field(converter=_owner)
     conn: int
     autocreate: bool
+    holds: int | None = None
+    """How many times the owner holds the lease now, when more than once (a shared lease
+    it asked for again); None (absent): once."""
 
 
 @attrs.frozen
@@ -192,6 +195,9 @@ class LeaseReleased(Event):
     owner: Owner = attrs.field(converter=_owner)
     conn: int
     reason: ReleaseReason = attrs.field(converter=_reason)
+    holds: int | None = None
+    """How many times the owner still holds the lease, when it held it more than once
+    and this release ended one hold; None (absent): the owner no longer holds it."""
 
 
 @attrs.frozen
@@ -199,6 +205,8 @@ class LeaseLost(Event):
     """A lease the journal says is held could not be held again: another process or host has it."""
 
     TYPE: ClassVar[str] = "lease-lost"
+    holds: ClassVar[None] = None
+    """Every hold ends (as :attr:`LeaseReleased.holds` None): read alike by the folds."""
     lockspace: str
     resource: str
     mode: LeaseMode = attrs.field(converter=_mode)

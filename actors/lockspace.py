@@ -140,6 +140,8 @@ class Holder:
 
     owner: Owner
     since: float
+    holds: int = 1
+    """How many times it holds the lease (a shared one asked for again is counted)."""
 
 
 @attrs.frozen
@@ -211,6 +213,8 @@ class RestoreLease:
     """Owners that died while the daemon was down."""
     fd: int | None = None
     """An fd still carrying the lock (re-exec, fd store), adopted instead of reopening."""
+    holds: tuple[tuple[OwnerKey, int], ...] = ()
+    """Live owners that hold the lease more than once, and how many times."""
 
 
 @attrs.frozen
@@ -537,7 +541,7 @@ class LockspaceActor(DispatchedActor):
                     resource,
                     holding.mode,
                     tuple(
-                        Holder(who, self._since.get((resource, key), 0.0))
+                        Holder(who, self._since.get((resource, key), 0.0), holding.holds(key))
                         for key, who in sorted(holding.owners.items())
                     ),
                 )
@@ -946,14 +950,16 @@ class LockspaceActor(DispatchedActor):
         event = entry.event
         if isinstance(event, LeaseAcquired):
             core.apply(self._state, event)
-            self._since[(event.resource, event.owner.key)] = entry.time
+            if event.holds is None:  # held since its first hold
+                self._since[(event.resource, event.owner.key)] = entry.time
         elif isinstance(event, LeaseReleased):
             _RELEASES_BY_REASON[_REASON_LABELS[event.reason]] += 1
             holding = self._state.held.get(event.resource)
             core.apply(self._state, event)
-            self._since.pop((event.resource, event.owner.key), None)
-            if holding is not None and event.resource not in self._state.held:
-                self._drop_locks([event.resource], unlink=holding.autocreate)
+            if event.holds is None:
+                self._since.pop((event.resource, event.owner.key), None)
+                if holding is not None and event.resource not in self._state.held:
+                    self._drop_locks([event.resource], unlink=holding.autocreate)
 
     # -- create-resource / delete-resource --------------------------------------
     def _file_command(self, command: CreateResource | DeleteResource) -> _InFlight | None:
@@ -1254,8 +1260,11 @@ class LockspaceActor(DispatchedActor):
                 continue
             self.fds[lease.resource] = restoring.taken[lease.resource]  # stored when taken
             self._arm_link_check()
+            holds = dict(lease.holds)
             for owner, since in lease.live:
-                self._state.add(lease.resource, owner, lease.mode, lease.autocreate)
+                self._state.add(
+                    lease.resource, owner, lease.mode, lease.autocreate, holds.get(owner.key, 1)
+                )
                 self._since[(lease.resource, owner.key)] = since
         tell_if_alive(
             request.reply_to,

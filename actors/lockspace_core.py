@@ -21,11 +21,21 @@ from protocol.errors import ErrorCode
 
 @attrs.define
 class Holding:
-    """One held lease: its mode and owners (each counted once)."""
+    """One held lease: its mode and owners."""
 
     mode: LeaseMode
     owners: dict[OwnerKey, Owner]
     autocreate: bool
+    extra: dict[OwnerKey, int] | None = None
+    """Holds beyond the first, of owners that asked again for this lease shared (None:
+    none did, as nearly always). An owner holds it until as many releases, as in
+    virtlockd: a VM given one shareable image twice keeps it until its last detach."""
+
+    def holds(self, owner: OwnerKey) -> int:
+        """How many times ``owner`` holds this lease (0: not at all)."""
+        if owner not in self.owners:
+            return 0
+        return 1 if self.extra is None else 1 + self.extra.get(owner, 0)
 
 
 @attrs.define
@@ -45,24 +55,43 @@ class LockspaceState:
         """Resources held by ``owner``, sorted."""
         return sorted(self.by_owner.get(owner, ()))
 
-    def add(self, resource: str, owner: Owner, mode: LeaseMode, autocreate: bool) -> None:
-        """``owner`` holds ``resource`` (a new lease takes ``mode`` and ``autocreate``)."""
+    def add(
+        self, resource: str, owner: Owner, mode: LeaseMode, autocreate: bool, holds: int = 1
+    ) -> None:
+        """``owner`` holds ``resource``, ``holds`` times (a new lease takes ``mode`` and
+        ``autocreate``)."""
         holding = self.held.get(resource)
         if holding is None:
             holding = self.held[resource] = Holding(mode, {}, autocreate)
         holding.owners[owner.key] = owner
+        if holds > 1:
+            if holding.extra is None:
+                holding.extra = {}
+            holding.extra[owner.key] = holds - 1
+        elif holding.extra is not None:
+            _forget_extra(holding, owner.key)
         mine = self.by_owner.get(owner.key)
         if mine is None:
             self.by_owner[owner.key] = {resource}
         else:
             mine.add(resource)
 
-    def remove(self, resource: str, owner: OwnerKey) -> None:
-        """``owner`` no longer holds ``resource``; the lease ends with its last owner."""
+    def remove(self, resource: str, owner: OwnerKey, holds: int = 0) -> None:
+        """``owner`` holds ``resource`` ``holds`` times now (0: no longer); the lease ends
+        with its last owner."""
         holding = self.held.get(resource)
         if holding is None:
             return
+        if holds > 0 and owner in holding.owners:
+            if holds > 1:
+                assert holding.extra is not None
+                holding.extra[owner] = holds - 1
+            else:
+                _forget_extra(holding, owner)
+            return
         holding.owners.pop(owner, None)
+        if holding.extra is not None:
+            _forget_extra(holding, owner)
         if not holding.owners:
             del self.held[resource]
         mine = self.by_owner.get(owner)
@@ -70,6 +99,13 @@ class LockspaceState:
             mine.discard(resource)
             if not mine:
                 del self.by_owner[owner]
+
+
+def _forget_extra(holding: Holding, owner: OwnerKey) -> None:
+    assert holding.extra is not None
+    holding.extra.pop(owner, None)
+    if not holding.extra:
+        holding.extra = None
 
 
 @attrs.frozen
@@ -174,12 +210,15 @@ def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Re
                 )
             )
         elif holding.mode is LeaseMode.SHARED and mode is LeaseMode.SHARED:
-            if key not in holding.owners:
-                events.append(
-                    LeaseAcquired(
-                        state.name, resource, mode, command.owner, command.conn, holding.autocreate
-                    )
+            # Asked again by a holder, it is held once more: counted, as virtlockd lists
+            # the owner again, so that each release ends one hold.
+            holds = holding.holds(key)
+            events.append(
+                LeaseAcquired(
+                    state.name, resource, mode, command.owner, command.conn, holding.autocreate,
+                    holds + 1 if holds else None,
                 )
+            )  # fmt: skip
         else:
             return refuse_busy(state, resource, holding, key, mode)
     return events
@@ -200,6 +239,7 @@ def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Re
                 ErrorCode.NOT_HELD,
                 f"lease {state.name}/{resource} is not held by {command.owner.describe()}",
             )
+        extra = holding.extra  # holds beyond the first: those left after this release
         events.append(
             LeaseReleased(
                 state.name,
@@ -208,6 +248,7 @@ def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Re
                 holding.owners[key],
                 command.conn,
                 command.reason,
+                None if extra is None else extra.get(key),
             )
         )
     return events
@@ -216,7 +257,13 @@ def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Re
 def apply(state: LockspaceState, event: Event) -> LockspaceState:
     """Fold one event into the state (in place) and return it."""
     if isinstance(event, LeaseAcquired):
-        state.add(event.resource, event.owner, event.mode, event.autocreate)
+        if event.holds is None:
+            state.add(event.resource, event.owner, event.mode, event.autocreate)
+        else:
+            state.add(event.resource, event.owner, event.mode, event.autocreate, event.holds)
     elif isinstance(event, LeaseReleased):
-        state.remove(event.resource, event.owner.key)
+        if event.holds is None:
+            state.remove(event.resource, event.owner.key)
+        else:
+            state.remove(event.resource, event.owner.key, event.holds)
     return state

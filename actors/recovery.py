@@ -158,8 +158,13 @@ class RecoveryActor(DispatchedActor):
                     live.append((owner, since))
                     self._live[key] = owner
             fd = self._adopted.pop((lockspace, resource), None)
+            holds = () if held.holds is None else tuple(
+                (key, n) for key, n in held.holds.items() if not gone[key]
+            )  # fmt: skip
             self._plan.setdefault(lockspace, []).append(
-                RestoreLease(resource, held.mode, held.autocreate, tuple(live), tuple(dead), fd)
+                RestoreLease(
+                    resource, held.mode, held.autocreate, tuple(live), tuple(dead), fd, holds
+                )
             )
         if earlier_boot:
             log.info("recovery: %d owners registered before this boot of the host; "

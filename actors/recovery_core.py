@@ -49,6 +49,48 @@ class HeldLease:
     mode: LeaseMode
     autocreate: bool
     owners: dict[OwnerKey, tuple[Owner, float]] = attrs.field(factory=dict)
+    holds: dict[OwnerKey, int] | None = None
+    """Owners holding it more than once (a shared lease asked for again), and how many
+    times; None: none."""
+
+    def hold(self, owner: Owner, time: float, holds: int | None) -> None:
+        """``owner`` holds it, ``holds`` times (None: once; since stays its first hold's)."""
+        if holds is None:
+            self.owners[owner.key] = (owner, time)
+            if self.holds is not None:
+                self._forget(owner.key)
+            return
+        if owner.key not in self.owners:
+            self.owners[owner.key] = (owner, time)
+        if self.holds is None:
+            self.holds = {}
+        self.holds[owner.key] = holds
+
+    def end(self, owner: OwnerKey, holds: int | None) -> None:
+        """``owner`` still holds it ``holds`` times (None: no longer)."""
+        if holds is not None and owner in self.owners:
+            if holds > 1:
+                if self.holds is None:
+                    self.holds = {}
+                self.holds[owner] = holds
+            elif self.holds is not None:
+                self._forget(owner)
+            return
+        self.owners.pop(owner, None)
+        if self.holds is not None:
+            self._forget(owner)
+
+    def _forget(self, owner: OwnerKey) -> None:
+        assert self.holds is not None
+        self.holds.pop(owner, None)
+        if not self.holds:
+            self.holds = None
+
+
+def _holds(value: Any) -> int:
+    if type(value) is not int or value < 1:
+        raise ValueError(f"bad holds {value!r}")
+    return value
 
 
 def lost_lease_reason(lease: str, why: str | None = None) -> str:
@@ -119,14 +161,22 @@ class ReplayState:
             if held is None:
                 held = HeldLease(key[0], key[1], LeaseMode(record["mode"]), record["autocreate"])
                 self.leases[key] = held
-            held.owners[owner.key] = (owner, float(record["time"]))
+            holds = record.get("holds")
+            if holds is None and held.holds is None:
+                held.owners[owner.key] = (owner, float(record["time"]))
+            else:
+                held.hold(owner, float(record["time"]), None if holds is None else _holds(holds))
         elif kind in ("lease-released", "lease-lost"):
             key = (record["lockspace"], record["resource"])
             held = self.leases.get(key)
             wire = record["owner"]
             owner_key = OwnerKey(wire["pid"], wire["start_time"])
             if held is not None:
-                held.owners.pop(owner_key, None)
+                holds = record.get("holds") if kind == "lease-released" else None
+                if holds is None and held.holds is None:
+                    held.owners.pop(owner_key, None)
+                else:
+                    held.end(owner_key, None if holds is None else _holds(holds))
                 if not held.owners:
                     del self.leases[key]
             if kind == "lease-lost":
@@ -180,12 +230,19 @@ class ReplayState:
             if held is None:
                 held = HeldLease(event.lockspace, event.resource, event.mode, event.autocreate)
                 self.leases[key] = held
-            held.owners[event.owner.key] = (event.owner, time)
+            if event.holds is None and held.holds is None:
+                held.owners[event.owner.key] = (event.owner, time)
+            else:
+                held.hold(event.owner, time, None if event.holds is None else _holds(event.holds))
         elif isinstance(event, _LEASE_ENDS):
             key = (event.lockspace, event.resource)
             held = self.leases.get(key)
             if held is not None:
-                held.owners.pop(event.owner.key, None)
+                holds = event.holds
+                if holds is None and held.holds is None:
+                    held.owners.pop(event.owner.key, None)
+                else:
+                    held.end(event.owner.key, None if holds is None else _holds(holds))
                 if not held.owners:
                     del self.leases[key]
             if isinstance(event, LeaseLost):
@@ -264,6 +321,14 @@ class ReplayState:
                 ]
                 for held in self.leases.values()
             ],
+            # Owners holding a lease more than once: [lockspace, resource, pid, start time,
+            # holds]. A key of its own, which an older lockd ignores (it counts one hold).
+            "holds": [
+                [held.lockspace, held.resource, key.pid, key.start_time, n]
+                for held in self.leases.values()
+                if held.holds is not None
+                for key, n in held.holds.items()
+            ],
             # A fourth item, true, marks a fence still owed (absent, or false before a
             # fifth: begun); a fifth, the uid the fence signals for (absent: root's).
             "fencing": [
@@ -289,6 +354,13 @@ class ReplayState:
                         owner = owners_seen[seen] = Owner.from_wire(owner_wire)
                     held.owners[owner.key] = (owner, float(since))
                 state.leases[(lockspace, resource)] = held
+            # Absent from snapshots written before holds were counted.
+            for lockspace, resource, pid, start_time, n in data.get("holds", ()):
+                held = state.leases[(lockspace, resource)]
+                key = OwnerKey(pid, start_time)
+                if key not in held.owners:
+                    raise ValueError(f"holds of {lockspace}/{resource} by an owner not listed")
+                held.end(key, _holds(n))
             # Absent from snapshots written before fences were kept.
             for owner_wire, reason, since, *tail in data.get("fencing", ()):
                 owner = Owner.from_wire(owner_wire)

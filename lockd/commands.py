@@ -455,6 +455,12 @@ def cmd_lockspaces(args: argparse.Namespace) -> int:
     return _run(args, body)
 
 
+def _holds_text(owner: dict[str, Any]) -> str:
+    """``, held 2 times`` for an owner holding a shared lease more than once, else empty."""
+    holds = owner.get("holds", 1)
+    return f", held {holds} times" if holds > 1 else ""
+
+
 def cmd_leases(args: argparse.Namespace) -> int:
     """List held leases with their owners."""
 
@@ -474,7 +480,7 @@ def cmd_leases(args: argparse.Namespace) -> int:
         for row in rows:
             owners = ", ".join(
                 f"{printable(o['name'])} (uuid {json_ready(o['uuid'])}, pid {o['pid']}, "
-                f"since {_when(o['since'])})"
+                f"since {_when(o['since'])}{_holds_text(o)})"
                 for o in row["owners"]
             )
             print(f"{row['lockspace']}/{row['resource']}  {row['mode']}  {owners}")

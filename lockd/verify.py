@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -84,7 +85,9 @@ def _held(leases: Iterable[dict[str, Any]]) -> dict[tuple[str, str], tuple[str, 
     return {
         (lease["lockspace"], lease["resource"]): (
             lease["mode"],
-            sorted(o["pid"] for o in lease["owners"]),
+            # A pid once per hold: an owner holding a shared lease twice must be
+            # journaled as holding it twice.
+            sorted(o["pid"] for o in lease["owners"] for _ in range(o.get("holds", 1))),
         )
         for lease in leases
     }
@@ -108,7 +111,14 @@ def _journal(view: DaemonView) -> list[Finding]:
             )
         ]
     journaled = {
-        key: (held.mode.value, sorted(o.pid for o, _ in held.owners.values()))
+        key: (
+            held.mode.value,
+            sorted(
+                o.pid
+                for k, (o, _) in held.owners.items()
+                for _ in range((held.holds or {}).get(k, 1))
+            ),
+        )
         for key, held in state.leases.items()
     }
     reported = _held(view.leases)
@@ -129,7 +139,8 @@ def _say(held: tuple[str, list[int]] | None) -> str:
     if held is None:
         return "not held"
     mode, pids = held
-    return f"held {mode} by pid {', '.join(map(str, pids))}"
+    holders = (f"{pid} ({n} holds)" if n > 1 else str(pid) for pid, n in Counter(pids).items())
+    return f"held {mode} by pid {', '.join(holders)}"
 
 
 def verify(

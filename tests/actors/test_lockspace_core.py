@@ -58,17 +58,64 @@ def test_same_owner_cannot_take_an_exclusive_lease_twice() -> None:
     assert isinstance(run(state, acquire(owner(1), ("disk", EX))), Refusal)
 
 
-def test_shared_owners_are_counted_once() -> None:
-    """A shared re-acquire by the same owner adds nothing; one release ends it."""
+def test_a_shared_lease_asked_for_again_is_held_until_as_many_releases() -> None:
+    """As in virtlockd, which lists the owner again: a VM given one shareable image twice
+    keeps it after the first detach, until the last. Each hold is an event saying how
+    many the owner has now, so the journal's fold and an auditor count the same."""
     state = LockspaceState("ls")
     run(state, acquire(owner(1), ("disk", SH)))
-    assert decide(state, acquire(owner(1), ("disk", SH))) == []
+    events = decide(state, acquire(owner(1), ("disk", SH)))
+    assert isinstance(events, list)
+    assert [e.holds for e in events] == [2]  # type: ignore[attr-defined]
+    for event in events:
+        apply(state, event)
     run(state, acquire(owner(2), ("disk", SH)))
     assert len(state.held["disk"].owners) == 2
+    assert state.held["disk"].holds(owner(1).key) == 2
     assert isinstance(run(state, acquire(owner(3), ("disk", EX))), Refusal)
-    run(state, Release(owner(1), ("disk",), conn=1))
+
+    released = decide(state, Release(owner(1), ("disk",), conn=1))
+    assert isinstance(released, list)
+    assert [e.holds for e in released] == [1]  # type: ignore[attr-defined]
+    for event in released:
+        apply(state, event)
     run(state, Release(owner(2), ("disk",), conn=1))
+    assert state.leases_of(owner(1).key) == ["disk"], "one hold is left"
+    run(state, Release(owner(1), ("disk",), conn=1))
     assert state.held == {}
+    assert state.by_owner == {}
+
+
+def test_an_owner_ending_ends_every_hold_at_once() -> None:
+    """An exit (or disconnect, or admin release) is one event per lease, however many
+    times the owner held it; the lease's other holders keep it."""
+    state = LockspaceState("ls")
+    for _ in range(3):
+        run(state, acquire(owner(1), ("disk", SH)))
+    run(state, acquire(owner(2), ("disk", SH)))
+    events = decide(state, ReleaseOwner(owner(1).key, 1, ReleaseReason.OWNER_EXIT))
+    assert isinstance(events, list)
+    assert [e.holds for e in events] == [None]  # type: ignore[attr-defined]
+    for event in events:
+        apply(state, event)
+    assert list(state.held["disk"].owners) == [owner(2).key]
+    assert state.held["disk"].extra is None
+    run(state, acquire(owner(1), ("disk", SH)))
+    assert state.held["disk"].holds(owner(1).key) == 1, "a new hold starts at one"
+
+
+def test_a_rollback_gives_back_only_the_hold_its_acquire_added() -> None:
+    """A refused multi-lease acquire that had joined a lease its owner held already
+    rolls back that one hold: the owner keeps the hold it had before."""
+    state = LockspaceState("ls")
+    run(state, acquire(owner(1), ("disk", SH)))
+    taken = decide(state, acquire(owner(1), ("disk", SH), ("other", SH)))
+    assert isinstance(taken, list)
+    for event in taken:
+        apply(state, event)
+    run(state, Release(owner(1), ("disk", "other"), conn=1, reason=ReleaseReason.ROLLBACK))
+    assert state.leases_of(owner(1).key) == ["disk"]
+    assert state.held["disk"].holds(owner(1).key) == 1
 
 
 def test_multi_lease_acquire_is_all_or_nothing() -> None:
@@ -128,9 +175,11 @@ ops = st.lists(
 def test_never_two_exclusive_holders_and_replay_rebuilds_the_state(
     script: list[tuple[str, int, list[tuple[str, LeaseMode]]]],
 ) -> None:
-    """Under any command sequence the invariants hold, and folding the events rebuilds the table."""
+    """Under any command sequence the invariants hold, each owner holds a lease as many
+    times as it was granted less its releases, and folding the events rebuilds the table."""
     state = LockspaceState("ls")
     journal: list[LeaseAcquired | LeaseReleased] = []
+    holds: dict[tuple[OwnerKey, str], int] = {}
     for op, n, items in script:
         if op == "acquire":
             command: Acquire | Release | ReleaseOwner = acquire(owner(n), *items)
@@ -141,6 +190,15 @@ def test_never_two_exclusive_holders_and_replay_rebuilds_the_state(
         result = decide(state, command)
         if isinstance(result, Refusal):
             continue
+        key = owner(n).key
+        if op == "acquire":
+            for resource in dict.fromkeys(r for r, _ in items):
+                holds[key, resource] = holds.get((key, resource), 0) + 1
+        elif op == "release":
+            for resource in dict.fromkeys(r for r, _ in items):
+                holds[key, resource] -= 1
+        else:
+            holds = {k: v for k, v in holds.items() if k[0] != key}
         for event in result:
             assert isinstance(event, LeaseAcquired | LeaseReleased)
             journal.append(event)
@@ -154,6 +212,12 @@ def test_never_two_exclusive_holders_and_replay_rebuilds_the_state(
             for key in holding.owners:
                 derived.setdefault(key, set()).add(resource)
         assert state.by_owner == derived  # the owner index never drifts from the table
+        counted = {
+            (k, resource): holding.holds(k)
+            for resource, holding in state.held.items()
+            for k in holding.owners
+        }
+        assert counted == {k: v for k, v in holds.items() if v}
     replayed = LockspaceState("ls")
     for event in journal:
         apply(replayed, event)

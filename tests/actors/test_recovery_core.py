@@ -41,6 +41,7 @@ events = st.one_of(
         st.sampled_from(OWNERS),
         st.integers(0, 3),
         st.booleans(),
+        st.sampled_from([None, None, 2, 3]),
     ),
     st.builds(
         LeaseReleased,
@@ -50,6 +51,7 @@ events = st.one_of(
         st.sampled_from(OWNERS),
         st.integers(0, 3),
         st.sampled_from(list(ReleaseReason)),
+        st.sampled_from([None, None, 1, 2]),
     ),
     st.builds(
         LeaseLost,
@@ -101,6 +103,7 @@ def summary(state: ReplayState) -> object:
                 held.mode,
                 held.autocreate,
                 sorted((k.pid, t) for k, (_, t) in held.owners.items()),
+                sorted((k.pid, n) for k, n in (held.holds or {}).items()),
             )
             for key, held in state.leases.items()
         },

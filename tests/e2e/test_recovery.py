@@ -699,3 +699,53 @@ def test_sighup_rereads_the_configuration(make_daemon: MakeDaemon, tmp_path: Pat
     daemon.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "keeping the running configuration" in daemon.log.read_text())
     assert daemon.lockd("status").returncode == 0
+
+
+def test_a_shared_lease_held_twice_stays_held_until_the_last_release_across_a_crash(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A VM given one shareable image twice holds its lease twice, as under virtlockd: the
+    first detach leaves it held (in the kernel too), a lockd SIGKILLed and restarted in
+    between still counts two, and the last release frees it."""
+    vm = subprocess.Popen(["sleep", "600"])
+    children.append(vm)
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}
+    path = daemon.lock_dir / FILES_LOCKSPACE / disk["resource"]
+    owner = {"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1, "pid": vm.pid}
+
+    def holds() -> list[int]:
+        with daemon.client() as client:
+            client.call("register", owner=owner)
+            return [lease.get("holds", 1) for lease in client.call("inquire")["leases"]]
+
+    with daemon.client() as client:
+        client.call("register", owner=owner)
+        for _ in range(3):
+            client.call("acquire", leases=[{**disk, "shared": True}], autocreate=True)
+        client.call("release", leases=[disk])
+    assert holds() == [2]
+    assert probe(path, "classic", "write") == "busy"
+    assert probe(path, "classic", "read") == "free"  # shared: other hosts may join
+    check(daemon)
+
+    crash(daemon)
+    restart(daemon)
+    assert holds() == [2]
+    check(daemon)
+    assert f"pid {vm.pid}, since " in daemon.lockd("leases").stdout
+    assert ", held 2 times)" in daemon.lockd("leases").stdout
+    with daemon.client() as client:
+        client.call("register", owner=owner)
+        client.call("release", leases=[disk])
+        assert [e.get("holds") for e in client.call("inquire")["leases"]] == [None]
+        assert probe(path, "classic", "write") == "busy"
+        client.call("release", leases=[disk])
+        assert client.call("inquire")["leases"] == []
+    assert not path.exists()  # autocreated: removed with the last hold
+    check(daemon)
+    journaled = [(e["type"], e.get("holds")) for e in events(daemon, "--owner", "vm")
+                 if e["type"].startswith("lease-")]  # fmt: skip
+    assert journaled == [
+        ("lease-acquired", None), ("lease-acquired", 2), ("lease-acquired", 3),
+        ("lease-released", 2), ("lease-released", 1), ("lease-released", None),
+    ]  # fmt: skip
