@@ -28,13 +28,14 @@ is :class:`protocol.client.Client`), and :class:`DeviceKeys` finds device keys
 
 from __future__ import annotations
 
+import collections
 import enum
 import json
 import logging
 import os
 import subprocess
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import attrs
@@ -449,7 +450,8 @@ def format_state(owner_uuid: bytes, leases: Iterable[Lease]) -> str:
     """
     uuid_text = str(uuidlib.UUID(bytes=owner_uuid))
     parts = [f"{STATE_PREFIX}:{STATE_VERSION}", f"owner={uuid_text}"]
-    parts.extend(f"{le.mode}={le.lockspace}/{le.resource}" for le in sorted(set(leases)))
+    # A shared lease held twice is listed twice (the target holds it twice too).
+    parts.extend(f"{le.mode}={le.lockspace}/{le.resource}" for le in sorted(leases))
     return ";".join(parts)
 
 
@@ -481,7 +483,7 @@ def parse_state(text: str) -> LeaseState:
     if str(owner_uuid) != uuid_text:
         raise _bad_state(f"owner {uuid_text!r} is not a canonical lowercase uuid")
     leases: list[Lease] = []
-    seen: set[tuple[str, str]] = set()
+    seen: dict[tuple[str, str], bool] = {}
     for field in fields[1:]:
         mode, _, ref = field.partition("=")
         lockspace, slash, resource = ref.partition("/")
@@ -491,13 +493,28 @@ def parse_state(text: str) -> LeaseState:
             lease = Lease(lockspace, resource, mode == "shared")
         except LockError as exc:
             raise _bad_state(exc.message) from None
-        if lease.ref in seen:
+        if lease.ref in seen and not (lease.shared and seen[lease.ref]):
+            # Only a shared lease can be held twice (a shareable image on two devices).
             raise _bad_state(f"lease {lockspace}/{resource} appears twice")
-        seen.add(lease.ref)
+        seen[lease.ref] = lease.shared
         leases.append(lease)
     if len(leases) > MAX_LEASES:
         raise _bad_state(f"{len(leases)} leases; one acquire takes at most {MAX_LEASES}")
     return LeaseState(owner_uuid.bytes, tuple(leases))
+
+
+def _by_hold(leases: list[Lease]) -> list[list[Lease]]:
+    """``leases`` as requests that each name a lease once: the first holds of each, then
+    the second holds of those listed twice, and so on."""
+    rounds: list[list[Lease]] = []
+    seen: collections.Counter[tuple[str, str]] = collections.Counter()
+    for lease in leases:
+        n = seen[lease.ref]
+        seen[lease.ref] += 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(lease)
+    return rounds
 
 
 # -- the connection -------------------------------------------------------------------------
@@ -606,6 +623,12 @@ class LockManager:
         self._keys: DeviceKeys = keys or CommandDeviceKeys()
         self._leases: dict[tuple[str, str], Lease] = {}
         self._labels: dict[tuple[str, str], str] = {}
+        self._got: collections.Counter[tuple[str, str]] = collections.Counter()
+        """The holds this manager's acquires took and its releases have not given back: a
+        retried acquire asks only for the rest."""
+        self._twice: dict[tuple[str, str], int] = {}
+        """Shared leases added more than once (one image, two devices), and how many times:
+        the VM holds them that many times, as under virtlockd, so each detach ends one."""
         self._unleased_rw_disks: list[str] = []
         self._conn: Connection | None = None
 
@@ -617,8 +640,15 @@ class LockManager:
 
     @property
     def leases(self) -> tuple[Lease, ...]:
-        """The leases added so far, in the order added."""
-        return tuple(self._leases.values())
+        """The leases added so far, in the order added; a shared one added again is
+        listed again."""
+        return tuple(self._each_hold(self._leases.values()))
+
+    def _each_hold(self, leases: Iterable[Lease]) -> Iterator[Lease]:
+        for lease in leases:
+            yield lease
+            for _ in range(self._twice.get(lease.ref, 1) - 1):
+                yield lease
 
     # -- resources ---------------------------------------------------------------------------
     def add_disk(
@@ -651,6 +681,11 @@ class LockManager:
             raise _invalid(
                 f"{label} is already added as {self._labels[lease.ref]} in {known.mode} mode"
             )
+        if known is not None and known.shared:
+            # A shareable image given to the VM twice: each device holds it, so the
+            # first detach leaves it held. An exclusive one stays one hold (the daemon
+            # refuses it again: there is nothing to count).
+            self._twice[lease.ref] = self._twice.get(lease.ref, 1) + 1
         self._leases.setdefault(lease.ref, lease)
         self._labels.setdefault(lease.ref, label)
 
@@ -717,17 +752,26 @@ class LockManager:
         if all_held:
             targets = held
         else:
+            # Each added lease as many times as it was added (a shareable image added
+            # twice, both detached), at most as many times as it is held.
+            added = collections.Counter(le.ref for le in self._each_hold(self._leases.values()))
+            targets = []
+            for lease in held:
+                if added[lease.ref] > 0:
+                    added[lease.ref] -= 1
+                    targets.append(lease)
             held_refs = {lease.ref for lease in held}
-            targets = [lease for lease in held if lease.ref in self._leases]
             for ref, lease in self._leases.items():
                 if ref not in held_refs:
                     log.info(
                         "owner %s does not hold %s: nothing to release", self.owner.name, lease
                     )
-        released: list[Lease] = []
-        for start in range(0, len(targets), MAX_LEASES):
-            chunk = targets[start : start + MAX_LEASES]
-            released += self._release_those_held(conn, chunk)
+        released = self._release_holds(conn, targets)
+        if all_held:
+            self._got.clear()
+        else:
+            self._got.subtract(lease.ref for lease in released)
+            self._got = +self._got  # drop counts at or below 0
         return tuple(released)
 
     def inquire(self) -> str:
@@ -756,26 +800,36 @@ class LockManager:
                 "read/write, exclusive access, disks were present, but no leases specified: "
                 f"{', '.join(self._unleased_rw_disks)} (require_lease_for_disks is on)",
             )
-        return list(self._leases.values())
+        return list(self._each_hold(self._leases.values()))
 
     def _acquire_all(self, conn: Connection, wanted: list[Lease]) -> tuple[Lease, ...]:
         if len(wanted) > MAX_LEASES:
             raise _invalid(f"{len(wanted)} leases; one acquire takes at most {MAX_LEASES}")
-        held = {lease.ref: lease.shared for lease in self._held(conn)} if wanted else {}
-        missing = [lease for lease in wanted if held.get(lease.ref) != lease.shared]
-        # What this acquire may newly give the VM: one held in the other mode is refused
-        # (busy), and an acquire cut off must not give it back.
-        fresh = [lease for lease in missing if lease.ref not in held]
+        before = self._held(conn) if wanted else []
+        exclusive = {lease.ref for lease in before if not lease.shared}
+        # What this manager took already, or the VM holds exclusive (a retried acquire,
+        # another manager's), is kept, not asked for again. A shared one is asked for
+        # each other time it is wanted, and the daemon counts the holds (as virtlockd):
+        # one per device the VM has the image on, each ended by its detach. One held in
+        # the other mode is asked for, and refused (busy).
+        got = self._got.copy()
+        asked: list[Lease] = []
+        for lease in wanted:
+            if got[lease.ref] > 0:
+                got[lease.ref] -= 1
+            elif lease.shared or lease.ref not in exclusive:
+                asked.append(lease)
         disk_spaces = self.options.disk_lockspaces
-        # One request cannot mix autocreated and pre-existing lease files, so explicit
-        # leases go first and are rolled back if the disk leases are refused.
-        groups = (
-            (False, [lease for lease in missing if lease.lockspace not in disk_spaces]),
-            (True, [lease for lease in missing if lease.lockspace in disk_spaces]),
-        )
+        # One request names a lease once (a second hold goes in a second request), and
+        # cannot mix autocreated and pre-existing lease files, so explicit leases go
+        # first and are rolled back if the disk leases are refused.
+        requests: list[tuple[bool, list[Lease]]] = []
+        for holds in _by_hold(asked):
+            requests.append((False, [le for le in holds if le.lockspace not in disk_spaces]))
+            requests.append((True, [le for le in holds if le.lockspace in disk_spaces]))
         taken: list[Lease] = []
         try:
-            for autocreate, group in groups:
+            for autocreate, group in requests:
                 if not group:
                     continue
                 if autocreate:
@@ -791,11 +845,21 @@ class LockManager:
                 # request cut off may have been granted before, and what it took is held
                 # again after the restart. Given back on a new connection, so that an
                 # acquire that failed leaves nothing held, as a refused one does.
-                self._rollback_in_doubt(fresh, exc)
+                self._rollback_in_doubt(asked, before, exc)
             elif taken:
-                self._rollback(conn, taken, exc)
+                self._rollback(conn, taken, before, exc)
             raise
+        self._got.update(lease.ref for lease in asked)
         return tuple(wanted)
+
+    def _release_holds(self, conn: Connection, leases: list[Lease]) -> list[Lease]:
+        """Release ``leases``, a lease listed twice twice (one hold per request, which
+        names a lease once), as :meth:`_release_those_held` does. Returns those released."""
+        released: list[Lease] = []
+        for holds in _by_hold(leases):
+            for start in range(0, len(holds), MAX_LEASES):
+                released += self._release_those_held(conn, holds[start : start + MAX_LEASES])
+        return released
 
     def _release_those_held(self, conn: Connection, leases: list[Lease]) -> list[Lease]:
         """Release ``leases``; those that ended meanwhile (the VM exited, or its other
@@ -813,16 +877,18 @@ class LockManager:
                 self._call(conn, "release", leases=[lease.ref_to_wire() for lease in leases])
         return leases
 
-    def _rollback(self, conn: Connection, taken: list[Lease], cause: LockError) -> None:
+    def _rollback(
+        self, conn: Connection, taken: list[Lease], before: list[Lease], cause: LockError
+    ) -> None:
         """Give back the explicit leases of a refused acquire, so none of it holds.
 
         If that fails, raises the release's error, saying what the VM still holds: the
         refusal alone (``busy``) told the caller the VM got nothing."""
         try:
-            self._release_those_held(conn, taken)
+            self._release_holds(conn, taken)
         except LockError as exc:
             if exc.code == PluginErrorCode.UNAVAILABLE:
-                self._rollback_in_doubt(taken, cause)
+                self._rollback_in_doubt(taken, before, cause)
                 return
             named = self._named(taken)
             log.error(
@@ -839,11 +905,15 @@ class LockManager:
                 exc.details,
             ) from None
 
-    def _rollback_in_doubt(self, asked: list[Lease], cause: LockError) -> None:
-        """Release, on a new connection, whatever of ``asked`` the owner holds now; say in
-        ``cause``'s message what is left held if that cannot be done."""
+    def _rollback_in_doubt(self, asked: list[Lease], before: list[Lease], cause: LockError) -> None:
+        """Release, on a new connection, the holds of ``asked`` the owner has now beyond
+        those it had ``before`` the acquire; say in ``cause``'s message what is left held
+        if that cannot be done."""
+        back: list[Lease] = []
         try:
-            back = self._release_those_held(self._connection(), asked) if asked else []
+            if asked:
+                conn = self._connection()
+                back = self._release_holds(conn, self._gained(conn, asked, before))
         except LockError as exc:
             if self._conn is None and exc.code == ErrorCode.NOT_FOUND:
                 # The register was refused: the VM's process is gone, so lockd ends
@@ -878,8 +948,23 @@ class LockManager:
         return ", ".join(self._labels.get(lease.ref, str(lease)) for lease in leases)
 
     def _held(self, conn: Connection) -> list[Lease]:
+        """The owner's leases, one held twice listed twice."""
         result = self._call(conn, "inquire")
-        return [Lease.from_wire(item) for item in result.get("leases", [])]
+        return [
+            lease
+            for item in result.get("leases", [])
+            for lease in [Lease.from_wire(item)] * item.get("holds", 1)
+        ]
+
+    def _gained(self, conn: Connection, asked: list[Lease], before: list[Lease]) -> list[Lease]:
+        """The holds of ``asked`` the owner has now beyond those it had ``before``: what an
+        acquire cut off gave it, each at most as often as it was asked for."""
+        now = collections.Counter(lease.ref for lease in self._held(conn))
+        had = collections.Counter(lease.ref for lease in before)
+        gained: list[Lease] = []
+        for lease, times in collections.Counter(asked).items():
+            gained += [lease] * max(0, min(times, now[lease.ref] - had[lease.ref]))
+        return gained
 
     def _connection(self) -> Connection:
         if self._conn is not None:

@@ -50,7 +50,9 @@ VM_UUID = uuid.UUID("00010203-0405-0607-0809-0a0b0c0d0e0f").bytes
 class Holding:
     shared: bool
     autocreate: bool
-    owners: set[int]
+    owners: dict[int, int]
+    """Each owner's pid, and how many times it holds the lease (a shared one asked for
+    again is held again, as the daemon counts)."""
 
 
 @attrs.define
@@ -92,10 +94,14 @@ class FakeDaemon:
         pid = conn.pid
         assert pid is not None, f"{op} before register"
         if op == "inquire":
-            leases = [
+            leases: list[dict[str, Any]] = [
                 {"lockspace": ls, "resource": res, "mode": mode}
                 for (ls, res), mode in sorted(self.leases_of(pid).items())
             ]
+            for lease in leases:
+                holds = self.held[lease["lockspace"], lease["resource"]].owners[pid]
+                if holds > 1:
+                    lease["holds"] = holds
             return {"leases": leases}
         if op == "acquire":
             return self._acquire(pid, args["leases"], args["autocreate"])
@@ -108,13 +114,18 @@ class FakeDaemon:
             for ref in args["leases"]:
                 key = (ref["lockspace"], ref["resource"])
                 holding = self.held[key]
-                holding.owners.discard(pid)
+                holding.owners[pid] -= 1
+                if not holding.owners[pid]:
+                    del holding.owners[pid]
                 if not holding.owners:
                     del self.held[key]
             return {"released": len(args["leases"])}
         raise AssertionError(f"unexpected op {op}")
 
     def _acquire(self, pid: int, leases: list[dict[str, Any]], autocreate: bool) -> dict[str, Any]:
+        refs = [(lease["lockspace"], lease["resource"]) for lease in leases]
+        if len(set(refs)) < len(refs):
+            raise RemoteError("invalid-argument", "a lease is requested twice", {})
         for lease in leases:
             key = (lease["lockspace"], lease["resource"])
             holding = self.held.get(key)
@@ -126,7 +137,8 @@ class FakeDaemon:
                 raise RemoteError("not-found", f"no lease file {key[0]}/{key[1]}", {})
         for lease in leases:
             key = (lease["lockspace"], lease["resource"])
-            self.held.setdefault(key, Holding(lease["shared"], autocreate, set())).owners.add(pid)
+            owners = self.held.setdefault(key, Holding(lease["shared"], autocreate, {})).owners
+            owners[pid] = owners.get(pid, 0) + 1
         return {"leases": leases}
 
 
@@ -545,6 +557,86 @@ def test_retried_acquire_asks_only_for_missing_leases(daemon: FakeDaemon) -> Non
     assert acquires[1]["leases"][0]["resource"] == lease_name_for_path("/vm/hotplug.img")
 
 
+def holds_of(daemon: FakeDaemon, path: str, pid: int = 4242) -> int:
+    holding = daemon.held.get(file_lease(path, shared=True).ref)
+    return 0 if holding is None else holding.owners.get(pid, 0)
+
+
+def test_a_shareable_image_given_twice_is_held_until_both_are_detached(
+    daemon: FakeDaemon,
+) -> None:
+    """One image on two devices of a VM (share-rw): the VM holds its lease twice, as under
+    virtlockd, asked for in two requests (one names a lease once). Detaching one device
+    (a manager of its own, as libvirt makes per hot-unplug) ends one hold: the VM still
+    writes through the other, and another host must not get the image exclusive."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.add_disk("/vm/a.img")
+    mgr.add_disk("/vm/base.img", shareable=True)
+    assert mgr.leases == (
+        file_lease("/vm/base.img", shared=True),
+        file_lease("/vm/base.img", shared=True),
+        file_lease("/vm/a.img"),
+    )
+    mgr.acquire()
+    acquires = [args["leases"] for op, args in daemon.requests if op == "acquire"]
+    assert [len(leases) for leases in acquires] == [2, 1]
+    assert holds_of(daemon, "/vm/base.img") == 2
+    mgr.acquire()  # retried: this manager holds all it was given
+    assert holds_of(daemon, "/vm/base.img") == 2
+
+    detach = manager(daemon)
+    detach.add_disk("/vm/base.img", shareable=True)
+    assert detach.release() == (file_lease("/vm/base.img", shared=True),)
+    assert holds_of(daemon, "/vm/base.img") == 1
+    hotplug = manager(daemon)
+    hotplug.add_disk("/vm/base.img", shareable=True)
+    hotplug.acquire()
+    assert holds_of(daemon, "/vm/base.img") == 2
+    assert len(manager(daemon).release(all_held=True)) == 3
+    assert daemon.held == {}
+
+
+def test_the_state_of_a_vm_holding_a_shared_lease_twice_lists_it_twice(
+    daemon: FakeDaemon,
+) -> None:
+    """Migration and pause/resume keep the count: the target holds the image twice too.
+    Only a shared lease may be listed twice."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.acquire()
+    state = mgr.inquire()
+    lease = file_lease("/vm/base.img", shared=True)
+    assert parse_state(state).leases == (lease, lease)
+    assert len(mgr.release()) == 2
+    target = manager(daemon, pid=200)
+    target.acquire(state)
+    assert holds_of(daemon, "/vm/base.img", pid=200) == 2
+    assert target.inquire() == state
+    exclusive_twice = state.replace("shared=", "exclusive=")
+    with pytest.raises(LockError, match="appears twice"):
+        parse_state(exclusive_twice)
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_an_acquire_cut_off_gives_back_only_the_hold_it_added(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch, served: bool
+) -> None:
+    """A hot-plug of an image the VM holds shared already, cut off by a lockd crash: the
+    restarted daemon may count the new hold; it is given back, the VM's first one kept."""
+    first = manager(daemon)
+    first.add_disk("/vm/base.img", shareable=True)
+    first.acquire()
+    hotplug = manager(daemon)
+    hotplug.add_disk("/vm/base.img", shareable=True)
+    crash_at(monkeypatch, 1, served=served)
+    with pytest.raises(LockError) as caught:
+        hotplug.acquire()
+    assert caught.value.code == "unavailable"
+    assert holds_of(daemon, "/vm/base.img") == 1
+
+
 def test_custom_disk_lockspace_is_created_before_use(daemon: FakeDaemon) -> None:
     """As virtlockd's init creates configured lockspaces, a non-default one is created first."""
     mgr = manager(daemon, options=PluginOptions(file_lockspace="site.files"))
@@ -766,7 +858,7 @@ def test_an_acquire_cut_off_by_a_daemon_crash_leaves_nothing_held(
     what the restarted daemon recovered (the disk, or the explicit lease taken by the
     first of the two requests) while the VM manager was told the acquire failed."""
     daemon.files.add(("site.leases", "vm1"))
-    daemon.held[file_lease("/vm/kept.img").ref] = Holding(False, True, {4242})
+    daemon.held[file_lease("/vm/kept.img").ref] = Holding(False, True, {4242: 1})
     mgr = manager(daemon)
     mgr.add_lease("site.leases", "vm1")
     mgr.add_disk("/vm/a.img")
@@ -835,7 +927,7 @@ def test_a_refused_acquire_whose_rollback_fails_says_what_the_vm_still_holds(
     ``busy`` and nothing more, as if the VM held nothing; it now fails with the
     release's error, naming the lease left held."""
     daemon.files.add(("site.leases", "vm1"))
-    daemon.held[file_lease("/vm/a.img").ref] = Holding(False, True, {99})
+    daemon.held[file_lease("/vm/a.img").ref] = Holding(False, True, {99: 1})
     serve = FakeDaemon.serve
 
     def full_journal(self: FakeDaemon, conn: FakeConnection, op: str, args: Any) -> Any:
@@ -867,7 +959,7 @@ def test_a_refused_acquire_gives_back_the_rest_of_what_it_took_when_part_ended_m
     and the acquire failed ``not-held`` saying the VM still held both. As lockd's own
     rollback does, the rest is given back, and the acquire fails ``busy``, nothing held."""
     daemon.files.update({("site.leases", "vm1"), ("site.leases", "vm2")})
-    daemon.held[file_lease("/vm/a.img").ref] = Holding(False, True, {99})
+    daemon.held[file_lease("/vm/a.img").ref] = Holding(False, True, {99: 1})
     serve = FakeDaemon.serve
 
     def released_meanwhile(self: FakeDaemon, conn: FakeConnection, op: str, args: Any) -> Any:
