@@ -481,3 +481,31 @@ def test_qemu_wrapper_says_when_it_cannot_read_a_blockdev(tmp_path: Path) -> Non
         f"lockd-qemu-wrapper: -blockdev not read (no {tmp_path / 'no-python'}), its disk "
         f"gets no lease: {node}\n"
     )
+
+
+def test_a_shareable_image_on_two_devices_stays_locked_until_both_are_detached(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """The lock driver given one shareable image twice (two devices, share-rw), then a
+    hot-unplug of one of them: the image stays locked while the VM writes through the
+    other device, and another VM's exclusive attach is refused until the last detach."""
+    vm = sleeper(children)
+    owner = {"uuid": str(uuid.uuid4()), "name": "vm", "id": 3, "pid": vm.pid}
+    shared = {"path": "/vm/base.img", "shareable": True}
+    code, reply = lock_driver(
+        daemon, "acquire", "--json", stdin=json.dumps({"owner": owner, "disks": [shared] * 2})
+    )
+    assert code == 0, reply
+    assert [le["mode"] for le in reply["leases"]] == ["shared", "shared"]
+    detach = json.dumps({"owner": owner, "disks": [shared]})
+    code, reply = lock_driver(daemon, "release", "--json", stdin=detach)
+    assert code == 0, reply
+    assert locked(daemon, "/vm/base.img"), "the other device still uses the image"
+    other = ["--uuid", str(uuid.uuid4()), "--name", "vm2", "--pid", str(sleeper(children).pid)]
+    code, reply = lock_driver(daemon, "acquire", *other, "--disk", "/vm/base.img")
+    assert code == 75, reply
+    code, reply = lock_driver(daemon, "release", "--json", stdin=detach)
+    assert code == 0, reply
+    assert not locked(daemon, "/vm/base.img")
+    code, reply = lock_driver(daemon, "acquire", *other, "--disk", "/vm/base.img")
+    assert code == 0, reply
