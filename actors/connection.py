@@ -1052,8 +1052,6 @@ class ConnectionActor(DispatchedActor):
                     # wait ended busy, its owner holding them all the same.
                     self._rollback(job, lambda stuck: self._wait_on(job, done, delay, stuck))
                     return
-            # Counted once per request, by its answer (not per attempt of a --wait).
-            REGISTRY.inc("lockd_acquires_total", result=done.refusal.code.value)
             # Answered once the rollback is applied: the reply says the request took
             # nothing, and goes out only when that is journaled. Sent first, a daemon
             # killed before the rollback's release was written came back holding the
@@ -1090,7 +1088,6 @@ class ConnectionActor(DispatchedActor):
         if self._closed:
             return
         if stuck:
-            REGISTRY.inc("lockd_acquires_total", result=ErrorCode.IO_ERROR.value)
             self._refused_after_rollback(job, done, stuck)
             return
         self._waiting_retry = True
@@ -1104,11 +1101,15 @@ class ConnectionActor(DispatchedActor):
 
     def _refused_after_rollback(self, job: _Acquisition, done: Done, stuck: list[str]) -> None:
         """Answer a refused acquire once its rollback is applied; if the journal refused
-        the rollback's release, the leases it took are still held: io-error says which."""
+        the rollback's release, the leases it took are still held: io-error says which.
+        Counted here, once per request by the answer it gets (not per attempt of a wait):
+        counted before the rollback, a stuck one was ``busy`` without a wait."""
+        assert done.refusal is not None
         if not stuck:
+            REGISTRY.inc("lockd_acquires_total", result=done.refusal.code.value)
             self._refused(job.request, done)
             return
-        assert done.refusal is not None
+        REGISTRY.inc("lockd_acquires_total", result=ErrorCode.IO_ERROR.value)
         self._error(
             job.request,
             ErrorCode.IO_ERROR,

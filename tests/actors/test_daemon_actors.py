@@ -10,6 +10,7 @@ import errno
 import gc
 import os
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,12 @@ def _vm2_behind_vm1_with_the_disk_filling_at_a_release(h: Harness) -> Conn:
     return vm2
 
 
+def acquires_by_result() -> Counter[str]:
+    """``lockd_acquires_total`` now, by result."""
+    series = REGISTRY.counters.get("lockd_acquires_total", {})
+    return Counter({dict(labels)["result"]: int(n) for labels, n in series.items()})
+
+
 def test_a_rollback_the_journal_refuses_is_reported_not_hidden(h: Harness) -> None:
     """The disk fills between an acquire's first lockspace and its rollback: the release
     cannot be journaled, so the lease it took stays held (too long beats too early).
@@ -167,10 +174,12 @@ def test_a_rollback_the_journal_refuses_is_reported_not_hidden(h: Harness) -> No
     client believed it held nothing, and nothing would release the lease until its
     owner exited."""
     vm2 = _vm2_behind_vm1_with_the_disk_filling_at_a_release(h)
+    before = acquires_by_result()
     error = vm2.error("acquire", leases=[lease("free"), lease("x", "other")], autocreate=True)
     h.journal_writer.during_append = None
     h.journal_writer.fail = False
     assert error["code"] == "io-error"
+    assert acquires_by_result() - before == Counter({"io-error": 1}), "counted as answered"
     assert "lease other/x is held exclusive by" in error["message"]
     assert f"{FILES}/free: journal write failed" in error["message"]
     assert vm2.ok("inquire")["leases"] == [
