@@ -236,6 +236,9 @@ class Restored:
     released: int
     lost: tuple[tuple[Owner, str], ...]
     """Live owners whose lease another process or host took, with the lease."""
+    unlocked: tuple[tuple[str, str], ...] = ()
+    """Leases of ``lost`` that no one else was seen holding but that could not be locked
+    (a read-only or failing lock directory), each with the error: not "taken"."""
 
 
 @attrs.define
@@ -1250,11 +1253,15 @@ class LockspaceActor(DispatchedActor):
             self._unjournaled[message.token] = restoring.events
             self._schedule_journal_retry(message.token)
         lost: list[tuple[Owner, str]] = []
+        unlocked: list[tuple[str, str]] = []
         released = 0
         for lease in request.leases:
             released += len(lease.dead)
-            if lease.resource in restoring.refused:
+            refused = restoring.refused.get(lease.resource)
+            if refused is not None:
                 lost.extend((owner, lease.resource) for owner, _ in lease.live)
+                if lease.live and not refused.held_elsewhere:
+                    unlocked.append((lease.resource, refused.message))
                 continue
             if not lease.live:
                 continue
@@ -1268,8 +1275,11 @@ class LockspaceActor(DispatchedActor):
                 self._since[(lease.resource, owner.key)] = since
         tell_if_alive(
             request.reply_to,
-            Restored(request.token, self.name, len(restoring.taken), released, tuple(lost)),
-        )
+            Restored(
+                request.token, self.name, len(restoring.taken), released, tuple(lost),
+                tuple(unlocked),
+            ),
+        )  # fmt: skip
 
     # -- lease files removed or replaced under a held lock -----------------------------
     def _arm_link_check(self) -> None:

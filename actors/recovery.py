@@ -122,7 +122,8 @@ class RecoveryActor(DispatchedActor):
         self._lost: list[tuple[Owner, str]] = []
         self._lost_why: dict[str, str] = {}
         """Leases lost for a reason other than another process or host taking them (their
-        lockspace directory gone), by ``lockspace/resource``: what the log and fence say."""
+        lockspace directory gone, their file not lockable), by ``lockspace/resource``: what
+        the log and fence say."""
         self._plan: dict[str, list[RestoreLease]] = {}
         self._live: dict[Any, Owner] = {}
         self._fences: list[tuple[Owner, str, float | None, int | None]] = []
@@ -265,6 +266,10 @@ class RecoveryActor(DispatchedActor):
         self._lost.extend(
             (owner, f"{restored.lockspace}/{resource}") for owner, resource in restored.lost
         )
+        for resource, error in restored.unlocked:
+            self._lost_why[f"{restored.lockspace}/{resource}"] = (
+                f"its lease file could not be locked ({error})"
+            )
         self._part_done()
 
     def _part_done(self) -> None:

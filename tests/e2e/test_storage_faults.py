@@ -5,9 +5,11 @@ simulated faults never make)."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
+import struct
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -504,3 +506,120 @@ def test_a_reexec_on_a_full_journal_disk_keeps_every_lock(
     filler.unlink()
     vm.call("release", leases=[lease("disk")])
     assert kernel_state(daemon, "disk") != "busy"
+
+
+class FailingFs:
+    """An ext4 filesystem on a loop device, mounted with ``errors=remount-ro``: the kernel
+    makes it read-only under its writers on an error (an administrator's ``mount -o
+    remount,ro`` is refused while a file there is open for writing, as lockd's segment
+    and lease files are), or shuts it down, after which every access fails with EIO."""
+
+    def __init__(self, image: Path, path: Path) -> None:
+        self.image = image
+        self.path = path
+
+    def mount(self) -> None:
+        subprocess.run(["mount", "-o", "loop,errors=remount-ro", str(self.image), str(self.path)],
+                       check=True, capture_output=True)  # fmt: skip
+
+    def unmount(self) -> None:
+        subprocess.run(["umount", str(self.path)], check=True, capture_output=True)
+
+    def make_read_only(self) -> None:
+        """An error as a failing disk gives: ext4 remounts itself read-only."""
+        source = subprocess.run(["findmnt", "-no", "SOURCE", str(self.path)],
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+        trigger = Path("/sys/fs/ext4", os.path.basename(source.strip()), "trigger_fs_error")
+        if not trigger.exists():
+            pytest.skip(f"this kernel has no {trigger} to make ext4 fail with")
+        trigger.write_text("lockd test: the disk fails")
+        with pytest.raises(OSError, match="Read-only file system"):
+            (self.path / "probe").touch()
+
+    def fail(self) -> None:
+        """Every access fails with EIO from now on (EXT4_IOC_SHUTDOWN, no log flush)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.ioctl(fd, _EXT4_IOC_SHUTDOWN, struct.pack("I", _EXT4_GOING_FLAGS_NOLOGFLUSH))
+        finally:
+            os.close(fd)
+
+
+_EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
+_EXT4_GOING_FLAGS_NOLOGFLUSH = 2
+
+
+@pytest.fixture
+def failing_fs(tmp_path: Path) -> Iterator[Callable[[Path], FailingFs]]:
+    """``failing_fs(path)`` mounts a 16 MiB ext4 there (ask for this fixture before
+    ``make_daemon``: it is unmounted after the daemons stop). Skips the test where
+    mounting a loop device is not permitted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem needs root")
+    made: list[FailingFs] = []
+
+    def make(path: Path) -> FailingFs:
+        path.mkdir(parents=True, exist_ok=True)
+        image = tmp_path / f"{path.name}.ext4"
+        with open(image, "wb") as f:
+            f.truncate(16 << 20)
+        done = subprocess.run(["mkfs.ext4", "-q", str(image)], capture_output=True, text=True,
+                              check=False)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot make an ext4 filesystem here: {done.stderr.strip()}")
+        fs = FailingFs(image, path)
+        try:
+            fs.mount()
+        except subprocess.CalledProcessError as exc:
+            pytest.skip(f"cannot mount a loop device here: {exc.stderr.strip()}")
+        made.append(fs)
+        path.chmod(0o700)
+        return fs
+
+    yield make
+    for fs in reversed(made):
+        if subprocess.run(["umount", str(fs.path)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(fs.path)], capture_output=True, check=False)
+
+
+def locked_inodes() -> set[int]:
+    """Inodes with an OFD lock on them, from /proc/locks: what the kernel holds, read
+    without opening the files (a failed filesystem refuses every open)."""
+    found = set()
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "OFDLCK" in fields:
+            found.add(int(fields[fields.index("OFDLCK") + 3].rsplit(":", 1)[1]))
+    return found
+
+
+def test_a_lease_a_read_only_lock_dir_keeps_from_being_locked_at_a_restart_is_not_said_taken(
+    failing_fs: Callable[[Path], FailingFs], make_daemon: MakeDaemon,
+    children: list[subprocess.Popen[bytes]], tmp_path: Path,
+) -> None:  # fmt: skip
+    """The lock directory's filesystem went read-only while lockd was down: at the
+    restart the VM's lease file cannot be opened for its lock, and after the retries the
+    lease is lost and the VM fenced. The log and the fence say why (the file could not be
+    locked: read-only), not that another process or host took the lease, which would
+    send the operator looking for a second host."""
+    fs = failing_fs(tmp_path / "locks")
+    daemon = make_daemon("d", fs.path)
+    vm = owner_client(daemon, children, "vm1")
+    vm.call("acquire", leases=[lease("disk")], autocreate=True)
+    vm.close()
+    crash(daemon)
+    fs.make_read_only()
+    restart(daemon)  # waits out the retries (RESTORE_RETRY_SECONDS) before it serves
+
+    lost = [line for line in daemon.log.read_text().splitlines() if "lost lease" in line]
+    assert len(lost) == 1, lost
+    assert "to another process or host" not in lost[0], lost[0]
+    assert "its lease file could not be locked" in lost[0], lost[0]
+    assert "Read-only file system" in lost[0], lost[0]
+    fenced = [line for line in daemon.log.read_text().splitlines() if "fencing vm1" in line]
+    assert fenced, daemon.log.read_text()
+    assert "was taken while lockd was down" not in fenced[0], fenced[0]
+    assert "Read-only file system" in fenced[0], fenced[0]
+    events = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir), "--type",
+                          "lease-lost")  # fmt: skip
+    assert "Read-only file system" in events.stdout, events.stdout + events.stderr
