@@ -11,6 +11,7 @@ import os
 import signal
 import struct
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -544,6 +545,14 @@ class FailingFs:
         finally:
             os.close(fd)
 
+    def break_as(self, how: str) -> str:
+        """Make it ``"read-only"`` or fail with ``"EIO"``; the error lockd meets then."""
+        if how == "read-only":
+            self.make_read_only()
+            return "[Errno 30] Read-only file system"
+        self.fail()
+        return "[Errno 5] Input/output error"
+
 
 _EXT4_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32)
 _EXT4_GOING_FLAGS_NOLOGFLUSH = 2
@@ -589,7 +598,7 @@ def locked_inodes() -> set[int]:
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
         if "OFDLCK" in fields:
-            found.add(int(fields[fields.index("OFDLCK") + 3].rsplit(":", 1)[1]))
+            found.add(int(fields[fields.index("OFDLCK") + 4].rsplit(":", 1)[1]))
     return found
 
 
@@ -623,3 +632,129 @@ def test_a_lease_a_read_only_lock_dir_keeps_from_being_locked_at_a_restart_is_no
     events = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir), "--type",
                           "lease-lost")  # fmt: skip
     assert "Read-only file system" in events.stdout, events.stdout + events.stderr
+
+
+@pytest.mark.parametrize("how", ["read-only", "EIO"])
+def test_a_journal_disk_that_fails_under_the_daemon_refuses_changes_and_loses_no_lease(
+    how: str, failing_fs: Callable[[Path], FailingFs], make_daemon: MakeDaemon,
+    children: list[subprocess.Popen[bytes]], tmp_path: Path,
+) -> None:  # fmt: skip
+    """The journal's filesystem goes read-only (ext4's errors=remount-ro) or fails with
+    EIO under the daemon, just as its segment is due to rotate: an acquire, a release and
+    a register are refused `io-error` naming the error, nothing changes in the kernel,
+    `status` and `lockd_journal_refusing` say so. Such a filesystem is back only once
+    unmounted: killed, the filesystem mounted again and the daemon started, it holds
+    every lease it reported (journal_sync = "batch": each was on the disk before its
+    reply), its journal checks ok and `lockd verify` is clean."""
+    fs = failing_fs(tmp_path / "d" / "journal")
+    config = tmp_path / "lockd.toml"
+    config.write_text('journal_sync = "batch"\njournal_segment_bytes = 4096\n')
+    daemon = make_daemon("d", None, "--config", str(config))
+    vm = owner_client(daemon, children, "vm1")
+    i = 0
+    while newest_segment_size(daemon.journal_dir) < 4096:  # the next append rotates
+        vm.call("acquire", leases=[lease(f"old{i}")], autocreate=True)
+        i += 1
+    before = held(vm)
+    error = fs.break_as(how)
+
+    with pytest.raises(RemoteError) as refused:
+        vm.call("acquire", leases=[lease("new")], autocreate=True)
+    assert refused.value.code == "io-error"
+    assert f"{error} (rotating the journal)" in refused.value.message, refused.value.message
+    assert kernel_state(daemon, "new") != "busy"
+    with pytest.raises(RemoteError) as released:
+        vm.call("release", leases=[lease("old0")])
+    assert released.value.code == "io-error"
+    with pytest.raises(RemoteError) as registered:
+        owner_client(daemon, children, "vm2")
+    assert registered.value.code == "io-error"
+    assert held(vm) == before
+    status = daemon.lockd("status")
+    assert f"journal_error: {error}" in status.stdout, status.stdout
+    assert "lockd_journal_refusing 1" in metrics(daemon)
+    assert errors_saying(daemon, error) == 1
+
+    vm.close()
+    crash(daemon)
+    fs.unmount()
+    fs.mount()
+    restart(daemon)
+    listed = json.loads(daemon.lockd("leases", "--json").stdout)
+    assert sorted(item["resource"] for item in listed) == before
+    check = daemon.lockd("journal-check", "--journal-dir", str(daemon.journal_dir))
+    assert check.returncode == 0, check.stdout + check.stderr
+    verify = daemon.lockd("verify", "--journal-dir", str(daemon.journal_dir))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.parametrize("how", ["read-only", "EIO"])
+def test_a_lock_dir_that_fails_under_the_daemon_keeps_held_locks_and_lets_releases_through(
+    how: str, failing_fs: Callable[[Path], FailingFs], make_daemon: MakeDaemon,
+    children: list[subprocess.Popen[bytes]], tmp_path: Path,
+) -> None:  # fmt: skip
+    """The lock directory's filesystem goes read-only or fails with EIO while a VM holds
+    leases: the kernel keeps their locks, and the look at held leases' names neither
+    reports them lost nor warns (their names stay cached: the open files pin them). A
+    release goes through, unlocking in the kernel, also of an autocreated lease whose
+    file cannot be removed (it stays, as an empty file harms nothing); an acquire of a
+    new disk or an existing file is refused `io-error` naming the error and locks
+    nothing."""
+    fs = failing_fs(tmp_path / "locks")
+    daemon = make_daemon("d", fs.path)
+    vm = owner_client(daemon, children, "vm1")
+    vm.call("create-resource", lockspace=FILES_LOCKSPACE, resource="there")
+    vm.call("acquire", leases=[lease("kept"), lease("auto")], autocreate=True)
+    inodes = {r: lease_path(daemon, r).stat().st_ino for r in ("kept", "auto", "there")}
+    assert {inodes["kept"], inodes["auto"]} <= locked_inodes()
+    error = fs.break_as(how)
+    logged = len(daemon.log.read_text())
+    deadline = time.monotonic() + 1.2  # two looks at every held lease (LINK_CHECK_SECONDS)
+    while time.monotonic() < deadline:
+        assert held(vm) == ["auto", "kept"]
+        time.sleep(0.1)
+    assert {inodes["kept"], inodes["auto"]} <= locked_inodes()
+    assert "removed or replaced" not in daemon.log.read_text()[logged:]
+
+    vm.call("release", leases=[lease("auto")])
+    assert held(vm) == ["kept"]
+    assert inodes["auto"] not in locked_inodes()
+    assert inodes["kept"] in locked_inodes()
+    for resource in ("new", "there"):
+        with pytest.raises(RemoteError) as refused:
+            vm.call("acquire", leases=[lease(resource)], autocreate=True)
+        assert refused.value.code == "io-error"
+        assert error in refused.value.message, refused.value.message
+        assert str(fs.path / FILES_LOCKSPACE) in refused.value.message, refused.value.message
+    assert held(vm) == ["kept"]
+    assert inodes["there"] not in locked_inodes()
+    events = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir), "--json")
+    kinds = [(e["type"], e.get("resource")) for e in map(json.loads, events.stdout.splitlines())]
+    assert kinds[-1] == ("lease-released", "auto"), kinds
+
+
+def test_a_journal_copied_off_its_read_only_filesystem_replays_every_lease(
+    failing_fs: Callable[[Path], FailingFs], make_daemon: MakeDaemon,
+    children: list[subprocess.Popen[bytes]], tmp_path: Path,
+) -> None:  # fmt: skip
+    """With `journal_sync = "none"` the records on a journal filesystem that went read-only
+    may exist only in the kernel's cache, lost at the unmount; the remedy in
+    operations.md: stop lockd, copy the journal directory while it is still mounted,
+    and start lockd on the copy. It holds every lease the VM had, and verify is clean."""
+    fs = failing_fs(tmp_path / "d" / "journal")
+    daemon = make_daemon("d")
+    vm = owner_client(daemon, children, "vm1")
+    for i in range(5):
+        vm.call("acquire", leases=[lease(f"disk{i}")], autocreate=True)
+    before = held(vm)
+    fs.make_read_only()
+    vm.close()
+    daemon.stop()
+    copy = tmp_path / "d" / "journal-copy"
+    subprocess.run(["cp", "-a", str(daemon.journal_dir), str(copy)], check=True)
+    daemon.journal_dir = copy
+    restart(daemon)
+    listed = json.loads(daemon.lockd("leases", "--json").stdout)
+    assert sorted(item["resource"] for item in listed) == before
+    verify = daemon.lockd("verify", "--journal-dir", str(copy))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
