@@ -323,6 +323,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.handoff_check:
         import lockd.daemon  # a broken install fails here, not after the exec
+        from lockd.journal_file import check_writable
         from lockd.reexec import check_output
 
         try:
@@ -332,6 +333,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 lockd.daemon.check_journal_dir(config.journal_dir)
         except OSError as exc:
             _serve_failed(str(exc))
+            return EXIT_ERROR
+        try:
+            # A journal whose filesystem went read-only or fails (EIO) since the start:
+            # the new program could not open it, and exited holding every lock.
+            if os.path.isdir(config.journal_dir):
+                check_writable(config.journal_dir)
+        except OSError as exc:
+            _serve_failed(_startup_error(exc, config))
             return EXIT_ERROR
         print(check_output(config))
         return EXIT_OK

@@ -182,6 +182,17 @@ def last_boot(directory: str) -> bytes | None:
     return data if len(data) == 16 else None
 
 
+def check_writable(directory: str) -> None:
+    """Raise OSError where a daemon starting on the journal in ``directory`` would stop
+    at once: its ``.boot`` unreadable, or its newest segment not to be opened for
+    appending (a filesystem gone read-only, or failing with EIO). Writes nothing."""
+    last_boot(directory)
+    names = list_segments(directory)
+    if names:
+        path = os.path.join(directory, names[-1])
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC))
+
+
 def record_boot(directory: str, boot: bytes) -> None:
     """Say durably that a daemon started on the journal in boot ``boot``."""
     _write_durably(directory, BOOT_FILE, boot)

@@ -758,3 +758,34 @@ def test_a_journal_copied_off_its_read_only_filesystem_replays_every_lease(
     assert sorted(item["resource"] for item in listed) == before
     verify = daemon.lockd("verify", "--journal-dir", str(copy))
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+@pytest.mark.parametrize("how", ["read-only", "EIO"])
+def test_a_reexec_on_a_failed_journal_disk_is_abandoned_and_every_lock_kept(
+    how: str, failing_fs: Callable[[Path], FailingFs], make_daemon: MakeDaemon,
+    children: list[subprocess.Popen[bytes]], tmp_path: Path,
+) -> None:  # fmt: skip
+    """SIGUSR1 (`systemctl reload`) while the journal's filesystem is read-only or fails
+    with EIO: the new program could not open the journal and would exit, every lock
+    with it. Its start-up check now says so, the re-exec is abandoned with that reason,
+    and the old program serves on: the lease never seen free, the VM's connection
+    answered by the same pid."""
+    fs = failing_fs(tmp_path / "d" / "journal")
+    daemon = make_daemon("d")
+    vm = owner_client(daemon, children, "vm1")
+    vm.call("acquire", leases=[lease("disk")], autocreate=True)
+    error = fs.break_as(how)
+    watcher = start_watch(lease_path(daemon, "disk"))
+    children.append(watcher)  # type: ignore[arg-type]
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: "re-exec abandoned" in daemon.log.read_text(), timeout=30)
+    tries, free = stop_watch(watcher)
+    assert tries > 0
+    assert free == 0, f"the lock was seen free {free} times during the re-exec"
+    abandoned = [line for line in daemon.log.read_text().splitlines() if "abandoned" in line]
+    assert f"journal_dir {daemon.journal_dir}: {error.split('] ')[1]}" in abandoned[0], abandoned
+    assert daemon.proc.poll() is None
+    assert vm.call("status")["pid"] == daemon.proc.pid
+    assert held(vm) == ["disk"]
+    assert kernel_state(daemon, "disk") == "busy"
