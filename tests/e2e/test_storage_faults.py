@@ -591,14 +591,15 @@ def failing_fs(tmp_path: Path) -> Iterator[Callable[[Path], FailingFs]]:
             subprocess.run(["umount", "-l", str(fs.path)], capture_output=True, check=False)
 
 
-def locked_inodes() -> set[int]:
-    """Inodes with an OFD lock on them, from /proc/locks: what the kernel holds, read
-    without opening the files (a failed filesystem refuses every open)."""
+def locked_inodes() -> set[tuple[int, int]]:
+    """Files (device, inode) with an OFD lock on them, from /proc/locks: what the kernel
+    holds, read without opening the files (a failed filesystem refuses every open)."""
     found = set()
     for line in Path("/proc/locks").read_text().splitlines():
         fields = line.split()
         if "OFDLCK" in fields:
-            found.add(int(fields[fields.index("OFDLCK") + 4].rsplit(":", 1)[1]))
+            major, minor, inode = fields[fields.index("OFDLCK") + 4].split(":")
+            found.add((os.makedev(int(major, 16), int(minor, 16)), int(inode)))
     return found
 
 
@@ -705,7 +706,11 @@ def test_a_lock_dir_that_fails_under_the_daemon_keeps_held_locks_and_lets_releas
     vm = owner_client(daemon, children, "vm1")
     vm.call("create-resource", lockspace=FILES_LOCKSPACE, resource="there")
     vm.call("acquire", leases=[lease("kept"), lease("auto")], autocreate=True)
-    inodes = {r: lease_path(daemon, r).stat().st_ino for r in ("kept", "auto", "there")}
+    inodes = {
+        r: (st.st_dev, st.st_ino)
+        for r in ("kept", "auto", "there")
+        for st in [lease_path(daemon, r).stat()]
+    }
     assert {inodes["kept"], inodes["auto"]} <= locked_inodes()
     error = fs.break_as(how)
     logged = len(daemon.log.read_text())
