@@ -439,13 +439,25 @@ class JournalActor(DispatchedActor):
                 trouble.on_change()
             log.error("journal write failed: %s; every change is refused (io-error) until "
                       "the journal can be written again, leases held stay held; said again "
-                      "once a minute while it lasts (`lockd status` shows it)", exc)  # fmt: skip
+                      "once a minute while it lasts (`lockd status` shows it)%s", exc,
+                      self._failed_disk_hint(exc))  # fmt: skip
         elif str(exc) != trouble.error or elapsed - self._reminded >= TROUBLE_REMINDER_S:
             trouble.error, self._reminded = str(exc), elapsed
             log.error("journal write still failing: %s; %d writes refused in %.0f s",
                       exc, trouble.refused, elapsed - self._spell_began)  # fmt: skip
         else:
             log.debug("journal write failed: %s", exc)
+
+    def _failed_disk_hint(self, exc: OSError) -> str:
+        """What the operator must know first of a journal filesystem gone read-only or
+        failing: it comes back only unmounted, and with ``none`` the records the kernel
+        had not written yet go with it, so a lockd started on it forgets live leases."""
+        if exc.errno not in {errno.EROFS, errno.EIO} or self._sync is not SyncPolicy.NONE:
+            return ""
+        return (". The filesystem failed, and with journal_sync = none records not yet "
+                "on the disk are lost when it is unmounted: copy the journal directory "
+                "elsewhere and start lockd on the copy (docs/operations.md, \"When a disk "
+                "fills up or fails\")")  # fmt: skip
 
     def _written_again(self) -> None:
         trouble = self.trouble

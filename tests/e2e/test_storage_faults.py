@@ -743,9 +743,10 @@ def test_a_journal_copied_off_its_read_only_filesystem_replays_every_lease(
     children: list[subprocess.Popen[bytes]], tmp_path: Path,
 ) -> None:  # fmt: skip
     """With `journal_sync = "none"` the records on a journal filesystem that went read-only
-    may exist only in the kernel's cache, lost at the unmount; the remedy in
-    operations.md: stop lockd, copy the journal directory while it is still mounted,
-    and start lockd on the copy. It holds every lease the VM had, and verify is clean."""
+    may exist only in the kernel's cache, lost at the unmount; the log says so at the
+    first refused write, with the remedy in operations.md: stop lockd, copy the journal
+    directory while it is still mounted, and start lockd on the copy. It holds every
+    lease the VM had, and verify is clean."""
     fs = failing_fs(tmp_path / "d" / "journal")
     daemon = make_daemon("d")
     vm = owner_client(daemon, children, "vm1")
@@ -753,6 +754,11 @@ def test_a_journal_copied_off_its_read_only_filesystem_replays_every_lease(
         vm.call("acquire", leases=[lease(f"disk{i}")], autocreate=True)
     before = held(vm)
     fs.make_read_only()
+    with pytest.raises(RemoteError):
+        vm.call("acquire", leases=[lease("refused")], autocreate=True)
+    told = [line for line in daemon.log.read_text().splitlines() if "ERROR" in line]
+    assert len(told) == 1, told
+    assert "copy the journal directory elsewhere and start lockd on the copy" in told[0]
     vm.close()
     daemon.stop()
     copy = tmp_path / "d" / "journal-copy"
