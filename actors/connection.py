@@ -24,9 +24,10 @@ import pykka
 
 from actors.events import ConnectionOpened, JournalEntry, ReleaseReason
 from actors.journal import (
-    Append,
     Appended,
     AppendFailed,
+    ConnectionEnded,
+    Identify,
     Published,
     Subscribe,
     Subscribed,
@@ -212,6 +213,9 @@ class HandedOver:
     """The client's name from its ``hello`` ("": none given, or a build that did not say)."""
     identified: bool = False
     """Its ``connection-opened`` is journaled (False also from a build that wrote none)."""
+    opened_seq: int = 0
+    """The seq of that record's last copy (see :class:`actors.journal.Identify`); 0: not
+    known (an earlier build's handoff), which retention takes for one about to go."""
 
 
 @attrs.frozen
@@ -394,12 +398,14 @@ class ConnectionActor(DispatchedActor):
 
     def _resume(self, restored: HandedOver) -> None:
         """Carry on a connection the previous process handed over (re-exec)."""
+        if self._identified:  # its record is kept while it stays open, as before
+            self._journal.tell(Identify(self._opened(), 0, None, restored.opened_seq))
         if restored.owner is not None:
             self._owners.tell(Watch(restored.owner))
             if not self._identified:
                 # Registered under a build that journaled no connection-opened: its
                 # changes from now on are tied to its peer.
-                self._journal.tell(Append((self._opened(),), 0, None))
+                self._journal.tell(Identify(self._opened(), 0, None))
                 self._identified = True
         if restored.unsent:
             self._transport.write(restored.unsent)
@@ -449,6 +455,8 @@ class ConnectionActor(DispatchedActor):
         """
         if self._handed:
             return
+        if self._identified:
+            self._journal.tell(ConnectionEnded(self.conn_id))
         if self._owner is not None:
             closed = ConnectionClosed(
                 self._owner, self.conn_id, self._transport.peer_pid, self._transport.peer_uid,
@@ -881,7 +889,7 @@ class ConnectionActor(DispatchedActor):
                 return
             then()
 
-        self._journal.tell(Append((self._opened(),), self._wait(written), self.actor_ref))
+        self._journal.tell(Identify(self._opened(), self._wait(written), self.actor_ref))
 
     def _create_lockspace(self, request: m.CreateLockspace) -> None:
         token = self._wait(lambda found: self._lockspace_created(request, found))

@@ -136,6 +136,10 @@ class ConnectionOpened(Event):
     """Made on the admin socket."""
     connected: float
     """Wall-clock time it connected (the record is written at its first change)."""
+    repeat: bool | None = None
+    """True: written again for a connection still open, because retention is about to
+    delete the segment that holds its last record (the journal keeps one of each live
+    connection); None (absent on the wire): its first record."""
 
 
 @attrs.frozen
@@ -320,7 +324,7 @@ _WRITERS: dict[type[Event], Callable[[Event, dict[str, Any]], None]] = {}
 """Per event class: a function that puts its fields in a map (see :func:`_writer_for`)."""
 
 _PLAIN = frozenset({"str", "int", "bool", "float", "bytes", "float | None", "int | None",
-                    "str | None", "bytes | None"})  # fmt: skip
+                    "str | None", "bytes | None", "bool | None"})  # fmt: skip
 """Field types (as annotated) whose values go on the wire as they are."""
 
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import attrs
 import pykka
 
-from actors.events import Event, JournalEntry
+from actors.events import ConnectionOpened, Event, JournalEntry
 from actors.metrics import REGISTRY
 from actors.recovery_core import ReplayState
 from actors.runtime import DispatchedActor, Dispatcher, Timer, tell_if_alive
@@ -148,8 +148,37 @@ class Flush:
 
 
 @attrs.frozen
+class Identify:
+    """Journal a connection's ``connection-opened`` (answered as an :class:`Append` of it
+    is) and keep it while the connection is open: retention deletes no segment holding
+    the last record of a live connection before writing that record again, marked as
+    a repeat, in the current segment.
+
+    ``written``: the record is in the journal already, at that seq (a connection a
+    re-exec handed on; 0: at a seq not known, as from an earlier build), so nothing is
+    written now."""
+
+    opened: ConnectionOpened
+    token: int
+    reply_to: pykka.ActorRef[Any] | None
+    written: int | None = None
+
+
+@attrs.frozen
+class ConnectionEnded:
+    """Connection ``conn`` closed: its ``connection-opened`` need not be kept any more."""
+
+    conn: int
+
+
+Openings = dict[int, tuple[int, ConnectionOpened]]
+"""Per live connection identified in the journal: the seq of its last record, and the
+record (its first form, not a repeat)."""
+
+
+@attrs.frozen
 class SnapshotWritten:
-    """Self-sent when a snapshot written in the background is done (``ok``: on disk)."""
+    """Self-sent when a snapshot is done (``ok``: on disk); its segments may then go."""
 
     seq: int
     ok: bool
@@ -248,9 +277,13 @@ class JournalActor(DispatchedActor):
         snapshots: Snapshots | None = None,
         replay_bytes: int = REPLAY_BYTES,
         trouble: WriteTrouble | None = None,
+        openings: Openings | None = None,
     ) -> None:
+        """``openings``: where to keep the live connections' records (shared with the
+        daemon, which hands them on in a re-exec)."""
         super().__init__(dispatcher)
         self.trouble = WriteTrouble() if trouble is None else trouble
+        self.openings: Openings = {} if openings is None else openings
         REGISTRY.set("lockd_journal_refusing", 0)  # exported from the start
         self._spell_began = self._reminded = 0.0
         """When the spell of refused writes began and was last logged, on the dispatcher's
@@ -294,8 +327,14 @@ class JournalActor(DispatchedActor):
                 self._write(batch)
             return None
         if isinstance(message, SnapshotWritten):
-            if message.ok and hasattr(self._writer, "retain"):
+            if message.ok and hasattr(self._writer, "retain") and self._keep_openings(message.seq):
                 self._writer.retain(message.seq)  # the segments it covers may go
+            return None
+        if isinstance(message, Identify):
+            self._identify(message)
+            return None
+        if isinstance(message, ConnectionEnded):
+            self.openings.pop(message.conn, None)
             return None
         if isinstance(message, Subscribe):
             self._subscribe(message)
@@ -313,6 +352,46 @@ class JournalActor(DispatchedActor):
             self._count_subscribers()
             return None
         return super().on_receive(message)
+
+    def _write_now(self, append: Append) -> tuple[JournalEntry, ...] | None:
+        """Write ``append`` at once, after the appends a batch holds (they came first);
+        its entries, or None if the journal refused them."""
+        batch, self._pending = self._pending, []
+        everything = self._write([*batch, append])
+        return None if everything is None else tuple(everything[-len(append.events) :])
+
+    def _identify(self, message: Identify) -> None:
+        opened = message.opened
+        if message.written is not None:
+            # Kept already when a re-exec given up takes the connection back: the seq
+            # known here is the newest.
+            self.openings.setdefault(opened.conn, (message.written, opened))
+            return
+        entries = self._write_now(Append((opened,), message.token, message.reply_to))
+        if entries is not None:
+            self.openings[opened.conn] = (entries[0].seq, opened)
+
+    def _keep_openings(self, covered: int) -> bool:
+        """Before retention deletes the segments the snapshot at ``covered`` lets go:
+        write again the record of each live connection whose last one is in them, so
+        that the kept journal still names who is behind the ``conn`` of its later
+        changes. True once they are written (or none is needed); False if the journal
+        refused them, and the segments stay until the next snapshot."""
+        kept_from = getattr(self._writer, "retained_from", lambda _: None)(covered)
+        if kept_from is None:
+            return True
+        stale = [opened for seq, opened in self.openings.values() if seq < kept_from]
+        if not stale:
+            return True
+        again = tuple(attrs.evolve(opened, repeat=True) for opened in stale)
+        entries = self._write_now(Append(again, 0, None))
+        if entries is None:
+            log.warning("journal retention at seq %d put off: the records of %d open "
+                        "connections could not be written again", covered, len(stale))  # fmt: skip
+            return False
+        for opened, entry in zip(stale, entries, strict=True):
+            self.openings[opened.conn] = (entry.seq, opened)
+        return True
 
     def _subscribe(self, message: Subscribe) -> None:
         ref = message.subscriber
@@ -411,19 +490,22 @@ class JournalActor(DispatchedActor):
             self._end_replay(urn)
 
     def _take_snapshot(self, seq: int) -> bool:
-        """At a segment boundary: snapshot the state as of ``seq``; True once it is on disk.
-
-        False while a child process writes it: :class:`SnapshotWritten` follows.
-        """
+        """At a segment boundary: snapshot the state as of ``seq``. Always False (the
+        writer deletes nothing itself): :class:`SnapshotWritten` follows once it is on
+        disk, written inline or by a child, and retention runs then."""
         assert self._state is not None
         assert self._snapshots is not None
         if self._state.seq != seq:
             log.error("journal state at seq %d, rotation at %d: no snapshot", self._state.seq, seq)
             return False
         ref = self.actor_ref
-        return self._snapshots.write(
+        if self._snapshots.write(
             self._state, lambda at, ok: tell_if_alive(ref, SnapshotWritten(at, ok))
-        )
+        ):
+            # Written inline: retention waits all the same, for the write under way (in
+            # the middle of an append) to end, since it may first write records again.
+            ref.tell(SnapshotWritten(seq, True))
+        return False
 
     def _refused(self, exc: OSError, now: float) -> None:
         """Log a refused write: the first of a spell, then once a minute (or when the
@@ -469,7 +551,8 @@ class JournalActor(DispatchedActor):
         if trouble.on_change is not None:
             trouble.on_change()
 
-    def _write(self, batch: list[Append]) -> None:
+    def _write(self, batch: list[Append]) -> list[JournalEntry] | None:
+        """Write the batch's events; the entries written, None if the journal refused."""
         now = self._clock()
         seq = self._writer.next_seq
         host = self._host
@@ -494,7 +577,7 @@ class JournalActor(DispatchedActor):
                     tell_if_alive(
                         append.reply_to, AppendFailed(append.token, f"journal write failed: {exc}")
                     )
-            return
+            return None
         if self.trouble.error is not None:
             self._written_again()
         _APPENDS[()] += 1
@@ -538,3 +621,4 @@ class JournalActor(DispatchedActor):
             published = Published(tuple(everything))
             for ref in list(self._subscribers.values()):
                 tell_if_alive(ref, published)
+        return everything

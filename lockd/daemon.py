@@ -31,7 +31,7 @@ import pykka
 from actors import faults
 from actors.connection import ConnectionActor, HandedOver, ServerInfo
 from actors.events import ConfigReloaded, DaemonStarted, DaemonStopped
-from actors.journal import Append, JournalActor, WriteTrouble
+from actors.journal import Append, JournalActor, Openings, WriteTrouble
 from actors.metrics import REGISTRY
 from actors.model import Owner
 from actors.owners import OwnersActor
@@ -277,10 +277,12 @@ class LockSystem:
         )
         d = self.dispatcher
         self.snapshots = SnapshotWriter(config.journal_dir, d)
-        self.journal_trouble = WriteTrouble()
+        # The journal's refused writes (for status), and the live connections'
+        # connection-opened records it keeps (a re-exec hands on where each is).
+        self.journal_trouble, self.journal_openings = WriteTrouble(), Openings()
         self.journal = JournalActor.start(
             d, self.journal_file, sync=config.journal_sync, state=state, snapshots=self.snapshots,
-            trouble=self.journal_trouble,
+            trouble=self.journal_trouble, openings=self.journal_openings,
         )  # fmt: skip
         self.router = RouterActor.start(
             d,
@@ -1057,6 +1059,7 @@ class Daemon:
             bound=sorted(self._bound),
             on_done=self._reexec_over,
             stopping=lambda: bool(self._stop_reason),
+            openings=lambda: {c: seq for c, (seq, _) in self.system.journal_openings.items()},
         )
 
     def _before_exec(self) -> None:

@@ -470,17 +470,30 @@ class FileJournal:
 
         Old segments are history for auditors only once a snapshot covers them.
         """
+        for name in self._doomed(covered_seq):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, name))
+
+    def _doomed(self, covered_seq: int) -> list[str]:
+        """The segments :meth:`retain` deletes for a snapshot up to ``covered_seq``."""
         if self._retain <= 0:
-            return
+            return []
         names = list_segments(self.directory)
         covered = [
             name
             for name, later in itertools.pairwise(names)
             if first_seq_of(later) - 1 <= covered_seq
         ]
-        for name in covered[: -self._retain]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.directory, name))
+        return covered[: -self._retain]
+
+    def retained_from(self, covered_seq: int) -> int | None:
+        """The first seq of the journal :meth:`retain` keeps for a snapshot up to
+        ``covered_seq``; None if it deletes nothing."""
+        doomed = self._doomed(covered_seq)
+        if not doomed:
+            return None
+        names = list_segments(self.directory)
+        return first_seq_of(names[names.index(doomed[-1]) + 1])
 
     def reader(self, since_seq: int) -> JournalFollower:
         """The entries from ``since_seq`` on, read back from the segment files."""

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -379,6 +379,7 @@ class Handoff:
                 },
                 "names": {c.conn_id: c.name for c in self.connections if c.name},
                 "identified": [c.conn_id for c in self.connections if c.identified],
+                "opened": {c.conn_id: c.opened_seq for c in self.connections if c.opened_seq},
             }
         )
 
@@ -394,6 +395,7 @@ class Handoff:
                 raw.get("events_from"),
                 raw.get("names"),
                 raw.get("identified"),
+                raw.get("opened"),
             ),
             tuple((ls, res, fd) for ls, res, fd in raw["leases"]),
             raw["next_conn_id"],
@@ -416,7 +418,7 @@ def _paths_or_none(value: Any) -> tuple[str, ...] | None:
 
 def _conn_to_wire(c: HandedOver) -> dict[str, Any]:
     out = attrs.asdict(c, recurse=False)
-    del out["events_from"], out["name"], out["identified"]  # see Handoff.to_bytes
+    del out["events_from"], out["name"], out["identified"], out["opened_seq"]  # see to_bytes
     out["owner"] = None if c.owner is None else c.owner.to_wire()
     return out
 
@@ -437,15 +439,21 @@ def _conn_from_wire(data: dict[str, Any]) -> HandedOver:
 
 
 def _conns_from_wire(
-    conns: list[dict[str, Any]], events_from: Any, names: Any = None, identified: Any = None
+    conns: list[dict[str, Any]],
+    events_from: Any,
+    names: Any = None,
+    identified: Any = None,
+    opened: Any = None,
 ) -> tuple[HandedOver, ...]:
     """The connections, each subscriber with the seq its events go on from (absent in
     a handoff from an earlier build: its subscribers go on from the next event), each
-    with its ``hello`` name (absent from an earlier build: none), and whether its
-    ``connection-opened`` is journaled (absent from an earlier build: not)."""
+    with its ``hello`` name (absent from an earlier build: none), whether its
+    ``connection-opened`` is journaled (absent from an earlier build: not), and the
+    seq of that record's last copy (absent from an earlier build: not known)."""
     seqs = events_from if isinstance(events_from, dict) else {}
     named = names if isinstance(names, dict) else {}
     known = {c for c in identified if isinstance(c, int)} if isinstance(identified, list) else set()
+    copies = opened if isinstance(opened, dict) else {}
     out = []
     for data in conns:
         conn = _conn_from_wire(data)
@@ -457,6 +465,9 @@ def _conns_from_wire(
             conn = attrs.evolve(conn, name=name)
         if conn.conn_id in known:
             conn = attrs.evolve(conn, identified=True)
+            copy = copies.get(conn.conn_id)
+            if isinstance(copy, int) and not isinstance(copy, bool) and copy > 0:
+                conn = attrs.evolve(conn, opened_seq=copy)
         out.append(conn)
     return tuple(out)
 
@@ -557,6 +568,7 @@ class ReexecActor(DispatchedActor):
         bound: Sequence[str] | None = None,
         on_done: Callable[[], None] | None = None,
         stopping: Callable[[], bool] = lambda: False,
+        openings: Callable[[], Mapping[int, int]] = dict,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
@@ -564,8 +576,11 @@ class ReexecActor(DispatchedActor):
         being written by a child is finished, so the next process is not left a
         child it does not know). ``on_done``: the re-exec is over in this process
         without an exec (abandoned, and every connection it quiesced has answered):
-        until then a second one would quiesce connections whose answers come here."""
+        until then a second one would quiesce connections whose answers come here.
+        ``openings``: per connection, the seq of its ``connection-opened``'s last copy
+        in the journal (read at the exec), which the next program keeps as this one."""
         super().__init__(dispatcher)
+        self._openings = openings
         self._on_done = on_done
         self._stopping = stopping
         """True once the daemon is stopping (SIGTERM): the stop runs the messages still
@@ -731,8 +746,12 @@ class ReexecActor(DispatchedActor):
             if self._stopping():  # a SIGTERM's handler ran meanwhile: the exec would lose it
                 self._abort("the daemon is stopping")
                 return
+        copies = self._openings()
+        handed = tuple(
+            attrs.evolve(c, opened_seq=copies.get(c.conn_id, c.opened_seq)) for c in self._handed
+        )
         handoff = Handoff(
-            self._listeners, tuple(self._handed), self._leases, self._next_conn_id(),
+            self._listeners, handed, self._leases, self._next_conn_id(),
             *self._own_fds, self._started, REGISTRY.carried(), self._logging(), self._bound,
         )  # fmt: skip
         log.info(

@@ -240,6 +240,75 @@ def test_the_journal_names_the_process_and_uid_that_took_and_released_a_disk(
     assert f" pid={pids[0]} uid={os.getuid()} gid={os.getgid()} admin=False connected=20" in text
 
 
+def test_retention_keeps_the_record_of_a_connection_still_open(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A manager's connection registered early lives on while churn lets retention delete
+    the segment with its ``connection-opened``: before deleting it, the daemon writes the
+    record again (``repeat``), so the kept journal still names the pid and uid behind the
+    ``conn`` of its later release. A connection closed meanwhile is not repeated."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("journal_segment_bytes = 4096\njournal_retain_segments = 1\n")
+    daemon = make_daemon("retain", None, "--config", str(config))
+    vm, churner, other = (subprocess.Popen(["sleep", "600"]) for _ in range(3))
+    children += [vm, churner, other]
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/early.img")}
+    with daemon.client("early") as early, daemon.client("churn") as churn:
+        conn = early.call("register", owner=an_owner(vm.pid, "vm"))["client"]
+        early.call("acquire", leases=[disk], autocreate=True)
+        with daemon.client("brief") as brief:
+            closed = brief.call("register", owner=an_owner(other.pid, "brief"))["client"]
+        (first,) = (row for row in events(daemon, "--type", "connection-opened")
+                    if row["conn"] == conn)  # fmt: skip
+        churn.call("register", owner=an_owner(churner.pid, "churn"))
+        churn_past(daemon, churn, first["seq"])
+        early.call("release", leases=[disk])
+    rows = events(daemon)
+    (released,) = (row for row in rows if row["type"] == "lease-released"
+                   and row["resource"] == disk["resource"])  # fmt: skip
+    assert released["conn"] == conn
+    named = [row for row in rows if row["type"] == "connection-opened"
+             and row["conn"] == conn and row["seq"] < released["seq"]]  # fmt: skip
+    assert named, "the kept journal does not say who conn is"
+    assert named[-1]["repeat"] is True
+    assert {key: named[-1][key] for key in ("pid", "uid", "gid", "admin", "connected")} == {
+        key: first[key] for key in ("pid", "uid", "gid", "admin", "connected")
+    }
+    assert (first["pid"], first["uid"]) == (os.getpid(), os.getuid())
+    assert "repeat" not in first
+    assert not [row for row in rows if row["type"] == "connection-opened"
+                and row["conn"] == closed]  # fmt: skip
+    text = daemon.lockd("events", "--journal-dir", str(daemon.journal_dir), "--since",
+                        str(named[-1]["seq"]), "--type", "connection-opened").stdout  # fmt: skip
+    assert f"conn={conn} pid={os.getpid()}" in text
+    assert "repeat=True" in text
+
+
+def an_owner(pid: int, name: str) -> dict[str, Any]:
+    return {"uuid": uuid.uuid4().bytes, "name": name, "id": 1, "pid": pid}
+
+
+def churn_past(daemon: DaemonProcess, churn: Client, seq: int) -> None:
+    """Acquire and release with ``churn`` (registered) until retention has deleted the
+    journal up to ``seq`` (a snapshot is written by a child, and its segments go once it
+    is: churn on until they have)."""
+    lease = {"lockspace": FILES_LOCKSPACE, "resource": "churn"}
+
+    def deleted() -> bool:
+        oldest = min(
+            int(path.name[len("journal-") : -len(".cbor")])
+            for path in daemon.journal_dir.glob("journal-*.cbor")
+        )
+        if oldest > seq:
+            return True
+        for _ in range(20):
+            churn.call("acquire", leases=[lease], autocreate=True)
+            churn.call("release", leases=[lease])
+        return False
+
+    wait_for(deleted, timeout=30)
+
+
 def test_release_cli_and_wait(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:

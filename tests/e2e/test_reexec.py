@@ -27,7 +27,7 @@ from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
 from tests.e2e.fake_systemd import FakeServiceManager
 from tests.e2e.invariants import check, listed
-from tests.e2e.test_daemon import events, lease_file, start_run
+from tests.e2e.test_daemon import an_owner, churn_past, events, lease_file, start_run
 from tests.e2e.test_fd_store import (
     assert_vm_lease_kept,
     fds_on,
@@ -283,6 +283,40 @@ def test_a_reexec_never_lets_go_of_the_journal_directory_or_the_pid_file(
     assert pid_file.read_text().strip() == str(daemon.proc.pid)
     daemon.stop()
     assert not pid_file.exists()
+
+
+def test_a_reexec_hands_on_the_records_retention_keeps_for_open_connections(
+    make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    """A connection identified before a re-exec stays open across it: the new program
+    keeps its ``connection-opened`` as the old one did, writing it again before
+    retention deletes the segment that holds its last copy, so the kept journal names
+    who is behind its release."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("journal_segment_bytes = 4096\njournal_retain_segments = 1\n")
+    daemon = make_daemon("keep", None, "--config", str(config))
+    vm, churner = (subprocess.Popen(["sleep", "600"]) for _ in range(2))
+    children += [vm, churner]
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/early.img")}
+    with daemon.client("early") as early, daemon.client("churn") as churn:
+        conn = early.call("register", owner=an_owner(vm.pid, "vm"))["client"]
+        early.call("acquire", leases=[disk], autocreate=True)
+        churn.call("register", owner=an_owner(churner.pid, "churn"))
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+        (started,) = events(daemon, "--type", "daemon-started")[1:]
+        churn_past(daemon, churn, started["seq"])
+        early.call("release", leases=[disk])
+    rows = events(daemon)
+    (released,) = (row for row in rows if row["type"] == "lease-released"
+                   and row["resource"] == disk["resource"])  # fmt: skip
+    named = [row for row in rows if row["type"] == "connection-opened"
+             and row["conn"] == conn and row["seq"] < released["seq"]]  # fmt: skip
+    assert named, "the kept journal does not say who conn is"
+    assert (named[-1]["pid"], named[-1]["uid"], named[-1]["repeat"]) == (
+        os.getpid(), os.getuid(), True
+    )  # fmt: skip
 
 
 def test_sigusr1_during_a_fence_hands_the_fence_over_with_its_deadline(

@@ -20,12 +20,13 @@ def _conn(
     events_from: int | None,
     name: str = "",
     identified: bool = False,
+    opened_seq: int = 0,
 ) -> HandedOver:
     return HandedOver(
         conn_id=conn_id, fd=10 + conn_id, peer_pid=100, peer_uid=0, admin=False,
         connected_since=1.0, owner=None, restricted=False, subscribed=subscribed,
         version=1, pending=b"", unsent=b"", events_from=events_from, name=name,
-        identified=identified,
+        identified=identified, opened_seq=opened_seq,
     )  # fmt: skip
 
 
@@ -56,6 +57,22 @@ def test_whether_a_connection_s_peer_is_journaled_is_carried_beside_the_maps() -
     assert Handoff.from_bytes(_handoff(*conns).to_bytes()).connections == conns
     del raw["identified"]
     assert not any(c.identified for c in Handoff.from_bytes(cbor2.dumps(raw)).connections)
+
+
+def test_where_a_connection_s_record_was_last_written_is_carried_beside_the_maps() -> None:
+    """The next program keeps a live connection's ``connection-opened`` from the seq of
+    its last copy; a handoff without it (an earlier build's) says it is not known (0),
+    and retention then writes it again before deleting any segment."""
+    conns = (
+        _conn(1, subscribed=False, events_from=None, identified=True, opened_seq=4242),
+        _conn(2, subscribed=False, events_from=None, identified=True),
+    )
+    raw = cbor2.loads(_handoff(*conns).to_bytes())
+    assert raw["opened"] == {1: 4242}
+    assert set(raw["connections"][0]) == earlier_connection_keys()
+    assert Handoff.from_bytes(_handoff(*conns).to_bytes()).connections == conns
+    del raw["opened"]
+    assert [c.opened_seq for c in Handoff.from_bytes(cbor2.dumps(raw)).connections] == [0, 0]
 
 
 def test_each_connection_map_keeps_the_keys_an_earlier_build_passes_to_handed_over() -> None:
