@@ -92,15 +92,16 @@ class DaemonStarted(Event):
     pid: int
     allowed_uids: tuple[int, ...] | None = attrs.field(default=None, converter=_optional_uids)
     """The configuration's ``allowed_uids`` in force from this start (the uids besides
-    the daemon's own that its client socket serves); None (absent): an older lockd's
-    record, or a re-exec given up (the process serves on as before)."""
+    the daemon's own that its client socket serves), or those a re-exec given up serves
+    on with; None (absent): an older lockd's record."""
 
 
 @attrs.frozen
 class ConfigReloaded(Event):
     """SIGHUP re-read the configuration file: which settings it changes. Only the logging
     ones apply now; the others at the next re-exec or restart, whose ``daemon-started``
-    says what is then in force."""
+    says what is then in force. A re-exec writes one too (after its ``daemon-started``),
+    naming every setting it changes from the previous program's, all applied."""
 
     TYPE: ClassVar[str] = "config-reloaded"
     file: str

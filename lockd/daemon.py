@@ -69,6 +69,7 @@ from lockd.reexec import (
     ReexecActor,
     paths_of,
     read_handoff,
+    settings_of,
 )
 from lockd.replay import replay
 from lockd.server import (
@@ -737,16 +738,7 @@ class Daemon:
             self.listeners: list[Listener] = (
                 self._listen(config, handoff, activated) if sockets else []
             )
-            activated_keys = self._activated_keys()
-            unused = [
-                key
-                for key, value in (("socket_mode", "0600"), ("socket_group", None))
-                if key in activated_keys and getattr(config, key) != value
-            ]
-            if unused:  # said at every start, not only when a reload changes them
-                log.warning("%s set but not used: the service manager's socket is served, "
-                            "whose socket unit's SocketMode= and SocketGroup= decide",
-                            " and ".join(unused))  # fmt: skip
+            self._settings_said(handoff)
             log.debug("file descriptor limit: %d", limit)
             if config.timeout > 0:
                 _IdleWatch.start(
@@ -984,6 +976,40 @@ class Daemon:
         if self._connections.get(conn_id) is ref:  # not one taken back under its id since
             del self._connections[conn_id]
 
+    def _settings_said(self, handoff: Handoff | None) -> None:
+        """Once listening: warn of settings socket activation leaves unused, and journal
+        those a re-exec changes."""
+        activated = self._activated_keys()
+        unused = [
+            key
+            for key, value in (("socket_mode", "0600"), ("socket_group", None))
+            if key in activated and getattr(self.config, key) != value
+        ]
+        if unused:  # said at every start, not only when a reload changes them
+            log.warning("%s set but not used: the service manager's socket is served, "
+                        "whose socket unit's SocketMode= and SocketGroup= decide",
+                        " and ".join(unused))  # fmt: skip
+        if handoff is not None and handoff.settings is not None:
+            self._journal_reexec_changes(handoff.settings, activated)
+
+    def _journal_reexec_changes(self, before: Mapping[str, Any], activated: set[str]) -> None:
+        """A re-exec runs with the configuration file as it is now: journal the settings
+        that changes from those the previous program ran with, all in force now (with no
+        SIGHUP before the re-exec, no record said so until 2026-11-27). Those socket
+        activation stands in for are not in force, and not named."""
+        now = settings_of(self.config)
+        changed = [
+            key
+            for key, value in now.items()
+            if key in before and before[key] != value and key not in activated
+        ]
+        if not changed:
+            return
+        log.info("re-exec: %s changed since the previous program started; in force now",
+                 ", ".join(changed))  # fmt: skip
+        reloaded = ConfigReloaded(self.config.config_file or "", changed, changed)
+        self.system.journal.tell(Append((reloaded,), 0, None))
+
     def _carry_on(self, handoff: Handoff) -> None:
         """Keep what a re-exec is not meant to reset: the counts, and logging set at runtime."""
         if handoff.metrics is not None:
@@ -1060,6 +1086,8 @@ class Daemon:
             on_done=self._reexec_over,
             stopping=lambda: bool(self._stop_reason),
             openings=lambda: {c: seq for c, (seq, _) in self.system.journal_openings.items()},
+            settings=settings_of(self.config),
+            allowed_uids=self.config.allowed_uids,
         )
 
     def _before_exec(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import enum
 import json
 import logging
 import os
@@ -84,6 +85,26 @@ def paths_of(config: Any) -> Paths:
     paths: Paths = {key: getattr(config, key) for key in PATH_KEYS}
     paths[LOCKSPACES] = dict(config.lockspaces)
     return paths
+
+
+def settings_of(config: Any) -> dict[str, Any]:
+    """A :class:`lockd.config.Config`'s settings as plain CBOR values (text for a choice,
+    lists for tuples, maps for tables), to compare across a re-exec."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, enum.Enum):
+            return value.value
+        if isinstance(value, tuple | list):
+            return [plain(item) for item in value]
+        if isinstance(value, Mapping):
+            return {str(key): plain(item) for key, item in value.items()}
+        return value
+
+    return {
+        field.name: plain(getattr(config, field.name))
+        for field in attrs.fields(type(config))
+        if field.name != "config_file"
+    }
 
 
 def check_output(config: Any) -> str:
@@ -344,6 +365,9 @@ class Handoff:
     """The listeners' socket files this daemon created, to remove when it stops; not
     those of socket activation, which are the service manager's (None, from an earlier
     build: every listener's)."""
+    settings: dict[str, Any] | None = None
+    """The settings the process ran with (:func:`settings_of`): the next program journals
+    those its configuration changes (None, from an earlier build: not known)."""
 
     def own_fds(self) -> list[int]:
         """The daemon's own locks handed over (journal directory, pid file)."""
@@ -372,6 +396,7 @@ class Handoff:
                 "metrics": self.metrics,
                 "logging": self.logging,
                 "bound": None if self.bound is None else list(self.bound),
+                "settings": self.settings,
                 # Apart from the connections' maps: a build before it passes each
                 # map's keys to HandedOver as they are, and would fail on a new one.
                 "events_from": {
@@ -405,6 +430,7 @@ class Handoff:
             raw.get("metrics"),
             raw.get("logging"),
             _paths_or_none(raw.get("bound")),
+            raw.get("settings") if isinstance(raw.get("settings"), dict) else None,
         )
 
 
@@ -569,6 +595,8 @@ class ReexecActor(DispatchedActor):
         on_done: Callable[[], None] | None = None,
         stopping: Callable[[], bool] = lambda: False,
         openings: Callable[[], Mapping[int, int]] = dict,
+        settings: Mapping[str, Any] | None = None,
+        allowed_uids: tuple[int, ...] | None = None,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
@@ -578,9 +606,14 @@ class ReexecActor(DispatchedActor):
         without an exec (abandoned, and every connection it quiesced has answered):
         until then a second one would quiesce connections whose answers come here.
         ``openings``: per connection, the seq of its ``connection-opened``'s last copy
-        in the journal (read at the exec), which the next program keeps as this one."""
+        in the journal (read at the exec), which the next program keeps as this one.
+        ``settings``: those in force (:func:`settings_of`), handed on; ``allowed_uids``:
+        the ones in force, which a re-exec given up after its ``daemon-stopped`` names
+        again in the ``daemon-started`` that says this program serves on."""
         super().__init__(dispatcher)
         self._openings = openings
+        self._settings = None if settings is None else dict(settings)
+        self._allowed_uids = allowed_uids
         self._on_done = on_done
         self._stopping = stopping
         """True once the daemon is stopping (SIGTERM): the stop runs the messages still
@@ -753,6 +786,7 @@ class ReexecActor(DispatchedActor):
         handoff = Handoff(
             self._listeners, handed, self._leases, self._next_conn_id(),
             *self._own_fds, self._started, REGISTRY.carried(), self._logging(), self._bound,
+            self._settings,
         )  # fmt: skip
         log.info(
             "re-exec: handing over %d listeners, %d connections, %d lease fds",
@@ -775,8 +809,9 @@ class ReexecActor(DispatchedActor):
         log.error("re-exec abandoned: %s%s", why, "" if self._stopping() else "; serving on")
         if self._stop_journaled and not self._stopping():
             # Not an auditor's "stopped" with lease events after it and no start: the
-            # same process, its version and pid, serves on (a stop journals its own).
-            started = DaemonStarted(build.version(), os.getpid())
+            # same process, its version, pid and allowed uids, serves on (a stop
+            # journals its own). Until 2026-11-27 it named no uids.
+            started = DaemonStarted(build.version(), os.getpid(), self._allowed_uids)
             self._journal.tell(Append((started,), 0, None))
         self._router.tell(Unfreeze())
         self._on_abort(self._handed, why)

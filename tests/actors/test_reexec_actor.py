@@ -15,7 +15,7 @@ import pykka
 import pytest
 
 from actors.connection import Gone, HandedOver, Quiesce, Resume, _Retry
-from actors.events import LeaseAcquired, LeaseReleased
+from actors.events import DaemonStarted, DaemonStopped, LeaseAcquired, LeaseReleased
 from actors.runtime import DispatchedActor
 from lockd import reexec
 from protocol.codec import decode_item
@@ -357,5 +357,35 @@ def test_a_connection_closed_with_a_request_in_flight_is_not_handed_over(
         h.run()
         assert [type(answer) for answer in got] == [Gone]
         assert not conn.ref.is_alive()
+    finally:
+        h.close()
+
+
+def test_an_exec_that_fails_after_the_stop_names_the_uids_the_daemon_serves_on_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exec fails once ``daemon-stopped`` is journaled: the ``daemon-started`` that
+    says the same process serves on names the ``allowed_uids`` in force, as every other
+    one does (an auditor reads who may connect from the last one)."""
+
+    def refused(_handoff: reexec.Handoff, _argv: Any, **_kw: Any) -> None:
+        raise OSError(7, "Argument list too long")
+
+    monkeypatch.setattr("lockd.reexec.threading.Thread", _NoThread)
+    monkeypatch.setattr(reexec, "exec_with", refused)
+    h = Harness(tmp_path / "locks")
+    try:
+        actor = reexec.ReexecActor.start(
+            h.dispatcher, connections=list, stop_accepting=lambda: None, router=h.router,
+            journal=h.journal, owners=h.owners, listeners=[], next_conn_id=lambda: 1,
+            argv=[sys.executable], on_abort=lambda _states, _why: None,
+            allowed_uids=(107, 64055),
+        )  # fmt: skip
+        h.run()
+        _passed(actor)
+        h.run()
+        kinds = [type(event) for event in h.journal_writer.events()]
+        assert kinds[-2:] == [DaemonStopped, DaemonStarted]
+        assert h.journal_writer.events(DaemonStarted)[-1].allowed_uids == (107, 64055)
     finally:
         h.close()

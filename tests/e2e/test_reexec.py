@@ -319,6 +319,37 @@ def test_a_reexec_hands_on_the_records_retention_keeps_for_open_connections(
     )  # fmt: skip
 
 
+@pytest.mark.parametrize("sighup", [False, True], ids=["no-sighup", "after-sighup"])
+def test_a_reexec_journals_the_settings_it_changes(
+    make_daemon: MakeDaemon, tmp_path: Path, sighup: bool
+) -> None:
+    """The operator edits the file and reloads with SIGUSR1 (``systemctl reload``), with
+    or without a SIGHUP first: after the re-exec's ``daemon-started`` a
+    ``config-reloaded`` names every setting the new program runs with that the old one
+    did not, all applied. Until now, with no SIGHUP, nothing said that ``fence_grace``
+    or ``max_clients`` had changed."""
+    config = tmp_path / "lockd.toml"
+    config.write_text("fence_grace = 5\n")
+    daemon = make_daemon("settings", None, "--config", str(config))
+    config.write_text("fence_grace = 3\nmax_clients = 50\n")
+    assert daemon.proc is not None
+    if sighup:
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: bool(events(daemon, "--type", "config-reloaded")))
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+    wait_for(lambda: len(events(daemon, "--type", "config-reloaded")) == 1 + sighup)
+    started = events(daemon, "--type", "daemon-started")[1]
+    reloaded = events(daemon, "--type", "config-reloaded")[-1]
+    assert reloaded["seq"] > started["seq"]
+    assert reloaded["file"] == str(config)
+    assert reloaded["changed"] == reloaded["applied"] == ["max_clients", "fence_grace"]
+    # A second re-exec with the file as it is changes nothing, and says nothing.
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 3)
+    assert len(events(daemon, "--type", "config-reloaded")) == 1 + sighup
+
+
 def test_sigusr1_during_a_fence_hands_the_fence_over_with_its_deadline(
     make_daemon: MakeDaemon, children: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
