@@ -169,6 +169,8 @@ def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
         return False
     if args.resource and row.get("resource") != args.resource:
         return False
+    if args.conn is not None and row.get("conn") != args.conn:
+        return False
     if args.owner:
         import uuid
 
@@ -188,6 +190,19 @@ def _matches(row: dict[str, Any], args: argparse.Namespace) -> bool:
         if names.isdisjoint(args.owner):
             return False
     return True
+
+
+def _conn_filter(text: str) -> int:
+    """``events --conn``: a connection id as events print it (0: lockd's own doing)."""
+    try:
+        conn = int(text, 10)
+    except ValueError:
+        conn = -1
+    if conn < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a connection id (a number, as `conn=` prints it)"
+        )
+    return conn
 
 
 def _owner_filter(text: str) -> frozenset[str]:
@@ -756,6 +771,13 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
     )
     events.add_argument(
         "--owner", type=_owner_filter, help="only events of this owner (name, uuid or pid)"
+    )
+    events.add_argument(
+        "--conn",
+        type=_conn_filter,
+        metavar="ID",
+        help="only events of this client connection: its connection-opened and the "
+        "changes it made (ids count from 1 again at each start)",
     )
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     events.set_defaults(func=_cmd_events)

@@ -447,6 +447,47 @@ def test_events_owner_matches_the_owners_recovery_goes_on_fencing(tmp_path: Path
         assert [line.split()[0] for line in done.stdout.splitlines()] == ["1"], spelling
 
 
+def test_events_conn_prints_one_connection_s_records(tmp_path: Path) -> None:
+    """``--conn`` prints a connection's ``connection-opened`` (its repeats too) and the
+    changes journaled with its id, and nothing of another connection; 0 is lockd's own
+    doing. With ``--type`` both must match; an id that is no number is a usage error."""
+    from actors.events import ConnectionOpened
+
+    vm = Owner(uuid=b"\x05" * 16, name="vm5", id=5, pid=505, start_time=50)
+    lease = ("ls", "r1", LeaseMode.EXCLUSIVE, vm)
+    events = [
+        DaemonStarted("0.1.0", 10),
+        ConnectionOpened(1, 505, 107, 107, False, 1764000000.5),
+        LeaseAcquired(*lease, conn=1, autocreate=True),
+        ConnectionOpened(2, 4242, 0, 0, False, 1764000003.5),
+        LeaseReleased(*lease, conn=2, reason=ReleaseReason.CLIENT),
+        LeaseReleased(*lease, conn=0, reason=ReleaseReason.OWNER_EXIT),
+        ConnectionOpened(1, 505, 107, 107, False, 1764000000.5, repeat=True),
+    ]
+    journal = FileJournal(str(tmp_path))
+    journal.append([JournalEntry(seq, 1764000000.0 + seq, "hv1", event)
+                    for seq, event in enumerate(events, 1)])  # fmt: skip
+    journal.close()
+
+    def seqs(*args: str) -> list[int]:
+        done = _lockd("events", "--journal-dir", str(tmp_path), *args)
+        assert done.returncode == 0, done.stderr
+        return [int(line.split()[0]) for line in done.stdout.splitlines()]
+
+    assert seqs("--conn", "1") == [2, 3, 7]
+    assert seqs("--conn", "2") == [4, 5]
+    assert seqs("--conn", "0") == [6]
+    assert seqs("--conn", "1", "--type", "lease-acquired") == [3]
+    assert seqs("--conn", "3") == []
+    done = _lockd("events", "--journal-dir", str(tmp_path), "--conn", "1", "--json")
+    assert [json.loads(line).get("repeat") for line in done.stdout.splitlines()] == [
+        None, None, True
+    ]  # fmt: skip
+    wrong = _lockd("events", "--journal-dir", str(tmp_path), "--conn", "vm5")
+    assert wrong.returncode == EXIT_USAGE
+    assert "'vm5' is not a connection id" in wrong.stderr
+
+
 def test_events_without_a_journal_is_an_error(tmp_path: Path) -> None:
     """A wrong directory is reported, not printed as an empty journal."""
     done = _lockd("events", "--journal-dir", str(tmp_path / "nope"))
