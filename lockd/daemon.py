@@ -995,7 +995,7 @@ class Daemon:
     def _journal_reexec_changes(self, before: Mapping[str, Any], activated: set[str]) -> None:
         """A re-exec runs with the configuration file as it is now: journal the settings
         that changes from those the previous program ran with, all in force now (with no
-        SIGHUP before the re-exec, no record said so until 2026-11-27). Those socket
+        SIGHUP before the re-exec, no record said so until 2026-11-28). Those socket
         activation stands in for are not in force, and not named."""
         now = settings_of(self.config)
         changed = [

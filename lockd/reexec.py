@@ -810,7 +810,7 @@ class ReexecActor(DispatchedActor):
         if self._stop_journaled and not self._stopping():
             # Not an auditor's "stopped" with lease events after it and no start: the
             # same process, its version, pid and allowed uids, serves on (a stop
-            # journals its own). Until 2026-11-27 it named no uids.
+            # journals its own). Until 2026-11-28 it named no uids.
             started = DaemonStarted(build.version(), os.getpid(), self._allowed_uids)
             self._journal.tell(Append((started,), 0, None))
         self._router.tell(Unfreeze())
