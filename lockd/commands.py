@@ -57,6 +57,12 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 EXIT_BUSY = 75
+EXIT_NEEDS_OPERATOR = 78
+"""``lockd serve``: start refused, the state on disk needs an operator (a damaged journal,
+a journal or lock directory others control or lockd cannot write, ...): sysexits'
+EX_CONFIG, "found in an unconfigured or misconfigured state", which systemctl shows as
+``78/CONFIG``. lockd.service does not restart it (``RestartPreventExitStatus=``): a
+restart meets the same refusal."""
 EXIT_CANNOT_EXEC = 126
 """``lockd run``: the command is not executable, or its exec failed (as a shell says)."""
 EXIT_NOT_FOUND = 127
@@ -282,13 +288,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     from actors import faults
     from lockd import config as config_mod
-    from lockd.daemon import (
-        JournalInUseError,
-        PidFileLockedError,
-        StoredLeasesUnknownError,
-        serve,
-    )
-    from lockd.journal_format import JournalCorruptError
+    from lockd.daemon import NEEDS_AN_OPERATOR, JournalInUseError, PidFileLockedError, serve
 
     overrides = {
         "socket": args.socket,
@@ -353,9 +353,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             frozenset(k for k, v in overrides.items() if v is not None),
             handoff_fd=args.handoff_fd,
         )
-    except (
-        JournalInUseError, JournalCorruptError, PidFileLockedError, StoredLeasesUnknownError
-    ) as exc:  # fmt: skip
+    except NEEDS_AN_OPERATOR as exc:
+        _serve_failed(_startup_error(exc, config) if isinstance(exc, OSError) else str(exc))
+        return EXIT_NEEDS_OPERATOR
+    except (JournalInUseError, PidFileLockedError) as exc:  # passes once that lockd exits
         _serve_failed(str(exc))
         return EXIT_ERROR
     except OSError as exc:

@@ -44,6 +44,7 @@ from lockd.autospawn import PACKAGE_ROOT
 from lockd.config import (
     Config,
     ConfigError,
+    UnsafePathError,
     make_dirs,
     open_own_file,
     secure_runtime_dir,
@@ -60,6 +61,7 @@ from lockd.journal_file import (
     read_epoch,
     record_boot,
 )
+from lockd.journal_format import JournalCorruptError
 from lockd.lockfiles import LockspaceDir, holds_lock
 from lockd.reexec import (
     LOCKSPACES,
@@ -107,6 +109,15 @@ class PidFileLockedError(RuntimeError):
 
 class StoredLeasesUnknownError(RuntimeError):
     """The service manager's fd store holds leases' locks, and the journal is empty."""
+
+
+class UnsafeJournalDirError(UnsafePathError, PermissionError):
+    """A journal directory other users could write a journal of their own in (it, or a
+    directory above it)."""
+
+
+class UnwritableLockDirError(PermissionError):
+    """A lock directory this uid cannot make lockspaces in."""
 
 
 class _ProcessInfo:
@@ -1341,7 +1352,7 @@ def _refuse_unwritable_lock_dir(path: str) -> None:
     if os.access(path, os.W_OK | os.X_OK):
         return
     st = os.stat(path)
-    raise OSError(
+    raise UnwritableLockDirError(
         errno.EACCES,
         f"refusing lock_dir {path}: uid {os.geteuid()} cannot write to it (owner uid "
         f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}), where lockd makes its "
@@ -1358,7 +1369,7 @@ def check_journal_dir(path: str) -> None:
     found = _not_only_ours(path)
     if found is not None:
         problem, owner = found
-        raise OSError(
+        raise UnsafeJournalDirError(
             errno.EPERM,
             f"refusing journal_dir {path}: {problem} ({owner}); events planted there would "
             f"be replayed as lockd's own: {_remedy(path)}",
@@ -1366,7 +1377,7 @@ def check_journal_dir(path: str) -> None:
     ancestor = _unsafe_ancestor(path)
     if ancestor is not None:
         where, why = ancestor
-        raise OSError(
+        raise UnsafeJournalDirError(
             errno.EPERM,
             f"refusing journal_dir {path}: directory {where} above it {why}; whoever can "
             "write there can move the journal aside and put one of their own in its place: "
@@ -1444,6 +1455,20 @@ def _pid_in(path: str) -> str:
     except (OSError, ValueError):
         return ""
     return f" (pid {text})" if text.isdigit() else ""
+
+
+NEEDS_AN_OPERATOR: tuple[type[Exception], ...] = (
+    JournalCorruptError,  # lockd journal-check --repair; too new: the newer lockd
+    StoredLeasesUnknownError,
+    UnsafePathError,  # the journal's directory, the pid file, the runtime directory
+    UnwritableLockDirError,
+    UnclaimedSocketError,  # the socket units' names
+)
+"""What stops a start until an operator changes something on disk or in the units: a
+start again, by the service manager, meets the same refusal (``lockd serve`` exits
+:data:`lockd.commands.EXIT_NEEDS_OPERATOR`, which lockd.service does not restart).
+What can pass by itself is not here: a pid file, journal or socket still held by a
+lockd that is exiting."""
 
 
 def serve(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lockd.commands import EXIT_NEEDS_OPERATOR
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.fake_systemd import FakeServiceManager
@@ -440,7 +441,7 @@ def test_a_start_on_an_empty_journal_is_refused_while_the_store_holds_leases(
     with pytest.raises(RuntimeError, match="daemon exited at start"):
         start_under(daemon, manager)
     assert daemon.proc is not None
-    assert daemon.proc.wait() == 1
+    assert daemon.proc.wait() == EXIT_NEEDS_OPERATOR  # not restarted: it would be refused alike
     log = daemon.log.read_text()
     assert "the service manager's fd store holds the locks of 1 leases" in log
     assert f"journal_dir {journal} holds no event" in log

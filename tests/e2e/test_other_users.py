@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from lockd.commands import EXIT_NEEDS_OPERATOR
 from lockd.journal_file import list_segments
 from protocol.client import RemoteError, result_of
 from protocol.codec import decode_item, encode_item
@@ -508,7 +509,7 @@ def test_a_journal_dir_other_users_can_write_is_refused(tmp_path: Path, mode: in
          "--lock-dir", str(tmp_path / "locks"), "--journal-dir", str(journal)],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == EXIT_NEEDS_OPERATOR, done.stderr
     assert f"refusing journal_dir {journal}: other users can write to it" in done.stderr
     assert f"chmod go-w {journal}" in done.stderr
     assert not (tmp_path / "lockd.sock").exists()
@@ -543,7 +544,7 @@ def test_a_planted_pid_file_is_refused_and_its_target_untouched(tmp_path: Path, 
          "--pid-file", str(pid_file)],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == EXIT_NEEDS_OPERATOR, done.stderr
     assert f"lockd serve: refusing pid_file {pid_file}: " in done.stderr
     assert victim.read_text() == "root:secret\n"
     if plant == "other-users-file":

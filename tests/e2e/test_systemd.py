@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
+import cbor2
 import pytest
 
 from lockd import config
+from lockd.commands import EXIT_ERROR, EXIT_NEEDS_OPERATOR, EXIT_USAGE
+from lockd.journal_file import lock_journal, segment_name
+from lockd.journal_format import FORMAT, VERSION, encode_header
+from lockd.lockfiles import try_lock
 from protocol.client import Client
 from protocol.names import FILES_LOCKSPACE
 from tests.e2e.conftest import LOCKD, DaemonProcess, wait_for
-from tests.e2e.fake_systemd import FakeServiceManager
+from tests.e2e.fake_systemd import LAUNCHER, FakeServiceManager
 from tests.lockprobe import probe
 
 pytestmark = pytest.mark.e2e
@@ -260,18 +268,30 @@ def test_units_verify(tmp_path: Path) -> None:
     assert said == [], done.stderr
 
 
+def _prevented(unit: Path) -> list[int]:
+    """The exit statuses a unit's RestartPreventExitStatus= keeps from being restarted."""
+    return [
+        int(status)
+        for line in unit.read_text().splitlines()
+        if line.startswith("RestartPreventExitStatus=")
+        for status in line.partition("=")[2].split()
+    ]
+
+
+def test_the_units_do_not_restart_what_a_restart_cannot_mend() -> None:
+    """The system and the per-user unit keep from restarting exactly the statuses of a
+    configuration error and of a start refused for the state on disk, as the code has
+    them."""
+    for unit in (UNITS / "lockd.service", UNITS / "user" / "lockd.service"):
+        assert _prevented(unit) == [EXIT_USAGE, EXIT_NEEDS_OPERATOR], unit
+
+
 def test_a_configuration_error_exits_with_the_status_the_unit_does_not_restart(
     tmp_path: Path,
 ) -> None:
     """A typo in lockd.toml made lockd.service restart five times, failing alike each
     time, until systemd's start limit failed the unit: the status a configuration error
     exits with is the unit's RestartPreventExitStatus=, so it fails at once."""
-    service = (UNITS / "lockd.service").read_text()
-    prevented = [
-        line.partition("=")[2].split()
-        for line in service.splitlines()
-        if line.startswith("RestartPreventExitStatus=")
-    ]
     config = tmp_path / "lockd.toml"
     config.write_text("fence_grace = 5\njournal_synk = 'batch'\n")
     done = subprocess.run(
@@ -280,8 +300,152 @@ def test_a_configuration_error_exits_with_the_status_the_unit_does_not_restart(
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert "lockd.toml:2: unknown key 'journal_synk'" in done.stderr
-    assert prevented == [[str(done.returncode)]]
+    assert done.returncode == EXIT_USAGE
+    assert done.returncode in _prevented(UNITS / "lockd.service")
     assert not (tmp_path / "journal").exists()  # refused before anything was made
+
+
+class _Start:
+    """A ``lockd serve`` on temp paths, and what a refusal case adds to it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.journal = root / "journal"
+        self.args = ["--socket", str(root / "lockd.sock"), "--lock-dir", str(root / "locks")]
+        self.launcher: list[str] = []
+        self.env: dict[str, str] = {}
+        self.fds: list[int] = []
+
+    def activated(self, **fds: int) -> None:
+        """Pass ``fds`` as the service manager would, by name."""
+        self.launcher = [sys.executable, "-c", LAUNCHER]
+        self.env = {"FAKE_SD_FDS": ",".join(map(str, fds.values())),
+                    "FAKE_SD_NAMES": ":".join(fds)}  # fmt: skip
+        self.fds = list(fds.values())
+
+    def run(self) -> subprocess.CompletedProcess[str]:
+        argv = [*self.launcher, *LOCKD, "serve", "--config", os.devnull, *self.args,
+                "--journal-dir", str(self.journal)]  # fmt: skip
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, check=False,
+            env={**os.environ, **self.env}, pass_fds=self.fds,
+        )  # fmt: skip
+
+
+def _damaged_journal(start: _Start) -> str:
+    start.journal.mkdir(mode=0o700)
+    record = encode_header(1)
+    (start.journal / segment_name(1)).write_bytes(record + b"\xff" * 40 + record)
+    return "journal corrupt at byte"
+
+
+def _newer_journal(start: _Start) -> str:
+    start.journal.mkdir(mode=0o700)
+    header = cbor2.dumps({"format": FORMAT, "version": VERSION + 1, "first_seq": 1})
+    (start.journal / segment_name(1)).write_bytes(header)
+    return "journal written by a newer lockd"
+
+
+def _journal_dir_others_write(start: _Start) -> str:
+    start.journal.mkdir(mode=0o700)
+    os.chmod(start.journal, 0o777)  # noqa: S103 - the misconfiguration under test
+    return f"refusing journal_dir {start.journal}: other users can write to it"
+
+
+def _journal_dir_below_one_others_write(start: _Start) -> str:
+    shared = start.root / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # noqa: S103 - the misconfiguration under test
+    start.journal = shared / "journal"
+    return f"directory {shared} above it can be written by other users"
+
+
+def _planted_pid_file(start: _Start) -> str:
+    pid_file = start.root / "lockd.pid"
+    pid_file.symlink_to(start.root / "victim")
+    start.args += ["--pid-file", str(pid_file)]
+    return f"refusing pid_file {pid_file}: it is a symbolic link"
+
+
+def _stored_locks_and_an_empty_journal(start: _Start) -> str:
+    lease = os.open(start.root / "lease", os.O_RDWR | os.O_CREAT, 0o600)
+    try_lock(lease, shared=False)  # a lock the store kept for a VM
+    start.activated(**{"lease-0001": lease})
+    return "the service manager's fd store holds the locks of 1 leases"
+
+
+def _a_socket_lockd_does_not_serve(start: _Start) -> str:
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(start.root / "other.sock"))
+    other.listen()
+    start.activated(**{"other.socket": other.detach()})
+    return "socket activation passed a socket lockd does not serve ('other.socket')"
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        _damaged_journal,
+        _newer_journal,
+        _journal_dir_others_write,
+        _journal_dir_below_one_others_write,
+        _planted_pid_file,
+        _stored_locks_and_an_empty_journal,
+        _a_socket_lockd_does_not_serve,
+    ],
+    ids=lambda refusal: refusal.__name__.strip("_"),
+)
+def test_a_start_refused_for_the_state_on_disk_exits_with_a_status_the_unit_does_not_restart(
+    tmp_path: Path, refusal: Callable[[_Start], str]
+) -> None:
+    """A damaged journal, a journal directory others control, a planted pid file, the fd
+    store's locks with an empty journal, a socket unit misnamed (and a lock directory
+    lockd cannot write: tests/lockd/test_daemon.py, as a user): each exited 1, so
+    lockd.service restarted it five times, refused alike each time, until the start
+    limit failed the unit. They exit 78, which the unit does not restart; the fd store
+    keeps the locks meanwhile."""
+    start = _Start(tmp_path)
+    try:
+        said = refusal(start)
+        done = start.run()
+        assert not (start.root / "lockd.sock").exists()
+    finally:
+        for fd in start.fds:
+            os.close(fd)
+    assert said in done.stderr
+    assert done.returncode == EXIT_NEEDS_OPERATOR, done.stderr
+    assert done.returncode in _prevented(UNITS / "lockd.service")
+
+
+def test_a_start_refused_for_what_passes_by_itself_is_restarted(tmp_path: Path) -> None:
+    """A pid file, journal or socket still held by a lockd that is exiting frees itself:
+    those refusals exit 1, which the unit restarts."""
+    start = _Start(tmp_path)
+    start.args += ["--pid-file", str(tmp_path / "lockd.pid")]
+    pid_file = os.open(tmp_path / "lockd.pid", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(pid_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held = start.run()
+    finally:
+        os.close(pid_file)
+    assert "is locked by a running daemon" in held.stderr
+    start.journal.mkdir(mode=0o700)
+    journal = lock_journal(str(start.journal), "an exiting lockd")
+    assert journal is not None
+    try:
+        in_use = start.run()
+    finally:
+        os.close(journal)
+    assert "is in use by another lockd" in in_use.stderr
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as serving:
+        serving.bind(str(tmp_path / "lockd.sock"))
+        serving.listen()
+        served = start.run()
+    assert "another daemon is serving" in served.stderr
+    prevented = _prevented(UNITS / "lockd.service")
+    for done in (held, in_use, served):
+        assert done.returncode == EXIT_ERROR, done.stderr
+        assert done.returncode not in prevented
 
 
 _HARDENED = r"""
@@ -446,7 +610,7 @@ def test_a_socket_passed_under_a_name_lockd_does_not_serve_stops_the_start(
         wait_for(lambda: proc.poll() is not None or fm.ready_count() > 0)
         assert fm.ready_count() == 0
         _out, err = proc.communicate(timeout=30)
-        assert proc.returncode == 1
+        assert proc.returncode == EXIT_NEEDS_OPERATOR
         assert (
             "lockd serve: socket activation passed a socket lockd does not serve "
             "('lockd-main.socket'): lockd serves one socket named lockd.socket and one "

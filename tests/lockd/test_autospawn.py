@@ -205,15 +205,18 @@ def test_an_xdg_runtime_dir_the_user_cannot_enter_is_named_with_the_way_out(
 ) -> None:  # fmt: skip
     """``su`` and ``sudo`` keep the caller's ``$XDG_RUNTIME_DIR`` (``/run/user/0``): the
     clients said only ``[Errno 13] Permission denied: '/run/user/0/lockd'`` (exit 1).
-    They, and ``lockd serve``, name the variable and what to do, exit 69 (serve: 1),
-    and start no daemon."""
+    They, and ``lockd serve``, name the variable and what to do, exit 69 (serve: 78,
+    which its unit does not restart), and start no daemon."""
     xdg = tmp_path / "run-user-0"
     xdg.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
     for argv, expected in (
         (["status"], 69),
         (["run", "--disk", "/vm/a.img", "--name", "vm", "--", "true"], 69),
-        (["serve", "--config", os.devnull, "--journal-dir", str(tmp_path / "j")], 1),
+        (
+            ["serve", "--config", os.devnull, "--journal-dir", str(tmp_path / "j")],
+            commands.EXIT_NEEDS_OPERATOR,
+        ),
     ):
         status, err = _in_a_child_that_cannot_enter(xdg, functools.partial(cli.main, argv))
         assert status == expected, err

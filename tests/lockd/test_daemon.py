@@ -23,6 +23,7 @@ from actors.events import DaemonStopped
 from lockd import cli, logs
 from lockd import daemon as daemon_module
 from lockd import reexec as reexec_module
+from lockd.commands import EXIT_NEEDS_OPERATOR
 from lockd.config import Config, UnsafePathError, default_paths
 from lockd.daemon import FULL_COLLECTION_AFTER, Daemon
 from lockd.journal_file import read_entries
@@ -505,7 +506,7 @@ def test_a_users_lockd_given_another_users_journal_dir_is_told_to_choose_its_own
     argv = ["serve", "--config", os.devnull, "--journal-dir", "/usr",
             "--socket", "/nonexistent/lockd.sock", "--lock-dir", "/nonexistent/locks"]  # fmt: skip
     status, err = as_a_user(functools.partial(cli.main, argv))
-    assert status == 1, err
+    assert status == EXIT_NEEDS_OPERATOR, err
     assert "refusing journal_dir /usr: it is another user's (owner uid 0" in err
     assert "choose a journal_dir of your own" in err
     assert "chmod" not in err
@@ -547,7 +548,7 @@ def test_a_users_lockd_given_a_lock_dir_it_cannot_write_is_refused() -> None:
         argv = ["serve", "--config", os.devnull, "--journal-dir", f"{own}/journal",
                 "--socket", f"{own}/lockd.sock", "--lock-dir", "/usr"]  # fmt: skip
         status, err = as_a_user(functools.partial(cli.main, argv))
-        assert status == 1, err
+        assert status == EXIT_NEEDS_OPERATOR, err  # as a restart would be: not restarted
         assert f"refusing lock_dir /usr: uid {NOBODY if os.geteuid() == 0 else os.geteuid()}" in err
         assert "cannot write to it (owner uid 0, mode 0755)" in err
         assert "choose a lock_dir of your own" in err
