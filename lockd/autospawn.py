@@ -151,6 +151,51 @@ def _another_socket(path: str, serving: str) -> str:
     )
 
 
+def served_elsewhere(path: str) -> str | None:
+    """Why no daemon answers at ``path`` when a running lockd holds this user's journal
+    (``$LOCKD_CONFIG``'s, or the default) and serves another socket, and how to reach it;
+    None when none does, or it cannot be told (no journal, an embedded or older lockd).
+    A start says so through the daemon it spawns ("in use by another lockd"); a client
+    that spawns none (``lockd status``) said only "is `lockd serve` running?"."""
+    from lockd.config import ConfigError, load
+    from lockd.journal_file import LOCK_FILE, journal_holder
+
+    try:
+        journal = load(os.environ.get("LOCKD_CONFIG"), {}).journal_dir
+    except (ConfigError, OSError):
+        journal = default_paths()["journal_dir"]
+    holder = journal_holder(journal)
+    serving = _serving(holder)
+    if holder is None or serving is None or serving == os.path.abspath(path):
+        return None
+    pid = int(holder.split(",", 1)[0].removeprefix("pid "))
+    if not _has_open(pid, os.path.join(journal, LOCK_FILE)):
+        return None  # the line a lockd that has stopped left behind
+    return (
+        f"the lockd holding journal {journal} (pid {pid}) serves {serving}, not "
+        f"{path}{_another_socket(path, serving)}"
+    )
+
+
+def _has_open(pid: int, path: str) -> bool:
+    """Whether process ``pid`` has ``path`` open: the journal's lock is held by an fd a
+    lockd keeps open while it runs (read from /proc, not by taking the lock to see,
+    which a lockd starting that moment would find taken, and refuse to start)."""
+    target = os.path.realpath(path)
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(os.path.join(fd_dir, name)) == target:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _serving(in_use: str | None) -> str | None:
     """The socket a journal's holder serves, from a refused daemon's "in use by another
     lockd (pid N, serving SOCKET)"; None if it does not say (an older lockd)."""

@@ -157,8 +157,10 @@ def print_json_error(
 
 @contextmanager
 def _connect(
-    path: str | None, name: str, *, wait: float = 0.0, spawn: bool = False
+    path: str | None, name: str, *, wait: float = 0.0, spawn: bool = False, admin: bool = False
 ) -> Iterator[Client]:
+    """A client of the daemon at ``path`` (the default socket if None); ``admin``: it is
+    an admin socket, which the journal's holder does not name (see :func:`_unreachable`)."""
     path = path or default_socket()
     try:
         secure_runtime_dir(path, create=False)  # a socket planted by another user: refused
@@ -171,9 +173,10 @@ def _connect(
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             if not (spawn and autospawn.wanted()):
                 if spawn and os.environ.get("LOCKD_AUTOSPAWN") == "0":
+                    why = _unreachable(path, exc, admin=admin)
                     raise CommandError(
-                        f"cannot reach lockd: {unreachable(path, exc)}; LOCKD_AUTOSPAWN=0 "
-                        "keeps one from being started",
+                        f"cannot reach lockd: {why}; LOCKD_AUTOSPAWN=0 keeps one from being "
+                        "started",
                         EXIT_UNAVAILABLE,
                     ) from None
                 raise
@@ -204,10 +207,22 @@ def _connect(
         ) from None
     except OSError as exc:
         raise CommandError(
-            f"cannot reach lockd: {unreachable(path, exc)}", EXIT_UNAVAILABLE
+            f"cannot reach lockd: {_unreachable(path, exc, admin=admin)}", EXIT_UNAVAILABLE
         ) from None
     with client:
         yield client
+
+
+def _unreachable(path: str, exc: OSError, *, admin: bool) -> str:
+    """:func:`protocol.client.unreachable`, but for a socket nothing listens on while the
+    user's lockd serves another (started with another ``XDG_RUNTIME_DIR``, or
+    ``LOCKD_SOCKET`` mistyped): that one is named, with how to reach it, not "is `lockd
+    serve` running?"."""
+    if not admin and isinstance(exc, FileNotFoundError | ConnectionRefusedError):
+        elsewhere = autospawn.served_elsewhere(path)
+        if elsewhere is not None:
+            return f"{exc.strerror}: {path}; {elsewhere}"
+    return unreachable(path, exc)
 
 
 def _admin_socket(args: argparse.Namespace) -> str:
@@ -544,7 +559,7 @@ def cmd_disconnect(args: argparse.Namespace) -> int:
     """Close a client connection through the admin socket."""
 
     def body() -> int:
-        with _connect(_admin_socket(args), "lockd-disconnect") as client:
+        with _connect(_admin_socket(args), "lockd-disconnect", admin=True) as client:
             result = client.call("disconnect", client=args.client)
         if args.json:
             _print_json(result)  # the daemon's answer, as every --json prints it
@@ -564,7 +579,7 @@ def cmd_log_level(args: argparse.Namespace) -> int:
             extra["level"] = args.level
         if args.filters is not None:
             extra["filters"] = args.filters
-        with _connect(_admin_socket(args), "lockd-log-level") as client:
+        with _connect(_admin_socket(args), "lockd-log-level", admin=True) as client:
             result = client.call("set-log", **extra)
         if args.json:
             _print_json(result)

@@ -17,6 +17,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable
@@ -423,3 +424,51 @@ def test_a_journal_held_for_another_socket_fails_at_once_naming_it(
     message = str(caught.value)
     assert f"pid {os.getpid()}, serving /run/elsewhere/lockd.sock" in message
     assert f"none serves {tmp_path / 'run' / 'lockd.sock'}" in message
+
+
+@pytest.mark.parametrize("command", ["status", "leases"])
+def test_a_client_that_starts_no_daemon_names_the_socket_the_users_lockd_serves(
+    fallback_user: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+) -> None:
+    """The user's lockd was started with XDG_RUNTIME_DIR set; in a shell without it
+    ``lockd status`` said only "is `lockd serve` running?" (a start already named the
+    socket to use). It names the socket the journal's lockd serves, and how to reach it;
+    once that lockd has stopped, the line it left beside the journal is not believed."""
+    from lockd import config as config_module
+    from lockd.journal_file import lock_journal
+
+    # A fallback directory with a short name, which clients never make: under tmp_path
+    # (with xdist's popen-gwN in it) a socket's path can be over the 108 bytes allowed.
+    short = os.path.join(tempfile.gettempdir(), f"absent-{uuid.uuid4().hex[:8]}")
+    monkeypatch.setattr(config_module, "FALLBACK_RUNTIME_DIR", short + "/lockd-{uid}")
+    serving = "/run/user/4242/lockd/lockd.sock"
+    config = tmp_path / "lockd.toml"
+    journal = tmp_path / "journal"
+    config.write_text(f'lock_dir = "{tmp_path / "locks"}"\njournal_dir = "{journal}"\n')
+    monkeypatch.setenv("LOCKD_CONFIG", str(config))
+    journal.mkdir()
+    held = lock_journal(str(journal), f"serving {serving}")  # this process plays the lockd
+    assert held is not None
+    try:
+        # The admin socket is not the one the journal's lockd names: nothing is said of it.
+        assert cli.main(["disconnect", "1"]) == commands.EXIT_UNAVAILABLE
+        admin = capsys.readouterr().err
+        assert cli.main([command]) == commands.EXIT_UNAVAILABLE
+    finally:
+        os.close(held)
+    assert "is `lockd serve` running?" in admin
+    assert serving not in admin
+    said = capsys.readouterr().err
+    assert f"the lockd holding journal {journal} (pid {os.getpid()}) serves {serving}" in said
+    assert "XDG_RUNTIME_DIR unset, and that lockd was started with another" in said
+    assert f"set LOCKD_SOCKET={serving} to use it" in said
+    assert "is `lockd serve` running?" not in said
+    assert cli.main([command]) == commands.EXIT_UNAVAILABLE  # stopped: its line is left
+    said = capsys.readouterr().err
+    assert "is `lockd serve` running?" in said
+    assert serving not in said
+    assert not os.path.exists(short)
