@@ -303,7 +303,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     from actors import faults
     from lockd import config as config_mod
-    from lockd.daemon import NEEDS_AN_OPERATOR, JournalInUseError, PidFileLockedError, serve
+    from lockd.daemon import JournalInUseError, PidFileLockedError, StartRefusedError, serve
 
     overrides = {
         "socket": args.socket,
@@ -368,8 +368,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             frozenset(k for k, v in overrides.items() if v is not None),
             handoff_fd=args.handoff_fd,
         )
-    except NEEDS_AN_OPERATOR as exc:
-        _serve_failed(_startup_error(exc, config) if isinstance(exc, OSError) else str(exc))
+    except StartRefusedError as refused:
+        why = refused.refusal
+        _serve_failed(_startup_error(why, config) if isinstance(why, OSError) else str(why))
         return EXIT_NEEDS_OPERATOR
     except (JournalInUseError, PidFileLockedError) as exc:  # passes once that lockd exits
         _serve_failed(str(exc))

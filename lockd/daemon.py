@@ -1463,12 +1463,28 @@ NEEDS_AN_OPERATOR: tuple[type[Exception], ...] = (
     UnsafePathError,  # the journal's directory, the pid file, the runtime directory
     UnwritableLockDirError,
     UnclaimedSocketError,  # the socket units' names
+    # A path that is not what its setting needs: a file where a directory goes (or on
+    # the way to one), a directory where the pid file goes, a file that is no socket
+    # where the socket goes.
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
 )
 """What stops a start until an operator changes something on disk or in the units: a
 start again, by the service manager, meets the same refusal (``lockd serve`` exits
 :data:`lockd.commands.EXIT_NEEDS_OPERATOR`, which lockd.service does not restart).
 What can pass by itself is not here: a pid file, journal or socket still held by a
 lockd that is exiting."""
+
+
+class StartRefusedError(Exception):
+    """:func:`serve` refused to start for one of :data:`NEEDS_AN_OPERATOR` (``refusal``);
+    raised only before anything is served, so a failure of a daemon that was serving is
+    never taken for one."""
+
+    def __init__(self, refusal: Exception) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
 
 
 def serve(
@@ -1479,7 +1495,10 @@ def serve(
     # by default each of these signals would end the daemon mid-start.
     signal.pthread_sigmask(signal.SIG_BLOCK, procs.DAEMON_SIGNALS)
     handoff = read_handoff(handoff_fd) if handoff_fd is not None else None
-    daemon = Daemon(config, overridden, handoff)
+    try:
+        daemon = Daemon(config, overridden, handoff)
+    except NEEDS_AN_OPERATOR as exc:
+        raise StartRefusedError(exc) from exc
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         daemon.request_stop(signal.Signals(signum).name)

@@ -367,6 +367,11 @@ def _planted_pid_file(start: _Start) -> str:
     return f"refusing pid_file {pid_file}: it is a symbolic link"
 
 
+def _a_file_where_the_socket_goes(start: _Start) -> str:
+    (start.root / "lockd.sock").write_text("")
+    return f"{start.root / 'lockd.sock'} exists and is not a socket"
+
+
 def _stored_locks_and_an_empty_journal(start: _Start) -> str:
     lease = os.open(start.root / "lease", os.O_RDWR | os.O_CREAT, 0o600)
     try_lock(lease, shared=False)  # a lock the store kept for a VM
@@ -390,6 +395,7 @@ def _a_socket_lockd_does_not_serve(start: _Start) -> str:
         _journal_dir_others_write,
         _journal_dir_below_one_others_write,
         _planted_pid_file,
+        _a_file_where_the_socket_goes,
         _stored_locks_and_an_empty_journal,
         _a_socket_lockd_does_not_serve,
     ],
@@ -398,9 +404,10 @@ def _a_socket_lockd_does_not_serve(start: _Start) -> str:
 def test_a_start_refused_for_the_state_on_disk_exits_with_a_status_the_unit_does_not_restart(
     tmp_path: Path, refusal: Callable[[_Start], str]
 ) -> None:
-    """A damaged journal, a journal directory others control, a planted pid file, the fd
-    store's locks with an empty journal, a socket unit misnamed (and a lock directory
-    lockd cannot write: tests/lockd/test_daemon.py, as a user): each exited 1, so
+    """A damaged journal, a journal directory others control, a planted pid file, a file
+    where the socket goes, the fd store's locks with an empty journal, a socket unit
+    misnamed (and a lock directory lockd cannot write: tests/lockd/test_daemon.py, as a
+    user; a file where a directory goes: tests/lockd/test_cli.py): each exited 1, so
     lockd.service restarted it five times, refused alike each time, until the start
     limit failed the unit. They exit 78, which the unit does not restart; the fd store
     keeps the locks meanwhile."""
@@ -408,7 +415,7 @@ def test_a_start_refused_for_the_state_on_disk_exits_with_a_status_the_unit_does
     try:
         said = refusal(start)
         done = start.run()
-        assert not (start.root / "lockd.sock").exists()
+        assert not (start.root / "lockd.sock").is_socket()
     finally:
         for fd in start.fds:
             os.close(fd)
