@@ -766,7 +766,16 @@ class LockManager:
                     log.info(
                         "owner %s does not hold %s: nothing to release", self.owner.name, lease
                     )
-        released = self._release_holds(conn, targets)
+        try:
+            released = self._release_holds(conn, targets)
+        except LockError as exc:
+            if exc.code != PluginErrorCode.UNAVAILABLE:
+                raise
+            # The connection broke mid-release (lockd crashed or was restarted): what was
+            # asked may be journaled, and released again it would end another hold of a
+            # shared lease held more than once (the other device's). Finished on a new
+            # connection, from what the VM holds now.
+            released = self._release_in_doubt(targets, held, exc)
         if all_held:
             self._got.clear()
         else:
@@ -942,6 +951,43 @@ class LockManager:
                 ", ".join(map(str, back)),
             )
         _add_to(cause, "; nothing of this acquire is held (given back on a new connection)")
+
+    def _release_in_doubt(
+        self, targets: list[Lease], before: list[Lease], cause: LockError
+    ) -> list[Lease]:
+        """Release, on a new connection, those of ``targets`` a release cut off did not,
+        judged by what the owner held ``before`` it and holds now; returns ``targets``.
+        Raises ``cause``, saying what may be released already, if lockd cannot be asked."""
+        try:
+            conn = self._connection()
+            now = collections.Counter(lease.ref for lease in self._held(conn))
+            had = collections.Counter(lease.ref for lease in before)
+            rest: list[Lease] = []
+            for lease, times in collections.Counter(targets).items():
+                done = max(0, had[lease.ref] - now[lease.ref])
+                rest += [lease] * min(max(0, times - done), now[lease.ref])
+            self._release_holds(conn, rest)
+        except LockError as exc:
+            if self._conn is None and exc.code == ErrorCode.NOT_FOUND:
+                # The register was refused: the VM's process is gone, and lockd ends
+                # every lease it held (owner-exit): the release's goal is met.
+                return targets
+            named = self._named(list(dict.fromkeys(targets)))
+            _add_to(
+                cause,
+                f"; it may have released some of {named} already (lockd could not be asked "
+                f"again: {exc.message}): see what the VM holds (inquire, lockd leases) "
+                "before releasing again, which would end another hold of a shared lease "
+                "held more than once",
+            )
+            raise cause from None
+        log.warning(
+            "owner %s: the connection to lockd broke mid-release; released on a new "
+            "connection what it had not: %s",
+            self.owner.name,
+            ", ".join(map(str, rest)) or "nothing",
+        )
+        return targets
 
     def _named(self, leases: list[Lease]) -> str:
         """The leases as the caller added them (``disk /vm/a.img``), for messages."""

@@ -509,3 +509,38 @@ def test_a_shareable_image_on_two_devices_stays_locked_until_both_are_detached(
     assert not locked(daemon, "/vm/base.img")
     code, reply = lock_driver(daemon, "acquire", *other, "--disk", "/vm/base.img")
     assert code == 0, reply
+
+
+def test_a_detach_cut_off_by_a_lockd_crash_says_not_to_release_again_blindly(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """lockd is SIGKILLed after journaling the release of one of two devices' holds,
+    before its reply, and is not back at once: the lock driver exits 69 saying the hold
+    may be released already, so that nobody's retry ends the other device's hold too.
+    The restarted lockd holds the image once, locked, as the journal says."""
+    vm = sleeper(children)
+    owner = {"uuid": str(uuid.uuid4()), "name": "vm", "id": 3, "pid": vm.pid}
+    shared = {"path": "/vm/base.img", "shareable": True}
+    code, reply = lock_driver(
+        daemon, "acquire", "--json", stdin=json.dumps({"owner": owner, "disks": [shared] * 2})
+    )
+    assert code == 0, reply
+    daemon.stop()
+    daemon.env_extra = {"LOCKD_CRASH_AT": "release-journaled"}
+    daemon.start()
+    code, reply = lock_driver(
+        daemon, "release", "--json", stdin=json.dumps({"owner": owner, "disks": [shared]})
+    )
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == -9
+    assert code == 69, reply
+    assert reply["error"]["message"].endswith(
+        "before releasing again, which would end another hold of a shared lease held more than once"
+    )
+    assert "it may have released some of disk /vm/base.img already" in reply["error"]["message"]
+    daemon.env_extra = {}
+    daemon.start()
+    assert locked(daemon, "/vm/base.img")
+    with daemon.client() as client:
+        [lease] = client.call("list-leases")["leases"]
+    assert [(o["pid"], o.get("holds", 1)) for o in lease["owners"]] == [(vm.pid, 1)]

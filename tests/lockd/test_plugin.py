@@ -637,6 +637,71 @@ def test_an_acquire_cut_off_gives_back_only_the_hold_it_added(
     assert holds_of(daemon, "/vm/base.img") == 1
 
 
+def release_crash(patch: pytest.MonkeyPatch, *, back: bool, served: bool = True) -> None:
+    """The daemon crashes at the first release, having journaled it (``served``: the
+    restart holds one hold fewer) or not, and is ``back`` at once (socket activation) or
+    not at all."""
+    serve = FakeDaemon.serve
+
+    def crashing(self: FakeDaemon, conn: FakeConnection, op: str, args: dict[str, Any]) -> Any:
+        if op == "release":
+            patch.setattr(FakeDaemon, "serve", serve)  # only the first one
+            if served:
+                serve(self, conn, op, args)
+            self.reachable = back
+            raise ConnectionLostError("the daemon closed the connection")
+        return serve(self, conn, op, args)
+
+    patch.setattr(FakeDaemon, "serve", crashing)
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_a_detach_cut_off_by_a_daemon_crash_ends_one_hold_only(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch, served: bool
+) -> None:
+    """The VM has one image on two devices; lockd crashes during the release of one
+    detach, before its reply (having journaled it, or not). The release failed
+    ``unavailable`` and, retried (as the docs say a release may be), ended the other
+    device's hold too: another host could take the image the VM still writes through.
+    The manager now asks the restarted lockd what is left, and releases only what the
+    release had not ended."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.acquire()
+    detach = manager(daemon)
+    detach.add_disk("/vm/base.img", shareable=True)
+    release_crash(monkeypatch, back=True, served=served)
+    assert detach.release() == (file_lease("/vm/base.img", shared=True),)
+    assert holds_of(daemon, "/vm/base.img") == 1
+    assert detach.release() == (file_lease("/vm/base.img", shared=True),)
+    assert holds_of(daemon, "/vm/base.img") == 0
+
+
+def test_a_detach_cut_off_with_lockd_gone_says_not_to_release_blindly(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lockd does not come back at once: the release fails ``unavailable`` and says that it
+    may have ended the hold, so that the caller looks before releasing again."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.acquire()
+    detach = manager(daemon)
+    detach.add_disk("/vm/base.img", shareable=True)
+    release_crash(monkeypatch, back=False)
+    with pytest.raises(LockError) as caught:
+        detach.release()
+    assert caught.value.code == "unavailable"
+    assert caught.value.message.endswith(
+        "; it may have released some of disk /vm/base.img already (lockd could not be "
+        "asked again: cannot reach lockd: No such file or directory): see what the VM "
+        "holds (inquire, lockd leases) before releasing again, which would end another "
+        "hold of a shared lease held more than once"
+    )
+    assert holds_of(daemon, "/vm/base.img") == 1
+
+
 def test_custom_disk_lockspace_is_created_before_use(daemon: FakeDaemon) -> None:
     """As virtlockd's init creates configured lockspaces, a non-default one is created first."""
     mgr = manager(daemon, options=PluginOptions(file_lockspace="site.files"))
