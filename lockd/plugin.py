@@ -708,8 +708,10 @@ class LockManager:
         returns an inheritable, blocking duplicate of the connection, which
         the caller must leak into the VM process (or close). With ``restrict``
         or ``keep_fd`` the manager closes its own handle afterwards; a later
-        call opens a new connection. Leases the owner already holds in the
-        same mode are kept, not asked for again, so a retried acquire succeeds.
+        call opens a new connection. What this manager took and the owner still
+        holds, and leases it holds exclusive, are kept, not asked for again, so a
+        retried acquire succeeds; a shareable disk is asked for once more per time
+        it was added beyond those (the daemon counts the holds).
         """
         wanted = self._wanted(state)
         conn = self._connection()
@@ -814,13 +816,21 @@ class LockManager:
     def _acquire_all(self, conn: Connection, wanted: list[Lease]) -> tuple[Lease, ...]:
         if len(wanted) > MAX_LEASES:
             raise _invalid(f"{len(wanted)} leases; one acquire takes at most {MAX_LEASES}")
-        before = self._held(conn) if wanted else []
+        if not wanted:
+            return ()
+        before = self._held(conn)
         exclusive = {lease.ref for lease in before if not lease.shared}
         # What this manager took already, or the VM holds exclusive (a retried acquire,
         # another manager's), is kept, not asked for again. A shared one is asked for
         # each other time it is wanted, and the daemon counts the holds (as virtlockd):
         # one per device the VM has the image on, each ended by its detach. One held in
-        # the other mode is asked for, and refused (busy).
+        # the other mode is asked for, and refused (busy). What it took counts only as
+        # far as the VM still holds it: a lease ended some other way since (another
+        # manager's release, a lease lost) is asked for again, not answered from memory.
+        holding = collections.Counter(lease.ref for lease in before)
+        self._got = +collections.Counter(
+            {ref: min(n, holding[ref]) for ref, n in self._got.items()}
+        )
         got = self._got.copy()
         asked: list[Lease] = []
         for lease in wanted:

@@ -544,3 +544,27 @@ def test_a_detach_cut_off_by_a_lockd_crash_says_not_to_release_again_blindly(
     with daemon.client() as client:
         [lease] = client.call("list-leases")["leases"]
     assert [(o["pid"], o.get("holds", 1)) for o in lease["owners"]] == [(vm.pid, 1)]
+
+
+def test_a_reused_manager_takes_again_what_an_operator_released(
+    daemon: DaemonProcess, children: Children
+) -> None:
+    """An operator's ``lockd release --all`` ends the VM's leases; the VM manager's next
+    acquire with the same manager answered success from its memory, asked lockd for
+    nothing, and the disks stayed unlocked while the VM ran on them."""
+    vm = sleeper(children)
+    mgr = manager(daemon, vm.pid)
+    mgr.add_disk("/vm/a.img")
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.acquire()
+    done = daemon.lockd("release", "--owner-pid", str(vm.pid), "--all")
+    assert done.returncode == 0, done.stderr
+    assert not locked(daemon, "/vm/a.img")
+    mgr.acquire()
+    assert locked(daemon, "/vm/a.img")
+    assert locked(daemon, "/vm/base.img")
+    assert leases_by_pid(daemon)[vm.pid] == {
+        lease_name_for_path("/vm/a.img"): "exclusive",
+        lease_name_for_path("/vm/base.img"): "shared",
+    }
+    mgr.close()

@@ -637,6 +637,33 @@ def test_an_acquire_cut_off_gives_back_only_the_hold_it_added(
     assert holds_of(daemon, "/vm/base.img") == 1
 
 
+def test_an_acquire_again_takes_what_ended_since_the_managers_last_acquire(
+    daemon: FakeDaemon,
+) -> None:
+    """A manager reused after the VM's leases ended some other way (another manager's
+    ``release(all_held=True)``, ``lockd release --all``, a lease lost): its next acquire
+    answered success from its memory of what it took, asking lockd for nothing, and the
+    VM ran on disks it did not hold, free for another host to take. What it took counts
+    only as far as the VM still holds it."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/a.img")
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.acquire()
+    assert len(manager(daemon).release(all_held=True)) == 3
+    mgr.acquire()
+    assert daemon.leases_of(4242) == {
+        file_lease("/vm/a.img").ref: "exclusive",
+        file_lease("/vm/base.img", shared=True).ref: "shared",
+    }
+    assert holds_of(daemon, "/vm/base.img") == 2
+    detach = manager(daemon)
+    detach.add_disk("/vm/base.img", shareable=True)
+    detach.release()
+    mgr.acquire()  # the hold that detach ended is taken again, the other kept
+    assert holds_of(daemon, "/vm/base.img") == 2
+
+
 def release_crash(patch: pytest.MonkeyPatch, *, back: bool, served: bool = True) -> None:
     """The daemon crashes at the first release, having journaled it (``served``: the
     restart holds one hold fewer) or not, and is ``back`` at once (socket activation) or
