@@ -967,6 +967,7 @@ def cmd_release(args: argparse.Namespace) -> int:
             raise CommandError("give --disk/--lease or --all, not both", EXIT_USAGE)
         if not leases and not args.all:
             raise CommandError("name --disk/--lease to release, or --all", EXIT_USAGE)
+        still: list[str] = []
         with _connect(args.socket, "lockd-release") as client:
             client.call("register", owner=owner)
             if args.all:
@@ -993,13 +994,33 @@ def cmd_release(args: argparse.Namespace) -> int:
                         + (f" (lease {lease})" if lease != label.removeprefix("lease ") else ""),
                         remote=exc,  # --json's code: not-held, the daemon's
                     ) from None
+                if not args.json:
+                    still = _still_held(client, leases, args.owner_pid)
         if args.json:
             _print_json(result)
         else:
             print(f"released {result['released']} lease(s) of pid {args.owner_pid}")
+            for line in still:
+                print(line)
         return EXIT_OK
 
     return _run(args, body)
+
+
+def _still_held(client: Client, leases: list[tuple[dict[str, Any], str]], pid: int) -> list[str]:
+    """What ``release`` left held: a shared lease the owner asked for more than once (a VM
+    with one image on two devices) ends one hold per release, and "released 1 lease(s)"
+    alone told an operator the disk was free."""
+    holds = {
+        (lease["lockspace"], lease["resource"]): lease.get("holds", 1)
+        for lease in client.call("inquire").get("leases", [])
+    }
+    return [
+        f"{label} is still held by pid {pid} ({n} more hold{'s' if n > 1 else ''}: a shared "
+        f"lease asked for more than once ends one hold per release; --all ends every hold)"
+        for lease, label in leases
+        if (n := holds.get((lease["lockspace"], lease["resource"]), 0))
+    ]
 
 
 # -- lockspaces and lease files ----------------------------------------------------------------

@@ -340,6 +340,34 @@ def test_release_cli_and_wait(
     )
 
 
+def test_release_cli_says_a_shared_lease_held_more_than_once_is_still_held(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """A VM holds a shareable image twice (two devices): ``lockd release --disk`` ends one
+    hold. It said only "released 1 lease(s)", and the operator took the image for free;
+    it now says the disk is still held, how many times, and that --all ends every hold."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}
+    with daemon.client() as client:
+        client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                       "pid": sleeper.pid})  # fmt: skip
+        for _ in range(3):
+            client.call("acquire", leases=[{**disk, "shared": True}], autocreate=True)
+    pid = str(sleeper.pid)
+    done = daemon.lockd("release", "--owner-pid", pid, "--disk", "/vm/base.img")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        f"released 1 lease(s) of pid {pid}\n"
+        f"disk /vm/base.img is still held by pid {pid} (2 more holds: a shared lease asked "
+        "for more than once ends one hold per release; --all ends every hold)\n"
+    )
+    daemon.lockd("release", "--owner-pid", pid, "--disk", "/vm/base.img")
+    done = daemon.lockd("release", "--owner-pid", pid, "--disk", "/vm/base.img")
+    assert done.stdout == f"released 1 lease(s) of pid {pid}\n"
+    assert _owner_pids(daemon) == set()
+
+
 def test_release_json_of_a_lease_not_held_gives_the_daemons_code(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
