@@ -947,10 +947,22 @@ class LockManager:
                 self.owner.name,
                 exc,
             )
+            # A shared lease the VM held before this acquire is not to be released: if
+            # the acquire's hold was never taken, that would end the hold it had.
+            had = {lease.ref for lease in before}
+            fresh = [lease for lease in dict.fromkeys(asked) if lease.ref not in had]
+            again = [lease for lease in dict.fromkeys(asked) if lease.ref in had]
+            advice = "acquire again, or release them"
+            if again:
+                advice = (
+                    f"acquire again{f', or release {self._named(fresh)}' if fresh else ''}; "
+                    f"not {self._named(again)}, which the VM held before this acquire: a "
+                    "release could end that hold"
+                )
             _add_to(
                 cause,
-                f"; it may hold some of {self._named(asked)} (lockd could not be asked "
-                f"again: {exc.message}): acquire again, or release them",
+                f"; it may hold some of {self._named(list(dict.fromkeys(asked)))} (lockd "
+                f"could not be asked again: {exc.message}): {advice}",
             )
             return
         if back:

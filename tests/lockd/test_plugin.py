@@ -729,6 +729,33 @@ def test_a_detach_cut_off_with_lockd_gone_says_not_to_release_blindly(
     assert holds_of(daemon, "/vm/base.img") == 1
 
 
+def test_a_hot_plug_cut_off_with_lockd_gone_does_not_say_to_release_a_hold_held_before(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hot-plug of an image the VM holds shared already (its other device), cut off by a
+    crash, lockd not back: the error said "acquire again, or release them", and if the
+    crash came before the new hold was journaled, that release ended the other device's
+    hold, unlocking an image the VM writes through. It names what may be released, and
+    says not to release the image held before."""
+    first = manager(daemon)
+    first.add_disk("/vm/base.img", shareable=True)
+    first.acquire()
+    hotplug = manager(daemon)
+    hotplug.add_disk("/vm/base.img", shareable=True)
+    hotplug.add_disk("/vm/new.img")
+    crash_at(monkeypatch, 1, served=False, back=False)
+    with pytest.raises(LockError) as caught:
+        hotplug.acquire()
+    assert caught.value.code == "unavailable"
+    assert caught.value.message.endswith(
+        "; it may hold some of disk /vm/base.img, disk /vm/new.img (lockd could not be "
+        "asked again: cannot reach lockd: No such file or directory): acquire again, or "
+        "release disk /vm/new.img; not disk /vm/base.img, which the VM held before this "
+        "acquire: a release could end that hold"
+    )
+    assert holds_of(daemon, "/vm/base.img") == 1
+
+
 def test_custom_disk_lockspace_is_created_before_use(daemon: FakeDaemon) -> None:
     """As virtlockd's init creates configured lockspaces, a non-default one is created first."""
     mgr = manager(daemon, options=PluginOptions(file_lockspace="site.files"))
