@@ -705,6 +705,34 @@ def test_a_detach_cut_off_by_a_daemon_crash_ends_one_hold_only(
     assert holds_of(daemon, "/vm/base.img") == 0
 
 
+def test_a_detach_cut_off_as_the_vm_exited_is_done(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lockd crashes mid-release and the VM's process exits meanwhile: the register on the
+    new connection is refused (no such process), and the restarted lockd ends every lease
+    of the VM (owner-exit), so the release's goal is met: it succeeds."""
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.acquire()
+    detach = manager(daemon)
+    detach.add_disk("/vm/base.img", shareable=True)
+    serve = FakeDaemon.serve
+
+    def vm_gone(self: FakeDaemon, conn: FakeConnection, op: str, args: dict[str, Any]) -> Any:
+        if op == "release":  # journaled, then lockd dies before its reply
+            serve(self, conn, op, args)
+            raise ConnectionLostError("the daemon closed the connection")
+        if op == "register" and self.opened > 2:
+            self.held.clear()  # owner-exit, at the restarted daemon's recovery
+            raise RemoteError("not-found", "register: no process with pid 4242", {})
+        return serve(self, conn, op, args)
+
+    monkeypatch.setattr(FakeDaemon, "serve", vm_gone)
+    assert detach.release() == (file_lease("/vm/base.img", shared=True),)
+    assert daemon.held == {}
+
+
 def test_a_detach_cut_off_with_lockd_gone_says_not_to_release_blindly(
     daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
