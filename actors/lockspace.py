@@ -413,13 +413,14 @@ class LockspaceActor(DispatchedActor):
         fd_store: FdStoreLike | None = None,
         *,
         router: pykka.ActorRef[Any] | None = None,
+        count_holds: bool = False,
     ) -> None:
         super().__init__(dispatcher)
         self.name = name
         self._fd_store = fd_store
         self._files = files
         self._journal = journal
-        self._state = core.LockspaceState(name)
+        self._state = core.LockspaceState(name, count_holds=count_holds)
         self._since: dict[tuple[str, OwnerKey], float] = {}
         self._leases: dict[str, pykka.ActorRef[Any]] = {}
         self._tokens = itertools.count(1)

@@ -50,6 +50,11 @@ class LockspaceState:
     looked at again each time the lockspace schedules); a scan of ``held`` there
     made a mass exit of VMs quadratic: 256 owners ending at once with 16,384
     leases held kept a stopping daemon busy for minutes."""
+    count_holds: bool = False
+    """``shared_holds = "each"``: a holder asking again for a shared lease holds it once
+    more, until as many releases (virtlockd's rule). False (``"once"``, the default): it
+    is counted once, and one release ends its hold. Holds journaled while it was on
+    are counted down either way."""
 
     def leases_of(self, owner: OwnerKey) -> list[str]:
         """Resources held by ``owner``, sorted."""
@@ -210,9 +215,11 @@ def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Re
                 )
             )
         elif holding.mode is LeaseMode.SHARED and mode is LeaseMode.SHARED:
-            # Asked again by a holder, it is held once more: counted, as virtlockd lists
-            # the owner again, so that each release ends one hold.
             holds = holding.holds(key)
+            if holds and not state.count_holds:
+                continue  # held already, counted once
+            # Asked again by a holder under "each", it is held once more, as virtlockd
+            # lists the owner again, so that each release ends one hold.
             events.append(
                 LeaseAcquired(
                     state.name, resource, mode, command.owner, command.conn, holding.autocreate,

@@ -236,9 +236,12 @@ class RouterActor(DispatchedActor):
         journal_position: Callable[[], int] | None = None,
         max_lockspaces: int = 4096,
         fd_store: Any = None,
+        count_holds: bool = False,
     ) -> None:
         super().__init__(dispatcher)
         self._fd_store = fd_store
+        self._count_holds = count_holds
+        """``shared_holds = "each"``, for every lockspace (``LockspaceState.count_holds``)."""
         self._fencer: pykka.ActorRef[Any] | None = None
         self._max_lockspaces = max_lockspaces
         self._lock_dir = lock_dir
@@ -354,8 +357,9 @@ class RouterActor(DispatchedActor):
         except OSError as exc:
             return Found(token, name, None, ErrorCode.IO_ERROR, f"lockspace {name}: {exc}")
         ref = LockspaceActor.start(
-            self.dispatcher, name, files, self._journal, self._fd_store, router=self.actor_ref
-        )
+            self.dispatcher, name, files, self._journal, self._fd_store,
+            router=self.actor_ref, count_holds=self._count_holds,
+        )  # fmt: skip
         self._lockspaces[name] = ref
         return Found(token, name, ref)
 

@@ -373,6 +373,11 @@ class Config:
     max_lockspaces: int = 4096
     lost_lease_policy: str = "fence"
     """``fence``: terminate an owner whose lease was taken while lockd was down; ``log``: log."""
+    shared_holds: str = "once"
+    """``once``: an owner asking again for a shared lease it holds is counted once, and one
+    release ends its hold; ``each``: it holds it once more, until as many releases, as in
+    virtlockd (a VM given one shareable image on two devices keeps it until the last
+    detach)."""
     allowed_uids: tuple[int, ...] = ()
     """Peer uids served besides the daemon's own."""
     socket_mode: str = "0600"
@@ -460,6 +465,7 @@ _CONVERT: dict[str, Any] = {
     "journal_retain_segments": lambda k, v: _check_int(k, v, 0),
     "max_lockspaces": lambda k, v: _check_int(k, v, 3),
     "lost_lease_policy": lambda k, v: _choice(k, v, ("fence", "log")),
+    "shared_holds": lambda k, v: _choice(k, v, ("once", "each")),
     "allowed_uids": lambda _k, v: _uids(v),
     "socket_mode": _socket_mode,
     "socket_group": _socket_group,

@@ -305,6 +305,7 @@ class LockSystem:
             journal_position=lambda: self.journal_file.next_seq - 1,
             max_lockspaces=config.max_lockspaces,
             fd_store=self.fd_store,
+            count_holds=config.shared_holds == "each",
         )
         processes = procs.ProcTable()
         self.owners = OwnersActor.start(

@@ -58,11 +58,26 @@ def test_same_owner_cannot_take_an_exclusive_lease_twice() -> None:
     assert isinstance(run(state, acquire(owner(1), ("disk", EX))), Refusal)
 
 
-def test_a_shared_lease_asked_for_again_is_held_until_as_many_releases() -> None:
-    """As in virtlockd, which lists the owner again: a VM given one shareable image twice
-    keeps it after the first detach, until the last. Each hold is an event saying how
-    many the owner has now, so the journal's fold and an auditor count the same."""
+def test_by_default_a_shared_lease_asked_for_again_is_counted_once() -> None:
+    """The default (``shared_holds = "once"``): a holder's shared re-acquire adds
+    nothing, and one release ends its hold."""
     state = LockspaceState("ls")
+    run(state, acquire(owner(1), ("disk", SH)))
+    assert decide(state, acquire(owner(1), ("disk", SH))) == []
+    run(state, acquire(owner(2), ("disk", SH)))
+    assert len(state.held["disk"].owners) == 2
+    run(state, Release(owner(1), ("disk",), conn=1))
+    assert list(state.held["disk"].owners) == [owner(2).key]
+    run(state, Release(owner(2), ("disk",), conn=1))
+    assert state.held == {}
+
+
+def test_a_shared_lease_asked_for_again_is_held_until_as_many_releases() -> None:
+    """Under ``shared_holds = "each"``, as in virtlockd, which lists the owner again: a
+    VM given one shareable image twice keeps it after the first detach, until the last.
+    Each hold is an event saying how many the owner has now, so the journal's fold and
+    an auditor count the same."""
+    state = LockspaceState("ls", count_holds=True)
     run(state, acquire(owner(1), ("disk", SH)))
     events = decide(state, acquire(owner(1), ("disk", SH)))
     assert isinstance(events, list)
@@ -89,7 +104,7 @@ def test_a_shared_lease_asked_for_again_is_held_until_as_many_releases() -> None
 def test_an_owner_ending_ends_every_hold_at_once() -> None:
     """An exit (or disconnect, or admin release) is one event per lease, however many
     times the owner held it; the lease's other holders keep it."""
-    state = LockspaceState("ls")
+    state = LockspaceState("ls", count_holds=True)
     for _ in range(3):
         run(state, acquire(owner(1), ("disk", SH)))
     run(state, acquire(owner(2), ("disk", SH)))
@@ -107,7 +122,7 @@ def test_an_owner_ending_ends_every_hold_at_once() -> None:
 def test_a_rollback_gives_back_only_the_hold_its_acquire_added() -> None:
     """A refused multi-lease acquire that had joined a lease its owner held already
     rolls back that one hold: the owner keeps the hold it had before."""
-    state = LockspaceState("ls")
+    state = LockspaceState("ls", count_holds=True)
     run(state, acquire(owner(1), ("disk", SH)))
     taken = decide(state, acquire(owner(1), ("disk", SH), ("other", SH)))
     assert isinstance(taken, list)
@@ -171,13 +186,13 @@ ops = st.lists(
 )
 
 
-@given(ops)
+@given(ops, st.booleans())
 def test_never_two_exclusive_holders_and_replay_rebuilds_the_state(
-    script: list[tuple[str, int, list[tuple[str, LeaseMode]]]],
+    script: list[tuple[str, int, list[tuple[str, LeaseMode]]]], count_holds: bool
 ) -> None:
     """Under any command sequence the invariants hold, each owner holds a lease as many
     times as it was granted less its releases, and folding the events rebuilds the table."""
-    state = LockspaceState("ls")
+    state = LockspaceState("ls", count_holds=count_holds)
     journal: list[LeaseAcquired | LeaseReleased] = []
     holds: dict[tuple[OwnerKey, str], int] = {}
     for op, n, items in script:
@@ -193,7 +208,8 @@ def test_never_two_exclusive_holders_and_replay_rebuilds_the_state(
         key = owner(n).key
         if op == "acquire":
             for resource in dict.fromkeys(r for r, _ in items):
-                holds[key, resource] = holds.get((key, resource), 0) + 1
+                had = holds.get((key, resource), 0)
+                holds[key, resource] = had + 1 if count_holds or not had else had
         elif op == "release":
             for resource in dict.fromkeys(r for r, _ in items):
                 holds[key, resource] -= 1
@@ -218,7 +234,7 @@ def test_never_two_exclusive_holders_and_replay_rebuilds_the_state(
             for k in holding.owners
         }
         assert counted == {k: v for k, v in holds.items() if v}
-    replayed = LockspaceState("ls")
+    replayed = LockspaceState("ls", count_holds=count_holds)
     for event in journal:
         apply(replayed, event)
     assert replayed == state

@@ -134,6 +134,15 @@ def make_daemon(tmp_path: Path) -> Iterator[MakeDaemon]:
 
 
 @pytest.fixture
+def counting_daemon(make_daemon: MakeDaemon, tmp_path: Path) -> DaemonProcess:
+    """A daemon with ``shared_holds = "each"``: a shared lease asked for again by its owner
+    is held again, until as many releases (virtlockd's rule)."""
+    config = tmp_path / "each.toml"
+    config.write_text('shared_holds = "each"\n')
+    return make_daemon("each", None, "--config", str(config))
+
+
+@pytest.fixture
 def daemon(make_daemon: MakeDaemon) -> DaemonProcess:
     """One running daemon on temp paths."""
     return make_daemon()

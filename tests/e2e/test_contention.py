@@ -90,17 +90,7 @@ class Owner:
 
 
 Held = dict[str, dict[int, str]]
-"""disk -> {owner pid: mode}, as :func:`held_as` spells it."""
-
-
-def held_as(mode: str, holds: int = 1) -> str:
-    """An owner's hold on a disk: its mode, and how many times if more than once (a shared
-    lease asked for again is held again, until as many releases)."""
-    return mode if holds == 1 else f"{mode} x{holds}"
-
-
-def mode_of(held: str) -> str:
-    return held.split(maxsplit=1)[0]
+"""disk -> {owner pid: mode}"""
 
 
 def listed(client: Client) -> Held:
@@ -109,7 +99,7 @@ def listed(client: Client) -> Held:
         owners = held.setdefault(lease["resource"], {})
         for owner in lease["owners"]:
             assert owner["pid"] not in owners, lease
-            owners[owner["pid"]] = held_as(lease["mode"], owner.get("holds", 1))
+            owners[owner["pid"]] = lease["mode"]
     return held
 
 
@@ -120,7 +110,7 @@ def hold_nothing(client: Client, pids: set[int]) -> bool:
 
 def check_exclusion(held: Held, context: str) -> None:
     for disk, owners in held.items():
-        modes = {mode_of(held) for held in owners.values()}
+        modes = set(owners.values())
         assert len(modes) == 1, f"{context}: {disk} held in two modes {owners}"
         if modes == {"exclusive"}:
             assert len(owners) == 1, f"{context}: {disk} has two exclusive holders {owners}"
@@ -129,7 +119,7 @@ def check_exclusion(held: Held, context: str) -> None:
 def check_kernel(lock_dir: Path, held: Held, context: str) -> None:
     for disk in DISKS:
         path = lock_dir / FILES_LOCKSPACE / disk
-        want = mode_of(next(iter(held[disk].values()))) if held.get(disk) else None
+        want = next(iter(held[disk].values())) if held.get(disk) else None
         assert kernel_mode(path) in ({want, "no file"} if want is None else {want}), (
             f"{context}: {disk} kernel {kernel_mode(path)}, listed {want}"
         )
@@ -148,23 +138,13 @@ def expected_after(
         return mine
     if op == "acquire":
         for lease in args["leases"]:
-            had = mine.get(lease["resource"])
-            if had is None:
-                mine[lease["resource"]] = "shared" if lease.get("shared") else "exclusive"
-            else:  # granted again: shared, held once more
-                mine[lease["resource"]] = held_as("shared", _holds(had) + 1)
+            mine[lease["resource"]] = "shared" if lease.get("shared") else "exclusive"
     elif op == "release" and args.get("all"):
         mine = {}
     elif op == "release":
         for lease in args["leases"]:
-            had = mine.pop(lease["resource"], None)
-            if had is not None and _holds(had) > 1:
-                mine[lease["resource"]] = held_as(mode_of(had), _holds(had) - 1)
+            mine.pop(lease["resource"], None)
     return mine
-
-
-def _holds(held: str) -> int:
-    return int(held.split()[1][1:]) if " " in held else 1
 
 
 def random_request(rng: random.Random, mine: dict[str, str]) -> tuple[str, dict[str, Any]]:
@@ -334,10 +314,7 @@ def test_racing_clients_agree_with_the_model_and_the_kernel(
                 check_reply(desc, pid, op=op, args=args, reply=reply, could_hold=could)
                 state[pid] = expected_after(before, pid, op, args, reply)  # type: ignore[arg-type]
                 if op == "inquire" and isinstance(reply, dict):
-                    got = {
-                        lease["resource"]: held_as(lease["mode"], lease.get("holds", 1))
-                        for lease in reply["leases"]
-                    }
+                    got = {lease["resource"]: lease["mode"] for lease in reply["leases"]}
                     assert got in (before.get(pid, {}), state[pid]), desc
             state = {pid: mine for pid, mine in state.items() if mine}
             assert actual == state, f"{context}: listed {actual}, replies say {state}"

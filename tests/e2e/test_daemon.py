@@ -341,11 +341,12 @@ def test_release_cli_and_wait(
 
 
 def test_release_cli_says_a_shared_lease_held_more_than_once_is_still_held(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+    counting_daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
     """A VM holds a shareable image twice (two devices): ``lockd release --disk`` ends one
     hold. It said only "released 1 lease(s)", and the operator took the image for free;
     it now says the disk is still held, how many times, and that --all ends every hold."""
+    daemon = counting_daemon  # shared_holds = "each"
     sleeper = subprocess.Popen(["sleep", "600"])
     children.append(sleeper)
     disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}

@@ -484,11 +484,12 @@ def test_qemu_wrapper_says_when_it_cannot_read_a_blockdev(tmp_path: Path) -> Non
 
 
 def test_a_shareable_image_on_two_devices_stays_locked_until_both_are_detached(
-    daemon: DaemonProcess, children: Children
+    counting_daemon: DaemonProcess, children: Children
 ) -> None:
     """The lock driver given one shareable image twice (two devices, share-rw), then a
     hot-unplug of one of them: the image stays locked while the VM writes through the
     other device, and another VM's exclusive attach is refused until the last detach."""
+    daemon = counting_daemon  # shared_holds = "each"
     vm = sleeper(children)
     owner = {"uuid": str(uuid.uuid4()), "name": "vm", "id": 3, "pid": vm.pid}
     shared = {"path": "/vm/base.img", "shareable": True}
@@ -512,12 +513,13 @@ def test_a_shareable_image_on_two_devices_stays_locked_until_both_are_detached(
 
 
 def test_a_detach_cut_off_by_a_lockd_crash_says_not_to_release_again_blindly(
-    daemon: DaemonProcess, children: Children
+    counting_daemon: DaemonProcess, children: Children
 ) -> None:
     """lockd is SIGKILLed after journaling the release of one of two devices' holds,
     before its reply, and is not back at once: the lock driver exits 69 saying the hold
     may be released already, so that nobody's retry ends the other device's hold too.
     The restarted lockd holds the image once, locked, as the journal says."""
+    daemon = counting_daemon  # shared_holds = "each"
     vm = sleeper(children)
     owner = {"uuid": str(uuid.uuid4()), "name": "vm", "id": 3, "pid": vm.pid}
     shared = {"path": "/vm/base.img", "shareable": True}

@@ -702,11 +702,13 @@ def test_sighup_rereads_the_configuration(make_daemon: MakeDaemon, tmp_path: Pat
 
 
 def test_a_shared_lease_held_twice_stays_held_until_the_last_release_across_a_crash(
-    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+    counting_daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
-    """A VM given one shareable image twice holds its lease twice, as under virtlockd: the
-    first detach leaves it held (in the kernel too), a lockd SIGKILLed and restarted in
-    between still counts two, and the last release frees it."""
+    """Under ``shared_holds = "each"`` a VM given one shareable image twice holds its lease
+    twice, as under virtlockd: the first detach leaves it held (in the kernel too), a
+    lockd SIGKILLed and restarted in between still counts two, and the last release
+    frees it."""
+    daemon = counting_daemon  # shared_holds = "each"
     vm = subprocess.Popen(["sleep", "600"])
     children.append(vm)
     disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}

@@ -235,6 +235,7 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ("# comment\n\njournal_sync = 3\n", "lockd.toml:3: journal_sync must be one of"),
         ('max_clients = "many"\n', "max_clients must be an integer"),
         ('journal_sync = "sometimes"\n', "journal_sync must be one of none | batch | always"),
+        ('\nshared_holds = "twice"\n', "lockd.toml:2: shared_holds must be one of once | each"),
         ('lock_dir = "relative"\n', "lock_dir must be an absolute path"),
         ('[lockspaces]\n".." = "/x"\n', "lockspaces...:"),
         # An entry of [lockspaces]: its own line, not the header's.
