@@ -483,13 +483,10 @@ def test_qemu_wrapper_says_when_it_cannot_read_a_blockdev(tmp_path: Path) -> Non
     )
 
 
-def test_a_shareable_image_on_two_devices_stays_locked_until_both_are_detached(
-    counting_daemon: DaemonProcess, children: Children
-) -> None:
-    """The lock driver given one shareable image twice (two devices, share-rw), then a
-    hot-unplug of one of them: the image stays locked while the VM writes through the
-    other device, and another VM's exclusive attach is refused until the last detach."""
-    daemon = counting_daemon  # shared_holds = "each"
+def a_vm_with_one_image_twice(
+    daemon: DaemonProcess, children: Children
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A VM given /vm/base.img on two devices through the lock driver: its owner and disk."""
     vm = sleeper(children)
     owner = {"uuid": str(uuid.uuid4()), "name": "vm", "id": 3, "pid": vm.pid}
     shared = {"path": "/vm/base.img", "shareable": True}
@@ -498,6 +495,17 @@ def test_a_shareable_image_on_two_devices_stays_locked_until_both_are_detached(
     )
     assert code == 0, reply
     assert [le["mode"] for le in reply["leases"]] == ["shared", "shared"]
+    return owner, shared
+
+
+def test_a_shareable_image_on_two_devices_stays_locked_until_both_are_detached(
+    counting_daemon: DaemonProcess, children: Children
+) -> None:
+    """The lock driver given one shareable image twice (two devices, share-rw), then a
+    hot-unplug of one of them: the image stays locked while the VM writes through the
+    other device, and another VM's exclusive attach is refused until the last detach."""
+    daemon = counting_daemon  # shared_holds = "each"
+    owner, shared = a_vm_with_one_image_twice(daemon, children)
     detach = json.dumps({"owner": owner, "disks": [shared]})
     code, reply = lock_driver(daemon, "release", "--json", stdin=detach)
     assert code == 0, reply
@@ -520,13 +528,7 @@ def test_a_detach_cut_off_by_a_lockd_crash_says_not_to_release_again_blindly(
     may be released already, so that nobody's retry ends the other device's hold too.
     The restarted lockd holds the image once, locked, as the journal says."""
     daemon = counting_daemon  # shared_holds = "each"
-    vm = sleeper(children)
-    owner = {"uuid": str(uuid.uuid4()), "name": "vm", "id": 3, "pid": vm.pid}
-    shared = {"path": "/vm/base.img", "shareable": True}
-    code, reply = lock_driver(
-        daemon, "acquire", "--json", stdin=json.dumps({"owner": owner, "disks": [shared] * 2})
-    )
-    assert code == 0, reply
+    owner, shared = a_vm_with_one_image_twice(daemon, children)
     daemon.stop()
     daemon.env_extra = {"LOCKD_CRASH_AT": "release-journaled"}
     daemon.start()
@@ -545,7 +547,7 @@ def test_a_detach_cut_off_by_a_lockd_crash_says_not_to_release_again_blindly(
     assert locked(daemon, "/vm/base.img")
     with daemon.client() as client:
         [lease] = client.call("list-leases")["leases"]
-    assert [(o["pid"], o.get("holds", 1)) for o in lease["owners"]] == [(vm.pid, 1)]
+    assert [(o["pid"], o.get("holds", 1)) for o in lease["owners"]] == [(owner["pid"], 1)]
 
 
 def test_a_reused_manager_takes_again_what_an_operator_released(
