@@ -346,6 +346,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             # chmod since): refused after the exec, it ended the daemon, every lock too.
             if os.path.isdir(config.journal_dir):
                 lockd.daemon.check_journal_dir(config.journal_dir)
+            # A lock directory this uid cannot write (chowned since): refused too.
+            if os.path.isdir(config.lock_dir):
+                lockd.daemon.refuse_unwritable_lock_dir(config.lock_dir)
         except OSError as exc:
             _serve_failed(str(exc))
             return EXIT_ERROR

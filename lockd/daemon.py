@@ -250,7 +250,7 @@ class LockSystem:
         make_dirs(config.journal_dir, 0o700)
         check_journal_dir(config.journal_dir)
         make_dirs(config.lock_dir, 0o700)
-        _refuse_unwritable_lock_dir(config.lock_dir)
+        refuse_unwritable_lock_dir(config.lock_dir)
         _warn_if_others_write(config.lock_dir)
         self.journal_lock = self._lock_journal_dir(config.journal_dir, journal_lock, holder)
         self._journal_open = True
@@ -1346,7 +1346,7 @@ def _warn_if_others_write(lock_dir: str) -> None:
         )  # fmt: skip
 
 
-def _refuse_unwritable_lock_dir(path: str) -> None:
+def refuse_unwritable_lock_dir(path: str) -> None:
     """Refuse a lock directory this uid cannot make lockspaces in (a user's lockd given
     root's /var/lib/libvirt/lockd): it started, warned that others could write to it,
     and then failed every request with io-error, "Permission denied"."""

@@ -19,6 +19,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -671,3 +672,49 @@ def test_a_uid_refused_in_a_loop_does_not_hide_another_uid_s_refusal(
     log = open_daemon.log.read_text()
     assert log.count("uid 65533: uid not allowed") == 1
     assert log.count("uid 65532: uid not allowed") == 1
+
+
+def test_the_handoff_check_refuses_a_lock_dir_the_new_program_would_refuse(tmp_path: Path) -> None:
+    """A re-exec first runs the new program's `lockd serve --handoff-check`: what it
+    passes, the new program must start on, since it exits after the exec holding every
+    lock (exit 78, not restarted). It refuses a lock directory its uid cannot write (a
+    user's lockd whose lock_dir was chowned to root since it started): the check passed
+    it, and the re-exec lost every lease. Now the check refuses it, naming it, and the
+    re-exec is abandoned. Played by uid 65534 in a forked child, the check run in it."""
+    import lockd.cli
+    import lockd.daemon
+    import lockd.journal_file
+    import lockd.reexec
+
+    base = Path(tempfile.mkdtemp(prefix="handoff-", dir="/var/tmp"))
+    try:
+        os.chmod(base, 0o755)  # noqa: S103 - for uid 65534 to reach what is in it
+        journal, locks = base / "journal", base / "locks"
+        journal.mkdir(mode=0o700)
+        os.chown(journal, OTHER_UID, OTHER_UID)
+        locks.mkdir(mode=0o755)  # root's: uid 65534 cannot make lockspaces in it
+        config = base / "lockd.toml"
+        config.write_text("")
+        config.chmod(0o644)
+        err = base / "stderr"
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            code = 1
+            try:
+                fd = os.open(err, os.O_WRONLY | os.O_CREAT, 0o644)
+                sys.stdout = sys.stderr = open(fd, "w", buffering=1)  # noqa: SIM115
+                os.setgid(OTHER_UID)
+                os.setuid(OTHER_UID)
+                code = lockd.cli.main(
+                    ["serve", "--handoff-check", "--config", str(config),
+                     "--socket", str(base / "lockd.sock"), "--lock-dir", str(locks),
+                     "--journal-dir", str(journal), "--pid-file", str(journal / "lockd.pid")]
+                )  # fmt: skip
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        said = err.read_text()
+        assert os.waitstatus_to_exitcode(status) != 0, said
+        assert f"refusing lock_dir {locks}: uid {OTHER_UID} cannot write to it" in said, said
+    finally:
+        shutil.rmtree(base)
