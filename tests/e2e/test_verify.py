@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 
-from protocol.names import lease_name_for_path
+from lockd import verify as checks
+from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon
+from tests.e2e.invariants import _view
 from tests.e2e.test_daemon import lease_file, start_run
 from tests.e2e.test_recovery import crash, restart, steal
 
@@ -159,3 +162,26 @@ def test_verify_usage_errors_and_unreachable_daemons(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 69
     assert json.loads(done.stdout)["error"]["exit"] == 69
+
+
+def test_a_hold_the_journal_counts_and_the_daemon_does_not_is_a_finding(
+    counting_daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """Under ``shared_holds = "each"`` the journal's replay counts holds: a report that
+    lists the owner once where the journal says twice is ``journal-differs``, naming the
+    holds (a pid list per owner missed it)."""
+    vm = subprocess.Popen(["sleep", "600"])
+    children.append(vm)
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}
+    with counting_daemon.client() as client:
+        client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                       "pid": vm.pid})  # fmt: skip
+        for _ in range(2):
+            client.call("acquire", leases=[{**disk, "shared": True}], autocreate=True)
+    view = _view(counting_daemon)
+    assert checks.verify([view])[1] == []
+    for owner in view.leases[0]["owners"]:
+        assert owner.pop("holds") == 2
+    findings = checks.verify([view])[1]
+    assert [f.check for f in findings] == ["journal-differs"]
+    assert f"pid {vm.pid} (2 holds)" in findings[0].message
