@@ -264,13 +264,7 @@ def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Re
 def apply(state: LockspaceState, event: Event) -> LockspaceState:
     """Fold one event into the state (in place) and return it."""
     if isinstance(event, LeaseAcquired):
-        if event.holds is None:
-            state.add(event.resource, event.owner, event.mode, event.autocreate)
-        else:
-            state.add(event.resource, event.owner, event.mode, event.autocreate, event.holds)
+        state.add(event.resource, event.owner, event.mode, event.autocreate, event.holds or 1)
     elif isinstance(event, LeaseReleased):
-        if event.holds is None:
-            state.remove(event.resource, event.owner.key)
-        else:
-            state.remove(event.resource, event.owner.key, event.holds)
+        state.remove(event.resource, event.owner.key, event.holds or 0)
     return state
