@@ -982,8 +982,7 @@ class LockManager:
         Raises ``cause``, saying what may be released already, if lockd cannot be asked."""
         try:
             conn = self._connection()
-            now = collections.Counter(lease.ref for lease in self._held(conn))
-            had = collections.Counter(lease.ref for lease in before)
+            had, now = self._holds_since(conn, before)
             rest: list[Lease] = []
             for lease, times in collections.Counter(targets).items():
                 done = max(0, had[lease.ref] - now[lease.ref])
@@ -1024,11 +1023,18 @@ class LockManager:
             for lease in [Lease.from_wire(item)] * item.get("holds", 1)
         ]
 
+    def _holds_since(
+        self, conn: Connection, before: list[Lease]
+    ) -> tuple[collections.Counter[tuple[str, str]], collections.Counter[tuple[str, str]]]:
+        """How many times the owner held each lease ``before`` a request cut off, and holds
+        it now: what the request did, judged after a crash."""
+        had = collections.Counter(lease.ref for lease in before)
+        return had, collections.Counter(lease.ref for lease in self._held(conn))
+
     def _gained(self, conn: Connection, asked: list[Lease], before: list[Lease]) -> list[Lease]:
         """The holds of ``asked`` the owner has now beyond those it had ``before``: what an
         acquire cut off gave it, each at most as often as it was asked for."""
-        now = collections.Counter(lease.ref for lease in self._held(conn))
-        had = collections.Counter(lease.ref for lease in before)
+        had, now = self._holds_since(conn, before)
         gained: list[Lease] = []
         for lease, times in collections.Counter(asked).items():
             gained += [lease] * max(0, min(times, now[lease.ref] - had[lease.ref]))
