@@ -287,6 +287,23 @@ class RecoveryCompleted(Event):
 
 
 @attrs.frozen
+class JournalResumed(Event):
+    """The journal takes writes again after a spell of refusing them (a full or failing
+    disk): the first record written since, so the journal itself says why it has no
+    record for that while. Every change lockd would have journaled meanwhile was
+    refused (``io-error``) and left the kernel's locks as they were."""
+
+    TYPE: ClassVar[str] = "journal-resumed"
+    since: float
+    """When the first refused write of the spell was (wall clock)."""
+    refused: int
+    """Writes refused in the spell, each carrying one or more changes (lockd's own
+    tries to write this record are not counted)."""
+    error: str
+    """What the last refused write met (``[Errno 28] No space left on device``)."""
+
+
+@attrs.frozen
 class UnknownEvent(Event):
     """An event of a type this lockd does not know: a later lockd's (after a downgrade,
     or read by an older ``lockd events``). Kept as its map, so that readers pass it on
@@ -314,6 +331,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         LeaseLost,
         OwnerFenced,
         RecoveryCompleted,
+        JournalResumed,
     )
 }
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import attrs
 import pykka
 
-from actors.events import ConnectionOpened, Event, JournalEntry
+from actors.events import ConnectionOpened, Event, JournalEntry, JournalResumed
 from actors.metrics import REGISTRY
 from actors.recovery_core import ReplayState
 from actors.runtime import DispatchedActor, Dispatcher, Timer, tell_if_alive
@@ -140,6 +140,18 @@ class WriteTrouble:
 TROUBLE_REMINDER_S = 60.0
 """While the journal stays unwritable, how often the log says so again: one line
 per refused request would flood the log (which may be on the full disk too)."""
+
+PROBE_S = 10.0
+"""While the journal refuses writes, how often it tries to write the spell's end
+(``journal-resumed``) itself. Ended only by a change's write, a spell outlived the
+freed space on a host where no VM started or stopped: ``status`` and
+``lockd_journal_refusing`` went on saying the journal refused, and an alert on it
+fired on, until the next request."""
+
+
+@attrs.frozen
+class _Probe:
+    """Self-sent every :data:`PROBE_S` while the journal refuses writes."""
 
 
 @attrs.frozen
@@ -285,6 +297,8 @@ class JournalActor(DispatchedActor):
         self.trouble = WriteTrouble() if trouble is None else trouble
         self.openings: Openings = {} if openings is None else openings
         REGISTRY.set("lockd_journal_refusing", 0)  # exported from the start
+        self._refusing = self.trouble.error is not None
+        """``trouble.error is not None``, kept as one flag: every write tests it."""
         self._spell_began = self._reminded = 0.0
         """When the spell of refused writes began and was last logged, on the dispatcher's
         monotonic clock: a wall clock stepped back silenced the reminder for as long."""
@@ -332,6 +346,12 @@ class JournalActor(DispatchedActor):
             return None
         if isinstance(message, Identify):
             self._identify(message)
+            return None
+        if isinstance(message, _Probe):
+            # A change's write may have ended the spell since; and appends queued for
+            # a batch's write are about to try, with the record in front of them.
+            if self.trouble.error is not None and not self._pending:
+                self._write([], probing=True)
             return None
         if isinstance(message, ConnectionEnded):
             self.openings.pop(message.conn, None)
@@ -517,8 +537,10 @@ class JournalActor(DispatchedActor):
             trouble.error, trouble.since = str(exc), now  # since: a wall-clock stamp
             self._spell_began = self._reminded = elapsed
             REGISTRY.set("lockd_journal_refusing", 1)
+            self._refusing = True
             if trouble.on_change is not None:
                 trouble.on_change()
+            self._probe_later()
             log.error("journal write failed: %s; every change is refused (io-error) until "
                       "the journal can be written again, leases held stay held; said again "
                       "once a minute while it lasts (`lockd status` shows it)%s", exc,
@@ -529,6 +551,24 @@ class JournalActor(DispatchedActor):
                       exc, trouble.refused, elapsed - self._spell_began)  # fmt: skip
         else:
             log.debug("journal write failed: %s", exc)
+
+    def _write_failed(self, exc: OSError, now: float, batch: list[Append], probing: bool) -> None:
+        if probing:
+            log.debug("journal still refuses writes: %s", exc)
+            self._probe_later()
+            return
+        self.failed_writes += 1
+        REGISTRY.inc("lockd_journal_write_errors_total")
+        self._refused(exc, now)
+        for append in batch:
+            if append.reply_to is not None:
+                tell_if_alive(
+                    append.reply_to, AppendFailed(append.token, f"journal write failed: {exc}")
+                )
+
+    def _probe_later(self) -> None:
+        ref = self.actor_ref
+        self.dispatcher.call_later(PROBE_S, lambda: tell_if_alive(ref, _Probe()))
 
     def _failed_disk_hint(self, exc: OSError) -> str:
         """What the operator must know first of a journal filesystem gone read-only or
@@ -548,12 +588,21 @@ class JournalActor(DispatchedActor):
                     trouble.error)  # fmt: skip
         trouble.error, trouble.since, trouble.refused = None, 0.0, 0
         REGISTRY.set("lockd_journal_refusing", 0)
+        self._refusing = False
         if trouble.on_change is not None:
             trouble.on_change()
 
-    def _write(self, batch: list[Append]) -> list[JournalEntry] | None:
-        """Write the batch's events; the entries written, None if the journal refused."""
+    def _write(self, batch: list[Append], probing: bool = False) -> list[JournalEntry] | None:
+        """Write the batch's events; the entries written, None if the journal refused.
+
+        The first write after a spell of refused ones begins with ``journal-resumed``,
+        in the same write as the changes it lets through; ``probing``: nothing but it,
+        the journal's own try (:class:`_Probe`), which, refused, is no refused change."""
         now = self._clock()
+        if self._refusing:
+            trouble = self.trouble
+            resumed = JournalResumed(trouble.since, trouble.refused, trouble.error or "")
+            batch = [Append((resumed,), 0, None), *batch]
         seq = self._writer.next_seq
         host = self._host
         groups: list[tuple[Append, tuple[JournalEntry, ...]]] = []
@@ -569,16 +618,9 @@ class JournalActor(DispatchedActor):
         try:
             self._writer.append(everything)
         except OSError as exc:
-            self.failed_writes += 1
-            REGISTRY.inc("lockd_journal_write_errors_total")
-            self._refused(exc, now)
-            for append, _ in groups:
-                if append.reply_to is not None:
-                    tell_if_alive(
-                        append.reply_to, AppendFailed(append.token, f"journal write failed: {exc}")
-                    )
+            self._write_failed(exc, now, batch, probing)
             return None
-        if self.trouble.error is not None:
+        if self._refusing:
             self._written_again()
         _APPENDS[()] += 1
         _ENTRIES[()] += len(everything)

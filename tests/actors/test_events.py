@@ -13,6 +13,7 @@ from actors.events import (
     DaemonStopped,
     Fence,
     JournalEntry,
+    JournalResumed,
     LeaseAcquired,
     LeaseLost,
     LeaseReleased,
@@ -109,6 +110,7 @@ SAMPLES = [
     LeaseLost("ls", "r1", LeaseMode.SHARED, OWNER, "taken by another host"),
     OwnerFenced(OWNER, "SIGTERM", "connection closed while holding leases", 1000),
     RecoveryCompleted(3, 1, 1, 2.5, (Fence(OWNER, "lost", since=5.0),)),
+    JournalResumed(1764000000.5, 3, "[Errno 28] No space left on device"),
 ]
 
 

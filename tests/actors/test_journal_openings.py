@@ -77,19 +77,20 @@ def test_a_live_connection_s_record_is_written_again_before_its_segment_goes(
     writer.fail = False
     tell(SnapshotWritten(3, True))
     assert writer.retained == [3]
-    copy = writer.entries[-1]
-    assert (copy.seq, copy.event) == (4, attrs.evolve(VM, repeat=True))
-    writer.kept_from = 4  # the copy is kept: nothing to write again
-    tell(SnapshotWritten(4, True))
-    assert (len(writer.entries), writer.retained) == (4, [3, 4])
-    writer.kept_from = 10  # BRIEF closed: not written again; VM's copy is
+    resumed, copy = writer.entries[-2:]  # the refusal's end is said first
+    assert (resumed.seq, resumed.event.TYPE) == (4, "journal-resumed")
+    assert (copy.seq, copy.event) == (5, attrs.evolve(VM, repeat=True))
+    writer.kept_from = 5  # the copy is kept: nothing to write again
     tell(SnapshotWritten(5, True))
-    assert [e.event.conn for e in writer.entries[4:]] == [VM.conn]
+    assert (len(writer.entries), writer.retained) == (5, [3, 5])
+    writer.kept_from = 10  # BRIEF closed: not written again; VM's copy is
+    tell(SnapshotWritten(6, True))
+    assert [e.event.conn for e in writer.entries[5:]] == [VM.conn]
     tell(ConnectionEnded(VM.conn))
     writer.kept_from = 20
-    tell(SnapshotWritten(6, True))
-    assert len(writer.entries) == 5
-    assert writer.retained == [3, 4, 5, 6]
+    tell(SnapshotWritten(7, True))
+    assert len(writer.entries) == 6
+    assert writer.retained == [3, 5, 6, 7]
 
 
 def test_a_connection_handed_on_by_a_reexec_is_kept_from_the_seq_it_names(

@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
-from actors.events import DaemonStopped
-from actors.journal import Append, JournalActor, SyncPolicy
+from actors.events import DaemonStopped, JournalResumed
+from actors.journal import PROBE_S, Append, JournalActor, SyncPolicy
+from actors.metrics import REGISTRY
 from actors.runtime import Dispatcher
 from tests.actors.harness import Clock, MemoryJournal
 
@@ -68,6 +69,62 @@ def test_a_journal_that_stays_unwritable_is_logged_once_a_minute(
     append()
     assert "journal written again after 51 refused writes in 60 s" in caplog.text
     assert actor.trouble.error is None
+    j.stop()
+
+
+def _refusing() -> float:
+    return REGISTRY.gauges["lockd_journal_refusing"][()]
+
+
+def test_an_idle_journal_says_by_itself_that_it_takes_writes_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Space freed on a host where no VM starts or stops: within PROBE_S the journal
+    writes ``journal-resumed`` of its own accord, and ``lockd_journal_refusing`` (what an
+    alert watches) and ``status`` say it is written again. Until 2026-11-28 only the next
+    change's write ended the spell. Its own tries while the disk stays full are no
+    refused changes: neither counted nor logged as errors."""
+    j = Journaled(caplog)
+    clock, writer, actor, append, errors = j.clock, j.writer, j.actor, j.append, j.errors
+    writer.fail = True
+    append()
+    append()
+    assert _refusing() == 1
+    for _ in range(3):  # three of its tries meet the full disk
+        clock.now += PROBE_S
+        j.dispatcher.run_until_idle()
+    assert (actor.trouble.refused, len(errors()), writer.entries) == (2, 1, [])
+    writer.fail = False  # space freed; no request comes
+    clock.now += PROBE_S
+    j.dispatcher.run_until_idle()
+    assert _refusing() == 0
+    assert actor.trouble.error is None
+    assert "journal written again after 2 refused writes in 40 s" in caplog.text
+    assert writer.events() == [JournalResumed(1000.0, 2, "[Errno 28] No space left on device")]
+    clock.now += PROBE_S  # the spell is over: nothing more is written
+    j.dispatcher.run_until_idle()
+    assert len(writer.entries) == 1
+    j.stop()
+
+
+def test_the_first_change_after_a_spell_follows_the_record_of_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A change let through before the journal's own try comes first: one write holds
+    ``journal-resumed``, then the change, so a reader meets the spell's end before it."""
+    j = Journaled(caplog)
+    j.writer.fail = True
+    j.append()
+    j.clock.now += 2
+    j.writer.fail = False
+    j.append()
+    assert [(e.seq, e.event) for e in j.writer.entries] == [
+        (1, JournalResumed(1000.0, 1, "[Errno 28] No space left on device")),
+        (2, DaemonStopped("test")),
+    ]
+    j.clock.now += PROBE_S  # its try, due now, finds the spell over
+    j.dispatcher.run_until_idle()
+    assert len(j.writer.entries) == 2
     j.stop()
 
 
