@@ -263,6 +263,8 @@ class _Acquisition:
     attempt: int = 0
     taken: list[tuple[str, tuple[str, ...]]] = attrs.field(factory=list)
     """Per lockspace, the resources this acquire newly gave the owner (what a rollback undoes)."""
+    repeated: bool = False
+    """A lockspace answered from its record of an earlier request with this key."""
 
 
 # Built once (``A | B`` in an isinstance call builds a union each time it runs).
@@ -972,7 +974,13 @@ class ConnectionActor(DispatchedActor):
         token = self._wait(lambda done: self._acquired_group(job, index, done))
         self._lockspaces[lockspace].tell(
             AcquireLeases(
-                self._owner, items, job.request.autocreate, self.conn_id, token, self.actor_ref
+                self._owner,
+                items,
+                job.request.autocreate,
+                self.conn_id,
+                token,
+                self.actor_ref,
+                job.request.once,
             )
         )
 
@@ -1019,7 +1027,7 @@ class ConnectionActor(DispatchedActor):
             self._lockspaces[lockspace].tell(
                 ReleaseLeases(
                     self._owner, resources, self.conn_id, ReleaseReason.ROLLBACK, token,
-                    self.actor_ref,
+                    self.actor_ref, job.request.once,
                 )
             )  # fmt: skip
         job.taken.clear()
@@ -1030,6 +1038,11 @@ class ConnectionActor(DispatchedActor):
         lockspace = job.groups[index][0]
         if done.entries:
             job.taken.append((lockspace, tuple(e.event.resource for e in done.entries)))  # type: ignore[attr-defined]
+        elif done.repeated:
+            # Taken by the first request with this key: undone by this one's rollback,
+            # which forgets the key too (a repeat then runs anew).
+            job.taken.append((lockspace, done.repeated))
+            job.repeated = True
         if done.refusal is None and self._closed:
             self._rollback(job)  # the client left mid-request: it changes nothing
             return
@@ -1076,19 +1089,19 @@ class ConnectionActor(DispatchedActor):
             self._acquire_group(job, index + 1)
             return
         _ACQUIRES[_OK] += 1
-        self._reply(
-            job.request,
-            {
-                "leases": [
-                    {
-                        "lockspace": lease.lockspace,
-                        "resource": lease.resource,
-                        "mode": "shared" if lease.shared else "exclusive",
-                    }
-                    for lease in job.request.leases
-                ]
-            },
-        )
+        result: dict[str, Any] = {
+            "leases": [
+                {
+                    "lockspace": lease.lockspace,
+                    "resource": lease.resource,
+                    "mode": "shared" if lease.shared else "exclusive",
+                }
+                for lease in job.request.leases
+            ]
+        }
+        if job.repeated:
+            result["repeated"] = True
+        self._reply(job.request, result)
 
     def _wait_on(self, job: _Acquisition, done: Done, delay: float, stuck: list[str]) -> None:
         """Try a busy acquire again in ``delay`` seconds, its rollback applied (``stuck``:
@@ -1155,24 +1168,29 @@ class ConnectionActor(DispatchedActor):
         groups: list[tuple[str, list[str]]],
         index: int,
         released: int,
+        *,
+        repeated: bool = False,
     ) -> None:
         # A method, not a closure that calls itself: such a closure is a reference
         # cycle, left for the cyclic collector on every release.
         lockspace, resources = groups[index]
 
         def done(reply: Done) -> None:
+            count = released + len(reply.entries or reply.repeated)
+            again = repeated or bool(reply.repeated)
             if reply.refusal is not None:
                 self._refused(request, reply)
             elif index + 1 < len(groups):
-                self._release_group(request, owner, groups, index + 1,
-                                    released + len(reply.entries))  # fmt: skip
+                self._release_group(request, owner, groups, index + 1, count, repeated=again)
+            elif again:
+                self._reply(request, {"released": count, "repeated": True})
             else:
-                self._reply(request, {"released": released + len(reply.entries)})
+                self._reply(request, {"released": count})
 
         self._lockspaces[lockspace].tell(
             ReleaseLeases(
                 owner, tuple(resources), self.conn_id, ReleaseReason.CLIENT,
-                self._wait(done), self.actor_ref,
+                self._wait(done), self.actor_ref, request.once,
             )
         )  # fmt: skip
 

@@ -187,6 +187,9 @@ class LeaseAcquired(Event):
     holds: int | None = None
     """How many times the owner holds the lease now, when more than once (a shared lease
     it asked for again); None (absent): once."""
+    once: bytes | None = None
+    """The key the acquire carried (``once`` in the protocol): a repeat of that request
+    answers from this record instead of taking the lease again; None (absent): none."""
 
 
 @attrs.frozen
@@ -203,6 +206,9 @@ class LeaseReleased(Event):
     holds: int | None = None
     """How many times the owner still holds the lease, when it held it more than once
     and this release ended one hold; None (absent): the owner no longer holds it."""
+    once: bytes | None = None
+    """The key of the request that released it (``once``): the release's own, or for a
+    ``rollback`` the acquire's, whose record it undoes; None (absent): none."""
 
 
 @attrs.frozen

@@ -79,6 +79,8 @@ class AcquireLeases:
     conn: int
     token: int
     reply_to: pykka.ActorRef[Any]
+    once: bytes | None = None
+    """The request's key (``once``): a repeat of one applied here changes nothing."""
 
 
 @attrs.frozen
@@ -91,6 +93,8 @@ class ReleaseLeases:
     reason: ReleaseReason
     token: int
     reply_to: pykka.ActorRef[Any]
+    once: bytes | None = None
+    """The request's key (a rollback's: its acquire's)."""
 
 
 @attrs.frozen
@@ -132,6 +136,9 @@ class Done:
     lockspace: str
     entries: tuple[JournalEntry, ...] = ()
     refusal: core.Refusal | None = None
+    repeated: tuple[str, ...] = ()
+    """A keyed request applied here already: the resources it acquired or released
+    then (nothing changed now)."""
 
 
 @attrs.frozen
@@ -224,6 +231,8 @@ class Restore:
     leases: tuple[RestoreLease, ...]
     token: int
     reply_to: pykka.ActorRef[Any]
+    once: tuple[tuple[OwnerKey, bytes, core.Applied], ...] = ()
+    """The keys of recent keyed requests here, oldest first (their repeats change nothing)."""
 
 
 @attrs.frozen
@@ -734,12 +743,16 @@ class LockspaceActor(DispatchedActor):
         if isinstance(command, AcquireLeases):
             decision = core.decide(
                 self._state,
-                core.Acquire(command.owner, command.items, command.autocreate, command.conn),
+                core.Acquire(
+                    command.owner, command.items, command.autocreate, command.conn, command.once
+                ),
             )
         elif isinstance(command, ReleaseLeases):
             decision = core.decide(
                 self._state,
-                core.Release(command.owner, command.resources, command.conn, command.reason),
+                core.Release(
+                    command.owner, command.resources, command.conn, command.reason, command.once
+                ),
             )
         else:
             decision = core.decide(
@@ -747,6 +760,9 @@ class LockspaceActor(DispatchedActor):
             )
         if isinstance(decision, core.Refusal):
             self._reply(command, Done(command.token, self.name, refusal=decision))
+            return None
+        if isinstance(decision, core.Repeated):
+            self._reply(command, Done(command.token, self.name, repeated=decision.resources))
             return None
         if not decision:
             self._reply(command, Done(command.token, self.name))
@@ -1047,6 +1063,7 @@ class LockspaceActor(DispatchedActor):
     def _restore(self, request: Restore) -> None:
         """Take the kernel lock again for every lease with a live owner (or adopt its fd)."""
         request = attrs.evolve(request, leases=tuple(map(self._adoptable, request.leases)))
+        self._state.once.restore(request.once)
         token = next(self._tokens)
         restoring = _Restoring(request)
         self._restoring[token] = restoring

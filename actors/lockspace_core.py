@@ -12,9 +12,11 @@ cost O(leases).
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 
-from actors.events import Event, LeaseAcquired, LeaseReleased, ReleaseReason
+from actors.events import Event, LeaseAcquired, LeaseLost, LeaseReleased, ReleaseReason
 from actors.model import LeaseMode, Owner, OwnerKey
 from protocol.errors import ErrorCode
 
@@ -38,6 +40,118 @@ class Holding:
         return 1 if self.extra is None else 1 + self.extra.get(owner, 0)
 
 
+ONCE_PER_OWNER = 8
+"""Keys kept per owner and lockspace: the newest requests, the ones a caller that lost
+its reply repeats."""
+ONCE_LEASES = 16_384
+"""Leases named by all the records of one lockspace together (the scale target's
+leases): past it the oldest records go, whoever's they are."""
+OWNER_ENDS = frozenset(
+    {ReleaseReason.OWNER_EXIT, ReleaseReason.DISCONNECT, ReleaseReason.ADMIN,
+     ReleaseReason.OWNER_GONE, ReleaseReason.RECOVERY}
+)  # fmt: skip
+"""Release reasons that end the owner's leases for good: its keys go with them."""
+
+
+@attrs.frozen
+class Applied:
+    """What a request carrying a key (``once``) did in one lockspace: what its repeat
+    answers from."""
+
+    release: bool
+    """A release (False: an acquire)."""
+    leases: tuple[tuple[str, LeaseMode], ...]
+    """The leases it acquired or released here, in journal order."""
+
+    def resources(self) -> tuple[str, ...]:
+        """The resources of :attr:`leases`."""
+        return tuple(resource for resource, _ in self.leases)
+
+
+@attrs.define
+class OnceKeys:
+    """The keys of one lockspace's recent keyed requests, per owner, bounded.
+
+    Folded from the ``once`` of the events (the live table and the journal's replay
+    alike); a rollback forgets its acquire's key (the request took nothing in the end,
+    and a repeat runs anew), an owner's end forgets all of its keys here."""
+
+    records: dict[tuple[OwnerKey, bytes], Applied] = attrs.field(factory=dict)
+    """Oldest first (insertion order)."""
+    keys_of: dict[OwnerKey, list[bytes]] = attrs.field(factory=dict)
+    leases: int = 0
+    """Leases named by all of :attr:`records`."""
+
+    def get(self, owner: OwnerKey, key: bytes) -> Applied | None:
+        """What ``owner``'s request with ``key`` did here, if it is kept."""
+        return self.records.get((owner, key))
+
+    def note(
+        self, owner: OwnerKey, key: bytes, release: bool, resource: str, mode: LeaseMode
+    ) -> None:
+        """One event of ``owner``'s request with ``key`` was journaled."""
+        records = self.records
+        earlier = records.get((owner, key))
+        if earlier is not None and earlier.release is release:
+            records[(owner, key)] = Applied(release, (*earlier.leases, (resource, mode)))
+        else:
+            if earlier is not None:  # an acquire's key, forgotten unrolled: replace it
+                self._forget(owner, key)
+            records[(owner, key)] = Applied(release, ((resource, mode),))
+            mine = self.keys_of.setdefault(owner, [])
+            mine.append(key)
+            if len(mine) > ONCE_PER_OWNER:
+                self._forget(owner, mine[0])
+        self.leases += 1
+        while self.leases > ONCE_LEASES and len(records) > 1:
+            oldest = next(iter(records))
+            self._forget(*oldest)
+
+    def rolled_back(self, owner: OwnerKey, key: bytes) -> None:
+        """``owner``'s acquire with ``key`` was undone (its rollback)."""
+        applied = self.records.get((owner, key))
+        if applied is not None and not applied.release:
+            self._forget(owner, key)
+
+    def owner_ended(self, owner: OwnerKey) -> None:
+        """``owner``'s leases here ended for good (exit, fence, recovery)."""
+        for key in self.keys_of.pop(owner, ()):
+            self.leases -= len(self.records.pop((owner, key)).leases)
+
+    def _forget(self, owner: OwnerKey, key: bytes) -> None:
+        self.leases -= len(self.records.pop((owner, key)).leases)
+        mine = self.keys_of[owner]
+        mine.remove(key)
+        if not mine:
+            del self.keys_of[owner]
+
+    def fold(self, event: Event) -> None:
+        """Fold a lease event into the keys (no-op for one without a key, but an end)."""
+        if isinstance(event, LeaseAcquired):
+            if event.once is not None:
+                self.note(event.owner.key, event.once, False, event.resource, event.mode)
+        elif isinstance(event, LeaseReleased):
+            if event.once is not None:
+                if event.reason is ReleaseReason.ROLLBACK:
+                    self.rolled_back(event.owner.key, event.once)
+                else:
+                    self.note(event.owner.key, event.once, True, event.resource, event.mode)
+            elif self.keys_of and event.reason in OWNER_ENDS:
+                self.owner_ended(event.owner.key)
+        elif isinstance(event, LeaseLost) and self.keys_of:
+            self.owner_ended(event.owner.key)
+
+    def export(self) -> tuple[tuple[OwnerKey, bytes, Applied], ...]:
+        """Every record, oldest first (what recovery hands a lockspace)."""
+        return tuple((owner, key, applied) for (owner, key), applied in self.records.items())
+
+    def restore(self, records: tuple[tuple[OwnerKey, bytes, Applied], ...]) -> None:
+        """Add ``records`` (from :meth:`export`), oldest first."""
+        for owner, key, applied in records:
+            for resource, mode in applied.leases:
+                self.note(owner, key, applied.release, resource, mode)
+
+
 @attrs.define
 class LockspaceState:
     """Every lease this host holds in one lockspace."""
@@ -55,6 +169,9 @@ class LockspaceState:
     more, until as many releases (virtlockd's rule). False (``"once"``, the default): it
     is counted once, and one release ends its hold. Holds journaled while it was on
     are counted down either way."""
+
+    once: OnceKeys = attrs.field(factory=OnceKeys)
+    """Keys of the owners' recent keyed requests: a repeat changes nothing."""
 
     def leases_of(self, owner: OwnerKey) -> list[str]:
         """Resources held by ``owner``, sorted."""
@@ -130,6 +247,8 @@ class Acquire:
     items: tuple[tuple[str, LeaseMode], ...]
     autocreate: bool
     conn: int
+    once: bytes | None = None
+    """The request's key: a repeat of one applied already changes nothing."""
 
 
 @attrs.frozen
@@ -140,6 +259,8 @@ class Release:
     resources: tuple[str, ...]
     conn: int
     reason: ReleaseReason = ReleaseReason.CLIENT
+    once: bytes | None = None
+    """The request's key (a rollback's: the acquire's, whose record it forgets)."""
 
 
 @attrs.frozen
@@ -152,6 +273,39 @@ class ReleaseOwner:
 
 
 Command = Acquire | Release | ReleaseOwner
+
+
+@attrs.frozen
+class Repeated:
+    """A keyed request this lockspace applied already: nothing changes, and the answer
+    is the first one's."""
+
+    resources: tuple[str, ...]
+    """What the first request acquired or released here."""
+
+
+def _repeat(
+    state: LockspaceState, owner: Owner, key: bytes, release: bool, asked: set[Any]
+) -> Repeated | Refusal | None:
+    """The answer to ``owner``'s request with ``key`` if it was applied here already (None:
+    it was not); a key reused for another request is refused."""
+    applied = state.once.get(owner.key, key)
+    if applied is None:
+        return None
+    if applied.release is release:
+        if release:
+            same = asked == set(applied.resources())
+        else:
+            same = all(lease in asked for lease in applied.leases)
+        if same:
+            return Repeated(applied.resources())
+    first = ", ".join(f"{state.name}/{resource}" for resource in applied.resources())
+    return Refusal(
+        ErrorCode.INVALID_ARGUMENT,
+        f"once {key.hex()} was given by {owner.describe()} to another request "
+        f"(the {'release' if applied.release else 'acquire'} of {first}): "
+        "a key names one request, use a new key for a new one",
+    )
 
 
 def refuse_busy(
@@ -182,8 +336,9 @@ def refuse_busy(
     return Refusal(ErrorCode.BUSY, text, holders)
 
 
-def decide(state: LockspaceState, command: Command) -> list[Event] | Refusal:
-    """Events the command produces against ``state``, or why it is refused."""
+def decide(state: LockspaceState, command: Command) -> list[Event] | Refusal | Repeated:
+    """Events the command produces against ``state``, or why it is refused, or that it
+    is a repeat of a keyed request applied already."""
     if isinstance(command, Acquire):
         return _decide_acquire(state, command)
     if isinstance(command, Release):
@@ -197,7 +352,12 @@ def decide(state: LockspaceState, command: Command) -> list[Event] | Refusal:
     ]
 
 
-def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Refusal:
+def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Refusal | Repeated:
+    once = command.once
+    if once is not None and (
+        repeat := _repeat(state, command.owner, once, False, set(command.items))
+    ):
+        return repeat
     seen: set[str] = set()
     events: list[Event] = []
     key = command.owner.key
@@ -211,9 +371,10 @@ def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Re
         if holding is None:
             events.append(
                 LeaseAcquired(
-                    state.name, resource, mode, command.owner, command.conn, command.autocreate
+                    state.name, resource, mode, command.owner, command.conn, command.autocreate,
+                    once=once,
                 )
-            )
+            )  # fmt: skip
         elif holding.mode is LeaseMode.SHARED and mode is LeaseMode.SHARED:
             holds = holding.holds(key)
             if holds and not state.count_holds:
@@ -223,7 +384,7 @@ def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Re
             events.append(
                 LeaseAcquired(
                     state.name, resource, mode, command.owner, command.conn, holding.autocreate,
-                    holds + 1 if holds else None,
+                    holds + 1 if holds else None, once,
                 )
             )  # fmt: skip
         else:
@@ -231,7 +392,14 @@ def _decide_acquire(state: LockspaceState, command: Acquire) -> list[Event] | Re
     return events
 
 
-def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Refusal:
+def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Refusal | Repeated:
+    once = command.once
+    if (
+        once is not None
+        and command.reason is not ReleaseReason.ROLLBACK
+        and (repeat := _repeat(state, command.owner, once, True, set(command.resources)))
+    ):
+        return repeat
     events: list[Event] = []
     key = command.owner.key
     for resource in dict.fromkeys(command.resources):
@@ -256,6 +424,7 @@ def _decide_release(state: LockspaceState, command: Release) -> list[Event] | Re
                 command.conn,
                 command.reason,
                 None if extra is None else extra.get(key),
+                once,
             )
         )
     return events
@@ -265,6 +434,10 @@ def apply(state: LockspaceState, event: Event) -> LockspaceState:
     """Fold one event into the state (in place) and return it."""
     if isinstance(event, LeaseAcquired):
         state.add(event.resource, event.owner, event.mode, event.autocreate, event.holds or 1)
+        if event.once is not None:
+            state.once.fold(event)
     elif isinstance(event, LeaseReleased):
         state.remove(event.resource, event.owner.key, event.holds or 0)
+        if event.once is not None or state.once.keys_of:
+            state.once.fold(event)
     return state

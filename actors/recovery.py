@@ -40,6 +40,7 @@ from actors.events import (
 from actors.faults import crash_point
 from actors.journal import Append, Appended, AppendFailed
 from actors.lockspace import FdStoreLike, Restore, Restored, RestoreLease
+from actors.lockspace_core import Applied
 from actors.metrics import REGISTRY
 from actors.model import Owner, OwnerKey
 from actors.owners import FenceLost, Processes, Watch
@@ -130,6 +131,8 @@ class RecoveryActor(DispatchedActor):
         """Fences to resume: owner, reason, the first SIGTERM's time (None: only owed), and
         the uid they signal for (None: root's)."""
         self._lookups: dict[str, int] = {}
+        self._once: dict[str, tuple[tuple[OwnerKey, bytes, Applied], ...]] = {}
+        """Per lockspace, the keys of recent keyed requests it is to keep."""
         self._handed: tuple[Fence, ...] = ()
         """The fences ``recovery-completed`` lists, started once it is written."""
 
@@ -167,6 +170,14 @@ class RecoveryActor(DispatchedActor):
                     resource, held.mode, held.autocreate, tuple(live), tuple(dead), fd, holds
                 )
             )
+        for lockspace, keys in self._state.once.items():
+            # Keys outlive the leases they ended (a repeated release answers from its
+            # key): the lockspace gets them even when it holds nothing now. Those of
+            # owners found gone go, as their owner-gone releases will say.
+            records = tuple(r for r in keys.export() if not gone.get(r[0], False))
+            if records:
+                self._plan.setdefault(lockspace, [])
+                self._once[lockspace] = records
         if earlier_boot:
             log.info("recovery: %d owners registered before this boot of the host; "
                      "their leases end as owner-gone", earlier_boot)  # fmt: skip
@@ -207,7 +218,11 @@ class RecoveryActor(DispatchedActor):
     def _found(self, found: Found) -> None:
         leases = self._plan[found.lockspace]
         if found.ref is not None:
-            found.ref.tell(Restore(tuple(leases), found.token, self.actor_ref))
+            found.ref.tell(
+                Restore(
+                    tuple(leases), found.token, self.actor_ref, self._once.get(found.lockspace, ())
+                )
+            )
             return
         # The directory is missing or unusable: often shared storage mounted
         # late. Wait for it (requests wait too) rather than fence VMs whose

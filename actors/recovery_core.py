@@ -23,7 +23,9 @@ from actors.events import (
     RecoveryCompleted,
     ReleaseReason,
 )
+from actors.lockspace_core import OWNER_ENDS, OnceKeys
 from actors.model import LeaseMode, Owner, OwnerKey
+from protocol.messages import ONCE_KEY_SIZE
 
 SNAPSHOT_FORMAT = "lockd-snapshot"
 SNAPSHOT_VERSION = 1
@@ -93,6 +95,12 @@ def _holds(value: Any) -> int:
     return value
 
 
+def _once(value: Any) -> bytes:
+    if type(value) is not bytes or len(value) != ONCE_KEY_SIZE:
+        raise ValueError(f"bad once key {value!r}")
+    return value
+
+
 def lost_lease_reason(lease: str, why: str | None = None) -> str:
     """Why the owner of ``lease`` (``lockspace/resource``), lost while lockd was down, is
     fenced: taken by another process or host, unless ``why`` says otherwise."""
@@ -132,6 +140,9 @@ class ReplayState:
     owed: set[OwnerKey] = attrs.field(factory=set)
     """Fences in ``fencing`` owed but never begun: no SIGTERM journaled yet, so their
     grace period has not started (the next daemon gives a full one)."""
+    once: dict[str, OnceKeys] = attrs.field(factory=dict)
+    """Per lockspace, the keys of recent keyed requests (``once``), as the live lockspace
+    keeps them: a repeat after a crash, restart or re-exec changes nothing."""
     _owner_cache: dict[tuple[Any, ...], Owner] = attrs.field(
         factory=dict, init=False, repr=False, eq=False
     )
@@ -166,6 +177,10 @@ class ReplayState:
                 held.owners[owner.key] = (owner, float(record["time"]))
             else:
                 held.hold(owner, float(record["time"]), None if holds is None else _holds(holds))
+            if (once := record.get("once")) is not None:
+                self._keys(key[0]).note(
+                    owner.key, _once(once), False, key[1], LeaseMode(record["mode"])
+                )
         elif kind in ("lease-released", "lease-lost"):
             key = (record["lockspace"], record["resource"])
             held = self.leases.get(key)
@@ -181,9 +196,8 @@ class ReplayState:
                     del self.leases[key]
             if kind == "lease-lost":
                 self._lost(self._owner(wire), key, float(record["time"]))
-            elif self.fencing and record["reason"] in _EXITS:
-                self.fencing.pop(owner_key, None)
-                self.owed.discard(owner_key)
+            else:
+                self._released_wire(record, key, owner_key)
         elif kind == "lockspace-created":
             self.lockspaces[record["lockspace"]] = record["path"]
         elif kind == "owner-fenced":
@@ -201,6 +215,43 @@ class ReplayState:
                 if since is None:
                     self.owed.add(owner.key)
         self.seq = seq
+
+    def _released_wire(
+        self, record: dict[str, Any], lease: tuple[str, str], owner: OwnerKey
+    ) -> None:
+        reason = record["reason"]
+        if self.fencing and reason in _EXITS:
+            self.fencing.pop(owner, None)
+            self.owed.discard(owner)
+        once = record.get("once")
+        if once is not None:
+            self._released(lease, owner, _once(once), reason, record["mode"])
+        elif self.once and reason in OWNER_ENDS:
+            self._owner_ended(lease[0], owner)
+
+    def _keys(self, lockspace: str) -> OnceKeys:
+        keys = self.once.get(lockspace)
+        if keys is None:
+            keys = self.once[lockspace] = OnceKeys()
+        return keys
+
+    def _released(
+        self, lease: tuple[str, str], owner: OwnerKey, once: bytes, reason: str, mode: str
+    ) -> None:
+        keys = self._keys(lease[0])
+        if reason == ReleaseReason.ROLLBACK:
+            keys.rolled_back(owner, once)
+        else:
+            keys.note(owner, once, True, lease[1], LeaseMode(mode))
+        if not keys.records:
+            del self.once[lease[0]]
+
+    def _owner_ended(self, lockspace: str, owner: OwnerKey) -> None:
+        keys = self.once.get(lockspace)
+        if keys is not None:
+            keys.owner_ended(owner)
+            if not keys.records:
+                del self.once[lockspace]
 
     def replayed(self) -> None:
         """The replay is over: forget the owners :meth:`fold_wire` shared between records.
@@ -234,6 +285,10 @@ class ReplayState:
                 held.owners[event.owner.key] = (event.owner, time)
             else:
                 held.hold(event.owner, time, None if event.holds is None else _holds(event.holds))
+            if event.once is not None:
+                self._keys(key[0]).note(
+                    event.owner.key, event.once, False, event.resource, event.mode
+                )
         elif isinstance(event, _LEASE_ENDS):
             key = (event.lockspace, event.resource)
             held = self.leases.get(key)
@@ -247,9 +302,14 @@ class ReplayState:
                     del self.leases[key]
             if isinstance(event, LeaseLost):
                 self._lost(event.owner, key, time)
-            elif self.fencing and event.reason in _EXITS:
-                self.fencing.pop(event.owner.key, None)
-                self.owed.discard(event.owner.key)
+            else:
+                if self.fencing and event.reason in _EXITS:
+                    self.fencing.pop(event.owner.key, None)
+                    self.owed.discard(event.owner.key)
+                if event.once is not None:
+                    self._released(key, event.owner.key, event.once, event.reason, event.mode)
+                elif self.once and event.reason in OWNER_ENDS:
+                    self._owner_ended(key[0], event.owner.key)
         elif isinstance(event, LockspaceCreated):
             self.lockspaces[event.lockspace] = event.path
         elif isinstance(event, OwnerFenced):
@@ -270,6 +330,8 @@ class ReplayState:
         # A lost lease owes its owner a fence (under lost_lease_policy = fence), from
         # the moment it is journaled: a crash before recovery completes must not
         # leave a process writing to a disk another host now holds.
+        if self.once:  # its keys go with its leases here
+            self._owner_ended(lease[0], owner.key)
         if owner.key not in self.fencing:
             self.fencing[owner.key] = (
                 owner,
@@ -308,7 +370,7 @@ class ReplayState:
 
     def to_wire(self) -> dict[str, Any]:
         """CBOR-ready form (the body of a snapshot file)."""
-        return {
+        wire: dict[str, Any] = {
             "seq": self.seq,
             "lockspaces": dict(self.lockspaces),
             "leases": [
@@ -336,6 +398,17 @@ class ReplayState:
                 for owner, reason, since, uid in self.fencing.values()
             ],
         }
+        if self.once:
+            # Keys of recent keyed requests, oldest first: [lockspace, pid, start time,
+            # key, release, [[resource, mode], ...]]. A key of its own, which an older
+            # lockd ignores (a repeat of such a request is then applied again).
+            wire["once"] = [
+                [lockspace, owner.pid, owner.start_time, key, applied.release,
+                 [[resource, mode.value] for resource, mode in applied.leases]]
+                for lockspace, keys in self.once.items()
+                for owner, key, applied in keys.export()
+            ]  # fmt: skip
+        return wire
 
     @classmethod
     def from_wire(cls, data: Any) -> ReplayState:
@@ -370,6 +443,15 @@ class ReplayState:
                 state.fencing[owner.key] = (owner, str(reason), float(since), uid)
                 if tail and tail[0] is True:
                     state.owed.add(owner.key)
+            # Absent from snapshots written before keyed requests, or with none kept.
+            for lockspace, pid, start_time, key, release, leases in data.get("once", ()):
+                if type(release) is not bool or not leases:
+                    raise ValueError(f"bad once record {key!r}")
+                keys = state._keys(lockspace)
+                for resource, mode in leases:
+                    keys.note(
+                        OwnerKey(pid, start_time), _once(key), release, resource, LeaseMode(mode)
+                    )
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"malformed snapshot: {exc!r}") from None
         return state

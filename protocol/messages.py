@@ -174,10 +174,12 @@ class Acquire(Request):
     """Take one or more leases, all or none; optionally wait for busy ones."""
 
     OP: ClassVar[str] = "acquire"
-    ARGS: ClassVar[frozenset[str]] = frozenset({"leases", "autocreate", "wait"})
+    ARGS: ClassVar[frozenset[str]] = frozenset({"leases", "autocreate", "wait", "once"})
     leases: tuple[LeaseRequest, ...]
     autocreate: bool = False
     wait: float = 0.0
+    once: bytes | None = None
+    """The client's key for this request: a repeat with it is applied at most once."""
 
 
 @attrs.frozen
@@ -185,9 +187,11 @@ class Release(Request):
     """Give up the listed leases, or all of the owner's leases."""
 
     OP: ClassVar[str] = "release"
-    ARGS: ClassVar[frozenset[str]] = frozenset({"leases", "all"})
+    ARGS: ClassVar[frozenset[str]] = frozenset({"leases", "all", "once"})
     leases: tuple[tuple[str, str], ...] = ()
     all: bool = False
+    once: bytes | None = None
+    """As :attr:`Acquire.once` (only with ``leases``)."""
 
 
 @attrs.frozen
@@ -299,6 +303,15 @@ def _once_each(leases: Sequence[tuple[str, str]]) -> None:
         seen.add(lease)
 
 
+ONCE_KEY_SIZE = 16
+
+
+def _once_key(value: Any) -> bytes:
+    if type(value) is not bytes or len(value) != ONCE_KEY_SIZE:
+        raise _Invalid(f"once must be a byte string of {ONCE_KEY_SIZE} bytes")
+    return value
+
+
 def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
     # Acquire and release first: they are nearly every request a daemon reads.
     if cls is Acquire:
@@ -313,12 +326,20 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
             raise _Invalid("wait must be a number of seconds")
         if not 0 <= wait <= MAX_WAIT_SECONDS:
             raise _Invalid(f"wait must be between 0 and {MAX_WAIT_SECONDS:g} seconds")
-        return Acquire(rid, leases, _bool(args.get("autocreate", False), "autocreate"), float(wait))
+        return Acquire(
+            rid,
+            leases,
+            _bool(args.get("autocreate", False), "autocreate"),
+            float(wait),
+            _once_key(args["once"]) if "once" in args else None,
+        )
     if cls is Release:
         release_all = _bool(args.get("all", False), "all")
         if release_all == ("leases" in args):
             raise _Invalid("release takes either leases or all: true")
         if release_all:
+            if "once" in args:
+                raise _Invalid("once takes the leases to release, not all: true")
             return Release(rid, (), True)
         pairs = tuple(
             (_lockspace(i["lockspace"]), _resource(i["resource"]))
@@ -326,7 +347,7 @@ def _build(cls: type[Request], rid: int, args: dict[str, Any]) -> Request:
         )
         if len(pairs) > 1:
             _once_each(pairs)
-        return Release(rid, pairs, False)
+        return Release(rid, pairs, False, _once_key(args["once"]) if "once" in args else None)
     if cls is Hello:
         versions = args.get("versions")
         if not isinstance(versions, list) or not versions:

@@ -129,6 +129,9 @@ class ServerProtocol:
             "server": server,
             "max_frame": self._max_frame,
             "max_reply_frame": MAX_REPLY_FRAME,
+            # acquire and release take a key (once): a client sends one only to a
+            # server that says so, as an older one refuses the unknown argument.
+            "once": True,
         }
 
     def reply(self, request_id: int | None, result: dict[str, Any]) -> bytes:

@@ -144,6 +144,62 @@ def test_a_refused_multi_lockspace_acquire_is_answered_after_its_rollback(h: Har
     assert not exists
 
 
+def test_a_keyed_acquire_cut_off_between_lockspaces_is_finished_or_undone_by_its_repeat(
+    h: Harness,
+) -> None:
+    """An acquire with a key journaled in its first lockspace only (as a crash before the
+    second leaves it): repeated while the second is busy, its rollback gives back the
+    first lockspace's lease too and forgets the key; repeated once the second is free,
+    it runs anew and takes both. Repeated again, it changes nothing."""
+    (h.lock_dir / "other").mkdir()
+    vm1, vm2 = h.connect(VM1), h.connect(VM2)
+    vm1.register(VM1)
+    vm2.register(VM2)
+    vm1.ok("acquire", leases=[lease("x", "other")], autocreate=True)
+    key = b"\x05" * 16
+    both = [lease("free"), lease("x", "other")]
+    vm2.ok("acquire", leases=[lease("free")], autocreate=True, once=key)  # the journaled part
+    assert vm2.error("acquire", leases=both, autocreate=True, once=key)["code"] == "busy"
+    rollback = h.journal_writer.events(LeaseReleased)[-1]
+    assert (rollback.resource, rollback.reason, rollback.once) == (
+        "free",
+        ReleaseReason.ROLLBACK,
+        key,
+    )
+    assert vm2.ok("inquire")["leases"] == []
+    vm1.ok("release", leases=[lease("x", "other")])
+    result = vm2.ok("acquire", leases=both, autocreate=True, once=key)
+    assert "repeated" not in result
+    before = len(h.journal_writer.entries)
+    again = vm2.ok("acquire", leases=both, autocreate=True, once=key)
+    assert again == {**result, "repeated": True}
+    assert len(h.journal_writer.entries) == before
+    assert {(ls["resource"], ls["mode"]) for ls in vm2.ok("inquire")["leases"]} == {
+        ("free", "exclusive"),
+        ("x", "exclusive"),
+    }
+
+
+def test_a_keyed_acquire_cut_off_between_lockspaces_is_completed_by_its_repeat(
+    h: Harness,
+) -> None:
+    """Journaled in its first lockspace only, an acquire repeated with its key takes the
+    second lockspace's lease and answers as granted, the first one's not taken twice."""
+    (h.lock_dir / "other").mkdir()
+    vm = h.connect(VM1)
+    vm.register(VM1)
+    key = b"\x06" * 16
+    vm.ok("acquire", leases=[lease("s", shared=True)], autocreate=True, once=key)
+    both = [lease("s", shared=True), lease("y", "other")]
+    result = vm.ok("acquire", leases=both, autocreate=True, once=key)
+    assert result["repeated"] is True
+    acquired = [(e.resource, e.holds) for e in h.journal_writer.events(LeaseAcquired)]
+    assert acquired == [("s", None), ("y", None)]
+    error = vm.error("release", leases=[lease("s")], once=key)
+    assert error["code"] == "invalid-argument"
+    assert key.hex() in error["message"]
+
+
 def _vm2_behind_vm1_with_the_disk_filling_at_a_release(h: Harness) -> Conn:
     """VM2 registered, VM1 holding ``other/x``, and the journal's disk filling at the next
     release: an acquire of ``free`` and ``other/x`` takes ``free``, then its rollback

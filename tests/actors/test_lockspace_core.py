@@ -7,11 +7,13 @@ from hypothesis import strategies as st
 
 from actors.events import LeaseAcquired, LeaseReleased, ReleaseReason
 from actors.lockspace_core import (
+    ONCE_PER_OWNER,
     Acquire,
     LockspaceState,
     Refusal,
     Release,
     ReleaseOwner,
+    Repeated,
     apply,
     decide,
 )
@@ -25,10 +27,12 @@ def owner(n: int) -> Owner:
     return Owner(uuid=bytes([n]) * 16, name=f"vm{n}", id=n, pid=1000 + n, start_time=n)
 
 
-def run(state: LockspaceState, command: Acquire | Release | ReleaseOwner) -> Refusal | None:
+def run(
+    state: LockspaceState, command: Acquire | Release | ReleaseOwner
+) -> Refusal | Repeated | None:
     """Decide and apply, as the actor does once the journal has the events."""
     result = decide(state, command)
-    if isinstance(result, Refusal):
+    if isinstance(result, Refusal | Repeated):
         return result
     for event in result:
         apply(state, event)
@@ -176,9 +180,109 @@ def test_duplicate_items_are_refused() -> None:
     assert refusal.code is ErrorCode.INVALID_ARGUMENT
 
 
+def once(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def test_a_repeated_release_leaves_the_other_devices_hold() -> None:
+    """Under "each", one image on two devices is held twice; the release of one device,
+    repeated with its key (its reply lost), ends one hold, not both."""
+    state = LockspaceState("ls", count_holds=True)
+    vm = owner(1)
+    assert run(state, Acquire(vm, (("img", SH),), True, 1, once(1))) is None
+    assert run(state, Acquire(vm, (("img", SH),), True, 1, once(2))) is None
+    assert state.held["img"].holds(vm.key) == 2
+    assert run(state, Release(vm, ("img",), 1, once=once(3))) is None
+    again = run(state, Release(vm, ("img",), 1, once=once(3)))
+    assert again == Repeated(("img",))
+    assert state.held["img"].holds(vm.key) == 1
+    assert run(state, Release(vm, ("img",), 1, once=once(4))) is None
+    assert "img" not in state.held
+
+
+def test_a_repeated_acquire_takes_no_third_hold() -> None:
+    """An acquire repeated with its key answers as granted and counts no hold."""
+    state = LockspaceState("ls", count_holds=True)
+    vm = owner(1)
+    run(state, Acquire(vm, (("img", SH),), True, 1, once(1)))
+    run(state, Acquire(vm, (("img", SH), ("b", EX)), True, 1, once(2)))
+    again = run(state, Acquire(vm, (("img", SH), ("b", EX)), True, 1, once(2)))
+    assert again == Repeated(("img", "b"))
+    assert state.held["img"].holds(vm.key) == 2
+
+
+def test_without_a_key_a_repeat_counts_again() -> None:
+    """No key, no record: the events carry none and a repeat is a new request."""
+    state = LockspaceState("ls", count_holds=True)
+    vm = owner(1)
+    events = decide(state, Acquire(vm, (("img", SH),), True, 1))
+    assert isinstance(events, list)
+    assert all(isinstance(e, LeaseAcquired) and e.once is None for e in events)
+    run(state, Acquire(vm, (("img", SH),), True, 1))
+    run(state, Acquire(vm, (("img", SH),), True, 1))
+    assert state.held["img"].holds(vm.key) == 2
+    assert not state.once.records
+
+
+def test_a_key_reused_for_another_request_is_refused() -> None:
+    """A key names one request: given to another lease, or to a release after an
+    acquire, it is refused and nothing changes."""
+    state = LockspaceState("ls")
+    vm = owner(1)
+    run(state, Acquire(vm, (("a", EX),), True, 1, once(1)))
+    for command in (
+        Acquire(vm, (("b", EX),), True, 1, once(1)),
+        Acquire(vm, (("a", SH),), True, 1, once(1)),
+        Release(vm, ("a",), 1, once=once(1)),
+    ):
+        refusal = run(state, command)
+        assert isinstance(refusal, Refusal)
+        assert refusal.code is ErrorCode.INVALID_ARGUMENT
+        assert once(1).hex() in refusal.message
+    assert sorted(state.held) == ["a"]
+
+
+def test_keys_are_per_owner() -> None:
+    """Another owner's request with the same key is its own."""
+    state = LockspaceState("ls")
+    run(state, Acquire(owner(1), (("s", SH),), True, 1, once(1)))
+    assert run(state, Acquire(owner(2), (("s", SH),), True, 1, once(1))) is None
+    assert set(state.held["s"].owners) == {owner(1).key, owner(2).key}
+
+
+def test_a_rollback_forgets_the_acquires_key() -> None:
+    """An acquire rolled back took nothing in the end: its repeat runs anew."""
+    state = LockspaceState("ls")
+    vm = owner(1)
+    run(state, Acquire(vm, (("a", EX),), True, 1, once(1)))
+    rollback = decide(state, Release(vm, ("a",), 1, ReleaseReason.ROLLBACK, once(1)))
+    assert isinstance(rollback, list)
+    assert [e.once for e in rollback if isinstance(e, LeaseReleased)] == [once(1)]
+    for event in rollback:
+        apply(state, event)
+    assert run(state, Acquire(vm, (("a", EX),), True, 1, once(1))) is None
+    assert sorted(state.held) == ["a"]
+
+
+def test_keys_end_with_the_owner_and_are_bounded() -> None:
+    """An owner keeps its newest keys only, and none once its leases end for good."""
+    state = LockspaceState("ls")
+    vm = owner(1)
+    for n in range(ONCE_PER_OWNER + 1):
+        run(state, Acquire(vm, ((f"r{n}", EX),), True, 1, once(n)))
+    assert state.once.get(vm.key, once(0)) is None
+    assert state.once.get(vm.key, once(ONCE_PER_OWNER)) is not None
+    assert len(state.once.records) == ONCE_PER_OWNER
+    assert state.once.leases == ONCE_PER_OWNER
+    run(state, ReleaseOwner(vm.key, 0, ReleaseReason.OWNER_EXIT))
+    assert not state.once.records
+    assert not state.once.keys_of
+    assert state.once.leases == 0
+
+
 ops = st.lists(
     st.tuples(
-        st.sampled_from(["acquire", "release", "exit"]),
+        st.sampled_from(["acquire", "release", "exit", "repeat"]),
         st.integers(1, 4),
         st.lists(st.tuples(st.sampled_from("abc"), st.sampled_from([EX, SH])), max_size=3),
     ),
@@ -195,16 +299,33 @@ def test_never_two_exclusive_holders_and_replay_rebuilds_the_state(
     state = LockspaceState("ls", count_holds=count_holds)
     journal: list[LeaseAcquired | LeaseReleased] = []
     holds: dict[tuple[OwnerKey, str], int] = {}
-    for op, n, items in script:
+    applied: dict[int, Acquire | Release] = {}
+    """Per owner, its last keyed request that changed something (the one repeated)."""
+    for i, (op, n, items) in enumerate(script):
+        if op == "repeat":
+            if n not in applied:
+                continue
+            # Its reply was lost: sent again with the same key, it changes nothing.
+            before = (dict(holds), repr(state))
+            assert isinstance(decide(state, applied[n]), Repeated)
+            assert (dict(holds), repr(state)) == before
+            continue
         if op == "acquire":
-            command: Acquire | Release | ReleaseOwner = acquire(owner(n), *items)
+            command: Acquire | Release | ReleaseOwner = Acquire(
+                owner(n), tuple(items), True, 1, once(i)
+            )
         elif op == "release":
-            command = Release(owner(n), tuple(r for r, _ in items), conn=1)
+            command = Release(owner(n), tuple(r for r, _ in items), 1, once=once(i))
         else:
             command = ReleaseOwner(owner(n).key, 0, ReleaseReason.OWNER_EXIT)
         result = decide(state, command)
         if isinstance(result, Refusal):
             continue
+        assert isinstance(result, list)
+        if isinstance(command, ReleaseOwner):
+            applied.pop(n, None)
+        elif result:
+            applied[n] = command
         key = owner(n).key
         if op == "acquire":
             for resource in dict.fromkeys(r for r, _ in items):

@@ -31,6 +31,7 @@ OWNERS = [
     for i in range(4)
 ]
 RESOURCES = ["a", "b", "c"]
+ONCE_KEYS = [None, None, b"\x01" * 16, b"\x02" * 16]
 
 events = st.one_of(
     st.builds(
@@ -42,6 +43,7 @@ events = st.one_of(
         st.integers(0, 3),
         st.booleans(),
         st.sampled_from([None, None, 2, 3]),
+        st.sampled_from(ONCE_KEYS),
     ),
     st.builds(
         LeaseReleased,
@@ -52,6 +54,7 @@ events = st.one_of(
         st.integers(0, 3),
         st.sampled_from(list(ReleaseReason)),
         st.sampled_from([None, None, 1, 2]),
+        st.sampled_from(ONCE_KEYS),
     ),
     st.builds(
         LeaseLost,
@@ -109,6 +112,7 @@ def summary(state: ReplayState) -> object:
         },
         {key.pid: (reason, since, uid) for key, (_, reason, since, uid) in state.fencing.items()},
         sorted(key.pid for key in state.owed),
+        {lockspace: keys.export() for lockspace, keys in state.once.items()},
     )
 
 
@@ -240,3 +244,34 @@ def test_a_gap_is_refused() -> None:
 
     with pytest.raises(ValueError, match="does not follow"):
         state.fold(JournalEntry(3, 0.0, "h", DaemonStarted("1", 1)))
+
+
+def test_keyed_requests_outlive_a_crash_and_a_snapshot() -> None:
+    """The keys of recent keyed requests are replayed and kept in a snapshot; a
+    rollback forgets its acquire's key and an owner's end all of its keys."""
+    vm, other = OWNERS[0], OWNERS[1]
+    first, second, third = b"\x01" * 16, b"\x02" * 16, b"\x03" * 16
+    state = ReplayState()
+    for entry in entries([
+        LeaseAcquired("ls", "img", LeaseMode.SHARED, vm, 1, True, None, first),
+        LeaseAcquired("ls", "img", LeaseMode.SHARED, vm, 1, True, 2, second),
+        LeaseReleased("ls", "img", LeaseMode.SHARED, vm, 1, ReleaseReason.CLIENT, 1, third),
+        LeaseAcquired("ls", "x", LeaseMode.EXCLUSIVE, other, 2, True, None, first),
+        LeaseReleased("ls", "x", LeaseMode.EXCLUSIVE, other, 2, ReleaseReason.ROLLBACK, None,
+                      first),
+    ]):  # fmt: skip
+        state.fold(entry)
+    resumed = ReplayState.from_wire(cbor2.loads(cbor2.dumps(state.to_wire())))
+    for replayed in (state, resumed):
+        keys = replayed.once["ls"]
+        assert [(o.pid, k, a.release, a.resources()) for o, k, a in keys.export()] == [
+            (vm.pid, first, False, ("img",)),
+            (vm.pid, second, False, ("img",)),
+            (vm.pid, third, True, ("img",)),
+        ]
+    resumed.fold(
+        JournalEntry(6, 6.0, "h", LeaseReleased("ls", "img", LeaseMode.SHARED, vm, 0,
+                                                ReleaseReason.OWNER_GONE))
+    )  # fmt: skip
+    assert resumed.once == {}
+    assert "once" not in resumed.to_wire()

@@ -751,3 +751,57 @@ def test_a_shared_lease_held_twice_stays_held_until_the_last_release_across_a_cr
         ("lease-acquired", None), ("lease-acquired", 2), ("lease-acquired", 3),
         ("lease-released", 2), ("lease-released", 1), ("lease-released", None),
     ]  # fmt: skip
+
+
+def test_a_release_repeated_with_its_key_after_a_crash_ends_one_hold_only(
+    counting_daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """One shareable image on two devices is held twice (shared_holds = "each"). lockd
+    is SIGKILLed after journaling one device's release, before its reply; the caller
+    repeats the release with the same key: the restarted lockd answers that it released
+    it already and ends nothing, so the other device's hold keeps the image locked,
+    also across a re-exec, and an acquire repeated with its key takes no third hold."""
+    daemon = counting_daemon
+    vm = subprocess.Popen(["sleep", "600"])
+    children.append(vm)
+    owner = {"uuid": uuid.uuid4().bytes, "name": "vm1", "id": 1, "pid": vm.pid}
+    ref = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}
+    attach, detach = [bytes([n]) * 16 for n in (1, 2)], bytes([3]) * 16
+    with daemon.client() as client:
+        assert client.server["once"] is True
+        client.call("register", owner=owner)
+        for key in attach:  # two devices: two holds
+            client.call("acquire", leases=[{**ref, "shared": True}], autocreate=True, once=key)
+    daemon.stop()
+    restart(daemon, LOCKD_CRASH_AT="release-journaled")
+    with daemon.client() as client:
+        client.call("register", owner=owner)
+        with pytest.raises(ConnectionError):
+            client.call("release", leases=[ref], once=detach)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == -9
+    restart(daemon)
+
+    def repeat() -> None:
+        with daemon.client() as client:
+            client.call("register", owner=owner)
+            assert client.call("release", leases=[ref], once=detach) == {
+                "released": 1,
+                "repeated": True,
+            }
+            again = client.call("acquire", leases=[{**ref, "shared": True}], once=attach[1])
+            assert again["repeated"] is True
+            [lease] = client.call("inquire")["leases"]
+            assert "holds" not in lease  # held once: the other device's hold
+        assert probe(lease_file(daemon, "/vm/base.img"), "classic") == "busy"
+
+    repeat()
+    started = len(events(daemon, "--type", "daemon-started"))
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) > started, timeout=30)
+    repeat()
+    with daemon.client() as client:
+        client.call("register", owner=owner)
+        assert client.call("release", leases=[ref], once=bytes([4]) * 16) == {"released": 1}
+    assert not lease_file(daemon, "/vm/base.img").exists()
+    check(daemon)

@@ -159,6 +159,27 @@ def test_release_all() -> None:
     assert request_from_wire({"op": "release", "id": 3, "all": True}) == Release(3, (), True)
 
 
+def test_acquire_and_release_take_a_16_byte_key() -> None:
+    """``once`` is the request's key: 16 bytes, on an acquire or a release of listed
+    leases; anything else, or with ``all: true``, is refused before anything runs."""
+    ref = {"lockspace": "ls", "resource": "r"}
+    key = b"\x01" * 16
+    acquire = request_from_wire({"op": "acquire", "id": 1, "leases": [ref], "once": key})
+    assert isinstance(acquire, Acquire)
+    assert acquire.once == key
+    release = request_from_wire({"op": "release", "id": 2, "leases": [ref], "once": key})
+    assert release == Release(2, (("ls", "r"),), False, key)
+    assert request_from_wire({"op": "release", "id": 2, "leases": [ref]}) == Release(
+        2, (("ls", "r"),)
+    )
+    for bad in (b"\x01" * 15, b"\x01" * 17, key.hex(), None, 1):
+        for op in ("acquire", "release"):
+            with pytest.raises(RequestError, match="once must be a byte string of 16 bytes"):
+                request_from_wire({"op": op, "id": 3, "leases": [ref], "once": bad})
+    with pytest.raises(RequestError, match="not all: true"):
+        request_from_wire({"op": "release", "id": 4, "all": True, "once": key})
+
+
 def test_error_reply_round_trips() -> None:
     """Error replies are plain maps with a stable code string."""
     wire = error_to_wire(9, ErrorCode.BUSY, "held", holders=[])
