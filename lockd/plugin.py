@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -517,9 +518,19 @@ def _by_hold(leases: list[Lease]) -> list[list[Lease]]:
     return rounds
 
 
+def request_key(op: str, request_id: str, n: int) -> bytes:
+    """The key (``once``) of the ``n``-th ``op`` request of the call named ``request_id``:
+    the same for the same call repeated, from any process."""
+    text = f"lockd-plugin\0{op}\0{request_id}\0{n}".encode()
+    return hashlib.blake2b(text, digest_size=16).digest()
+
+
 # -- the connection -------------------------------------------------------------------------
 class Connection(Protocol):
     """One daemon connection with the hello done: what :class:`protocol.client.Client` offers."""
+
+    server: dict[str, Any]
+    """The daemon's answer to ``hello`` (``once``: it takes request keys)."""
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """One request; raises RemoteError on an error reply, OSError on a broken socket."""
@@ -742,14 +753,29 @@ class LockManager:
         )
         return Acquired(granted, fd)
 
-    def release(self, *, all_held: bool = False) -> tuple[Lease, ...]:
+    def release(
+        self, *, all_held: bool = False, request_id: str | None = None
+    ) -> tuple[Lease, ...]:
         """Release the added leases (or, with ``all_held``, every lease the owner holds).
 
         Added leases the owner does not hold are skipped with a log line: the
         goal, "not held by this VM", is already met (a pause after a failed
         resume, a retried release). Returns the leases released.
+
+        ``request_id`` names this one release (a detach) for a caller that may
+        repeat it, from another process too, after a lost reply: each request to
+        lockd carries a key derived from it (``once``), so that lockd applies it at
+        most once, and a repeat with the same id ends no other hold of a shareable
+        image held more than once (another device's). Two releases meant as two
+        (two devices detached one by one) need two ids. A lockd that takes no keys
+        (before 2026-11-28) gets none, and the release is judged from what the VM
+        holds as without an id.
         """
+        if request_id is not None and all_held:
+            raise _invalid("a request id names a release of the added leases, not of all held")
         conn = self._connection()
+        if request_id is not None and conn.server.get("once") is True:
+            return self._release_once(conn, request_id)
         held = self._held(conn)
         if all_held:
             targets = held
@@ -783,6 +809,36 @@ class LockManager:
         else:
             self._got.subtract(lease.ref for lease in released)
             self._got = +self._got  # drop counts at or below 0
+        return tuple(released)
+
+    def _release_once(self, conn: Connection, request_id: str) -> tuple[Lease, ...]:
+        """:meth:`release` with keys: each added lease the owner holds at all, as many times
+        as it was added. A hold the first try of this request ended is released again
+        with the same key, which lockd answers from its record without ending another."""
+        held = {lease.ref for lease in self._held(conn)}
+        targets = [le for le in self._each_hold(self._leases.values()) if le.ref in held]
+        for ref, lease in self._leases.items():
+            if ref not in held:
+                log.info("owner %s does not hold %s: nothing to release", self.owner.name, lease)
+        try:
+            released = self._release_holds(conn, targets, request_id)
+        except LockError as exc:
+            if exc.code != PluginErrorCode.UNAVAILABLE:
+                raise
+            try:  # cut off: the same requests with the same keys, on a new connection
+                released = self._release_holds(self._connection(), targets, request_id)
+            except LockError as again:
+                if again.code != PluginErrorCode.UNAVAILABLE:
+                    raise
+                _add_to(
+                    exc,
+                    f"; it may have released some of {self._named(list(dict.fromkeys(targets)))}"
+                    f" already (lockd could not be asked again: {again.message}): repeat this "
+                    "release with the same request id, which lockd applies at most once",
+                )
+                raise exc from None
+        self._got.subtract(lease.ref for lease in released)
+        self._got = +self._got
         return tuple(released)
 
     def inquire(self) -> str:
@@ -871,29 +927,40 @@ class LockManager:
         self._got.update(lease.ref for lease in asked)
         return tuple(wanted)
 
-    def _release_holds(self, conn: Connection, leases: list[Lease]) -> list[Lease]:
+    def _release_holds(
+        self, conn: Connection, leases: list[Lease], request_id: str | None = None
+    ) -> list[Lease]:
         """Release ``leases``, a lease listed twice twice (one hold per request, which
-        names a lease once), as :meth:`_release_those_held` does. Returns those released."""
+        names a lease once), as :meth:`_release_those_held` does. Returns those released.
+        With ``request_id``, the n-th request carries the key :func:`request_key` derives
+        for it (the same requests, repeated, carry the same keys)."""
         released: list[Lease] = []
+        n = 0
         for holds in _by_hold(leases):
             for start in range(0, len(holds), MAX_LEASES):
-                released += self._release_those_held(conn, holds[start : start + MAX_LEASES])
+                key = None if request_id is None else request_key("release", request_id, n)
+                released += self._release_those_held(conn, holds[start : start + MAX_LEASES], key)
+                n += 1
         return released
 
-    def _release_those_held(self, conn: Connection, leases: list[Lease]) -> list[Lease]:
+    def _release_those_held(
+        self, conn: Connection, leases: list[Lease], once: bytes | None = None
+    ) -> list[Lease]:
         """Release ``leases``; those that ended meanwhile (the VM exited, or its other
         connection released them) are skipped: the release, all or nothing, is refused
         ``not-held`` for them, though its goal is met, and the rest go in a second one, as
-        lockd's own rollback skips what is no longer held. Returns those released."""
+        lockd's own rollback skips what is no longer held. Returns those released. A
+        refused request journals nothing, so the second one carries the same key."""
+        key = {} if once is None else {"once": once}
         try:
-            self._call(conn, "release", leases=[lease.ref_to_wire() for lease in leases])
+            self._call(conn, "release", leases=[lease.ref_to_wire() for lease in leases], **key)
         except LockError as exc:
             if exc.code != ErrorCode.NOT_HELD:
                 raise
             held = {lease.ref for lease in self._held(conn)}
             leases = [lease for lease in leases if lease.ref in held]
             if leases:
-                self._call(conn, "release", leases=[lease.ref_to_wire() for lease in leases])
+                self._call(conn, "release", leases=[lease.ref_to_wire() for lease in leases], **key)
         return leases
 
     def _rollback(

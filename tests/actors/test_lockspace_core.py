@@ -211,6 +211,21 @@ def test_a_repeated_acquire_takes_no_third_hold() -> None:
     assert state.held["img"].holds(vm.key) == 2
 
 
+def test_a_repeated_release_may_leave_out_what_it_released() -> None:
+    """A release repeated with its key may list fewer leases (those it sees released
+    already): still a repeat, answered with what the first released; more is refused."""
+    state = LockspaceState("ls")
+    vm = owner(1)
+    run(state, Acquire(vm, (("a", EX), ("b", EX)), True, 1))
+    run(state, Release(vm, ("a", "b"), 1, once=once(1)))
+    assert run(state, Release(vm, ("b",), 1, once=once(1))) == Repeated(("a", "b"))
+    run(state, Acquire(vm, (("c", EX),), True, 1))
+    refusal = run(state, Release(vm, ("a", "c"), 1, once=once(1)))
+    assert isinstance(refusal, Refusal)
+    assert refusal.code is ErrorCode.INVALID_ARGUMENT
+    assert "c" in state.held
+
+
 def test_without_a_key_a_repeat_counts_again() -> None:
     """No key, no record: the events carry none and a repeat is a new request."""
     state = LockspaceState("ls", count_holds=True)

@@ -550,6 +550,44 @@ def test_a_detach_cut_off_by_a_lockd_crash_says_not_to_release_again_blindly(
     assert [(o["pid"], o.get("holds", 1)) for o in lease["owners"]] == [(owner["pid"], 1)]
 
 
+def test_a_detach_with_a_request_id_cut_off_by_a_crash_is_repeated_safely(
+    counting_daemon: DaemonProcess, children: Children
+) -> None:
+    """lockd is SIGKILLed after journaling one device's detach, before its reply, and is
+    not back at once: the lock driver, given a request id, exits 69 saying to repeat it
+    with the same id. Repeated (a new process) once lockd is back, it exits 0 and ends
+    nothing more: the other device's hold keeps the image locked until its own detach,
+    with another id."""
+    daemon = counting_daemon  # shared_holds = "each"
+    owner, shared = a_vm_with_one_image_twice(daemon, children)
+    daemon.stop()
+    daemon.env_extra = {"LOCKD_CRASH_AT": "release-journaled"}
+    daemon.start()
+    detach = json.dumps({"owner": owner, "disks": [shared], "request_id": "vm/virtio-disk1"})
+    code, reply = lock_driver(daemon, "release", "--json", stdin=detach)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == -9
+    assert code == 69, reply
+    assert reply["error"]["message"].endswith(
+        "repeat this release with the same request id, which lockd applies at most once"
+    )
+    daemon.env_extra = {}
+    daemon.start()
+    for _ in range(2):
+        code, reply = lock_driver(daemon, "release", "--json", stdin=detach)
+        assert code == 0, reply
+        assert locked(daemon, "/vm/base.img"), "the other device still uses the image"
+    with daemon.client() as client:
+        [lease] = client.call("list-leases")["leases"]
+    assert [(o["pid"], o.get("holds", 1)) for o in lease["owners"]] == [(owner["pid"], 1)]
+    code, reply = lock_driver(
+        daemon, "release", "--uuid", owner["uuid"], "--name", "vm", "--pid", str(owner["pid"]),
+        "--disk", "/vm/base.img:shareable", "--request-id", "vm/virtio-disk2",
+    )  # fmt: skip
+    assert code == 0, reply
+    assert not locked(daemon, "/vm/base.img")
+
+
 def test_a_reused_manager_takes_again_what_an_operator_released(
     daemon: DaemonProcess, children: Children
 ) -> None:

@@ -153,6 +153,7 @@ class FakeConnection:
         self.timeouts: list[float | None] = []
         self.sock, self.peer = socket.socketpair()
         self.sock.settimeout(30)
+        self.server: dict[str, Any] = {"version": 1}  # a lockd that takes no keys
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         assert not self.closed, "call on a closed connection"
