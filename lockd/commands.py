@@ -41,7 +41,7 @@ from lockd.config import (
     secure_runtime_dir,
 )
 from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
-from protocol.messages import MAX_WAIT_SECONDS
+from protocol.messages import MAX_WAIT_SECONDS, once_key
 from protocol.names import (
     CONTROL_CHARACTERS,
     FILES_LOCKSPACE,
@@ -710,6 +710,19 @@ def add_lease_arguments(parser: argparse.ArgumentParser, *, acquire: bool) -> No
         )
     else:
         parser.add_argument("--all", action="store_true", help="release every lease of the owner")
+        parser.add_argument(
+            "--request-id",
+            type=_request_id,
+            metavar="ID",
+            help="names this release: repeated with the same ID (after a lost reply), "
+            "lockd applies it at most once",
+        )
+
+
+def _request_id(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _wait_seconds(text: str) -> float:
@@ -971,6 +984,9 @@ def cmd_release(args: argparse.Namespace) -> int:
         if not leases and not args.all:
             raise CommandError("name --disk/--lease to release, or --all", EXIT_USAGE)
         still: list[str] = []
+        if args.request_id is not None and args.all:
+            raise CommandError("--request-id names a release of --disk/--lease, not --all",
+                               EXIT_USAGE)  # fmt: skip
         with _connect(args.socket, "lockd-release") as client:
             client.call("register", owner=owner)
             if args.all:
@@ -979,8 +995,9 @@ def cmd_release(args: argparse.Namespace) -> int:
                 refs = [
                     {"lockspace": le["lockspace"], "resource": le["resource"]} for le, _ in leases
                 ]
+                key = _release_key(client, args.request_id)
                 try:
-                    result = client.call("release", leases=refs)
+                    result = client.call("release", leases=refs, **key)
                 except RemoteError as exc:
                     if exc.code != "not-held":
                         raise
@@ -1001,6 +1018,13 @@ def cmd_release(args: argparse.Namespace) -> int:
                     still = _still_held(client, leases, args.owner_pid)
         if args.json:
             _print_json(result)
+        elif result.get("repeated"):
+            print(
+                f"released {result['released']} lease(s) of pid {args.owner_pid} already, by "
+                f"the first release with request id {args.request_id!r}: nothing more"
+            )
+            for line in still:
+                print(line)
         else:
             print(f"released {result['released']} lease(s) of pid {args.owner_pid}")
             for line in still:
@@ -1008,6 +1032,19 @@ def cmd_release(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     return _run(args, body)
+
+
+def _release_key(client: Client, request_id: str | None) -> dict[str, bytes]:
+    """The ``once`` argument of a release named ``request_id`` (none without one). A lockd
+    that takes no keys is refused it: ignored, a repeat could end another hold."""
+    if request_id is None:
+        return {}
+    if client.server.get("once") is not True:
+        raise CommandError(
+            "this lockd takes no request ids (a build before 2026-11-28): see what the "
+            "process holds (lockd leases) and release without --request-id"
+        )
+    return {"once": once_key("release", request_id)}
 
 
 def _still_held(client: Client, leases: list[tuple[dict[str, Any], str]], pid: int) -> list[str]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import enum
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from lockd import autospawn
 from lockd.config import UnsafePathError, secure_runtime_dir
 from protocol.client import Client, ConnectionLostError, RemoteError, unreachable
 from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import once_key
 from protocol.names import (
     CONTROL_CHARACTERS,
     FILES_LOCKSPACE,
@@ -518,13 +518,6 @@ def _by_hold(leases: list[Lease]) -> list[list[Lease]]:
     return rounds
 
 
-def request_key(op: str, request_id: str, n: int) -> bytes:
-    """The key (``once``) of the ``n``-th ``op`` request of the call named ``request_id``:
-    the same for the same call repeated, from any process."""
-    text = f"lockd-plugin\0{op}\0{request_id}\0{n}".encode()
-    return hashlib.blake2b(text, digest_size=16).digest()
-
-
 # -- the connection -------------------------------------------------------------------------
 class Connection(Protocol):
     """One daemon connection with the hello done: what :class:`protocol.client.Client` offers."""
@@ -932,13 +925,14 @@ class LockManager:
     ) -> list[Lease]:
         """Release ``leases``, a lease listed twice twice (one hold per request, which
         names a lease once), as :meth:`_release_those_held` does. Returns those released.
-        With ``request_id``, the n-th request carries the key :func:`request_key` derives
-        for it (the same requests, repeated, carry the same keys)."""
+        With ``request_id``, the n-th request carries the key
+        :func:`protocol.messages.once_key` derives for it (the same requests, repeated,
+        carry the same keys)."""
         released: list[Lease] = []
         n = 0
         for holds in _by_hold(leases):
             for start in range(0, len(holds), MAX_LEASES):
-                key = None if request_id is None else request_key("release", request_id, n)
+                key = None if request_id is None else once_key("release", request_id, n)
                 released += self._release_those_held(conn, holds[start : start + MAX_LEASES], key)
                 n += 1
         return released

@@ -9,6 +9,7 @@ object cannot exist: every class validates itself at construction.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -304,6 +305,13 @@ def _once_each(leases: Sequence[tuple[str, str]]) -> None:
 
 
 ONCE_KEY_SIZE = 16
+
+
+def once_key(op: str, request_id: str, n: int = 0) -> bytes:
+    """The key (``once``) of the ``n``-th ``op`` request of a call its caller names
+    ``request_id``: the same for the same call repeated, from any process."""
+    text = f"lockd-request\0{op}\0{request_id}\0{n}".encode()
+    return hashlib.blake2b(text, digest_size=ONCE_KEY_SIZE).digest()
 
 
 def _once_key(value: Any) -> bytes:

@@ -369,6 +369,38 @@ def test_release_cli_says_a_shared_lease_held_more_than_once_is_still_held(
     assert _owner_pids(daemon) == set()
 
 
+def test_release_cli_with_a_request_id_repeated_ends_one_hold_only(
+    counting_daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
+) -> None:
+    """``lockd release --request-id`` run twice (a script's retry after a lost reply) ends
+    one hold of a shareable image held twice, and says so; another id ends the other."""
+    daemon = counting_daemon  # shared_holds = "each"
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}
+    with daemon.client() as client:
+        client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                       "pid": sleeper.pid})  # fmt: skip
+        for _ in range(2):
+            client.call("acquire", leases=[{**disk, "shared": True}], autocreate=True)
+    pid = str(sleeper.pid)
+    detach = ["release", "--owner-pid", pid, "--disk", "/vm/base.img", "--request-id"]
+    assert daemon.lockd(*detach, "vm/disk1").returncode == 0
+    done = daemon.lockd(*detach, "vm/disk1")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        f"released 1 lease(s) of pid {pid} already, by the first release with request id "
+        "'vm/disk1': nothing more\ndisk /vm/base.img is still held by pid"
+    )
+    assert _owner_pids(daemon) == {sleeper.pid}
+    done = daemon.lockd(*detach, "vm/disk2", "--json")
+    assert json.loads(done.stdout) == {"released": 1}
+    assert _owner_pids(daemon) == set()
+    done = daemon.lockd("release", "--owner-pid", pid, "--all", "--request-id", "x")
+    assert done.returncode == 2
+    assert "--request-id names a release of --disk/--lease, not --all" in done.stderr
+
+
 def test_release_json_of_a_lease_not_held_gives_the_daemons_code(
     daemon: DaemonProcess, children: list[subprocess.Popen[bytes]]
 ) -> None:
