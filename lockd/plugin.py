@@ -767,8 +767,10 @@ class LockManager:
         if request_id is not None and all_held:
             raise _invalid("a request id names a release of the added leases, not of all held")
         conn = self._connection()
-        if request_id is not None and conn.server.get("once") is True:
-            return self._release_once(conn, request_id)
+        if not all_held and conn.server.get("once") is True:
+            # Without an id of the caller's, one of ours: a repeat on a new connection
+            # after a crash then carries the same keys, however the holds changed.
+            return self._release_once(conn, request_id or uuidlib.uuid4().hex, request_id)
         held = self._held(conn)
         if all_held:
             targets = held
@@ -804,10 +806,13 @@ class LockManager:
             self._got = +self._got  # drop counts at or below 0
         return tuple(released)
 
-    def _release_once(self, conn: Connection, request_id: str) -> tuple[Lease, ...]:
+    def _release_once(
+        self, conn: Connection, request_id: str, named: str | None
+    ) -> tuple[Lease, ...]:
         """:meth:`release` with keys: each added lease the owner holds at all, as many times
         as it was added. A hold the first try of this request ended is released again
-        with the same key, which lockd answers from its record without ending another."""
+        with the same key, which lockd answers from its record without ending another.
+        ``named``: the caller's id (None: ``request_id`` is ours, which it cannot repeat)."""
         held = {lease.ref for lease in self._held(conn)}
         targets = [le for le in self._each_hold(self._leases.values()) if le.ref in held]
         for ref, lease in self._leases.items():
@@ -821,13 +826,22 @@ class LockManager:
             try:  # cut off: the same requests with the same keys, on a new connection
                 released = self._release_holds(self._connection(), targets, request_id)
             except LockError as again:
+                if self._conn is None and again.code == ErrorCode.NOT_FOUND:
+                    # The register was refused: the VM's process is gone, and lockd ends
+                    # every lease it held (owner-exit): the release's goal is met.
+                    return tuple(targets)
                 if again.code != PluginErrorCode.UNAVAILABLE:
                     raise
+                advice = (
+                    "repeat this release with the same request id, which lockd applies at most once"
+                    if named is not None
+                    else "see what the VM holds (inquire, lockd leases) before releasing "
+                    "again, which would end another hold of a shared lease held more than once"
+                )
                 _add_to(
                     exc,
                     f"; it may have released some of {self._named(list(dict.fromkeys(targets)))}"
-                    f" already (lockd could not be asked again: {again.message}): repeat this "
-                    "release with the same request id, which lockd applies at most once",
+                    f" already (lockd could not be asked again: {again.message}): {advice}",
                 )
                 raise exc from None
         self._got.subtract(lease.ref for lease in released)

@@ -64,6 +64,10 @@ class FakeDaemon:
     requests: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
     opened: int = 0
     reachable: bool = True
+    takes_once: bool = False
+    """Takes request keys (``once``), as lockd does since 2026-11-28."""
+    applied: dict[tuple[int, bytes], int] = attrs.field(factory=dict)
+    """Releases applied with a key: (pid, key) -> how many leases they released."""
 
     def connect(self) -> FakeConnection:
         if not self.reachable:
@@ -106,6 +110,11 @@ class FakeDaemon:
         if op == "acquire":
             return self._acquire(pid, args["leases"], args["autocreate"])
         if op == "release":  # all or nothing, as the daemon's
+            once = args.get("once")
+            if once is not None:
+                assert self.takes_once, "a key sent to a lockd that takes none"
+                if (pid, once) in self.applied:
+                    return {"released": self.applied[pid, once], "repeated": True}
             for ref in args["leases"]:
                 key = (ref["lockspace"], ref["resource"])
                 holding = self.held.get(key)
@@ -119,6 +128,8 @@ class FakeDaemon:
                     del holding.owners[pid]
                 if not holding.owners:
                     del self.held[key]
+            if once is not None:
+                self.applied[pid, once] = len(args["leases"])
             return {"released": len(args["leases"])}
         raise AssertionError(f"unexpected op {op}")
 
@@ -153,7 +164,9 @@ class FakeConnection:
         self.timeouts: list[float | None] = []
         self.sock, self.peer = socket.socketpair()
         self.sock.settimeout(30)
-        self.server: dict[str, Any] = {"version": 1}  # a lockd that takes no keys
+        self.server: dict[str, Any] = {"version": 1}
+        if daemon.takes_once:
+            self.server["once"] = True
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         assert not self.closed, "call on a closed connection"
@@ -683,16 +696,18 @@ def release_crash(patch: pytest.MonkeyPatch, *, back: bool, served: bool = True)
     patch.setattr(FakeDaemon, "serve", crashing)
 
 
+@pytest.mark.parametrize("takes_once", [False, True])
 @pytest.mark.parametrize("served", [True, False])
 def test_a_detach_cut_off_by_a_daemon_crash_ends_one_hold_only(
-    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch, served: bool
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch, served: bool, takes_once: bool
 ) -> None:
     """The VM has one image on two devices; lockd crashes during the release of one
     detach, before its reply (having journaled it, or not). The release failed
     ``unavailable`` and, retried (as the docs say a release may be), ended the other
     device's hold too: another host could take the image the VM still writes through.
     The manager now asks the restarted lockd what is left, and releases only what the
-    release had not ended."""
+    release had not ended (a lockd that takes keys: repeats it with the same key)."""
+    daemon.takes_once = takes_once
     mgr = manager(daemon)
     mgr.add_disk("/vm/base.img", shareable=True)
     mgr.add_disk("/vm/base.img", shareable=True)
@@ -704,6 +719,42 @@ def test_a_detach_cut_off_by_a_daemon_crash_ends_one_hold_only(
     assert holds_of(daemon, "/vm/base.img") == 1
     assert detach.release() == (file_lease("/vm/base.img", shared=True),)
     assert holds_of(daemon, "/vm/base.img") == 0
+
+
+def test_a_detach_cut_off_by_a_crash_repeats_its_keys_whatever_else_changed(
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lockd crashes after journaling one device's detach; before the manager asks again,
+    another device of the image is attached (a hold more). Judged from the holds before
+    and after, the detach looked not done, and was done again: one hold too few, the
+    image free while the VM still used it. With lockd's keys the manager repeats the
+    request itself, which lockd answers without ending another hold."""
+    daemon.takes_once = True
+    mgr = manager(daemon)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.add_disk("/vm/base.img", shareable=True)
+    mgr.acquire()
+    detach = manager(daemon)
+    detach.add_disk("/vm/base.img", shareable=True)
+    serve = FakeDaemon.serve
+    image = file_lease("/vm/base.img", shared=True)
+
+    def crash_then_attach(
+        self: FakeDaemon, conn: FakeConnection, op: str, args: dict[str, Any]
+    ) -> Any:
+        if op == "release":
+            monkeypatch.setattr(FakeDaemon, "serve", serve)
+            serve(self, conn, op, args)
+            self.held[image.ref].owners[4242] += 1  # the attach, right after the restart
+            raise ConnectionLostError("the daemon closed the connection")
+        return serve(self, conn, op, args)
+
+    monkeypatch.setattr(FakeDaemon, "serve", crash_then_attach)
+    assert detach.release() == (image,)
+    assert holds_of(daemon, "/vm/base.img") == 2
+    assert [args.get("once") for op, args in daemon.requests if op == "release"] == [
+        daemon.requests[-1][1]["once"]
+    ] * 2
 
 
 def test_a_detach_cut_off_as_the_vm_exited_is_done(
@@ -734,11 +785,13 @@ def test_a_detach_cut_off_as_the_vm_exited_is_done(
     assert daemon.held == {}
 
 
+@pytest.mark.parametrize("takes_once", [False, True])
 def test_a_detach_cut_off_with_lockd_gone_says_not_to_release_blindly(
-    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch
+    daemon: FakeDaemon, monkeypatch: pytest.MonkeyPatch, takes_once: bool
 ) -> None:
     """lockd does not come back at once: the release fails ``unavailable`` and says that it
     may have ended the hold, so that the caller looks before releasing again."""
+    daemon.takes_once = takes_once
     mgr = manager(daemon)
     mgr.add_disk("/vm/base.img", shareable=True)
     mgr.add_disk("/vm/base.img", shareable=True)
