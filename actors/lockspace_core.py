@@ -12,6 +12,7 @@ cost O(leases).
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import attrs
@@ -302,7 +303,7 @@ def _repeat(
     first = ", ".join(f"{state.name}/{resource}" for resource in applied.resources())
     return Refusal(
         ErrorCode.INVALID_ARGUMENT,
-        f"once {key.hex()} was given by {owner.describe()} to another request "
+        f"once {uuid.UUID(bytes=key)} was given by {owner.describe()} to another request "
         f"(the {'release' if applied.release else 'acquire'} of {first}): "
         "a key names one request, use a new key for a new one",
     )

@@ -197,7 +197,7 @@ def test_a_keyed_acquire_cut_off_between_lockspaces_is_completed_by_its_repeat(
     assert acquired == [("s", None), ("y", None)]
     error = vm.error("release", leases=[lease("s")], once=key)
     assert error["code"] == "invalid-argument"
-    assert key.hex() in error["message"]
+    assert str(uuid.UUID(bytes=key)) in error["message"]
 
 
 def _vm2_behind_vm1_with_the_disk_filling_at_a_release(h: Harness) -> Conn:
