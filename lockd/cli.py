@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from lockd.config import default_paths
+from lockd.config import ConfigError
+from lockd.config import load as load_config
 from protocol.names import (
     FILES_LOCKSPACE,
     InvalidNameError,
@@ -228,7 +229,9 @@ def _cmd_events(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one reading
     if unknown := _unknown_types(args.type or ()):
         return _failed(args, "events", unknown, EXIT_USAGE)
     since_seq, since_time = args.since
-    directory = args.journal_dir or default_paths()["journal_dir"]
+    directory = _journal_dir(args)
+    if isinstance(directory, ConfigError):
+        return _failed(args, "events", _unread_config(directory), EXIT_USAGE)
     if missing := _no_journal_at(directory):
         return _failed(args, "events", missing, 1)
     epoch = read_epoch(directory)
@@ -284,6 +287,23 @@ def _cmd_events(args: argparse.Namespace) -> int:  # noqa: PLR0915 - one reading
         follower.close()
         if watch is not None:
             watch.close()
+
+
+def _journal_dir(args: argparse.Namespace) -> str | ConfigError:
+    """``--journal-dir``, else the ``journal_dir`` ``lockd serve`` would use: the
+    configuration file's (``$LOCKD_CONFIG``, else the default file if it exists), else
+    the default. The default alone read another journal than the daemon's whenever
+    lockd.toml moved it."""
+    if args.journal_dir:
+        return str(args.journal_dir)
+    try:
+        return load_config(os.environ.get("LOCKD_CONFIG"), {}).journal_dir
+    except ConfigError as exc:
+        return exc
+
+
+def _unread_config(exc: ConfigError) -> str:
+    return f"{exc} (the journal_dir is read from it: mend it, or give --journal-dir)"
 
 
 def _no_journal_at(directory: str) -> str | None:
@@ -462,7 +482,10 @@ this often anyway (a change inotify could not report: a replaced directory)."""
 
 def _cmd_journal_check(args: argparse.Namespace) -> int:
     """Report journal damage; with --repair, cut the journal at it."""
-    directory = args.journal_dir or default_paths()["journal_dir"]
+    directory = _journal_dir(args)
+    if isinstance(directory, ConfigError):
+        print(f"lockd journal-check: {_unread_config(directory)}", file=sys.stderr)
+        return EXIT_USAGE
     if missing := _no_journal_at(directory):  # before --repair's lock, which leaves a .lock
         print(f"lockd journal-check: {missing}", file=sys.stderr)
         return 1
@@ -752,7 +775,9 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         description="Read journal segment files directly and print one event per line.",
     )
     events.add_argument(
-        "--journal-dir", help="the daemon's journal directory (default: per-user default)"
+        "--journal-dir",
+        help="the daemon's journal directory (default: journal_dir of $LOCKD_CONFIG or the "
+        "default configuration file, else the per-user default)",
     )
     events.add_argument(
         "--since",
@@ -786,7 +811,11 @@ def build_parser() -> argparse.ArgumentParser:  # noqa: PLR0915 - one flat table
         "journal-check",
         help="check the journal for damage; --repair cuts it at the damage (daemon stopped)",
     )
-    check.add_argument("--journal-dir", help="the journal directory (default: per-user default)")
+    check.add_argument(
+        "--journal-dir",
+        help="the journal directory (default: journal_dir of $LOCKD_CONFIG or the default "
+        "configuration file, else the per-user default)",
+    )
     check.add_argument(
         "--repair",
         action="store_true",

@@ -793,6 +793,46 @@ def test_a_directory_no_lockd_wrote_a_journal_in_is_no_journal(
     assert _lockd(*command[:1], "--journal-dir", str(tmp_path / "journal")).returncode == 0
 
 
+@pytest.mark.parametrize("command", [["events"], ["journal-check"]])
+def test_without_journal_dir_the_configurations_journal_is_read(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """An operator whose lockd.toml moves ``journal_dir`` runs ``lockd events`` or
+    ``lockd journal-check`` with no ``--journal-dir``: they read the built-in default
+    instead, the journal of no daemon (or of an older one left there), while ``lockd
+    serve`` reads the file. Now they take the journal_dir ``lockd serve`` would."""
+    journal = tmp_path / "journal"
+    _journal_with_leases(journal)
+    config = tmp_path / "lockd.toml"
+    config.write_text(f'journal_dir = "{journal}"\n')
+    env = {**os.environ, "LOCKD_CONFIG": str(config)}
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", *command],
+        capture_output=True, text=True, check=False, timeout=30, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    if command == ["events"]:
+        assert [line.split()[0] for line in done.stdout.splitlines()] == ["1", "2", "3"]
+    else:
+        assert "seq 1..3" in done.stdout
+
+
+def test_a_configuration_that_cannot_be_read_names_itself_and_the_flag(tmp_path: Path) -> None:
+    """With no ``--journal-dir``, a broken configuration file is named, with the way
+    round it, instead of a silent fall back to another journal."""
+    config = tmp_path / "lockd.toml"
+    config.write_text('journl_dir = "/x"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "lockd", "events", "--json"],
+        capture_output=True, text=True, check=False, timeout=30,
+        env={**os.environ, "LOCKD_CONFIG": str(config)},
+    )  # fmt: skip
+    assert done.returncode == EXIT_USAGE
+    assert f"{config}:1: unknown key 'journl_dir'" in done.stderr
+    assert "--journal-dir" in done.stderr
+    assert json.loads(done.stdout)["error"]["exit"] == EXIT_USAGE
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
