@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +22,21 @@ USER = 4242
 
 
 @pytest.fixture
-def fallback_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def fallback_user(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A user who is not root and has no ``$XDG_RUNTIME_DIR`` (runuser, su, cron), whose
-    ``/tmp/lockd-UID`` fallback is put under ``tmp_path``; returns that fallback's path."""
+    ``/tmp/lockd-UID`` fallback is put in a fresh directory; yields that fallback's path.
+
+    The directory is made in /tmp, not under ``tmp_path``: the sockets bound in it must
+    fit AF_UNIX's 108 bytes whatever ``TMPDIR`` the suite runs under."""
     monkeypatch.setattr(os, "getuid", lambda: USER)
     for name in ("XDG_RUNTIME_DIR", "LOCKD_SOCKET", "LOCKD_ADMIN_SOCKET", "LOCKD_AUTOSPAWN"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(config, "FALLBACK_RUNTIME_DIR", str(tmp_path / "lockd-{uid}"))
-    return tmp_path / f"lockd-{USER}"
+    short = Path(tempfile.mkdtemp(prefix="lockd-fb-", dir="/tmp"))
+    monkeypatch.setattr(config, "FALLBACK_RUNTIME_DIR", str(short / "lockd-{uid}"))
+    try:
+        yield short / f"lockd-{USER}"
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
 
 
 OTHER = 1234
