@@ -8,6 +8,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import subprocess
 import time
 import uuid as uuidlib
@@ -279,13 +280,16 @@ def raise_fd_limit() -> int:
 def wait_listening(
     path: str, proc: subprocess.Popen[Any], timeout: float = 15.0, log: str | None = None
 ) -> None:
-    """Until ``proc``, a daemon just started, has created its socket ``path``.
+    """Until ``proc``, a daemon just started, accepts connections on its socket ``path``.
 
-    Raises RuntimeError if it exits first or takes over ``timeout`` seconds,
+    A connection is tried, not only the file looked for: the file exists from the
+    daemon's ``bind``, a moment before its ``listen``, and a client that came in
+    between was refused (``lockd bench`` failed so, "Connection refused", on a loaded
+    machine). Raises RuntimeError if it exits first or takes over ``timeout`` seconds,
     with the text of its ``log`` file when given.
     """
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while not _accepts(path):
         if proc.poll() is not None or time.monotonic() > deadline:
             detail = ""
             if log is not None:
@@ -293,6 +297,15 @@ def wait_listening(
                     detail = ": " + f.read()
             raise RuntimeError(f"lockd did not start{detail}")
         time.sleep(0.05)
+
+
+def _accepts(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:  # not there yet (ENOENT), or not listening yet (ECONNREFUSED)
+            return False
+    return True
 
 
 def stop_child(

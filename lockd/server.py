@@ -129,6 +129,10 @@ def bind_unix(
     try:
         os.fchmod(sock.fileno(), 0o600)
         sock.bind(path)
+        # At once: a client that finds the file (one polling for it, as scripts and
+        # `lockd bench` do) is refused until then. The socket's own 0600 lets only this
+        # uid in meanwhile.
+        sock.listen(backlog)
         try:
             set_socket_access(path, mode, group)
         except OSError:
@@ -136,7 +140,6 @@ def bind_unix(
                 if _is_own_socket(os.lstat(path)):
                     os.unlink(path)
             raise
-        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise

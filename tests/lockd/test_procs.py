@@ -7,7 +7,9 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -247,3 +249,26 @@ def test_a_signal_refused_again_and_again_is_logged_once() -> None:
     assert len(lines) == 1
     assert lines[0].startswith("cannot signal vm (")
     assert "Operation not permitted (lockd lacks CAP_KILL?)" in lines[0]
+
+
+def test_wait_listening_returns_once_the_daemon_accepts_not_when_its_file_appears(
+    tmp_path: Path,
+) -> None:
+    """The socket file exists from ``bind``, before ``listen``: `lockd bench` connected in
+    between, on a loaded machine, and failed "Connection refused"."""
+    sock = tmp_path / "s"
+    late = (
+        "import socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "s.bind(sys.argv[1])\n"
+        "time.sleep(1.0)\n"
+        "s.listen()\n"
+        "time.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", late, str(sock)])
+    try:
+        procs.wait_listening(str(sock), child, timeout=10)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(sock))  # refused, were it the file's appearance only
+    finally:
+        procs.stop_child(child, signal.SIGKILL)
