@@ -256,9 +256,12 @@ class EmbeddedClient:
 def _end_connection(ref: pykka.ActorRef[Any], transport: _InProcessTransport) -> None:
     """Close an in-process connection: :meth:`EmbeddedClient.close`, also when the client
     is collected without it."""
-    if _forked(transport.pid) is None and transport.ended is None:
-        tell_if_alive(ref, Received(b""))
+    open_until_now = transport.ended is None
+    # Said before the lock thread sees the close: it ends the transport too, and a later
+    # call named the lock system as what closed the connection.
     transport.end("this connection was closed")
+    if open_until_now and _forked(transport.pid) is None:
+        tell_if_alive(ref, Received(b""))
 
 
 def _forked(pid: int) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 from actors.connection import REPLAY_BACKLOG, Drained
 from actors.journal import SyncPolicy
-from actors.runtime import Dispatcher
+from actors.runtime import Dispatcher, tell_if_alive
 from lockd.config import ConfigError
 from lockd.embed import ConnectionLostError, LockService, _InProcessTransport
 from protocol.codec import encode_item
@@ -119,6 +120,29 @@ def test_a_client_in_a_with_block_is_closed_at_its_end(tmp_path: Path) -> None:
             assert client.call("status")["clients"] == 1
         with pytest.raises(ConnectionLostError, match="closed"):
             client.call("status")
+
+
+def test_a_call_after_close_says_the_program_closed_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call on a client the program closed says so, also when the lock thread took the
+    close before ``close()`` returned (here: made to): it said "the embedded lock system
+    closed this connection", as if the lock system had failed."""
+    from lockd import embed
+
+    def told_and_taken(ref: Any, message: Any) -> None:
+        tell_if_alive(ref, message)
+        deadline = time.monotonic() + 5
+        while ref.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    with LockService(lock_dir=str(tmp_path / "l"), journal_dir=str(tmp_path / "j")) as locks:
+        client = locks.client()
+        monkeypatch.setattr(embed, "tell_if_alive", told_and_taken)
+        client.close()
+        with pytest.raises(ConnectionLostError) as lost:
+            client.call("status")
+        assert str(lost.value) == "this connection was closed"
 
 
 def test_a_client_let_go_without_close_ends_its_connection(tmp_path: Path) -> None:
