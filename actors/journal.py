@@ -20,7 +20,6 @@ end: between the two, no entry is missed or sent twice.
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import socket
@@ -33,21 +32,11 @@ import pykka
 
 from actors.events import ConnectionOpened, Event, JournalEntry, JournalResumed
 from actors.metrics import REGISTRY
+from actors.model import SyncPolicy
 from actors.recovery_core import ReplayState
 from actors.runtime import DispatchedActor, Dispatcher, Timer, tell_if_alive
 
 log = logging.getLogger(__name__)
-
-
-class SyncPolicy(enum.StrEnum):
-    """What an appended event survives before its reply goes out."""
-
-    NONE = "none"
-    """write() only: survives a daemon crash, not a host crash."""
-    BATCH = "batch"
-    """One fdatasync per group of appends queued together: survives a host crash."""
-    ALWAYS = "always"
-    """One fdatasync per append: survives a host crash, no grouping."""
 
 
 class EntryReader(Protocol):

@@ -1,4 +1,4 @@
-"""Domain values shared by the actors: owners, lease modes, lease keys."""
+"""Domain values shared by the actors: owners, lease modes, lease keys, sync policies."""
 
 from __future__ import annotations
 
@@ -14,6 +14,17 @@ class LeaseMode(enum.StrEnum):
 
     EXCLUSIVE = "exclusive"
     SHARED = "shared"
+
+
+class SyncPolicy(enum.StrEnum):
+    """What an appended event survives before its reply goes out."""
+
+    NONE = "none"
+    """write() only: survives a daemon crash, not a host crash."""
+    BATCH = "batch"
+    """One fdatasync per group of appends queued together: survives a host crash."""
+    ALWAYS = "always"
+    """One fdatasync per append: survives a host crash, no grouping."""
 
 
 def _check_uuid(_inst: object, _attr: object, value: bytes) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from actors.journal import SyncPolicy
+from actors.model import SyncPolicy
 from protocol.names import InvalidNameError, check_lockspace_name
 
 

@@ -19,8 +19,8 @@ import pykka
 
 from actors.connection import ConnectionActor, Received, ServerInfo
 from actors.events import Event, JournalEntry
-from actors.journal import REPLAY_BYTES, JournalActor, SyncPolicy
-from actors.model import Owner
+from actors.journal import REPLAY_BYTES, JournalActor
+from actors.model import Owner, SyncPolicy
 from actors.owners import OwnersActor
 from actors.router import RouterActor
 from actors.runtime import DispatchedActor, Dispatcher

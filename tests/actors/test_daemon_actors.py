@@ -29,10 +29,9 @@ from actors.events import (
     ReleaseReason,
     ResourceCreated,
 )
-from actors.journal import SyncPolicy
 from actors.lease import LockBusyError
 from actors.metrics import REGISTRY
-from actors.model import Owner
+from actors.model import Owner, SyncPolicy
 from actors.owners import POLL_FULL_EVERY, POLL_SECONDS, POLL_SLICES
 from lockd.lockfiles import HeldFile, LockspaceDir, try_lock, unlock
 from protocol.codec import decode_item, encode_item

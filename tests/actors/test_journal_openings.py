@@ -17,8 +17,8 @@ from actors.journal import (
     Identify,
     JournalActor,
     SnapshotWritten,
-    SyncPolicy,
 )
+from actors.model import SyncPolicy
 from actors.runtime import Dispatcher
 from tests.actors.harness import MemoryJournal
 

@@ -1062,3 +1062,14 @@ def test_every_flag_the_docs_give_a_subcommand_is_one_it_takes() -> None:
     assert len(documented) > 20  # the pages' commands are found at all
     wrong = [found for found in documented if found[2] != "--" and found[2] not in takes[found[1]]]
     assert wrong == []
+
+
+def test_the_client_commands_start_without_the_actor_system() -> None:
+    """``lockd run``, ``acquire``, ``status`` and the rest load no pykka and no actors but
+    the shared values: importing the journal actor cost every command about 60 ms."""
+    code = "import sys, lockd.cli, lockd.commands; print(*sorted(sys.modules))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert "pykka" not in loaded
+    assert [m for m in loaded if m.startswith("actors.")] == ["actors.model"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.journal import SyncPolicy
+from actors.model import SyncPolicy
 from lockd.config import (
     ConfigError,
     UnsafePathError,

@@ -13,6 +13,8 @@ import pytest
 from actors.connection import REPLAY_BACKLOG, Drained
 from actors.journal import SyncPolicy
 from actors.runtime import Dispatcher, tell_if_alive
+from actors.model import SyncPolicy
+from actors.runtime import Dispatcher
 from lockd.config import ConfigError
 from lockd.embed import ConnectionLostError, LockService, _InProcessTransport
 from protocol.codec import encode_item
