@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lockd.journal_file import JournalFollower
 from protocol.client import Client
 from tests.e2e.fake_systemd import FakeServiceManager
 
@@ -180,8 +181,24 @@ def wait_for(
         time.sleep(interval)
 
 
+def journaled(daemon: DaemonProcess, kind: str) -> int:
+    """How many events of type ``kind`` (``"daemon-started"``) the daemon's journal holds,
+    read in the test's process the way ``lockd events`` reads it. For polls: a poll of
+    ``lockd events`` started a Python at every try, each a quarter of a CPU second taken
+    from the daemon the test waits on."""
+    follower = JournalFollower(str(daemon.journal_dir))
+    count = 0
+    try:
+        while (entries := follower.poll()) or follower.more:
+            count += sum(1 for entry in entries if kind == entry.event.TYPE)
+    finally:
+        follower.close()
+    return count
+
+
 _DROPPING_OWNER = """
 import os, signal, sys, time, uuid
+from lockd.journal_file import JournalFollower
 from protocol.client import Client
 if sys.argv[2] == "ignore":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -18,7 +18,7 @@ import pytest
 
 from actors.events import DaemonStarted, DaemonStopped, Event, JournalEntry
 from lockd.journal_file import FileJournal, first_seq_of, list_segments
-from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
+from tests.e2e.conftest import DaemonProcess, MakeDaemon, journaled, wait_for
 from tests.e2e.test_daemon import events
 from tests.e2e.test_fd_store import kill_daemon
 from tests.e2e.test_reexec import _copy_of_this_build
@@ -70,7 +70,7 @@ def test_the_audit_feed_misses_nothing_across_a_crash_and_a_reexec(
     _journal_some(daemon, "after-crash")
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)  # the connection is handed over
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 3)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 3)
     _journal_some(daemon, "after-reexec")
     wait_for(caught_up)
     (listed,) = [

@@ -25,7 +25,14 @@ import pytest
 from lockd.commands import EXIT_NEEDS_OPERATOR
 from protocol.client import Client, RemoteError
 from protocol.names import FILES_LOCKSPACE, LVM_LOCKSPACE, lease_name_for_path
-from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
+from tests.e2e.conftest import (
+    LOCKD,
+    DaemonProcess,
+    MakeDaemon,
+    journaled,
+    start_dropping_owner,
+    wait_for,
+)
 from tests.e2e.invariants import check, check_all, listed
 from tests.lockprobe import probe
 
@@ -723,7 +730,7 @@ def test_a_client_refused_in_a_loop_does_not_fill_the_log(
         daemon.stop()
     else:
         daemon.proc.send_signal(signal.SIGUSR1)
-        wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2)
+        wait_for(lambda: journaled(daemon, "daemon-started") == 2)
     assert count in daemon.log.read_text()
 
 

@@ -33,7 +33,7 @@ from lockd.journal_file import list_segments
 from protocol.client import RemoteError, result_of
 from protocol.codec import decode_item, encode_item
 from protocol.framing import MAX_REPLY_FRAME, FrameDecoder, encode_frame
-from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, wait_for
+from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, journaled, wait_for
 from tests.e2e.test_daemon import start_run
 from tests.lockd.test_snapshot_replay import fill
 from tests.lockprobe import probe
@@ -348,7 +348,7 @@ def test_a_users_fence_resumed_after_a_crash_still_signals_only_what_the_user_co
         try:
             here.settimeout(30)
             assert here.recv(16) == b"closed"
-            wait_for(lambda: events(daemon, "--type", "owner-fenced"))
+            wait_for(lambda: journaled(daemon, "owner-fenced") > 0)
             (term,) = events(daemon, "--type", "owner-fenced")
             assert (term["owner"]["pid"], term["on_behalf_of"]) == (pid, OTHER_UID)
             crash(daemon)

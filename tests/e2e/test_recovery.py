@@ -20,7 +20,14 @@ from actors.recovery import RESUMED
 from lockd.journal_format import decode_records, encode_header, encode_record, header_length
 from lockd.procs import boot_time
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
-from tests.e2e.conftest import LOCKD, DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
+from tests.e2e.conftest import (
+    LOCKD,
+    DaemonProcess,
+    MakeDaemon,
+    journaled,
+    start_dropping_owner,
+    wait_for,
+)
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import events, lease_file, start_run
 from tests.lockprobe import probe
@@ -67,7 +74,7 @@ def start_fence(
     config.write_text(settings)
     daemon = make_daemon(name, None, "--config", str(config))
     owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
-    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    wait_for(lambda: journaled(daemon, "owner-fenced") > 0)
     return daemon, owner
 
 
@@ -687,7 +694,7 @@ def test_sighup_rereads_the_configuration(make_daemon: MakeDaemon, tmp_path: Pat
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGHUP)
     # The record is journaled after the log lines, by the journal's own thread.
-    wait_for(lambda: events(daemon, "--type", "config-reloaded"))
+    wait_for(lambda: journaled(daemon, "config-reloaded") > 0)
     text = daemon.log.read_text()
     assert "max_clients, allowed_uids changed; not applied until a re-exec (SIGUSR1" in text
     assert "pid_file changed; that takes a restart" in text

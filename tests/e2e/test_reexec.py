@@ -24,7 +24,7 @@ from lockd.lockfiles import try_lock
 from lockd.reexec import Handoff, ListenerFd
 from lockd.server import bind_unix
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
-from tests.e2e.conftest import DaemonProcess, MakeDaemon, start_dropping_owner, wait_for
+from tests.e2e.conftest import DaemonProcess, MakeDaemon, journaled, start_dropping_owner, wait_for
 from tests.e2e.fake_systemd import FakeServiceManager
 from tests.e2e.invariants import check, listed
 from tests.e2e.test_daemon import an_owner, churn_past, events, lease_file, start_run
@@ -91,7 +91,7 @@ def test_sigusr1_keeps_every_lock_and_connection(
         uptime = idle.call("status")["uptime_s"]
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGUSR1)
-        wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+        wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
         before = calls[0]
         wait_for(lambda: calls[0] > before + 20)
     finally:
@@ -151,7 +151,7 @@ def test_a_subscriber_gets_every_event_once_across_a_reexec_under_load(
         wait_for(lambda: calls[0] > 50)
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGUSR1)
-        wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+        wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
         before = calls[0]
         wait_for(lambda: calls[0] > before + 50)
         stop.set()
@@ -186,7 +186,7 @@ def test_signals_sent_while_the_new_program_starts_do_not_end_it(
         daemon.proc.send_signal(signal.SIGHUP)
         time.sleep(0.02)
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) >= 2)
+    wait_for(lambda: journaled(daemon, "daemon-started") >= 2)
     time.sleep(0.5)
     assert daemon.proc.poll() is None, "a signal ended the daemon"
     with daemon.client() as client:
@@ -218,14 +218,14 @@ def test_a_client_accepted_while_the_new_program_is_checked_keeps_a_unique_id(
     wait_for(lambda: "re-exec: checking that the new program starts" in daemon.log.read_text(),
              interval=0.005)  # fmt: skip
     during, during_id = registered("during", os.getpid())  # the check takes 0.3 s or more
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
     after, after_id = registered("after", os.getpid())
     assert len({before_id, during_id, after_id}) == 3
     listed_clients = json.loads(daemon.lockd("clients", "--json").stdout)
     names = sorted(c["owner"]["name"] for c in listed_clients if c.get("owner"))
     assert names == ["after", "before", "during"]
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 3)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 3)
     # Each still under the name its hello gave, which `lockd clients` shows.
     listed_clients = json.loads(daemon.lockd("clients", "--json").stdout)
     hello_names = sorted(c.get("name", "") for c in listed_clients if c.get("owner"))
@@ -274,7 +274,7 @@ def test_a_reexec_never_lets_go_of_the_journal_directory_or_the_pid_file(
     assert grab.stdout.readline().strip() == "ready"
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
     tries, won = map(int, grab.stdout.readline().split())
     assert grab.wait(10) == 0
     assert tries > 100
@@ -304,7 +304,7 @@ def test_a_reexec_hands_on_the_records_retention_keeps_for_open_connections(
         churn.call("register", owner=an_owner(churner.pid, "churn"))
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGUSR1)
-        wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+        wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
         (started,) = events(daemon, "--type", "daemon-started")[1:]
         churn_past(daemon, churn, started["seq"])
         early.call("release", leases=[disk])
@@ -335,10 +335,10 @@ def test_a_reexec_journals_the_settings_it_changes(
     assert daemon.proc is not None
     if sighup:
         daemon.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: bool(events(daemon, "--type", "config-reloaded")))
+        wait_for(lambda: journaled(daemon, "config-reloaded") > 0)
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
-    wait_for(lambda: len(events(daemon, "--type", "config-reloaded")) == 1 + sighup)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "config-reloaded") == 1 + sighup)
     started = events(daemon, "--type", "daemon-started")[1]
     reloaded = events(daemon, "--type", "config-reloaded")[-1]
     assert reloaded["seq"] > started["seq"]
@@ -346,7 +346,7 @@ def test_a_reexec_journals_the_settings_it_changes(
     assert reloaded["changed"] == reloaded["applied"] == ["max_clients", "fence_grace"]
     # A second re-exec with the file as it is changes nothing, and says nothing.
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 3)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 3)
     assert len(events(daemon, "--type", "config-reloaded")) == 1 + sighup
 
 
@@ -362,7 +362,7 @@ def test_sigusr1_during_a_fence_hands_the_fence_over_with_its_deadline(
     daemon, owner = start_fence(make_daemon, children, config, f"fence_grace = {grace}\n", "fence")
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
     assert owner.wait(grace + 10) == -signal.SIGKILL
     fenced = events(daemon, "--type", "owner-fenced")
     assert [e["signal"] for e in fenced] == ["SIGTERM", "SIGTERM", "SIGKILL"]
@@ -504,7 +504,7 @@ def test_a_reload_after_a_bad_config_edit_serves_on_and_keeps_every_lock(
     assert len(events(daemon, "--type", "daemon-started")) == 1
     config.write_text("fence_grace = 5\n")
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
     tries, free = stop_watch(watcher)
     assert tries > 100
     assert free == 0, f"the lock was seen free {free} times"
@@ -539,7 +539,7 @@ def test_a_reexec_into_a_journal_dir_the_new_program_refuses_is_abandoned_and_ke
     finally:
         daemon.journal_dir.chmod(mode)
     proc.send_signal(signal.SIGUSR1)  # fixed: the re-exec goes through
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
     tries, free = stop_watch(watcher)
     assert tries > 100
     assert free == 0, f"the lock was seen free {free} times"
@@ -579,7 +579,7 @@ def test_sigusr1_during_a_fence_into_a_build_without_the_check_is_put_off(
     config.write_text(f"fence_grace = {grace}\n")
     daemon = make_daemon("fencing", None, "--config", str(config), cwd=build)
     owner = start_dropping_owner(daemon, children, ignore_sigterm=True)
-    wait_for(lambda: bool(events(daemon, "--type", "owner-fenced")))
+    wait_for(lambda: journaled(daemon, "owner-fenced") > 0)
     _without_the_handoff_check(build)
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
@@ -615,7 +615,7 @@ def test_a_downgrade_to_a_build_without_the_check_is_checked_with_check_config(
     assert daemon.proc.poll() is None
     config.write_text("fence_grace = 5\n")
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
     assert "from before --handoff-check" in daemon.log.read_text()
     tries, free = stop_watch(watcher)
     assert tries > 100
@@ -641,7 +641,7 @@ def test_status_and_the_journal_tell_which_build_a_reload_runs(
     config.write_text(config.read_text() + "# upgraded\n")
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
     after = json.loads(daemon.lockd("status", "--json").stdout)["version"]
     assert after.startswith("0.1.0+")
     assert after != before
@@ -678,7 +678,7 @@ def test_a_reexec_keeps_the_counts_and_the_log_level_set_at_runtime(
     config.write_text("fence_grace = 5\n" + edit)
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
     assert _acquires_ok(daemon) == 2
     logging_now = json.loads(daemon.lockd("log-level", "--json").stdout)
     if edit:  # the file applies: the level --verbose gives, the file's filters
@@ -761,7 +761,7 @@ def test_a_reexec_runs_the_lockd_it_was_started_from_whatever_the_current_direct
     daemon = make_daemon("cwd", None, cwd=home)
     assert daemon.proc is not None
     daemon.proc.send_signal(signal.SIGUSR1)
-    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    wait_for(lambda: journaled(daemon, "daemon-started") == 2, timeout=30)
     assert daemon.proc.poll() is None
     assert "re-exec abandoned" not in daemon.log.read_text()
 
