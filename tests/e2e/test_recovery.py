@@ -557,10 +557,17 @@ def test_crash_at_each_point_then_restart(
             capture_output=True, text=True, check=False,
         )  # fmt: skip
     else:
-        for i in range(200):  # enough journal traffic to rotate a 4 KiB segment
-            if daemon.proc is not None and daemon.proc.poll() is not None:
+        # Enough journal traffic to rotate a 4 KiB segment: what `lockd acquire --owner-pid`
+        # sends, a connection each, from this process (a command per acquire took seconds).
+        owner = {"uuid": uuid.uuid4().bytes, "name": f"pid-{pid}", "id": 1, "pid": sleeper.pid}
+        for i in range(200):
+            lease = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path(f"/vm/r{i}.img")}
+            try:
+                with daemon.client("lockd-acquire") as client:
+                    client.call("register", owner=owner)
+                    client.call("acquire", leases=[lease], autocreate=True)
+            except OSError:  # refused, or ConnectionLostError: the daemon died
                 break
-            daemon.lockd("acquire", "--owner-pid", pid, "--disk", f"/vm/r{i}.img")
         done = subprocess.CompletedProcess([], 0)
     assert daemon.proc is not None
     assert daemon.proc.wait(20) == -signal.SIGKILL, f"crash point {point} was not reached"
