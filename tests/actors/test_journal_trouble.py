@@ -9,10 +9,8 @@ from collections.abc import Callable
 import pytest
 
 from actors.events import DaemonStopped, JournalResumed
-from actors.journal import PROBE_S, Append, JournalActor, SyncPolicy
+from actors.journal import PROBE_S, Append, JournalActor
 from actors.metrics import REGISTRY
-from actors.events import DaemonStopped
-from actors.journal import Append, JournalActor
 from actors.model import SyncPolicy
 from actors.runtime import Dispatcher
 from tests.actors.harness import Clock, MemoryJournal

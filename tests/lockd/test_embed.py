@@ -11,10 +11,8 @@ from typing import Any
 import pytest
 
 from actors.connection import REPLAY_BACKLOG, Drained
-from actors.journal import SyncPolicy
-from actors.runtime import Dispatcher, tell_if_alive
 from actors.model import SyncPolicy
-from actors.runtime import Dispatcher
+from actors.runtime import Dispatcher, tell_if_alive
 from lockd.config import ConfigError
 from lockd.embed import ConnectionLostError, LockService, _InProcessTransport
 from protocol.codec import encode_item
