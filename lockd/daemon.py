@@ -21,7 +21,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -62,7 +62,7 @@ from lockd.journal_file import (
     record_boot,
 )
 from lockd.journal_format import JournalCorruptError
-from lockd.lockfiles import LockspaceDir, holds_lock
+from lockd.lockfiles import LockspaceDir, holds_lock, unlock
 from lockd.reexec import (
     LOCKSPACES,
     PATH_KEYS,
@@ -87,7 +87,14 @@ from lockd.server import (
     set_socket_access,
 )
 from lockd.snapshot import STOP_WAIT_S, SnapshotWriter, load_newest
-from lockd.systemd import SEND_TIMEOUT, FdStore, lease_fd_name, listen_fds
+from lockd.systemd import (
+    SEND_TIMEOUT,
+    FdStore,
+    StoreNames,
+    is_lease_fd_name,
+    lease_fd_name,
+    listen_fds,
+)  # fmt: skip
 from lockd.systemd import notify as sd_notify
 from protocol.errors import ErrorCode
 from protocol.names import WELL_KNOWN_LOCKSPACES
@@ -223,7 +230,8 @@ class LockSystem:
         dispatcher: Dispatcher | None = None,
         *,
         adopted: Mapping[tuple[str, str], int] | None = None,
-        stored: Mapping[str, int] | None = None,
+        stored: Sequence[tuple[str, int]] | None = None,
+        handed_names: StoreNames | None = None,
         on_ready: Callable[[RecoveryReport], None] | None = None,
         max_pidfds: int | None = None,
         journal_lock: int | None = None,
@@ -257,7 +265,7 @@ class LockSystem:
         """The fd whose flock keeps every other lockd out of this journal directory."""
         try:
             read = _read_journal(config, journal_lock)
-            _refuse_an_empty_journal_for(stored or {}, read.state, config.journal_dir)
+            _refuse_an_empty_journal_for(stored or (), read.state, config.journal_dir)
         except BaseException:
             # Refused (a damaged journal): a program that goes on (embedding) must be
             # able to repair it (journal-check --repair) and start again, which the
@@ -278,7 +286,7 @@ class LockSystem:
         if boot is not None and read.before != boot:
             _record_boot(config.journal_dir, boot)
         self.fd_store = FdStore()
-        adopted = self._pair_stored(state, dict(adopted or {}), dict(stored or {}))
+        adopted = self._pair_stored(state, dict(adopted or {}), list(stored or ()), handed_names)
         log.info(
             "journal replayed to seq %d (%s, %d entries after it): %d leases held by %d owners",
             state.seq,
@@ -347,24 +355,72 @@ class LockSystem:
         )
 
     def _pair_stored(
-        self, state: ReplayState, adopted: dict[tuple[str, str], int], stored: dict[str, int]
+        self,
+        state: ReplayState,
+        adopted: dict[tuple[str, str], int],
+        stored: list[tuple[str, int]],
+        handed_names: StoreNames | None,
     ) -> dict[tuple[str, str], int]:
         """The lease fds recovery adopts: a re-exec's, then the fd store's for the rest.
 
-        A stored fd of a lease the re-exec handed over too is closed (the handoff's
-        is the same lock); one of a lease the journal does not hold is removed from
-        the store."""
-        for key in state.leases:
-            fd = stored.pop(lease_fd_name(*key), None)
-            if fd is not None and key not in adopted:
-                adopted[key] = fd
-            elif fd is not None:
-                os.close(fd)  # the re-exec handoff has this lease's fd already
-        for name, fd in stored.items():
-            log.info("fd store: %s belongs to no held lease; removing it", name)
-            self.fd_store.forget(name, fd)
-        for key in adopted.keys() & state.leases.keys():  # stored (a re-exec's: maybe)
-            self.fd_store.kept(*key)
+        A stored fd is a lease's by its name in an earlier build's store (a hash of the
+        lease), else by the file it is open on. A stored fd of a lease the re-exec
+        handed over too is closed (the handoff's is the same lock); of two for one lease,
+        the one holding the lock is kept; one of a lease the journal does not hold is
+        removed from the store. ``handed_names``: the store's names a re-exec handed on
+        (None: a re-exec from an earlier build, whose leases are under hashed names)."""
+        found: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        by_file = _lease_files(self.config, state.leases.keys())
+        by_hash = {lease_fd_name(*key): key for key in state.leases}
+        unmatched: list[tuple[str, int]] = []
+        for name, fd in stored:
+            key = by_hash.get(name) if name.startswith("lease-") else by_file(fd)
+            if key is None:
+                unmatched.append((name, fd))
+            else:
+                found.setdefault(key, []).append((name, fd))
+        names: dict[tuple[str, str], str] = {}
+        for key, fds in found.items():
+            if len(fds) > 1:
+                # The one holding the lock: the other can be a stale copy from an
+                # earlier hold of the lease, or of the file a relink replaced (its
+                # FDSTOREREMOVE lost), unlocked, and closing the holder would free the
+                # lease until recovery.
+                log.warning("fd store returned %s for %s/%s; closing the extra fd",
+                            " and ".join(name for name, _ in fds), *key)  # fmt: skip
+                fds.sort(key=lambda item: not _holds_the_lock(item[1]))
+            if key in adopted:  # the re-exec handed over this lease's fd already
+                for _, fd in fds:
+                    os.close(fd)
+                continue
+            names[key], adopted[key] = fds.pop(0)
+            for name, fd in fds:
+                if name == names[key]:
+                    os.close(fd)  # the same name: dropped with the one kept, in time
+                else:  # not unlocked: the same lock as the one kept, maybe
+                    self.fd_store.forget(name, fd, unlock_first=False)
+        leases_names = set(names.values())
+        for name, fd in unmatched:
+            if name in leases_names:
+                # A stale copy under a lease's name (of the file a relink replaced, its
+                # FDSTOREREMOVE lost): removing it would drop the lease's fd as well.
+                log.warning("fd store: an fd under %s is not its lease's; closing it", name)
+                self.fd_store.held([name])
+                with contextlib.suppress(OSError):
+                    unlock(fd)
+                os.close(fd)
+            else:
+                log.info("fd store: %s belongs to no held lease; removing it", name)
+                self.fd_store.forget(name, fd)
+        if handed_names is None:
+            names.update((key, names.get(key) or lease_fd_name(*key)) for key in adopted)
+        else:
+            handed, others = handed_names
+            names.update(((ls, res), name) for ls, res, name in handed if (ls, res) in adopted)
+            ended = [name for ls, res, name in handed if (ls, res) not in adopted]
+            self.fd_store.held([*others, *ended])
+        for key in adopted.keys() & names.keys():  # recovery removes one of no held lease
+            self.fd_store.kept(*key, names[key])
         return adopted
 
     def _recovered(self, report: RecoveryReport) -> None:
@@ -514,30 +570,18 @@ class UnclaimedSocketError(OSError):
     """The service manager passed a socket lockd does not serve."""
 
 
-def _passed_fds() -> tuple[dict[str, int], dict[str, int]]:
+def _passed_fds() -> tuple[dict[str, int], list[tuple[str, int]]]:
     """The fds the service manager passed, by name: the activated sockets, and the lease
     fds its fd store gives back; any other is refused and closed. A refused socket stops
     the start (:class:`UnclaimedSocketError`), as virtlockd's "Some activation file
     descriptors are unclaimed": served on paths of its own meanwhile, lockd left every
     client of that socket waiting in its backlog (the manager keeps it listening)."""
     activated: dict[str, int] = {}
-    stored: dict[str, int] = {}
+    stored: list[tuple[str, int]] = []
     unclaimed: list[str] = []
     for name, fd in listen_fds():
-        if name.startswith("lease-") and name in stored:
-            # The same lease stored twice: keep one; the other's lock goes when the
-            # manager drops it (FDSTOREREMOVE sends both away later). The one holding
-            # the lock: the other can be a stale copy from an earlier hold of the lease,
-            # or of the file a relink replaced (its FDSTOREREMOVE lost), unlocked, and
-            # closing the holder would free the lease until recovery.
-            log.warning("fd store returned %s twice; closing the extra fd", name)
-            keep, extra = stored[name], fd
-            if _holds_the_lock(extra) and not _holds_the_lock(keep):
-                keep, extra = extra, keep
-            stored[name] = keep
-            os.close(extra)
-        elif name.startswith("lease-"):
-            stored[name] = fd
+        if is_lease_fd_name(name):
+            stored.append((name, fd))
         elif name in ACTIVATION_NAMES and name not in activated:
             activated[name] = fd
         else:
@@ -557,6 +601,32 @@ def _passed_fds() -> tuple[dict[str, int], dict[str, int]]:
             "waiting",
         )
     return activated, stored
+
+
+def _lease_files(
+    config: Config, held: Iterable[tuple[str, str]]
+) -> Callable[[int], tuple[str, str] | None]:
+    """Which of the ``held`` leases a stored fd is, by the file it is open on: the
+    lease file's name is the resource, its directory the lockspace's (as configured,
+    or through the symlinks on the way to it). None: no held lease's file (the file a
+    relink replaced, one deleted, one of a lease that ended while lockd was down)."""
+    files: dict[tuple[str, str], tuple[str, str]] = {}
+    dirs: dict[str, set[str]] = {}
+    for lockspace, resource in held:
+        if lockspace not in dirs:
+            path = config.lockspaces.get(lockspace) or os.path.join(config.lock_dir, lockspace)
+            dirs[lockspace] = {os.path.normpath(path), os.path.realpath(path)}
+        for directory in dirs[lockspace]:
+            files[directory, resource] = (lockspace, resource)
+
+    def lease_of(fd: int) -> tuple[str, str] | None:
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            return None
+        return files.get(os.path.split(path))
+
+    return lease_of
 
 
 def _holds_the_lock(fd: int) -> bool:
@@ -711,7 +781,7 @@ class Daemon:
                 _collector_off_for_recovery()
             limit = procs.raise_fd_limit() if not embedded else 0
             adopted = {(ls, res): fd for ls, res, fd in handoff.leases} if handoff else None
-            activated, stored = _passed_fds() if not embedded else ({}, {})
+            activated, stored = _passed_fds() if not embedded else ({}, [])
             _secure_socket_dirs(config, activated, binding=sockets and handoff is None)
             # An eighth of the descriptors for owner pidfds: leases cannot exist
             # without their fd, owners beyond this are polled (16,384 leases and
@@ -721,6 +791,7 @@ class Daemon:
                 config,
                 adopted=adopted,
                 stored=stored,
+                handed_names=handoff.fd_names if handoff else None,
                 on_ready=self._serve,
                 max_pidfds=limit // PIDFD_SHARE if limit else None,
                 journal_lock=handoff.journal_lock if handoff else None,
@@ -1098,6 +1169,7 @@ class Daemon:
             on_done=self._reexec_over,
             stopping=lambda: bool(self._stop_reason),
             openings=lambda: {c: seq for c, (seq, _) in self.system.journal_openings.items()},
+            fd_names=self.system.fd_store.names,
             settings=settings_of(self.config),
             allowed_uids=self.config.allowed_uids,
         )
@@ -1421,7 +1493,7 @@ def _unsafe_ancestor(path: str) -> tuple[str, str] | None:
 
 
 def _refuse_an_empty_journal_for(
-    stored: Mapping[str, int], state: ReplayState, journal_dir: str
+    stored: Sequence[tuple[str, int]], state: ReplayState, journal_dir: str
 ) -> None:
     """Refuse to start on a journal with no event at all while the service manager's fd
     store gives back leases' locks: they are locks a lockd took for running VMs, and
@@ -1434,7 +1506,7 @@ def _refuse_an_empty_journal_for(
         return
     # A copy whose lock is gone (its removal from the store lost in a crash) holds no
     # VM's disk: it is removed as usual, and alone it refuses nothing.
-    locked = sum(1 for fd in stored.values() if _holds_the_lock(fd))
+    locked = sum(1 for _, fd in stored if _holds_the_lock(fd))
     if not locked:
         return
     raise StoredLeasesUnknownError(

@@ -48,6 +48,7 @@ from actors.router import AllFds, CollectFds
 from actors.runtime import DispatchedActor, Dispatcher, tell_if_alive
 from lockd import build, logs
 from lockd.procs import DAEMON_SIGNALS
+from lockd.systemd import StoreNames
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +369,9 @@ class Handoff:
     settings: dict[str, Any] | None = None
     """The settings the process ran with (:func:`settings_of`): the next program journals
     those its configuration changes (None, from an earlier build: not known)."""
+    fd_names: StoreNames | None = None
+    """The names of the fd store's lease fds (:meth:`FdStore.names`). None, from an
+    earlier build: each lease's is the hash of its lockspace and resource."""
 
     def own_fds(self) -> list[int]:
         """The daemon's own locks handed over (journal directory, pid file)."""
@@ -405,6 +409,8 @@ class Handoff:
                 "names": {c.conn_id: c.name for c in self.connections if c.name},
                 "identified": [c.conn_id for c in self.connections if c.identified],
                 "opened": {c.conn_id: c.opened_seq for c in self.connections if c.opened_seq},
+                # Ignored by an earlier build (it keeps them under hashed names).
+                **_store_names_to_wire(self.fd_names),
             }
         )
 
@@ -431,7 +437,21 @@ class Handoff:
             raw.get("logging"),
             _paths_or_none(raw.get("bound")),
             raw.get("settings") if isinstance(raw.get("settings"), dict) else None,
+            _store_names(raw.get("fd_names"), raw.get("fd_held")),
         )
+
+
+def _store_names_to_wire(names: StoreNames | None) -> dict[str, Any]:
+    if names is None:
+        return {}
+    return {"fd_names": [list(item) for item in names[0]], "fd_held": list(names[1])}
+
+
+def _store_names(leases: Any, held: Any) -> StoreNames | None:
+    """The fd store's names as handed over; None when absent (an earlier build's)."""
+    if leases is None:
+        return None
+    return tuple((ls, res, name) for ls, res, name in leases), tuple(held or ())
 
 
 def _paths_or_none(value: Any) -> tuple[str, ...] | None:
@@ -597,6 +617,7 @@ class ReexecActor(DispatchedActor):
         openings: Callable[[], Mapping[int, int]] = dict,
         settings: Mapping[str, Any] | None = None,
         allowed_uids: tuple[int, ...] | None = None,
+        fd_names: Callable[[], StoreNames] | None = None,
     ) -> None:
         """``connections``: the open client connections, asked once the new program
         passed its check and ``stop_accepting`` was called (until then the daemon
@@ -611,6 +632,8 @@ class ReexecActor(DispatchedActor):
         the ones in force, which a re-exec given up after its ``daemon-stopped`` names
         again in the ``daemon-started`` that says this program serves on."""
         super().__init__(dispatcher)
+        self._fd_names = fd_names
+        """The fd store's names, read at the exec (None: no store's, for tests)."""
         self._openings = openings
         self._settings = None if settings is None else dict(settings)
         self._allowed_uids = allowed_uids
@@ -786,7 +809,7 @@ class ReexecActor(DispatchedActor):
         handoff = Handoff(
             self._listeners, handed, self._leases, self._next_conn_id(),
             *self._own_fds, self._started, REGISTRY.carried(), self._logging(), self._bound,
-            self._settings,
+            self._settings, None if self._fd_names is None else self._fd_names(),
         )  # fmt: skip
         log.info(
             "re-exec: handing over %d listeners, %d connections, %d lease fds",

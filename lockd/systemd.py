@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import logging
 import os
+import re
 import socket
+import string
+import threading
+from collections.abc import Iterable
 
 from lockd.lockfiles import unlock
 
@@ -22,11 +27,47 @@ log = logging.getLogger(__name__)
 
 LISTEN_FDS_START = 3
 
+StoreNames = tuple[tuple[tuple[str, str, str], ...], tuple[str, ...]]
+"""The fd store's names a re-exec hands on: each stored lease's (lockspace, resource,
+name), and the names of fds stored for no lease (see :meth:`FdStore.held`)."""
+
 
 def lease_fd_name(lockspace: str, resource: str) -> str:
-    """FDNAME of a lease fd: ASCII, no ':' (names are ':'-separated), well under 255 chars."""
+    """FDNAME builds before 2026-11-28 stored a lease fd under (``lease-`` and 40 hex
+    digits of a hash), still understood in a store they filled: 47 bytes a name, which
+    kept 2,766 leases at most in a restart's LISTEN_FDNAMES."""
     digest = hashlib.sha256(f"{lockspace}/{resource}".encode()).hexdigest()[:40]
     return f"lease-{digest}"
+
+
+_DIGITS = string.digits + string.ascii_letters
+_SHORT_NAME = re.compile(r"l[0-9A-Za-z]+")
+
+
+def short_fd_name(number: int) -> str:
+    """FDNAME of the store's lease fd ``number``: ``l`` and the number in base 62 (ASCII,
+    no ':', which separates names); 16,384 leases need at most 4 bytes a name."""
+    digits = ""
+    while True:
+        number, digit = divmod(number, len(_DIGITS))
+        digits = _DIGITS[digit] + digits
+        if not number:
+            return "l" + digits
+
+
+def _short_number(name: str) -> int | None:
+    """The number of a :func:`short_fd_name`, None for any other name."""
+    if not _SHORT_NAME.fullmatch(name) or (len(name) > 2 and name[1] == "0"):
+        return None
+    number = 0
+    for char in name[1:]:
+        number = number * len(_DIGITS) + _DIGITS.index(char)
+    return number
+
+
+def is_lease_fd_name(name: str) -> bool:
+    """A name lockd stores a lease fd under: a short one, or an earlier build's."""
+    return name.startswith("lease-") or _short_number(name) is not None
 
 
 def _address() -> str | None:
@@ -89,48 +130,122 @@ ENV_STRING_MAX = 32 * 4096
 """The kernel's limit on one environment string (MAX_ARG_STRLEN): an exec whose
 environment holds a longer one fails with E2BIG."""
 
-MAX_STORED_LEASES = (ENV_STRING_MAX - 1024) // (len(lease_fd_name("", "")) + 1)
-"""Lease fds kept in the fd store at most (2,766). The service manager passes the names
+NAMES_BUDGET = ENV_STRING_MAX - 1024
+"""Bytes of ``LISTEN_FDNAMES`` the lease fds' names may take, a ':' after each (1 KiB
+left for the sockets' names and the variable's own)."""
+
+
+def _fitting(budget: int) -> int:
+    """How many short names, from the first on, fit in ``budget`` bytes (a ':' each)."""
+    count = used = 0
+    while used + len(short_fd_name(count)) + 1 <= budget:
+        used += len(short_fd_name(count)) + 1
+        count += 1
+    return count
+
+
+MAX_STORED_LEASES = _fitting(NAMES_BUDGET)
+"""Lease fds kept in the fd store at most (26,790). The service manager passes the names
 of all the fds it hands back in one variable, ``LISTEN_FDNAMES``: with more names than
-fit in :data:`ENV_STRING_MAX` (1 KiB left for the sockets' and the variable's own), the
-exec of the restarted lockd fails (E2BIG), the unit fails, and the store, every lock
-with it, is let go."""
+fit in :data:`NAMES_BUDGET`, the exec of the restarted lockd fails (E2BIG), the unit
+fails, and the store, every lock with it, is let go. Names are numbered smallest free
+first, so no name in use is numbered :data:`MAX_STORED_LEASES` or more and the names
+of any that many fit; an earlier build's longer names, and names kept for a copy the
+manager was not told to drop, are counted by their bytes too."""
 
 
 class FdStore:
     """Keeps lease fds in the service manager's fd store (a no-op when there is none),
-    :data:`MAX_STORED_LEASES` of them at most."""
+    :data:`MAX_STORED_LEASES` of them at most, each under a short name of its own.
+
+    Called from every lockspace's actor and from recovery, each on its own thread: one
+    name given to two leases would have one's FDSTOREREMOVE drop the other's fd too."""
 
     def __init__(self, max_leases: int = MAX_STORED_LEASES) -> None:
         self.enabled = _address() is not None
         self._max = max_leases
-        self._stored: dict[str, int] = {}
-        """The lease fds in the store by name, as far as this process knows: more than one
-        under a name whose FDSTOREREMOVE could not be sent (its copy stays there)."""
+        self._lock = threading.Lock()
+        self._names: dict[tuple[str, str], str] = {}
+        """Each stored lease's name."""
+        self._copies: dict[str, int] = {}
+        """How many fds the store holds under each name, as far as this process knows:
+        more than one under a name whose FDSTOREREMOVE could not be sent (its copy stays
+        there); a name of no lease any more while such a copy is left."""
+        self._taken: set[int] = set()
+        """The numbers of the short names in :attr:`_copies`."""
+        self._free: list[int] = []
+        """Numbers given back (a heap; some may be taken again since): smallest first."""
+        self._next = 0
+        """No number from here on was ever given."""
         self._count = 0
-        """How many fds that is: each is one more name in a restart's LISTEN_FDNAMES."""
+        """How many fds the store holds: each is one more name in a restart's LISTEN_FDNAMES."""
+        self._bytes = 0
+        """The bytes their names take there, a ':' each."""
         self._full = False
         """Said that the store is full, until a tenth of it is free again: with leases
         coming and going at the limit, once per release was a warning a minute."""
         self._room_again = max_leases - max(1, max_leases // 10)
 
     def _add(self, name: str) -> None:
-        self._stored[name] = self._stored.get(name, 0) + 1
+        number = _short_number(name)
+        if number is not None:
+            self._taken.add(number)
+            self._next = max(self._next, number + 1)
+        self._copies[name] = self._copies.get(name, 0) + 1
         self._count += 1
+        self._bytes += len(name) + 1
 
-    def kept(self, lockspace: str, resource: str) -> None:
-        """A lease fd the store holds already: handed back after a crash, or handed over
-        by a re-exec (counted as stored, whether or not it is: the safe side)."""
-        name = lease_fd_name(lockspace, resource)
-        if self.enabled and name not in self._stored:
-            self._add(name)
+    def _drop(self, name: str, copies: int | None = None) -> None:
+        """The store holds ``copies`` fds fewer under ``name`` (None: none left)."""
+        left = self._copies.pop(name, 0)
+        copies = left if copies is None else min(copies, left)
+        self._count -= copies
+        self._bytes -= copies * (len(name) + 1)
+        if left > copies:
+            self._copies[name] = left - copies
+        elif (number := _short_number(name)) is not None and left:
+            self._taken.discard(number)
+            heapq.heappush(self._free, number)
+        self._full = self._full and self._count > self._room_again
+
+    def _new_name(self) -> str:
+        while self._free and self._free[0] in self._taken:
+            heapq.heappop(self._free)
+        if self._free:
+            return short_fd_name(self._free[0])
+        while self._next in self._taken:
+            self._next += 1
+        return short_fd_name(self._next)
+
+    def kept(self, lockspace: str, resource: str, name: str) -> None:
+        """A lease fd the store holds already under ``name``: handed back after a crash,
+        or handed over by a re-exec (for a re-exec from an earlier build, counted as
+        stored under its hashed name whether or not it is: the safe side)."""
+        with self._lock:
+            if self.enabled and (lockspace, resource) not in self._names:
+                self._names[lockspace, resource] = name
+                self._add(name)
+
+    def held(self, names: Iterable[str]) -> None:
+        """Names the store holds an fd under that is no lease's (its FDSTOREREMOVE could
+        not be sent): counted, and given to no lease, until they are dropped."""
+        with self._lock:
+            for name in names:
+                if self.enabled:
+                    self._add(name)
 
     def store(self, lockspace: str, resource: str, fd: int) -> None:
         if not self.enabled:
             return
-        name = lease_fd_name(lockspace, resource)
-        if self._count >= self._max:
-            if not self._full:
+        with self._lock:
+            # A lease stored again (its FDSTOREREMOVE lost) keeps its name: the next
+            # FDSTOREREMOVE drops both copies.
+            name = self._names.get((lockspace, resource)) or self._new_name()
+            fits = self._bytes + len(name) + 1 <= NAMES_BUDGET and self._count < self._max
+            if fits:
+                self._names[lockspace, resource] = name
+                self._add(name)  # taken now: no other lease's store can be given it
+            elif not self._full:
                 self._full = True
                 log.warning(
                     "fd store: %d lease fds kept there, the most whose names the service "
@@ -139,26 +254,53 @@ class FdStore:
                     "them again",
                     self._count, lockspace, resource,
                 )  # fmt: skip
-            return
-        if notify(f"FDSTORE=1\nFDNAME={name}", [fd], timeout=SEND_TIMEOUT):
-            self._add(name)
+        if fits and not notify(f"FDSTORE=1\nFDNAME={name}", [fd], timeout=SEND_TIMEOUT):
+            with self._lock:
+                self._drop(name, 1)
+                if name not in self._copies:
+                    self._names.pop((lockspace, resource), None)
 
     def remove(self, lockspace: str, resource: str) -> None:
         """Drop a lease's fds from the store. If the message cannot be sent, they stay
-        there until the next start, and are still counted: uncounted, later leases
-        stored in their place took a restart's LISTEN_FDNAMES past what an exec takes."""
-        if self.enabled:
-            name = lease_fd_name(lockspace, resource)
-            if notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT):
-                self._count -= self._stored.pop(name, 0)
-                self._full = self._full and self._count > self._room_again
+        there until the next start, and are still counted (uncounted, later leases
+        stored in their place took a restart's LISTEN_FDNAMES past what an exec takes);
+        their name stays the lease's, given to no other, and the next remove of the
+        lease drops them too."""
+        if not self.enabled:
+            return
+        with self._lock:
+            name = self._names.get((lockspace, resource))
+        if name is None:
+            return  # not stored
+        # Freed only once sent: the manager reads it before the FDSTORE of the next
+        # lease given the name (one queue, in order), which it then does not drop.
+        if notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT):
+            with self._lock:
+                del self._names[lockspace, resource]
+                self._drop(name)
 
-    def forget(self, name: str, fd: int) -> None:
-        """Drop a stored fd nobody needs any more (its lease ended while we were down)."""
+    def forget(self, name: str, fd: int, *, unlock_first: bool = True) -> None:
+        """Drop a stored fd nobody needs any more (its lease ended while we were down;
+        ``unlock_first=False``: a second fd of a lease whose lock another one holds)."""
         if self.enabled and not notify(f"FDSTOREREMOVE=1\nFDNAME={name}", timeout=SEND_TIMEOUT):
-            self._add(name)  # still there, handed to the next start with the others
-        with contextlib.suppress(OSError):
-            # Unlocked first: the store's copy, until the manager drops it, would keep it.
-            unlock(fd)
+            self.held([name])  # still there, handed to the next start with the others
+        if unlock_first:
+            with contextlib.suppress(OSError):
+                # Unlocked first: the store's copy, until the manager drops it, would keep it.
+                unlock(fd)
         with contextlib.suppress(OSError):
             os.close(fd)
+
+    def names(self) -> StoreNames:
+        """What a re-exec hands on: each lease's name (a lease that ended with its
+        FDSTOREREMOVE lost, too), and the names of the other fds the store holds (see
+        :meth:`held`), once per fd."""
+        with self._lock:
+            leases = tuple((ls, res, name) for (ls, res), name in self._names.items())
+            theirs = set(self._names.values())
+            others = tuple(
+                name
+                for name, copies in self._copies.items()
+                for _ in range(copies - (name in theirs))
+            )
+        return leases, others

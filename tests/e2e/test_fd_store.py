@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lockd.commands import EXIT_NEEDS_OPERATOR
+from lockd.systemd import lease_fd_name
 from protocol.names import FILES_LOCKSPACE, lease_name_for_path
 from tests.e2e.conftest import DaemonProcess, MakeDaemon, wait_for
 from tests.e2e.fake_systemd import FakeServiceManager
@@ -123,7 +124,8 @@ def test_a_crash_keeps_the_lock_held_through_the_fd_store(
     children: list[subprocess.Popen[bytes]],
     tmp_path: Path,
 ) -> None:
-    daemon, vm, _, path = vm_with_stored_lease(make_daemon, manager, children)
+    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
+    assert name == "l0"  # short: 16,384 leases' names fit in a restart's LISTEN_FDNAMES
     assert manager.ready_count() == 1
     kill_daemon(daemon)
     # The daemon is dead, and the disk is still locked: the manager holds the fd.
@@ -154,6 +156,61 @@ def test_a_crash_keeps_the_lock_held_through_the_fd_store(
     os.close(other)
 
 
+def test_a_store_an_earlier_build_filled_is_adopted_by_its_hashed_names(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """An upgrade by restart: the store holds the lease under an earlier build's name
+    (``lease-`` and a hash); the lock is kept throughout, and the release drops it."""
+    daemon, vm, name, path = vm_with_stored_lease(make_daemon, manager, children)
+    legacy = lease_fd_name(FILES_LOCKSPACE, lease_name_for_path("/vm/a.img"))
+    with manager.lock:
+        manager.store[legacy] = manager.store.pop(name)
+    crash_and_restart_watched(daemon, manager, vm, path, children)
+    assert manager.stored_names() == {legacy}
+    vm.kill()
+    vm.wait()
+    wait_for(lambda: not manager.stored_names())
+    with manager.lock:
+        assert f"FDSTOREREMOVE=1\nFDNAME={legacy}" in manager.messages
+    check(daemon)
+
+
+def test_a_reexec_hands_on_the_stores_names_and_a_crash_after_it_keeps_every_lock(
+    make_daemon: MakeDaemon,
+    manager: FakeServiceManager,
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """After a re-exec, the next lease gets a name of its own, not the one the store
+    holds the first under (one FDSTOREREMOVE would drop both); a crash then keeps both
+    locks, each fd paired with its lease by its file."""
+    daemon, vm, _, path = vm_with_stored_lease(make_daemon, manager, children)
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(events(daemon, "--type", "daemon-started")) == 2, timeout=30)
+    vm2 = start_run(daemon, children, "--disk", "/vm/b.img", "--name", "vm2")
+    wait_for(lambda: len(manager.stored_names()) == 2)
+    assert manager.stored_names() == {"l0", "l1"}
+    path2 = lease_file(daemon, "/vm/b.img")
+    watchers = [start_watch(path), start_watch(path2)]
+    children.extend(watchers)  # type: ignore[arg-type]
+    kill_daemon(daemon)
+    start_under(daemon, manager)
+    for watcher in watchers:
+        tries, free = stop_watch(watcher)
+        assert tries > 100
+        assert free == 0, f"a lock was seen free {free} times across the restart"
+    assert listed(daemon) == {
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/a.img")): ("exclusive", (vm.pid,)),
+        (FILES_LOCKSPACE, lease_name_for_path("/vm/b.img")): ("exclusive", (vm2.pid,)),
+    }
+    vm.kill()
+    vm.wait()
+    wait_for(lambda: manager.stored_names() == {"l1"})  # vm2's lock still stored
+    check(daemon)
+
+
 def test_a_lease_the_store_returns_twice_is_adopted_once_and_the_extra_fd_closed(
     make_daemon: MakeDaemon,
     manager: FakeServiceManager,
@@ -171,7 +228,7 @@ def test_a_lease_the_store_returns_twice_is_adopted_once_and_the_extra_fd_closed
     assert probe(path, "ofd") == "busy"
     assert daemon.proc is not None
     assert fds_on(daemon.proc.pid, path) == 1, "the extra fd is still open in the daemon"
-    assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
+    assert f"fd store returned {name} and {name} for " in daemon.log.read_text()
     check(daemon)
 
 
@@ -387,7 +444,13 @@ def test_of_a_lease_stored_twice_the_fd_holding_the_lock_is_kept(
     kill_daemon(daemon)
     with started_while_busy(daemon, manager):
         assert_vm_lease_kept(daemon, vm, watcher, "the restart")
-    assert f"fd store returned {name} twice; closing the extra fd" in daemon.log.read_text()
+    log = daemon.log.read_text()
+    if stale_on == "lease-file":
+        assert f"fd store returned {name} and {name} for " in log
+    else:
+        assert f"fd store: an fd under {name} is not its lease's; closing it" in log
+    with manager.lock:  # the store still keeps the lease's lock
+        assert f"FDSTOREREMOVE=1\nFDNAME={name}" not in manager.messages
     assert not events(daemon, "--type", "lease-lost")
     assert vm.poll() is None
     check(daemon)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import attrs
 import cbor2
 import pytest
 
@@ -109,3 +110,16 @@ def test_a_connection_map_with_a_key_this_build_does_not_know_is_taken_without_i
     with caplog.at_level(logging.WARNING, logger="lockd.reexec"):
         assert Handoff.from_bytes(cbor2.dumps(raw)).connections == (conn,)
     assert "client 1's 'priority' left behind" in caplog.text
+
+
+def test_the_fd_stores_names_are_carried_and_an_earlier_builds_handoff_has_none() -> None:
+    """The next program knows which name the store keeps each lease under, and which
+    names it holds for no lease; a handoff without them (an earlier build's) means each
+    lease's is its hashed name."""
+    names = ((("files", "disk", "l0"), ("files", "other", "l2")), ("l1",))
+    handoff = attrs.evolve(_handoff(), fd_names=names)
+    assert Handoff.from_bytes(handoff.to_bytes()).fd_names == names
+    raw = cbor2.loads(handoff.to_bytes())
+    assert {"fd_names", "fd_held"} <= raw.keys()
+    del raw["fd_names"], raw["fd_held"]
+    assert Handoff.from_bytes(cbor2.dumps(raw)).fd_names is None

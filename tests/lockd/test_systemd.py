@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lockd import systemd
-from lockd.systemd import MAX_STORED_LEASES, FdStore, lease_fd_name
+from lockd.systemd import MAX_STORED_LEASES, FdStore, lease_fd_name, short_fd_name
 
 
 @pytest.fixture
@@ -43,8 +43,14 @@ def received(sock: socket.socket) -> list[str]:
 
 
 def sent(*messages: tuple[str, str]) -> list[str]:
-    """The datagrams that ``(kind, resource)`` pairs of lockspace ``space`` make."""
-    return [f"{kind}=1\nFDNAME={lease_fd_name('space', resource)}" for kind, resource in messages]
+    """The datagrams that ``(kind, name)`` pairs make."""
+    return [f"{kind}=1\nFDNAME={name}" for kind, name in messages]
+
+
+def listen_fdnames(leases: int) -> str:
+    """LISTEN_FDNAMES of a restart handed the sockets and ``leases`` lease fds."""
+    names = ["lockd.socket", "lockd-admin.socket"]
+    return "LISTEN_FDNAMES=" + ":".join(names + [short_fd_name(i) for i in range(leases)])
 
 
 def test_the_names_of_a_full_store_fit_in_an_exec(tmp_path: Path) -> None:
@@ -52,12 +58,87 @@ def test_the_names_of_a_full_store_fit_in_an_exec(tmp_path: Path) -> None:
     environment string, which the kernel caps at 128 KiB: with 65,536 lease fds allowed
     (about 2,800 were enough) the restarted lockd could not be exec'd (E2BIG), and the
     failed unit let go of the store and every lock in it."""
-    names = ["lockd.socket", "lockd-admin.socket"]
-    names += [lease_fd_name("org.libvirt.lockd.files", f"r{i}") for i in range(MAX_STORED_LEASES)]
-    env = {"LISTEN_FDNAMES": ":".join(names), "LISTEN_FDS": str(len(names))}
-    assert len("LISTEN_FDNAMES=" + env["LISTEN_FDNAMES"]) < systemd.ENV_STRING_MAX
-    done = subprocess.run(["/bin/sh", "-c", "exit 0"], env=env, check=False)  # no E2BIG
-    assert done.returncode == 0
+    variable = listen_fdnames(MAX_STORED_LEASES)
+    assert len(variable) < systemd.ENV_STRING_MAX
+    name, _, value = variable.partition("=")
+    done = subprocess.run(["/bin/sh", "-c", "exit 0"], env={name: value}, check=False)
+    assert done.returncode == 0  # no E2BIG
+
+
+def test_the_store_keeps_every_lease_of_the_scale_target() -> None:
+    """16,384 leases (4,096 VMs, issue #6) all stored: under names of 47 bytes the
+    store kept 2,709 at most, and after a crash the rest were free until recovery."""
+    assert MAX_STORED_LEASES >= 16_384
+    # As many as fit in the lease fds' share of the variable, and no more.
+    names = [short_fd_name(i) for i in range(MAX_STORED_LEASES + 1)]
+    assert len(":".join(names[:-1])) + 1 <= systemd.NAMES_BUDGET < len(":".join(names)) + 1
+
+
+def test_lease_fds_are_stored_under_the_shortest_free_names(
+    manager: socket.socket, tmp_path: Path
+) -> None:
+    """Each lease gets a name no other stored fd has, the smallest number free: a
+    released lease's name is given again, so names stay short."""
+    store = FdStore()
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for resource in ("a", "b", "c"):
+            store.store("space", resource, fd)
+        store.remove("space", "b")
+        store.store("space", "d", fd)
+        store.store("space", "e", fd)
+        assert received(manager) == sent(
+            ("FDSTORE", "l0"), ("FDSTORE", "l1"), ("FDSTORE", "l2"), ("FDSTOREREMOVE", "l1"),
+            ("FDSTORE", "l1"), ("FDSTORE", "l3"),
+        )  # fmt: skip
+        assert [short_fd_name(n) for n in (61, 62, 3844)] == ["lZ", "l10", "l100"]
+    finally:
+        os.close(fd)
+
+
+def test_names_handed_back_are_given_to_no_other_lease(
+    manager: socket.socket, tmp_path: Path
+) -> None:
+    """The names a restart or a re-exec found in the store stay taken: a second fd under
+    one, the lease's FDSTOREREMOVE would drop both."""
+    store = FdStore()
+    store.kept("space", "adopted", "l1")
+    store.held(["l0"])  # a copy of no lease, its FDSTOREREMOVE lost
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        store.store("space", "new", fd)
+        store.remove("space", "adopted")
+        store.store("space", "newer", fd)
+        assert received(manager) == sent(
+            ("FDSTORE", "l2"), ("FDSTOREREMOVE", "l1"), ("FDSTORE", "l1")
+        )
+        assert store.names() == (
+            (("space", "new", "l2"), ("space", "newer", "l1")), ("l0",)
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+
+
+def test_an_earlier_builds_names_count_by_their_bytes(
+    manager: socket.socket, tmp_path: Path
+) -> None:
+    """A store an earlier build filled (46-byte names) leaves room for fewer new names:
+    counted as short ones, the restart's LISTEN_FDNAMES went past what an exec takes."""
+    store = FdStore()
+    size = len(lease_fd_name("space", "old")) + 1  # 47 bytes, the ':' after it
+    legacy = systemd.NAMES_BUDGET // size  # 2,766: as many as an earlier build stored
+    for i in range(legacy):
+        store.kept("space", f"old{i}", lease_fd_name("space", f"old{i}"))
+    room = (systemd.NAMES_BUDGET - legacy * size) // 3  # "l0:" and the like
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        stored = []
+        for i in range(room + 1):
+            store.store("space", f"new{i}", fd)
+            stored += received(manager)  # the manager reads its queue
+        assert len(stored) == room
+    finally:
+        os.close(fd)
 
 
 def test_the_store_keeps_no_more_lease_fds_than_a_restart_can_be_handed(
@@ -65,18 +146,21 @@ def test_the_store_keeps_no_more_lease_fds_than_a_restart_can_be_handed(
 ) -> None:
     """Past the limit a lease is not stored (said once), and a release makes room."""
     store = FdStore(max_leases=2)
-    store.kept("space", "adopted")  # handed back after a crash: in the store already
+    # Handed back after a crash, in an earlier build's store: in the store already.
+    store.kept("space", "adopted", lease_fd_name("space", "adopted"))
     fd = os.open(tmp_path, os.O_RDONLY)
     try:
         with caplog.at_level(logging.WARNING, logger="lockd.systemd"):
             store.store("space", "a", fd)
             store.store("space", "b", fd)
             store.store("space", "c", fd)
-        assert received(manager) == sent(("FDSTORE", "a"))
+        assert received(manager) == sent(("FDSTORE", "l0"))
         assert caplog.text.count("not: a crash lets their locks go") == 1
         store.remove("space", "adopted")
         store.store("space", "b", fd)
-        assert received(manager) == sent(("FDSTOREREMOVE", "adopted"), ("FDSTORE", "b"))
+        assert received(manager) == sent(
+            ("FDSTOREREMOVE", lease_fd_name("space", "adopted")), ("FDSTORE", "l1")
+        )
     finally:
         os.close(fd)
 
@@ -179,6 +263,6 @@ def test_a_lease_whose_removal_could_not_be_sent_still_counts_as_stored(
         assert received(manager) == []  # a and b are still there: two, the most
         store.remove("space", "a")  # sent this time: it leaves, c fits
         store.store("space", "c", fd)
-        assert received(manager) == sent(("FDSTOREREMOVE", "a"), ("FDSTORE", "c"))
+        assert received(manager) == sent(("FDSTOREREMOVE", "l0"), ("FDSTORE", "l0"))
     finally:
         os.close(fd)
