@@ -608,23 +608,38 @@ def _lease_files(
 ) -> Callable[[int], tuple[str, str] | None]:
     """Which of the ``held`` leases a stored fd is, by the file it is open on: the
     lease file's name is the resource, its directory the lockspace's (as configured,
-    or through the symlinks on the way to it). None: no held lease's file (the file a
-    relink replaced, one deleted, one of a lease that ended while lockd was down)."""
+    or through the symlinks on the way to it; else the file that name links now, a
+    directory reached another way, a bind mount). None: no held lease's file (the file
+    a relink replaced, one deleted, one of a lease that ended while lockd was down)."""
     files: dict[tuple[str, str], tuple[str, str]] = {}
-    dirs: dict[str, set[str]] = {}
+    by_name: dict[str, list[tuple[str, str]]] = {}
+    dirs: dict[str, str] = {}
     for lockspace, resource in held:
         if lockspace not in dirs:
-            path = config.lockspaces.get(lockspace) or os.path.join(config.lock_dir, lockspace)
-            dirs[lockspace] = {os.path.normpath(path), os.path.realpath(path)}
-        for directory in dirs[lockspace]:
+            dirs[lockspace] = config.lockspaces.get(lockspace) or os.path.join(
+                config.lock_dir, lockspace
+            )
+        path = dirs[lockspace]
+        for directory in (os.path.normpath(path), os.path.realpath(path)):
             files[directory, resource] = (lockspace, resource)
+        by_name.setdefault(resource, []).append((lockspace, resource))
 
     def lease_of(fd: int) -> tuple[str, str] | None:
         try:
-            path = os.readlink(f"/proc/self/fd/{fd}")
+            directory, name = os.path.split(os.readlink(f"/proc/self/fd/{fd}"))
+            if (directory, name) in files:
+                return files[directory, name]
+            opened = os.fstat(fd)
         except OSError:
             return None
-        return files.get(os.path.split(path))
+        for lockspace, resource in by_name.get(name, ()):
+            try:
+                now = os.stat(os.path.join(dirs[lockspace], resource), follow_symlinks=False)
+            except OSError:
+                continue
+            if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+                return lockspace, resource
+        return None
 
     return lease_of
 

@@ -746,3 +746,32 @@ def test_a_boot_id_that_cannot_be_read_is_said_at_start(
         assert f"cannot read this boot's id ({tmp_path / 'no-boot-id'})" in caplog.text
     finally:
         daemon.system.shutdown("test done")
+
+
+def test_a_stored_fd_is_paired_with_its_lease_by_the_file_it_is_open_on(
+    config: Config, tmp_path: Path
+) -> None:
+    """An fd the store hands back under a short name is its lease's if it is open on the
+    lease's file: by its path, through a symlinked lock directory, or (a directory
+    reached another way, as a bind mount shows it) by the file the lease's name links."""
+    real = tmp_path / "real"
+    (real / FILES_LOCKSPACE).mkdir(parents=True)
+    (tmp_path / "locks").symlink_to(real)
+    for name in ("disk", "other", "ended"):
+        (real / FILES_LOCKSPACE / name).touch()
+    (tmp_path / "bind").mkdir()  # the lockspace directory as another mount shows it
+    os.link(real / FILES_LOCKSPACE / "other", tmp_path / "bind" / "other")
+    lease_of = daemon_module._lease_files(
+        config, [(FILES_LOCKSPACE, "disk"), (FILES_LOCKSPACE, "other")]
+    )
+    opened = [os.open(path, os.O_RDONLY) for path in (
+        Path(config.lock_dir) / FILES_LOCKSPACE / "disk", tmp_path / "bind" / "other",
+        real / FILES_LOCKSPACE / "ended",
+    )]  # fmt: skip
+    try:
+        assert [lease_of(fd) for fd in opened] == [
+            (FILES_LOCKSPACE, "disk"), (FILES_LOCKSPACE, "other"), None
+        ]  # fmt: skip
+    finally:
+        for fd in opened:
+            os.close(fd)
