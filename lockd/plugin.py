@@ -976,10 +976,13 @@ class LockManager:
     ) -> None:
         """Give back the explicit leases of a refused acquire, so none of it holds.
 
-        If that fails, raises the release's error, saying what the VM still holds: the
-        refusal alone (``busy``) told the caller the VM got nothing."""
+        Only the holds it added: a shared lease the VM held before (through another
+        device) is taken again as a no-op under ``shared_holds = "once"``, and released
+        as taken, it ended that hold too, the other device still writing. If that fails,
+        raises the release's error, saying what the VM still holds: the refusal alone
+        (``busy``) told the caller the VM got nothing."""
         try:
-            self._release_holds(conn, taken)
+            self._release_holds(conn, self._gained(conn, taken, before))
         except LockError as exc:
             if exc.code == PluginErrorCode.UNAVAILABLE:
                 self._rollback_in_doubt(taken, before, cause)

@@ -64,6 +64,9 @@ class FakeDaemon:
     requests: list[tuple[str, dict[str, Any]]] = attrs.field(factory=list)
     opened: int = 0
     reachable: bool = True
+    counts_holds: bool = True
+    """``shared_holds = "each"``'s rule; False: ``once``'s (a shared lease asked for
+    again by its owner is held once still)."""
     takes_once: bool = False
     """Takes request keys (``once``), as lockd does since 2026-11-28."""
     applied: dict[tuple[int, bytes], int] = attrs.field(factory=dict)
@@ -149,7 +152,7 @@ class FakeDaemon:
         for lease in leases:
             key = (lease["lockspace"], lease["resource"])
             owners = self.held.setdefault(key, Holding(lease["shared"], autocreate, {})).owners
-            owners[pid] = owners.get(pid, 0) + 1
+            owners[pid] = owners.get(pid, 0) + 1 if self.counts_holds else 1
         return {"leases": leases}
 
 
@@ -1149,6 +1152,31 @@ def test_a_refused_acquire_whose_rollback_fails_says_what_the_vm_still_holds(
         "site.leases/vm1: journal write failed: disk full"
     )
     assert daemon.leases_of(4242) == {("site.leases", "vm1"): "exclusive"}
+
+
+@pytest.mark.parametrize("counts_holds", [False, True], ids=["once", "each"])
+def test_a_refused_acquire_leaves_a_shared_lease_the_vm_held_before_held(
+    daemon: FakeDaemon, counts_holds: bool
+) -> None:
+    """The VM holds a shared explicit lease (its first device's); a second manager's
+    acquire of it and of a busy disk is refused, and its rollback gave back the shared
+    lease as taken. Under shared_holds = "once" that second acquire added no hold, so the
+    release ended the VM's own: the lease free while the first device still used it.
+    Now only the holds the acquire added are given back."""
+    daemon.counts_holds = counts_holds
+    daemon.files.add(("site.leases", "base"))
+    daemon.held[file_lease("/vm/a.img").ref] = Holding(False, True, {99: 1})
+    first = manager(daemon)
+    first.add_lease("site.leases", "base", shared=True)
+    first.acquire()
+    second = manager(daemon)
+    second.add_lease("site.leases", "base", shared=True)
+    second.add_disk("/vm/a.img")
+    with pytest.raises(LockError) as caught:
+        second.acquire()
+    assert caught.value.code == "busy"
+    assert daemon.leases_of(4242) == {("site.leases", "base"): "shared"}
+    assert daemon.held["site.leases", "base"].owners == {4242: 1}
 
 
 def test_a_refused_acquire_gives_back_the_rest_of_what_it_took_when_part_ended_meanwhile(
