@@ -71,6 +71,21 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def _holding_the_base_image(
+    daemon: DaemonProcess, children: list[subprocess.Popen[bytes]], holds: int
+) -> subprocess.Popen[bytes]:
+    """A VM (a sleeper) holding /vm/base.img shared ``holds`` times (as many devices)."""
+    sleeper = subprocess.Popen(["sleep", "600"])
+    children.append(sleeper)
+    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}
+    with daemon.client() as client:
+        client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
+                                       "pid": sleeper.pid})  # fmt: skip
+        for _ in range(holds):
+            client.call("acquire", leases=[{**disk, "shared": True}], autocreate=True)
+    return sleeper
+
+
 def _owner_pids(daemon: DaemonProcess) -> set[int]:
     with daemon.client() as client:
         leases = client.call("list-leases")["leases"]
@@ -354,14 +369,7 @@ def test_release_cli_says_a_shared_lease_held_more_than_once_is_still_held(
     hold. It said only "released 1 lease(s)", and the operator took the image for free;
     it now says the disk is still held, how many times, and that --all ends every hold."""
     daemon = counting_daemon  # shared_holds = "each"
-    sleeper = subprocess.Popen(["sleep", "600"])
-    children.append(sleeper)
-    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}
-    with daemon.client() as client:
-        client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
-                                       "pid": sleeper.pid})  # fmt: skip
-        for _ in range(3):
-            client.call("acquire", leases=[{**disk, "shared": True}], autocreate=True)
+    sleeper = _holding_the_base_image(daemon, children, 3)
     pid = str(sleeper.pid)
     done = daemon.lockd("release", "--owner-pid", pid, "--disk", "/vm/base.img")
     assert done.returncode == 0, done.stderr
@@ -382,14 +390,7 @@ def test_release_cli_with_a_request_id_repeated_ends_one_hold_only(
     """``lockd release --request-id`` run twice (a script's retry after a lost reply) ends
     one hold of a shareable image held twice, and says so; another id ends the other."""
     daemon = counting_daemon  # shared_holds = "each"
-    sleeper = subprocess.Popen(["sleep", "600"])
-    children.append(sleeper)
-    disk = {"lockspace": FILES_LOCKSPACE, "resource": lease_name_for_path("/vm/base.img")}
-    with daemon.client() as client:
-        client.call("register", owner={"uuid": uuid.uuid4().bytes, "name": "vm", "id": 1,
-                                       "pid": sleeper.pid})  # fmt: skip
-        for _ in range(2):
-            client.call("acquire", leases=[{**disk, "shared": True}], autocreate=True)
+    sleeper = _holding_the_base_image(daemon, children, 2)
     pid = str(sleeper.pid)
     detach = ["release", "--owner-pid", pid, "--disk", "/vm/base.img", "--request-id"]
     assert daemon.lockd(*detach, "vm/disk1").returncode == 0
